@@ -1,0 +1,116 @@
+"""Hierarchical and grid-bound transformers: a learnable mask token after patch embedding.
+
+Swin/SwinV2 windows, relative position biases (BEiT, ``vit_relpos``), SAM's
+window attention and similar blocks need the full token grid, so tokens cannot
+be dropped. Instead the patch-embedding output is replaced by a learnable mask
+token at masked positions, in units of ``unit`` pixels (default 32: 8x8 tokens
+for Swin's 4-pixel patches) so the mask survives patch merging. No compute is
+saved.
+
+The mask token is a 1-D ``(C,)`` parameter of this adapter, not of the timm
+model: timm's checkpoint filters drop keys named ``mask_token`` and optimizer
+weight-decay rules skip 1-D parameters, and the plain model's state dict stays
+loadable into ``timm.create_model`` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..masking import random_unit_mask, unit_grid, upsample_mask
+from .registry import MaskAdapter, check_images, register_adapter
+
+
+def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
+    """Run ``patch_embed`` on a blank image and read its output layout and width."""
+    embed = model.patch_embed
+    patch = getattr(embed, "patch_size", None)
+    img = getattr(embed, "img_size", None)
+    if patch is None or img is None:
+        return None
+    patch, img = tuple(patch), tuple(img)
+    chans = getattr(model, "in_chans", None) or next(
+        (m.in_channels for m in embed.modules() if isinstance(m, nn.Conv2d)), 3
+    )
+    grid = (img[0] // patch[0], img[1] // patch[1])
+    param = next(embed.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = embed.training
+    embed.eval()
+    try:
+        with torch.no_grad():
+            out = embed(torch.zeros(1, chans, *img, device=device))
+    finally:
+        embed.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        return None
+    if out.ndim == 4 and tuple(out.shape[1:3]) == grid:
+        return "NHWC", out.shape[3]
+    if out.ndim == 4 and tuple(out.shape[2:4]) == grid:
+        return "NCHW", out.shape[1]
+    if out.ndim == 3 and out.shape[1] == grid[0] * grid[1]:
+        return "NLC", out.shape[2]
+    return None
+
+
+@register_adapter(
+    "masktoken",
+    priority=20,
+    description="Swin, SwinV2, BEiT, vit_relpos and other models with a patch_embed: learnable mask token",
+)
+class MaskTokenAdapter(MaskAdapter):
+    """Replaces ``ratio`` of the ``unit``-pixel blocks by a learnable token after ``patch_embed``."""
+
+    def __init__(self, model: nn.Module, ratio: float, unit: int = 32):
+        super().__init__(model, ratio, unit)
+        layout = _probe_layout(model)
+        if layout is None:
+            raise TypeError(f"cannot read the patch-embedding output layout of {type(model).__name__}")
+        self.layout, dim = layout
+        self.patch_size = tuple(model.patch_embed.patch_size)
+        if unit % self.patch_size[0] or unit % self.patch_size[1]:
+            raise ValueError(
+                f"mask unit {unit} px is not a multiple of the patch size {self.patch_size}; "
+                f"use a unit such as {self.patch_size[0] * max(1, 32 // self.patch_size[0])}"
+            )
+        self.unit_tokens = unit // self.patch_size[0]
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self._active = False
+        self._handle = model.patch_embed.register_forward_hook(self._mask_hook)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return isinstance(getattr(model, "patch_embed", None), nn.Module) and _probe_layout(model) is not None
+
+    def _mask_hook(self, module: nn.Module, args: tuple, x: torch.Tensor):
+        if not self._active:
+            return None
+        batch = x.shape[0]
+        gh, gw = {"NHWC": x.shape[1:3], "NCHW": x.shape[2:4]}.get(self.layout, self._nlc_grid)
+        mask = random_unit_mask(batch, (gh // self.unit_tokens, gw // self.unit_tokens), self.ratio, x.device)
+        mask = upsample_mask(mask, self.unit_tokens)  # (B, gh, gw), True = masked
+        token = self.mask_token.to(x.dtype)
+        if self.layout == "NHWC":  # (B, gh, gw, C)
+            return torch.where(mask.unsqueeze(-1), token, x)
+        if self.layout == "NLC":  # (B, gh * gw, C)
+            return torch.where(mask.view(batch, -1, 1), token, x)
+        return torch.where(mask.unsqueeze(1), token.view(1, -1, 1, 1), x)  # NCHW
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.name)
+        height, width = x.shape[-2:]
+        unit_grid(height, width, self.unit, f"{self.name} adapter")
+        self._nlc_grid = (height // self.patch_size[0], width // self.patch_size[1])  # NLC hides the grid
+        self._active = True
+        try:
+            return model(x)
+        finally:
+            self._active = False
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}, unit={self.unit}, layout={self.layout}"

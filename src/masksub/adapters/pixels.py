@@ -1,0 +1,29 @@
+"""CNNs (ResNet, ConvNeXt, RegNet, EfficientNet...) and any other 4-D image model.
+
+Zeroes the input pixels of ``num_masked`` random ``unit`` x ``unit`` blocks per
+sample before the model sees the batch. Valid for every image model, saves no
+compute, touches nothing inside the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..masking import random_unit_mask, unit_grid, upsample_mask
+from .registry import MaskAdapter, check_images, register_adapter
+
+
+@register_adapter("pixels", priority=10, description="CNNs and any model with a Conv2d: zero input-pixel blocks")
+class PixelMaskAdapter(MaskAdapter):
+    """Zeroes a random ``ratio`` of ``unit``-pixel input blocks per sample."""
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.name)
+        grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
+        mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), self.unit)  # (B, H, W)
+        return model(x.masked_fill(mask.unsqueeze(1), 0.0))

@@ -1,0 +1,108 @@
+"""The adapter contract and its registry.
+
+An adapter knows how to run one model family's *masked* sub-branch forward. It
+is an ``nn.Module`` (so a learnable mask token is a real, saved, trained
+parameter) that never registers the user's model as a submodule: it only holds
+hooks on it, which ``remove()`` takes off again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class MaskAdapter(nn.Module):
+    """Base class: subclass, implement ``supports`` and ``forward``, and register it.
+
+    ``forward(model, x)`` returns the model's output on ``x`` with a fraction
+    ``ratio`` of the input masked, per sample at random.
+    """
+
+    name: str = ""
+    priority: int = 0
+    description: str = ""
+
+    def __init__(self, model: nn.Module, ratio: float, unit: int = 32):
+        super().__init__()
+        self.ratio = ratio
+        self.unit = unit
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Undo whatever the adapter did to the model (hooks, inserted modules)."""
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}, unit={self.unit}"
+
+
+_ADAPTERS: dict[str, type[MaskAdapter]] = {}
+
+
+def register_adapter(name: str, priority: int = 50, description: str = "") -> Callable:
+    """Class decorator that makes an adapter available to ``masksub.wrap``.
+
+    Adapters are tried from the highest ``priority`` down; the first whose
+    ``supports(model)`` is true is used. The built-in ones sit at 10-30, so a
+    user adapter registered with the default priority wins over them.
+    """
+
+    def decorator(cls: type[MaskAdapter]) -> type[MaskAdapter]:
+        if not (isinstance(cls, type) and issubclass(cls, MaskAdapter)):
+            raise TypeError(f"@register_adapter expects a MaskAdapter subclass, got {cls!r}")
+        cls.name, cls.priority = name, priority
+        cls.description = description or (cls.__doc__ or "").strip().split("\n")[0]
+        _ADAPTERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_adapters() -> list[str]:
+    """Registered adapter names, in the order they are tried."""
+    return [a.name for a in sorted(_ADAPTERS.values(), key=lambda a: -a.priority)]
+
+
+def _families() -> str:
+    return "\n".join(f"  - {a.name}: {a.description}" for a in sorted(_ADAPTERS.values(), key=lambda a: -a.priority))
+
+
+def resolve_adapter(model: nn.Module, name: str | None = None) -> type[MaskAdapter]:
+    """The adapter class for ``model``: by ``name`` if given, else the first that supports it."""
+    if name is not None:
+        if name not in _ADAPTERS:
+            raise ValueError(f"unknown adapter {name!r}; registered adapters:\n{_families()}")
+        cls = _ADAPTERS[name]
+        if not cls.supports(model):
+            raise ValueError(f"adapter {name!r} does not support {type(model).__name__}")
+        return cls
+    for cls in sorted(_ADAPTERS.values(), key=lambda a: -a.priority):
+        if cls.supports(model):
+            return cls
+    raise TypeError(
+        f"masksub has no mask adapter for {type(model).__name__}: it is not an image model it knows.\n"
+        f"Supported families:\n{_families()}\n"
+        "For another model, subclass masksub.MaskAdapter and decorate it with "
+        "@masksub.register_adapter('name'), or use sub='dropout' / sub='droppath', which work for any model."
+    )
+
+
+def check_images(x: torch.Tensor, adapter: str) -> None:
+    """Mask adapters take image batches (B, C, H, W); anything else is an error."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        if isinstance(x, torch.Tensor):
+            desc = f"a {x.ndim}-D {x.dtype} tensor of shape {tuple(x.shape)}"
+        else:
+            desc = repr(type(x))
+        raise ValueError(
+            f"the {adapter!r} mask adapter expects a float image batch (B, C, H, W), got {desc}; "
+            "for token/text inputs register an adapter for that family"
+        )

@@ -1,0 +1,82 @@
+"""ViT-like token models: drop patch tokens after the position embedding.
+
+timm's ``VisionTransformer`` (DeiT, DeiT-III, CLIP/SigLIP ViTs, register tokens,
+token/avg/map pooling, distilled DeiT) and ``Eva`` (EVA-02 and the RoPE ViTs)
+build ``[prefix tokens..., patch tokens]`` in ``_pos_embed`` and then call
+``patch_drop``. A hook on that call keeps every prefix token and
+``num_keep(N, ratio)`` patch tokens per sample; the model's own blocks, norm and
+head then run on the shorter sequence, so the sub pass really costs less.
+
+Families whose blocks need the full token grid (relative position bias, window
+attention, convolutions over the grid: BEiT, ``vit_relpos``, SAM, XCiT, Swin...)
+are not instances of these classes and fall through to the mask-token adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..masking import num_keep, random_keep_indices
+from .registry import MaskAdapter, check_images, register_adapter
+
+
+class _NoPatchDrop(nn.Module):
+    """Stands in for Eva's ``patch_drop = None``: returns ``(x, None)`` as timm expects."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return x, None
+
+
+@register_adapter("vit", priority=30, description="timm VisionTransformer / DeiT / CLIP ViT / Eva: drop patch tokens")
+class TokenDropAdapter(MaskAdapter):
+    """Drops a random ``ratio`` of patch tokens per sample, keeps all prefix tokens."""
+
+    def __init__(self, model: nn.Module, ratio: float, unit: int = 32):
+        super().__init__(model, ratio, unit)
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.patch_size = tuple(model.patch_embed.patch_size)
+        self.returns_indices = isinstance(model, Eva)  # Eva gathers its RoPE with the indices
+        self._active = False
+        self._model_ref = [model]  # a list keeps the model from being registered as a submodule
+        self._inserted = model.patch_drop is None
+        if self._inserted:
+            model.patch_drop = _NoPatchDrop()
+        self._handle = model.patch_drop.register_forward_hook(self._drop_hook)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return isinstance(model, (VisionTransformer, Eva))
+
+    def _drop_hook(self, module: nn.Module, args: tuple, output):
+        if not self._active:
+            return None
+        # Drop from the full sequence: a model's own patch dropout is replaced in the sub pass.
+        x = args[0]  # (B, P + N, D)
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        batch, n, dim = patches.shape
+        keep = random_keep_indices(batch, n, num_keep(n, self.ratio), x.device)  # (B, K)
+        patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, K, D)
+        x = torch.cat((prefix, patches), dim=1)  # (B, P + K, D)
+        return (x, keep) if self.returns_indices else x
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.name)
+        ph, pw = self.patch_size
+        if x.shape[-2] % ph or x.shape[-1] % pw:
+            raise ValueError(
+                f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}; "
+                "resize or crop the images to a multiple of the patch size"
+            )
+        self._active = True
+        try:
+            return model(x)
+        finally:
+            self._active = False
+
+    def remove(self) -> None:
+        self._handle.remove()
+        if self._inserted:
+            self._model_ref[0].patch_drop = None

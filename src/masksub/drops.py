@@ -1,0 +1,105 @@
+"""DropSub and PathSub: the sub branch raises dropout or drop-path to ``p`` everywhere.
+
+Both work for any model. The values the model was built with are saved before
+the sub pass and restored exactly after it, whatever they were.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
+
+_DROP_PATH_ATTR = re.compile(r"drop_path\d*$")
+
+
+@contextmanager
+def _set_attrs(sites: list[tuple[object, str]], value: float):
+    saved = [getattr(obj, attr) for obj, attr in sites]
+    try:
+        for obj, attr in sites:
+            setattr(obj, attr, value)
+        yield
+    finally:
+        for (obj, attr), old in zip(sites, saved):
+            setattr(obj, attr, old)
+
+
+class DropoutBranch(nn.Module):
+    """Sub branch with dropout probability ``p`` in every dropout site.
+
+    Sites: every ``nn.Dropout*`` module (timm's fused attention reads
+    ``attn_drop.p`` too) and every float ``drop_rate`` attribute, which timm
+    CNN heads pass to ``F.dropout``.
+    """
+
+    name = "dropout"
+
+    def __init__(self, model: nn.Module, p: float):
+        super().__init__()
+        self.p = p
+        self._sites = [(m, "p") for m in model.modules() if isinstance(m, _DropoutNd)]
+        self._sites += [(m, "drop_rate") for m in model.modules() if isinstance(getattr(m, "drop_rate", None), float)]
+        if not self._sites:
+            raise ValueError(
+                f"{type(model).__name__} has no dropout layer or drop_rate attribute, so sub='dropout' "
+                "would change nothing; use sub='mask' or sub='droppath'"
+            )
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with _set_attrs(self._sites, self.p):
+            return model(x)
+
+    def remove(self) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, sites={len(self._sites)}"
+
+
+class DropPathBranch(nn.Module):
+    """Sub branch with stochastic-depth rate ``p`` in every residual branch.
+
+    A timm model built with ``drop_path_rate=0`` holds ``nn.Identity`` (or
+    ``None``, as ResNet does) where a ``DropPath`` would be; those attributes,
+    named ``drop_path``/``drop_path1``/..., get a ``DropPath(0.0)``, which is an
+    identity in the main pass and has no state, and ``remove()`` puts back what
+    was there.
+    """
+
+    name = "droppath"
+
+    def __init__(self, model: nn.Module, p: float):
+        super().__init__()
+        self.p = p
+        self._inserted: list[tuple[nn.Module, str, nn.Module | None]] = []
+        for module in list(model.modules()):
+            # ResNet keeps a plain ``None`` attribute; most others an Identity submodule.
+            candidates = {k: v for k, v in vars(module).items() if v is None} | dict(module._modules)
+            for attr, value in candidates.items():
+                if _DROP_PATH_ATTR.match(attr) and (value is None or isinstance(value, nn.Identity)):
+                    self._inserted.append((module, attr, value))
+                    setattr(module, attr, DropPath(0.0))
+        self._sites = [(m, "drop_prob") for m in model.modules() if isinstance(m, DropPath)]
+        if not self._sites:
+            raise ValueError(
+                f"{type(model).__name__} has no residual drop-path sites masksub can find "
+                "(timm DropPath modules or drop_path attributes); use sub='mask' or sub='dropout', "
+                "or give the model timm DropPath layers"
+            )
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with _set_attrs(self._sites, self.p):
+            return model(x)
+
+    def remove(self) -> None:
+        for module, attr, original in self._inserted:
+            setattr(module, attr, original)
+        self._inserted.clear()
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, sites={len(self._sites)}, inserted={len(self._inserted)}"

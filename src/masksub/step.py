@@ -1,0 +1,148 @@
+"""The MaskSub optimizer step: two backwards, one gradient all-reduce, main-step memory.
+
+Memory-saving order (the default): main forward, main backward (its graph is
+freed), sub forward, sub backward; gradients add up in ``.grad``; then one
+unscale, one clip and one optimizer step. Peak memory is about the larger of
+the two passes instead of their sum, and the gradients equal those of the
+summed loss.
+
+Under ``DistributedDataParallel`` the main pass runs inside ``no_sync()`` so
+only the sub backward all-reduces: one gradient all-reduce per optimizer step,
+also with accumulation (every micro-batch but the last runs fully unsynced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from timm.utils import dispatch_clip_grad
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .loss import SubBranchLoss
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+CLIP_MODES = ("norm", "value", "agc")
+
+
+class Step:
+    """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
+
+    Args:
+        model: a ``masksub.wrap``-ed model, optionally inside DistributedDataParallel.
+        optimizer: any torch optimizer over the wrapper's parameters (mask token included).
+        criterion: the main-branch loss, or a ready ``SubBranchLoss``.
+        main_weight, sub_weight, temperature, teacher: see ``SubBranchLoss``.
+        accum_steps: micro-batches per optimizer step; each loss is divided by it.
+        clip_grad: clip threshold applied after both backwards (None: no clipping).
+        clip_mode: ``"norm"``, ``"value"`` or ``"agc"`` (timm's dispatch_clip_grad).
+        amp: None (fp32), ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler).
+        scaler: a ``torch.amp.GradScaler`` to use for fp16 (one is made if None).
+        memory_saving: False sums both losses and calls backward once (same
+            gradients, both graphs alive at once: more memory).
+
+    Returns a dict of detached tensors (``loss``, ``loss_main``, ``loss_sub``,
+    ``logits`` and, on update steps with norm clipping, ``grad_norm``) plus
+    ``updated``; reading a tensor's value (``.item()``) is the only host sync.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        criterion: Callable,
+        *,
+        main_weight: float = 0.5,
+        sub_weight: float = 0.5,
+        temperature: float = 1.0,
+        teacher: str = "auto",
+        accum_steps: int = 1,
+        clip_grad: float | None = None,
+        clip_mode: str = "norm",
+        amp: str | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        memory_saving: bool = True,
+    ):
+        if isinstance(criterion, SubBranchLoss):
+            self.loss = criterion
+        else:
+            self.loss = SubBranchLoss(criterion, main_weight, sub_weight, temperature, teacher)
+        if not isinstance(accum_steps, int) or accum_steps < 1:
+            raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+        if amp is not None and amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        self.model, self.optimizer = model, optimizer
+        self.accum_steps, self.clip_grad, self.clip_mode = accum_steps, clip_grad, clip_mode
+        self.memory_saving = memory_saving
+        self.device_type = next(model.parameters()).device.type
+        self.amp_dtype = AMP_DTYPES.get(amp)
+        if self.amp_dtype is torch.float16 and scaler is None:
+            scaler = torch.amp.GradScaler(self.device_type)
+        self.scaler = scaler
+        self._micro = 0  # micro-batches seen since the last optimizer step
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+    def _no_sync(self):
+        return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> dict:
+        if self._micro == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        self._micro += 1
+        update = self._micro == self.accum_steps
+        w_main = self.loss.main_weight / self.accum_steps
+        w_sub = self.loss.sub_weight / self.accum_steps
+
+        # Only the last backward of the last micro-batch all-reduces.
+        with nullcontext() if update else self._no_sync():
+            if self.memory_saving:
+                with self._no_sync():
+                    with self._autocast():
+                        main = self.model(x)
+                        loss_main = self.loss.main_loss(main, target)
+                    self._backward(w_main * loss_main)  # frees the main graph
+                with self._autocast():
+                    loss_sub = self.loss.sub_loss(self.model(x, sub=True), main)
+                self._backward(w_sub * loss_sub)
+            else:
+                with self._autocast():
+                    main = self.model(x)
+                    loss_main = self.loss.main_loss(main, target)
+                    loss_sub = self.loss.sub_loss(self.model(x, sub=True), main)
+                self._backward(w_main * loss_main + w_sub * loss_sub)
+
+        loss = self.loss.main_weight * loss_main.detach() + self.loss.sub_weight * loss_sub.detach()
+        out = {"loss": loss, "loss_main": loss_main.detach(), "loss_sub": loss_sub.detach(), "logits": main.detach()}
+        if update:
+            self._micro = 0
+            out.update(self._update())
+        out["updated"] = update
+        return out
+
+    def _update(self) -> dict:
+        out = {}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.clip_mode == "norm":
+                out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            else:
+                dispatch_clip_grad(params, self.clip_grad, mode=self.clip_mode)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return out

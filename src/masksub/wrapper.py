@@ -1,0 +1,104 @@
+"""``wrap``: a model that runs either as configured (main branch) or as its sub branch."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .adapters import resolve_adapter
+from .drops import DropoutBranch, DropPathBranch
+from .masking import check_ratio
+
+SUB_KINDS = ("mask", "dropout", "droppath")
+
+
+class SubBranchModel(nn.Module):
+    """The user's model plus a sub-branch strategy.
+
+    ``forward(x)`` is the model exactly as built (main branch, evaluation,
+    inference); ``forward(x, sub=True)`` is the sub branch. The model is kept
+    as ``.model`` with its own parameter names, so ``.model.state_dict()`` loads
+    into the plain timm model with ``strict=True``; extra parameters of the
+    strategy (a mask token) live in ``.branch``.
+    """
+
+    def __init__(self, model: nn.Module, branch: nn.Module, sub_bn_stats: bool = True):
+        super().__init__()
+        self.model = model
+        self.branch = branch
+        self.sub_bn_stats = sub_bn_stats
+        self._bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+    def forward(self, x: torch.Tensor, sub: bool = False) -> torch.Tensor:
+        if not sub:
+            return self.model(x)
+        with self._bn_stats_frozen() if not self.sub_bn_stats else _nothing():
+            return self.branch(self.model, x)
+
+    @contextmanager
+    def _bn_stats_frozen(self):
+        # BatchNorm with track_running_stats=False normalizes with batch statistics
+        # and leaves running_mean/var and num_batches_tracked untouched.
+        try:
+            for bn in self._bns:
+                bn.track_running_stats = False
+            yield
+        finally:
+            for bn in self._bns:
+                bn.track_running_stats = True
+
+    def compile(self, *args, **kwargs) -> None:
+        """Compile the inner model in place (two graphs: main and sub); names stay unchanged."""
+        self.model.compile(*args, **kwargs)
+
+    def unwrap(self) -> nn.Module:
+        """Take the strategy off the model and return the plain model."""
+        self.branch.remove()
+        return self.model
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def wrap(
+    model: nn.Module,
+    sub: str = "mask",
+    ratio: float = 0.5,
+    *,
+    unit: int = 32,
+    adapter: str | None = None,
+    sub_bn_stats: bool = True,
+) -> SubBranchModel:
+    """Add a sub branch to ``model``.
+
+    Args:
+        model: any timm image model (or one with a registered adapter).
+        sub: ``"mask"`` (MaskSub), ``"dropout"`` (DropSub) or ``"droppath"`` (PathSub).
+        ratio: fraction of the input masked (``mask``) or the drop probability
+            (``dropout``/``droppath``), in [0, 1). Default 0.5, the paper's MaskSub value.
+        unit: mask block size in pixels for the mask-token and pixel adapters.
+        adapter: force an adapter by name instead of choosing by model type.
+        sub_bn_stats: whether the sub pass updates BatchNorm running statistics
+            (True, as in the paper) or normalizes with batch statistics only.
+    """
+    if isinstance(model, SubBranchModel):
+        raise TypeError("model is already wrapped; call wrap() on the plain model")
+    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        raise TypeError("wrap the plain model first, then DistributedDataParallel / torch.compile the wrapper")
+    ratio = check_ratio(ratio)
+    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
+        raise ValueError(f"unit must be a positive number of pixels, got {unit!r}")
+    if sub == "mask":
+        branch = resolve_adapter(model, adapter)(model, ratio, unit)
+    elif sub == "dropout":
+        branch = DropoutBranch(model, ratio)
+    elif sub == "droppath":
+        branch = DropPathBranch(model, ratio)
+    else:
+        raise ValueError(f"unknown sub-branch kind {sub!r}; choose one of {', '.join(SUB_KINDS)}")
+    return SubBranchModel(model, branch, sub_bn_stats=sub_bn_stats)
