@@ -1,0 +1,56 @@
+"""Tiny timm models, one per family the adapters cover, so the whole suite runs on a CPU."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+VIT = dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2, num_classes=5)
+SWIN = dict(img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5)
+
+# name -> (timm model name, kwargs, image size (H, W), mask unit in pixels)
+TINY = {
+    "vit": ("vit_tiny_patch16_224", VIT, (32, 32), 32),
+    "vit_reg_avg": (
+        "vit_tiny_patch16_224",
+        dict(VIT, reg_tokens=4, global_pool="avg", img_size=(32, 48), dynamic_img_size=True),
+        (32, 48),
+        32,
+    ),
+    "vit_noclass_map": ("vit_tiny_patch16_224", dict(VIT, class_token=False, global_pool="map"), (32, 32), 32),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", VIT, (32, 32), 32),
+    "eva_rope": ("eva02_tiny_patch14_224", dict(VIT, patch_size=4), (32, 32), 32),
+    "swin": ("swin_tiny_patch4_window7_224", SWIN, (64, 64), 16),
+    "swinv2": ("swinv2_tiny_window8_256", dict(SWIN, window_size=4), (64, 64), 16),
+    "beit": ("beit_base_patch16_224", VIT, (32, 32), 8),
+    "vit_relpos": ("vit_relpos_small_patch16_224", VIT, (32, 32), 8),
+    "resnet": ("resnet10t", dict(num_classes=5), (64, 96), 16),
+    "convnext": ("convnext_atto", dict(num_classes=5), (64, 64), 16),
+}
+
+# The adapter each tiny model must resolve to.
+EXPECTED_ADAPTER = {
+    "vit": "vit",
+    "vit_reg_avg": "vit",
+    "vit_noclass_map": "vit",
+    "deit_distilled": "vit",
+    "eva_rope": "vit",
+    "swin": "masktoken",
+    "swinv2": "masktoken",
+    "beit": "masktoken",
+    "vit_relpos": "masktoken",
+    "resnet": "pixels",
+    "convnext": "pixels",
+}
+
+
+def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    timm_name, kwargs, _, _ = TINY[name]
+    return timm.create_model(timm_name, **{**kwargs, **overrides})
+
+
+def tiny_images(name: str, batch: int = 8, seed: int = 1) -> torch.Tensor:
+    _, _, (h, w), _ = TINY[name]
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, h, w, generator=g) + 0.5  # no exact zeros: zeroed pixels are visible

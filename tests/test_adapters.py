@@ -1,0 +1,199 @@
+"""The adapter contract, run over every family: what the sub pass really removes, per sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EXPECTED_ADAPTER, TINY, tiny_images, tiny_model
+
+import masksub
+from masksub.masking import check_ratio, num_keep, num_masked
+
+RATIOS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def _observe_vit(wrapped, x, calls):
+    """Masks (B, N) from the tokens entering and leaving the drop point; also checks prefix tokens."""
+    seen = []
+    wrapped.model.patch_drop.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
+    prefix = wrapped.model.num_prefix_tokens
+    masks = []
+    for _ in range(calls):
+        wrapped(x, sub=True)
+        full, out = seen.pop()
+        out = out[0] if isinstance(out, tuple) else out
+        assert torch.equal(out[:, :prefix], full[:, :prefix]), "prefix tokens must all be kept, unchanged"
+        patches, kept = full[:, prefix:], out[:, prefix:]
+        match = (kept.unsqueeze(2) == patches.unsqueeze(1)).all(-1)  # (B, K, N)
+        assert (match.sum(-1) == 1).all(), "every kept token must be exactly one original patch token"
+        kept_any = match.any(1)  # (B, N)
+        masks.append(~kept_any)
+    return masks
+
+
+def _units(token_mask, unit):
+    """(B, H, W) per-position mask -> (B, units) after checking each unit is all-or-nothing."""
+    b, h, w = token_mask.shape
+    blocks = token_mask.view(b, h // unit, unit, w // unit, unit).permute(0, 1, 3, 2, 4).reshape(b, -1, unit * unit)
+    assert (blocks.all(-1) | ~blocks.any(-1)).all(), "masks must cover whole units"
+    return blocks[..., 0]
+
+
+def _observe_masktoken(wrapped, x, calls, original):
+    adapter = wrapped.branch
+    seen = []
+    wrapped.model.patch_embed.register_forward_hook(lambda m, a, out: seen.append(out))
+    masks = []
+    for _ in range(calls):
+        wrapped(x, sub=True)
+        out, orig = seen.pop(), original.pop()
+        if adapter.layout == "NCHW":
+            out, orig = out.permute(0, 2, 3, 1), orig.permute(0, 2, 3, 1)
+        elif adapter.layout == "NLC":
+            gh = x.shape[-2] // adapter.patch_size[0]
+            out, orig = out.unflatten(1, (gh, -1)), orig.unflatten(1, (gh, -1))
+        is_token = (out == adapter.mask_token).all(-1)
+        assert torch.equal(out[~is_token], orig[~is_token]), "unmasked positions must be untouched"
+        masks.append(_units(is_token, adapter.unit_tokens))
+    return masks
+
+
+def _observe_pixels(wrapped, x, calls):
+    seen = []
+    wrapped.model.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    masks = []
+    for _ in range(calls):
+        wrapped(x, sub=True)
+        inp = seen.pop()
+        zero = (inp == 0).all(1)  # (B, H, W)
+        kept = ~zero.unsqueeze(1).expand_as(inp)
+        assert torch.equal(inp[kept], x[kept]), "unmasked pixels must be untouched"
+        masks.append(_units(zero, wrapped.branch.unit))
+    return masks
+
+
+def observe(name, ratio, calls=2, seed=None):
+    _, _, _, unit = TINY[name]
+    model = tiny_model(name)
+    original = []
+    if EXPECTED_ADAPTER[name] == "masktoken":  # registered first: sees the unmasked embedding
+        model.patch_embed.register_forward_hook(lambda m, a, out: original.append(out))
+    wrapped = masksub.wrap(model, ratio=ratio, unit=unit).train()
+    x = tiny_images(name)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        kind = wrapped.branch.name
+        if kind == "vit":
+            return _observe_vit(wrapped, x, calls)
+        if kind == "masktoken":
+            return _observe_masktoken(wrapped, x, calls, original)
+        return _observe_pixels(wrapped, x, calls)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_adapter_resolution(name):
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3])
+    assert wrapped.branch.name == EXPECTED_ADAPTER[name]
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("name", list(TINY))
+def test_exact_mask_counts_and_randomness(name, ratio):
+    first, second = observe(name, ratio)
+    n = first.shape[1]
+    expected = num_masked(n, ratio)
+    assert 0 < expected < n
+    assert (first.sum(1) == expected).all(), f"{name}: masked per sample {first.sum(1).tolist()} != {expected}"
+    assert (second.sum(1) == expected).all()
+    assert any(not torch.equal(first[0], row) for row in first[1:]), "masks must differ across samples"
+    assert not torch.equal(first, second), "masks must differ across steps"
+
+
+@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet"])
+def test_masks_reproducible_under_seed(name):
+    a = observe(name, 0.5, calls=1, seed=7)[0]
+    b = observe(name, 0.5, calls=1, seed=7)[0]
+    c = observe(name, 0.5, calls=1, seed=8)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_rounding_rule():
+    assert num_keep(196, 0.5) == 98
+    assert num_keep(20, 0.9) == 2  # float-exact: timm's int(20 * (1 - 0.9)) would give 1
+    assert num_keep(49, 0.5) == 24
+    assert num_keep(10, 0.0) == 10
+    assert num_keep(10, 0.99) == 1  # never an empty input
+    assert all(num_keep(n, r) + num_masked(n, r) == n for n in range(1, 300) for r in RATIOS)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_ratio_out_of_range(bad):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        masksub.wrap(tiny_model("vit"), ratio=bad)
+
+
+@pytest.mark.parametrize("bad", ["0.5", True, None])
+def test_ratio_wrong_type(bad):
+    with pytest.raises(TypeError, match="ratio"):
+        check_ratio(bad)
+
+
+def test_image_not_divisible_by_patch():
+    wrapped = masksub.wrap(tiny_model("vit_reg_avg")).train()  # dynamic size: the model itself would pad
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        wrapped(torch.rand(2, 3, 30, 32), sub=True)
+
+
+@pytest.mark.parametrize("name", ["swin", "resnet"])
+def test_image_not_divisible_by_unit(name):
+    # 64x96 and 64x64 images; 24 and 48 are multiples of Swin's 4-pixel patch but do not tile them
+    wrapped = masksub.wrap(tiny_model(name), unit=24 if name == "resnet" else 48).train()
+    with pytest.raises(ValueError, match="not divisible by the mask unit"):
+        wrapped(tiny_images(name, batch=2), sub=True)
+
+
+def test_unit_not_multiple_of_patch():
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        masksub.wrap(tiny_model("swin"), unit=30)
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "resnet"])
+def test_non_image_input(name):
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
+    with pytest.raises(ValueError, match=r"image batch \(B, C, H, W\)"):
+        wrapped(torch.randint(0, 100, (2, 16)), sub=True)
+
+
+def test_unsupported_model_names_families_and_registration():
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(TypeError) as err:
+        masksub.wrap(mlp)
+    msg = str(err.value)
+    assert "Sequential" in msg and "register_adapter" in msg
+    assert all(name in msg for name in ("vit", "masktoken", "pixels"))
+
+
+def test_user_adapter_registration_wins():
+    @masksub.register_adapter("test_mlp_features")
+    class FeatureNoise(masksub.MaskAdapter):
+        @classmethod
+        def supports(cls, model):
+            return isinstance(model, torch.nn.Sequential) and isinstance(model[0], torch.nn.Linear)
+
+        def forward(self, model, x):
+            keep = masksub.num_keep(x.shape[1], self.ratio)
+            return model(torch.cat([x[:, :keep], x.new_zeros(x.shape[0], x.shape[1] - keep)], 1))
+
+    try:
+        mlp = torch.nn.Sequential(torch.nn.Linear(8, 2))
+        wrapped = masksub.wrap(mlp, ratio=0.5)
+        assert wrapped.branch.name == "test_mlp_features"
+        x = torch.ones(1, 8)
+        expected = mlp(torch.tensor([[1.0] * 4 + [0.0] * 4]))
+        assert torch.equal(wrapped(x, sub=True), expected)
+    finally:
+        from masksub.adapters.registry import _ADAPTERS
+
+        _ADAPTERS.pop("test_mlp_features")
