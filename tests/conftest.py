@@ -24,7 +24,7 @@ TINY = {
     "swinv2": ("swinv2_tiny_window8_256", dict(SWIN, window_size=4), (64, 64), 16),
     "beit": ("beit_base_patch16_224", VIT, (32, 32), 8),
     "vit_relpos": ("vit_relpos_small_patch16_224", VIT, (32, 32), 8),
-    "resnet": ("resnet10t", dict(num_classes=5), (64, 96), 16),
+    "resnet": ("resnet10t", dict(num_classes=5, zero_init_last=False), (64, 96), 16),
     "convnext": ("convnext_atto", dict(num_classes=5), (64, 64), 16),
 }
 

@@ -1,0 +1,150 @@
+"""The wrapper: main branch and inference untouched, DropSub/PathSub restore values, BN, export, compile."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import TINY, tiny_images, tiny_model
+from timm.layers import DropPath
+from torch._dynamo.utils import counters
+
+import masksub
+
+
+@pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
+@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet"])
+def test_main_branch_and_inference_unchanged(name, sub):
+    plain = tiny_model(name, drop_rate=0.0)
+    wrapped = masksub.wrap(copy.deepcopy(plain), sub=sub, ratio=0.3, unit=TINY[name][3])
+    x = tiny_images(name, batch=4)
+    plain.eval(), wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), plain(x))
+    plain.train(), wrapped.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = plain(x)
+        torch.manual_seed(0)
+        assert torch.equal(wrapped(x), expected)
+        assert not torch.equal(wrapped(x, sub=True), expected)
+
+
+def _drop_values(model):
+    values = {n + ".p": m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    values |= {n + ".drop_prob": m.drop_prob for n, m in model.named_modules() if isinstance(m, DropPath)}
+    values |= {
+        n + ".drop_rate": m.drop_rate
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Module) and isinstance(getattr(m, "drop_rate", None), float)
+    }
+    return values
+
+
+@pytest.mark.parametrize("sub", ["dropout", "droppath"])
+def test_drop_values_raised_in_sub_pass_and_restored_exactly(sub):
+    model = tiny_model("vit", drop_rate=0.05, attn_drop_rate=0.03, drop_path_rate=0.07)
+    before = _drop_values(model)
+    assert 0.03 in before.values() and any(v > 0 for k, v in before.items() if "drop_prob" in k)
+    wrapped = masksub.wrap(model, sub=sub, ratio=0.4).train()
+    block = model.blocks[1]
+    if sub == "dropout":  # fused attention reads attn_drop.p without calling the module
+        hooked, read = block.mlp.drop1, lambda: (block.mlp.drop1.p, block.attn.attn_drop.p)
+    else:
+        hooked, read = block.drop_path1, lambda: (block.drop_path1.drop_prob, block.drop_path2.drop_prob)
+    outside = read()
+    seen = []
+    hooked.register_forward_pre_hook(lambda m, a: seen.append(read()))
+    x = tiny_images("vit", batch=2)
+    wrapped(x)
+    wrapped(x, sub=True)
+    assert seen == [outside, (0.4, 0.4)]
+    after = _drop_values(model)  # block 0 (rate 0) got DropPath(0.0) where it had an Identity
+    assert {k: after[k] for k in before} == before and all(after[k] == 0.0 for k in after.keys() - before.keys())
+
+    # Restored even when the sub pass fails.
+    with pytest.raises(AssertionError, match="doesn't match model"):  # timm's own size check
+        wrapped(torch.rand(2, 3, 30, 30), sub=True)
+    assert _drop_values(model) == after
+
+
+def test_pathsub_on_model_built_without_drop_path():
+    for name in ("vit", "resnet", "convnext"):
+        model = tiny_model(name)
+        assert not any(isinstance(m, DropPath) for m in model.modules())
+        keys = list(model.state_dict())
+        wrapped = masksub.wrap(model, sub="droppath", ratio=0.5, unit=TINY[name][3]).train()
+        assert any(isinstance(m, DropPath) for m in model.modules())
+        assert list(model.state_dict()) == keys  # DropPath has no state: the checkpoint is unchanged
+        x = tiny_images(name, batch=4)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            main = wrapped(x)
+            sub = wrapped(x, sub=True)
+        assert not torch.equal(main, sub)
+        plain = wrapped.unwrap()
+        assert not any(isinstance(m, DropPath) for m in plain.modules())
+
+
+def test_dropout_branch_needs_dropout_sites():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="no dropout"):
+        masksub.wrap(net, sub="dropout")
+    with pytest.raises(ValueError, match="no residual drop-path"):
+        masksub.wrap(net, sub="droppath")
+    with pytest.raises(ValueError, match="unknown sub-branch kind"):
+        masksub.wrap(net, sub="cutout")
+
+
+@pytest.mark.parametrize("sub_bn_stats", [True, False])
+def test_batchnorm_statistics_option(sub_bn_stats):
+    wrapped = masksub.wrap(tiny_model("resnet"), unit=16, sub_bn_stats=sub_bn_stats).train()
+    x = tiny_images("resnet", batch=4)
+    wrapped(x)
+    before = {k: v.clone() for k, v in wrapped.model.state_dict().items() if "running" in k or "num_batches" in k}
+    wrapped(x, sub=True)
+    after = wrapped.model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert bool(changed) == sub_bn_stats
+    assert all(m.track_running_stats for m in wrapped.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "eva_rope"])
+def test_export_loads_into_plain_timm_model(name):
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
+    step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss())
+    step(tiny_images(name, batch=4), torch.arange(4))
+    timm_name, kwargs, _, _ = TINY[name]
+    plain = timm.create_model(timm_name, **kwargs)
+    plain.load_state_dict(wrapped.model.state_dict(), strict=True)
+    x = tiny_images(name, batch=2)
+    plain.eval(), wrapped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), wrapped(x))
+    assert not any("mask_token" in k for k in wrapped.model.state_dict())
+
+
+def test_mask_token_is_saved_and_trained():
+    wrapped = masksub.wrap(tiny_model("swin"), unit=16).train()
+    assert "branch.mask_token" in wrapped.state_dict()
+    token = wrapped.branch.mask_token.detach().clone()
+    opt = torch.optim.SGD(wrapped.parameters(), lr=1.0)
+    masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss())(tiny_images("swin", batch=4), torch.arange(4))
+    assert not torch.equal(token, wrapped.branch.mask_token)
+    assert wrapped.branch.mask_token.ndim == 1  # 1-D: no weight decay under timm's param groups
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_torch_compile_two_graphs_no_breaks(name):
+    counters.clear()
+    torch._dynamo.reset()
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
+    wrapped.compile(backend="aot_eager", fullgraph=True)  # fullgraph: any graph break raises
+    x = tiny_images(name, batch=4)
+    for _ in range(3):
+        wrapped(x).sum().backward()
+        wrapped(x, sub=True).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2

@@ -1,0 +1,165 @@
+"""The two-backward step: same gradients as the summed loss, scaler and clipping done once."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, tiny_images, tiny_model
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+
+import masksub
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run(name, memory_saving, accum_steps=1, batches=2, **step_kw):
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)  # lr 0: parameters stay, .grad holds the step's gradient
+    step = masksub.Step(
+        wrapped, opt, torch.nn.CrossEntropyLoss(), accum_steps=accum_steps, memory_saving=memory_saving, **step_kw
+    )
+    x = tiny_images(name, batch=4 * batches)
+    y = torch.arange(len(x)) % 5
+    for i, (xb, yb) in enumerate(zip(x.chunk(batches), y.chunk(batches))):
+        torch.manual_seed(100 + i)  # the same masks in both runs
+        out = step(xb, yb)
+    assert out["updated"]
+    return wrapped, _grads(wrapped)
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+@pytest.mark.parametrize("name", ["vit", "swin", "resnet"])
+def test_two_backward_equals_summed_loss(name, accum_steps):
+    batches = accum_steps
+    _, two = _run(name, memory_saving=True, accum_steps=accum_steps, batches=batches)
+    _, summed = _run(name, memory_saving=False, accum_steps=accum_steps, batches=batches)
+    assert two.keys() == summed.keys()
+    if name == "swin":
+        assert "branch.mask_token" in two and two["branch.mask_token"].abs().sum() > 0
+    for n in two:
+        torch.testing.assert_close(two[n], summed[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_summed_loss_gradient_by_hand():
+    """The step's gradient is that of 0.5 * CE(main, y) + 0.5 * CE(sub, softmax(main.detach()))."""
+    wrapped, grads = _run("vit", memory_saving=True, batches=1)
+    ref = masksub.wrap(tiny_model("vit")).train()
+    x, y = tiny_images("vit", batch=4), torch.arange(4) % 5
+    torch.manual_seed(100)
+    main = ref(x)
+    sub = ref(x, sub=True)
+    teacher = F.softmax(main.detach(), dim=-1)
+    loss = 0.5 * F.cross_entropy(main, y) + 0.5 * (-(teacher * F.log_softmax(sub, -1)).sum(-1)).mean()
+    loss.backward()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_accumulation_equals_full_batch():
+    """Two micro-batches of 4 with accum_steps=2 give the gradient of one batch of 8 (same masks)."""
+    _, accum = _run("vit", memory_saving=True, accum_steps=2, batches=2)
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    x, y = tiny_images("vit", batch=8), torch.arange(8) % 5
+    # Same masks as the two micro-batches: the mask noise is drawn per micro-batch after each reseed.
+    noise = []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        noise.append(torch.rand(4, 64))
+    real_rand = torch.rand
+    calls = iter([torch.cat(noise)])
+    torch.rand = lambda *a, **k: next(calls)
+    try:
+        loss_fn = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss())
+        main = wrapped(x)
+        loss = loss_fn(main, wrapped(x, sub=True), y)
+    finally:
+        torch.rand = real_rand
+    loss.backward()
+    for n, p in wrapped.named_parameters():
+        torch.testing.assert_close(accum[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_grad_scaler_scales_both_losses_and_unscales_once():
+    _, plain = _run("vit", memory_saving=True, batches=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _, scaled = _run("vit", memory_saving=True, batches=1, scaler=scaler)
+    for n in plain:  # a power-of-two scale is exact: any missed or double (un)scale shows
+        torch.testing.assert_close(scaled[n], plain[n], rtol=1e-6, atol=0, msg=n)
+
+
+def test_clipping_after_both_backwards():
+    _, raw = _run("vit", memory_saving=True, batches=1)
+    _, clipped = _run("vit", memory_saving=True, batches=1, clip_grad=1e-3)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw.values()]))
+    assert norm > 1e-3
+    for n in raw:
+        torch.testing.assert_close(clipped[n], raw[n] * (1e-3 / (norm + 1e-6)), rtol=1e-4, atol=1e-9, msg=n)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_steps_update_parameters(amp):
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    before = copy.deepcopy(wrapped.state_dict())
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
+    step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), amp=amp, clip_grad=1.0)
+    for _ in range(2):
+        out = step(tiny_images("vit", batch=4), torch.arange(4))
+    assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+    assert (step.scaler is not None) == (amp == "fp16")
+    assert any(not torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
+
+
+def test_step_returns_tensors_without_host_sync():
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    out = step(tiny_images("vit", batch=4), torch.arange(4))
+    assert all(isinstance(out[k], torch.Tensor) for k in ("loss", "loss_main", "loss_sub", "logits"))
+    torch.testing.assert_close(out["loss"], 0.5 * out["loss_main"] + 0.5 * out["loss_sub"])
+
+
+def test_softmax_teacher_matches_by_hand():
+    main, sub = torch.randn(6, 5), torch.randn(6, 5)
+    loss = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert loss.teacher == "softmax"
+    expected = -(F.softmax(main, -1) * F.log_softmax(sub, -1)).sum(-1).mean()
+    torch.testing.assert_close(loss.sub_loss(sub, main), expected)
+
+
+@pytest.mark.parametrize("criterion", [torch.nn.BCEWithLogitsLoss(), BinaryCrossEntropy(smoothing=0.0)])
+def test_sigmoid_teacher_for_bce(criterion):
+    main, sub = torch.randn(6, 5), torch.randn(6, 5)
+    loss = masksub.SubBranchLoss(criterion)
+    assert loss.teacher == "sigmoid"
+    torch.testing.assert_close(loss.sub_loss(sub, main), F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main)))
+
+
+def test_mixed_targets_reach_main_branch_only():
+    main, sub = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    soft = torch.softmax(torch.randn(4, 5), -1)  # mixup/cutmix targets
+    loss = masksub.SubBranchLoss(SoftTargetCrossEntropy())
+    total = loss(main, sub, soft)
+    torch.testing.assert_close(total, 0.5 * SoftTargetCrossEntropy()(main, soft) + 0.5 * loss.sub_loss(sub, main))
+    total.backward()
+    # The sub term's teacher is detached: main receives only the main loss gradient.
+    main2 = main.detach().clone().requires_grad_()
+    (0.5 * SoftTargetCrossEntropy()(main2, soft)).backward()
+    torch.testing.assert_close(main.grad, main2.grad)
+
+
+def test_temperature_scaling():
+    main, sub = torch.randn(6, 5), torch.randn(6, 5)
+    loss = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss(), temperature=2.0)
+    expected = -(F.softmax(main / 2, -1) * F.log_softmax(sub / 2, -1)).sum(-1).mean() * 4
+    torch.testing.assert_close(loss.sub_loss(sub, main), expected)
+
+
+@pytest.mark.parametrize("kw", [dict(accum_steps=0), dict(amp="fp8"), dict(clip_mode="max"), dict(temperature=0.0)])
+def test_step_rejects_bad_settings(kw):
+    wrapped = masksub.wrap(tiny_model("vit"))
+    with pytest.raises(ValueError):
+        masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), **kw)
