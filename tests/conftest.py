@@ -6,7 +6,9 @@ import timm
 import torch
 
 VIT = dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2, num_classes=5)
-SWIN = dict(img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5)
+SWIN = dict(
+    img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5, drop_path_rate=0.0
+)
 
 # name -> (timm model name, kwargs, image size (H, W), mask unit in pixels)
 TINY = {
