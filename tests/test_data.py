@@ -1,0 +1,66 @@
+"""Fashion-MNIST IDX loading: the real files, and clear errors for missing or corrupt ones."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from masksub import data
+
+
+def _write_idx(path, array: np.ndarray, compress: bool):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(payload)
+
+
+@pytest.fixture
+def fake_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, (img, lab) in data.FILES.items():
+        n = 12 if split == "train" else 6
+        _write_idx(tmp_path / (img + ".gz"), rng.integers(0, 256, (n, 28, 28)), compress=True)
+        _write_idx(tmp_path / lab, rng.integers(0, 10, (n,)), compress=False)
+    return tmp_path
+
+
+def test_reads_idx_files_gz_or_not(fake_dir):
+    x, y = data.load_fashion_mnist("train", fake_dir)
+    assert x.shape == (12, 28, 28) and x.dtype == torch.uint8
+    assert y.shape == (12,) and y.dtype == torch.int64
+
+
+def test_real_fashion_mnist_when_installed():
+    try:
+        folder = data.find_fashion_mnist()
+    except FileNotFoundError:
+        pytest.skip("dataset-fashion-mnist not installed")
+    x, y = data.load_fashion_mnist("test", folder)
+    assert x.shape == (10000, 28, 28) and y.shape == (10000,)
+    assert torch.bincount(y).tolist() == [1000] * 10
+    assert abs(x[:1000].float().mean().item() / 255 - data.MEAN) < 0.02
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist("train", tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "gzip"])
+def test_corrupt_file_named(fake_dir, damage):
+    path = fake_dir / "t10k-labels-idx1-ubyte"
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[:-2])
+    elif damage == "magic":
+        path.write_bytes(b"\x12\x34" + raw[2:])
+    else:
+        path.unlink()
+        (fake_dir / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte"):
+        data.load_fashion_mnist("test", fake_dir)
