@@ -79,7 +79,11 @@ def train(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
     images, labels = train_set
     steps_per_epoch = len(images) // args.batch_size
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=args.epochs * steps_per_epoch, warmup_t=steps_per_epoch // 2, warmup_lr_init=1e-5
+        optimizer,
+        t_initial=args.epochs * steps_per_epoch,
+        warmup_t=steps_per_epoch // 2,
+        warmup_lr_init=1e-5,
+        t_in_epochs=False,  # stepped per update
     )
     step = masksub.Step(model, optimizer, torch.nn.CrossEntropyLoss()) if use_masksub else None
     generator = torch.Generator().manual_seed(args.seed)  # the same data order for both runs

@@ -77,7 +77,6 @@ class MaskTokenAdapter(MaskAdapter):
         self.unit_tokens = unit // self.patch_size[0]
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self._active = False
         self._handle = model.patch_embed.register_forward_hook(self._mask_hook)
 
     @classmethod
@@ -103,11 +102,7 @@ class MaskTokenAdapter(MaskAdapter):
         height, width = x.shape[-2:]
         unit_grid(height, width, self.unit, f"{self.name} adapter")
         self._nlc_grid = (height // self.patch_size[0], width // self.patch_size[1])  # NLC hides the grid
-        self._active = True
-        try:
-            return model(x)
-        finally:
-            self._active = False
+        return self.run_with_hooks_active(model, x)
 
     def remove(self) -> None:
         self._handle.remove()

@@ -29,6 +29,15 @@ class MaskAdapter(nn.Module):
         super().__init__()
         self.ratio = ratio
         self.unit = unit
+        self._active = False  # read by hooks an adapter places on the model
+
+    def run_with_hooks_active(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run ``model`` with this adapter's hooks masking; they pass through otherwise."""
+        self._active = True
+        try:
+            return model(x)
+        finally:
+            self._active = False
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -39,7 +39,6 @@ class TokenDropAdapter(MaskAdapter):
         self.num_prefix_tokens = model.num_prefix_tokens
         self.patch_size = tuple(model.patch_embed.patch_size)
         self.returns_indices = isinstance(model, Eva)  # Eva gathers its RoPE with the indices
-        self._active = False
         self._model_ref = [model]  # a list keeps the model from being registered as a submodule
         self._inserted = model.patch_drop is None
         if self._inserted:
@@ -70,11 +69,7 @@ class TokenDropAdapter(MaskAdapter):
                 f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}; "
                 "resize or crop the images to a multiple of the patch size"
             )
-        self._active = True
-        try:
-            return model(x)
-        finally:
-            self._active = False
+        return self.run_with_hooks_active(model, x)
 
     def remove(self) -> None:
         self._handle.remove()
