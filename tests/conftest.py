@@ -26,6 +26,13 @@ TINY = {
     "swinv2": ("swinv2_tiny_window8_256", dict(SWIN, window_size=4), (64, 64), 16),
     "beit": ("beit_base_patch16_224", VIT, (32, 32), 8),
     "vit_relpos": ("vit_relpos_small_patch16_224", VIT, (32, 32), 8),
+    "sam": (
+        "samvit_base_patch16",
+        dict(VIT, window_size=4, global_attn_indexes=(1,), neck_chans=16, use_rel_pos=True),
+        (32, 32),
+        8,
+    ),
+    "xcit": ("xcit_nano_12_p16_224", dict(img_size=32, depth=2, num_classes=5), (32, 32), 8),
     "resnet": ("resnet10t", dict(num_classes=5, zero_init_last=False), (64, 96), 16),
     "convnext": ("convnext_atto", dict(num_classes=5), (64, 64), 16),
 }
@@ -41,6 +48,8 @@ EXPECTED_ADAPTER = {
     "swinv2": "masktoken",
     "beit": "masktoken",
     "vit_relpos": "masktoken",
+    "sam": "masktoken",  # window attention + relative position on the full grid
+    "xcit": "pixels",  # its patch embedding returns (tokens, grid): input pixels instead
     "resnet": "pixels",
     "convnext": "pixels",
 }

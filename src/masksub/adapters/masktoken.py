@@ -16,6 +16,7 @@ loadable into ``timm.create_model`` unchanged.
 from __future__ import annotations
 
 import torch
+from timm.layers import to_2tuple
 from torch import nn
 
 from ..masking import random_unit_mask, unit_grid, upsample_mask
@@ -29,7 +30,7 @@ def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
     img = getattr(embed, "img_size", None)
     if patch is None or img is None:
         return None
-    patch, img = tuple(patch), tuple(img)
+    patch, img = to_2tuple(patch), to_2tuple(img)
     chans = getattr(model, "in_chans", None) or next(
         (m.in_channels for m in embed.modules() if isinstance(m, nn.Conv2d)), 3
     )
@@ -41,6 +42,8 @@ def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
     try:
         with torch.no_grad():
             out = embed(torch.zeros(1, chans, *img, device=device))
+    except Exception:  # an embedding that cannot run alone is not one this adapter can hook
+        return None
     finally:
         embed.train(was_training)
     if not isinstance(out, torch.Tensor):
@@ -68,7 +71,7 @@ class MaskTokenAdapter(MaskAdapter):
         if layout is None:
             raise TypeError(f"cannot read the patch-embedding output layout of {type(model).__name__}")
         self.layout, dim = layout
-        self.patch_size = tuple(model.patch_embed.patch_size)
+        self.patch_size = to_2tuple(model.patch_embed.patch_size)
         if unit % self.patch_size[0] or unit % self.patch_size[1]:
             raise ValueError(
                 f"mask unit {unit} px is not a multiple of the patch size {self.patch_size}; "
