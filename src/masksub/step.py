@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .loss import SubBranchLoss
+from .wrapper import SubBranchModel
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 CLIP_MODES = ("norm", "value", "agc")
@@ -31,7 +32,8 @@ class Step:
     """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
 
     Args:
-        model: a ``masksub.wrap``-ed model, optionally inside DistributedDataParallel.
+        model: a ``masksub.wrap``-ed model, optionally inside DistributedDataParallel. A plain
+            (unwrapped) model trains without a sub branch: ``criterion`` alone, weight 1.
         optimizer: any torch optimizer over the wrapper's parameters (mask token included).
         criterion: the main-branch loss, or a ready ``SubBranchLoss``.
         main_weight, sub_weight, temperature, teacher: see ``SubBranchLoss``.
@@ -42,6 +44,9 @@ class Step:
         scaler: a ``torch.amp.GradScaler`` to use for fp16 (one is made if None).
         memory_saving: False sums both losses and calls backward once (same
             gradients, both graphs alive at once: more memory).
+        skip_nonfinite: skip the optimizer step (and drop its gradients) when a
+            loss of the accumulation window is not finite; costs one host sync
+            per optimizer step. The result then has ``skipped=True``.
 
     Returns a dict of detached tensors (``loss``, ``loss_main``, ``loss_sub``,
     ``logits`` and, on update steps with norm clipping, ``grad_norm``) plus
@@ -64,6 +69,7 @@ class Step:
         amp: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
         memory_saving: bool = True,
+        skip_nonfinite: bool = False,
     ):
         if isinstance(criterion, SubBranchLoss):
             self.loss = criterion
@@ -77,8 +83,11 @@ class Step:
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
         self.model, self.optimizer = model, optimizer
         self.accum_steps, self.clip_grad, self.clip_mode = accum_steps, clip_grad, clip_mode
-        self.memory_saving = memory_saving
+        self.memory_saving, self.skip_nonfinite = memory_saving, skip_nonfinite
+        self._finite: torch.Tensor | bool = True  # all losses of the window finite (a device tensor)
         self.device_type = next(model.parameters()).device.type
+        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        self.has_sub = isinstance(getattr(inner, "_orig_mod", inner), SubBranchModel)
         self.amp_dtype = AMP_DTYPES.get(amp)
         if self.amp_dtype is torch.float16 and scaler is None:
             scaler = torch.amp.GradScaler(self.device_type)
@@ -106,7 +115,12 @@ class Step:
 
         # Only the last backward of the last micro-batch all-reduces.
         with nullcontext() if update else self._no_sync():
-            if self.memory_saving:
+            if not self.has_sub:
+                with self._autocast():
+                    main = self.model(x)
+                    loss_main = self.loss.main_loss(main, target)
+                self._backward(loss_main / self.accum_steps)
+            elif self.memory_saving:
                 with self._no_sync():
                     with self._autocast():
                         main = self.model(x)
@@ -122,11 +136,21 @@ class Step:
                     loss_sub = self.loss.sub_loss(self.model(x, sub=True), main)
                 self._backward(w_main * loss_main + w_sub * loss_sub)
 
-        loss = self.loss.main_weight * loss_main.detach() + self.loss.sub_weight * loss_sub.detach()
-        out = {"loss": loss, "loss_main": loss_main.detach(), "loss_sub": loss_sub.detach(), "logits": main.detach()}
+        out = {"loss": loss_main.detach(), "loss_main": loss_main.detach(), "logits": main.detach()}
+        if self.has_sub:
+            out["loss_sub"] = loss_sub.detach()
+            out["loss"] = self.loss.main_weight * out["loss_main"] + self.loss.sub_weight * out["loss_sub"]
+        loss = out["loss"]
+        if self.skip_nonfinite:
+            self._finite = torch.isfinite(loss) & self._finite
         if update:
             self._micro = 0
-            out.update(self._update())
+            if self.skip_nonfinite and not bool(self._finite):  # the one host sync this option costs
+                self.optimizer.zero_grad(set_to_none=True)
+                out["skipped"] = True
+            else:
+                out.update(self._update())
+            self._finite = True
         out["updated"] = update
         return out
 

@@ -1,0 +1,80 @@
+"""``masksub`` command line: a thin layer over ``masksub.train``.
+
+masksub train                                  # default recipe: small ViT + MaskSub on Fashion-MNIST
+masksub train --recipe deit3_vit_s_400 --data.dir /data/imagenet --sub.ratio 0.5
+masksub eval --checkpoint runs/fashion_mnist_vit-mask-s0/best.pt
+masksub compare --subs none,mask --seeds 0,1,2 --sched.epochs 5
+torchrun --nproc_per_node 8 -m masksub.cli train --recipe swin_t
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .train.config import ConfigError, all_keys, list_recipes, load_config, parse_overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="masksub", description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", allow_abbrev=False, help="train a recipe (dotted overrides: --section.key value)")
+    train.add_argument("--recipe", default=None, help="recipe name (see `masksub recipes`) or YAML path")
+    train.add_argument("--resume", default=None, help="checkpoint file or run folder to continue exactly")
+    ev = sub.add_parser(
+        "eval", allow_abbrev=False, help="evaluate a checkpoint: top-1/top-5 of the plain and EMA weights"
+    )
+    ev.add_argument("--checkpoint", required=True)
+    cmp = sub.add_parser(
+        "compare", allow_abbrev=False, help="train plain and with sub branches over seeds; table + plot"
+    )
+    cmp.add_argument("--recipe", default=None)
+    cmp.add_argument("--subs", default="none,mask,dropout,droppath", help="comma-separated: none,mask,dropout,droppath")
+    cmp.add_argument("--seeds", default="0,1,2")
+    cmp.add_argument("--output", default="runs/compare")
+    sub.add_parser("recipes", help="list the bundled recipes")
+    sub.add_parser("keys", help="list every config key")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    try:
+        if args.command == "recipes":
+            print("\n".join(list_recipes()))
+        elif args.command == "keys":
+            print("\n".join(all_keys()))
+        elif args.command == "train":
+            from .train.trainer import Trainer
+
+            overrides = parse_overrides(rest)
+            if args.resume:
+                overrides["train.resume"] = args.resume
+            cfg = load_config(args.recipe, overrides)
+            result = Trainer(cfg).fit()
+            if result["records"]:
+                last = result["records"][-1]
+                acc = f"test top-1 {last['top1']:.2f}%" if last.get("top1") is not None else "no evaluation yet"
+                print(f"done: {acc}; run folder {result['folder']} (metrics.jsonl, summary.csv, curves.png, *.pt)")
+        elif args.command == "eval":
+            from .train.evaluate import evaluate_checkpoint
+
+            for name, metrics in evaluate_checkpoint(Path(args.checkpoint), parse_overrides(rest)).items():
+                print(f"{name}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
+        elif args.command == "compare":
+            from .train.compare import compare
+
+            kinds = [k.strip() for k in args.subs.split(",") if k.strip()]
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            compare(args.recipe, kinds, seeds, parse_overrides(rest), args.output)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"masksub {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

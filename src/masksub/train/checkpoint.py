@@ -1,0 +1,90 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True``, RNG states included.
+
+A checkpoint is first written to a temporary file in the same folder, flushed
+to disk, then renamed over the old one: a process killed mid-write leaves the
+previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def save_atomic(obj: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; pass a checkpoint file or a run folder with last.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, cached)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], *n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Initial weights (MAE, CLIP, our own runs) into ``model``; returns (missing, unexpected) keys.
+
+    Accepts a raw state dict or one under 'model' / 'state_dict' / 'model_state'; timm's
+    checkpoint filter of the model's family converts foreign layouts (e.g. MAE, OpenAI CLIP),
+    and a classifier head of another size is left at its initialization.
+    """
+    state = load(path)
+    for key in ("model_state", "model", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    for k in mismatched:  # e.g. a 1000-class head loaded into a 10-class model
+        del state[k]
+    result = model.load_state_dict(state, strict=False)
+    return sorted(result.missing_keys), sorted(result.unexpected_keys) + [f"{k} (shape)" for k in mismatched]

@@ -1,0 +1,333 @@
+"""Trainer configuration: dataclasses with defaults, YAML recipes that mirror them, dotted overrides.
+
+    cfg = load_config("fashion_mnist_vit", ["--sub.ratio", "0.75", "--optim.lr=1e-3"])
+
+An unknown key or a value of the wrong type is an error that names the key (and
+close matches); the defaults are the default recipe: a small ViT with MaskSub on
+Fashion-MNIST, a few minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # also reachable as ./recipes in the repo
+SECTIONS = ("model", "sub", "data", "aug", "optim", "sched", "train")
+DEFAULT_RECIPE = "fashion_mnist_vit"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm model name
+    kwargs: dict = field(default_factory=lambda: dict(patch_size=4, embed_dim=96, depth=4, num_heads=3))
+    checkpoint: str | None = None  # initial weights (MAE / CLIP finetuning); loaded non-strict, keys reported
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class SubConfig:
+    kind: str = "mask"  # mask | dropout | droppath | none (plain training)
+    ratio: float = 0.5
+    unit: int = 32  # mask block in pixels (mask-token and pixel adapters)
+    main_weight: float = 0.5
+    sub_weight: float = 0.5
+    temperature: float = 1.0
+    bn_stats: bool = True  # sub pass updates BatchNorm running statistics
+    memory_saving: bool = True  # two backwards (False: one summed backward)
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | folder (ImageFolder layout: <dir>/<split>/<class>/*.jpg)
+    dir: str | None = None  # fashion_mnist: IDX folder (default: $MASKSUB_FASHION_MNIST, Debian's path)
+    train_split: str = "train"
+    val_split: str = "val"
+    img_size: int = 28
+    in_chans: int = 1
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 500
+    workers: int = 1
+    train_subset: int | None = None  # first N training images only
+    eval_subset: int | None = None
+    corrupt: str = "skip"  # skip | error: what to do with an unreadable image (always reported by path)
+
+
+@dataclass
+class AugConfig:
+    preset: str = "simple"  # simple: pad-crop + flip | timm: timm's create_transform (RRC, RandAugment, 3-Augment)
+    hflip: float = 0.5
+    scale: tuple = (0.08, 1.0)
+    auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1, 3a
+    color_jitter: float = 0.0
+    re_prob: float = 0.0
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    mean: tuple | None = None  # None: the data set's (Fashion-MNIST) or the model's
+    std: tuple | None = None
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    switch_prob: float = 0.5
+    smoothing: float = 0.0
+    bce: bool = False  # binary cross-entropy (DeiT-III, ResNet strikes back)
+    bce_target_thresh: float | None = None
+    repeated_aug: int = 0  # repeats per sample (timm RepeatAugSampler); 0: off
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # any timm optimizer name (adamw, lamb, sgd, lars...)
+    lr: float | None = 1e-3  # absolute learning rate
+    base_lr: float | None = None  # if set: lr = base_lr * global batch / 256
+    weight_decay: float = 0.05
+    betas: tuple | None = None
+    eps: float | None = None
+    momentum: float = 0.9
+    layer_decay: float | None = None
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    epochs: int = 2
+    warmup_epochs: float = 0.5
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str | None = None  # None | bf16 | fp16
+    accum_steps: int = 1
+    compile: bool = False
+    channels_last: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9998
+    eval_every: int = 1  # epochs
+    checkpoint_every: int = 0  # optimizer steps between 'last' checkpoints inside an epoch; 0: per epoch
+    max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
+    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    output: str = "runs"
+    name: str | None = None  # run folder name (default: recipe-sub-seed)
+    resume: str | None = None  # checkpoint file or run folder to continue
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sub: SubConfig = field(default_factory=SubConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = DEFAULT_RECIPE
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the configuration."""
+
+
+def _hint(cls: type, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def all_keys() -> list[str]:
+    """Every dotted key a recipe or override may set."""
+    keys = ["recipe"]
+    for section in SECTIONS:
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(_hint(Config, section))]
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see `masksub train --help-keys`"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Check ``value`` against the field's type; accept ints for floats, lists for tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if hint in (int, str, bool, dict) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    want = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    if key == "recipe":
+        cfg.recipe = _coerce(key, value, str)
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise _unknown(key)
+    sub = getattr(cfg, section)
+    field_name, _, subkey = name.partition(".")
+    names = {f.name for f in dataclasses.fields(sub)}
+    if field_name not in names:
+        raise _unknown(key)
+    hint = _hint(type(sub), field_name)
+    if subkey:  # model.kwargs.depth: a free-form dict entry
+        if hint is not dict:
+            raise _unknown(key)
+        getattr(sub, field_name)[subkey] = value
+        return
+    setattr(sub, field_name, _coerce(key, value, hint))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key in SECTIONS:
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown recipe {name_or_path!r}: not a YAML file, nor one of: {', '.join(names)}.{hint}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``--a.b 1 --c.d=x`` -> {'a.b': 1, 'c.d': 'x'}; values are read as YAML scalars/lists."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override --{key} needs a value")
+            value, i = args[i + 1], i + 1
+        key = key.replace("-", "_")
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot read the value of --{key}: {value!r} ({e})") from e
+        i += 1
+    return out
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults <- recipe YAML <- overrides, each key checked."""
+    cfg = Config()
+    name = recipe or DEFAULT_RECIPE
+    path = recipe_path(name)
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    cfg.recipe = path.stem
+    for key, value in _flatten(tree).items():
+        try:
+            _set(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Set dotted keys on ``cfg`` (each checked), then validate the whole."""
+    for key, value in overrides.items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a saved (resolved) config."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from ..masking import check_ratio
+
+    choices = {
+        "sub.kind": (cfg.sub.kind, ("mask", "dropout", "droppath", "none")),
+        "data.name": (cfg.data.name, ("fashion_mnist", "folder")),
+        "data.corrupt": (cfg.data.corrupt, ("skip", "error")),
+        "aug.preset": (cfg.aug.preset, ("simple", "timm")),
+        "train.amp": (cfg.train.amp, (None, "bf16", "fp16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+        "optim.clip_mode": (cfg.optim.clip_mode, ("norm", "value", "agc")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    try:
+        check_ratio(cfg.sub.ratio, "sub.ratio")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.img_size": cfg.data.img_size,
+        "sched.epochs": cfg.sched.epochs,
+        "train.accum_steps": cfg.train.accum_steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if (cfg.optim.lr is None) == (cfg.optim.base_lr is None):
+        raise ConfigError("set exactly one of optim.lr (absolute) and optim.base_lr (scaled by batch / 256)")
+
+
+def dump(cfg: Config) -> str:
+    data = cfg.to_dict()
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, tuple) else v
+
+    return yaml.safe_dump(plain(data), sort_keys=False)

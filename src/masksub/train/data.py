@@ -1,0 +1,255 @@
+"""Data sets, transforms and loaders for the trainer.
+
+Every training sample is augmented under its own seed, derived from
+``(seed, epoch, index)``. Augmentation therefore does not depend on the number
+of workers or processes, and a run resumed in the middle of an epoch sees
+exactly the images, crops and flips the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.readers import create_reader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms as T
+
+from .. import data as fmnist
+from .config import Config, ConfigError
+
+_logger = logging.getLogger("masksub")
+
+
+class CorruptImageError(RuntimeError):
+    pass
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its IDX files, as PIL images (grey, or grey repeated to RGB)."""
+
+    def __init__(self, split: str, data_dir: str | None, in_chans: int, subset: int | None = None):
+        self.images, self.targets = fmnist.load_fashion_mnist("train" if split == "train" else "test", data_dir)
+        if subset:
+            self.images, self.targets = self.images[:subset], self.targets[:subset]
+        self.mode = "RGB" if in_chans == 3 else "L"
+        self.num_classes = len(fmnist.CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index].numpy(), mode="L")
+        return (img.convert("RGB") if self.mode == "RGB" else img), int(self.targets[index])
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>`` through timm's folder reader; unreadable images are reported by path."""
+
+    def __init__(self, root: Path, corrupt: str, in_chans: int, subset: int | None = None):
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {root} does not exist; data.dir must hold <split>/<class>/<image> folders "
+                "(ImageNet layout), e.g. data.dir=/data/imagenet with train/ and val/ inside"
+            )
+        self.reader = create_reader("", root=str(root))
+        if len(self.reader) == 0:
+            raise FileNotFoundError(f"no images found under {root} (expected <class>/<image> sub-folders)")
+        self.corrupt, self.mode = corrupt, "RGB" if in_chans == 3 else "L"
+        self.length = min(subset, len(self.reader)) if subset else len(self.reader)
+        self.num_classes = len(getattr(self.reader, "class_to_idx", {})) or None
+        self.reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        for attempt in range(self.length):
+            i = (index + attempt) % self.length
+            try:
+                file, target = self.reader[i]
+                img = Image.open(file)
+                img.load()
+                return img.convert(self.mode), int(target)
+            except Exception as e:  # PIL raises several types for broken files
+                path = self.reader.filename(i, absolute=True)
+                if self.corrupt == "error":
+                    raise CorruptImageError(
+                        f"cannot read image {path}: {e}; fix or remove it, or set data.corrupt=skip"
+                    ) from e
+                if path not in self.reported:
+                    self.reported.add(path)
+                    _logger.warning("skipping unreadable image %s: %s", path, e)
+        raise CorruptImageError(f"no readable image in {self.length} files")
+
+
+class Augmented(Dataset):
+    """Applies ``transform`` under a per-sample seed; keys are ``(epoch, index)`` or plain indices."""
+
+    def __init__(self, base: Dataset, transform, seed: int):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        img, target = self.base[index]
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        # Seed locally and restore: in the main process (workers=0) the global streams must not move.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            try:
+                img = self.transform(img)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+        return img, target
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys from a per-epoch deterministic sampler, from a start offset."""
+
+    def __init__(self, base: Sampler):
+        self.base, self.epoch, self.start = base, 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+        self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, index in enumerate(self.base):
+            if i >= self.start:
+                yield (self.epoch, int(index))
+
+    def __len__(self) -> int:
+        return len(self.base) - self.start
+
+
+class ShardSampler(Sampler):
+    """Evaluation shard of this rank, without the padding that would count samples twice."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
+    if cfg.aug.mean is not None and cfg.aug.std is not None:
+        return tuple(cfg.aug.mean), tuple(cfg.aug.std)
+    if cfg.data.name == "fashion_mnist":
+        return (fmnist.MEAN,) * cfg.data.in_chans, (fmnist.STD,) * cfg.data.in_chans
+    resolved = resolve_data_config({}, model=model)
+    return tuple(resolved["mean"]), tuple(resolved["std"])
+
+
+def build_transforms(cfg: Config, model):
+    mean, std = _mean_std(cfg, model)
+    size, a = cfg.data.img_size, cfg.aug
+    if a.preset == "simple":
+        resize = [T.Resize(size)] if cfg.data.name != "fashion_mnist" or size != 28 else []
+        tail = [T.ToTensor(), T.Normalize(mean, std)]
+        train = T.Compose(
+            resize + [T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip(a.hflip)] + tail
+        )
+        return train, T.Compose(resize + [T.CenterCrop(size)] + tail)
+    input_size = (cfg.data.in_chans, size, size)
+    train = create_transform(
+        input_size,
+        is_training=True,
+        scale=tuple(a.scale),
+        hflip=a.hflip,
+        color_jitter=a.color_jitter,
+        auto_augment=a.auto_augment,
+        interpolation=a.interpolation,
+        re_prob=a.re_prob,
+        mean=mean,
+        std=std,
+    )
+    evaluate = create_transform(
+        input_size, is_training=False, interpolation=a.interpolation, crop_pct=a.crop_pct, mean=mean, std=std
+    )
+    return train, evaluate
+
+
+def build_datasets(cfg: Config):
+    d = cfg.data
+    if d.name == "fashion_mnist":
+        train = FashionMNIST("train", d.dir, d.in_chans, d.train_subset)
+        val = FashionMNIST("test", d.dir, d.in_chans, d.eval_subset)
+        return train, val
+    if not d.dir:
+        raise ConfigError("data.name=folder needs data.dir (a folder with train/ and val/ class sub-folders)")
+    train = ImageFolder(Path(d.dir) / d.train_split, d.corrupt, d.in_chans, d.train_subset)
+    val = ImageFolder(Path(d.dir) / d.val_split, d.corrupt, d.in_chans, d.eval_subset)
+    return train, val
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    sampler: EpochSampler
+    mixup: Mixup | None
+    num_classes: int
+    steps_per_epoch: int  # optimizer steps
+
+
+def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int, device: torch.device) -> Loaders:
+    d, a = cfg.data, cfg.aug
+    train_tf, val_tf = build_transforms(cfg, model)
+    if a.repeated_aug:
+        base = RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=a.repeated_aug)
+    else:
+        base = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    sampler = EpochSampler(base)
+    pin = device.type == "cuda"
+    common = dict(num_workers=d.workers, pin_memory=pin, persistent_workers=False)
+    train = DataLoader(
+        Augmented(train_set, train_tf, cfg.train.seed),
+        batch_size=d.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        **common,
+    )
+    val = DataLoader(
+        Augmented(val_set, val_tf, 0),
+        batch_size=d.eval_batch_size,
+        sampler=ShardSampler(len(val_set), rank, world),
+        **common,
+    )
+    batches = len(base) // d.batch_size
+    if batches < cfg.train.accum_steps:
+        raise ConfigError(
+            f"{len(train_set)} training images give {batches} batches of {d.batch_size} per process, fewer than "
+            f"train.accum_steps={cfg.train.accum_steps}; lower data.batch_size or use more images"
+        )
+    num_classes = getattr(train_set, "num_classes", None) or 1000
+    mixup = None
+    if a.mixup > 0 or a.cutmix > 0:
+        if d.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix needs an even data.batch_size, got {d.batch_size}")
+        mixup = Mixup(
+            mixup_alpha=a.mixup,
+            cutmix_alpha=a.cutmix,
+            prob=a.mixup_prob,
+            switch_prob=a.switch_prob,
+            label_smoothing=a.smoothing,
+            num_classes=num_classes,
+        )
+    return Loaders(train, val, sampler, mixup, num_classes, batches // cfg.train.accum_steps)

@@ -1,0 +1,34 @@
+"""``masksub eval``: top-1/top-5 of a checkpoint's plain and EMA weights on its evaluation set."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from . import checkpoint
+from .config import apply_overrides, from_dict, validate
+from .data import build_datasets, build_loaders
+from .trainer import build_model, evaluate, resolve_device
+
+
+def evaluate_checkpoint(path: Path, overrides: dict | None = None) -> dict[str, dict]:
+    state = checkpoint.load(path)
+    if "config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not a masksub training checkpoint (no config/model entries)")
+    cfg = apply_overrides(from_dict(state["config"]), overrides or {})  # e.g. another data.dir
+    cfg.model.checkpoint = None  # the checkpoint holds every weight
+    validate(cfg)
+    device = resolve_device(cfg.train.device)
+    train_set, val_set = build_datasets(cfg)
+    model = build_model(cfg, getattr(train_set, "num_classes", None) or 1000).to(device)
+    weights = state["model"]
+    if cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
+        weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("branch.")}
+    model.load_state_dict(weights)
+    loaders = build_loaders(cfg, model, train_set, val_set, 0, 1, device)
+    results = {"weights": evaluate(model, loaders.val, device)}
+    if state.get("ema"):
+        ema_model = copy.deepcopy(model)
+        ema_model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
+        results["ema weights"] = evaluate(ema_model, loaders.val, device)
+    return results

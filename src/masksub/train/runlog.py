@@ -1,0 +1,84 @@
+"""The run folder: resolved config, metrics.jsonl, summary.csv and the curves plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class RunLog:
+    """Appends one JSON line per epoch; rewrites the summary and plot from them."""
+
+    def __init__(self, folder: Path, enabled: bool = True):
+        self.folder, self.enabled = folder, enabled
+        self.path = folder / "metrics.jsonl"
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, epoch: int) -> None:
+        """On resume: forget epochs the checkpoint had not reached (they will be run again)."""
+        if self.enabled and self.path.is_file():
+            kept = [r for r in self.records() if r["epoch"] <= epoch]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        records = self.records()
+        write_summary(self.folder / "summary.csv", [summarize(records)])
+        plot_curves({self.folder.name: records}, self.folder / "curves.png")
+
+
+def summarize(records: list[dict], **extra) -> dict:
+    evaluated = [r for r in records if r.get("top1") is not None]
+    last = records[-1] if records else {}
+    return {
+        **extra,
+        "epochs": last.get("epoch", 0),
+        "steps": last.get("step", 0),
+        "final_top1": evaluated[-1]["top1"] if evaluated else None,
+        "best_top1": max(r["top1"] for r in evaluated) if evaluated else None,
+        "final_top5": evaluated[-1].get("top5") if evaluated else None,
+        "final_ema_top1": evaluated[-1].get("ema_top1") if evaluated else None,
+        "final_train_loss": last.get("train_loss"),
+        "train_time_s": round(sum(r.get("epoch_time_s", 0.0) for r in records), 2),
+        "nonfinite_skipped": sum(r.get("nonfinite_skipped", 0) for r in records),
+    }
+
+
+def write_summary(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    """Training loss and test accuracy per epoch, one line per run, side by side."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, records in runs.items():
+        epochs = [r["epoch"] for r in records]
+        ax_loss.plot(epochs, [r.get("train_loss_main", r.get("train_loss")) for r in records], marker=".", label=name)
+        evaluated = [r for r in records if r.get("top1") is not None]
+        ax_acc.plot([r["epoch"] for r in evaluated], [r["top1"] for r in evaluated], marker=".", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="main-branch training loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,379 @@
+"""The training loop: config -> model + sub branch -> Step -> run folder.
+
+Everything a recipe names comes from timm (models, transforms, mixup/cutmix,
+optimizers with layer decay, schedulers, EMA); this module wires it together,
+evaluates each epoch, and writes checkpoints that resume bit-exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import masksub
+
+from . import checkpoint, distributed
+from .config import Config, ConfigError, dump, from_dict
+from .data import build_datasets, build_loaders
+from .runlog import RunLog
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def resolve_device(kind: str) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    return torch.device(kind)
+
+
+def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
+    m = cfg.model
+    kwargs = dict(m.kwargs, num_classes=num_classes, in_chans=cfg.data.in_chans)
+    kwargs.update(drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+    try:
+        model = timm.create_model(m.name, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"model.name={m.name!r} is not a timm model ({e})") from None
+        raise
+    if m.checkpoint:
+        missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
+        log(
+            f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}"
+        )
+    return model
+
+
+def build_criterion(cfg: Config, mixup: bool):
+    a = cfg.aug
+    if a.bce:
+        return BinaryCrossEntropy(smoothing=0.0 if mixup else a.smoothing, target_threshold=a.bce_target_thresh)
+    if mixup:
+        return SoftTargetCrossEntropy()  # mixup already smoothed the targets
+    return LabelSmoothingCrossEntropy(a.smoothing) if a.smoothing > 0 else torch.nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp_dtype=None, channels_last=False) -> dict:
+    """Top-1 / top-5 (%) over the whole evaluation set, summed across processes."""
+    model.eval()
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # top1 hits, top5 hits, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
+    totals = distributed.sum_tensor(totals)
+    return {
+        "top1": round(100 * totals[0].item() / totals[2].item(), 3),
+        "top5": round(100 * totals[1].item() / totals[2].item(), 3),
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = resolve_device(cfg.train.device)
+        self.dist = distributed.init(self.device.type)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        train_set, val_set = build_datasets(cfg)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        num_classes = getattr(train_set, "num_classes", None) or 1000
+        model = build_model(cfg, num_classes, log if self.dist.main else (lambda *a: None)).to(self.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        s = cfg.sub
+        if s.kind == "none":
+            self.net = model
+        else:
+            self.net = masksub.wrap(model, sub=s.kind, ratio=s.ratio, unit=s.unit, sub_bn_stats=s.bn_stats)
+        self.model = model  # the plain model: evaluation, EMA, export
+        self.loaders = build_loaders(cfg, model, train_set, val_set, self.dist.rank, self.dist.world, self.device)
+        self.ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+        self.optimizer = self._optimizer()
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer,
+            sched=cfg.sched.name,
+            num_epochs=cfg.sched.epochs,
+            warmup_epochs=cfg.sched.warmup_epochs,
+            warmup_lr=cfg.sched.warmup_lr,
+            min_lr=cfg.sched.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=self.loaders.steps_per_epoch,
+        )
+        if cfg.train.compile:
+            self.net.compile()
+        train_net = self.net
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_net = DistributedDataParallel(self.net, device_ids=ids)
+        self.step = masksub.Step(
+            train_net,
+            self.optimizer,
+            build_criterion(cfg, self.loaders.mixup is not None),
+            main_weight=s.main_weight,
+            sub_weight=s.sub_weight,
+            temperature=s.temperature,
+            accum_steps=cfg.train.accum_steps,
+            clip_grad=cfg.optim.clip_grad,
+            clip_mode=cfg.optim.clip_mode,
+            amp=cfg.train.amp,
+            memory_saving=s.memory_saving,
+            skip_nonfinite=True,
+        )
+        self.amp_dtype = self.step.amp_dtype
+        # Per-rank streams for masks, dropout and mixup; rank 0's equals a single-process run.
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+        self.epoch = self.micro_in_epoch = self.global_step = 0
+        self.best_top1, self.nonfinite_run, self.skipped = None, 0, 0
+        self.epoch_sums = self._zero_sums()  # loss, main loss, sub loss, micro-batches: on the device, no sync
+        self.folder = self._run_folder()
+        self.runlog = RunLog(self.folder, enabled=self.dist.main)
+        if cfg.train.resume:
+            self._resume(cfg.train.resume)
+        elif self.dist.main:
+            (self.folder / "config.yaml").write_text(dump(cfg))
+
+    # ----------------------------------------------------------------- setup
+    def _zero_sums(self) -> torch.Tensor:
+        return torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    def _optimizer(self):
+        cfg, o = self.cfg, self.cfg.optim
+        global_batch = cfg.data.batch_size * cfg.train.accum_steps * self.dist.world
+        lr = o.lr if o.lr is not None else o.base_lr * global_batch / 256
+        extra = {k: v for k, v in (("betas", o.betas), ("eps", o.eps)) if v is not None}
+        if o.name in ("sgd", "momentum", "nesterov", "lars"):
+            extra["momentum"] = o.momentum
+        opt = create_optimizer_v2(
+            self.model, opt=o.name, lr=lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay, **extra
+        )
+        branch = [p for p in getattr(self.net, "branch", torch.nn.Module()).parameters()]
+        if branch:  # the mask token: no weight decay, full lr
+            opt.add_param_group({"params": branch, "weight_decay": 0.0})
+        self.lr = lr
+        return opt
+
+    def _run_folder(self) -> Path:
+        cfg = self.cfg
+        if cfg.train.resume:
+            path = Path(cfg.train.resume)
+            return path if path.is_dir() else path.parent
+        name = cfg.train.name or f"{cfg.recipe}-{cfg.sub.kind}-s{cfg.train.seed}"
+        folder = Path(cfg.train.output) / name
+        if self.dist.main:
+            n = 1
+            while folder.exists():  # never overwrite an earlier run
+                folder = Path(cfg.train.output) / f"{name}-{n}"
+                n += 1
+            folder.mkdir(parents=True)
+        obj = [str(folder)]
+        if self.dist.enabled:
+            torch.distributed.broadcast_object_list(obj, src=0)
+        return Path(obj[0])
+
+    # ----------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        rngs = [checkpoint.rng_state()]
+        if self.dist.enabled:
+            rngs = [None] * self.dist.world
+            torch.distributed.all_gather_object(rngs, checkpoint.rng_state())
+        return {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.step.scaler.state_dict() if self.step.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rngs,
+            "position": {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "global_step": self.global_step},
+            "epoch_sums": self.epoch_sums.cpu(),
+            "best_top1": self.best_top1,
+            "nonfinite_run": self.nonfinite_run,
+            "skipped": self.skipped,
+            "config": dataclasses.asdict(self.cfg),
+        }
+
+    def save(self, name: str = "last.pt") -> None:
+        state = self._state()  # every rank joins the RNG gather
+        if self.dist.main:
+            checkpoint.save_atomic(state, self.folder / name)
+
+    def _check_matches(self, saved: dict) -> None:
+        saved_cfg = from_dict(saved)
+        keys = ("model.name", "model.kwargs", "data.name", "data.in_chans", "sub.kind", "data.batch_size")
+        keys += ("train.accum_steps", "sched.epochs", "optim.name")
+        diffs = []
+        for key in keys:
+            section, name = key.split(".")
+            old, new = getattr(getattr(saved_cfg, section), name), getattr(getattr(self.cfg, section), name)
+            if old != new:
+                diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
+        if diffs:
+            raise ConfigError(
+                "cannot resume: the checkpoint was made with another configuration:\n  " + "\n  ".join(diffs)
+            )
+
+    def _resume(self, path: str) -> None:
+        state = checkpoint.load(path)
+        self._check_matches(state["config"])
+        try:
+            self.net.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ConfigError(f"cannot resume from {path}: the model does not match ({str(e)[:300]})") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.step.scaler is not None and state["scaler"]:
+            self.step.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        if len(state["rng"]) != self.dist.world:
+            raise ConfigError(
+                f"checkpoint was written by {len(state['rng'])} processes, this run has {self.dist.world}"
+            )
+        checkpoint.set_rng_state(state["rng"][self.dist.rank])
+        pos = state["position"]
+        self.epoch, self.micro_in_epoch, self.global_step = pos["epoch"], pos["micro_in_epoch"], pos["global_step"]
+        self.epoch_sums = state["epoch_sums"].to(self.device)
+        self.best_top1, self.nonfinite_run, self.skipped = state["best_top1"], state["nonfinite_run"], state["skipped"]
+        self.runlog.truncate_after(self.epoch)  # epochs after the checkpoint run again
+        self.log(f"resumed {path} at epoch {self.epoch + 1}, step {self.global_step}")
+
+    # -------------------------------------------------------------- training
+    def fit(self) -> dict:
+        cfg = self.cfg
+        try:
+            while self.epoch < cfg.sched.epochs:
+                stopped = self._train_epoch()
+                if stopped:
+                    self.save()
+                    self.log(
+                        f"stopped after {self.global_step} steps (train.max_steps); resume with "
+                        f"--train.resume {self.folder}"
+                    )
+                    break
+                self._end_epoch()
+        finally:
+            distributed.barrier()
+        return {"folder": self.folder, "records": self.runlog.records() if self.dist.main else []}
+
+    def _train_epoch(self) -> bool:
+        cfg, loaders = self.cfg, self.loaders
+        per_epoch = loaders.steps_per_epoch * cfg.train.accum_steps  # micro-batches
+        loaders.sampler.set_epoch(self.epoch, start=self.micro_in_epoch * cfg.data.batch_size)
+        self.net.train()
+        start, seen = time.perf_counter(), 0
+        bar = tqdm(
+            total=per_epoch,
+            initial=self.micro_in_epoch,
+            disable=not self.dist.main,
+            leave=False,
+            desc=f"epoch {self.epoch + 1}/{cfg.sched.epochs}",
+            dynamic_ncols=True,
+        )
+        for x, y in loaders.train:
+            if self.micro_in_epoch >= per_epoch:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if loaders.mixup is not None:
+                x, y = loaders.mixup(x, y)
+            out = self.step(x, y)
+            self.micro_in_epoch += 1
+            seen += len(x)
+            one = torch.ones((), device=self.device)
+            sums = [out["loss"], out["loss_main"], out.get("loss_sub", one * 0), one]
+            self.epoch_sums += torch.stack([v.double() for v in sums])
+            bar.update(1)
+            if not out["updated"]:
+                continue
+            self.global_step += 1
+            self._after_update(out, bar, seen / (time.perf_counter() - start))
+            if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
+                self.save()
+            if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
+                bar.close()
+                return True
+        bar.close()
+        self.epoch_time = time.perf_counter() - start
+        return False
+
+    def _after_update(self, out: dict, bar, images_per_s: float) -> None:
+        if out.get("skipped"):
+            self.nonfinite_run += 1
+            self.skipped += 1
+            warnings.warn(
+                f"non-finite loss at step {self.global_step}: step skipped ({self.nonfinite_run} in a row)",
+                stacklevel=2,
+            )
+            if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_run} non-finite losses in a row (train.max_nonfinite); stopping. The last good "
+                    f"checkpoint is {self.folder / 'last.pt'}; lower optim.lr, enable optim.clip_grad or use bf16"
+                )
+        else:
+            self.nonfinite_run = 0
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.global_step)
+        self.scheduler.step_update(self.global_step)
+        if self.global_step % 20 == 0:  # the only host syncs of the loop
+            bar.set_postfix(
+                loss=f"{out['loss'].item():.3f}",
+                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                img_s=f"{images_per_s * self.dist.world:.0f}",
+            )
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        self.epoch += 1
+        sums = distributed.sum_tensor(self.epoch_sums).cpu()
+        n = max(sums[3].item(), 1.0)
+        record = {
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "train_loss": sums[0].item() / n,
+            "train_loss_main": sums[1].item() / n,
+            "train_loss_sub": sums[2].item() / n if cfg.sub.kind != "none" else None,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": round(getattr(self, "epoch_time", 0.0), 3),
+            "nonfinite_skipped": self.skipped,
+        }
+        self.skipped = 0
+        if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.sched.epochs:
+            record.update(evaluate(self.model, self.loaders.val, self.device, self.amp_dtype, cfg.train.channels_last))
+            if self.ema is not None:
+                ema = evaluate(self.ema.module, self.loaders.val, self.device, self.amp_dtype, cfg.train.channels_last)
+                record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+            self.log(
+                f"epoch {self.epoch}/{cfg.sched.epochs}: loss {record['train_loss']:.4f}, "
+                f"test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%"
+            )
+        self.micro_in_epoch, self.epoch_sums = 0, self._zero_sums()
+        self.runlog.append(record)
+        best = record.get("top1") is not None and (self.best_top1 is None or record["top1"] > self.best_top1)
+        if best:
+            self.best_top1 = record["top1"]
+        self.save()
+        if best:
+            self.save("best.pt")
