@@ -53,9 +53,8 @@ def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
         raise
     if m.checkpoint:
         missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
-        log(
-            f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}"
-        )
+        log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
+        log(f"  {len(unexpected)} unexpected keys {unexpected[:8]}")
     return model
 
 
