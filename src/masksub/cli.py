@@ -13,7 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .train.config import ConfigError, all_keys, list_recipes, load_config, parse_overrides
+from .train import checkpoint
+from .train.config import ConfigError, all_keys, apply_overrides, from_dict, list_recipes, load_config, parse_overrides
+from .train.data import CorruptImageError
+from .train.trainer import NonFiniteLossError, Trainer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "keys":
             print("\n".join(all_keys()))
         elif args.command == "train":
-            from .train.trainer import Trainer
-
             overrides = parse_overrides(rest)
-            if args.resume:
-                overrides["train.resume"] = args.resume
-            cfg = load_config(args.recipe, overrides)
+            if args.resume:  # the run's own configuration, then any overrides given now
+                saved = checkpoint.load(args.resume)["config"]
+                overrides = {"train.max_steps": None, **overrides, "train.resume": args.resume}
+                cfg = apply_overrides(from_dict(saved), overrides)
+            else:
+                cfg = load_config(args.recipe, overrides)
             result = Trainer(cfg).fit()
             if result["records"]:
                 last = result["records"][-1]
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             kinds = [k.strip() for k in args.subs.split(",") if k.strip()]
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             compare(args.recipe, kinds, seeds, parse_overrides(rest), args.output)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CorruptImageError, NonFiniteLossError) as e:
         print(f"masksub {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -34,7 +34,8 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
     """The first folder holding all four Fashion-MNIST IDX files, or an error saying how to get them."""
-    candidates = [Path(p) for p in (data_dir, os.environ.get(ENV_VAR)) if p] + [SYSTEM_DIR]
+    # An explicit folder is the only place looked at: silently reading other data would mislead.
+    candidates = [Path(data_dir)] if data_dir else [Path(p) for p in (os.environ.get(ENV_VAR),) if p] + [SYSTEM_DIR]
     for folder in candidates:
         if all(_find_file(folder, stem) for pair in FILES.values() for stem in pair):
             return folder

@@ -51,6 +51,11 @@ def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
         if "Unknown model" in str(e):
             raise ConfigError(f"model.name={m.name!r} is not a timm model ({e})") from None
         raise
+    if m.checkpoint == "???":
+        raise ConfigError(
+            f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "
+            "(a state dict, or one under 'model' / 'state_dict')"
+        )
     if m.checkpoint:
         missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
         log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
