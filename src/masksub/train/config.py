@@ -27,7 +27,7 @@ DEFAULT_RECIPE = "fashion_mnist_vit"
 @dataclass
 class ModelConfig:
     name: str = "vit_tiny_patch16_224"  # any timm model name
-    kwargs: dict = field(default_factory=lambda: dict(patch_size=4, embed_dim=96, depth=4, num_heads=3))
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (img_size, depth, ...)
     checkpoint: str | None = None  # initial weights (MAE / CLIP finetuning); loaded non-strict, keys reported
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
@@ -318,6 +318,11 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.model.checkpoint == "???":  # a recipe's marker for weights the user must supply
+        raise ConfigError(
+            f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "
+            "(a state dict, or one under 'model' / 'state_dict')"
+        )
     if (cfg.optim.lr is None) == (cfg.optim.base_lr is None):
         raise ConfigError("set exactly one of optim.lr (absolute) and optim.base_lr (scaled by batch / 256)")
 

@@ -214,12 +214,18 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
     d, a = cfg.data, cfg.aug
     train_tf, val_tf = build_transforms(cfg, model)
     if a.repeated_aug:
-        base = RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=a.repeated_aug)
+        # timm (like DeiT) rounds each epoch down to a multiple of 256 images; below that, use them all.
+        rounding = 256 if len(train_set) >= 256 * world else 0
+        base = RepeatAugSampler(
+            train_set, num_replicas=world, rank=rank, num_repeats=a.repeated_aug, selected_round=rounding
+        )
     else:
         base = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
     sampler = EpochSampler(base)
     pin = device.type == "cuda"
-    common = dict(num_workers=d.workers, pin_memory=pin, persistent_workers=False)
+    # An own generator: creating an iterator must not draw from the global stream (masks, dropout).
+    loader_rng = torch.Generator().manual_seed(cfg.train.seed)
+    common = dict(num_workers=d.workers, pin_memory=pin, persistent_workers=False, generator=loader_rng)
     train = DataLoader(
         Augmented(train_set, train_tf, cfg.train.seed),
         batch_size=d.batch_size,

@@ -51,11 +51,10 @@ def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
         if "Unknown model" in str(e):
             raise ConfigError(f"model.name={m.name!r} is not a timm model ({e})") from None
         raise
-    if m.checkpoint == "???":
-        raise ConfigError(
-            f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "
-            "(a state dict, or one under 'model' / 'state_dict')"
-        )
+    except TypeError as e:
+        if "unexpected keyword" in str(e):
+            raise ConfigError(f"{m.name} does not take one of model.kwargs {sorted(m.kwargs)}: {e}") from None
+        raise
     if m.checkpoint:
         missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
         log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
@@ -96,6 +95,9 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False) -> dict
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         self.cfg, self.log = cfg, log
+        resume_state = checkpoint.load(cfg.train.resume) if cfg.train.resume else None
+        if resume_state is not None:
+            self._check_matches(resume_state["config"])  # before building anything that may not fit
         self.device = resolve_device(cfg.train.device)
         self.dist = distributed.init(self.device.type)
         if self.device.type == "cuda":
@@ -154,8 +156,8 @@ class Trainer:
         self.epoch_sums = self._zero_sums()  # loss, main loss, sub loss, micro-batches: on the device, no sync
         self.folder = self._run_folder()
         self.runlog = RunLog(self.folder, enabled=self.dist.main)
-        if cfg.train.resume:
-            self._resume(cfg.train.resume)
+        if resume_state is not None:
+            self._resume(resume_state, cfg.train.resume)
         elif self.dist.main:
             (self.folder / "config.yaml").write_text(dump(cfg))
 
@@ -238,9 +240,7 @@ class Trainer:
                 "cannot resume: the checkpoint was made with another configuration:\n  " + "\n  ".join(diffs)
             )
 
-    def _resume(self, path: str) -> None:
-        state = checkpoint.load(path)
-        self._check_matches(state["config"])
+    def _resume(self, state: dict, path: str) -> None:
         try:
             self.net.load_state_dict(state["model"])
         except RuntimeError as e:

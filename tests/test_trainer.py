@@ -1,0 +1,290 @@
+"""`masksub train` end to end on real Fashion-MNIST: artifacts, exact resume, atomic checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from masksub.cli import main
+from masksub.train import checkpoint
+
+TINY = {
+    "model.kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    "data.train_subset": 256,
+    "data.eval_subset": 200,
+    "data.batch_size": 64,
+    "data.workers": 0,
+    "sched.epochs": 2,
+}
+
+
+def args(overrides: dict, **more) -> list[str]:
+    out = []
+    for k, v in {**overrides, **more}.items():
+        out += [f"--{k}", yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()]
+    return out
+
+
+def run_train(tmp_path, name, **more) -> Path:
+    assert main(["train", *args(TINY, **{"train.output": str(tmp_path), "train.name": name}, **more)]) == 0
+    return tmp_path / name
+
+
+def test_train_writes_every_artifact(tmp_path):
+    folder = run_train(tmp_path, "run")
+    for f in ("config.yaml", "metrics.jsonl", "summary.csv", "curves.png", "last.pt", "best.pt"):
+        assert (folder / f).is_file(), f
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(0 <= r["top1"] <= 100 and r["top5"] >= r["top1"] for r in records)
+    assert records[-1]["train_loss_sub"] is not None
+    with Image.open(folder / "curves.png") as img:
+        img.verify()
+        assert img.format == "PNG"
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    assert saved["sub"]["kind"] == "mask" and saved["model"]["kwargs"]["depth"] == 1
+    state = checkpoint.load(folder / "last.pt")
+    assert state["position"]["global_step"] == 8  # 256 images / 64 per batch x 2 epochs
+    assert "branch" not in "".join(state["model"])  # ViT: no extra parameters
+    summary = (folder / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("epochs,steps,final_top1") and summary[1].startswith("2,8,")
+
+
+def test_second_run_does_not_overwrite_the_first(tmp_path):
+    first = run_train(tmp_path, "same", **{"sched.epochs": 1})
+    before = (first / "last.pt").read_bytes()
+    run_train(tmp_path, "same", **{"sched.epochs": 1})
+    assert (tmp_path / "same-1" / "last.pt").is_file()
+    assert (first / "last.pt").read_bytes() == before
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = run_train(tmp_path, "full", **{"train.ema": True})
+    # Interrupted mid-epoch 1 (after 3 of 4 steps), with a data-loading worker this time.
+    part = run_train(tmp_path, "part", **{"train.ema": True, "train.max_steps": 3, "data.workers": 1})
+    assert checkpoint.load(part / "last.pt")["position"] == {"epoch": 0, "micro_in_epoch": 3, "global_step": 3}
+    assert main(["train", "--resume", str(part)]) == 0
+    a, b = checkpoint.load(full / "last.pt"), checkpoint.load(part / "last.pt")
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ra = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["top1"], r["ema_top1"], r["train_loss"]) for r in ra] == [
+        (r["top1"], r["ema_top1"], r["train_loss"]) for r in rb
+    ]
+
+
+def test_resume_from_non_matching_checkpoint(tmp_path, capsys):
+    part = run_train(tmp_path, "part", **{"train.max_steps": 2})
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(part),
+                "--model.kwargs",
+                "{img_size: 28, patch_size: 7, embed_dim: 64, depth: 1, num_heads: 2}",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "model.kwargs" in err
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from masksub.train import checkpoint
+    real_save = torch.save
+    def dying_save(obj, f):
+        real_save({"junk": torch.zeros(1000)}, f)   # part of a file on disk...
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)        # ...and the process dies mid-write
+    torch.save = dying_save
+    checkpoint.save_atomic({"version": torch.tensor(2)}, sys.argv[1])
+    """
+)
+
+
+def test_killed_while_writing_keeps_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"version": torch.tensor(1)}, path)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(path)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert checkpoint.load(path)["version"].item() == 1
+
+
+def test_eval_command(tmp_path, capsys):
+    folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(folder / "best.pt")]) == 0
+    out = capsys.readouterr().out
+    top1 = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["top1"]
+    assert f"weights: top-1 {top1:.2f}%" in out and "ema weights: top-1" in out
+
+
+def test_plain_run_and_compare(tmp_path):
+    out = tmp_path / "cmp"
+    code = main(
+        ["compare", "--subs", "none,mask", "--seeds", "0,1", "--output", str(out), *args(TINY, **{"sched.epochs": 1})]
+    )
+    assert code == 0
+    table = (out / "compare.md").read_text()
+    assert "| none |" in table and "| mask | 0.5 | 2 |" in table
+    rows = (out / "compare.csv").read_text().splitlines()
+    assert len(rows) == 5
+    with Image.open(out / "curves.png") as img:
+        img.verify()
+
+
+def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        code = main(
+            [
+                "train",
+                *args(
+                    TINY,
+                    **{
+                        "train.output": str(tmp_path),
+                        "train.name": "nan",
+                        "optim.lr": 1.0e12,
+                        "optim.name": "sgd",
+                        "train.max_nonfinite": 2,
+                        "train.checkpoint_every": 1,
+                    },
+                ),
+            ]
+        )
+    assert code == 2
+    assert "non-finite losses in a row" in capsys.readouterr().err
+    state = checkpoint.load(tmp_path / "nan" / "last.pt")  # the last good checkpoint is intact
+    assert state["nonfinite_run"] <= 1
+
+
+@pytest.mark.parametrize(
+    "cli, message",
+    [
+        (["--recipe", "no_such_recipe"], "unknown recipe"),
+        (["--recipe", "fashion_mnist_vti"], "fashion_mnist_vit"),
+        (["--sub.ratoi", "0.5"], "did you mean sub.ratio"),
+        (["--optim.lr", "fast"], "optim.lr must be float"),
+        (["--sub.ratio", "1.5"], "sub.ratio must be in [0, 1)"),
+        (["--data.dir", "/nonexistent/fmnist"], "dataset-fashion-mnist"),
+        (["--data.name", "folder", "--data.dir", "/nonexistent/imagenet"], "does not exist"),
+        (["--model.name", "resnet_9000"], "not a timm model"),
+        (["--recipe", "mae_finetune_vit_b", "--data.dir", "."], "--model.checkpoint"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(tmp_path, capsys, cli, message):
+    assert main(["train", *cli, "--train.output", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A tiny ImageNet-layout folder: 3 classes, 8 train and 2 val images each, one corrupt file."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 2)):
+        for c in range(3):
+            d = tmp_path / "imgs" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    (tmp_path / "imgs" / "train" / "class1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return tmp_path / "imgs"
+
+
+FOLDER = {"data.batch_size": 8, "data.workers": 0, "data.img_size": 32, "train.max_steps": 2}
+VIT_TINY = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32}
+
+
+def test_corrupt_image_reported_and_skipped_or_rejected(tmp_path, image_folder, capsys, caplog):
+    base = [
+        "train",
+        "--recipe",
+        "fashion_mnist_resnet",
+        "--data.name",
+        "folder",
+        "--data.dir",
+        str(image_folder),
+        "--data.in_chans",
+        "3",
+        "--train.output",
+        str(tmp_path),
+        *args(FOLDER),
+    ]
+    assert main(base + ["--data.corrupt", "error"]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    with caplog.at_level("WARNING", logger="masksub"):
+        assert main(base + ["--data.corrupt", "skip", "--train.max_steps", "3"]) == 0
+    assert "broken.png" in caplog.text
+
+
+def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
+    if recipe.startswith("fashion_mnist"):
+        tiny = {"train.max_steps": 2, "data.train_subset": 64, "data.batch_size": 16, "data.workers": 0}
+        if recipe.endswith("vit"):
+            tiny["model.kwargs"] = TINY["model.kwargs"]
+        return tiny
+    out = dict(FOLDER)
+    if recipe.startswith(("deit3", "mae", "clip")):
+        kwargs = dict(VIT_TINY)
+        if recipe.startswith("deit3"):
+            kwargs["init_values"] = 1e-4
+        if recipe.startswith("mae"):
+            kwargs["global_pool"] = "avg"
+        out["model.kwargs"] = kwargs
+        if recipe.startswith(("mae", "clip")):
+            import timm
+
+            name = yaml.safe_load((Path("recipes") / f"{recipe}.yaml").read_text())["model"]["name"]
+            weights = timm.create_model(name, num_classes=7, **kwargs).state_dict()
+            weights["decoder_embed.weight"] = torch.zeros(2, 2)  # an MAE decoder key: reported, not loaded
+            torch.save({"model": weights}, tmp_path / "pretrained.pth")
+            out["model.checkpoint"] = str(tmp_path / "pretrained.pth")
+    elif recipe.startswith("swin"):
+        out["model.kwargs"] = {"img_size": 64, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}
+        out.update({"data.img_size": 64, "sub.unit": 16})
+    return out
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in Path("recipes").glob("*.yaml")))
+def test_every_recipe_runs_with_tiny_overrides(recipe, tmp_path, image_folder, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    overrides = _recipe_overrides(recipe, tmp_path)
+    if not recipe.startswith("fashion_mnist"):
+        overrides["data.dir"] = str(image_folder)
+    cli = ["train", "--recipe", recipe, *args(overrides), "--train.output", str(tmp_path), "--train.name", "r"]
+    assert main(cli) == 0
+    state = checkpoint.load(tmp_path / "r" / "last.pt")
+    assert state["position"]["global_step"] == 2
+    assert state["config"]["recipe"] == recipe
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "masksub.cli", "train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "ddp"})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # only rank 0 writes
+    state = checkpoint.load(tmp_path / "ddp" / "last.pt")
+    assert state["position"]["global_step"] == 4  # 256 images / (2 processes x 64) x 2 epochs
+    assert len(state["rng"]) == 2  # both ranks' random streams, for an exact resume
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["top1"] is not None for r in records)
+    assert proc.stdout.count("done: test top-1") == 1
