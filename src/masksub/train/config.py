@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
-    preset: str = "simple"  # simple: pad-crop + flip | timm: timm's create_transform (RRC, RandAugment, 3-Augment)
+    preset: str = "simple"  # none | simple: pad-crop + flip | timm: create_transform (RRC, RandAugment, 3-Augment)
     hflip: float = 0.5
     scale: tuple = (0.08, 1.0)
     auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1, 3a
@@ -297,7 +297,7 @@ def validate(cfg: Config) -> None:
         "sub.kind": (cfg.sub.kind, ("mask", "dropout", "droppath", "none")),
         "data.name": (cfg.data.name, ("fashion_mnist", "folder")),
         "data.corrupt": (cfg.data.corrupt, ("skip", "error")),
-        "aug.preset": (cfg.aug.preset, ("simple", "timm")),
+        "aug.preset": (cfg.aug.preset, ("none", "simple", "timm")),
         "train.amp": (cfg.train.amp, (None, "bf16", "fp16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "optim.clip_mode": (cfg.optim.clip_mode, ("norm", "value", "agc")),

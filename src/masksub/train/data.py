@@ -161,6 +161,12 @@ def _mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
 def build_transforms(cfg: Config, model):
     mean, std = _mean_std(cfg, model)
     size, a = cfg.data.img_size, cfg.aug
+    if a.preset == "none":
+        plain = T.Compose(
+            ([T.Resize(size)] if size != 28 or cfg.data.name != "fashion_mnist" else [])
+            + [T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
+        )
+        return plain, plain
     if a.preset == "simple":
         resize = [T.Resize(size)] if cfg.data.name != "fashion_mnist" or size != 28 else []
         tail = [T.ToTensor(), T.Normalize(mean, std)]
