@@ -67,7 +67,7 @@ def worker(rank: int, world: int, init: str, args, out: str) -> None:
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), accum_steps=args.accum)
         per_step = []
-        for i in range(args.steps):
+        for _ in range(args.steps):
             before = (rounds[0], sent[0])
             for _ in range(args.accum if kind != "research" else 1):
                 x, y = torch.randn(args.batch, 3, size, size), torch.randint(0, 10, (args.batch,))
