@@ -1,7 +1,7 @@
 """Fashion-MNIST accuracy: plain vs MaskSub vs DropSub vs PathSub over seeds, at equal epochs and equal time.
 
     python benchmarks/accuracy.py --scale gpu --jobs 8      # ViT 6x192 patch 4, 25 epochs, all 60k images
-    python benchmarks/accuracy.py --scale cpu               # ViT 4x96, 10 epochs on 6,000 images (~30 min, 2 cores)
+    python benchmarks/accuracy.py --scale cpu               # ViT 4x96, 8 epochs on 6,000 images (~40 min, 2 cores)
     python benchmarks/accuracy.py --scale tiny              # seconds; the test suite
 
 Every run is `masksub train` on the same recipe, seeds and schedule; only the sub branch differs.
@@ -31,7 +31,7 @@ from masksub.train.runlog import plot_curves, summarize
 VIT = {"img_size": 28, "patch_size": 4}
 SCALES = {
     "gpu": dict(kwargs={**VIT, "embed_dim": 192, "depth": 6, "num_heads": 3}, epochs=25, images=None, aug="simple"),
-    "cpu": dict(kwargs={**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}, epochs=10, images=6000, aug="simple"),
+    "cpu": dict(kwargs={**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}, epochs=8, images=6000, aug="simple"),
     "tiny": dict(
         kwargs={**VIT, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2}, epochs=1, images=256, aug="none"
     ),

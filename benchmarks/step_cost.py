@@ -187,6 +187,26 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def flops_table(args) -> None:
+    """FLOPs per image of the main and MaskSub 0.5 sub pass (forward+backward): hardware-independent."""
+    names = args.models.split(",") if args.models else list(PAPER_MODELS)
+    lines = [f"`python {' '.join(sys.argv)}`; torch {torch.__version__}, timm {timm.__version__}; "
+             f"torch.utils.flop_counter, forward+backward, {args.img} px.", "",
+             "| model | main GFLOP/image | sub GFLOP/image | FLOP-ideal step cost (main + sub) / main |",
+             "|---|---|---|---|"]
+    rows = {}
+    for name in names:
+        x, y = torch.randn(2, 3, args.img, args.img), torch.randint(0, 1000, (2,))
+        f = flops(make_model(name, False, torch.device("cpu")), x, y, 32)
+        rows[name] = {k: v / 2 for k, v in f.items()}
+        lines.append(f"| {name} | {f['main'] / 2e9:.2f} | {f['sub'] / 2e9:.2f} | {(f['main'] + f['sub']) / f['main']:.3f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flops.json").write_text(json.dumps({"command": "python " + " ".join(sys.argv), "flops": rows}, indent=2))
+    (out / "flops.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU")
@@ -198,8 +218,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--iters", type=int, default=10, help="steps per timed repeat")
     p.add_argument("--batch", type=int, default=None, help="override every model's batch size")
+    p.add_argument("--flops-only", action="store_true", help="only the FLOP counts (any device, batch 2)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
+    if args.flops_only:
+        return flops_table(args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     table = {name: 4 for name in TINY_MODELS} if args.tiny else dict(PAPER_MODELS)
     if args.models:
