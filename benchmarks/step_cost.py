@@ -190,16 +190,21 @@ def markdown(data: dict) -> str:
 def flops_table(args) -> None:
     """FLOPs per image of the main and MaskSub 0.5 sub pass (forward+backward): hardware-independent."""
     names = args.models.split(",") if args.models else list(PAPER_MODELS)
-    lines = [f"`python {' '.join(sys.argv)}`; torch {torch.__version__}, timm {timm.__version__}; "
-             f"torch.utils.flop_counter, forward+backward, {args.img} px.", "",
-             "| model | main GFLOP/image | sub GFLOP/image | FLOP-ideal step cost (main + sub) / main |",
-             "|---|---|---|---|"]
+    lines = [
+        f"`python {' '.join(sys.argv)}`; torch {torch.__version__}, timm {timm.__version__}; "
+        f"torch.utils.flop_counter, forward+backward, {args.img} px.",
+        "",
+        "| model | main GFLOP/image | sub GFLOP/image | FLOP-ideal step cost (main + sub) / main |",
+        "|---|---|---|---|",
+    ]
     rows = {}
     for name in names:
         x, y = torch.randn(2, 3, args.img, args.img), torch.randint(0, 1000, (2,))
         f = flops(make_model(name, False, torch.device("cpu")), x, y, 32)
         rows[name] = {k: v / 2 for k, v in f.items()}
-        lines.append(f"| {name} | {f['main'] / 2e9:.2f} | {f['sub'] / 2e9:.2f} | {(f['main'] + f['sub']) / f['main']:.3f} |")
+        lines.append(
+            f"| {name} | {f['main'] / 2e9:.2f} | {f['sub'] / 2e9:.2f} | {(f['main'] + f['sub']) / f['main']:.3f} |"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flops.json").write_text(json.dumps({"command": "python " + " ".join(sys.argv), "flops": rows}, indent=2))

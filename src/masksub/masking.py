@@ -1,4 +1,4 @@
-"""Mask generation shared by every adapter: one rounding rule, per-sample random subsets.
+"""Mask generation shared by every adapter and by DMJD: one rounding rule, per-sample random subsets.
 
 The rule, used everywhere: of ``n`` units (patch tokens, 32x32 blocks, ...) a sub
 branch with ``ratio`` keeps ``max(1, floor((1 - ratio) * n))`` and masks the rest.
@@ -9,6 +9,7 @@ This is timm's ``PatchDropout`` rule, evaluated without float error (timm's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -67,3 +68,75 @@ def unit_grid(height: int, width: int, unit: int, what: str) -> tuple[int, int]:
             f"choose a unit that divides both sides (wrap(..., unit=...)) or resize the images"
         )
     return height // unit, width // unit
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, K) of each sample's tokens ``x`` (B, N, D) -> (B, K, D)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def units_to_tokens(units: torch.Tensor, unit_grid_w: int, block: int) -> torch.Tensor:
+    """Unit indices (B, K) on a grid ``unit_grid_w`` wide -> the (B, K * block**2) token indices they cover."""
+    row, col = units // unit_grid_w, units % unit_grid_w  # (B, K)
+    offsets = torch.arange(block, device=units.device)
+    rows = (row * block).unsqueeze(-1) + offsets  # (B, K, block)
+    cols = (col * block).unsqueeze(-1) + offsets
+    tokens = rows.unsqueeze(-1) * (unit_grid_w * block) + cols.unsqueeze(-2)  # (B, K, block, block)
+    return tokens.flatten(1)
+
+
+@dataclass
+class ViewMasks:
+    """Per-sample masks of ``V`` views over ``N`` patch tokens."""
+
+    visible: torch.Tensor  # (B, V, K) token indices, ascending: raster order, as targets are laid out
+    masked: torch.Tensor  # (B, V, N) bool, True where the view hides the token
+
+
+def disjoint_views(
+    batch: int,
+    grid: tuple[int, int],
+    views: int = 2,
+    corruption: float = 0.6,
+    prediction: float = 1.0,
+    block: int = 1,
+    device: torch.device | str = "cpu",
+) -> ViewMasks:
+    """DMJD masks: every view hides ``corruption`` of the units; together they hide ``prediction``.
+
+    Units are ``block`` x ``block`` patch tokens (2 = 32x32 pixels for 16-pixel patches; 1 = single
+    patches). Each view keeps ``K = num_keep(n, corruption)`` units visible. With ``prediction=1`` the
+    views' visible sets are disjoint, which needs ``views * K <= n`` (for 2 views: corruption >= 0.5).
+    With ``prediction < 1`` (2 views only) view 2 hides ``min(prediction - corruption, corruption)`` of
+    the units view 1 shows, so the visible sets overlap and the masked sets together cover about
+    ``prediction`` of the image.
+    """
+    check_ratio(corruption, "corruption rate")
+    if not (corruption < prediction <= 1.0):
+        raise ValueError(f"prediction rate must be in (corruption, 1] = ({corruption}, 1], got {prediction}")
+    gh, gw = grid
+    if gh % block or gw % block:
+        raise ValueError(f"token grid {gh}x{gw} is not divisible by the mask block of {block} tokens")
+    ugh, ugw = gh // block, gw // block
+    n = ugh * ugw
+    keep = num_keep(n, corruption)
+    perm = torch.rand(batch, n, device=device).argsort(dim=1)  # (B, n) random unit order per sample
+    if prediction == 1.0:
+        if views * keep > n:
+            raise ValueError(
+                f"{views} views keeping {keep} of {n} units each cannot have disjoint visible sets "
+                f"(views x (1 - corruption) > 1); raise the corruption rate to at least {1 - 1 / views:.3f} "
+                "or use fewer views"
+            )
+        units = [perm[:, v * keep : (v + 1) * keep] for v in range(views)]
+    else:
+        if views != 2:
+            raise ValueError("a prediction rate below 1 is defined for 2 views only; use prediction=1.0")
+        hidden_again = min(keep, round(min(prediction - corruption, corruption) * n))
+        first = perm[:, :keep]
+        second = torch.cat([first[:, hidden_again:], perm[:, keep : keep + hidden_again]], dim=1)
+        units = [first, second]
+    visible = torch.stack([units_to_tokens(u, ugw, block).sort(dim=1).values for u in units], dim=1)
+    masked = torch.ones(batch, views, gh * gw, dtype=torch.bool, device=device)
+    masked.scatter_(2, visible, False)
+    return ViewMasks(visible=visible, masked=masked)

@@ -19,7 +19,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..masking import num_keep, random_keep_indices
+from ..masking import gather_tokens, num_keep, random_keep_indices
 from .registry import MaskAdapter, check_images, register_adapter
 
 
@@ -55,9 +55,9 @@ class TokenDropAdapter(MaskAdapter):
         # Drop from the full sequence: a model's own patch dropout is replaced in the sub pass.
         x = args[0]  # (B, P + N, D)
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        batch, n, dim = patches.shape
+        batch, n, _ = patches.shape
         keep = random_keep_indices(batch, n, num_keep(n, self.ratio), x.device)  # (B, K)
-        patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, K, D)
+        patches = gather_tokens(patches, keep)  # (B, K, D)
         x = torch.cat((prefix, patches), dim=1)  # (B, P + K, D)
         return (x, keep) if self.returns_indices else x
 
