@@ -39,6 +39,7 @@ class TokenDropAdapter(MaskAdapter):
         self.num_prefix_tokens = model.num_prefix_tokens
         self.patch_size = tuple(model.patch_embed.patch_size)
         self.returns_indices = isinstance(model, Eva)  # Eva gathers its RoPE with the indices
+        self._keep: torch.Tensor | None = None  # given indices (DMJD views) instead of random ones
         self._model_ref = [model]  # a list keeps the model from being registered as a submodule
         self._inserted = model.patch_drop is None
         if self._inserted:
@@ -56,7 +57,9 @@ class TokenDropAdapter(MaskAdapter):
         x = args[0]  # (B, P + N, D)
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
         batch, n, _ = patches.shape
-        keep = random_keep_indices(batch, n, num_keep(n, self.ratio), x.device)  # (B, K)
+        keep = (
+            self._keep if self._keep is not None else random_keep_indices(batch, n, num_keep(n, self.ratio), x.device)
+        )
         patches = gather_tokens(patches, keep)  # (B, K, D)
         x = torch.cat((prefix, patches), dim=1)  # (B, P + K, D)
         return (x, keep) if self.returns_indices else x
@@ -70,6 +73,17 @@ class TokenDropAdapter(MaskAdapter):
                 "resize or crop the images to a multiple of the patch size"
             )
         return self.run_with_hooks_active(model, x)
+
+    def run_kept(self, fn, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``fn(x)`` (the model or its ``forward_features``) keeping exactly the patch tokens ``keep`` (B, K).
+
+        The output's patch tokens follow ``keep``'s order: row ``i`` is patch ``keep[:, i]``.
+        """
+        self._keep = keep
+        try:
+            return self.run_with_hooks_active(fn, x)
+        finally:
+            self._keep = None
 
     def remove(self) -> None:
         self._handle.remove()

@@ -1,0 +1,137 @@
+"""DMJD: a timm ViT encoder on each view's visible tokens, an MAE-style decoder for the masked
+tokens, and the visible-distillation branch that regresses the visible tokens' own targets.
+
+    model = DMJD(timm.create_model("vit_base_patch16_224", num_classes=0))
+    losses = model(images)            # images in [0, 1], unnormalized: HOG needs the raw pixels
+    losses["loss"].backward()
+
+``method="single"`` is the single-view baseline (MaskFeat / MAE style: one view, no visible
+branch) with the same code. The encoder keeps plain timm names, so its state dict loads into
+``timm.create_model`` for finetuning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from ..adapters.vit import TokenDropAdapter
+from ..masking import disjoint_views, gather_tokens
+from .hog import HOGTargets
+
+
+def _projector(dim: int, hidden: int) -> nn.Sequential:
+    """Linear + LayerNorm + GELU twice, then Linear + LayerNorm without affine."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(),
+        nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(),
+        nn.Linear(hidden, hidden), nn.LayerNorm(hidden, elementwise_affine=False),
+    )  # fmt: skip
+
+
+class DMJD(nn.Module):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        method: str = "dmjd",  # dmjd | single
+        views: int = 2,
+        corruption: float = 0.6,
+        prediction: float = 1.0,
+        block: int = 2,  # mask unit in patch tokens (2 = 32 px for 16-px patches)
+        target: str = "hog",  # hog | pixels (per-patch normalized pixels, MAE style)
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        projector_dim: int = 512,
+        visible_weight: float = 1.0,
+        mean: tuple = (0.485, 0.456, 0.406),
+        std: tuple = (0.229, 0.224, 0.225),
+    ):
+        super().__init__()
+        if not isinstance(encoder, VisionTransformer):
+            raise TypeError(f"DMJD needs a timm VisionTransformer encoder, got {type(encoder).__name__}")
+        if method not in ("dmjd", "single"):
+            raise ValueError(f"method must be 'dmjd' or 'single', got {method!r}")
+        self.encoder = encoder
+        self.method, self.views = method, (views if method == "dmjd" else 1)
+        self.corruption, self.prediction, self.block = corruption, prediction, block
+        self.drop = TokenDropAdapter(encoder, ratio=corruption)  # shares the MaskSub ViT token dropping
+        self.patch = encoder.patch_embed.patch_size[0]
+        self.grid = tuple(encoder.patch_embed.grid_size)
+        chans = encoder.patch_embed.proj.in_channels
+        if target == "hog":
+            self.targets = HOGTargets(patch=self.patch)
+            target_dim = self.targets.dim(chans)
+        elif target == "pixels":
+            self.targets, target_dim = None, self.patch**2 * chans
+        else:
+            raise ValueError(f"target must be 'hog' or 'pixels', got {target!r}")
+        self.make_masks(1, "cpu")  # refuse a (corruption, prediction, views, block) that cannot work, now
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        dim = encoder.embed_dim
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+        pos = build_sincos2d_pos_embed(list(self.grid), decoder_dim)  # fixed, (N, decoder_dim)
+        self.register_buffer("decoder_pos", pos.unsqueeze(0), persistent=False)
+        self.decoder = nn.Sequential(*[Block(decoder_dim, decoder_heads, qkv_bias=True) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, target_dim)
+        self.visible_weight = visible_weight if method == "dmjd" else 0.0
+        if self.visible_weight:
+            self.projector = _projector(dim, projector_dim)
+            self.predictor = nn.Linear(projector_dim, target_dim)
+
+    def make_targets(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, N, target_dim), patches in raster order."""
+        if self.targets is not None:
+            return self.targets(images)
+        p = self.patch
+        patches = F.unfold(images, p, stride=p).transpose(1, 2)  # (B, N, C * p * p)
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+        return (patches - mean) / (var + 1e-6).sqrt()
+
+    def make_masks(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visible token indices (B, V, K), ascending, and masks (B, V, N), True where hidden."""
+        prediction = self.prediction if self.views > 1 else 1.0  # one view: the plain random mask
+        m = disjoint_views(batch, self.grid, self.views, self.corruption, prediction, self.block, device)
+        return m.visible, m.masked
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = images.shape[0]
+        visible, masked = self.make_masks(b, images.device)  # (B, V, K), (B, V, N)
+        v, k = visible.shape[1:]
+        targets = self.make_targets(images)  # (B, N, T)
+        x = ((images - self.mean) / self.std).repeat_interleave(v, dim=0)  # (B*V, C, H, W), views adjacent
+        keep = visible.flatten(0, 1)  # (B*V, K)
+        tokens = self.drop.run_kept(self.encoder.forward_features, x, keep)  # (B*V, P + K, D)
+        patches = tokens[:, self.encoder.num_prefix_tokens :]  # (B*V, K, D), row i = patch keep[:, i]
+
+        # Invisible branch: decode the full grid, score the masked tokens of every view.
+        dec = self.decoder_embed(patches)
+        full = self.mask_token.to(dec.dtype).expand(b * v, masked.shape[-1], -1).clone()  # (B*V, N, Dd)
+        full.scatter_(1, keep.unsqueeze(-1).expand_as(dec), dec)
+        pred = self.decoder_pred(self.decoder_norm(self.decoder(full + self.decoder_pos)))  # (B*V, N, T)
+        all_targets = targets.repeat_interleave(v, dim=0)  # (B*V, N, T)
+        hidden = masked.flatten(0, 1)  # (B*V, N)
+        per_token = (pred.float() - all_targets).pow(2).mean(-1)
+        loss_masked = (per_token * hidden).sum() / hidden.sum()
+        out = {"loss_masked": loss_masked, "loss": loss_masked}
+
+        # Visible branch: each visible token regresses its own patch's target (same indices, same order).
+        if self.visible_weight:
+            vis_pred = self.predictor(self.projector(patches))  # (B*V, K, T)
+            vis_target = gather_tokens(all_targets, keep)  # (B*V, K, T)
+            loss_visible = F.smooth_l1_loss(vis_pred.float(), vis_target, beta=2.0)
+            out["loss_visible"] = loss_visible
+            out["loss"] = loss_masked + self.visible_weight * loss_visible
+        return out
+
+    def adaptive_lr(self, base_lr: float, images_per_step: int) -> float:
+        """``base_lr * images * (prediction / corruption) / 256``: images, not views."""
+        rate = self.prediction if self.method == "dmjd" else self.corruption
+        return base_lr * images_per_step * (rate / self.corruption) / 256

@@ -1,0 +1,94 @@
+"""The DMJD model: it learns, its visible branch pairs each token with its own patch's target."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from masksub.masking import gather_tokens
+from masksub.pretrain.model import DMJD
+
+ENC = dict(img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=0)
+
+
+def tiny(method="dmjd", depth=2, **kw) -> DMJD:
+    torch.manual_seed(0)
+    enc = timm.create_model("vit_tiny_patch16_224", depth=depth, **ENC)
+    return DMJD(enc, method=method, decoder_dim=32, decoder_depth=1, decoder_heads=2, projector_dim=32, **kw)
+
+
+@pytest.mark.parametrize("method, target", [("dmjd", "hog"), ("single", "hog"), ("dmjd", "pixels")])
+def test_overfits_a_fixed_batch(method, target):
+    model = tiny(method, target=target)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    first = model(x)
+    assert ("loss_visible" in first) == (method == "dmjd")
+    for _ in range(200):
+        out = model(x)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["loss"].item() < 0.4 * first["loss"].item()  # masks change every step: not to zero
+
+
+class PatchOracle(nn.Module):
+    """Predicts, for each token, the target of the patch whose embedding it carries."""
+
+    def __init__(self, patch_tokens: torch.Tensor, targets: torch.Tensor):
+        super().__init__()
+        self.patch_tokens, self.targets = patch_tokens, targets  # (B, N, D), (B, N, T)
+
+    def forward(self, tokens):  # (B * V, K, D): views of a sample are adjacent rows
+        v = tokens.shape[0] // self.patch_tokens.shape[0]
+        ref = self.patch_tokens.repeat_interleave(v, 0)
+        which = (tokens.unsqueeze(2) == ref.unsqueeze(1)).all(-1).float().argmax(-1)  # (B*V, K)
+        return gather_tokens(self.targets.repeat_interleave(v, 0), which)
+
+
+def test_visible_branch_pairs_tokens_with_their_own_patches():
+    model = tiny(depth=0).eval()
+    model.encoder.norm = nn.Identity()  # encoder output = patch embedding + position, per patch
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = model.make_targets(x)
+    full = model.encoder._pos_embed(model.encoder.patch_embed((x - model.mean) / model.std))
+    patch_tokens = full[:, model.encoder.num_prefix_tokens :]
+    model.projector = nn.Identity()
+    model.predictor = PatchOracle(patch_tokens, targets)
+
+    # Keep indices in a shuffled order: the order of the encoder's tokens, not raster order.
+    g = torch.Generator().manual_seed(1)
+    keep = torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(4)]).view(2, 2, 4)
+    masked = torch.ones(2, 2, 16, dtype=torch.bool).scatter_(2, keep, False)
+    model.make_masks = lambda b, device: (keep, masked)
+    assert not (torch.diff(keep, dim=-1) > 0).all(), "the test needs a non-raster order"
+    assert model(x)["loss_visible"].item() == 0.0
+
+    # The pairing that compares tokens in keep order with targets in raster order is wrong here.
+    preds = model.predictor(
+        model.drop.run_kept(
+            model.encoder.forward_features, ((x - model.mean) / model.std).repeat_interleave(2, 0), keep.flatten(0, 1)
+        )[:, 1:]
+    )
+    raster = gather_tokens(targets.repeat_interleave(2, 0), keep.flatten(0, 1).sort(-1).values)
+    assert torch.nn.functional.smooth_l1_loss(preds, raster, beta=2.0).item() > 0.1
+
+
+def test_encoder_loads_into_timm_and_adaptive_lr():
+    model = tiny()
+    plain = timm.create_model("vit_tiny_patch16_224", depth=2, **ENC)
+    plain.load_state_dict(model.encoder.state_dict(), strict=True)
+    assert model.adaptive_lr(6e-4, 512) == pytest.approx(6e-4 * 512 * (1.0 / 0.6) / 256)
+    assert tiny("single").adaptive_lr(6e-4, 512) == pytest.approx(6e-4 * 2)
+
+
+def test_rejects_non_vit_encoder_and_bad_settings():
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        DMJD(timm.create_model("resnet10t"))
+    with pytest.raises(ValueError, match="method"):
+        tiny("mae")
+    with pytest.raises(ValueError, match="disjoint"):  # 2 views x 3 of 4 units visible
+        tiny(corruption=0.2)
