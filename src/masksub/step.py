@@ -35,7 +35,8 @@ class Step:
         model: a ``masksub.wrap``-ed model, optionally inside DistributedDataParallel. A plain
             (unwrapped) model trains without a sub branch: ``criterion`` alone, weight 1.
         optimizer: any torch optimizer over the wrapper's parameters (mask token included).
-        criterion: the main-branch loss, or a ready ``SubBranchLoss``.
+        criterion: the main-branch loss, or a ready ``SubBranchLoss``; None for a model that
+            returns a dict of losses with the one to minimize under ``"loss"`` (pretraining).
         main_weight, sub_weight, temperature, teacher: see ``SubBranchLoss``.
         accum_steps: micro-batches per optimizer step; each loss is divided by it.
         clip_grad: clip threshold applied after both backwards (None: no clipping).
@@ -71,7 +72,7 @@ class Step:
         memory_saving: bool = True,
         skip_nonfinite: bool = False,
     ):
-        if isinstance(criterion, SubBranchLoss):
+        if criterion is None or isinstance(criterion, SubBranchLoss):
             self.loss = criterion
         else:
             self.loss = SubBranchLoss(criterion, main_weight, sub_weight, temperature, teacher)
@@ -88,6 +89,8 @@ class Step:
         self.device_type = next(model.parameters()).device.type
         inner = model.module if isinstance(model, DistributedDataParallel) else model
         self.has_sub = isinstance(getattr(inner, "_orig_mod", inner), SubBranchModel)
+        if self.has_sub and self.loss is None:
+            raise ValueError("a sub-branch model needs a criterion for its main branch")
         self.amp_dtype = AMP_DTYPES.get(amp)
         if self.amp_dtype is torch.float16 and scaler is None:
             scaler = torch.amp.GradScaler(self.device_type)
@@ -105,22 +108,21 @@ class Step:
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> dict:
+    def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict:
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self._micro += 1
         update = self._micro == self.accum_steps
-        w_main = self.loss.main_weight / self.accum_steps
-        w_sub = self.loss.sub_weight / self.accum_steps
 
         # Only the last backward of the last micro-batch all-reduces.
         with nullcontext() if update else self._no_sync():
             if not self.has_sub:
                 with self._autocast():
                     main = self.model(x)
-                    loss_main = self.loss.main_loss(main, target)
+                    loss_main = main["loss"] if self.loss is None else self.loss.main_loss(main, target)
                 self._backward(loss_main / self.accum_steps)
             elif self.memory_saving:
+                w_main = self.loss.main_weight / self.accum_steps
                 with self._no_sync():
                     with self._autocast():
                         main = self.model(x)
@@ -128,15 +130,20 @@ class Step:
                     self._backward(w_main * loss_main)  # frees the main graph
                 with self._autocast():
                     loss_sub = self.loss.sub_loss(self.model(x, sub=True), main)
-                self._backward(w_sub * loss_sub)
+                self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
             else:
+                w_main, w_sub = self.loss.main_weight / self.accum_steps, self.loss.sub_weight / self.accum_steps
                 with self._autocast():
                     main = self.model(x)
                     loss_main = self.loss.main_loss(main, target)
                     loss_sub = self.loss.sub_loss(self.model(x, sub=True), main)
                 self._backward(w_main * loss_main + w_sub * loss_sub)
 
-        out = {"loss": loss_main.detach(), "loss_main": loss_main.detach(), "logits": main.detach()}
+        if isinstance(main, dict):  # self-supervised: every reported loss
+            out = {k: v.detach() for k, v in main.items()}
+        else:
+            out = {"loss": loss_main.detach(), "logits": main.detach()}
+        out["loss_main"] = loss_main.detach()
         if self.has_sub:
             out["loss_sub"] = loss_sub.detach()
             out["loss"] = self.loss.main_weight * out["loss_main"] + self.loss.sub_weight * out["loss_sub"]

@@ -105,18 +105,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         train_set, val_set = build_datasets(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        num_classes = getattr(train_set, "num_classes", None) or 1000
-        model = build_model(cfg, num_classes, log if self.dist.main else (lambda *a: None)).to(self.device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        s = cfg.sub
-        if s.kind == "none":
-            self.net = model
-        else:
-            self.net = masksub.wrap(model, sub=s.kind, ratio=s.ratio, unit=s.unit, sub_bn_stats=s.bn_stats)
-        self.model = model  # the plain model: evaluation, EMA, export
-        self.loaders = build_loaders(cfg, model, train_set, val_set, self.dist.rank, self.dist.world, self.device)
-        self.ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+        self._build(train_set, val_set)  # self.model, self.net, self.loaders, self.ema, self.criterion
         self.optimizer = self._optimizer()
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer,
@@ -134,10 +123,11 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             train_net = DistributedDataParallel(self.net, device_ids=ids)
+        s = cfg.sub
         self.step = masksub.Step(
             train_net,
             self.optimizer,
-            build_criterion(cfg, self.loaders.mixup is not None),
+            self.criterion,
             main_weight=s.main_weight,
             sub_weight=s.sub_weight,
             temperature=s.temperature,
@@ -162,22 +152,49 @@ class Trainer:
             (self.folder / "config.yaml").write_text(dump(cfg))
 
     # ----------------------------------------------------------------- setup
+    # The two per-epoch training losses reported besides the total (keys of the step's output).
+    LOSS_KEYS = ("loss_main", "loss_sub")
+
+    def _build(self, train_set, val_set) -> None:
+        """Classification: the timm model, its sub branch, loaders, EMA and criterion."""
+        cfg = self.cfg
+        num_classes = getattr(train_set, "num_classes", None) or 1000
+        model = build_model(cfg, num_classes, self.log if self.dist.main else (lambda *a: None)).to(self.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        s = cfg.sub
+        if s.kind == "none":
+            self.net = model
+        else:
+            self.net = masksub.wrap(model, sub=s.kind, ratio=s.ratio, unit=s.unit, sub_bn_stats=s.bn_stats)
+        self.model = model  # the plain model: evaluation, EMA, export
+        self.loaders = build_loaders(cfg, model, train_set, val_set, self.dist.rank, self.dist.world, self.device)
+        self.ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
+        self.criterion = build_criterion(cfg, self.loaders.mixup is not None)
+
+    def _learning_rate(self) -> float:
+        cfg, o = self.cfg, self.cfg.optim
+        global_batch = cfg.data.batch_size * cfg.train.accum_steps * self.dist.world
+        return o.lr if o.lr is not None else o.base_lr * global_batch / 256
+
     def _zero_sums(self) -> torch.Tensor:
         return torch.zeros(4, dtype=torch.float64, device=self.device)
 
     def _optimizer(self):
-        cfg, o = self.cfg, self.cfg.optim
-        global_batch = cfg.data.batch_size * cfg.train.accum_steps * self.dist.world
-        lr = o.lr if o.lr is not None else o.base_lr * global_batch / 256
+        o = self.cfg.optim
+        lr = self._learning_rate()
         extra = {k: v for k, v in (("betas", o.betas), ("eps", o.eps)) if v is not None}
         if o.name in ("sgd", "momentum", "nesterov", "lars"):
             extra["momentum"] = o.momentum
         opt = create_optimizer_v2(
             self.model, opt=o.name, lr=lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay, **extra
         )
-        branch = [p for p in getattr(self.net, "branch", torch.nn.Module()).parameters()]
-        if branch:  # the mask token: no weight decay, full lr
-            opt.add_param_group({"params": branch, "weight_decay": 0.0})
+        own = {id(p) for p in self.model.parameters()}
+        rest = [p for p in self.net.parameters() if p.requires_grad and id(p) not in own]
+        # Parameters outside the timm model (a mask token, a pretraining decoder): 1-D ones without decay.
+        for group in ([p for p in rest if p.ndim <= 1], [p for p in rest if p.ndim > 1]):
+            if group:
+                opt.add_param_group({"params": group, "weight_decay": 0.0 if group[0].ndim <= 1 else o.weight_decay})
         self.lr = lr
         return opt
 
@@ -307,7 +324,7 @@ class Trainer:
             self.micro_in_epoch += 1
             seen += len(x)
             one = torch.ones((), device=self.device)
-            sums = [out["loss"], out["loss_main"], out.get("loss_sub", one * 0), one]
+            sums = [out["loss"]] + [out.get(k, one * 0) for k in self.LOSS_KEYS] + [one]
             self.epoch_sums += torch.stack([v.double() for v in sums])
             bar.update(1)
             if not out["updated"]:
@@ -348,6 +365,14 @@ class Trainer:
                 img_s=f"{images_per_s * self.dist.world:.0f}",
             )
 
+    def _evaluate(self) -> dict:
+        cl = self.cfg.train.channels_last
+        record = evaluate(self.model, self.loaders.val, self.device, self.amp_dtype, cl)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.loaders.val, self.device, self.amp_dtype, cl)
+            record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+        return record
+
     def _end_epoch(self) -> None:
         cfg = self.cfg
         self.epoch += 1
@@ -357,22 +382,18 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.global_step,
             "train_loss": sums[0].item() / n,
-            "train_loss_main": sums[1].item() / n,
-            "train_loss_sub": sums[2].item() / n if cfg.sub.kind != "none" else None,
+            **{f"train_{k}": sums[i + 1].item() / n for i, k in enumerate(self.LOSS_KEYS)},
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_time_s": round(getattr(self, "epoch_time", 0.0), 3),
             "nonfinite_skipped": self.skipped,
         }
+        if cfg.sub.kind == "none" and "train_loss_sub" in record:
+            record["train_loss_sub"] = None
         self.skipped = 0
         if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.sched.epochs:
-            record.update(evaluate(self.model, self.loaders.val, self.device, self.amp_dtype, cfg.train.channels_last))
-            if self.ema is not None:
-                ema = evaluate(self.ema.module, self.loaders.val, self.device, self.amp_dtype, cfg.train.channels_last)
-                record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
-            self.log(
-                f"epoch {self.epoch}/{cfg.sched.epochs}: loss {record['train_loss']:.4f}, "
-                f"test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%"
-            )
+            record.update(self._evaluate())
+        accuracy = f", test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%" if "top1" in record else ""
+        self.log(f"epoch {self.epoch}/{cfg.sched.epochs}: loss {record['train_loss']:.4f}{accuracy}")
         self.micro_in_epoch, self.epoch_sums = 0, self._zero_sums()
         self.runlog.append(record)
         best = record.get("top1") is not None and (self.best_top1 is None or record["top1"] > self.best_top1)
