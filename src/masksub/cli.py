@@ -4,6 +4,8 @@ masksub train                                  # default recipe: small ViT + Mas
 masksub train --recipe deit3_vit_s_400 --data.dir /data/imagenet --sub.ratio 0.5
 masksub eval --checkpoint runs/fashion_mnist_vit-mask-s0/best.pt
 masksub compare --subs none,mask --seeds 0,1,2 --sched.epochs 5
+masksub pretrain                               # DMJD on Fashion-MNIST; --method single: the baseline
+masksub linprobe --checkpoint runs/fashion_mnist_dmjd-none-s0/encoder.pt
 torchrun --nproc_per_node 8 -m masksub.cli train --recipe swin_t
 """
 
@@ -38,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--subs", default="none,mask,dropout,droppath", help="comma-separated: none,mask,dropout,droppath")
     cmp.add_argument("--seeds", default="0,1,2")
     cmp.add_argument("--output", default="runs/compare")
+    pre = sub.add_parser("pretrain", allow_abbrev=False, help="DMJD pretraining (dotted overrides as for train)")
+    pre.add_argument("--recipe", default="fashion_mnist_dmjd")
+    pre.add_argument("--method", choices=("dmjd", "single"), default=None, help="single: one view, no visible branch")
+    pre.add_argument("--resume", default=None)
+    lin = sub.add_parser("linprobe", allow_abbrev=False, help="linear probe of a pretrained encoder")
+    lin.add_argument("--checkpoint", required=True, help="encoder weights (encoder.pt from masksub pretrain)")
+    lin.add_argument("--recipe", default="fashion_mnist_linprobe")
     sub.add_parser("recipes", help="list the bundled recipes")
     sub.add_parser("keys", help="list every config key")
     return p
@@ -50,16 +59,27 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(list_recipes()))
         elif args.command == "keys":
             print("\n".join(all_keys()))
-        elif args.command == "train":
+        elif args.command in ("train", "pretrain", "linprobe"):
             overrides = parse_overrides(rest)
-            if args.resume:  # the run's own configuration, then any overrides given now
+            if args.command == "pretrain" and args.method:
+                overrides["pretrain.method"] = args.method
+            if args.command == "linprobe":
+                linprobe = {"model.checkpoint": args.checkpoint, "train.linprobe": True, "sub.kind": "none"}
+                overrides = {**linprobe, **overrides}
+            if getattr(args, "resume", None):  # the run's own configuration, then any overrides given now
                 saved = checkpoint.load(args.resume)["config"]
                 overrides = {"train.max_steps": None, **overrides, "train.resume": args.resume}
                 cfg = apply_overrides(from_dict(saved), overrides)
             else:
                 cfg = load_config(args.recipe, overrides)
-            result = Trainer(cfg).fit()
-            if result["records"]:
+            trainer_cls = Trainer
+            if args.command == "pretrain":
+                from .pretrain.trainer import PretrainTrainer as trainer_cls
+            result = trainer_cls(cfg).fit()
+            if args.command == "pretrain" and result["records"]:
+                last = result["records"][-1]["train_loss"]
+                print(f"done: loss {last:.4f}; encoder weights {result['folder'] / 'encoder.pt'}")
+            elif result["records"]:
                 last = result["records"][-1]
                 acc = f"test top-1 {last['top1']:.2f}%" if last.get("top1") is not None else "no evaluation yet"
                 print(f"done: {acc}; run folder {result['folder']} (metrics.jsonl, summary.csv, curves.png, *.pt)")

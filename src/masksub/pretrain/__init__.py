@@ -1,5 +1,6 @@
-"""DMJD pretraining: disjoint multi-view masking with HOG targets (building blocks so far)."""
+"""DMJD pretraining: disjoint multi-view masking, HOG targets, joint visible distillation."""
 
 from .hog import HOGTargets
+from .model import DMJD
 
-__all__ = ["HOGTargets"]
+__all__ = ["DMJD", "HOGTargets"]

@@ -63,7 +63,7 @@ class DMJD(nn.Module):
         self.grid = tuple(encoder.patch_embed.grid_size)
         chans = encoder.patch_embed.proj.in_channels
         if target == "hog":
-            self.targets = HOGTargets(patch=self.patch)
+            self.targets = HOGTargets(cell=min(8, self.patch), patch=self.patch)  # small patches: one cell
             target_dim = self.targets.dim(chans)
         elif target == "pixels":
             self.targets, target_dim = None, self.patch**2 * chans

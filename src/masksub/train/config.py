@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # also reachable as ./recipes in the repo
-SECTIONS = ("model", "sub", "data", "aug", "optim", "sched", "train")
+SECTIONS = ("model", "sub", "data", "aug", "optim", "sched", "train", "pretrain")
 DEFAULT_RECIPE = "fashion_mnist_vit"
 
 
@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
-    preset: str = "simple"  # none | simple: pad-crop + flip | timm: create_transform (RRC, RandAugment, 3-Augment)
+    preset: str = "simple"  # none | simple (pad-crop, flip) | timm (RRC, RandAugment, 3-Augment) | pretrain (RRC, flip)
     hflip: float = 0.5
     scale: tuple = (0.08, 1.0)
     auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1, 3a
@@ -123,6 +123,24 @@ class TrainConfig:
     output: str = "runs"
     name: str | None = None  # run folder name (default: recipe-sub-seed)
     resume: str | None = None  # checkpoint file or run folder to continue
+    linprobe: bool = False  # train only a BatchNorm (no affine) + linear head on the frozen model
+
+
+@dataclass
+class PretrainConfig:
+    """DMJD (``masksub pretrain``); ignored by ``masksub train``."""
+
+    method: str = "dmjd"  # dmjd | single (one view, no visible branch: MaskFeat / MAE style)
+    views: int = 2
+    corruption: float = 0.6
+    prediction: float = 1.0
+    block: int = 2  # mask unit in patch tokens
+    target: str = "hog"  # hog | pixels
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    projector_dim: int = 512
+    visible_weight: float = 1.0
 
 
 @dataclass
@@ -134,6 +152,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     recipe: str = DEFAULT_RECIPE
 
     def to_dict(self) -> dict:
@@ -297,7 +316,9 @@ def validate(cfg: Config) -> None:
         "sub.kind": (cfg.sub.kind, ("mask", "dropout", "droppath", "none")),
         "data.name": (cfg.data.name, ("fashion_mnist", "folder")),
         "data.corrupt": (cfg.data.corrupt, ("skip", "error")),
-        "aug.preset": (cfg.aug.preset, ("none", "simple", "timm")),
+        "aug.preset": (cfg.aug.preset, ("none", "simple", "timm", "pretrain")),
+        "pretrain.method": (cfg.pretrain.method, ("dmjd", "single")),
+        "pretrain.target": (cfg.pretrain.target, ("hog", "pixels")),
         "train.amp": (cfg.train.amp, (None, "bf16", "fp16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "optim.clip_mode": (cfg.optim.clip_mode, ("norm", "value", "agc")),

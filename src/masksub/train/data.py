@@ -149,7 +149,7 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def _mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
+def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
     if cfg.aug.mean is not None and cfg.aug.std is not None:
         return tuple(cfg.aug.mean), tuple(cfg.aug.std)
     if cfg.data.name == "fashion_mnist":
@@ -159,7 +159,7 @@ def _mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
 
 
 def build_transforms(cfg: Config, model):
-    mean, std = _mean_std(cfg, model)
+    mean, std = mean_std(cfg, model)
     size, a = cfg.data.img_size, cfg.aug
     if a.preset == "none":
         plain = T.Compose(
@@ -167,6 +167,15 @@ def build_transforms(cfg: Config, model):
             + [T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
         )
         return plain, plain
+    if a.preset == "pretrain":  # MAE-style crops; no normalization: HOG targets need the raw pixels
+        train = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                T.RandomHorizontalFlip(a.hflip),
+                T.ToTensor(),
+            ]
+        )
+        return train, T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
     if a.preset == "simple":
         resize = [T.Resize(size)] if cfg.data.name != "fashion_mnist" or size != 28 else []
         tail = [T.ToTensor(), T.Normalize(mean, std)]

@@ -167,10 +167,25 @@ class Trainer:
             self.net = model
         else:
             self.net = masksub.wrap(model, sub=s.kind, ratio=s.ratio, unit=s.unit, sub_bn_stats=s.bn_stats)
+        if cfg.train.linprobe:
+            self._linear_probe_head(model)
         self.model = model  # the plain model: evaluation, EMA, export
         self.loaders = build_loaders(cfg, model, train_set, val_set, self.dist.rank, self.dist.world, self.device)
         self.ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
         self.criterion = build_criterion(cfg, self.loaders.mixup is not None)
+
+    @staticmethod
+    def _linear_probe_head(model: torch.nn.Module) -> None:
+        """Freeze everything; the head becomes BatchNorm without affine + the linear classifier."""
+        if not isinstance(getattr(model, "head", None), torch.nn.Linear):
+            raise ConfigError(f"train.linprobe needs a model with a linear .head, {type(model).__name__} has none")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head = model.head
+        head.requires_grad_(True)
+        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(head.in_features, affine=False), head).to(
+            head.weight.device
+        )
 
     def _learning_rate(self) -> float:
         cfg, o = self.cfg, self.cfg.optim

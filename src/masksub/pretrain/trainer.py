@@ -1,0 +1,59 @@
+"""``masksub pretrain``: DMJD (or its single-view baseline) on the trainer's loop, data and checkpoints."""
+
+from __future__ import annotations
+
+from ..train import checkpoint
+from ..train.data import build_loaders, mean_std
+from ..train.trainer import Trainer, build_model
+from .model import DMJD
+
+
+class PretrainTrainer(Trainer):
+    """The classification trainer with a DMJD model: same config, data, DDP, checkpoints and resume.
+
+    Writes ``encoder.pt`` (the plain timm encoder's state dict) next to ``last.pt``; it loads into
+    ``masksub train --model.checkpoint`` for finetuning and into ``masksub linprobe``.
+    """
+
+    LOSS_KEYS = ("loss_masked", "loss_visible")
+
+    def _build(self, train_set, val_set) -> None:
+        cfg, p = self.cfg, self.cfg.pretrain
+        encoder = build_model(cfg, num_classes=0, log=self.log if self.dist.main else (lambda *a: None))
+        mean, std = mean_std(cfg, encoder)
+        net = DMJD(
+            encoder,
+            method=p.method,
+            views=p.views,
+            corruption=p.corruption,
+            prediction=p.prediction,
+            block=p.block,
+            target=p.target,
+            decoder_dim=p.decoder_dim,
+            decoder_depth=p.decoder_depth,
+            decoder_heads=p.decoder_heads,
+            projector_dim=p.projector_dim,
+            visible_weight=p.visible_weight,
+            mean=mean,
+            std=std,
+        )
+        self.net, self.model = net.to(self.device), encoder
+        self.loaders = build_loaders(cfg, encoder, train_set, val_set, self.dist.rank, self.dist.world, self.device)
+        self.ema, self.criterion = None, None  # DMJD returns its own losses
+
+    def _learning_rate(self) -> float:
+        """The adaptive rule: base_lr x images per step x (prediction / corruption) / 256."""
+        cfg = self.cfg
+        if cfg.optim.base_lr is None:
+            return cfg.optim.lr
+        images = cfg.data.batch_size * cfg.train.accum_steps * self.dist.world
+        return self.net.adaptive_lr(cfg.optim.base_lr, images)
+
+    def _evaluate(self) -> dict:
+        return {}  # judged by linear probe and finetuning (masksub linprobe / train)
+
+    def fit(self) -> dict:
+        result = super().fit()
+        if self.dist.main:
+            checkpoint.save_atomic(self.model.state_dict(), self.folder / "encoder.pt")
+        return result

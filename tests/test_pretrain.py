@@ -1,0 +1,68 @@
+"""`masksub pretrain` -> `linprobe` -> `train` (finetune with MaskSub), end to end on Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_trainer import args
+
+from masksub.cli import main
+from masksub.train import checkpoint
+
+KW = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+PRE = {
+    "model.kwargs": KW,
+    "data.train_subset": 256,
+    "data.batch_size": 64,
+    "data.workers": 0,
+    "sched.epochs": 2,
+    "pretrain.decoder_dim": 32,
+    "pretrain.decoder_depth": 1,
+    "pretrain.decoder_heads": 2,
+    "pretrain.projector_dim": 32,
+}
+
+
+def test_pretrain_linprobe_finetune(tmp_path, capsys):
+    assert main(["pretrain", *args(PRE, **{"train.output": str(tmp_path), "train.name": "pre"})]) == 0
+    run = tmp_path / "pre"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["train_loss_visible"] > 0 and records[0]["train_loss_masked"] > 0
+    encoder = torch.load(run / "encoder.pt", weights_only=True)
+    assert "pos_embed" in encoder and not any(k.startswith(("decoder", "projector")) for k in encoder)
+
+    common = {
+        "model.kwargs": KW,
+        "data.img_size": 32,
+        "data.train_subset": 256,
+        "data.eval_subset": 200,
+        "data.batch_size": 64,
+        "data.workers": 0,
+        "sched.epochs": 1,
+        "train.output": str(tmp_path),
+    }
+    assert main(["linprobe", "--checkpoint", str(run / "encoder.pt"), *args(common, **{"train.name": "lin"})]) == 0
+    lin = checkpoint.load(tmp_path / "lin" / "last.pt")
+    assert lin["model"]["blocks.0.attn.qkv.weight"].equal(encoder["blocks.0.attn.qkv.weight"]), "encoder frozen"
+    assert "head.0.running_mean" in lin["model"]  # BatchNorm without affine before the linear head
+
+    capsys.readouterr()
+    ft = {**common, "model.checkpoint": str(run / "encoder.pt"), "train.name": "ft", "sub.kind": "mask"}
+    assert main(["train", *args(ft)]) == 0
+    out = capsys.readouterr().out
+    assert "loaded" in out and "missing keys ['head.bias', 'head.weight']" in out
+    assert json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])["top1"] > 0
+
+
+def test_pretrain_single_view_baseline_and_exact_resume(tmp_path):
+    single = {**PRE, "train.output": str(tmp_path)}
+    assert main(["pretrain", "--method", "single", *args(single, **{"train.name": "single"})]) == 0
+    assert json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[0])["train_loss_visible"] == 0
+
+    assert main(["pretrain", *args(single, **{"train.name": "full"})]) == 0
+    assert main(["pretrain", *args(single, **{"train.name": "part", "train.max_steps": 3})]) == 0
+    assert main(["pretrain", "--resume", str(tmp_path / "part")]) == 0
+    a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "part" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
