@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from common import hardware, run_cli
 
-from masksub.train.runlog import plot_curves, summarize
+from masksub.train.runlog import plot_curves
 
 VIT = {"img_size": 28, "patch_size": 4}
 SCALES = {
@@ -39,18 +37,6 @@ SCALES = {
 # Sub-branch strength per kind: MaskSub's paper default; DropSub / PathSub at 0.2 (our choice: the
 # paper gives no Fashion-MNIST value; 0.5 drop-path in every block would remove most of a 4-block net).
 RATIOS = {"mask": 0.5, "dropout": 0.2, "droppath": 0.2}
-
-
-def run(name: str, overrides: dict, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "masksub.cli", "train", "--train.output", str(out), "--train.name", name]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", json.dumps(value)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
-    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
-    return {"name": name, "records": records, "wall_s": time.perf_counter() - start, **summarize(records)}
 
 
 def main() -> None:
@@ -82,7 +68,7 @@ def main() -> None:
             o["sub.ratio"] = RATIOS[kind]
         if epochs:
             o["sched.epochs"] = epochs
-        return run(label or f"{kind}-s{seed}", o, runs_dir)
+        return run_cli("train", label or f"{kind}-s{seed}", o, runs_dir)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -104,22 +90,18 @@ def main() -> None:
         vals = [r[key] for r in rows if r[key] is not None]
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
-    hardware = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available() and args.device != "cpu"
-        else f"CPU {platform.machine()}, {os.cpu_count()} cores"
-    )
+    hw = hardware(args.device)
     meta = {
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,
-        "hardware": hardware,
+        "hardware": hw,
         "scale": args.scale,
         "setting": {**s, "ratios": RATIOS},
         "time_ratio_mask_over_plain": ratio,
         "equal_time_epochs": eq_epochs,
     }
     lines = [
-        f"Command: `{meta['command']}`; {hardware}; torch {meta['torch']}.",
+        f"Command: `{meta['command']}`; {hw}; torch {meta['torch']}.",
         f"ViT {s['kwargs']}, {s['epochs']} epochs on {s['images'] or 60000} training images, augmentation "
         f"`{s['aug']}`, test on 10,000 images; seeds {seeds}.",
         "",

@@ -67,3 +67,12 @@ def test_accuracy_tiny(tmp_path):
     data = json.loads((tmp_path / "accuracy_tiny.json").read_text())
     assert len(data["runs"]) == 10 and data["meta"]["equal_time_epochs"] >= 1
     assert (tmp_path / "accuracy_tiny.png").stat().st_size > 1000
+
+
+def test_pretrain_tiny(tmp_path):
+    _run("pretrain.py", "--scale", "tiny", "--device", "cpu", "--out", str(tmp_path))
+    md = (tmp_path / "pretrain_tiny.md").read_text()
+    for name in ("dmjd", "single", "single-equal-time", "none (from scratch)"):
+        assert f"| {name} |" in md
+    runs = json.loads((tmp_path / "pretrain_tiny.json").read_text())["runs"]
+    assert all(0 <= r["linprobe_top1"] <= 100 and 0 <= r["finetune_top1"] <= 100 for r in runs.values())

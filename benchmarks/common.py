@@ -1,0 +1,34 @@
+"""Shared by the benchmark scripts: run one `masksub` command as a process and read its records."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from masksub.train.runlog import summarize
+
+
+def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = ()) -> dict:
+    """``masksub <command>`` into ``out/name``; returns the summary, per-epoch records and wall time."""
+    cmd = [sys.executable, "-m", "masksub.cli", command, *extra, "--train.output", str(out), "--train.name", name]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return {"name": name, "records": records, "wall_s": time.perf_counter() - start, **summarize(records)}
+
+
+def hardware(device: str = "auto") -> str:
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores"

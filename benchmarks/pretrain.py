@@ -1,0 +1,170 @@
+"""DMJD vs its single-view baseline on Fashion-MNIST, at equal epochs and at equal wall time.
+
+    python benchmarks/pretrain.py --scale cpu          # ViT 4x96, 6,000 images, minutes on 2 cores
+    python benchmarks/pretrain.py --scale gpu --throughput   # 60k images, plus ViT-B/16 step throughput
+    python benchmarks/pretrain.py --scale tiny         # seconds; the test suite
+
+Pretrains DMJD and the single-view baseline for the same epochs, then the baseline again for DMJD's
+wall time; judges every encoder by a linear probe and by finetuning with MaskSub (same recipes,
+seeds and schedules). Writes results/pretrain_<scale>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from common import hardware, run_cli
+
+SCALES = {
+    "tiny": dict(
+        kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+        images=256,
+        eval=200,
+        pretrain=1,
+        probe=1,
+        finetune=1,
+        decoder=(32, 1, 2),
+    ),
+    "cpu": dict(
+        kwargs=dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3),
+        images=6000,
+        eval=None,
+        pretrain=5,
+        probe=3,
+        finetune=3,
+        decoder=(96, 2, 3),
+    ),
+    "gpu": dict(
+        kwargs=dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3),
+        images=None,
+        eval=None,
+        pretrain=50,
+        probe=20,
+        finetune=20,
+        decoder=(192, 4, 6),
+    ),
+}
+
+
+def throughput(batch: int = 64, steps: int = 20) -> dict:
+    """Images/s of a DMJD and a single-view training step at ViT-B/16, 224 px, bf16 (GPU)."""
+    import timm
+
+    from masksub.pretrain import DMJD
+
+    out = {}
+    for method in ("dmjd", "single"):
+        model = DMJD(timm.create_model("vit_base_patch16_224", num_classes=0), method=method).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
+        x = torch.rand(batch, 3, 224, 224, device="cuda")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for i in range(steps + 5):
+            if i == 5:
+                start.record()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        end.record()
+        torch.cuda.synchronize()
+        s = start.elapsed_time(end) / 1000 / steps
+        out[method] = {"s_per_step": s, "images_per_s": batch / s}
+        del model, opt
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--throughput", action="store_true", help="also time ViT-B/16 steps (needs a GPU)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    s = SCALES[args.scale]
+    out = Path(args.out)
+    runs = out / f"pretrain_{args.scale}_runs"
+    dd, depth, heads = s["decoder"]
+    data = {
+        "model.kwargs": s["kwargs"],
+        "data.img_size": 32,
+        "data.train_subset": s["images"],
+        "data.eval_subset": s["eval"],
+        "data.workers": 1,
+        "train.device": args.device,
+    }
+    pre = {
+        **data,
+        "sched.epochs": s["pretrain"],
+        "pretrain.decoder_dim": dd,
+        "pretrain.decoder_depth": depth,
+        "pretrain.decoder_heads": heads,
+        "pretrain.projector_dim": dd,
+    }
+
+    results = {}
+    results["dmjd"] = run_cli("pretrain", "dmjd", pre, runs, ("--method", "dmjd"))
+    results["single"] = run_cli("pretrain", "single", pre, runs, ("--method", "single"))
+    ratio = results["dmjd"]["train_time_s"] / results["single"]["train_time_s"]
+    equal = max(1, round(s["pretrain"] * ratio))
+    results["single-equal-time"] = run_cli(
+        "pretrain", "single-equal-time", {**pre, "sched.epochs": equal}, runs, ("--method", "single")
+    )
+    for name, r in results.items():
+        encoder = str(runs / name / "encoder.pt")
+        probe = run_cli(
+            "linprobe", f"{name}-linprobe", {**data, "sched.epochs": s["probe"]}, runs, ("--checkpoint", encoder)
+        )
+        tune = run_cli(
+            "train",
+            f"{name}-finetune",
+            {**data, "sched.epochs": s["finetune"], "sub.kind": "mask", "model.checkpoint": encoder},
+            runs,
+        )
+        r.update(linprobe_top1=probe["final_top1"], finetune_top1=tune["final_top1"])
+    scratch = run_cli("train", "scratch-finetune", {**data, "sched.epochs": s["finetune"], "sub.kind": "mask"}, runs)
+
+    meta = {
+        "command": "python " + " ".join(sys.argv),
+        "hardware": hardware(args.device),
+        "torch": torch.__version__,
+        "setting": s,
+        "time_ratio_dmjd_over_single": ratio,
+        "equal_time_epochs": equal,
+    }
+    if args.throughput:
+        meta["vit_b16_throughput"] = throughput()
+    lines = [
+        f"Command: `{meta['command']}`; {meta['hardware']}; torch {meta['torch']}.",
+        f"ViT {s['kwargs']} on {s['images'] or 60000} Fashion-MNIST images; linear probe {s['probe']} and "
+        f"finetune (MaskSub 0.5) {s['finetune']} epochs; one seed.",
+        "",
+        "| encoder | pretrain epochs | pretrain time s | s / epoch | linear probe top-1 | finetune top-1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['epochs']} | {r['train_time_s']:.1f} | {r['train_time_s'] / r['epochs']:.1f} | "
+            f"{r['linprobe_top1']:.2f} | {r['finetune_top1']:.2f} |"
+        )
+    lines.append(f"| none (from scratch) | 0 | 0 | - | - | {scratch['final_top1']:.2f} |")
+    if args.throughput:
+        t = meta["vit_b16_throughput"]
+        lines += [
+            "",
+            "ViT-B/16, 224 px, batch 64, bf16: "
+            + ", ".join(f"{m} {v['images_per_s']:.0f} images/s" for m, v in t.items()),
+        ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"pretrain_{args.scale}.md").write_text("\n".join(lines) + "\n")
+    (out / f"pretrain_{args.scale}.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
