@@ -288,3 +288,12 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r["top1"] is not None for r in records)
     assert proc.stdout.count("done: test top-1") == 1
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    assert main(["train", "--resume", str(bad)]) == 2
+    assert "cannot load checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err

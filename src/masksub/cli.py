@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             kinds = [k.strip() for k in args.subs.split(",") if k.strip()]
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             compare(args.recipe, kinds, seeds, parse_overrides(rest), args.output)
-    except (ConfigError, FileNotFoundError, CorruptImageError, NonFiniteLossError) as e:
+    except (ConfigError, FileNotFoundError, CorruptImageError, NonFiniteLossError, checkpoint.CheckpointError) as e:
         print(f"masksub {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

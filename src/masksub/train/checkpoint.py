@@ -16,6 +16,10 @@ import numpy as np
 import torch
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or is not the kind asked for."""
+
+
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +44,7 @@ def load(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
 
 
 def rng_state() -> dict:

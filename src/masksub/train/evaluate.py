@@ -8,13 +8,17 @@ from pathlib import Path
 from . import checkpoint
 from .config import apply_overrides, from_dict, validate
 from .data import build_datasets, build_loaders
-from .trainer import build_model, evaluate, resolve_device
+from .trainer import Trainer, build_model, evaluate, resolve_device
 
 
 def evaluate_checkpoint(path: Path, overrides: dict | None = None) -> dict[str, dict]:
     state = checkpoint.load(path)
     if "config" not in state or "model" not in state:
-        raise ValueError(f"{path} is not a masksub training checkpoint (no config/model entries)")
+        raise checkpoint.CheckpointError(f"{path} is not a masksub training checkpoint (no config/model entries)")
+    if any(k.startswith("decoder") for k in state["model"]):
+        raise checkpoint.CheckpointError(
+            f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
+        )
     cfg = apply_overrides(from_dict(state["config"]), overrides or {})  # e.g. another data.dir
     cfg.model.checkpoint = None  # the checkpoint holds every weight
     validate(cfg)
@@ -22,6 +26,8 @@ def evaluate_checkpoint(path: Path, overrides: dict | None = None) -> dict[str, 
     train_set, val_set = build_datasets(cfg)
     model = build_model(cfg, getattr(train_set, "num_classes", None) or 1000).to(device)
     weights = state["model"]
+    if cfg.train.linprobe:
+        Trainer._linear_probe_head(model)
     if cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
         weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("branch.")}
     model.load_state_dict(weights)
