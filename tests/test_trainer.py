@@ -297,3 +297,29 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, capsys):
     assert "cannot load checkpoint" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_on_device_data_trains_and_resumes_exactly(tmp_path):
+    dev = {"data.on_device": True, "aug.preset": "simple", "data.img_size": 32,
+           "model.kwargs": {**TINY["model.kwargs"], "img_size": 32, "patch_size": 8}}
+    full = run_train(tmp_path, "full", **dev)
+    part = run_train(tmp_path, "part", **dev, **{"train.max_steps": 3})
+    assert main(["train", "--resume", str(part)]) == 0
+    a, b = checkpoint.load(full / "last.pt"), checkpoint.load(part / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    top1 = [json.loads(x)["top1"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < t <= 100 for t in top1)
+
+
+def test_on_device_batches_are_augmented_per_sample():
+    from masksub.train.device_data import DeviceBatches
+
+    images = torch.arange(4 * 8 * 8, dtype=torch.uint8).view(4, 8, 8).repeat(16, 1, 1)  # (64, 8, 8)
+    batches = DeviceBatches(images, torch.zeros(64, dtype=torch.long), list(range(64)), 64, img_size=8, in_chans=1,
+                            mean=(0.0,), std=(1.0,), augment=True, hflip=0.5, seed=0, device=torch.device("cpu"),
+                            drop_last=True)
+    x, _ = next(iter(batches))
+    same_source = x[0::4]  # images 0, 4, 8, ... are identical before augmentation
+    assert len({tuple(v.flatten().tolist()) for v in same_source}) > 4, "crops and flips differ per sample"
+    again, _ = next(iter(batches))
+    assert torch.equal(x, again), "the same batch position gets the same augmentation"

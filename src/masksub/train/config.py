@@ -59,6 +59,7 @@ class DataConfig:
     train_subset: int | None = None  # first N training images only
     eval_subset: int | None = None
     corrupt: str = "skip"  # skip | error: what to do with an unreadable image (always reported by path)
+    on_device: bool = False  # fashion_mnist: keep the images on the device, augment batches there (no workers)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torchvision import transforms as T
 
 from .. import data as fmnist
 from .config import Config, ConfigError
+from .device_data import DeviceBatches
 
 _logger = logging.getLogger("masksub")
 
@@ -237,6 +238,11 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
     else:
         base = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
     sampler = EpochSampler(base)
+    if d.on_device:
+        train, val = _device_batches(
+            cfg, model, train_set, val_set, sampler, ShardSampler(len(val_set), rank, world), device
+        )
+        return _finish(cfg, train_set, train, val, sampler, len(base) // d.batch_size)
     pin = device.type == "cuda"
     # An own generator: creating an iterator must not draw from the global stream (masks, dropout).
     loader_rng = torch.Generator().manual_seed(cfg.train.seed)
@@ -254,7 +260,34 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
         sampler=ShardSampler(len(val_set), rank, world),
         **common,
     )
-    batches = len(base) // d.batch_size
+    return _finish(cfg, train_set, train, val, sampler, len(base) // d.batch_size)
+
+
+def _device_batches(cfg: Config, model, train_set, val_set, sampler, val_sampler, device):
+    d, a = cfg.data, cfg.aug
+    if d.name != "fashion_mnist" or a.preset not in ("none", "simple"):
+        raise ConfigError("data.on_device supports data.name=fashion_mnist with aug.preset none or simple")
+    mean, std = mean_std(cfg, model)
+    common = dict(
+        img_size=d.img_size, in_chans=d.in_chans, mean=mean, std=std, hflip=a.hflip, seed=cfg.train.seed, device=device
+    )
+    train = DeviceBatches(
+        train_set.images,
+        train_set.targets,
+        sampler,
+        d.batch_size,
+        augment=a.preset == "simple",
+        drop_last=True,
+        **common,
+    )
+    val = DeviceBatches(
+        val_set.images, val_set.targets, val_sampler, d.eval_batch_size, augment=False, drop_last=False, **common
+    )
+    return train, val
+
+
+def _finish(cfg: Config, train_set, train, val, sampler, batches: int) -> Loaders:
+    d, a = cfg.data, cfg.aug
     if batches < cfg.train.accum_steps:
         raise ConfigError(
             f"{len(train_set)} training images give {batches} batches of {d.batch_size} per process, fewer than "
