@@ -28,7 +28,13 @@ from masksub.train.runlog import plot_curves
 
 VIT = {"img_size": 28, "patch_size": 4}
 SCALES = {
-    "gpu": dict(kwargs={**VIT, "embed_dim": 192, "depth": 6, "num_heads": 3}, epochs=25, images=None, aug="simple"),
+    "gpu": dict(  # the data set on the GPU, batches augmented there
+        kwargs={**VIT, "embed_dim": 192, "depth": 6, "num_heads": 3},
+        epochs=25,
+        images=None,
+        aug="simple",
+        on_device=True,
+    ),
     "cpu": dict(kwargs={**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}, epochs=8, images=6000, aug="simple"),
     "tiny": dict(
         kwargs={**VIT, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2}, epochs=1, images=256, aug="none"
@@ -57,6 +63,7 @@ def main() -> None:
         "sched.epochs": s["epochs"],
         "aug.preset": s["aug"],
         "data.workers": 1,
+        "data.on_device": s.get("on_device", False),
         "train.device": args.device,
         "data.train_subset": s["images"],
     }
