@@ -300,8 +300,12 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, capsys):
 
 
 def test_on_device_data_trains_and_resumes_exactly(tmp_path):
-    dev = {"data.on_device": True, "aug.preset": "simple", "data.img_size": 32,
-           "model.kwargs": {**TINY["model.kwargs"], "img_size": 32, "patch_size": 8}}
+    dev = {
+        "data.on_device": True,
+        "aug.preset": "simple",
+        "data.img_size": 32,
+        "model.kwargs": {**TINY["model.kwargs"], "img_size": 32, "patch_size": 8},
+    }
     full = run_train(tmp_path, "full", **dev)
     part = run_train(tmp_path, "part", **dev, **{"train.max_steps": 3})
     assert main(["train", "--resume", str(part)]) == 0
@@ -315,11 +319,53 @@ def test_on_device_batches_are_augmented_per_sample():
     from masksub.train.device_data import DeviceBatches
 
     images = torch.arange(4 * 8 * 8, dtype=torch.uint8).view(4, 8, 8).repeat(16, 1, 1)  # (64, 8, 8)
-    batches = DeviceBatches(images, torch.zeros(64, dtype=torch.long), list(range(64)), 64, img_size=8, in_chans=1,
-                            mean=(0.0,), std=(1.0,), augment=True, hflip=0.5, seed=0, device=torch.device("cpu"),
-                            drop_last=True)
+    batches = DeviceBatches(
+        images,
+        torch.zeros(64, dtype=torch.long),
+        list(range(64)),
+        64,
+        img_size=8,
+        in_chans=1,
+        mean=(0.0,),
+        std=(1.0,),
+        augment=True,
+        hflip=0.5,
+        seed=0,
+        device=torch.device("cpu"),
+        drop_last=True,
+    )
     x, _ = next(iter(batches))
     same_source = x[0::4]  # images 0, 4, 8, ... are identical before augmentation
     assert len({tuple(v.flatten().tolist()) for v in same_source}) > 4, "crops and flips differ per sample"
     again, _ = next(iter(batches))
     assert torch.equal(x, again), "the same batch position gets the same augmentation"
+
+
+def test_resnet_channels_last_accumulation_bf16(tmp_path):
+    cli = [
+        "train",
+        "--recipe",
+        "fashion_mnist_resnet",
+        "--train.output",
+        str(tmp_path),
+        "--train.name",
+        "r",
+        *args(
+            {
+                "data.train_subset": 256,
+                "data.eval_subset": 100,
+                "data.batch_size": 32,
+                "data.workers": 0,
+                "sched.epochs": 1,
+                "train.channels_last": True,
+                "train.accum_steps": 2,
+                "train.amp": "bf16",
+                "optim.clip_grad": 1.0,
+            }
+        ),
+    ]
+    assert main(cli) == 0
+    state = checkpoint.load(tmp_path / "r" / "last.pt")
+    assert state["position"]["global_step"] == 4  # 8 micro-batches / 2
+    record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
+    assert record["train_loss_sub"] > 0 and record["top1"] > 0
