@@ -5,8 +5,8 @@
     python benchmarks/accuracy.py --scale tiny              # seconds; the test suite
 
 Every run is `masksub train` on the same recipe, seeds and schedule; only the sub branch differs.
-After the plain and MaskSub runs, a plain run is given MaskSub's wall time (its epochs scaled by the
-measured time ratio), so the table shows accuracy at equal epochs and at equal compute. Runs go as
+A plain run is also given MaskSub's compute: its epochs scaled by the ratio of MaskSub to plain step
+time, timed alone before the runs; the table shows accuracy at equal epochs and at equal compute. Runs go as
 `--jobs` concurrent processes (a GPU is mostly idle with one small run). Writes
 results/accuracy_<scale>.{json,md,png}.
 """
@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,6 +46,38 @@ SCALES = {
 RATIOS = {"mask": 0.5, "dropout": 0.2, "droppath": 0.2}
 
 
+def step_time_ratio(kwargs: dict, batch: int, device: str, rounds: int = 5, steps: int = 5) -> float:
+    """Median seconds per MaskSub step over median seconds per plain step, timed alone before any run.
+
+    Plain and MaskSub steps alternate in rounds after a warm-up, so drifts in machine load hit both.
+    """
+    import timm
+
+    import masksub
+
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    x, y = torch.randn(batch, 1, 28, 28, device=dev), torch.randint(0, 10, (batch,), device=dev)
+    steps_by_kind = {}
+    for kind in ("none", "mask"):
+        model = timm.create_model("vit_tiny_patch16_224", in_chans=1, num_classes=10, **kwargs).to(dev)
+        net = model if kind == "none" else masksub.wrap(model, ratio=RATIOS["mask"])
+        steps_by_kind[kind] = masksub.Step(net, torch.optim.AdamW(net.parameters()), torch.nn.CrossEntropyLoss())
+        for _ in range(5):  # warm-up
+            steps_by_kind[kind](x, y)
+    times = {kind: [] for kind in steps_by_kind}
+    for _ in range(rounds):
+        for kind, step in steps_by_kind.items():
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(x, y)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times[kind].append((time.perf_counter() - start) / steps)
+    return statistics.median(times["mask"]) / statistics.median(times["none"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
@@ -52,6 +85,7 @@ def main() -> None:
     p.add_argument("--subs", default="none,mask,dropout,droppath")
     p.add_argument("--jobs", type=int, default=1, help="concurrent training processes")
     p.add_argument("--device", default="auto")
+    p.add_argument("--reuse", action="store_true", help="read finished runs in the output folder, don't rerun them")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     s = SCALES[args.scale]
@@ -75,23 +109,21 @@ def main() -> None:
             o["sub.ratio"] = RATIOS[kind]
         if epochs:
             o["sched.epochs"] = epochs
-        return run_cli("train", label or f"{kind}-s{seed}", o, runs_dir)
+        return run_cli("train", label or f"{kind}-s{seed}", o, runs_dir, reuse=args.reuse)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # The cost ratio is timed alone, before the runs: concurrent runs would distort their own times.
+    ratio = step_time_ratio(s["kwargs"], 128, args.device) if "none" in kinds and "mask" in kinds else None
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda ks: job(*ks), [(k, sd) for k in kinds for sd in seeds]))
     by_kind = {k: [r for r in results if r["name"].startswith(f"{k}-")] for k in kinds}
-    if "none" in kinds and "mask" in kinds:  # plain at MaskSub's wall time
-        ratio = statistics.fmean(r["train_time_s"] for r in by_kind["mask"]) / statistics.fmean(
-            r["train_time_s"] for r in by_kind["none"]
-        )
+    eq_epochs = None
+    if ratio is not None:  # plain given MaskSub's compute: epochs scaled by the step-time ratio
         eq_epochs = max(1, round(s["epochs"] * ratio))
         with ThreadPoolExecutor(args.jobs) as pool:
             by_kind["none-equal-time"] = list(
-                pool.map(lambda sd: job("none", sd, eq_epochs, f"none-equal-time-s{sd}"), seeds)
+                pool.map(lambda sd: job("none", sd, eq_epochs, f"none-equal-time-{eq_epochs}ep-s{sd}"), seeds)
             )
-    else:
-        ratio, eq_epochs = None, None
 
     def stat(rows, key):
         vals = [r[key] for r in rows if r[key] is not None]
@@ -104,7 +136,7 @@ def main() -> None:
         "hardware": hw,
         "scale": args.scale,
         "setting": {**s, "ratios": RATIOS},
-        "time_ratio_mask_over_plain": ratio,
+        "step_time_ratio_mask_over_plain": ratio,
         "equal_time_epochs": eq_epochs,
     }
     lines = [

@@ -15,8 +15,16 @@ import torch
 from masksub.train.runlog import summarize
 
 
-def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = ()) -> dict:
-    """``masksub <command>`` into ``out/name``; returns the summary, per-epoch records and wall time."""
+def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = (), reuse: bool = False) -> dict:
+    """``masksub <command>`` into ``out/name``; returns the summary, per-epoch records and wall time.
+
+    With ``reuse``, a finished run already in ``out/name`` (as many epochs as asked) is read, not rerun.
+    """
+    done = out / name / "metrics.jsonl"
+    if reuse and done.is_file():
+        records = [json.loads(line) for line in done.read_text().splitlines()]
+        if records and records[-1]["epoch"] == overrides.get("sched.epochs"):
+            return {"name": name, "records": records, "wall_s": None, **summarize(records)}
     cmd = [sys.executable, "-m", "masksub.cli", command, *extra, "--train.output", str(out), "--train.name", name]
     for key, value in overrides.items():
         cmd += [f"--{key}", json.dumps(value)]
