@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ class SubBranchModel(nn.Module):
     def forward(self, x: torch.Tensor, sub: bool = False) -> torch.Tensor:
         if not sub:
             return self.model(x)
-        with self._bn_stats_frozen() if not self.sub_bn_stats else _nothing():
+        with self._bn_stats_frozen() if not self.sub_bn_stats else nullcontext():
             return self.branch(self.model, x)
 
     @contextmanager
@@ -58,11 +58,6 @@ class SubBranchModel(nn.Module):
         """Take the strategy off the model and return the plain model."""
         self.branch.remove()
         return self.model
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def wrap(
