@@ -235,14 +235,33 @@ def test_corrupt_image_reported_and_skipped_or_rejected(tmp_path, image_folder, 
     assert "broken.png" in caplog.text
 
 
+PRETRAIN_TINY = {
+    "pretrain.decoder_dim": 32,
+    "pretrain.decoder_depth": 1,
+    "pretrain.decoder_heads": 2,
+    "pretrain.projector_dim": 32,
+}
+
+
 def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
     if recipe.startswith("fashion_mnist"):
         tiny = {"train.max_steps": 2, "data.train_subset": 64, "data.batch_size": 16, "data.workers": 0}
         if recipe.endswith("vit"):
             tiny["model.kwargs"] = TINY["model.kwargs"]
+        if recipe.endswith(("dmjd", "linprobe")):
+            tiny["model.kwargs"] = VIT_TINY
+            tiny.update(PRETRAIN_TINY)
+        if recipe.endswith("linprobe"):
+            import timm
+
+            encoder = timm.create_model("vit_tiny_patch16_224", in_chans=1, num_classes=0, **VIT_TINY)
+            torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
+            tiny["model.checkpoint"] = str(tmp_path / "encoder.pt")
         return tiny
     out = dict(FOLDER)
-    if recipe.startswith(("deit3", "mae", "clip")):
+    if recipe.startswith(("dmjd", "maskfeat")):
+        out.update(PRETRAIN_TINY, **{"model.kwargs": VIT_TINY})
+    elif recipe.startswith(("deit3", "mae", "clip")):
         kwargs = dict(VIT_TINY)
         if recipe.startswith("deit3"):
             kwargs["init_values"] = 1e-4
@@ -269,7 +288,8 @@ def test_every_recipe_runs_with_tiny_overrides(recipe, tmp_path, image_folder, m
     overrides = _recipe_overrides(recipe, tmp_path)
     if not recipe.startswith("fashion_mnist"):
         overrides["data.dir"] = str(image_folder)
-    cli = ["train", "--recipe", recipe, *args(overrides), "--train.output", str(tmp_path), "--train.name", "r"]
+    command = "pretrain" if "pretrain:" in (Path("recipes") / f"{recipe}.yaml").read_text() else "train"
+    cli = [command, "--recipe", recipe, *args(overrides), "--train.output", str(tmp_path), "--train.name", "r"]
     assert main(cli) == 0
     state = checkpoint.load(tmp_path / "r" / "last.pt")
     assert state["position"]["global_step"] == 2
