@@ -228,7 +228,6 @@ class Loaders:
 
 def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int, device: torch.device) -> Loaders:
     d, a = cfg.data, cfg.aug
-    train_tf, val_tf = build_transforms(cfg, model)
     if a.repeated_aug:
         # timm (like DeiT) rounds each epoch down to a multiple of 256 images; below that, use them all.
         rounding = 256 if len(train_set) >= 256 * world else 0
@@ -243,6 +242,7 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
             cfg, model, train_set, val_set, sampler, ShardSampler(len(val_set), rank, world), device
         )
         return _finish(cfg, train_set, train, val, sampler, len(base) // d.batch_size)
+    train_tf, val_tf = build_transforms(cfg, model)  # per-sample PIL transforms (the on-device path has its own)
     pin = device.type == "cuda"
     # An own generator: creating an iterator must not draw from the global stream (masks, dropout).
     loader_rng = torch.Generator().manual_seed(cfg.train.seed)

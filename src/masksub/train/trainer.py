@@ -210,7 +210,6 @@ class Trainer:
         for group in ([p for p in rest if p.ndim <= 1], [p for p in rest if p.ndim > 1]):
             if group:
                 opt.add_param_group({"params": group, "weight_decay": 0.0 if group[0].ndim <= 1 else o.weight_decay})
-        self.lr = lr
         return opt
 
     def _run_folder(self) -> Path:
