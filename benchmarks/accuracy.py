@@ -1,14 +1,16 @@
 """Fashion-MNIST accuracy: plain vs MaskSub vs DropSub vs PathSub over seeds, at equal epochs and equal time.
 
-    python benchmarks/accuracy.py --scale gpu --jobs 8      # ViT 6x192 patch 4, 25 epochs, all 60k images
-    python benchmarks/accuracy.py --scale cpu               # ViT 4x96, 8 epochs on 6,000 images (~40 min, 2 cores)
-    python benchmarks/accuracy.py --scale tiny              # seconds; the test suite
+    python benchmarks/accuracy.py --scale gpu --jobs 8                  # ViT 6x192 patch 4, 25 epochs, all 60k images
+    python benchmarks/accuracy.py --scale gpu --jobs 8 --model resnet   # ResNet-18, 25 epochs, all 60k images
+    python benchmarks/accuracy.py --scale cpu                           # ViT 4x96, 8 epochs on 6,000 images
+    python benchmarks/accuracy.py --scale cpu --model resnet            # half-width ResNet-18, the same schedule
+    python benchmarks/accuracy.py --scale tiny                          # seconds; the test suite
 
 Every run is `masksub train` on the same recipe, seeds and schedule; only the sub branch differs.
 A plain run is also given MaskSub's compute: its epochs scaled by the ratio of MaskSub to plain step
 time, timed alone before the runs; the table shows accuracy at equal epochs and at equal compute. Runs go as
 `--jobs` concurrent processes (a GPU is mostly idle with one small run). Writes
-results/accuracy_<scale>.{json,md,png}.
+results/accuracy_<scale>[_resnet].{json,md,png}.
 """
 
 from __future__ import annotations
@@ -28,25 +30,41 @@ from common import hardware, run_cli
 from masksub.train.runlog import plot_curves
 
 VIT = {"img_size": 28, "patch_size": 4}
+# Per scale: the schedule, and per model kind the timm model and its create_model arguments.
 SCALES = {
     "gpu": dict(  # the data set on the GPU, batches augmented there
-        kwargs={**VIT, "embed_dim": 192, "depth": 6, "num_heads": 3},
+        vit=("vit_tiny_patch16_224", {**VIT, "embed_dim": 192, "depth": 6, "num_heads": 3}),
+        resnet=("resnet18", {}),
         epochs=25,
         images=None,
         aug="simple",
         on_device=True,
     ),
-    "cpu": dict(kwargs={**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}, epochs=8, images=6000, aug="simple"),
+    "cpu": dict(
+        vit=("vit_tiny_patch16_224", {**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}),
+        resnet=("resnet18", {"channels": [32, 64, 128, 256], "stem_width": 32}),
+        epochs=8,
+        images=6000,
+        aug="simple",
+    ),
     "tiny": dict(
-        kwargs={**VIT, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2}, epochs=1, images=256, aug="none"
+        vit=("vit_tiny_patch16_224", {**VIT, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2}),
+        resnet=("resnet18", {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}),
+        epochs=1,
+        images=256,
+        aug="none",
     ),
 }
+UNITS = {"vit": 32, "resnet": 4}  # MaskSub block in pixels: the ViT drops tokens (any unit of whole patches
+# works; 32 is the default), the ResNet zeroes 4x4-pixel blocks, a 7x7 grid as 32-pixel blocks give at 224 px
 # Sub-branch strength per kind: MaskSub's paper default; DropSub / PathSub at 0.2 (our choice: the
 # paper gives no Fashion-MNIST value; 0.5 drop-path in every block would remove most of a 4-block net).
 RATIOS = {"mask": 0.5, "dropout": 0.2, "droppath": 0.2}
 
 
-def step_time_ratio(kwargs: dict, batch: int, device: str, rounds: int = 5, steps: int = 5) -> float:
+def step_time_ratio(
+    name: str, kwargs: dict, unit: int, batch: int, device: str, rounds: int = 5, steps: int = 5
+) -> float:
     """Median seconds per MaskSub step over median seconds per plain step, timed alone before any run.
 
     Plain and MaskSub steps alternate in rounds after a warm-up, so drifts in machine load hit both.
@@ -59,8 +77,8 @@ def step_time_ratio(kwargs: dict, batch: int, device: str, rounds: int = 5, step
     x, y = torch.randn(batch, 1, 28, 28, device=dev), torch.randint(0, 10, (batch,), device=dev)
     steps_by_kind = {}
     for kind in ("none", "mask"):
-        model = timm.create_model("vit_tiny_patch16_224", in_chans=1, num_classes=10, **kwargs).to(dev)
-        net = model if kind == "none" else masksub.wrap(model, ratio=RATIOS["mask"])
+        model = timm.create_model(name, in_chans=1, num_classes=10, **kwargs).to(dev)
+        net = model if kind == "none" else masksub.wrap(model, ratio=RATIOS["mask"], unit=unit)
         steps_by_kind[kind] = masksub.Step(net, torch.optim.AdamW(net.parameters()), torch.nn.CrossEntropyLoss())
         for _ in range(5):  # warm-up
             steps_by_kind[kind](x, y)
@@ -81,6 +99,7 @@ def step_time_ratio(kwargs: dict, batch: int, device: str, rounds: int = 5, step
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
+    p.add_argument("--model", choices=tuple(UNITS), default="vit", help="the ViT or the small ResNet")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--subs", default="none,mask,dropout,droppath")
     p.add_argument("--jobs", type=int, default=1, help="concurrent training processes")
@@ -91,9 +110,14 @@ def main() -> None:
     s = SCALES[args.scale]
     seeds = [int(x) for x in args.seeds.split(",")]
     kinds = args.subs.split(",")
-    runs_dir = Path(args.out) / f"accuracy_{args.scale}_runs"
+    stem = f"accuracy_{args.scale}" + ("" if args.model == "vit" else f"_{args.model}")
+    runs_dir = Path(args.out) / f"{stem}_runs"
+    model_name, model_kwargs = s[args.model]
+    unit = UNITS[args.model]
     base = {
-        "model.kwargs": s["kwargs"],
+        "model.name": model_name,
+        "model.kwargs": model_kwargs,
+        "sub.unit": unit,
         "sched.epochs": s["epochs"],
         "aug.preset": s["aug"],
         "data.workers": 1,
@@ -113,7 +137,8 @@ def main() -> None:
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # The cost ratio is timed alone, before the runs: concurrent runs would distort their own times.
-    ratio = step_time_ratio(s["kwargs"], 128, args.device) if "none" in kinds and "mask" in kinds else None
+    timed_both = "none" in kinds and "mask" in kinds
+    ratio = step_time_ratio(model_name, model_kwargs, unit, 128, args.device) if timed_both else None
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda ks: job(*ks), [(k, sd) for k in kinds for sd in seeds]))
     by_kind = {k: [r for r in results if r["name"].startswith(f"{k}-")] for k in kinds}
@@ -135,14 +160,15 @@ def main() -> None:
         "torch": torch.__version__,
         "hardware": hw,
         "scale": args.scale,
+        "model": {"name": model_name, "kwargs": model_kwargs, "mask_unit_px": unit},
         "setting": {**s, "ratios": RATIOS},
         "step_time_ratio_mask_over_plain": ratio,
         "equal_time_epochs": eq_epochs,
     }
     lines = [
         f"Command: `{meta['command']}`; {hw}; torch {meta['torch']}.",
-        f"ViT {s['kwargs']}, {s['epochs']} epochs on {s['images'] or 60000} training images, augmentation "
-        f"`{s['aug']}`, test on 10,000 images; seeds {seeds}.",
+        f"`{model_name}` {model_kwargs}, mask unit {unit} px, {s['epochs']} epochs on {s['images'] or 60000} "
+        f"training images, augmentation `{s['aug']}`, test on 10,000 images; seeds {seeds}.",
         "",
         "| run | sub ratio | epochs | final top-1 (mean ± sd) | best top-1 (mean ± sd) | train time s (mean) |",
         "|---|---|---|---|---|---|",
@@ -157,15 +183,13 @@ def main() -> None:
             f"{b_m:.2f} ± {b_sd:.2f} | {t_m:.1f} |"
         )
     out = Path(args.out)
-    (out / f"accuracy_{args.scale}.md").write_text("\n".join(lines) + "\n")
-    (out / f"accuracy_{args.scale}.json").write_text(
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.json").write_text(
         json.dumps(
             {"meta": meta, "runs": [{k: v for k, v in r.items()} for rows in by_kind.values() for r in rows]}, indent=1
         )
     )
-    plot_curves(
-        {r["name"]: r["records"] for rows in by_kind.values() for r in rows}, out / f"accuracy_{args.scale}.png"
-    )
+    plot_curves({r["name"]: r["records"] for rows in by_kind.values() for r in rows}, out / f"{stem}.png")
     print("\n".join(lines))
 
 

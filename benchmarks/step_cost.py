@@ -2,18 +2,22 @@
 
     python benchmarks/step_cost.py                                    # GPU: the four paper models at 224 px
     python benchmarks/step_cost.py --models resnet50 --compile on     # a subset; results merge into one file
-    python benchmarks/step_cost.py --tiny                             # CPU, tiny models (the test suite)
+    python benchmarks/step_cost.py --scale cpu                        # CPU: the same models, batch / 8, eager
+    python benchmarks/step_cost.py --scale tiny                       # CPU, tiny models (the test suite)
 
 In one process, per model: a plain timm-style loop, ``masksub.Step`` on the plain model, ``masksub.Step``
 with MaskSub at ratio 0.5, and the research-code style step (two forwards, two backwards, the loss read
-back every step, nothing else optimized). Warm-up, then repeats timed with CUDA events (perf_counter on
-CPU); mean and spread. The FLOP-ideal cost ratio is (main + sub FLOPs) / main FLOPs of forward+backward
-(torch.utils.flop_counter). Results merge into results/step_cost.json and results/step_cost.md.
+back every step, nothing else optimized). Each is warmed up and its peak memory measured alone; then all
+four are timed in interleaved rounds with CUDA events (perf_counter on CPU); mean and spread. Peak memory
+is the CUDA allocator's peak on a GPU and, on a CPU, the process's resident-set high-water mark, each less
+what was held before the model was built. The FLOP-ideal cost ratio is (main + sub FLOPs) / main FLOPs of
+forward+backward (torch.utils.flop_counter). Results merge into results/step_cost[_<scale>].{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import platform
@@ -45,6 +49,42 @@ TINY_MODELS = {  # model -> (create kwargs, image size, mask unit)
     "resnet10t": (dict(), 32, 16),
 }
 VARIANTS = ("timm_loop", "plain", "masksub", "research")
+# Per scale: batch divisor of PAPER_MODELS, compile modes and timing repeats (flags override).
+SCALES = {
+    "gpu": dict(batch_div=1, compile="both", warmup=10, repeats=5, iters=10),
+    "cpu": dict(batch_div=8, compile="off", warmup=1, repeats=4, iters=2),
+    "tiny": dict(batch_div=None, compile="off", warmup=1, repeats=2, iters=1),
+}
+
+
+class HostMemory:
+    """Peak resident memory of this process on Linux (/proc), for CPU runs; None elsewhere."""
+
+    def __init__(self):
+        self.ok = Path("/proc/self/clear_refs").exists()
+        try:
+            self.trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:
+            self.trim = lambda _: None
+
+    def _read(self, field: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+        raise KeyError(field)
+
+    def settle(self) -> float | None:
+        """Free what can be freed and return the resident GiB now."""
+        gc.collect()
+        self.trim(0)
+        return self._read("VmRSS:") if self.ok else None
+
+    def reset_peak(self) -> None:
+        if self.ok:
+            Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
+
+    def peak(self) -> float | None:
+        return self._read("VmHWM:") if self.ok else None
 
 
 def make_model(name, tiny, device, channels_last=False):
@@ -105,33 +145,54 @@ def flops(model, x, y, unit):
     return out
 
 
-def timed(step, x, y, device, warmup, repeats, iters):
-    for _ in range(warmup):
-        step(x, y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                step(x, y)
-            end.record()
+class Memory:
+    """Peak memory of the steps run inside ``measure``, less what was held before the model was built."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.host = None if self.cuda else HostMemory()
+
+    def settle(self) -> float | None:
+        if self.cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            return torch.cuda.memory_allocated() / 2**30
+        return self.host.settle()
+
+    def measure(self, step, x, y, iters: int, base: float | None) -> float | None:
+        if self.cuda:
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000 / iters)
+            torch.cuda.reset_peak_memory_stats()
         else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                step(x, y)
-            times.append((time.perf_counter() - t0) / iters)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return times, peak
+            self.host.reset_peak()
+        for _ in range(iters):
+            step(x, y)
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**30 - base
+        peak = self.host.peak()
+        return None if peak is None or base is None else peak - base
+
+
+def seconds_per_step(step, x, y, device, iters) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step(x, y)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / iters
+    start = time.perf_counter()
+    for _ in range(iters):
+        step(x, y)
+    return (time.perf_counter() - start) / iters
 
 
 def bench_model(name, batch, args, device):
-    tiny = args.tiny
+    """Per compile mode: build and warm up every variant, measure each one's peak memory alone, then time
+    them in interleaved rounds (the order rotates each round) so drifts in clocks or load hit all alike."""
+    tiny = args.scale == "tiny"
     img = TINY_MODELS[name][1] if tiny else args.img
     unit = TINY_MODELS[name][2] if tiny else 32
     amp_dtype = None if args.amp == "none" else torch.bfloat16
@@ -140,23 +201,32 @@ def bench_model(name, batch, args, device):
     row = {"batch": batch, "img": img, "flops": flops(make_model(name, tiny, device), x[:8], y[:8], unit)}
     row["flop_ideal_ratio"] = (row["flops"]["main"] + row["flops"]["sub"]) / row["flops"]["main"]
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    memory = Memory(device)
     for compile_ in modes:
         mode = "compiled" if compile_ else "eager"
+        steps, peaks = {}, {}
         for variant in VARIANTS:
+            base = memory.settle()
             model = make_model(name, tiny, device, channels_last=name.startswith("resnet") and device.type == "cuda")
             step = make_step(variant, model, device, amp_dtype, unit, compile_)
-            times, peak = timed(step, x, y, device, args.warmup, args.repeats, args.iters)
+            for _ in range(args.warmup):
+                step(x, y)
+            peaks[variant] = memory.measure(step, x, y, args.iters, base)
+            steps[variant] = step
+        times = {variant: [] for variant in VARIANTS}
+        for r in range(args.repeats):
+            for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
+                times[variant].append(seconds_per_step(steps[variant], x, y, device, args.iters))
+        for variant, ts in times.items():
             row[f"{mode}/{variant}"] = {
-                "s_per_step": statistics.fmean(times),
-                "spread": statistics.stdev(times) if len(times) > 1 else 0.0,
-                "images_per_s": batch / statistics.fmean(times),
-                "peak_gib": peak,
+                "s_per_step": statistics.fmean(ts),
+                "spread": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                "images_per_s": batch / statistics.fmean(ts),
+                "peak_gib": peaks[variant],
             }
-            print(f"{name:32s} {mode:8s} {variant:10s} {statistics.fmean(times) * 1000:9.2f} ms/step", flush=True)
-            del model, step
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            print(f"{name:32s} {mode:8s} {variant:10s} {statistics.fmean(ts) * 1000:9.2f} ms/step", flush=True)
+        del steps, step
+        memory.settle()
     return row
 
 
@@ -166,9 +236,11 @@ def markdown(data: dict) -> str:
         f"Hardware: {meta['hardware']}; torch {meta['torch']}, timm {meta['timm']}; {meta['precision']}.",
         f"Commands: {'; '.join(f'`{c}`' for c in meta['commands'])}",
         "",
+        f"Peak memory: {meta.get('memory', 'CUDA allocator peak')}.",
+        "",
         "| model | batch | mode | plain ms | masksub ms | research ms | masksub / plain | research / plain "
-        "| FLOP-ideal | timm loop / plain | peak mem masksub / plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| FLOP-ideal | timm loop / plain | plain peak GiB | masksub / plain peak | research / plain peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in data["models"].items():
         for mode in ("eager", "compiled"):
@@ -177,7 +249,12 @@ def markdown(data: dict) -> str:
             t = {v: row[f"{mode}/{v}"] for v in VARIANTS}
             ms = {v: t[v]["s_per_step"] * 1000 for v in VARIANTS}
             sd = {v: t[v]["spread"] * 1000 for v in VARIANTS}
-            mem = f"{t['masksub']['peak_gib'] / t['plain']['peak_gib']:.3f}" if t["plain"]["peak_gib"] else "n/a (CPU)"
+            peak = {v: t[v]["peak_gib"] for v in VARIANTS}
+            mem = (
+                f"{peak['plain']:.2f} | {peak['masksub'] / peak['plain']:.3f} | {peak['research'] / peak['plain']:.3f}"
+                if peak["plain"]
+                else "n/a | n/a | n/a"
+            )
             lines.append(
                 f"| {name} | {row['batch']} | {mode} | {ms['plain']:.1f} ± {sd['plain']:.1f} | "
                 f"{ms['masksub']:.1f} ± {sd['masksub']:.1f} | {ms['research']:.1f} ± {sd['research']:.1f} | "
@@ -214,29 +291,38 @@ def flops_table(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny models on the CPU")
+    p.add_argument("--scale", choices=tuple(SCALES), default="gpu", help="gpu: the paper's batches; cpu: batch / 8")
     p.add_argument("--models", default=None, help="comma-separated subset")
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"))
-    p.add_argument("--compile", default="both", choices=("off", "on", "both"))
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--iters", type=int, default=10, help="steps per timed repeat")
+    p.add_argument("--compile", default=None, choices=("off", "on", "both"), help="default: by scale")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: by scale)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: by scale)")
+    p.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default: by scale)")
     p.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     p.add_argument("--flops-only", action="store_true", help="only the FLOP counts (any device, batch 2)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     if args.flops_only:
         return flops_table(args)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    table = {name: 4 for name in TINY_MODELS} if args.tiny else dict(PAPER_MODELS)
+    scale = SCALES[args.scale]
+    for key in ("compile", "warmup", "repeats", "iters"):
+        if getattr(args, key) is None:
+            setattr(args, key, scale[key])
+    if args.scale == "gpu" and not torch.cuda.is_available():
+        sys.exit("--scale gpu needs CUDA; on this machine use --scale cpu (or --scale tiny)")
+    device = torch.device("cuda" if args.scale == "gpu" else "cpu")
+    if args.scale == "tiny":
+        table = {name: 4 for name in TINY_MODELS}
+    else:
+        table = {name: batch // scale["batch_div"] for name, batch in PAPER_MODELS.items()}
     if args.models:
         table = {m: table.get(m, 128) for m in args.models.split(",")}
     if args.batch:
         table = {m: args.batch for m in table}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("step_cost_tiny.json" if args.tiny else "step_cost.json")
+    path = out / ("step_cost.json" if args.scale == "gpu" else f"step_cost_{args.scale}.json")
     data = json.loads(path.read_text()) if path.is_file() else {"meta": {"commands": []}, "models": {}}
     hardware = (
         torch.cuda.get_device_name()
@@ -248,6 +334,11 @@ def main() -> None:
         timm=timm.__version__,
         hardware=hardware,
         precision="bf16 autocast, AdamW" if args.amp == "bf16" else "fp32, AdamW",
+        memory="CUDA allocator peak over steps run after the warm-up, less what was allocated before the model was "
+        "built (parameters, gradients, optimizer state and activations)"
+        if device.type == "cuda"
+        else "process resident-set high-water mark over steps run after the warm-up, less the resident set before "
+        "the model was built (parameters, gradients, optimizer state and activations)",
     )
     data["meta"]["commands"] = sorted(set(data["meta"]["commands"]) | {"python " + " ".join(sys.argv)})
     for name, batch in table.items():
