@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -65,13 +66,27 @@ def write_summary(path: Path, rows: list[dict]) -> None:
 
 
 def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
-    """Training loss and test accuracy per epoch, one line per run, side by side."""
+    """Training loss and test accuracy per epoch, one line per run, side by side.
+
+    Runs named ``<group>-s<seed>`` share their group's colour and legend entry; seeds differ by line style.
+    """
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    group_of = {name: re.sub(r"-s\d+$", "", name) for name in runs}
+    colour = {group: i % 10 for i, group in enumerate(dict.fromkeys(group_of.values()))}
+    seen: dict[str, int] = {}
     for name, records in runs.items():
+        group = group_of[name]
+        k = seen[group] = seen.get(group, -1) + 1
+        style = dict(
+            color=plt.get_cmap("tab10")(colour[group]),
+            linestyle=("-", "--", ":", "-.")[k % 4],
+            marker=".",
+            label=group if k == 0 else "_nolegend_",
+        )
         epochs = [r["epoch"] for r in records]
-        ax_loss.plot(epochs, [r.get("train_loss_main", r.get("train_loss")) for r in records], marker=".", label=name)
+        ax_loss.plot(epochs, [r.get("train_loss_main", r.get("train_loss")) for r in records], **style)
         evaluated = [r for r in records if r.get("top1") is not None]
-        ax_acc.plot([r["epoch"] for r in evaluated], [r["top1"] for r in evaluated], marker=".", label=name)
+        ax_acc.plot([r["epoch"] for r in evaluated], [r["top1"] for r in evaluated], **style)
     ax_loss.set(xlabel="epoch", ylabel="main-branch training loss", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="test accuracy")
     for ax in (ax_loss, ax_acc):
