@@ -9,16 +9,16 @@ In one process, per model: a plain timm-style loop, ``masksub.Step`` on the plai
 with MaskSub at ratio 0.5, and the research-code style step (two forwards, two backwards, the loss read
 back every step, nothing else optimized). Each is warmed up and its peak memory measured alone; then all
 four are timed in interleaved rounds with CUDA events (perf_counter on CPU); mean and spread. Peak memory
-is the CUDA allocator's peak on a GPU and, on a CPU, the process's resident-set high-water mark, each less
-what was held before the model was built. The FLOP-ideal cost ratio is (main + sub FLOPs) / main FLOPs of
+counts tensors: parameters, optimizer state, gradients and activations (the CUDA allocator's peak on a GPU,
+the profiler's allocation events on a CPU). The FLOP-ideal cost ratio is (main + sub FLOPs) / main FLOPs of
 forward+backward (torch.utils.flop_counter). Results merge into results/step_cost[_<scale>].{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -29,6 +29,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import masksub
@@ -57,36 +58,6 @@ SCALES = {
 }
 
 
-class HostMemory:
-    """Peak resident memory of this process on Linux (/proc), for CPU runs; None elsewhere."""
-
-    def __init__(self):
-        self.ok = Path("/proc/self/clear_refs").exists()
-        try:
-            self.trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except OSError:
-            self.trim = lambda _: None
-
-    def _read(self, field: str) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) / 2**20  # kB -> GiB
-        raise KeyError(field)
-
-    def settle(self) -> float | None:
-        """Free what can be freed and return the resident GiB now."""
-        gc.collect()
-        self.trim(0)
-        return self._read("VmRSS:") if self.ok else None
-
-    def reset_peak(self) -> None:
-        if self.ok:
-            Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
-
-    def peak(self) -> float | None:
-        return self._read("VmHWM:") if self.ok else None
-
-
 def make_model(name, tiny, device, channels_last=False):
     kwargs = TINY_MODELS[name][0] if tiny else {}
     torch.manual_seed(0)
@@ -95,7 +66,7 @@ def make_model(name, tiny, device, channels_last=False):
 
 
 def make_step(variant, model, device, amp_dtype, unit, compile_):
-    """One optimizer step as a closure over (x, y)."""
+    """One optimizer step as a callable on (x, y); with the module it trains and its optimizer."""
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     net = masksub.wrap(model, ratio=0.5, unit=unit) if variant in ("masksub", "research") else model
     if compile_:
@@ -104,7 +75,7 @@ def make_step(variant, model, device, amp_dtype, unit, compile_):
     crit = torch.nn.CrossEntropyLoss()
     if variant in ("plain", "masksub"):
         amp = {torch.bfloat16: "bf16", None: None}[amp_dtype]
-        return masksub.Step(net, opt, crit, amp=amp)
+        return masksub.Step(net, opt, crit, amp=amp), net, opt
     if variant == "timm_loop":
 
         def timm_loop(x, y):
@@ -114,7 +85,7 @@ def make_step(variant, model, device, amp_dtype, unit, compile_):
             loss.backward()
             opt.step()
 
-        return timm_loop
+        return timm_loop, net, opt
     sub_loss = masksub.SubBranchLoss(crit).sub_loss
 
     def research(x, y):
@@ -129,7 +100,7 @@ def make_step(variant, model, device, amp_dtype, unit, compile_):
         opt.step()
         return loss.item() + loss_sub.item()  # logged every step, as the research scripts do
 
-    return research
+    return research, net, opt
 
 
 def flops(model, x, y, unit):
@@ -145,33 +116,33 @@ def flops(model, x, y, unit):
     return out
 
 
-class Memory:
-    """Peak memory of the steps run inside ``measure``, less what was held before the model was built."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.host = None if self.cuda else HostMemory()
-
-    def settle(self) -> float | None:
-        if self.cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-            return torch.cuda.memory_allocated() / 2**30
-        return self.host.settle()
-
-    def measure(self, step, x, y, iters: int, base: float | None) -> float | None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.host.reset_peak()
+def peak_memory(step, net, opt, x, y, iters: int) -> float:
+    """Peak GiB of tensor memory over ``iters`` steps: what the model and optimizer hold, plus the gradients
+    and activations a step allocates. A GPU reads its allocator; a CPU has no allocator statistics, so the
+    profiler's allocation and free events are summed in time order."""
+    opt.zero_grad(set_to_none=True)  # every step starts so: its gradients count as allocated during it
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         for _ in range(iters):
             step(x, y)
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() / 2**30 - base
-        peak = self.host.peak()
-        return None if peak is None or base is None else peak - base
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - held + held_by(net, opt)) / 2**30
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(iters):
+            step(x, y)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    return (held_by(net, opt) + max(itertools.accumulate((e.nbytes() for e in events), initial=0))) / 2**30
+
+
+def held_by(net, opt) -> int:
+    """Bytes of the parameters, buffers and optimizer state (each storage once)."""
+    state = (v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    tensors = itertools.chain(net.parameters(), net.buffers(), state)
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def seconds_per_step(step, x, y, device, iters) -> float:
@@ -201,17 +172,15 @@ def bench_model(name, batch, args, device):
     row = {"batch": batch, "img": img, "flops": flops(make_model(name, tiny, device), x[:8], y[:8], unit)}
     row["flop_ideal_ratio"] = (row["flops"]["main"] + row["flops"]["sub"]) / row["flops"]["main"]
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    memory = Memory(device)
     for compile_ in modes:
         mode = "compiled" if compile_ else "eager"
         steps, peaks = {}, {}
         for variant in VARIANTS:
-            base = memory.settle()
             model = make_model(name, tiny, device, channels_last=name.startswith("resnet") and device.type == "cuda")
-            step = make_step(variant, model, device, amp_dtype, unit, compile_)
+            step, net, opt = make_step(variant, model, device, amp_dtype, unit, compile_)
             for _ in range(args.warmup):
                 step(x, y)
-            peaks[variant] = memory.measure(step, x, y, args.iters, base)
+            peaks[variant] = peak_memory(step, net, opt, x, y, args.iters)
             steps[variant] = step
         times = {variant: [] for variant in VARIANTS}
         for r in range(args.repeats):
@@ -225,8 +194,10 @@ def bench_model(name, batch, args, device):
                 "peak_gib": peaks[variant],
             }
             print(f"{name:32s} {mode:8s} {variant:10s} {statistics.fmean(ts) * 1000:9.2f} ms/step", flush=True)
-        del steps, step
-        memory.settle()
+        del steps, step, net, opt, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return row
 
 
@@ -334,11 +305,9 @@ def main() -> None:
         timm=timm.__version__,
         hardware=hardware,
         precision="bf16 autocast, AdamW" if args.amp == "bf16" else "fp32, AdamW",
-        memory="CUDA allocator peak over steps run after the warm-up, less what was allocated before the model was "
-        "built (parameters, gradients, optimizer state and activations)"
-        if device.type == "cuda"
-        else "process resident-set high-water mark over steps run after the warm-up, less the resident set before "
-        "the model was built (parameters, gradients, optimizer state and activations)",
+        memory="tensor memory (parameters, buffers, optimizer state, gradients, activations; not the inputs) at "
+        "its peak over steps after the warm-up: "
+        + ("the CUDA allocator's peak" if device.type == "cuda" else "the profiler's CPU allocation and free events"),
     )
     data["meta"]["commands"] = sorted(set(data["meta"]["commands"]) | {"python " + " ".join(sys.argv)})
     for name, batch in table.items():

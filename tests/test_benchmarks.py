@@ -38,7 +38,9 @@ def test_step_cost_tiny(tmp_path):
     for name, row in data["models"].items():
         for v in ("timm_loop", "plain", "masksub", "research"):
             assert row[f"eager/{v}"]["s_per_step"] > 0
-            assert row[f"eager/{v}"]["peak_gib"] is not None  # host memory on a Linux CPU
+            assert row[f"eager/{v}"]["peak_gib"] > 0  # tensor memory, from the profiler on a CPU
+        # Both two-backward steps free the main graph before the sub pass: the same peak.
+        assert row["eager/masksub"]["peak_gib"] == pytest.approx(row["eager/research"]["peak_gib"], rel=0.01)
         # Token dropping makes the ViT sub pass cheaper than the main pass; masking elsewhere does not.
         if name.startswith("vit"):
             assert 1.3 < row["flop_ideal_ratio"] < 1.7
