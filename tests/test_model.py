@@ -148,3 +148,27 @@ def test_torch_compile_two_graphs_no_breaks(name):
         wrapped(x).sum().backward()
         wrapped(x, sub=True).sum().backward()
     assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "resnet"])
+def test_compiled_sub_branch_stays_masked_beside_other_compiled_instances(name):
+    # Dynamo shares graphs across instances of a class and does not guard on module hooks: a compiled
+    # plain instance must not hand its unmasked graph to the wrapped model's sub pass.
+    torch._dynamo.reset()
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
+    eager = copy.deepcopy(wrapped)
+    wrapped.compile(backend="aot_eager")
+    x = tiny_images(name, batch=4)
+    wrapped(x), wrapped(x, sub=True)
+    plain = tiny_model(name).train()
+    plain.compile(backend="aot_eager")
+    plain(x)
+    other = masksub.wrap(tiny_model(name), sub="dropout", ratio=0.3).train()
+    other.compile(backend="aot_eager")
+    other(x), other(x, sub=True)
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        got = wrapped(x, sub=True)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(got, eager(x, sub=True))
+    assert not torch.allclose(got, wrapped(x), atol=1e-4)

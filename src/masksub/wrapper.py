@@ -51,8 +51,14 @@ class SubBranchModel(nn.Module):
                 bn.track_running_stats = True
 
     def compile(self, *args, **kwargs) -> None:
-        """Compile the inner model in place (two graphs: main and sub); names stay unchanged."""
-        self.model.compile(*args, **kwargs)
+        """Compile this wrapper in place (two graphs: main and sub); names stay unchanged.
+
+        The wrapper's own ``forward`` is the compiled frame, so the sub branch's hooks and flags are traced
+        and guarded inside it. Compiling only the inner model would share its graphs with every other
+        compiled instance of the same class, and dynamo does not guard on module hooks: after a plain
+        instance had been compiled, the sub pass would run that unmasked graph.
+        """
+        super().compile(*args, **kwargs)
 
     def unwrap(self) -> nn.Module:
         """Take the strategy off the model and return the plain model."""

@@ -381,7 +381,8 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         cl = self.cfg.train.channels_last
-        record = evaluate(self.model, self.loaders.val, self.device, self.amp_dtype, cl)
+        # self.net: the plain model, or the wrapper whose main branch is it (compiled with train.compile)
+        record = evaluate(self.net, self.loaders.val, self.device, self.amp_dtype, cl)
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.loaders.val, self.device, self.amp_dtype, cl)
             record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
