@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from conftest import tiny_images, tiny_model
 
 import masksub
-from masksub.task import MaskSubTask
+
+try:
+    from masksub.task import MaskSubTask
+except ImportError as e:  # an older timm: the core is tested, the task is not available
+    MaskSubTask, TASK_SKIP = None, str(e)
+else:
+    TASK_SKIP = ""
+needs_task_api = pytest.mark.skipif(MaskSubTask is None, reason=TASK_SKIP)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,6 +40,7 @@ def test_readme_own_loop_example_runs():
     assert model.branch.name == "vit"
 
 
+@needs_task_api
 def test_task_gradients_equal_step_and_checkpoint_is_plain():
     x, y = tiny_images("swin", batch=4), torch.arange(4)
     wrapped = masksub.wrap(tiny_model("swin"), unit=16).train()
@@ -51,3 +64,24 @@ def test_task_gradients_equal_step_and_checkpoint_is_plain():
     other = MaskSubTask(masksub.wrap(tiny_model("swin", seed=9), unit=16), verbose=False)
     other.load_checkpoint_state(state["state_dict"], state["task_state"])
     assert torch.equal(other._wrapper[0].branch.mask_token, task_model.branch.mask_token)
+
+
+@pytest.mark.parametrize("old_api", ["no_task_module", "old_signature"])
+def test_task_on_older_timm_names_the_version_to_install(old_api):
+    """timm's task API changed between releases: an older one fails at import with the fix, not mid-training."""
+    fake = {
+        "no_task_module": "sys.modules['timm.task'] = None",  # import fails, as on timm < 1.0.23
+        "old_signature": """
+            mod = types.ModuleType('timm.task')
+            class ClassificationTask:  # timm 1.0.23 to 1.0.30
+                def __init__(self, model, criterion, device=None, dtype=None, verbose=True): ...
+            mod.ClassificationTask = ClassificationTask
+            sys.modules['timm.task'] = mod
+        """,
+    }[old_api]
+    code = "import sys, types, timm\n" + textwrap.dedent(fake) + "\nimport masksub.task\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0
+    assert "ImportError: masksub.task needs timm's TrainingTask API" in run.stderr
+    assert "pip install -U 'timm>=1.0.31'" in run.stderr

@@ -5,19 +5,40 @@ gradients as ``masksub.Step``, but both graphs are alive together (about 1.6x
 activation memory for a ViT at ratio 0.5, 2x for Swin and CNNs) and under DDP
 the single backward all-reduces once. Prefer ``masksub.Step`` in your own loop
 when memory is tight; use this task to keep timm's script.
+
+timm's task API is young and has changed between releases: this module needs
+timm >= 1.0.31 (the rest of masksub works with timm >= 1.0.20).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+import timm
 import torch
-from timm.task import ClassificationTask
 from torch import nn
 
 from .loss import SubBranchLoss
 from .wrapper import SubBranchModel
+
+MIN_TIMM = "1.0.31"  # ClassificationTask(model, criterion, criterion_kwargs, ...) and task state
+
+
+def _task_api_error() -> ImportError:
+    return ImportError(
+        f"masksub.task needs timm's TrainingTask API as of timm {MIN_TIMM}, found timm {timm.__version__}: "
+        f"`pip install -U 'timm>={MIN_TIMM}'` (masksub.wrap and masksub.Step work with timm >= 1.0.20)"
+    )
+
+
+try:
+    from timm.task import ClassificationTask
+except ImportError as e:  # timm < 1.0.23 has no timm.task
+    raise _task_api_error() from e
+if "criterion_kwargs" not in inspect.signature(ClassificationTask.__init__).parameters:
+    raise _task_api_error()  # timm 1.0.23 to 1.0.30: an older signature and task-state protocol
 
 
 class MaskSubTask(ClassificationTask):
