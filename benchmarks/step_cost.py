@@ -312,8 +312,8 @@ def main() -> None:
     data["meta"]["commands"] = sorted(set(data["meta"]["commands"]) | {"python " + " ".join(sys.argv)})
     for name, batch in table.items():
         data["models"][name] = {**data["models"].get(name, {}), **bench_model(name, batch, args, device)}
-        path.write_text(json.dumps(data, indent=2))
-    path.with_suffix(".md").write_text(markdown(data))
+        path.write_text(json.dumps(data, indent=2))  # after each model: a cut-off run keeps what it measured
+        path.with_suffix(".md").write_text(markdown(data))
     print(markdown(data))
 
 
