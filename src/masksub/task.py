@@ -23,7 +23,7 @@ from torch import nn
 from .loss import SubBranchLoss
 from .wrapper import SubBranchModel
 
-MIN_TIMM = "1.0.31"  # ClassificationTask(model, criterion, criterion_kwargs, ...) and task state
+MIN_TIMM = "1.0.31"  # the first with ClassificationTask(model, criterion, criterion_kwargs, ...)
 
 
 def _task_api_error() -> ImportError:
@@ -38,7 +38,7 @@ try:
 except ImportError as e:  # timm < 1.0.23 has no timm.task
     raise _task_api_error() from e
 if "criterion_kwargs" not in inspect.signature(ClassificationTask.__init__).parameters:
-    raise _task_api_error()  # timm 1.0.23 to 1.0.30: an older signature and task-state protocol
+    raise _task_api_error()  # timm 1.0.23 to 1.0.30: ClassificationTask had no criterion_kwargs
 
 
 class MaskSubTask(ClassificationTask):
