@@ -3,8 +3,9 @@
     python benchmarks/ddp_comm.py                 # 2 CPU processes (gloo), ViT-S/16 at 64 px
     python benchmarks/ddp_comm.py --tiny          # a tiny ViT, for the test suite
 
-Counts, with a DDP communication hook, the all-reduce rounds (every bucket once per synced
-backward) and the gradient elements sent per optimizer step. Expected: 1, 1 and 2 rounds.
+Counts, with a DDP communication hook (`masksub.train.distributed.count_allreduces`), the
+all-reduce rounds (every bucket once per synced backward) and the gradient elements sent per
+optimizer step. Expected: 1, 1 and 2 rounds.
 Writes results/ddp_comm.json and results/ddp_comm.md.
 """
 
@@ -22,10 +23,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from common import exit_without_teardown
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
+from masksub.train.distributed import count_allreduces
 
 STEPS = ("plain", "masksub", "research")
 
@@ -56,26 +58,19 @@ def worker(rank: int, world: int, init: str, args, out: str) -> None:
     for kind in STEPS:
         net = build(args.tiny) if kind == "plain" else masksub.wrap(build(args.tiny))
         model = DDP(net)
-        rounds, sent = [0], [0]
-
-        def hook(state, bucket, rounds=rounds, sent=sent):
-            rounds[0] += bucket.index() == 0  # a synced backward reduces every bucket once
-            sent[0] += bucket.buffer().numel()
-            return allreduce_hook(state, bucket)
-
-        model.register_comm_hook(None, hook)
+        count = count_allreduces(model)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), accum_steps=args.accum)
         per_step = []
         for _ in range(args.steps):
-            before = (rounds[0], sent[0])
+            before = (count.rounds, count.elements)
             for _ in range(args.accum if kind != "research" else 1):
                 x, y = torch.randn(args.batch, 3, size, size), torch.randint(0, 10, (args.batch,))
                 if kind == "research":
                     research_step(model, opt, x, y, step.loss.sub_loss)
                 else:
                     step(x, y)
-            per_step.append((rounds[0] - before[0], sent[0] - before[1]))
+            per_step.append((count.rounds - before[0], count.elements - before[1]))
         numel = sum(p.numel() for p in net.parameters())
         results[kind] = {
             "allreduce_rounds_per_step": [r for r, _ in per_step],
@@ -85,7 +80,7 @@ def worker(rank: int, world: int, init: str, args, out: str) -> None:
         }
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    exit_without_teardown()
 
 
 def main() -> None:

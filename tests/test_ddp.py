@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY, tiny_images, tiny_model
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from conftest import TINY, exit_without_teardown, tiny_images, tiny_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
+from masksub.train.distributed import AllReduceCount, count_allreduces
 
 WORLD, BATCH, STEPS = 2, 8, 3
 MASK_UNITS = {"vit": 64, "swin": 16}  # random numbers each sample's mask draws (tokens or units)
@@ -27,17 +27,10 @@ def _data(name, micro):
 def _train(name, accum, kind, rank=0, world=1):
     """Train STEPS optimizer steps; under DDP count gradient all-reduces per step."""
     wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
-    model, calls, sent = wrapped, [0], [0]
+    model, count = wrapped, AllReduceCount()
     if world > 1:
         model = DDP(wrapped)  # no find_unused_parameters, also for the Swin mask token
-
-        def counting_hook(state, bucket):
-            # A synced backward all-reduces every bucket once: count rounds by bucket 0, and bytes.
-            calls[0] += bucket.index() == 0
-            sent[0] += bucket.buffer().numel()
-            return allreduce_hook(state, bucket)
-
-        model.register_comm_hook(None, counting_hook)
+        count = count_allreduces(model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
     step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), accum_steps=accum)
     xs, ys = _data(name, STEPS * accum)
@@ -58,20 +51,18 @@ def _train(name, accum, kind, rank=0, world=1):
         else:
             updated = step(x, y)["updated"]
         if updated:
-            counts.append(calls[0] - start)
-            numels.append(sent[0] - numel_start)
-            start, numel_start = calls[0], sent[0]
+            counts.append(count.rounds - start)
+            numels.append(count.elements - numel_start)
+            start, numel_start = count.rounds, count.elements
     return (counts, numels), wrapped.state_dict()
 
 
 def _worker(rank, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    try:
-        out = {case: _train(*case, rank=rank, world=WORLD) for case in CASES}
-        torch.save(out, f"{results}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    out = {case: _train(*case, rank=rank, world=WORLD) for case in CASES}
+    torch.save(out, f"{results}.{rank}")
+    exit_without_teardown()
 
 
 @pytest.fixture(scope="module")

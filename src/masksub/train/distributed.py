@@ -1,4 +1,5 @@
-"""``torchrun`` support: process group from the environment, rank-0 helpers, metric reduction."""
+"""``torchrun`` support: process group from the environment, rank-0 helpers, metric reduction,
+and a counter of DDP's gradient all-reduces."""
 
 from __future__ import annotations
 
@@ -41,6 +42,31 @@ def sum_tensor(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+@dataclass
+class AllReduceCount:
+    rounds: int = 0  # synced backwards: each one all-reduces every gradient bucket once
+    elements: int = 0  # gradient elements sent
+
+
+def count_allreduces(model: torch.nn.parallel.DistributedDataParallel) -> AllReduceCount:
+    """Count a DDP model's gradient all-reduces from now on: check that a custom step syncs once.
+
+    Registers a communication hook that counts each bucket and then reduces it as DDP does by
+    default (``allreduce_hook``: divide by the world size, all-reduce).
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    count = AllReduceCount()
+
+    def hook(group, bucket):
+        count.rounds += bucket.index() == 0
+        count.elements += bucket.buffer().numel()
+        return allreduce_hook(group, bucket)
+
+    model.register_comm_hook(None, hook)
+    return count
 
 
 def barrier() -> None:
