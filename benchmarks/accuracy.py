@@ -139,16 +139,15 @@ def main() -> None:
     # The cost ratio is timed alone, before the runs: concurrent runs would distort their own times.
     timed_both = "none" in kinds and "mask" in kinds
     ratio = step_time_ratio(model_name, model_kwargs, unit, 128, args.device) if timed_both else None
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda ks: job(*ks), [(k, sd) for k in kinds for sd in seeds]))
-    by_kind = {k: [r for r in results if r["name"].startswith(f"{k}-")] for k in kinds}
-    eq_epochs = None
-    if ratio is not None:  # plain given MaskSub's compute: epochs scaled by the step-time ratio
-        eq_epochs = max(1, round(s["epochs"] * ratio))
-        with ThreadPoolExecutor(args.jobs) as pool:
-            by_kind["none-equal-time"] = list(
-                pool.map(lambda sd: job("none", sd, eq_epochs, f"none-equal-time-{eq_epochs}ep-s{sd}"), seeds)
-            )
+    # plain given MaskSub's compute: epochs scaled by the step-time ratio
+    eq_epochs = max(1, round(s["epochs"] * ratio)) if ratio is not None else None
+    jobs = [("none-equal-time", ("none", sd, eq_epochs, f"none-equal-time-{eq_epochs}ep-s{sd}")) for sd in seeds]
+    jobs = (jobs if eq_epochs else []) + [(k, (k, sd)) for k in kinds for sd in seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:  # one queue, the longest runs first
+        results = list(pool.map(lambda kj: (kj[0], job(*kj[1])), jobs))
+    by_kind = {k: [r for kk, r in results if kk == k] for k in kinds}
+    if eq_epochs:
+        by_kind["none-equal-time"] = [r for kk, r in results if kk == "none-equal-time"]
 
     def stat(rows, key):
         vals = [r[key] for r in rows if r[key] is not None]
