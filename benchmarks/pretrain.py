@@ -2,11 +2,13 @@
 
     python benchmarks/pretrain.py --scale cpu          # ViT 4x96, 6,000 images, minutes on 2 cores
     python benchmarks/pretrain.py --scale gpu --throughput   # 60k images, plus ViT-B/16 step throughput
+    python benchmarks/pretrain.py --throughput-only          # only the ViT-B/16 step throughput (GPU, a minute)
     python benchmarks/pretrain.py --scale tiny         # seconds; the test suite
 
 Pretrains DMJD and the single-view baseline for the same epochs, then the baseline again for DMJD's
 wall time; judges every encoder by a linear probe and by finetuning with MaskSub (same recipes,
-seeds and schedules). Writes results/pretrain_<scale>.{json,md}.
+seeds and schedules). Writes results/pretrain_<scale>.{json,md}; --throughput-only writes
+results/pretrain_throughput.{json,md}.
 """
 
 from __future__ import annotations
@@ -79,15 +81,40 @@ def throughput(batch: int = 64, steps: int = 20) -> dict:
     return out
 
 
+def throughput_line(t: dict) -> str:
+    speeds = ", ".join(
+        f"{m} {v['images_per_s']:.0f} images/s ({v['s_per_step'] * 1000:.1f} ms/step)" for m, v in t.items()
+    )
+    return f"ViT-B/16, 224 px, batch 64, bf16: {speeds}; DMJD / single-view step time " + (
+        f"{t['dmjd']['s_per_step'] / t['single']['s_per_step']:.2f}."
+    )
+
+
+def write_throughput(out: Path) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--throughput-only times CUDA steps: it needs a GPU")
+    t = throughput()
+    meta = {"command": "python " + " ".join(sys.argv), "hardware": hardware(), "torch": torch.__version__}
+    line = f"Command: `{meta['command']}`; {meta['hardware']}; torch {meta['torch']}.\n\n{throughput_line(t)}\n"
+    (out / "pretrain_throughput.md").write_text(line)
+    (out / "pretrain_throughput.json").write_text(json.dumps({"meta": meta, "vit_b16_throughput": t}, indent=1))
+    print(line)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
     p.add_argument("--device", default="auto")
     p.add_argument("--throughput", action="store_true", help="also time ViT-B/16 steps (needs a GPU)")
+    p.add_argument("--throughput-only", action="store_true", help="only time the ViT-B/16 steps, no training")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     s = SCALES[args.scale]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.throughput_only:
+        write_throughput(out)
+        return
     runs = out / f"pretrain_{args.scale}_runs"
     dd, depth, heads = s["decoder"]
     data = {
@@ -154,13 +181,7 @@ def main() -> None:
         )
     lines.append(f"| none (from scratch) | 0 | 0 | - | - | {scratch['final_top1']:.2f} |")
     if args.throughput:
-        t = meta["vit_b16_throughput"]
-        lines += [
-            "",
-            "ViT-B/16, 224 px, batch 64, bf16: "
-            + ", ".join(f"{m} {v['images_per_s']:.0f} images/s" for m, v in t.items()),
-        ]
-    out.mkdir(parents=True, exist_ok=True)
+        lines += ["", throughput_line(meta["vit_b16_throughput"])]
     (out / f"pretrain_{args.scale}.md").write_text("\n".join(lines) + "\n")
     (out / f"pretrain_{args.scale}.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
     print("\n".join(lines))

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU scale of the benchmarks on one GPU, in parts that each take a few minutes:
+#
+#   bash benchmarks/run_gpu.sh eager [DEST]     # tests/test_gpu.py, step cost of the 4 models (eager),
+#                                               # DMJD vs single-view ViT-B/16 step throughput
+#   bash benchmarks/run_gpu.sh compiled [DEST]  # step cost with torch.compile (merges into step_cost.json)
+#   bash benchmarks/run_gpu.sh accuracy [DEST]  # Fashion-MNIST ViT 6x192, 25 epochs: all 15 runs at once
+#   bash benchmarks/run_gpu.sh accuracy_resnet [DEST]
+#
+# Results are written to benchmarks/results/ and, when DEST is given, the part's result files (not
+# the run folders) are copied there too. Python: $PYTHON (default python). Fashion-MNIST is read
+# from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+RES=benchmarks/results
+part=${1:?"name a part: eager, compiled, accuracy or accuracy_resnet"}
+dest=${2:-}
+mkdir -p "$RES"
+
+case $part in
+  eager)
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$RES/gpu_tests.log"
+    $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$RES/gpu_tests.log" ||
+      echo "tests/test_gpu.py FAILED (see $RES/gpu_tests.log); the benchmarks go on" | tee -a "$RES/gpu_tests.log"
+    $PY benchmarks/step_cost.py --compile off
+    $PY benchmarks/pretrain.py --throughput-only
+    files="gpu_tests.log step_cost.json step_cost.md pretrain_throughput.json pretrain_throughput.md" ;;
+  compiled)
+    $PY benchmarks/step_cost.py --compile on
+    files="step_cost.json step_cost.md" ;;
+  accuracy)
+    $PY benchmarks/accuracy.py --scale gpu --jobs 15
+    files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
+  accuracy_resnet)
+    $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet
+    files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
+  *)
+    echo "unknown part '$part': name one of eager, compiled, accuracy, accuracy_resnet" >&2
+    exit 2 ;;
+esac
+
+if [ -n "$dest" ]; then
+  mkdir -p "$dest"
+  for f in $files; do cp "$RES/$f" "$dest/"; done
+fi
