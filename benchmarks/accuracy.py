@@ -5,10 +5,12 @@
     python benchmarks/accuracy.py --scale cpu                           # ViT 4x96, 8 epochs on 6,000 images
     python benchmarks/accuracy.py --scale cpu --model resnet            # half-width ResNet-18, the same schedule
     python benchmarks/accuracy.py --scale tiny                          # seconds; the test suite
+    python benchmarks/accuracy.py --scale cpu --ratios-only             # only each sub branch's step cost
 
 Every run is `masksub train` on the same recipe, seeds and schedule; only the sub branch differs.
 A plain run is also given MaskSub's compute: its epochs scaled by the ratio of MaskSub to plain step
-time, timed alone before the runs; the table shows accuracy at equal epochs and at equal compute. Runs go as
+time, timed alone before the runs (as is every sub branch's step cost, a column of the table); the
+table shows accuracy at equal epochs and at equal compute. Runs go as
 `--jobs` concurrent processes (a GPU is mostly idle with one small run). Writes
 results/accuracy_<scale>[_resnet].{json,md,png}.
 """
@@ -62,12 +64,12 @@ UNITS = {"vit": 32, "resnet": 4}  # MaskSub block in pixels: the ViT drops token
 RATIOS = {"mask": 0.5, "dropout": 0.2, "droppath": 0.2}
 
 
-def step_time_ratio(
-    name: str, kwargs: dict, unit: int, batch: int, device: str, rounds: int = 5, steps: int = 5
-) -> float:
-    """Median seconds per MaskSub step over median seconds per plain step, timed alone before any run.
+def step_time_ratios(
+    name: str, kwargs: dict, unit: int, batch: int, device: str, kinds: list, rounds: int = 5, steps: int = 5
+) -> dict:
+    """Per sub-branch kind: median seconds per step over the plain step's, timed alone before any run.
 
-    Plain and MaskSub steps alternate in rounds after a warm-up, so drifts in machine load hit both.
+    All steps alternate in rounds after a warm-up, so drifts in machine load hit each alike.
     """
     import timm
 
@@ -76,9 +78,9 @@ def step_time_ratio(
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     x, y = torch.randn(batch, 1, 28, 28, device=dev), torch.randint(0, 10, (batch,), device=dev)
     steps_by_kind = {}
-    for kind in ("none", "mask"):
+    for kind in ("none", *(k for k in kinds if k != "none")):
         model = timm.create_model(name, in_chans=1, num_classes=10, **kwargs).to(dev)
-        net = model if kind == "none" else masksub.wrap(model, ratio=RATIOS["mask"], unit=unit)
+        net = model if kind == "none" else masksub.wrap(model, kind, ratio=RATIOS[kind], unit=unit)
         steps_by_kind[kind] = masksub.Step(net, torch.optim.AdamW(net.parameters()), torch.nn.CrossEntropyLoss())
         for _ in range(5):  # warm-up
             steps_by_kind[kind](x, y)
@@ -93,7 +95,24 @@ def step_time_ratio(
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times[kind].append((time.perf_counter() - start) / steps)
-    return statistics.median(times["mask"]) / statistics.median(times["none"])
+    plain = statistics.median(times["none"])
+    return {kind: statistics.median(ts) / plain for kind, ts in times.items() if kind != "none"}
+
+
+def write_ratios(stem: Path, ratios: dict, model_name: str, model_kwargs: dict, hw: str) -> None:
+    """--ratios-only: each sub branch's step time over the plain step's, as JSON and a markdown table."""
+    meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "hardware": hw}
+    lines = [
+        f"Command: `{meta['command']}`; {hw}; torch {meta['torch']}; `{model_name}` {model_kwargs}, batch 128.",
+        "",
+        "| sub branch | sub ratio | step time / plain step time |",
+        "|---|---|---|",
+        *(f"| {kind} | {RATIOS[kind]} | {r:.3f} |" for kind, r in ratios.items()),
+    ]
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "step_time_ratios_over_plain": ratios}, indent=1))
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -105,6 +124,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="concurrent training processes")
     p.add_argument("--device", default="auto")
     p.add_argument("--reuse", action="store_true", help="read finished runs in the output folder, don't rerun them")
+    p.add_argument("--ratios-only", action="store_true", help="only time each sub branch's step against the plain one")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     s = SCALES[args.scale]
@@ -136,9 +156,14 @@ def main() -> None:
         return run_cli("train", label or f"{kind}-s{seed}", o, runs_dir, reuse=args.reuse)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    # The cost ratio is timed alone, before the runs: concurrent runs would distort their own times.
-    timed_both = "none" in kinds and "mask" in kinds
-    ratio = step_time_ratio(model_name, model_kwargs, unit, 128, args.device) if timed_both else None
+    # The cost ratios are timed alone, before the runs: concurrent runs would distort their own times.
+    timed = "none" in kinds and len(kinds) > 1
+    ratios = step_time_ratios(model_name, model_kwargs, unit, 128, args.device, kinds) if timed else {}
+    hw = hardware(args.device)
+    if args.ratios_only:
+        write_ratios(Path(args.out) / f"{stem}_cost", ratios, model_name, model_kwargs, hw)
+        return
+    ratio = ratios.get("mask")
     # plain given MaskSub's compute: epochs scaled by the step-time ratio
     eq_epochs = max(1, round(s["epochs"] * ratio)) if ratio is not None else None
     jobs = [("none-equal-time", ("none", sd, eq_epochs, f"none-equal-time-{eq_epochs}ep-s{sd}")) for sd in seeds]
@@ -153,7 +178,6 @@ def main() -> None:
         vals = [r[key] for r in rows if r[key] is not None]
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
-    hw = hardware(args.device)
     meta = {
         "command": "python " + " ".join(sys.argv),
         "torch": torch.__version__,
@@ -162,6 +186,7 @@ def main() -> None:
         "model": {"name": model_name, "kwargs": model_kwargs, "mask_unit_px": unit},
         "setting": {**s, "ratios": RATIOS},
         "step_time_ratio_mask_over_plain": ratio,
+        "step_time_ratios_over_plain": ratios,
         "equal_time_epochs": eq_epochs,
     }
     lines = [
@@ -169,17 +194,19 @@ def main() -> None:
         f"`{model_name}` {model_kwargs}, mask unit {unit} px, {s['epochs']} epochs on {s['images'] or 60000} "
         f"training images, augmentation `{s['aug']}`, test on 10,000 images; seeds {seeds}.",
         "",
-        "| run | sub ratio | epochs | final top-1 (mean ± sd) | best top-1 (mean ± sd) | train time s (mean) |",
-        "|---|---|---|---|---|---|",
+        "| run | sub ratio | epochs | step time / plain | final top-1 (mean ± sd) | best top-1 (mean ± sd) "
+        "| train time s (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for kind, rows in by_kind.items():
         f_m, f_sd = stat(rows, "final_top1")
         b_m, b_sd = stat(rows, "best_top1")
         t_m, _ = stat(rows, "train_time_s")
         epochs = rows[0]["epochs"]
+        cost = ratios.get(kind, 1.0 if kind.startswith("none") else None)
         lines.append(
-            f"| {kind} | {RATIOS.get(kind, '-')} | {epochs} | {f_m:.2f} ± {f_sd:.2f} | "
-            f"{b_m:.2f} ± {b_sd:.2f} | {t_m:.1f} |"
+            f"| {kind} | {RATIOS.get(kind, '-')} | {epochs} | {'-' if cost is None else f'{cost:.2f}'} | "
+            f"{f_m:.2f} ± {f_sd:.2f} | {b_m:.2f} ± {b_sd:.2f} | {t_m:.1f} |"
         )
     out = Path(args.out)
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -57,7 +57,16 @@ def test_accuracy_tiny(tmp_path):
         assert f"| {kind} |" in md
     data = json.loads((tmp_path / "accuracy_tiny.json").read_text())
     assert len(data["runs"]) == 10 and data["meta"]["equal_time_epochs"] >= 1
+    assert set(data["meta"]["step_time_ratios_over_plain"]) == {"mask", "dropout", "droppath"}
     assert (tmp_path / "accuracy_tiny.png").stat().st_size > 1000
+
+
+def test_accuracy_ratios_only(tmp_path):
+    _run("accuracy.py", "--scale", "tiny", "--ratios-only", "--device", "cpu", "--out", str(tmp_path))
+    ratios = json.loads((tmp_path / "accuracy_tiny_cost.json").read_text())["step_time_ratios_over_plain"]
+    assert set(ratios) == {"mask", "dropout", "droppath"} and all(r > 0 for r in ratios.values())
+    assert "| droppath | 0.2 |" in (tmp_path / "accuracy_tiny_cost.md").read_text()
+    assert not (tmp_path / "accuracy_tiny.json").exists(), "--ratios-only trains nothing"
 
 
 def test_accuracy_tiny_resnet(tmp_path):
