@@ -33,24 +33,9 @@ def test_bf16_step_has_no_host_device_sync(name):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_trainer_with_device_data_trains_and_resumes_exactly_on_cuda(tmp_path, amp):
-    from test_trainer import TINY, run_train
+    from test_trainer import check_device_data_resumes_exactly
 
-    from masksub.cli import main
-    from masksub.train import checkpoint
-
-    dev = {
-        "train.device": "cuda",
-        "train.amp": amp,
-        "data.on_device": True,
-        "aug.preset": "simple",
-        "data.img_size": 32,
-        "model.kwargs": {**TINY["model.kwargs"], "img_size": 32, "patch_size": 8},
-    }
-    full = run_train(tmp_path, "full", **dev)
-    part = run_train(tmp_path, "part", **dev, **{"train.max_steps": 3})
-    assert main(["train", "--resume", str(part)]) == 0
-    a, b = checkpoint.load(full / "last.pt"), checkpoint.load(part / "last.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resume on CUDA must be exact"
+    check_device_data_resumes_exactly(tmp_path, **{"train.device": "cuda", "train.amp": amp})
 
 
 def test_dmjd_step_on_cuda_in_bf16():

@@ -319,18 +319,25 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_on_device_data_trains_and_resumes_exactly(tmp_path):
+def check_device_data_resumes_exactly(tmp_path, **more) -> Path:
+    """Train with data.on_device twice, once stopped after 3 steps and resumed: same final weights."""
     dev = {
         "data.on_device": True,
         "aug.preset": "simple",
         "data.img_size": 32,
         "model.kwargs": {**TINY["model.kwargs"], "img_size": 32, "patch_size": 8},
+        **more,
     }
     full = run_train(tmp_path, "full", **dev)
     part = run_train(tmp_path, "part", **dev, **{"train.max_steps": 3})
     assert main(["train", "--resume", str(part)]) == 0
     a, b = checkpoint.load(full / "last.pt"), checkpoint.load(part / "last.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "a resumed run must end the same"
+    return full
+
+
+def test_on_device_data_trains_and_resumes_exactly(tmp_path):
+    full = check_device_data_resumes_exactly(tmp_path)
     top1 = [json.loads(x)["top1"] for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < t <= 100 for t in top1)
 
