@@ -54,7 +54,9 @@ def count_allreduces(model: torch.nn.parallel.DistributedDataParallel) -> AllRed
     """Count a DDP model's gradient all-reduces from now on: check that a custom step syncs once.
 
     Registers a communication hook that counts each bucket and then reduces it as DDP does by
-    default (``allreduce_hook``: divide by the world size, all-reduce).
+    default (``allreduce_hook``: divide by the world size, all-reduce). On torch 2.11 a gloo process
+    whose DDP model has a Python hook can deadlock when its process group is destroyed (README,
+    "Tested versions"): end such a process with ``os._exit`` once its results are written.
     """
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
