@@ -158,6 +158,10 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # The cost ratios are timed alone, before the runs: concurrent runs would distort their own times.
     timed = "none" in kinds and len(kinds) > 1
+    if args.ratios_only and not timed:
+        p.error(
+            f"--ratios-only times sub branches against the plain step: --subs must hold none and another ({args.subs})"
+        )
     ratios = step_time_ratios(model_name, model_kwargs, unit, 128, args.device, kinds) if timed else {}
     hw = hardware(args.device)
     if args.ratios_only:
@@ -166,8 +170,11 @@ def main() -> None:
     ratio = ratios.get("mask")
     # plain given MaskSub's compute: epochs scaled by the step-time ratio
     eq_epochs = max(1, round(s["epochs"] * ratio)) if ratio is not None else None
-    jobs = [("none-equal-time", ("none", sd, eq_epochs, f"none-equal-time-{eq_epochs}ep-s{sd}")) for sd in seeds]
-    jobs = (jobs if eq_epochs else []) + [(k, (k, sd)) for k in kinds for sd in seeds]
+    jobs = [(k, (k, sd)) for k in kinds for sd in seeds]
+    if eq_epochs:
+        jobs = [
+            ("none-equal-time", ("none", sd, eq_epochs, f"none-equal-time-{eq_epochs}ep-s{sd}")) for sd in seeds
+        ] + jobs
     with ThreadPoolExecutor(args.jobs) as pool:  # one queue, the longest runs first
         results = list(pool.map(lambda kj: (kj[0], job(*kj[1])), jobs))
     by_kind = {k: [r for kk, r in results if kk == k] for k in kinds}

@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: run one `masksub` command as a process and read its records, and more."""
+"""Shared by the benchmark scripts: run one `masksub` command as a process and read its records."""
 
 from __future__ import annotations
 
@@ -40,11 +40,3 @@ def hardware(device: str = "auto") -> str:
     if torch.cuda.is_available() and device != "cpu":
         return torch.cuda.get_device_name()
     return f"CPU {platform.machine()}, {os.cpu_count()} cores"
-
-
-def exit_without_teardown() -> None:
-    """End a spawned gloo worker after its work, skipping destructors: on torch 2.11 the gloo process
-    group's destructor can deadlock, joining a backend thread that waits for the GIL it holds."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -23,11 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from common import exit_without_teardown
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
-from masksub.train.distributed import count_allreduces
+from masksub.train.distributed import count_allreduces, exit_without_teardown
 
 STEPS = ("plain", "masksub", "research")
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import timm
 import torch
 
@@ -68,11 +65,3 @@ def tiny_images(name: str, batch: int = 8, seed: int = 1) -> torch.Tensor:
     _, _, (h, w), _ = TINY[name]
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, h, w, generator=g) + 0.5  # no exact zeros: zeroed pixels are visible
-
-
-def exit_without_teardown() -> None:
-    """End a spawned gloo worker after its work, skipping destructors: on torch 2.11 the gloo process
-    group's destructor can deadlock, joining a backend thread that waits for the GIL it holds."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

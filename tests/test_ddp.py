@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY, exit_without_teardown, tiny_images, tiny_model
+from conftest import TINY, tiny_images, tiny_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
-from masksub.train.distributed import AllReduceCount, count_allreduces
+from masksub.train.distributed import AllReduceCount, count_allreduces, exit_without_teardown
 
 WORLD, BATCH, STEPS = 2, 8, 3
 MASK_UNITS = {"vit": 64, "swin": 16}  # random numbers each sample's mask draws (tokens or units)
