@@ -66,3 +66,15 @@ def test_pretrain_single_view_baseline_and_exact_resume(tmp_path):
     assert main(["pretrain", "--resume", str(tmp_path / "part")]) == 0
     a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "part" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_pretrain_with_on_device_data_resumes_exactly(tmp_path):
+    """The pretrain preset's random-resized crops on the device: the same batches after a resume."""
+    dev = {**PRE, "train.output": str(tmp_path), "data.on_device": True, "aug.preset": "pretrain"}
+    assert main(["pretrain", *args(dev, **{"train.name": "full"})]) == 0
+    assert main(["pretrain", *args(dev, **{"train.name": "part", "train.max_steps": 3})]) == 0
+    assert main(["pretrain", "--resume", str(tmp_path / "part")]) == 0
+    a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "part" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["train_loss_visible"] > 0

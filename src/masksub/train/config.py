@@ -59,7 +59,8 @@ class DataConfig:
     train_subset: int | None = None  # first N training images only
     eval_subset: int | None = None
     corrupt: str = "skip"  # skip | error: what to do with an unreadable image (always reported by path)
-    on_device: bool = False  # fashion_mnist: keep the images on the device, augment batches there (no workers)
+    on_device: bool = False  # fashion_mnist: images kept on the device, batches augmented there (no workers);
+    # aug.preset none, simple or pretrain
 
 
 @dataclass

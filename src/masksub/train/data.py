@@ -24,7 +24,7 @@ from torchvision import transforms as T
 
 from .. import data as fmnist
 from .config import Config, ConfigError
-from .device_data import DeviceBatches
+from .device_data import AUGMENTS, DeviceBatches
 
 _logger = logging.getLogger("masksub")
 
@@ -265,9 +265,14 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
 
 def _device_batches(cfg: Config, model, train_set, val_set, sampler, val_sampler, device):
     d, a = cfg.data, cfg.aug
-    if d.name != "fashion_mnist" or a.preset not in ("none", "simple"):
-        raise ConfigError("data.on_device supports data.name=fashion_mnist with aug.preset none or simple")
+    if d.name != "fashion_mnist" or a.preset not in AUGMENTS:
+        raise ConfigError(
+            f"data.on_device supports data.name=fashion_mnist with aug.preset one of {', '.join(AUGMENTS)} "
+            f"(got data.name={d.name}, aug.preset={a.preset}); set data.on_device=false for the others"
+        )
     mean, std = mean_std(cfg, model)
+    if a.preset == "pretrain":  # unnormalized, as the per-sample path: HOG targets need the raw pixels
+        mean, std = (0.0,) * d.in_chans, (1.0,) * d.in_chans
     common = dict(
         img_size=d.img_size, in_chans=d.in_chans, mean=mean, std=std, hflip=a.hflip, seed=cfg.train.seed, device=device
     )
@@ -276,12 +281,12 @@ def _device_batches(cfg: Config, model, train_set, val_set, sampler, val_sampler
         train_set.targets,
         sampler,
         d.batch_size,
-        augment=a.preset == "simple",
+        augment=a.preset,
         drop_last=True,
         **common,
     )
     val = DeviceBatches(
-        val_set.images, val_set.targets, val_sampler, d.eval_batch_size, augment=False, drop_last=False, **common
+        val_set.images, val_set.targets, val_sampler, d.eval_batch_size, augment="none", drop_last=False, **common
     )
     return train, val
 
