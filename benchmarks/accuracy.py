@@ -18,16 +18,16 @@ results/accuracy_<scale>[_resnet].{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from common import hardware, run_cli
+from common import alternating_step_times, hardware, run_cli
 
 from masksub.train.runlog import plot_curves
 
@@ -64,39 +64,22 @@ UNITS = {"vit": 32, "resnet": 4}  # MaskSub block in pixels: the ViT drops token
 RATIOS = {"mask": 0.5, "dropout": 0.2, "droppath": 0.2}
 
 
-def step_time_ratios(
-    name: str, kwargs: dict, unit: int, batch: int, device: str, kinds: list, rounds: int = 5, steps: int = 5
-) -> dict:
-    """Per sub-branch kind: median seconds per step over the plain step's, timed alone before any run.
-
-    All steps alternate in rounds after a warm-up, so drifts in machine load hit each alike.
-    """
+def step_time_ratios(name: str, kwargs: dict, unit: int, batch: int, device: str, kinds: list) -> dict:
+    """Per sub-branch kind: median seconds per step over the plain step's, timed alone before any run."""
     import timm
 
     import masksub
 
     dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     x, y = torch.randn(batch, 1, 28, 28, device=dev), torch.randint(0, 10, (batch,), device=dev)
-    steps_by_kind = {}
+    steps = {}
     for kind in ("none", *(k for k in kinds if k != "none")):
         model = timm.create_model(name, in_chans=1, num_classes=10, **kwargs).to(dev)
         net = model if kind == "none" else masksub.wrap(model, kind, ratio=RATIOS[kind], unit=unit)
-        steps_by_kind[kind] = masksub.Step(net, torch.optim.AdamW(net.parameters()), torch.nn.CrossEntropyLoss())
-        for _ in range(5):  # warm-up
-            steps_by_kind[kind](x, y)
-    times = {kind: [] for kind in steps_by_kind}
-    for _ in range(rounds):
-        for kind, step in steps_by_kind.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(x, y)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times[kind].append((time.perf_counter() - start) / steps)
-    plain = statistics.median(times["none"])
-    return {kind: statistics.median(ts) / plain for kind, ts in times.items() if kind != "none"}
+        step = masksub.Step(net, torch.optim.AdamW(net.parameters()), torch.nn.CrossEntropyLoss())
+        steps[kind] = functools.partial(step, x, y)
+    times = alternating_step_times(steps, cuda=dev.type == "cuda")
+    return {kind: t / times["none"] for kind, t in times.items() if kind != "none"}
 
 
 def write_ratios(stem: Path, ratios: dict, model_name: str, model_kwargs: dict, hw: str) -> None:

@@ -1,13 +1,15 @@
-"""Shared by the benchmark scripts: run one `masksub` command as a process and read its records."""
+"""Shared by the benchmark scripts: run `masksub` commands as processes, time steps side by side."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,3 +42,25 @@ def hardware(device: str = "auto") -> str:
     if torch.cuda.is_available() and device != "cpu":
         return torch.cuda.get_device_name()
     return f"CPU {platform.machine()}, {os.cpu_count()} cores"
+
+
+def alternating_step_times(steps: dict[str, Callable], cuda: bool, warmup: int = 5, rounds: int = 5, calls: int = 5):
+    """Median seconds per call of each step: after a warm-up, all run in alternating rounds of ``calls``.
+
+    Alternating rounds make a drift in clocks or machine load hit every step alike.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(ts) for name, ts in times.items()}

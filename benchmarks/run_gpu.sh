@@ -6,6 +6,8 @@
 #   bash benchmarks/run_gpu.sh compiled [DEST]  # step cost with torch.compile (merges into step_cost.json)
 #   bash benchmarks/run_gpu.sh accuracy [DEST]  # Fashion-MNIST ViT 6x192, 25 epochs: all 15 runs at once
 #   bash benchmarks/run_gpu.sh accuracy_resnet [DEST]
+#   bash benchmarks/run_gpu.sh pretrain [DEST]  # DMJD vs single view on Fashion-MNIST, ViT 6x192: 3 pretraining
+#                                               # runs at once, then their 7 probes and finetunes at once
 #
 # Results are written to benchmarks/results/ and, when DEST is given, the part's result files (not
 # the run folders) are copied there too. Python: $PYTHON (default python). Fashion-MNIST is read
@@ -15,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RES=benchmarks/results
-part=${1:?"name a part: eager, compiled, accuracy or accuracy_resnet"}
+part=${1:?"name a part: eager, compiled, accuracy, accuracy_resnet or pretrain"}
 dest=${2:-}
 mkdir -p "$RES"
 
@@ -36,8 +38,11 @@ case $part in
   accuracy_resnet)
     $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet
     files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
+  pretrain)
+    $PY benchmarks/pretrain.py --scale gpu --jobs 7
+    files="pretrain_gpu.json pretrain_gpu.md" ;;
   *)
-    echo "unknown part '$part': name one of eager, compiled, accuracy, accuracy_resnet" >&2
+    echo "unknown part '$part': name one of eager, compiled, accuracy, accuracy_resnet, pretrain" >&2
     exit 2 ;;
 esac
 

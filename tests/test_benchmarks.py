@@ -90,9 +90,14 @@ def test_accuracy_tiny_resnet(tmp_path):
 
 
 def test_pretrain_tiny(tmp_path):
-    _run("pretrain.py", "--scale", "tiny", "--device", "cpu", "--out", str(tmp_path))
+    _run("pretrain.py", "--scale", "tiny", "--device", "cpu", "--jobs", "2", "--out", str(tmp_path))
     md = (tmp_path / "pretrain_tiny.md").read_text()
     for name in ("dmjd", "single", "single-equal-time", "none (from scratch)"):
         assert f"| {name} |" in md
-    runs = json.loads((tmp_path / "pretrain_tiny.json").read_text())["runs"]
-    assert all(0 <= r["linprobe_top1"] <= 100 and 0 <= r["finetune_top1"] <= 100 for r in runs.values())
+    data = json.loads((tmp_path / "pretrain_tiny.json").read_text())
+    runs, equal = data["runs"], data["meta"]["equal_time_epochs"]
+    assert equal == max(1, round(data["meta"]["step_time_ratio_dmjd_over_single"]))  # 1 epoch x the ratio
+    assert [runs[n]["epochs"] for n in ("dmjd", "single", "single-equal-time")] == [1, 1, equal]
+    for name in ("dmjd", "single", "single-equal-time"):
+        assert 0 <= runs[name]["linprobe_top1"] <= 100 and 0 <= runs[name]["finetune_top1"] <= 100
+    assert 0 <= runs["scratch"]["final_top1"] <= 100
