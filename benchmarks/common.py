@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
 from masksub.train.runlog import summarize
 
@@ -20,22 +21,40 @@ from masksub.train.runlog import summarize
 def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = (), reuse: bool = False) -> dict:
     """``masksub <command>`` into ``out/name``; returns the summary, per-epoch records and wall time.
 
-    With ``reuse``, a finished run already in ``out/name`` (as many epochs as asked) is read, not rerun.
+    An earlier run in ``out/name`` is never overwritten: the new run gets the next free folder
+    (``name-1``, ...), as the trainer names it, and its records are read from there. With ``reuse``,
+    a finished run in ``out/name`` with the epochs asked for is read instead, and an unfinished one
+    with the same schedule continues from its last checkpoint (``--resume``).
     """
-    done = out / name / "metrics.jsonl"
-    if reuse and done.is_file():
-        records = [json.loads(line) for line in done.read_text().splitlines()]
-        if records and records[-1]["epoch"] == overrides.get("sched.epochs"):
-            return {"name": name, "records": records, "wall_s": None, **summarize(records)}
-    cmd = [sys.executable, "-m", "masksub.cli", command, *extra, "--train.output", str(out), "--train.name", name]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", json.dumps(value)]
+    folder, epochs = out / name, overrides.get("sched.epochs")
+    records = _records(folder)
+    if reuse and records and records[-1]["epoch"] == epochs:
+        return {"name": name, "records": records, "wall_s": None, **summarize(records)}
+    if reuse and (folder / "last.pt").is_file() and _planned_epochs(folder) == epochs and command != "linprobe":
+        cmd = [sys.executable, "-m", "masksub.cli", command, "--resume", str(folder)]
+    else:
+        cmd = [sys.executable, "-m", "masksub.cli", command, *extra, "--train.output", str(out), "--train.name", name]
+        cmd += [arg for key, value in overrides.items() for arg in (f"--{key}", json.dumps(value))]
+        n = 0
+        while folder.exists():  # the trainer's rule: the first of name, name-1, name-2, ... not taken
+            n += 1
+            folder = out / f"{name}-{n}"
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
-    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    records = _records(folder)
     return {"name": name, "records": records, "wall_s": time.perf_counter() - start, **summarize(records)}
+
+
+def _records(folder: Path) -> list[dict]:
+    metrics = folder / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
+def _planned_epochs(folder: Path) -> int | None:
+    config = folder / "config.yaml"
+    return yaml.safe_load(config.read_text())["sched"]["epochs"] if config.is_file() else None
 
 
 def hardware(device: str = "auto") -> str:

@@ -11,7 +11,9 @@
 #
 # Results are written to benchmarks/results/ and, when DEST is given, the part's result files (not
 # the run folders) are copied there too. Python: $PYTHON (default python). Fashion-MNIST is read
-# from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST.
+# from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST. The training parts pass --reuse:
+# run again on the same machine after a time limit cut one off, a part reads its finished runs and
+# continues the unfinished ones from their last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -33,13 +35,13 @@ case $part in
     $PY benchmarks/step_cost.py --compile on
     files="step_cost.json step_cost.md" ;;
   accuracy)
-    $PY benchmarks/accuracy.py --scale gpu --jobs 15
+    $PY benchmarks/accuracy.py --scale gpu --jobs 15 --reuse
     files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
   accuracy_resnet)
-    $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet
+    $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet --reuse
     files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
   pretrain)
-    $PY benchmarks/pretrain.py --scale gpu --jobs 7
+    $PY benchmarks/pretrain.py --scale gpu --jobs 7 --reuse
     files="pretrain_gpu.json pretrain_gpu.md" ;;
   *)
     echo "unknown part '$part': name one of eager, compiled, accuracy, accuracy_resnet, pretrain" >&2

@@ -101,3 +101,28 @@ def test_pretrain_tiny(tmp_path):
     for name in ("dmjd", "single", "single-equal-time"):
         assert 0 <= runs[name]["linprobe_top1"] <= 100 and 0 <= runs[name]["finetune_top1"] <= 100
     assert 0 <= runs["scratch"]["final_top1"] <= 100
+
+
+def test_run_cli_never_reads_a_stale_run_and_continues_an_unfinished_one(tmp_path, monkeypatch):
+    """Benchmarks read the run they started (an older one of the same name stays), and --reuse resumes."""
+    import torch
+    from test_trainer import TINY
+
+    from masksub.train import checkpoint
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import run_cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    tiny = {**TINY, "train.device": "cpu"}
+    older = run_cli("train", "r", {**tiny, "sched.epochs": 1}, tmp_path)
+    fresh = run_cli("train", "r", tiny, tmp_path)  # 2 epochs; "r" is taken, so the run goes to r-1
+    assert [len(older["records"]), len(fresh["records"])] == [1, 2] and (tmp_path / "r-1" / "last.pt").is_file()
+    assert run_cli("train", "r", {**tiny, "sched.epochs": 1}, tmp_path, reuse=True)["wall_s"] is None  # read
+
+    stopped = run_cli("train", "p", {**tiny, "train.max_steps": 5}, tmp_path)  # 4 steps per epoch: stops in epoch 2
+    assert len(stopped["records"]) == 1
+    resumed = run_cli("train", "p", tiny, tmp_path, reuse=True)
+    assert len(resumed["records"]) == 2 and not (tmp_path / "p-1").exists(), "continued in place"
+    a, b = checkpoint.load(tmp_path / "r-1" / "last.pt"), checkpoint.load(tmp_path / "p" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "as if never stopped"
