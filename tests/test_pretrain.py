@@ -78,3 +78,13 @@ def test_pretrain_with_on_device_data_resumes_exactly(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["train_loss_visible"] > 0
+
+
+def test_pretrain_settings_that_cannot_work_get_a_clear_error(tmp_path, capsys):
+    bad = {**PRE, "train.output": str(tmp_path)}
+    assert main(["pretrain", *args(bad, **{"pretrain.corruption": 0.2})]) == 2  # 2 views x 3 of 4 units
+    err = capsys.readouterr().err
+    assert "pretrain.views / corruption" in err and "raise the corruption rate to at least 0.500" in err
+    assert main(["pretrain", *args(bad, **{"model.name": "resnet18", "model.kwargs": {}})]) == 2
+    assert "model.name=resnet18: DMJD needs a timm VisionTransformer encoder" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing is written for a run that cannot start"

@@ -187,11 +187,18 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
         (["--data.name", "folder", "--data.dir", "/nonexistent/imagenet"], "does not exist"),
         (["--model.name", "resnet_9000"], "not a timm model"),
         (["--recipe", "mae_finetune_vit_b", "--data.dir", "."], "--model.checkpoint"),
+        (["--data.img_size", "32"], "built for 28x28 images but data.img_size=32; set model.kwargs img_size: 32"),
+        (
+            ["--recipe", "fashion_mnist_resnet", "--data.img_size", "30"],
+            "resnet18 cannot take 1 x 30 x 30 images (data.in_chans, data.img_size; sub.kind=mask, sub.unit=4): "
+            "pixels adapter: image size 30x30 is not divisible by the mask unit of 4 pixels",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, cli, message):
     assert main(["train", *cli, "--train.output", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "a run that cannot start writes nothing"
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..train import checkpoint
+from ..train.config import ConfigError
 from ..train.data import build_loaders, mean_std
 from ..train.trainer import Trainer, build_model
 from .model import DMJD
@@ -18,10 +19,22 @@ class PretrainTrainer(Trainer):
     LOSS_KEYS = ("loss_masked", "loss_visible")
 
     def _build(self, train_set, val_set) -> None:
-        cfg, p = self.cfg, self.cfg.pretrain
+        cfg = self.cfg
         encoder = build_model(cfg, num_classes=0, log=self.log if self.dist.main else (lambda *a: None))
         mean, std = mean_std(cfg, encoder)
-        net = DMJD(
+        try:
+            net = self._dmjd(encoder, mean, std)
+        except TypeError as e:  # not a ViT
+            raise ConfigError(f"model.name={cfg.model.name}: {e}") from None
+        except ValueError as e:  # views, corruption, prediction and block that cannot work together
+            raise ConfigError(f"pretrain.views / corruption / prediction / block / target: {e}") from None
+        self.net, self.model = net.to(self.device), encoder
+        self.loaders = build_loaders(cfg, encoder, train_set, val_set, self.dist.rank, self.dist.world, self.device)
+        self.ema, self.criterion = None, None  # DMJD returns its own losses
+
+    def _dmjd(self, encoder, mean: tuple, std: tuple) -> DMJD:
+        p = self.cfg.pretrain
+        return DMJD(
             encoder,
             method=p.method,
             views=p.views,
@@ -37,9 +50,6 @@ class PretrainTrainer(Trainer):
             mean=mean,
             std=std,
         )
-        self.net, self.model = net.to(self.device), encoder
-        self.loaders = build_loaders(cfg, encoder, train_set, val_set, self.dist.rank, self.dist.world, self.device)
-        self.ema, self.criterion = None, None  # DMJD returns its own losses
 
     def _learning_rate(self) -> float:
         """The adaptive rule: base_lr x images per step x (prediction / corruption) / 256."""

@@ -55,6 +55,13 @@ def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
         if "unexpected keyword" in str(e):
             raise ConfigError(f"{m.name} does not take one of model.kwargs {sorted(m.kwargs)}: {e}") from None
         raise
+    embed = getattr(model, "patch_embed", None)  # timm's PatchEmbed: ViT, DeiT, Swin, EVA, ...
+    size = getattr(embed, "img_size", None)
+    if size is not None and getattr(embed, "strict_img_size", False) and tuple(size) != (cfg.data.img_size,) * 2:
+        raise ConfigError(
+            f"{m.name} is built for {size[0]}x{size[1]} images but data.img_size={cfg.data.img_size}; set "
+            f"model.kwargs img_size: {cfg.data.img_size} (or data.img_size {size[0]})"
+        )
     if m.checkpoint:
         missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
         log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
@@ -106,6 +113,7 @@ class Trainer:
         train_set, val_set = build_datasets(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._build(train_set, val_set)  # self.model, self.net, self.loaders, self.ema, self.criterion
+        self._check_input()
         self.optimizer = self._optimizer()
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer,
@@ -173,6 +181,30 @@ class Trainer:
         self.loaders = build_loaders(cfg, model, train_set, val_set, self.dist.rank, self.dist.world, self.device)
         self.ema = ModelEmaV3(model, decay=cfg.train.ema_decay) if cfg.train.ema else None
         self.criterion = build_criterion(cfg, self.loaders.mixup is not None)
+
+    def _check_input(self) -> None:
+        """Two blank images through the main and the sub branch, before anything is written.
+
+        A model that cannot take the configured images (size, channels, mask unit) fails here with
+        the keys to change, not after the run folder exists. Evaluation mode, no gradients and a
+        forked random stream: no state changes.
+        """
+        d = self.cfg.data
+        x = torch.zeros(2, d.in_chans, d.img_size, d.img_size, device=self.device)
+        training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                self.net(x)
+                if isinstance(self.net, masksub.SubBranchModel):
+                    self.net(x, sub=True)
+        except (ValueError, RuntimeError, AssertionError) as e:
+            raise ConfigError(
+                f"{self.cfg.model.name} cannot take {d.in_chans} x {d.img_size} x {d.img_size} images "
+                f"(data.in_chans, data.img_size; sub.kind={self.cfg.sub.kind}, sub.unit={self.cfg.sub.unit}): {e}"
+            ) from None
+        finally:
+            self.net.train(training)
 
     @staticmethod
     def _linear_probe_head(model: torch.nn.Module) -> None:
