@@ -187,6 +187,9 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
         (["--data.name", "folder", "--data.dir", "/nonexistent/imagenet"], "does not exist"),
         (["--model.name", "resnet_9000"], "not a timm model"),
         (["--recipe", "mae_finetune_vit_b", "--data.dir", "."], "--model.checkpoint"),
+        (["--optim.name", "adamww"], "optim.name='adamww' is not a timm optimizer; did you mean adamw"),
+        (["--sched.name", "cosin"], "did you mean cosine?"),
+        (["--data.in_chans", "2"], "data.in_chans must be 1 (grey) or 3 (RGB), got 2"),
         (["--data.img_size", "32"], "built for 28x28 images but data.img_size=32; set model.kwargs img_size: 32"),
         (
             ["--recipe", "fashion_mnist_resnet", "--data.img_size", "30"],

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from timm.optim import list_optimizers
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # also reachable as ./recipes in the repo
 SECTIONS = ("model", "sub", "data", "aug", "optim", "sched", "train", "pretrain")
 DEFAULT_RECIPE = "fashion_mnist_vit"
+# timm's schedulers that step per update (the trainer's way); plateau needs a metric per epoch
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")
 
 
 @dataclass
@@ -328,6 +331,17 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    if cfg.data.in_chans not in (1, 3):
+        raise ConfigError(f"data.in_chans must be 1 (grey) or 3 (RGB), got {cfg.data.in_chans}")
+    optimizers = list_optimizers()
+    if cfg.optim.name.lower().removeprefix("lookahead_") not in optimizers:
+        close = difflib.get_close_matches(cfg.optim.name.lower(), optimizers, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (timm.optim.list_optimizers() lists them)"
+        raise ConfigError(f"optim.name={cfg.optim.name!r} is not a timm optimizer{hint}")
+    if cfg.sched.name not in SCHEDULERS:
+        close = difflib.get_close_matches(cfg.sched.name, SCHEDULERS, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"sched.name must be one of {SCHEDULERS} (timm schedulers), got {cfg.sched.name!r}{hint}")
     try:
         check_ratio(cfg.sub.ratio, "sub.ratio")
     except (TypeError, ValueError) as e:
