@@ -18,6 +18,7 @@ from pathlib import Path
 from .train import checkpoint
 from .train.config import ConfigError, all_keys, apply_overrides, from_dict, list_recipes, load_config, parse_overrides
 from .train.data import CorruptImageError
+from .train.interrupt import Interrupted
 from .train.trainer import NonFiniteLossError, Trainer
 
 
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, CorruptImageError, NonFiniteLossError, checkpoint.CheckpointError) as e:
         print(f"masksub {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"masksub {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum  # as the shell reports a process ended by that signal
     return 0
 
 

@@ -8,6 +8,7 @@ evaluates each epoch, and writes checkpoints that resume bit-exactly.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ import masksub
 from . import checkpoint, distributed
 from .config import Config, ConfigError, dump, from_dict
 from .data import build_datasets, build_loaders
+from .interrupt import Interrupted, StopRequest
 from .runlog import RunLog
 
 
@@ -327,24 +329,37 @@ class Trainer:
         self.log(f"resumed {path} at epoch {self.epoch + 1}, step {self.global_step}")
 
     # -------------------------------------------------------------- training
+    # Under torchrun, processes agree on an interrupt every this many optimizer steps (one tiny all-reduce).
+    stop_poll = 20
+
     def fit(self) -> dict:
+        """Train to the end; on Ctrl-C or SIGTERM save at the next optimizer step and raise ``Interrupted``."""
         cfg = self.cfg
         try:
-            while self.epoch < cfg.sched.epochs:
-                stopped = self._train_epoch()
-                if stopped:
+            with StopRequest() as self._stop:
+                while self.epoch < cfg.sched.epochs:
+                    stopped = self._train_epoch()  # None, "max_steps" or a signal number
+                    if stopped is None:
+                        self._end_epoch()
+                        continue
                     self.save()
-                    self.log(
-                        f"stopped after {self.global_step} steps (train.max_steps); resume with "
-                        f"--train.resume {self.folder}"
+                    if stopped == "max_steps":
+                        self.log(
+                            f"stopped after {self.global_step} steps (train.max_steps); continue with "
+                            f"--resume {self.folder}"
+                        )
+                        break
+                    raise Interrupted(
+                        stopped,
+                        f"interrupted by {signal.Signals(stopped).name} in epoch {self.epoch + 1}, step "
+                        f"{self.global_step}: saved {self.folder / 'last.pt'}; continue exactly with "
+                        f"--resume {self.folder}",
                     )
-                    break
-                self._end_epoch()
         finally:
             distributed.barrier()
         return {"folder": self.folder, "records": self.runlog.records() if self.dist.main else []}
 
-    def _train_epoch(self) -> bool:
+    def _train_epoch(self) -> str | int | None:
         cfg, loaders = self.cfg, self.loaders
         per_epoch = loaders.steps_per_epoch * cfg.train.accum_steps  # micro-batches
         loaders.sampler.set_epoch(self.epoch, start=self.micro_in_epoch * cfg.data.batch_size)
@@ -381,10 +396,14 @@ class Trainer:
                 self.save()
             if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
                 bar.close()
-                return True
+                return "max_steps"
+            signum = self._stop.agreed(self.device, poll=self.global_step % self.stop_poll == 0)
+            if signum:
+                bar.close()
+                return signum
         bar.close()
         self.epoch_time = time.perf_counter() - start
-        return False
+        return None
 
     def _after_update(self, out: dict, bar, images_per_s: float) -> None:
         if out.get("skipped"):

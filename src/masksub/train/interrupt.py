@@ -1,0 +1,68 @@
+"""Ctrl-C and SIGTERM stop a run at the next optimizer step, with a checkpoint to resume from.
+
+An interrupt that lands in the middle of a step (between the two backwards, inside the optimizer
+update) would leave nothing consistent to save. While training, the signal only sets a flag; the
+loop checks it after each optimizer step, saves ``last.pt`` at that exact position and stops. A
+second signal acts at once, as it would have without this. Under ``torchrun`` the processes agree
+on the step to stop at (the flag is all-reduced every ``poll`` steps), since saving gathers every
+rank's random state.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(RuntimeError):
+    """The run stopped on a signal after saving its checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM set :attr:`signum` instead of stopping the process."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        self._restore()  # a second signal: whatever it did before
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this optimizer step (again to stop now)\n")
+
+    def agreed(self, device: torch.device, poll: bool) -> int | None:
+        """The signal to stop for now, the same on every process; ``None`` to go on.
+
+        Alone this reads the flag. Under a process group it all-reduces the flag when ``poll`` is
+        true (every process must pass the same ``poll``) and goes on otherwise.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signum
+        if not poll:
+            return None
+        flag = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
