@@ -62,5 +62,17 @@ def test_corrupt_file_named(fake_dir, damage):
     else:
         path.unlink()
         (fake_dir / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
-    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte"):
+    with pytest.raises(data.CorruptDataError, match="t10k-labels-idx1-ubyte"):
         data.load_fashion_mnist("test", fake_dir)
+
+
+def test_trainer_reports_a_corrupt_file_and_writes_nothing(fake_dir, tmp_path, capsys):
+    from masksub.cli import main
+
+    path = fake_dir / "train-labels-idx1-ubyte"
+    path.write_bytes(path.read_bytes()[:-3])
+    out = tmp_path / "runs"
+    assert main(["train", "--data.dir", str(fake_dir), "--train.output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "masksub train: error:" in err and "train-labels-idx1-ubyte" in err and "truncated or corrupt" in err
+    assert not out.exists()

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .data import CorruptDataError
 from .train import checkpoint
 from .train.config import ConfigError, all_keys, apply_overrides, from_dict, list_recipes, load_config, parse_overrides
 from .train.data import CorruptImageError
@@ -95,7 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             kinds = [k.strip() for k in args.subs.split(",") if k.strip()]
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             compare(args.recipe, kinds, seeds, parse_overrides(rest), args.output)
-    except (ConfigError, FileNotFoundError, CorruptImageError, NonFiniteLossError, checkpoint.CheckpointError) as e:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        CorruptDataError,
+        CorruptImageError,
+        NonFiniteLossError,
+        checkpoint.CheckpointError,
+    ) as e:
         print(f"masksub {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

@@ -22,6 +22,12 @@ FILES = {
 }
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 MEAN, STD = 0.2860, 0.3530  # of the training images, in [0, 1]
+
+
+class CorruptDataError(ValueError):
+    """A data file that exists but cannot be read as what it should be."""
+
+
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -56,18 +62,20 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"cannot read IDX file {path}: {e}; the file is corrupt, re-install or re-download it") from e
+        raise CorruptDataError(
+            f"cannot read IDX file {path}: {e}; the file is corrupt, re-install or re-download it"
+        ) from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number); re-install or re-download it")
+        raise CorruptDataError(f"{path} is not an IDX file (bad magic number); re-install or re-download it")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header; re-install or re-download it")
+        raise CorruptDataError(f"{path}: truncated IDX header; re-install or re-download it")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(
+        raise CorruptDataError(
             f"{path}: header says shape {shape} ({expected} bytes) but the file has {len(raw)} bytes; "
             "the file is truncated or corrupt, re-install or re-download it"
         )
@@ -82,10 +90,10 @@ def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
     images_path, labels_path = (_find_file(folder, stem) for stem in FILES[split])
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(
+        raise CorruptDataError(
             f"{images_path} / {labels_path}: expected images (N, H, W) and N labels, "
             f"got {images.shape} and {labels.shape}"
         )
     if labels.max(initial=0) >= len(CLASSES):
-        raise ValueError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
+        raise CorruptDataError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
