@@ -83,13 +83,16 @@ def test_crop_resize_samples_at_pixel_centres():
     assert torch.allclose(shrunk[0, 0, 0], torch.tensor([1.5, 5.5, 9.5, 13.5]), atol=1e-5)
 
 
-def test_on_device_with_an_unsupported_preset_is_a_clear_error(tmp_path, capsys):
+def test_on_device_where_it_does_not_apply_falls_back_to_the_loader_with_a_warning(tmp_path, caplog):
     from test_trainer import TINY, args
 
     from masksub.cli import main
+    from masksub.train import checkpoint
 
-    cli = ["train", *args(TINY, **{"train.output": str(tmp_path), "data.on_device": True, "aug.preset": "timm"})]
-    assert main(cli) == 2
-    err = capsys.readouterr().err
-    assert "data.on_device supports" in err and "aug.preset=timm" in err and "data.on_device=false" in err
-    assert not any(tmp_path.iterdir()), "nothing is written for a run that cannot start"
+    more = {"train.output": str(tmp_path), "train.name": "r", "train.max_steps": 1}
+    cli = ["train", *args(TINY, **more, **{"data.on_device": True, "aug.preset": "timm"})]
+    with caplog.at_level("WARNING", logger="masksub"):
+        assert main(cli) == 0
+    assert "data.name=fashion_mnist with aug.preset none / simple / pretrain" in caplog.text
+    assert "aug.preset=timm uses the per-sample loader" in caplog.text
+    assert checkpoint.load(tmp_path / "r" / "last.pt")["position"]["global_step"] == 1

@@ -23,6 +23,7 @@ TINY = {
     "data.eval_subset": 200,
     "data.batch_size": 64,
     "data.workers": 0,
+    "data.on_device": False,  # the per-sample loader path; the on-device path has tests of its own
     "sched.epochs": 2,
 }
 

@@ -63,7 +63,7 @@ class DataConfig:
     eval_subset: int | None = None
     corrupt: str = "skip"  # skip | error: what to do with an unreadable image (always reported by path)
     on_device: bool = False  # fashion_mnist: images kept on the device, batches augmented there (no workers);
-    # aug.preset none, simple or pretrain
+    # aug.preset none, simple or pretrain (elsewhere the per-sample loader, with a warning)
 
 
 @dataclass
