@@ -381,3 +381,10 @@ def test_resnet_channels_last_accumulation_bf16(tmp_path):
     assert state["position"]["global_step"] == 4  # 8 micro-batches / 2
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())
     assert record["train_loss_sub"] > 0 and record["top1"] > 0
+
+
+def test_compare_rejects_seeds_that_are_not_integers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--seeds", "0,one"])
+    assert exit_info.value.code == 2
+    assert "seeds must be comma-separated integers, e.g. 0,1,2; got '0,one'" in capsys.readouterr().err

@@ -23,6 +23,13 @@ from .train.interrupt import Interrupted
 from .train.trainer import NonFiniteLossError, Trainer
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="masksub", description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
@@ -40,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--recipe", default=None)
     cmp.add_argument("--subs", default="none,mask,dropout,droppath", help="comma-separated: none,mask,dropout,droppath")
-    cmp.add_argument("--seeds", default="0,1,2")
+    cmp.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated integers")
     cmp.add_argument("--output", default="runs/compare")
     pre = sub.add_parser("pretrain", allow_abbrev=False, help="DMJD pretraining (dotted overrides as for train)")
     pre.add_argument("--recipe", default="fashion_mnist_dmjd")
@@ -94,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             from .train.compare import compare
 
             kinds = [k.strip() for k in args.subs.split(",") if k.strip()]
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-            compare(args.recipe, kinds, seeds, parse_overrides(rest), args.output)
+            compare(args.recipe, kinds, args.seeds, parse_overrides(rest), args.output)
     except (
         ConfigError,
         FileNotFoundError,
