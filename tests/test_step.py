@@ -168,6 +168,15 @@ def test_step_rejects_bad_settings(kw):
         masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), **kw)
 
 
+def test_step_rejects_an_optimizer_made_before_wrap():
+    model = tiny_model("swin")
+    early = torch.optim.SGD(model.parameters(), lr=0.1)  # misses the mask token wrap() adds
+    wrapped = masksub.wrap(model, unit=TINY["swin"][3])
+    with pytest.raises(ValueError, match=r"does not hold the sub branch's parameters \['branch.mask_token'\]"):
+        masksub.Step(wrapped, early, torch.nn.CrossEntropyLoss())
+    masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+
+
 def _peak_bytes(step, x, y) -> int:
     """Peak bytes allocated during one step above what was live before it (the profiler's CPU memory events)."""
     step.optimizer.zero_grad(set_to_none=True)

@@ -91,6 +91,15 @@ class Step:
         self.has_sub = isinstance(getattr(inner, "_orig_mod", inner), SubBranchModel)
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
+        if self.has_sub:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            branch = getattr(inner, "_orig_mod", inner).branch
+            missing = [f"branch.{n}" for n, p in branch.named_parameters() if p.requires_grad and id(p) not in held]
+            if missing:
+                raise ValueError(
+                    f"the optimizer does not hold the sub branch's parameters {missing} (made by masksub.wrap): "
+                    "create it from the wrapped model's parameters, after wrap()"
+                )
         self.amp_dtype = AMP_DTYPES.get(amp)
         if self.amp_dtype is torch.float16 and scaler is None:
             scaler = torch.amp.GradScaler(self.device_type)
