@@ -16,10 +16,11 @@ import torch
 import yaml
 
 from masksub.train.runlog import summarize
+from masksub.train.trainer import free_run_folder
 
 
 def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = (), reuse: bool = False) -> dict:
-    """``masksub <command>`` into ``out/name``; returns the summary, per-epoch records and wall time.
+    """``masksub <command>`` into ``out/name``; returns its folder name, summary, per-epoch records and wall time.
 
     An earlier run in ``out/name`` is never overwritten: the new run gets the next free folder
     (``name-1``, ...), as the trainer names it, and its records are read from there. With ``reuse``,
@@ -29,22 +30,25 @@ def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = 
     folder, epochs = out / name, overrides.get("sched.epochs")
     records = _records(folder)
     if reuse and records and records[-1]["epoch"] == epochs:
-        return {"name": name, "records": records, "wall_s": None, **summarize(records)}
+        return {"name": name, "folder": folder.name, "records": records, "wall_s": None, **summarize(records)}
     if reuse and (folder / "last.pt").is_file() and _planned_epochs(folder) == epochs and command != "linprobe":
         cmd = [sys.executable, "-m", "masksub.cli", command, "--resume", str(folder)]
     else:
         cmd = [sys.executable, "-m", "masksub.cli", command, *extra, "--train.output", str(out), "--train.name", name]
         cmd += [arg for key, value in overrides.items() for arg in (f"--{key}", json.dumps(value))]
-        n = 0
-        while folder.exists():  # the trainer's rule: the first of name, name-1, name-2, ... not taken
-            n += 1
-            folder = out / f"{name}-{n}"
+        folder = free_run_folder(out, name)  # where the trainer will write this run
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
     records = _records(folder)
-    return {"name": name, "records": records, "wall_s": time.perf_counter() - start, **summarize(records)}
+    return {
+        "name": name,
+        "folder": folder.name,
+        "records": records,
+        "wall_s": time.perf_counter() - start,
+        **summarize(records),
+    }
 
 
 def _records(folder: Path) -> list[dict]:

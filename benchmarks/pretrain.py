@@ -187,8 +187,8 @@ def main() -> None:
     )
     results = {name: done[name] for name in ("dmjd", "single", "single-equal-time")}
     evaluations = {"scratch-finetune": ("train", {**data, "sched.epochs": s["finetune"], "sub.kind": "mask"}, ())}
-    for name in results:
-        encoder = str(runs / name / "encoder.pt")
+    for name, r in results.items():
+        encoder = str(runs / r["folder"] / "encoder.pt")  # the run folder under runs/
         evaluations[f"{name}-finetune"] = (
             "train",
             {**data, "sched.epochs": s["finetune"], "sub.kind": "mask", "model.checkpoint": encoder},

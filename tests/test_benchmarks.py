@@ -118,6 +118,7 @@ def test_run_cli_never_reads_a_stale_run_and_continues_an_unfinished_one(tmp_pat
     older = run_cli("train", "r", {**tiny, "sched.epochs": 1}, tmp_path)
     fresh = run_cli("train", "r", tiny, tmp_path)  # 2 epochs; "r" is taken, so the run goes to r-1
     assert [len(older["records"]), len(fresh["records"])] == [1, 2] and (tmp_path / "r-1" / "last.pt").is_file()
+    assert [older["folder"], fresh["folder"]] == ["r", "r-1"], "callers find the run's files (an encoder) there"
     assert run_cli("train", "r", {**tiny, "sched.epochs": 1}, tmp_path, reuse=True)["wall_s"] is None  # read
 
     stopped = run_cli("train", "p", {**tiny, "train.max_steps": 5}, tmp_path)  # 4 steps per epoch: stops in epoch 2

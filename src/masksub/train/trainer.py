@@ -43,6 +43,15 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+def free_run_folder(output: Path, name: str) -> Path:
+    """``output/name``, or the first of ``name-1``, ``name-2``, ... not taken: a run never overwrites another."""
+    folder, n = output / name, 0
+    while folder.exists():
+        n += 1
+        folder = output / f"{name}-{n}"
+    return folder
+
+
 def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
     m = cfg.model
     kwargs = dict(m.kwargs, num_classes=num_classes, in_chans=cfg.data.in_chans)
@@ -254,10 +263,7 @@ class Trainer:
         name = cfg.train.name or f"{cfg.recipe}-{cfg.sub.kind}-s{cfg.train.seed}"
         folder = Path(cfg.train.output) / name
         if self.dist.main:
-            n = 1
-            while folder.exists():  # never overwrite an earlier run
-                folder = Path(cfg.train.output) / f"{name}-{n}"
-                n += 1
+            folder = free_run_folder(Path(cfg.train.output), name)
             folder.mkdir(parents=True)
         obj = [str(folder)]
         if self.dist.enabled:
