@@ -1,0 +1,36 @@
+"""scripts/check_families.py: the per-family check runs end to end on two families and reports each result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_families.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def test_two_families_pass_every_check(tmp_path):
+    proc = _run("--families", "vision_transformer", "resnet", "--out", str(tmp_path / "fam"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["family"]: r for r in json.loads((tmp_path / "fam.json").read_text())["rows"]}
+    assert rows["vision_transformer"]["mask"] == "ok (vit)", rows["vision_transformer"]
+    assert rows["resnet"]["mask"] == "ok (pixels)", rows["resnet"]
+    for row in rows.values():
+        assert row["dropout"] == row["droppath"] == "ok", row
+    vit = rows["vision_transformer"]
+    size = "x".join(map(str, vit["input"][1:]))
+    assert f"| vision_transformer | {vit['model']} | {size} | ok (vit) | ok | ok |" in (tmp_path / "fam.md").read_text()
+
+
+def test_unknown_family_is_refused_with_the_installed_ones():
+    proc = _run("--families", "no_such_family")
+    assert proc.returncode == 2
+    assert "unknown timm families ['no_such_family']" in proc.stderr and "vision_transformer" in proc.stderr
