@@ -172,3 +172,32 @@ def test_compiled_sub_branch_stays_masked_beside_other_compiled_instances(name):
         torch.manual_seed(seed)
         torch.testing.assert_close(got, eager(x, sub=True))
     assert not torch.allclose(got, wrapped(x), atol=1e-4)
+
+
+class _InplaceDropAfterSoftmax(torch.nn.Module):
+    """timm's TNT attention pattern: ``Dropout(inplace=True)`` on a softmax output autograd keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
+        self.drop = torch.nn.Dropout(0.0, inplace=True)
+
+    def forward(self, x):
+        return self.drop(self.fc(x).softmax(-1)).sum(-1)
+
+
+@pytest.mark.parametrize("model", [_InplaceDropAfterSoftmax, "tnt"])
+def test_dropsub_runs_inplace_dropout_out_of_place(model):
+    if model == "tnt":
+        model = timm.create_model("tnt_s_patch16_224", img_size=32, depth=1, num_classes=3)
+        x = torch.rand(2, 3, 32, 32)
+    else:
+        model = model()
+        x = torch.rand(4, 6)
+    inplace = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.inplace]
+    assert inplace
+    wrapped = masksub.wrap(model, sub="dropout", ratio=0.5).train()
+    torch.manual_seed(0)
+    wrapped(x, sub=True).sum().backward()  # in place at p=0.5: "modified by an inplace operation"
+    assert all(m.inplace and m.p == 0.0 for m in inplace)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -34,7 +34,9 @@ class DropoutBranch(nn.Module):
 
     Sites: every ``nn.Dropout*`` module (timm's fused attention reads
     ``attn_drop.p`` too) and every float ``drop_rate`` attribute, which timm
-    CNN heads pass to ``F.dropout``.
+    CNN heads pass to ``F.dropout``. In-place dropout modules run out of place
+    in the sub pass: at ``p=0`` in place is harmless, at ``p>0`` it overwrites
+    tensors autograd needs (TNT's ``Dropout(inplace=True)`` after a softmax).
     """
 
     name = "dropout"
@@ -44,6 +46,7 @@ class DropoutBranch(nn.Module):
         self.p = p
         self._sites = [(m, "p") for m in model.modules() if isinstance(m, _DropoutNd)]
         self._sites += [(m, "drop_rate") for m in model.modules() if isinstance(getattr(m, "drop_rate", None), float)]
+        self._inplace = [(m, "inplace") for m in model.modules() if isinstance(m, _DropoutNd) and m.inplace]
         if not self._sites:
             raise ValueError(
                 f"{type(model).__name__} has no dropout layer or drop_rate attribute, so sub='dropout' "
@@ -51,7 +54,7 @@ class DropoutBranch(nn.Module):
             )
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with _set_attrs(self._sites, self.p):
+        with _set_attrs(self._sites, self.p), _set_attrs(self._inplace, False):
             return model(x)
 
     def remove(self) -> None:
