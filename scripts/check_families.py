@@ -40,7 +40,15 @@ def families() -> dict[str, list[str]]:
     return found
 
 
+SMALL_WORDS = ("test_", "atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small")
+
+
 def smallest(names: list[str]) -> tuple[str, tuple[int, int, int]] | None:
+    """The name with the least parameters x input pixels, counted on the meta device.
+
+    Where the installed timm/torch cannot build on the meta device (timm 1.0.20 calls ``.item()``
+    in ``__init__``), names are ranked by the size words in them and the first that builds wins.
+    """
     import timm
     import torch
 
@@ -55,7 +63,19 @@ def smallest(names: list[str]) -> tuple[str, tuple[int, int, int]] | None:
         cost = sum(p.numel() for p in model.parameters()) * size[1] * size[2]
         if best is None or cost < best[0]:
             best = (cost, name, size)
-    return None if best is None else best[1:]
+    if best is not None:
+        return best[1:]
+
+    def rank(name: str) -> tuple[int, int]:
+        return next((i for i, w in enumerate(SMALL_WORDS) if w in name), len(SMALL_WORDS)), len(name)
+
+    for name in sorted(names, key=rank):
+        try:
+            size = tuple(timm.create_model(name).pretrained_cfg.get("input_size", (3, 224, 224)))
+        except Exception:
+            continue
+        return name, size
+    return None
 
 
 def check_kind(model, x, kind: str, sensitive: bool) -> str:
@@ -126,6 +146,8 @@ def run_one(family: str, timeout: float) -> dict:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"family": family, "error": f"took longer than {timeout:.0f} s"}
+    if done.returncode == -9:
+        return {"family": family, "error": "killed (SIGKILL): out of memory at its default input size?"}
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         return {"family": family, "error": f"process failed (exit {done.returncode}): {tail}"}
