@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -159,9 +161,16 @@ def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def markdown(rows: list[dict], versions: str) -> str:
+def markdown(rows: list[dict], versions: str, command: str) -> str:
     head = "| family | model | input | mask | dropout | droppath |"
-    lines = [f"Checked with {versions}.", "", head, "|---" * 6 + "|"]
+    lines = [
+        f"Checked with {versions} on {os.cpu_count()} CPU cores ({platform.platform()}).",
+        "",
+        f"Command: `{command}`",
+        "",
+        head,
+        "|---" * 6 + "|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['family']} | {r.get('model', '')} | | {r['error']} | | |")
@@ -202,7 +211,8 @@ def main() -> None:
     versions = f"timm {timm.__version__}, torch {torch.__version__}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"versions": versions, "rows": rows}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(rows, versions))
+    command = "python scripts/check_families.py " + " ".join(sys.argv[1:])
+    args.out.with_suffix(".md").write_text(markdown(rows, versions, command))
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
 
 
