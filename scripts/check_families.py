@@ -33,13 +33,13 @@ INSENSITIVE = "at init the output does not depend on the input"
 
 
 def families() -> dict[str, list[str]]:
-    from timm.models import list_models
-    from timm.models._registry import _model_to_module
+    import timm
 
-    found: dict[str, list[str]] = {}
-    for name in list_models():
-        found.setdefault(_model_to_module[name], []).append(name)
-    return found
+    return {module: timm.list_models(module=module) for module in timm.list_modules()}
+
+
+def input_size(model) -> tuple[int, int, int]:
+    return tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
 
 
 SMALL_WORDS = ("test_", "atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "mini", "small")
@@ -61,7 +61,7 @@ def smallest(names: list[str]) -> tuple[str, tuple[int, int, int]] | None:
                 model = timm.create_model(name)
         except Exception:  # a model that cannot be built from its defaults is not a candidate
             continue
-        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        size = input_size(model)
         cost = sum(p.numel() for p in model.parameters()) * size[1] * size[2]
         if best is None or cost < best[0]:
             best = (cost, name, size)
@@ -73,7 +73,7 @@ def smallest(names: list[str]) -> tuple[str, tuple[int, int, int]] | None:
 
     for name in sorted(names, key=rank):
         try:
-            size = tuple(timm.create_model(name).pretrained_cfg.get("input_size", (3, 224, 224)))
+            size = input_size(timm.create_model(name))
         except Exception:
             continue
         return name, size
