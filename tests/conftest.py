@@ -5,6 +5,8 @@ from __future__ import annotations
 import timm
 import torch
 
+import masksub
+
 VIT = dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2, num_classes=5)
 SWIN = dict(
     img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5, drop_path_rate=0.0
@@ -65,3 +67,43 @@ def tiny_images(name: str, batch: int = 8, seed: int = 1) -> torch.Tensor:
     _, _, (h, w), _ = TINY[name]
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, h, w, generator=g) + 0.5  # no exact zeros: zeroed pixels are visible
+
+
+# Text models: token ids of the tiny vocabulary's special tokens.
+PAD, CLS, SEP, MASK = 0, 1, 2, 3
+SPECIAL = [PAD, CLS, SEP, MASK]
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def tiny_text_model(family: str = "bert", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny Hugging Face sequence classifier (3 labels) built from its config: no download."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if family == "bert":
+        config = transformers.BertConfig(**SMALL, max_position_embeddings=64, num_labels=3, **overrides)
+        return transformers.BertForSequenceClassification(config)
+    if family == "roberta":
+        config = transformers.RobertaConfig(
+            **SMALL, max_position_embeddings=72, pad_token_id=PAD, num_labels=3, **overrides
+        )
+        return transformers.RobertaForSequenceClassification(config)
+    config = transformers.DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=3
+    )
+    return transformers.DistilBertForSequenceClassification(config)
+
+
+def text_batch(batch: int = 6, length: int = 20, seed: int = 1) -> dict[str, torch.Tensor]:
+    """[CLS] tokens... [SEP] [PAD]...: sample i has ``length - 2 - i % (length // 2)`` real words."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (batch, length), generator=g)
+    attention = torch.ones(batch, length, dtype=torch.long)
+    for i in range(batch):
+        end = length - 1 - i % (length // 2)
+        ids[i, 0], ids[i, end], ids[i, end + 1 :], attention[i, end + 1 :] = CLS, SEP, PAD, 0
+    return {"input_ids": ids, "attention_mask": attention, "labels": torch.arange(batch) % 3}
+
+
+def wrap_text(model, **kw):
+    return masksub.wrap(model, **{"mask_token_id": MASK, "special_ids": SPECIAL, **kw})

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY, tiny_images, tiny_model
+from conftest import TINY, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
@@ -16,17 +16,28 @@ WORLD, BATCH, STEPS = 2, 8, 3
 MASK_UNITS = {"vit": 64, "swin": 16}  # random numbers each sample's mask draws (tokens or units)
 # (model, accum_steps, step kind); "research" is the unoptimized two-backward step, for contrast
 CASES = [("vit", 1, "masksub"), ("vit", 2, "masksub"), ("swin", 1, "masksub"), ("resnet", 1, "masksub")]
-CASES += [("vit", 1, "research")]
+CASES += [("vit", 1, "research"), ("bert", 1, "masksub")]
 
 
 def _data(name, micro):
+    if name == "bert":  # keyword inputs: input_ids and attention_mask
+        batch = text_batch(batch=BATCH * micro, length=12, seed=3)
+        xs = [{k: batch[k][i * BATCH : (i + 1) * BATCH] for k in ("input_ids", "attention_mask")} for i in range(micro)]
+        return xs, batch["labels"].chunk(micro)
     x = tiny_images(name, batch=BATCH * micro, seed=3)
     return x.chunk(micro), (torch.arange(len(x)) % 5).chunk(micro)
 
 
+def _rows(x, start, end):
+    return {k: v[start:end] for k, v in x.items()} if isinstance(x, dict) else x[start:end]
+
+
 def _train(name, accum, kind, rank=0, world=1):
     """Train STEPS optimizer steps; under DDP count gradient all-reduces per step."""
-    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
+    if name == "bert":
+        wrapped = wrap_text(tiny_text_model()).train()
+    else:
+        wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
     model, count = wrapped, AllReduceCount()
     if world > 1:
         model = DDP(wrapped)  # no find_unused_parameters, also for the Swin mask token
@@ -37,7 +48,7 @@ def _train(name, accum, kind, rank=0, world=1):
     per_rank = BATCH // world
     counts, start, numels, numel_start = [], 0, [], 0
     for i, (x, y) in enumerate(zip(xs, ys)):
-        x, y = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+        x, y = _rows(x, rank * per_rank, (rank + 1) * per_rank), y[rank * per_rank : (rank + 1) * per_rank]
         torch.manual_seed(1000 + i)
         if name in MASK_UNITS:  # skip the numbers lower ranks' samples use: the masks of one full batch
             torch.rand(rank * per_rank, MASK_UNITS[name])

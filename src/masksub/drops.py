@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 
-import torch
 from timm.layers import DropPath
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
@@ -53,9 +52,9 @@ class DropoutBranch(nn.Module):
                 "would change nothing; use sub='mask' or sub='droppath'"
             )
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, *args, **kwargs):
         with _set_attrs(self._sites, self.p), _set_attrs(self._inplace, False):
-            return model(x)
+            return model(*args, **kwargs)
 
     def remove(self) -> None:
         pass
@@ -95,9 +94,9 @@ class DropPathBranch(nn.Module):
                 "or give the model timm DropPath layers"
             )
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, *args, **kwargs):
         with _set_attrs(self._sites, self.p):
-            return model(x)
+            return model(*args, **kwargs)
 
     def remove(self) -> None:
         for module, attr, original in self._inserted:

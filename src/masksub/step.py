@@ -13,7 +13,7 @@ also with accumulation (every micro-batch but the last runs fully unsynced).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 
 import torch
@@ -26,6 +26,18 @@ from .wrapper import SubBranchModel
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 CLIP_MODES = ("norm", "value", "agc")
+
+
+def logits_of(output):
+    """The logits in a model's output: the tensor itself, or a Hugging Face output's ``logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    raise TypeError(
+        f"the criterion needs logits, and the model returned {type(output).__name__}: return a tensor, or a "
+        "mapping / Hugging Face ModelOutput with 'logits' (return_dict=True)"
+    )
 
 
 class Step:
@@ -117,7 +129,17 @@ class Step:
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None) -> dict:
+    def _forward(self, x, sub: bool = False):
+        flag = {"sub": True} if sub else {}
+        return self.model(**x, **flag) if isinstance(x, Mapping) else self.model(x, **flag)
+
+    def __call__(self, x, target: torch.Tensor | None = None) -> dict:
+        """``x``: an input batch, or a mapping of keyword inputs (a text batch: ``input_ids``,
+        ``attention_mask``...); a mapping's ``labels`` are the target when ``target`` is None and
+        never reach the model, so a Hugging Face model does not compute its own loss twice."""
+        if isinstance(x, Mapping) and "labels" in x:
+            target = x["labels"] if target is None else target
+            x = {k: v for k, v in x.items() if k != "labels"}
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self._micro += 1
@@ -127,31 +149,31 @@ class Step:
         with nullcontext() if update else self._no_sync():
             if not self.has_sub:
                 with self._autocast():
-                    main = self.model(x)
-                    loss_main = main["loss"] if self.loss is None else self.loss.main_loss(main, target)
+                    main = self._forward(x)
+                    loss_main = main["loss"] if self.loss is None else self.loss.main_loss(logits_of(main), target)
                 self._backward(loss_main / self.accum_steps)
             elif self.memory_saving:
                 w_main = self.loss.main_weight / self.accum_steps
                 with self._no_sync():
                     with self._autocast():
-                        main = self.model(x)
+                        main = logits_of(self._forward(x))
                         loss_main = self.loss.main_loss(main, target)
                     self._backward(w_main * loss_main)  # frees the main graph
                 with self._autocast():
-                    loss_sub = self.loss.sub_loss(self.model(x, sub=True), main)
+                    loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main)
                 self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
             else:
                 w_main, w_sub = self.loss.main_weight / self.accum_steps, self.loss.sub_weight / self.accum_steps
                 with self._autocast():
-                    main = self.model(x)
+                    main = logits_of(self._forward(x))
                     loss_main = self.loss.main_loss(main, target)
-                    loss_sub = self.loss.sub_loss(self.model(x, sub=True), main)
+                    loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main)
                 self._backward(w_main * loss_main + w_sub * loss_sub)
 
-        if isinstance(main, dict):  # self-supervised: every reported loss
+        if self.loss is None:  # self-supervised: every reported loss
             out = {k: v.detach() for k, v in main.items()}
         else:
-            out = {"loss": loss_main.detach(), "logits": main.detach()}
+            out = {"loss": loss_main.detach(), "logits": logits_of(main).detach()}
         out["loss_main"] = loss_main.detach()
         if self.has_sub:
             out["loss_sub"] = loss_sub.detach()

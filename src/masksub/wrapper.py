@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .adapters import resolve_adapter
+from .adapters.registry import check_options
 from .drops import DropoutBranch, DropPathBranch
 from .masking import check_ratio
 
@@ -19,7 +19,8 @@ class SubBranchModel(nn.Module):
     """The user's model plus a sub-branch strategy.
 
     ``forward(x)`` is the model exactly as built (main branch, evaluation,
-    inference); ``forward(x, sub=True)`` is the sub branch. The model is kept
+    inference); ``forward(x, sub=True)`` is the sub branch. Keyword inputs pass
+    through to the model (a text model's ``input_ids=..., attention_mask=...``). The model is kept
     as ``.model`` with its own parameter names, so ``.model.state_dict()`` loads
     into the plain timm model with ``strict=True``; extra parameters of the
     strategy (a mask token) live in ``.branch``.
@@ -32,11 +33,11 @@ class SubBranchModel(nn.Module):
         self.sub_bn_stats = sub_bn_stats
         self._bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
-    def forward(self, x: torch.Tensor, sub: bool = False) -> torch.Tensor:
+    def forward(self, *args, sub: bool = False, **kwargs):
         if not sub:
-            return self.model(x)
+            return self.model(*args, **kwargs)
         with self._bn_stats_frozen() if not self.sub_bn_stats else nullcontext():
-            return self.branch(self.model, x)
+            return self.branch(self.model, *args, **kwargs)
 
     @contextmanager
     def _bn_stats_frozen(self):
@@ -71,31 +72,38 @@ def wrap(
     sub: str = "mask",
     ratio: float = 0.5,
     *,
-    unit: int = 32,
+    unit: int | None = None,
     adapter: str | None = None,
     sub_bn_stats: bool = True,
+    **options,
 ) -> SubBranchModel:
     """Add a sub branch to ``model``.
 
     Args:
-        model: any timm image model (or one with a registered adapter).
+        model: any timm image model, a Hugging Face text model, or one with a registered adapter.
         sub: ``"mask"`` (MaskSub), ``"dropout"`` (DropSub) or ``"droppath"`` (PathSub).
         ratio: fraction of the input masked (``mask``) or the drop probability
             (``dropout``/``droppath``), in [0, 1). Default 0.5, the paper's MaskSub value.
-        unit: mask block size in pixels for the mask-token and pixel adapters.
+        unit: mask block size in pixels for the mask-token and pixel adapters (default 32).
         adapter: force an adapter by name instead of choosing by model type.
         sub_bn_stats: whether the sub pass updates BatchNorm running statistics
             (True, as in the paper) or normalizes with batch statistics only.
+        **options: the mask adapter's own settings, e.g. the text adapter's ``tokenizer=``,
+            ``mask_token_id=``, ``special_ids=`` and ``mode=``.
     """
     if isinstance(model, SubBranchModel):
         raise TypeError("model is already wrapped; call wrap() on the plain model")
     if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         raise TypeError("wrap the plain model first, then DistributedDataParallel / torch.compile the wrapper")
     ratio = check_ratio(ratio)
-    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
+    if unit is not None and (isinstance(unit, bool) or not isinstance(unit, int) or unit < 1):
         raise ValueError(f"unit must be a positive number of pixels, got {unit!r}")
+    if options and sub != "mask":
+        raise TypeError(f"{', '.join(options)}: mask adapter options, but sub={sub!r} uses no mask adapter")
     if sub == "mask":
-        branch = resolve_adapter(model, adapter)(model, ratio, unit)
+        cls = resolve_adapter(model, adapter)
+        check_options(cls, options)
+        branch = cls(model, ratio, unit, **options)
     elif sub == "dropout":
         branch = DropoutBranch(model, ratio)
     elif sub == "droppath":

@@ -65,8 +65,9 @@ def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
 class MaskTokenAdapter(MaskAdapter):
     """Replaces ``ratio`` of the ``unit``-pixel blocks by a learnable token after ``patch_embed``."""
 
-    def __init__(self, model: nn.Module, ratio: float, unit: int = 32):
+    def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
+        unit = self.unit
         layout = _probe_layout(model)
         if layout is None:
             raise TypeError(f"cannot read the patch-embedding output layout of {type(model).__name__}")

@@ -8,6 +8,7 @@ hooks on it, which ``remove()`` takes off again.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -24,18 +25,19 @@ class MaskAdapter(nn.Module):
     name: str = ""
     priority: int = 0
     description: str = ""
+    default_unit: int | None = 32  # mask block size in pixels; None for adapters that take no unit
 
-    def __init__(self, model: nn.Module, ratio: float, unit: int = 32):
+    def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__()
         self.ratio = ratio
-        self.unit = unit
+        self.unit = self.default_unit if unit is None else unit
         self._active = False  # read by hooks an adapter places on the model
 
-    def run_with_hooks_active(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def run_with_hooks_active(self, model: nn.Module, *args, **kwargs):
         """Run ``model`` with this adapter's hooks masking; they pass through otherwise."""
         self._active = True
         try:
-            return model(x)
+            return model(*args, **kwargs)
         finally:
             self._active = False
 
@@ -102,6 +104,16 @@ def resolve_adapter(model: nn.Module, name: str | None = None) -> type[MaskAdapt
         "For another model, subclass masksub.MaskAdapter and decorate it with "
         "@masksub.register_adapter('name'), or use sub='dropout' / sub='droppath', which work for any model."
     )
+
+
+def check_options(cls: type[MaskAdapter], options: dict) -> None:
+    """Adapter settings passed through ``wrap(**options)`` must be ones the adapter takes."""
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
+        raise TypeError(f"the {cls.name!r} mask adapter has no option {', '.join(map(repr, unknown))}; {takes}")
 
 
 def check_images(x: torch.Tensor, adapter: str) -> None:

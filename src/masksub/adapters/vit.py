@@ -34,7 +34,7 @@ class _NoPatchDrop(nn.Module):
 class TokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample, keeps all prefix tokens."""
 
-    def __init__(self, model: nn.Module, ratio: float, unit: int = 32):
+    def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
         self.num_prefix_tokens = model.num_prefix_tokens
         self.patch_size = tuple(model.patch_embed.patch_size)

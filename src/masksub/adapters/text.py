@@ -1,0 +1,122 @@
+"""Text transformers: BERT, RoBERTa, DeBERTa... (any model whose main input is ``input_ids``).
+
+The sub branch sees the same batch with a fraction ``ratio`` of each sample's
+*maskable* tokens masked: tokens the attention mask marks as real that are not
+special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
+``num_masked(n, ratio)`` of its own ``n`` maskable tokens, chosen at random.
+
+- ``mode="token"`` (default): masked tokens become the tokenizer's mask token, the
+  input a model pretrained with masked language modelling knows;
+- ``mode="attention"``: masked tokens get 0 in the attention mask, so no token
+  attends to them.
+
+Neither shortens the sequence, so the sub pass costs what the main pass costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..masking import check_ratio
+from .registry import MaskAdapter, register_adapter
+
+MODES = ("token", "attention")
+
+
+def masked_counts(n: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``num_masked(n_i, ratio)`` for every entry of ``n``; 0 where ``n_i == 0``."""
+    keep = torch.floor(torch.round((1.0 - ratio) * n.double() * 1e6) / 1e6).clamp(min=1)
+    return (n.double() - keep).clamp(min=0).long()
+
+
+def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean (B, L) mask, True on ``num_masked(n_i, ratio)`` random maskable tokens of each row."""
+    check_ratio(ratio)
+    noise = torch.rand(maskable.shape, device=maskable.device).masked_fill(~maskable, 2.0)
+    rank = noise.argsort(dim=1).argsort(dim=1)  # (B, L): 0 for the lowest noise; maskable tokens rank first
+    return rank < masked_counts(maskable.sum(dim=1), ratio).unsqueeze(1)
+
+
+@register_adapter("text", priority=25, description="Hugging Face text models (main input input_ids): mask tokens")
+class TokenMaskAdapter(MaskAdapter):
+    """Masks a random ``ratio`` of each sample's non-special tokens (mask token or attention mask).
+
+    Options (``masksub.wrap(model, ..., **options)``):
+        tokenizer: a Hugging Face tokenizer; its ``mask_token_id`` and ``all_special_ids`` are used.
+        mask_token_id, special_ids: the same, given directly (they override the tokenizer's).
+        mode: ``"token"`` (replace by the mask token) or ``"attention"`` (hide via the attention mask).
+    """
+
+    default_unit = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ratio: float,
+        unit: int | None = None,
+        *,
+        tokenizer=None,
+        mask_token_id: int | None = None,
+        special_ids: Iterable[int] | None = None,
+        mode: str = "token",
+    ):
+        if unit is not None:
+            raise ValueError("unit is the mask block size in pixels of image adapters; the text adapter masks tokens")
+        super().__init__(model, ratio, unit)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if tokenizer is not None:
+            mask_token_id = getattr(tokenizer, "mask_token_id", None) if mask_token_id is None else mask_token_id
+            special_ids = tokenizer.all_special_ids if special_ids is None else special_ids
+        if special_ids is None:
+            raise ValueError(
+                "the text mask adapter needs the special token ids so that [CLS], [SEP] and padding are never "
+                "masked: wrap(model, tokenizer=tokenizer) or wrap(model, special_ids=tokenizer.all_special_ids, ...)"
+            )
+        if mode == "token" and mask_token_id is None:
+            raise ValueError(
+                "mode='token' replaces tokens by the mask token, and none was given (the tokenizer has no "
+                "mask_token_id): pass mask_token_id=..., or use mode='attention'"
+            )
+        self.mode = mode
+        self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
+        special = sorted({int(i) for i in special_ids})
+        self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return getattr(model, "main_input_name", None) == "input_ids"
+
+    def token_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) bool, True on the tokens the sub branch masks."""
+        maskable = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
+        if attention_mask is not None:
+            maskable &= attention_mask.bool()
+        return random_token_mask(maskable, self.ratio)
+
+    def forward(self, model: nn.Module, *args, **kwargs):
+        if len(args) > 1:
+            raise TypeError("the text mask adapter takes input_ids positionally and everything else by keyword")
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+            got = f"shape {tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else None
+            raise ValueError(
+                f"the text mask adapter masks input_ids, a (batch, length) integer tensor; got {got} "
+                "(inputs_embeds are not supported: pass input_ids)"
+            )
+        attention_mask = kwargs.get("attention_mask")
+        mask = self.token_mask(input_ids, attention_mask)
+        if self.mode == "token":
+            input_ids = input_ids.masked_fill(mask, self.mask_token_id)
+            args, kwargs = ((input_ids,), kwargs) if args else ((), {**kwargs, "input_ids": input_ids})
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            kwargs = {**kwargs, "attention_mask": attention_mask.masked_fill(mask, 0)}
+        return model(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}, mode={self.mode}, mask_token_id={self.mask_token_id}"

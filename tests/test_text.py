@@ -1,0 +1,169 @@
+"""Text models (Hugging Face transformers, built tiny from configs): the text mask adapter and the step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MASK, SPECIAL, text_batch, tiny_text_model, wrap_text
+
+import masksub
+from masksub.adapters.text import masked_counts
+
+
+def inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("sub", ["mask", "dropout"])
+def test_text_contract(family, sub):
+    """Main pass = plain model; sub pass differs, is trainable; unwrap restores the model."""
+    plain = tiny_text_model(family).train()
+    model = copy.deepcopy(plain)
+    wrapped = wrap_text(model) if sub == "mask" else masksub.wrap(model, sub="dropout", ratio=0.5)
+    if sub == "mask":
+        assert wrapped.branch.name == "text"
+    batch = inputs(text_batch())
+    torch.manual_seed(5)
+    ref = plain(**batch).logits
+    torch.manual_seed(5)
+    main = wrapped(**batch).logits
+    assert torch.equal(main, ref)
+    torch.manual_seed(6)
+    sub_out = wrapped(**batch, sub=True).logits
+    assert sub_out.shape == ref.shape and not torch.allclose(sub_out, ref)
+    sub_out.square().mean().backward()
+    grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert wrapped.unwrap() is model
+    wrapped.eval(), plain.eval()
+    assert torch.equal(model(**batch).logits, plain(**batch).logits)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.75, 0.9, 0.99])
+def test_exact_counts_never_special_or_padding(ratio):
+    wrapped = wrap_text(tiny_text_model(), ratio=ratio)
+    batch = text_batch(batch=8, length=24)
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    ids[1::2] = torch.where(attention[1::2] == 0, 5, ids[1::2])  # hidden by the attention mask, not by the id
+    mask = wrapped.branch.token_mask(ids, attention)
+    maskable = (attention == 1) & ~torch.isin(ids, torch.tensor(SPECIAL))
+    assert not (mask & ~maskable).any()  # [CLS], [SEP] and padding are never masked
+    for i in range(len(ids)):
+        n = int(maskable[i].sum())
+        assert int(mask[i].sum()) == masksub.num_masked(n, ratio), (i, n)
+    if ratio > 0:  # per-sample random: rows with the same maskable set get different masks
+        again = wrapped.branch.token_mask(ids, attention)
+        assert not torch.equal(mask, again)
+
+
+def test_masked_counts_match_the_rule_everywhere():
+    n = torch.arange(0, 300)
+    for ratio in [0.0, 0.05, 0.1, 0.3, 0.5, 0.6, 0.7, 0.9, 0.95]:
+        expected = [0] + [masksub.num_masked(int(k), ratio) for k in n[1:]]
+        assert masked_counts(n, ratio).tolist() == expected, ratio
+
+
+@pytest.mark.parametrize("mode", ["token", "attention"])
+def test_modes_change_exactly_the_masked_tokens(mode):
+    model = tiny_text_model()
+    seen = {}
+    model.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    wrapped = wrap_text(model, mode=mode)
+    batch = inputs(text_batch())
+    torch.manual_seed(3)
+    wrapped(**batch, sub=True)
+    torch.manual_seed(3)
+    mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
+    if mode == "token":
+        assert torch.equal(seen["input_ids"], batch["input_ids"].masked_fill(mask, MASK))
+        assert torch.equal(seen["attention_mask"], batch["attention_mask"])
+    else:
+        assert torch.equal(seen["input_ids"], batch["input_ids"])
+        assert torch.equal(seen["attention_mask"], batch["attention_mask"].masked_fill(mask, 0))
+    assert mask.any()
+
+
+def test_tokenizer_option_reads_mask_and_special_ids():
+    tokenizer = type("Tok", (), {"mask_token_id": 7, "all_special_ids": [0, 1, 2, 7]})()
+    wrapped = masksub.wrap(tiny_text_model(), tokenizer=tokenizer)
+    assert wrapped.branch.mask_token_id == 7 and wrapped.branch.special_ids.tolist() == [0, 1, 2, 7]
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(mask_token_id=MASK), ValueError, "special token ids"),
+        (dict(special_ids=SPECIAL), ValueError, "mask_token_id"),
+        (dict(special_ids=SPECIAL, mode="span"), ValueError, "mode must be one of"),
+        (dict(special_ids=SPECIAL, mask_token_id=MASK, unit=8), ValueError, "masks tokens"),
+        (dict(special_ids=SPECIAL, mask_token_id=MASK, mask_id=3), TypeError, "no option 'mask_id'"),
+        (dict(sub="dropout", special_ids=SPECIAL), TypeError, "uses no mask adapter"),
+    ],
+)
+def test_bad_options_are_named(kw, error, match):
+    with pytest.raises(error, match=match):
+        masksub.wrap(tiny_text_model(), **kw)
+
+
+def test_image_adapters_refuse_text_options():
+    import timm
+
+    with pytest.raises(TypeError, match="'vit' mask adapter has no option 'tokenizer'"):
+        masksub.wrap(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1), tokenizer=None)
+
+
+def test_inputs_embeds_is_refused():
+    wrapped = wrap_text(tiny_text_model())
+    with pytest.raises(ValueError, match="inputs_embeds are not supported"):
+        wrapped(inputs_embeds=torch.randn(2, 8, 32), sub=True)
+
+
+def _step_grads(memory_saving: bool, accum_steps: int = 1):
+    wrapped = wrap_text(tiny_text_model()).train()
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
+    step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), memory_saving=memory_saving, accum_steps=accum_steps)
+    batch = text_batch(batch=4 * accum_steps)
+    for i in range(accum_steps):
+        torch.manual_seed(10 + i)  # the same masks and dropout in every run
+        out = step({k: v[4 * i : 4 * (i + 1)] for k, v in batch.items()})  # labels come from the mapping
+    assert out["updated"] and out["logits"].shape == (4, 3)
+    return wrapped, {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
+
+
+def test_step_on_a_text_batch_equals_the_summed_loss_by_hand():
+    _, grads = _step_grads(memory_saving=True)
+    _, summed = _step_grads(memory_saving=False)
+    ref = wrap_text(tiny_text_model()).train()
+    batch = text_batch(batch=4)
+    torch.manual_seed(10)
+    main = ref(**inputs(batch)).logits
+    sub = ref(**inputs(batch), sub=True).logits
+    teacher = F.softmax(main.detach(), dim=-1)
+    loss = 0.5 * F.cross_entropy(main, batch["labels"]) + 0.5 * (-(teacher * F.log_softmax(sub, -1)).sum(-1)).mean()
+    loss.backward()
+    assert grads.keys() == summed.keys() == {n for n, p in ref.named_parameters() if p.grad is not None}
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+            torch.testing.assert_close(summed[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_step_labels_never_reach_the_model():
+    model = tiny_text_model()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(set(kw)), with_kwargs=True)
+    wrapped = wrap_text(model).train()
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    step(text_batch())
+    assert seen == [{"input_ids", "attention_mask"}] * 2
+
+
+def test_model_output_without_logits_is_a_clear_error():
+    wrapped = wrap_text(tiny_text_model()).train()
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    with pytest.raises(TypeError, match="needs logits"):
+        step({**text_batch(), "return_dict": False})
