@@ -1,0 +1,35 @@
+"""Run by test_hf under torchrun: MaskSubTrainer with DDP (gloo), counting gradient all-reduces per step."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from conftest import MASK, SPECIAL, text_batch, tiny_text_model
+from test_hf import Rows, _args
+
+from masksub.hf import MaskSubTrainer
+from masksub.train.distributed import count_allreduces
+
+
+class CountingTrainer(MaskSubTrainer):
+    count = None
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.count is None and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            self.count = count_allreduces(model)  # before the first backward
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    model = tiny_text_model()
+    args = _args(f"{out}/run", max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-3, ddp_backend="gloo")
+    mask_options = {"mask_token_id": MASK, "special_ids": SPECIAL}
+    trainer = CountingTrainer(
+        model=model, args=args, train_dataset=Rows(text_batch(batch=48)), mask_options=mask_options
+    )
+    trainer.train()
+    result = {"world": dist.get_world_size(), "rounds": trainer.count.rounds, "steps": trainer.state.global_step}
+    torch.save({"result": result, "state": model.state_dict()}, f"{out}/rank{dist.get_rank()}.pt")

@@ -1,0 +1,147 @@
+"""MaskSubTrainer: the Trainer's gradient is that of the summed MaskSub loss, accumulation included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import MASK, SPECIAL, text_batch, tiny_text_model
+
+from masksub.hf import MaskSubTrainer
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return len(self.batch["labels"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+class GradsBeforeStep(transformers.TrainerCallback):
+    def __init__(self, model):
+        self.model, self.grads = model, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        learning_rate=0.0,  # the captured gradient is the first step's, at the initial weights
+        max_grad_norm=0.0,  # no clipping: the raw gradient
+        max_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+def _trainer(tmp_path, model, data, **kw):
+    mask_options = kw.pop("mask_options", {"mask_token_id": MASK, "special_ids": SPECIAL})
+    return MaskSubTrainer(model=model, args=_args(tmp_path, **kw), train_dataset=Rows(data), mask_options=mask_options)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_trainer_gradient_equals_summed_loss_by_hand(tmp_path, accum):
+    model = tiny_text_model(**NO_DROPOUT)  # no dropout: the recorded inputs fix both passes
+    seen = []  # (input_ids, attention_mask) of every forward, main and sub alternating
+    model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["input_ids"].clone(), kw["attention_mask"].clone())), with_kwargs=True
+    )
+    capture = GradsBeforeStep(model)
+    trainer = _trainer(tmp_path, model, text_batch(batch=4 * accum), gradient_accumulation_steps=accum)
+    trainer.add_callback(capture)
+    trainer.train()
+    assert len(capture.grads) == 1 and len(seen) == 2 * accum
+
+    data = text_batch(batch=4 * accum)
+    row_label = {tuple(r.tolist()): int(y) for r, y in zip(data["input_ids"], data["labels"])}
+    model.zero_grad()
+    hooks = model._forward_pre_hooks.copy()
+    model._forward_pre_hooks.clear()
+    for (ids, attention), (sub_ids, sub_attention) in zip(seen[0::2], seen[1::2]):
+        labels = torch.tensor([row_label[tuple(r.tolist())] for r in ids])
+        assert torch.equal(sub_attention, attention) and (sub_ids != ids).any()
+        assert torch.equal(sub_ids[sub_ids != ids], torch.full_like(sub_ids[sub_ids != ids], MASK))
+        main = model(input_ids=ids, attention_mask=attention).logits
+        sub = model(input_ids=sub_ids, attention_mask=attention).logits
+        teacher = F.softmax(main.detach(), dim=-1)
+        loss = 0.5 * F.cross_entropy(main, labels) + 0.5 * (-(teacher * F.log_softmax(sub, -1)).sum(-1)).mean()
+        (loss / accum).backward()
+    model._forward_pre_hooks.update(hooks)
+    grads = capture.grads[0]
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_evaluation_uses_the_plain_model_and_its_own_loss(tmp_path):
+    model = tiny_text_model()
+    data = text_batch(batch=8)
+    trainer = _trainer(tmp_path, model, data)
+    metrics = trainer.evaluate(Rows(data))
+    model.eval()
+    with torch.no_grad():
+        expected = model(**{k: v for k, v in data.items()}).loss
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_saved_model_loads_with_from_pretrained(tmp_path):
+    model = tiny_text_model()
+    trainer = _trainer(tmp_path, model, text_batch(batch=8), learning_rate=1e-3, max_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "saved")).eval()
+    batch = {k: v for k, v in text_batch().items() if k != "labels"}
+    model.eval()
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_tokenizer_comes_from_processing_class(tmp_path):
+    tokenizer = type("Tok", (), {"mask_token_id": 7, "all_special_ids": [0, 7]})()
+    trainer = MaskSubTrainer(
+        model=tiny_text_model(), args=_args(tmp_path), train_dataset=Rows(text_batch()), processing_class=tokenizer
+    )
+    assert trainer.sub_branch.mask_token_id == 7 and trainer.sub_branch.special_ids.tolist() == [0, 7]
+
+
+def test_missing_tokenizer_and_regression_heads_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="processing_class=tokenizer"):
+        MaskSubTrainer(model=tiny_text_model(), args=_args(tmp_path), train_dataset=Rows(text_batch()))
+    with pytest.raises(ValueError, match="regression head"):
+        MaskSubTrainer(model=tiny_text_model(num_labels=1), args=_args(tmp_path), mask_options={"special_ids": [0]})
+
+
+@pytest.mark.slow
+def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path):
+    """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces."""
+    tests = Path(__file__).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [*cmd, str(tests / "ddp_trainer_worker.py"), str(tmp_path)], env=env, capture_output=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:
+        assert rank["result"] == {"world": 2, "rounds": 3, "steps": 3}
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), f"ranks disagree on {k}"
