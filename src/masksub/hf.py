@@ -88,7 +88,10 @@ class MaskSubTrainer(transformers.Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**features)
+        # Unsynced main forward: DDP broadcasts buffers before it and not again before the sub forward,
+        # which would overwrite in place buffers the main graph saved; the backward still all-reduces once.
+        with self.accelerator.no_sync(model):
+            outputs = model(**features)
         main = logits_of(outputs)
         if main.ndim != 2:
             raise ValueError(

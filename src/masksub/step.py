@@ -165,7 +165,10 @@ class Step:
             else:
                 w_main, w_sub = self.loss.main_weight / self.accum_steps, self.loss.sub_weight / self.accum_steps
                 with self._autocast():
-                    main = logits_of(self._forward(x))
+                    # Unsynced main forward: DDP then broadcasts buffers before it and not again before the
+                    # sub forward, which would overwrite in place buffers the main graph saved (BERT's ids).
+                    with self._no_sync():
+                        main = logits_of(self._forward(x))
                     loss_main = self.loss.main_loss(main, target)
                     loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main)
                 self._backward(w_main * loss_main + w_sub * loss_sub)
