@@ -16,8 +16,14 @@ WORLD, BATCH, STEPS = 2, 8, 3
 MASK_UNITS = {"vit": 64, "swin": 16}  # random numbers each sample's mask draws (tokens or units)
 # (model, accum_steps, step kind); "research" is the unoptimized two-backward step, for contrast
 CASES = [("vit", 1, "masksub"), ("vit", 2, "masksub"), ("swin", 1, "masksub"), ("resnet", 1, "masksub")]
-# "summed": both forwards, then one backward of the summed loss (timm's task, MaskSubTrainer)
+# "summed": both forwards, then one backward of the summed loss (as MaskSubTrainer does)
 CASES += [("vit", 1, "research"), ("vit", 2, "summed"), ("bert", 1, "masksub"), ("bert", 1, "summed")]
+try:  # timm's own task (two forwards, one backward), where timm's task API is new enough
+    from masksub.task import MaskSubTask
+
+    CASES += [("swin", 1, "task")]
+except ImportError:
+    MaskSubTask = None
 
 
 def _data(name, micro):
@@ -39,9 +45,11 @@ def _train(name, accum, kind, rank=0, world=1):
         wrapped = wrap_text(tiny_text_model()).train()
     else:
         wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
-    model, count = wrapped, AllReduceCount()
-    if world > 1:
-        model = DDP(wrapped)  # no find_unused_parameters, also for the Swin mask token
+    model, count, task = wrapped, AllReduceCount(), None
+    if kind == "task":
+        task = MaskSubTask(wrapped, criterion=torch.nn.CrossEntropyLoss(), verbose=False)
+    if world > 1:  # no find_unused_parameters, also for the Swin mask token
+        model = task.prepare_distributed().trainable_module if task else DDP(wrapped)
         count = count_allreduces(model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
     step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), accum_steps=accum, memory_saving=kind != "summed")
@@ -58,6 +66,11 @@ def _train(name, accum, kind, rank=0, world=1):
             main = model(x)
             (0.5 * torch.nn.functional.cross_entropy(main, y)).backward()
             (0.5 * step.loss.sub_loss(model(x, sub=True), main)).backward()
+            opt.step()
+            updated = True
+        elif kind == "task":
+            opt.zero_grad()
+            task(x, y)["loss"].backward()
             opt.step()
             updated = True
         else:

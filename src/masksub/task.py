@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import timm
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .loss import SubBranchLoss
 from .wrapper import SubBranchModel
@@ -69,8 +71,13 @@ class MaskSubTask(ClassificationTask):
         self.eval_model = model.model
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        main = self.trainable_module(input)
-        sub = self.trainable_module(input, sub=True)
+        module = self.trainable_module
+        # Unsynced main forward: under DDP, buffers are broadcast before it and not again before the sub
+        # forward, which would overwrite in place index buffers the main graph saved (Swin's relative
+        # position index); the one backward still all-reduces once.
+        with module.no_sync() if isinstance(module, DistributedDataParallel) else nullcontext():
+            main = module(input)
+        sub = module(input, sub=True)
         loss_main = self.sub_loss.main_loss(main, target)
         loss_sub = self.sub_loss.sub_loss(sub, main)
         loss = self.sub_loss.main_weight * loss_main + self.sub_loss.sub_weight * loss_sub
