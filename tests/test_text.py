@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MASK, SPECIAL, text_batch, tiny_text_model, wrap_text
+from conftest import MASK, SMALL, SPECIAL, text_batch, tiny_text_model, wrap_text
 
 import masksub
 from masksub.adapters.text import masked_counts
@@ -167,3 +167,29 @@ def test_model_output_without_logits_is_a_clear_error():
     step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
     with pytest.raises(TypeError, match="needs logits"):
         step({**text_batch(), "return_dict": False})
+
+
+def test_readme_text_example_runs(tmp_path, monkeypatch):
+    """The README's text example as written, with its two downloads replaced by local equivalents."""
+    import re
+    from pathlib import Path
+
+    import transformers
+
+    words = ["a", "gripping", ",", "funny", "film", "two", "hours", "i", "will", "not", "get", "back"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    model = transformers.BertForSequenceClassification(
+        transformers.BertConfig(**{**SMALL, "vocab_size": len(tokenizer)})
+    )
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name: tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", lambda name, **kw: model)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Text models: Hugging Face transformers", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["metrics"]["updated"] and torch.isfinite(scope["metrics"]["loss"])
+    assert scope["plain"] is model and scope["step"].model.branch.name == "text"
+    assert scope["step"].model.branch.mask_token_id == 4
+    assert not (scope["batch"]["input_ids"] == 1).any()  # every word is in the vocabulary: none is [UNK]
