@@ -35,6 +35,8 @@ TINY = {
         8,
     ),
     "xcit": ("xcit_nano_12_p16_224", dict(img_size=32, depth=2, num_classes=5), (32, 32), 8),
+    "naflex": ("naflexvit_base_patch16_gap", dict(VIT, patch_size=4), (32, 32), 32),
+    "naflex_rope_mixed": ("naflexvit_base_patch16_gap", dict(VIT, pos_embed="none", rope_type="mixed"), (32, 32), 32),
     "resnet": ("resnet10t", dict(num_classes=5, zero_init_last=False), (64, 96), 16),
     "convnext": ("convnext_atto", dict(num_classes=5), (64, 64), 16),
 }
@@ -52,6 +54,8 @@ EXPECTED_ADAPTER = {
     "vit_relpos": "masktoken",
     "sam": "masktoken",  # window attention + relative position on the full grid
     "xcit": "pixels",  # its patch embedding returns (tokens, grid): input pixels instead
+    "naflex": "naflexvit",
+    "naflex_rope_mixed": "naflexvit",  # RoPE tables per block, gathered with the kept tokens
     "resnet": "pixels",
     "convnext": "pixels",
 }

@@ -15,7 +15,8 @@ RATIOS = (0.1, 0.25, 0.5, 0.75, 0.9)
 def _observe_vit(wrapped, x, calls):
     """Masks (B, N) from the tokens entering and leaving the drop point; also checks prefix tokens."""
     seen = []
-    wrapped.model.patch_drop.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
+    drop_point = getattr(wrapped.branch, "drop_module", None) or wrapped.model.patch_drop  # NaFlexVit: its own
+    drop_point.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
     prefix = wrapped.model.num_prefix_tokens
     masks = []
     for _ in range(calls):
@@ -84,7 +85,7 @@ def observe(name, ratio, calls=2, seed=None):
         torch.manual_seed(seed)
     with torch.no_grad():
         kind = wrapped.branch.name
-        if kind == "vit":
+        if kind in ("vit", "naflexvit"):
             return _observe_vit(wrapped, x, calls)
         if kind == "masktoken":
             return _observe_masktoken(wrapped, x, calls, original)

@@ -15,7 +15,7 @@ import masksub
 
 
 @pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
-@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet"])
+@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet", "naflex_rope_mixed"])
 def test_main_branch_and_inference_unchanged(name, sub):
     plain = tiny_model(name, drop_rate=0.0)
     wrapped = masksub.wrap(copy.deepcopy(plain), sub=sub, ratio=0.3, unit=TINY[name][3])
@@ -111,7 +111,7 @@ def test_batchnorm_statistics_option(sub_bn_stats):
     assert all(m.track_running_stats for m in wrapped.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "eva_rope"])
+@pytest.mark.parametrize("name", ["vit", "swin", "eva_rope", "naflex"])
 def test_export_loads_into_plain_timm_model(name):
     wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
@@ -137,7 +137,7 @@ def test_mask_token_is_saved_and_trained():
     assert wrapped.branch.mask_token.ndim == 1  # 1-D: no weight decay under timm's param groups
 
 
-@pytest.mark.parametrize("name", ["vit", "swin"])
+@pytest.mark.parametrize("name", ["vit", "swin", "naflex"])
 def test_torch_compile_two_graphs_no_breaks(name):
     counters.clear()
     torch._dynamo.reset()
@@ -150,7 +150,7 @@ def test_torch_compile_two_graphs_no_breaks(name):
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "resnet"])
+@pytest.mark.parametrize("name", ["vit", "swin", "resnet", "naflex"])
 def test_compiled_sub_branch_stays_masked_beside_other_compiled_instances(name):
     # Dynamo shares graphs across instances of a class and does not guard on module hooks: a compiled
     # plain instance must not hand its unmasked graph to the wrapped model's sub pass.

@@ -1,0 +1,72 @@
+"""timm's NaFlexVit: drop patch tokens through the model's own patch-dropout slot.
+
+NaFlexVit calls ``patch_drop`` only in training mode, and from the indices it
+returns it gathers what goes with the tokens (RoPE tables, the valid-patch mask
+and the attention mask built from it). During the sub pass this adapter puts its
+own dropper in that slot (the model's own patch dropout, if any, is replaced),
+keeping every prefix token and ``num_keep(N, ratio)`` patch tokens per sample,
+and marks the top-level module as training so the slot is used in any mode;
+both are put back afterwards. Inputs are image batches (B, C, H, W); NaFlex's
+pre-patchified dict inputs are not masked by this adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..masking import gather_tokens, num_keep, random_keep_indices
+from .registry import MaskAdapter, check_images, register_adapter
+
+try:
+    from timm.models.naflexvit import NaFlexVit
+except ImportError:  # a timm without NaFlexVit
+    NaFlexVit = None
+
+
+class KeepTokens(nn.Module):
+    """Stands in for ``PatchDropoutWithIndices``: (B, P + N, D) -> ((B, P + K, D), keep (B, K))."""
+
+    def __init__(self, num_prefix_tokens: int, ratio: float):
+        super().__init__()
+        self.num_prefix_tokens, self.ratio = num_prefix_tokens, ratio
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        batch, n, _ = patches.shape
+        keep = random_keep_indices(batch, n, num_keep(n, self.ratio), x.device)
+        return torch.cat((prefix, gather_tokens(patches, keep)), dim=1), keep
+
+
+@register_adapter("naflexvit", priority=30, description="timm NaFlexVit: drop patch tokens")
+class NaFlexTokenDropAdapter(MaskAdapter):
+    """Drops a random ``ratio`` of patch tokens per sample, keeps all prefix tokens."""
+
+    def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
+        super().__init__(model, ratio, unit)
+        self.patch_size = tuple(model.embeds.patch_size)
+        self.drop_module = KeepTokens(model.num_prefix_tokens, ratio)
+        if model.patch_drop is None:
+            # A plain None attribute would move into ``_modules`` at the first swap, changing the model's
+            # structure under torch.compile's guards (a recompile of both graphs); register the empty slot now.
+            del model.patch_drop
+            model.register_module("patch_drop", None)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return NaFlexVit is not None and isinstance(model, NaFlexVit)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.name)
+        ph, pw = self.patch_size
+        if x.shape[-2] % ph or x.shape[-1] % pw:
+            raise ValueError(
+                f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}; "
+                "resize or crop the images to a multiple of the patch size"
+            )
+        saved_drop, saved_training = model.patch_drop, model.training
+        model.patch_drop, model.training = self.drop_module, True  # the top-level flag only: it gates the slot
+        try:
+            return model(x)
+        finally:
+            model.patch_drop, model.training = saved_drop, saved_training
