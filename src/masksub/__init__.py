@@ -1,4 +1,4 @@
-"""masksub: masked sub-branch self-distillation for any timm model, in one line.
+"""masksub: masked sub-branch self-distillation for any timm model (and Hugging Face text models), in one line.
 
 model = masksub.wrap(timm.create_model("deit3_small_patch16_224"), sub="mask", ratio=0.5)
 step = masksub.Step(model, optimizer, criterion)
