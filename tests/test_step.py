@@ -202,3 +202,54 @@ def test_memory_saving_step_peaks_like_the_plain_step_not_the_sum():
         peaks[kind] = _peak_bytes(step, x, y)
     assert peaks["two_backwards"] <= 1.02 * peaks["plain"]  # the sub graph lives after the main one is freed
     assert peaks["summed"] >= 1.3 * peaks["plain"]  # both graphs alive at once
+
+
+def _poison_once(param):
+    """The next backward gives ``param`` a NaN gradient, the loss staying finite."""
+    handle = None
+
+    def hook(grad):
+        handle.remove()
+        return grad * float("nan")
+
+    handle = param.register_hook(hook)
+
+
+@pytest.mark.parametrize("clip_grad", [None, 1.0])
+@pytest.mark.parametrize("poison", ["gradient", "loss"])
+def test_nonfinite_gradient_or_loss_skips_the_step(poison, clip_grad):
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
+    step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), clip_grad=clip_grad, skip_nonfinite=True)
+    x, y = tiny_images("vit", batch=4), torch.arange(4)
+    before = copy.deepcopy(wrapped.state_dict())
+    if poison == "gradient":
+        _poison_once(wrapped.model.head.weight)
+    out = step(x.clone().fill_(float("nan")) if poison == "loss" else x, y)
+    assert out["skipped"] and out["updated"]
+    assert torch.isfinite(out["loss"]) == (poison == "gradient")
+    assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items()), "a skipped step changed weights"
+    assert all(p.grad is None for p in wrapped.parameters()) and not opt.state
+    out = step(x, y)  # the next good step trains as usual
+    assert not out.get("skipped") and any(not torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
+
+
+def test_without_skip_nonfinite_a_nan_gradient_reaches_the_weights():
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    _poison_once(wrapped.model.head.weight)
+    step(tiny_images("vit", batch=4), torch.arange(4))
+    assert wrapped.model.head.weight.isnan().all()
+
+
+def test_fp16_overflow_is_left_to_the_grad_scaler():
+    """With fp16 an infinite gradient is the scaler's business: it skips and lowers its scale, no 'skipped'."""
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), amp="fp16", skip_nonfinite=True)
+    before = copy.deepcopy(wrapped.state_dict())
+    scale = step.scaler.get_scale()
+    _poison_once(wrapped.model.head.weight)
+    out = step(tiny_images("vit", batch=4), torch.arange(4))
+    assert not out.get("skipped") and step.scaler.get_scale() < scale
+    assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())

@@ -171,7 +171,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
             ]
         )
     assert code == 2
-    assert "non-finite losses in a row" in capsys.readouterr().err
+    assert "non-finite losses or gradients in a row" in capsys.readouterr().err
     state = checkpoint.load(tmp_path / "nan" / "last.pt")  # the last good checkpoint is intact
     assert state["nonfinite_run"] <= 1
 

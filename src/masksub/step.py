@@ -40,6 +40,12 @@ def logits_of(output):
     )
 
 
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of the parameters' gradients (what norm clipping measures), on their device."""
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 class Step:
     """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
 
@@ -58,8 +64,9 @@ class Step:
         memory_saving: False sums both losses and calls backward once (same
             gradients, both graphs alive at once: more memory).
         skip_nonfinite: skip the optimizer step (and drop its gradients) when a
-            loss of the accumulation window is not finite; costs one host sync
-            per optimizer step. The result then has ``skipped=True``.
+            loss of the accumulation window or the gradient norm is not finite (with
+            fp16 the grad scaler judges the gradients); costs one host sync per
+            optimizer step. The result then has ``skipped=True``.
 
     Returns a dict of detached tensors (``loss``, ``loss_main``, ``loss_sub``,
     ``logits`` and, on update steps with norm clipping, ``grad_norm``) plus
@@ -186,25 +193,33 @@ class Step:
             self._finite = torch.isfinite(loss) & self._finite
         if update:
             self._micro = 0
-            if self.skip_nonfinite and not bool(self._finite):  # the one host sync this option costs
-                self.optimizer.zero_grad(set_to_none=True)
-                out["skipped"] = True
-            else:
-                out.update(self._update())
+            out.update(self._update())
             self._finite = True
         out["updated"] = update
         return out
 
     def _update(self) -> dict:
         out = {}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if self.clip_grad is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            if self.clip_mode == "norm":
-                out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
-            else:
-                dispatch_clip_grad(params, self.clip_grad, mode=self.clip_mode)
+        norm = None
+        if self.clip_grad is not None and self.clip_mode == "norm":
+            norm = out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+        elif self.skip_nonfinite and self.scaler is None:
+            norm = grad_norm(params)
+        if self.skip_nonfinite:
+            # A finite loss can still give non-finite gradients. With fp16 the scaler skips those steps
+            # itself (and lowers its scale): only the loss is checked then.
+            finite = self._finite if norm is None or self.scaler is not None else self._finite & torch.isfinite(norm)
+            if not bool(finite):  # the one host sync this option costs
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.update()  # after unscale_: a scale that overflowed is lowered
+                out["skipped"] = True
+                return out
+        if self.clip_grad is not None and self.clip_mode != "norm":
+            dispatch_clip_grad(params, self.clip_grad, mode=self.clip_mode)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

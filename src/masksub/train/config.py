@@ -124,7 +124,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     checkpoint_every: int = 0  # optimizer steps between 'last' checkpoints inside an epoch; 0: per epoch
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
-    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    max_nonfinite: int = 20  # consecutive steps with a non-finite loss or gradient before the run stops
     output: str = "runs"
     name: str | None = None  # run folder name (default: recipe-sub-seed)
     resume: str | None = None  # checkpoint file or run folder to continue

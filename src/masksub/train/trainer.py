@@ -416,13 +416,15 @@ class Trainer:
             self.nonfinite_run += 1
             self.skipped += 1
             warnings.warn(
-                f"non-finite loss at step {self.global_step}: step skipped ({self.nonfinite_run} in a row)",
+                f"non-finite loss or gradients at step {self.global_step}: step skipped "
+                f"({self.nonfinite_run} in a row)",
                 stacklevel=2,
             )
             if self.nonfinite_run >= self.cfg.train.max_nonfinite:
                 raise NonFiniteLossError(
-                    f"{self.nonfinite_run} non-finite losses in a row (train.max_nonfinite); stopping. The last good "
-                    f"checkpoint is {self.folder / 'last.pt'}; lower optim.lr, enable optim.clip_grad or use bf16"
+                    f"{self.nonfinite_run} non-finite losses or gradients in a row (train.max_nonfinite); stopping. "
+                    f"The last good checkpoint is {self.folder / 'last.pt'}; lower optim.lr, enable optim.clip_grad "
+                    "or use bf16"
                 )
         else:
             self.nonfinite_run = 0
