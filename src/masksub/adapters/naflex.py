@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..masking import gather_tokens, num_keep, random_keep_indices
-from .registry import MaskAdapter, check_images, register_adapter
+from .registry import MaskAdapter, check_patch_images, register_adapter
 
 try:
     from timm.models.naflexvit import NaFlexVit
@@ -57,13 +57,7 @@ class NaFlexTokenDropAdapter(MaskAdapter):
         return NaFlexVit is not None and isinstance(model, NaFlexVit)
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, self.name)
-        ph, pw = self.patch_size
-        if x.shape[-2] % ph or x.shape[-1] % pw:
-            raise ValueError(
-                f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}; "
-                "resize or crop the images to a multiple of the patch size"
-            )
+        check_patch_images(x, self.patch_size, self.name)
         saved_drop, saved_training = model.patch_drop, model.training
         model.patch_drop, model.training = self.drop_module, True  # the top-level flag only: it gates the slot
         try:

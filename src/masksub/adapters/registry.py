@@ -127,3 +127,14 @@ def check_images(x: torch.Tensor, adapter: str) -> None:
             f"the {adapter!r} mask adapter expects a float image batch (B, C, H, W), got {desc}; "
             "for token/text inputs register an adapter for that family"
         )
+
+
+def check_patch_images(x: torch.Tensor, patch_size: tuple[int, int], adapter: str) -> None:
+    """A token-dropping adapter takes image batches whose sides are multiples of the patch size."""
+    check_images(x, adapter)
+    ph, pw = patch_size
+    if x.shape[-2] % ph or x.shape[-1] % pw:
+        raise ValueError(
+            f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}; "
+            "resize or crop the images to a multiple of the patch size"
+        )

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..masking import gather_tokens, num_keep, random_keep_indices
-from .registry import MaskAdapter, check_images, register_adapter
+from .registry import MaskAdapter, check_patch_images, register_adapter
 
 
 class _NoPatchDrop(nn.Module):
@@ -65,13 +65,7 @@ class TokenDropAdapter(MaskAdapter):
         return (x, keep) if self.returns_indices else x
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        check_images(x, self.name)
-        ph, pw = self.patch_size
-        if x.shape[-2] % ph or x.shape[-1] % pw:
-            raise ValueError(
-                f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}; "
-                "resize or crop the images to a multiple of the patch size"
-            )
+        check_patch_images(x, self.patch_size, self.name)
         return self.run_with_hooks_active(model, x)
 
     def run_kept(self, fn, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
