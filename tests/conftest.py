@@ -85,11 +85,11 @@ def tiny_text_model(family: str = "bert", seed: int = 0, **overrides) -> torch.n
 
     torch.manual_seed(seed)
     if family == "bert":
-        config = transformers.BertConfig(**SMALL, max_position_embeddings=64, **{"num_labels": 3, **overrides})
+        config = transformers.BertConfig(**{**SMALL, "max_position_embeddings": 64, "num_labels": 3, **overrides})
         return transformers.BertForSequenceClassification(config)
     if family == "roberta":
         config = transformers.RobertaConfig(
-            **SMALL, max_position_embeddings=72, pad_token_id=PAD, **{"num_labels": 3, **overrides}
+            **{**SMALL, "max_position_embeddings": 72, "pad_token_id": PAD, "num_labels": 3, **overrides}
         )
         return transformers.RobertaForSequenceClassification(config)
     config = transformers.DistilBertConfig(

@@ -145,3 +145,53 @@ def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path):
         assert rank["result"] == {"world": 2, "rounds": 3, "steps": 3}
     for k, v in ranks[0]["state"].items():
         assert torch.equal(v, ranks[1]["state"][k]), f"ranks disagree on {k}"
+
+
+def _load_example():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "text_classification.py"
+    spec = importlib.util.spec_from_file_location("text_classification", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def local_model_and_csvs(tmp_path):
+    """A tiny BERT + tokenizer saved with save_pretrained, and train/valid CSVs of two labels."""
+    words = ["good", "fine", "great", "bad", "awful", "poor", "the", "film", "was", "plot"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    model = tiny_text_model(vocab_size=len(tokenizer), num_labels=2)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 24), ("valid", 8)):
+        rows = ["text,label"]
+        for i in range(n):
+            label = ("pos", "neg")[i % 2]
+            opinion = words[:3] if label == "pos" else words[3:6]
+            picks = torch.randint(0, 3, (3,), generator=g).tolist()
+            rows.append(f"the film was {' '.join(opinion[j] for j in picks)},{label}")
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("sub", ["mask", "none"])
+def test_text_classification_example_runs(local_model_and_csvs, sub):
+    d = local_model_and_csvs
+    argv = ["--model", str(d / "model"), "--train", str(d / "train.csv"), "--valid", str(d / "valid.csv")]
+    argv += ["--sub", sub, "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3", "--out", str(d / f"run-{sub}")]
+    summary = _load_example().main(argv)
+    assert summary["sub"] == sub and 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(d / f"run-{sub}" / "model")
+    assert saved.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_text_classification_example_names_bad_csv(local_model_and_csvs):
+    d = local_model_and_csvs
+    (d / "bad.csv").write_text("sentence,label\nthe film,pos\n")
+    argv = ["--model", str(d / "model"), "--train", str(d / "bad.csv"), "--valid", str(d / "valid.csv")]
+    with pytest.raises(SystemExit, match="must name the columns text and label"):
+        _load_example().main(argv)
