@@ -1,4 +1,5 @@
-"""Check masksub's three sub branches on every timm model family installed here.
+"""Check masksub's three sub branches on every timm model family installed here (or, with
+``--text``, on every Hugging Face transformers sequence-classification architecture).
 
 For each family (timm module) it takes the model with the least compute (parameters x default
 input pixels, counted on the meta device), builds it at random init with a 5-class head re-drawn
@@ -10,11 +11,16 @@ so the output depends on the input, and for ``mask``, ``dropout`` and ``droppath
 - a train-mode sub pass back-propagates finite gradients, and reaches the mask token if any;
 - ``unwrap()`` gives back a model whose eval output equals the wrapped main pass.
 
+With ``--text`` each architecture is built at random init from its default configuration shrunk
+to 2 layers of width 32, and fed random token ids; the mask adapter gets the configuration's
+special ids (pad, bos, eos, ...).
+
 Each family runs in a process of its own with a time limit, so one model that runs out of memory
 or hangs costs only its row. Writes a JSON and a markdown table.
 
     python scripts/check_families.py                       # all families: ~40 min on 2 CPU cores
     python scripts/check_families.py --families vision_transformer resnet swin_transformer
+    python scripts/check_families.py --text --out text_families
 """
 
 from __future__ import annotations
@@ -36,6 +42,55 @@ def families() -> dict[str, list[str]]:
     import timm
 
     return {module: timm.list_models(module=module) for module in timm.list_modules()}
+
+
+def text_families() -> dict[str, list[str]]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    return {t: [name] for t, name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.items()}
+
+
+# Set where the configuration has them (directly or through its attribute_map): 2 layers, width 32.
+SHRINK = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    head_dim=16,
+    embedding_size=32,
+    num_local_experts=2,
+    num_experts=2,
+    num_experts_per_tok=1,
+)
+SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "mask_token_id")
+
+
+def build_text(model_type: str):
+    """A random-init 5-class sequence classifier of ``model_type``, shrunk; its inputs and wrap options."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type)
+    for key, value in SHRINK.items():
+        if hasattr(config, key) and isinstance(getattr(config, key), int):
+            setattr(config, key, value)
+    config.num_labels = 5
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = 0  # decoder classifiers find each sequence's last token through it
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id
+    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    special = {v for k in SPECIAL_KEYS for v in [getattr(config, k, None)] if isinstance(v, int)}
+    mask_id = getattr(config, "mask_token_id", None)
+    mask_id = mask_id if isinstance(mask_id, int) else next(i for i in range(3, 100) if i not in special)
+    vocab = min(getattr(config, "vocab_size", 1000) or 1000, 1000)
+    ids = torch.randint(0, vocab, (2, 16))
+    ids[ids.unsqueeze(-1).eq(torch.tensor(sorted(special | {mask_id}))).any(-1)] = vocab - 1
+    if isinstance(getattr(config, "eos_token_id", None), int):
+        ids[:, -1] = config.eos_token_id  # encoder-decoder classifiers (BART, T5) pool at the end token
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return model, inputs, {"mask_token_id": mask_id, "special_ids": sorted(special)}
 
 
 def input_size(model) -> tuple[int, int, int]:
@@ -80,41 +135,65 @@ def smallest(names: list[str]) -> tuple[str, tuple[int, int, int]] | None:
     return None
 
 
-def check_kind(model, x, kind: str, sensitive: bool) -> str:
+def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None) -> str:
     import torch
 
     import masksub
+    from masksub.step import logits_of
+
+    def run(m, **kw):
+        return logits_of(m(**x, **kw) if isinstance(x, dict) else m(x, **kw))
 
     model.eval()
     with torch.no_grad():
-        plain = model(x)
-    wrapped = masksub.wrap(model, sub=kind, ratio=0.5)
+        plain = run(model)
+    wrapped = masksub.wrap(model, sub=kind, ratio=0.5, **(options or {}) if kind == "mask" else {})
     try:
         label = getattr(wrapped.branch, "name", type(wrapped.branch).__name__)
         wrapped.eval()
         with torch.no_grad():
-            assert torch.equal(wrapped(x), plain), "main pass differs from the plain model"
-            sub = wrapped(x, sub=True)
+            assert torch.equal(run(wrapped), plain), "main pass differs from the plain model"
+            sub = run(wrapped, sub=True)
         assert sub.shape == plain.shape, f"sub output shape {tuple(sub.shape)} != {tuple(plain.shape)}"
         if kind == "mask" and sensitive:
             assert not torch.allclose(sub, plain), "masking did not change the output"
         wrapped.train()
-        wrapped(x, sub=True).float().square().mean().backward()
+        run(wrapped, sub=True).float().square().mean().backward()
         bad = [n for n, p in wrapped.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
         assert not bad, f"non-finite gradients in {bad[0]}"
         for name, p in wrapped.branch.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
         wrapped.eval()
         with torch.no_grad():
-            main = wrapped(x)
+            main = run(wrapped)
     finally:
         model.zero_grad(set_to_none=True)
         restored = wrapped.unwrap()
     with torch.no_grad():
-        assert torch.equal(restored.eval()(x), main), "unwrap() changed the model"
+        assert torch.equal(run(restored.eval()), main), "unwrap() changed the model"
     if kind != "mask":
         return "ok"
     return f"ok ({label})" if sensitive else f"ok ({label}; the change is not checked: {INSENSITIVE})"
+
+
+def check_text_family(model_type: str, names: list[str]) -> dict:
+    import torch
+
+    row = {"family": model_type, "model": names[0], "input": [16]}
+    torch.manual_seed(0)
+    try:
+        model, x, options = build_text(model_type)
+    except Exception as e:  # reported as the row: a configuration that does not shrink or build
+        return {**row, "error": f"not built: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    with torch.no_grad():
+        other = {**x, "input_ids": x["input_ids"].roll(1, dims=1)}
+        sensitive = not torch.allclose(model.eval()(**x).logits, model(**other).logits)
+    for kind in KINDS:
+        try:
+            row[kind] = check_kind(model, x, kind, sensitive, options)
+        except Exception as e:  # reported per row: this is the result being collected
+            row[kind] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return row
 
 
 def check_family(family: str, names: list[str]) -> dict:
@@ -142,8 +221,8 @@ def check_family(family: str, names: list[str]) -> dict:
     return row
 
 
-def run_one(family: str, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--one", family]
+def run_one(family: str, timeout: float, text: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--one", family, *(["--text"] if text else [])]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -175,7 +254,7 @@ def markdown(rows: list[dict], versions: str, command: str) -> str:
         if "error" in r:
             lines.append(f"| {r['family']} | {r.get('model', '')} | | {r['error']} | | |")
             continue
-        size = "x".join(map(str, r["input"][1:]))
+        size = "x".join(map(str, r["input"][1:])) or f"{r['input'][0]} tokens"
         cells = [_short(r[k]) for k in KINDS]
         lines.append(f"| {r['family']} | {r['model']} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -183,7 +262,8 @@ def markdown(rows: list[dict], versions: str, command: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", nargs="*", help="timm module names (default: all)")
+    p.add_argument("--families", nargs="*", help="timm module names, or transformers model types (default: all)")
+    p.add_argument("--text", action="store_true", help="Hugging Face text classifiers instead of timm models")
     p.add_argument("--out", type=Path, default=Path("families"), help="writes OUT.json and OUT.md")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="seconds per family")
@@ -193,22 +273,27 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        print(json.dumps(check_family(args.one, families()[args.one])))
+        check, found = (check_text_family, text_families()) if args.text else (check_family, families())
+        print(json.dumps(check(args.one, found[args.one])))
         return
     import timm
     import torch
 
-    found = families()
+    found = text_families() if args.text else families()
     chosen = args.families or sorted(found)
     unknown = [f for f in chosen if f not in found]
     if unknown:
-        p.error(f"unknown timm families {unknown}; installed ones: {', '.join(sorted(found))}")
+        p.error(f"unknown families {unknown}; installed ones: {', '.join(sorted(found))}")
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = []
-        for row in pool.map(lambda f: run_one(f, args.timeout), chosen):
+        for row in pool.map(lambda f: run_one(f, args.timeout, args.text), chosen):
             print(row, flush=True)
             rows.append(row)
     versions = f"timm {timm.__version__}, torch {torch.__version__}"
+    if args.text:
+        import transformers
+
+        versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"versions": versions, "rows": rows}, indent=1) + "\n")
     command = "python scripts/check_families.py " + " ".join(sys.argv[1:])

@@ -92,6 +92,11 @@ def tiny_text_model(family: str = "bert", seed: int = 0, **overrides) -> torch.n
             **{**SMALL, "max_position_embeddings": 72, "pad_token_id": PAD, "num_labels": 3, **overrides}
         )
         return transformers.RobertaForSequenceClassification(config)
+    if family == "llama":  # a decoder: classifies from the last non-padding token; attention dropout only
+        config = transformers.LlamaConfig(
+            **{**SMALL, "num_key_value_heads": 2, "pad_token_id": PAD, "num_labels": 3, **overrides}
+        )
+        return transformers.LlamaForSequenceClassification(config)
     config = transformers.DistilBertConfig(
         vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=3
     )

@@ -17,7 +17,7 @@ def inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "llama"])
 @pytest.mark.parametrize("sub", ["mask", "dropout"])
 def test_text_contract(family, sub):
     """Main pass = plain model; sub pass differs, is trainable; unwrap restores the model."""
@@ -27,6 +27,7 @@ def test_text_contract(family, sub):
     if sub == "mask":
         assert wrapped.branch.name == "text"
     batch = inputs(text_batch())
+    rates = [(getattr(m, "attention_dropout", None), getattr(m, "p", None)) for m in model.modules()]
     torch.manual_seed(5)
     ref = plain(**batch).logits
     torch.manual_seed(5)
@@ -35,6 +36,7 @@ def test_text_contract(family, sub):
     torch.manual_seed(6)
     sub_out = wrapped(**batch, sub=True).logits
     assert sub_out.shape == ref.shape and not torch.allclose(sub_out, ref)
+    assert rates == [(getattr(m, "attention_dropout", None), getattr(m, "p", None)) for m in model.modules()]
     sub_out.square().mean().backward()
     grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -32,8 +32,10 @@ class DropoutBranch(nn.Module):
     """Sub branch with dropout probability ``p`` in every dropout site.
 
     Sites: every ``nn.Dropout*`` module (timm's fused attention reads
-    ``attn_drop.p`` too) and every float ``drop_rate`` attribute, which timm
-    CNN heads pass to ``F.dropout``. In-place dropout modules run out of place
+    ``attn_drop.p`` too), every float ``drop_rate`` attribute, which timm
+    CNN heads pass to ``F.dropout``, and every float ``attention_dropout``
+    attribute, which Hugging Face attention layers (Llama, Mistral, Qwen...)
+    pass to their attention function in training. In-place dropout modules run out of place
     in the sub pass: at ``p=0`` in place is harmless, at ``p>0`` it overwrites
     tensors autograd needs (TNT's ``Dropout(inplace=True)`` after a softmax).
     """
@@ -44,7 +46,8 @@ class DropoutBranch(nn.Module):
         super().__init__()
         self.p = p
         self._sites = [(m, "p") for m in model.modules() if isinstance(m, _DropoutNd)]
-        self._sites += [(m, "drop_rate") for m in model.modules() if isinstance(getattr(m, "drop_rate", None), float)]
+        for attr in ("drop_rate", "attention_dropout"):
+            self._sites += [(m, attr) for m in model.modules() if isinstance(getattr(m, attr, None), float)]
         self._inplace = [(m, "inplace") for m in model.modules() if isinstance(m, _DropoutNd) and m.inplace]
         if not self._sites:
             raise ValueError(
