@@ -97,6 +97,12 @@ def tiny_text_model(family: str = "bert", seed: int = 0, **overrides) -> torch.n
             **{**SMALL, "num_key_value_heads": 2, "pad_token_id": PAD, "num_labels": 3, **overrides}
         )
         return transformers.LlamaForSequenceClassification(config)
+    if family == "opt":  # dropout only as float rates passed to F.dropout, no nn.Dropout
+        config = transformers.OPTConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+            word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=PAD, num_labels=3, **overrides,
+        )  # fmt: skip
+        return transformers.OPTForSequenceClassification(config)
     config = transformers.DistilBertConfig(
         vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=3
     )

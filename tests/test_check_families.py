@@ -33,4 +33,14 @@ def test_two_families_pass_every_check(tmp_path):
 def test_unknown_family_is_refused_with_the_installed_ones():
     proc = _run("--families", "no_such_family")
     assert proc.returncode == 2
-    assert "unknown timm families ['no_such_family']" in proc.stderr and "vision_transformer" in proc.stderr
+    assert "unknown families ['no_such_family']" in proc.stderr and "vision_transformer" in proc.stderr
+
+
+def test_text_architectures_pass_mask_and_dropout(tmp_path):
+    proc = _run("--text", "--families", "bert", "llama", "--out", str(tmp_path / "text"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["family"]: r for r in json.loads((tmp_path / "text.json").read_text())["rows"]}
+    for row in rows.values():
+        assert row["mask"] == "ok (text)" and row["dropout"] == "ok", row
+        assert "no residual drop-path sites" in row["droppath"], row  # BERT and Llama have none
+    assert "transformers" in (tmp_path / "text.md").read_text().splitlines()[0]

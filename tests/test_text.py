@@ -11,13 +11,18 @@ from conftest import MASK, SMALL, SPECIAL, text_batch, tiny_text_model, wrap_tex
 
 import masksub
 from masksub.adapters.text import masked_counts
+from masksub.drops import DROPOUT_RATE_ATTRS
 
 
 def inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "llama"])
+def _rates(model):
+    return [tuple(getattr(m, a, None) for a in ("p", *DROPOUT_RATE_ATTRS)) for m in model.modules()]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "llama", "opt"])
 @pytest.mark.parametrize("sub", ["mask", "dropout"])
 def test_text_contract(family, sub):
     """Main pass = plain model; sub pass differs, is trainable; unwrap restores the model."""
@@ -27,7 +32,7 @@ def test_text_contract(family, sub):
     if sub == "mask":
         assert wrapped.branch.name == "text"
     batch = inputs(text_batch())
-    rates = [(getattr(m, "attention_dropout", None), getattr(m, "p", None)) for m in model.modules()]
+    rates = _rates(model)
     torch.manual_seed(5)
     ref = plain(**batch).logits
     torch.manual_seed(5)
@@ -36,7 +41,7 @@ def test_text_contract(family, sub):
     torch.manual_seed(6)
     sub_out = wrapped(**batch, sub=True).logits
     assert sub_out.shape == ref.shape and not torch.allclose(sub_out, ref)
-    assert rates == [(getattr(m, "attention_dropout", None), getattr(m, "p", None)) for m in model.modules()]
+    assert rates == _rates(model), "drop rates must be restored after the sub pass"
     sub_out.square().mean().backward()
     grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

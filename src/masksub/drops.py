@@ -14,6 +14,21 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 _DROP_PATH_ATTR = re.compile(r"drop_path\d*$")
+# Float attributes that modules pass as a rate to F.dropout / an attention function's dropout.
+DROPOUT_RATE_ATTRS = (
+    "drop_rate",
+    "dropout",
+    "dropout_p",
+    "dropout_prob",
+    "attention_dropout",
+    "attn_dropout",
+    "activation_dropout",
+    "hidden_dropout",
+)
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, float) and 0.0 <= value < 1.0
 
 
 @contextmanager
@@ -32,10 +47,11 @@ class DropoutBranch(nn.Module):
     """Sub branch with dropout probability ``p`` in every dropout site.
 
     Sites: every ``nn.Dropout*`` module (timm's fused attention reads
-    ``attn_drop.p`` too), every float ``drop_rate`` attribute, which timm
-    CNN heads pass to ``F.dropout``, and every float ``attention_dropout``
-    attribute, which Hugging Face attention layers (Llama, Mistral, Qwen...)
-    pass to their attention function in training. In-place dropout modules run out of place
+    ``attn_drop.p`` too) and every float rate attribute a module passes to a
+    functional dropout (``DROPOUT_RATE_ATTRS``): timm CNN heads' ``drop_rate``,
+    Hugging Face attention layers' ``attention_dropout`` (Llama, Mistral...) or
+    ``dropout_prob`` (BERT's SDPA path in transformers 4.x), and the ``dropout``
+    / ``activation_dropout`` of BART, OPT, BioGPT and their kin. In-place dropout modules run out of place
     in the sub pass: at ``p=0`` in place is harmless, at ``p>0`` it overwrites
     tensors autograd needs (TNT's ``Dropout(inplace=True)`` after a softmax).
     """
@@ -46,8 +62,8 @@ class DropoutBranch(nn.Module):
         super().__init__()
         self.p = p
         self._sites = [(m, "p") for m in model.modules() if isinstance(m, _DropoutNd)]
-        for attr in ("drop_rate", "attention_dropout"):
-            self._sites += [(m, attr) for m in model.modules() if isinstance(getattr(m, attr, None), float)]
+        for attr in DROPOUT_RATE_ATTRS:
+            self._sites += [(m, attr) for m in model.modules() if _is_rate(getattr(m, attr, None))]
         self._inplace = [(m, "inplace") for m in model.modules() if isinstance(m, _DropoutNd) and m.inplace]
         if not self._sites:
             raise ValueError(
