@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MASK, SMALL, SPECIAL, text_batch, tiny_text_model, wrap_text
+from conftest import MASK, PAD, SMALL, SPECIAL, text_batch, tiny_text_model, wrap_text
 
 import masksub
 from masksub.adapters.text import masked_counts
@@ -200,3 +200,22 @@ def test_readme_text_example_runs(tmp_path, monkeypatch):
     assert scope["plain"] is model and scope["step"].model.branch.name == "text"
     assert scope["step"].model.branch.mask_token_id == 4
     assert not (scope["batch"]["input_ids"] == 1).any()  # every word is in the vocabulary: none is [UNK]
+
+
+def test_dropsub_raises_rates_read_from_the_config_and_restores_them():
+    """Falcon reads config.hidden_dropout in its forward: the sub pass raises it, then puts it back."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, pad_token_id=PAD, num_labels=3
+    )
+    model = transformers.FalconForSequenceClassification(config).train()
+    wrapped = masksub.wrap(model, sub="dropout", ratio=0.5)
+    assert (config, "hidden_dropout") in wrapped.branch._sites
+    batch = inputs(text_batch())
+    torch.manual_seed(1)
+    main = wrapped(**batch).logits
+    torch.manual_seed(1)
+    assert not torch.equal(wrapped(**batch, sub=True).logits, main)
+    assert config.hidden_dropout == 0.0 and config.attention_dropout == 0.0

@@ -51,9 +51,11 @@ class DropoutBranch(nn.Module):
     functional dropout (``DROPOUT_RATE_ATTRS``): timm CNN heads' ``drop_rate``,
     Hugging Face attention layers' ``attention_dropout`` (Llama, Mistral...) or
     ``dropout_prob`` (BERT's SDPA path in transformers 4.x), and the ``dropout``
-    / ``activation_dropout`` of BART, OPT, BioGPT and their kin. In-place dropout modules run out of place
-    in the sub pass: at ``p=0`` in place is harmless, at ``p>0`` it overwrites
-    tensors autograd needs (TNT's ``Dropout(inplace=True)`` after a softmax).
+    / ``activation_dropout`` of BART, OPT, BioGPT and their kin; the same names on a
+    Hugging Face ``model.config``, which Falcon and Bloom read in their forward.
+    In-place dropout modules run out of place in the sub pass: at ``p=0`` in
+    place is harmless, at ``p>0`` it overwrites tensors autograd needs (TNT's
+    ``Dropout(inplace=True)`` after a softmax).
     """
 
     name = "dropout"
@@ -64,10 +66,13 @@ class DropoutBranch(nn.Module):
         self._sites = [(m, "p") for m in model.modules() if isinstance(m, _DropoutNd)]
         for attr in DROPOUT_RATE_ATTRS:
             self._sites += [(m, attr) for m in model.modules() if _is_rate(getattr(m, attr, None))]
+        config = getattr(model, "config", None)  # Falcon and Bloom read config.hidden_dropout in forward
+        if config is not None and not isinstance(config, nn.Module):
+            self._sites += [(config, a) for a in DROPOUT_RATE_ATTRS if _is_rate(getattr(config, a, None))]
         self._inplace = [(m, "inplace") for m in model.modules() if isinstance(m, _DropoutNd) and m.inplace]
         if not self._sites:
             raise ValueError(
-                f"{type(model).__name__} has no dropout layer or drop_rate attribute, so sub='dropout' "
+                f"{type(model).__name__} has no dropout layer or dropout rate attribute, so sub='dropout' "
                 "would change nothing; use sub='mask' or sub='droppath'"
             )
 
