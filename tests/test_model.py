@@ -88,6 +88,35 @@ def test_pathsub_on_model_built_without_drop_path():
         assert not any(isinstance(m, DropPath) for m in plain.modules())
 
 
+class _NoShortcutBlock(torch.nn.Module):
+    """Keeps a drop_path attribute but, like a stride-2 EfficientNet block, has no shortcut that uses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.drop_path = torch.nn.Identity()
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+def test_pathsub_refuses_a_model_whose_sites_never_run():
+    wrapped = masksub.wrap(_NoShortcutBlock(), sub="droppath", ratio=0.5).train()
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="none of the 1 drop-path sites of _NoShortcutBlock ran"):
+        wrapped(x, sub=True)
+    assert not wrapped.model.drop_path._forward_pre_hooks  # the counting hooks are gone
+    assert wrapped.model.drop_path.drop_prob == 0.0  # and the rate is restored
+
+
+def test_pathsub_counts_sites_on_the_first_sub_pass_only():
+    wrapped = masksub.wrap(tiny_model("vit"), sub="droppath", ratio=0.5).train()
+    x = tiny_images("vit", batch=2)
+    wrapped(x, sub=True)
+    assert wrapped.branch._checked
+    assert not any(m._forward_pre_hooks for m in wrapped.model.modules() if isinstance(m, DropPath))
+
+
 def test_dropout_branch_needs_dropout_sites():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     with pytest.raises(ValueError, match="no dropout"):

@@ -111,6 +111,7 @@ class DropPathBranch(nn.Module):
                     self._inserted.append((module, attr, value))
                     setattr(module, attr, DropPath(0.0))
         self._sites = [(m, "drop_prob") for m in model.modules() if isinstance(m, DropPath)]
+        self._checked = False  # whether a sub pass has run at least one site
         if not self._sites:
             raise ValueError(
                 f"{type(model).__name__} has no residual drop-path sites masksub can find "
@@ -120,7 +121,28 @@ class DropPathBranch(nn.Module):
 
     def forward(self, model: nn.Module, *args, **kwargs):
         with _set_attrs(self._sites, self.p):
-            return model(*args, **kwargs)
+            if self._checked:
+                return model(*args, **kwargs)
+            return self._first_forward(model, *args, **kwargs)
+
+    def _first_forward(self, model: nn.Module, *args, **kwargs):
+        # A block without an identity shortcut keeps its drop_path attribute but never calls it
+        # (timm's EfficientNet and GhostNet blocks where the stride or width changes): PathSub would be
+        # a silent no-op if no site runs, so the first sub pass counts them.
+        ran = []
+        handles = [m.register_forward_pre_hook(lambda *_: ran.append(1)) for m, _ in self._sites]
+        try:
+            out = model(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not ran:
+            raise ValueError(
+                f"none of the {len(self._sites)} drop-path sites of {type(model).__name__} ran in the sub pass: its "
+                "blocks have no residual shortcut to drop at this size; use sub='mask' or sub='dropout'"
+            )
+        self._checked = True
+        return out
 
     def remove(self) -> None:
         for module, attr, original in self._inserted:
