@@ -10,7 +10,9 @@ so the output depends on the input, and for ``mask``, ``dropout`` and ``droppath
 - the sub pass keeps the output shape and, for ``mask``, changes the output;
 - a train-mode sub pass back-propagates finite gradients, and reaches the mask token if any;
 - for ``dropout`` and ``droppath``, the train-mode sub pass differs from the main pass under the
-  same seed (the raised rate reaches the computation);
+  same seed (the raised rate reaches the computation); parameters other than biases that start at
+  zero (ResNet's last BatchNorm weights, SwinV2 post-norms, NFNet gains) are redrawn first, since
+  they silence residual branches at init;
 - ``unwrap()`` gives back a model whose eval output equals the wrapped main pass.
 
 With ``--text`` each architecture is built at random init from its default configuration shrunk
@@ -231,10 +233,9 @@ def check_family(family: str, names: list[str]) -> dict:
     head = model.get_classifier()
     if isinstance(head, torch.nn.Linear):  # some heads start at zero: the output would not see the input
         torch.nn.init.normal_(head.weight, std=0.5)
-    for m in model.modules():  # zero-init last norms (ResNet) silence residual branches: drop-path would too
-        weight = getattr(m, "weight", None)
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and weight is not None and not weight.any():
-            torch.nn.init.ones_(weight)
+    for name_, p in model.named_parameters():  # zero-init gains (ResNet's last BN, SwinV2 post-norms, NFNet
+        if p.numel() and not p.any() and not name_.endswith("bias"):  # gains) silence residual branches at init
+            torch.nn.init.normal_(p, std=0.1)
     x = torch.rand(2, *size) + 0.5  # no exact zeros: zeroed pixels are the ones masked
     with torch.no_grad():
         sensitive = not torch.allclose(model.eval()(x), model(torch.rand_like(x)))
