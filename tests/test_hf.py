@@ -62,7 +62,7 @@ def _trainer(tmp_path, model, data, **kw):
 def test_trainer_gradient_equals_summed_loss_by_hand(tmp_path, accum):
     model = tiny_text_model(**NO_DROPOUT)  # no dropout: the recorded inputs fix both passes
     seen = []  # (input_ids, attention_mask) of every forward, main and sub alternating
-    model.register_forward_pre_hook(
+    recording = model.register_forward_pre_hook(
         lambda m, a, kw: seen.append((kw["input_ids"].clone(), kw["attention_mask"].clone())), with_kwargs=True
     )
     capture = GradsBeforeStep(model)
@@ -74,8 +74,7 @@ def test_trainer_gradient_equals_summed_loss_by_hand(tmp_path, accum):
     data = text_batch(batch=4 * accum)
     row_label = {tuple(r.tolist()): int(y) for r, y in zip(data["input_ids"], data["labels"])}
     model.zero_grad()
-    hooks = model._forward_pre_hooks.copy()
-    model._forward_pre_hooks.clear()
+    recording.remove()
     for (ids, attention), (sub_ids, sub_attention) in zip(seen[0::2], seen[1::2]):
         labels = torch.tensor([row_label[tuple(r.tolist())] for r in ids])
         assert torch.equal(sub_attention, attention) and (sub_ids != ids).any()
@@ -85,7 +84,6 @@ def test_trainer_gradient_equals_summed_loss_by_hand(tmp_path, accum):
         teacher = F.softmax(main.detach(), dim=-1)
         loss = 0.5 * F.cross_entropy(main, labels) + 0.5 * (-(teacher * F.log_softmax(sub, -1)).sum(-1)).mean()
         (loss / accum).backward()
-    model._forward_pre_hooks.update(hooks)
     grads = capture.grads[0]
     assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, p in model.named_parameters():
