@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import transformers
 from conftest import MASK, SPECIAL, text_batch, tiny_text_model
 
+import masksub
 from masksub.hf import MaskSubTrainer
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -193,3 +194,42 @@ def test_text_classification_example_names_bad_csv(local_model_and_csvs):
     argv = ["--model", str(d / "model"), "--train", str(d / "bad.csv"), "--valid", str(d / "valid.csv")]
     with pytest.raises(SystemExit, match="must name the columns text and label"):
         _load_example().main(argv)
+
+
+def _tiny_hf_vit():
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=3,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(config)
+
+
+def test_pixel_adapter_masks_pixel_values_passed_by_name():
+    """A Hugging Face vision model takes pixel_values=: exactly num_masked 8-pixel blocks per image are zeroed."""
+    from masksub import num_masked
+
+    model = _tiny_hf_vit()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"]), with_kwargs=True)
+    wrapped = masksub.wrap(model, ratio=0.5, unit=8)
+    assert wrapped.branch.name == "pixels"
+    x = torch.rand(4, 3, 32, 32) + 0.5
+    wrapped(pixel_values=x, sub=True)
+    zero = (seen[-1] == 0).all(1)  # (B, H, W)
+    blocks = zero.view(4, 4, 8, 4, 8).permute(0, 1, 3, 2, 4).reshape(4, 16, 64)
+    assert (blocks.all(-1) | ~blocks.any(-1)).all(), "whole 8-pixel blocks"
+    assert (blocks.all(-1).sum(1) == num_masked(16, 0.5)).all()
+    kept = ~zero.unsqueeze(1).expand_as(x)
+    assert torch.equal(seen[-1][kept], x[kept])
+
+
+def test_trainer_on_a_vision_model_needs_no_tokenizer(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = {"pixel_values": torch.rand(8, 3, 32, 32, generator=g), "labels": torch.arange(8) % 3}
+    model = _tiny_hf_vit()
+    trainer = MaskSubTrainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=Rows(data))
+    assert trainer.sub_branch.name == "pixels"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -20,16 +20,18 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from .adapters import resolve_adapter
 from .loss import SubBranchLoss
 from .step import logits_of
 from .wrapper import wrap
 
 
 class MaskSubTrainer(transformers.Trainer):
-    """``transformers.Trainer`` plus a sub branch, for sequence classification.
+    """``transformers.Trainer`` plus a sub branch, for sequence (or image) classification.
 
     Args (besides the Trainer's own, all passed through):
-        sub: ``"mask"`` (the text adapter: masked tokens), ``"dropout"`` or ``"droppath"``.
+        sub: ``"mask"`` (text models: masked tokens; vision models such as ``ViTForImageClassification``:
+            masked pixel blocks), ``"dropout"`` or ``"droppath"``.
         ratio: fraction of each sample's tokens masked, or the sub branch's drop probability.
         mask_options: options of the mask adapter (``mode``, ``mask_token_id``, ``special_ids``);
             by default the mask token and special tokens come from ``processing_class``.
@@ -61,7 +63,8 @@ class MaskSubTrainer(transformers.Trainer):
         if getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1:
             raise ValueError("MaskSub distills class probabilities, and a regression head (num_labels=1) has none")
         options = dict(mask_options or {})
-        if sub == "mask" and "special_ids" not in options and "tokenizer" not in options:
+        text = sub == "mask" and resolve_adapter(self.model).name == "text"
+        if text and "special_ids" not in options and "tokenizer" not in options:
             tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
             if tokenizer is None:
                 raise ValueError(

@@ -1,4 +1,5 @@
-"""CNNs (ResNet, ConvNeXt, RegNet, EfficientNet...) and any other 4-D image model.
+"""CNNs (ResNet, ConvNeXt, RegNet, EfficientNet...) and any other 4-D image model, Hugging Face
+vision models included (images passed as ``pixel_values=``).
 
 Zeroes the input pixels of ``num_masked`` random ``unit`` x ``unit`` blocks per
 sample before the model sees the batch. Valid for every image model, saves no
@@ -7,7 +8,6 @@ compute, touches nothing inside the model.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..masking import random_unit_mask, unit_grid, upsample_mask
@@ -22,8 +22,14 @@ class PixelMaskAdapter(MaskAdapter):
     def supports(cls, model: nn.Module) -> bool:
         return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, *args, **kwargs):
+        # The images come first, or as ``pixel_values=`` (Hugging Face vision models); the rest passes through.
+        by_name = not args and "pixel_values" in kwargs
+        x = kwargs["pixel_values"] if by_name else (args[0] if args else None)
         check_images(x, self.name)
         grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
         mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), self.unit)  # (B, H, W)
-        return model(x.masked_fill(mask.unsqueeze(1), 0.0))
+        x = x.masked_fill(mask.unsqueeze(1), 0.0)
+        if by_name:
+            return model(**{**kwargs, "pixel_values": x})
+        return model(x, *args[1:], **kwargs)
