@@ -149,6 +149,11 @@ def smallest(names: list[str]) -> tuple[str, tuple[int, int, int]] | None:
     return None
 
 
+def reason(e: Exception) -> str:
+    """An exception as a table cell: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
 def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None) -> str:
     import torch
 
@@ -204,18 +209,18 @@ def check_text_family(model_type: str, names: list[str]) -> dict:
     try:
         model, x, options = build_text(model_type)
     except Exception as e:  # reported as the row: a configuration that does not shrink or build
-        return {**row, "error": f"not built: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        return {**row, "error": f"not built: {reason(e)}"}
     try:
         with torch.no_grad():
             other = {**x, "input_ids": x["input_ids"].roll(1, dims=1)}
             sensitive = not torch.allclose(model.eval()(**x).logits, model(**other).logits)
     except Exception as e:  # the plain model, without masksub: the shrunk configuration does not run
-        return {**row, "error": f"plain model failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        return {**row, "error": f"plain model failed: {reason(e)}"}
     for kind in KINDS:
         try:
             row[kind] = check_kind(model, x, kind, sensitive, options)
         except Exception as e:  # reported per row: this is the result being collected
-            row[kind] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row[kind] = reason(e)
     return row
 
 
@@ -243,7 +248,7 @@ def check_family(family: str, names: list[str]) -> dict:
         try:
             row[kind] = check_kind(model, x, kind, sensitive)
         except Exception as e:  # reported per row: this is the result being collected
-            row[kind] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            row[kind] = reason(e)
     return row
 
 

@@ -75,6 +75,20 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def keep_patch_tokens(
+    x: torch.Tensor, num_prefix_tokens: int, ratio: float, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every prefix token and ``num_keep(N, ratio)`` random patch tokens per sample (or the given ``keep``).
+
+    ``x`` (B, P + N, D) -> ((B, P + K, D), keep (B, K)); row ``i`` of the kept patches is patch ``keep[:, i]``.
+    """
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    if keep is None:
+        batch, n, _ = patches.shape
+        keep = random_keep_indices(batch, n, num_keep(n, ratio), x.device)
+    return torch.cat((prefix, gather_tokens(patches, keep)), dim=1), keep
+
+
 def units_to_tokens(units: torch.Tensor, unit_grid_w: int, block: int) -> torch.Tensor:
     """Unit indices (B, K) on a grid ``unit_grid_w`` wide -> the (B, K * block**2) token indices they cover."""
     row, col = units // unit_grid_w, units % unit_grid_w  # (B, K)

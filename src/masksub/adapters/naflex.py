@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..masking import gather_tokens, num_keep, random_keep_indices
+from ..masking import keep_patch_tokens
 from .registry import MaskAdapter, check_patch_images, register_adapter
 
 try:
@@ -32,10 +32,7 @@ class KeepTokens(nn.Module):
         self.num_prefix_tokens, self.ratio = num_prefix_tokens, ratio
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        batch, n, _ = patches.shape
-        keep = random_keep_indices(batch, n, num_keep(n, self.ratio), x.device)
-        return torch.cat((prefix, gather_tokens(patches, keep)), dim=1), keep
+        return keep_patch_tokens(x, self.num_prefix_tokens, self.ratio)
 
 
 @register_adapter("naflexvit", priority=30, description="timm NaFlexVit: drop patch tokens")

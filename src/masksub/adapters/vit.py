@@ -19,7 +19,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..masking import gather_tokens, num_keep, random_keep_indices
+from ..masking import keep_patch_tokens
 from .registry import MaskAdapter, check_patch_images, register_adapter
 
 
@@ -54,14 +54,7 @@ class TokenDropAdapter(MaskAdapter):
         if not self._active:
             return None
         # Drop from the full sequence: a model's own patch dropout is replaced in the sub pass.
-        x = args[0]  # (B, P + N, D)
-        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        batch, n, _ = patches.shape
-        keep = (
-            self._keep if self._keep is not None else random_keep_indices(batch, n, num_keep(n, self.ratio), x.device)
-        )
-        patches = gather_tokens(patches, keep)  # (B, K, D)
-        x = torch.cat((prefix, patches), dim=1)  # (B, P + K, D)
+        x, keep = keep_patch_tokens(args[0], self.num_prefix_tokens, self.ratio, self._keep)  # (B, P + K, D)
         return (x, keep) if self.returns_indices else x
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
