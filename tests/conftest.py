@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import timm
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import masksub
 
@@ -122,3 +126,13 @@ def text_batch(batch: int = 6, length: int = 20, seed: int = 1) -> dict[str, tor
 
 def wrap_text(model, **kw):
     return masksub.wrap(model, **{"mask_token_id": MASK, "special_ids": SPECIAL, **kw})
+
+
+def peak_bytes(run: Callable, *args) -> int:
+    """Peak bytes allocated while ``run(*args)`` runs, above what was live before it (profiler memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run(*args)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))

@@ -23,7 +23,7 @@ class CountingTrainer(MaskSubTrainer):
 
 
 if __name__ == "__main__":
-    out = sys.argv[1]
+    out, memory_saving, find_unused = sys.argv[1], sys.argv[2] == "1", {"none": None, "0": False}[sys.argv[3]]
     model = tiny_text_model()
     args = _args(
         f"{out}/run",
@@ -31,13 +31,18 @@ if __name__ == "__main__":
         gradient_accumulation_steps=2,
         learning_rate=1e-3,
         ddp_backend="gloo",
-        ddp_find_unused_parameters=False,  # every parameter gets a gradient: no graph search needed
+        ddp_find_unused_parameters=find_unused,  # None: the Trainer's default for a Hugging Face model (True)
     )
     mask_options = {"mask_token_id": MASK, "special_ids": SPECIAL}
     trainer = CountingTrainer(
-        model=model, args=args, train_dataset=Rows(text_batch(batch=48)), mask_options=mask_options
+        model=model,
+        args=args,
+        train_dataset=Rows(text_batch(batch=48)),
+        mask_options=mask_options,
+        memory_saving=memory_saving,
     )
     trainer.train()
     result = {"world": dist.get_world_size(), "rounds": trainer.count.rounds, "steps": trainer.state.global_step}
+    assert trainer.memory_saving is memory_saving
     torch.save({"result": result, "state": model.state_dict()}, f"{out}/rank{dist.get_rank()}.pt")
     exit_without_teardown()  # gloo's teardown at interpreter exit can abort a finished run

@@ -1,4 +1,5 @@
-"""MaskSubTrainer: the Trainer's gradient is that of the summed MaskSub loss, accumulation included."""
+"""MaskSubTrainer: the Trainer's gradient is that of the summed MaskSub loss in both backward orders,
+accumulation included; the memory-saving order back-propagates the main pass before the sub forward."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import MASK, SPECIAL, text_batch, tiny_text_model
+from conftest import MASK, SPECIAL, peak_bytes, text_batch, tiny_text_model
 
 import masksub
 from masksub.hf import MaskSubTrainer
@@ -54,23 +55,38 @@ def _args(tmp_path, **kw):
     return transformers.TrainingArguments(**{**base, **kw})
 
 
-def _trainer(tmp_path, model, data, **kw):
+def _trainer(tmp_path, model, data, memory_saving=None, **kw):
     mask_options = kw.pop("mask_options", {"mask_token_id": MASK, "special_ids": SPECIAL})
-    return MaskSubTrainer(model=model, args=_args(tmp_path, **kw), train_dataset=Rows(data), mask_options=mask_options)
-
-
-@pytest.mark.parametrize("accum", [1, 2])
-def test_trainer_gradient_equals_summed_loss_by_hand(tmp_path, accum):
-    model = tiny_text_model(**NO_DROPOUT)  # no dropout: the recorded inputs fix both passes
-    seen = []  # (input_ids, attention_mask) of every forward, main and sub alternating
-    recording = model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append((kw["input_ids"].clone(), kw["attention_mask"].clone())), with_kwargs=True
+    return MaskSubTrainer(
+        model=model,
+        args=_args(tmp_path, **kw),
+        train_dataset=Rows(data),
+        mask_options=mask_options,
+        memory_saving=memory_saving,
     )
+
+
+@pytest.mark.parametrize("memory_saving", [True, False])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_trainer_gradient_equals_summed_loss_by_hand(tmp_path, accum, memory_saving):
+    model = tiny_text_model(**NO_DROPOUT)  # no dropout: the recorded inputs fix both passes
+    seen, grads_at_forward = [], []  # (input_ids, attention_mask) of every forward, main and sub alternating
+
+    def record(module, args, kwargs):
+        seen.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()))
+        grads_at_forward.append(module.classifier.weight.grad is not None)
+
+    recording = model.register_forward_pre_hook(record, with_kwargs=True)
     capture = GradsBeforeStep(model)
-    trainer = _trainer(tmp_path, model, text_batch(batch=4 * accum), gradient_accumulation_steps=accum)
+    trainer = _trainer(
+        tmp_path, model, text_batch(batch=4 * accum), gradient_accumulation_steps=accum, memory_saving=memory_saving
+    )
     trainer.add_callback(capture)
     trainer.train()
+    assert trainer.memory_saving is memory_saving
     assert len(capture.grads) == 1 and len(seen) == 2 * accum
+    # The first micro-batch's sub forward: the main pass was already back-propagated (its graph freed) or not.
+    assert grads_at_forward[:2] == [False, memory_saving]
 
     data = text_batch(batch=4 * accum)
     row_label = {tuple(r.tolist()): int(y) for r, y in zip(data["input_ids"], data["labels"])}
@@ -90,6 +106,46 @@ def test_trainer_gradient_equals_summed_loss_by_hand(tmp_path, accum):
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_logs_hold_both_losses_which_add_up_to_the_loss(tmp_path):
+    trainer = MaskSubTrainer(
+        model=tiny_text_model(),
+        args=_args(tmp_path, learning_rate=1e-3, max_steps=4, logging_steps=2),
+        train_dataset=Rows(text_batch(batch=16)),
+        mask_options={"mask_token_id": MASK, "special_ids": SPECIAL},
+        main_weight=0.8,
+        sub_weight=0.3,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4]
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(0.8 * entry["loss_main"] + 0.3 * entry["loss_sub"], rel=1e-4)
+        assert entry["loss_main"] > 0 and entry["loss_sub"] > 0
+
+
+def test_memory_saving_trainer_peaks_like_the_plain_trainer_not_the_sum(tmp_path):
+    batch = text_batch(batch=32, length=48)  # activations well above the 90 kB of gradients held by the sub pass
+    peaks = {}
+    for kind in ("plain", "two_backwards", "summed"):
+        model = tiny_text_model(**NO_DROPOUT)
+        if kind == "plain":
+            trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=Rows(batch))
+        else:
+            trainer = _trainer(tmp_path, model, batch, memory_saving=kind == "two_backwards")
+        trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop in transformers >= 4.55
+        peaks[kind] = peak_bytes(trainer.training_step, trainer.model, batch)
+    assert peaks["two_backwards"] <= 1.05 * peaks["plain"]  # the main graph is freed before the sub forward
+    assert peaks["summed"] >= 1.5 * peaks["plain"]  # both graphs alive at the one backward
+
+
+def test_memory_saving_is_refused_where_a_second_backward_cannot_work(tmp_path):
+    model, data = tiny_text_model(), text_batch()
+    with pytest.raises(ValueError, match="LOMO updates the weights inside each backward.*memory_saving=False"):
+        _trainer(tmp_path, model, data, memory_saving=True, optim="lomo")
+    assert not _trainer(tmp_path, model, data, optim="lomo").memory_saving  # the default falls back to one backward
+    assert _trainer(tmp_path, model, data).memory_saving
 
 
 def test_evaluation_uses_the_plain_model_and_its_own_loss(tmp_path):
@@ -130,13 +186,17 @@ def test_missing_tokenizer_and_regression_heads_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path):
+@pytest.mark.parametrize("memory_saving,find_unused", [("1", "none"), ("0", "0")], ids=["two-backwards", "summed"])
+def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, find_unused):
     """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces."""
     tests = Path(__file__).parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [*cmd, str(tests / "ddp_trainer_worker.py"), str(tmp_path)], env=env, capture_output=True, timeout=600
+        [*cmd, str(tests / "ddp_trainer_worker.py"), str(tmp_path), memory_saving, find_unused],
+        env=env,
+        capture_output=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import copy
-import itertools
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY, tiny_images, tiny_model
+from conftest import TINY, peak_bytes, tiny_images, tiny_model
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
-from torch.profiler import ProfilerActivity, profile
 
 import masksub
 
@@ -177,16 +175,6 @@ def test_step_rejects_an_optimizer_made_before_wrap():
     masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
 
 
-def _peak_bytes(step, x, y) -> int:
-    """Peak bytes allocated during one step above what was live before it (the profiler's CPU memory events)."""
-    step.optimizer.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(x, y)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
-
-
 def test_memory_saving_step_peaks_like_the_plain_step_not_the_sum():
     x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
     peaks = {}
@@ -199,7 +187,8 @@ def test_memory_saving_step_peaks_like_the_plain_step_not_the_sum():
         opt = torch.optim.AdamW(net.parameters())
         step = masksub.Step(net, opt, torch.nn.CrossEntropyLoss(), memory_saving=kind != "summed")
         step(x, y)  # optimizer state exists before the measured step
-        peaks[kind] = _peak_bytes(step, x, y)
+        opt.zero_grad(set_to_none=True)
+        peaks[kind] = peak_bytes(step, x, y)
     assert peaks["two_backwards"] <= 1.02 * peaks["plain"]  # the sub graph lives after the main one is freed
     assert peaks["summed"] >= 1.3 * peaks["plain"]  # both graphs alive at once
 

@@ -3,11 +3,14 @@
     trainer = MaskSubTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                              sub="mask", ratio=0.5)
 
-Each training micro-batch returns ``main_weight * criterion(main, labels) + sub_weight *
-distill(sub, main)`` to the Trainer's own loop, which keeps everything it does (gradient
-accumulation, mixed precision, DDP through accelerate with one all-reduce per step, logging,
-checkpoints). One summed loss means one backward, so both passes' activations are alive together;
-in a loop of your own, ``masksub.Step`` runs the memory-saving two-backward order instead.
+Each training micro-batch runs the memory-saving order: the main forward and the backward of
+``main_weight * criterion(main, labels)`` inside ``no_sync``, then the sub forward, whose loss
+``sub_weight * distill(sub, main)`` the Trainer back-propagates with its own ``backward`` (the one
+gradient all-reduce under DDP). The main graph is freed before the sub forward, so peak memory is
+about the plain Trainer's. Everything else is the Trainer's own: gradient accumulation, mixed
+precision, DDP/FSDP through accelerate, logging (plus ``loss_main`` and ``loss_sub``), checkpoints.
+Where a second backward cannot work (DeepSpeed steps inside its backward; LOMO updates there) it
+returns the summed loss for one backward instead: same gradients, both graphs alive together.
 Evaluation and prediction use the plain model and its own loss; nothing is added to the model,
 so ``save_model`` writes a checkpoint that ``from_pretrained`` loads as usual.
 
@@ -36,6 +39,9 @@ class MaskSubTrainer(transformers.Trainer):
         mask_options: options of the mask adapter (``mode``, ``mask_token_id``, ``special_ids``);
             by default the mask token and special tokens come from ``processing_class``.
         main_weight, sub_weight, temperature: see ``masksub.SubBranchLoss``.
+        memory_saving: ``None`` (default): the two-backward order wherever it works, else the summed
+            loss; ``True``: the two-backward order, or an error saying why it cannot run;
+            ``False``: one backward of the summed loss.
 
     The main criterion is cross-entropy (with the Trainer's ``label_smoothing_factor``), or binary
     cross-entropy when ``config.problem_type`` is ``"multi_label_classification"``; the sub branch
@@ -54,6 +60,7 @@ class MaskSubTrainer(transformers.Trainer):
         main_weight: float = 0.5,
         sub_weight: float = 0.5,
         temperature: float = 1.0,
+        memory_saving: bool | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -80,6 +87,28 @@ class MaskSubTrainer(transformers.Trainer):
             )
         criterion = torch.nn.BCEWithLogitsLoss() if self.multi_label else torch.nn.CrossEntropyLoss()
         self.masksub_loss = SubBranchLoss(criterion, main_weight, sub_weight, temperature)
+        blocker = self._second_backward_blocker()
+        if memory_saving and blocker:
+            raise ValueError(
+                f"memory_saving=True needs two backwards per micro-batch, but {blocker}; "
+                "pass memory_saving=False (one backward of the summed loss, same gradients)"
+            )
+        self.memory_saving = blocker is None if memory_saving is None else bool(memory_saving)
+        self._loss_sums, self._loss_count = None, 0
+
+    def _second_backward_blocker(self) -> str | None:
+        if getattr(self, "is_deepspeed_enabled", False):
+            return "DeepSpeed steps the optimizer inside each backward"
+        if getattr(self, "use_apex", False):
+            return "apex scales the one loss the Trainer back-propagates"
+        if str(getattr(self.args.optim, "value", self.args.optim)) in ("lomo", "adalomo"):
+            return "LOMO updates the weights inside each backward"
+        return None
+
+    def _accumulation_steps(self) -> int:
+        # What the Trainer divides compute_loss's result by: transformers >= 4.55 counts the micro-batches
+        # of the current step (fewer at the end of an epoch), earlier versions use the argument.
+        return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
 
     def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.multi_label:
@@ -91,16 +120,39 @@ class MaskSubTrainer(transformers.Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
-        # Unsynced main forward: DDP broadcasts buffers before it and not again before the sub forward,
-        # which would overwrite in place buffers the main graph saved; the backward still all-reduces once.
+        two_backwards = self.memory_saving and torch.is_grad_enabled()
+        # Unsynced main pass. In the summed order this matters too: DDP broadcasts buffers before each
+        # synced forward, which would overwrite in place buffers the main graph saved.
         with self.accelerator.no_sync(model):
             outputs = model(**features)
-        main = logits_of(outputs)
-        if main.ndim != 2:
-            raise ValueError(
-                f"MaskSubTrainer distills one prediction per sequence, logits (batch, classes); got shape "
-                f"{tuple(main.shape)}"
-            )
+            main = logits_of(outputs)
+            if main.ndim != 2:
+                raise ValueError(
+                    f"MaskSubTrainer distills one prediction per sequence, logits (batch, classes); got shape "
+                    f"{tuple(main.shape)}"
+                )
+            loss_main = self._main_loss(main, labels)
+            if two_backwards:  # scaled as the Trainer scales the loss it back-propagates
+                self.accelerator.backward(self.masksub_loss.main_weight * loss_main / self._accumulation_steps())
+                loss_main = loss_main.detach()  # its graph is freed: the value is only reported
         loss_sub = self.masksub_loss.sub_loss(logits_of(self.sub_branch(model, **features)), main)
-        loss = self.masksub_loss.main_weight * self._main_loss(main, labels) + self.masksub_loss.sub_weight * loss_sub
+        self._record(loss_main, loss_sub)
+        # With two backwards only the sub term still has a graph; the value is the whole loss either way.
+        loss = self.masksub_loss.main_weight * loss_main + self.masksub_loss.sub_weight * loss_sub
         return (loss, outputs) if return_outputs else loss
+
+    def _record(self, loss_main: torch.Tensor, loss_sub: torch.Tensor) -> None:
+        pair = torch.stack([loss_main.detach().float(), loss_sub.detach().float()])
+        self._loss_sums = pair if self._loss_sums is None else self._loss_sums + pair
+        self._loss_count += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's log, plus the unweighted ``loss_main`` and ``loss_sub`` since the last log."""
+        if "loss" in logs and self._loss_count:  # a training log: every process is here
+            means = self._loss_sums / self._loss_count
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.gather(means[None]).mean(0)
+            loss_main, loss_sub = means.tolist()
+            logs = {**logs, "loss_main": loss_main, "loss_sub": loss_sub}
+            self._loss_sums, self._loss_count = None, 0
+        super().log(logs, *args, **kwargs)
