@@ -1,6 +1,12 @@
-"""Two CPU processes (gloo): one gradient all-reduce per optimizer step, same result as one process."""
+"""Two CPU processes (gloo): one gradient all-reduce per optimizer step, same result as one process.
+
+The same under FSDP (``fully_shard``, and ``FullyShardedDataParallel``; each block and the root sharded):
+one gradient reduce-scatter per sharded module and optimizer step, as many as the plain step makes,
+and the result of one process."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,8 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import masksub
+from masksub.step import clip_grad_norm, grad_norm
 from masksub.train.distributed import AllReduceCount, count_allreduces, exit_without_teardown
 
 WORLD, BATCH, STEPS = 2, 8, 3
@@ -24,6 +32,16 @@ try:  # timm's own task (two forwards, one backward), where timm's task API is n
     CASES += [("swin", 1, "task")]
 except ImportError:
     MaskSubTask = None
+try:  # FSDP on CPU (torch >= 2.6): blocks and root sharded; clipping by the norm of the sharded gradients
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    FSDP_CASES = [("vit", 1, "plain"), ("vit", 1, "masksub"), ("vit", 2, "masksub"), ("vit", 1, "summed")]
+    FSDP_CASES = [(*case, "fsdp2") for case in [*FSDP_CASES, ("swin", 1, "masksub")]]
+    FSDP_CASES += [("vit", 1, "plain", "fsdp1"), ("vit", 2, "masksub", "fsdp1"), ("swin", 1, "masksub", "fsdp1")]
+except ImportError:
+    FSDP_CASES = []
+FSDP_CLIP = 0.2  # below the tiny models' gradient norms: clipping changes the update
 
 
 def _data(name, micro):
@@ -39,23 +57,63 @@ def _rows(x, start, end):
     return {k: v[start:end] for k, v in x.items()} if isinstance(x, dict) else x[start:end]
 
 
-def _train(name, accum, kind, rank=0, world=1):
-    """Train STEPS optimizer steps; under DDP count gradient all-reduces per step."""
+class ReduceScatterCount(TorchDispatchMode):
+    """Counts the reduce-scatter collectives dispatched while active (FSDP2's gradient reductions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += "reduce_scatter" in func.name()
+        return func(*args, **(kwargs or {}))
+
+
+def _shard(wrapped, name, parallel):
+    """Shard every block (Swin: every stage) and then the root, with fully_shard or FullyShardedDataParallel."""
+    inner = wrapped.model if isinstance(wrapped, masksub.SubBranchModel) else wrapped
+    blocks = list(inner.blocks if name == "vit" else inner.layers)
+    if parallel == "fsdp1":
+        policy = ModuleWrapPolicy({type(blocks[0])})
+        return FullyShardedDataParallel(wrapped, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    for block in blocks:
+        fully_shard(block)
+    return fully_shard(wrapped)
+
+
+def _full_state(model):
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+
+
+def _train(name, accum, kind, rank=0, world=1, parallel="ddp"):
+    """Train STEPS optimizer steps; under DDP count gradient all-reduces per step, under FSDP reduce-scatters."""
+    fsdp = parallel.startswith("fsdp")
     if name == "bert":
         wrapped = wrap_text(tiny_text_model()).train()
+    elif kind == "plain":
+        wrapped = tiny_model(name).train()
     else:
         wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
     model, count, task = wrapped, AllReduceCount(), None
     if kind == "task":
         task = MaskSubTask(wrapped, criterion=torch.nn.CrossEntropyLoss(), verbose=False)
-    if world > 1:  # no find_unused_parameters, also for the Swin mask token
+    if world > 1 and fsdp:
+        model = wrapped = _shard(wrapped, name, parallel)
+    elif world > 1:  # no find_unused_parameters, also for the Swin mask token
         model = task.prepare_distributed().trainable_module if task else DDP(wrapped)
         count = count_allreduces(model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
-    step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), accum_steps=accum, memory_saving=kind != "summed")
+    step = masksub.Step(
+        model,
+        opt,
+        torch.nn.CrossEntropyLoss(),
+        accum_steps=accum,
+        memory_saving=kind != "summed",
+        clip_grad=FSDP_CLIP if fsdp else None,
+    )
     xs, ys = _data(name, STEPS * accum)
     per_rank = BATCH // world
-    counts, start, numels, numel_start = [], 0, [], 0
+    counts, start, numels, numel_start, norms = [], 0, [], 0, []
     for i, (x, y) in enumerate(zip(xs, ys)):
         x, y = _rows(x, rank * per_rank, (rank + 1) * per_rank), y[rank * per_rank : (rank + 1) * per_rank]
         torch.manual_seed(1000 + i)
@@ -73,19 +131,52 @@ def _train(name, accum, kind, rank=0, world=1):
             task(x, y)["loss"].backward()
             opt.step()
             updated = True
+        elif fsdp and world > 1:
+            with ReduceScatterCount() as reductions:
+                out = step(x, y)
+            count.rounds += reductions.count
+            updated = out["updated"]
         else:
-            updated = step(x, y)["updated"]
+            out = step(x, y)
+            updated = out["updated"]
+        if fsdp and updated:
+            assert type(out["grad_norm"]) is torch.Tensor, "a norm of the whole model, not of a shard"
+            norms.append(float(out["grad_norm"]))
         if updated:
             counts.append(count.rounds - start)
             numels.append(count.elements - numel_start)
             start, numel_start = count.rounds, count.elements
+    if fsdp:  # and the norm of the last step's clipped gradients, which are still there
+        params = [p for g in opt.param_groups for p in g["params"]]
+        norm = clip_grad_norm(model, params, math.inf) if parallel == "fsdp1" else grad_norm(params)
+        assert type(norm) is torch.Tensor, "a norm of the whole model, not of a shard"
+        norms.append(float(norm))
+        return (counts, norms), _full_state(wrapped)
     return (counts, numels), wrapped.state_dict()
+
+
+def _fsdp_settings():
+    """What Step makes of settings that sharding changes: its errors, and the fp16 scaler it picks."""
+    found = {}
+    for parallel in ("fsdp1", "fsdp2"):
+        model = _shard(masksub.wrap(tiny_model("vit"), unit=32), "vit", parallel)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for key, kw in {"agc": dict(clip_grad=1.0, clip_mode="agc"), "fp16": dict(amp="fp16")}.items():
+            try:
+                step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), **kw)
+                found[parallel, key] = type(step.scaler).__name__
+            except ValueError as e:
+                found[parallel, key] = str(e)
+    return found
 
 
 def _worker(rank, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     out = {case: _train(*case, rank=rank, world=WORLD) for case in CASES}
+    out.update({case: _train(*case[:3], rank=rank, world=WORLD, parallel=case[3]) for case in FSDP_CASES})
+    if FSDP_CASES:
+        out["fsdp settings"] = _fsdp_settings()
     torch.save(out, f"{results}.{rank}")
     exit_without_teardown()
 
@@ -120,3 +211,31 @@ def test_ddp_equals_single_process_full_batch(ddp_results, case):
     if case[0] == "swin":
         initial = masksub.wrap(tiny_model("swin"), unit=16).state_dict()["branch.mask_token"]
         assert not torch.equal(state["branch.mask_token"], initial), "the mask token must train under DDP"
+
+
+@pytest.mark.parametrize("case", FSDP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fsdp_reduces_once_per_module_and_equals_single_process(ddp_results, case):
+    """FSDP: as many gradient reduce-scatters per optimizer step as the plain step (one per sharded module);
+    the gradient norm clipped is the full model's, so is the norm of the gradients clipped (the last entry);
+    the weights are one process's."""
+    ((counts0, norms0), state0), ((counts1, norms1), _) = (r[case] for r in ddp_results)
+    name = case[0]
+    modules = 1 + len(tiny_model(name).blocks if name == "vit" else tiny_model(name).layers)
+    assert counts0 == counts1 == [modules] * STEPS, f"gradient reduce-scatters per optimizer step: {counts0}"
+    (_, single_norms), single = _train(*case[:3], parallel=case[3])  # one process, unsharded, same clipping
+    assert norms0 == norms1
+    torch.testing.assert_close(torch.tensor(norms0), torch.tensor(single_norms), rtol=1e-4, atol=1e-6)
+    assert norms0[-1] == pytest.approx(FSDP_CLIP, rel=1e-4), "the clipped gradients' norm"
+    assert all(n > FSDP_CLIP for n in single_norms[:-1]), "clipping must change the update for this test to see it"
+    assert state0.keys() == single.keys()
+    for k in single:
+        torch.testing.assert_close(state0[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.skipif(not FSDP_CASES, reason="FSDP on CPU needs torch >= 2.6")
+def test_fsdp_refuses_per_parameter_clipping_and_picks_a_sharded_scaler(ddp_results):
+    found = ddp_results[0]["fsdp settings"]
+    for parallel in ("fsdp1", "fsdp2"):
+        assert "clip_mode='agc' clips each parameter by its own norm, which FSDP shards" in found[parallel, "agc"]
+    assert found["fsdp1", "fp16"] == "ShardedGradScaler"  # its inf check is reduced across processes
+    assert "amp='fp16' under fully_shard" in found["fsdp2", "fp16"] and "use amp='bf16'" in found["fsdp2", "fp16"]

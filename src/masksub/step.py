@@ -9,12 +9,15 @@ summed loss.
 Under ``DistributedDataParallel`` the main pass runs inside ``no_sync()`` so
 only the sub backward all-reduces: one gradient all-reduce per optimizer step,
 also with accumulation (every micro-batch but the last runs fully unsynced).
+Under FSDP (``fully_shard``, or ``FullyShardedDataParallel``) the same order gives
+one gradient reduce-scatter per sharded module and optimizer step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 
 import torch
 from timm.utils import dispatch_clip_grad
@@ -40,18 +43,63 @@ def logits_of(output):
     )
 
 
+def _fsdp1_class():
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return None
+    return FullyShardedDataParallel
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """A norm of gradients that ``fully_shard`` keeps as DTensor shards is a DTensor: its value over all shards."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The global 2-norm of the parameters' gradients (what norm clipping measures), on their device."""
     norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return _full(torch.linalg.vector_norm(torch.stack(norms))) if norms else torch.zeros(())
+
+
+def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global 2-norm to ``max_norm``; return the norm before clipping, also for
+    gradients sharded by FSDP (``FullyShardedDataParallel`` reduces it across shards; ``fully_shard``'s
+    DTensor gradients give a DTensor norm)."""
+    fsdp1 = _fsdp1_class()
+    if fsdp1 is not None and isinstance(model, fsdp1):
+        return model.clip_grad_norm_(max_norm)
+    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+@contextmanager
+def _without_gradient_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def no_sync(model: nn.Module):
+    """A context whose backwards accumulate gradients without reducing them across processes:
+    ``no_sync()`` of DistributedDataParallel and FullyShardedDataParallel, or ``fully_shard``'s
+    ``set_requires_gradient_sync(False)``; a no-op for a model that does not reduce gradients."""
+    fsdp1 = _fsdp1_class()
+    if isinstance(model, DistributedDataParallel) or (fsdp1 is not None and isinstance(model, fsdp1)):
+        return model.no_sync()
+    if callable(getattr(model, "set_requires_gradient_sync", None)):
+        return _without_gradient_sync(model)
+    return nullcontext()
 
 
 class Step:
     """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
 
     Args:
-        model: a ``masksub.wrap``-ed model, optionally inside DistributedDataParallel. A plain
-            (unwrapped) model trains without a sub branch: ``criterion`` alone, weight 1.
+        model: a ``masksub.wrap``-ed model, optionally inside DistributedDataParallel or
+            FullyShardedDataParallel, or sharded with ``fully_shard``. A plain (unwrapped) model
+            trains without a sub branch: ``criterion`` alone, weight 1.
         optimizer: any torch optimizer over the wrapper's parameters (mask token included).
         criterion: the main-branch loss, or a ready ``SubBranchLoss``; None for a model that
             returns a dict of losses with the one to minimize under ``"loss"`` (pretraining).
@@ -59,7 +107,8 @@ class Step:
         accum_steps: micro-batches per optimizer step; each loss is divided by it.
         clip_grad: clip threshold applied after both backwards (None: no clipping).
         clip_mode: ``"norm"``, ``"value"`` or ``"agc"`` (timm's dispatch_clip_grad).
-        amp: None (fp32), ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler).
+        amp: None (fp32), ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler; a
+            ``ShardedGradScaler`` under FullyShardedDataParallel; refused under ``fully_shard``).
         scaler: a ``torch.amp.GradScaler`` to use for fp16 (one is made if None).
         memory_saving: False sums both losses and calls backward once (same
             gradients, both graphs alive at once: more memory).
@@ -106,7 +155,9 @@ class Step:
         self.memory_saving, self.skip_nonfinite = memory_saving, skip_nonfinite
         self._finite: torch.Tensor | bool = True  # all losses of the window finite (a device tensor)
         self.device_type = next(model.parameters()).device.type
-        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        fsdp1 = _fsdp1_class()
+        sharded = fsdp1 is not None and isinstance(model, fsdp1)
+        inner = model.module if isinstance(model, DistributedDataParallel) or sharded else model
         self.has_sub = isinstance(getattr(inner, "_orig_mod", inner), SubBranchModel)
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
@@ -119,9 +170,23 @@ class Step:
                     f"the optimizer does not hold the sub branch's parameters {missing} (made by masksub.wrap): "
                     "create it from the wrapped model's parameters, after wrap()"
                 )
+        fully_sharded = callable(getattr(model, "set_requires_gradient_sync", None))  # fully_shard (FSDP2)
+        self._fsdp1 = sharded
+        if (sharded or fully_sharded) and clip_grad is not None and clip_mode == "agc":
+            raise ValueError("clip_mode='agc' clips each parameter by its own norm, which FSDP shards; use 'norm'")
         self.amp_dtype = AMP_DTYPES.get(amp)
         if self.amp_dtype is torch.float16 and scaler is None:
-            scaler = torch.amp.GradScaler(self.device_type)
+            if fully_sharded:
+                raise ValueError(
+                    "amp='fp16' under fully_shard needs a grad scaler whose skipped steps agree across processes, "
+                    "which torch.amp.GradScaler does not do with sharded gradients: use amp='bf16', or pass scaler="
+                )
+            if sharded:  # reduces its inf/NaN check across processes
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                scaler = ShardedGradScaler(self.device_type)
+            else:
+                scaler = torch.amp.GradScaler(self.device_type)
         self.scaler = scaler
         self._micro = 0  # micro-batches seen since the last optimizer step
 
@@ -131,7 +196,7 @@ class Step:
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
     def _no_sync(self):
-        return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else nullcontext()
+        return no_sync(self.model)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -152,32 +217,37 @@ class Step:
         self._micro += 1
         update = self._micro == self.accum_steps
 
-        # Only the last backward of the last micro-batch all-reduces.
-        with nullcontext() if update else self._no_sync():
-            if not self.has_sub:
-                with self._autocast():
-                    main = self._forward(x)
-                    loss_main = main["loss"] if self.loss is None else self.loss.main_loss(logits_of(main), target)
+        # Only the last backward of the last micro-batch reduces gradients across processes. The contexts
+        # are never nested: fully_shard's sync switch is a flag, not a stack.
+        last = nullcontext if update else self._no_sync
+        if not self.has_sub:
+            with last(), self._autocast():
+                main = self._forward(x)
+                loss_main = main["loss"] if self.loss is None else self.loss.main_loss(logits_of(main), target)
+            with last():
                 self._backward(loss_main / self.accum_steps)
-            elif self.memory_saving:
-                w_main = self.loss.main_weight / self.accum_steps
-                with self._no_sync():
-                    with self._autocast():
-                        main = logits_of(self._forward(x))
-                        loss_main = self.loss.main_loss(main, target)
-                    self._backward(w_main * loss_main)  # frees the main graph
+        elif self.memory_saving:
+            w_main = self.loss.main_weight / self.accum_steps
+            with self._no_sync():
+                with self._autocast():
+                    main = logits_of(self._forward(x))
+                    loss_main = self.loss.main_loss(main, target)
+                self._backward(w_main * loss_main)  # frees the main graph
+            with last():
                 with self._autocast():
                     loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main)
                 self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
-            else:
-                w_main, w_sub = self.loss.main_weight / self.accum_steps, self.loss.sub_weight / self.accum_steps
-                with self._autocast():
-                    # Unsynced main forward: DDP then broadcasts buffers before it and not again before the
-                    # sub forward, which would overwrite in place buffers the main graph saved (BERT's ids).
-                    with self._no_sync():
-                        main = logits_of(self._forward(x))
-                    loss_main = self.loss.main_loss(main, target)
+        else:
+            w_main, w_sub = self.loss.main_weight / self.accum_steps, self.loss.sub_weight / self.accum_steps
+            with self._autocast():
+                # Unsynced main forward: DDP then broadcasts buffers before it and not again before the
+                # sub forward, which would overwrite in place buffers the main graph saved (BERT's ids).
+                with self._no_sync():
+                    main = logits_of(self._forward(x))
+                loss_main = self.loss.main_loss(main, target)
+                with last():  # DDP decides at the forward whether the backward all-reduces
                     loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main)
+            with last():
                 self._backward(w_main * loss_main + w_sub * loss_sub)
 
         if self.loss is None:  # self-supervised: every reported loss
@@ -205,9 +275,10 @@ class Step:
             self.scaler.unscale_(self.optimizer)
         norm = None
         if self.clip_grad is not None and self.clip_mode == "norm":
-            norm = out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+            norm = out["grad_norm"] = clip_grad_norm(self.model, params, self.clip_grad)
         elif self.skip_nonfinite and self.scaler is None:
-            norm = grad_norm(params)
+            # FullyShardedDataParallel's local gradients are shards: its clip (by inf: a no-op) gives the norm
+            norm = clip_grad_norm(self.model, params, math.inf) if self._fsdp1 else grad_norm(params)
         if self.skip_nonfinite:
             # A finite loss can still give non-finite gradients. With fp16 the scaler skips those steps
             # itself (and lowers its scale): only the loss is checked then.
