@@ -113,6 +113,24 @@ def tiny_text_model(family: str = "bert", seed: int = 0, **overrides) -> torch.n
     return transformers.DistilBertForSequenceClassification(config)
 
 
+def tiny_token_model(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny Hugging Face token classifier (3 labels per token)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(**{**SMALL, "max_position_embeddings": 64, "num_labels": 3, **overrides})
+    return transformers.BertForTokenClassification(config)
+
+
+def token_labels(batch: dict[str, torch.Tensor], seed: int = 2) -> dict[str, torch.Tensor]:
+    """``batch`` with a label per word and -100 (no label) at [CLS], [SEP] and padding, and at every third
+    word (a continued sub-word, as word-level tagging labels only the first piece)."""
+    ids = batch["input_ids"]
+    labels = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(seed))
+    unlabelled = (ids == CLS) | (ids == SEP) | (ids == PAD) | (torch.arange(ids.shape[1]) % 3 == 2)
+    return {**batch, "labels": labels.masked_fill(unlabelled, -100)}
+
+
 def text_batch(batch: int = 6, length: int = 20, seed: int = 1) -> dict[str, torch.Tensor]:
     """[CLS] tokens... [SEP] [PAD]...: sample i has ``length - 2 - i % (length // 2)`` real words."""
     g = torch.Generator().manual_seed(seed)

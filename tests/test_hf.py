@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import MASK, SPECIAL, peak_bytes, text_batch, tiny_text_model
+from conftest import MASK, SPECIAL, peak_bytes, text_batch, tiny_text_model, tiny_token_model, token_labels
 
 import masksub
 from masksub.hf import MaskSubTrainer
@@ -146,6 +146,37 @@ def test_memory_saving_is_refused_where_a_second_backward_cannot_work(tmp_path):
         _trainer(tmp_path, model, data, memory_saving=True, optim="lomo")
     assert not _trainer(tmp_path, model, data, optim="lomo").memory_saving  # the default falls back to one backward
     assert _trainer(tmp_path, model, data).memory_saving
+
+
+def test_trainer_on_a_token_classifier_equals_the_per_token_loss_by_hand(tmp_path):
+    model = tiny_token_model(**NO_DROPOUT)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    capture = GradsBeforeStep(model)
+    data = token_labels(text_batch(batch=4))
+    trainer = _trainer(tmp_path, model, data, label_smoothing_factor=0.1)
+    trainer.add_callback(capture)
+    trainer.train()
+    model.zero_grad()
+    ids, sub_ids = seen
+    order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in ids]  # the sampler's
+    labels, attention = data["labels"][order], data["attention_mask"][order]
+    kept = labels != -100
+    main = model(input_ids=ids, attention_mask=attention).logits
+    sub = model(input_ids=sub_ids, attention_mask=attention).logits
+    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    main_loss = F.cross_entropy(main[kept], labels[kept], label_smoothing=0.1)
+    (0.5 * main_loss + 0.5 * per_token[kept].mean()).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_logits_of_another_shape_are_refused(tmp_path):
+    data = {**text_batch(batch=4), "labels": torch.zeros(4, 20, 2, dtype=torch.long)}  # labels of the wrong rank
+    trainer = _trainer(tmp_path, tiny_token_model(), data)
+    with pytest.raises(ValueError, match=r"per token, logits \(batch, length, classes\) with labels \(batch, length\)"):
+        trainer.train()
 
 
 def test_evaluation_uses_the_plain_model_and_its_own_loss(tmp_path):

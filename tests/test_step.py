@@ -242,3 +242,27 @@ def test_fp16_overflow_is_left_to_the_grad_scaler():
     out = step(tiny_images("vit", batch=4), torch.arange(4))
     assert not out.get("skipped") and step.scaler.get_scale() < scale
     assert all(torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
+
+
+def test_token_level_distillation_leaves_out_ignored_tokens():
+    """(B, L, C) logits: the criterion sees rows, the distillation averages over tokens whose target is not
+    ignore_index, and an ignored token's sub logits get no gradient."""
+    g = torch.Generator().manual_seed(0)
+    main, sub = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g).requires_grad_()
+    target = torch.randint(0, 4, (3, 5), generator=g)
+    target[0, :2], target[2, 4] = -100, -100
+    loss = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss())
+    kept = target != -100
+    per_token = -(F.softmax(main, -1) * F.log_softmax(sub, -1)).sum(-1)
+    torch.testing.assert_close(loss.sub_loss(sub, main, target), per_token[kept].mean())
+    loss.sub_loss(sub, main, target).backward()
+    assert (sub.grad[~kept] == 0).all() and (sub.grad[kept] != 0).any(dim=-1).all()
+    expected_main = F.cross_entropy(main.reshape(-1, 4), target.reshape(-1))  # ignore_index=-100 by default
+    torch.testing.assert_close(loss.main_loss(main, target), expected_main)
+    # a criterion's own ignore_index; every token ignored gives 0, not NaN; soft targets keep every token
+    own = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss(ignore_index=3))
+    torch.testing.assert_close(own.sub_loss(sub, main, target), per_token[target != 3].mean())
+    assert loss.sub_loss(sub, main, torch.full((3, 5), -100)).item() == 0.0
+    torch.testing.assert_close(loss.sub_loss(sub, main, F.softmax(main, -1)), per_token.mean())
+    with pytest.raises(ValueError, match=r"token-level logits \(3, 5, 4\) need targets of shape \(3, 5\)"):
+        loss.main_loss(main, target[:, :4])

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MASK, PAD, SMALL, SPECIAL, text_batch, tiny_text_model, wrap_text
+from conftest import MASK, PAD, SMALL, SPECIAL, text_batch, tiny_text_model, tiny_token_model, token_labels, wrap_text
 
 import masksub
 from masksub.adapters.text import masked_counts
@@ -157,6 +157,31 @@ def test_step_on_a_text_batch_equals_the_summed_loss_by_hand():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
             torch.testing.assert_close(summed[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("memory_saving", [True, False])
+def test_step_on_a_token_classifier_equals_the_per_token_loss_by_hand(memory_saving):
+    """Token classification: both losses per token, tokens labelled -100 left out of both."""
+    batch = token_labels(text_batch(batch=4))
+    wrapped = wrap_text(tiny_token_model()).train()
+    step = masksub.Step(
+        wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(), memory_saving=memory_saving
+    )
+    torch.manual_seed(10)
+    out = step(batch)
+    assert out["logits"].shape == (4, 20, 3)
+    ref = wrap_text(tiny_token_model()).train()
+    torch.manual_seed(10)
+    main = ref(**inputs(batch)).logits
+    sub = ref(**inputs(batch), sub=True).logits
+    labels, kept = batch["labels"], batch["labels"] != -100
+    assert 0 < kept.sum() < kept.numel()
+    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    loss = 0.5 * F.cross_entropy(main[kept], labels[kept]) + 0.5 * per_token[kept].mean()
+    loss.backward()
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(dict(wrapped.named_parameters())[n].grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_step_labels_never_reach_the_model():

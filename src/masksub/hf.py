@@ -24,13 +24,13 @@ import torch.nn.functional as F
 import transformers
 
 from .adapters import resolve_adapter
-from .loss import SubBranchLoss
+from .loss import IGNORE_INDEX, SubBranchLoss, as_rows
 from .step import logits_of
 from .wrapper import wrap
 
 
 class MaskSubTrainer(transformers.Trainer):
-    """``transformers.Trainer`` plus a sub branch, for sequence (or image) classification.
+    """``transformers.Trainer`` plus a sub branch, for sequence (or image, or token) classification.
 
     Args (besides the Trainer's own, all passed through):
         sub: ``"mask"`` (text models: masked tokens; vision models such as ``ViTForImageClassification``:
@@ -45,7 +45,8 @@ class MaskSubTrainer(transformers.Trainer):
 
     The main criterion is cross-entropy (with the Trainer's ``label_smoothing_factor``), or binary
     cross-entropy when ``config.problem_type`` is ``"multi_label_classification"``; the sub branch
-    learns the main branch's softmax (sigmoid) prediction.
+    learns the main branch's softmax (sigmoid) prediction. Token classifiers are distilled per token,
+    except tokens labelled -100 (special tokens, padding, continued words), which no loss sees.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps.
@@ -113,7 +114,10 @@ class MaskSubTrainer(transformers.Trainer):
     def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.multi_label:
             return F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.dtype).float())
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
+        rows, targets = as_rows(logits.float(), labels)  # token classification: one row per token
+        return F.cross_entropy(
+            rows, targets, ignore_index=IGNORE_INDEX, label_smoothing=self.args.label_smoothing_factor
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training or "labels" not in inputs:  # evaluation and prediction: the plain model
@@ -126,16 +130,17 @@ class MaskSubTrainer(transformers.Trainer):
         with self.accelerator.no_sync(model):
             outputs = model(**features)
             main = logits_of(outputs)
-            if main.ndim != 2:
+            if main.ndim != 2 and (main.ndim != 3 or labels.shape != main.shape[:-1]):
                 raise ValueError(
-                    f"MaskSubTrainer distills one prediction per sequence, logits (batch, classes); got shape "
-                    f"{tuple(main.shape)}"
+                    "MaskSubTrainer distills one prediction per sequence, logits (batch, classes), or per token, "
+                    f"logits (batch, length, classes) with labels (batch, length); got logits {tuple(main.shape)} "
+                    f"and labels {tuple(labels.shape)}"
                 )
             loss_main = self._main_loss(main, labels)
             if two_backwards:  # scaled as the Trainer scales the loss it back-propagates
                 self.accelerator.backward(self.masksub_loss.main_weight * loss_main / self._accumulation_steps())
                 loss_main = loss_main.detach()  # its graph is freed: the value is only reported
-        loss_sub = self.masksub_loss.sub_loss(logits_of(self.sub_branch(model, **features)), main)
+        loss_sub = self.masksub_loss.sub_loss(logits_of(self.sub_branch(model, **features)), main, labels)
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
         loss = self.masksub_loss.main_weight * loss_main + self.masksub_loss.sub_weight * loss_sub

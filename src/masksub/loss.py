@@ -5,6 +5,12 @@ with ``teacher = softmax(main.detach() / T)`` for softmax criteria (hard labels,
 label smoothing, mixup/cutmix soft targets) or ``sigmoid(main.detach() / T)``
 for binary cross-entropy criteria (DeiT-III, ResNet strikes back). Targets,
 mixed or smoothed, reach the main branch only.
+
+Token-level outputs ``(B, L, C)`` (token classification) are distilled per token:
+the criterion sees them as rows ``(B * L, C)`` with targets ``(B * L,)``, as Hugging
+Face's token classifiers compute their loss, and a token whose class-index target
+is the criterion's ``ignore_index`` (-100: padding, special tokens, sub-words) is
+left out of the distillation as it is out of the main loss.
 """
 
 from __future__ import annotations
@@ -17,6 +23,25 @@ from timm.loss import BinaryCrossEntropy
 from torch import nn
 
 TEACHERS = ("auto", "softmax", "sigmoid")
+IGNORE_INDEX = -100  # torch's cross-entropy default, and Hugging Face's label for tokens without one
+
+
+def as_rows(logits: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-level logits ``(B, ..., C)`` as rows ``(N, C)``, with their targets as ``(N,)`` class indices or
+    ``(N, C)`` soft targets; ``(B, C)`` logits and their targets pass unchanged."""
+    if logits.ndim <= 2:
+        return logits, target
+    rows = logits.reshape(-1, logits.shape[-1])
+    if target is None:
+        return rows, None
+    if target.shape == logits.shape:
+        return rows, target.reshape(rows.shape)
+    if target.shape == logits.shape[:-1]:
+        return rows, target.reshape(-1)
+    raise ValueError(
+        f"token-level logits {tuple(logits.shape)} need targets of shape {tuple(logits.shape[:-1])} (class indices) "
+        f"or {tuple(logits.shape)} (soft targets), got {tuple(target.shape)}"
+    )
 
 
 def teacher_kind(criterion: Callable) -> str:
@@ -59,24 +84,33 @@ class SubBranchLoss(nn.Module):
         self.teacher = teacher_kind(criterion) if teacher == "auto" else teacher
 
     def main_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Unweighted main-branch loss."""
-        return self.criterion(logits, target)
+        """Unweighted main-branch loss (token-level logits as rows, see the module doc)."""
+        return self.criterion(*as_rows(logits, target))
 
-    def sub_loss(self, sub_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tensor:
-        """Unweighted distillation loss; ``main_logits`` are detached here."""
+    def sub_loss(
+        self, sub_logits: torch.Tensor, main_logits: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unweighted distillation loss; ``main_logits`` are detached here. ``target`` only matters for
+        token-level logits: tokens whose target is the criterion's ``ignore_index`` are left out."""
         t = self.temperature
-        sub = sub_logits.float() / t
-        main = main_logits.detach().float() / t
+        sub, rows_target = as_rows(sub_logits.float() / t, target)
+        main, _ = as_rows(main_logits.detach().float() / t)
         if self.teacher == "sigmoid":
-            loss = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main))
+            per_row = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main), reduction="none").mean(-1)
         else:
-            loss = torch.sum(-F.softmax(main, dim=-1) * F.log_softmax(sub, dim=-1), dim=-1).mean()
+            per_row = torch.sum(-F.softmax(main, dim=-1) * F.log_softmax(sub, dim=-1), dim=-1)
+        ignore = getattr(self.criterion, "ignore_index", IGNORE_INDEX)
+        if sub_logits.ndim > 2 and rows_target is not None and rows_target.ndim == 1:
+            kept = (rows_target != ignore).to(per_row.dtype)  # a weight, not a selection: static shapes
+            loss = (per_row * kept).sum() / kept.sum().clamp(min=1)
+        else:
+            loss = per_row.mean()
         return loss * (t * t)
 
     def forward(self, main_logits: torch.Tensor, sub_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted sum of both terms, for a single backward."""
         main = self.main_weight * self.main_loss(main_logits, target)
-        return main + self.sub_weight * self.sub_loss(sub_logits, main_logits)
+        return main + self.sub_weight * self.sub_loss(sub_logits, main_logits, target)
 
     def extra_repr(self) -> str:
         w = f"main_weight={self.main_weight}, sub_weight={self.sub_weight}"

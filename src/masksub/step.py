@@ -235,7 +235,7 @@ class Step:
                 self._backward(w_main * loss_main)  # frees the main graph
             with last():
                 with self._autocast():
-                    loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main)
+                    loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main, target)
                 self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
         else:
             w_main, w_sub = self.loss.main_weight / self.accum_steps, self.loss.sub_weight / self.accum_steps
@@ -246,7 +246,7 @@ class Step:
                     main = logits_of(self._forward(x))
                 loss_main = self.loss.main_loss(main, target)
                 with last():  # DDP decides at the forward whether the backward all-reduces
-                    loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main)
+                    loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main, target)
             with last():
                 self._backward(w_main * loss_main + w_sub * loss_sub)
 

@@ -79,7 +79,7 @@ class MaskSubTask(ClassificationTask):
             main = module(input)
         sub = module(input, sub=True)
         loss_main = self.sub_loss.main_loss(main, target)
-        loss_sub = self.sub_loss.sub_loss(sub, main)
+        loss_sub = self.sub_loss.sub_loss(sub, main, target)
         loss = self.sub_loss.main_weight * loss_main + self.sub_loss.sub_weight * loss_sub
         return {"loss": loss, "output": main, "loss_main": loss_main.detach(), "loss_sub": loss_sub.detach()}
 
