@@ -184,6 +184,29 @@ def test_step_on_a_token_classifier_equals_the_per_token_loss_by_hand(memory_sav
             torch.testing.assert_close(dict(wrapped.named_parameters())[n].grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.skipif(torch.__version__ < (2, 6), reason="dynamo before torch 2.6 breaks graphs at transformers' outputs")
+@pytest.mark.parametrize("mode", ["token", "attention"])
+def test_torch_compile_two_graphs_no_breaks_and_the_sub_pass_stays_masked(mode):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch._dynamo.reset()
+    model = tiny_text_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.5)
+    wrapped = wrap_text(model, mode=mode).train()
+    eager = copy.deepcopy(wrapped)
+    wrapped.compile(backend="aot_eager", fullgraph=True)  # fullgraph: any graph break raises
+    batch = inputs(text_batch())
+    for _ in range(3):
+        wrapped(**batch).logits.sum().backward()
+        wrapped(**batch, sub=True).logits.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    torch.manual_seed(3)
+    got = wrapped(**batch, sub=True).logits
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, eager(**batch, sub=True).logits)
+    assert not torch.allclose(got, wrapped(**batch).logits, atol=1e-2)
+
+
 def test_step_labels_never_reach_the_model():
     model = tiny_text_model()
     seen = []
