@@ -19,6 +19,8 @@ Needs ``transformers`` (``pip install 'masksub[text]'``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -111,6 +113,14 @@ class MaskSubTrainer(transformers.Trainer):
         # of the current step (fewer at the end of an epoch), earlier versions use the argument.
         return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
 
+    def _main_pass_context(self, model):
+        # A micro-batch that does not sync already runs inside the Trainer's no_sync. Entering it again would
+        # turn FSDP2's gradient sync back on at the inner exit: its switch is a flag, not a stack.
+        state = self.accelerator.gradient_state
+        if state.sync_gradients or getattr(state, "plugin_kwargs", {}).get("sync_each_batch", False):
+            return self.accelerator.no_sync(model)
+        return contextlib.nullcontext()
+
     def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.multi_label:
             return F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.dtype).float())
@@ -127,7 +137,7 @@ class MaskSubTrainer(transformers.Trainer):
         two_backwards = self.memory_saving and torch.is_grad_enabled()
         # Unsynced main pass. In the summed order this matters too: DDP broadcasts buffers before each
         # synced forward, which would overwrite in place buffers the main graph saved.
-        with self.accelerator.no_sync(model):
+        with self._main_pass_context(model):
             outputs = model(**features)
             main = logits_of(outputs)
             if main.ndim != 2 and (main.ndim != 3 or labels.shape != main.shape[:-1]):
