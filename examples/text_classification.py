@@ -1,12 +1,18 @@
-"""Fine-tune a Hugging Face text classifier with MaskSub in the Trainer, and print its accuracy.
+"""Fine-tune a Hugging Face text classifier or tagger with MaskSub in the Trainer, and print its accuracy.
 
     python examples/text_classification.py --model bert-base-uncased --train train.csv --valid valid.csv
     python examples/text_classification.py ... --sub none           # the plain Trainer, same settings
+    python examples/text_classification.py --task token --model bert-base-cased \
+        --train train.conll --valid valid.conll                      # tagging (NER, POS...), one tag per word
 
-Each CSV file has a header with the columns ``text`` and ``label`` (any label strings). ``--model``
-is a model name on the Hugging Face hub or a local folder written by ``save_pretrained``. With
-``--sub mask`` each training batch also runs a sub branch that sees ``--ratio`` of every sentence's
-words replaced by the mask token and learns the main branch's prediction.
+``--task sequence`` (default): each CSV file has a header with the columns ``text`` and ``label``
+(any label strings). ``--task token``: CoNLL-style files, one word per line with its tag in the
+last column, a blank line between sentences (``-DOCSTART-`` lines are skipped); the first piece of
+each word carries its tag, the other pieces and the special tokens are labelled -100, and the
+accuracy is over words (for entity-level F1 use ``seqeval`` on the predictions). ``--model`` is a
+model name on the Hugging Face hub or a local folder written by ``save_pretrained``. With ``--sub
+mask`` each training batch also runs a sub branch that sees ``--ratio`` of every sentence's words
+replaced by the mask token and learns the main branch's prediction (per token for ``--task token``).
 """
 
 from __future__ import annotations
@@ -19,16 +25,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+)
 
 from masksub.hf import MaskSubTrainer
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="hub name or local folder of a sequence-classification model")
-    p.add_argument("--train", required=True, type=Path, help="CSV with columns text,label")
-    p.add_argument("--valid", required=True, type=Path, help="CSV with columns text,label")
+    p.add_argument("--task", default="sequence", choices=["sequence", "token"], help="a label per text or per word")
+    p.add_argument("--model", required=True, help="hub name or local folder of a pretrained model")
+    p.add_argument("--train", required=True, type=Path, help="CSV with columns text,label; CoNLL for --task token")
+    p.add_argument("--valid", required=True, type=Path, help="CSV with columns text,label; CoNLL for --task token")
     p.add_argument("--sub", default="mask", choices=["mask", "dropout", "none"])
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--epochs", type=float, default=3.0)
@@ -54,12 +67,41 @@ def read_csv(path: Path) -> tuple[list[str], list[str]]:
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
-class Encoded(torch.utils.data.Dataset):
-    """Tokenized sentences and label ids; padding is left to the collator (per batch)."""
+def read_conll(path: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """Sentences as word lists and their tags: one ``word ... tag`` line per word, blank lines between."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; pass a CoNLL-style file: one 'word tag' line per word")
+    sentences, tags, words, labels = [], [], [], []
+    for n, line in enumerate([*path.read_text(encoding="utf-8").splitlines(), ""], start=1):
+        parts = line.split()
+        if parts and parts[0] != "-DOCSTART-":
+            if len(parts) < 2:
+                raise SystemExit(f"{path}:{n}: expected a word and its tag, got {line!r}")
+            words.append(parts[0])
+            labels.append(parts[-1])
+        elif words:
+            sentences.append(words)
+            tags.append(labels)
+            words, labels = [], []
+    if not sentences:
+        raise SystemExit(f"{path}: no sentences; expected 'word tag' lines, a blank line between sentences")
+    return sentences, tags
 
-    def __init__(self, tokenizer, texts: list[str], labels: list[int], max_length: int):
-        self.enc = tokenizer(texts, truncation=True, max_length=max_length)
-        self.labels = labels
+
+class Encoded(torch.utils.data.Dataset):
+    """Tokenized texts and their label ids (one per text, or one per token); padding is left to the collator."""
+
+    def __init__(self, tokenizer, texts: list, labels: list, max_length: int, words: bool = False):
+        self.enc = tokenizer(texts, truncation=True, max_length=max_length, is_split_into_words=words)
+        self.labels = [self.align(i, tags) for i, tags in enumerate(labels)] if words else labels
+
+    def align(self, i: int, tags: list[int]) -> list[int]:
+        """The first piece of each word carries its tag; later pieces and special tokens get -100."""
+        row, previous = [], None
+        for word in self.enc.word_ids(i):
+            row.append(-100 if word is None or word == previous else tags[word])
+            previous = word
+        return row
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,25 +111,41 @@ class Encoded(torch.utils.data.Dataset):
 
 
 def accuracy(pred) -> dict:
-    return {"accuracy": float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())}
+    """Accuracy over texts, or over the tagged words (positions labelled -100 are left out)."""
+    labels = pred.label_ids
+    kept = labels != -100
+    return {"accuracy": float((np.argmax(pred.predictions, axis=-1)[kept] == labels[kept]).mean())}
+
+
+def read(args, path: Path) -> tuple[list, list]:
+    """Texts and label strings: one label per text, or per word with --task token."""
+    return read_conll(path) if args.task == "token" else read_csv(path)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    train_texts, train_labels = read_csv(args.train)
-    valid_texts, valid_labels = read_csv(args.valid)
-    names = sorted(set(train_labels))
-    unknown = sorted(set(valid_labels) - set(names))
+    train_texts, train_labels = read(args, args.train)
+    valid_texts, valid_labels = read(args, args.valid)
+    token = args.task == "token"
+    flat = (lambda rows: [y for row in rows for y in row]) if token else (lambda rows: rows)
+    names = sorted(set(flat(train_labels)))
+    unknown = sorted(set(flat(valid_labels)) - set(names))
     if unknown:
         raise SystemExit(f"{args.valid}: labels {unknown} do not occur in {args.train}")
     ids = {name: i for i, name in enumerate(names)}
+    to_ids = (lambda rows: [[ids[y] for y in row] for row in rows]) if token else (lambda rows: [ids[y] for y in rows])
     transformers.set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=len(names), id2label=dict(enumerate(names)), label2id=ids
-    )
-    train = Encoded(tokenizer, train_texts, [ids[y] for y in train_labels], args.max_length)
-    valid = Encoded(tokenizer, valid_texts, [ids[y] for y in valid_labels], args.max_length)
+    if token and not tokenizer.is_fast:
+        raise SystemExit(
+            f"--task token aligns tags to word pieces, which needs a fast tokenizer; {args.model} has none"
+        )
+    auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
+    labels = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id=ids)
+    # a head trained for other labels is replaced by a new one of the right size (transformers warns)
+    model = auto.from_pretrained(args.model, **labels, ignore_mismatched_sizes=True)
+    train = Encoded(tokenizer, train_texts, to_ids(train_labels), args.max_length, words=token)
+    valid = Encoded(tokenizer, valid_texts, to_ids(valid_labels), args.max_length, words=token)
     training = transformers.TrainingArguments(
         output_dir=args.out,
         num_train_epochs=args.epochs,
@@ -106,7 +164,7 @@ def main(argv=None) -> dict:
         train_dataset=train,
         eval_dataset=valid,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=DataCollatorForTokenClassification(tokenizer) if token else DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy,
     )
     if args.sub == "none":
@@ -116,7 +174,8 @@ def main(argv=None) -> dict:
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(str(Path(args.out) / "model"))
-    summary = {"sub": args.sub, "ratio": args.ratio, **{k: metrics[k] for k in ("eval_accuracy", "eval_loss")}}
+    summary = {"task": args.task, "sub": args.sub, "ratio": args.ratio}
+    summary.update({k: metrics[k] for k in ("eval_accuracy", "eval_loss")})
     print(json.dumps(summary))
     return summary
 

@@ -251,7 +251,7 @@ def _load_example():
 def local_model_and_csvs(tmp_path):
     """A tiny BERT + tokenizer saved with save_pretrained, and train/valid CSVs of two labels."""
     words = ["good", "fine", "great", "bad", "awful", "poor", "the", "film", "was", "plot"]
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "##s"]))
     tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
     model = tiny_text_model(vocab_size=len(tokenizer), num_labels=2)
     model.save_pretrained(tmp_path / "model")
@@ -277,6 +277,46 @@ def test_text_classification_example_runs(local_model_and_csvs, sub):
     assert summary["sub"] == sub and 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
     saved = transformers.AutoModelForSequenceClassification.from_pretrained(d / f"run-{sub}" / "model")
     assert saved.config.id2label == {0: "neg", 1: "pos"}
+
+
+def _write_conll(path, sentences):
+    path.write_text("-DOCSTART- O\n\n" + "\n\n".join("\n".join(f"{w} {t}" for w, t in s) for s in sentences) + "\n")
+
+
+@pytest.mark.parametrize("sub", ["mask", "none"])
+def test_token_classification_example_runs(local_model_and_csvs, sub):
+    d = local_model_and_csvs
+    tag = {"good": "B-POS", "great": "B-POS", "bad": "B-NEG", "awful": "B-NEG"}
+    g = torch.Generator().manual_seed(0)
+    vocab = ["good", "great", "bad", "awful", "the", "films", "was", "plot"]
+    for split, n in (("train", 16), ("valid", 6)):
+        sentences = [[vocab[j] for j in torch.randint(0, 8, (6,), generator=g).tolist()] for _ in range(n)]
+        sentences[0][0] = "good"  # every tag occurs in both splits
+        sentences[0][1], sentences[0][2] = "bad", "the"
+        _write_conll(d / f"{split}.conll", [[(w, tag.get(w, "O")) for w in s] for s in sentences])
+    argv = ["--task", "token", "--model", str(d / "model"), "--train", str(d / "train.conll")]
+    argv += ["--valid", str(d / "valid.conll"), "--sub", sub, "--max-steps", "3", "--batch-size", "8"]
+    summary = _load_example().main([*argv, "--lr", "1e-3", "--out", str(d / f"tok-{sub}")])
+    assert summary["task"] == "token" and 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    saved = transformers.AutoModelForTokenClassification.from_pretrained(d / f"tok-{sub}" / "model")
+    assert saved.config.id2label == {0: "B-NEG", 1: "B-POS", 2: "O"}
+
+
+def test_token_example_tags_the_first_piece_of_each_word(local_model_and_csvs):
+    example = _load_example()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(local_model_and_csvs / "model")
+    encoded = example.Encoded(tokenizer, [["the", "films", "good"]], [[0, 1, 2]], max_length=16, words=True)
+    pieces = tokenizer.convert_ids_to_tokens(encoded.enc["input_ids"][0])
+    assert pieces == ["[CLS]", "the", "film", "##s", "good", "[SEP]"]
+    assert encoded[0]["labels"] == [-100, 0, 1, -100, 2, -100]
+
+
+def test_token_example_names_a_bad_line(local_model_and_csvs):
+    d = local_model_and_csvs
+    (d / "bad.conll").write_text("the O\nfilms\n")
+    argv = ["--task", "token", "--model", str(d / "model"), "--train", str(d / "bad.conll"), "--valid", "x"]
+    with pytest.raises(SystemExit, match=r"bad.conll:2: expected a word and its tag, got 'films'"):
+        _load_example().main(argv)
 
 
 def test_text_classification_example_names_bad_csv(local_model_and_csvs):
