@@ -3,6 +3,7 @@ accumulation included; the memory-saving order back-propagates the main pass bef
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -343,8 +344,7 @@ def test_pixel_adapter_masks_pixel_values_passed_by_name():
     model = _tiny_hf_vit()
     seen = []
     model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"]), with_kwargs=True)
-    wrapped = masksub.wrap(model, ratio=0.5, unit=8)
-    assert wrapped.branch.name == "pixels"
+    wrapped = masksub.wrap(model, ratio=0.5, unit=8, adapter="pixels")
     x = torch.rand(4, 3, 32, 32) + 0.5
     wrapped(pixel_values=x, sub=True)
     zero = (seen[-1] == 0).all(1)  # (B, H, W)
@@ -360,7 +360,78 @@ def test_trainer_on_a_vision_model_needs_no_tokenizer(tmp_path):
     data = {"pixel_values": torch.rand(8, 3, 32, 32, generator=g), "labels": torch.arange(8) % 3}
     model = _tiny_hf_vit()
     trainer = MaskSubTrainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=Rows(data))
-    assert trainer.sub_branch.name == "pixels"
+    assert trainer.sub_branch.name == "hf_vit"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.train()
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+TINY_VIT = dict(
+    image_size=32,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_labels=3,
+)
+# Hugging Face ViT-like classifiers and their prefix tokens (class, distillation, registers)
+HF_VITS = [
+    ("ViTForImageClassification", "ViTConfig", {}, 1),
+    ("DeiTForImageClassificationWithTeacher", "DeiTConfig", {}, 2),
+    ("Dinov2ForImageClassification", "Dinov2Config", {}, 1),
+    ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", {"num_register_tokens": 4}, 5),
+    ("ViTMSNForImageClassification", "ViTMSNConfig", {}, 1),
+]
+
+
+def _hf_vision(name, config, extra):
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    torch.manual_seed(0)
+    return getattr(transformers, name)(getattr(transformers, config)(**TINY_VIT, **extra)).train()
+
+
+@pytest.mark.parametrize("name,config,extra,prefix", HF_VITS, ids=[c[0] for c in HF_VITS])
+def test_hf_vit_adapter_keeps_prefix_and_exactly_num_keep_real_patch_tokens(name, config, extra, prefix):
+    from masksub.masking import num_keep
+
+    model = _hf_vision(name, config, extra)
+    plain = copy.deepcopy(model)
+    seen = []  # the embeddings' output as the encoder gets it: registered after the adapter's hook
+    wrapped = masksub.wrap(model, ratio=0.5)
+    assert wrapped.branch.name == "hf_vit" and wrapped.branch.num_prefix_tokens == prefix
+    model.base_model.embeddings.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(wrapped(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=0, atol=0)
+    full = seen[-1]
+    for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
+        wrapped.branch.ratio = ratio
+        wrapped(pixel_values=x, sub=True)
+        sub = seen[-1]
+        assert sub.shape == (4, prefix + num_keep(64, ratio), 32)
+        assert torch.equal(sub[:, :prefix], full[:, :prefix])
+        # every kept token is one of its image's patch tokens, each at most once
+        match = (sub[:, prefix:, None, :] == full[:, None, prefix:, :]).all(-1)  # (B, K, N)
+        assert (match.sum(-1) == 1).all() and (match.sum(1) <= 1).all()
+
+
+def test_hf_vit_sub_pass_costs_about_half_at_ratio_half():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    wrapped = masksub.wrap(_hf_vision(*HF_VITS[0][:3]), ratio=0.5)
+    x = torch.rand(4, 3, 32, 32)
+    flops = []
+    for sub in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            wrapped(pixel_values=x, sub=sub).logits.sum().backward()
+        flops.append(counter.get_total_flops())
+    assert 0.45 < flops[1] / flops[0] < 0.6  # 32 of 64 patches; the patch embedding still sees every pixel
+
+
+def test_hf_vision_models_that_need_the_full_grid_get_the_pixel_adapter():
+    torch.manual_seed(0)
+    beit = transformers.BeitForImageClassification(transformers.BeitConfig(**TINY_VIT, use_relative_position_bias=True))
+    assert masksub.wrap(beit, unit=8).branch.name == "pixels"
+    with pytest.raises(ValueError, match="unit .* does not apply"):
+        masksub.wrap(_hf_vision(*HF_VITS[0][:3]), unit=8)

@@ -1,5 +1,5 @@
 """CNNs (ResNet, ConvNeXt, RegNet, EfficientNet...) and any other 4-D image model, Hugging Face
-vision models included (images passed as ``pixel_values=``).
+vision models included (images passed as ``pixel_values=``) but the ViT-like ones ``hf_vit`` takes.
 
 Zeroes the input pixels of ``num_masked`` random ``unit`` x ``unit`` blocks per
 sample before the model sees the batch. Valid for every image model, saves no
