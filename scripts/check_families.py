@@ -1,5 +1,6 @@
 """Check masksub's three sub branches on every timm model family installed here (or, with
-``--text``, on every Hugging Face transformers sequence-classification architecture).
+``--text`` / ``--vision``, on every Hugging Face transformers sequence / image classification
+architecture).
 
 For each family (timm module) it takes the model with the least compute (parameters x default
 input pixels, counted on the meta device), builds it at random init with a 5-class head re-drawn
@@ -17,7 +18,9 @@ so the output depends on the input, and for ``mask``, ``dropout`` and ``droppath
 
 With ``--text`` each architecture is built at random init from its default configuration shrunk
 to 2 layers of width 32, and fed random token ids; the mask adapter gets the configuration's
-special ids (pad, bos, eos, ...).
+special ids (pad, bos, eos, ...). With ``--vision`` the same shrinking applies to transformer
+configurations (CNN configurations, with lists of stage widths, keep their defaults), and the input
+is random pixels at the configuration's image size.
 
 Each family runs in a process of its own with a time limit, so one model that runs out of memory
 or hangs costs only its row. Writes a JSON and a markdown table.
@@ -25,6 +28,7 @@ or hangs costs only its row. Writes a JSON and a markdown table.
     python scripts/check_families.py                       # all families: ~40 min on 2 CPU cores
     python scripts/check_families.py --families vision_transformer resnet swin_transformer
     python scripts/check_families.py --text --out text_families
+    python scripts/check_families.py --vision --out vision_families
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ def text_families() -> dict[str, list[str]]:
     return {t: [name] for t, name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.items()}
 
 
+def vision_families() -> dict[str, list[str]]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    names = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.items()
+    return {t: [name] if isinstance(name, str) else list(name) for t, name in names}
+
+
 # Set where the configuration has them (directly or through its attribute_map): 2 layers, width 32.
 SHRINK = dict(
     hidden_size=32,
@@ -79,17 +90,28 @@ SHRINK = dict(
 SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "mask_token_id")
 
 
-def build_text(model_type: str):
-    """A random-init 5-class sequence classifier of ``model_type``, shrunk; its inputs and wrap options."""
-    import torch
+def shrunk_config(model_type: str, only_transformers: bool = False):
+    """``model_type``'s default configuration with 5 labels, 2 layers of width 32 where it has those keys
+    (with ``only_transformers``, only where it has a single hidden size: not CNN stage lists)."""
     import transformers
 
     config = transformers.AutoConfig.for_model(model_type)
-    for key, value in SHRINK.items():
+    shrink = not only_transformers or isinstance(getattr(config, "hidden_size", None), int)
+    for key, value in SHRINK.items() if shrink else ():
         if isinstance(getattr(config, key, None), int):
             with contextlib.suppress(AttributeError):  # a derived value (a property without a setter)
                 setattr(config, key, value)
     config.num_labels = 5
+    return config
+
+
+def build_text(model_type: str):
+    """A random-init 5-class sequence classifier of ``model_type``, shrunk; its inputs, other inputs and
+    wrap options."""
+    import torch
+    import transformers
+
+    config = shrunk_config(model_type)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0  # decoder classifiers find each sequence's last token through it
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
@@ -104,7 +126,21 @@ def build_text(model_type: str):
     if isinstance(getattr(config, "eos_token_id", None), int):
         ids[:, -1] = config.eos_token_id  # encoder-decoder classifiers (BART, T5) pool at the end token
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return model, inputs, {"mask_token_id": mask_id, "special_ids": sorted(special)}
+    other = {**inputs, "input_ids": ids.roll(1, dims=1)}
+    return model, inputs, other, {"mask_token_id": mask_id, "special_ids": sorted(special)}
+
+
+def build_vision(model_type: str):
+    """A random-init 5-class image classifier of ``model_type``, shrunk; random pixels at its image size."""
+    import torch
+    import transformers
+
+    config = shrunk_config(model_type, only_transformers=True)
+    model = getattr(transformers, vision_families()[model_type][0])(config)  # DeiT maps to two classes
+    size = getattr(config, "image_size", 224)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    shape = (2, getattr(config, "num_channels", 3), h, w)
+    return model, {"pixel_values": torch.rand(shape) + 0.5}, {"pixel_values": torch.rand(shape) + 0.5}, {}
 
 
 def input_size(model) -> tuple[int, int, int]:
@@ -201,18 +237,20 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
     return f"ok ({label})" if sensitive else f"ok ({label}; the change is not checked: {INSENSITIVE})"
 
 
-def check_text_family(model_type: str, names: list[str]) -> dict:
+def check_hf_family(model_type: str, names: list[str], build) -> dict:
+    """One transformers architecture, built by ``build`` (``build_text`` or ``build_vision``)."""
     import torch
 
-    row = {"family": model_type, "model": names[0], "input": [16]}
+    row = {"family": model_type, "model": names[0]}
     torch.manual_seed(0)
     try:
-        model, x, options = build_text(model_type)
+        model, x, other, options = build(model_type)
     except Exception as e:  # reported as the row: a configuration that does not shrink or build
         return {**row, "error": f"not built: {reason(e)}"}
+    first = next(iter(x.values()))
+    row["input"] = list(first.shape[2:]) if first.ndim == 4 else [first.shape[1]]
     try:
         with torch.no_grad():
-            other = {**x, "input_ids": x["input_ids"].roll(1, dims=1)}
             sensitive = not torch.allclose(model.eval()(**x).logits, model(**other).logits)
     except Exception as e:  # the plain model, without masksub: the shrunk configuration does not run
         return {**row, "error": f"plain model failed: {reason(e)}"}
@@ -252,8 +290,8 @@ def check_family(family: str, names: list[str]) -> dict:
     return row
 
 
-def run_one(family: str, timeout: float, text: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--one", family, *(["--text"] if text else [])]
+def run_one(family: str, timeout: float, hf: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--one", family, *([f"--{hf}"] if hf else [])]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -285,7 +323,7 @@ def markdown(rows: list[dict], versions: str, command: str) -> str:
         if "error" in r:
             lines.append(f"| {r['family']} | {r.get('model', '')} | | {r['error']} | | |")
             continue
-        size = "x".join(map(str, r["input"][1:])) or f"{r['input'][0]} tokens"
+        size = "x".join(map(str, r["input"][-2:])) if len(r["input"]) > 1 else f"{r['input'][0]} tokens"
         cells = [_short(r[k]) for k in KINDS]
         lines.append(f"| {r['family']} | {r['model']} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -294,34 +332,40 @@ def markdown(rows: list[dict], versions: str, command: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--families", nargs="*", help="timm module names, or transformers model types (default: all)")
-    p.add_argument("--text", action="store_true", help="Hugging Face text classifiers instead of timm models")
+    hf = p.add_mutually_exclusive_group()
+    hf.add_argument("--text", action="store_true", help="Hugging Face text classifiers instead of timm models")
+    hf.add_argument("--vision", action="store_true", help="Hugging Face image classifiers instead of timm models")
     p.add_argument("--out", type=Path, default=Path("families"), help="writes OUT.json and OUT.md")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="seconds per family")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    mode = "text" if args.text else "vision" if args.vision else None
     if args.one:
         import torch
 
         torch.set_num_threads(1)
-        check, found = (check_text_family, text_families()) if args.text else (check_family, families())
-        print(json.dumps(check(args.one, found[args.one])))
+        if mode is None:
+            print(json.dumps(check_family(args.one, families()[args.one])))
+        else:
+            found, build = (text_families(), build_text) if mode == "text" else (vision_families(), build_vision)
+            print(json.dumps(check_hf_family(args.one, found[args.one], build)))
         return
     import timm
     import torch
 
-    found = text_families() if args.text else families()
+    found = {None: families, "text": text_families, "vision": vision_families}[mode]()
     chosen = args.families or sorted(found)
     unknown = [f for f in chosen if f not in found]
     if unknown:
         p.error(f"unknown families {unknown}; installed ones: {', '.join(sorted(found))}")
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = []
-        for row in pool.map(lambda f: run_one(f, args.timeout, args.text), chosen):
+        for row in pool.map(lambda f: run_one(f, args.timeout, mode), chosen):
             print(row, flush=True)
             rows.append(row)
     versions = f"timm {timm.__version__}, torch {torch.__version__}"
-    if args.text:
+    if mode:
         import transformers
 
         versions = f"transformers {transformers.__version__}, torch {torch.__version__}"

@@ -382,6 +382,10 @@ HF_VITS = [
     ("Dinov2ForImageClassification", "Dinov2Config", {}, 1),
     ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", {"num_register_tokens": 4}, 5),
     ("ViTMSNForImageClassification", "ViTMSNConfig", {}, 1),
+    ("IJepaForImageClassification", "IJepaConfig", {}, 0),
+    ("CLIPForImageClassification", "CLIPConfig", "vision", 1),
+    ("MetaClip2ForImageClassification", "MetaClip2Config", "vision", 1),
+    ("SiglipForImageClassification", "SiglipConfig", "vision", 0),
 ]
 
 
@@ -389,7 +393,13 @@ def _hf_vision(name, config, extra):
     if not hasattr(transformers, name):
         pytest.skip(f"transformers {transformers.__version__} has no {name}")
     torch.manual_seed(0)
-    return getattr(transformers, name)(getattr(transformers, config)(**TINY_VIT, **extra)).train()
+    if extra == "vision":  # a two-tower configuration: the classifier uses its vision tower
+        labels = {"num_labels": TINY_VIT["num_labels"]}
+        vision = {k: v for k, v in TINY_VIT.items() if k != "num_labels"}
+        config = getattr(transformers, config)(vision_config=vision, text_config={"hidden_size": 32}, **labels)
+    else:
+        config = getattr(transformers, config)(**TINY_VIT, **extra)
+    return getattr(transformers, name)(config).train()
 
 
 @pytest.mark.parametrize("name,config,extra,prefix", HF_VITS, ids=[c[0] for c in HF_VITS])
@@ -401,7 +411,14 @@ def test_hf_vit_adapter_keeps_prefix_and_exactly_num_keep_real_patch_tokens(name
     seen = []  # the embeddings' output as the encoder gets it: registered after the adapter's hook
     wrapped = masksub.wrap(model, ratio=0.5)
     assert wrapped.branch.name == "hf_vit" and wrapped.branch.num_prefix_tokens == prefix
-    model.base_model.embeddings.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    embeddings = next(
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Embeddings")
+        and "Text" not in type(m).__name__
+        and "Patch" not in type(m).__name__
+    )
+    embeddings.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
     x = torch.rand(4, 3, 32, 32)
     torch.testing.assert_close(wrapped(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=0, atol=0)
     full = seen[-1]
@@ -433,5 +450,7 @@ def test_hf_vision_models_that_need_the_full_grid_get_the_pixel_adapter():
     torch.manual_seed(0)
     beit = transformers.BeitForImageClassification(transformers.BeitConfig(**TINY_VIT, use_relative_position_bias=True))
     assert masksub.wrap(beit, unit=8).branch.name == "pixels"
+    mim = transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**TINY_VIT))  # reads the token grid back
+    assert masksub.wrap(mim, unit=8).branch.name == "pixels"
     with pytest.raises(ValueError, match="unit .* does not apply"):
         masksub.wrap(_hf_vision(*HF_VITS[0][:3]), unit=8)

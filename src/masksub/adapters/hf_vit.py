@@ -1,12 +1,14 @@
 """Hugging Face ViT-like image classifiers: drop patch tokens after the embeddings.
 
 ``ViTForImageClassification``, ``DeiTForImageClassification`` (and ``...WithTeacher``),
-``Dinov2ForImageClassification``, ``Dinov2WithRegistersForImageClassification`` and
-``ViTMSNForImageClassification`` embed an image as ``[prefix tokens..., patch tokens]`` with
-the position embedding already added (prefix: the class token, DeiT's distillation token,
-DINOv2's register tokens). A hook on the embeddings keeps every prefix token and
-``num_keep(N, ratio)`` patch tokens per sample; the encoder and the head (class token, or class
-token and mean of the patch tokens) run on the shorter sequence, so the sub pass costs about
+``Dinov2ForImageClassification``, ``Dinov2WithRegistersForImageClassification``,
+``ViTMSNForImageClassification``, ``IJepaForImageClassification`` and the vision towers of
+``CLIPForImageClassification``, ``MetaClip2ForImageClassification`` and
+``SiglipForImageClassification`` embed an image as ``[prefix tokens..., patch tokens]`` with the
+position embedding already added (prefix: the class token, DeiT's distillation token, DINOv2's
+register tokens; none for SigLIP and I-JEPA). A hook on the embeddings keeps every prefix token
+and ``num_keep(N, ratio)`` patch tokens per sample; the encoder and the head (class token, mean of
+the patch tokens, or attention pooling) run on the shorter sequence, so the sub pass costs about
 ``1 - ratio`` of the main pass, as with the timm ``vit`` adapter.
 
 Other Hugging Face vision models (BEiT's relative position bias, Swin's windows, CNNs) keep the
@@ -21,25 +23,35 @@ from torch import nn
 from ..masking import keep_patch_tokens
 from .registry import MaskAdapter, check_patch_images, register_adapter
 
-# base model class -> its number of prefix tokens, from its config
-PREFIX_TOKENS = {
-    "ViTModel": lambda config: 1,
-    "ViTMSNModel": lambda config: 1,
-    "DeiTModel": lambda config: 2,
-    "Dinov2Model": lambda config: 1,
-    "Dinov2WithRegistersModel": lambda config: 1 + config.num_register_tokens,
+# Embeddings whose output is [prefix..., patches] + positions, feeding encoders that take any length.
+EMBEDDINGS = {
+    "ViTEmbeddings",
+    "ViTMSNEmbeddings",
+    "DeiTEmbeddings",
+    "Dinov2Embeddings",
+    "Dinov2WithRegistersEmbeddings",
+    "IJepaEmbeddings",
+    "CLIPVisionEmbeddings",
+    "MetaClip2VisionEmbeddings",
+    "SiglipVisionEmbeddings",
 }
+PREFIX_TOKENS = ("cls_token", "class_embedding", "distillation_token")  # one token each, where present
 
 
-def _base(model: nn.Module) -> nn.Module | None:
-    base = getattr(model, "base_model", None)
-    if not type(model).__module__.startswith("transformers.") or type(base).__name__ not in PREFIX_TOKENS:
+def _embeddings(model: nn.Module) -> nn.Module | None:
+    # Classifiers only: a head that reads the token grid back (masked image modeling) needs every token.
+    if not type(model).__module__.startswith("transformers.") or "ForImageClassification" not in type(model).__name__:
         return None
-    return base
+    return next((m for m in model.modules() if type(m).__name__ in EMBEDDINGS), None)
+
+
+def _prefix_tokens(embeddings: nn.Module) -> int:
+    registers = getattr(embeddings, "register_tokens", None)
+    return sum(hasattr(embeddings, name) for name in PREFIX_TOKENS) + (0 if registers is None else registers.shape[1])
 
 
 @register_adapter(
-    "hf_vit", priority=30, description="Hugging Face ViT / DeiT / DINOv2 / ViT-MSN classifiers: drop patch tokens"
+    "hf_vit", priority=30, description="Hugging Face ViT / DeiT / DINOv2 / CLIP / SigLIP classifiers: drop patch tokens"
 )
 class HFTokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample after the embeddings, keeps all prefix tokens."""
@@ -50,15 +62,15 @@ class HFTokenDropAdapter(MaskAdapter):
         if unit is not None:
             raise ValueError("the hf_vit adapter drops patch tokens: unit (a mask block size in pixels) does not apply")
         super().__init__(model, ratio, unit)
-        base = _base(model)
-        self.num_prefix_tokens = PREFIX_TOKENS[type(base).__name__](base.config)
-        size = base.config.patch_size
-        self.patch_size = (size, size) if isinstance(size, int) else tuple(size)
-        self._handle = base.embeddings.register_forward_hook(self._drop_hook)
+        embeddings = _embeddings(model)
+        self.num_prefix_tokens = _prefix_tokens(embeddings)
+        conv = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))  # the patch projection
+        self.patch_size = tuple(conv.stride)
+        self._handle = embeddings.register_forward_hook(self._drop_hook)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return _base(model) is not None
+        return _embeddings(model) is not None
 
     def _drop_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         if not self._active:
