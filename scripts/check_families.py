@@ -19,8 +19,9 @@ so the output depends on the input, and for ``mask``, ``dropout`` and ``droppath
 With ``--text`` each architecture is built at random init from its default configuration shrunk
 to 2 layers of width 32, and fed random token ids; the mask adapter gets the configuration's
 special ids (pad, bos, eos, ...). With ``--vision`` the same shrinking applies to transformer
-configurations (CNN configurations, with lists of stage widths, keep their defaults), and the input
-is random pixels at the configuration's image size.
+configurations (CNN configurations, with lists of stage widths, keep their defaults), zero-init
+parameters are redrawn as for timm models, and the input is random pixels at the configuration's
+image size.
 
 Each family runs in a process of its own with a time limit, so one model that runs out of memory
 or hangs costs only its row. Writes a JSON and a markdown table.
@@ -137,6 +138,7 @@ def build_vision(model_type: str):
 
     config = shrunk_config(model_type, only_transformers=True)
     model = getattr(transformers, vision_families()[model_type][0])(config)  # DeiT maps to two classes
+    redraw_zero_parameters(model)
     size = getattr(config, "image_size", 224)
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     shape = (2, getattr(config, "num_channels", 3), h, w)
@@ -262,6 +264,16 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
     return row
 
 
+def redraw_zero_parameters(model) -> None:
+    """Zero-init gains (ResNet's last BatchNorm, SwinV2 post-norms, NFNet gains) silence residual branches
+    at init, and with them the output's dependence on the input: draw them at random."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.numel() and not p.any() and not name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.1)
+
+
 def check_family(family: str, names: list[str]) -> dict:
     import timm
     import torch
@@ -276,9 +288,7 @@ def check_family(family: str, names: list[str]) -> dict:
     head = model.get_classifier()
     if isinstance(head, torch.nn.Linear):  # some heads start at zero: the output would not see the input
         torch.nn.init.normal_(head.weight, std=0.5)
-    for name_, p in model.named_parameters():  # zero-init gains (ResNet's last BN, SwinV2 post-norms, NFNet
-        if p.numel() and not p.any() and not name_.endswith("bias"):  # gains) silence residual branches at init
-            torch.nn.init.normal_(p, std=0.1)
+    redraw_zero_parameters(model)
     x = torch.rand(2, *size) + 0.5  # no exact zeros: zeroed pixels are the ones masked
     with torch.no_grad():
         sensitive = not torch.allclose(model.eval()(x), model(torch.rand_like(x)))

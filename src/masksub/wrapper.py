@@ -80,7 +80,7 @@ def wrap(
     """Add a sub branch to ``model``.
 
     Args:
-        model: any timm image model, a Hugging Face text model, or one with a registered adapter.
+        model: any timm image model, a Hugging Face text or image classifier, or one with a registered adapter.
         sub: ``"mask"`` (MaskSub), ``"dropout"`` (DropSub) or ``"droppath"`` (PathSub).
         ratio: fraction of the input masked (``mask``) or the drop probability
             (``dropout``/``droppath``), in [0, 1). Default 0.5, the paper's MaskSub value.
