@@ -328,44 +328,6 @@ def test_text_classification_example_names_bad_csv(local_model_and_csvs):
         _load_example().main(argv)
 
 
-def _tiny_hf_vit():
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=3,
-    )  # fmt: skip
-    return transformers.ViTForImageClassification(config)
-
-
-def test_pixel_adapter_masks_pixel_values_passed_by_name():
-    """A Hugging Face vision model takes pixel_values=: exactly num_masked 8-pixel blocks per image are zeroed."""
-    from masksub import num_masked
-
-    model = _tiny_hf_vit()
-    seen = []
-    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"]), with_kwargs=True)
-    wrapped = masksub.wrap(model, ratio=0.5, unit=8, adapter="pixels")
-    x = torch.rand(4, 3, 32, 32) + 0.5
-    wrapped(pixel_values=x, sub=True)
-    zero = (seen[-1] == 0).all(1)  # (B, H, W)
-    blocks = zero.view(4, 4, 8, 4, 8).permute(0, 1, 3, 2, 4).reshape(4, 16, 64)
-    assert (blocks.all(-1) | ~blocks.any(-1)).all(), "whole 8-pixel blocks"
-    assert (blocks.all(-1).sum(1) == num_masked(16, 0.5)).all()
-    kept = ~zero.unsqueeze(1).expand_as(x)
-    assert torch.equal(seen[-1][kept], x[kept])
-
-
-def test_trainer_on_a_vision_model_needs_no_tokenizer(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    data = {"pixel_values": torch.rand(8, 3, 32, 32, generator=g), "labels": torch.arange(8) % 3}
-    model = _tiny_hf_vit()
-    trainer = MaskSubTrainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=Rows(data))
-    assert trainer.sub_branch.name == "hf_vit"
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer.train()
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
 TINY_VIT = dict(
     image_size=32,
     patch_size=4,
@@ -400,6 +362,39 @@ def _hf_vision(name, config, extra):
     else:
         config = getattr(transformers, config)(**TINY_VIT, **extra)
     return getattr(transformers, name)(config).train()
+
+
+def _tiny_hf_vit():
+    return _hf_vision(*HF_VITS[0][:3])
+
+
+def test_pixel_adapter_masks_pixel_values_passed_by_name():
+    """A Hugging Face vision model takes pixel_values=: exactly num_masked 8-pixel blocks per image are zeroed."""
+    from masksub import num_masked
+
+    model = _tiny_hf_vit()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"]), with_kwargs=True)
+    wrapped = masksub.wrap(model, ratio=0.5, unit=8, adapter="pixels")
+    x = torch.rand(4, 3, 32, 32) + 0.5
+    wrapped(pixel_values=x, sub=True)
+    zero = (seen[-1] == 0).all(1)  # (B, H, W)
+    blocks = zero.view(4, 4, 8, 4, 8).permute(0, 1, 3, 2, 4).reshape(4, 16, 64)
+    assert (blocks.all(-1) | ~blocks.any(-1)).all(), "whole 8-pixel blocks"
+    assert (blocks.all(-1).sum(1) == num_masked(16, 0.5)).all()
+    kept = ~zero.unsqueeze(1).expand_as(x)
+    assert torch.equal(seen[-1][kept], x[kept])
+
+
+def test_trainer_on_a_vision_model_needs_no_tokenizer(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = {"pixel_values": torch.rand(8, 3, 32, 32, generator=g), "labels": torch.arange(8) % 3}
+    model = _tiny_hf_vit()
+    trainer = MaskSubTrainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=Rows(data))
+    assert trainer.sub_branch.name == "hf_vit"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("name,config,extra,prefix", HF_VITS, ids=[c[0] for c in HF_VITS])
