@@ -4,6 +4,7 @@ accumulation included; the memory-saving order back-propagates the main pass bef
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -449,3 +450,58 @@ def test_hf_vision_models_that_need_the_full_grid_get_the_pixel_adapter():
     assert masksub.wrap(mim, unit=8).branch.name == "pixels"
     with pytest.raises(ValueError, match="unit .* does not apply"):
         masksub.wrap(_hf_vision(*HF_VITS[0][:3]), unit=8)
+
+
+def _timm_wrapper(architecture, **model_args):
+    torch.manual_seed(0)
+    if model_args and "model_args" not in inspect.signature(transformers.TimmWrapperConfig.__init__).parameters:
+        pytest.skip(f"transformers {transformers.__version__}'s TimmWrapper ignores model_args (a tiny model)")
+    config = transformers.TimmWrapperConfig(architecture=architecture, model_args=model_args, num_labels=3)
+    return transformers.TimmWrapperForImageClassification(config).train()
+
+
+def test_timm_wrapper_masks_with_the_adapter_of_the_timm_model_inside():
+    """timm checkpoints loaded through transformers: token dropping for a ViT, exact counts at every ratio."""
+    from masksub.masking import num_keep
+
+    model = _timm_wrapper("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    plain = copy.deepcopy(model)
+    wrapped = masksub.wrap(model)
+    assert wrapped.branch.name == "timm_wrapper" and wrapped.branch.inner.name == "vit"
+    lengths = []
+    model.timm_model.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(wrapped(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=0, atol=0)
+    for ratio in (0.1, 0.5, 0.9):
+        wrapped.branch.ratio = ratio
+        assert wrapped(pixel_values=x, sub=True).logits.shape == (4, 3)
+        assert lengths[-1] == 1 + num_keep(64, ratio)
+    assert lengths[0] == 65
+    assert masksub.wrap(_timm_wrapper("resnet18")).branch.inner.name == "pixels"
+
+
+def test_timm_wrapper_mask_token_trains_in_step_and_is_refused_by_the_trainer(tmp_path):
+    swin = dict(img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4)
+    wrapped = masksub.wrap(_timm_wrapper("swin_tiny_patch4_window7_224", **swin), unit=16)
+    assert wrapped.branch.inner.name == "masktoken"
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    step({"pixel_values": torch.rand(2, 3, 64, 64), "labels": torch.tensor([0, 2])})
+    assert wrapped.branch.inner.mask_token.grad.abs().sum() > 0
+    data = {"pixel_values": torch.rand(4, 3, 64, 64), "labels": torch.arange(4) % 3}
+    with pytest.raises(ValueError, match="sub branch has parameters .* use masksub.Step"):
+        MaskSubTrainer(
+            model=_timm_wrapper("swin_tiny_patch4_window7_224", **swin),
+            args=_args(tmp_path),
+            train_dataset=Rows(data),
+            mask_options={"unit": 16},
+        )
+
+
+def test_trainer_on_a_timm_wrapper_vit(tmp_path):
+    model = _timm_wrapper("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
+    trainer = MaskSubTrainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=Rows(data))
+    assert trainer.sub_branch.name == "timm_wrapper"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
