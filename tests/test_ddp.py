@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import masksub
-from masksub.step import clip_grad_norm, grad_norm
+from masksub.parallel import clip_grad_norm, grad_norm
 from masksub.train.distributed import AllReduceCount, count_allreduces, exit_without_teardown
 
 WORLD, BATCH, STEPS = 2, 8, 3

@@ -16,8 +16,8 @@ one gradient reduce-scatter per sharded module and optimizer step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 
 import torch
 from timm.utils import dispatch_clip_grad
@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .loss import SubBranchLoss
+from .parallel import clip_grad_norm, fsdp1_class, grad_norm, no_sync
 from .wrapper import SubBranchModel
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -41,56 +42,6 @@ def logits_of(output):
         f"the criterion needs logits, and the model returned {type(output).__name__}: return a tensor, or a "
         "mapping / Hugging Face ModelOutput with 'logits' (return_dict=True)"
     )
-
-
-def _fsdp1_class():
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # a torch built without distributed support
-        return None
-    return FullyShardedDataParallel
-
-
-def _full(norm: torch.Tensor) -> torch.Tensor:
-    """A norm of gradients that ``fully_shard`` keeps as DTensor shards is a DTensor: its value over all shards."""
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The global 2-norm of the parameters' gradients (what norm clipping measures), on their device."""
-    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None]
-    return _full(torch.linalg.vector_norm(torch.stack(norms))) if norms else torch.zeros(())
-
-
-def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip the gradients' global 2-norm to ``max_norm``; return the norm before clipping, also for
-    gradients sharded by FSDP (``FullyShardedDataParallel`` reduces it across shards; ``fully_shard``'s
-    DTensor gradients give a DTensor norm)."""
-    fsdp1 = _fsdp1_class()
-    if fsdp1 is not None and isinstance(model, fsdp1):
-        return model.clip_grad_norm_(max_norm)
-    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
-@contextmanager
-def _without_gradient_sync(model: nn.Module) -> Iterator[None]:
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
-def no_sync(model: nn.Module):
-    """A context whose backwards accumulate gradients without reducing them across processes:
-    ``no_sync()`` of DistributedDataParallel and FullyShardedDataParallel, or ``fully_shard``'s
-    ``set_requires_gradient_sync(False)``; a no-op for a model that does not reduce gradients."""
-    fsdp1 = _fsdp1_class()
-    if isinstance(model, DistributedDataParallel) or (fsdp1 is not None and isinstance(model, fsdp1)):
-        return model.no_sync()
-    if callable(getattr(model, "set_requires_gradient_sync", None)):
-        return _without_gradient_sync(model)
-    return nullcontext()
 
 
 class Step:
@@ -155,7 +106,7 @@ class Step:
         self.memory_saving, self.skip_nonfinite = memory_saving, skip_nonfinite
         self._finite: torch.Tensor | bool = True  # all losses of the window finite (a device tensor)
         self.device_type = next(model.parameters()).device.type
-        fsdp1 = _fsdp1_class()
+        fsdp1 = fsdp1_class()
         sharded = fsdp1 is not None and isinstance(model, fsdp1)
         inner = model.module if isinstance(model, DistributedDataParallel) or sharded else model
         self.has_sub = isinstance(getattr(inner, "_orig_mod", inner), SubBranchModel)

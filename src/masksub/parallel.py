@@ -1,0 +1,65 @@
+"""Gradient sync and gradient norms for a model under DDP or FSDP, or alone.
+
+The two-backward step needs the first backward to keep its gradients local (``no_sync``) and the
+clip to see the whole model's gradient norm also when FSDP shards the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def fsdp1_class():
+    """``FullyShardedDataParallel``, or None in a torch built without distributed support."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return None
+    return FullyShardedDataParallel
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """A norm of gradients that ``fully_shard`` keeps as DTensor shards is a DTensor: its value over all shards."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of the parameters' gradients (what norm clipping measures), on their device."""
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None]
+    return _full(torch.linalg.vector_norm(torch.stack(norms))) if norms else torch.zeros(())
+
+
+def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global 2-norm to ``max_norm``; return the norm before clipping, also for
+    gradients sharded by FSDP (``FullyShardedDataParallel`` reduces it across shards; ``fully_shard``'s
+    DTensor gradients give a DTensor norm)."""
+    fsdp1 = fsdp1_class()
+    if fsdp1 is not None and isinstance(model, fsdp1):
+        return model.clip_grad_norm_(max_norm)
+    return _full(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+@contextmanager
+def _without_gradient_sync(model: nn.Module) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def no_sync(model: nn.Module):
+    """A context whose backwards accumulate gradients without reducing them across processes:
+    ``no_sync()`` of DistributedDataParallel and FullyShardedDataParallel, or ``fully_shard``'s
+    ``set_requires_gradient_sync(False)``; a no-op for a model that does not reduce gradients."""
+    fsdp1 = fsdp1_class()
+    if isinstance(model, DistributedDataParallel) or (fsdp1 is not None and isinstance(model, fsdp1)):
+        return model.no_sync()
+    if callable(getattr(model, "set_requires_gradient_sync", None)):
+        return _without_gradient_sync(model)
+    return nullcontext()
