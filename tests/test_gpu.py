@@ -68,3 +68,45 @@ def test_step_cost_benchmark_runs_its_cuda_path(tmp_path):
     row = json.loads((tmp_path / "step_cost.json").read_text())["models"]["resnet50"]
     for variant in ("timm_loop", "plain", "masksub", "research"):
         assert row[f"eager/{variant}"]["s_per_step"] > 0 and row[f"eager/{variant}"]["peak_gib"] > 0
+
+
+def _fsdp_on_one_gpu(rank, init_file, out):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    torch.cuda.set_device(0)
+    results = {}
+    for shard in (False, True):
+        torch.manual_seed(0)
+        wrapped = masksub.wrap(tiny_model("vit"), unit=32).cuda().train()
+        if shard:
+            for block in wrapped.model.blocks:
+                fully_shard(block)
+            fully_shard(wrapped)
+        opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
+        step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), amp="bf16", clip_grad=1.0, accum_steps=2)
+        x, y = tiny_images("vit", batch=8).cuda(), torch.arange(8, device="cuda") % 5
+        norms = []
+        for i in range(6):
+            torch.manual_seed(100 + i)  # the same masks in both runs
+            out_i = step(x, y)
+            if out_i["updated"]:
+                norms.append(float(out_i["grad_norm"]))
+        state = {k: getattr(v, "full_tensor", lambda v=v: v)().float().cpu() for k, v in wrapped.state_dict().items()}
+        results[shard] = (norms, state)
+    torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def test_fully_sharded_step_on_cuda_matches_the_unsharded_step(tmp_path):
+    """fully_shard over NCCL (one GPU): bf16 autocast, accumulation, norm clipping; same norms and weights."""
+    import torch.multiprocessing as mp
+
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("fully_shard is public from torch 2.6")
+    mp.spawn(_fsdp_on_one_gpu, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=1, join=True)
+    (norms, plain), (sharded_norms, sharded) = (torch.load(tmp_path / "out.pt")[k] for k in (False, True))
+    torch.testing.assert_close(torch.tensor(sharded_norms), torch.tensor(norms), rtol=1e-3, atol=1e-5)
+    for k in plain:
+        torch.testing.assert_close(sharded[k], plain[k], rtol=1e-3, atol=1e-4, msg=k)
