@@ -239,11 +239,11 @@ def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, fi
         assert torch.equal(v, ranks[1]["state"][k]), f"ranks disagree on {k}"
 
 
-def _load_example():
+def _load_example(name: str = "text_classification"):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "text_classification.py"
-    spec = importlib.util.spec_from_file_location("text_classification", path)
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -507,20 +507,10 @@ def test_trainer_on_a_timm_wrapper_vit(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def _load_image_example():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "image_classification_hf.py"
-    spec = importlib.util.spec_from_file_location("image_classification_hf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("sub", ["mask", "none"])
 def test_image_classification_example_runs_on_fashion_mnist(tmp_path, sub):
     argv = ["--train-images", "256", "--test-images", "128", "--max-steps", "2", "--batch-size", "64"]
-    summary = _load_image_example().main([*argv, "--sub", sub, "--out", str(tmp_path / sub)])
+    summary = _load_example("image_classification_hf").main([*argv, "--sub", sub, "--out", str(tmp_path / sub)])
     assert summary["adapter"] == ("hf_vit" if sub == "mask" else None)
     assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
     saved = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / sub / "model")
@@ -530,7 +520,7 @@ def test_image_classification_example_runs_on_fashion_mnist(tmp_path, sub):
 def test_image_classification_example_resizes_for_a_local_checkpoint(tmp_path):
     """--model: a saved three-channel 32 px ViT gets the images resized and repeated to its channels."""
     transformers.ViTForImageClassification(transformers.ViTConfig(**TINY_VIT)).save_pretrained(tmp_path / "vit")
-    example = _load_image_example()
+    example = _load_example("image_classification_hf")
     data = example.FashionMNIST("test", None, 4, channels=3, size=32)
     assert data[0]["pixel_values"].shape == (3, 32, 32)
     argv = ["--model", str(tmp_path / "vit"), "--image-size", "32", "--train-images", "64", "--test-images", "32"]
