@@ -1,11 +1,14 @@
-"""Gradient all-reduces per optimizer step under DDP: plain step, masksub.Step, research-style step.
+"""Gradient reductions per optimizer step under DDP and FSDP: plain step, masksub.Step, research-style step.
 
     python benchmarks/ddp_comm.py                 # 2 CPU processes (gloo), ViT-S/16 at 64 px
     python benchmarks/ddp_comm.py --tiny          # a tiny ViT, for the test suite
 
-Counts, with a DDP communication hook (`masksub.train.distributed.count_allreduces`), the
+DDP: counts, with a communication hook (`masksub.train.distributed.count_allreduces`), the
 all-reduce rounds (every bucket once per synced backward) and the gradient elements sent per
 optimizer step. Expected: 1, 1 and 2 rounds.
+FSDP (`fully_shard` on every block and the root; torch >= 2.6): counts the reduce-scatters
+(`ReduceScatterCount`) and the gradient elements they reduce. Expected: one per sharded module for
+the plain and MaskSub steps, two for the research-style step.
 Writes results/ddp_comm.json and results/ddp_comm.md.
 """
 
@@ -26,7 +29,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
-from masksub.train.distributed import count_allreduces, exit_without_teardown
+from masksub.train.distributed import ReduceScatterCount, count_allreduces, exit_without_teardown
+
+try:
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # torch < 2.6
+    fully_shard = None
 
 STEPS = ("plain", "masksub", "research")
 
@@ -49,34 +57,69 @@ def research_step(model, opt, x, y, sub_loss):
     opt.step()
 
 
-def worker(rank: int, world: int, init: str, args, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    size = 32 if args.tiny else 64
-    results = {}
-    for kind in STEPS:
-        net = build(args.tiny) if kind == "plain" else masksub.wrap(build(args.tiny))
-        model = DDP(net)
-        count = count_allreduces(model)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), accum_steps=args.accum)
-        per_step = []
-        for _ in range(args.steps):
-            before = (count.rounds, count.elements)
+def shard(net: torch.nn.Module) -> torch.nn.Module:
+    """fully_shard every block, then the root (the wrapper, or the plain model)."""
+    inner = getattr(net, "model", net)
+    for block in inner.blocks:
+        fully_shard(block)
+    return fully_shard(net)
+
+
+def measure(kind: str, model, step, args, size: int, counter) -> dict:
+    """Steps of ``kind``; ``counter()`` gives a context whose ``rounds`` / ``elements`` count while active."""
+    opt = step.optimizer
+    per_step = []
+    for _ in range(args.steps):
+        with counter() as count:
             for _ in range(args.accum if kind != "research" else 1):
                 x, y = torch.randn(args.batch, 3, size, size), torch.randint(0, 10, (args.batch,))
                 if kind == "research":
                     research_step(model, opt, x, y, step.loss.sub_loss)
                 else:
                     step(x, y)
-            per_step.append((count.rounds - before[0], count.elements - before[1]))
-        numel = sum(p.numel() for p in net.parameters())
-        results[kind] = {
-            "allreduce_rounds_per_step": [r for r, _ in per_step],
-            "elements_sent_per_step": [s for _, s in per_step],
-            "gradient_elements": numel,
-            "accum_steps": args.accum if kind != "research" else 1,
-        }
+        per_step.append((count.rounds, count.elements))
+    return {
+        "reduction_rounds_per_step": [r for r, _ in per_step],
+        "elements_per_step": [e for _, e in per_step],
+        "gradient_elements": sum(p.numel() for p in build(args.tiny).parameters()),
+        "accum_steps": args.accum if kind != "research" else 1,
+    }
+
+
+class DDPCounter:
+    """The all-reduces a DDP model's hook counts between entering and leaving."""
+
+    def __init__(self, count):
+        self.count = count
+
+    def __enter__(self):
+        self.start = (self.count.rounds, self.count.elements)
+        return self
+
+    def __exit__(self, *exc):
+        self.rounds, self.elements = self.count.rounds - self.start[0], self.count.elements - self.start[1]
+
+
+def worker(rank: int, world: int, init: str, args, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    size = 32 if args.tiny else 64
+    results = {"ddp": {}, "fsdp": {}}
+    for parallel in ("ddp", "fsdp") if fully_shard is not None else ("ddp",):
+        for kind in STEPS:
+            net = build(args.tiny) if kind == "plain" else masksub.wrap(build(args.tiny))
+            if parallel == "ddp":
+                model = DDP(net)
+                count = count_allreduces(model)
+                counter = lambda count=count: DDPCounter(count)  # noqa: E731
+            else:
+                model = net = shard(net)
+                counter = ReduceScatterCount
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), accum_steps=args.accum)
+            results[parallel][kind] = measure(kind, model, step, args, size, counter)
+        if parallel == "fsdp":
+            results["fsdp_modules"] = 1 + len(build(args.tiny).blocks)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     exit_without_teardown()
@@ -108,13 +151,18 @@ def main() -> None:
         f"Command: `{meta['command']}`; torch {meta['torch']}, timm {meta['timm']}; {meta['hardware']}; "
         f"{meta['model']}.",
         "",
-        "| step | micro-batches per step | all-reduce rounds per step | "
-        "gradient elements sent per step / model gradient elements |",
-        "|---|---|---|---|",
+        "| parallel | step | micro-batches per step | gradient reductions per step | "
+        "gradient elements reduced per step / model gradient elements |",
+        "|---|---|---|---|---|",
     ]
-    for kind, r in results.items():
-        ratio = r["elements_sent_per_step"][-1] / r["gradient_elements"]
-        lines.append(f"| {kind} | {r['accum_steps']} | {r['allreduce_rounds_per_step'][-1]} | {ratio:.2f} |")
+    for parallel, label in (("ddp", "DDP (all-reduce rounds)"), ("fsdp", "FSDP (reduce-scatters)")):
+        for kind, r in results.get(parallel, {}).items():
+            ratio = r["elements_per_step"][-1] / r["gradient_elements"]
+            lines.append(
+                f"| {label} | {kind} | {r['accum_steps']} | {r['reduction_rounds_per_step'][-1]} | {ratio:.2f} |"
+            )
+    if "fsdp_modules" in results:
+        lines += ["", f"FSDP shards {results['fsdp_modules']} modules (every block and the root)."]
     (out / "ddp_comm.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -14,11 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import masksub
 from masksub.parallel import clip_grad_norm, grad_norm
-from masksub.train.distributed import AllReduceCount, count_allreduces, exit_without_teardown
+from masksub.train.distributed import AllReduceCount, ReduceScatterCount, count_allreduces, exit_without_teardown
 
 WORLD, BATCH, STEPS = 2, 8, 3
 MASK_UNITS = {"vit": 64, "swin": 16}  # random numbers each sample's mask draws (tokens or units)
@@ -55,18 +54,6 @@ def _data(name, micro):
 
 def _rows(x, start, end):
     return {k: v[start:end] for k, v in x.items()} if isinstance(x, dict) else x[start:end]
-
-
-class ReduceScatterCount(TorchDispatchMode):
-    """Counts the reduce-scatter collectives dispatched while active (FSDP2's gradient reductions)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += "reduce_scatter" in func.name()
-        return func(*args, **(kwargs or {}))
 
 
 def _shard(wrapped, name, parallel):
@@ -134,7 +121,7 @@ def _train(name, accum, kind, rank=0, world=1, parallel="ddp"):
         elif fsdp and world > 1:
             with ReduceScatterCount() as reductions:
                 out = step(x, y)
-            count.rounds += reductions.count
+            count.rounds += reductions.rounds
             updated = out["updated"]
         else:
             out = step(x, y)

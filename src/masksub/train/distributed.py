@@ -1,5 +1,5 @@
 """``torchrun`` support: process group from the environment, rank-0 helpers, metric reduction,
-and a counter of DDP's gradient all-reduces."""
+and counters of DDP's gradient all-reduces and FSDP's gradient reduce-scatters."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -70,6 +71,27 @@ def count_allreduces(model: torch.nn.parallel.DistributedDataParallel) -> AllRed
 
     model.register_comm_hook(None, hook)
     return count
+
+
+class ReduceScatterCount(TorchDispatchMode):
+    """While active, counts the reduce-scatter collectives dispatched (FSDP's gradient reductions) and
+    the elements they reduce: check that a custom step under FSDP reduces each gradient once.
+
+        with ReduceScatterCount() as count:
+            step(x, y)
+        count.rounds, count.elements
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.rounds = 0
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "reduce_scatter" in func.name():
+            self.rounds += 1
+            self.elements += sum(a.numel() for a in args[1:2] if isinstance(a, torch.Tensor))  # the input
+        return func(*args, **(kwargs or {}))
 
 
 def exit_without_teardown() -> None:
