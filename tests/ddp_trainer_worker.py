@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 from conftest import MASK, SPECIAL, text_batch, tiny_text_model
-from test_hf import Rows, _args
+from test_hf import Rows, _args, _tiny_hf_vit
 
 from masksub.hf import MaskSubTrainer
 from masksub.train.distributed import count_allreduces, exit_without_teardown
@@ -24,7 +24,12 @@ class CountingTrainer(MaskSubTrainer):
 
 if __name__ == "__main__":
     out, memory_saving, find_unused = sys.argv[1], sys.argv[2] == "1", {"none": None, "0": False}[sys.argv[3]]
-    model = tiny_text_model()
+    if sys.argv[4] == "vit":  # a Hugging Face ViT: the sub pass drops tokens through hooks (hf_vit)
+        model, mask_options = _tiny_hf_vit(), {}
+        data = {"pixel_values": torch.rand(48, 3, 32, 32), "labels": torch.arange(48) % 3}
+    else:
+        model, mask_options = tiny_text_model(), {"mask_token_id": MASK, "special_ids": SPECIAL}
+        data = text_batch(batch=48)
     args = _args(
         f"{out}/run",
         max_steps=3,
@@ -33,16 +38,16 @@ if __name__ == "__main__":
         ddp_backend="gloo",
         ddp_find_unused_parameters=find_unused,  # None: the Trainer's default for a Hugging Face model (True)
     )
-    mask_options = {"mask_token_id": MASK, "special_ids": SPECIAL}
     trainer = CountingTrainer(
         model=model,
         args=args,
-        train_dataset=Rows(text_batch(batch=48)),
+        train_dataset=Rows(data),
         mask_options=mask_options,
         memory_saving=memory_saving,
     )
     trainer.train()
     result = {"world": dist.get_world_size(), "rounds": trainer.count.rounds, "steps": trainer.state.global_step}
     assert trainer.memory_saving is memory_saving
+    assert trainer.sub_branch.name == ("hf_vit" if sys.argv[4] == "vit" else "text")
     torch.save({"result": result, "state": model.state_dict()}, f"{out}/rank{dist.get_rank()}.pt")
     exit_without_teardown()  # gloo's teardown at interpreter exit can abort a finished run

@@ -219,14 +219,18 @@ def test_missing_tokenizer_and_regression_heads_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("memory_saving,find_unused", [("1", "none"), ("0", "0")], ids=["two-backwards", "summed"])
-def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, find_unused):
+@pytest.mark.parametrize(
+    "memory_saving,find_unused,model",
+    [("1", "none", "bert"), ("0", "0", "bert"), ("1", "none", "vit")],
+    ids=["two-backwards", "summed", "hf-vit"],
+)
+def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, find_unused, model):
     """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces."""
     tests = Path(__file__).parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [*cmd, str(tests / "ddp_trainer_worker.py"), str(tmp_path), memory_saving, find_unused],
+        [*cmd, str(tests / "ddp_trainer_worker.py"), str(tmp_path), memory_saving, find_unused, model],
         env=env,
         capture_output=True,
         timeout=600,
