@@ -530,3 +530,26 @@ def test_image_classification_example_resizes_for_a_local_checkpoint(tmp_path):
     argv = ["--model", str(tmp_path / "vit"), "--image-size", "32", "--train-images", "64", "--test-images", "32"]
     summary = example.main([*argv, "--max-steps", "1", "--out", str(tmp_path / "run")])
     assert summary["adapter"] == "hf_vit" and 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(torch.__version__ < (2, 6), reason="dynamo before torch 2.6 breaks graphs at transformers' outputs")
+def test_hf_vit_under_torch_compile_two_graphs_and_the_sub_pass_drops_tokens():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**TINY_VIT, initializer_range=0.5)  # an output that moves with the input
+    wrapped = masksub.wrap(transformers.ViTForImageClassification(config).train())
+    eager = copy.deepcopy(wrapped)
+    wrapped.compile(backend="aot_eager", fullgraph=True)  # fullgraph: any graph break raises
+    x = torch.rand(4, 3, 32, 32)
+    for _ in range(3):
+        wrapped(pixel_values=x).logits.sum().backward()
+        wrapped(pixel_values=x, sub=True).logits.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    torch.manual_seed(3)
+    got = wrapped(pixel_values=x, sub=True).logits
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, eager(pixel_values=x, sub=True).logits)
+    assert not torch.allclose(got, wrapped(pixel_values=x).logits, atol=1e-2)
