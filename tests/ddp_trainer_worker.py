@@ -7,7 +7,8 @@ import sys
 import torch
 import torch.distributed as dist
 from conftest import MASK, SPECIAL, text_batch, tiny_text_model
-from test_hf import Rows, _args, _tiny_hf_vit
+from test_hf import Rows, _args
+from test_hf_vision import _tiny_hf_vit
 
 from masksub.hf import MaskSubTrainer
 from masksub.train.distributed import count_allreduces, exit_without_teardown

@@ -1,0 +1,236 @@
+"""Hugging Face image classifiers: token dropping (hf_vit), transformers' TimmWrapper, the pixel adapter
+through pixel_values=, the Trainer on images, and the Fashion-MNIST example."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+import transformers
+from test_hf import Rows, _args, _load_example
+
+import masksub
+from masksub.hf import MaskSubTrainer
+
+TINY_VIT = dict(
+    image_size=32,
+    patch_size=4,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    num_labels=3,
+)
+# Hugging Face ViT-like classifiers and their prefix tokens (class, distillation, registers)
+HF_VITS = [
+    ("ViTForImageClassification", "ViTConfig", {}, 1),
+    ("DeiTForImageClassificationWithTeacher", "DeiTConfig", {}, 2),
+    ("Dinov2ForImageClassification", "Dinov2Config", {}, 1),
+    ("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", {"num_register_tokens": 4}, 5),
+    ("ViTMSNForImageClassification", "ViTMSNConfig", {}, 1),
+    ("IJepaForImageClassification", "IJepaConfig", {}, 0),
+    ("CLIPForImageClassification", "CLIPConfig", "vision", 1),
+    ("MetaClip2ForImageClassification", "MetaClip2Config", "vision", 1),
+    ("SiglipForImageClassification", "SiglipConfig", "vision", 0),
+]
+
+
+def _hf_vision(name, config, extra):
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    torch.manual_seed(0)
+    if extra == "vision":  # a two-tower configuration: the classifier uses its vision tower
+        labels = {"num_labels": TINY_VIT["num_labels"]}
+        vision = {k: v for k, v in TINY_VIT.items() if k != "num_labels"}
+        config = getattr(transformers, config)(vision_config=vision, text_config={"hidden_size": 32}, **labels)
+    else:
+        config = getattr(transformers, config)(**TINY_VIT, **extra)
+    return getattr(transformers, name)(config).train()
+
+
+def _tiny_hf_vit():
+    return _hf_vision(*HF_VITS[0][:3])
+
+
+def test_pixel_adapter_masks_pixel_values_passed_by_name():
+    """A Hugging Face vision model takes pixel_values=: exactly num_masked 8-pixel blocks per image are zeroed."""
+    from masksub import num_masked
+
+    model = _tiny_hf_vit()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"]), with_kwargs=True)
+    wrapped = masksub.wrap(model, ratio=0.5, unit=8, adapter="pixels")
+    x = torch.rand(4, 3, 32, 32) + 0.5
+    wrapped(pixel_values=x, sub=True)
+    zero = (seen[-1] == 0).all(1)  # (B, H, W)
+    blocks = zero.view(4, 4, 8, 4, 8).permute(0, 1, 3, 2, 4).reshape(4, 16, 64)
+    assert (blocks.all(-1) | ~blocks.any(-1)).all(), "whole 8-pixel blocks"
+    assert (blocks.all(-1).sum(1) == num_masked(16, 0.5)).all()
+    kept = ~zero.unsqueeze(1).expand_as(x)
+    assert torch.equal(seen[-1][kept], x[kept])
+
+
+def test_trainer_on_a_vision_model_needs_no_tokenizer(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = {"pixel_values": torch.rand(8, 3, 32, 32, generator=g), "labels": torch.arange(8) % 3}
+    model = _tiny_hf_vit()
+    trainer = MaskSubTrainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=Rows(data))
+    assert trainer.sub_branch.name == "hf_vit"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name,config,extra,prefix", HF_VITS, ids=[c[0] for c in HF_VITS])
+def test_hf_vit_adapter_keeps_prefix_and_exactly_num_keep_real_patch_tokens(name, config, extra, prefix):
+    from masksub.masking import num_keep
+
+    model = _hf_vision(name, config, extra)
+    plain = copy.deepcopy(model)
+    seen = []  # the embeddings' output as the encoder gets it: registered after the adapter's hook
+    wrapped = masksub.wrap(model, ratio=0.5)
+    assert wrapped.branch.name == "hf_vit" and wrapped.branch.num_prefix_tokens == prefix
+    embeddings = next(
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Embeddings")
+        and "Text" not in type(m).__name__
+        and "Patch" not in type(m).__name__
+    )
+    embeddings.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(wrapped(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=0, atol=0)
+    full = seen[-1]
+    for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
+        wrapped.branch.ratio = ratio
+        wrapped(pixel_values=x, sub=True)
+        sub = seen[-1]
+        assert sub.shape == (4, prefix + num_keep(64, ratio), 32)
+        assert torch.equal(sub[:, :prefix], full[:, :prefix])
+        # every kept token is one of its image's patch tokens, each at most once
+        match = (sub[:, prefix:, None, :] == full[:, None, prefix:, :]).all(-1)  # (B, K, N)
+        assert (match.sum(-1) == 1).all() and (match.sum(1) <= 1).all()
+
+
+def test_hf_vit_sub_pass_costs_about_half_at_ratio_half():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    wrapped = masksub.wrap(_hf_vision(*HF_VITS[0][:3]), ratio=0.5)
+    x = torch.rand(4, 3, 32, 32)
+    flops = []
+    for sub in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            wrapped(pixel_values=x, sub=sub).logits.sum().backward()
+        flops.append(counter.get_total_flops())
+    assert 0.45 < flops[1] / flops[0] < 0.6  # 32 of 64 patches; the patch embedding still sees every pixel
+
+
+def test_hf_vision_models_that_need_the_full_grid_get_the_pixel_adapter():
+    torch.manual_seed(0)
+    beit = transformers.BeitForImageClassification(transformers.BeitConfig(**TINY_VIT, use_relative_position_bias=True))
+    assert masksub.wrap(beit, unit=8).branch.name == "pixels"
+    mim = transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**TINY_VIT))  # reads the token grid back
+    assert masksub.wrap(mim, unit=8).branch.name == "pixels"
+    with pytest.raises(ValueError, match="unit .* does not apply"):
+        masksub.wrap(_hf_vision(*HF_VITS[0][:3]), unit=8)
+
+
+def _timm_wrapper(architecture, **model_args):
+    torch.manual_seed(0)
+    if model_args and "model_args" not in inspect.signature(transformers.TimmWrapperConfig.__init__).parameters:
+        pytest.skip(f"transformers {transformers.__version__}'s TimmWrapper ignores model_args (a tiny model)")
+    config = transformers.TimmWrapperConfig(architecture=architecture, model_args=model_args, num_labels=3)
+    return transformers.TimmWrapperForImageClassification(config).train()
+
+
+def test_timm_wrapper_masks_with_the_adapter_of_the_timm_model_inside():
+    """timm checkpoints loaded through transformers: token dropping for a ViT, exact counts at every ratio."""
+    from masksub.masking import num_keep
+
+    model = _timm_wrapper("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    plain = copy.deepcopy(model)
+    wrapped = masksub.wrap(model)
+    assert wrapped.branch.name == "timm_wrapper" and wrapped.branch.inner.name == "vit"
+    lengths = []
+    model.timm_model.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(wrapped(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=0, atol=0)
+    for ratio in (0.1, 0.5, 0.9):
+        wrapped.branch.ratio = ratio
+        assert wrapped(pixel_values=x, sub=True).logits.shape == (4, 3)
+        assert lengths[-1] == 1 + num_keep(64, ratio)
+    assert lengths[0] == 65
+    assert masksub.wrap(_timm_wrapper("resnet18")).branch.inner.name == "pixels"
+
+
+def test_timm_wrapper_mask_token_trains_in_step_and_is_refused_by_the_trainer(tmp_path):
+    swin = dict(img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4)
+    wrapped = masksub.wrap(_timm_wrapper("swin_tiny_patch4_window7_224", **swin), unit=16)
+    assert wrapped.branch.inner.name == "masktoken"
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    step({"pixel_values": torch.rand(2, 3, 64, 64), "labels": torch.tensor([0, 2])})
+    assert wrapped.branch.inner.mask_token.grad.abs().sum() > 0
+    data = {"pixel_values": torch.rand(4, 3, 64, 64), "labels": torch.arange(4) % 3}
+    with pytest.raises(ValueError, match="sub branch has parameters .* use masksub.Step"):
+        MaskSubTrainer(
+            model=_timm_wrapper("swin_tiny_patch4_window7_224", **swin),
+            args=_args(tmp_path),
+            train_dataset=Rows(data),
+            mask_options={"unit": 16},
+        )
+
+
+def test_trainer_on_a_timm_wrapper_vit(tmp_path):
+    model = _timm_wrapper("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2)
+    data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
+    trainer = MaskSubTrainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=Rows(data))
+    assert trainer.sub_branch.name == "timm_wrapper"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("sub", ["mask", "none"])
+def test_image_classification_example_runs_on_fashion_mnist(tmp_path, sub):
+    argv = ["--train-images", "256", "--test-images", "128", "--max-steps", "2", "--batch-size", "64"]
+    summary = _load_example("image_classification_hf").main([*argv, "--sub", sub, "--out", str(tmp_path / sub)])
+    assert summary["adapter"] == ("hf_vit" if sub == "mask" else None)
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    saved = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / sub / "model")
+    assert saved.config.id2label[9] == "Ankle boot"
+
+
+def test_image_classification_example_resizes_for_a_local_checkpoint(tmp_path):
+    """--model: a saved three-channel 32 px ViT gets the images resized and repeated to its channels."""
+    transformers.ViTForImageClassification(transformers.ViTConfig(**TINY_VIT)).save_pretrained(tmp_path / "vit")
+    example = _load_example("image_classification_hf")
+    data = example.FashionMNIST("test", None, 4, channels=3, size=32)
+    assert data[0]["pixel_values"].shape == (3, 32, 32)
+    argv = ["--model", str(tmp_path / "vit"), "--image-size", "32", "--train-images", "64", "--test-images", "32"]
+    summary = example.main([*argv, "--max-steps", "1", "--out", str(tmp_path / "run")])
+    assert summary["adapter"] == "hf_vit" and 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(torch.__version__ < (2, 6), reason="dynamo before torch 2.6 breaks graphs at transformers' outputs")
+def test_hf_vit_under_torch_compile_two_graphs_and_the_sub_pass_drops_tokens():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(**TINY_VIT, initializer_range=0.5)  # an output that moves with the input
+    wrapped = masksub.wrap(transformers.ViTForImageClassification(config).train())
+    eager = copy.deepcopy(wrapped)
+    wrapped.compile(backend="aot_eager", fullgraph=True)  # fullgraph: any graph break raises
+    x = torch.rand(4, 3, 32, 32)
+    for _ in range(3):
+        wrapped(pixel_values=x).logits.sum().backward()
+        wrapped(pixel_values=x, sub=True).logits.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    torch.manual_seed(3)
+    got = wrapped(pixel_values=x, sub=True).logits
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, eager(pixel_values=x, sub=True).logits)
+    assert not torch.allclose(got, wrapped(pixel_values=x).logits, atol=1e-2)
