@@ -328,3 +328,22 @@ def test_text_classification_example_names_bad_csv(local_model_and_csvs):
     argv = ["--model", str(d / "model"), "--train", str(d / "bad.csv"), "--valid", str(d / "valid.csv")]
     with pytest.raises(SystemExit, match="must name the columns text and label"):
         _load_example().main(argv)
+
+
+def test_dropsub_in_the_trainer_raises_the_rates_in_the_sub_pass_only(tmp_path):
+    """sub='dropout': the sub pass runs every dropout at `ratio`, the main pass and evaluation at the model's."""
+    model = tiny_text_model(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    seen = []  # the rates in force at each forward of the first dropout layer
+    drops[0].register_forward_pre_hook(lambda m, a: seen.append(m.p))
+    trainer = MaskSubTrainer(
+        model=model,
+        args=_args(tmp_path, learning_rate=1e-3, max_steps=2, logging_steps=1),
+        train_dataset=Rows(text_batch(batch=8)),
+        sub="dropout",
+        ratio=0.4,
+    )
+    trainer.train()
+    assert seen == [0.1, 0.4] * 2  # main, sub; per step
+    assert all(m.p == 0.1 for m in drops)  # restored
+    assert all(entry["loss_sub"] > 0 for entry in trainer.state.log_history if "loss" in entry)
