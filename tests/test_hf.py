@@ -347,3 +347,33 @@ def test_dropsub_in_the_trainer_raises_the_rates_in_the_sub_pass_only(tmp_path):
     assert seen == [0.1, 0.4] * 2  # main, sub; per step
     assert all(m.p == 0.1 for m in drops)  # restored
     assert all(entry["loss_sub"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_float_labels_train_multi_label_as_the_model_own_loss_would(tmp_path):
+    """problem_type unset and multi-hot float labels: binary cross-entropy and a sigmoid teacher, as the
+    Hugging Face model decides for its own loss; evaluation then computes that same loss."""
+    model = tiny_text_model(**NO_DROPOUT)
+    assert model.config.problem_type is None
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    capture = GradsBeforeStep(model)
+    data = {**text_batch(batch=4), "labels": torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])}
+    trainer = _trainer(tmp_path, model, data)
+    trainer.add_callback(capture)
+    trainer.train()
+    assert model.config.problem_type == "multi_label_classification"
+    model.zero_grad()
+    ids, sub_ids = seen
+    order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in ids]
+    labels, attention = data["labels"][order], data["attention_mask"][order]
+    main = model(input_ids=ids, attention_mask=attention).logits
+    sub = model(input_ids=sub_ids, attention_mask=attention).logits
+    distill = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main.detach()))
+    (0.5 * F.binary_cross_entropy_with_logits(main, labels) + 0.5 * distill).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+    metrics = trainer.evaluate(Rows(data))
+    with torch.no_grad():
+        expected = model.eval()(**data).loss
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)

@@ -46,7 +46,8 @@ class MaskSubTrainer(transformers.Trainer):
             ``False``: one backward of the summed loss.
 
     The main criterion is cross-entropy (with the Trainer's ``label_smoothing_factor``), or binary
-    cross-entropy when ``config.problem_type`` is ``"multi_label_classification"``; the sub branch
+    cross-entropy when ``config.problem_type`` is ``"multi_label_classification"`` (or, unset, when the
+    labels are floats, as the model's own loss decides); the sub branch
     learns the main branch's softmax (sigmoid) prediction. Token classifiers are distilled per token,
     except tokens labelled -100 (special tokens, padding, continued words), which no loss sees.
     """
@@ -69,7 +70,6 @@ class MaskSubTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # transformers < 5 reads this instead of loss_is_scaled_for_ga
         config = getattr(self.model, "config", None)
-        self.multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
         if getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1:
             raise ValueError("MaskSub distills class probabilities, and a regression head (num_labels=1) has none")
         options = dict(mask_options or {})
@@ -88,8 +88,11 @@ class MaskSubTrainer(transformers.Trainer):
                 f"the {self.sub_branch.name!r} sub branch has parameters the Trainer's optimizer would not hold; "
                 "use masksub.Step in your own loop for it"
             )
-        criterion = torch.nn.BCEWithLogitsLoss() if self.multi_label else torch.nn.CrossEntropyLoss()
-        self.masksub_loss = SubBranchLoss(criterion, main_weight, sub_weight, temperature)
+        # by the problem: single-label (softmax teacher) or multi-label (sigmoid teacher)
+        self.masksub_losses = {
+            multi: SubBranchLoss(criterion, main_weight, sub_weight, temperature)
+            for multi, criterion in ((False, torch.nn.CrossEntropyLoss()), (True, torch.nn.BCEWithLogitsLoss()))
+        }
         blocker = self._second_backward_blocker()
         if memory_saving and blocker:
             raise ValueError(
@@ -121,8 +124,20 @@ class MaskSubTrainer(transformers.Trainer):
             return self.accelerator.no_sync(model)
         return contextlib.nullcontext()
 
-    def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.multi_label:
+    def _multi_label(self, labels: torch.Tensor) -> bool:
+        """The model's ``problem_type``; unset, it is inferred from the labels and set as the model's own loss
+        does (integer labels: single-label; float labels: multi-label), so evaluation computes the same loss."""
+        config = getattr(self.model, "config", None)
+        problem = getattr(config, "problem_type", None)
+        if problem is None:
+            integer = labels.dtype in (torch.long, torch.int)
+            problem = "single_label_classification" if integer else "multi_label_classification"
+            if config is not None:
+                config.problem_type = problem
+        return problem == "multi_label_classification"
+
+    def _main_loss(self, logits: torch.Tensor, labels: torch.Tensor, multi_label: bool) -> torch.Tensor:
+        if multi_label:
             return F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.dtype).float())
         rows, targets = as_rows(logits.float(), labels)  # token classification: one row per token
         return F.cross_entropy(
@@ -146,14 +161,16 @@ class MaskSubTrainer(transformers.Trainer):
                     f"logits (batch, length, classes) with labels (batch, length); got logits {tuple(main.shape)} "
                     f"and labels {tuple(labels.shape)}"
                 )
-            loss_main = self._main_loss(main, labels)
+            multi_label = self._multi_label(labels)
+            weights = self.masksub_losses[multi_label]
+            loss_main = self._main_loss(main, labels, multi_label)
             if two_backwards:  # scaled as the Trainer scales the loss it back-propagates
-                self.accelerator.backward(self.masksub_loss.main_weight * loss_main / self._accumulation_steps())
+                self.accelerator.backward(weights.main_weight * loss_main / self._accumulation_steps())
                 loss_main = loss_main.detach()  # its graph is freed: the value is only reported
-        loss_sub = self.masksub_loss.sub_loss(logits_of(self.sub_branch(model, **features)), main, labels)
+        loss_sub = weights.sub_loss(logits_of(self.sub_branch(model, **features)), main, labels)
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
-        loss = self.masksub_loss.main_weight * loss_main + self.masksub_loss.sub_weight * loss_sub
+        loss = weights.main_weight * loss_main + weights.sub_weight * loss_sub
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, loss_main: torch.Tensor, loss_sub: torch.Tensor) -> None:
