@@ -99,8 +99,8 @@ class SubBranchLoss(nn.Module):
             per_row = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main), reduction="none").mean(-1)
         else:
             per_row = torch.sum(-F.softmax(main, dim=-1) * F.log_softmax(sub, dim=-1), dim=-1)
-        ignore = getattr(self.criterion, "ignore_index", IGNORE_INDEX)
         if sub_logits.ndim > 2 and rows_target is not None and rows_target.ndim == 1:
+            ignore = getattr(self.criterion, "ignore_index", IGNORE_INDEX)
             kept = (rows_target != ignore).to(per_row.dtype)  # a weight, not a selection: static shapes
             loss = (per_row * kept).sum() / kept.sum().clamp(min=1)
         else:

@@ -6,6 +6,7 @@ clip to see the whole model's gradient norm also when FSDP shards the gradients.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -14,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
+@functools.cache  # asked on every micro-batch (no_sync) and update (clipping)
 def fsdp1_class():
     """``FullyShardedDataParallel``, or None in a torch built without distributed support."""
     try:
