@@ -44,6 +44,21 @@ def logits_of(output):
     )
 
 
+def split_labels(x, target: torch.Tensor | None = None):
+    """``(inputs, target)``: a mapping's ``labels`` are the target when ``target`` is None, and never reach the
+    model (a Hugging Face model then computes no loss of its own)."""
+    if isinstance(x, Mapping) and "labels" in x:
+        target = x["labels"] if target is None else target
+        x = {k: v for k, v in x.items() if k != "labels"}
+    return x, target
+
+
+def forward(model: nn.Module, x, sub: bool = False):
+    """The main (or, ``sub=True``, the sub) branch on an input batch or a mapping of keyword inputs."""
+    flag = {"sub": True} if sub else {}
+    return model(**x, **flag) if isinstance(x, Mapping) else model(x, **flag)
+
+
 class Step:
     """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
 
@@ -153,16 +168,13 @@ class Step:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _forward(self, x, sub: bool = False):
-        flag = {"sub": True} if sub else {}
-        return self.model(**x, **flag) if isinstance(x, Mapping) else self.model(x, **flag)
+        return forward(self.model, x, sub)
 
     def __call__(self, x, target: torch.Tensor | None = None) -> dict:
         """``x``: an input batch, or a mapping of keyword inputs (a text batch: ``input_ids``,
         ``attention_mask``...); a mapping's ``labels`` are the target when ``target`` is None and
         never reach the model, so a Hugging Face model does not compute its own loss twice."""
-        if isinstance(x, Mapping) and "labels" in x:
-            target = x["labels"] if target is None else target
-            x = {k: v for k, v in x.items() if k != "labels"}
+        x, target = split_labels(x, target)
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self._micro += 1

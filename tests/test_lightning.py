@@ -1,0 +1,228 @@
+"""masksub.lightning.TrainingStep in a Lightning Trainer: the gradient of the summed MaskSub loss in both
+backward orders, accumulation included; the memory-saving order frees the main graph before the sub
+forward; one gradient all-reduce per optimizer step under DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import peak_bytes, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
+
+import masksub
+from masksub.lightning import TrainingStep
+
+L = pytest.importorskip("lightning")
+
+BATCH = 4
+
+
+class Classifier(L.LightningModule):
+    """A LightningModule as a user writes it, plus records of what the step saw."""
+
+    def __init__(self, name="vit", memory_saving=None, criterion=None, lr=0.0, kind="masksub", **step_kw):
+        super().__init__()
+        net = tiny_model(name)
+        self.model = net if kind == "plain" else masksub.wrap(net, sub="mask", ratio=0.5)
+        self.kind, self.lr = kind, lr
+        self.masksub = TrainingStep(criterion or torch.nn.CrossEntropyLoss(), memory_saving=memory_saving, **step_kw)
+        self.seen, self.grads, self.grads_at_forward = [], [], []
+        head = net.get_classifier()
+        net.register_forward_pre_hook(lambda m, a: self.grads_at_forward.append(head.weight.grad is not None))
+
+    def training_step(self, batch, batch_idx):
+        if self.kind == "plain":
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+        self.seen.append((*batch, torch.get_rng_state()))  # the sub pass's mask draws follow this state
+        return self.masksub(self, *batch)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.grads.append({n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _loader(name="vit", batches=2, seed=3):
+    x = tiny_images(name, batch=BATCH * batches, seed=seed)
+    data = torch.utils.data.TensorDataset(x, torch.arange(len(x)) % 5)
+    return torch.utils.data.DataLoader(data, batch_size=BATCH)
+
+
+def _trainer(**kw):
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**base, **kw})
+
+
+def _by_hand(module, seen, accum):
+    """The gradient of 0.5 CE(main) + 0.5 distill(sub, softmax(main)), from the same inputs and mask draws."""
+    module.zero_grad()
+    for x, y, rng in seen:
+        torch.set_rng_state(rng)
+        main = module.model(x)
+        sub = module.model(x, sub=True)
+        distill = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1).mean()
+        ((0.5 * F.cross_entropy(main, y) + 0.5 * distill) / accum).backward()
+    return {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("memory_saving", [True, False])
+@pytest.mark.parametrize("name,accum", [("vit", 1), ("vit", 2), ("swin", 1)])
+def test_gradient_equals_summed_loss_by_hand(name, accum, memory_saving):
+    """Two optimizer steps (lr 0: the weights stay); each step's gradient is that of its own micro-batches."""
+    module = Classifier(name, memory_saving=memory_saving)
+    _trainer(max_steps=2, accumulate_grad_batches=accum).fit(module, _loader(name, batches=2 * accum))
+    assert len(module.grads) == 2 and len(module.seen) == 2 * accum
+    # The first micro-batch's sub forward: the main pass was already back-propagated (its graph freed) or not.
+    assert module.grads_at_forward[:2] == [False, memory_saving]
+    for step, grads in enumerate(module.grads):
+        expected = _by_hand(module, module.seen[step * accum : (step + 1) * accum], accum)
+        assert grads.keys() == expected.keys()
+        if name == "swin":
+            assert "model.branch.mask_token" in expected  # the sub branch's own parameter trains too
+        for n, g in expected.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=f"step {step}: {n}")
+
+
+def test_other_strategies_get_the_summed_loss_with_a_warning_or_an_error_when_asked_for_two_backwards():
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    class Custom(SingleDeviceStrategy):  # a strategy TrainingStep does not know
+        pass
+
+    module = Classifier()
+    unknown = "but Custom is not a strategy where that is known to work.*summed loss"
+    with pytest.warns(UserWarning, match=unknown) as caught:
+        _trainer(max_steps=2, strategy=Custom(device="cpu")).fit(module, _loader())
+    assert sum("TrainingStep" in str(w.message) for w in caught) == 1  # once, not every step
+    assert module.grads_at_forward[:2] == [False, False]  # one backward, after both forwards
+    for step, grads in enumerate(module.grads):
+        for n, g in _by_hand(module, module.seen[step : step + 1], 1).items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="memory_saving=True needs a backward inside training_step, but Custom is not"):
+        _trainer(strategy=Custom(device="cpu")).fit(Classifier(memory_saving=True), _loader())
+
+
+def test_returned_loss_is_the_whole_loss_and_both_terms_are_logged():
+    module = Classifier(main_weight=0.8, sub_weight=0.3)
+    outputs = []
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, out, batch, batch_idx):
+            outputs.append(out)
+            assert {"loss_main", "loss_sub"} <= trainer.callback_metrics.keys()
+
+    _trainer(max_steps=2, callbacks=[Keep()]).fit(module, _loader())
+    assert len(outputs) == 2
+    for out in outputs:
+        torch.testing.assert_close(out["loss"], 0.8 * out["loss_main"] + 0.3 * out["loss_sub"])
+        assert out["logits"].shape == (BATCH, 5) and not out["logits"].requires_grad
+
+
+def test_bf16_autocast_trains_both_branches_in_bf16():
+    module = Classifier(memory_saving=True)
+    dtypes = []
+    module.model.model.head.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    _trainer(precision="bf16-mixed").fit(module, _loader())
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert all(torch.isfinite(g).all() for g in module.grads[0].values())
+
+
+def test_memory_saving_step_peaks_like_the_plain_step_not_the_sum():
+    x = tiny_images("vit", batch=64)  # activations well above the weights and gradients
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(64) % 5), batch_size=64)
+    peaks = {}
+    for kind, memory_saving in (("plain", None), ("two_backwards", True), ("summed", False)):
+        module = Classifier(memory_saving=memory_saving, kind=kind)
+        peaks[kind] = peak_bytes(_trainer().fit, module, loader)
+    assert peaks["two_backwards"] <= 1.05 * peaks["plain"], peaks  # the main graph is freed before the sub forward
+    assert peaks["summed"] >= 1.3 * peaks["plain"], peaks  # both graphs alive at the one backward
+
+
+def test_text_batches_with_labels_in_the_mapping():
+    class TextClassifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = wrap_text(tiny_text_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+            self.masksub = TrainingStep(torch.nn.CrossEntropyLoss())
+            self.losses = []
+
+        def training_step(self, batch, batch_idx):
+            out = self.masksub(self, batch)
+            self.losses.append(out["loss"].detach())
+            return out
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    data = text_batch(batch=8)
+    rows = [{k: v[i] for k, v in data.items()} for i in range(8)]
+    module = TextClassifier()
+    _trainer(max_steps=2).fit(module, torch.utils.data.DataLoader(rows, batch_size=4))
+    assert len(module.losses) == 2 and all(torch.isfinite(v) for v in module.losses)
+
+
+def test_misuse_gets_errors_that_say_what_to_do():
+    step = TrainingStep(torch.nn.CrossEntropyLoss())
+    with pytest.raises(RuntimeError, match="training_step of a LightningModule that a lightning Trainer"):
+        step(Classifier(), tiny_images("vit", batch=2), torch.tensor([0, 1]))
+
+    class Manual(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="Keep automatic optimization on"):
+        _trainer().fit(Manual(), _loader())
+
+    unwrapped = Classifier()
+    unwrapped.model = unwrapped.model.model
+    with pytest.raises(ValueError, match="one masksub.wrap-ed model in the LightningModule, found none"):
+        _trainer().fit(unwrapped, _loader())
+
+    two = Classifier()
+    two.ema = masksub.wrap(tiny_model("vit"))
+    with pytest.raises(ValueError, match=r"found 2 \(model, ema\).*model='name'"):
+        _trainer().fit(two, _loader())
+    named = Classifier(model="model")
+    named.ema = masksub.wrap(tiny_model("vit"))
+    _trainer().fit(named, _loader())
+    assert len(named.grads) == 1 and not any(p.grad is not None for p in named.ema.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory_saving", ["1", "0"], ids=["two-backwards", "summed"])
+def test_ddp_all_reduces_once_per_step_with_the_gradient_of_the_summed_loss(tmp_path, memory_saving):
+    """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces."""
+    tests = Path(__file__).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [*cmd, str(tests / "ddp_lightning_worker.py"), str(tmp_path), memory_saving],
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:
+        assert rank["result"] == {"world": 2, "rounds": 3, "steps": 3, "two_backwards": memory_saving == "1"}
+        assert rank["synced"].keys() == ranks[0]["local"].keys()
+        for n, g in rank["synced"].items():  # the first step's synced gradient: the mean of both ranks' by hand
+            torch.testing.assert_close(g, (ranks[0]["local"][n] + ranks[1]["local"][n]) / 2, rtol=1e-4, atol=1e-7)
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), f"ranks disagree on {k}"
