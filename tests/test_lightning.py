@@ -4,6 +4,7 @@ forward; one gradient all-reduce per optimizer step under DDP."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -117,6 +118,22 @@ def test_other_strategies_get_the_summed_loss_with_a_warning_or_an_error_when_as
         _trainer(strategy=Custom(device="cpu")).fit(Classifier(memory_saving=True), _loader())
 
 
+def test_a_zero_grad_override_runs_once_per_optimizer_step_at_the_start_of_its_window():
+    calls = []
+
+    class OwnZeroGrad(Classifier):
+        def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+            calls.append((batch_idx, len(self.grads_at_forward)))  # forwards that ran before it
+            optimizer.zero_grad(set_to_none=False)
+
+    module = OwnZeroGrad(memory_saving=True)
+    _trainer(max_steps=3, accumulate_grad_batches=2).fit(module, _loader(batches=6))
+    assert calls == [(0, 0), (2, 4), (4, 8)]  # at the start of each window, before its first forward
+    for step, grads in enumerate(module.grads):
+        for n, g in _by_hand(module, module.seen[2 * step : 2 * step + 2], 2).items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=f"step {step}: {n}")
+
+
 def test_returned_loss_is_the_whole_loss_and_both_terms_are_logged():
     module = Classifier(main_weight=0.8, sub_weight=0.3)
     outputs = []
@@ -189,6 +206,13 @@ def test_misuse_gets_errors_that_say_what_to_do():
     with pytest.raises(ValueError, match="Keep automatic optimization on"):
         _trainer().fit(Manual(), _loader())
 
+    class WithLBFGS(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters())
+
+    with pytest.raises(ValueError, match="LBFGS runs training_step several times.*first-order optimizer"):
+        _trainer().fit(WithLBFGS(), _loader())
+
     unwrapped = Classifier()
     unwrapped.model = unwrapped.model.model
     with pytest.raises(ValueError, match="one masksub.wrap-ed model in the LightningModule, found none"):
@@ -202,6 +226,14 @@ def test_misuse_gets_errors_that_say_what_to_do():
     named.ema = masksub.wrap(tiny_model("vit"))
     _trainer().fit(named, _loader())
     assert len(named.grads) == 1 and not any(p.grad is not None for p in named.ema.parameters())
+
+
+def test_fashion_mnist_example_learns_in_both_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    example = importlib.import_module("lightning_fashion_mnist")
+    tiny = ["--train-images", "1024", "--test-images", "500", "--epochs", "1", "--batch-size", "64", "--width", "32"]
+    result = example.main(tiny)
+    assert result["plain"] > 20 and result["masksub"] > 20  # 10 classes: chance is 10%
 
 
 @pytest.mark.slow

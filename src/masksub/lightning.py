@@ -80,17 +80,17 @@ class TrainingStep(nn.Module):
             self.loss = SubBranchLoss(criterion, main_weight, sub_weight, temperature, teacher)
         self.model_path, self.memory_saving, self.log_losses = model, memory_saving, log
         self._warned = False
-        self._zero_grad, self._zeroed_at = None, None  # the module's own zero_grad hook; (trainer, step) last zeroed
+        self._zeroed_at = None  # (trainer, optimizer step) when the gradients were last zeroed
 
     def forward(self, module: nn.Module, x, target: torch.Tensor | None = None) -> dict:
         trainer = self._trainer(module)
         model = self._model(module)
         two_backwards = self._two_backwards(trainer)
+        self._zero_grad_at_window_start(module, trainer)
         x, target = split_labels(x, target)
         main = logits_of(forward(model, x))
         loss_main = self.loss.main_loss(main, target)
         if two_backwards:
-            self._zero_grad_before_main_backward(module, trainer)
             # Scaled as Lightning scales the loss it back-propagates; backward outside autocast, as Lightning's.
             weighted = self.loss.main_weight * loss_main / trainer.accumulate_grad_batches
             with torch.autocast(main.device.type, enabled=False):
@@ -107,18 +107,18 @@ class TrainingStep(nn.Module):
             module.log_dict({"loss_main": out["loss_main"], "loss_sub": out["loss_sub"]})
         return out
 
-    def _zero_grad_before_main_backward(self, module: nn.Module, trainer) -> None:
+    def _zero_grad_at_window_start(self, module: nn.Module, trainer) -> None:
         """Lightning zeroes the gradients after ``training_step`` returns (on the first micro-batch of each
-        accumulation window), which would drop the main pass's gradient. From the first call on, the module's
-        ``optimizer_zero_grad`` hook runs here instead, before the main backward of the first micro-batch after
-        each optimizer step, and Lightning's own call to it does nothing."""
-        if self._zero_grad is None:
-            self._zero_grad = module.optimizer_zero_grad  # the module's own hook (a user's override included)
+        accumulation window), which would drop the main pass's gradient. So the module's ``optimizer_zero_grad``
+        hook (a subclass's override included) runs here instead, on the first micro-batch after each optimizer
+        step, and Lightning's own call to it does nothing from the first call on (in both orders, so that a
+        module trained in one order and then the other stays right)."""
+        if module.__dict__.get("optimizer_zero_grad") is not _zeroed_by_training_step:
             module.optimizer_zero_grad = _zeroed_by_training_step
         step = (id(trainer), trainer.global_step)  # counts every optimizer step, also those fp16 skips
-        if step != self._zeroed_at:
-            optimizer = trainer.optimizers[0]
-            self._zero_grad(trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx, optimizer)
+        if step != self._zeroed_at and trainer.optimizers:
+            batch_idx = trainer.fit_loop.epoch_loop.batch_idx
+            type(module).optimizer_zero_grad(module, trainer.current_epoch, batch_idx, trainer.optimizers[0])
             self._zeroed_at = step
 
     @staticmethod
@@ -133,6 +133,11 @@ class TrainingStep(nn.Module):
             raise ValueError(
                 "TrainingStep back-propagates the main loss and returns the sub loss for Lightning's automatic "
                 "optimization; with automatic_optimization=False it would not run. Keep automatic optimization on"
+            )
+        if any(isinstance(opt, torch.optim.LBFGS) for opt in trainer.optimizers):
+            raise ValueError(
+                "LBFGS runs training_step several times per optimizer step, and TrainingStep zeroes the gradients "
+                "once per step: use a first-order optimizer"
             )
         return trainer
 
