@@ -95,7 +95,7 @@ def parse_args(argv=None):
 
 
 def run(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
-    L.seed_everything(args.seed, verbose=False)  # the same data order for both runs
+    L.seed_everything(args.seed)  # the same data order for both runs
     train = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(*train_set), batch_size=args.batch_size, shuffle=True, drop_last=True
     )
