@@ -23,8 +23,8 @@ L = pytest.importorskip("lightning")
 BATCH = 4
 
 
-class Classifier(L.LightningModule):
-    """A LightningModule as a user writes it, plus records of what the step saw."""
+class Recording:
+    """A LightningModule's body as a user writes it, plus records of what the step saw."""
 
     def __init__(self, name="vit", memory_saving=None, criterion=None, lr=0.0, kind="masksub", **step_kw):
         super().__init__()
@@ -48,6 +48,10 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class Classifier(Recording, L.LightningModule):
+    pass
 
 
 def _loader(name="vit", batches=2, seed=3):
@@ -81,6 +85,16 @@ def _by_hand(module, seen, accum):
     return {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
 
 
+def _assert_each_step_by_hand(module, accum):
+    """Each optimizer step's recorded gradient is that of its own micro-batches (lr 0: the weights stay)."""
+    assert len(module.grads) >= 2 and len(module.seen) == accum * len(module.grads)  # two windows at least
+    for step, grads in enumerate(module.grads):
+        expected = _by_hand(module, module.seen[step * accum : (step + 1) * accum], accum)
+        assert grads.keys() == expected.keys()
+        for n, g in expected.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=f"step {step}: {n}")
+
+
 @pytest.mark.parametrize("memory_saving", [True, False])
 @pytest.mark.parametrize("name,accum", [("vit", 1), ("vit", 2), ("swin", 1)])
 def test_gradient_equals_summed_loss_by_hand(name, accum, memory_saving):
@@ -90,13 +104,9 @@ def test_gradient_equals_summed_loss_by_hand(name, accum, memory_saving):
     assert len(module.grads) == 2 and len(module.seen) == 2 * accum
     # The first micro-batch's sub forward: the main pass was already back-propagated (its graph freed) or not.
     assert module.grads_at_forward[:2] == [False, memory_saving]
-    for step, grads in enumerate(module.grads):
-        expected = _by_hand(module, module.seen[step * accum : (step + 1) * accum], accum)
-        assert grads.keys() == expected.keys()
-        if name == "swin":
-            assert "model.branch.mask_token" in expected  # the sub branch's own parameter trains too
-        for n, g in expected.items():
-            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=f"step {step}: {n}")
+    _assert_each_step_by_hand(module, accum)
+    if name == "swin":
+        assert "model.branch.mask_token" in module.grads[0]  # the sub branch's own parameter trains too
 
 
 def test_other_strategies_get_the_summed_loss_with_a_warning_or_an_error_when_asked_for_two_backwards():
@@ -111,9 +121,7 @@ def test_other_strategies_get_the_summed_loss_with_a_warning_or_an_error_when_as
         _trainer(max_steps=2, strategy=Custom(device="cpu")).fit(module, _loader())
     assert sum("TrainingStep" in str(w.message) for w in caught) == 1  # once, not every step
     assert module.grads_at_forward[:2] == [False, False]  # one backward, after both forwards
-    for step, grads in enumerate(module.grads):
-        for n, g in _by_hand(module, module.seen[step : step + 1], 1).items():
-            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=n)
+    _assert_each_step_by_hand(module, 1)
     with pytest.raises(ValueError, match="memory_saving=True needs a backward inside training_step, but Custom is not"):
         _trainer(strategy=Custom(device="cpu")).fit(Classifier(memory_saving=True), _loader())
 
@@ -129,9 +137,21 @@ def test_a_zero_grad_override_runs_once_per_optimizer_step_at_the_start_of_its_w
     module = OwnZeroGrad(memory_saving=True)
     _trainer(max_steps=3, accumulate_grad_batches=2).fit(module, _loader(batches=6))
     assert calls == [(0, 0), (2, 4), (4, 8)]  # at the start of each window, before its first forward
-    for step, grads in enumerate(module.grads):
-        for n, g in _by_hand(module, module.seen[2 * step : 2 * step + 2], 2).items():
-            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=f"step {step}: {n}")
+    _assert_each_step_by_hand(module, 2)
+
+
+def test_the_pytorch_lightning_package_works_too():
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class PLClassifier(Recording, pl.LightningModule):
+        pass
+
+    module = PLClassifier(memory_saving=True)
+    pl.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False).fit(
+        module, _loader(batches=4)
+    )
+    assert module.grads_at_forward[:2] == [False, True]
+    _assert_each_step_by_hand(module, 2)
 
 
 def test_returned_loss_is_the_whole_loss_and_both_terms_are_logged():
