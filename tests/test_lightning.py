@@ -179,6 +179,20 @@ def test_bf16_autocast_trains_both_branches_in_bf16():
     assert all(torch.isfinite(g).all() for g in module.grads[0].values())
 
 
+def test_fp16_scales_both_backwards_with_the_one_grad_scaler():
+    """The main backward goes through the precision plugin: unscaled once, the gradient is the fp32 one (to fp16
+    rounding); a main backward left unscaled would enter it divided by the scale, 1024."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = Classifier(memory_saving=True)
+    fp16 = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    _trainer(max_steps=2, plugins=[fp16]).fit(module, _loader())
+    assert len(module.grads) == 2 and fp16.scaler.get_scale() == 2.0**10  # no overflow skipped a step
+    for step, grads in enumerate(module.grads):
+        for n, g in _by_hand(module, module.seen[step : step + 1], 1).items():
+            assert (grads[n] - g).norm() <= 0.02 * g.norm(), f"step {step}: {n}"
+
+
 def test_memory_saving_step_peaks_like_the_plain_step_not_the_sum():
     x = tiny_images("vit", batch=64)  # activations well above the weights and gradients
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(64) % 5), batch_size=64)
