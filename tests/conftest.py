@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
@@ -154,3 +158,12 @@ def peak_bytes(run: Callable, *args) -> int:
         (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
     )
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+
+def run_worker(worker: str, *args: str, world: int = 2) -> None:
+    """Run ``tests/<worker>`` under torchrun with ``world`` CPU processes (tests/ importable); fail with its stderr."""
+    tests = Path(__file__).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([*cmd, str(tests / worker), *args], env=env, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]

@@ -3,16 +3,13 @@ accumulation included; the memory-saving order back-propagates the main pass bef
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import MASK, SPECIAL, peak_bytes, text_batch, tiny_text_model, tiny_token_model, token_labels
+from conftest import MASK, SPECIAL, peak_bytes, run_worker, text_batch, tiny_text_model, tiny_token_model, token_labels
 
 from masksub.hf import MaskSubTrainer
 
@@ -223,16 +220,7 @@ def test_missing_tokenizer_and_regression_heads_are_refused(tmp_path):
 )
 def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, find_unused, model):
     """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces."""
-    tests = Path(__file__).parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [*cmd, str(tests / "ddp_trainer_worker.py"), str(tmp_path), memory_saving, find_unused, model],
-        env=env,
-        capture_output=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    run_worker("ddp_trainer_worker.py", str(tmp_path), memory_saving, find_unused, model)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for rank in ranks:
         assert rank["result"] == {"world": 2, "rounds": 3, "steps": 3}

@@ -5,15 +5,12 @@ forward; one gradient all-reduce per optimizer step under DDP."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import peak_bytes, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
+from conftest import peak_bytes, run_worker, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
 
 import masksub
 from masksub.lightning import TrainingStep
@@ -274,16 +271,7 @@ def test_fashion_mnist_example_learns_in_both_runs(monkeypatch):
 @pytest.mark.parametrize("memory_saving", ["1", "0"], ids=["two-backwards", "summed"])
 def test_ddp_all_reduces_once_per_step_with_the_gradient_of_the_summed_loss(tmp_path, memory_saving):
     """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces."""
-    tests = Path(__file__).parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [*cmd, str(tests / "ddp_lightning_worker.py"), str(tmp_path), memory_saving],
-        env=env,
-        capture_output=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    run_worker("ddp_lightning_worker.py", str(tmp_path), memory_saving)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for rank in ranks:
         assert rank["result"] == {"world": 2, "rounds": 3, "steps": 3, "two_backwards": memory_saving == "1"}
