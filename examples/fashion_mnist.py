@@ -25,8 +25,9 @@ import masksub
 from masksub.data import MEAN, STD, load_fashion_mnist
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """The model, data and optimizer options both Fashion-MNIST examples share."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -37,8 +38,13 @@ def parse_args():
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args():
+    p = base_parser(__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
     return p.parse_args()
 
 

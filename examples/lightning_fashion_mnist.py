@@ -16,7 +16,7 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from fashion_mnist import make_model, to_input  # the same model and input as the hand-written loop
+from fashion_mnist import base_parser, make_model, to_input  # the hand-written loop's model and input
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
@@ -75,22 +75,11 @@ class FashionClassifier(L.LightningModule):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--sub", default="mask", choices=masksub.wrapper.SUB_KINDS)
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--width", type=int, default=96)
-    p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
+    p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images")
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--devices", default="1")
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed...")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
