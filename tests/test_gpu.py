@@ -110,3 +110,20 @@ def test_fully_sharded_step_on_cuda_matches_the_unsharded_step(tmp_path):
     torch.testing.assert_close(torch.tensor(sharded_norms), torch.tensor(norms), rtol=1e-3, atol=1e-5)
     for k in plain:
         torch.testing.assert_close(sharded[k], plain[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_lightning_training_step_in_fp16_on_cuda_gives_the_fp32_gradient_by_hand():
+    """Lightning's 16-mixed on a GPU: the main backward is scaled by the same GradScaler as Lightning's own."""
+    pytest.importorskip("lightning")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from test_lightning import Classifier, _by_hand, _loader, _trainer
+
+    module = Classifier(memory_saving=True)
+    fp16 = MixedPrecision("16-mixed", "cuda", torch.amp.GradScaler("cuda", init_scale=2.0**10))
+    _trainer(accelerator="gpu", plugins=[fp16], max_steps=2).fit(module, _loader())
+    assert len(module.grads) == 2 and fp16.scaler.get_scale() == 2.0**10  # no overflow skipped a step
+    assert module.grads_at_forward[:2] == [False, True]
+    module.cuda()  # Lightning moves the module back to the CPU at the end of fit
+    for step, grads in enumerate(module.grads):
+        for n, g in _by_hand(module, module.seen[step : step + 1], 1).items():
+            assert (grads[n] - g).norm() <= 0.02 * g.norm(), f"step {step}: {n}"

@@ -37,7 +37,7 @@ class Recording:
         if self.kind == "plain":
             x, y = batch
             return F.cross_entropy(self.model(x), y)
-        self.seen.append((*batch, torch.get_rng_state()))  # the sub pass's mask draws follow this state
+        self.seen.append((*batch, _rng_state(batch[0].device)))  # the sub pass's mask draws follow it
         return self.masksub(self, *batch)
 
     def on_before_optimizer_step(self, optimizer):
@@ -70,11 +70,17 @@ def _trainer(**kw):
     return L.Trainer(**{**base, **kw})
 
 
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
 def _by_hand(module, seen, accum):
     """The gradient of 0.5 CE(main) + 0.5 distill(sub, softmax(main)), from the same inputs and mask draws."""
     module.zero_grad()
-    for x, y, rng in seen:
-        torch.set_rng_state(rng)
+    for x, y, (cpu, cuda) in seen:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, x.device)
         main = module.model(x)
         sub = module.model(x, sub=True)
         distill = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1).mean()
