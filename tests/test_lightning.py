@@ -5,6 +5,7 @@ forward; one gradient all-reduce per optimizer step under DDP."""
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,21 @@ def test_misuse_gets_errors_that_say_what_to_do():
     named.ema = masksub.wrap(tiny_model("vit"))
     _trainer().fit(named, _loader())
     assert len(named.grads) == 1 and not any(p.grad is not None for p in named.ema.parameters())
+
+
+def test_readme_example_runs_as_written():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("### PyTorch Lightning: `masksub.lightning.TrainingStep`", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, str(readme), "exec"), scope)
+    module = scope["Classifier"]()
+    data = torch.utils.data.TensorDataset(torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 3]))
+    trainer = _trainer(max_steps=2, limit_val_batches=1)
+    loader = torch.utils.data.DataLoader(data, batch_size=2)
+    trainer.fit(module, loader, loader)
+    assert trainer.global_step == 2 and {"loss_main", "loss_sub", "val_acc"} <= trainer.callback_metrics.keys()
+    assert module.model.branch.name == "pixels"  # resnet50: input pixels masked in 32-pixel blocks
 
 
 def test_fashion_mnist_example_learns_in_both_runs(monkeypatch):
