@@ -59,6 +59,25 @@ def forward(model: nn.Module, x, sub: bool = False):
     return model(**x, **flag) if isinstance(x, Mapping) else model(x, **flag)
 
 
+def accelerate_scaler(optimizer, scaler, amp_dtype) -> torch.amp.GradScaler | None:
+    """The grad scaler of an optimizer that Accelerate prepared for fp16 (None for any other optimizer), after
+    checking that the rest of the configuration agrees with it."""
+    if type(optimizer).__name__ != "AcceleratedOptimizer":
+        return None
+    if optimizer.gradient_state.num_steps > 1:
+        raise ValueError(
+            f"Accelerator(gradient_accumulation_steps={optimizer.gradient_state.num_steps}) accumulates in "
+            "accelerator.backward, which Step does not call: leave it at 1 and pass Step(accum_steps=N)"
+        )
+    if optimizer.scaler is None:
+        return None
+    if scaler is not None and scaler is not optimizer.scaler:
+        raise ValueError("the optimizer prepared by Accelerate for fp16 brings its own grad scaler: leave out scaler=")
+    if amp_dtype is torch.bfloat16:
+        raise ValueError("Accelerate prepared the optimizer for fp16 and Step was given amp='bf16': choose one")
+    return optimizer.scaler
+
+
 class Step:
     """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
 
@@ -141,6 +160,11 @@ class Step:
         if (sharded or fully_sharded) and clip_grad is not None and clip_mode == "agc":
             raise ValueError("clip_mode='agc' clips each parameter by its own norm, which FSDP shards; use 'norm'")
         self.amp_dtype = AMP_DTYPES.get(amp)
+        # An optimizer prepared by Accelerate with fp16 holds the grad scaler and runs scaler.step + update in
+        # its own step(): the losses are scaled with that scaler, the inner optimizer unscaled once.
+        self._steps_scaler = accelerate_scaler(optimizer, scaler, self.amp_dtype)
+        if self._steps_scaler is not None:
+            scaler = self._steps_scaler
         if self.amp_dtype is torch.float16 and scaler is None:
             if fully_sharded:
                 raise ValueError(
@@ -235,7 +259,7 @@ class Step:
         out = {}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+            self.scaler.unscale_(self.optimizer if self._steps_scaler is None else self.optimizer.optimizer)
         norm = None
         if self.clip_grad is not None and self.clip_mode == "norm":
             norm = out["grad_norm"] = clip_grad_norm(self.model, params, self.clip_grad)
@@ -254,7 +278,7 @@ class Step:
                 return out
         if self.clip_grad is not None and self.clip_mode != "norm":
             dispatch_clip_grad(params, self.clip_grad, mode=self.clip_mode)
-        if self.scaler is not None:
+        if self.scaler is not None and self._steps_scaler is None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
