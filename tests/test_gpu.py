@@ -127,3 +127,33 @@ def test_lightning_training_step_in_fp16_on_cuda_gives_the_fp32_gradient_by_hand
     for step, grads in enumerate(module.grads):
         for n, g in _by_hand(module, module.seen[step : step + 1], 1).items():
             assert (grads[n] - g).norm() <= 0.02 * g.norm(), f"step {step}: {n}"
+
+
+def test_step_with_accelerate_fp16_on_cuda_gives_the_fp32_gradient_by_hand():
+    """Accelerate's fp16 (autocast forward, the scaler in the prepared optimizer) under Step, one SGD step."""
+    accelerate = pytest.importorskip("accelerate")
+    import torch.nn.functional as F
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = accelerate.Accelerator(mixed_precision="fp16")
+        model = masksub.wrap(tiny_model("vit"))
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        step = masksub.Step(model, optimizer, torch.nn.CrossEntropyLoss())
+        assert step.scaler is optimizer.scaler
+        x, y = tiny_images("vit", batch=8).cuda(), torch.arange(8, device="cuda") % 5
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.manual_seed(0)
+        step(x, y)
+        assert not optimizer.step_was_skipped
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    reference = masksub.wrap(tiny_model("vit")).cuda()  # fp32, the same masks
+    torch.manual_seed(0)
+    main = reference(x)
+    sub = reference(x, sub=True)
+    distill = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1).mean()
+    (0.5 * F.cross_entropy(main, y) + 0.5 * distill).backward()
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (before[n] - p.detach() - q.grad).norm() <= 0.02 * q.grad.norm(), n
