@@ -137,7 +137,8 @@ def test_step_with_accelerate_fp16_on_cuda_gives_the_fp32_gradient_by_hand():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        accelerator = accelerate.Accelerator(mixed_precision="fp16")
+        scaling = accelerate.utils.GradScalerKwargs(init_scale=2.0**10)  # no overflow on the first step
+        accelerator = accelerate.Accelerator(mixed_precision="fp16", kwargs_handlers=[scaling])
         model = masksub.wrap(tiny_model("vit"))
         model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
         step = masksub.Step(model, optimizer, torch.nn.CrossEntropyLoss())
