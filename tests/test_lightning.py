@@ -113,6 +113,17 @@ def test_gradient_equals_summed_loss_by_hand(name, accum, memory_saving):
         assert "model.branch.mask_token" in module.grads[0]  # the sub branch's own parameter trains too
 
 
+def test_a_short_last_window_of_the_epoch_starts_from_zero():
+    """3 micro-batches with accumulate_grad_batches=2: Lightning steps after 2, and again after the third at the
+    end of the epoch (still dividing by 2); each step's gradient holds its own micro-batches only."""
+    module = Classifier(memory_saving=True)
+    _trainer(max_steps=-1, max_epochs=1, accumulate_grad_batches=2).fit(module, _loader(batches=3))
+    assert len(module.grads) == 2 and len(module.seen) == 3
+    for grads, seen in zip(module.grads, (module.seen[:2], module.seen[2:])):
+        for n, g in _by_hand(module, seen, accum=2).items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_other_strategies_get_the_summed_loss_with_a_warning_or_an_error_when_asked_for_two_backwards():
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
