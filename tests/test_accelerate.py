@@ -85,7 +85,7 @@ def test_settings_that_disagree_with_accelerate_are_refused():
     fp16 = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(ValueError, match="brings its own grad scaler: leave out scaler="):
         masksub.Step(model, fp16, criterion, amp="fp16", scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(ValueError, match="prepared the optimizer for fp16 and Step was given amp='bf16'"):
+    with pytest.raises(ValueError, match=r"prepared for fp16 \(AcceleratedOptimizer\) and Step was given amp='bf16'"):
         masksub.Step(model, fp16, criterion, amp="bf16")
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -25,6 +25,13 @@ def fsdp1_class():
     return FullyShardedDataParallel
 
 
+def engine(model: nn.Module) -> nn.Module:
+    """The module that reduces gradients across processes: the model itself, or the one (DDP, FSDP) inside the
+    wrapper that Lightning Fabric's ``fabric.setup`` returns."""
+    fabric = any(cls.__name__ == "_FabricModule" for cls in type(model).__mro__)
+    return model._forward_module if fabric else model
+
+
 def _full(norm: torch.Tensor) -> torch.Tensor:
     """A norm of gradients that ``fully_shard`` keeps as DTensor shards is a DTensor: its value over all shards."""
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -40,7 +47,7 @@ def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float
     """Clip the gradients' global 2-norm to ``max_norm``; return the norm before clipping, also for
     gradients sharded by FSDP (``FullyShardedDataParallel`` reduces it across shards; ``fully_shard``'s
     DTensor gradients give a DTensor norm)."""
-    fsdp1 = fsdp1_class()
+    fsdp1, model = fsdp1_class(), engine(model)
     if fsdp1 is not None and isinstance(model, fsdp1):
         return model.clip_grad_norm_(max_norm)
     return _full(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -59,7 +66,7 @@ def no_sync(model: nn.Module):
     """A context whose backwards accumulate gradients without reducing them across processes:
     ``no_sync()`` of DistributedDataParallel and FullyShardedDataParallel, or ``fully_shard``'s
     ``set_requires_gradient_sync(False)``; a no-op for a model that does not reduce gradients."""
-    fsdp1 = fsdp1_class()
+    fsdp1, model = fsdp1_class(), engine(model)
     if isinstance(model, DistributedDataParallel) or (fsdp1 is not None and isinstance(model, fsdp1)):
         return model.no_sync()
     if callable(getattr(model, "set_requires_gradient_sync", None)):

@@ -22,11 +22,10 @@ from contextlib import nullcontext
 import torch
 from timm.utils import dispatch_clip_grad
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .loss import SubBranchLoss
-from .parallel import clip_grad_norm, fsdp1_class, grad_norm, no_sync
-from .wrapper import SubBranchModel
+from .parallel import clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
+from .prepared import inner_optimizer, sub_branch_model, wrapper_scaler
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 CLIP_MODES = ("norm", "value", "agc")
@@ -59,25 +58,6 @@ def forward(model: nn.Module, x, sub: bool = False):
     return model(**x, **flag) if isinstance(x, Mapping) else model(x, **flag)
 
 
-def accelerate_scaler(optimizer, scaler, amp_dtype) -> torch.amp.GradScaler | None:
-    """The grad scaler of an optimizer that Accelerate prepared for fp16 (None for any other optimizer), after
-    checking that the rest of the configuration agrees with it."""
-    if type(optimizer).__name__ != "AcceleratedOptimizer":
-        return None
-    if optimizer.gradient_state.num_steps > 1:
-        raise ValueError(
-            f"Accelerator(gradient_accumulation_steps={optimizer.gradient_state.num_steps}) accumulates in "
-            "accelerator.backward, which Step does not call: leave it at 1 and pass Step(accum_steps=N)"
-        )
-    if optimizer.scaler is None:
-        return None
-    if scaler is not None and scaler is not optimizer.scaler:
-        raise ValueError("the optimizer prepared by Accelerate for fp16 brings its own grad scaler: leave out scaler=")
-    if amp_dtype is torch.bfloat16:
-        raise ValueError("Accelerate prepared the optimizer for fp16 and Step was given amp='bf16': choose one")
-    return optimizer.scaler
-
-
 class Step:
     """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
 
@@ -101,6 +81,8 @@ class Step:
             loss of the accumulation window or the gradient norm is not finite (with
             fp16 the grad scaler judges the gradients); costs one host sync per
             optimizer step. The result then has ``skipped=True``.
+        backward: a function to back-propagate each loss with instead of ``loss.backward()``, which scales the
+            loss itself: ``fabric.backward`` for a model and optimizer set up by Lightning Fabric (required there).
 
     Returns a dict of detached tensors (``loss``, ``loss_main``, ``loss_sub``,
     ``logits`` and, on update steps with norm clipping, ``grad_norm``) plus
@@ -124,6 +106,7 @@ class Step:
         scaler: torch.amp.GradScaler | None = None,
         memory_saving: bool = True,
         skip_nonfinite: bool = False,
+        backward: Callable | None = None,
     ):
         if criterion is None or isinstance(criterion, SubBranchLoss):
             self.loss = criterion
@@ -140,31 +123,34 @@ class Step:
         self.memory_saving, self.skip_nonfinite = memory_saving, skip_nonfinite
         self._finite: torch.Tensor | bool = True  # all losses of the window finite (a device tensor)
         self.device_type = next(model.parameters()).device.type
+        sync = engine(model)  # the module that reduces gradients (inside a Fabric wrapper)
         fsdp1 = fsdp1_class()
-        sharded = fsdp1 is not None and isinstance(model, fsdp1)
-        inner = model.module if isinstance(model, DistributedDataParallel) or sharded else model
-        self.has_sub = isinstance(getattr(inner, "_orig_mod", inner), SubBranchModel)
+        sharded = fsdp1 is not None and isinstance(sync, fsdp1)
+        wrapped = sub_branch_model(model)
+        self.has_sub = wrapped is not None
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
         if self.has_sub:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            branch = getattr(inner, "_orig_mod", inner).branch
+            branch = wrapped.branch
             missing = [f"branch.{n}" for n, p in branch.named_parameters() if p.requires_grad and id(p) not in held]
             if missing:
                 raise ValueError(
                     f"the optimizer does not hold the sub branch's parameters {missing} (made by masksub.wrap): "
                     "create it from the wrapped model's parameters, after wrap()"
                 )
-        fully_sharded = callable(getattr(model, "set_requires_gradient_sync", None))  # fully_shard (FSDP2)
+        fully_sharded = callable(getattr(sync, "set_requires_gradient_sync", None))  # fully_shard (FSDP2)
         self._fsdp1 = sharded
         if (sharded or fully_sharded) and clip_grad is not None and clip_mode == "agc":
             raise ValueError("clip_mode='agc' clips each parameter by its own norm, which FSDP shards; use 'norm'")
         self.amp_dtype = AMP_DTYPES.get(amp)
-        # An optimizer prepared by Accelerate with fp16 holds the grad scaler and runs scaler.step + update in
-        # its own step(): the losses are scaled with that scaler, the inner optimizer unscaled once.
-        self._steps_scaler = accelerate_scaler(optimizer, scaler, self.amp_dtype)
+        # An optimizer prepared by Accelerate or Fabric for fp16 holds the grad scaler and steps it itself.
+        self._steps_scaler = wrapper_scaler(model, optimizer, scaler, self.amp_dtype, backward)
         if self._steps_scaler is not None:
             scaler = self._steps_scaler
+        self.backward_fn = backward  # scales the loss itself (fabric.backward)
+        if backward is not None and scaler is None and self.amp_dtype is torch.float16:
+            raise ValueError("backward= scales the loss itself: amp='fp16' would add a second scaler; leave amp out")
         if self.amp_dtype is torch.float16 and scaler is None:
             if fully_sharded:
                 raise ValueError(
@@ -189,7 +175,10 @@ class Step:
         return no_sync(self.model)
 
     def _backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.backward_fn is not None:
+            self.backward_fn(loss)
+        else:
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _forward(self, x, sub: bool = False):
         return forward(self.model, x, sub)
@@ -259,7 +248,7 @@ class Step:
         out = {}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer if self._steps_scaler is None else self.optimizer.optimizer)
+            self.scaler.unscale_(inner_optimizer(self.optimizer))
         norm = None
         if self.clip_grad is not None and self.clip_mode == "norm":
             norm = out["grad_norm"] = clip_grad_norm(self.model, params, self.clip_grad)
