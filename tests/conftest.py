@@ -11,6 +11,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import masksub
@@ -160,10 +161,25 @@ def peak_bytes(run: Callable, *args) -> int:
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
-def run_worker(worker: str, *args: str, world: int = 2) -> None:
-    """Run ``tests/<worker>`` under torchrun with ``world`` CPU processes (tests/ importable); fail with its stderr."""
+def run_worker(worker: str, out: Path, *args: str, world: int = 2) -> list[dict]:
+    """Run ``tests/<worker> out *args`` under torchrun with ``world`` CPU processes (tests/ importable), fail with
+    its stderr, and return what each process saved as ``out/rank<r>.pt``, after checking that the processes
+    ended with equal weights (``"state"``)."""
     tests = Path(__file__).parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([*cmd, str(tests / worker), *args], env=env, capture_output=True, timeout=600)
+    done = subprocess.run([*cmd, str(tests / worker), str(out), *args], env=env, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    for rank in ranks[1:]:
+        for k, v in ranks[0]["state"].items():
+            assert torch.equal(v, rank["state"][k]), f"processes disagree on {k}"
+    return ranks
+
+
+def masksub_loss_by_hand(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """0.5 CE(main) + 0.5 distill(sub, softmax(main)), written out; ``model`` is a ``masksub.wrap``-ed classifier."""
+    main = model(x)
+    sub = model(x, sub=True)
+    distill = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1).mean()
+    return 0.5 * F.cross_entropy(main, y) + 0.5 * distill

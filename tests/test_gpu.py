@@ -132,8 +132,8 @@ def test_lightning_training_step_in_fp16_on_cuda_gives_the_fp32_gradient_by_hand
 def test_step_with_accelerate_fp16_on_cuda_gives_the_fp32_gradient_by_hand():
     """Accelerate's fp16 (autocast forward, the scaler in the prepared optimizer) under Step, one SGD step."""
     accelerate = pytest.importorskip("accelerate")
-    import torch.nn.functional as F
     from accelerate.state import AcceleratorState
+    from conftest import masksub_loss_by_hand
 
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
@@ -152,9 +152,6 @@ def test_step_with_accelerate_fp16_on_cuda_gives_the_fp32_gradient_by_hand():
         AcceleratorState._reset_state(reset_partial_state=True)
     reference = masksub.wrap(tiny_model("vit")).cuda()  # fp32, the same masks
     torch.manual_seed(0)
-    main = reference(x)
-    sub = reference(x, sub=True)
-    distill = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1).mean()
-    (0.5 * F.cross_entropy(main, y) + 0.5 * distill).backward()
+    masksub_loss_by_hand(reference, x, y).backward()
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         assert (before[n] - p.detach() - q.grad).norm() <= 0.02 * q.grad.norm(), n
