@@ -15,7 +15,10 @@ and the backward of the weighted main loss (through the Trainer's strategy, so t
 scales it and the module's ``backward`` and backward hooks apply), then the sub forward. It returns
 the loss for Lightning to back-propagate: only its sub term still has a graph, its value is the
 whole loss. Everything else stays Lightning's: gradient accumulation, clipping, the optimizer and
-scheduler steps, mixed precision, logging and checkpoints.
+scheduler steps, mixed precision, logging and checkpoints. One thing moves: Lightning zeroes the
+gradients after ``training_step`` returns, which would drop the main pass's gradient, so the module's
+``optimizer_zero_grad`` hook runs at the start of each accumulation window instead (see
+``TrainingStep._zero_grad_at_window_start``).
 
 Under DDP the main backward runs before DDP prepares its reducer for the step's backward, which it
 does when ``training_step`` returns, so it accumulates locally; the sub backward all-reduces. That
