@@ -266,3 +266,33 @@ def test_token_level_distillation_leaves_out_ignored_tokens():
     torch.testing.assert_close(loss.sub_loss(sub, main, F.softmax(main, -1)), per_token.mean())
     with pytest.raises(ValueError, match=r"token-level logits \(3, 5, 4\) need targets of shape \(3, 5\)"):
         loss.main_loss(main, target[:, :4])
+
+
+def test_a_wrapped_model_inside_a_module_of_your_own_is_found_or_named():
+    """A module that holds a wrapped model trains its sub branch when its forward passes sub= through, and gets an
+    error that says so when it does not (it used to train without the sub branch, silently)."""
+
+    class Passes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = masksub.wrap(tiny_model("vit"))
+
+        def forward(self, x, sub=False):
+            return self.net(x, sub=sub)
+
+    class Drops(Passes):
+        def forward(self, x):
+            return self.net(x)
+
+    x, y = tiny_images("vit", batch=4), torch.arange(4)
+    for holder, works in ((Passes(), True), (Drops(), False)):
+        step = masksub.Step(holder, torch.optim.SGD(holder.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+        assert step.has_sub
+        if works:
+            assert step(x, y)["loss_sub"] > 0
+        else:
+            with pytest.raises(TypeError, match="Drops holds a masksub.wrap-ed model, but its forward does not take"):
+                step(x, y)
+    two = torch.nn.ModuleList([masksub.wrap(tiny_model("vit")), masksub.wrap(tiny_model("vit"))])
+    with pytest.raises(ValueError, match="Step trains one masksub.wrap-ed model, and this model holds 2"):
+        masksub.Step(two, torch.optim.SGD(two.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())

@@ -181,7 +181,16 @@ class Step:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _forward(self, x, sub: bool = False):
-        return forward(self.model, x, sub)
+        try:
+            return forward(self.model, x, sub)
+        except TypeError as e:
+            if not sub or "'sub'" not in str(e):
+                raise
+            raise TypeError(
+                f"{type(self.model).__name__} holds a masksub.wrap-ed model, but its forward does not take sub=True "
+                "(the sub branch): give Step the wrapped model itself, or inside DDP, FSDP, torch.compile, Accelerate "
+                "or Fabric, or pass sub= through your forward"
+            ) from e
 
     def __call__(self, x, target: torch.Tensor | None = None) -> dict:
         """``x``: an input batch, or a mapping of keyword inputs (a text batch: ``input_ids``,
