@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .prepared import wrapper_kind
+
 
 @functools.cache  # asked on every micro-batch (no_sync) and update (clipping)
 def fsdp1_class():
@@ -28,8 +30,7 @@ def fsdp1_class():
 def engine(model: nn.Module) -> nn.Module:
     """The module that reduces gradients across processes: the model itself, or the one (DDP, FSDP) inside the
     wrapper that Lightning Fabric's ``fabric.setup`` returns."""
-    fabric = any(cls.__name__ == "_FabricModule" for cls in type(model).__mro__)
-    return model._forward_module if fabric else model
+    return model._forward_module if wrapper_kind(model) == "_FabricModule" else model
 
 
 def _full(norm: torch.Tensor) -> torch.Tensor:
