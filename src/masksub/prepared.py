@@ -10,6 +10,7 @@ calls when given ``backward=fabric.backward``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -23,7 +24,12 @@ OPTIMIZER_WRAPPERS = ("AcceleratedOptimizer", "_FabricOptimizer")
 def wrapper_kind(obj) -> str | None:
     """``"AcceleratedOptimizer"``, ``"_FabricOptimizer"`` or ``"_FabricModule"`` for what those libraries wrap (by
     class name, so neither needs to be installed; Fabric subclasses its wrapper per optimizer class), else None."""
-    names = {cls.__name__ for cls in type(obj).__mro__}
+    return _kind_of_class(type(obj))
+
+
+@functools.cache  # asked on every micro-batch (no_sync) and update (clipping)
+def _kind_of_class(cls: type) -> str | None:
+    names = {c.__name__ for c in cls.__mro__}
     return next((kind for kind in (*OPTIMIZER_WRAPPERS, "_FabricModule") if kind in names), None)
 
 
