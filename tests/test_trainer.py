@@ -192,6 +192,11 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
         (["--sched.name", "cosin"], "did you mean cosine?"),
         (["--data.in_chans", "2"], "data.in_chans must be 1 (grey) or 3 (RGB), got 2"),
         (["--data.img_size", "32"], "built for 28x28 images but data.img_size=32; set model.kwargs img_size: 32"),
+        (["--train.fsdp", "full"], "train.fsdp must be one of ('none', 'full_shard', 'shard_grad_op')"),
+        (["--train.fsdp", "full_shard"], "shards the model across processes: launch with torchrun"),
+        (["--train.fsdp", "full_shard", "--train.amp", "fp16"], "train.amp=fp16 cannot run with train.fsdp"),
+        (["--train.fsdp", "shard_grad_op", "--train.linprobe", "true"], "train.linprobe cannot run with train.fsdp"),
+        (["--train.fsdp", "full_shard", "--optim.clip_mode", "agc"], "optim.clip_mode=agc cannot run with"),
         (
             ["--recipe", "fashion_mnist_resnet", "--data.img_size", "30"],
             "resnet18 cannot take 1 x 30 x 30 images (data.in_chans, data.img_size; sub.kind=mask, sub.unit=4): "

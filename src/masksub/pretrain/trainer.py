@@ -20,7 +20,7 @@ class PretrainTrainer(Trainer):
 
     def _build(self, train_set, val_set) -> None:
         cfg = self.cfg
-        encoder = build_model(cfg, num_classes=0, log=self.log if self.dist.main else (lambda *a: None))
+        encoder = build_model(cfg, num_classes=0, log=self.log)
         mean, std = mean_std(cfg, encoder)
         try:
             net = self._dmjd(encoder, mean, std)
@@ -64,6 +64,7 @@ class PretrainTrainer(Trainer):
 
     def fit(self) -> dict:
         result = super().fit()
+        encoder = self._full_state(self.model)  # every process joins the gather under FSDP
         if self.dist.main:
-            checkpoint.save_atomic(self.model.state_dict(), self.folder / "encoder.pt")
+            checkpoint.save_atomic(encoder, self.folder / "encoder.pt")
         return result

@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 from timm.optim import list_optimizers
 
+from .sharding import MODES as FSDP_MODES
+
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # also reachable as ./recipes in the repo
 SECTIONS = ("model", "sub", "data", "aug", "optim", "sched", "train", "pretrain")
 DEFAULT_RECIPE = "fashion_mnist_vit"
@@ -129,6 +131,7 @@ class TrainConfig:
     name: str | None = None  # run folder name (default: recipe-sub-seed)
     resume: str | None = None  # checkpoint file or run folder to continue
     linprobe: bool = False  # train only a BatchNorm (no affine) + linear head on the frozen model
+    fsdp: str = "none"  # none | full_shard | shard_grad_op: shard with FSDP (fully_shard) under torchrun
 
 
 @dataclass
@@ -327,6 +330,7 @@ def validate(cfg: Config) -> None:
         "train.amp": (cfg.train.amp, (None, "bf16", "fp16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
         "optim.clip_mode": (cfg.optim.clip_mode, ("norm", "value", "agc")),
+        "train.fsdp": (cfg.train.fsdp, FSDP_MODES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -360,6 +364,15 @@ def validate(cfg: Config) -> None:
             f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "
             "(a state dict, or one under 'model' / 'state_dict')"
         )
+    if cfg.train.fsdp != "none":
+        refused = {
+            "train.amp=fp16": (cfg.train.amp == "fp16", "its grad scaler does not share the overflow check; use bf16"),
+            "train.linprobe": (cfg.train.linprobe, "a linear probe trains one head; run it without FSDP"),
+            "optim.clip_mode=agc": (cfg.optim.clip_mode == "agc", "it clips each parameter by its own, sharded norm"),
+        }
+        for key, (refuse, why) in refused.items():
+            if refuse:
+                raise ConfigError(f"{key} cannot run with train.fsdp={cfg.train.fsdp}: {why} (or set train.fsdp none)")
     if (cfg.optim.lr is None) == (cfg.optim.base_lr is None):
         raise ConfigError("set exactly one of optim.lr (absolute) and optim.base_lr (scaled by batch / 256)")
 

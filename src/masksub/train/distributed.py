@@ -46,6 +46,15 @@ def sum_tensor(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def max_int(value: int, device: torch.device) -> int:
+    """The largest of the processes' values (the value itself alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor(value, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 @dataclass
 class AllReduceCount:
     rounds: int = 0  # synced backwards: each one all-reduces every gradient bucket once

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import masksub
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, sharding
 from .config import Config, ConfigError, dump, from_dict
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest
@@ -90,10 +90,19 @@ def build_criterion(cfg: Config, mixup: bool):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None, channels_last=False) -> dict:
-    """Top-1 / top-5 (%) over the whole evaluation set, summed across processes."""
+def evaluate(model, loader, device, amp_dtype=None, channels_last=False, blank=None) -> dict:
+    """Top-1 / top-5 (%) over the whole evaluation set, summed across processes.
+
+    ``blank``, an input batch, puts the processes in lockstep: a sharded (FSDP) model gathers its
+    weights in every forward, so a process with fewer batches runs ``blank`` until all ran as many.
+    """
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # top1 hits, top5 hits, count
+    if blank is not None:
+        most = distributed.max_int(len(loader), device)
+        for _ in range(most - len(loader)):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                model(blank)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -118,12 +127,24 @@ class Trainer:
             self._check_matches(resume_state["config"])  # before building anything that may not fit
         self.device = resolve_device(cfg.train.device)
         self.dist = distributed.init(self.device.type)
+        if not self.dist.main:
+            self.log = lambda *args, **kwargs: None  # process 0 speaks for all
+        self.fsdp = cfg.train.fsdp != "none"
+        if self.fsdp and not self.dist.enabled:
+            raise ConfigError(
+                f"train.fsdp={cfg.train.fsdp} shards the model across processes: launch with torchrun "
+                "--nproc_per_node N -m masksub.cli ..., or set train.fsdp none"
+            )
+        if self.fsdp and not sharding.available():
+            raise ConfigError(f"train.fsdp needs torch >= 2.6 (fully_shard); this is torch {torch.__version__}")
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         train_set, val_set = build_datasets(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._build(train_set, val_set)  # self.model, self.net, self.loaders, self.ema, self.criterion
+        if self.fsdp:
+            self._shard()  # before the optimizer: sharding replaces the parameters
         self._check_input()
         self.optimizer = self._optimizer()
         self.scheduler, _ = create_scheduler_v2(
@@ -139,7 +160,7 @@ class Trainer:
         if cfg.train.compile:
             self.net.compile()
         train_net = self.net
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             train_net = DistributedDataParallel(self.net, device_ids=ids)
         s = cfg.sub
@@ -178,7 +199,7 @@ class Trainer:
         """Classification: the timm model, its sub branch, loaders, EMA and criterion."""
         cfg = self.cfg
         num_classes = getattr(train_set, "num_classes", None) or 1000
-        model = build_model(cfg, num_classes, self.log if self.dist.main else (lambda *a: None)).to(self.device)
+        model = build_model(cfg, num_classes, self.log).to(self.device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         s = cfg.sub
@@ -198,7 +219,9 @@ class Trainer:
 
         A model that cannot take the configured images (size, channels, mask unit) fails here with
         the keys to change, not after the run folder exists. Evaluation mode, no gradients and a
-        forked random stream: no state changes.
+        forked random stream: no state changes. Under FSDP it also gathers every sharded group once,
+        which torch's gradient accumulation needs of a group that the main pass leaves out (the sub
+        branch's mask token; see ``sharding.units``).
         """
         d = self.cfg.data
         x = torch.zeros(2, d.in_chans, d.img_size, d.img_size, device=self.device)
@@ -216,6 +239,20 @@ class Trainer:
             ) from None
         finally:
             self.net.train(training)
+            if self.fsdp:
+                sharding.reshard(self.net)
+
+    def _shard(self) -> None:
+        """FSDP: every block of the model (and of a pretraining decoder), then the whole; the EMA copy alike."""
+        cfg, seen = self.cfg, set()
+        blocks = [b for b in sharding.units(self.model, self.net) if id(b) not in seen and not seen.add(id(b))]
+        dtype = torch.bfloat16 if cfg.train.amp == "bf16" else None
+        sharding.shard(self.net, blocks, cfg.train.fsdp, dtype, self.device.type)
+        if self.ema is not None:
+            ema = self.ema.module
+            sharding.shard(ema, sharding.units(ema), cfg.train.fsdp, dtype, self.device.type)
+        d = cfg.data
+        self._blank = torch.zeros(1, d.in_chans, d.img_size, d.img_size, device=self.device)
 
     @staticmethod
     def _linear_probe_head(model: torch.nn.Module) -> None:
@@ -276,12 +313,13 @@ class Trainer:
         if self.dist.enabled:
             rngs = [None] * self.dist.world
             torch.distributed.all_gather_object(rngs, checkpoint.rng_state())
+        full = sharding.full_optimizer_state(self.net, self.optimizer) if self.fsdp else None
         return {
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self._full_state(self.net),
+            "optimizer": full if self.fsdp else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.step.scaler.state_dict() if self.step.scaler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": self._full_state(self.ema) if self.ema is not None else None,
             "rng": rngs,
             "position": {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "global_step": self.global_step},
             "epoch_sums": self.epoch_sums.cpu(),
@@ -291,6 +329,16 @@ class Trainer:
             "config": dataclasses.asdict(self.cfg),
         }
 
+    def _full_state(self, module: torch.nn.Module) -> dict:
+        """``module.state_dict()``; under FSDP gathered into whole tensors on process 0 (every process calls)."""
+        return sharding.full_model_state(module) if self.fsdp else module.state_dict()
+
+    def _load_state(self, module: torch.nn.Module, state: dict) -> None:
+        if self.fsdp:
+            sharding.load_model_state(module, state)
+        else:
+            module.load_state_dict(state)
+
     def save(self, name: str = "last.pt") -> None:
         state = self._state()  # every rank joins the RNG gather
         if self.dist.main:
@@ -299,7 +347,7 @@ class Trainer:
     def _check_matches(self, saved: dict) -> None:
         saved_cfg = from_dict(saved)
         keys = ("model.name", "model.kwargs", "data.name", "data.in_chans", "sub.kind", "data.batch_size")
-        keys += ("train.accum_steps", "sched.epochs", "optim.name")
+        keys += ("train.accum_steps", "sched.epochs", "optim.name", "train.fsdp")
         diffs = []
         for key in keys:
             section, name = key.split(".")
@@ -313,15 +361,18 @@ class Trainer:
 
     def _resume(self, state: dict, path: str) -> None:
         try:
-            self.net.load_state_dict(state["model"])
+            self._load_state(self.net, state["model"])
         except RuntimeError as e:
             raise ConfigError(f"cannot resume from {path}: the model does not match ({str(e)[:300]})") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            sharding.load_optimizer_state(self.net, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.step.scaler is not None and state["scaler"]:
             self.step.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"]:
-            self.ema.load_state_dict(state["ema"])
+            self._load_state(self.ema, state["ema"])
         if len(state["rng"]) != self.dist.world:
             raise ConfigError(
                 f"checkpoint was written by {len(state['rng'])} processes, this run has {self.dist.world}"
@@ -441,10 +492,15 @@ class Trainer:
     def _evaluate(self) -> dict:
         cl = self.cfg.train.channels_last
         # self.net: the plain model, or the wrapper whose main branch is it (compiled with train.compile)
-        record = evaluate(self.net, self.loaders.val, self.device, self.amp_dtype, cl)
+        blank = self._blank if self.fsdp else None
+        record = evaluate(self.net, self.loaders.val, self.device, self.amp_dtype, cl, blank)
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.loaders.val, self.device, self.amp_dtype, cl)
+            ema = evaluate(self.ema.module, self.loaders.val, self.device, self.amp_dtype, cl, blank)
             record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+        if self.fsdp:
+            sharding.reshard(self.net)
+            if self.ema is not None:
+                sharding.reshard(self.ema.module)
         return record
 
     def _end_epoch(self) -> None:

@@ -1,0 +1,95 @@
+"""`masksub train` and `masksub pretrain` with ``train.fsdp`` under torchrun, two CPU processes (gloo).
+
+One launch (tests/fsdp_trainer_worker.py) trains a ViT with DDP and with FSDP, stops and resumes an FSDP
+run, trains a Swin (mask token) with bf16 mixed precision under DDP and under FSDP, and pretrains DMJD
+under FSDP. Checkpoints hold whole tensors under the unsharded names.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from conftest import run_worker
+from fsdp_trainer_worker import PRETRAIN
+
+from masksub.train import checkpoint, sharding
+from masksub.train.evaluate import evaluate_checkpoint
+
+pytestmark = pytest.mark.skipif(not sharding.available(), reason="FSDP's fully_shard needs torch >= 2.6")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    ranks = run_worker("fsdp_trainer_worker.py", out)
+    for rank in ranks:
+        assert rank["codes"] == dict.fromkeys(["ddp", "fsdp", "part", "swin_ddp", "swin", "pretrain", "resume"], 0)
+    return out
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same(a: dict, b: dict, atol: float = 0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert type(a[k]) is torch.Tensor and type(b[k]) is torch.Tensor, f"{k}: not a whole tensor"
+        if atol:
+            assert torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=atol), k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_fsdp_trains_as_ddp_does(runs):
+    """fp32: the sharded run ends with DDP's weights and EMA weights, and evaluates the same."""
+    ddp, fsdp = checkpoint.load(runs / "ddp"), checkpoint.load(runs / "fsdp")
+    _assert_same(fsdp["model"], ddp["model"], atol=1e-6)
+    _assert_same(fsdp["ema"], ddp["ema"], atol=1e-6)
+    assert fsdp["position"] == ddp["position"] and fsdp["position"]["global_step"] == 4
+    for a, b in zip(_metrics(runs / "fsdp"), _metrics(runs / "ddp"), strict=True):
+        assert (a["top1"], a["ema_top1"]) == (b["top1"], b["ema_top1"])  # 201 images split 101 / 100
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_fsdp_resume_is_bit_identical(runs):
+    """Stopped after 3 steps and resumed, under FSDP: the weights, EMA and optimizer state of the straight run."""
+    full, part = checkpoint.load(runs / "fsdp"), checkpoint.load(runs / "part")
+    _assert_same(part["model"], full["model"])
+    _assert_same(part["ema"], full["ema"])
+    for name, state in full["optimizer"]["state"].items():  # keyed by parameter name
+        for k, v in state.items():
+            assert torch.equal(torch.as_tensor(part["optimizer"]["state"][name][k]), torch.as_tensor(v)), (name, k)
+    assert part["position"] == full["position"]
+
+
+def test_fsdp_checkpoint_evaluates_in_one_process(runs):
+    """`masksub eval` reads a sharded run's checkpoint with no process group: the run's own accuracy."""
+    found = evaluate_checkpoint(runs / "fsdp" / "last.pt")
+    last = _metrics(runs / "fsdp")[-1]
+    one_image = 100 / 201 + 1e-9  # batches of another size may round one borderline logit the other way
+    assert found["weights"]["top1"] == pytest.approx(last["top1"], abs=one_image)
+    assert found["ema weights"]["top1"] == pytest.approx(last["ema_top1"], abs=one_image)
+
+
+def test_fsdp_bf16_mixed_precision_trains_the_mask_token(runs):
+    """Swin under FSDP with bf16 weights gathered and fp32 gradient reduction (the mask token in a group of its
+    own): close to DDP with bf16 autocast, and the mask token trained as DDP trains it."""
+    ddp, fsdp = checkpoint.load(runs / "swin_ddp"), checkpoint.load(runs / "swin")
+    token = "branch.mask_token"
+    # 8 AdamW steps at lr 1e-3 move it by about 8e-3 per element: an untrained token would be far off
+    assert torch.allclose(fsdp["model"][token], ddp["model"][token], rtol=0, atol=1e-4)
+    _assert_same(fsdp["model"], ddp["model"], atol=2e-3)  # bf16 gradients: rounded at other points
+    assert fsdp["config"]["train"]["fsdp"] == "shard_grad_op"
+
+
+def test_fsdp_pretraining_writes_a_whole_encoder(runs):
+    """DMJD under FSDP: encoder.pt holds whole tensors that load strictly into the timm encoder."""
+    encoder = torch.load(runs / "pretrain" / "encoder.pt", weights_only=True)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, **PRETRAIN["model.kwargs"])
+    model.load_state_dict(encoder)  # strict: every key, every shape
+    assert all(type(v) is torch.Tensor for v in encoder.values())
+    assert any(k.startswith("decoder.") for k in checkpoint.load(runs / "pretrain")["model"])
