@@ -55,6 +55,8 @@ if __name__ == "__main__":
         "swin_ddp": ("train", {**SWIN, "train.amp": "bf16"}),
         "swin": ("train", {**SWIN, "train.fsdp": "shard_grad_op", "train.amp": "bf16"}),
         "pretrain": ("pretrain", PRETRAIN),
+        "ddp_compiled": ("train", {**VIT, "train.compile": True, "train.max_steps": 2}),
+        "fsdp_compiled": ("train", {**VIT, "train.compile": True, "train.max_steps": 2, "train.fsdp": "full_shard"}),
     }
     codes = {}
     for name, (command, config) in runs.items():

@@ -1,8 +1,8 @@
 """`masksub train` and `masksub pretrain` with ``train.fsdp`` under torchrun, two CPU processes (gloo).
 
-One launch (tests/fsdp_trainer_worker.py) trains a ViT with DDP and with FSDP, stops and resumes an FSDP
-run, trains a Swin (mask token) with bf16 mixed precision under DDP and under FSDP, and pretrains DMJD
-under FSDP. Checkpoints hold whole tensors under the unsharded names.
+One launch (tests/fsdp_trainer_worker.py) trains a ViT with DDP and with FSDP (eager and compiled), stops
+and resumes an FSDP run, trains a Swin (mask token) with bf16 mixed precision under DDP and under FSDP,
+and pretrains DMJD under FSDP. Checkpoints hold whole tensors under the unsharded names.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     ranks = run_worker("fsdp_trainer_worker.py", out)
     for rank in ranks:
-        assert rank["codes"] == dict.fromkeys(["ddp", "fsdp", "part", "swin_ddp", "swin", "pretrain", "resume"], 0)
+        assert rank["codes"] == dict.fromkeys(
+            ["ddp", "fsdp", "part", "swin_ddp", "swin", "pretrain", "ddp_compiled", "fsdp_compiled", "resume"], 0
+        )
     return out
 
 
@@ -53,6 +55,13 @@ def test_fsdp_trains_as_ddp_does(runs):
     for a, b in zip(_metrics(runs / "fsdp"), _metrics(runs / "ddp"), strict=True):
         assert (a["top1"], a["ema_top1"]) == (b["top1"], b["ema_top1"])  # 201 images split 101 / 100
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_fsdp_compiled_trains_as_ddp_compiled(runs):
+    """train.compile with FSDP (the wrapper compiled after sharding): DDP's compiled weights."""
+    ddp, fsdp = checkpoint.load(runs / "ddp_compiled"), checkpoint.load(runs / "fsdp_compiled")
+    _assert_same(fsdp["model"], ddp["model"], atol=1e-6)
+    assert fsdp["position"]["global_step"] == 2
 
 
 def test_fsdp_resume_is_bit_identical(runs):
