@@ -361,3 +361,44 @@ def test_float_labels_train_multi_label_as_the_model_own_loss_would(tmp_path):
     with torch.no_grad():
         expected = model.eval()(**data).loss
     assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+# transformers 5 renamed TrainingArguments.gradient_checkpointing
+CHECKPOINTING_ARG = next(
+    a
+    for a in ("activation_checkpointing", "gradient_checkpointing")
+    if a in transformers.TrainingArguments.__dataclass_fields__
+)
+
+
+def _gradient_with(tmp_path, sub, checkpointing, memory_saving=None):
+    model = tiny_text_model(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    capture = GradsBeforeStep(model)
+    trainer = MaskSubTrainer(
+        model=model,
+        args=_args(tmp_path, **{CHECKPOINTING_ARG: checkpointing}),
+        train_dataset=Rows(text_batch(batch=4)),
+        sub=sub,
+        ratio=0.4,
+        memory_saving=memory_saving,
+        mask_options={"mask_token_id": MASK, "special_ids": SPECIAL} if sub == "mask" else None,
+    )
+    trainer.add_callback(capture)
+    trainer.train()
+    return capture.grads[0]
+
+
+@pytest.mark.parametrize("sub", ["dropout", "mask"])
+def test_gradient_checkpointing_gives_the_gradient_it_does_without(tmp_path, sub):
+    """TrainingArguments(gradient_checkpointing=True) recomputes each layer in the Trainer's backward of the
+    returned loss: the sub pass's dropout rates are still in effect then."""
+    expected = _gradient_with(tmp_path, sub, checkpointing=False)
+    found = _gradient_with(tmp_path, sub, checkpointing=True)
+    assert found.keys() == expected.keys()
+    for n, g in expected.items():
+        torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_summed_loss_refuses_dropsub_under_gradient_checkpointing(tmp_path):
+    with pytest.raises(ValueError, match="activation checkpointing is on .* and sub='dropout'"):
+        _gradient_with(tmp_path, "dropout", checkpointing=True, memory_saving=False)

@@ -33,10 +33,10 @@ BATCH = 4
 class Recording:
     """A LightningModule's body as a user writes it, plus records of what the step saw."""
 
-    def __init__(self, name="vit", memory_saving=None, criterion=None, lr=0.0, kind="masksub", **step_kw):
+    def __init__(self, name="vit", memory_saving=None, criterion=None, lr=0.0, kind="masksub", sub="mask", **step_kw):
         super().__init__()
         net = tiny_model(name)
-        self.model = net if kind == "plain" else masksub.wrap(net, sub="mask", ratio=0.5)
+        self.model = net if kind == "plain" else masksub.wrap(net, sub=sub, ratio=0.5)
         self.kind, self.lr = kind, lr
         self.masksub = TrainingStep(criterion or torch.nn.CrossEntropyLoss(), memory_saving=memory_saving, **step_kw)
         self.seen, self.grads, self.grads_at_forward = [], [], []
@@ -316,3 +316,27 @@ def test_ddp_all_reduces_once_per_step_with_the_gradient_of_the_summed_loss(tmp_
         assert rank["synced"].keys() == ranks[0]["local"].keys()
         for n, g in rank["synced"].items():  # the first step's synced gradient: the mean of both ranks' by hand
             torch.testing.assert_close(g, (ranks[0]["local"][n] + ranks[1]["local"][n]) / 2, rtol=1e-4, atol=1e-7)
+
+
+def _gradient_with(sub, checkpointing, memory_saving=None):
+    module = Classifier(memory_saving=memory_saving, sub=sub)
+    module.model.model.set_grad_checkpointing(checkpointing)  # each block runs again in Lightning's backward
+    torch.manual_seed(7)
+    _trainer().fit(module, _loader())
+    return module.grads[0]
+
+
+@pytest.mark.parametrize("sub", ["droppath", "mask"])
+def test_activation_checkpointing_gives_the_gradient_it_does_without(sub):
+    """Lightning back-propagates the returned loss after training_step: the sub pass's drop-path rate is
+    still in effect when that backward recomputes the checkpointed blocks."""
+    expected = _gradient_with(sub, checkpointing=False)
+    found = _gradient_with(sub, checkpointing=True)
+    assert found.keys() == expected.keys()
+    for n, g in expected.items():
+        torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_summed_loss_refuses_pathsub_under_activation_checkpointing():
+    with pytest.raises(ValueError, match="activation checkpointing is on .VisionTransformer. and sub='droppath'"):
+        _gradient_with("droppath", checkpointing=True, memory_saving=False)

@@ -66,6 +66,18 @@ def test_task_gradients_equal_step_and_checkpoint_is_plain():
     assert torch.equal(other._wrapper[0].branch.mask_token, task_model.branch.mask_token)
 
 
+@needs_task_api
+def test_task_refuses_pathsub_under_activation_checkpointing():
+    """timm's loop back-propagates the summed loss once, recomputing both passes' blocks with one drop rate."""
+    net = tiny_model("vit")
+    net.set_grad_checkpointing(True)
+    task = MaskSubTask(masksub.wrap(net, sub="droppath"), criterion=torch.nn.CrossEntropyLoss(), verbose=False)
+    with pytest.raises(ValueError, match="activation checkpointing is on .VisionTransformer. and sub='droppath'"):
+        task(tiny_images("vit", batch=2), torch.arange(2))
+    with torch.no_grad():  # no backward: nothing to refuse
+        assert torch.isfinite(task(tiny_images("vit", batch=2), torch.arange(2))["loss"])
+
+
 @pytest.mark.parametrize("old_api", ["no_task_module", "old_signature"])
 def test_task_on_older_timm_names_the_version_to_install(old_api):
     """timm's task API changed between releases: an older one fails at import with the fix, not mid-training."""

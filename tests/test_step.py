@@ -296,3 +296,36 @@ def test_a_wrapped_model_inside_a_module_of_your_own_is_found_or_named():
     two = torch.nn.ModuleList([masksub.wrap(tiny_model("vit")), masksub.wrap(tiny_model("vit"))])
     with pytest.raises(ValueError, match="Step trains one masksub.wrap-ed model, and this model holds 2"):
         masksub.Step(two, torch.optim.SGD(two.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+
+
+def _checkpointed_grads(name, sub, checkpointing, memory_saving=True):
+    net = tiny_model(name, drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1)  # dropout at work in both passes
+    net.set_grad_checkpointing(checkpointing)  # each block's forward runs again in the backward
+    wrapped = masksub.wrap(net, sub=sub, ratio=0.4, unit=TINY[name][3] if sub == "mask" else None).train()
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
+    step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), memory_saving=memory_saving)
+    torch.manual_seed(7)  # the same masks and dropout draws in both runs
+    step(tiny_images(name, batch=4), torch.arange(4))
+    return _grads(wrapped)
+
+
+@pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_activation_checkpointing_gives_the_gradients_it_does_without(name, sub):
+    """The backward recomputes each checkpointed block: the sub pass's drop rates are still in effect for it."""
+    expected = _checkpointed_grads(name, sub, checkpointing=False)
+    found = _checkpointed_grads(name, sub, checkpointing=True)
+    assert found.keys() == expected.keys()
+    for n, g in expected.items():
+        torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("sub", ["dropout", "droppath"])
+def test_one_backward_of_both_passes_refuses_drop_rates_under_checkpointing(sub):
+    """The summed loss recomputes both passes in one backward, which cannot give each its own drop rates."""
+    with pytest.raises(ValueError, match=f"activation checkpointing is on .VisionTransformer. and sub='{sub}'"):
+        _checkpointed_grads("vit", sub, checkpointing=True, memory_saving=False)
+    expected = _checkpointed_grads("vit", "mask", checkpointing=False, memory_saving=False)
+    found = _checkpointed_grads("vit", "mask", checkpointing=True, memory_saving=False)  # masking is not a rate
+    for n, g in expected.items():
+        torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)

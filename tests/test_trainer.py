@@ -358,6 +358,17 @@ def test_on_device_data_trains_and_resumes_exactly(tmp_path):
     assert all(0 < t <= 100 for t in top1)
 
 
+@pytest.mark.parametrize("kind", ["droppath", "mask"])
+def test_grad_checkpointing_trains_as_without(tmp_path, kind):
+    """model.grad_checkpointing recomputes each block in the backward; the sub pass's drop rates hold for it."""
+    more = {"sub.kind": kind, "model.drop_path_rate": 0.1, "train.ema": True, "data.train_subset": 128}
+    plain = checkpoint.load(run_train(tmp_path, "plain", **more) / "last.pt")
+    found = checkpoint.load(run_train(tmp_path, "ckpt", **more, **{"model.grad_checkpointing": True}) / "last.pt")
+    for part in ("model", "ema"):
+        for k, v in plain[part].items():
+            torch.testing.assert_close(found[part][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_resnet_channels_last_accumulation_bf16(tmp_path):
     cli = [
         "train",

@@ -77,8 +77,14 @@ class DropoutBranch(nn.Module):
             )
 
     def forward(self, model: nn.Module, *args, **kwargs):
-        with _set_attrs(self._sites, self.p), _set_attrs(self._inplace, False):
+        with self.hold():
             return model(*args, **kwargs)
+
+    @contextmanager
+    def hold(self):
+        """The sub branch's dropout in effect while open (a backward that recomputes checkpointed blocks)."""
+        with _set_attrs(self._sites, self.p), _set_attrs(self._inplace, False):
+            yield
 
     def remove(self) -> None:
         pass
@@ -120,10 +126,14 @@ class DropPathBranch(nn.Module):
             )
 
     def forward(self, model: nn.Module, *args, **kwargs):
-        with _set_attrs(self._sites, self.p):
+        with self.hold():
             if self._checked:
                 return model(*args, **kwargs)
             return self._first_forward(model, *args, **kwargs)
+
+    def hold(self):
+        """The sub branch's drop-path rate in effect while open (a backward that recomputes checkpointed blocks)."""
+        return _set_attrs(self._sites, self.p)
 
     def _first_forward(self, model: nn.Module, *args, **kwargs):
         # A block without an identity shortcut keeps its drop_path attribute but never calls it

@@ -28,7 +28,7 @@ import transformers
 from .adapters import resolve_adapter
 from .loss import IGNORE_INDEX, SubBranchLoss, as_rows
 from .step import logits_of
-from .wrapper import wrap
+from .wrapper import SubPassHold, check_one_backward, wrap
 
 
 class MaskSubTrainer(transformers.Trainer):
@@ -83,6 +83,7 @@ class MaskSubTrainer(transformers.Trainer):
                 )
             options["tokenizer"] = tokenizer
         self.sub_branch = wrap(self.model, sub, ratio, **options).branch
+        self._sub_hold = SubPassHold()
         if any(True for _ in self.sub_branch.parameters()):
             raise ValueError(
                 f"the {self.sub_branch.name!r} sub branch has parameters the Trainer's optimizer would not hold; "
@@ -167,10 +168,16 @@ class MaskSubTrainer(transformers.Trainer):
             if two_backwards:  # scaled as the Trainer scales the loss it back-propagates
                 self.accelerator.backward(weights.main_weight * loss_main / self._accumulation_steps())
                 loss_main = loss_main.detach()  # its graph is freed: the value is only reported
+        if two_backwards:  # the drop rates (DropSub, PathSub) stay until the Trainer's backward recomputed
+            self._sub_hold.enter(self.sub_branch)
+        elif torch.is_grad_enabled():
+            check_one_backward(self.sub_branch, self.model, "MaskSubTrainer's summed loss (memory_saving=False)")
         loss_sub = weights.sub_loss(logits_of(self.sub_branch(model, **features)), main, labels)
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
         loss = weights.main_weight * loss_main + weights.sub_weight * loss_sub
+        if two_backwards:
+            self._sub_hold.release_after_backward(loss)
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, loss_main: torch.Tensor, loss_sub: torch.Tensor) -> None:

@@ -39,7 +39,7 @@ from torch import nn
 
 from .loss import SubBranchLoss
 from .step import forward, logits_of, split_labels
-from .wrapper import SubBranchModel
+from .wrapper import SubBranchModel, SubPassHold, check_one_backward
 
 # Strategies (by exact class name: DeepSpeed and XLA subclass DDPStrategy) under which a backward inside
 # training_step is the same as Lightning's own.
@@ -84,6 +84,7 @@ class TrainingStep(nn.Module):
         self.model_path, self.memory_saving, self.log_losses = model, memory_saving, log
         self._warned = False
         self._zeroed_at = None  # (trainer, optimizer step) when the gradients were last zeroed
+        self._sub_hold = SubPassHold()
 
     def forward(self, module: nn.Module, x, target: torch.Tensor | None = None) -> dict:
         trainer = self._trainer(module)
@@ -99,6 +100,10 @@ class TrainingStep(nn.Module):
             with torch.autocast(main.device.type, enabled=False):
                 trainer.strategy.backward(weighted, trainer.optimizers[0] if trainer.optimizers else None)
             loss_main = loss_main.detach()  # its graph is freed: the value is only reported
+        if two_backwards:  # the drop rates (DropSub, PathSub) stay until Lightning's backward recomputed
+            self._sub_hold.enter(model.branch)
+        else:
+            check_one_backward(model.branch, model.model, "TrainingStep's summed loss (memory_saving=False)")
         loss_sub = self.loss.sub_loss(logits_of(forward(model, x, sub=True)), main, target)
         out = {
             "loss": self.loss.main_weight * loss_main + self.loss.sub_weight * loss_sub,
@@ -106,6 +111,8 @@ class TrainingStep(nn.Module):
             "loss_sub": loss_sub.detach(),
             "logits": main.detach(),
         }
+        if two_backwards:
+            self._sub_hold.release_after_backward(out["loss"])
         if self.log_losses:
             module.log_dict({"loss_main": out["loss_main"], "loss_sub": out["loss_sub"]})
         return out

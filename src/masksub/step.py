@@ -26,6 +26,7 @@ from torch import nn
 from .loss import SubBranchLoss
 from .parallel import clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
 from .prepared import inner_optimizer, sub_branch_model, wrapper_scaler
+from .wrapper import check_one_backward
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 CLIP_MODES = ("norm", "value", "agc")
@@ -126,7 +127,7 @@ class Step:
         sync = engine(model)  # the module that reduces gradients (inside a Fabric wrapper)
         fsdp1 = fsdp1_class()
         sharded = fsdp1 is not None and isinstance(sync, fsdp1)
-        wrapped = sub_branch_model(model)
+        wrapped = self._sub_model = sub_branch_model(model)
         self.has_sub = wrapped is not None
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
@@ -218,11 +219,12 @@ class Step:
                     main = logits_of(self._forward(x))
                     loss_main = self.loss.main_loss(main, target)
                 self._backward(w_main * loss_main)  # frees the main graph
-            with last():
+            with last(), self._sub_model.sub_pass():  # drop rates held for checkpointed recomputation
                 with self._autocast():
                     loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main, target)
                 self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
         else:
+            check_one_backward(self._sub_model.branch, self._sub_model.model, "Step(memory_saving=False)")
             w_main, w_sub = self.loss.main_weight / self.accum_steps, self.loss.sub_weight / self.accum_steps
             with self._autocast():
                 # Unsynced main forward: DDP then broadcasts buffers before it and not again before the

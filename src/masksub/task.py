@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .loss import SubBranchLoss
-from .wrapper import SubBranchModel
+from .wrapper import SubBranchModel, check_one_backward
 
 MIN_TIMM = "1.0.31"  # the first with ClassificationTask(model, criterion, criterion_kwargs, ...)
 
@@ -72,6 +72,9 @@ class MaskSubTask(ClassificationTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         module = self.trainable_module
+        wrapped = self._wrapper[0]
+        if torch.is_grad_enabled():
+            check_one_backward(wrapped.branch, wrapped.model, "MaskSubTask (one backward of the summed loss)")
         # Unsynced main forward: under DDP, buffers are broadcast before it and not again before the sub
         # forward, which would overwrite in place index buffers the main graph saved (Swin's relative
         # position index); the one backward still all-reduces once.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -51,6 +52,17 @@ class SubBranchModel(nn.Module):
             for bn in self._bns:
                 bn.track_running_stats = True
 
+    def sub_pass(self):
+        """A context that keeps the sub branch's drop settings (DropSub, PathSub) in effect while open.
+
+        Activation checkpointing (timm's ``set_grad_checkpointing``, Hugging Face's
+        ``gradient_checkpointing_enable``) runs each checkpointed block's forward again in the backward,
+        with the settings of that moment: the sub pass's backward must run inside this context. Masking
+        needs nothing (its hooks sit before the blocks); it is a no-op then.
+        """
+        hold = getattr(self.branch, "hold", None)
+        return hold() if hold is not None else nullcontext()
+
     def compile(self, *args, **kwargs) -> None:
         """Compile this wrapper in place (two graphs: main and sub); names stay unchanged.
 
@@ -65,6 +77,58 @@ class SubBranchModel(nn.Module):
         """Take the strategy off the model and return the plain model."""
         self.branch.remove()
         return self.model
+
+
+def checkpointing_modules(model: nn.Module) -> list[str]:
+    """Class names of the modules with activation checkpointing on (timm's ``grad_checkpointing``, Hugging
+    Face's ``gradient_checkpointing``)."""
+    flags = ("grad_checkpointing", "gradient_checkpointing")
+    return sorted({type(m).__name__ for m in model.modules() if any(getattr(m, f, False) is True for f in flags)})
+
+
+def check_one_backward(branch: nn.Module, model: nn.Module, where: str) -> None:
+    """Refuse DropSub / PathSub under activation checkpointing where one backward serves both passes.
+
+    A backward that recomputes the main and the sub pass's checkpointed blocks together cannot give
+    each its own drop rates: the sub pass's gradients would come from blocks recomputed with the main
+    pass's rates (or torch's checkpoint stops on the mismatch). ``where`` names the caller.
+    """
+    if not hasattr(branch, "hold") or not (flagged := checkpointing_modules(model)):
+        return
+    raise ValueError(
+        f"activation checkpointing is on ({', '.join(flagged[:3])}) and sub='{branch.name}' sets drop rates that "
+        f"{where} cannot keep while the backward recomputes the sub pass: use the memory-saving order "
+        "(two backwards), sub='mask', or turn activation checkpointing off"
+    )
+
+
+class SubPassHold:
+    """Keeps a DropSub / PathSub branch's rates in effect from the sub forward to the end of the backward
+    that a framework runs itself on the returned loss (Hugging Face Trainer, Lightning), so that
+    checkpointed blocks are recomputed with them. A no-op for masking branches."""
+
+    def __init__(self):
+        self._stack = ExitStack()
+
+    def enter(self, branch: nn.Module) -> None:
+        self.close()  # one that a backward never released (a loss that was not back-propagated)
+        hold = getattr(branch, "hold", None)
+        if hold is not None:
+            self._stack.enter_context(hold())
+
+    def release_after_backward(self, loss: torch.Tensor) -> None:
+        if not loss.requires_grad:
+            self.close()
+            return
+        loss.register_hook(self._close_at_backward_end)
+
+    def _close_at_backward_end(self, grad: torch.Tensor) -> torch.Tensor:
+        torch.autograd.Variable._execution_engine.queue_callback(self.close)
+        return grad
+
+    def close(self) -> None:
+        stack, self._stack = self._stack, ExitStack()
+        stack.close()
 
 
 def wrap(

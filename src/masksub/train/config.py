@@ -36,6 +36,7 @@ class ModelConfig:
     checkpoint: str | None = None  # initial weights (MAE / CLIP finetuning); loaded non-strict, keys reported
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward: less memory, more time
 
 
 @dataclass

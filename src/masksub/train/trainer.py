@@ -73,6 +73,11 @@ def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
             f"{m.name} is built for {size[0]}x{size[1]} images but data.img_size={cfg.data.img_size}; set "
             f"model.kwargs img_size: {cfg.data.img_size} (or data.img_size {size[0]})"
         )
+    if m.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, NotImplementedError, AssertionError) as e:
+            raise ConfigError(f"{m.name} has no activation checkpointing (model.grad_checkpointing): {e!r}") from None
     if m.checkpoint:
         missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
         log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
