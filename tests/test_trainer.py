@@ -335,6 +335,13 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_checkpoint_load_maps_zip_files_and_reads_legacy_ones(tmp_path):
+    """Checkpoints are memory-mapped (the processes of a node share the pages); pre-zip files are read whole."""
+    for legacy in (False, True):
+        torch.save({"w": torch.arange(4.0)}, tmp_path / "w.pt", _use_new_zipfile_serialization=not legacy)
+        assert torch.equal(checkpoint.load(tmp_path / "w.pt")["w"], torch.arange(4.0))
+
+
 def check_device_data_resumes_exactly(tmp_path, **more) -> Path:
     """Train with data.on_device twice, once stopped after 3 steps and resumed: same final weights."""
     dev = {

@@ -42,9 +42,16 @@ def load(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass a checkpoint file or a run folder with last.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the processes of a node resuming one file share its pages instead of each
+        # reading a copy. Files in torch's legacy (pre-zip) format cannot be mapped: read those whole.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_zip_format(path))
     except Exception as e:
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+
+
+def _zip_format(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def rng_state() -> dict:
