@@ -55,6 +55,17 @@ if __name__ == "__main__":
         "swin_ddp": ("train", {**SWIN, "train.amp": "bf16"}),
         "swin": ("train", {**SWIN, "train.fsdp": "shard_grad_op", "train.amp": "bf16"}),
         "pretrain": ("pretrain", PRETRAIN),
+        "ddp_droppath": ("train", {**VIT, "sub.kind": "droppath", "train.max_steps": 2}),
+        "fsdp_droppath_ckpt": (
+            "train",
+            {
+                **VIT,
+                "sub.kind": "droppath",
+                "train.max_steps": 2,
+                "train.fsdp": "full_shard",
+                "model.grad_checkpointing": True,
+            },
+        ),
         "ddp_compiled": ("train", {**VIT, "train.compile": True, "train.max_steps": 2}),
         "fsdp_compiled": ("train", {**VIT, "train.compile": True, "train.max_steps": 2, "train.fsdp": "full_shard"}),
     }

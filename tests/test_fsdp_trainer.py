@@ -27,7 +27,9 @@ def runs(tmp_path_factory):
     ranks = run_worker("fsdp_trainer_worker.py", out)
     for rank in ranks:
         assert rank["codes"] == dict.fromkeys(
-            ["ddp", "fsdp", "part", "swin_ddp", "swin", "pretrain", "ddp_compiled", "fsdp_compiled", "resume"], 0
+            ["ddp", "fsdp", "part", "swin_ddp", "swin", "pretrain", "ddp_droppath", "fsdp_droppath_ckpt"]
+            + ["ddp_compiled", "fsdp_compiled", "resume"],
+            0,
         )
     return out
 
@@ -62,6 +64,12 @@ def test_fsdp_compiled_trains_as_ddp_compiled(runs):
     ddp, fsdp = checkpoint.load(runs / "ddp_compiled"), checkpoint.load(runs / "fsdp_compiled")
     _assert_same(fsdp["model"], ddp["model"], atol=1e-6)
     assert fsdp["position"]["global_step"] == 2
+
+
+def test_fsdp_with_activation_checkpointing_trains_as_ddp_without(runs):
+    """PathSub with checkpointed blocks under FSDP: the sub pass's rate holds while the backward recomputes."""
+    ddp, fsdp = checkpoint.load(runs / "ddp_droppath"), checkpoint.load(runs / "fsdp_droppath_ckpt")
+    _assert_same(fsdp["model"], ddp["model"], atol=1e-6)
 
 
 def test_fsdp_resume_is_bit_identical(runs):
