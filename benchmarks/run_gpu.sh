@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu.sh eager [DEST]     # tests/test_gpu.py, step cost of the 4 models (eager),
 #                                               # DMJD vs single-view ViT-B/16 step throughput
 #   bash benchmarks/run_gpu.sh compiled [DEST]  # step cost with torch.compile (merges into step_cost.json)
+#   bash benchmarks/run_gpu.sh checkpointing [DEST]  # step cost with activation checkpointing (merges too)
 #   bash benchmarks/run_gpu.sh accuracy [DEST]  # Fashion-MNIST ViT 6x192, 25 epochs: all 15 runs at once
 #   bash benchmarks/run_gpu.sh accuracy_resnet [DEST]
 #   bash benchmarks/run_gpu.sh pretrain [DEST]  # DMJD vs single view on Fashion-MNIST, ViT 6x192: 3 pretraining
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RES=benchmarks/results
-part=${1:?"name a part: eager, compiled, accuracy, accuracy_resnet or pretrain"}
+part=${1:?"name a part: eager, compiled, checkpointing, accuracy, accuracy_resnet or pretrain"}
 dest=${2:-}
 mkdir -p "$RES"
 
@@ -34,6 +35,9 @@ case $part in
   compiled)
     $PY benchmarks/step_cost.py --compile on
     files="step_cost.json step_cost.md" ;;
+  checkpointing)
+    $PY benchmarks/step_cost.py --compile off --grad-checkpointing
+    files="step_cost.json step_cost.md" ;;
   accuracy)
     $PY benchmarks/accuracy.py --scale gpu --jobs 15 --reuse
     files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
@@ -44,7 +48,7 @@ case $part in
     $PY benchmarks/pretrain.py --scale gpu --jobs 7 --reuse
     files="pretrain_gpu.json pretrain_gpu.md" ;;
   *)
-    echo "unknown part '$part': name one of eager, compiled, accuracy, accuracy_resnet, pretrain" >&2
+    echo "unknown part '$part': name one of eager, compiled, checkpointing, accuracy, accuracy_resnet, pretrain" >&2
     exit 2 ;;
 esac
 

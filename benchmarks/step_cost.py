@@ -4,6 +4,7 @@
     python benchmarks/step_cost.py --models resnet50 --compile on     # a subset; results merge into one file
     python benchmarks/step_cost.py --scale cpu                        # CPU: the same models, batch / 8, eager
     python benchmarks/step_cost.py --scale tiny                       # CPU, tiny models (the test suite)
+    python benchmarks/step_cost.py --grad-checkpointing               # rows with activation checkpointing
 
 In one process, per model: a plain timm-style loop, ``masksub.Step`` on the plain model, ``masksub.Step``
 with MaskSub at ratio 0.5, and the research-code style step (two forwards, two backwards, the loss read
@@ -58,10 +59,11 @@ SCALES = {
 }
 
 
-def make_model(name, tiny, device, channels_last=False):
+def make_model(name, tiny, device, channels_last=False, checkpointing=False):
     kwargs = TINY_MODELS[name][0] if tiny else {}
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
+    model.set_grad_checkpointing(checkpointing)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -173,10 +175,11 @@ def bench_model(name, batch, args, device):
     row["flop_ideal_ratio"] = (row["flops"]["main"] + row["flops"]["sub"]) / row["flops"]["main"]
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     for compile_ in modes:
-        mode = "compiled" if compile_ else "eager"
+        mode = ("compiled" if compile_ else "eager") + (" + checkpointing" if args.grad_checkpointing else "")
         steps, peaks = {}, {}
         for variant in VARIANTS:
-            model = make_model(name, tiny, device, channels_last=name.startswith("resnet") and device.type == "cuda")
+            cl = name.startswith("resnet") and device.type == "cuda"
+            model = make_model(name, tiny, device, channels_last=cl, checkpointing=args.grad_checkpointing)
             step, net, opt = make_step(variant, model, device, amp_dtype, unit, compile_)
             for _ in range(args.warmup):
                 step(x, y)
@@ -214,7 +217,7 @@ def markdown(data: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in data["models"].items():
-        for mode in ("eager", "compiled"):
+        for mode in ("eager", "compiled", "eager + checkpointing", "compiled + checkpointing"):
             if f"{mode}/plain" not in row:
                 continue
             t = {v: row[f"{mode}/{v}"] for v in VARIANTS}
@@ -272,6 +275,11 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None, help="steps per timed repeat (default: by scale)")
     p.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     p.add_argument("--flops-only", action="store_true", help="only the FLOP counts (any device, batch 2)")
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="every variant with timm's activation checkpointing (rows merge beside those without)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     if args.flops_only:

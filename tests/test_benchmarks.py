@@ -57,6 +57,13 @@ def test_step_cost_tiny(tmp_path):
             assert row["flop_ideal_ratio"] == pytest.approx(2.0, rel=0.01)
     md = (tmp_path / "step_cost_tiny.md").read_text()
     assert "masksub / plain" in md and md.count("| eager |") == 3
+    # Activation checkpointing rows merge beside the others, and hold fewer activations at the peak.
+    _run("step_cost.py", "--scale", "tiny", "--out", str(tmp_path), "--grad-checkpointing")
+    data = json.loads((tmp_path / "step_cost_tiny.json").read_text())
+    for name, row in data["models"].items():
+        assert row["eager + checkpointing/masksub"]["peak_gib"] < row["eager/masksub"]["peak_gib"], name
+    md = (tmp_path / "step_cost_tiny.md").read_text()
+    assert md.count("| eager |") == 3 and md.count("| eager + checkpointing |") == 3
 
 
 def test_accuracy_tiny(tmp_path):
