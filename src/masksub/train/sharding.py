@@ -26,7 +26,7 @@ def available() -> bool:
 
 
 def units(*modules: nn.Module) -> list[nn.Module]:
-    """The blocks to shard one by one (each gathers its weights only while it runs) in ``modules``.
+    """The blocks to shard one by one (each gathers its weights only while it runs) in ``modules``, each once.
 
     A sub branch with weights of its own (a mask token) is a unit too: its weights get gradients in the
     sub pass only, and FSDP's mixed precision reduces a group's gradients together only when they all
@@ -43,7 +43,7 @@ def units(*modules: nn.Module) -> list[nn.Module]:
                 found += list(child)
             elif is_stage or (name == "branch" and any(True for _ in child.parameters())):
                 found.append(child)
-    return found
+    return list(dict.fromkeys(found))  # a module passed twice (a model that is its own wrapper) counts once
 
 
 def shard(root: nn.Module, blocks: list[nn.Module], mode: str, param_dtype: torch.dtype | None, device_type: str):

@@ -249,15 +249,12 @@ class Trainer:
 
     def _shard(self) -> None:
         """FSDP: every block of the model (and of a pretraining decoder), then the whole; the EMA copy alike."""
-        cfg, seen = self.cfg, set()
-        blocks = [b for b in sharding.units(self.model, self.net) if id(b) not in seen and not seen.add(id(b))]
+        cfg = self.cfg
         dtype = torch.bfloat16 if cfg.train.amp == "bf16" else None
-        sharding.shard(self.net, blocks, cfg.train.fsdp, dtype, self.device.type)
+        sharding.shard(self.net, sharding.units(self.model, self.net), cfg.train.fsdp, dtype, self.device.type)
         if self.ema is not None:
             ema = self.ema.module
             sharding.shard(ema, sharding.units(ema), cfg.train.fsdp, dtype, self.device.type)
-        d = cfg.data
-        self._blank = torch.zeros(1, d.in_chans, d.img_size, d.img_size, device=self.device)
 
     @staticmethod
     def _linear_probe_head(model: torch.nn.Module) -> None:
@@ -318,10 +315,9 @@ class Trainer:
         if self.dist.enabled:
             rngs = [None] * self.dist.world
             torch.distributed.all_gather_object(rngs, checkpoint.rng_state())
-        full = sharding.full_optimizer_state(self.net, self.optimizer) if self.fsdp else None
         return {
             "model": self._full_state(self.net),
-            "optimizer": full if self.fsdp else self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.step.scaler.state_dict() if self.step.scaler is not None else None,
             "ema": self._full_state(self.ema) if self.ema is not None else None,
@@ -337,6 +333,10 @@ class Trainer:
     def _full_state(self, module: torch.nn.Module) -> dict:
         """``module.state_dict()``; under FSDP gathered into whole tensors on process 0 (every process calls)."""
         return sharding.full_model_state(module) if self.fsdp else module.state_dict()
+
+    def _optimizer_state(self) -> dict:
+        """Keyed by parameter name under FSDP (whole tensors, on process 0), by position otherwise."""
+        return sharding.full_optimizer_state(self.net, self.optimizer) if self.fsdp else self.optimizer.state_dict()
 
     def _load_state(self, module: torch.nn.Module, state: dict) -> None:
         if self.fsdp:
@@ -497,7 +497,8 @@ class Trainer:
     def _evaluate(self) -> dict:
         cl = self.cfg.train.channels_last
         # self.net: the plain model, or the wrapper whose main branch is it (compiled with train.compile)
-        blank = self._blank if self.fsdp else None
+        d = self.cfg.data
+        blank = torch.zeros(1, d.in_chans, d.img_size, d.img_size, device=self.device) if self.fsdp else None
         record = evaluate(self.net, self.loaders.val, self.device, self.amp_dtype, cl, blank)
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.loaders.val, self.device, self.amp_dtype, cl, blank)
