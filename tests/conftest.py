@@ -48,6 +48,12 @@ TINY = {
     "naflex_rope_mixed": ("naflexvit_base_patch16_gap", dict(VIT, pos_embed="none", rope_type="mixed"), (32, 32), 32),
     "resnet": ("resnet10t", dict(num_classes=5, zero_init_last=False), (64, 96), 16),
     "convnext": ("convnext_atto", dict(num_classes=5), (64, 64), 16),
+    "convvit": (
+        "convvit_base_patch16",
+        dict(img_size=64, embed_dim=(8, 16, 32), depth=(1, 1, 2), num_heads=2, num_classes=5),
+        (64, 64),
+        16,
+    ),
 }
 
 # The adapter each tiny model must resolve to.
@@ -67,6 +73,7 @@ EXPECTED_ADAPTER = {
     "naflex_rope_mixed": "naflexvit",  # RoPE tables per block, gathered with the kept tokens
     "resnet": "pixels",
     "convnext": "pixels",
+    "convvit": "convvit",  # masked convolutions, then the transformer on the kept tokens
 }
 
 

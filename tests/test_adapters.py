@@ -32,6 +32,21 @@ def _observe_vit(wrapped, x, calls):
     return masks
 
 
+def _observe_convvit(wrapped, x, calls):
+    """Masks (B, N) from the stage-3 tokens before the selection and those entering the transformer blocks."""
+    model, seen = wrapped.model, []
+    model.token_proj.register_forward_hook(lambda m, a, out: seen.append(out + model.pos_embed))
+    model.blocks3[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    masks = []
+    for _ in range(calls):
+        wrapped(x, sub=True)
+        kept, full = seen.pop(), seen.pop()
+        match = (kept.unsqueeze(2) == full.unsqueeze(1)).all(-1)  # (B, K, N)
+        assert (match.sum(-1) == 1).all(), "every kept token must be exactly one original token"
+        masks.append(~match.any(1))
+    return masks
+
+
 def _units(token_mask, unit):
     """(B, H, W) per-position mask -> (B, units) after checking each unit is all-or-nothing."""
     b, h, w = token_mask.shape
@@ -87,6 +102,8 @@ def observe(name, ratio, calls=2, seed=None):
         kind = wrapped.branch.name
         if kind in ("vit", "naflexvit"):
             return _observe_vit(wrapped, x, calls)
+        if kind == "convvit":
+            return _observe_convvit(wrapped, x, calls)
         if kind == "masktoken":
             return _observe_masktoken(wrapped, x, calls, original)
         return _observe_pixels(wrapped, x, calls)
@@ -111,7 +128,7 @@ def test_exact_mask_counts_and_randomness(name, ratio):
     assert not torch.equal(first, second), "masks must differ across steps"
 
 
-@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet"])
+@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet", "convvit"])
 def test_masks_reproducible_under_seed(name):
     a = observe(name, 0.5, calls=1, seed=7)[0]
     b = observe(name, 0.5, calls=1, seed=7)[0]

@@ -15,7 +15,7 @@ import masksub
 
 
 @pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
-@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet", "naflex_rope_mixed"])
+@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet", "naflex_rope_mixed", "convvit"])
 def test_main_branch_and_inference_unchanged(name, sub):
     plain = tiny_model(name, drop_rate=0.0)
     wrapped = masksub.wrap(copy.deepcopy(plain), sub=sub, ratio=0.3, unit=TINY[name][3])
@@ -140,7 +140,7 @@ def test_batchnorm_statistics_option(sub_bn_stats):
     assert all(m.track_running_stats for m in wrapped.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "eva_rope", "naflex"])
+@pytest.mark.parametrize("name", ["vit", "swin", "eva_rope", "naflex", "convvit"])
 def test_export_loads_into_plain_timm_model(name):
     wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)

@@ -34,7 +34,7 @@ def _run(name, memory_saving, accum_steps=1, batches=2, **step_kw):
 
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
-@pytest.mark.parametrize("name", ["vit", "swin", "resnet"])
+@pytest.mark.parametrize("name", ["vit", "swin", "resnet", "convvit"])
 def test_two_backward_equals_summed_loss(name, accum_steps):
     batches = accum_steps
     _, two = _run(name, memory_saving=True, accum_steps=accum_steps, batches=batches)
@@ -310,7 +310,7 @@ def _checkpointed_grads(name, sub, checkpointing, memory_saving=True):
 
 
 @pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
-@pytest.mark.parametrize("name", ["vit", "swin"])
+@pytest.mark.parametrize("name", ["vit", "swin", "convvit"])
 def test_activation_checkpointing_gives_the_gradients_it_does_without(name, sub):
     """The backward recomputes each checkpointed block: the sub pass's drop rates are still in effect for it."""
     expected = _checkpointed_grads(name, sub, checkpointing=False)

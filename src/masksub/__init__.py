@@ -6,6 +6,7 @@ for x, y in loader:
     metrics = step(x, y)
 """
 
+from . import models  # noqa: F401  (registers convvit_* with timm)
 from .adapters import MaskAdapter, list_adapters, register_adapter, resolve_adapter
 from .loss import SubBranchLoss
 from .masking import num_keep, num_masked

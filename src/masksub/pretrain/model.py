@@ -1,12 +1,16 @@
-"""DMJD: a timm ViT encoder on each view's visible tokens, an MAE-style decoder for the masked
-tokens, and the visible-distillation branch that regresses the visible tokens' own targets.
+"""DMJD: an encoder on each view's visible tokens, an MAE-style decoder for the masked tokens, and the
+visible-distillation branch that regresses the visible tokens' own targets.
 
     model = DMJD(timm.create_model("vit_base_patch16_224", num_classes=0))
     losses = model(images)            # images in [0, 1], unnormalized: HOG needs the raw pixels
     losses["loss"].backward()
 
-``method="single"`` is the single-view baseline (MaskFeat / MAE style: one view, no visible
-branch) with the same code. The encoder keeps plain timm names, so its state dict loads into
+The encoder is a timm ``VisionTransformer`` (the MaskFeat-style plain ViT: visible tokens dropped after
+the position embedding) or masksub's ``ConvViT`` (``convvit_base_patch16``, the paper's ConViT: masked
+convolutions, then the transformer on the visible tokens; as in ConvMAE, its two convolution stages'
+maps, taken to the token grid by strided convolutions, are added to the visible tokens before the final
+norm). ``method="single"`` is the single-view baseline (MaskFeat / MAE style: one view, no visible
+branch) with the same code. The encoder keeps its own names, so its state dict loads into
 ``timm.create_model`` for finetuning.
 """
 
@@ -20,6 +24,7 @@ from torch import nn
 
 from ..adapters.vit import TokenDropAdapter
 from ..masking import disjoint_views, gather_tokens
+from ..models.convvit import ConvViT
 from .hog import HOGTargets
 
 
@@ -35,7 +40,7 @@ def _projector(dim: int, hidden: int) -> nn.Sequential:
 class DMJD(nn.Module):
     def __init__(
         self,
-        encoder: VisionTransformer,
+        encoder: VisionTransformer | ConvViT,
         method: str = "dmjd",  # dmjd | single
         views: int = 2,
         corruption: float = 0.6,
@@ -51,17 +56,27 @@ class DMJD(nn.Module):
         std: tuple = (0.229, 0.224, 0.225),
     ):
         super().__init__()
-        if not isinstance(encoder, VisionTransformer):
-            raise TypeError(f"DMJD needs a timm VisionTransformer encoder, got {type(encoder).__name__}")
+        if not isinstance(encoder, (VisionTransformer, ConvViT)):
+            raise TypeError(
+                f"DMJD needs a timm VisionTransformer or a ConvViT (convvit_*) encoder, got {type(encoder).__name__}"
+            )
         if method not in ("dmjd", "single"):
             raise ValueError(f"method must be 'dmjd' or 'single', got {method!r}")
         self.encoder = encoder
         self.method, self.views = method, (views if method == "dmjd" else 1)
         self.corruption, self.prediction, self.block = corruption, prediction, block
-        self.drop = TokenDropAdapter(encoder, ratio=corruption)  # shares the MaskSub ViT token dropping
-        self.patch = encoder.patch_embed.patch_size[0]
-        self.grid = tuple(encoder.patch_embed.grid_size)
-        chans = encoder.patch_embed.proj.in_channels
+        dim = encoder.embed_dim
+        if isinstance(encoder, ConvViT):
+            self.drop = None
+            self.patch, self.grid, chans = encoder.patch_size, encoder.grid_size, encoder.in_chans
+            # each convolution stage's map -> the token grid: a strided convolution within one token
+            later = (encoder.strides[1] * encoder.strides[2], encoder.strides[2])
+            self.fuse = nn.ModuleList(nn.Conv2d(c, dim, k, stride=k) for c, k in zip(encoder.stage_dims, later))
+        else:
+            self.drop = TokenDropAdapter(encoder, ratio=corruption)  # shares the MaskSub ViT token dropping
+            self.patch = encoder.patch_embed.patch_size[0]
+            self.grid = tuple(encoder.patch_embed.grid_size)
+            chans = encoder.patch_embed.proj.in_channels
         if target == "hog":
             self.targets = HOGTargets(cell=min(8, self.patch), patch=self.patch)  # small patches: one cell
             target_dim = self.targets.dim(chans)
@@ -72,7 +87,6 @@ class DMJD(nn.Module):
         self.make_masks(1, "cpu")  # refuse a (corruption, prediction, views, block) that cannot work, now
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-        dim = encoder.embed_dim
         self.decoder_embed = nn.Linear(dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_dim))
         nn.init.normal_(self.mask_token, std=0.02)
@@ -101,6 +115,16 @@ class DMJD(nn.Module):
         m = disjoint_views(batch, self.grid, self.views, self.corruption, prediction, self.block, device)
         return m.visible, m.masked
 
+    def encode(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The encoder's output tokens for the patches ``keep`` (B, K) of ``x``: (B, K, D), in ``keep``'s order."""
+        if self.drop is not None:
+            tokens = self.drop.run_kept(self.encoder.forward_features, x, keep)  # (B, P + K, D)
+            return tokens[:, self.encoder.num_prefix_tokens :]
+        tokens, stages = self.encoder.forward_stages(x, keep)  # (B, K, D), the convolution stages' maps
+        for fuse, stage in zip(self.fuse, stages):
+            tokens = tokens + gather_tokens(fuse(stage).flatten(2).transpose(1, 2), keep)  # (B, N, D) -> (B, K, D)
+        return self.encoder.norm(tokens)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         b = images.shape[0]
         visible, masked = self.make_masks(b, images.device)  # (B, V, K), (B, V, N)
@@ -108,8 +132,7 @@ class DMJD(nn.Module):
         targets = self.make_targets(images)  # (B, N, T)
         x = ((images - self.mean) / self.std).repeat_interleave(v, dim=0)  # (B*V, C, H, W), views adjacent
         keep = visible.flatten(0, 1)  # (B*V, K)
-        tokens = self.drop.run_kept(self.encoder.forward_features, x, keep)  # (B*V, P + K, D)
-        patches = tokens[:, self.encoder.num_prefix_tokens :]  # (B*V, K, D), row i = patch keep[:, i]
+        patches = self.encode(x, keep)  # (B*V, K, D), row i = patch keep[:, i]
 
         # Invisible branch: decode the full grid, score the masked tokens of every view.
         dec = self.decoder_embed(patches)

@@ -24,7 +24,7 @@ class PretrainTrainer(Trainer):
         mean, std = mean_std(cfg, encoder)
         try:
             net = self._dmjd(encoder, mean, std)
-        except TypeError as e:  # not a ViT
+        except TypeError as e:  # not an encoder DMJD takes
             raise ConfigError(f"model.name={cfg.model.name}: {e}") from None
         except ValueError as e:  # views, corruption, prediction and block that cannot work together
             raise ConfigError(f"pretrain.views / corruption / prediction / block / target: {e}") from None

@@ -12,7 +12,7 @@ from torch import nn
 
 MODES = ("none", "full_shard", "shard_grad_op")
 # Attributes that hold a model's repeated blocks: ViT / EVA / DeiT, Swin, ConvNeXt and most CNNs,
-# DMJD's decoder; ResNet's layer1..layer4 are found by name.
+# DMJD's decoder, also numbered per stage (ConvViT's blocks1..blocks3); ResNet's layer1..layer4 by name.
 CONTAINERS = ("blocks", "layers", "stages", "decoder")
 
 
@@ -39,7 +39,7 @@ def units(*modules: nn.Module) -> list[nn.Module]:
     for module in modules:
         for name, child in module.named_children():
             is_stage = name.startswith("layer") and name[5:].isdigit()
-            if name in CONTAINERS and isinstance(child, (nn.Sequential, nn.ModuleList)):
+            if name.rstrip("0123456789") in CONTAINERS and isinstance(child, (nn.Sequential, nn.ModuleList)):
                 found += list(child)
             elif is_stage or (name == "branch" and any(True for _ in child.parameters())):
                 found.append(child)

@@ -1,0 +1,5 @@
+"""Models masksub adds to timm's registry (importing this package registers them)."""
+
+from .convvit import ConvViT
+
+__all__ = ["ConvViT"]
