@@ -86,5 +86,5 @@ def test_pretrain_settings_that_cannot_work_get_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pretrain.views / corruption" in err and "raise the corruption rate to at least 0.500" in err
     assert main(["pretrain", *args(bad, **{"model.name": "resnet18", "model.kwargs": {}})]) == 2
-    assert "model.name=resnet18: DMJD needs a timm VisionTransformer encoder" in capsys.readouterr().err
+    assert "model.name=resnet18: DMJD needs a timm VisionTransformer or a ConvViT" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing is written for a run that cannot start"

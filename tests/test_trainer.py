@@ -227,6 +227,7 @@ def image_folder(tmp_path):
 
 FOLDER = {"data.batch_size": 8, "data.workers": 0, "data.img_size": 32, "train.max_steps": 2}
 VIT_TINY = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "img_size": 32}
+CONVVIT_TINY = {"embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": 2, "img_size": 64}  # 4x4 tokens
 
 
 def test_corrupt_image_reported_and_skipped_or_rejected(tmp_path, image_folder, capsys, caplog):
@@ -267,6 +268,9 @@ def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
         if recipe.endswith(("dmjd", "linprobe")):
             tiny["model.kwargs"] = VIT_TINY
             tiny.update(PRETRAIN_TINY)
+        if recipe.endswith("convvit"):
+            tiny["model.kwargs"] = dict(CONVVIT_TINY, img_size=32, patch_size=[2, 1, 2], fixed_pos_embed=True)
+            tiny.update(PRETRAIN_TINY)
         if recipe.endswith("linprobe"):
             import timm
 
@@ -275,7 +279,16 @@ def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
             tiny["model.checkpoint"] = str(tmp_path / "encoder.pt")
         return tiny
     out = dict(FOLDER)
-    if recipe.startswith(("dmjd", "maskfeat")):
+    if "convvit" in recipe:
+        out.update(PRETRAIN_TINY if recipe.startswith("dmjd") else {}, **{"data.img_size": 64})
+        out["model.kwargs"] = CONVVIT_TINY
+        if recipe.endswith("finetune"):
+            import timm
+
+            weights = timm.create_model("convvit_base_patch16", num_classes=0, **CONVVIT_TINY).state_dict()
+            torch.save(weights, tmp_path / "encoder.pt")
+            out["model.checkpoint"] = str(tmp_path / "encoder.pt")
+    elif recipe.startswith(("dmjd", "maskfeat")):
         out.update(PRETRAIN_TINY, **{"model.kwargs": VIT_TINY})
     elif recipe.startswith(("deit3", "mae", "clip")):
         kwargs = dict(VIT_TINY)
