@@ -240,7 +240,7 @@ def markdown(data: dict) -> str:
 
 def flops_table(args) -> None:
     """FLOPs per image of the main and MaskSub 0.5 sub pass (forward+backward): hardware-independent."""
-    names = args.models.split(",") if args.models else list(PAPER_MODELS)
+    names = args.models.split(",") if args.models else [*PAPER_MODELS, "convvit_base_patch16"]
     lines = [
         f"`python {' '.join(sys.argv)}`; torch {torch.__version__}, timm {timm.__version__}; "
         f"torch.utils.flop_counter, forward+backward, {args.img} px.",

@@ -132,7 +132,7 @@ def test_dmjd_encoder_learns_and_its_tokens_see_only_their_view():
 
 
 def test_pretrain_then_finetune_with_masksub_on_fashion_mnist(tmp_path, capsys):
-    kwargs = {"img_size": 32, "patch_size": [2, 1, 2], "embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": 2}
+    kwargs = {"img_size": 32, "patch_size": [2, 2, 1], "embed_dim": [8, 16, 32], "depth": [1, 1, 1], "num_heads": 2}
     common = {"data.train_subset": 128, "data.batch_size": 64, "data.workers": 0, "train.output": str(tmp_path)}
     pre = {**common, "model.kwargs": {**kwargs, "fixed_pos_embed": True}, "sched.epochs": 1, "train.name": "pre"}
     pre |= {"pretrain.decoder_dim": 16, "pretrain.decoder_depth": 1, "pretrain.decoder_heads": 2}

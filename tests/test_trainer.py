@@ -269,7 +269,7 @@ def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
             tiny["model.kwargs"] = VIT_TINY
             tiny.update(PRETRAIN_TINY)
         if recipe.endswith("convvit"):
-            tiny["model.kwargs"] = dict(CONVVIT_TINY, img_size=32, patch_size=[2, 1, 2], fixed_pos_embed=True)
+            tiny["model.kwargs"] = dict(CONVVIT_TINY, img_size=32, patch_size=[2, 2, 1], fixed_pos_embed=True)
             tiny.update(PRETRAIN_TINY)
         if recipe.endswith("linprobe"):
             import timm
