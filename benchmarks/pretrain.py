@@ -2,7 +2,7 @@
 
     python benchmarks/pretrain.py --scale cpu                  # ViT 4x96, 6,000 images, minutes on 2 cores
     python benchmarks/pretrain.py --scale gpu --jobs 7         # ViT 6x192, 60k images, data on the GPU
-    python benchmarks/pretrain.py --throughput-only            # only the ViT-B/16 step throughput (GPU, a minute)
+    python benchmarks/pretrain.py --throughput-only            # only the ViT-B/16 and ConViT-B step throughput (GPU)
     python benchmarks/pretrain.py --scale tiny                 # seconds; the test suite
 
 Pretrains DMJD and the single-view baseline for the same epochs, and the baseline again for DMJD's
@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,42 +83,59 @@ def step_time_ratio(s: dict, device: str, batch: int = 128) -> float:
     return times["dmjd"] / times["single"]
 
 
-def throughput(batch: int = 64, steps: int = 20) -> dict:
-    """Images/s of a DMJD and a single-view training step at ViT-B/16, 224 px, bf16 (GPU)."""
+ENCODERS = {"ViT-B/16": "vit_base_patch16_224", "ConViT-B": "convvit_base_patch16"}  # the paper's two backbones
+
+
+def throughput(
+    batch: int = 64, steps: int = 20, device: str = "cuda", size: int = 224, encoder_kwargs: dict | None = None
+) -> dict:
+    """Images/s of a DMJD and a single-view training step per encoder, ``size`` px, bf16 on a GPU
+    (``encoder_kwargs``: per encoder label, smaller settings for a CPU check)."""
     import timm
 
     from masksub.pretrain import DMJD
 
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     out = {}
-    for method in ("dmjd", "single"):
-        model = DMJD(timm.create_model("vit_base_patch16_224", num_classes=0), method=method).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-        x = torch.rand(batch, 3, 224, 224, device="cuda")
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for i in range(steps + 5):
-            if i == 5:
-                start.record()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(x)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        end.record()
-        torch.cuda.synchronize()
-        s = start.elapsed_time(end) / 1000 / steps
-        out[method] = {"s_per_step": s, "images_per_s": batch / s}
-        del model, opt
-        torch.cuda.empty_cache()
+    for label, name in ENCODERS.items():
+        for method in ("dmjd", "single"):
+            encoder = timm.create_model(name, num_classes=0, img_size=size, **(encoder_kwargs or {}).get(label, {}))
+            model = DMJD(encoder, method=method).to(dev)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+            x = torch.rand(batch, 3, size, size, device=dev)
+            for i in range(steps + 5):
+                if i == 5:  # after the warm-up
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = model(x)["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / steps
+            row = {"s_per_step": seconds, "images_per_s": batch / seconds, "batch": batch, "px": size, "bf16": cuda}
+            out.setdefault(label, {})[method] = row
+            del model, opt
+            if cuda:
+                torch.cuda.empty_cache()
     return out
 
 
 def throughput_line(t: dict) -> str:
-    speeds = ", ".join(
-        f"{m} {v['images_per_s']:.0f} images/s ({v['s_per_step'] * 1000:.1f} ms/step)" for m, v in t.items()
-    )
-    return f"ViT-B/16, 224 px, batch 64, bf16: {speeds}; DMJD / single-view step time " + (
-        f"{t['dmjd']['s_per_step'] / t['single']['s_per_step']:.2f}."
-    )
+    lines = []
+    for label, methods in t.items():
+        speeds = ", ".join(
+            f"{m} {v['images_per_s']:.0f} images/s ({v['s_per_step'] * 1000:.1f} ms/step)" for m, v in methods.items()
+        )
+        d, single = methods["dmjd"], methods["single"]
+        setting = f"{d['px']} px, batch {d['batch']}, {'bf16' if d['bf16'] else 'fp32'}"
+        ratio = d["s_per_step"] / single["s_per_step"]
+        lines.append(f"{label}, {setting}: {speeds}; DMJD / single-view step time {ratio:.2f}.")
+    return "\n\n".join(lines)
 
 
 def write_throughput(out: Path) -> None:
@@ -127,7 +145,7 @@ def write_throughput(out: Path) -> None:
     meta = {"command": "python " + " ".join(sys.argv), "hardware": hardware(), "torch": torch.__version__}
     line = f"Command: `{meta['command']}`; {meta['hardware']}; torch {meta['torch']}.\n\n{throughput_line(t)}\n"
     (out / "pretrain_throughput.md").write_text(line)
-    (out / "pretrain_throughput.json").write_text(json.dumps({"meta": meta, "vit_b16_throughput": t}, indent=1))
+    (out / "pretrain_throughput.json").write_text(json.dumps({"meta": meta, "throughput": t}, indent=1))
     print(line)
 
 
@@ -137,8 +155,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="concurrent training processes")
     p.add_argument("--reuse", action="store_true", help="read finished runs in the output folder, don't rerun them")
-    p.add_argument("--throughput", action="store_true", help="also time ViT-B/16 steps (needs a GPU)")
-    p.add_argument("--throughput-only", action="store_true", help="only time the ViT-B/16 steps, no training")
+    p.add_argument("--throughput", action="store_true", help="also time ViT-B/16 and ConViT-B steps (GPU)")
+    p.add_argument("--throughput-only", action="store_true", help="only time the ViT-B/16 and ConViT-B steps")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     s = SCALES[args.scale]
@@ -212,7 +230,7 @@ def main() -> None:
         "concurrent_jobs": args.jobs,
     }
     if args.throughput:
-        meta["vit_b16_throughput"] = throughput()
+        meta["throughput"] = throughput()
     lines = [
         f"Command: `{meta['command']}`; {meta['hardware']}; torch {meta['torch']}.",
         f"ViT {s['kwargs']} on {s['images'] or 60000} Fashion-MNIST images; linear probe {s['probe']} and "
@@ -234,7 +252,7 @@ def main() -> None:
         )
     lines.append(f"| none (from scratch) | 0 | 0 | - | - | {scores['scratch-finetune']['final_top1']:.2f} |")
     if args.throughput:
-        lines += ["", throughput_line(meta["vit_b16_throughput"])]
+        lines += ["", throughput_line(meta["throughput"])]
     (out / f"pretrain_{args.scale}.md").write_text("\n".join(lines) + "\n")
     runs_json = {**results, "scratch": scores["scratch-finetune"]}
     (out / f"pretrain_{args.scale}.json").write_text(json.dumps({"meta": meta, "runs": runs_json}, indent=1))

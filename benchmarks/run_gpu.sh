@@ -2,7 +2,7 @@
 # The GPU scale of the benchmarks on one GPU, in parts that each take a few minutes:
 #
 #   bash benchmarks/run_gpu.sh eager [DEST]     # tests/test_gpu.py, step cost of the 4 models (eager),
-#                                               # DMJD vs single-view ViT-B/16 step throughput
+#                                               # DMJD vs single-view step throughput, ViT-B/16 and ConViT-B
 #   bash benchmarks/run_gpu.sh compiled [DEST]  # step cost with torch.compile (merges into step_cost.json)
 #   bash benchmarks/run_gpu.sh checkpointing [DEST]  # step cost with activation checkpointing (merges too)
 #   bash benchmarks/run_gpu.sh accuracy [DEST]  # Fashion-MNIST ViT 6x192, 25 epochs: all 15 runs at once

@@ -143,3 +143,21 @@ def test_run_cli_never_reads_a_stale_run_and_continues_an_unfinished_one(tmp_pat
     assert len(resumed["records"]) == 2 and not (tmp_path / "p-1").exists(), "continued in place"
     a, b = checkpoint.load(tmp_path / "r-1" / "last.pt"), checkpoint.load(tmp_path / "p" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "as if never stopped"
+
+
+def test_pretrain_throughput_times_both_backbones(monkeypatch):
+    """The GPU throughput part (ViT-B/16 and ConViT-B, DMJD and single view) at a CPU size: it runs and reports."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from pretrain import throughput, throughput_line
+
+    tiny = {
+        "ViT-B/16": dict(depth=1, embed_dim=32, num_heads=2),
+        "ConViT-B": dict(embed_dim=(8, 16, 32), depth=(1, 1, 1), num_heads=2),
+    }
+    t = throughput(batch=2, steps=1, device="cpu", size=64, encoder_kwargs=tiny)  # 4x4 tokens each
+    assert {label: sorted(m) for label, m in t.items()} == {
+        "ViT-B/16": ["dmjd", "single"],
+        "ConViT-B": ["dmjd", "single"],
+    }
+    line = throughput_line(t)
+    assert "ConViT-B, 64 px, batch 2, fp32: dmjd" in line and line.count("DMJD / single-view step time") == 2
