@@ -166,7 +166,7 @@ def test_mask_token_is_saved_and_trained():
     assert wrapped.branch.mask_token.ndim == 1  # 1-D: no weight decay under timm's param groups
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "naflex"])
+@pytest.mark.parametrize("name", ["vit", "swin", "naflex", "convvit"])
 def test_torch_compile_two_graphs_no_breaks(name):
     counters.clear()
     torch._dynamo.reset()
@@ -179,7 +179,7 @@ def test_torch_compile_two_graphs_no_breaks(name):
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "resnet", "naflex"])
+@pytest.mark.parametrize("name", ["vit", "swin", "resnet", "naflex", "convvit"])
 def test_compiled_sub_branch_stays_masked_beside_other_compiled_instances(name):
     # Dynamo shares graphs across instances of a class and does not guard on module hooks: a compiled
     # plain instance must not hand its unmasked graph to the wrapped model's sub pass.
