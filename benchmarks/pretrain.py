@@ -2,6 +2,7 @@
 
     python benchmarks/pretrain.py --scale cpu                  # ViT 4x96, 6,000 images, minutes on 2 cores
     python benchmarks/pretrain.py --scale gpu --jobs 7         # ViT 6x192, 60k images, data on the GPU
+    python benchmarks/pretrain.py --scale cpu --encoder convvit   # the same with ConViT (results *_convvit)
     python benchmarks/pretrain.py --throughput-only            # only the ViT-B/16 and ConViT-B step throughput (GPU)
     python benchmarks/pretrain.py --scale tiny                 # seconds; the test suite
 
@@ -61,6 +62,16 @@ SCALES = {
 }
 
 
+# The same comparison with ConViT (masked-convolution stages, then ViT blocks) as the encoder:
+# per scale, a width and depth like the ViT's, tokens of the same size (8, 4 and 4 pixels).
+CONVVIT = {
+    "tiny": dict(img_size=32, patch_size=(2, 2, 2), embed_dim=(8, 16, 32), depth=(1, 1, 1), num_heads=2),
+    "cpu": dict(img_size=32, patch_size=(2, 2, 1), embed_dim=(32, 64, 96), depth=(1, 1, 3), num_heads=3),
+    "gpu": dict(img_size=32, patch_size=(2, 2, 1), embed_dim=(64, 128, 192), depth=(1, 1, 5), num_heads=3),
+}
+ENCODER_NAMES = {"vit": "vit_tiny_patch16_224", "convvit": "convvit_base_patch16"}
+
+
 def step_time_ratio(s: dict, device: str, batch: int = 128) -> float:
     """DMJD's step time over the single-view step's at this scale's encoder and decoder, timed alone."""
     import timm
@@ -74,7 +85,7 @@ def step_time_ratio(s: dict, device: str, batch: int = 128) -> float:
     dd, depth, heads = s["decoder"]
     steps = {}
     for method in ("dmjd", "single"):
-        encoder = timm.create_model("vit_tiny_patch16_224", in_chans=1, num_classes=0, **s["kwargs"])
+        encoder = timm.create_model(s["name"], in_chans=1, num_classes=0, **s["kwargs"])
         net = DMJD(encoder, method, decoder_dim=dd, decoder_depth=depth, decoder_heads=heads, projector_dim=dd,
                    mean=(MEAN,), std=(STD,)).to(dev)  # fmt: skip
         step = masksub.Step(net, torch.optim.AdamW(net.parameters(), betas=(0.9, 0.95)), None)
@@ -152,6 +163,7 @@ def write_throughput(out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
+    p.add_argument("--encoder", choices=tuple(ENCODER_NAMES), default="vit", help="convvit: ConViT at the same scale")
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="concurrent training processes")
     p.add_argument("--reuse", action="store_true", help="read finished runs in the output folder, don't rerun them")
@@ -159,15 +171,19 @@ def main() -> None:
     p.add_argument("--throughput-only", action="store_true", help="only time the ViT-B/16 and ConViT-B steps")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
-    s = SCALES[args.scale]
+    s = dict(SCALES[args.scale], name=ENCODER_NAMES[args.encoder])
+    if args.encoder == "convvit":
+        s["kwargs"] = CONVVIT[args.scale]
+    label = f"{args.scale}_convvit" if args.encoder == "convvit" else args.scale  # result and run folder names
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.throughput_only:
         write_throughput(out)
         return
-    runs = out / f"pretrain_{args.scale}_runs"
+    runs = out / f"pretrain_{label}_runs"
     dd, depth, heads = s["decoder"]
     data = {
+        "model.name": s["name"],
         "model.kwargs": s["kwargs"],
         "data.img_size": 32,
         "data.train_subset": s["images"],
@@ -178,6 +194,7 @@ def main() -> None:
     }
     pre = {
         **data,
+        "model.kwargs": {**s["kwargs"], "fixed_pos_embed": True} if args.encoder == "convvit" else s["kwargs"],
         "sched.epochs": s["pretrain"],
         "pretrain.decoder_dim": dd,
         "pretrain.decoder_depth": depth,
@@ -233,7 +250,8 @@ def main() -> None:
         meta["throughput"] = throughput()
     lines = [
         f"Command: `{meta['command']}`; {meta['hardware']}; torch {meta['torch']}.",
-        f"ViT {s['kwargs']} on {s['images'] or 60000} Fashion-MNIST images; linear probe {s['probe']} and "
+        f"{'ConViT' if args.encoder == 'convvit' else 'ViT'} {s['kwargs']} on {s['images'] or 60000} "
+        f"Fashion-MNIST images; linear probe {s['probe']} and "
         f"finetune (MaskSub 0.5) {s['finetune']} epochs; one seed. DMJD step time / single-view step time "
         f"{ratio:.2f} (timed alone), so the equal-compute single-view run has {equal} epochs.",
         *(
@@ -253,9 +271,9 @@ def main() -> None:
     lines.append(f"| none (from scratch) | 0 | 0 | - | - | {scores['scratch-finetune']['final_top1']:.2f} |")
     if args.throughput:
         lines += ["", throughput_line(meta["throughput"])]
-    (out / f"pretrain_{args.scale}.md").write_text("\n".join(lines) + "\n")
+    (out / f"pretrain_{label}.md").write_text("\n".join(lines) + "\n")
     runs_json = {**results, "scratch": scores["scratch-finetune"]}
-    (out / f"pretrain_{args.scale}.json").write_text(json.dumps({"meta": meta, "runs": runs_json}, indent=1))
+    (out / f"pretrain_{label}.json").write_text(json.dumps({"meta": meta, "runs": runs_json}, indent=1))
     print("\n".join(lines))
 
 

@@ -105,12 +105,20 @@ def test_accuracy_tiny_resnet(tmp_path):
     assert "| mask | 0.5 |" in (tmp_path / "accuracy_tiny_resnet.md").read_text()
 
 
-def test_pretrain_tiny(tmp_path):
-    _run("pretrain.py", "--scale", "tiny", "--device", "cpu", "--jobs", "2", "--out", str(tmp_path))
-    md = (tmp_path / "pretrain_tiny.md").read_text()
+@pytest.mark.parametrize("encoder", ["vit", "convvit"])
+def test_pretrain_tiny(tmp_path, encoder):
+    _run(
+        "pretrain.py", "--scale", "tiny", "--encoder", encoder, "--device", "cpu", "--jobs", "2", "--out", str(tmp_path)
+    )
+    label = "tiny" if encoder == "vit" else "tiny_convvit"
+    md = (tmp_path / f"pretrain_{label}.md").read_text()
     for name in ("dmjd", "single", "single-equal-time", "none (from scratch)"):
         assert f"| {name} |" in md
-    data = json.loads((tmp_path / "pretrain_tiny.json").read_text())
+    assert md.count("ConViT {") == (encoder == "convvit")
+    data = json.loads((tmp_path / f"pretrain_{label}.json").read_text())
+    assert (
+        data["meta"]["setting"]["name"] == {"vit": "vit_tiny_patch16_224", "convvit": "convvit_base_patch16"}[encoder]
+    )
     runs, equal = data["runs"], data["meta"]["equal_time_epochs"]
     assert equal == max(1, round(data["meta"]["step_time_ratio_dmjd_over_single"]))  # 1 epoch x the ratio
     assert [runs[n]["epochs"] for n in ("dmjd", "single", "single-equal-time")] == [1, 1, equal]
