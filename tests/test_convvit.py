@@ -149,3 +149,22 @@ def test_pretrain_then_finetune_with_masksub_on_fashion_mnist(tmp_path, capsys):
     assert "missing keys ['head.bias', 'head.weight']" in capsys.readouterr().out
     record = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["top1"] is not None and record["train_loss_sub"] > 0
+
+
+def test_weights_from_another_image_size_load_with_resampled_positions(tmp_path):
+    from masksub.train import checkpoint
+
+    small = timm.create_model("convvit_base_patch16", **{**KW, "num_classes": 0})  # 64 px: 4x4 tokens
+    torch.save(small.state_dict(), tmp_path / "encoder.pt")
+    large = timm.create_model("convvit_base_patch16", **{**KW, "img_size": 96})  # 6x6 tokens
+    missing, unexpected = checkpoint.load_pretrained(large, tmp_path / "encoder.pt")
+    assert missing == ["head.bias", "head.weight"] and unexpected == []
+    assert large.pos_embed.shape == (1, 36, 32)
+    assert torch.equal(large.blocks1[0].attn.weight, small.blocks1[0].attn.weight)
+    from timm.layers import resample_abs_pos_embed
+
+    small.pos_embed.data.normal_()  # pretrained positions, not the sin-cos start
+    torch.save(small.state_dict(), tmp_path / "encoder.pt")
+    checkpoint.load_pretrained(large, tmp_path / "encoder.pt")
+    expected = resample_abs_pos_embed(small.pos_embed.data, [6, 6], [4, 4], num_prefix_tokens=0)
+    assert torch.equal(large.pos_embed.data, expected)

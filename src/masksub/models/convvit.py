@@ -25,7 +25,15 @@ from functools import partial
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvMlp, DropPath, LayerNorm, LayerNorm2d, build_sincos2d_pos_embed, trunc_normal_
+from timm.layers import (
+    ConvMlp,
+    DropPath,
+    LayerNorm,
+    LayerNorm2d,
+    build_sincos2d_pos_embed,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -226,6 +234,19 @@ class ConvViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state: dict, model: ConvViT) -> dict:
+    """Weights saved at another image size: the position embedding is resampled to this model's grid
+    (``masksub train --model.checkpoint`` applies it)."""
+    pos = state.get("pos_embed")
+    if pos is None or pos.shape == model.pos_embed.shape or pos.shape[-1] != model.embed_dim:
+        return state
+    side = math.isqrt(pos.shape[1])
+    if side * side != pos.shape[1]:
+        return state  # not a square grid: reported as a shape mismatch
+    pos = resample_abs_pos_embed(pos, list(model.grid_size), [side, side], num_prefix_tokens=0)
+    return {**state, "pos_embed": pos}
 
 
 def _cfg(**kwargs) -> dict:
