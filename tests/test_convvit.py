@@ -9,13 +9,14 @@ import timm
 import torch
 from conftest import TINY, tiny_images, tiny_model
 from test_trainer import args
+from timm.layers import resample_abs_pos_embed
 from timm.optim import create_optimizer_v2
 
 import masksub
 from masksub.cli import main
 from masksub.models import ConvViT
 from masksub.pretrain import DMJD
-from masksub.train import sharding
+from masksub.train import checkpoint, sharding
 
 KW = TINY["convvit"][1]  # 64x64 images, 16-pixel tokens: a 4x4 grid
 
@@ -152,8 +153,6 @@ def test_pretrain_then_finetune_with_masksub_on_fashion_mnist(tmp_path, capsys):
 
 
 def test_weights_from_another_image_size_load_with_resampled_positions(tmp_path):
-    from masksub.train import checkpoint
-
     small = timm.create_model("convvit_base_patch16", **{**KW, "num_classes": 0})  # 64 px: 4x4 tokens
     torch.save(small.state_dict(), tmp_path / "encoder.pt")
     large = timm.create_model("convvit_base_patch16", **{**KW, "img_size": 96})  # 6x6 tokens
@@ -161,8 +160,6 @@ def test_weights_from_another_image_size_load_with_resampled_positions(tmp_path)
     assert missing == ["head.bias", "head.weight"] and unexpected == []
     assert large.pos_embed.shape == (1, 36, 32)
     assert torch.equal(large.blocks1[0].attn.weight, small.blocks1[0].attn.weight)
-    from timm.layers import resample_abs_pos_embed
-
     small.pos_embed.data.normal_()  # pretrained positions, not the sin-cos start
     torch.save(small.state_dict(), tmp_path / "encoder.pt")
     checkpoint.load_pretrained(large, tmp_path / "encoder.pt")
