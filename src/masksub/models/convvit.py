@@ -39,7 +39,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..masking import gather_tokens
+from ..masking import gather_tokens, upsample_mask
 
 
 class ConvBlock(nn.Module):
@@ -183,9 +183,9 @@ class ConvViT(nn.Module):
     def _visible_maps(self, keep: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept tokens (B, K) -> 1/0 maps at stage 1 and stage 2 resolution, (B, 1, H_s, W_s)."""
         gh, gw = self.grid_size
-        tokens = keep.new_zeros(batch, gh * gw, dtype=torch.float32).scatter_(1, keep, 1.0).view(batch, 1, gh, gw)
-        stage2 = tokens.repeat_interleave(self.strides[2], 2).repeat_interleave(self.strides[2], 3)
-        return stage2.repeat_interleave(self.strides[1], 2).repeat_interleave(self.strides[1], 3), stage2
+        tokens = keep.new_zeros(batch, gh * gw, dtype=torch.float32).scatter_(1, keep, 1.0).view(batch, gh, gw)
+        stage2 = upsample_mask(tokens, self.strides[2])
+        return upsample_mask(stage2, self.strides[1]).unsqueeze(1), stage2.unsqueeze(1)
 
     def _run(self, block: nn.Module, *args):
         if self.grad_checkpointing and torch.is_grad_enabled():
