@@ -62,9 +62,15 @@ def _planned_epochs(folder: Path) -> int | None:
 
 
 def hardware(device: str = "auto") -> str:
+    """The GPU's name, or 'CPU <model name from /proc/cpuinfo, else the architecture>, N cores'."""
     if torch.cuda.is_available() and device != "cpu":
         return torch.cuda.get_device_name()
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores"
+    model = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        model = names[0] if names else model
+    return f"CPU {model}, {os.cpu_count()} cores"
 
 
 def alternating_step_times(steps: dict[str, Callable], cuda: bool, warmup: int = 5, rounds: int = 5, calls: int = 5):

@@ -21,7 +21,6 @@ import argparse
 import gc
 import itertools
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from common import hardware
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -162,9 +162,15 @@ def seconds_per_step(step, x, y, device, iters) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def bench_model(name, batch, args, device):
+def mode_name(compile_: bool, checkpointing: bool) -> str:
+    return ("compiled" if compile_ else "eager") + (" + checkpointing" if checkpointing else "")
+
+
+def bench_model(name, batch, args, device, run_info: dict):
     """Per compile mode: build and warm up every variant, measure each one's peak memory alone, then time
-    them in interleaved rounds (the order rotates each round) so drifts in clocks or load hit all alike."""
+    them in interleaved rounds (the order rotates each round) so drifts in clocks or load hit all alike.
+    ``run_info`` (command, hardware, date) is stored beside each mode's rows: rows merged from several
+    runs keep their own provenance."""
     tiny = args.scale == "tiny"
     img = TINY_MODELS[name][1] if tiny else args.img
     unit = TINY_MODELS[name][2] if tiny else 32
@@ -173,30 +179,36 @@ def bench_model(name, batch, args, device):
     y = torch.randint(0, 1000, (batch,), device=device)
     row = {"batch": batch, "img": img, "flops": flops(make_model(name, tiny, device), x[:8], y[:8], unit)}
     row["flop_ideal_ratio"] = (row["flops"]["main"] + row["flops"]["sub"]) / row["flops"]["main"]
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    for compile_ in modes:
-        mode = ("compiled" if compile_ else "eager") + (" + checkpointing" if args.grad_checkpointing else "")
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    # With --grad-checkpointing each variant is also built with checkpointing, and both kinds are timed in
+    # the same interleaved rounds: the cost of checkpointing is a ratio within one run.
+    checkpointing = [False, True] if args.grad_checkpointing else [False]
+    for compile_ in compile_modes:
+        configs = [(mode_name(compile_, ckpt), ckpt, v) for ckpt in checkpointing for v in VARIANTS]
         steps, peaks = {}, {}
-        for variant in VARIANTS:
+        for mode, ckpt, variant in configs:
             cl = name.startswith("resnet") and device.type == "cuda"
-            model = make_model(name, tiny, device, channels_last=cl, checkpointing=args.grad_checkpointing)
+            model = make_model(name, tiny, device, channels_last=cl, checkpointing=ckpt)
             step, net, opt = make_step(variant, model, device, amp_dtype, unit, compile_)
             for _ in range(args.warmup):
                 step(x, y)
-            peaks[variant] = peak_memory(step, net, opt, x, y, args.iters)
-            steps[variant] = step
-        times = {variant: [] for variant in VARIANTS}
+            peaks[mode, variant] = peak_memory(step, net, opt, x, y, args.iters)
+            steps[mode, variant] = step
+        times = {key: [] for key in steps}
+        keys = list(steps)
         for r in range(args.repeats):
-            for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
-                times[variant].append(seconds_per_step(steps[variant], x, y, device, args.iters))
-        for variant, ts in times.items():
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                times[key].append(seconds_per_step(steps[key], x, y, device, args.iters))
+        for (mode, variant), ts in times.items():
             row[f"{mode}/{variant}"] = {
                 "s_per_step": statistics.fmean(ts),
                 "spread": statistics.stdev(ts) if len(ts) > 1 else 0.0,
                 "images_per_s": batch / statistics.fmean(ts),
-                "peak_gib": peaks[variant],
+                "peak_gib": peaks[mode, variant],
             }
-            print(f"{name:32s} {mode:8s} {variant:10s} {statistics.fmean(ts) * 1000:9.2f} ms/step", flush=True)
+            print(f"{name:32s} {mode:24s} {variant:10s} {statistics.fmean(ts) * 1000:9.2f} ms/step", flush=True)
+        for mode in dict.fromkeys(mode for mode, _, _ in configs):
+            row.setdefault("runs", {})[mode] = run_info
         del steps, step, net, opt, model
         gc.collect()
         if device.type == "cuda":
@@ -204,22 +216,33 @@ def bench_model(name, batch, args, device):
     return row
 
 
+MODES = ("eager", "compiled", "eager + checkpointing", "compiled + checkpointing")
+
+
 def markdown(data: dict) -> str:
     meta = data["meta"]
+    runs = []  # each distinct run (command, hardware, date), numbered in time order in the table's "run" column
+    for row in data["models"].values():
+        for info in row.get("runs", {}).values():
+            if info not in runs:
+                runs.append(info)
+    runs.sort(key=lambda r: r["date"])
     lines = [
-        f"Hardware: {meta['hardware']}; torch {meta['torch']}, timm {meta['timm']}; {meta['precision']}.",
-        f"Commands: {'; '.join(f'`{c}`' for c in meta['commands'])}",
+        f"torch {meta['torch']}, timm {meta['timm']}; {meta['precision']}. Runs:",
+        "",
+        *(f"{i}. `{r['command']}` on {r['hardware']}, {r['date']}" for i, r in enumerate(runs, 1)),
         "",
         f"Peak memory: {meta.get('memory', 'CUDA allocator peak')}.",
         "",
-        "| model | batch | mode | plain ms | masksub ms | research ms | masksub / plain | research / plain "
+        "| model | batch | mode | run | plain ms | masksub ms | research ms | masksub / plain | research / plain "
         "| FLOP-ideal | timm loop / plain | plain peak GiB | masksub / plain peak | research / plain peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in data["models"].items():
-        for mode in ("eager", "compiled", "eager + checkpointing", "compiled + checkpointing"):
+        for mode in MODES:
             if f"{mode}/plain" not in row:
                 continue
+            run = row.get("runs", {}).get(mode)
             t = {v: row[f"{mode}/{v}"] for v in VARIANTS}
             ms = {v: t[v]["s_per_step"] * 1000 for v in VARIANTS}
             sd = {v: t[v]["spread"] * 1000 for v in VARIANTS}
@@ -230,12 +253,46 @@ def markdown(data: dict) -> str:
                 else "n/a | n/a | n/a"
             )
             lines.append(
-                f"| {name} | {row['batch']} | {mode} | {ms['plain']:.1f} ± {sd['plain']:.1f} | "
+                f"| {name} | {row['batch']} | {mode} | {runs.index(run) + 1 if run else '-'} | "
+                f"{ms['plain']:.1f} ± {sd['plain']:.1f} | "
                 f"{ms['masksub']:.1f} ± {sd['masksub']:.1f} | {ms['research']:.1f} ± {sd['research']:.1f} | "
                 f"{ms['masksub'] / ms['plain']:.3f} | {ms['research'] / ms['plain']:.3f} | "
                 f"{row['flop_ideal_ratio']:.3f} | {ms['timm_loop'] / ms['plain']:.3f} | {mem} |"
             )
+    lines += checkpointing_table(data)
     return "\n".join(lines) + "\n"
+
+
+def checkpointing_table(data: dict) -> list[str]:
+    """What activation checkpointing costs and saves: each step with it over the same step without, for rows
+    timed in the same rounds of one run (``--grad-checkpointing``)."""
+    out = []
+    for name, row in data["models"].items():
+        runs = row.get("runs", {})
+        for base in ("eager", "compiled"):
+            ck = f"{base} + checkpointing"
+            if ck not in runs or runs[ck] != runs.get(base):
+                continue
+            ratio = {
+                (v, k): row[f"{ck}/{v}"][k] / row[f"{base}/{v}"][k] if row[f"{base}/{v}"][k] else float("nan")
+                for v in ("plain", "masksub")
+                for k in ("s_per_step", "peak_gib")
+            }
+            out.append(
+                f"| {name} | {row['batch']} | {base} | {ratio['plain', 's_per_step']:.3f} | "
+                f"{ratio['masksub', 's_per_step']:.3f} | {ratio['plain', 'peak_gib']:.3f} | "
+                f"{ratio['masksub', 'peak_gib']:.3f} |"
+            )
+    if not out:
+        return []
+    return [
+        "",
+        "Activation checkpointing, timed in the same rounds as the steps without it (with / without):",
+        "",
+        "| model | batch | mode | plain time | masksub time | plain peak | masksub peak |",
+        "|---|---|---|---|---|---|---|",
+        *out,
+    ]
 
 
 def flops_table(args) -> None:
@@ -303,23 +360,22 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("step_cost.json" if args.scale == "gpu" else f"step_cost_{args.scale}.json")
     data = json.loads(path.read_text()) if path.is_file() else {"meta": {"commands": []}, "models": {}}
-    hardware = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    )
+    hw = hardware(device.type)
     data["meta"].update(
         torch=torch.__version__,
         timm=timm.__version__,
-        hardware=hardware,
+        hardware=hw,
         precision="bf16 autocast, AdamW" if args.amp == "bf16" else "fp32, AdamW",
         memory="tensor memory (parameters, buffers, optimizer state, gradients, activations; not the inputs) at "
         "its peak over steps after the warm-up: "
         + ("the CUDA allocator's peak" if device.type == "cuda" else "the profiler's CPU allocation and free events"),
     )
-    data["meta"]["commands"] = sorted(set(data["meta"]["commands"]) | {"python " + " ".join(sys.argv)})
+    command = "python " + " ".join(sys.argv)
+    data["meta"]["commands"] = sorted(set(data["meta"]["commands"]) | {command})
+    run_info = {"command": command, "hardware": hw, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     for name, batch in table.items():
-        data["models"][name] = {**data["models"].get(name, {}), **bench_model(name, batch, args, device)}
+        old, new = data["models"].get(name, {}), bench_model(name, batch, args, device, run_info)
+        data["models"][name] = {**old, **new, "runs": {**old.get("runs", {}), **new["runs"]}}
         path.write_text(json.dumps(data, indent=2))  # after each model: a cut-off run keeps what it measured
         path.with_suffix(".md").write_text(markdown(data))
     print(markdown(data))

@@ -57,13 +57,38 @@ def test_step_cost_tiny(tmp_path):
             assert row["flop_ideal_ratio"] == pytest.approx(2.0, rel=0.01)
     md = (tmp_path / "step_cost_tiny.md").read_text()
     assert "masksub / plain" in md and md.count("| eager |") == 3
-    # Activation checkpointing rows merge beside the others, and hold fewer activations at the peak.
-    _run("step_cost.py", "--scale", "tiny", "--out", str(tmp_path), "--grad-checkpointing")
+    first = {name: row["runs"]["eager"] for name, row in data["models"].items()}
+    # With --grad-checkpointing a second run times every variant with and without checkpointing in the same
+    # rounds: its rows replace the eager ones, each mode records the run it came from, and checkpointing
+    # holds fewer activations at the peak.
+    vit = "vit_tiny_patch16_224"
+    _run("step_cost.py", "--scale", "tiny", "--out", str(tmp_path), "--grad-checkpointing", "--models", vit)
     data = json.loads((tmp_path / "step_cost_tiny.json").read_text())
     for name, row in data["models"].items():
-        assert row["eager + checkpointing/masksub"]["peak_gib"] < row["eager/masksub"]["peak_gib"], name
+        if name == vit:
+            assert row["runs"]["eager + checkpointing"] == row["runs"]["eager"] != first[name]
+            assert "--grad-checkpointing" in row["runs"]["eager"]["command"]
+            assert row["eager + checkpointing/masksub"]["peak_gib"] < row["eager/masksub"]["peak_gib"], name
+        else:
+            assert row["runs"] == {"eager": first[name]} and "eager + checkpointing/plain" not in row
     md = (tmp_path / "step_cost_tiny.md").read_text()
-    assert md.count("| eager |") == 3 and md.count("| eager + checkpointing |") == 3
+    main_rows = [line for line in md.splitlines() if line.count("|") == 15]
+    assert [line.split(" | ")[2:4] for line in main_rows[2:]] == [
+        ["eager", "2"],
+        ["eager + checkpointing", "2"],
+        ["eager", "1"],
+        ["eager", "1"],
+    ]
+    assert (
+        "\n1. `python " in md
+        and "\n2. `python " in md
+        and "--grad-checkpointing --models vit_tiny_patch16_224` on CPU" in md
+    )
+    # The with / without table: one row, for the one model timed both ways in one run.
+    (ck,) = [line for line in md.splitlines() if line.count("|") == 8 and line.startswith("| vit")]
+    row = data["models"][vit]
+    peak = row["eager + checkpointing/masksub"]["peak_gib"] / row["eager/masksub"]["peak_gib"]
+    assert ck.split(" | ")[2] == "eager" and ck.split(" | ")[-1] == f"{peak:.3f} |"
 
 
 def test_accuracy_tiny(tmp_path):
