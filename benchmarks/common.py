@@ -1,7 +1,9 @@
-"""Shared by the benchmark scripts: run `masksub` commands as processes, time steps side by side."""
+"""Shared by the benchmark scripts: run `masksub` commands as processes, time steps side by side, measure the
+tensor memory a CPU step allocates."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -93,3 +95,16 @@ def alternating_step_times(steps: dict[str, Callable], cuda: bool, warmup: int =
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """The peak of the tensor memory that ``fn()`` allocates on the CPU, over what was allocated before it:
+    the CPU has no allocator statistics, so the profiler's allocation and free events are summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))

@@ -8,7 +8,10 @@ all-reduce rounds (every bucket once per synced backward) and the gradient eleme
 optimizer step. Expected: 1, 1 and 2 rounds.
 FSDP (`fully_shard` on every block and the root; torch >= 2.6): counts the reduce-scatters
 (`ReduceScatterCount`) and the gradient elements they reduce. Expected: one per sharded module for
-the plain and MaskSub steps, two for the research-style step.
+the plain and MaskSub steps, two for the research-style step, and one per module and backward for
+MaskSub with `sync_every_backward=True`. Under FSDP it also measures each process's peak tensor memory in
+an optimizer step without accumulation (the profiler's allocation events, over what the process held
+before the step): an unsynced main backward holds whole gradients until the sub backward reduces them.
 Writes results/ddp_comm.json and results/ddp_comm.md.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from common import cpu_peak_bytes
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
@@ -36,7 +41,15 @@ try:
 except ImportError:  # torch < 2.6
     fully_shard = None
 
-STEPS = ("plain", "masksub", "research")
+STEPS = ("plain", "masksub", "masksub_every", "research")  # masksub_every: sync_every_backward=True
+
+
+STEP_NAMES = {
+    "plain": "plain",
+    "masksub": "MaskSub",
+    "masksub_every": "MaskSub, sync_every_backward",
+    "research": "research-code style",
+}
 
 
 def build(tiny: bool) -> torch.nn.Module:
@@ -86,6 +99,23 @@ def measure(kind: str, model, step, args, size: int, counter) -> dict:
     }
 
 
+def step_peak_mib(kind: str, model, step, batch: int, size: int, repeats: int = 3) -> float:
+    """Peak tensor memory of one optimizer step, over what was held before it (the optimizer state made by a
+    step before it; the gradients set to None, as every step starts); the median of `repeats` steps, as the
+    collectives' buffers are not always freed at the same point."""
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    if kind == "research":
+        one = lambda: research_step(model, step.optimizer, x, y, step.loss.sub_loss)  # noqa: E731
+    else:
+        one = lambda: step(x, y)  # noqa: E731
+    peaks = []
+    one()  # makes the optimizer state
+    for _ in range(repeats):
+        step.optimizer.zero_grad(set_to_none=True)
+        peaks.append(cpu_peak_bytes(one) / 2**20)
+    return statistics.median(peaks)
+
+
 class DDPCounter:
     """The all-reduces a DDP model's hook counts between entering and leaving."""
 
@@ -116,8 +146,13 @@ def worker(rank: int, world: int, init: str, args, out: str) -> None:
                 model = net = shard(net)
                 counter = ReduceScatterCount
             opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-            step = masksub.Step(model, opt, torch.nn.CrossEntropyLoss(), accum_steps=args.accum)
+            every = kind == "masksub_every"
+            loss = torch.nn.CrossEntropyLoss()
+            step = masksub.Step(model, opt, loss, accum_steps=args.accum, sync_every_backward=every)
             results[parallel][kind] = measure(kind, model, step, args, size, counter)
+            if parallel == "fsdp":
+                step = masksub.Step(model, opt, loss, sync_every_backward=every)  # no accumulation
+                results[parallel][kind]["peak_mib"] = step_peak_mib(kind, model, step, args.batch, size)
         if parallel == "fsdp":
             results["fsdp_modules"] = 1 + len(build(args.tiny).blocks)
     if rank == 0:
@@ -159,10 +194,27 @@ def main() -> None:
         for kind, r in results.get(parallel, {}).items():
             ratio = r["elements_per_step"][-1] / r["gradient_elements"]
             lines.append(
-                f"| {label} | {kind} | {r['accum_steps']} | {r['reduction_rounds_per_step'][-1]} | {ratio:.2f} |"
+                f"| {label} | {STEP_NAMES[kind]} | {r['accum_steps']} | {r['reduction_rounds_per_step'][-1]} | "
+                f"{ratio:.2f} |"
             )
     if "fsdp_modules" in results:
-        lines += ["", f"FSDP shards {results['fsdp_modules']} modules (every block and the root)."]
+        fsdp = results["fsdp"]
+        whole = fsdp["plain"]["gradient_elements"] * 4 / 2**20
+        lines += [
+            "",
+            f"FSDP shards {results['fsdp_modules']} modules (every block and the root).",
+            "",
+            f"FSDP, peak tensor memory of one optimizer step (no accumulation) on process 0, over what it held "
+            f"before the step; the model's whole fp32 gradients are {whole:.1f} MiB, a shard of them "
+            f"{whole / args.world:.1f} MiB:",
+            "",
+            "| step | peak MiB | / plain |",
+            "|---|---|---|",
+            *(
+                f"| {STEP_NAMES[k]} | {r['peak_mib']:.1f} | {r['peak_mib'] / fsdp['plain']['peak_mib']:.2f} |"
+                for k, r in fsdp.items()
+            ),
+        ]
     (out / "ddp_comm.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

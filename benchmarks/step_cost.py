@@ -29,8 +29,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from common import hardware
-from torch.profiler import ProfilerActivity, profile
+from common import cpu_peak_bytes, hardware
 from torch.utils.flop_counter import FlopCounterMode
 
 import masksub
@@ -131,13 +130,7 @@ def peak_memory(step, net, opt, x, y, iters: int) -> float:
             step(x, y)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - held + held_by(net, opt)) / 2**30
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for _ in range(iters):
-            step(x, y)
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    return (held_by(net, opt) + max(itertools.accumulate((e.nbytes() for e in events), initial=0))) / 2**30
+    return (held_by(net, opt) + cpu_peak_bytes(lambda: [step(x, y) for _ in range(iters)])) / 2**30
 
 
 def held_by(net, opt) -> int:

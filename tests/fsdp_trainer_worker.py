@@ -52,6 +52,7 @@ if __name__ == "__main__":
         "ddp": ("train", VIT),
         "fsdp": ("train", {**VIT, "train.fsdp": "full_shard"}),
         "part": ("train", {**VIT, "train.fsdp": "full_shard", "train.max_steps": 3}),
+        "fsdp_every": ("train", {**VIT, "train.fsdp": "full_shard", "train.fsdp_sync_every_backward": True}),
         "swin_ddp": ("train", {**SWIN, "train.amp": "bf16"}),
         "swin": ("train", {**SWIN, "train.fsdp": "shard_grad_op", "train.amp": "bf16"}),
         "pretrain": ("pretrain", PRETRAIN),

@@ -24,20 +24,25 @@ def _run(script: str, *args: str) -> None:
 def test_ddp_comm_counts_one_one_two(tmp_path):
     _run("ddp_comm.py", "--tiny", "--out", str(tmp_path))
     results = json.loads((tmp_path / "ddp_comm.json").read_text())["results"]
-    for kind, expected in (("plain", 1), ("masksub", 1), ("research", 2)):
+    # 2 micro-batches per step: sync_every_backward reduces at each of their 4 backwards
+    for kind, expected in (("plain", 1), ("masksub", 1), ("masksub_every", 4), ("research", 2)):
         r = results["ddp"][kind]
         assert r["reduction_rounds_per_step"] == [expected] * 3, kind
         assert r["elements_per_step"] == [expected * r["gradient_elements"]] * 3, kind
     md = (tmp_path / "ddp_comm.md").read_text()
-    assert "| DDP (all-reduce rounds) | research | 1 | 2 | 2.00 |" in md
+    assert "| DDP (all-reduce rounds) | research-code style | 1 | 2 | 2.00 |" in md
     if not results["fsdp"]:
         return  # torch < 2.6: no fully_shard
     modules, fsdp = results["fsdp_modules"], results["fsdp"]
     plain = fsdp["plain"]["elements_per_step"]
     assert plain[0] >= fsdp["plain"]["gradient_elements"]  # every gradient (padded to the world size)
-    for kind, expected in (("plain", 1), ("masksub", 1), ("research", 2)):
+    for kind, expected in (("plain", 1), ("masksub", 1), ("masksub_every", 4), ("research", 2)):
         assert fsdp[kind]["reduction_rounds_per_step"] == [expected * modules] * 3, kind
         assert fsdp[kind]["elements_per_step"] == [expected * plain[0]] * 3, kind
+    # peak memory is measured, not asserted: every FSDP step has a row
+    assert all(r["peak_mib"] > 0 for r in fsdp.values())
+    memory = md.split("peak tensor memory")[1]
+    assert all(f"| {name} | " in memory for name in ("plain", "MaskSub", "MaskSub, sync_every_backward"))
 
 
 def test_step_cost_tiny(tmp_path):

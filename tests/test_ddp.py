@@ -25,6 +25,7 @@ MASK_UNITS = {"vit": 64, "swin": 16}  # random numbers each sample's mask draws 
 CASES = [("vit", 1, "masksub"), ("vit", 2, "masksub"), ("swin", 1, "masksub"), ("resnet", 1, "masksub")]
 # "summed": both forwards, then one backward of the summed loss (as MaskSubTrainer does)
 CASES += [("vit", 1, "research"), ("vit", 2, "summed"), ("bert", 1, "masksub"), ("bert", 1, "summed")]
+CASES += [("vit", 2, "every")]  # masksub with sync_every_backward: every backward reduces
 try:  # timm's own task (two forwards, one backward), where timm's task API is new enough
     from masksub.task import MaskSubTask
 
@@ -36,8 +37,9 @@ try:  # FSDP on CPU (torch >= 2.6): blocks and root sharded; clipping by the nor
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     FSDP_CASES = [("vit", 1, "plain"), ("vit", 1, "masksub"), ("vit", 2, "masksub"), ("vit", 1, "summed")]
-    FSDP_CASES = [(*case, "fsdp2") for case in [*FSDP_CASES, ("swin", 1, "masksub")]]
+    FSDP_CASES = [(*case, "fsdp2") for case in [*FSDP_CASES, ("swin", 1, "masksub"), ("vit", 2, "every")]]
     FSDP_CASES += [("vit", 1, "plain", "fsdp1"), ("vit", 2, "masksub", "fsdp1"), ("swin", 1, "masksub", "fsdp1")]
+    FSDP_CASES += [("vit", 2, "every", "fsdp1")]
 except ImportError:
     FSDP_CASES = []
 FSDP_CLIP = 0.2  # below the tiny models' gradient norms: clipping changes the update
@@ -97,6 +99,7 @@ def _train(name, accum, kind, rank=0, world=1, parallel="ddp"):
         accum_steps=accum,
         memory_saving=kind != "summed",
         clip_grad=FSDP_CLIP if fsdp else None,
+        sync_every_backward=kind == "every",
     )
     xs, ys = _data(name, STEPS * accum)
     per_rank = BATCH // world
@@ -178,7 +181,7 @@ def ddp_results(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_ddp_allreduce_count_and_rank_agreement(ddp_results, case):
     ((counts0, numels0), state0), ((counts1, _), state1) = ddp_results[0][case], ddp_results[1][case]
-    expected = 2 if case[2] == "research" else 1
+    expected = {"research": 2, "every": 2 * case[1]}.get(case[2], 1)
     assert counts0 == counts1 == [expected] * STEPS, f"gradient all-reduces per optimizer step: {counts0}"
     grad_numel = sum(v.numel() for k, v in state0.items() if v.is_floating_point() and "running" not in k)
     assert numels0 == [expected * grad_numel] * STEPS, "each gradient must be sent once per all-reduce"
@@ -202,13 +205,15 @@ def test_ddp_equals_single_process_full_batch(ddp_results, case):
 
 @pytest.mark.parametrize("case", FSDP_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_fsdp_reduces_once_per_module_and_equals_single_process(ddp_results, case):
-    """FSDP: as many gradient reduce-scatters per optimizer step as the plain step (one per sharded module);
-    the gradient norm clipped is the full model's, so is the norm of the gradients clipped (the last entry);
-    the weights are one process's."""
+    """FSDP: as many gradient reduce-scatters per optimizer step as the plain step (one per sharded module),
+    or with sync_every_backward one per module and backward (2 per micro-batch); the gradient norm clipped
+    is the full model's, so is the norm of the gradients clipped (the last entry); the weights are one
+    process's."""
     ((counts0, norms0), state0), ((counts1, norms1), _) = (r[case] for r in ddp_results)
-    name = case[0]
+    name, accum, kind = case[:3]
     modules = 1 + len(tiny_model(name).blocks if name == "vit" else tiny_model(name).layers)
-    assert counts0 == counts1 == [modules] * STEPS, f"gradient reduce-scatters per optimizer step: {counts0}"
+    per_step = modules * 2 * accum if kind == "every" else modules
+    assert counts0 == counts1 == [per_step] * STEPS, f"gradient reduce-scatters per optimizer step: {counts0}"
     (_, single_norms), single = _train(*case[:3], parallel=case[3])  # one process, unsharded, same clipping
     assert norms0 == norms1
     torch.testing.assert_close(torch.tensor(norms0), torch.tensor(single_norms), rtol=1e-4, atol=1e-6)

@@ -27,7 +27,7 @@ def runs(tmp_path_factory):
     ranks = run_worker("fsdp_trainer_worker.py", out)
     for rank in ranks:
         assert rank["codes"] == dict.fromkeys(
-            ["ddp", "fsdp", "part", "swin_ddp", "swin", "pretrain", "ddp_droppath", "fsdp_droppath_ckpt"]
+            ["ddp", "fsdp", "part", "fsdp_every", "swin_ddp", "swin", "pretrain", "ddp_droppath", "fsdp_droppath_ckpt"]
             + ["ddp_compiled", "fsdp_compiled", "resume"],
             0,
         )
@@ -57,6 +57,14 @@ def test_fsdp_trains_as_ddp_does(runs):
     for a, b in zip(_metrics(runs / "fsdp"), _metrics(runs / "ddp"), strict=True):
         assert (a["top1"], a["ema_top1"]) == (b["top1"], b["ema_top1"])  # 201 images split 101 / 100
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_fsdp_sync_every_backward_trains_as_ddp_does(runs):
+    """train.fsdp_sync_every_backward (a reduce-scatter at every backward): DDP's weights and accuracy."""
+    ddp, every = checkpoint.load(runs / "ddp"), checkpoint.load(runs / "fsdp_every")
+    _assert_same(every["model"], ddp["model"], atol=1e-6)
+    assert every["config"]["train"]["fsdp_sync_every_backward"] and every["position"]["global_step"] == 4
+    assert [m["top1"] for m in _metrics(runs / "fsdp_every")] == [m["top1"] for m in _metrics(runs / "ddp")]
 
 
 def test_fsdp_compiled_trains_as_ddp_compiled(runs):

@@ -197,6 +197,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
         (["--train.fsdp", "full_shard", "--train.amp", "fp16"], "train.amp=fp16 cannot run with train.fsdp"),
         (["--train.fsdp", "shard_grad_op", "--train.linprobe", "true"], "train.linprobe cannot run with train.fsdp"),
         (["--train.fsdp", "full_shard", "--optim.clip_mode", "agc"], "optim.clip_mode=agc cannot run with"),
+        (["--train.fsdp_sync_every_backward", "true"], "without FSDP the gradients are whole on every process"),
         (
             ["--recipe", "fashion_mnist_resnet", "--data.img_size", "30"],
             "resnet18 cannot take 1 x 30 x 30 images (data.in_chans, data.img_size; sub.kind=mask, sub.unit=4): "

@@ -84,6 +84,11 @@ class Step:
             optimizer step. The result then has ``skipped=True``.
         backward: a function to back-propagate each loss with instead of ``loss.backward()``, which scales the
             loss itself: ``fabric.backward`` for a model and optimizer set up by Lightning Fabric (required there).
+        sync_every_backward: reduce the gradients across processes at every backward (main, sub, every
+            micro-batch) instead of once per optimizer step. Under FSDP the gradients then stay sharded
+            between backwards, where an unsynced backward holds every sharded module's whole gradient on
+            every process until the synced one; the price is one reduce-scatter per backward instead of one
+            per step. Under DDP, whose gradients are whole on every process anyway, it only adds all-reduces.
 
     Returns a dict of detached tensors (``loss``, ``loss_main``, ``loss_sub``,
     ``logits`` and, on update steps with norm clipping, ``grad_norm``) plus
@@ -108,6 +113,7 @@ class Step:
         memory_saving: bool = True,
         skip_nonfinite: bool = False,
         backward: Callable | None = None,
+        sync_every_backward: bool = False,
     ):
         if criterion is None or isinstance(criterion, SubBranchLoss):
             self.loss = criterion
@@ -122,6 +128,7 @@ class Step:
         self.model, self.optimizer = model, optimizer
         self.accum_steps, self.clip_grad, self.clip_mode = accum_steps, clip_grad, clip_mode
         self.memory_saving, self.skip_nonfinite = memory_saving, skip_nonfinite
+        self.sync_every_backward = sync_every_backward
         self._finite: torch.Tensor | bool = True  # all losses of the window finite (a device tensor)
         self.device_type = next(model.parameters()).device.type
         sync = engine(model)  # the module that reduces gradients (inside a Fabric wrapper)
@@ -173,7 +180,7 @@ class Step:
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
     def _no_sync(self):
-        return no_sync(self.model)
+        return nullcontext() if self.sync_every_backward else no_sync(self.model)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.backward_fn is not None:
@@ -229,7 +236,7 @@ class Step:
             with self._autocast():
                 # Unsynced main forward: DDP then broadcasts buffers before it and not again before the
                 # sub forward, which would overwrite in place buffers the main graph saved (BERT's ids).
-                with self._no_sync():
+                with no_sync(self.model):  # no backward here: also with sync_every_backward
                     main = logits_of(self._forward(x))
                 loss_main = self.loss.main_loss(main, target)
                 with last():  # DDP decides at the forward whether the backward all-reduces

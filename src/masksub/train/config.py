@@ -133,6 +133,8 @@ class TrainConfig:
     resume: str | None = None  # checkpoint file or run folder to continue
     linprobe: bool = False  # train only a BatchNorm (no affine) + linear head on the frozen model
     fsdp: str = "none"  # none | full_shard | shard_grad_op: shard with FSDP (fully_shard) under torchrun
+    # FSDP: reduce-scatter at every backward, keeping gradients sharded between them (less memory, more traffic)
+    fsdp_sync_every_backward: bool = False
 
 
 @dataclass
@@ -374,6 +376,12 @@ def validate(cfg: Config) -> None:
         for key, (refuse, why) in refused.items():
             if refuse:
                 raise ConfigError(f"{key} cannot run with train.fsdp={cfg.train.fsdp}: {why} (or set train.fsdp none)")
+    if cfg.train.fsdp_sync_every_backward and cfg.train.fsdp == "none":
+        raise ConfigError(
+            "train.fsdp_sync_every_backward keeps FSDP's gradients sharded between backwards; without FSDP the "
+            "gradients are whole on every process and it would only add all-reduces: set train.fsdp full_shard "
+            "(or shard_grad_op), or leave it false"
+        )
     if (cfg.optim.lr is None) == (cfg.optim.base_lr is None):
         raise ConfigError("set exactly one of optim.lr (absolute) and optim.base_lr (scaled by batch / 256)")
 

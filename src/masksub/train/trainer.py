@@ -182,6 +182,7 @@ class Trainer:
             amp=cfg.train.amp,
             memory_saving=s.memory_saving,
             skip_nonfinite=True,
+            sync_every_backward=cfg.train.fsdp_sync_every_backward,
         )
         self.amp_dtype = self.step.amp_dtype
         # Per-rank streams for masks, dropout and mixup; rank 0's equals a single-process run.
