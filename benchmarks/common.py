@@ -63,16 +63,25 @@ def _planned_epochs(folder: Path) -> int | None:
     return yaml.safe_load(config.read_text())["sched"]["epochs"] if config.is_file() else None
 
 
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")  # x86 instructions that compute or convert bf16
+
+
 def hardware(device: str = "auto") -> str:
-    """The GPU's name, or 'CPU <model name from /proc/cpuinfo, else the architecture>, N cores'."""
+    """The GPU's name, or 'CPU <model name>, N cores, <torch's vector ISA>, bf16 instructions: <flags>'.
+
+    Machines sold under one model name differ in the instructions that matter most here (bf16 autocast
+    on a CPU runs several times slower without them), so the CPU's string names them."""
     if torch.cuda.is_available() and device != "cpu":
         return torch.cuda.get_device_name()
-    model = platform.machine()
+    model, flags = platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        model = names[0] if names else model
-    return f"CPU {model}, {os.cpu_count()} cores"
+        fields = [ln.split(":", 1) for ln in cpuinfo.read_text().splitlines() if ":" in ln]
+        model = next((v.strip() for k, v in fields if k.strip() == "model name"), model)
+        flags = set(next((v.split() for k, v in fields if k.strip() == "flags"), []))
+    bf16 = ", ".join(f for f in BF16_FLAGS if f in flags) or ("none" if flags else "unknown")
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"CPU {model}, {os.cpu_count()} cores, {isa}, bf16 instructions: {bf16}"
 
 
 def alternating_step_times(steps: dict[str, Callable], cuda: bool, warmup: int = 5, rounds: int = 5, calls: int = 5):

@@ -49,6 +49,8 @@ def test_step_cost_tiny(tmp_path):
     _run("step_cost.py", "--scale", "tiny", "--out", str(tmp_path))
     data = json.loads((tmp_path / "step_cost_tiny.json").read_text())
     assert set(data["models"]) == {"vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "resnet10t"}
+    # CPUs of one model name differ in their bf16 instructions, which set bf16 autocast's speed: recorded
+    assert "bf16 instructions: " in data["meta"]["hardware"]
     for name, row in data["models"].items():
         for v in ("timm_loop", "plain", "masksub", "research"):
             assert row[f"eager/{v}"]["s_per_step"] > 0
