@@ -10,49 +10,58 @@
 #   bash benchmarks/run_gpu.sh pretrain [DEST]  # DMJD vs single view on Fashion-MNIST, ViT 6x192: 3 pretraining
 #                                               # runs at once, then their 7 probes and finetunes at once
 #
-# Results are written to benchmarks/results/ and, when DEST is given, the part's result files (not
-# the run folders) are copied there too. Python: $PYTHON (default python). Fashion-MNIST is read
-# from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST. The training parts pass --reuse:
-# run again on the same machine after a time limit cut one off, a part reads its finished runs and
-# continues the unfinished ones from their last checkpoint.
+# Results are written to benchmarks/results/. With DEST, the result files (not the run folders) go
+# to DEST as well: the step-cost parts and the test log write there as they go, starting from the
+# committed files so that parts merge, so a part cut off by a time limit leaves what it measured in
+# DEST; the others copy their files there at the end. Python: $PYTHON (default python). Fashion-MNIST
+# is read from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST. The training parts pass
+# --reuse: run again on the same machine after a time limit cut one off, a part reads its finished
+# runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
+part=${1:?"name a part: eager, compiled, checkpointing, accuracy, accuracy_resnet or pretrain"}
+dest=${2:+$(realpath -m "$2")}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RES=benchmarks/results
-part=${1:?"name a part: eager, compiled, checkpointing, accuracy, accuracy_resnet or pretrain"}
-dest=${2:-}
 mkdir -p "$RES"
 
 case $part in
-  eager)
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$RES/gpu_tests.log"
-    $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$RES/gpu_tests.log" ||
-      echo "tests/test_gpu.py FAILED (see $RES/gpu_tests.log); the benchmarks go on" | tee -a "$RES/gpu_tests.log"
-    $PY benchmarks/step_cost.py --compile off
-    $PY benchmarks/pretrain.py --throughput-only
-    files="gpu_tests.log step_cost.json step_cost.md pretrain_throughput.json pretrain_throughput.md" ;;
-  compiled)
-    $PY benchmarks/step_cost.py --compile on
-    files="step_cost.json step_cost.md" ;;
-  checkpointing)
-    $PY benchmarks/step_cost.py --compile off --grad-checkpointing
-    files="step_cost.json step_cost.md" ;;
-  accuracy)
-    $PY benchmarks/accuracy.py --scale gpu --jobs 15 --reuse
-    files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
-  accuracy_resnet)
-    $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet --reuse
-    files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
-  pretrain)
-    $PY benchmarks/pretrain.py --scale gpu --jobs 7 --reuse
-    files="pretrain_gpu.json pretrain_gpu.md" ;;
+  eager) files="gpu_tests.log step_cost.json step_cost.md pretrain_throughput.json pretrain_throughput.md" ;;
+  compiled | checkpointing) files="step_cost.json step_cost.md" ;;
+  accuracy) files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
+  accuracy_resnet) files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
+  pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
   *)
     echo "unknown part '$part': name one of eager, compiled, checkpointing, accuracy, accuracy_resnet, pretrain" >&2
     exit 2 ;;
 esac
 
+out=$RES  # where the step-cost parts and the test log write
 if [ -n "$dest" ]; then
   mkdir -p "$dest"
-  for f in $files; do cp "$RES/$f" "$dest/"; done
+  for f in $files; do
+    if [ -f "$RES/$f" ] && [ ! "$RES/$f" -ef "$dest/$f" ]; then cp "$RES/$f" "$dest/"; fi
+  done
+  out=$dest
 fi
+
+case $part in
+  eager)
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_tests.log"
+    $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$out/gpu_tests.log" ||
+      echo "tests/test_gpu.py FAILED (see gpu_tests.log); the benchmarks go on" | tee -a "$out/gpu_tests.log"
+    $PY benchmarks/step_cost.py --compile off --out "$out"
+    $PY benchmarks/pretrain.py --throughput-only --out "$out" ;;
+  compiled) $PY benchmarks/step_cost.py --compile on --out "$out" ;;
+  checkpointing) $PY benchmarks/step_cost.py --compile off --grad-checkpointing --out "$out" ;;
+  accuracy) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --reuse ;;
+  accuracy_resnet) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet --reuse ;;
+  pretrain) $PY benchmarks/pretrain.py --scale gpu --jobs 7 --reuse ;;
+esac
+
+# one copy of each result file in each place
+for f in $files; do
+  if [ -f "$out/$f" ] && [ ! "$out/$f" -ef "$RES/$f" ]; then cp "$out/$f" "$RES/"; fi
+  if [ -n "$dest" ] && [ -f "$RES/$f" ] && [ ! "$RES/$f" -ef "$dest/$f" ]; then cp "$RES/$f" "$dest/"; fi
+done

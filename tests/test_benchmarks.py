@@ -203,3 +203,34 @@ def test_pretrain_throughput_times_both_backbones(monkeypatch):
     }
     line = throughput_line(t)
     assert "ConViT-B, 64 px, batch 2, fp32: dmjd" in line and line.count("DMJD / single-view step time") == 2
+
+
+FAKE_STEP_COST = """#!/usr/bin/env bash
+# stands in for python: benchmarks/step_cost.py appends its compile mode to <--out>/step_cost.json, then
+# exits with $FAKE_RC (a time limit cutting the part off after it measured)
+out=${@: -1}
+echo -n "${3}," >> "$out/step_cost.json"
+exit ${FAKE_RC:-0}
+"""
+
+
+@pytest.mark.parametrize("cut_off", [False, True])
+def test_run_gpu_writes_step_cost_into_dest_as_it_goes(tmp_path, cut_off):
+    """With DEST, a step-cost part starts from the committed results (parts merge) and writes into DEST
+    as it goes, so what a part measured before a time limit killed it is in DEST."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "run_gpu.sh").write_text((BENCH / "run_gpu.sh").read_text())
+    (repo / "benchmarks" / "results" / "step_cost.json").write_text("eager,")  # the committed eager part
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_STEP_COST)
+    fake.chmod(0o755)
+    dest = tmp_path / "dest"
+    env = {**ENV, "PYTHON": str(fake), "FAKE_RC": "137" if cut_off else "0"}
+    proc = subprocess.run(
+        ["bash", "benchmarks/run_gpu.sh", "compiled", str(dest)], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == (137 if cut_off else 0), proc.stderr
+    assert (dest / "step_cost.json").read_text() == "eager,on,"
+    committed = (repo / "benchmarks" / "results" / "step_cost.json").read_text()
+    assert committed == ("eager," if cut_off else "eager,on,")  # copied back only by a part that finished
