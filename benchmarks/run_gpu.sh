@@ -13,15 +13,15 @@
 # Results are written to benchmarks/results/. With DEST, the result files (not the run folders) go
 # to DEST as well: the step-cost parts and the test log write there as they go, starting from the
 # committed files so that parts merge, so a part cut off by a time limit leaves what it measured in
-# DEST; the others copy their files there at the end. Python: $PYTHON (default python). Fashion-MNIST
-# is read from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST. The training parts pass
-# --reuse: run again on the same machine after a time limit cut one off, a part reads its finished
-# runs and continues the unfinished ones from their last checkpoint.
+# DEST; the others copy their files there at the end. Python: $PYTHON (default python, else
+# python3). Fashion-MNIST is read from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST.
+# The training parts pass --reuse: run again on the same machine after a time limit cut one off, a
+# part reads its finished runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
 part=${1:?"name a part: eager, compiled, checkpointing, accuracy, accuracy_resnet or pretrain"}
 dest=${2:+$(realpath -m "$2")}
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}  # some images have only python3
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RES=benchmarks/results
 mkdir -p "$RES"
