@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --scale gpu --jobs 8 --model resnet   # ResNet-18, 25 epochs, all 60k images
     python benchmarks/accuracy.py --scale cpu                           # ViT 4x96, 8 epochs on 6,000 images
     python benchmarks/accuracy.py --scale cpu --model resnet            # half-width ResNet-18, the same schedule
+    python benchmarks/accuracy.py --scale cpu_long --subs none,mask     # the cpu scale for 30 epochs, not 8
     python benchmarks/accuracy.py --scale tiny                          # seconds; the test suite
     python benchmarks/accuracy.py --scale cpu --ratios-only             # only each sub branch's step cost
 
@@ -46,6 +47,13 @@ SCALES = {
         vit=("vit_tiny_patch16_224", {**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}),
         resnet=("resnet18", {"channels": [32, 64, 128, 256], "stem_width": 32}),
         epochs=8,
+        images=6000,
+        aug="simple",
+    ),
+    "cpu_long": dict(  # the cpu scale for 30 epochs: 1,380 steps instead of 368, past the underfit start
+        vit=("vit_tiny_patch16_224", {**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}),
+        resnet=("resnet18", {"channels": [32, 64, 128, 256], "stem_width": 32}),
+        epochs=30,
         images=6000,
         aug="simple",
     ),
