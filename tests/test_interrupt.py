@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from test_trainer import TINY, args, run_train
 
@@ -92,3 +93,64 @@ def test_torchrun_processes_agree_on_the_step_to_stop_at(tmp_path):
     assert proc.returncode != 0 and "interrupted by SIGTERM in epoch 1, step 2" in proc.stderr, proc.stderr[-3000:]
     state = checkpoint.load(tmp_path / "ddp" / "last.pt")
     assert state["position"]["global_step"] == 2 and len(state["rng"]) == 2
+
+
+SIGNAL_THE_GROUP = """
+import os, sys
+import masksub
+from masksub.cli import main
+from masksub.train import trainer
+
+SIGNUM, WHEN = int(sys.argv[1]), sys.argv[2]
+signal_the_group = lambda: os.killpg(os.getpgrp(), SIGNUM)  # this process and its loader workers
+original_step, calls = masksub.Step.__call__, [0]
+original_evaluate = trainer.evaluate
+
+
+def step(self, x, target=None):
+    calls[0] += 1
+    if WHEN == "step" and calls[0] == 2:
+        signal_the_group()
+    return original_step(self, x, target)
+
+
+class SignalAtSecondBatch:  # the evaluation loader, its workers running
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == 1:
+                signal_the_group()
+            yield batch
+
+
+def evaluate(model, loader, *args):
+    return original_evaluate(model, SignalAtSecondBatch(loader) if WHEN == "eval" else loader, *args)
+
+
+masksub.Step.__call__, trainer.evaluate = step, evaluate
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("when", ["step", "eval"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_with_loader_workers_still_saves(tmp_path, signum, when):
+    """Ctrl-C in a terminal and a preempted job signal every process of the job, DataLoader workers
+    too: the workers leave the signal to the main process, which saves at the next step."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(SIGNAL_THE_GROUP)
+    overrides = {"train.output": str(tmp_path), "train.name": "r", "data.workers": 2, "data.eval_batch_size": 50}
+    cmd = [sys.executable, str(worker), str(int(signum)), when, "train", *args(TINY, **overrides)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    name, step = signal.Signals(signum).name, 2 if when == "step" else 5  # 4 steps an epoch; eval after the 4th
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
+    assert f"interrupted by {name} in epoch {step // 4 + 1}, step {step}" in proc.stderr, proc.stderr[-3000:]
+    assert "DataLoader worker" not in proc.stderr
+    assert proc.stderr.count(f"{name}: stopping after this optimizer step") == 1, "the main process alone handles it"
+    assert checkpoint.load(tmp_path / "r" / "last.pt")["position"]["global_step"] == step

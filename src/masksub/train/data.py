@@ -25,6 +25,7 @@ from torchvision import transforms as T
 from .. import data as fmnist
 from .config import Config, ConfigError
 from .device_data import AUGMENTS, DeviceBatches
+from .interrupt import loader_worker_init
 
 _logger = logging.getLogger("masksub")
 
@@ -256,7 +257,14 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
     pin = device.type == "cuda"
     # An own generator: creating an iterator must not draw from the global stream (masks, dropout).
     loader_rng = torch.Generator().manual_seed(cfg.train.seed)
-    common = dict(num_workers=d.workers, pin_memory=pin, persistent_workers=False, generator=loader_rng)
+    # loader_worker_init: a signal to the whole job (Ctrl-C, preemption) stops the run, not a worker
+    common = dict(
+        num_workers=d.workers,
+        pin_memory=pin,
+        persistent_workers=False,
+        generator=loader_rng,
+        worker_init_fn=loader_worker_init,
+    )
     train = DataLoader(
         Augmented(train_set, train_tf, cfg.train.seed),
         batch_size=d.batch_size,

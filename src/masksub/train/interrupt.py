@@ -5,7 +5,9 @@ update) would leave nothing consistent to save. While training, the signal only 
 loop checks it after each optimizer step, saves ``last.pt`` at that exact position and stops. A
 second signal acts at once, as it would have without this. Under ``torchrun`` the processes agree
 on the step to stop at (the flag is all-reduced every ``poll`` steps), since saving gathers every
-rank's random state.
+rank's random state. DataLoader workers (``loader_worker_init``) pass over the first signal: Ctrl-C
+in a terminal and a preempted job signal every process of the job, and a worker that died of it
+would crash the main process before it could save.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` for DataLoader workers: the first SIGINT or SIGTERM leaves them running (the main
+    process stops the run and shuts them down); a second acts as it would have without this."""
+    for signum in SIGNALS:
+        signal.signal(signum, _pass_over_once)
+
+
+def _pass_over_once(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)
 
 
 class StopRequest:
