@@ -50,7 +50,7 @@ SCALES = {
         images=6000,
         aug="simple",
     ),
-    "cpu_long": dict(  # the cpu scale for 30 epochs: 1,380 steps instead of 368, past the underfit start
+    "cpu_long": dict(  # the cpu scale for 30 epochs: 1,380 steps instead of 368
         vit=("vit_tiny_patch16_224", {**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}),
         resnet=("resnet18", {"channels": [32, 64, 128, 256], "stem_width": 32}),
         epochs=30,
