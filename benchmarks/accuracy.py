@@ -90,6 +90,22 @@ def step_time_ratios(name: str, kwargs: dict, unit: int, batch: int, device: str
     return {kind: t / times["none"] for kind, t in times.items() if kind != "none"}
 
 
+def recorded_ratios(result: Path, model_name: str, model_kwargs: dict, kinds: list) -> dict | None:
+    """The step-cost ratios an earlier result of the same model recorded for every sub branch in ``kinds``.
+
+    A re-timed ratio moves by a few hundredths from call to call, which would change the equal-compute
+    epochs and rerun every finished equal-compute run; adding seeds must not.
+    """
+    if not result.is_file():
+        return None
+    meta = json.loads(result.read_text())["meta"]
+    ratios = meta.get("step_time_ratios_over_plain") or {}
+    same_model = meta["model"]["name"] == model_name and meta["model"]["kwargs"] == model_kwargs
+    needed = [k for k in kinds if k != "none"]
+    found = same_model and "none" in kinds and needed and set(needed) <= set(ratios)
+    return {k: ratios[k] for k in needed} if found else None
+
+
 def write_ratios(stem: Path, ratios: dict, model_name: str, model_kwargs: dict, hw: str) -> None:
     """--ratios-only: each sub branch's step time over the plain step's, as JSON and a markdown table."""
     meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "hardware": hw}
@@ -114,7 +130,12 @@ def main() -> None:
     p.add_argument("--subs", default="none,mask,dropout,droppath")
     p.add_argument("--jobs", type=int, default=1, help="concurrent training processes")
     p.add_argument("--device", default="auto")
-    p.add_argument("--reuse", action="store_true", help="read finished runs in the output folder, don't rerun them")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read finished runs in the output folder, don't rerun them, and keep the step-cost ratios the earlier "
+        "result recorded (so seeds added later get the same equal-compute schedule)",
+    )
     p.add_argument("--ratios-only", action="store_true", help="only time each sub branch's step against the plain one")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
@@ -153,7 +174,12 @@ def main() -> None:
         p.error(
             f"--ratios-only times sub branches against the plain step: --subs must hold none and another ({args.subs})"
         )
-    ratios = step_time_ratios(model_name, model_kwargs, unit, 128, args.device, kinds) if timed else {}
+    recorded = recorded_ratios(Path(args.out) / f"{stem}.json", model_name, model_kwargs, kinds) if args.reuse else None
+    if recorded is not None and not args.ratios_only:
+        print(f"step-cost ratios as recorded in {stem}.json: {recorded}", flush=True)
+        ratios = recorded
+    else:
+        ratios = step_time_ratios(model_name, model_kwargs, unit, 128, args.device, kinds) if timed else {}
     hw = hardware(args.device)
     if args.ratios_only:
         write_ratios(Path(args.out) / f"{stem}_cost", ratios, model_name, model_kwargs, hw)

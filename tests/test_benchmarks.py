@@ -119,6 +119,24 @@ def test_accuracy_ratios_only(tmp_path):
     assert not (tmp_path / "accuracy_tiny.json").exists(), "--ratios-only trains nothing"
 
 
+def test_accuracy_reuse_adds_seeds_on_the_recorded_cost_ratio(tmp_path):
+    args = ("accuracy.py", "--scale", "tiny", "--subs", "none,mask", "--device", "cpu", "--out", str(tmp_path))
+    _run(*args, "--seeds", "0")
+    result = tmp_path / "accuracy_tiny.json"
+    data = json.loads(result.read_text())
+    (timed,) = (tmp_path / "accuracy_tiny_runs").glob("none-equal-time-*ep-s0")
+    # A ratio that re-timing would not give: the plain run at MaskSub's compute becomes 3 epochs.
+    data["meta"]["step_time_ratios_over_plain"]["mask"] = 3.0
+    result.write_text(json.dumps(data))
+    _run(*args, "--seeds", "0,1", "--reuse")
+    data = json.loads(result.read_text())
+    assert data["meta"]["step_time_ratio_mask_over_plain"] == 3.0 and data["meta"]["equal_time_epochs"] == 3
+    folders = {p.name for p in (tmp_path / "accuracy_tiny_runs").iterdir()} - {timed.name}
+    # seed 0's plain and MaskSub runs are read, not rerun (a rerun would take the next free folder, name-1)
+    assert folders == {f"{k}-s{s}" for k in ("mask", "none", "none-equal-time-3ep") for s in (0, 1)}
+    assert "| mask | 0.5 | 1 | 3.00 |" in (tmp_path / "accuracy_tiny.md").read_text()
+
+
 def test_accuracy_tiny_resnet(tmp_path):
     _run(
         "accuracy.py",
