@@ -90,8 +90,8 @@ def step_time_ratios(name: str, kwargs: dict, unit: int, batch: int, device: str
     return {kind: t / times["none"] for kind, t in times.items() if kind != "none"}
 
 
-def recorded_ratios(result: Path, model_name: str, model_kwargs: dict, kinds: list) -> dict | None:
-    """The step-cost ratios an earlier result of the same model recorded for every sub branch in ``kinds``.
+def recorded_ratios(result: Path, model_name: str, model_kwargs: dict, hw: str, kinds: list) -> dict | None:
+    """The step-cost ratios an earlier result recorded for every sub branch in ``kinds``, same model and hardware.
 
     A re-timed ratio moves by a few hundredths from call to call, which would change the equal-compute
     epochs and rerun every finished equal-compute run; adding seeds must not.
@@ -100,10 +100,9 @@ def recorded_ratios(result: Path, model_name: str, model_kwargs: dict, kinds: li
         return None
     meta = json.loads(result.read_text())["meta"]
     ratios = meta.get("step_time_ratios_over_plain") or {}
-    same_model = meta["model"]["name"] == model_name and meta["model"]["kwargs"] == model_kwargs
+    same = meta["model"]["name"] == model_name and meta["model"]["kwargs"] == model_kwargs and meta["hardware"] == hw
     needed = [k for k in kinds if k != "none"]
-    found = same_model and "none" in kinds and needed and set(needed) <= set(ratios)
-    return {k: ratios[k] for k in needed} if found else None
+    return {k: ratios[k] for k in needed} if same and set(needed) <= set(ratios) else None
 
 
 def write_ratios(stem: Path, ratios: dict, model_name: str, model_kwargs: dict, hw: str) -> None:
@@ -134,7 +133,7 @@ def main() -> None:
         "--reuse",
         action="store_true",
         help="read finished runs in the output folder, don't rerun them, and keep the step-cost ratios the earlier "
-        "result recorded (so seeds added later get the same equal-compute schedule)",
+        "result recorded on this hardware (so seeds added later get the same equal-compute schedule)",
     )
     p.add_argument("--ratios-only", action="store_true", help="only time each sub branch's step against the plain one")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -174,13 +173,16 @@ def main() -> None:
         p.error(
             f"--ratios-only times sub branches against the plain step: --subs must hold none and another ({args.subs})"
         )
-    recorded = recorded_ratios(Path(args.out) / f"{stem}.json", model_name, model_kwargs, kinds) if args.reuse else None
-    if recorded is not None and not args.ratios_only:
+    hw = hardware(args.device)
+    reuse_ratios = args.reuse and timed and not args.ratios_only
+    recorded = (
+        recorded_ratios(Path(args.out) / f"{stem}.json", model_name, model_kwargs, hw, kinds) if reuse_ratios else None
+    )
+    if recorded is not None:
         print(f"step-cost ratios as recorded in {stem}.json: {recorded}", flush=True)
         ratios = recorded
     else:
         ratios = step_time_ratios(model_name, model_kwargs, unit, 128, args.device, kinds) if timed else {}
-    hw = hardware(args.device)
     if args.ratios_only:
         write_ratios(Path(args.out) / f"{stem}_cost", ratios, model_name, model_kwargs, hw)
         return
