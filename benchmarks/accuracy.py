@@ -174,11 +174,9 @@ def main() -> None:
             f"--ratios-only times sub branches against the plain step: --subs must hold none and another ({args.subs})"
         )
     hw = hardware(args.device)
-    reuse_ratios = args.reuse and timed and not args.ratios_only
-    recorded = (
-        recorded_ratios(Path(args.out) / f"{stem}.json", model_name, model_kwargs, hw, kinds) if reuse_ratios else None
-    )
-    if recorded is not None:
+    reuse = args.reuse and timed and not args.ratios_only
+    recorded = reuse and recorded_ratios(Path(args.out) / f"{stem}.json", model_name, model_kwargs, hw, kinds)
+    if recorded:
         print(f"step-cost ratios as recorded in {stem}.json: {recorded}", flush=True)
         ratios = recorded
     else:
