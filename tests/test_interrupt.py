@@ -154,3 +154,44 @@ def test_a_signal_to_the_whole_process_group_with_loader_workers_still_saves(tmp
     assert "DataLoader worker" not in proc.stderr
     assert proc.stderr.count(f"{name}: stopping after this optimizer step") == 1, "the main process alone handles it"
     assert checkpoint.load(tmp_path / "r" / "last.pt")["position"]["global_step"] == step
+
+
+RAISE_IN_A_WORKER = """
+import sys
+from masksub.cli import main
+from masksub.train import data
+
+WHERE = sys.argv[1]
+original = data.Augmented.__getitem__
+
+
+def getitem(self, key):  # training keys are (epoch, index), evaluation keys plain indices
+    if (WHERE == "train") == isinstance(key, tuple):
+        raise ValueError(f"a transform failed in the {WHERE} loader")
+    return original(self, key)
+
+
+data.Augmented.__getitem__ = getitem
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["train", "eval"])
+def test_an_error_raised_in_a_loader_worker_ends_the_run(tmp_path, where):
+    """The error reaches the user and the process exits: the workers, which pass over the first
+    SIGTERM, are shut down by the loop, not left to the interpreter's exit (that waited forever)."""
+    script = tmp_path / "raise.py"
+    script.write_text(RAISE_IN_A_WORKER)
+    overrides = {"train.output": str(tmp_path), "train.name": "r", "data.workers": 2, "data.eval_batch_size": 50}
+    cmd = [sys.executable, str(script), where, "train", *args(TINY, **overrides)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)  # seconds when right
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"the run hung after the {where} loader's worker raised")
+    assert proc.returncode == 1, err[-3000:]
+    assert f"ValueError: a transform failed in the {where} loader" in err

@@ -7,7 +7,8 @@ second signal acts at once, as it would have without this. Under ``torchrun`` th
 on the step to stop at (the flag is all-reduced every ``poll`` steps), since saving gathers every
 rank's random state. DataLoader workers (``loader_worker_init``) pass over the first signal: Ctrl-C
 in a terminal and a preempted job signal every process of the job, and a worker that died of it
-would crash the main process before it could save.
+would crash the main process before it could save. For the same reason the loops read their loaders
+through ``worker_batches``, which shuts the workers down however the loop ends.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -39,6 +42,23 @@ def loader_worker_init(worker_id: int) -> None:
 
 def _pass_over_once(signum: int, frame) -> None:
     signal.signal(signum, signal.SIG_DFL)
+
+
+@contextmanager
+def worker_batches(loader: Iterable) -> Iterator[Iterator]:
+    """An iterator over ``loader`` whose worker processes are shut down when the block ends, also on an error.
+
+    Without it, an error raised in a worker (a failing transform) leaves the iterator alive in the
+    traceback's frames; at the interpreter's exit ``multiprocessing`` terminates the workers with one
+    SIGTERM, which ``loader_worker_init`` passes over, and then waits for them forever.
+    """
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
 
 
 class StopRequest:

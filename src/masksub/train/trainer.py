@@ -27,7 +27,7 @@ import masksub
 from . import checkpoint, distributed, sharding
 from .config import Config, ConfigError, dump, from_dict
 from .data import build_datasets, build_loaders
-from .interrupt import Interrupted, StopRequest
+from .interrupt import Interrupted, StopRequest, worker_batches
 from .runlog import RunLog
 
 
@@ -108,15 +108,16 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, blank=N
         for _ in range(most - len(loader)):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 model(blank)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == y[:, None]
-        totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
+    with worker_batches(loader) as batches:
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(x)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == y[:, None]
+            totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
     totals = distributed.sum_tensor(totals)
     return {
         "top1": round(100 * totals[0].item() / totals[2].item(), 3),
@@ -436,34 +437,35 @@ class Trainer:
             desc=f"epoch {self.epoch + 1}/{cfg.sched.epochs}",
             dynamic_ncols=True,
         )
-        for x, y in loaders.train:
-            if self.micro_in_epoch >= per_epoch:
-                break
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if loaders.mixup is not None:
-                x, y = loaders.mixup(x, y)
-            out = self.step(x, y)
-            self.micro_in_epoch += 1
-            seen += len(x)
-            one = torch.ones((), device=self.device)
-            sums = [out["loss"]] + [out.get(k, one * 0) for k in self.LOSS_KEYS] + [one]
-            self.epoch_sums += torch.stack([v.double() for v in sums])
-            bar.update(1)
-            if not out["updated"]:
-                continue
-            self.global_step += 1
-            self._after_update(out, bar, seen / (time.perf_counter() - start))
-            if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
-                self.save()
-            if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
-                bar.close()
-                return "max_steps"
-            signum = self._stop.agreed(self.device, poll=self.global_step % self.stop_poll == 0)
-            if signum:
-                bar.close()
-                return signum
+        with worker_batches(loaders.train) as batches:
+            for x, y in batches:
+                if self.micro_in_epoch >= per_epoch:
+                    break
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if loaders.mixup is not None:
+                    x, y = loaders.mixup(x, y)
+                out = self.step(x, y)
+                self.micro_in_epoch += 1
+                seen += len(x)
+                one = torch.ones((), device=self.device)
+                sums = [out["loss"]] + [out.get(k, one * 0) for k in self.LOSS_KEYS] + [one]
+                self.epoch_sums += torch.stack([v.double() for v in sums])
+                bar.update(1)
+                if not out["updated"]:
+                    continue
+                self.global_step += 1
+                self._after_update(out, bar, seen / (time.perf_counter() - start))
+                if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
+                    self.save()
+                if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
+                    bar.close()
+                    return "max_steps"
+                signum = self._stop.agreed(self.device, poll=self.global_step % self.stop_poll == 0)
+                if signum:
+                    bar.close()
+                    return signum
         bar.close()
         self.epoch_time = time.perf_counter() - start
         return None
