@@ -10,12 +10,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from masksub.cli import main
 from masksub.train import checkpoint
+from masksub.train.config import load_config
 
 TINY = {
     "model.kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2},
@@ -191,6 +194,8 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
         (["--optim.name", "adamww"], "optim.name='adamww' is not a timm optimizer; did you mean adamw"),
         (["--sched.name", "cosin"], "did you mean cosine?"),
         (["--data.in_chans", "2"], "data.in_chans must be 1 (grey) or 3 (RGB), got 2"),
+        (["--aug.mean", "[0.5, 0.5, 0.5]"], "aug.mean has 3 values for data.in_chans=1: give one value per channel"),
+        (["--zzz.qqq", "1"], "unknown config key 'zzz.qqq'; `masksub keys` lists every key"),
         (["--data.img_size", "32"], "built for 28x28 images but data.img_size=32; set model.kwargs img_size: 32"),
         (["--train.fsdp", "full"], "train.fsdp must be one of ('none', 'full_shard', 'shard_grad_op')"),
         (["--train.fsdp", "full_shard"], "shards the model across processes: launch with torchrun"),
@@ -251,6 +256,27 @@ def test_corrupt_image_reported_and_skipped_or_rejected(tmp_path, image_folder, 
     with caplog.at_level("WARNING", logger="masksub"):
         assert main(base + ["--data.corrupt", "skip", "--train.max_steps", "3"]) == 0
     assert "broken.png" in caplog.text
+
+
+def test_grey_training_on_a_colour_folder_normalizes_with_one_statistic(tmp_path, image_folder):
+    """data.in_chans=1 on RGB files: the images are read grey, and the model's RGB mean and std
+    (timm's pretrained configuration) are averaged to one value each."""
+    from masksub.train.data import mean_std
+
+    cfg = load_config("fashion_mnist_resnet", {"data.name": "folder", "data.dir": str(image_folder)})
+    mean, std = mean_std(cfg, timm.create_model("resnet18", in_chans=1))
+    assert mean == pytest.approx((sum(IMAGENET_DEFAULT_MEAN) / 3,)) and std == pytest.approx(
+        (sum(IMAGENET_DEFAULT_STD) / 3,)
+    )
+    cfg.data.in_chans = 3
+    assert mean_std(cfg, timm.create_model("resnet18")) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    cfg.aug.mean, cfg.aug.std = (0.5,), (0.25,)
+    assert mean_std(cfg, None) == ((0.5,) * 3, (0.25,) * 3), "one value stands for every channel"
+
+    overrides = dict(FOLDER, **{"data.name": "folder", "data.dir": str(image_folder), "train.name": "grey"})
+    cli = ["train", "--recipe", "fashion_mnist_resnet", *args(overrides), "--train.output", str(tmp_path)]
+    assert main(cli) == 0
+    assert checkpoint.load(tmp_path / "grey" / "last.pt")["model"]["model.conv1.weight"].shape[1] == 1
 
 
 PRETRAIN_TINY = {

@@ -188,7 +188,7 @@ def all_keys() -> list[str]:
 
 def _unknown(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else "; see `masksub train --help-keys`"
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; `masksub keys` lists every key"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
@@ -340,6 +340,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     if cfg.data.in_chans not in (1, 3):
         raise ConfigError(f"data.in_chans must be 1 (grey) or 3 (RGB), got {cfg.data.in_chans}")
+    for key, values in (("aug.mean", cfg.aug.mean), ("aug.std", cfg.aug.std)):
+        if values is not None and len(values) not in (1, cfg.data.in_chans):
+            raise ConfigError(
+                f"{key} has {len(values)} values for data.in_chans={cfg.data.in_chans}: give one value per "
+                "channel (or one for all)"
+            )
     optimizers = list_optimizers()
     if cfg.optim.name.lower().removeprefix("lookahead_") not in optimizers:
         close = difflib.get_close_matches(cfg.optim.name.lower(), optimizers, n=3, cutoff=0.6)

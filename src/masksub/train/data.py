@@ -152,12 +152,22 @@ class ShardSampler(Sampler):
 
 
 def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
+    """Per-channel normalization: ``aug.mean``/``aug.std``, else the data set's (Fashion-MNIST), else the model's.
+
+    A single value applies to every channel; grey input (``data.in_chans=1``) to a model whose
+    pretrained configuration gives RGB statistics is normalized with their average.
+    """
+    chans = cfg.data.in_chans
     if cfg.aug.mean is not None and cfg.aug.std is not None:
-        return tuple(cfg.aug.mean), tuple(cfg.aug.std)
-    if cfg.data.name == "fashion_mnist":
-        return (fmnist.MEAN,) * cfg.data.in_chans, (fmnist.STD,) * cfg.data.in_chans
-    resolved = resolve_data_config({}, model=model)
-    return tuple(resolved["mean"]), tuple(resolved["std"])
+        mean, std = tuple(cfg.aug.mean), tuple(cfg.aug.std)
+    elif cfg.data.name == "fashion_mnist":
+        mean, std = (fmnist.MEAN,), (fmnist.STD,)
+    else:
+        resolved = resolve_data_config({}, model=model)
+        mean, std = tuple(resolved["mean"]), tuple(resolved["std"])
+        if chans == 1:
+            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return (mean * chans if len(mean) == 1 else mean), (std * chans if len(std) == 1 else std)
 
 
 def build_transforms(cfg: Config, model):
