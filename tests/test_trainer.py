@@ -107,6 +107,7 @@ def test_resume_from_non_matching_checkpoint(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "cannot resume" in err and "model.kwargs" in err
+    assert f"start a new run with --model.checkpoint {part / 'last.pt'}" in err
 
 
 KILLER = textwrap.dedent(

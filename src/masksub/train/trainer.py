@@ -362,8 +362,13 @@ class Trainer:
             if old != new:
                 diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
         if diffs:
+            path = Path(self.cfg.train.resume)
+            weights = path if path.is_file() else path / "last.pt"
             raise ConfigError(
-                "cannot resume: the checkpoint was made with another configuration:\n  " + "\n  ".join(diffs)
+                "cannot resume: the checkpoint was made with another configuration:\n  "
+                + "\n  ".join(diffs)
+                + "\nresume without overriding these keys; to train on from its weights with new settings, start "
+                f"a new run with --model.checkpoint {weights}"
             )
 
     def _resume(self, state: dict, path: str) -> None:
