@@ -280,6 +280,26 @@ def test_grey_training_on_a_colour_folder_normalizes_with_one_statistic(tmp_path
     assert checkpoint.load(tmp_path / "grey" / "last.pt")["model"]["model.conv1.weight"].shape[1] == 1
 
 
+def test_the_validation_split_takes_the_training_split_class_indices(tmp_path, image_folder, capsys):
+    """Each folder split numbers its own classes; a validation split without class0 would shift the labels."""
+    import shutil
+
+    from masksub.train.data import build_datasets
+
+    shutil.rmtree(image_folder / "val" / "class0")
+    cfg = load_config("fashion_mnist_resnet", {"data.name": "folder", "data.dir": str(image_folder)})
+    train, val = build_datasets(cfg)
+    assert train.class_to_idx == val.class_to_idx == {"class0": 0, "class1": 1, "class2": 2}
+    assert sorted(val[i][1] for i in range(len(val))) == [1, 1, 2, 2]
+
+    (image_folder / "val" / "class9").mkdir()
+    shutil.copy(image_folder / "val" / "class1" / "0.png", image_folder / "val" / "class9")
+    cli = ["train", "--recipe", "fashion_mnist_resnet", *args(FOLDER, **{"data.name": "folder"})]
+    assert main(cli + ["--data.dir", str(image_folder), "--train.output", str(tmp_path / "runs")]) == 2
+    assert "val has 1 class folder(s) that train/ lacks (class9)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 PRETRAIN_TINY = {
     "pretrain.decoder_dim": 32,
     "pretrain.decoder_depth": 1,

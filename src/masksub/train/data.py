@@ -55,18 +55,19 @@ class FashionMNIST(Dataset):
 class ImageFolder(Dataset):
     """``root/<class>/<image>`` through timm's folder reader; unreadable images are reported by path."""
 
-    def __init__(self, root: Path, corrupt: str, in_chans: int, subset: int | None = None):
+    def __init__(self, root: Path, corrupt: str, in_chans: int, subset: int | None = None, class_map=None):
         if not root.is_dir():
             raise FileNotFoundError(
                 f"image folder {root} does not exist; data.dir must hold <split>/<class>/<image> folders "
                 "(ImageNet layout), e.g. data.dir=/data/imagenet with train/ and val/ inside"
             )
-        self.reader = create_reader("", root=str(root))
+        self.reader = create_reader("", root=str(root), class_map=class_map or "")
         if len(self.reader) == 0:
             raise FileNotFoundError(f"no images found under {root} (expected <class>/<image> sub-folders)")
         self.corrupt, self.mode = corrupt, "RGB" if in_chans == 3 else "L"
         self.length = min(subset, len(self.reader)) if subset else len(self.reader)
-        self.num_classes = len(getattr(self.reader, "class_to_idx", {})) or None
+        self.class_to_idx: dict = self.reader.class_to_idx
+        self.num_classes = len(self.class_to_idx) or None
         self.reported: set[str] = set()
 
     def __len__(self) -> int:
@@ -224,6 +225,15 @@ def build_datasets(cfg: Config):
         raise ConfigError("data.name=folder needs data.dir (a folder with train/ and val/ class sub-folders)")
     train = ImageFolder(Path(d.dir) / d.train_split, d.corrupt, d.in_chans, d.train_subset)
     val = ImageFolder(Path(d.dir) / d.val_split, d.corrupt, d.in_chans, d.eval_subset)
+    if val.class_to_idx != train.class_to_idx:  # each split numbers its own classes: take the training split's
+        extra = sorted(set(val.class_to_idx) - set(train.class_to_idx))
+        if extra:
+            raise ConfigError(
+                f"{Path(d.dir) / d.val_split} has {len(extra)} class folder(s) that {d.train_split}/ lacks "
+                f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}): the model cannot predict them; "
+                "remove them or add them to the training split"
+            )
+        val = ImageFolder(Path(d.dir) / d.val_split, d.corrupt, d.in_chans, d.eval_subset, train.class_to_idx)
     return train, val
 
 
