@@ -359,15 +359,49 @@ def validate(cfg: Config) -> None:
         check_ratio(cfg.sub.ratio, "sub.ratio")
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    positive = {
-        "data.batch_size": cfg.data.batch_size,
-        "data.img_size": cfg.data.img_size,
-        "sched.epochs": cfg.sched.epochs,
-        "train.accum_steps": cfg.train.accum_steps,
+    d, a, o, t = cfg.data, cfg.aug, cfg.optim, cfg.train
+    at_least = {  # key: (value, the least it may be); None (unset) passes
+        "data.batch_size": (d.batch_size, 1),
+        "data.eval_batch_size": (d.eval_batch_size, 1),
+        "data.img_size": (d.img_size, 1),
+        "sched.epochs": (cfg.sched.epochs, 1),
+        "train.accum_steps": (t.accum_steps, 1),
+        "train.eval_every": (t.eval_every, 1),
+        "train.max_steps": (t.max_steps, 1),
+        "train.max_nonfinite": (t.max_nonfinite, 1),
+        "data.workers": (d.workers, 0),
+        "train.checkpoint_every": (t.checkpoint_every, 0),
+        "sched.warmup_epochs": (cfg.sched.warmup_epochs, 0),
+        "optim.weight_decay": (o.weight_decay, 0),
+        "aug.repeated_aug": (a.repeated_aug, 0),
+        "aug.mixup": (a.mixup, 0),
+        "aug.cutmix": (a.cutmix, 0),
+        "sub.main_weight": (cfg.sub.main_weight, 0),
+        "sub.sub_weight": (cfg.sub.sub_weight, 0),
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, (value, least) in at_least.items():
+        if value is not None and value < least:
+            raise ConfigError(f"{key} must be >= {least}, got {value}")
+    for key, value in {"optim.lr": o.lr, "optim.base_lr": o.base_lr, "optim.clip_grad": o.clip_grad}.items():
+        if value is not None and value <= 0:
+            raise ConfigError(
+                f"{key} must be > 0, got {value}" + ("; leave it unset for no clipping" if "clip" in key else "")
+            )
+    if cfg.sub.temperature <= 0:
+        raise ConfigError(f"sub.temperature must be > 0, got {cfg.sub.temperature}")
+    fractions = {
+        "aug.hflip": a.hflip,
+        "aug.re_prob": a.re_prob,
+        "aug.mixup_prob": a.mixup_prob,
+        "aug.switch_prob": a.switch_prob,
+        "aug.smoothing": a.smoothing,
+        "model.drop_rate": cfg.model.drop_rate,
+        "model.drop_path_rate": cfg.model.drop_path_rate,
+        "train.ema_decay": t.ema_decay,
+    }
+    for key, value in fractions.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}")
     if cfg.model.checkpoint == "???":  # a recipe's marker for weights the user must supply
         raise ConfigError(
             f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "
