@@ -127,8 +127,9 @@ def main():
     plain_acc, plain_time = train(args, False, train_set, test_set)
     sub_acc, sub_time = train(args, True, train_set, test_set)
     print(f"\nafter {args.epochs} epochs on {args.device}:")
-    print(f"  plain                 test accuracy {plain_acc:6.2f}%   {plain_time:6.1f} s")
-    print(f"  {args.sub}sub ratio {args.ratio:<5} test accuracy {sub_acc:6.2f}%   {sub_time:6.1f} s")
+    sub = f"{args.sub}sub ratio {args.ratio}"
+    for name, acc, seconds in (("plain", plain_acc, plain_time), (sub, sub_acc, sub_time)):
+        print(f"  {name:<22} test accuracy {acc:6.2f}%   {seconds:6.1f} s")
     print(f"  difference {sub_acc - plain_acc:+.2f} points at {sub_time / plain_time:.2f}x the training time")
 
 
