@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from masksub.cli import main
 from masksub.train import checkpoint
-from masksub.train.config import load_config
+from masksub.train.config import all_keys, load_config
 
 TINY = {
     "model.kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2},
@@ -220,6 +220,17 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys, cli, message):
     assert main(["train", *cli, "--train.output", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "a run that cannot start writes nothing"
+
+
+def test_keys_lists_every_key_with_the_recipe_value(capsys):
+    assert main(["keys", "--recipe", "mae_finetune_vit_b", "--sub.ratio", "0.25"]) == 0
+    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert list(lines) == [*all_keys()[1:], "recipe"]  # declaration order, recipe last
+    assert lines["optim.layer_decay"] == "0.65" and lines["sub.ratio"] == "0.25"
+    assert lines["model.checkpoint"] == "'???'", "a recipe that needs weights still lists its keys"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "`masksub keys` lists every key" in capsys.readouterr().out
 
 
 @pytest.fixture

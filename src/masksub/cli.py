@@ -1,4 +1,4 @@
-"""``masksub`` command line: a thin layer over ``masksub.train``.
+"""masksub: masked sub-branch self-distillation (MaskSub, DropSub, PathSub) and DMJD pretraining.
 
 masksub train                                  # default recipe: small ViT + MaskSub on Fashion-MNIST
 masksub train --recipe deit3_vit_s_400 --data.dir /data/imagenet --sub.ratio 0.5
@@ -17,10 +17,23 @@ from pathlib import Path
 
 from .data import CorruptDataError
 from .train import checkpoint
-from .train.config import ConfigError, all_keys, apply_overrides, from_dict, list_recipes, load_config, parse_overrides
+from .train.config import (
+    ConfigError,
+    apply_overrides,
+    flat_config,
+    from_dict,
+    list_recipes,
+    load_config,
+    parse_overrides,
+)
 from .train.data import CorruptImageError
 from .train.interrupt import Interrupted
 from .train.trainer import NonFiniteLossError, Trainer
+
+OVERRIDES = (
+    "Any configuration key is set as --section.key value, after the recipe's values: --sub.ratio 0.75 "
+    "--optim.lr 2e-3 --model.kwargs '{img_size: 64}'. `masksub keys` lists every key; `masksub recipes` the recipes."
+)
 
 
 def _seeds(text: str) -> list[int]:
@@ -35,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="masksub", description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
     )
     sub = p.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", allow_abbrev=False, help="train a recipe (dotted overrides: --section.key value)")
+    train = sub.add_parser(
+        "train", allow_abbrev=False, help="train a recipe (dotted overrides: --section.key value)", epilog=OVERRIDES
+    )
     train.add_argument("--recipe", default=None, help="recipe name (see `masksub recipes`) or YAML path")
     train.add_argument("--resume", default=None, help="checkpoint file or run folder to continue exactly")
     ev = sub.add_parser(
@@ -43,21 +58,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--checkpoint", required=True)
     cmp = sub.add_parser(
-        "compare", allow_abbrev=False, help="train plain and with sub branches over seeds; table + plot"
+        "compare",
+        allow_abbrev=False,
+        help="train plain and with sub branches over seeds; table + plot",
+        epilog=OVERRIDES,
     )
     cmp.add_argument("--recipe", default=None)
     cmp.add_argument("--subs", default="none,mask,dropout,droppath", help="comma-separated: none,mask,dropout,droppath")
     cmp.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated integers")
     cmp.add_argument("--output", default="runs/compare")
-    pre = sub.add_parser("pretrain", allow_abbrev=False, help="DMJD pretraining (dotted overrides as for train)")
+    pre = sub.add_parser(
+        "pretrain", allow_abbrev=False, help="DMJD pretraining (dotted overrides as for train)", epilog=OVERRIDES
+    )
     pre.add_argument("--recipe", default="fashion_mnist_dmjd")
     pre.add_argument("--method", choices=("dmjd", "single"), default=None, help="single: one view, no visible branch")
     pre.add_argument("--resume", default=None)
-    lin = sub.add_parser("linprobe", allow_abbrev=False, help="linear probe of a pretrained encoder")
+    lin = sub.add_parser("linprobe", allow_abbrev=False, help="linear probe of a pretrained encoder", epilog=OVERRIDES)
     lin.add_argument("--checkpoint", required=True, help="encoder weights (encoder.pt from masksub pretrain)")
     lin.add_argument("--recipe", default="fashion_mnist_linprobe")
     sub.add_parser("recipes", help="list the bundled recipes")
-    sub.add_parser("keys", help="list every config key")
+    keys = sub.add_parser("keys", help="list every config key with its value in a recipe (default: the default one)")
+    keys.add_argument("--recipe", default=None, help="recipe name or YAML path")
     return p
 
 
@@ -67,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recipes":
             print("\n".join(list_recipes()))
         elif args.command == "keys":
-            print("\n".join(all_keys()))
+            values = flat_config(load_config(args.recipe, parse_overrides(rest), check=False))  # "???": to fill in
+            width = max(map(len, values))
+            print("\n".join(f"{key:<{width}}  {value!r}" for key, value in values.items()))
         elif args.command in ("train", "pretrain", "linprobe"):
             overrides = parse_overrides(rest)
             if args.command == "pretrain" and args.method:

@@ -247,6 +247,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """Every dotted key and its value in ``cfg``, in declaration order."""
+    return _flatten(cfg.to_dict())
+
+
 def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -285,8 +290,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(recipe: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- recipe YAML <- overrides, each key checked."""
+def load_config(recipe: str | None = None, overrides: list[str] | dict | None = None, check: bool = True) -> Config:
+    """Defaults <- recipe YAML <- overrides, each key checked; ``check=False`` skips validating the whole."""
     cfg = Config()
     name = recipe or DEFAULT_RECIPE
     path = recipe_path(name)
@@ -301,14 +306,15 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
             raise ConfigError(f"{path}: {e}") from None
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    return apply_overrides(cfg, overrides or {})
+    return apply_overrides(cfg, overrides or {}, check)
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Set dotted keys on ``cfg`` (each checked), then validate the whole."""
+def apply_overrides(cfg: Config, overrides: dict[str, Any], check: bool = True) -> Config:
+    """Set dotted keys on ``cfg`` (each checked), then validate the whole (unless ``check`` is false)."""
     for key, value in overrides.items():
         _set(cfg, key, value)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
