@@ -222,6 +222,13 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys, cli, message):
     assert not any(tmp_path.iterdir()), "a run that cannot start writes nothing"
 
 
+def test_an_output_folder_that_cannot_be_made_is_named(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert main(["train", *args(TINY, **{"train.output": str(tmp_path / "a_file")})]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot make the run folder {tmp_path / 'a_file'}" in err and "set train.output to a folder" in err
+
+
 def test_keys_lists_every_key_with_the_recipe_value(capsys):
     assert main(["keys", "--recipe", "mae_finetune_vit_b", "--sub.ratio", "0.25"]) == 0
     lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())

@@ -305,7 +305,12 @@ class Trainer:
         folder = Path(cfg.train.output) / name
         if self.dist.main:
             folder = free_run_folder(Path(cfg.train.output), name)
-            folder.mkdir(parents=True)
+            try:
+                folder.mkdir(parents=True)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot make the run folder {folder}: {e.strerror}; set train.output to a folder you can write to"
+                ) from None
         obj = [str(folder)]
         if self.dist.enabled:
             torch.distributed.broadcast_object_list(obj, src=0)
