@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,7 +160,7 @@ def test_a_signal_to_the_whole_process_group_with_loader_workers_still_saves(tmp
 
 
 RAISE_IN_A_WORKER = """
-import sys
+import os, sys
 from masksub.cli import main
 from masksub.train import data
 
@@ -166,7 +169,7 @@ original = data.Augmented.__getitem__
 
 
 def getitem(self, key):  # training keys are (epoch, index), evaluation keys plain indices
-    if (WHERE == "train") == isinstance(key, tuple):
+    if (WHERE == "train") == isinstance(key, tuple) and os.environ.get("RANK", "1") == "1":
         raise ValueError(f"a transform failed in the {WHERE} loader")
     return original(self, key)
 
@@ -176,6 +179,26 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def run_or_kill(cmd: list[str], marker: str, timeout: float = 240) -> tuple[int | None, str]:
+    """Run ``cmd`` to its end: its exit code (None if it ran past ``timeout`` seconds) and its stderr. A
+    process past the time is killed with every process whose command line holds ``marker``: torchrun
+    starts its workers in sessions of their own, out of reach of a signal to its process group."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for entry in Path("/proc").iterdir():
+                with contextlib.suppress(OSError):
+                    if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                        os.kill(int(entry.name), signal.SIGKILL)
+            proc.wait()
+            code = None
+        err.seek(0)
+        return code, err.read()
+
+
 @pytest.mark.parametrize("where", ["train", "eval"])
 def test_an_error_raised_in_a_loader_worker_ends_the_run(tmp_path, where):
     """The error reaches the user and the process exits: the workers, which pass over the first
@@ -183,15 +206,19 @@ def test_an_error_raised_in_a_loader_worker_ends_the_run(tmp_path, where):
     script = tmp_path / "raise.py"
     script.write_text(RAISE_IN_A_WORKER)
     overrides = {"train.output": str(tmp_path), "train.name": "r", "data.workers": 2, "data.eval_batch_size": 50}
-    cmd = [sys.executable, str(script), where, "train", *args(TINY, **overrides)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    pipe = subprocess.PIPE
-    proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=env, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=240)  # seconds when right
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"the run hung after the {where} loader's worker raised")
-    assert proc.returncode == 1, err[-3000:]
+    code, err = run_or_kill([sys.executable, str(script), where, "train", *args(TINY, **overrides)], str(script))
+    assert code is not None, f"the run hung after the {where} loader's worker raised"
+    assert code == 1, err[-3000:]
     assert f"ValueError: a transform failed in the {where} loader" in err
+
+
+def test_an_error_on_one_torchrun_process_ends_the_job(tmp_path):
+    """Process 1's loader fails while process 0 is in a step's all-reduce: the job ends at once. (A barrier
+    on the error path made process 1 wait beside that all-reduce until the backend's 30-minute timeout.)"""
+    script = tmp_path / "raise.py"
+    script.write_text(RAISE_IN_A_WORKER)
+    overrides = {"train.output": str(tmp_path), "train.name": "r", "data.workers": 1}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    code, err = run_or_kill(cmd + ["train", "train", *args(TINY, **overrides)], str(script))
+    assert code is not None, "the job hung after process 1's loader raised"
+    assert code != 0 and "ValueError: a transform failed in the train loader" in err, err[-3000:]

@@ -409,28 +409,30 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end; on Ctrl-C or SIGTERM save at the next optimizer step and raise ``Interrupted``."""
         cfg = self.cfg
-        try:
-            with StopRequest() as self._stop:
-                while self.epoch < cfg.sched.epochs:
-                    stopped = self._train_epoch()  # None, "max_steps" or a signal number
-                    if stopped is None:
-                        self._end_epoch()
-                        continue
-                    self.save()
-                    if stopped == "max_steps":
-                        self.log(
-                            f"stopped after {self.global_step} steps (train.max_steps); continue with "
-                            f"--resume {self.folder}"
-                        )
-                        break
-                    raise Interrupted(
-                        stopped,
-                        f"interrupted by {signal.Signals(stopped).name} in epoch {self.epoch + 1}, step "
-                        f"{self.global_step}: saved {self.folder / 'last.pt'}; continue exactly with "
-                        f"--resume {self.folder}",
+        # The barriers sit on the paths every process takes together. After any other error a barrier would
+        # wait beside a process still in a step's all-reduce until the backend's timeout; the error ends this
+        # process instead, and torchrun then the others.
+        with StopRequest() as self._stop:
+            while self.epoch < cfg.sched.epochs:
+                stopped = self._train_epoch()  # None, "max_steps" or a signal number
+                if stopped is None:
+                    self._end_epoch()
+                    continue
+                self.save()
+                if stopped == "max_steps":
+                    self.log(
+                        f"stopped after {self.global_step} steps (train.max_steps); continue with "
+                        f"--resume {self.folder}"
                     )
-        finally:
-            distributed.barrier()
+                    break
+                distributed.barrier()  # the processes stopped at the same step: none ends before process 0 saved
+                raise Interrupted(
+                    stopped,
+                    f"interrupted by {signal.Signals(stopped).name} in epoch {self.epoch + 1}, step "
+                    f"{self.global_step}: saved {self.folder / 'last.pt'}; continue exactly with "
+                    f"--resume {self.folder}",
+                )
+        distributed.barrier()
         return {"folder": self.folder, "records": self.runlog.records() if self.dist.main else []}
 
     def _train_epoch(self) -> str | int | None:
