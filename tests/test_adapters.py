@@ -144,6 +144,9 @@ def test_rounding_rule():
     assert num_keep(10, 0.0) == 10
     assert num_keep(10, 0.99) == 1  # never an empty input
     assert all(num_keep(n, r) + num_masked(n, r) == n for n in range(1, 300) for r in RATIOS)
+    assert num_keep(0, 0.5) == num_masked(0, 0.5) == 0, "nothing to keep or mask (a text of special tokens only)"
+    with pytest.raises(ValueError, match="must be >= 0"):
+        num_keep(-1, 0.5)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])

@@ -26,8 +26,10 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
 
 
 def num_keep(n: int, ratio: float) -> int:
-    """Units kept out of ``n`` when a fraction ``ratio`` is removed (at least one)."""
-    return max(1, math.floor(round((1.0 - ratio) * n, 6)))
+    """Units kept out of ``n`` when a fraction ``ratio`` is removed (at least one, none of none)."""
+    if n < 0:
+        raise ValueError(f"the number of units must be >= 0, got {n}")
+    return min(n, max(1, math.floor(round((1.0 - ratio) * n, 6))))
 
 
 def num_masked(n: int, ratio: float) -> int:
