@@ -365,6 +365,33 @@ def validate(cfg: Config) -> None:
         check_ratio(cfg.sub.ratio, "sub.ratio")
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    _check_ranges(cfg)
+    if cfg.model.checkpoint == "???":  # a recipe's marker for weights the user must supply
+        raise ConfigError(
+            f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "
+            "(a state dict, or one under 'model' / 'state_dict')"
+        )
+    if cfg.train.fsdp != "none":
+        refused = {
+            "train.amp=fp16": (cfg.train.amp == "fp16", "its grad scaler does not share the overflow check; use bf16"),
+            "train.linprobe": (cfg.train.linprobe, "a linear probe trains one head; run it without FSDP"),
+            "optim.clip_mode=agc": (cfg.optim.clip_mode == "agc", "it clips each parameter by its own, sharded norm"),
+        }
+        for key, (refuse, why) in refused.items():
+            if refuse:
+                raise ConfigError(f"{key} cannot run with train.fsdp={cfg.train.fsdp}: {why} (or set train.fsdp none)")
+    if cfg.train.fsdp_sync_every_backward and cfg.train.fsdp == "none":
+        raise ConfigError(
+            "train.fsdp_sync_every_backward keeps FSDP's gradients sharded between backwards; without FSDP the "
+            "gradients are whole on every process and it would only add all-reduces: set train.fsdp full_shard "
+            "(or shard_grad_op), or leave it false"
+        )
+    if (cfg.optim.lr is None) == (cfg.optim.base_lr is None):
+        raise ConfigError("set exactly one of optim.lr (absolute) and optim.base_lr (scaled by batch / 256)")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Counts, rates and probabilities within the values that mean something."""
     d, a, o, t = cfg.data, cfg.aug, cfg.optim, cfg.train
     at_least = {  # key: (value, the least it may be); None (unset) passes
         "data.batch_size": (d.batch_size, 1),
@@ -388,13 +415,12 @@ def validate(cfg: Config) -> None:
     for key, (value, least) in at_least.items():
         if value is not None and value < least:
             raise ConfigError(f"{key} must be >= {least}, got {value}")
-    for key, value in {"optim.lr": o.lr, "optim.base_lr": o.base_lr, "optim.clip_grad": o.clip_grad}.items():
+    above_zero = {"optim.lr": o.lr, "optim.base_lr": o.base_lr, "optim.clip_grad": o.clip_grad}
+    for key, value in {**above_zero, "sub.temperature": cfg.sub.temperature}.items():
         if value is not None and value <= 0:
             raise ConfigError(
                 f"{key} must be > 0, got {value}" + ("; leave it unset for no clipping" if "clip" in key else "")
             )
-    if cfg.sub.temperature <= 0:
-        raise ConfigError(f"sub.temperature must be > 0, got {cfg.sub.temperature}")
     fractions = {
         "aug.hflip": a.hflip,
         "aug.re_prob": a.re_prob,
@@ -408,28 +434,6 @@ def validate(cfg: Config) -> None:
     for key, value in fractions.items():
         if not 0 <= value <= 1:
             raise ConfigError(f"{key} must be in [0, 1], got {value}")
-    if cfg.model.checkpoint == "???":  # a recipe's marker for weights the user must supply
-        raise ConfigError(
-            f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "
-            "(a state dict, or one under 'model' / 'state_dict')"
-        )
-    if cfg.train.fsdp != "none":
-        refused = {
-            "train.amp=fp16": (cfg.train.amp == "fp16", "its grad scaler does not share the overflow check; use bf16"),
-            "train.linprobe": (cfg.train.linprobe, "a linear probe trains one head; run it without FSDP"),
-            "optim.clip_mode=agc": (cfg.optim.clip_mode == "agc", "it clips each parameter by its own, sharded norm"),
-        }
-        for key, (refuse, why) in refused.items():
-            if refuse:
-                raise ConfigError(f"{key} cannot run with train.fsdp={cfg.train.fsdp}: {why} (or set train.fsdp none)")
-    if cfg.train.fsdp_sync_every_backward and cfg.train.fsdp == "none":
-        raise ConfigError(
-            "train.fsdp_sync_every_backward keeps FSDP's gradients sharded between backwards; without FSDP the "
-            "gradients are whole on every process and it would only add all-reduces: set train.fsdp full_shard "
-            "(or shard_grad_op), or leave it false"
-        )
-    if (cfg.optim.lr is None) == (cfg.optim.base_lr is None):
-        raise ConfigError("set exactly one of optim.lr (absolute) and optim.base_lr (scaled by batch / 256)")
 
 
 def dump(cfg: Config) -> str:
