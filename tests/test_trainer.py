@@ -495,3 +495,18 @@ def test_compare_rejects_seeds_that_are_not_integers(capsys):
         main(["compare", "--seeds", "0,one"])
     assert exit_info.value.code == 2
     assert "seeds must be comma-separated integers, e.g. 0,1,2; got '0,one'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "subs, seeds, message",
+    [
+        ("none,masks", "0", "sub.kind must be one of"),
+        ("", "0", "compare needs at least one sub branch and one seed"),
+        ("none", ",", "compare needs at least one sub branch and one seed"),
+    ],
+)
+def test_compare_checks_every_run_before_training_any(tmp_path, capsys, subs, seeds, message):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--subs", subs, "--seeds", seeds, "--output", str(out), *args(TINY)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists(), "nothing trained, nothing written"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .config import load_config
+from .config import ConfigError, load_config
 from .runlog import plot_curves, summarize, write_summary
 from .trainer import Trainer
 
@@ -18,26 +18,34 @@ def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: dict, output: str, log=print) -> Path:
-    """Train every (kind, seed); write compare.csv (one row per run), compare.md and curves.png."""
+    """Train every (kind, seed); write compare.csv (one row per run), compare.md and curves.png.
+
+    Every run's configuration is checked before the first one trains.
+    """
+    if not kinds or not seeds:
+        raise ConfigError(f"compare needs at least one sub branch and one seed, got subs {kinds} and seeds {seeds}")
     folder = Path(output)
+    runs = {
+        (kind, seed): load_config(
+            recipe,
+            {
+                **overrides,
+                "sub.kind": kind,
+                "train.seed": seed,
+                "train.output": str(folder / "runs"),
+                "train.name": f"{kind}-s{seed}",
+            },
+        )
+        for kind in kinds
+        for seed in seeds
+    }
     folder.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
-    for kind in kinds:
-        for seed in seeds:
-            cfg = load_config(
-                recipe,
-                {
-                    **overrides,
-                    "sub.kind": kind,
-                    "train.seed": seed,
-                    "train.output": str(folder / "runs"),
-                    "train.name": f"{kind}-s{seed}",
-                },
-            )
-            log(f"== {cfg.recipe}: sub={kind} seed={seed}")
-            result = Trainer(cfg, log=log).fit()
-            rows.append(summarize(result["records"], recipe=cfg.recipe, sub=kind, ratio=cfg.sub.ratio, seed=seed))
-            curves[f"{kind} s{seed}"] = result["records"]
+    for (kind, seed), cfg in runs.items():
+        log(f"== {cfg.recipe}: sub={kind} seed={seed}")
+        result = Trainer(cfg, log=log).fit()
+        rows.append(summarize(result["records"], recipe=cfg.recipe, sub=kind, ratio=cfg.sub.ratio, seed=seed))
+        curves[f"{kind} s{seed}"] = result["records"]
     write_summary(folder / "compare.csv", rows)
     plot_curves(curves, folder / "curves.png")
     lines = [
