@@ -55,7 +55,9 @@ class FashionMNIST(Dataset):
 class ImageFolder(Dataset):
     """``root/<class>/<image>`` through timm's folder reader; unreadable images are reported by path."""
 
-    def __init__(self, root: Path, corrupt: str, in_chans: int, subset: int | None = None, class_map=None):
+    def __init__(
+        self, root: Path, corrupt: str, in_chans: int, subset: int | None = None, class_map: dict | None = None
+    ):
         if not root.is_dir():
             raise FileNotFoundError(
                 f"image folder {root} does not exist; data.dir must hold <split>/<class>/<image> folders "
