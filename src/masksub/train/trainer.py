@@ -449,7 +449,7 @@ class Trainer:
             desc=f"epoch {self.epoch + 1}/{cfg.sched.epochs}",
             dynamic_ncols=True,
         )
-        with worker_batches(loaders.train) as batches:
+        with bar, worker_batches(loaders.train) as batches:  # the bar closes however the epoch ends
             for x, y in batches:
                 if self.micro_in_epoch >= per_epoch:
                     break
@@ -472,13 +472,10 @@ class Trainer:
                 if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
                     self.save()
                 if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
-                    bar.close()
                     return "max_steps"
                 signum = self._stop.agreed(self.device, poll=self.global_step % self.stop_poll == 0)
                 if signum:
-                    bar.close()
                     return signum
-        bar.close()
         self.epoch_time = time.perf_counter() - start
         return None
 
