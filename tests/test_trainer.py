@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -131,6 +132,65 @@ def test_killed_while_writing_keeps_previous_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILLER, str(path)], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()
     assert checkpoint.load(path)["version"].item() == 1
+
+
+class FullDisk:
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def fill_disk_after(monkeypatch, saves: int) -> None:
+    """The checkpoint writes after the first ``saves`` find the disk full after a few kilobytes."""
+    real_save, count = torch.save, [0]
+
+    def save(obj, f, **kw):
+        count[0] += 1
+        return real_save(obj, f if count[0] <= saves else FullDisk(f, 4096), **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"version": torch.tensor(1)}, path)
+    mask = os.umask(0o027)
+    try:
+        checkpoint.save_atomic({"version": torch.tensor(1)}, path)
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o640  # as any file this process writes, not mkstemp's 0600
+    fill_disk_after(monkeypatch, 0)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device") as e:
+        checkpoint.save_atomic({"version": torch.tensor(2), "w": torch.zeros(10_000)}, path)
+    assert str(path) in str(e.value) and "previous last.pt is whole" in str(e.value)
+    assert e.value.errno == errno.ENOSPC
+    assert checkpoint.load(path)["version"].item() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_full_disk_stops_the_run_with_the_resume_command(tmp_path, monkeypatch, capsys):
+    fill_disk_after(monkeypatch, 2)  # epoch 1's last.pt and best.pt, then the disk is full
+    code = main(["train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "full"})])
+    err = capsys.readouterr().err
+    assert code == 2
+    folder = tmp_path / "full"
+    assert f"cannot write checkpoint {folder / 'last.pt'}: No space left on device" in err
+    assert f"continue from it with --resume {folder}" in err
+    assert checkpoint.load(folder / "last.pt")["position"]["epoch"] == 1  # epoch 1's checkpoint, whole
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(folder)]) == 0
+    assert checkpoint.load(folder / "last.pt")["position"]["global_step"] == 8
 
 
 def test_eval_command(tmp_path, capsys):

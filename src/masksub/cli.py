@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         CorruptImageError,
         NonFiniteLossError,
         checkpoint.CheckpointError,
+        checkpoint.CheckpointWriteError,
     ) as e:
         print(f"masksub {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -20,19 +20,62 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or is not the kind asked for."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, no permission...); the previous file is untouched."""
+
+
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); a checkpoint is like any file written
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)  # the rename itself survives a power cut
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception):  # not KeyboardInterrupt / SystemExit
+            raise _write_error(path, e) from e
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform that cannot open folders (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse to sync a folder; the rename is done either way
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: Path, error: BaseException) -> CheckpointWriteError:
+    # torch.save reports a failed write (ENOSPC...) as a RuntimeError about a zip position, with
+    # the OSError that says why as its context: name that one.
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    reason = cause.strerror if cause is not None and cause.strerror else str(cause or error)
+    kept = f"the previous {path.name} is whole and unchanged" if path.is_file() else f"no earlier {path.name} exists"
+    out = CheckpointWriteError(f"cannot write checkpoint {path}: {reason} ({kept})")
+    out.errno = getattr(cause, "errno", None)
+    return out
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -354,7 +354,13 @@ class Trainer:
     def save(self, name: str = "last.pt") -> None:
         state = self._state()  # every rank joins the RNG gather
         if self.dist.main:
-            checkpoint.save_atomic(state, self.folder / name)
+            try:
+                checkpoint.save_atomic(state, self.folder / name)
+            except checkpoint.CheckpointWriteError as e:
+                last = self.folder / "last.pt"
+                then = f"continue from it with --resume {self.folder}" if last.is_file() else "start the run again"
+                e.args = (f"{e.args[0]}; make room, then {then}",)
+                raise
 
     def _check_matches(self, saved: dict) -> None:
         saved_cfg = from_dict(saved)
