@@ -20,6 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from masksub.cli import main
 from masksub.train import checkpoint
 from masksub.train.config import all_keys, load_config
+from masksub.train.runlog import RunLog
 
 TINY = {
     "model.kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2},
@@ -191,6 +192,24 @@ def test_a_full_disk_stops_the_run_with_the_resume_command(tmp_path, monkeypatch
     monkeypatch.undo()
     assert main(["train", "--resume", str(folder)]) == 0
     assert checkpoint.load(folder / "last.pt")["position"]["global_step"] == 8
+
+
+def test_a_metrics_line_torn_by_a_kill_does_not_stop_the_resume(tmp_path):
+    """Killed (or out of disk) while appending epoch 2's line: the resumed run writes the epoch again."""
+    folder = run_train(tmp_path, "torn", **{"train.max_steps": 6})  # 4 steps per epoch: stopped in epoch 2
+    with (folder / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "step": 8, "train_lo')
+    assert main(["train", "--resume", str(folder)]) == 0
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert not list(folder.glob(".*.tmp"))  # the rewritten files were renamed into place
+
+
+def test_a_corrupt_metrics_line_before_the_last_is_named(tmp_path):
+    log = RunLog(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not JSON"):
+        log.records()
 
 
 def test_eval_command(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -23,13 +24,23 @@ class RunLog:
     def records(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path}, line {i + 1}, is not JSON: {line[:80]!r}") from None
+                # The last line, torn by a kill or a full disk while it was appended: its epoch has
+                # no checkpoint after it, and a resumed run writes it again.
+        return records
 
     def truncate_after(self, epoch: int) -> None:
         """On resume: forget epochs the checkpoint had not reached (they will be run again)."""
         if self.enabled and self.path.is_file():
             kept = [r for r in self.records() if r["epoch"] <= epoch]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            _replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
         if not self.enabled:
@@ -59,10 +70,18 @@ def summarize(records: list[dict], **extra) -> dict:
 
 
 def write_summary(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _replace_text(path, out.getvalue())
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Written beside and renamed over: a kill mid-write leaves the old file, not half of the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, newline="")  # as given: csv's own line ends
+    tmp.replace(path)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
