@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import signal
 import subprocess
@@ -53,6 +54,37 @@ def test_ctrl_c_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path, mon
         torch.equal(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
         for k in a["optimizer"]["state"]
     )
+
+
+def test_an_interrupted_compare_run_again_keeps_finished_runs_and_resumes_the_stopped_one(
+    tmp_path, monkeypatch, capsys
+):
+    def compare(output: str) -> list[str]:
+        return ["compare", "--subs", "none,mask", "--seeds", "0", "--output", str(tmp_path / output), *args(TINY)]
+
+    assert main(compare("whole")) == 0
+    signal_on_call(monkeypatch, 8 + 3, signal.SIGTERM)  # the plain run's 8 micro-batches, then the mask run's third
+    assert main(compare("cut")) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "run the same masksub compare command again" in err
+    monkeypatch.undo()
+
+    assert main(compare("cut")) == 0
+    out = capsys.readouterr().out
+    cut = tmp_path / "cut"
+    assert f"{cut / 'runs' / 'none-s0'} is finished" in out
+    assert f"resumed {cut / 'runs' / 'mask-s0'} at epoch 1, step 3" in out
+    assert sorted(p.name for p in (cut / "runs").iterdir()) == ["mask-s0", "none-s0"]  # nothing trained twice
+    results = lambda folder: [  # noqa: E731
+        (r["sub"], r["epochs"], r["steps"], r["final_top1"], r["final_train_loss"])
+        for r in csv.DictReader((folder / "compare.csv").open())
+    ]
+    assert results(cut) == results(tmp_path / "whole"), "as if never interrupted"
+
+    # Other settings in the same output folder: the earlier runs are left as they are, new ones start beside.
+    assert main([*compare("cut"), "--sched.epochs", "1"]) == 0
+    assert "was trained with other settings (sched.epochs 2, now 1): not continued" in capsys.readouterr().out
+    assert sorted(p.name for p in (cut / "runs").iterdir()) == ["mask-s0", "mask-s0-1", "none-s0", "none-s0-1"]
 
 
 def test_sigterm_mid_accumulation_stops_after_the_optimizer_step(tmp_path, monkeypatch):
