@@ -280,6 +280,8 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
         (["--data.workers", "-1"], "data.workers must be >= 0, got -1"),
         (["--train.checkpoint_every", "-3"], "train.checkpoint_every must be >= 0, got -3"),
         (["--aug.hflip", "2"], "aug.hflip must be in [0, 1], got 2.0"),
+        (["--data.train_subset", "0"], "data.train_subset must be >= 1, got 0; leave it unset for every image"),
+        (["--data.eval_subset", "-3"], "data.eval_subset must be >= 1, got -3; leave it unset for every image"),
         (["--zzz.qqq", "1"], "unknown config key 'zzz.qqq'; `masksub keys` lists every key"),
         (["--data.img_size", "32"], "built for 28x28 images but data.img_size=32; set model.kwargs img_size: 32"),
         (["--train.fsdp", "full"], "train.fsdp must be one of ('none', 'full_shard', 'shard_grad_op')"),

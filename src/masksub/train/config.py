@@ -397,6 +397,8 @@ def _check_ranges(cfg: Config) -> None:
         "data.batch_size": (d.batch_size, 1),
         "data.eval_batch_size": (d.eval_batch_size, 1),
         "data.img_size": (d.img_size, 1),
+        "data.train_subset": (d.train_subset, 1),  # unset: every image
+        "data.eval_subset": (d.eval_subset, 1),
         "sched.epochs": (cfg.sched.epochs, 1),
         "train.accum_steps": (t.accum_steps, 1),
         "train.eval_every": (t.eval_every, 1),
@@ -414,7 +416,8 @@ def _check_ranges(cfg: Config) -> None:
     }
     for key, (value, least) in at_least.items():
         if value is not None and value < least:
-            raise ConfigError(f"{key} must be >= {least}, got {value}")
+            every = "; leave it unset for every image" if key.endswith("_subset") else ""
+            raise ConfigError(f"{key} must be >= {least}, got {value}{every}")
     above_zero = {"optim.lr": o.lr, "optim.base_lr": o.base_lr, "optim.clip_grad": o.clip_grad}
     for key, value in {**above_zero, "sub.temperature": cfg.sub.temperature}.items():
         if value is not None and value <= 0:
