@@ -212,6 +212,11 @@ def test_a_corrupt_metrics_line_before_the_last_is_named(tmp_path):
         log.records()
 
 
+def test_a_warmup_as_long_as_the_schedule_is_warned_of(tmp_path):
+    with pytest.warns(UserWarning, match="sched.warmup_epochs=2.0 is not shorter than sched.epochs=2"):
+        run_train(tmp_path, "warm", **{"sched.warmup_epochs": 2.0, "train.max_steps": 1})
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()

@@ -163,6 +163,12 @@ class Trainer:
             step_on_epochs=False,
             updates_per_epoch=self.loaders.steps_per_epoch,
         )
+        if cfg.sched.warmup_epochs >= cfg.sched.epochs and self.dist.main:
+            warnings.warn(
+                f"sched.warmup_epochs={cfg.sched.warmup_epochs} is not shorter than sched.epochs="
+                f"{cfg.sched.epochs}: the learning rate never reaches its peak; lower sched.warmup_epochs",
+                stacklevel=2,
+            )
         if cfg.train.compile:
             self.net.compile()
         train_net = self.net
