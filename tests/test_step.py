@@ -175,6 +175,19 @@ def test_step_rejects_an_optimizer_made_before_wrap():
     masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
 
 
+@pytest.mark.parametrize("memory_saving", [True, False])
+def test_a_criterion_that_does_not_reduce_is_named(memory_saving):
+    wrapped = masksub.wrap(tiny_model("vit"))
+    step = masksub.Step(
+        wrapped,
+        torch.optim.SGD(wrapped.parameters(), lr=0.1),
+        torch.nn.CrossEntropyLoss(reduction="none"),
+        memory_saving=memory_saving,
+    )
+    with pytest.raises(ValueError, match=r"the criterion returned \(4,\), not a scalar loss: give it reduction='mean'"):
+        step(tiny_images("vit", batch=4), torch.arange(4))
+
+
 def test_memory_saving_step_peaks_like_the_plain_step_not_the_sum():
     x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10
     peaks = {}

@@ -85,7 +85,14 @@ class SubBranchLoss(nn.Module):
 
     def main_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Unweighted main-branch loss (token-level logits as rows, see the module doc)."""
-        return self.criterion(*as_rows(logits, target))
+        loss = self.criterion(*as_rows(logits, target))
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"the criterion returned {shape}, not a scalar loss: give it reduction='mean' (or 'sum'), or "
+                "reduce its output in a function of your own"
+            )
+        return loss
 
     def sub_loss(
         self, sub_logits: torch.Tensor, main_logits: torch.Tensor, target: torch.Tensor | None = None
