@@ -409,6 +409,30 @@ def test_the_validation_split_takes_the_training_split_class_indices(tmp_path, i
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_checkpoint_keeps_its_classes_for_evaluation_and_resume(tmp_path, image_folder, capsys):
+    """eval reads only the validation split, labelled by the checkpoint's classes; resume refuses other classes."""
+    import shutil
+
+    overrides = dict(FOLDER, **{"data.name": "folder", "data.dir": str(image_folder), "train.name": "cls"})
+    overrides.update({"train.max_steps": None, "sched.epochs": 1})  # an evaluated epoch: 3 steps
+    cli = ["train", "--recipe", "fashion_mnist_resnet", *args(overrides), "--train.output", str(tmp_path)]
+    assert main(cli) == 0
+    folder = tmp_path / "cls"
+    assert checkpoint.load(folder / "last.pt")["classes"] == ["class0", "class1", "class2"]
+    top1 = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["top1"]
+
+    shutil.move(image_folder / "train", tmp_path / "train_elsewhere")  # e.g. evaluated on another machine
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(folder / "last.pt")]) == 0
+    assert f"weights: top-1 {top1:.2f}%" in capsys.readouterr().out
+
+    shutil.move(tmp_path / "train_elsewhere", image_folder / "train")
+    shutil.copytree(image_folder / "train" / "class2", image_folder / "train" / "class3")
+    assert main(["train", "--resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "the training split's classes are not the ones the checkpoint was trained on (new: class3)" in err
+
+
 PRETRAIN_TINY = {
     "pretrain.decoder_dim": 32,
     "pretrain.decoder_depth": 1,

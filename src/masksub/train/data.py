@@ -42,7 +42,8 @@ class FashionMNIST(Dataset):
         if subset:
             self.images, self.targets = self.images[:subset], self.targets[:subset]
         self.mode = "RGB" if in_chans == 3 else "L"
-        self.num_classes = len(fmnist.CLASSES)
+        self.classes = list(fmnist.CLASSES)
+        self.num_classes = len(self.classes)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -69,6 +70,7 @@ class ImageFolder(Dataset):
         self.corrupt, self.mode = corrupt, "RGB" if in_chans == 3 else "L"
         self.length = min(subset, len(self.reader)) if subset else len(self.reader)
         self.class_to_idx: dict = self.reader.class_to_idx
+        self.classes = sorted(self.class_to_idx, key=self.class_to_idx.get)  # the class folders, by label
         self.num_classes = len(self.class_to_idx) or None
         self.reported: set[str] = set()
 
@@ -221,22 +223,34 @@ def build_datasets(cfg: Config):
     d = cfg.data
     if d.name == "fashion_mnist":
         train = FashionMNIST("train", d.dir, d.in_chans, d.train_subset)
-        val = FashionMNIST("test", d.dir, d.in_chans, d.eval_subset)
-        return train, val
-    if not d.dir:
-        raise ConfigError("data.name=folder needs data.dir (a folder with train/ and val/ class sub-folders)")
-    train = ImageFolder(Path(d.dir) / d.train_split, d.corrupt, d.in_chans, d.train_subset)
-    val = ImageFolder(Path(d.dir) / d.val_split, d.corrupt, d.in_chans, d.eval_subset)
-    if val.class_to_idx != train.class_to_idx:  # each split numbers its own classes: take the training split's
-        extra = sorted(set(val.class_to_idx) - set(train.class_to_idx))
+    else:
+        train = ImageFolder(_folder(cfg) / d.train_split, d.corrupt, d.in_chans, d.train_subset)
+    return train, build_eval_dataset(cfg, train.classes)
+
+
+def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
+    """The evaluation split, labelled as ``classes`` (the training split's class names by label)."""
+    d = cfg.data
+    if d.name == "fashion_mnist":
+        return FashionMNIST("test", d.dir, d.in_chans, d.eval_subset)
+    root = _folder(cfg) / d.val_split
+    val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset)
+    if val.classes != classes:  # each split numbers its own classes: take the training split's
+        extra = sorted(set(val.classes) - set(classes))
         if extra:
             raise ConfigError(
-                f"{Path(d.dir) / d.val_split} has {len(extra)} class folder(s) that {d.train_split}/ lacks "
+                f"{root} has {len(extra)} class folder(s) that {d.train_split}/ lacks "
                 f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}): the model cannot predict them; "
                 "remove them or add them to the training split"
             )
-        val = ImageFolder(Path(d.dir) / d.val_split, d.corrupt, d.in_chans, d.eval_subset, train.class_to_idx)
-    return train, val
+        val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset, {c: i for i, c in enumerate(classes)})
+    return val
+
+
+def _folder(cfg: Config) -> Path:
+    if not cfg.data.dir:
+        raise ConfigError("data.name=folder needs data.dir (a folder with train/ and val/ class sub-folders)")
+    return Path(cfg.data.dir)
 
 
 @dataclass
@@ -260,7 +274,10 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
     else:
         base = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
     sampler = EpochSampler(base)
-    if d.on_device and (d.name != "fashion_mnist" or a.preset not in AUGMENTS):
+    # An own generator: creating an iterator must not draw from the global stream (masks, dropout).
+    loader_rng = torch.Generator().manual_seed(cfg.train.seed)
+    val = build_eval_loader(cfg, model, val_set, rank, world, device, loader_rng)
+    if d.on_device and not _on_device(cfg):
         # a speed option: where it does not apply, the per-sample loader takes over
         _logger.warning(
             "data.on_device applies to data.name=fashion_mnist with aug.preset %s; data.name=%s with "
@@ -270,60 +287,75 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
             a.preset,
             d.workers,
         )
-    elif d.on_device:
-        train, val = _device_batches(
-            cfg, model, train_set, val_set, sampler, ShardSampler(len(val_set), rank, world), device
+    if _on_device(cfg):
+        train = DeviceBatches(
+            train_set.images,
+            train_set.targets,
+            sampler,
+            d.batch_size,
+            augment=a.preset,
+            drop_last=True,
+            **_device_settings(cfg, model, device),
         )
-        return _finish(cfg, train_set, train, val, sampler, len(base) // d.batch_size)
-    train_tf, val_tf = build_transforms(cfg, model)  # per-sample PIL transforms (the on-device path has its own)
-    pin = device.type == "cuda"
-    # An own generator: creating an iterator must not draw from the global stream (masks, dropout).
-    loader_rng = torch.Generator().manual_seed(cfg.train.seed)
-    # loader_worker_init: a signal to the whole job (Ctrl-C, preemption) stops the run, not a worker
-    common = dict(
-        num_workers=d.workers,
-        pin_memory=pin,
-        persistent_workers=False,
-        generator=loader_rng,
-        worker_init_fn=loader_worker_init,
-    )
-    train = DataLoader(
-        Augmented(train_set, train_tf, cfg.train.seed),
-        batch_size=d.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        **common,
-    )
-    val = DataLoader(
-        Augmented(val_set, val_tf, 0),
-        batch_size=d.eval_batch_size,
-        sampler=ShardSampler(len(val_set), rank, world),
-        **common,
-    )
+    else:
+        train = DataLoader(
+            Augmented(train_set, build_transforms(cfg, model)[0], cfg.train.seed),
+            batch_size=d.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            **_loader_settings(cfg, device, loader_rng),
+        )
     return _finish(cfg, train_set, train, val, sampler, len(base) // d.batch_size)
 
 
-def _device_batches(cfg: Config, model, train_set, val_set, sampler, val_sampler, device):
+def build_eval_loader(cfg: Config, model, val_set, rank: int, world: int, device: torch.device, generator=None):
+    """Batches of ``val_set``, sharded over ``world`` processes, in order, without augmentation."""
+    sampler = ShardSampler(len(val_set), rank, world)
+    if _on_device(cfg):
+        settings = _device_settings(cfg, model, device)
+        return DeviceBatches(
+            val_set.images,
+            val_set.targets,
+            sampler,
+            cfg.data.eval_batch_size,
+            augment="none",
+            drop_last=False,
+            **settings,
+        )
+    generator = generator or torch.Generator().manual_seed(cfg.train.seed)
+    val_tf = build_transforms(cfg, model)[1]  # per-sample PIL transforms (the on-device path has its own)
+    return DataLoader(
+        Augmented(val_set, val_tf, 0),
+        batch_size=cfg.data.eval_batch_size,
+        sampler=sampler,
+        **_loader_settings(cfg, device, generator),
+    )
+
+
+def _on_device(cfg: Config) -> bool:
+    """Fashion-MNIST kept on the device and augmented there (a preset it implements)."""
+    return cfg.data.on_device and cfg.data.name == "fashion_mnist" and cfg.aug.preset in AUGMENTS
+
+
+def _loader_settings(cfg: Config, device: torch.device, generator: torch.Generator) -> dict:
+    # loader_worker_init: a signal to the whole job (Ctrl-C, preemption) stops the run, not a worker
+    return dict(
+        num_workers=cfg.data.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        generator=generator,
+        worker_init_fn=loader_worker_init,
+    )
+
+
+def _device_settings(cfg: Config, model, device: torch.device) -> dict:
     d, a = cfg.data, cfg.aug
     mean, std = mean_std(cfg, model)
     if a.preset == "pretrain":  # unnormalized, as the per-sample path: HOG targets need the raw pixels
         mean, std = (0.0,) * d.in_chans, (1.0,) * d.in_chans
-    common = dict(
+    return dict(
         img_size=d.img_size, in_chans=d.in_chans, mean=mean, std=std, hflip=a.hflip, seed=cfg.train.seed, device=device
     )
-    train = DeviceBatches(
-        train_set.images,
-        train_set.targets,
-        sampler,
-        d.batch_size,
-        augment=a.preset,
-        drop_last=True,
-        **common,
-    )
-    val = DeviceBatches(
-        val_set.images, val_set.targets, val_sampler, d.eval_batch_size, augment="none", drop_last=False, **common
-    )
-    return train, val
 
 
 def _finish(cfg: Config, train_set, train, val, sampler, batches: int) -> Loaders:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import apply_overrides, from_dict, validate
-from .data import build_datasets, build_loaders
+from .data import build_datasets, build_eval_dataset, build_eval_loader
 from .trainer import Trainer, build_model, evaluate, resolve_device
 
 
@@ -23,18 +23,21 @@ def evaluate_checkpoint(path: Path, overrides: dict | None = None) -> dict[str, 
     cfg.model.checkpoint = None  # the checkpoint holds every weight
     validate(cfg)
     device = resolve_device(cfg.train.device)
-    train_set, val_set = build_datasets(cfg)
-    model = build_model(cfg, getattr(train_set, "num_classes", None) or 1000).to(device)
+    classes = state.get("classes")
+    if classes is None:  # a checkpoint without its class list: the training split gives it
+        classes = build_datasets(cfg)[0].classes
+    val_set = build_eval_dataset(cfg, classes)  # the training split is not needed, nor read
+    model = build_model(cfg, len(classes) or 1000).to(device)
     weights = state["model"]
     if cfg.train.linprobe:
         Trainer._linear_probe_head(model)
     if cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
         weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("branch.")}
     model.load_state_dict(weights)
-    loaders = build_loaders(cfg, model, train_set, val_set, 0, 1, device)
-    results = {"weights": evaluate(model, loaders.val, device)}
+    loader = build_eval_loader(cfg, model, val_set, 0, 1, device)
+    results = {"weights": evaluate(model, loader, device)}
     if state.get("ema"):
         ema_model = copy.deepcopy(model)
         ema_model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
-        results["ema weights"] = evaluate(ema_model, loaders.val, device)
+        results["ema weights"] = evaluate(ema_model, loader, device)
     return results

@@ -147,6 +147,9 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         train_set, val_set = build_datasets(cfg)
+        self.classes = list(train_set.classes)  # by label; kept in checkpoints for resume and evaluation
+        if resume_state is not None and "classes" in resume_state:
+            self._check_classes(resume_state["classes"])
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._build(train_set, val_set)  # self.model, self.net, self.loaders, self.ema, self.criterion
         if self.fsdp:
@@ -341,6 +344,7 @@ class Trainer:
             "nonfinite_run": self.nonfinite_run,
             "skipped": self.skipped,
             "config": dataclasses.asdict(self.cfg),
+            "classes": self.classes,
         }
 
     def _full_state(self, module: torch.nn.Module) -> dict:
@@ -387,6 +391,21 @@ class Trainer:
                 + "\nresume without overriding these keys; to train on from its weights with new settings, start "
                 f"a new run with --model.checkpoint {weights}"
             )
+
+    def _check_classes(self, saved: list[str]) -> None:
+        if saved == self.classes:
+            return
+        gone, new = sorted(set(saved) - set(self.classes)), sorted(set(self.classes) - set(saved))
+        what = "; ".join(
+            f"{label}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+            for label, names in (("gone", gone), ("new", new))
+            if names
+        )
+        raise ConfigError(
+            f"cannot resume from {self.cfg.train.resume}: the training split's classes are not the ones the "
+            f"checkpoint was trained on ({what or 'the same names, labelled in another order'}); resume with "
+            "the data the run started with, or start a new run with --model.checkpoint <run>/last.pt"
+        )
 
     def _resume(self, state: dict, path: str) -> None:
         try:
