@@ -536,6 +536,36 @@ def test_checkpoint_load_maps_zip_files_and_reads_legacy_ones(tmp_path):
         assert torch.equal(checkpoint.load(tmp_path / "w.pt")["w"], torch.arange(4.0))
 
 
+class Opaque:
+    """An object of the user's own in a checkpoint."""
+
+
+def test_checkpoints_of_other_tools_load_or_get_a_clear_error(tmp_path, capsys):
+    """timm's train.py, DeiT and MAE keep their argparse.Namespace beside the weights; hub weights are safetensors."""
+    import argparse
+
+    import safetensors.torch
+
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    weights = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": weights, "args": argparse.Namespace(lr=0.1), "epoch": 3}, tmp_path / "timm.pth.tar")
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors")
+    for name in ("timm.pth.tar", "model.safetensors"):
+        fresh = timm.create_model("resnet18", num_classes=10, in_chans=1)
+        assert checkpoint.load_pretrained(fresh, tmp_path / name) == ([], [])
+        assert all(torch.equal(v, weights[k]) for k, v in fresh.state_dict().items()), name
+
+    torch.save({"model": weights, "extra": Opaque()}, tmp_path / "opaque.pt")  # refused, with the way out
+    with pytest.raises(checkpoint.CheckpointError, match="holds Python objects that loading with weights_only=True"):
+        checkpoint.load(tmp_path / "opaque.pt")
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(checkpoint.CheckpointError, match="it is not a PyTorch checkpoint"):
+        checkpoint.load(tmp_path / "config.yaml")
+
+    assert main(["train", "--resume", str(tmp_path / "timm.pth.tar")]) == 2
+    assert "is not a masksub run checkpoint (it has no configuration)" in capsys.readouterr().err
+
+
 def check_device_data_resumes_exactly(tmp_path, **more) -> Path:
     """Train with data.on_device twice, once stopped after 3 steps and resumed: same final weights."""
     dev = {

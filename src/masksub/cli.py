@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                 linprobe = {"model.checkpoint": args.checkpoint, "train.linprobe": True, "sub.kind": "none"}
                 overrides = {**linprobe, **overrides}
             if getattr(args, "resume", None):  # the run's own configuration, then any overrides given now
-                saved = checkpoint.load(args.resume)["config"]
+                saved = checkpoint.load(args.resume).get("config")
+                if not isinstance(saved, dict):
+                    raise checkpoint.CheckpointError(
+                        f"{args.resume} is not a masksub run checkpoint (it has no configuration) and cannot be "
+                        f"resumed; to start from its weights, pass --model.checkpoint {args.resume}"
+                    )
                 overrides = {"train.max_steps": None, **overrides, "train.resume": args.resume}
                 cfg = apply_overrides(from_dict(saved), overrides)
             else:

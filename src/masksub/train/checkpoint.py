@@ -7,12 +7,16 @@ previous checkpoint whole.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 
 
@@ -79,22 +83,43 @@ def _write_error(path: Path, error: BaseException) -> CheckpointWriteError:
 
 
 def load(path: str | os.PathLike) -> dict:
+    """A ``torch.save`` file (zip or legacy format) or a ``.safetensors`` file, on the CPU, tensors only."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass a checkpoint file or a run folder with last.pt")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path)
+        except Exception as e:
+            raise CheckpointError(f"cannot load checkpoint {path}: not a readable safetensors file ({e})") from e
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or its legacy pickle
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: it is not a PyTorch checkpoint (a torch.save or .safetensors file)"
+        )
     try:
         # Memory-mapped: the processes of a node resuming one file share its pages instead of each
         # reading a copy. Files in torch's legacy (pre-zip) format cannot be mapped: read those whole.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_zip_format(path))
+        with _safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
     except Exception as e:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(e))
+        if found:
+            raise CheckpointError(
+                f"cannot load checkpoint {path}: it holds Python objects that loading with weights_only=True "
+                f"refuses ({found.group(1)[:200]}); if you trust the file, save its weights alone, e.g. "
+                f"torch.save(torch.load(path, weights_only=False)['model'], 'weights.pt'), and pass that"
+            ) from e
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
 
 
-def _zip_format(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+def _safe_globals():
+    """Allows what timm's train.py, DeiT and MAE put beside the weights: their argparse.Namespace."""
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    return allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext()
 
 
 def rng_state() -> dict:
