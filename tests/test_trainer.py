@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -518,6 +519,20 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r["top1"] is not None for r in records)
     assert proc.stdout.count("done: test top-1") == 1
+
+
+def test_torchrun_compare_writes_and_speaks_once(tmp_path):
+    """Every process trains each run; process 0 alone prints and writes the table (a race before)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["masksub.cli", "compare", "--subs", "none,mask", "--seeds", "0", "--output", str(tmp_path)]
+    cmd += args(TINY, **{"sched.epochs": 1})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| mask | 0.5 | 1 |") == 1 and proc.stdout.count("== ") == 2
+    rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
+    for row in rows:
+        record = json.loads((tmp_path / "runs" / f"{row['sub']}-s0" / "metrics.jsonl").read_text())
+        assert float(row["final_top1"]) == record["top1"]
 
 
 def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 from pathlib import Path
@@ -69,6 +70,9 @@ def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: d
         for kind in kinds
         for seed in seeds
     }
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 speaks and writes for all
+    if not main:
+        log = lambda *args, **kwargs: None  # noqa: E731
     folder.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
     for (kind, seed), cfg in runs.items():
@@ -85,6 +89,8 @@ def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: d
                 ) from None
         rows.append(summarize(result["records"], recipe=cfg.recipe, sub=kind, ratio=cfg.sub.ratio, seed=seed))
         curves[f"{kind} s{seed}"] = result["records"]
+    if not main:
+        return folder
     write_summary(folder / "compare.csv", rows)
     plot_curves(curves, folder / "curves.png")
     lines = [
