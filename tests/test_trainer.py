@@ -216,6 +216,13 @@ def test_a_corrupt_metrics_line_before_the_last_is_named(tmp_path):
 def test_a_warmup_as_long_as_the_schedule_is_warned_of(tmp_path):
     with pytest.warns(UserWarning, match="sched.warmup_epochs=2.0 is not shorter than sched.epochs=2"):
         run_train(tmp_path, "warm", **{"sched.warmup_epochs": 2.0, "train.max_steps": 1})
+    # The command prints it on one line, as its errors, not as Python's two-line warning with a source line.
+    more = {"train.output": str(tmp_path), "sched.warmup_epochs": 2.0, "train.max_steps": 1}
+    cmd = [sys.executable, "-m", "masksub.cli", "train", *args(TINY, **more)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\nmasksub: warning: sched.warmup_epochs=2.0 is not shorter" in "\n" + proc.stderr
+    assert "UserWarning" not in proc.stderr
 
 
 def test_eval_command(tmp_path, capsys):

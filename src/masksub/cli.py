@@ -12,7 +12,9 @@ torchrun --nproc_per_node 8 -m masksub.cli train --recipe swin_t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 from .data import CorruptDataError
@@ -82,7 +84,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """masksub's own warnings as one line, as its errors; others as Python prints them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return f"masksub: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _one_line_warnings():
+        return _main(argv)
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    before = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
+def _main(argv: list[str] | None) -> int:
     args, rest = _parser().parse_known_args(argv)
     try:
         if args.command == "recipes":
