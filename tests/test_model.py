@@ -70,6 +70,32 @@ def test_drop_values_raised_in_sub_pass_and_restored_exactly(sub):
     assert _drop_values(model) == after
 
 
+@pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
+def test_the_ratio_set_on_the_wrapper_is_the_one_the_sub_pass_uses(sub):
+    model = tiny_model("vit", drop_rate=0.05, drop_path_rate=0.07)
+    wrapped = masksub.wrap(model, sub=sub, ratio=0.5).train()
+    block = model.blocks[1]
+    seen = []
+    block.register_forward_pre_hook(
+        lambda m, a: seen.append((a[0].shape[1], block.mlp.drop1.p, block.drop_path1.drop_prob))
+    )
+    x = tiny_images("vit", batch=2)
+    n = model.patch_embed.num_patches
+    for ratio in (0.5, 0.75):
+        wrapped.ratio = ratio  # a schedule of the ratio, between steps
+        assert wrapped.ratio == ratio
+        seen.clear()
+        wrapped(x, sub=True)
+        tokens, dropout, droppath = seen[0]
+        if sub == "mask":
+            assert tokens == model.num_prefix_tokens + masksub.num_keep(n, ratio)
+        else:
+            assert (dropout if sub == "dropout" else droppath) == ratio
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        wrapped.ratio = 1.0
+    assert wrapped.ratio == 0.75
+
+
 def test_pathsub_on_model_built_without_drop_path():
     for name in ("vit", "resnet", "convnext"):
         model = tiny_model(name)

@@ -34,6 +34,19 @@ class SubBranchModel(nn.Module):
         self.sub_bn_stats = sub_bn_stats
         self._bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
+    @property
+    def ratio(self) -> float:
+        """The sub branch's mask ratio (MaskSub) or drop rate (DropSub, PathSub).
+
+        Settable between steps (a schedule, say), checked as ``wrap`` checks it. A new mask ratio
+        changes the masked shapes: a compiled wrapper compiles a graph for it.
+        """
+        return self.branch.p if hasattr(self.branch, "p") else self.branch.ratio
+
+    @ratio.setter
+    def ratio(self, value: float) -> None:
+        setattr(self.branch, "p" if hasattr(self.branch, "p") else "ratio", check_ratio(value))
+
     def forward(self, *args, sub: bool = False, **kwargs):
         if not sub:
             return self.model(*args, **kwargs)
