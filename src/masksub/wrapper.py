@@ -39,7 +39,7 @@ class SubBranchModel(nn.Module):
         """The sub branch's mask ratio (MaskSub) or drop rate (DropSub, PathSub).
 
         Settable between steps (a schedule, say), checked as ``wrap`` checks it. A new mask ratio
-        changes the masked shapes: a compiled wrapper compiles a graph for it.
+        changes the masked shapes: a compiled wrapper recompiles for it.
         """
         return self.branch.p if hasattr(self.branch, "p") else self.branch.ratio
 
