@@ -272,6 +272,12 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
     assert state["nonfinite_run"] <= 1
 
 
+def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text("model: [\n")
+    assert main(["train", "--recipe", str(tmp_path / "mine.yaml")]) == 2
+    assert f"{tmp_path / 'mine.yaml'} is not valid YAML: while parsing a flow node" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "cli, message",
     [

@@ -295,7 +295,10 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
     cfg = Config()
     name = recipe or DEFAULT_RECIPE
     path = recipe_path(name)
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections")
     cfg.recipe = path.stem
