@@ -225,6 +225,17 @@ def test_a_warmup_as_long_as_the_schedule_is_warned_of(tmp_path):
     assert "UserWarning" not in proc.stderr
 
 
+def test_a_resumed_run_does_not_need_its_initial_weights_file(tmp_path):
+    """The checkpoint holds every weight: the model.checkpoint file (on scratch space, since cleaned) is not read."""
+    cfg = load_config(None, TINY)
+    initial = tmp_path / "initial.pt"
+    torch.save(timm.create_model(cfg.model.name, num_classes=10, in_chans=1, **cfg.model.kwargs).state_dict(), initial)
+    part = run_train(tmp_path, "part", **{"model.checkpoint": str(initial), "train.max_steps": 3})
+    initial.unlink()
+    assert main(["train", "--resume", str(part)]) == 0
+    assert checkpoint.load(part / "last.pt")["position"]["global_step"] == 8
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()

@@ -20,7 +20,7 @@ class PretrainTrainer(Trainer):
 
     def _build(self, train_set, val_set) -> None:
         cfg = self.cfg
-        encoder = build_model(cfg, num_classes=0, log=self.log)
+        encoder = build_model(cfg, num_classes=0, log=self.log, initial_weights=not self.resuming)
         mean, std = mean_std(cfg, encoder)
         try:
             net = self._dmjd(encoder, mean, std)

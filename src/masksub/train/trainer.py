@@ -52,7 +52,9 @@ def free_run_folder(output: Path, name: str) -> Path:
     return folder
 
 
-def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
+def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool = True) -> torch.nn.Module:
+    """The timm model of ``cfg.model``; with ``model.checkpoint`` loaded into it unless ``initial_weights``
+    is false (a resumed run: its checkpoint holds every weight, and the file may be gone)."""
     m = cfg.model
     kwargs = dict(m.kwargs, num_classes=num_classes, in_chans=cfg.data.in_chans)
     kwargs.update(drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
@@ -78,7 +80,7 @@ def build_model(cfg: Config, num_classes: int, log=print) -> torch.nn.Module:
             model.set_grad_checkpointing(True)
         except (AttributeError, NotImplementedError, AssertionError) as e:
             raise ConfigError(f"{m.name} has no activation checkpointing (model.grad_checkpointing): {e!r}") from None
-    if m.checkpoint:
+    if m.checkpoint and initial_weights:
         missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
         log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
         log(f"  {len(unexpected)} unexpected keys {unexpected[:8]}")
@@ -129,6 +131,7 @@ class Trainer:
     def __init__(self, cfg: Config, log=print):
         self.cfg, self.log = cfg, log
         resume_state = checkpoint.load(cfg.train.resume) if cfg.train.resume else None
+        self.resuming = resume_state is not None
         if resume_state is not None:
             self._check_matches(resume_state["config"])  # before building anything that may not fit
         self.device = resolve_device(cfg.train.device)
@@ -215,7 +218,7 @@ class Trainer:
         """Classification: the timm model, its sub branch, loaders, EMA and criterion."""
         cfg = self.cfg
         num_classes = getattr(train_set, "num_classes", None) or 1000
-        model = build_model(cfg, num_classes, self.log).to(self.device)
+        model = build_model(cfg, num_classes, self.log, initial_weights=not self.resuming).to(self.device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         s = cfg.sub
