@@ -56,13 +56,16 @@ def test_pretrain_linprobe_finetune(tmp_path, capsys):
     assert json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])["top1"] > 0
 
 
-def test_pretrain_single_view_baseline_and_exact_resume(tmp_path):
+def test_pretrain_single_view_baseline_and_exact_resume(tmp_path, capsys):
     single = {**PRE, "train.output": str(tmp_path)}
     assert main(["pretrain", "--method", "single", *args(single, **{"train.name": "single"})]) == 0
     assert json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[0])["train_loss_visible"] == 0
 
     assert main(["pretrain", *args(single, **{"train.name": "full"})]) == 0
     assert main(["pretrain", *args(single, **{"train.name": "part", "train.max_steps": 3})]) == 0
+    assert f"continue with masksub pretrain --resume {tmp_path / 'part'}" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "part")]) == 2  # the wrong command names the right one
+    assert "is a masksub pretrain run: continue it with masksub pretrain --resume" in capsys.readouterr().err
     assert main(["pretrain", "--resume", str(tmp_path / "part")]) == 0
     a, b = checkpoint.load(tmp_path / "full" / "last.pt"), checkpoint.load(tmp_path / "part" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

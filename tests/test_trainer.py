@@ -188,7 +188,7 @@ def test_a_full_disk_stops_the_run_with_the_resume_command(tmp_path, monkeypatch
     assert code == 2
     folder = tmp_path / "full"
     assert f"cannot write checkpoint {folder / 'last.pt'}: No space left on device" in err
-    assert f"continue from it with --resume {folder}" in err
+    assert f"continue from it with masksub train --resume {folder}" in err
     assert checkpoint.load(folder / "last.pt")["position"]["epoch"] == 1  # epoch 1's checkpoint, whole
     monkeypatch.undo()
     assert main(["train", "--resume", str(folder)]) == 0

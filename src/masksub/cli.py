@@ -126,11 +126,17 @@ def _main(argv: list[str] | None) -> int:
                 linprobe = {"model.checkpoint": args.checkpoint, "train.linprobe": True, "sub.kind": "none"}
                 overrides = {**linprobe, **overrides}
             if getattr(args, "resume", None):  # the run's own configuration, then any overrides given now
-                saved = checkpoint.load(args.resume).get("config")
+                state = checkpoint.load(args.resume)
+                saved = state.get("config")
                 if not isinstance(saved, dict):
                     raise checkpoint.CheckpointError(
                         f"{args.resume} is not a masksub run checkpoint (it has no configuration) and cannot be "
                         f"resumed; to start from its weights, pass --model.checkpoint {args.resume}"
+                    )
+                if (wrote := checkpoint.run_command(state)) != args.command:
+                    raise checkpoint.CheckpointError(
+                        f"{args.resume} is a masksub {wrote} run: continue it with masksub {wrote} --resume "
+                        f"{args.resume}"
                     )
                 overrides = {"train.max_steps": None, **overrides, "train.resume": args.resume}
                 cfg = apply_overrides(from_dict(saved), overrides)

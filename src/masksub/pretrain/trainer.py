@@ -17,6 +17,7 @@ class PretrainTrainer(Trainer):
     """
 
     LOSS_KEYS = ("loss_masked", "loss_visible")
+    command = "pretrain"
 
     def _build(self, train_set, val_set) -> None:
         cfg = self.cfg

@@ -144,6 +144,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_command(state: dict) -> str:
+    """The masksub command whose run wrote ``state``: "train" (linprobe runs too) or "pretrain"."""
+    if "command" in state:
+        return state["command"]
+    return "pretrain" if any(k.startswith("decoder") for k in state.get("model", {})) else "train"  # DMJD's
+
+
 def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Initial weights (MAE, CLIP, our own runs) into ``model``; returns (missing, unexpected) keys.
 

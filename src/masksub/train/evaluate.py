@@ -15,7 +15,7 @@ def evaluate_checkpoint(path: Path, overrides: dict | None = None) -> dict[str, 
     state = checkpoint.load(path)
     if "config" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path} is not a masksub training checkpoint (no config/model entries)")
-    if any(k.startswith("decoder") for k in state["model"]):
+    if checkpoint.run_command(state) == "pretrain":
         raise checkpoint.CheckpointError(
             f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
         )

@@ -128,6 +128,8 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, blank=N
 
 
 class Trainer:
+    command = "train"  # the masksub command that runs (and resumes) this trainer's runs
+
     def __init__(self, cfg: Config, log=print):
         self.cfg, self.log = cfg, log
         resume_state = checkpoint.load(cfg.train.resume) if cfg.train.resume else None
@@ -348,6 +350,7 @@ class Trainer:
             "skipped": self.skipped,
             "config": dataclasses.asdict(self.cfg),
             "classes": self.classes,
+            "command": self.command,
         }
 
     def _full_state(self, module: torch.nn.Module) -> dict:
@@ -371,7 +374,7 @@ class Trainer:
                 checkpoint.save_atomic(state, self.folder / name)
             except checkpoint.CheckpointWriteError as e:
                 last = self.folder / "last.pt"
-                then = f"continue from it with --resume {self.folder}" if last.is_file() else "start the run again"
+                then = f"continue from it with {self.resume_command}" if last.is_file() else "start the run again"
                 e.args = (f"{e.args[0]}; make room, then {then}",)
                 raise
 
@@ -394,6 +397,10 @@ class Trainer:
                 + "\nresume without overriding these keys; to train on from its weights with new settings, start "
                 f"a new run with --model.checkpoint {weights}"
             )
+
+    @property
+    def resume_command(self) -> str:
+        return f"masksub {self.command} --resume {self.folder}"
 
     def _check_classes(self, saved: list[str]) -> None:
         if saved == self.classes:
@@ -455,8 +462,7 @@ class Trainer:
                 self.save()
                 if stopped == "max_steps":
                     self.log(
-                        f"stopped after {self.global_step} steps (train.max_steps); continue with "
-                        f"--resume {self.folder}"
+                        f"stopped after {self.global_step} steps (train.max_steps); continue with {self.resume_command}"
                     )
                     break
                 distributed.barrier()  # the processes stopped at the same step: none ends before process 0 saved
@@ -464,7 +470,7 @@ class Trainer:
                     stopped,
                     f"interrupted by {signal.Signals(stopped).name} in epoch {self.epoch + 1}, step "
                     f"{self.global_step}: saved {self.folder / 'last.pt'}; continue exactly with "
-                    f"--resume {self.folder}",
+                    f"{self.resume_command}",
                 )
         distributed.barrier()
         return {"folder": self.folder, "records": self.runlog.records() if self.dist.main else []}
