@@ -236,6 +236,16 @@ def test_a_resumed_run_does_not_need_its_initial_weights_file(tmp_path):
     assert checkpoint.load(part / "last.pt")["position"]["global_step"] == 8
 
 
+def test_runs_started_at_once_get_a_folder_each(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from masksub.train.trainer import make_run_folder
+
+    with ThreadPoolExecutor(16) as pool:
+        folders = list(pool.map(lambda _: make_run_folder(tmp_path / "runs", "run"), range(64)))
+    assert len(set(folders)) == 64 and all(f.is_dir() for f in folders)
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()

@@ -52,6 +52,18 @@ def free_run_folder(output: Path, name: str) -> Path:
     return folder
 
 
+def make_run_folder(output: Path, name: str) -> Path:
+    """Makes and returns ``free_run_folder(output, name)``; two runs started at once get a folder each."""
+    output.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = free_run_folder(output, name)
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:  # another run took it between the two calls
+            continue
+
+
 def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool = True) -> torch.nn.Module:
     """The timm model of ``cfg.model``; with ``model.checkpoint`` loaded into it unless ``initial_weights``
     is false (a resumed run: its checkpoint holds every weight, and the file may be gone)."""
@@ -318,9 +330,8 @@ class Trainer:
         name = cfg.train.name or f"{cfg.recipe}-{cfg.sub.kind}-s{cfg.train.seed}"
         folder = Path(cfg.train.output) / name
         if self.dist.main:
-            folder = free_run_folder(Path(cfg.train.output), name)
             try:
-                folder.mkdir(parents=True)
+                folder = make_run_folder(Path(cfg.train.output), name)
             except OSError as e:
                 raise ConfigError(
                     f"cannot make the run folder {folder}: {e.strerror}; set train.output to a folder you can write to"
