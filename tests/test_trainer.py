@@ -46,8 +46,18 @@ def run_train(tmp_path, name, **more) -> Path:
     return tmp_path / name
 
 
-def test_train_writes_every_artifact(tmp_path):
+def test_train_writes_every_artifact(tmp_path, capsys):
     folder = run_train(tmp_path, "run")
+    out = capsys.readouterr().out
+    kwargs = TINY["model.kwargs"]
+    parameters = sum(
+        p.numel() for p in timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, **kwargs).parameters()
+    )
+    assert out.startswith(
+        f"run folder {folder}\nmodel vit_tiny_patch16_224: {parameters / 1e6:.2f}M parameters; sub branch mask, ratio "
+        "0.5 (vit adapter)\ndata fashion_mnist: 256 training images, 200 evaluated every epoch; batch 64, 4 steps per "
+        "epoch, 2 epochs; adamw lr 1.00e-03, cosine with 0.5 warm-up epochs\n"
+    )
     for f in ("config.yaml", "metrics.jsonl", "summary.csv", "curves.png", "last.pt", "best.pt"):
         assert (folder / f).is_file(), f
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

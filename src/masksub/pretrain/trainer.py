@@ -30,6 +30,7 @@ class PretrainTrainer(Trainer):
         except ValueError as e:  # views, corruption, prediction and block that cannot work together
             raise ConfigError(f"pretrain.views / corruption / prediction / block / target: {e}") from None
         self.net, self.model = net.to(self.device), encoder
+        self._head_parameters = sum(q.numel() for q in net.parameters()) - sum(q.numel() for q in encoder.parameters())
         self.loaders = build_loaders(cfg, encoder, train_set, val_set, self.dist.rank, self.dist.world, self.device)
         self.ema, self.criterion = None, None  # DMJD returns its own losses
 
@@ -62,6 +63,13 @@ class PretrainTrainer(Trainer):
 
     def _evaluate(self) -> dict:
         return {}  # judged by linear probe and finetuning (masksub linprobe / train)
+
+    def _method(self) -> str:
+        p, heads = self.cfg.pretrain, self._head_parameters
+        return f" (encoder); {p.method} pretraining on {p.target} targets, decoder and heads {heads / 1e6:.2f}M"
+
+    def _evaluated(self, images: int) -> str:
+        return ""
 
     def fit(self) -> dict:
         result = super().fit()

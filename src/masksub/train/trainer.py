@@ -169,6 +169,7 @@ class Trainer:
             self._check_classes(resume_state["classes"])
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._build(train_set, val_set)  # self.model, self.net, self.loaders, self.ema, self.criterion
+        sizes = (len(train_set), len(val_set), sum(p.numel() for p in self.model.parameters()))  # before sharding
         if self.fsdp:
             self._shard()  # before the optimizer: sharding replaces the parameters
         self._check_input()
@@ -219,6 +220,7 @@ class Trainer:
         self.epoch_sums = self._zero_sums()  # loss, main loss, sub loss, micro-batches: on the device, no sync
         self.folder = self._run_folder()
         self.runlog = RunLog(self.folder, enabled=self.dist.main)
+        self.log(self._header(*sizes))
         if resume_state is not None:
             self._resume(resume_state, cfg.train.resume)
         elif self.dist.main:
@@ -408,6 +410,35 @@ class Trainer:
                 + "\nresume without overriding these keys; to train on from its weights with new settings, start "
                 f"a new run with --model.checkpoint {weights}"
             )
+
+    def _header(self, train_images: int, eval_images: int, parameters: int) -> str:
+        """What this run trains, on what, how: the run's first lines."""
+        cfg, d, world, accum = self.cfg, self.cfg.data, self.dist.world, self.cfg.train.accum_steps
+        parts = (
+            [f"{d.batch_size} per process"]
+            + [f"{world} processes"] * (world > 1)
+            + [f"{accum} accumulated"] * (accum > 1)
+        )
+        batch = f"batch {d.batch_size * world * accum}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
+        return (
+            f"run folder {self.folder}\n"
+            f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters{self._method()}\n"
+            f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
+            f"{self.loaders.steps_per_epoch:,} steps per epoch, {cfg.sched.epochs} epochs; {cfg.optim.name} lr "
+            f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up epochs"
+        )
+
+    def _method(self) -> str:
+        if not isinstance(self.net, masksub.SubBranchModel):
+            return "; no sub branch"
+        kind, ratio = self.cfg.sub.kind, self.net.ratio
+        if kind == "mask":
+            return f"; sub branch mask, ratio {ratio} ({self.net.branch.name} adapter)"
+        return f"; sub branch {kind}, rate {ratio}"
+
+    def _evaluated(self, images: int) -> str:
+        every = self.cfg.train.eval_every
+        return f", {images:,} evaluated every {'epoch' if every == 1 else f'{every} epochs'}"
 
     @property
     def resume_command(self) -> str:
