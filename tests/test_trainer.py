@@ -702,6 +702,8 @@ def test_compare_rejects_seeds_that_are_not_integers(capsys):
         ("none,masks", "0", "sub.kind must be one of"),
         ("", "0", "compare needs at least one sub branch and one seed"),
         ("none", ",", "compare needs at least one sub branch and one seed"),
+        ("none,mask,none", "0", "compare: sub branch none given twice"),
+        ("none", "0,1,0", "compare: seed 0 given twice"),
     ],
 )
 def test_compare_checks_every_run_before_training_any(tmp_path, capsys, subs, seeds, message):

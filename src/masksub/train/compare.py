@@ -55,6 +55,9 @@ def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: d
     """
     if not kinds or not seeds:
         raise ConfigError(f"compare needs at least one sub branch and one seed, got subs {kinds} and seeds {seeds}")
+    for what, values in (("sub branch", kinds), ("seed", seeds)):
+        if twice := sorted({v for v in values if values.count(v) > 1}, key=str):
+            raise ConfigError(f"compare: {what} {', '.join(map(str, twice))} given twice; list each once")
     folder = Path(output)
     runs = {
         (kind, seed): load_config(
