@@ -87,6 +87,23 @@ def test_an_interrupted_compare_run_again_keeps_finished_runs_and_resumes_the_st
     assert sorted(p.name for p in (cut / "runs").iterdir()) == ["mask-s0", "mask-s0-1", "none-s0", "none-s0-1"]
 
 
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    original, calls = masksub.Step.__call__, [0]
+
+    def step(self, x, target=None):
+        calls[0] += 1
+        if calls[0] == 3:  # Ctrl-C twice in the third step
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, x, target)
+
+    monkeypatch.setattr(masksub.Step, "__call__", step)
+    cli = ["train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "r", "train.checkpoint_every": 1})]
+    assert main(cli) == 130
+    assert "masksub train: stopped at once by Ctrl-C (files written before are kept)" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "r" / "last.pt")["position"]["global_step"] == 2  # the step before, whole
+
+
 def test_sigterm_mid_accumulation_stops_after_the_optimizer_step(tmp_path, monkeypatch):
     signal_on_call(monkeypatch, 3, signal.SIGTERM)  # micro-batch 3 of 4: the second step's first half
     cli = ["train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "r", "train.accum_steps": 2})]

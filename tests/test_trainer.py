@@ -256,6 +256,19 @@ def test_runs_started_at_once_get_a_folder_each(tmp_path):
     assert len(set(folders)) == 64 and all(f.is_dir() for f in folders)
 
 
+def test_ctrl_c_before_training_ends_quietly(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the data is read (an ImageNet folder scan takes minutes) exits 130 without a traceback."""
+    import masksub.train.trainer as trainer
+
+    def reading(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build_datasets", reading)
+    assert main(["train", *args(TINY, **{"train.output": str(tmp_path)})]) == 130
+    assert "masksub train: stopped at once by Ctrl-C (files written before are kept)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no run folder was made
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()

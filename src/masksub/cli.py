@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -177,6 +178,9 @@ def _main(argv: list[str] | None) -> int:
     except Interrupted as e:
         print(f"masksub {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum  # as the shell reports a process ended by that signal
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (reading data, evaluating), or a second one
+        print(f"masksub {args.command}: stopped at once by Ctrl-C (files written before are kept)", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
