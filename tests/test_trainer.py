@@ -269,6 +269,14 @@ def test_ctrl_c_before_training_ends_quietly(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.iterdir())  # no run folder was made
 
 
+def test_the_resume_key_resumes_with_the_run_settings_as_the_resume_flag_does(tmp_path):
+    """--train.resume X (the config key) once resumed on the default recipe's settings: optim.lr fell back to 1e-3."""
+    part = run_train(tmp_path, "part", **{"optim.lr": 2e-3, "train.max_steps": 2})
+    assert main(["train", "--train.resume", str(part)]) == 0
+    state = checkpoint.load(part / "last.pt")
+    assert state["config"]["optim"]["lr"] == 2e-3 and state["position"]["global_step"] == 8
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()

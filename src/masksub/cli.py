@@ -126,20 +126,21 @@ def _main(argv: list[str] | None) -> int:
             if args.command == "linprobe":
                 linprobe = {"model.checkpoint": args.checkpoint, "train.linprobe": True, "sub.kind": "none"}
                 overrides = {**linprobe, **overrides}
-            if getattr(args, "resume", None):  # the run's own configuration, then any overrides given now
-                state = checkpoint.load(args.resume)
+            # --train.resume X is --resume X: the run's own configuration, not the recipe's, then any overrides
+            resume = getattr(args, "resume", None) or overrides.pop("train.resume", None)
+            if resume:
+                state = checkpoint.load(resume)
                 saved = state.get("config")
                 if not isinstance(saved, dict):
                     raise checkpoint.CheckpointError(
-                        f"{args.resume} is not a masksub run checkpoint (it has no configuration) and cannot be "
-                        f"resumed; to start from its weights, pass --model.checkpoint {args.resume}"
+                        f"{resume} is not a masksub run checkpoint (it has no configuration) and cannot be "
+                        f"resumed; to start from its weights, pass --model.checkpoint {resume}"
                     )
                 if (wrote := checkpoint.run_command(state)) != args.command:
                     raise checkpoint.CheckpointError(
-                        f"{args.resume} is a masksub {wrote} run: continue it with masksub {wrote} --resume "
-                        f"{args.resume}"
+                        f"{resume} is a masksub {wrote} run: continue it with masksub {wrote} --resume {resume}"
                     )
-                overrides = {"train.max_steps": None, **overrides, "train.resume": args.resume}
+                overrides = {"train.max_steps": None, **overrides, "train.resume": resume}
                 cfg = apply_overrides(from_dict(saved), overrides)
             else:
                 cfg = load_config(args.recipe, overrides)
