@@ -277,6 +277,22 @@ def test_the_resume_key_resumes_with_the_run_settings_as_the_resume_flag_does(tm
     assert state["config"]["optim"]["lr"] == 2e-3 and state["position"]["global_step"] == 8
 
 
+def test_an_epoch_resumed_midway_counts_its_time_before_the_stop(tmp_path, monkeypatch):
+    import time
+
+    import masksub
+
+    step = masksub.Step.__call__
+    monkeypatch.setattr(masksub.Step, "__call__", lambda self, *a, **k: time.sleep(0.5) or step(self, *a, **k))
+    part = run_train(tmp_path, "part", **{"train.max_steps": 2})  # half of epoch 1, slowed to >= 1 s
+    before = checkpoint.load(part / "last.pt")["epoch_seconds"]
+    assert before >= 1.0
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(part)]) == 0
+    first = json.loads((part / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["epoch"] == 1 and first["epoch_time_s"] >= round(before, 3)
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()

@@ -217,6 +217,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + self.dist.rank)
         self.epoch = self.micro_in_epoch = self.global_step = 0
         self.best_top1, self.nonfinite_run, self.skipped = None, 0, 0
+        self.epoch_seconds_before = 0.0  # of the current epoch, spent before the checkpoint this run resumed
         self.epoch_sums = self._zero_sums()  # loss, main loss, sub loss, micro-batches: on the device, no sync
         self.folder = self._run_folder()
         self.runlog = RunLog(self.folder, enabled=self.dist.main)
@@ -358,6 +359,7 @@ class Trainer:
             "rng": rngs,
             "position": {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "global_step": self.global_step},
             "epoch_sums": self.epoch_sums.cpu(),
+            "epoch_seconds": self._epoch_seconds(),
             "best_top1": self.best_top1,
             "nonfinite_run": self.nonfinite_run,
             "skipped": self.skipped,
@@ -481,6 +483,7 @@ class Trainer:
         pos = state["position"]
         self.epoch, self.micro_in_epoch, self.global_step = pos["epoch"], pos["micro_in_epoch"], pos["global_step"]
         self.epoch_sums = state["epoch_sums"].to(self.device)
+        self.epoch_seconds_before = state.get("epoch_seconds", 0.0)
         self.best_top1, self.nonfinite_run, self.skipped = state["best_top1"], state["nonfinite_run"], state["skipped"]
         self.runlog.truncate_after(self.epoch)  # epochs after the checkpoint run again
         self.log(f"resumed {path} at epoch {self.epoch + 1}, step {self.global_step}")
@@ -523,6 +526,7 @@ class Trainer:
         loaders.sampler.set_epoch(self.epoch, start=self.micro_in_epoch * cfg.data.batch_size)
         self.net.train()
         start, seen = time.perf_counter(), 0
+        self._epoch_start = start
         bar = tqdm(
             total=per_epoch,
             initial=self.micro_in_epoch,
@@ -558,8 +562,14 @@ class Trainer:
                 signum = self._stop.agreed(self.device, poll=self.global_step % self.stop_poll == 0)
                 if signum:
                     return signum
-        self.epoch_time = time.perf_counter() - start
+        self.epoch_time = self._epoch_seconds()
         return None
+
+    def _epoch_seconds(self) -> float:
+        """Training time of the current epoch so far, the part before a resume included."""
+        if self.micro_in_epoch == 0:
+            return 0.0
+        return self.epoch_seconds_before + time.perf_counter() - getattr(self, "_epoch_start", time.perf_counter())
 
     def _after_update(self, out: dict, bar, images_per_s: float) -> None:
         if out.get("skipped"):
@@ -624,7 +634,7 @@ class Trainer:
             record.update(self._evaluate())
         accuracy = f", test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%" if "top1" in record else ""
         self.log(f"epoch {self.epoch}/{cfg.sched.epochs}: loss {record['train_loss']:.4f}{accuracy}")
-        self.micro_in_epoch, self.epoch_sums = 0, self._zero_sums()
+        self.micro_in_epoch, self.epoch_sums, self.epoch_seconds_before = 0, self._zero_sums(), 0.0
         self.runlog.append(record)
         best = record.get("top1") is not None and (self.best_top1 is None or record["top1"] > self.best_top1)
         if best:
