@@ -422,11 +422,12 @@ class Trainer:
             + [f"{accum} accumulated"] * (accum > 1)
         )
         batch = f"batch {d.batch_size * world * accum}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
+        epochs = f"{cfg.sched.epochs} epoch" + "s" * (cfg.sched.epochs != 1)
         return (
             f"run folder {self.folder}\n"
             f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters{self._method()}\n"
             f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
-            f"{self.loaders.steps_per_epoch:,} steps per epoch, {cfg.sched.epochs} epochs; {cfg.optim.name} lr "
+            f"{self.loaders.steps_per_epoch:,} steps per epoch, {epochs}; {cfg.optim.name} lr "
             f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up epochs"
         )
 
