@@ -293,6 +293,24 @@ def test_an_epoch_resumed_midway_counts_its_time_before_the_stop(tmp_path, monke
     assert first["epoch"] == 1 and first["epoch_time_s"] >= round(before, 3)
 
 
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
+    """A job submitted twice, or a resume while the run still trains, would interleave checkpoints and metrics."""
+    part = run_train(tmp_path, "part", **{"train.max_steps": 2})
+    before = (part / "last.pt").read_bytes()
+    script = f"import time; from masksub.train.runlog import FolderLock\nwith FolderLock({str(part)!r}):\n"
+    script += "    print('locked', flush=True); time.sleep(60)"
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        assert main(["train", "--resume", str(part)]) == 2
+        assert f"run folder {part} is in use by another masksub process" in capsys.readouterr().err
+        assert (part / "last.pt").read_bytes() == before
+    finally:
+        other.kill()
+        other.wait()
+    assert main(["train", "--resume", str(part)]) == 0  # the lock ends with the process that held it
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""The run folder: resolved config, metrics.jsonl, summary.csv and the curves plot."""
+"""The run folder: resolved config, metrics.jsonl, summary.csv, the curves plot and its lock."""
 
 from __future__ import annotations
 
@@ -10,8 +10,42 @@ from pathlib import Path
 
 import matplotlib
 
+from .config import ConfigError
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+class FolderLock:
+    """While open, an exclusive lock on a run folder: a second process training into it (a job submitted
+    twice, a resume while the run still trains) is refused instead of interleaving its checkpoints and
+    metrics with the first's. Ends with the context or the process; a no-op where fcntl is missing."""
+
+    def __init__(self, folder: Path, enabled: bool = True):
+        self.folder, self.enabled, self._file = Path(folder), enabled, None
+
+    def __enter__(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return self
+        if not self.enabled:
+            return self
+        f = (self.folder / ".lock").open("a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise ConfigError(
+                f"run folder {self.folder} is in use by another masksub process; wait for it to end, or stop it"
+            ) from None
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class RunLog:

@@ -28,7 +28,7 @@ from . import checkpoint, distributed, sharding
 from .config import Config, ConfigError, dump, from_dict
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
-from .runlog import RunLog
+from .runlog import FolderLock, RunLog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -499,7 +499,7 @@ class Trainer:
         # The barriers sit on the paths every process takes together. After any other error a barrier would
         # wait beside a process still in a step's all-reduce until the backend's timeout; the error ends this
         # process instead, and torchrun then the others.
-        with StopRequest() as self._stop:
+        with FolderLock(self.folder, enabled=self.dist.main), StopRequest() as self._stop:
             while self.epoch < cfg.sched.epochs:
                 stopped = self._train_epoch()  # None, "max_steps" or a signal number
                 if stopped is None:
