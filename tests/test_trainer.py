@@ -311,6 +311,16 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
     assert main(["train", "--resume", str(part)]) == 0  # the lock ends with the process that held it
 
 
+def test_errors_under_torchrun_name_their_process(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--sub.ratio", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "masksub train (process 1 of 2): error: sub.ratio must be in [0, 1) (the fraction of the input removed), "
+        "got 2.0; the paper's default is 0.5\n"
+    )
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()
@@ -606,7 +616,7 @@ def test_every_recipe_runs_with_tiny_overrides(recipe, tmp_path, image_folder, m
     assert state["config"]["recipe"] == recipe
 
 
-def test_torchrun_two_processes_end_to_end(tmp_path):
+def test_torchrun_two_processes_end_to_end(tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "masksub.cli", "train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "ddp"})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -618,6 +628,8 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r["top1"] is not None for r in records)
     assert proc.stdout.count("done: test top-1") == 1
+    assert main(["train", "--resume", str(tmp_path / "ddp")]) == 2  # one process cannot continue two exactly
+    assert "it was written by 2 processes, this run has 1; resume with 2" in capsys.readouterr().err
 
 
 def test_torchrun_compare_writes_and_speaks_once(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import warnings
@@ -95,6 +96,15 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return _python_format_warning(message, category, filename, lineno, line)
 
 
+def _say(command: str, text: str) -> None:
+    """One line on stderr, written at once (processes of a torchrun job do not interleave), naming the
+    process when there are several."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    who = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+    sys.stderr.write(f"masksub {command}{who}: {text}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     with _one_line_warnings():
         return _main(argv)
@@ -174,13 +184,13 @@ def _main(argv: list[str] | None) -> int:
         checkpoint.CheckpointError,
         checkpoint.CheckpointWriteError,
     ) as e:
-        print(f"masksub {args.command}: error: {e}", file=sys.stderr)
+        _say(args.command, f"error: {e}")
         return 2
     except Interrupted as e:
-        print(f"masksub {args.command}: {e}", file=sys.stderr)
+        _say(args.command, str(e))
         return 128 + e.signum  # as the shell reports a process ended by that signal
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (reading data, evaluating), or a second one
-        print(f"masksub {args.command}: stopped at once by Ctrl-C (files written before are kept)", file=sys.stderr)
+        _say(args.command, "stopped at once by Ctrl-C (files written before are kept)")
         return 128 + signal.SIGINT
     return 0
 

@@ -477,8 +477,11 @@ class Trainer:
         if self.ema is not None and state["ema"]:
             self._load_state(self.ema, state["ema"])
         if len(state["rng"]) != self.dist.world:
+            n, weights = len(state["rng"]), Path(path) / "last.pt" if Path(path).is_dir() else path
             raise ConfigError(
-                f"checkpoint was written by {len(state['rng'])} processes, this run has {self.dist.world}"
+                f"cannot resume from {path}: it was written by {n} process{'es' * (n > 1)}, this run has "
+                f"{self.dist.world}; resume with {n} (the exact continuation needs each process's random "
+                f"streams), or start a new run from its weights with --model.checkpoint {weights}"
             )
         checkpoint.set_rng_state(state["rng"][self.dist.rank])
         pos = state["position"]
