@@ -31,7 +31,10 @@ class FolderLock:
             return self
         if not self.enabled:
             return self
-        f = (self.folder / ".lock").open("a")
+        try:
+            f = (self.folder / ".lock").open("a")
+        except OSError:  # a folder this process cannot write: its first checkpoint says so
+            return self
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
