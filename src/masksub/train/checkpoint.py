@@ -90,7 +90,7 @@ def load(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass a checkpoint file or a run folder with last.pt")
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(4)
     if path.suffix == ".safetensors":
         try:
             return safetensors.torch.load_file(path)
@@ -119,7 +119,10 @@ def load(path: str | os.PathLike) -> dict:
 def _safe_globals():
     """Allows what timm's train.py, DeiT and MAE put beside the weights: their argparse.Namespace."""
     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    return allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext()
+    if allow is not None:
+        return allow([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])  # torch 2.4: for the whole process
+    return contextlib.nullcontext()
 
 
 def rng_state() -> dict:
