@@ -276,7 +276,9 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
     sampler = EpochSampler(base)
     # An own generator: creating an iterator must not draw from the global stream (masks, dropout).
     loader_rng = torch.Generator().manual_seed(cfg.train.seed)
-    val = build_eval_loader(cfg, model, val_set, rank, world, device, loader_rng)
+    # per-sample PIL transforms, training and evaluation (the on-device path has its own)
+    transforms = None if _on_device(cfg) else build_transforms(cfg, model)
+    val = build_eval_loader(cfg, model, val_set, rank, world, device, loader_rng, transforms and transforms[1])
     if d.on_device and not _on_device(cfg):
         # a speed option: where it does not apply, the per-sample loader takes over
         _logger.warning(
@@ -287,7 +289,7 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
             a.preset,
             d.workers,
         )
-    if _on_device(cfg):
+    if transforms is None:
         train = DeviceBatches(
             train_set.images,
             train_set.targets,
@@ -299,7 +301,7 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
         )
     else:
         train = DataLoader(
-            Augmented(train_set, build_transforms(cfg, model)[0], cfg.train.seed),
+            Augmented(train_set, transforms[0], cfg.train.seed),
             batch_size=d.batch_size,
             sampler=sampler,
             drop_last=True,
@@ -308,8 +310,11 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
     return _finish(cfg, train_set, train, val, sampler, len(base) // d.batch_size)
 
 
-def build_eval_loader(cfg: Config, model, val_set, rank: int, world: int, device: torch.device, generator=None):
-    """Batches of ``val_set``, sharded over ``world`` processes, in order, without augmentation."""
+def build_eval_loader(
+    cfg: Config, model, val_set, rank: int, world: int, device: torch.device, generator=None, transform=None
+):
+    """Batches of ``val_set``, sharded over ``world`` processes, in order, without augmentation
+    (``transform``: the evaluation transform of ``build_transforms``, when the caller made it already)."""
     sampler = ShardSampler(len(val_set), rank, world)
     if _on_device(cfg):
         settings = _device_settings(cfg, model, device)
@@ -323,9 +328,8 @@ def build_eval_loader(cfg: Config, model, val_set, rank: int, world: int, device
             **settings,
         )
     generator = generator or torch.Generator().manual_seed(cfg.train.seed)
-    val_tf = build_transforms(cfg, model)[1]  # per-sample PIL transforms (the on-device path has its own)
     return DataLoader(
-        Augmented(val_set, val_tf, 0),
+        Augmented(val_set, transform or build_transforms(cfg, model)[1], 0),
         batch_size=cfg.data.eval_batch_size,
         sampler=sampler,
         **_loader_settings(cfg, device, generator),
