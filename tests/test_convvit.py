@@ -78,6 +78,17 @@ def test_sizes_and_no_weights_to_download():
         timm.create_model("convvit_base_patch16", pretrained=True)
 
 
+def test_builds_on_the_meta_device_as_timm_models_do():
+    """``with torch.device("meta")`` (deferred initialisation, sizing a model) stopped at the drop-path rates."""
+    with torch.device("meta"):
+        model = timm.create_model("convvit_base_patch16", drop_path_rate=0.1)
+        wrapped = masksub.wrap(model, ratio=0.5)
+    assert {p.device.type for p in wrapped.parameters()} == {"meta"}
+    cpu = timm.create_model("convvit_base_patch16", drop_path_rate=0.1)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in cpu.parameters())
+    assert model.blocks3[-1].drop_path1.drop_prob == pytest.approx(0.1)
+
+
 def test_bad_sizes_get_clear_errors():
     model = tiny_model("convvit")
     with pytest.raises(ValueError, match=r"built for 64x64 images, got 32x32; build it with img_size=32"):

@@ -109,7 +109,7 @@ class ConvViT(nn.Module):
         self.num_features = self.embed_dim = embed_dim[-1]
         self.num_prefix_tokens = 0
         self.grad_checkpointing = False
-        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depth), device="cpu").tolist()  # also under torch.device("meta")
         d1, d2 = depth[0], depth[0] + depth[1]
 
         self.token_select = TokenSelect()
