@@ -20,7 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from masksub.cli import main
 from masksub.train import checkpoint
-from masksub.train.config import all_keys, load_config
+from masksub.train.config import all_keys, list_recipes, load_config, recipe_notes
 from masksub.train.runlog import RunLog
 
 TINY = {
@@ -434,6 +434,28 @@ def test_keys_lists_every_key_with_the_recipe_value(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "`masksub keys` lists every key" in capsys.readouterr().out
+
+
+def test_recipes_lists_each_with_its_command_and_shows_one(capsys):
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1 : len(list_recipes()) + 1]}
+    assert sorted(rows) == list_recipes()
+    vit = ["masksub", "train", "vit_tiny_patch16_224*", "fashion_mnist", "28", "px", "2"]
+    assert rows["fashion_mnist_vit"][1:8] == vit
+    assert rows["fashion_mnist_vit"][-2:] == ["MaskSub", "0.5"] and rows["swin_t"][-2:] == ["MaskSub", "0.5"]
+    assert rows["dmjd_vit_b"][2] == "pretrain" and rows["maskfeat_vit_b"][-4:] == ["(MaskFeat", "/", "MAE", "style)"]
+    assert rows["fashion_mnist_linprobe"][2] == "linprobe"
+    for name in list_recipes():
+        notes = recipe_notes(name)
+        defaults = ("fashion_mnist_vit", "fashion_mnist_dmjd", "fashion_mnist_linprobe")  # launched without --recipe
+        assert f"--recipe {name}" in notes[0] or name in defaults
+        assert not notes[1].startswith("Short of"), f"{name}: what the recipe trains comes right after its command"
+    assert main(["recipes", "deit3_vit_h_400"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].endswith("deit3_vit_h_400.yaml") and shown[1].startswith("torchrun --nnodes 4")
+    assert shown[2].startswith("DeiT-III ViT-H from scratch")
+    assert main(["recipes", "swin_x"]) == 2 and "Did you mean swin_t" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -29,6 +29,9 @@ from .train.config import (
     list_recipes,
     load_config,
     parse_overrides,
+    recipe_notes,
+    recipe_path,
+    recipe_summary,
 )
 from .train.data import CorruptImageError
 from .train.interrupt import Interrupted
@@ -80,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     lin = sub.add_parser("linprobe", allow_abbrev=False, help="linear probe of a pretrained encoder", epilog=OVERRIDES)
     lin.add_argument("--checkpoint", required=True, help="encoder weights (encoder.pt from masksub pretrain)")
     lin.add_argument("--recipe", default="fashion_mnist_linprobe")
-    sub.add_parser("recipes", help="list the bundled recipes")
+    rec = sub.add_parser("recipes", help="list the bundled recipes, or show one's launch command and notes")
+    rec.add_argument("name", nargs="?", default=None, help="a recipe name or YAML path: its file, command and notes")
     keys = sub.add_parser("keys", help="list every config key with its value in a recipe (default: the default one)")
     keys.add_argument("--recipe", default=None, help="recipe name or YAML path")
     return p
@@ -105,6 +109,20 @@ def _say(command: str, text: str) -> None:
     sys.stderr.flush()
 
 
+def _print_recipes(name: str | None) -> None:
+    if name is not None:
+        print(recipe_path(name).resolve())
+        print("\n".join(recipe_notes(name)))
+        return
+    rows = [recipe_summary(r) for r in list_recipes()]
+    rows.insert(0, {key: key for key in rows[0]})
+    widths = {key: max(len(row[key]) for row in rows) for key in rows[0]}
+    for row in rows:
+        print("  ".join(f"{row[k]:<{w}}" for k, w in widths.items()).rstrip())
+    print("\n* built with model.kwargs (depth, width, init, pooling, ...): `masksub keys --recipe NAME` lists them all")
+    print("`masksub recipes NAME`: the recipe's file, launch command and notes")
+
+
 def main(argv: list[str] | None = None) -> int:
     with _one_line_warnings():
         return _main(argv)
@@ -124,7 +142,7 @@ def _main(argv: list[str] | None) -> int:
     args, rest = _parser().parse_known_args(argv)
     try:
         if args.command == "recipes":
-            print("\n".join(list_recipes()))
+            _print_recipes(args.name)
         elif args.command == "keys":
             values = flat_config(load_config(args.recipe, parse_overrides(rest), check=False))  # "???": to fill in
             width = max(map(len, values))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -267,6 +268,40 @@ def recipe_path(name_or_path: str) -> Path:
 
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_notes(name_or_path: str) -> list[str]:
+    """The comment lines a recipe starts with: its launch command, then what it trains."""
+    notes = []
+    for line in recipe_path(name_or_path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        notes.append(line[1:].strip())
+    return notes
+
+
+def recipe_summary(name_or_path: str) -> dict[str, str]:
+    """One row of ``masksub recipes``: the command that runs the recipe, its model, size, epochs and method."""
+    cfg = load_config(name_or_path, check=False)
+    notes = recipe_notes(name_or_path)
+    found = re.search(r"\bmasksub(?:\.cli)? (train|pretrain|linprobe)\b", notes[0] if notes else "")
+    command = found.group(1) if found else "train"
+    if command == "pretrain":
+        pre = cfg.pretrain
+        method = f"DMJD, {pre.views} views" if pre.method == "dmjd" else "single view (MaskFeat / MAE style)"
+    elif command == "linprobe":
+        method = "linear probe"
+    else:
+        names = {"none": "plain", "mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub"}
+        method = names.get(cfg.sub.kind, cfg.sub.kind) + ("" if cfg.sub.kind == "none" else f" {cfg.sub.ratio:g}")
+    return {
+        "recipe": Path(name_or_path).stem,
+        "command": f"masksub {command}",
+        "model": cfg.model.name + ("*" if set(cfg.model.kwargs) - {"img_size"} else ""),
+        "data": f"{cfg.data.name} {cfg.data.img_size} px",
+        "epochs": str(cfg.sched.epochs),
+        "method": method,
+    }
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
