@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -498,6 +499,50 @@ def test_corrupt_image_reported_and_skipped_or_rejected(tmp_path, image_folder, 
     with caplog.at_level("WARNING", logger="masksub"):
         assert main(base + ["--data.corrupt", "skip", "--train.max_steps", "3"]) == 0
     assert "broken.png" in caplog.text
+
+
+def test_an_image_error_in_a_loader_worker_is_one_line(tmp_path, image_folder, capsys):
+    """torch re-raises a worker's error with the worker's whole traceback as its message."""
+    cli = ["train", "--recipe", "fashion_mnist_resnet", "--data.name", "folder", "--data.dir", str(image_folder)]
+    cli += ["--data.in_chans", "3", "--data.corrupt", "error", "--train.output", str(tmp_path)]
+    assert main([*cli, *args({**FOLDER, "data.workers": 1})]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    err = [line for line in err.splitlines() if "masksub" in line]  # the progress bar aside
+    assert len(err) == 1, err
+    assert err[0].startswith("masksub train: error: cannot read image ") and "broken.png" in err[0]
+    assert err[0].endswith("set data.corrupt=skip (in DataLoader worker process 0)")
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_sixteen_bit_images_are_scaled_not_clipped_and_wider_ones_refused(tmp_path, in_chans):
+    from masksub.train.data import CorruptImageError, ImageFolder
+
+    ramp = np.arange(0, 65536, 256, dtype=np.uint16).reshape(16, 16)  # 0, 256, ..., 65280
+    (tmp_path / "a").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "a" / "x.png")  # PIL reads it as mode I;16
+    img, _ = ImageFolder(tmp_path, "error", in_chans)[0]
+    pixels = np.asarray(img)
+    grey = pixels if in_chans == 1 else pixels[..., 0]
+    assert np.array_equal(grey, np.arange(256, dtype=np.uint8).reshape(16, 16))  # PIL's convert: 255 from 1 on
+    Image.fromarray(ramp.astype(np.int32)).save(tmp_path / "a" / "y.TIF")  # mode I: no known range
+    with pytest.raises(CorruptImageError, match=r"y.TIF has 32-bit integer pixels .* convert the data set"):
+        ImageFolder(tmp_path, "skip", in_chans)[1]
+
+
+def test_a_folder_without_images_or_with_images_outside_class_folders_is_named(tmp_path):
+    from masksub.train.data import ImageFolder
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"no images found under .*: expected <class>/<image> .*\.webp"):
+        ImageFolder(tmp_path, "skip", 3)
+    for name in ("x.webp", "y.bmp"):
+        Image.new("RGB", (4, 4)).save(tmp_path / "a" / name)
+    assert len(ImageFolder(tmp_path, "skip", 3)) == 2
+    Image.new("RGB", (4, 4)).save(tmp_path / "stray.jpg")  # became a class named '' before
+    with pytest.raises(FileNotFoundError, match=r"holds 1 image file\(s\) outside a class folder \(e.g. stray.jpg\)"):
+        ImageFolder(tmp_path, "skip", 3)
 
 
 def test_grey_training_on_a_colour_folder_normalizes_with_one_statistic(tmp_path, image_folder):

@@ -109,6 +109,18 @@ def _say(command: str, text: str) -> None:
     sys.stderr.flush()
 
 
+def _message(error: BaseException) -> str:
+    """The error's own message: one raised in a DataLoader worker carries the worker's whole traceback
+    (torch re-raises it so), whose last line holds the message."""
+    text = str(error)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    where = text.split("\n", 1)[0].partition(" in ")[2].rstrip(".")  # "DataLoader worker process 0"
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    _, found, message = last.partition(f"{type(error).__name__}: ")
+    return f"{message if found else last} (in {where})"
+
+
 def _print_recipes(name: str | None) -> None:
     if name is not None:
         print(recipe_path(name).resolve())
@@ -202,7 +214,7 @@ def _main(argv: list[str] | None) -> int:
         checkpoint.CheckpointError,
         checkpoint.CheckpointWriteError,
     ) as e:
-        _say(args.command, f"error: {e}")
+        _say(args.command, f"error: {_message(e)}")
         return 2
     except Interrupted as e:
         _say(args.command, str(e))

@@ -34,6 +34,26 @@ class CorruptImageError(RuntimeError):
     pass
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _eight_bit(img: Image.Image, path: str) -> Image.Image:
+    """16-bit grey images (PNG, TIFF: medical, microscopy, remote sensing) scaled to 8 bits.
+
+    PIL's ``convert("L" | "RGB")`` clips them at 255, which turns almost every pixel white. 32-bit
+    integer and float pixels have no agreed range, so they are refused rather than guessed.
+    """
+    if img.mode in _SIXTEEN_BIT:
+        return Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "32-bit float"
+        raise CorruptImageError(
+            f"image {path} has {kind} pixels (PIL mode {img.mode}), whose range is not known; "
+            "masksub reads 8-bit and 16-bit images: convert the data set to 8- or 16-bit PNG"
+        )
+    return img
+
+
 class FashionMNIST(Dataset):
     """Fashion-MNIST from its IDX files, as PIL images (grey, or grey repeated to RGB)."""
 
@@ -53,6 +73,9 @@ class FashionMNIST(Dataset):
         return (img.convert("RGB") if self.mode == "RGB" else img), int(self.targets[index])
 
 
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")  # read with PIL
+
+
 class ImageFolder(Dataset):
     """``root/<class>/<image>`` through timm's folder reader; unreadable images are reported by path."""
 
@@ -64,9 +87,19 @@ class ImageFolder(Dataset):
                 f"image folder {root} does not exist; data.dir must hold <split>/<class>/<image> folders "
                 "(ImageNet layout), e.g. data.dir=/data/imagenet with train/ and val/ inside"
             )
-        self.reader = create_reader("", root=str(root), class_map=class_map or "")
-        if len(self.reader) == 0:
-            raise FileNotFoundError(f"no images found under {root} (expected <class>/<image> sub-folders)")
+        try:
+            self.reader = create_reader("", root=str(root), class_map=class_map or "", input_key=";".join(EXTENSIONS))
+        except RuntimeError as e:  # timm's reader finds no image
+            raise FileNotFoundError(
+                f"no images found under {root}: expected <class>/<image> sub-folders with files ending in "
+                f"{', '.join(EXTENSIONS)} (any case)"
+            ) from e
+        loose = [path for path, _ in self.reader.samples if Path(path).parent == root]
+        if loose:
+            raise FileNotFoundError(
+                f"{root} holds {len(loose)} image file(s) outside a class folder (e.g. {Path(loose[0]).name}); "
+                "put each image in <class>/ sub-folders (the folder name is the label)"
+            )
         self.corrupt, self.mode = corrupt, "RGB" if in_chans == 3 else "L"
         self.length = min(subset, len(self.reader)) if subset else len(self.reader)
         self.class_to_idx: dict = self.reader.class_to_idx
@@ -84,7 +117,6 @@ class ImageFolder(Dataset):
                 file, target = self.reader[i]
                 img = Image.open(file)
                 img.load()
-                return img.convert(self.mode), int(target)
             except Exception as e:  # PIL raises several types for broken files
                 path = self.reader.filename(i, absolute=True)
                 if self.corrupt == "error":
@@ -94,6 +126,8 @@ class ImageFolder(Dataset):
                 if path not in self.reported:
                     self.reported.add(path)
                     _logger.warning("skipping unreadable image %s: %s", path, e)
+                continue
+            return _eight_bit(img, self.reader.filename(i, absolute=True)).convert(self.mode), int(target)
         raise CorruptImageError(f"no readable image in {self.length} files")
 
 
