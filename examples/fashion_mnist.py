@@ -37,15 +37,22 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
-def parse_args():
+NAMES = {"mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub"}
+
+
+def parse_args(argv=None):
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1:
+        p.error("--epochs and --batch-size must be at least 1")
+    return args
 
 
 def to_input(images: torch.Tensor, device: str) -> torch.Tensor:
@@ -84,6 +91,8 @@ def train(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
     optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
     images, labels = train_set
     steps_per_epoch = len(images) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(images)} training images make no batch of {args.batch_size}: lower --batch-size")
     scheduler = CosineLRScheduler(
         optimizer,
         t_initial=args.epochs * steps_per_epoch,
@@ -94,7 +103,7 @@ def train(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
     step = masksub.Step(model, optimizer, torch.nn.CrossEntropyLoss()) if use_masksub else None
     generator = torch.Generator().manual_seed(args.seed)  # the same data order for both runs
     start = time.perf_counter()
-    name = f"{args.sub}sub {args.ratio}" if use_masksub else "plain"
+    name = f"{NAMES[args.sub]} {args.ratio}" if use_masksub else "plain"
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(images), generator=generator)
@@ -117,20 +126,19 @@ def train(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
     return accuracy, time.perf_counter() - start
 
 
-def main():
-    args = parse_args()
-    train_set = load_fashion_mnist("train", args.data_dir)
-    if args.train_images:
-        train_set = (train_set[0][: args.train_images], train_set[1][: args.train_images])
-    test_set = load_fashion_mnist("test", args.data_dir)
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    train_set = tuple(t[: args.train_images] for t in load_fashion_mnist("train", args.data_dir))
+    test_set = tuple(t[: args.test_images] for t in load_fashion_mnist("test", args.data_dir))
     print(f"Fashion-MNIST: {len(train_set[0])} train / {len(test_set[0])} test images; ViT {args.depth}x{args.width}")
     plain_acc, plain_time = train(args, False, train_set, test_set)
     sub_acc, sub_time = train(args, True, train_set, test_set)
     print(f"\nafter {args.epochs} epochs on {args.device}:")
-    sub = f"{args.sub}sub ratio {args.ratio}"
+    sub = f"{NAMES[args.sub]}, ratio {args.ratio}"
     for name, acc, seconds in (("plain", plain_acc, plain_time), (sub, sub_acc, sub_time)):
         print(f"  {name:<22} test accuracy {acc:6.2f}%   {seconds:6.1f} s")
     print(f"  difference {sub_acc - plain_acc:+.2f} points at {sub_time / plain_time:.2f}x the training time")
+    return {"plain": plain_acc, "masksub": sub_acc, "plain_seconds": plain_time, "masksub_seconds": sub_time}
 
 
 if __name__ == "__main__":

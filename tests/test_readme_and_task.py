@@ -40,6 +40,19 @@ def test_readme_own_loop_example_runs():
     assert model.branch.name == "vit"
 
 
+def test_readme_hand_written_loop_example_learns_in_both_runs(monkeypatch, capsys):
+    """examples/fashion_mnist.py, whose measured numbers the README shows, on a slice of the data."""
+    monkeypatch.syspath_prepend(str(README.parent / "examples"))
+    example = __import__("fashion_mnist")
+    tiny = ["--train-images", "1024", "--test-images", "500", "--epochs", "1", "--batch-size", "64", "--width", "32"]
+    result = example.main(tiny)
+    assert result["plain"] > 20 and result["masksub"] > 20  # 10 classes: chance is 10%
+    assert result["plain"] != result["masksub"], "the second run has the sub branch"
+    assert "MaskSub, ratio 0.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="100 training images make no batch of 128: lower --batch-size"):
+        example.main(["--train-images", "100"])
+
+
 @needs_task_api
 def test_task_gradients_equal_step_and_checkpoint_is_plain():
     x, y = tiny_images("swin", batch=4), torch.arange(4)
