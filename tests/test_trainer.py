@@ -329,6 +329,12 @@ def test_eval_command(tmp_path, capsys):
     out = capsys.readouterr().out
     top1 = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["top1"]
     assert f"weights: top-1 {top1:.2f}%" in out and "ema weights: top-1" in out
+    assert out.startswith(  # which weights, on which images: the run's eval_subset, unless overridden
+        f"{folder / 'best.pt'} after 4 training steps: 200 images of the Fashion-MNIST test split "
+        "(data.eval_subset 200; --data.eval_subset null for all), on cpu\n"
+    )
+    assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.eval_subset", "300"]) == 0
+    assert ": 300 images of the Fashion-MNIST test split" in capsys.readouterr().out
 
 
 def test_plain_run_and_compare(tmp_path):

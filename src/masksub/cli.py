@@ -198,7 +198,8 @@ def _main(argv: list[str] | None) -> int:
         elif args.command == "eval":
             from .train.evaluate import evaluate_checkpoint
 
-            for name, metrics in evaluate_checkpoint(Path(args.checkpoint), parse_overrides(rest)).items():
+            results = evaluate_checkpoint(Path(args.checkpoint), parse_overrides(rest), report=print)
+            for name, metrics in results.items():
                 print(f"{name}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
         elif args.command == "compare":
             from .train.compare import compare

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 from . import checkpoint
@@ -11,7 +12,11 @@ from .data import build_datasets, build_eval_dataset, build_eval_loader
 from .trainer import Trainer, build_model, evaluate, resolve_device
 
 
-def evaluate_checkpoint(path: Path, overrides: dict | None = None) -> dict[str, dict]:
+def evaluate_checkpoint(
+    path: Path, overrides: dict | None = None, report: Callable[[str], None] | None = None
+) -> dict[str, dict]:
+    """Top-1/top-5 of the plain weights (and EMA weights, if kept); ``report`` gets a line saying
+    which checkpoint is evaluated on which images."""
     state = checkpoint.load(path)
     if "config" not in state or "model" not in state:
         raise checkpoint.CheckpointError(f"{path} is not a masksub training checkpoint (no config/model entries)")
@@ -34,6 +39,13 @@ def evaluate_checkpoint(path: Path, overrides: dict | None = None) -> dict[str, 
     if cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
         weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("branch.")}
     model.load_state_dict(weights)
+    if report is not None:
+        d = cfg.data
+        split = "the Fashion-MNIST test split" if d.name == "fashion_mnist" else str(Path(d.dir) / d.val_split)
+        steps = (state.get("position") or {}).get("global_step")
+        subset = f" (data.eval_subset {d.eval_subset}; --data.eval_subset null for all)" if d.eval_subset else ""
+        when = f" after {steps} training steps" if steps is not None else ""
+        report(f"{path}{when}: {len(val_set)} images of {split}{subset}, on {device}")
     loader = build_eval_loader(cfg, model, val_set, 0, 1, device)
     results = {"weights": evaluate(model, loader, device)}
     if state.get("ema"):
