@@ -61,9 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--recipe", default=None, help="recipe name (see `masksub recipes`) or YAML path")
     train.add_argument("--resume", default=None, help="checkpoint file or run folder to continue exactly")
     ev = sub.add_parser(
-        "eval", allow_abbrev=False, help="evaluate a checkpoint: top-1/top-5 of the plain and EMA weights"
+        "eval",
+        allow_abbrev=False,
+        help="evaluate a checkpoint: top-1/top-5 of the plain and EMA weights",
+        epilog="The run's configuration applies; --section.key value changes a key of it, e.g. --data.dir "
+        "/data/elsewhere, --data.eval_subset null (every image), --data.eval_batch_size 100, --train.device cpu.",
     )
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint of masksub train (best.pt, last.pt)")
     cmp = sub.add_parser(
         "compare",
         allow_abbrev=False,
