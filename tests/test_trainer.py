@@ -105,6 +105,17 @@ def test_resume_is_bit_identical(tmp_path):
     ]
 
 
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    folder = run_train(tmp_path, "done", **{"sched.epochs": 1})
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".pt", ".jsonl", ".csv")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"{folder} finished all 1 epochs (4 steps): nothing is left to train" in out and "resumed" not in out
+    assert f"with --model.checkpoint {folder / 'last.pt'}" in out
+    assert before == {name: (folder / name).read_bytes() for name in before}
+
+
 def test_resume_from_non_matching_checkpoint(tmp_path, capsys):
     part = run_train(tmp_path, "part", **{"train.max_steps": 2})
     assert (

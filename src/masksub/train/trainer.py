@@ -476,8 +476,9 @@ class Trainer:
             self.step.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"]:
             self._load_state(self.ema, state["ema"])
+        weights = Path(path) / "last.pt" if Path(path).is_dir() else path
         if len(state["rng"]) != self.dist.world:
-            n, weights = len(state["rng"]), Path(path) / "last.pt" if Path(path).is_dir() else path
+            n = len(state["rng"])
             raise ConfigError(
                 f"cannot resume from {path}: it was written by {n} process{'es' * (n > 1)}, this run has "
                 f"{self.dist.world}; resume with {n} (the exact continuation needs each process's random "
@@ -490,7 +491,13 @@ class Trainer:
         self.epoch_seconds_before = state.get("epoch_seconds", 0.0)
         self.best_top1, self.nonfinite_run, self.skipped = state["best_top1"], state["nonfinite_run"], state["skipped"]
         self.runlog.truncate_after(self.epoch)  # epochs after the checkpoint run again
-        self.log(f"resumed {path} at epoch {self.epoch + 1}, step {self.global_step}")
+        if self.epoch >= self.cfg.sched.epochs:
+            self.log(
+                f"{path} finished all {self.cfg.sched.epochs} epochs ({self.global_step} steps): nothing is left to "
+                f"train; to train longer, start a new run from its weights with --model.checkpoint {weights}"
+            )
+        else:
+            self.log(f"resumed {path} at epoch {self.epoch + 1}, step {self.global_step}")
 
     # -------------------------------------------------------------- training
     # Under torchrun, processes agree on an interrupt every this many optimizer steps (one tiny all-reduce).
