@@ -403,6 +403,7 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--data.dir", "/nonexistent/fmnist"], "dataset-fashion-mnist"),
         (["--data.name", "folder", "--data.dir", "/nonexistent/imagenet"], "does not exist"),
         (["--model.name", "resnet_9000"], "not a timm model"),
+        (["--model.name", "deit_smal_patch16_224"], "not a timm model; did you mean deit_small_patch16_224,"),
         (["--recipe", "mae_finetune_vit_b", "--data.dir", "."], "--model.checkpoint"),
         (["--optim.name", "adamww"], "optim.name='adamww' is not a timm optimizer; did you mean adamw"),
         (["--sched.name", "cosin"], "did you mean cosine?"),

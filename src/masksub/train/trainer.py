@@ -8,6 +8,7 @@ evaluates each epoch, and writes checkpoints that resume bit-exactly.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import signal
 import time
 import warnings
@@ -74,7 +75,9 @@ def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool 
         model = timm.create_model(m.name, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ConfigError(f"model.name={m.name!r} is not a timm model ({e})") from None
+            close = difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*pattern*') lists them"
+            raise ConfigError(f"model.name={m.name!r} is not a timm model{hint}") from None
         raise
     except TypeError as e:
         if "unexpected keyword" in str(e):
