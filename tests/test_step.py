@@ -175,6 +175,24 @@ def test_step_rejects_an_optimizer_made_before_wrap():
     masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
 
 
+@pytest.mark.parametrize("sub", ["mask", "droppath"])
+def test_a_step_on_a_model_left_in_eval_mode_is_warned_once(sub, recwarn):
+    """After an evaluation, a forgotten model.train() leaves drops and BatchNorm off: PathSub's sub branch
+    then equals the main branch, silently."""
+    wrapped = masksub.wrap(tiny_model("vit"), sub=sub)
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    x, y = tiny_images("vit", batch=4), torch.arange(4)
+    step(x, y)  # a fresh model trains: no warning
+    assert not [w for w in recwarn if "eval mode" in str(w.message)]
+    wrapped.eval()
+    with pytest.warns(UserWarning, match="model is in eval mode.*call model.train") as caught:
+        step(x, y)
+    assert ("the sub branch drops nothing" in str(caught[-1].message)) == (sub == "droppath")
+    recwarn.clear()
+    step(x, y)
+    assert not [w for w in recwarn if "eval mode" in str(w.message)], "once per Step"
+
+
 @pytest.mark.parametrize("memory_saving", [True, False])
 def test_a_criterion_that_does_not_reduce_is_named(memory_saving):
     wrapped = masksub.wrap(tiny_model("vit"))

@@ -403,6 +403,7 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--data.dir", "/nonexistent/fmnist"], "dataset-fashion-mnist"),
         (["--data.name", "folder", "--data.dir", "/nonexistent/imagenet"], "does not exist"),
         (["--model.name", "resnet_9000"], "not a timm model"),
+        (["--train.device", "cuda:3"], "set train.device=cuda and CUDA_VISIBLE_DEVICES=3"),
         (["--model.name", "deit_smal_patch16_224"], "not a timm model; did you mean deit_small_patch16_224,"),
         (["--recipe", "mae_finetune_vit_b", "--data.dir", "."], "--model.checkpoint"),
         (["--optim.name", "adamww"], "optim.name='adamww' is not a timm optimizer; did you mean adamw"),
@@ -517,6 +518,7 @@ def test_corrupt_image_reported_and_skipped_or_rejected(tmp_path, image_folder, 
     with caplog.at_level("WARNING", logger="masksub"):
         assert main(base + ["--data.corrupt", "skip", "--train.max_steps", "3"]) == 0
     assert "broken.png" in caplog.text
+    assert "masksub: warning: skipping unreadable image " in capsys.readouterr().err  # one line, as warnings
 
 
 def test_an_image_error_in_a_loader_worker_is_one_line(tmp_path, image_folder, capsys):

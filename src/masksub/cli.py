@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -146,12 +147,18 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _one_line_warnings():
+    """masksub's warnings, and what its logger reports (images skipped), as ``masksub: warning: ...``."""
     before = warnings.formatwarning
     warnings.formatwarning = _format_warning
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("masksub: warning: %(message)s"))
+    logger = logging.getLogger("masksub")
+    logger.addHandler(handler)
     try:
         yield
     finally:
         warnings.formatwarning = before
+        logger.removeHandler(handler)
 
 
 def _main(argv: list[str] | None) -> int:

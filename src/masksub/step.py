@@ -16,6 +16,7 @@ one gradient reduce-scatter per sharded module and optimizer step.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 
@@ -57,6 +58,14 @@ def forward(model: nn.Module, x, sub: bool = False):
     """The main (or, ``sub=True``, the sub) branch on an input batch or a mapping of keyword inputs."""
     flag = {"sub": True} if sub else {}
     return model(**x, **flag) if isinstance(x, Mapping) else model(x, **flag)
+
+
+_EVAL_MODE = {  # a training step on a model left in eval mode (after an evaluation, say): warned once
+    False: "Step: the model is in eval mode: dropout, drop path and BatchNorm statistics are off in both "
+    "branches; call model.train() before training steps (model.eval() for evaluation)",
+    True: "Step: the model is in eval mode, where dropout and drop path are off: the sub branch drops nothing "
+    "and equals the main branch; call model.train() before training steps (model.eval() for evaluation)",
+}
 
 
 class Step:
@@ -173,6 +182,7 @@ class Step:
                 scaler = torch.amp.GradScaler(self.device_type)
         self.scaler = scaler
         self._micro = 0  # micro-batches seen since the last optimizer step
+        self._warned_eval = False
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -205,6 +215,9 @@ class Step:
         ``attention_mask``...); a mapping's ``labels`` are the target when ``target`` is None and
         never reach the model, so a Hugging Face model does not compute its own loss twice."""
         x, target = split_labels(x, target)
+        if self.has_sub and not self._warned_eval and not self._sub_model.training:
+            self._warned_eval = True
+            warnings.warn(_EVAL_MODE[self._sub_model.branch.name in ("dropout", "droppath")], stacklevel=2)
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self._micro += 1

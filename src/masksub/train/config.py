@@ -381,7 +381,10 @@ def validate(cfg: Config) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+            hint = ""
+            if key == "train.device" and str(value).startswith("cuda:"):  # under torchrun each process takes its own
+                hint = f"; to run on GPU {value[5:]}, set train.device=cuda and CUDA_VISIBLE_DEVICES={value[5:]}"
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}{hint}")
     if cfg.data.in_chans not in (1, 3):
         raise ConfigError(f"data.in_chans must be 1 (grey) or 3 (RGB), got {cfg.data.in_chans}")
     for key, values in (("aug.mean", cfg.aug.mean), ("aug.std", cfg.aug.std)):
