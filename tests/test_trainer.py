@@ -749,6 +749,27 @@ def test_checkpoint_load_maps_zip_files_and_reads_legacy_ones(tmp_path):
         assert torch.equal(checkpoint.load(tmp_path / "w.pt")["w"], torch.arange(4.0))
 
 
+def test_initial_weights_of_another_model_are_refused_not_ignored(tmp_path, capsys):
+    """Nothing loaded used to be two log lines, then a run from scratch (days, on ImageNet)."""
+    vit = TINY["model.kwargs"]
+    torch.save(
+        timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, **vit).state_dict(), tmp_path / "w.pt"
+    )
+    for other in ({"model.name": "resnet18", "model.kwargs": {}}, {"model.kwargs": {**vit, "embed_dim": 64}}):
+        cli = ["train", *args(TINY, **{"model.checkpoint": str(tmp_path / "w.pt"), **other})]
+        assert main([*cli, "--train.output", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert f"error: none of the 18 tensors in {tmp_path / 'w.pt'} fits the " in err
+        assert err.strip().endswith("set model.name and model.kwargs to the checkpoint's")
+    assert "e.g. cls_token: (1, 1, 32) there, (1, 1, 64) here" in err
+    assert not (tmp_path / "runs").exists()
+    assert (
+        main(["train", *args(TINY, **{"model.checkpoint": str(tmp_path / "w.pt"), "train.output": str(tmp_path)})]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "2 missing keys ['head.bias', 'head.weight']" in out and "unexpected" not in out
+
+
 class Opaque:
     """An object of the user's own in a checkpoint."""
 

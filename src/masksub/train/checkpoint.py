@@ -172,8 +172,20 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> tuple[li
     if filter_fn is not None:
         state = filter_fn(state, model)
     own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    mismatched = {k: tuple(v.shape) for k, v in state.items() if k in own and own[k].shape != v.shape}
+    if state and not any(k in own and k not in mismatched for k in state):  # a run from scratch, silently
+        raise CheckpointError(_nothing_fits(path, model, state, own, mismatched))
     for k in mismatched:  # e.g. a 1000-class head loaded into a 10-class model
         del state[k]
     result = model.load_state_dict(state, strict=False)
     return sorted(result.missing_keys), sorted(result.unexpected_keys) + [f"{k} (shape)" for k in mismatched]
+
+
+def _nothing_fits(path, model: torch.nn.Module, state: dict, own: dict, mismatched: dict) -> str:
+    text = f"none of the {len(state)} tensors in {path} fits the {type(model).__name__} being trained"
+    if mismatched:
+        k = next(iter(mismatched))
+        text += f" ({len(mismatched)} differ in shape, e.g. {k}: {mismatched[k]} there, {tuple(own[k].shape)} here)"
+    else:
+        text += f" (no name matches: {next(iter(state))} there, {next(iter(own))} here)"
+    return text + "; they are the weights of another model or size: set model.name and model.kwargs to the checkpoint's"

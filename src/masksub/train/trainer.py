@@ -98,7 +98,8 @@ def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool 
     if m.checkpoint and initial_weights:
         missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
         log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
-        log(f"  {len(unexpected)} unexpected keys {unexpected[:8]}")
+        if unexpected:
+            log(f"  {len(unexpected)} unexpected keys {unexpected[:8]}")
     return model
 
 
