@@ -43,9 +43,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-NAMES = {"mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub"}
-
-
 def parse_args(argv=None):
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -103,7 +100,7 @@ def train(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
     step = masksub.Step(model, optimizer, torch.nn.CrossEntropyLoss()) if use_masksub else None
     generator = torch.Generator().manual_seed(args.seed)  # the same data order for both runs
     start = time.perf_counter()
-    name = f"{NAMES[args.sub]} {args.ratio}" if use_masksub else "plain"
+    name = f"{masksub.wrapper.METHOD_NAMES[args.sub]} {args.ratio}" if use_masksub else "plain"
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(images), generator=generator)
@@ -134,7 +131,7 @@ def main(argv=None) -> dict:
     plain_acc, plain_time = train(args, False, train_set, test_set)
     sub_acc, sub_time = train(args, True, train_set, test_set)
     print(f"\nafter {args.epochs} epochs on {args.device}:")
-    sub = f"{NAMES[args.sub]}, ratio {args.ratio}"
+    sub = f"{masksub.wrapper.METHOD_NAMES[args.sub]}, ratio {args.ratio}"
     for name, acc, seconds in (("plain", plain_acc, plain_time), (sub, sub_acc, sub_time)):
         print(f"  {name:<22} test accuracy {acc:6.2f}%   {seconds:6.1f} s")
     print(f"  difference {sub_acc - plain_acc:+.2f} points at {sub_time / plain_time:.2f}x the training time")

@@ -16,7 +16,7 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from fashion_mnist import NAMES, base_parser, make_model, to_input  # the hand-written loop's model and input
+from fashion_mnist import base_parser, make_model, to_input  # the hand-written loop's model and input
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
         return result
     print(f"\nafter {args.epochs} epochs ({args.accelerator}, {args.precision}):")
     print(f"  plain                 test accuracy {plain_acc:6.2f}%   {plain_time:6.1f} s")
-    sub = f"{NAMES[args.sub]}, ratio {args.ratio}"
+    sub = f"{masksub.wrapper.METHOD_NAMES[args.sub]}, ratio {args.ratio}"
     print(f"  {sub:<22} test accuracy {sub_acc:6.2f}%   {sub_time:6.1f} s")
     print(f"  difference {sub_acc - plain_acc:+.2f} points at {sub_time / plain_time:.2f}x the training time")
     return result

@@ -355,11 +355,20 @@ def test_plain_run_and_compare(tmp_path):
     )
     assert code == 0
     table = (out / "compare.md").read_text()
+    assert table.startswith("# fashion_mnist_vit: plain vs MaskSub, seeds 0, 1\n")
     assert "| none |" in table and "| mask | 0.5 | 2 |" in table
-    rows = (out / "compare.csv").read_text().splitlines()
-    assert len(rows) == 5
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert len(rows) == 4
+    finals = [float(r["final_top1"]) for r in rows if r["sub"] == "mask"]
+    mean, sd = sum(finals) / 2, abs(finals[0] - finals[1]) / 2**0.5  # the sample standard deviation of two
+    assert f"| mask | 0.5 | 2 | {mean:.2f} ± {sd:.2f} |" in table
     with Image.open(out / "curves.png") as img:
         img.verify()
+    # One seed has no spread: the table shows the value alone (it showed ± 0.00).
+    assert main(["compare", "--subs", "mask", "--seeds", "0", "--output", str(tmp_path / "one"), *args(TINY)]) == 0
+    table = (tmp_path / "one" / "compare.md").read_text()
+    assert table.startswith("# fashion_mnist_vit: MaskSub, seed 0\n") and "±" not in table
+    assert "| final top-1 (one seed: no spread) |" in table
 
 
 def test_non_finite_loss_skips_then_stops(tmp_path, capsys):

@@ -14,6 +14,7 @@ from .drops import DropoutBranch, DropPathBranch
 from .masking import check_ratio
 
 SUB_KINDS = ("mask", "dropout", "droppath")
+METHOD_NAMES = {"mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub"}  # as the papers call them
 
 
 class SubBranchModel(nn.Module):

@@ -7,18 +7,28 @@ import re
 import statistics
 from pathlib import Path
 
+from ..wrapper import METHOD_NAMES
 from . import checkpoint
 from .config import Config, ConfigError, flat_config, from_dict, load_config
 from .interrupt import Interrupted
-from .runlog import RunLog, plot_curves, summarize, write_summary
+from .runlog import RunLog, plot_curves, replace_text, summarize, write_summary
 from .trainer import Trainer
+
+NAMES = {"none": "plain", **METHOD_NAMES}
 
 
 def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation; no spread (None) from one value."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _cell(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.2f}" if sd is None else f"{mean:.2f} ± {sd:.2f}"
 
 
 def _earlier_run(cfg: Config, log) -> dict | None:
@@ -96,20 +106,20 @@ def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: d
         return folder
     write_summary(folder / "compare.csv", rows)
     plot_curves(curves, folder / "curves.png")
+    spread = "mean ± sd" if len(seeds) > 1 else "one seed: no spread"
     lines = [
-        f"# {rows[0]['recipe']}: plain vs sub branches, seeds {', '.join(map(str, seeds))}",
+        f"# {rows[0]['recipe']}: {' vs '.join(NAMES.get(k, k) for k in kinds)}, seed{'s' * (len(seeds) > 1)} "
+        f"{', '.join(map(str, seeds))}",
         "",
-        "| sub | ratio | runs | final top-1 (mean ± sd) | best top-1 (mean ± sd) | train time s (mean) |",
+        f"| sub | ratio | runs | final top-1 ({spread}) | best top-1 ({spread}) | train time s (mean) |",
         "|---|---|---|---|---|---|",
     ]
     for kind in kinds:
         mine = [r for r in rows if r["sub"] == kind]
-        final, final_sd = _mean_spread([r["final_top1"] for r in mine])
-        best, best_sd = _mean_spread([r["best_top1"] for r in mine])
+        final, best = (_cell(*_mean_spread([r[key] for r in mine])) for key in ("final_top1", "best_top1"))
         secs, _ = _mean_spread([r["train_time_s"] for r in mine])
-        fmt = lambda m, sd: "n/a" if m is None else f"{m:.2f} ± {sd:.2f}"  # noqa: E731
         ratio = "-" if kind == "none" else mine[0]["ratio"]
-        lines.append(f"| {kind} | {ratio} | {len(mine)} | {fmt(final, final_sd)} | {fmt(best, best_sd)} | {secs:.1f} |")
-    (folder / "compare.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {kind} | {ratio} | {len(mine)} | {final} | {best} | {secs:.1f} |")
+    replace_text(folder / "compare.md", "\n".join(lines) + "\n")
     log("\n".join(lines))
     return folder

@@ -292,7 +292,9 @@ def recipe_summary(name_or_path: str) -> dict[str, str]:
     elif command == "linprobe":
         method = "linear probe"
     else:
-        names = {"none": "plain", "mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub"}
+        from ..wrapper import METHOD_NAMES
+
+        names = {"none": "plain", **METHOD_NAMES}
         method = names.get(cfg.sub.kind, cfg.sub.kind) + ("" if cfg.sub.kind == "none" else f" {cfg.sub.ratio:g}")
     return {
         "recipe": Path(name_or_path).stem,

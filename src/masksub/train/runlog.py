@@ -77,7 +77,7 @@ class RunLog:
         """On resume: forget epochs the checkpoint had not reached (they will be run again)."""
         if self.enabled and self.path.is_file():
             kept = [r for r in self.records() if r["epoch"] <= epoch]
-            _replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            replace_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
         if not self.enabled:
@@ -111,10 +111,10 @@ def write_summary(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _replace_text(path, out.getvalue())
+    replace_text(path, out.getvalue())
 
 
-def _replace_text(path: Path, text: str) -> None:
+def replace_text(path: Path, text: str) -> None:
     """Written beside and renamed over: a kill mid-write leaves the old file, not half of the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, newline="")  # as given: csv's own line ends
