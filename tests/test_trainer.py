@@ -574,6 +574,27 @@ def test_a_folder_without_images_or_with_images_outside_class_folders_is_named(t
         ImageFolder(tmp_path, "skip", 3)
 
 
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "v0", "augmix-m5-w4-d2"])
+def test_posterize_at_its_strongest_level_gives_black_with_every_pillow(policy):
+    """timm keeps 0 bits there; Pillow >= 13 refuses 0, which stopped Swin and MAE-finetuning runs in their
+    first batches (about 1 image in 500 draws it)."""
+    from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
+
+    from masksub.train.data import build_transforms
+
+    cfg = load_config("fashion_mnist_vit", {"aug.preset": "timm", "aug.auto_augment": policy, "data.in_chans": 3})
+    train, _ = build_transforms(cfg, timm.create_model("resnet18", num_classes=10))
+    augment = next(t for t in train.transforms if isinstance(t, (RandAugment, AutoAugment, AugMixAugment)))
+    ops = [op for group in (augment.policy if hasattr(augment, "policy") else [augment.ops]) for op in group]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize, ops
+    for op in posterize:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # strongest level
+        op.level_fn = lambda magnitude, hparams: (0,)  # keep 0 bits, as PosterizeIncreasing does at level 10
+        out = np.asarray(op(Image.new("RGB", (8, 8), (200, 100, 50))))
+        assert out.shape == (8, 8, 3) and out.max() == 0
+
+
 def test_grey_training_on_a_colour_folder_normalizes_with_one_statistic(tmp_path, image_folder):
     """data.in_chans=1 on RGB files: the images are read grey, and the model's RGB mean and std
     (timm's pretrained configuration) are averaged to one value each."""
