@@ -105,6 +105,20 @@ def test_resume_is_bit_identical(tmp_path):
     ]
 
 
+def test_writes_left_unfinished_by_a_killed_run_are_removed_on_resume(tmp_path, capsys):
+    """A SIGKILL mid-save leaves a hidden temporary as large as a checkpoint; one more per kill."""
+    part = run_train(tmp_path, "part", **{"train.max_steps": 2})
+    (part / ".last.pt.k3j9x.tmp").write_bytes(b"\0" * 3 * 2**20)  # as save_atomic names them
+    (part / ".metrics.jsonl.tmp").write_text('{"epoch": 1')
+    (part / "notes.tmp").write_text("not ours")  # not hidden: left alone
+    capsys.readouterr()
+    assert main(["train", "--resume", str(part)]) == 0
+    assert "removed 2 unfinished write(s) of a killed run (3.0 MiB): .last.pt.k3j9x.tmp, .metrics.jsonl.tmp" in (
+        capsys.readouterr().out
+    )
+    assert sorted(p.name for p in part.glob("*.tmp")) == ["notes.tmp"] and not list(part.glob(".*.tmp"))
+
+
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     folder = run_train(tmp_path, "done", **{"sched.epochs": 1})
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".pt", ".jsonl", ".csv")}

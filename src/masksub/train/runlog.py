@@ -23,6 +23,7 @@ class FolderLock:
 
     def __init__(self, folder: Path, enabled: bool = True):
         self.folder, self.enabled, self._file = Path(folder), enabled, None
+        self.leftovers: list[tuple[str, int]] = []  # (name, bytes) of removed unfinished writes
 
     def __enter__(self) -> FolderLock:
         try:
@@ -43,7 +44,20 @@ class FolderLock:
                 f"run folder {self.folder} is in use by another masksub process; wait for it to end, or stop it"
             ) from None
         self._file = f
+        self._remove_leftovers()
         return self
+
+    def _remove_leftovers(self) -> None:
+        """Files written beside and renamed over (checkpoints, metrics) stay half-written, hidden, when a
+        process is killed mid-write (SIGKILL, out of memory, a node lost): each as large as a checkpoint,
+        one more per kill. Under the lock no other process writes here: they are removed."""
+        for path in sorted(self.folder.glob(".*.tmp")):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except OSError:
+                continue
+            self.leftovers.append((path.name, size))
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:

@@ -513,7 +513,11 @@ class Trainer:
         # The barriers sit on the paths every process takes together. After any other error a barrier would
         # wait beside a process still in a step's all-reduce until the backend's timeout; the error ends this
         # process instead, and torchrun then the others.
-        with FolderLock(self.folder, enabled=self.dist.main), StopRequest() as self._stop:
+        with FolderLock(self.folder, enabled=self.dist.main) as lock, StopRequest() as self._stop:
+            if lock.leftovers:
+                size = sum(n for _, n in lock.leftovers) / 2**20
+                names = ", ".join(name for name, _ in lock.leftovers[:3])
+                self.log(f"removed {len(lock.leftovers)} unfinished write(s) of a killed run ({size:.1f} MiB): {names}")
             while self.epoch < cfg.sched.epochs:
                 stopped = self._train_epoch()  # None, "max_steps" or a signal number
                 if stopped is None:
