@@ -321,8 +321,10 @@ def test_an_epoch_resumed_midway_counts_its_time_before_the_stop(tmp_path, monke
 
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
     """A job submitted twice, or a resume while the run still trains, would interleave checkpoints and metrics."""
-    part = run_train(tmp_path, "part", **{"train.max_steps": 2})
-    before = (part / "last.pt").read_bytes()
+    part = run_train(tmp_path, "part", **{"train.max_steps": 6})  # epoch 1 (4 steps) done, 2 steps of epoch 2
+    with (part / "metrics.jsonl").open("a") as f:  # the other process has since finished epoch 2
+        f.write(json.dumps({"epoch": 2, "step": 8, "train_loss": 1.0}) + "\n")
+    before = {name: (part / name).read_bytes() for name in ("last.pt", "metrics.jsonl")}
     script = f"import time; from masksub.train.runlog import FolderLock\nwith FolderLock({str(part)!r}):\n"
     script += "    print('locked', flush=True); time.sleep(60)"
     other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -330,7 +332,7 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
         assert other.stdout.readline().strip() == "locked"
         assert main(["train", "--resume", str(part)]) == 2
         assert f"run folder {part} is in use by another masksub process" in capsys.readouterr().err
-        assert (part / "last.pt").read_bytes() == before
+        assert before == {name: (part / name).read_bytes() for name in before}, "the refused resume wrote nothing"
     finally:
         other.kill()
         other.wait()

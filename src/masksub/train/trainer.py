@@ -494,7 +494,6 @@ class Trainer:
         self.epoch_sums = state["epoch_sums"].to(self.device)
         self.epoch_seconds_before = state.get("epoch_seconds", 0.0)
         self.best_top1, self.nonfinite_run, self.skipped = state["best_top1"], state["nonfinite_run"], state["skipped"]
-        self.runlog.truncate_after(self.epoch)  # epochs after the checkpoint run again
         if self.epoch >= self.cfg.sched.epochs:
             self.log(
                 f"{path} finished all {self.cfg.sched.epochs} epochs ({self.global_step} steps): nothing is left to "
@@ -514,6 +513,8 @@ class Trainer:
         # wait beside a process still in a step's all-reduce until the backend's timeout; the error ends this
         # process instead, and torchrun then the others.
         with FolderLock(self.folder, enabled=self.dist.main) as lock, StopRequest() as self._stop:
+            if self.resuming:  # under the lock: a process still training here may have appended since
+                self.runlog.truncate_after(self.epoch)  # epochs after the checkpoint run again
             if lock.leftovers:
                 size = sum(n for _, n in lock.leftovers) / 2**20
                 names = ", ".join(name for name, _ in lock.leftovers[:3])
