@@ -119,6 +119,22 @@ def test_writes_left_unfinished_by_a_killed_run_are_removed_on_resume(tmp_path, 
     assert sorted(p.name for p in part.glob("*.tmp")) == ["notes.tmp"] and not list(part.glob(".*.tmp"))
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory maps (Linux)")
+def test_a_resumed_run_lets_go_of_its_memory_mapped_checkpoint(tmp_path):
+    """Optimizer state left aliasing the mapped last.pt kept the replaced file's disk space through the run."""
+    import gc
+
+    from masksub.train.config import apply_overrides, from_dict
+    from masksub.train.trainer import Trainer
+
+    part = run_train(tmp_path, "part", **{"train.max_steps": 5})
+    saved = checkpoint.load(part / "last.pt")["config"]
+    trainer = Trainer(apply_overrides(from_dict(saved), {"train.max_steps": None, "train.resume": str(part)}))
+    gc.collect()
+    assert trainer.global_step == 5
+    assert [line for line in Path("/proc/self/maps").read_text().splitlines() if str(part) in line] == []
+
+
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     folder = run_train(tmp_path, "done", **{"sched.epochs": 1})
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix in (".pt", ".jsonl", ".csv")}

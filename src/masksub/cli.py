@@ -126,6 +126,23 @@ def _message(error: BaseException) -> str:
     return f"{message if found else last} (in {where})"
 
 
+def _resumable_config(resume: str, command: str) -> dict:
+    """The configuration of the run ``resume`` names, checked to be one ``command`` continues. The checkpoint
+    is let go here: held through the run, its memory map would keep the replaced file's disk space."""
+    state = checkpoint.load(resume)
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise checkpoint.CheckpointError(
+            f"{resume} is not a masksub run checkpoint (it has no configuration) and cannot be "
+            f"resumed; to start from its weights, pass --model.checkpoint {resume}"
+        )
+    if (wrote := checkpoint.run_command(state)) != command:
+        raise checkpoint.CheckpointError(
+            f"{resume} is a masksub {wrote} run: continue it with masksub {wrote} --resume {resume}"
+        )
+    return saved
+
+
 def _print_recipes(name: str | None) -> None:
     if name is not None:
         print(recipe_path(name).resolve())
@@ -180,17 +197,7 @@ def _main(argv: list[str] | None) -> int:
             # --train.resume X is --resume X: the run's own configuration, not the recipe's, then any overrides
             resume = getattr(args, "resume", None) or overrides.pop("train.resume", None)
             if resume:
-                state = checkpoint.load(resume)
-                saved = state.get("config")
-                if not isinstance(saved, dict):
-                    raise checkpoint.CheckpointError(
-                        f"{resume} is not a masksub run checkpoint (it has no configuration) and cannot be "
-                        f"resumed; to start from its weights, pass --model.checkpoint {resume}"
-                    )
-                if (wrote := checkpoint.run_command(state)) != args.command:
-                    raise checkpoint.CheckpointError(
-                        f"{resume} is a masksub {wrote} run: continue it with masksub {wrote} --resume {resume}"
-                    )
+                saved = _resumable_config(resume, args.command)
                 overrides = {"train.max_steps": None, **overrides, "train.resume": resume}
                 cfg = apply_overrides(from_dict(saved), overrides)
             else:

@@ -143,6 +143,16 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, blank=N
     }
 
 
+def _own_memory(optimizer: torch.optim.Optimizer) -> None:
+    """Copies the optimizer state that ``load_state_dict`` left on the CPU as given: tensors of the memory-mapped
+    checkpoint (Adam's steps, all of it on a CPU run), which would keep the replaced last.pt's disk space
+    through the run."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device.type == "cpu":
+                state[key] = value.clone()
+
+
 class Trainer:
     command = "train"  # the masksub command that runs (and resumes) this trainer's runs
 
@@ -491,7 +501,8 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"][self.dist.rank])
         pos = state["position"]
         self.epoch, self.micro_in_epoch, self.global_step = pos["epoch"], pos["micro_in_epoch"], pos["global_step"]
-        self.epoch_sums = state["epoch_sums"].to(self.device)
+        self.epoch_sums = state["epoch_sums"].to(self.device, copy=True)
+        _own_memory(self.optimizer)
         self.epoch_seconds_before = state.get("epoch_seconds", 0.0)
         self.best_top1, self.nonfinite_run, self.skipped = state["best_top1"], state["nonfinite_run"], state["skipped"]
         if self.epoch >= self.cfg.sched.epochs:
