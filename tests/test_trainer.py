@@ -234,7 +234,7 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path
 
 
 def test_a_full_disk_stops_the_run_with_the_resume_command(tmp_path, monkeypatch, capsys):
-    fill_disk_after(monkeypatch, 2)  # epoch 1's last.pt and best.pt, then the disk is full
+    fill_disk_after(monkeypatch, 1)  # epoch 1's last.pt (best.pt: a second name of it), then the disk is full
     code = main(["train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "full"})])
     err = capsys.readouterr().err
     assert code == 2
@@ -245,6 +245,21 @@ def test_a_full_disk_stops_the_run_with_the_resume_command(tmp_path, monkeypatch
     monkeypatch.undo()
     assert main(["train", "--resume", str(folder)]) == 0
     assert checkpoint.load(folder / "last.pt")["position"]["global_step"] == 8
+
+
+def test_best_is_a_second_name_of_last_when_written_at_the_same_step(tmp_path, monkeypatch):
+    """No second write of the same state (and one copy on disk); written where hard links are missing."""
+    folder = run_train(tmp_path, "linked", **{"sched.epochs": 1})
+    assert os.path.samefile(folder / "best.pt", folder / "last.pt")
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and p.name != ".lock") == []
+
+    monkeypatch.setattr(checkpoint.os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    folder = run_train(tmp_path, "copied", **{"sched.epochs": 1})
+    assert not os.path.samefile(folder / "best.pt", folder / "last.pt")
+    best, last = checkpoint.load(folder / "best.pt"), checkpoint.load(folder / "last.pt")
+    assert best["position"] == last["position"] and all(
+        torch.equal(best["model"][k], v) for k, v in last["model"].items()
+    )
 
 
 def test_a_metrics_line_torn_by_a_kill_does_not_stop_the_resume(tmp_path):

@@ -50,6 +50,22 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         raise
 
 
+def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """``path`` becomes another name of the file ``source`` (a hard link, renamed over ``path``): a copy that
+    costs no writing. False where the file system has no hard links; ``path`` is then unchanged."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

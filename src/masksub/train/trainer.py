@@ -671,5 +671,7 @@ class Trainer:
         if best:
             self.best_top1 = record["top1"]
         self.save()
-        if best:
-            self.save("best.pt")
+        if best:  # best.pt is last.pt now: a second name of its file (last.pt is later replaced, not rewritten)
+            linked = self.dist.main and checkpoint.link_atomic(self.folder / "last.pt", self.folder / "best.pt")
+            if distributed.max_int(int(self.dist.main and not linked), self.device):  # no hard links: written
+                self.save("best.pt")
