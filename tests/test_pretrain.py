@@ -55,6 +55,12 @@ def test_pretrain_linprobe_finetune(tmp_path, capsys):
     assert "loaded" in out and "missing keys ['head.bias', 'head.weight']" in out
     assert json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[-1])["top1"] > 0
 
+    # The run's last.pt (of any epoch: encoder.pt is written at the end only) gives the same encoder.
+    assert main(["linprobe", "--checkpoint", str(run / "last.pt"), *args(common, **{"train.name": "lin2"})]) == 0
+    assert "missing keys ['head.bias', 'head.weight']" in capsys.readouterr().out
+    lin2 = checkpoint.load(tmp_path / "lin2" / "last.pt")
+    assert all(lin2["model"][k].equal(v) for k, v in encoder.items()), "the encoder of last.pt is encoder.pt's"
+
 
 def test_pretrain_single_view_baseline_and_exact_resume(tmp_path, capsys):
     single = {**PRE, "train.output": str(tmp_path)}

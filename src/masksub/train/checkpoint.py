@@ -173,11 +173,16 @@ def run_command(state: dict) -> str:
 def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Initial weights (MAE, CLIP, our own runs) into ``model``; returns (missing, unexpected) keys.
 
+    A masksub pretraining checkpoint (``last.pt``) gives its encoder, as ``encoder.pt`` does.
+
     Accepts a raw state dict or one under 'model' / 'state_dict' / 'model_state'; timm's
     checkpoint filter of the model's family converts foreign layouts (e.g. MAE, OpenAI CLIP),
     and a classifier head of another size is left at its initialization.
     """
     state = load(path)
+    if isinstance(state.get("config"), dict) and run_command(state) == "pretrain":
+        # a masksub pretraining checkpoint (last.pt of any epoch): its encoder, as encoder.pt holds it
+        state = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
     for key in ("model_state", "model", "state_dict"):
         if isinstance(state.get(key), dict):
             state = state[key]
