@@ -442,6 +442,29 @@ def test_non_finite_loss_skips_then_stops(tmp_path, capsys):
     assert state["nonfinite_run"] <= 1
 
 
+def test_a_skipped_non_finite_loss_stays_out_of_the_epoch_loss(tmp_path, monkeypatch):
+    """One NaN batch made the epoch's train_loss NaN (and metrics.jsonl invalid JSON for strict readers)."""
+    from masksub.train import trainer as trainer_module
+
+    build = trainer_module.build_criterion
+
+    def poisoned(cfg, mixup):
+        criterion, calls = build(cfg, mixup), []
+
+        def loss(logits, target):
+            calls.append(1)
+            return criterion(logits, target) * (float("nan") if len(calls) == 3 else 1.0)
+
+        return loss
+
+    monkeypatch.setattr(trainer_module, "build_criterion", poisoned)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        folder = run_train(tmp_path, "nan1", **{"sched.epochs": 1})
+    text = (folder / "metrics.jsonl").read_text()
+    record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+    assert record["nonfinite_skipped"] == 1 and 0 < record["train_loss"] < 10 and 0 < record["train_loss_sub"] < 10
+
+
 def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
     (tmp_path / "mine.yaml").write_text("model: [\n")
     assert main(["train", "--recipe", str(tmp_path / "mine.yaml")]) == 2

@@ -208,7 +208,8 @@ def _main(argv: list[str] | None) -> int:
             result = trainer_cls(cfg).fit()
             if args.command == "pretrain" and result["records"]:
                 last = result["records"][-1]["train_loss"]
-                print(f"done: loss {last:.4f}; encoder weights {result['folder'] / 'encoder.pt'}")
+                loss = "n/a" if last is None else f"{last:.4f}"
+                print(f"done: loss {loss}; encoder weights {result['folder'] / 'encoder.pt'}")
             elif result["records"]:
                 last = result["records"][-1]
                 acc = f"test top-1 {last['top1']:.2f}%" if last.get("top1") is not None else "no evaluation yet"

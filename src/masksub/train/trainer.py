@@ -580,7 +580,9 @@ class Trainer:
                 seen += len(x)
                 one = torch.ones((), device=self.device)
                 sums = [out["loss"]] + [out.get(k, one * 0) for k in self.LOSS_KEYS] + [one]
-                self.epoch_sums += torch.stack([v.double() for v in sums])
+                sums = torch.stack([v.double() for v in sums])
+                # a non-finite loss (its step skipped, and counted) stays out of the epoch's mean: no sync
+                self.epoch_sums += torch.where(torch.isfinite(sums).all(), sums, torch.zeros_like(sums))
                 bar.update(1)
                 if not out["updated"]:
                     continue
@@ -648,12 +650,13 @@ class Trainer:
         cfg = self.cfg
         self.epoch += 1
         sums = distributed.sum_tensor(self.epoch_sums).cpu()
-        n = max(sums[3].item(), 1.0)
+        n = sums[3].item()  # micro-batches with finite losses
+        mean = lambda i: sums[i].item() / n if n else None  # noqa: E731
         record = {
             "epoch": self.epoch,
             "step": self.global_step,
-            "train_loss": sums[0].item() / n,
-            **{f"train_{k}": sums[i + 1].item() / n for i, k in enumerate(self.LOSS_KEYS)},
+            "train_loss": mean(0),
+            **{f"train_{k}": mean(i + 1) for i, k in enumerate(self.LOSS_KEYS)},
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_time_s": round(getattr(self, "epoch_time", 0.0), 3),
             "nonfinite_skipped": self.skipped,
@@ -664,7 +667,8 @@ class Trainer:
         if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.sched.epochs:
             record.update(self._evaluate())
         accuracy = f", test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%" if "top1" in record else ""
-        self.log(f"epoch {self.epoch}/{cfg.sched.epochs}: loss {record['train_loss']:.4f}{accuracy}")
+        loss = "n/a (no finite loss)" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+        self.log(f"epoch {self.epoch}/{cfg.sched.epochs}: loss {loss}{accuracy}")
         self.micro_in_epoch, self.epoch_sums, self.epoch_seconds_before = 0, self._zero_sums(), 0.0
         self.runlog.append(record)
         best = record.get("top1") is not None and (self.best_top1 is None or record["top1"] > self.best_top1)
