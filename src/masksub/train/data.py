@@ -9,6 +9,7 @@ exactly the images, crops and flips the uninterrupted run saw.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,8 @@ class ImageFolder(Dataset):
                 f"no images found under {root}: expected <class>/<image> sub-folders with files ending in "
                 f"{', '.join(EXTENSIONS)} (any case)"
             ) from e
-        loose = [path for path, _ in self.reader.samples if Path(path).parent == root]
+        top = str(root)  # the reader joins file names to it as given
+        loose = [path for path, _ in self.reader.samples if os.path.dirname(path) == top]
         if loose:
             raise FileNotFoundError(
                 f"{root} holds {len(loose)} image file(s) outside a class folder (e.g. {Path(loose[0]).name}); "
