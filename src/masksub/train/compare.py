@@ -7,14 +7,11 @@ import re
 import statistics
 from pathlib import Path
 
-from ..wrapper import METHOD_NAMES
 from . import checkpoint
-from .config import Config, ConfigError, flat_config, from_dict, load_config
+from .config import RUN_NAMES, Config, ConfigError, flat_config, from_dict, load_config
 from .interrupt import Interrupted
 from .runlog import RunLog, plot_curves, replace_text, summarize, write_summary
 from .trainer import Trainer
-
-NAMES = {"none": "plain", **METHOD_NAMES}
 
 
 def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
@@ -108,7 +105,7 @@ def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: d
     plot_curves(curves, folder / "curves.png")
     spread = "mean ± sd" if len(seeds) > 1 else "one seed: no spread"
     lines = [
-        f"# {rows[0]['recipe']}: {' vs '.join(NAMES.get(k, k) for k in kinds)}, seed{'s' * (len(seeds) > 1)} "
+        f"# {rows[0]['recipe']}: {' vs '.join(RUN_NAMES.get(k, k) for k in kinds)}, seed{'s' * (len(seeds) > 1)} "
         f"{', '.join(map(str, seeds))}",
         "",
         f"| sub | ratio | runs | final top-1 ({spread}) | best top-1 ({spread}) | train time s (mean) |",

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from timm.optim import list_optimizers
 
+from ..wrapper import METHOD_NAMES
 from .sharding import MODES as FSDP_MODES
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # also reachable as ./recipes in the repo
@@ -28,6 +29,7 @@ SECTIONS = ("model", "sub", "data", "aug", "optim", "sched", "train", "pretrain"
 DEFAULT_RECIPE = "fashion_mnist_vit"
 # timm's schedulers that step per update (the trainer's way); plateau needs a metric per epoch
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")
+RUN_NAMES = {"none": "plain", **METHOD_NAMES}  # sub.kind as tables and listings name it
 
 
 @dataclass
@@ -292,10 +294,7 @@ def recipe_summary(name_or_path: str) -> dict[str, str]:
     elif command == "linprobe":
         method = "linear probe"
     else:
-        from ..wrapper import METHOD_NAMES
-
-        names = {"none": "plain", **METHOD_NAMES}
-        method = names.get(cfg.sub.kind, cfg.sub.kind) + ("" if cfg.sub.kind == "none" else f" {cfg.sub.ratio:g}")
+        method = RUN_NAMES.get(cfg.sub.kind, cfg.sub.kind) + ("" if cfg.sub.kind == "none" else f" {cfg.sub.ratio:g}")
     return {
         "recipe": Path(name_or_path).stem,
         "command": f"masksub {command}",

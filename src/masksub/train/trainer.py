@@ -582,7 +582,7 @@ class Trainer:
                 sums = [out["loss"]] + [out.get(k, one * 0) for k in self.LOSS_KEYS] + [one]
                 sums = torch.stack([v.double() for v in sums])
                 # a non-finite loss (its step skipped, and counted) stays out of the epoch's mean: no sync
-                self.epoch_sums += torch.where(torch.isfinite(sums).all(), sums, torch.zeros_like(sums))
+                self.epoch_sums += torch.where(torch.isfinite(sums).all(), sums, 0.0)
                 bar.update(1)
                 if not out["updated"]:
                     continue
