@@ -111,8 +111,17 @@ def observe(name, ratio, calls=2, seed=None):
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_adapter_resolution(name):
-    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3])
-    assert wrapped.branch.name == EXPECTED_ADAPTER[name]
+    unit = TINY[name][3]
+    branch = masksub.wrap(tiny_model(name), unit=unit).branch
+    assert branch.name == EXPECTED_ADAPTER[name]
+    # What the sub pass masks, as logs and repr say: the unit where the adapter masks blocks; an adapter that
+    # drops single patch tokens ignores the unit (a loop over many models passes one to all) and says so.
+    if branch.name in ("vit", "naflexvit", "convvit"):
+        assert branch.unit is None
+        assert branch.masked_unit() == "{0}x{1}-pixel patch tokens".format(*branch.patch_size)
+    else:
+        assert branch.unit == unit and branch.masked_unit() == f"{unit}x{unit}-pixel blocks"
+    assert f"masks {branch.masked_unit()}" in repr(branch)
 
 
 @pytest.mark.parametrize("ratio", RATIOS)

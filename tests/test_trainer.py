@@ -56,7 +56,7 @@ def test_train_writes_every_artifact(tmp_path, capsys):
     )
     assert out.startswith(
         f"run folder {folder}\nmodel vit_tiny_patch16_224: {parameters / 1e6:.2f}M parameters; sub branch mask, ratio "
-        "0.5 (vit adapter)\ndata fashion_mnist: 256 training images, 200 evaluated every epoch; batch 64, 4 steps per "
+        "0.5 of the 7x7-pixel patch tokens (vit adapter)\ndata fashion_mnist: 256 training images, 200 evaluated every epoch; batch 64, 4 steps per "
         "epoch, 2 epochs; adamw lr 1.00e-03, cosine with 0.5 warm-up epochs\n"
     )
     for f in ("config.yaml", "metrics.jsonl", "summary.csv", "curves.png", "last.pt", "best.pt"):
@@ -934,7 +934,7 @@ def test_grad_checkpointing_trains_as_without(tmp_path, kind):
             torch.testing.assert_close(found[part][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_resnet_channels_last_accumulation_bf16(tmp_path):
+def test_resnet_channels_last_accumulation_bf16(tmp_path, capsys):
     cli = [
         "train",
         "--recipe",
@@ -958,6 +958,9 @@ def test_resnet_channels_last_accumulation_bf16(tmp_path):
         ),
     ]
     assert main(cli) == 0
+    header = capsys.readouterr().out.splitlines()[1:3]
+    assert header[0].endswith("sub branch mask, ratio 0.5 of the 4x4-pixel blocks (pixels adapter)")
+    assert "batch 64 (32 per process x 2 accumulated), 4 steps per epoch, 1 epoch;" in header[1]
     state = checkpoint.load(tmp_path / "r" / "last.pt")
     assert state["position"]["global_step"] == 4  # 8 micro-batches / 2
     record = json.loads((tmp_path / "r" / "metrics.jsonl").read_text())

@@ -20,6 +20,8 @@ from .registry import MaskAdapter, check_patch_images, register_adapter
 class ConvViTAdapter(MaskAdapter):
     """Keeps a random ``ratio`` of the stage-3 tokens per sample out of the convolutions and the transformer."""
 
+    default_unit = None  # single patch tokens
+
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
         self.patch_size = (model.patch_size,) * 2
@@ -42,6 +44,3 @@ class ConvViTAdapter(MaskAdapter):
 
     def remove(self) -> None:
         self._handle.remove()
-
-    def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, token={self.patch_size[0]} px"

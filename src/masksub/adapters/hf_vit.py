@@ -56,11 +56,9 @@ def _prefix_tokens(embeddings: nn.Module) -> int:
 class HFTokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample after the embeddings, keeps all prefix tokens."""
 
-    default_unit = None
+    default_unit = None  # single patch tokens
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
-        if unit is not None:
-            raise ValueError("the hf_vit adapter drops patch tokens: unit (a mask block size in pixels) does not apply")
         super().__init__(model, ratio, unit)
         embeddings = _embeddings(model)
         self.num_prefix_tokens = _prefix_tokens(embeddings)
@@ -86,4 +84,4 @@ class HFTokenDropAdapter(MaskAdapter):
         self._handle.remove()
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, prefix_tokens={self.num_prefix_tokens}"
+        return f"{super().extra_repr()}, prefix_tokens={self.num_prefix_tokens}"

@@ -112,4 +112,4 @@ class MaskTokenAdapter(MaskAdapter):
         self._handle.remove()
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, unit={self.unit}, layout={self.layout}"
+        return f"{super().extra_repr()}, layout={self.layout}"

@@ -39,6 +39,8 @@ class KeepTokens(nn.Module):
 class NaFlexTokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample, keeps all prefix tokens."""
 
+    default_unit = None  # single patch tokens
+
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
         self.patch_size = tuple(model.embeds.patch_size)

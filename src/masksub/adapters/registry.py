@@ -30,7 +30,9 @@ class MaskAdapter(nn.Module):
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__()
         self.ratio = ratio
-        self.unit = self.default_unit if unit is None else unit
+        # An adapter that takes no unit (it drops or masks whole tokens) ignores one given: a loop over many
+        # models, as the trainer's ``sub.unit``, passes the block size for the adapters that use it.
+        self.unit = None if self.default_unit is None else (self.default_unit if unit is None else unit)
         self._active = False  # read by hooks an adapter places on the model
 
     def run_with_hooks_active(self, model: nn.Module, *args, **kwargs):
@@ -51,8 +53,15 @@ class MaskAdapter(nn.Module):
     def remove(self) -> None:
         """Undo whatever the adapter did to the model (hooks, inserted modules)."""
 
+    def masked_unit(self) -> str:
+        """What one masked element is, for logs: ``unit``-pixel blocks, or the model's patch tokens or tokens."""
+        if self.unit is not None:
+            return f"{self.unit}x{self.unit}-pixel blocks"
+        patch = getattr(self, "patch_size", None)
+        return f"{patch[0]}x{patch[1]}-pixel patch tokens" if patch else "tokens"
+
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, unit={self.unit}"
+        return f"ratio={self.ratio}, masks {self.masked_unit()}"
 
 
 _ADAPTERS: dict[str, type[MaskAdapter]] = {}

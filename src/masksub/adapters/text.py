@@ -119,4 +119,4 @@ class TokenMaskAdapter(MaskAdapter):
         return model(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, mode={self.mode}, mask_token_id={self.mask_token_id}"
+        return f"{super().extra_repr()}, mode={self.mode}, mask_token_id={self.mask_token_id}"

@@ -51,5 +51,8 @@ class TimmWrapperAdapter(MaskAdapter):
     def remove(self) -> None:
         self.inner.remove()
 
+    def masked_unit(self) -> str:
+        return self.inner.masked_unit()
+
     def extra_repr(self) -> str:
         return f"inner={self.inner.name}"

@@ -34,6 +34,8 @@ class _NoPatchDrop(nn.Module):
 class TokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample, keeps all prefix tokens."""
 
+    default_unit = None  # single patch tokens
+
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
         self.num_prefix_tokens = model.num_prefix_tokens

@@ -36,6 +36,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def resolve_device(kind: str) -> torch.device:
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -436,12 +440,12 @@ class Trainer:
             + [f"{accum} accumulated"] * (accum > 1)
         )
         batch = f"batch {d.batch_size * world * accum}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
-        epochs = f"{cfg.sched.epochs} epoch" + "s" * (cfg.sched.epochs != 1)
+        epochs = _count(cfg.sched.epochs, "epoch")
         return (
             f"run folder {self.folder}\n"
             f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters{self._method()}\n"
             f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
-            f"{self.loaders.steps_per_epoch:,} steps per epoch, {epochs}; {cfg.optim.name} lr "
+            f"{_count(self.loaders.steps_per_epoch, 'step')} per epoch, {epochs}; {cfg.optim.name} lr "
             f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up epochs"
         )
 
@@ -450,7 +454,8 @@ class Trainer:
             return "; no sub branch"
         kind, ratio = self.cfg.sub.kind, self.net.ratio
         if kind == "mask":
-            return f"; sub branch mask, ratio {ratio} ({self.net.branch.name} adapter)"
+            branch = self.net.branch
+            return f"; sub branch mask, ratio {ratio} of the {branch.masked_unit()} ({branch.name} adapter)"
         return f"; sub branch {kind}, rate {ratio}"
 
     def _evaluated(self, images: int) -> str:
@@ -538,7 +543,7 @@ class Trainer:
                 self.save()
                 if stopped == "max_steps":
                     self.log(
-                        f"stopped after {self.global_step} steps (train.max_steps); continue with {self.resume_command}"
+                        f"stopped after {_count(self.global_step, 'step')} (train.max_steps); continue with {self.resume_command}"
                     )
                     break
                 distributed.barrier()  # the processes stopped at the same step: none ends before process 0 saved
