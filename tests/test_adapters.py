@@ -118,7 +118,7 @@ def test_adapter_resolution(name):
     # drops single patch tokens ignores the unit (a loop over many models passes one to all) and says so.
     if branch.name in ("vit", "naflexvit", "convvit"):
         assert branch.unit is None
-        assert branch.masked_unit() == "{0}x{1}-pixel patch tokens".format(*branch.patch_size)
+        assert branch.masked_unit() == "{}x{}-pixel patch tokens".format(*branch.patch_size)
     else:
         assert branch.unit == unit and branch.masked_unit() == f"{unit}x{unit}-pixel blocks"
     assert f"masks {branch.masked_unit()}" in repr(branch)

@@ -56,8 +56,8 @@ def test_train_writes_every_artifact(tmp_path, capsys):
     )
     assert out.startswith(
         f"run folder {folder}\nmodel vit_tiny_patch16_224: {parameters / 1e6:.2f}M parameters; sub branch mask, ratio "
-        "0.5 of the 7x7-pixel patch tokens (vit adapter)\ndata fashion_mnist: 256 training images, 200 evaluated every epoch; batch 64, 4 steps per "
-        "epoch, 2 epochs; adamw lr 1.00e-03, cosine with 0.5 warm-up epochs\n"
+        "0.5 of the 7x7-pixel patch tokens (vit adapter)\ndata fashion_mnist: 256 training images, 200 evaluated every "
+        "epoch; batch 64, 4 steps per epoch, 2 epochs; adamw lr 1.00e-03, cosine with 0.5 warm-up epochs\n"
     )
     for f in ("config.yaml", "metrics.jsonl", "summary.csv", "curves.png", "last.pt", "best.pt"):
         assert (folder / f).is_file(), f

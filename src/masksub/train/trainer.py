@@ -543,7 +543,8 @@ class Trainer:
                 self.save()
                 if stopped == "max_steps":
                     self.log(
-                        f"stopped after {_count(self.global_step, 'step')} (train.max_steps); continue with {self.resume_command}"
+                        f"stopped after {_count(self.global_step, 'step')} (train.max_steps); "
+                        f"continue with {self.resume_command}"
                     )
                     break
                 distributed.barrier()  # the processes stopped at the same step: none ends before process 0 saved
