@@ -64,8 +64,12 @@ def test_pretrain_linprobe_finetune(tmp_path, capsys):
 
 def test_pretrain_single_view_baseline_and_exact_resume(tmp_path, capsys):
     single = {**PRE, "train.output": str(tmp_path)}
-    assert main(["pretrain", "--method", "single", *args(single, **{"train.name": "single"})]) == 0
-    assert json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[0])["train_loss_visible"] == 0
+    assert main(["pretrain", "--method", "single", *args(single)]) == 0
+    run, header = tmp_path / "fashion_mnist_dmjd-single-s0", capsys.readouterr().out.splitlines()
+    assert header[0] == f"run folder {run}"  # the default name carries the method, not the (absent) sub branch
+    assert "(encoder); single pretraining on HOG targets, decoder and heads" in header[1]
+    assert "1 warm-up epoch\n" in "\n".join(header[:3]) + "\n"  # the recipe's warm-up, in the singular
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["train_loss_visible"] == 0
 
     assert main(["pretrain", *args(single, **{"train.name": "full"})]) == 0
     assert main(["pretrain", *args(single, **{"train.name": "part", "train.max_steps": 3})]) == 0

@@ -5,7 +5,7 @@ masksub train --recipe deit3_vit_s_400 --data.dir /data/imagenet --sub.ratio 0.5
 masksub eval --checkpoint runs/fashion_mnist_vit-mask-s0/best.pt
 masksub compare --subs none,mask --seeds 0,1,2 --sched.epochs 5
 masksub pretrain                               # DMJD on Fashion-MNIST; --method single: the baseline
-masksub linprobe --checkpoint runs/fashion_mnist_dmjd-none-s0/encoder.pt
+masksub linprobe --checkpoint runs/fashion_mnist_dmjd-dmjd-s0/encoder.pt
 torchrun --nproc_per_node 8 -m masksub.cli train --recipe swin_t
 """
 

@@ -66,7 +66,11 @@ class PretrainTrainer(Trainer):
 
     def _method(self) -> str:
         p, heads = self.cfg.pretrain, self._head_parameters
-        return f" (encoder); {p.method} pretraining on {p.target} targets, decoder and heads {heads / 1e6:.2f}M"
+        target = {"hog": "HOG", "pixels": "pixel"}.get(p.target, p.target)
+        return f" (encoder); {p.method} pretraining on {target} targets, decoder and heads {heads / 1e6:.2f}M"
+
+    def _method_name(self) -> str:
+        return self.cfg.pretrain.method  # dmjd or single: a pretraining run has no sub branch
 
     def _evaluated(self, images: int) -> str:
         return ""

@@ -343,12 +343,16 @@ class Trainer:
                 opt.add_param_group({"params": group, "weight_decay": 0.0 if group[0].ndim <= 1 else o.weight_decay})
         return opt
 
+    def _method_name(self) -> str:
+        """The method part of a run folder's default name."""
+        return self.cfg.sub.kind
+
     def _run_folder(self) -> Path:
         cfg = self.cfg
         if cfg.train.resume:
             path = Path(cfg.train.resume)
             return path if path.is_dir() else path.parent
-        name = cfg.train.name or f"{cfg.recipe}-{cfg.sub.kind}-s{cfg.train.seed}"
+        name = cfg.train.name or f"{cfg.recipe}-{self._method_name()}-s{cfg.train.seed}"
         folder = Path(cfg.train.output) / name
         if self.dist.main:
             try:
@@ -446,7 +450,8 @@ class Trainer:
             f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters{self._method()}\n"
             f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
             f"{_count(self.loaders.steps_per_epoch, 'step')} per epoch, {epochs}; {cfg.optim.name} lr "
-            f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up epochs"
+            f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up "
+            f"epoch{'s' * (cfg.sched.warmup_epochs != 1)}"
         )
 
     def _method(self) -> str:
