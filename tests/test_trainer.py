@@ -862,6 +862,16 @@ def test_initial_weights_of_another_model_are_refused_not_ignored(tmp_path, caps
         assert f"error: none of the 18 tensors in {tmp_path / 'w.pt'} fits the " in err
         assert err.strip().endswith("set model.name and model.kwargs to the checkpoint's")
     assert "e.g. cls_token: (1, 1, 32) there, (1, 1, 64) here" in err
+    # A file of another family that timm's converter of this one cannot take (a ConvViT encoder's 16 position
+    # embeddings, read by the ViT filter as a class token and 15 patches): named, not a reshape traceback.
+    convvit = dict(img_size=64, embed_dim=(8, 16, 32), depth=(1, 1, 2), num_heads=2, num_classes=0, in_chans=1)
+    torch.save(timm.create_model("convvit_base_patch16", **convvit).state_dict(), tmp_path / "c.pt")
+    cli = ["train", *args(TINY, **{"model.checkpoint": str(tmp_path / "c.pt")})]
+    assert main([*cli, "--train.output", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'c.pt'} does not convert to the VisionTransformer being trained: timm's " in err
+    assert "checkpoint_filter_fn failed (RuntimeError: shape" in err and "Traceback" not in err
+    assert err.strip().endswith("set model.name and model.kwargs to the checkpoint's")
     assert not (tmp_path / "runs").exists()
     assert (
         main(["train", *args(TINY, **{"model.checkpoint": str(tmp_path / "w.pt"), "train.output": str(tmp_path)})]) == 0

@@ -191,7 +191,14 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> tuple[li
     module = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        state = filter_fn(state, model)
+        try:
+            state = filter_fn(state, model)
+        except Exception as e:  # timm's converters assume the family's own layout (a reshape of pos_embed, say)
+            raise CheckpointError(
+                f"{path} does not convert to the {type(model).__name__} being trained: timm's "
+                f"{module.__name__}.checkpoint_filter_fn failed ({type(e).__name__}: {e}); the file holds the weights "
+                "of another model or size: set model.name and model.kwargs to the checkpoint's"
+            ) from None
     own = model.state_dict()
     mismatched = {k: tuple(v.shape) for k, v in state.items() if k in own and own[k].shape != v.shape}
     if state and not any(k in own and k not in mismatched for k in state):  # a run from scratch, silently
