@@ -20,8 +20,10 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from masksub.cli import main
+from masksub.data import load_fashion_mnist
 from masksub.train import checkpoint
 from masksub.train.config import all_keys, list_recipes, load_config, recipe_notes
+from masksub.train.data import build_eval_dataset
 from masksub.train.runlog import RunLog
 
 TINY = {
@@ -393,6 +395,11 @@ def test_eval_command(tmp_path, capsys):
     )
     assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.eval_subset", "300"]) == 0
     assert ": 300 images of the Fashion-MNIST test split" in capsys.readouterr().out
+    # data.val_split picks Fashion-MNIST's split too (it was read as the test split whatever its value)
+    assert main(["eval", "--checkpoint", str(folder), "--data.val_split", "train", "--data.eval_subset", "64"]) == 0
+    assert ": 64 images of the Fashion-MNIST train split" in capsys.readouterr().out
+    cfg = load_config(overrides={"data.val_split": "train", "data.eval_subset": 64})
+    assert torch.equal(build_eval_dataset(cfg, []).images, load_fashion_mnist("train")[0][:64])
 
 
 def test_plain_run_and_compare(tmp_path):
@@ -488,6 +495,7 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--optim.name", "adamww"], "optim.name='adamww' is not a timm optimizer; did you mean adamw"),
         (["--sched.name", "cosin"], "did you mean cosine?"),
         (["--data.in_chans", "2"], "data.in_chans must be 1 (grey) or 3 (RGB), got 2"),
+        (["--data.val_split", "validation"], "data.val_split='validation': Fashion-MNIST has the splits 'train' and"),
         (["--aug.mean", "[0.5, 0.5, 0.5]"], "aug.mean has 3 values for data.in_chans=1: give one value per channel"),
         (["--optim.lr", "-1"], "optim.lr must be > 0, got -1.0"),
         (["--optim.clip_grad", "0"], "optim.clip_grad must be > 0, got 0.0; leave it unset for no clipping"),

@@ -58,8 +58,8 @@ class SubConfig:
 class DataConfig:
     name: str = "fashion_mnist"  # fashion_mnist | folder (ImageFolder layout: <dir>/<split>/<class>/*.jpg)
     dir: str | None = None  # fashion_mnist: IDX folder (default: $MASKSUB_FASHION_MNIST, Debian's path)
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"  # folder: <dir>/<split>; fashion_mnist: train or test
+    val_split: str = "val"  # fashion_mnist: val (= test), test or train
     img_size: int = 28
     in_chans: int = 1
     batch_size: int = 128  # per process
@@ -386,6 +386,15 @@ def validate(cfg: Config) -> None:
             if key == "train.device" and str(value).startswith("cuda:"):  # under torchrun each process takes its own
                 hint = f"; to run on GPU {value[5:]}, set train.device=cuda and CUDA_VISIBLE_DEVICES={value[5:]}"
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}{hint}")
+    if cfg.data.name == "fashion_mnist":
+        from ..data import SPLIT_NAMES
+
+        for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+            if split not in SPLIT_NAMES:
+                raise ConfigError(
+                    f"{key}={split!r}: Fashion-MNIST has the splits 'train' and 'test' ('val', the default "
+                    "data.val_split, is 'test')"
+                )
     if cfg.data.in_chans not in (1, 3):
         raise ConfigError(f"data.in_chans must be 1 (grey) or 3 (RGB), got {cfg.data.in_chans}")
     for key, values in (("aug.mean", cfg.aug.mean), ("aug.std", cfg.aug.std)):

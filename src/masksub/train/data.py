@@ -59,7 +59,7 @@ class FashionMNIST(Dataset):
     """Fashion-MNIST from its IDX files, as PIL images (grey, or grey repeated to RGB)."""
 
     def __init__(self, split: str, data_dir: str | None, in_chans: int, subset: int | None = None):
-        self.images, self.targets = fmnist.load_fashion_mnist("train" if split == "train" else "test", data_dir)
+        self.images, self.targets = fmnist.load_fashion_mnist(fmnist.SPLIT_NAMES[split], data_dir)
         if subset:
             self.images, self.targets = self.images[:subset], self.targets[:subset]
         self.mode = "RGB" if in_chans == 3 else "L"
@@ -284,7 +284,7 @@ def _mend_posterize(transform):
 def build_datasets(cfg: Config):
     d = cfg.data
     if d.name == "fashion_mnist":
-        train = FashionMNIST("train", d.dir, d.in_chans, d.train_subset)
+        train = FashionMNIST(d.train_split, d.dir, d.in_chans, d.train_subset)
     else:
         train = ImageFolder(_folder(cfg) / d.train_split, d.corrupt, d.in_chans, d.train_subset)
     return train, build_eval_dataset(cfg, train.classes)
@@ -294,7 +294,7 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
     """The evaluation split, labelled as ``classes`` (the training split's class names by label)."""
     d = cfg.data
     if d.name == "fashion_mnist":
-        return FashionMNIST("test", d.dir, d.in_chans, d.eval_subset)
+        return FashionMNIST(d.val_split, d.dir, d.in_chans, d.eval_subset)
     root = _folder(cfg) / d.val_split
     val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset)
     if val.classes != classes:  # each split numbers its own classes: take the training split's

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
+from ..data import SPLIT_NAMES
 from . import checkpoint
 from .config import apply_overrides, from_dict, validate
 from .data import build_datasets, build_eval_dataset, build_eval_loader
@@ -41,7 +42,10 @@ def evaluate_checkpoint(
     model.load_state_dict(weights)
     if report is not None:
         d = cfg.data
-        split = "the Fashion-MNIST test split" if d.name == "fashion_mnist" else str(Path(d.dir) / d.val_split)
+        if d.name == "fashion_mnist":
+            split = f"the Fashion-MNIST {SPLIT_NAMES[d.val_split]} split"
+        else:
+            split = str(Path(d.dir) / d.val_split)
         steps = (state.get("position") or {}).get("global_step")
         subset = f" (data.eval_subset {d.eval_subset}; --data.eval_subset null for all)" if d.eval_subset else ""
         when = f" after {steps} training steps" if steps is not None else ""
