@@ -32,6 +32,9 @@ def test_pretrain_linprobe_finetune(tmp_path, capsys):
     assert records[0]["train_loss_visible"] > 0 and records[0]["train_loss_masked"] > 0
     encoder = torch.load(run / "encoder.pt", weights_only=True)
     assert "pos_embed" in encoder and not any(k.startswith(("decoder", "projector")) for k in encoder)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "encoder.pt")]) == 2  # weights alone: no run settings
+    assert "train from them with masksub linprobe or masksub train --model.checkpoint" in capsys.readouterr().err
 
     common = {
         "model.kwargs": KW,

@@ -20,7 +20,11 @@ def evaluate_checkpoint(
     which checkpoint is evaluated on which images."""
     state = checkpoint.load(path)
     if "config" not in state or "model" not in state:
-        raise checkpoint.CheckpointError(f"{path} is not a masksub training checkpoint (no config/model entries)")
+        raise checkpoint.CheckpointError(
+            f"{path} is not a masksub training checkpoint (no config/model entries): masksub eval reads a run's "
+            "last.pt or best.pt (or its folder); weights alone (an encoder.pt, a timm or hub file) have no run "
+            "settings to evaluate with: train from them with masksub linprobe or masksub train --model.checkpoint"
+        )
     if checkpoint.run_command(state) == "pretrain":
         raise checkpoint.CheckpointError(
             f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
