@@ -1007,3 +1007,24 @@ def test_compare_checks_every_run_before_training_any(tmp_path, capsys, subs, se
     assert main(["compare", "--subs", subs, "--seeds", seeds, "--output", str(out), *args(TINY)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists(), "nothing trained, nothing written"
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("train.resume", "for train.resume, run the same masksub compare command again"),
+        ("train.name", "for train.name, use --output"),
+        ("sub.kind", "for sub.kind, list the sub branches in --subs"),
+        ("train.seed", "for train.seed, list the seeds in --seeds"),
+    ],
+)
+def test_compare_refuses_the_keys_it_sets_for_each_run(tmp_path, capsys, key, message):
+    """A --train.resume sent every run of the compare into one earlier run's folder; the others were replaced."""
+    earlier = run_train(tmp_path, "earlier", **{"train.max_steps": 1})
+    before = (earlier / "last.pt").read_bytes()
+    value = {"train.resume": str(earlier), "train.name": "mine", "sub.kind": "dropout", "train.seed": 7}[key]
+    out = tmp_path / "cmp"
+    assert main(["compare", "--subs", "mask", "--seeds", "0", "--output", str(out), *args(TINY, **{key: value})]) == 2
+    err = capsys.readouterr().err
+    assert f"compare sets {key} itself (each run is <output>/runs/<sub>-s<seed>): {message}" in err
+    assert not out.exists() and (earlier / "last.pt").read_bytes() == before

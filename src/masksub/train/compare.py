@@ -54,6 +54,17 @@ def _earlier_run(cfg: Config, log) -> dict | None:
     return None
 
 
+# Keys compare sets for each run, and what to use instead: an override of them would be silently replaced, or,
+# for train.resume, would send every run into one earlier run's folder.
+OWN_KEYS = {
+    "sub.kind": "list the sub branches in --subs",
+    "train.seed": "list the seeds in --seeds",
+    "train.output": "use --output",
+    "train.name": "use --output",
+    "train.resume": "run the same masksub compare command again: it resumes the run that stopped",
+}
+
+
 def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: dict, output: str, log=print) -> Path:
     """Train every (kind, seed); write compare.csv (one row per run), compare.md and curves.png.
 
@@ -65,6 +76,10 @@ def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: d
     for what, values in (("sub branch", kinds), ("seed", seeds)):
         if twice := sorted({v for v in values if values.count(v) > 1}, key=str):
             raise ConfigError(f"compare: {what} {', '.join(map(str, twice))} given twice; list each once")
+    if given := [key for key in OWN_KEYS if key in overrides]:
+        instead = "; ".join(f"for {key}, {OWN_KEYS[key]}" for key in given)
+        where = "each run is <output>/runs/<sub>-s<seed>"
+        raise ConfigError(f"compare sets {', '.join(given)} itself ({where}): {instead}")
     folder = Path(output)
     runs = {
         (kind, seed): load_config(
