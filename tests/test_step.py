@@ -139,6 +139,14 @@ def test_sigmoid_teacher_for_bce(criterion):
     torch.testing.assert_close(loss.sub_loss(sub, main), F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main)))
 
 
+@pytest.mark.parametrize("criterion", [torch.nn.MSELoss(), torch.nn.SmoothL1Loss(), F.l1_loss])
+def test_a_regression_criterion_needs_the_teacher_named(criterion):
+    """A softmax teacher over regression outputs was taken silently; the sub branch learnt nothing meaningful."""
+    with pytest.raises(ValueError, match="is a regression criterion, .* teacher='softmax' or teacher='sigmoid'"):
+        masksub.SubBranchLoss(criterion)
+    assert masksub.SubBranchLoss(criterion, teacher="softmax").teacher == "softmax"  # logits all the same: as told
+
+
 def test_mixed_targets_reach_main_branch_only():
     main, sub = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
     soft = torch.softmax(torch.randn(4, 5), -1)  # mixup/cutmix targets

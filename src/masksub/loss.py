@@ -44,11 +44,22 @@ def as_rows(logits: torch.Tensor, target: torch.Tensor | None = None) -> tuple[t
     )
 
 
+REGRESSION = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.GaussianNLLLoss, nn.PoissonNLLLoss)
+REGRESSION_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+
+
 def teacher_kind(criterion: Callable) -> str:
-    """``"sigmoid"`` for binary cross-entropy criteria, else ``"softmax"``."""
+    """``"sigmoid"`` for binary cross-entropy criteria, else ``"softmax"``; a regression criterion is refused."""
     bce = (nn.BCEWithLogitsLoss, BinaryCrossEntropy)
     if isinstance(criterion, bce) or criterion is F.binary_cross_entropy_with_logits:
         return "sigmoid"
+    if isinstance(criterion, REGRESSION) or criterion in REGRESSION_FUNCTIONS:
+        name = getattr(criterion, "__name__", type(criterion).__name__)
+        raise ValueError(
+            f"{name} is a regression criterion, and the sub branch learns the main branch's class probabilities "
+            "(softmax or sigmoid of its logits), which regression outputs are not; if the outputs are class logits "
+            "all the same, say which with teacher='softmax' or teacher='sigmoid'"
+        )
     return "softmax"
 
 
