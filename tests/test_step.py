@@ -167,6 +167,21 @@ def test_temperature_scaling():
     torch.testing.assert_close(loss.sub_loss(sub, main), expected)
 
 
+@pytest.mark.parametrize("off", [torch.no_grad, torch.inference_mode])
+def test_a_step_with_gradients_off_is_named_and_changes_nothing(off):
+    torch.manual_seed(0)
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    step = masksub.Step(
+        wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), accum_steps=2
+    )
+    x, y = tiny_images("vit", 4), torch.arange(4) % 5
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    with off(), pytest.raises(RuntimeError, match=r"gradients are off here \(inside torch.no_grad\(\)"):
+        step(x, y)
+    assert all(torch.equal(v, before[k]) for k, v in wrapped.state_dict().items())
+    assert not step(x, y)["updated"] and step(x, y)["updated"]  # the accumulation count did not move
+
+
 @pytest.mark.parametrize("kw", [dict(accum_steps=0), dict(amp="fp8"), dict(clip_mode="max"), dict(temperature=0.0)])
 def test_step_rejects_bad_settings(kw):
     wrapped = masksub.wrap(tiny_model("vit"))

@@ -214,6 +214,11 @@ class Step:
         """``x``: an input batch, or a mapping of keyword inputs (a text batch: ``input_ids``,
         ``attention_mask``...); a mapping's ``labels`` are the target when ``target`` is None and
         never reach the model, so a Hugging Face model does not compute its own loss twice."""
+        if not torch.is_grad_enabled():  # before any state changes: the step's accumulation count stays right
+            raise RuntimeError(
+                "masksub.Step trains, but gradients are off here (inside torch.no_grad() or torch.inference_mode(), "
+                "an evaluation's context, say): call it outside that block"
+            )
         x, target = split_labels(x, target)
         if self.has_sub and not self._warned_eval and not self._sub_model.training:
             self._warned_eval = True
