@@ -182,6 +182,32 @@ def test_a_step_with_gradients_off_is_named_and_changes_nothing(off):
     assert not step(x, y)["updated"] and step(x, y)["updated"]  # the accumulation count did not move
 
 
+@pytest.mark.parametrize("amp", [None, "fp16"])
+def test_a_call_that_raises_drops_its_window_and_the_next_steps_on(amp, monkeypatch):
+    """A caught error (a bad batch, an out-of-memory skip) left the micro-batch count past accum_steps: no later
+    call stepped the optimizer again, silently."""
+    torch.manual_seed(0)
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    step = masksub.Step(wrapped, optimizer, torch.nn.CrossEntropyLoss(), accum_steps=2, amp=amp, clip_grad=1.0)
+    x, y = tiny_images("vit", 4), torch.arange(4) % 5
+    assert not step(x, y)["updated"]
+    with pytest.raises(AssertionError):  # timm's check of the image size, in the main forward
+        step(tiny_images("vit", 4)[..., :24], y)
+    assert all(p.grad is None for p in wrapped.parameters()), "the window's gradients are dropped"
+    assert [step(x, y)["updated"] for _ in range(4)] == [False, True, False, True]
+    # An error inside the update, after the fp16 scaler unscaled the gradients: the scaler is usable again.
+    real = optimizer.step
+    monkeypatch.setattr(optimizer, "step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
+    step(x, y)
+    with pytest.raises(RuntimeError, match="device lost"):
+        step(x, y)
+    monkeypatch.setattr(optimizer, "step", real)
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    assert [step(x, y)["updated"] for _ in range(2)] == [False, True]
+    assert any(not torch.equal(v, before[k]) for k, v in wrapped.state_dict().items()), "the optimizer stepped"
+
+
 @pytest.mark.parametrize("kw", [dict(accum_steps=0), dict(amp="fp8"), dict(clip_mode="max"), dict(temperature=0.0)])
 def test_step_rejects_bad_settings(kw):
     wrapped = masksub.wrap(tiny_model("vit"))

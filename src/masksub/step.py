@@ -213,16 +213,36 @@ class Step:
     def __call__(self, x, target: torch.Tensor | None = None) -> dict:
         """``x``: an input batch, or a mapping of keyword inputs (a text batch: ``input_ids``,
         ``attention_mask``...); a mapping's ``labels`` are the target when ``target`` is None and
-        never reach the model, so a Hugging Face model does not compute its own loss twice."""
+        never reach the model, so a Hugging Face model does not compute its own loss twice.
+
+        A call that raises (a bad batch; an out-of-memory error a loop catches to skip the batch) may
+        have reached the gradients in part: the gradients accumulated since the last optimizer step are
+        dropped, and the next call starts a new one."""
         if not torch.is_grad_enabled():  # before any state changes: the step's accumulation count stays right
             raise RuntimeError(
                 "masksub.Step trains, but gradients are off here (inside torch.no_grad() or torch.inference_mode(), "
                 "an evaluation's context, say): call it outside that block"
             )
+        try:
+            return self._micro_batch(x, target)
+        except BaseException:
+            self._drop_window()
+            raise
+
+    def _drop_window(self) -> None:
+        """Forget the micro-batches since the last optimizer step (a call raised): without this, the count
+        ran past ``accum_steps`` and no later call ever stepped the optimizer."""
+        self._micro, self._finite = 0, True
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None and self._steps_scaler is None:
+            # an unscale_ of the dropped window is forgotten, as update() forgets it
+            getattr(self.scaler, "_per_optimizer_states", {}).clear()
+
+    def _micro_batch(self, x, target: torch.Tensor | None) -> dict:
         x, target = split_labels(x, target)
         if self.has_sub and not self._warned_eval and not self._sub_model.training:
             self._warned_eval = True
-            warnings.warn(_EVAL_MODE[self._sub_model.branch.name in ("dropout", "droppath")], stacklevel=2)
+            warnings.warn(_EVAL_MODE[self._sub_model.branch.name in ("dropout", "droppath")], stacklevel=3)
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self._micro += 1
