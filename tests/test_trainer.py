@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import masksub
 from masksub.cli import main
 from masksub.data import load_fashion_mnist
 from masksub.train import checkpoint
@@ -530,6 +531,16 @@ def test_an_output_folder_that_cannot_be_made_is_named(tmp_path, capsys):
     assert main(["train", *args(TINY, **{"train.output": str(tmp_path / "a_file")})]) == 2
     err = capsys.readouterr().err
     assert f"cannot make the run folder {tmp_path / 'a_file'}" in err and "set train.output to a folder" in err
+
+
+def test_version_names_masksub_torch_and_timm(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert (
+        capsys.readouterr().out
+        == f"masksub {masksub.__version__} (torch {torch.__version__}, timm {timm.__version__})\n"
+    )
 
 
 def test_keys_lists_every_key_with_the_recipe_value(capsys):

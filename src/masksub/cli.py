@@ -51,10 +51,20 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, e.g. 0,1,2; got {text!r}") from None
 
 
+def _version() -> str:
+    import timm
+    import torch
+
+    from . import __version__
+
+    return f"masksub {__version__} (torch {torch.__version__}, timm {timm.__version__})"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="masksub", description=__doc__, formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False
     )
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train", allow_abbrev=False, help="train a recipe (dotted overrides: --section.key value)", epilog=OVERRIDES
