@@ -33,6 +33,17 @@ def test_reads_idx_files_gz_or_not(fake_dir):
     assert y.shape == (12,) and y.dtype == torch.int64
 
 
+def test_torchvision_root_and_home_relative_folders_are_found(fake_dir, tmp_path, monkeypatch):
+    root = tmp_path / "home" / "data"
+    (root / "FashionMNIST" / "raw").mkdir(parents=True)  # where torchvision.datasets.FashionMNIST(root) downloads
+    for f in fake_dir.glob("*-ubyte*"):
+        f.rename(root / "FashionMNIST" / "raw" / f.name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for given in (root, "~/data", root / "FashionMNIST" / "raw"):
+        assert data.find_fashion_mnist(given) == root / "FashionMNIST" / "raw"
+    assert data.load_fashion_mnist("train", "~/data")[0].shape == (12, 28, 28)
+
+
 def test_real_fashion_mnist_when_installed():
     try:
         folder = data.find_fashion_mnist()

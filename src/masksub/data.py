@@ -16,6 +16,7 @@ import torch
 
 ENV_VAR = "MASKSUB_FASHION_MNIST"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+TORCHVISION_LAYOUT = Path("FashionMNIST", "raw")  # torchvision.datasets.FashionMNIST(root) keeps the files there
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -41,8 +42,11 @@ def _find_file(folder: Path, stem: str) -> Path | None:
 
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
     """The first folder holding all four Fashion-MNIST IDX files, or an error saying how to get them."""
-    # An explicit folder is the only place looked at: silently reading other data would mislead.
-    candidates = [Path(data_dir)] if data_dir else [Path(p) for p in (os.environ.get(ENV_VAR),) if p] + [SYSTEM_DIR]
+    # An explicit folder is the only place looked at (itself, or torchvision's FashionMNIST/raw inside it, which
+    # its downloader writes): silently reading other data would mislead.
+    given = [Path(data_dir)] if data_dir else [Path(p) for p in (os.environ.get(ENV_VAR),) if p]
+    candidates = [path for p in given for path in (p.expanduser(), p.expanduser() / TORCHVISION_LAYOUT)]
+    candidates += [] if data_dir else [SYSTEM_DIR]
     for folder in candidates:
         if all(_find_file(folder, stem) for pair in FILES.values() for stem in pair):
             return folder

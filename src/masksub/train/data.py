@@ -312,7 +312,7 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
 def _folder(cfg: Config) -> Path:
     if not cfg.data.dir:
         raise ConfigError("data.name=folder needs data.dir (a folder with train/ and val/ class sub-folders)")
-    return Path(cfg.data.dir)
+    return Path(cfg.data.dir).expanduser()
 
 
 @dataclass
