@@ -469,7 +469,13 @@ def _check_ranges(cfg: Config) -> None:
         if value is not None and value < least:
             every = "; leave it unset for every image" if key.endswith("_subset") else ""
             raise ConfigError(f"{key} must be >= {least}, got {value}{every}")
-    above_zero = {"optim.lr": o.lr, "optim.base_lr": o.base_lr, "optim.clip_grad": o.clip_grad}
+    above_zero = {
+        "optim.lr": o.lr,
+        "optim.base_lr": o.base_lr,
+        "optim.clip_grad": o.clip_grad,
+        "aug.crop_pct": a.crop_pct,
+        "optim.layer_decay": o.layer_decay,
+    }
     for key, value in {**above_zero, "sub.temperature": cfg.sub.temperature}.items():
         if value is not None and value <= 0:
             raise ConfigError(
@@ -480,14 +486,62 @@ def _check_ranges(cfg: Config) -> None:
         "aug.re_prob": a.re_prob,
         "aug.mixup_prob": a.mixup_prob,
         "aug.switch_prob": a.switch_prob,
+        "train.ema_decay": t.ema_decay,
+        "optim.layer_decay": o.layer_decay,  # 1: no decay; above 1 the first layers would learn fastest
+        "aug.bce_target_thresh": a.bce_target_thresh,
+    }
+    for key, value in fractions.items():
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    below_one = {  # at 1 nothing is left: a label smoothed to uniform, every unit or residual branch dropped
         "aug.smoothing": a.smoothing,
         "model.drop_rate": cfg.model.drop_rate,
         "model.drop_path_rate": cfg.model.drop_path_rate,
-        "train.ema_decay": t.ema_decay,
     }
-    for key, value in fractions.items():
-        if not 0 <= value <= 1:
-            raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    for key, value in below_one.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if cfg.sub.main_weight == 0 and cfg.sub.sub_weight == 0:
+        raise ConfigError("sub.main_weight and sub.sub_weight are both 0: nothing would train; the paper uses 0.5, 0.5")
+    if o.eps is not None and o.eps < 0:
+        raise ConfigError(f"optim.eps must be >= 0, got {o.eps}")
+    if o.betas is not None and (len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas)):
+        raise ConfigError(f"optim.betas must be two values in [0, 1), e.g. [0.9, 0.999], got {list(o.betas)}")
+    if len(a.scale) != 2 or not 0 < a.scale[0] <= a.scale[1] <= 1:
+        raise ConfigError(f"aug.scale must be [min, max] area fractions, 0 < min <= max <= 1, got {list(a.scale)}")
+    if a.std is not None and any(v <= 0 for v in a.std):
+        raise ConfigError(f"aug.std must be > 0 (inputs are divided by it), got {list(a.std)}")
+    if a.auto_augment:
+        _check_auto_augment(a.auto_augment)
+    if a.preset != "timm":  # the other presets' transforms take none of these: a value set would do nothing
+        default = AugConfig()
+        unused = [f"aug.{k}" for k in TIMM_ONLY if _plain(getattr(a, k)) != _plain(getattr(default, k))]
+        if unused:
+            one = len(unused) == 1
+            raise ConfigError(
+                f"{', '.join(unused)} take{'s' * one} effect with aug.preset timm (timm's transforms), not with "
+                f"aug.preset {a.preset}: set --aug.preset timm, or leave {'it' if one else 'them'} at the default"
+            )
+
+
+TIMM_ONLY = ("scale", "auto_augment", "color_jitter", "re_prob", "interpolation", "crop_pct")  # aug keys
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_auto_augment(policy: str) -> None:
+    """timm's parser of the policy string, run on a throwaway transform: its assertion becomes a clear error."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise ConfigError(
+            f"aug.auto_augment={policy!r} is not a timm augmentation policy ({e or type(e).__name__}); e.g. "
+            "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, 3a (3-Augment), original or v0 (AutoAugment)"
+        ) from None
 
 
 def dump(cfg: Config) -> str:
