@@ -295,6 +295,11 @@ def test_a_warmup_as_long_as_the_schedule_is_warned_of(tmp_path):
     assert "UserWarning" not in proc.stderr
 
 
+def test_a_floor_above_the_peak_learning_rate_is_warned_of(tmp_path):
+    with pytest.warns(UserWarning, match="sched.min_lr=0.01 is above the peak learning rate 0.001: the cosine"):
+        run_train(tmp_path, "floor", **{"sched.min_lr": 0.01, "train.max_steps": 1})
+
+
 def test_a_resumed_run_does_not_need_its_initial_weights_file(tmp_path):
     """The checkpoint holds every weight: the model.checkpoint file (on scratch space, since cleaned) is not read."""
     cfg = load_config(None, TINY)

@@ -208,6 +208,13 @@ class Trainer:
                 f"{cfg.sched.epochs}: the learning rate never reaches its peak; lower sched.warmup_epochs",
                 stacklevel=2,
             )
+        peak = self._learning_rate()
+        if cfg.sched.min_lr > peak and cfg.sched.name in ("cosine", "tanh", "poly") and self.dist.main:
+            warnings.warn(
+                f"sched.min_lr={cfg.sched.min_lr:g} is above the peak learning rate {peak:.3g}: the {cfg.sched.name} "
+                "schedule would raise the rate as it goes; lower sched.min_lr",
+                stacklevel=2,
+            )
         if cfg.train.compile:
             self.net.compile()
         train_net = self.net
