@@ -679,6 +679,39 @@ def test_a_folder_without_images_or_with_images_outside_class_folders_is_named(t
         ImageFolder(tmp_path, "skip", 3)
 
 
+def test_images_are_labelled_by_their_class_folder_at_any_depth_and_hidden_ones_skipped(tmp_path):
+    """timm's reader labelled by the innermost folder: Jupyter's .ipynb_checkpoints became a class, and cat/a/*
+    and dog/a/* one class 'a'."""
+    from masksub.train.data import ImageFolder
+
+    files = [
+        "cat/0.png", "cat/a/1.png", "cat/a/b/2.png", "cat/.ipynb_checkpoints/0-checkpoint.png", "cat/._0.png",
+        "dog/a/3.png", "dog/4.JPG", ".ipynb_checkpoints/5.png", ".hidden/6.png",
+    ]  # fmt: skip
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
+    found = ImageFolder(tmp_path, "error", 3)
+    assert found.classes == ["cat", "dog"]
+    labels = {str(Path(path).relative_to(tmp_path)): target for path, target in found.samples}
+    assert labels == {"cat/0.png": 0, "cat/a/1.png": 0, "cat/a/b/2.png": 0, "dog/4.JPG": 1, "dog/a/3.png": 1}
+    # A split labelled as another (the validation split by the training split's classes) leaves out the rest.
+    assert [t for _, t in ImageFolder(tmp_path, "error", 3, class_map={"dog": 0, "bird": 1}).samples] == [0, 0]
+
+
+def test_a_folder_subset_keeps_every_class_in_its_share(tmp_path):
+    """The first N images in path order were the first classes only (an eval_subset of ImageNet: 4 classes)."""
+    from masksub.train.data import ImageFolder
+
+    for c in range(5):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(10):
+            Image.new("RGB", (4, 4)).save(tmp_path / f"c{c}" / f"{i}.png")
+    subset = ImageFolder(tmp_path, "error", 3, subset=15)
+    assert len(subset) == 15 and torch.bincount(torch.tensor([t for _, t in subset.samples])).tolist() == [3] * 5
+    assert len(ImageFolder(tmp_path, "error", 3, subset=500)) == 50
+
+
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "v0", "augmix-m5-w4-d2"])
 def test_posterize_at_its_strongest_level_gives_black_with_every_pillow(policy):
     """timm keeps 0 bits there; Pillow >= 13 refuses 0, which stopped Swin and MAE-finetuning runs in their

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from timm.data import Mixup, auto_augment, create_transform, resolve_data_config
 from timm.data.distributed_sampler import RepeatAugSampler
-from timm.data.readers import create_reader
+from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
 
@@ -77,8 +77,40 @@ class FashionMNIST(Dataset):
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")  # read with PIL
 
 
+def find_images(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """``(path, class)`` of every image under ``root/<class>/``, at any depth (the class is the folder right
+    under ``root``, as torchvision's ImageFolder has it), in natural order; and the images lying in ``root``.
+
+    Hidden folders and files (``.ipynb_checkpoints``, macOS ``._*`` forks) are skipped. timm's folder reader
+    labels an image by its innermost folder instead: ``train/cat/.ipynb_checkpoints/*`` became a class of its
+    own, and ``cat/a/*`` and ``dog/a/*`` one class ``a``.
+    """
+    top, samples, loose = str(root), [], []
+    for folder, subdirs, files in os.walk(top, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        images = [f for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS]
+        if folder == top:
+            loose += images
+        elif images:
+            label = os.path.relpath(folder, top).split(os.sep, 1)[0]
+            samples += [(os.path.join(folder, f), label) for f in images]
+    samples.sort(key=lambda sample: natural_key(sample[0]))
+    return samples, loose
+
+
+def spread_subset(count: int, subset: int | None) -> list[int]:
+    """``subset`` indices spread evenly over ``count`` samples in class order: every class keeps its share
+    (the first ``subset`` would hold the first classes only)."""
+    if not subset or subset >= count:
+        return list(range(count))
+    return [i * count // subset for i in range(subset)]
+
+
 class ImageFolder(Dataset):
-    """``root/<class>/<image>`` through timm's folder reader; unreadable images are reported by path."""
+    """``root/<class>/<image>`` (``find_images``); unreadable images are reported by path.
+
+    ``subset`` keeps that many images spread evenly over the classes; ``class_map`` (class name -> label)
+    labels the images as another split does, leaving out classes it lacks."""
 
     def __init__(
         self, root: Path, corrupt: str, in_chans: int, subset: int | None = None, class_map: dict | None = None
@@ -88,23 +120,24 @@ class ImageFolder(Dataset):
                 f"image folder {root} does not exist; data.dir must hold <split>/<class>/<image> folders "
                 "(ImageNet layout), e.g. data.dir=/data/imagenet with train/ and val/ inside"
             )
-        try:
-            self.reader = create_reader("", root=str(root), class_map=class_map or "", input_key=";".join(EXTENSIONS))
-        except RuntimeError as e:  # timm's reader finds no image
+        found, loose = find_images(root)
+        if loose:
+            raise FileNotFoundError(
+                f"{root} holds {len(loose)} image file(s) outside a class folder (e.g. {loose[0]}); "
+                "put each image in <class>/ sub-folders (the folder name is the label)"
+            )
+        if not found:
             raise FileNotFoundError(
                 f"no images found under {root}: expected <class>/<image> sub-folders with files ending in "
                 f"{', '.join(EXTENSIONS)} (any case)"
-            ) from e
-        top = str(root)  # the reader joins file names to it as given
-        loose = [path for path, _ in self.reader.samples if os.path.dirname(path) == top]
-        if loose:
-            raise FileNotFoundError(
-                f"{root} holds {len(loose)} image file(s) outside a class folder (e.g. {Path(loose[0]).name}); "
-                "put each image in <class>/ sub-folders (the folder name is the label)"
             )
+        if class_map is None:
+            class_map = {c: i for i, c in enumerate(sorted({c for _, c in found}, key=natural_key))}
+        found = [(path, class_map[c]) for path, c in found if c in class_map]
+        self.samples = [found[i] for i in spread_subset(len(found), subset)]
         self.corrupt, self.mode = corrupt, "RGB" if in_chans == 3 else "L"
-        self.length = min(subset, len(self.reader)) if subset else len(self.reader)
-        self.class_to_idx: dict = self.reader.class_to_idx
+        self.length = len(self.samples)
+        self.class_to_idx: dict = dict(class_map)
         self.classes = sorted(self.class_to_idx, key=self.class_to_idx.get)  # the class folders, by label
         self.num_classes = len(self.class_to_idx) or None
         self.reported: set[str] = set()
@@ -114,13 +147,12 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int):
         for attempt in range(self.length):
-            i = (index + attempt) % self.length
+            path, target = self.samples[(index + attempt) % self.length]
             try:
-                file, target = self.reader[i]
-                img = Image.open(file)
-                img.load()
+                with open(path, "rb") as f:
+                    img = Image.open(f)
+                    img.load()
             except Exception as e:  # PIL raises several types for broken files
-                path = self.reader.filename(i, absolute=True)
                 if self.corrupt == "error":
                     raise CorruptImageError(
                         f"cannot read image {path}: {e}; fix or remove it, or set data.corrupt=skip"
@@ -129,7 +161,7 @@ class ImageFolder(Dataset):
                     self.reported.add(path)
                     _logger.warning("skipping unreadable image %s: %s", path, e)
                 continue
-            return _eight_bit(img, self.reader.filename(i, absolute=True)).convert(self.mode), int(target)
+            return _eight_bit(img, path).convert(self.mode), int(target)
         raise CorruptImageError(f"no readable image in {self.length} files")
 
 
