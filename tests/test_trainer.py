@@ -508,6 +508,10 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--data.workers", "-1"], "data.workers must be >= 0, got -1"),
         (["--train.checkpoint_every", "-3"], "train.checkpoint_every must be >= 0, got -3"),
         (["--aug.hflip", "2"], "aug.hflip must be in [0, 1], got 2.0"),
+        (
+            ["--model.kwargs", "{img_size: 28, patch_size: 7, drop_path_rate: 0.1}"],  # was silently 0
+            "model.kwargs sets drop_path_rate, which the trainer sets from model.drop_path_rate (the kwargs value",
+        ),
         (["--aug.smoothing", "1"], "aug.smoothing must be in [0, 1), got 1.0"),  # was timm's bare AssertionError
         (["--model.drop_path_rate", "1"], "model.drop_path_rate must be in [0, 1), got 1.0"),
         (["--optim.betas", "[0.9]"], "optim.betas must be two values in [0, 1), e.g. [0.9, 0.999], got [0.9]"),

@@ -513,6 +513,12 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"aug.std must be > 0 (inputs are divided by it), got {list(a.std)}")
     if a.auto_augment:
         _check_auto_augment(a.auto_augment)
+    if clash := [k for k in OWN_MODEL_KWARGS if k in (cfg.model.kwargs or {})]:
+        raise ConfigError(
+            f"model.kwargs sets {', '.join(clash)}, which the trainer sets from "
+            + ", ".join(OWN_MODEL_KWARGS[k] for k in clash)
+            + " (the kwargs value would be overridden): set that instead and drop it from model.kwargs"
+        )
     if a.preset != "timm":  # the other presets' transforms take none of these: a value set would do nothing
         default = AugConfig()
         unused = [f"aug.{k}" for k in TIMM_ONLY if _plain(getattr(a, k)) != _plain(getattr(default, k))]
@@ -524,6 +530,12 @@ def _check_ranges(cfg: Config) -> None:
             )
 
 
+OWN_MODEL_KWARGS = {  # timm.create_model arguments the trainer passes from keys of their own
+    "num_classes": "the data's classes",
+    "in_chans": "data.in_chans",
+    "drop_rate": "model.drop_rate",
+    "drop_path_rate": "model.drop_path_rate",
+}
 TIMM_ONLY = ("scale", "auto_augment", "color_jitter", "re_prob", "interpolation", "crop_pct")  # aug keys
 
 
