@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -293,6 +294,16 @@ def test_a_warmup_as_long_as_the_schedule_is_warned_of(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\nmasksub: warning: sched.warmup_epochs=2.0 is not shorter" in "\n" + proc.stderr
     assert "UserWarning" not in proc.stderr
+
+
+def test_the_printed_resume_command_runs_as_printed_from_a_folder_with_spaces(tmp_path, capsys):
+    output = tmp_path / "my runs"
+    assert main(["train", *args(TINY, **{"train.output": str(output), "train.max_steps": 1})]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "(train.max_steps); continue with " in x)
+    command = shlex.split(line.split("continue with ", 1)[1])  # as a shell splits what the user pastes
+    assert command == ["masksub", "train", "--resume", str(output / "fashion_mnist_vit-mask-s0")]
+    assert main(command[1:]) == 0
+    assert "resumed" in capsys.readouterr().out
 
 
 def test_a_floor_above_the_peak_learning_rate_is_warned_of(tmp_path):

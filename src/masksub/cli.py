@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -148,7 +149,7 @@ def _resumable_config(resume: str, command: str) -> dict:
         )
     if (wrote := checkpoint.run_command(state)) != command:
         raise checkpoint.CheckpointError(
-            f"{resume} is a masksub {wrote} run: continue it with masksub {wrote} --resume {resume}"
+            f"{resume} is a masksub {wrote} run: continue it with masksub {wrote} --resume {shlex.quote(str(resume))}"
         )
     return saved
 

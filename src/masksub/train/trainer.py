@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import shlex
 import signal
 import time
 import warnings
@@ -476,7 +477,7 @@ class Trainer:
 
     @property
     def resume_command(self) -> str:
-        return f"masksub {self.command} --resume {self.folder}"
+        return f"masksub {self.command} --resume {shlex.quote(str(self.folder))}"  # copied into a shell
 
     def _check_classes(self, saved: list[str]) -> None:
         if saved == self.classes:
