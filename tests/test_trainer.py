@@ -557,6 +557,18 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys, cli, message):
     assert not any(tmp_path.iterdir()), "a run that cannot start writes nothing"
 
 
+def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network, also where there is one
+    cli = ["--model.name", "resnet18", "--model.kwargs", "{pretrained: true}", "--train.output", str(tmp_path)]
+    assert main(["train", *cli]) == 2
+    err = capsys.readouterr().err
+    assert "error: resnet18: timm could not fetch its pretrained weights (" in err
+    assert err.strip().endswith("pass the file as model.checkpoint (no pretrained in model.kwargs)")
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_output_folder_that_cannot_be_made_is_named(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert main(["train", *args(TINY, **{"train.output": str(tmp_path / "a_file")})]) == 2

@@ -78,15 +78,19 @@ def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool 
     kwargs.update(drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
     try:
         model = timm.create_model(m.name, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
+    except Exception as e:
+        if isinstance(e, RuntimeError) and "Unknown model" in str(e):
             close = difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*pattern*') lists them"
             raise ConfigError(f"model.name={m.name!r} is not a timm model{hint}") from None
-        raise
-    except TypeError as e:
-        if "unexpected keyword" in str(e):
+        if isinstance(e, TypeError) and "unexpected keyword" in str(e):
             raise ConfigError(f"{m.name} does not take one of model.kwargs {sorted(m.kwargs)}: {e}") from None
+        if m.kwargs.get("pretrained"):  # the hub's weights, which timm fetches: not on an offline machine
+            raise ConfigError(
+                f"{m.name}: timm could not fetch its pretrained weights ({type(e).__name__}: {str(e)[:300]}); "
+                "without a connection, download them where there is one and pass the file as model.checkpoint "
+                "(no pretrained in model.kwargs)"
+            ) from None
         raise
     embed = getattr(model, "patch_embed", None)  # timm's PatchEmbed: ViT, DeiT, Swin, EVA, ...
     size = getattr(embed, "img_size", None)
