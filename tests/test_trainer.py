@@ -704,6 +704,13 @@ def test_a_folder_without_images_or_with_images_outside_class_folders_is_named(t
     Image.new("RGB", (4, 4)).save(tmp_path / "stray.jpg")  # became a class named '' before
     with pytest.raises(FileNotFoundError, match=r"holds 1 image file\(s\) outside a class folder \(e.g. stray.jpg\)"):
         ImageFolder(tmp_path, "skip", 3)
+    flat = tmp_path / "val"  # ImageNet's validation images as downloaded: one folder
+    flat.mkdir()
+    Image.new("RGB", (4, 4)).save(flat / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(FileNotFoundError, match="ImageNet's validation images come in one folder: sort them"):
+        ImageFolder(flat, "skip", 3)
+    with pytest.raises(FileNotFoundError, match=r"holds a, val: name yours with data.train_split / data.val_split"):
+        ImageFolder(tmp_path / "validation", "skip", 3)
 
 
 def test_images_are_labelled_by_their_class_folder_at_any_depth_and_hidden_ones_skipped(tmp_path):

@@ -116,15 +116,18 @@ class ImageFolder(Dataset):
         self, root: Path, corrupt: str, in_chans: int, subset: int | None = None, class_map: dict | None = None
     ):
         if not root.is_dir():
+            splits = sorted(p.name for p in root.parent.iterdir() if p.is_dir()) if root.parent.is_dir() else []
+            there = f" ({root.parent} holds {', '.join(splits)}: name yours with data.train_split / data.val_split)"
             raise FileNotFoundError(
-                f"image folder {root} does not exist; data.dir must hold <split>/<class>/<image> folders "
-                "(ImageNet layout), e.g. data.dir=/data/imagenet with train/ and val/ inside"
+                f"image folder {root} does not exist{there if splits else ''}; data.dir must hold "
+                "<split>/<class>/<image> folders (ImageNet layout), e.g. data.dir=/data/imagenet with train/ and val/"
             )
         found, loose = find_images(root)
         if loose:
+            flat = "" if found else " (ImageNet's validation images come in one folder: sort them into class folders)"
             raise FileNotFoundError(
                 f"{root} holds {len(loose)} image file(s) outside a class folder (e.g. {loose[0]}); "
-                "put each image in <class>/ sub-folders (the folder name is the label)"
+                f"put each image in <class>/ sub-folders (the folder name is the label){flat}"
             )
         if not found:
             raise FileNotFoundError(
