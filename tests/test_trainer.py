@@ -306,6 +306,20 @@ def test_the_printed_resume_command_runs_as_printed_from_a_folder_with_spaces(tm
     assert "resumed" in capsys.readouterr().out
 
 
+def test_the_resume_command_of_a_torchrun_job_relaunches_as_many_processes():
+    from masksub.train.trainer import resume_command
+
+    folder = Path("/runs/a b")
+    assert resume_command("train", folder) == "masksub train --resume '/runs/a b'"
+    assert resume_command("pretrain", folder, 8, 8) == (
+        "torchrun --nproc_per_node 8 -m masksub.cli pretrain --resume '/runs/a b'"
+    )
+    assert resume_command("train", folder, 16, 8) == (
+        "torchrun --nproc_per_node 8 --nnodes 2 (and this job's rendezvous options) -m masksub.cli train "
+        "--resume '/runs/a b'"
+    )
+
+
 def test_a_floor_above_the_peak_learning_rate_is_warned_of(tmp_path):
     with pytest.warns(UserWarning, match="sched.min_lr=0.01 is above the peak learning rate 0.001: the cosine"):
         run_train(tmp_path, "floor", **{"sched.min_lr": 0.01, "train.max_steps": 1})

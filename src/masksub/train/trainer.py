@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import shlex
 import signal
 import time
@@ -39,6 +40,16 @@ class NonFiniteLossError(RuntimeError):
 
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
+def resume_command(command: str, folder: Path, world: int = 1, local_world: int = 1) -> str:
+    """The command that continues a run, as a user pastes it into a shell: under torchrun, with as many
+    processes as wrote the checkpoint (an exact resume needs each one's random streams)."""
+    tail = f"{command} --resume {shlex.quote(str(folder))}"
+    if world <= 1:
+        return f"masksub {tail}"
+    nodes = f" --nnodes {world // local_world} (and this job's rendezvous options)" if world > local_world else ""
+    return f"torchrun --nproc_per_node {local_world}{nodes} -m masksub.cli {tail}"
 
 
 def resolve_device(kind: str) -> torch.device:
@@ -481,7 +492,8 @@ class Trainer:
 
     @property
     def resume_command(self) -> str:
-        return f"masksub {self.command} --resume {shlex.quote(str(self.folder))}"  # copied into a shell
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
+        return resume_command(self.command, self.folder, self.dist.world, local)
 
     def _check_classes(self, saved: list[str]) -> None:
         if saved == self.classes:
