@@ -417,6 +417,7 @@ def validate(cfg: Config) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     _check_ranges(cfg)
+    _check_unused(cfg)
     if cfg.model.checkpoint == "???":  # a recipe's marker for weights the user must supply
         raise ConfigError(
             f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "
@@ -511,6 +512,12 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"aug.scale must be [min, max] area fractions, 0 < min <= max <= 1, got {list(a.scale)}")
     if a.std is not None and any(v <= 0 for v in a.std):
         raise ConfigError(f"aug.std must be > 0 (inputs are divided by it), got {list(a.std)}")
+
+
+def _check_unused(cfg: Config) -> None:
+    """Settings that could not take effect: a policy timm does not know, model.kwargs another key overrides,
+    timm-only aug keys with another preset."""
+    a = cfg.aug
     if a.auto_augment:
         _check_auto_augment(a.auto_augment)
     if clash := [k for k in OWN_MODEL_KWARGS if k in (cfg.model.kwargs or {})]:
