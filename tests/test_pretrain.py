@@ -77,6 +77,10 @@ def test_pretrain_single_view_baseline_and_exact_resume(tmp_path, capsys):
     assert main(["pretrain", *args(single, **{"train.name": "full"})]) == 0
     assert main(["pretrain", *args(single, **{"train.name": "part", "train.max_steps": 3})]) == 0
     assert f"continue with masksub pretrain --resume {tmp_path / 'part'}" in capsys.readouterr().out
+    assert main(["pretrain", "--recipe", "fashion_mnist_vit", *args(single)]) == 2  # a classification recipe
+    assert "recipe 'fashion_mnist_vit' is a classification recipe, for masksub train, not masksub pretrain" in (
+        capsys.readouterr().err
+    )
     assert main(["train", "--resume", str(tmp_path / "part")]) == 2  # the wrong command names the right one
     assert "is a masksub pretrain run: continue it with masksub pretrain --resume" in capsys.readouterr().err
     assert main(["pretrain", "--resume", str(tmp_path / "part")]) == 0

@@ -514,6 +514,10 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
     [
         (["--recipe", "no_such_recipe"], "unknown recipe"),
         (["--recipe", "fashion_mnist_vti"], "fashion_mnist_vit"),
+        (
+            ["--recipe", "fashion_mnist_dmjd"],
+            "recipe 'fashion_mnist_dmjd' is a pretraining recipe, for masksub pretrain",
+        ),
         (["--sub.ratoi", "0.5"], "did you mean sub.ratio"),
         (["--optim.lr", "fast"], "optim.lr must be float"),
         (["--sub.ratio", "1.5"], "sub.ratio must be in [0, 1)"),

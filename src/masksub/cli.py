@@ -26,6 +26,7 @@ from .train import checkpoint
 from .train.config import (
     ConfigError,
     apply_overrides,
+    check_recipe_command,
     flat_config,
     from_dict,
     list_recipes,
@@ -212,6 +213,7 @@ def _main(argv: list[str] | None) -> int:
                 overrides = {"train.max_steps": None, **overrides, "train.resume": resume}
                 cfg = apply_overrides(from_dict(saved), overrides)
             else:
+                check_recipe_command(args.recipe, args.command)
                 cfg = load_config(args.recipe, overrides)
             trainer_cls = Trainer
             if args.command == "pretrain":
@@ -235,6 +237,7 @@ def _main(argv: list[str] | None) -> int:
             from .train.compare import compare
 
             kinds = [k.strip() for k in args.subs.split(",") if k.strip()]
+            check_recipe_command(args.recipe, "compare")
             compare(args.recipe, kinds, args.seeds, parse_overrides(rest), args.output)
     except (
         ConfigError,

@@ -282,12 +282,29 @@ def recipe_notes(name_or_path: str) -> list[str]:
     return notes
 
 
+def recipe_command(name_or_path: str) -> str | None:
+    """The masksub command a recipe's first comment line launches it with (train, pretrain, linprobe), if any."""
+    notes = recipe_notes(name_or_path)
+    found = re.search(r"\bmasksub(?:\.cli)? (train|pretrain|linprobe)\b", notes[0] if notes else "")
+    return found.group(1) if found else None
+
+
+def check_recipe_command(name_or_path: str | None, command: str) -> None:
+    """A pretraining recipe run by ``train`` or ``compare`` (a classifier trained from a config meant for
+    something else), or another recipe by ``pretrain``, is refused with the command it is meant for."""
+    meant = recipe_command(name_or_path or DEFAULT_RECIPE)
+    if meant is not None and (meant == "pretrain") != (command == "pretrain"):
+        kind = "pretraining" if meant == "pretrain" else "classification"
+        raise ConfigError(
+            f"recipe {Path(name_or_path or DEFAULT_RECIPE).stem!r} is a {kind} recipe, for masksub {meant}, not "
+            f"masksub {command}; `masksub recipes` lists each recipe with its command"
+        )
+
+
 def recipe_summary(name_or_path: str) -> dict[str, str]:
     """One row of ``masksub recipes``: the command that runs the recipe, its model, size, epochs and method."""
     cfg = load_config(name_or_path, check=False)
-    notes = recipe_notes(name_or_path)
-    found = re.search(r"\bmasksub(?:\.cli)? (train|pretrain|linprobe)\b", notes[0] if notes else "")
-    command = found.group(1) if found else "train"
+    command = recipe_command(name_or_path) or "train"
     if command == "pretrain":
         pre = cfg.pretrain
         method = f"DMJD, {pre.views} views" if pre.method == "dmjd" else "single view (MaskFeat / MAE style)"
