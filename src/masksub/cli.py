@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import logging
 import os
-import shlex
 import signal
 import sys
 import warnings
@@ -38,7 +37,7 @@ from .train.config import (
 )
 from .train.data import CorruptImageError
 from .train.interrupt import Interrupted
-from .train.trainer import NonFiniteLossError, Trainer
+from .train.trainer import NonFiniteLossError, Trainer, resume_command
 
 OVERRIDES = (
     "Any configuration key is set as --section.key value, after the recipe's values: --sub.ratio 0.75 "
@@ -150,7 +149,7 @@ def _resumable_config(resume: str, command: str) -> dict:
         )
     if (wrote := checkpoint.run_command(state)) != command:
         raise checkpoint.CheckpointError(
-            f"{resume} is a masksub {wrote} run: continue it with masksub {wrote} --resume {shlex.quote(str(resume))}"
+            f"{resume} is a masksub {wrote} run: continue it with {resume_command(wrote, resume)}"
         )
     return saved
 
