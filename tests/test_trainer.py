@@ -306,6 +306,16 @@ def test_the_printed_resume_command_runs_as_printed_from_a_folder_with_spaces(tm
     assert "resumed" in capsys.readouterr().out
 
 
+def test_a_run_of_another_model_than_the_recipe_s_is_named_after_it(tmp_path, capsys):
+    more = {"train.output": str(tmp_path), "train.max_steps": 1, "model.kwargs": {}, "data.img_size": 32}
+    assert main(["train", *args(TINY, **more, **{"model.name": "resnet10t"})]) == 0
+    assert main(["train", *args(TINY, **more, **{"model.name": "test_resnet.r160_in1k"})]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fashion_mnist_vit-resnet10t-mask-s0",
+        "fashion_mnist_vit-test_resnet.r160_in1k-mask-s0",
+    ]
+
+
 def test_the_resume_command_of_a_torchrun_job_relaunches_as_many_processes():
     from masksub.train.trainer import resume_command
 

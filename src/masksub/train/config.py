@@ -132,7 +132,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
     max_nonfinite: int = 20  # consecutive steps with a non-finite loss or gradient before the run stops
     output: str = "runs"
-    name: str | None = None  # run folder name (default: recipe-sub-seed)
+    name: str | None = None  # run folder name (default: recipe-sub-seed; recipe-model-sub-seed for another model)
     resume: str | None = None  # checkpoint file or run folder to continue
     linprobe: bool = False  # train only a BatchNorm (no affine) + linear head on the frozen model
     fsdp: str = "none"  # none | full_shard | shard_grad_op: shard with FSDP (fully_shard) under torchrun

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import shlex
 import signal
 import time
@@ -28,7 +29,7 @@ from tqdm import tqdm
 import masksub
 
 from . import checkpoint, distributed, sharding
-from .config import Config, ConfigError, dump, from_dict
+from .config import Config, ConfigError, dump, from_dict, load_config
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
 from .runlog import FolderLock, RunLog
@@ -370,12 +371,21 @@ class Trainer:
         """The method part of a run folder's default name."""
         return self.cfg.sub.kind
 
+    def _model_part(self) -> list[str]:
+        """The model in a run folder's default name, where it is not the recipe's own (--model.name resnet18)."""
+        try:
+            recipe_model = load_config(self.cfg.recipe, check=False).model.name
+        except ConfigError:  # a recipe given as a path outside the bundled ones: its model is not known here
+            return []
+        name = self.cfg.model.name
+        return [] if name == recipe_model else [re.sub(r"[^\w.+-]+", "_", name)]
+
     def _run_folder(self) -> Path:
         cfg = self.cfg
         if cfg.train.resume:
             path = Path(cfg.train.resume)
             return path if path.is_dir() else path.parent
-        name = cfg.train.name or f"{cfg.recipe}-{self._method_name()}-s{cfg.train.seed}"
+        name = cfg.train.name or "-".join([cfg.recipe, *self._model_part(), self._method_name(), f"s{cfg.train.seed}"])
         folder = Path(cfg.train.output) / name
         if self.dist.main:
             try:
