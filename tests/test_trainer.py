@@ -551,6 +551,11 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
             ["--model.kwargs", "{img_size: 28, patch_size: 7, drop_path_rate: 0.1}"],  # was silently 0
             "model.kwargs sets drop_path_rate, which the trainer sets from model.drop_path_rate (the kwargs value",
         ),
+        (
+            ["--model.kwargs", "{img_size:28,patch_size:7}"],  # was "built for 224x224 images ... set img_size: 28"
+            "model.kwargs: YAML read 'img_size:28', 'patch_size:7' as keys without a value (it needs a space after "
+            "each colon): write {img_size: 28, patch_size: 7}",
+        ),
         (["--aug.smoothing", "1"], "aug.smoothing must be in [0, 1), got 1.0"),  # was timm's bare AssertionError
         (["--model.drop_path_rate", "1"], "model.drop_path_rate must be in [0, 1), got 1.0"),
         (["--optim.betas", "[0.9]"], "optim.betas must be two values in [0, 1), e.g. [0.9, 0.999], got [0.9]"),

@@ -212,10 +212,23 @@ def _coerce(key: str, value: Any, hint) -> Any:
         return float(value)
     if hint is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
+    if hint is dict and isinstance(value, dict):
+        _check_colons(key, value)
     if hint in (int, str, bool, dict) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     want = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"{key} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def _check_colons(key: str, value: dict) -> None:
+    """YAML reads ``{img_size:28}`` (no space after the colon) as a key 'img_size:28' without a value."""
+    glued = [k for k, v in value.items() if v is None and isinstance(k, str) and re.fullmatch(r"\w+:\S+", k)]
+    if glued:
+        fixed = ", ".join(k.replace(":", ": ", 1) for k in glued)
+        raise ConfigError(
+            f"{key}: YAML read {', '.join(map(repr, glued))} as {'a key' if len(glued) == 1 else 'keys'} without "
+            f"a value (it needs a space after each colon): write {{{fixed}}}"
+        )
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
