@@ -92,3 +92,18 @@ def test_rejects_non_vit_encoder_and_bad_settings():
         tiny("mae")
     with pytest.raises(ValueError, match="disjoint"):  # 2 views x 3 of 4 units visible
         tiny(corruption=0.2)
+
+
+def test_a_grey_encoder_is_normalized_per_its_channel():
+    """The default (ImageNet RGB) statistics were broadcast onto grey images: three channels for a one-channel
+    encoder, a convolution error."""
+    torch.manual_seed(0)
+    enc = timm.create_model("vit_tiny_patch16_224", depth=1, **{**ENC, "in_chans": 1})
+    kw = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, projector_dim=32, block=1)
+    model = DMJD(enc, **kw)
+    assert model.mean.flatten().tolist() == pytest.approx([0.449]) and model.std.numel() == 1
+    assert torch.isfinite(model(torch.rand(2, 1, 32, 32))["loss"])
+    assert DMJD(enc, mean=[0.5], std=[0.25], **kw).std.flatten().tolist() == [0.25]
+    assert tiny(mean=[0.5], std=[0.25]).mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match=r"mean has 3 values for an encoder of 1 input channel\(s\)"):
+        DMJD(enc, mean=(0.1, 0.2, 0.3), **kw)

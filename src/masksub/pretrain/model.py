@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -37,6 +38,21 @@ def _projector(dim: int, hidden: int) -> nn.Sequential:
     )  # fmt: skip
 
 
+def _per_channel(name: str, values, default: tuple, chans: int) -> tuple:
+    """One normalization value per input channel: one value for all; the default RGB one averaged for grey."""
+    if values is None:
+        values = (sum(default) / len(default),) if chans == 1 else default
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * chans
+    if len(values) != chans:
+        raise ValueError(
+            f"{name} has {len(values)} values for an encoder of {chans} input channel(s): give one per "
+            "channel, or one for all"
+        )
+    return values
+
+
 class DMJD(nn.Module):
     def __init__(
         self,
@@ -52,8 +68,8 @@ class DMJD(nn.Module):
         decoder_heads: int = 16,
         projector_dim: int = 512,
         visible_weight: float = 1.0,
-        mean: tuple = (0.485, 0.456, 0.406),
-        std: tuple = (0.229, 0.224, 0.225),
+        mean: tuple | None = None,  # per input channel (one value: every channel); None: ImageNet's
+        std: tuple | None = None,  # (for a grey encoder, the average of ImageNet's three)
     ):
         super().__init__()
         if not isinstance(encoder, (VisionTransformer, ConvViT)):
@@ -85,6 +101,10 @@ class DMJD(nn.Module):
         else:
             raise ValueError(f"target must be 'hog' or 'pixels', got {target!r}")
         self.make_masks(1, "cpu")  # refuse a (corruption, prediction, views, block) that cannot work, now
+        mean, std = (
+            _per_channel("mean", mean, IMAGENET_DEFAULT_MEAN, chans),
+            _per_channel("std", std, IMAGENET_DEFAULT_STD, chans),
+        )
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.decoder_embed = nn.Linear(dim, decoder_dim)
