@@ -145,7 +145,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert f"{folder} finished all 1 epochs (4 steps): nothing is left to train" in out and "resumed" not in out
+    assert f"{folder} finished its 1 epoch (4 steps): nothing is left to train" in out and "resumed" not in out
     assert f"with --model.checkpoint {folder / 'last.pt'}" in out
     assert before == {name: (folder / name).read_bytes() for name in before}
 

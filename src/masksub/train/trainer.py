@@ -551,8 +551,9 @@ class Trainer:
         self.best_top1, self.nonfinite_run, self.skipped = state["best_top1"], state["nonfinite_run"], state["skipped"]
         if self.epoch >= self.cfg.sched.epochs:
             self.log(
-                f"{path} finished all {self.cfg.sched.epochs} epochs ({self.global_step} steps): nothing is left to "
-                f"train; to train longer, start a new run from its weights with --model.checkpoint {weights}"
+                f"{path} finished its {_count(self.cfg.sched.epochs, 'epoch')} ({_count(self.global_step, 'step')}): "
+                "nothing is left to train; to train longer, start a new run from its weights with "
+                f"--model.checkpoint {weights}"
             )
         else:
             self.log(f"resumed {path} at epoch {self.epoch + 1}, step {self.global_step}")
