@@ -46,7 +46,10 @@ def test_pretrain_linprobe_finetune(tmp_path, capsys):
         "sched.epochs": 1,
         "train.output": str(tmp_path),
     }
+    capsys.readouterr()
     assert main(["linprobe", "--checkpoint", str(run / "encoder.pt"), *args(common, **{"train.name": "lin"})]) == 0
+    head = KW["embed_dim"] * 10 + 10  # the linear classifier; BatchNorm without affine has no parameters
+    assert f"M parameters ({head:,} trained); no sub branch" in capsys.readouterr().out
     lin = checkpoint.load(tmp_path / "lin" / "last.pt")
     assert lin["model"]["blocks.0.attn.qkv.weight"].equal(encoder["blocks.0.attn.qkv.weight"]), "encoder frozen"
     assert "head.0.running_mean" in lin["model"]  # BatchNorm without affine before the linear head

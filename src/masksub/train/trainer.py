@@ -204,7 +204,9 @@ class Trainer:
             self._check_classes(resume_state["classes"])
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._build(train_set, val_set)  # self.model, self.net, self.loaders, self.ema, self.criterion
-        sizes = (len(train_set), len(val_set), sum(p.numel() for p in self.model.parameters()))  # before sharding
+        params = list(self.model.parameters())  # before sharding
+        sizes = (len(train_set), len(val_set), sum(p.numel() for p in params))
+        sizes += (sum(p.numel() for p in params if p.requires_grad),)
         if self.fsdp:
             self._shard()  # before the optimizer: sharding replaces the parameters
         self._check_input()
@@ -468,7 +470,7 @@ class Trainer:
                 f"a new run with --model.checkpoint {weights}"
             )
 
-    def _header(self, train_images: int, eval_images: int, parameters: int) -> str:
+    def _header(self, train_images: int, eval_images: int, parameters: int, trained: int) -> str:
         """What this run trains, on what, how: the run's first lines."""
         cfg, d, world, accum = self.cfg, self.cfg.data, self.dist.world, self.cfg.train.accum_steps
         parts = (
@@ -480,7 +482,8 @@ class Trainer:
         epochs = _count(cfg.sched.epochs, "epoch")
         return (
             f"run folder {self.folder}\n"
-            f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters{self._method()}\n"
+            f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters"
+            f"{f' ({trained:,} trained)' if trained != parameters else ''}{self._method()}\n"
             f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
             f"{_count(self.loaders.steps_per_epoch, 'step')} per epoch, {epochs}; {cfg.optim.name} lr "
             f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up "
