@@ -153,9 +153,12 @@ def test_dropout_branch_needs_dropout_sites():
         masksub.wrap(net, sub="cutout")
 
 
+@pytest.mark.parametrize("sync_bn", [False, True])
 @pytest.mark.parametrize("sub_bn_stats", [True, False])
-def test_batchnorm_statistics_option(sub_bn_stats):
+def test_batchnorm_statistics_option(sub_bn_stats, sync_bn):
     wrapped = masksub.wrap(tiny_model("resnet"), unit=16, sub_bn_stats=sub_bn_stats).train()
+    if sync_bn:  # the usual DDP order: wrap, then convert (new BatchNorm modules), then DDP
+        wrapped = torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped)
     x = tiny_images("resnet", batch=4)
     wrapped(x)
     before = {k: v.clone() for k, v in wrapped.model.state_dict().items() if "running" in k or "num_batches" in k}
@@ -163,7 +166,8 @@ def test_batchnorm_statistics_option(sub_bn_stats):
     after = wrapped.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert bool(changed) == sub_bn_stats
-    assert all(m.track_running_stats for m in wrapped.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bns = [m for m in wrapped.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(m.track_running_stats for m in bns)
 
 
 @pytest.mark.parametrize("name", ["vit", "swin", "eva_rope", "naflex", "convvit"])
@@ -192,11 +196,13 @@ def test_mask_token_is_saved_and_trained():
     assert wrapped.branch.mask_token.ndim == 1  # 1-D: no weight decay under timm's param groups
 
 
-@pytest.mark.parametrize("name", ["vit", "swin", "naflex", "convvit"])
-def test_torch_compile_two_graphs_no_breaks(name):
+@pytest.mark.parametrize(
+    "name, sub_bn_stats", [("vit", True), ("swin", True), ("naflex", True), ("convvit", True), ("resnet", False)]
+)
+def test_torch_compile_two_graphs_no_breaks(name, sub_bn_stats):
     counters.clear()
     torch._dynamo.reset()
-    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3], sub_bn_stats=sub_bn_stats).train()
     wrapped.compile(backend="aot_eager", fullgraph=True)  # fullgraph: any graph break raises
     x = tiny_images(name, batch=4)
     for _ in range(3):

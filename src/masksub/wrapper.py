@@ -33,7 +33,6 @@ class SubBranchModel(nn.Module):
         self.model = model
         self.branch = branch
         self.sub_bn_stats = sub_bn_stats
-        self._bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
     @property
     def ratio(self) -> float:
@@ -57,13 +56,15 @@ class SubBranchModel(nn.Module):
     @contextmanager
     def _bn_stats_frozen(self):
         # BatchNorm with track_running_stats=False normalizes with batch statistics
-        # and leaves running_mean/var and num_batches_tracked untouched.
+        # and leaves running_mean/var and num_batches_tracked untouched. The layers are looked up at each
+        # pass: SyncBatchNorm.convert_sync_batchnorm (or a freeze) after wrap() replaces them.
+        bns = [m for m in self.model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
         try:
-            for bn in self._bns:
+            for bn in bns:
                 bn.track_running_stats = False
             yield
         finally:
-            for bn in self._bns:
+            for bn in bns:
                 bn.track_running_stats = True
 
     def sub_pass(self):

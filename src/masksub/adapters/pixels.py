@@ -24,7 +24,7 @@ class PixelMaskAdapter(MaskAdapter):
 
     def forward(self, model: nn.Module, *args, **kwargs):
         # The images come first, or as ``pixel_values=`` (Hugging Face vision models); the rest passes through.
-        by_name = not args and "pixel_values" in kwargs
+        by_name = len(args) == 0 and "pixel_values" in kwargs  # (dynamo cannot trace `not` of a tuple)
         x = kwargs["pixel_values"] if by_name else (args[0] if args else None)
         check_images(x, self.name)
         grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
