@@ -197,12 +197,15 @@ def test_mask_token_is_saved_and_trained():
 
 
 @pytest.mark.parametrize(
-    "name, sub_bn_stats", [("vit", True), ("swin", True), ("naflex", True), ("convvit", True), ("resnet", False)]
+    "name, sub, sub_bn_stats",
+    [("vit", "mask", True), ("swin", "mask", True), ("naflex", "mask", True), ("convvit", "mask", True)]
+    + [("resnet", "mask", False), ("vit", "droppath", True), ("resnet", "droppath", True), ("swin", "dropout", True)],
 )
-def test_torch_compile_two_graphs_no_breaks(name, sub_bn_stats):
+def test_torch_compile_two_graphs_no_breaks(name, sub, sub_bn_stats):
     counters.clear()
     torch._dynamo.reset()
-    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3], sub_bn_stats=sub_bn_stats).train()
+    kwargs = {"unit": TINY[name][3]} if sub == "mask" else {}
+    wrapped = masksub.wrap(tiny_model(name), sub, 0.2, sub_bn_stats=sub_bn_stats, **kwargs).train()
     wrapped.compile(backend="aot_eager", fullgraph=True)  # fullgraph: any graph break raises
     x = tiny_images(name, batch=4)
     for _ in range(3):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 
+import torch
 from timm.layers import DropPath
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
@@ -127,7 +128,9 @@ class DropPathBranch(nn.Module):
 
     def forward(self, model: nn.Module, *args, **kwargs):
         with self.hold():
-            if self._checked:
+            # Hooks cannot be registered in a compiled trace: there, the check is left to an eager sub pass
+            # (masksub train runs one before it compiles).
+            if self._checked or torch.compiler.is_compiling():
                 return model(*args, **kwargs)
             return self._first_forward(model, *args, **kwargs)
 
