@@ -155,3 +155,14 @@ def test_step_with_accelerate_fp16_on_cuda_gives_the_fp32_gradient_by_hand():
     masksub_loss_by_hand(reference, x, y).backward()
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         assert (before[n] - p.detach() - q.grad).norm() <= 0.02 * q.grad.norm(), n
+
+
+def test_a_step_made_before_the_model_moves_to_the_gpu_autocasts_there():
+    """The autocast device was read once, at Step(): a model moved to the GPU after it ran in fp32 there."""
+    wrapped = masksub.wrap(tiny_model("vit"), unit=TINY["vit"][3]).train()
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
+    step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), amp="bf16")
+    wrapped.cuda()  # moves the parameters in place: the optimizer holds them still
+    x, y = tiny_images("vit", batch=8).cuda(), torch.arange(8, device="cuda") % 5
+    out = step(x, y)
+    assert out["updated"] and out["logits"].dtype == torch.bfloat16

@@ -139,7 +139,6 @@ class Step:
         self.memory_saving, self.skip_nonfinite = memory_saving, skip_nonfinite
         self.sync_every_backward = sync_every_backward
         self._finite: torch.Tensor | bool = True  # all losses of the window finite (a device tensor)
-        self.device_type = next(model.parameters()).device.type
         sync = engine(model)  # the module that reduces gradients (inside a Fabric wrapper)
         fsdp1 = fsdp1_class()
         sharded = fsdp1 is not None and isinstance(sync, fsdp1)
@@ -183,6 +182,11 @@ class Step:
         self.scaler = scaler
         self._micro = 0  # micro-batches seen since the last optimizer step
         self._warned_eval = False
+
+    @property
+    def device_type(self) -> str:
+        """Where the model is now: a model moved after the Step was made (``model.cuda()``) autocasts there."""
+        return next(self.model.parameters()).device.type
 
     def _autocast(self):
         if self.amp_dtype is None:
