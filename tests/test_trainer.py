@@ -436,6 +436,9 @@ def test_eval_command(tmp_path, capsys):
     )
     assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.eval_subset", "300"]) == 0
     assert ": 300 images of the Fashion-MNIST test split" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.eval_subset", "20000"]) == 0
+    # more than the split holds: all of it, without the hint that there are more
+    assert ": 10,000 images of the Fashion-MNIST test split, on cpu\n" in capsys.readouterr().out
     # data.val_split picks Fashion-MNIST's split too (it was read as the test split whatever its value)
     assert main(["eval", "--checkpoint", str(folder), "--data.val_split", "train", "--data.eval_subset", "64"]) == 0
     assert ": 64 images of the Fashion-MNIST train split" in capsys.readouterr().out

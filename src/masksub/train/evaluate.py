@@ -10,7 +10,7 @@ from ..data import SPLIT_NAMES
 from . import checkpoint
 from .config import apply_overrides, from_dict, validate
 from .data import build_datasets, build_eval_dataset, build_eval_loader
-from .trainer import Trainer, build_model, evaluate, resolve_device
+from .trainer import Trainer, build_model, counted, evaluate, resolve_device
 
 
 def evaluate_checkpoint(
@@ -51,9 +51,10 @@ def evaluate_checkpoint(
         else:
             split = str(Path(d.dir) / d.val_split)
         steps = (state.get("position") or {}).get("global_step")
-        subset = f" (data.eval_subset {d.eval_subset}; --data.eval_subset null for all)" if d.eval_subset else ""
-        when = f" after {steps} training steps" if steps is not None else ""
-        report(f"{path}{when}: {len(val_set)} images of {split}{subset}, on {device}")
+        limited = d.eval_subset is not None and len(val_set) >= d.eval_subset  # not when it asks for more than all
+        subset = f" (data.eval_subset {d.eval_subset}; --data.eval_subset null for all)" if limited else ""
+        when = f" after {counted(steps, 'training step')}" if steps is not None else ""
+        report(f"{path}{when}: {len(val_set):,} images of {split}{subset}, on {device}")
     loader = build_eval_loader(cfg, model, val_set, 0, 1, device)
     results = {"weights": evaluate(model, loader, device)}
     if state.get("ema"):

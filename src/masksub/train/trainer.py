@@ -39,7 +39,8 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _count(n: int, noun: str) -> str:
+def counted(n: int, noun: str) -> str:
+    """``counted(1, "step")`` -> '1 step', ``counted(1200, "step")`` -> '1,200 steps'."""
     return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
@@ -479,13 +480,13 @@ class Trainer:
             + [f"{accum} accumulated"] * (accum > 1)
         )
         batch = f"batch {d.batch_size * world * accum}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
-        epochs = _count(cfg.sched.epochs, "epoch")
+        epochs = counted(cfg.sched.epochs, "epoch")
         return (
             f"run folder {self.folder}\n"
             f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters"
             f"{f' ({trained:,} trained)' if trained != parameters else ''}{self._method()}\n"
             f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
-            f"{_count(self.loaders.steps_per_epoch, 'step')} per epoch, {epochs}; {cfg.optim.name} lr "
+            f"{counted(self.loaders.steps_per_epoch, 'step')} per epoch, {epochs}; {cfg.optim.name} lr "
             f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up "
             f"epoch{'s' * (cfg.sched.warmup_epochs != 1)}"
         )
@@ -554,7 +555,7 @@ class Trainer:
         self.best_top1, self.nonfinite_run, self.skipped = state["best_top1"], state["nonfinite_run"], state["skipped"]
         if self.epoch >= self.cfg.sched.epochs:
             self.log(
-                f"{path} finished its {_count(self.cfg.sched.epochs, 'epoch')} ({_count(self.global_step, 'step')}): "
+                f"{path} finished its {counted(self.cfg.sched.epochs, 'epoch')} ({counted(self.global_step, 'step')}): "
                 "nothing is left to train; to train longer, start a new run from its weights with "
                 f"--model.checkpoint {weights}"
             )
@@ -586,7 +587,7 @@ class Trainer:
                 self.save()
                 if stopped == "max_steps":
                     self.log(
-                        f"stopped after {_count(self.global_step, 'step')} (train.max_steps); "
+                        f"stopped after {counted(self.global_step, 'step')} (train.max_steps); "
                         f"continue with {self.resume_command}"
                     )
                     break
