@@ -622,6 +622,17 @@ def test_version_names_masksub_torch_and_timm(capsys):
     )
 
 
+def test_a_listing_read_by_a_reader_that_stops_ends_quietly():
+    """`masksub recipes | head -1`: the reader has gone (here: before the first line) when masksub writes."""
+    import signal
+
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run([sys.executable, "-m", "masksub.cli", "recipes"], stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    assert proc.returncode == 128 + signal.SIGPIPE and proc.stderr == b"", proc.stderr[-2000:]
+
+
 def test_keys_lists_every_key_with_the_recipe_value(capsys):
     assert main(["keys", "--recipe", "mae_finetune_vit_b", "--sub.ratio", "0.25"]) == 0
     lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())

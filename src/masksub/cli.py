@@ -170,7 +170,11 @@ def _print_recipes(name: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     with _one_line_warnings():
-        return _main(argv)
+        try:
+            return _main(argv)
+        except BrokenPipeError:  # `masksub recipes | head`: the reader has gone; end quietly, as a shell tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
+            return 128 + signal.SIGPIPE
 
 
 @contextlib.contextmanager
