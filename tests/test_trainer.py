@@ -622,6 +622,17 @@ def test_version_names_masksub_torch_and_timm(capsys):
     )
 
 
+def test_a_progress_bar_written_to_a_file_refreshes_rarely(tmp_path):
+    """A batch job's log got a bar line every 20 steps (and tqdm's ten a second): tens of MB over a long run."""
+    more = {"train.output": str(tmp_path), "data.train_subset": 2560, "data.batch_size": 32, "sched.epochs": 1}
+    cmd = [sys.executable, "-m", "masksub.cli", "train", *args(TINY, **more)]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)  # stderr: a pipe, not a tty
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("epoch 1/1:")]
+    assert len(bars) == 1 and "0/80" in bars[0], bars  # the start; 80 steps take seconds, not a minute
+
+
 def test_a_listing_read_by_a_reader_that_stops_ends_quietly():
     """`masksub recipes | head -1`: the reader has gone (here: before the first line) when masksub writes."""
     import signal

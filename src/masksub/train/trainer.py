@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +43,14 @@ class NonFiniteLossError(RuntimeError):
 def counted(n: int, noun: str) -> str:
     """``counted(1, "step")`` -> '1 step', ``counted(1200, "step")`` -> '1,200 steps'."""
     return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
+def _progress_interval() -> dict:
+    """Progress bar refreshes: as tqdm does on a terminal; written to a file (a batch job's log), one a minute,
+    not ten a second (tens of megabytes over a long run). ``TQDM_MININTERVAL`` still decides where it is set."""
+    if sys.stderr.isatty() or "TQDM_MININTERVAL" in os.environ:
+        return {}
+    return {"mininterval": 60.0}
 
 
 def resume_command(command: str, folder: Path, world: int = 1, local_world: int = 1) -> str:
@@ -615,6 +624,7 @@ class Trainer:
             leave=False,
             desc=f"epoch {self.epoch + 1}/{cfg.sched.epochs}",
             dynamic_ncols=True,
+            **_progress_interval(),
         )
         with bar, worker_batches(loaders.train) as batches:  # the bar closes however the epoch ends
             for x, y in batches:
@@ -679,6 +689,7 @@ class Trainer:
                 loss=f"{out['loss'].item():.3f}",
                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                 img_s=f"{images_per_s * self.dist.world:.0f}",
+                refresh=False,  # shown at the bar's next refresh: a log file gets no line per call
             )
 
     def _evaluate(self) -> dict:
