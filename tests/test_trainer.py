@@ -1022,6 +1022,15 @@ def test_initial_weights_of_another_model_are_refused_not_ignored(tmp_path, caps
         assert f"error: none of the 18 tensors in {tmp_path / 'w.pt'} fits the " in err
         assert err.strip().endswith("set model.name and model.kwargs to the checkpoint's")
     assert "e.g. cls_token: (1, 1, 32) there, (1, 1, 64) here" in err
+    # A classifier of as many classes: its head's bias fits any model of them, and it alone was loaded.
+    torch.save(
+        timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, **vit).state_dict(), tmp_path / "h.pt"
+    )
+    wider = {"model.checkpoint": str(tmp_path / "h.pt"), "model.kwargs": {**vit, "embed_dim": 64}}
+    assert main(["train", *args(TINY, **wider), "--train.output", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert f"none of the 20 tensors in {tmp_path / 'h.pt'} fits the VisionTransformer being trained, the " in err
+    assert "classifier's head.bias aside (19 differ in shape" in err
     # A file of another family that timm's converter of this one cannot take (a ConvViT encoder's 16 position
     # embeddings, read by the ViT filter as a class token and 15 patches): named, not a reshape traceback.
     convvit = dict(img_size=64, embed_dim=(8, 16, 32), depth=(1, 1, 2), num_heads=2, num_classes=0, in_chans=1)

@@ -201,16 +201,27 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike) -> tuple[li
             ) from None
     own = model.state_dict()
     mismatched = {k: tuple(v.shape) for k, v in state.items() if k in own and own[k].shape != v.shape}
-    if state and not any(k in own and k not in mismatched for k in state):  # a run from scratch, silently
-        raise CheckpointError(_nothing_fits(path, model, state, own, mismatched))
+    fits = [k for k in state if k in own and k not in mismatched]
+    # a run from scratch, silently (a head's bias of as many classes fits any model of that many)
+    if state and all(_is_classifier(model, k) for k in fits):
+        raise CheckpointError(_nothing_fits(path, model, state, own, mismatched, fits))
     for k in mismatched:  # e.g. a 1000-class head loaded into a 10-class model
         del state[k]
     result = model.load_state_dict(state, strict=False)
     return sorted(result.missing_keys), sorted(result.unexpected_keys) + [f"{k} (shape)" for k in mismatched]
 
 
-def _nothing_fits(path, model: torch.nn.Module, state: dict, own: dict, mismatched: dict) -> str:
+def _is_classifier(model: torch.nn.Module, key: str) -> bool:
+    """Whether ``key`` belongs to the classifier head (timm's ``pretrained_cfg['classifier']``)."""
+    heads = getattr(model, "pretrained_cfg", None) or {}
+    heads = heads.get("classifier") or ("head", "fc", "classifier")
+    return any(key.startswith(f"{head}.") for head in ((heads,) if isinstance(heads, str) else heads))
+
+
+def _nothing_fits(path, model: torch.nn.Module, state: dict, own: dict, mismatched: dict, fits: list) -> str:
     text = f"none of the {len(state)} tensors in {path} fits the {type(model).__name__} being trained"
+    if fits:
+        text += f", the classifier's {', '.join(fits)} aside"
     if mismatched:
         k = next(iter(mismatched))
         text += f" ({len(mismatched)} differ in shape, e.g. {k}: {mismatched[k]} there, {tuple(own[k].shape)} here)"
