@@ -35,6 +35,9 @@ def test_pretrain_linprobe_finetune(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run / "encoder.pt")]) == 2  # weights alone: no run settings
     assert "train from them with masksub linprobe or masksub train --model.checkpoint" in capsys.readouterr().err
+    # The run's config.yaml, used as a recipe, is a pretraining recipe: masksub train refuses it, as a bundled one
+    assert main(["train", "--recipe", str(run / "config.yaml")]) == 2
+    assert "recipe 'config' is a pretraining recipe, for masksub pretrain" in capsys.readouterr().err
 
     common = {
         "model.kwargs": KW,

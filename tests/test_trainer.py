@@ -74,6 +74,9 @@ def test_train_writes_every_artifact(tmp_path, capsys):
         assert img.format == "PNG"
     saved = yaml.safe_load((folder / "config.yaml").read_text())
     assert saved["sub"]["kind"] == "mask" and saved["model"]["kwargs"]["depth"] == 1
+    assert recipe_notes(str(folder / "config.yaml"))[0].startswith("masksub train --recipe <this file>")
+    same = {"train.name": folder.name, "train.output": str(tmp_path)}
+    assert load_config(str(folder / "config.yaml")) == load_config(None, TINY | same)
     state = checkpoint.load(folder / "last.pt")
     assert state["position"]["global_step"] == 8  # 256 images / 64 per batch x 2 epochs
     assert "branch" not in "".join(state["model"])  # ViT: no extra parameters

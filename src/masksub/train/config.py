@@ -593,7 +593,9 @@ def _check_auto_augment(policy: str) -> None:
         ) from None
 
 
-def dump(cfg: Config) -> str:
+def dump(cfg: Config, command: str | None = None) -> str:
+    """The configuration as YAML; with ``command``, first a comment line that runs it as a recipe (its
+    command is then checked, as a bundled recipe's is)."""
     data = cfg.to_dict()
 
     def plain(v):
@@ -601,4 +603,5 @@ def dump(cfg: Config) -> str:
             return {k: plain(x) for k, x in v.items()}
         return list(v) if isinstance(v, tuple) else v
 
-    return yaml.safe_dump(plain(data), sort_keys=False)
+    head = f"# masksub {command} --recipe <this file>: the resolved configuration of a run\n" if command else ""
+    return head + yaml.safe_dump(plain(data), sort_keys=False)

@@ -279,7 +279,7 @@ class Trainer:
         if resume_state is not None:
             self._resume(resume_state, cfg.train.resume)
         elif self.dist.main:
-            (self.folder / "config.yaml").write_text(dump(cfg))
+            (self.folder / "config.yaml").write_text(dump(cfg, self.command))
 
     # ----------------------------------------------------------------- setup
     # The two per-epoch training losses reported besides the total (keys of the step's output).
