@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             return _main(argv)
         except BrokenPipeError:  # `masksub recipes | head`: the reader has gone; end quietly, as a shell tool does
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would fail again
-            return 128 + signal.SIGPIPE
+            return 128 + getattr(signal, "SIGPIPE", 13)  # (Windows has no SIGPIPE)
 
 
 @contextlib.contextmanager
