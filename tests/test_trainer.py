@@ -565,6 +565,7 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--aug.smoothing", "1"], "aug.smoothing must be in [0, 1), got 1.0"),  # was timm's bare AssertionError
         (["--model.drop_path_rate", "1"], "model.drop_path_rate must be in [0, 1), got 1.0"),
         (["--optim.betas", "[0.9]"], "optim.betas must be two values in [0, 1), e.g. [0.9, 0.999], got [0.9]"),
+        (["--optim.name", "sgd", "--optim.momentum", "1.5"], "optim.momentum must be in [0, 1), got 1.5"),
         (["--optim.layer_decay", "0"], "optim.layer_decay must be > 0, got 0.0"),
         (["--optim.layer_decay", "1.5"], "optim.layer_decay must be in [0, 1], got 1.5"),
         (["--aug.std", "[0]"], "aug.std must be > 0 (inputs are divided by it), got [0]"),

@@ -528,6 +528,7 @@ def _check_ranges(cfg: Config) -> None:
         "aug.smoothing": a.smoothing,
         "model.drop_rate": cfg.model.drop_rate,
         "model.drop_path_rate": cfg.model.drop_path_rate,
+        "optim.momentum": o.momentum,  # at 1 and above the velocity never decays: SGD diverges
     }
     for key, value in below_one.items():
         if not 0 <= value < 1:
