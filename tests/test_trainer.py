@@ -566,6 +566,9 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--model.drop_path_rate", "1"], "model.drop_path_rate must be in [0, 1), got 1.0"),
         (["--optim.betas", "[0.9]"], "optim.betas must be two values in [0, 1), e.g. [0.9, 0.999], got [0.9]"),
         (["--optim.name", "sgd", "--optim.momentum", "1.5"], "optim.momentum must be in [0, 1), got 1.5"),
+        (["--sched.warmup_lr", "-1"], "sched.warmup_lr must be >= 0, got -1.0"),  # trained, on a negative rate
+        (["--sched.min_lr", "-1"], "sched.min_lr must be >= 0, got -1.0"),  # was timm's bare AssertionError
+        (["--sub.unit", "0"], "sub.unit must be >= 1, got 0"),  # was a traceback
         (["--optim.layer_decay", "0"], "optim.layer_decay must be > 0, got 0.0"),
         (["--optim.layer_decay", "1.5"], "optim.layer_decay must be in [0, 1], got 1.5"),
         (["--aug.std", "[0]"], "aug.std must be > 0 (inputs are divided by it), got [0]"),

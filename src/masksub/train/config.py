@@ -495,6 +495,9 @@ def _check_ranges(cfg: Config) -> None:
         "aug.cutmix": (a.cutmix, 0),
         "sub.main_weight": (cfg.sub.main_weight, 0),
         "sub.sub_weight": (cfg.sub.sub_weight, 0),
+        "sub.unit": (cfg.sub.unit, 1),
+        "sched.warmup_lr": (cfg.sched.warmup_lr, 0),  # below 0 the warm-up steps climb the loss
+        "sched.min_lr": (cfg.sched.min_lr, 0),
     }
     for key, (value, least) in at_least.items():
         if value is not None and value < least:
