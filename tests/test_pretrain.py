@@ -113,4 +113,13 @@ def test_pretrain_settings_that_cannot_work_get_a_clear_error(tmp_path, capsys):
     assert "pretrain.views / corruption" in err and "raise the corruption rate to at least 0.500" in err
     assert main(["pretrain", *args(bad, **{"model.name": "resnet18", "model.kwargs": {}})]) == 2
     assert "model.name=resnet18: DMJD needs a timm VisionTransformer or a ConvViT" in capsys.readouterr().err
+    for key, value, message in [
+        ("pretrain.views", 1, "pretrain.views must be >= 2, got 1 for pretrain.method=dmjd"),  # was trained as given
+        ("pretrain.block", 0, "pretrain.block must be >= 1, got 0"),  # was a ZeroDivisionError
+        ("pretrain.decoder_heads", 5, "pretrain.decoder_dim=32 does not split into pretrain.decoder_heads=5"),
+        ("pretrain.projector_dim", 0, "pretrain.projector_dim must be >= 1, got 0"),
+        ("pretrain.visible_weight", -1, "pretrain.visible_weight must be >= 0, got -1"),
+    ]:
+        assert main(["pretrain", *args(bad, **{key: value})]) == 2
+        assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing is written for a run that cannot start"

@@ -499,10 +499,27 @@ def _check_ranges(cfg: Config) -> None:
         "sched.warmup_lr": (cfg.sched.warmup_lr, 0),  # below 0 the warm-up steps climb the loss
         "sched.min_lr": (cfg.sched.min_lr, 0),
     }
+    p = cfg.pretrain
+    at_least |= {
+        "pretrain.views": (p.views, 2 if p.method == "dmjd" else 1),
+        "pretrain.block": (p.block, 1),
+        "pretrain.decoder_dim": (p.decoder_dim, 1),
+        "pretrain.decoder_depth": (p.decoder_depth, 0),
+        "pretrain.decoder_heads": (p.decoder_heads, 1),
+        "pretrain.projector_dim": (p.projector_dim, 1),
+        "pretrain.visible_weight": (p.visible_weight, 0),
+    }
     for key, (value, least) in at_least.items():
         if value is not None and value < least:
             every = "; leave it unset for every image" if key.endswith("_subset") else ""
+            if key == "pretrain.views":
+                every = " for pretrain.method=dmjd (two views or more; method single is the one-view baseline)"
             raise ConfigError(f"{key} must be >= {least}, got {value}{every}")
+    if p.decoder_dim % p.decoder_heads:
+        raise ConfigError(
+            f"pretrain.decoder_dim={p.decoder_dim} does not split into pretrain.decoder_heads={p.decoder_heads} "
+            "heads: choose a number of heads that divides the width"
+        )
     above_zero = {
         "optim.lr": o.lr,
         "optim.base_lr": o.base_lr,
