@@ -569,6 +569,8 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--sched.warmup_lr", "-1"], "sched.warmup_lr must be >= 0, got -1.0"),  # trained, on a negative rate
         (["--sched.min_lr", "-1"], "sched.min_lr must be >= 0, got -1.0"),  # was timm's bare AssertionError
         (["--sub.unit", "0"], "sub.unit must be >= 1, got 0"),  # was a traceback
+        (["--aug.preset", "timm", "--aug.interpolation", "cubic"], "aug.interpolation must be one of ('nearest',"),
+        (["--aug.preset", "timm", "--aug.color_jitter", "-1"], "aug.color_jitter must be >= 0, got -1.0"),
         (["--optim.layer_decay", "0"], "optim.layer_decay must be > 0, got 0.0"),
         (["--optim.layer_decay", "1.5"], "optim.layer_decay must be in [0, 1], got 1.5"),
         (["--aug.std", "[0]"], "aug.std must be > 0 (inputs are divided by it), got [0]"),
@@ -809,6 +811,21 @@ def test_a_folder_subset_keeps_every_class_in_its_share(tmp_path):
     subset = ImageFolder(tmp_path, "error", 3, subset=15)
     assert len(subset) == 15 and torch.bincount(torch.tensor([t for _, t in subset.samples])).tolist() == [3] * 5
     assert len(ImageFolder(tmp_path, "error", 3, subset=500)) == 50
+
+
+def test_random_interpolation_trains_with_each_and_evaluates_bicubic():
+    """aug.interpolation random (timm's training option) was passed to the evaluation transform: a KeyError."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import InterpolationMode, Resize
+
+    from masksub.train.data import build_transforms
+
+    cfg = load_config("fashion_mnist_vit", {"aug.preset": "timm", "aug.interpolation": "random", "data.img_size": 32})
+    train, evaluate = build_transforms(cfg, timm.create_model("resnet18", num_classes=10))
+    crop = next(t for t in train.transforms if isinstance(t, RandomResizedCropAndInterpolation))
+    assert len(crop.interpolation) > 1  # one drawn per image
+    assert next(t for t in evaluate.transforms if isinstance(t, Resize)).interpolation == InterpolationMode.BICUBIC
+    assert evaluate(Image.new("L", (28, 28))).shape == (1, 32, 32)
 
 
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "v0", "augmix-m5-w4-d2"])

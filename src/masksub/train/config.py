@@ -80,7 +80,7 @@ class AugConfig:
     auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1, 3a
     color_jitter: float = 0.0
     re_prob: float = 0.0
-    interpolation: str = "bicubic"
+    interpolation: str = "bicubic"  # nearest | bilinear | bicubic | box | hamming | lanczos | random (training)
     crop_pct: float = 0.875
     mean: tuple | None = None  # None: the data set's (Fashion-MNIST) or the model's
     std: tuple | None = None
@@ -403,6 +403,7 @@ def validate(cfg: Config) -> None:
         "data.name": (cfg.data.name, ("fashion_mnist", "folder")),
         "data.corrupt": (cfg.data.corrupt, ("skip", "error")),
         "aug.preset": (cfg.aug.preset, ("none", "simple", "timm", "pretrain")),
+        "aug.interpolation": (cfg.aug.interpolation, INTERPOLATIONS),
         "pretrain.method": (cfg.pretrain.method, ("dmjd", "single")),
         "pretrain.target": (cfg.pretrain.target, ("hog", "pixels")),
         "train.amp": (cfg.train.amp, (None, "bf16", "fp16")),
@@ -492,6 +493,7 @@ def _check_ranges(cfg: Config) -> None:
         "optim.weight_decay": (o.weight_decay, 0),
         "aug.repeated_aug": (a.repeated_aug, 0),
         "aug.mixup": (a.mixup, 0),
+        "aug.color_jitter": (a.color_jitter, 0),
         "aug.cutmix": (a.cutmix, 0),
         "sub.main_weight": (cfg.sub.main_weight, 0),
         "sub.sub_weight": (cfg.sub.sub_weight, 0),
@@ -594,6 +596,7 @@ OWN_MODEL_KWARGS = {  # timm.create_model arguments the trainer passes from keys
     "drop_rate": "model.drop_rate",
     "drop_path_rate": "model.drop_path_rate",
 }
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")  # timm's names
 TIMM_ONLY = ("scale", "auto_augment", "color_jitter", "re_prob", "interpolation", "crop_pct")  # aug keys
 
 

@@ -284,8 +284,10 @@ def build_transforms(cfg: Config, model):
         mean=mean,
         std=std,
     )
+    # 'random' picks one per training image; evaluation resizes one way (bicubic, as timm evaluates then)
+    interpolation = "bicubic" if a.interpolation == "random" else a.interpolation
     evaluate = create_transform(
-        input_size, is_training=False, interpolation=a.interpolation, crop_pct=a.crop_pct, mean=mean, std=std
+        input_size, is_training=False, interpolation=interpolation, crop_pct=a.crop_pct, mean=mean, std=std
     )
     return _mend_posterize(train), evaluate
 
