@@ -1180,7 +1180,7 @@ def test_compare_rejects_seeds_that_are_not_integers(capsys):
 @pytest.mark.parametrize(
     "subs, seeds, message",
     [
-        ("none,masks", "0", "sub.kind must be one of"),
+        ("none,masks", "0", "--subs: 'masks' is not a sub branch; choose from none,mask,dropout,droppath"),
         ("", "0", "compare needs at least one sub branch and one seed"),
         ("none", ",", "compare needs at least one sub branch and one seed"),
         ("none,mask,none", "0", "compare: sub branch none given twice"),
@@ -1192,6 +1192,13 @@ def test_compare_checks_every_run_before_training_any(tmp_path, capsys, subs, se
     assert main(["compare", "--subs", subs, "--seeds", seeds, "--output", str(out), *args(TINY)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists(), "nothing trained, nothing written"
+
+
+def test_compare_into_a_file_is_named(tmp_path, capsys):
+    (tmp_path / "cmp").write_text("notes")
+    assert main(["compare", "--subs", "none", "--seeds", "0", "--output", str(tmp_path / "cmp"), *args(TINY)]) == 2
+    assert f"--output {tmp_path / 'cmp'} is a file; name a folder" in capsys.readouterr().err  # was a traceback
+    assert (tmp_path / "cmp").read_text() == "notes"
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,8 @@ def _earlier_run(cfg: Config, log) -> dict | None:
     return None
 
 
+SUBS = ("none", "mask", "dropout", "droppath")  # what --subs takes: plain, then each sub branch
+
 # Keys compare sets for each run, and what to use instead: an override of them would be silently replaced, or,
 # for train.resume, would send every run into one earlier run's folder.
 OWN_KEYS = {
@@ -76,11 +78,15 @@ def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: d
     for what, values in (("sub branch", kinds), ("seed", seeds)):
         if twice := sorted({v for v in values if values.count(v) > 1}, key=str):
             raise ConfigError(f"compare: {what} {', '.join(map(str, twice))} given twice; list each once")
+    if unknown := [k for k in kinds if k not in SUBS]:
+        raise ConfigError(f"--subs: {', '.join(map(repr, unknown))} is not a sub branch; choose from {','.join(SUBS)}")
     if given := [key for key in OWN_KEYS if key in overrides]:
         instead = "; ".join(f"for {key}, {OWN_KEYS[key]}" for key in given)
         where = "each run is <output>/runs/<sub>-s<seed>"
         raise ConfigError(f"compare sets {', '.join(given)} itself ({where}): {instead}")
     folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output {folder} is a file; name a folder (it is made if missing)")
     runs = {
         (kind, seed): load_config(
             recipe,
