@@ -439,6 +439,9 @@ def test_eval_command(tmp_path, capsys):
     )
     assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.eval_subset", "300"]) == 0
     assert ": 300 images of the Fashion-MNIST test split" in capsys.readouterr().out
+    # another model than the weights are of: refused (a size-mismatch traceback, or weights that fit in part)
+    assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.in_chans", "3", "--sub.kind", "none"]) == 2
+    assert "error: data.in_chans, sub.kind: the checkpoint sets them (its weights" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.eval_subset", "20000"]) == 0
     # more than the split holds: all of it, without the hint that there are more
     assert ": 10,000 images of the Fashion-MNIST test split, on cpu\n" in capsys.readouterr().out

@@ -8,9 +8,13 @@ from pathlib import Path
 
 from ..data import SPLIT_NAMES
 from . import checkpoint
-from .config import apply_overrides, from_dict, validate
+from .config import ConfigError, apply_overrides, from_dict, validate
 from .data import build_datasets, build_eval_dataset, build_eval_loader
 from .trainer import Trainer, build_model, counted, evaluate, resolve_device
+
+# What the weights in a checkpoint are of: an override builds another model, which the weights do not fit
+# (a size-mismatch traceback) or, worse, fit in part.
+MODEL_KEYS = ("model.name", "model.kwargs", "data.in_chans", "sub.kind", "train.linprobe")
 
 
 def evaluate_checkpoint(
@@ -28,6 +32,11 @@ def evaluate_checkpoint(
     if checkpoint.run_command(state) == "pretrain":
         raise checkpoint.CheckpointError(
             f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
+        )
+    if fixed := [key for key in MODEL_KEYS if key in (overrides or {})]:
+        raise ConfigError(
+            f"{', '.join(fixed)}: the checkpoint sets {'it' if len(fixed) == 1 else 'them'} (its weights are of the "
+            "model its run trained); evaluate without; data keys such as data.dir or data.eval_subset may change"
         )
     cfg = apply_overrides(from_dict(state["config"]), overrides or {})  # e.g. another data.dir
     cfg.model.checkpoint = None  # the checkpoint holds every weight
