@@ -532,6 +532,7 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
     "cli, message",
     [
         (["--recipe", "no_such_recipe"], "unknown recipe"),
+        (["--recipe", "runs/no_such/config.yaml"], "recipe file runs/no_such/config.yaml not found (from "),
         (["--recipe", "fashion_mnist_vti"], "fashion_mnist_vit"),
         (
             ["--recipe", "fashion_mnist_dmjd"],

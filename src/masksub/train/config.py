@@ -275,6 +275,8 @@ def recipe_path(name_or_path: str) -> Path:
     candidate = RECIPES_DIR / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate
+    if path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"recipe file {path} not found (from {Path.cwd()}); `masksub recipes` lists the bundled ones")
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
