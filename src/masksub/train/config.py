@@ -477,7 +477,7 @@ def validate(cfg: Config) -> None:
 
 def _check_ranges(cfg: Config) -> None:
     """Counts, rates and probabilities within the values that mean something."""
-    d, a, o, t = cfg.data, cfg.aug, cfg.optim, cfg.train
+    d, a, o, t, p = cfg.data, cfg.aug, cfg.optim, cfg.train, cfg.pretrain
     at_least = {  # key: (value, the least it may be); None (unset) passes
         "data.batch_size": (d.batch_size, 1),
         "data.eval_batch_size": (d.eval_batch_size, 1),
@@ -502,9 +502,6 @@ def _check_ranges(cfg: Config) -> None:
         "sub.unit": (cfg.sub.unit, 1),
         "sched.warmup_lr": (cfg.sched.warmup_lr, 0),  # below 0 the warm-up steps climb the loss
         "sched.min_lr": (cfg.sched.min_lr, 0),
-    }
-    p = cfg.pretrain
-    at_least |= {
         "pretrain.views": (p.views, 2 if p.method == "dmjd" else 1),
         "pretrain.block": (p.block, 1),
         "pretrain.decoder_dim": (p.decoder_dim, 1),
