@@ -22,6 +22,11 @@ def evaluate_checkpoint(
 ) -> dict[str, dict]:
     """Top-1/top-5 of the plain weights (and EMA weights, if kept); ``report`` gets a line saying
     which checkpoint is evaluated on which images."""
+    if fixed := [key for key in MODEL_KEYS if key in (overrides or {})]:
+        raise ConfigError(
+            f"{', '.join(fixed)}: the checkpoint sets {'it' if len(fixed) == 1 else 'them'} (its weights are of the "
+            "model its run trained); evaluate without; data keys such as data.dir or data.eval_subset may change"
+        )
     state = checkpoint.load(path)
     if "config" not in state or "model" not in state:
         raise checkpoint.CheckpointError(
@@ -32,11 +37,6 @@ def evaluate_checkpoint(
     if checkpoint.run_command(state) == "pretrain":
         raise checkpoint.CheckpointError(
             f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
-        )
-    if fixed := [key for key in MODEL_KEYS if key in (overrides or {})]:
-        raise ConfigError(
-            f"{', '.join(fixed)}: the checkpoint sets {'it' if len(fixed) == 1 else 'them'} (its weights are of the "
-            "model its run trained); evaluate without; data keys such as data.dir or data.eval_subset may change"
         )
     cfg = apply_overrides(from_dict(state["config"]), overrides or {})  # e.g. another data.dir
     cfg.model.checkpoint = None  # the checkpoint holds every weight
