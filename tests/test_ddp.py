@@ -26,6 +26,7 @@ CASES = [("vit", 1, "masksub"), ("vit", 2, "masksub"), ("swin", 1, "masksub"), (
 # "summed": both forwards, then one backward of the summed loss (as MaskSubTrainer does)
 CASES += [("vit", 1, "research"), ("vit", 2, "summed"), ("bert", 1, "masksub"), ("bert", 1, "summed")]
 CASES += [("vit", 2, "every")]  # masksub with sync_every_backward: every backward reduces
+CASES += [("vit", 2, "short")]  # accum_steps=3, each window ended by last=True after 2 micro-batches
 try:  # timm's own task (two forwards, one backward), where timm's task API is new enough
     from masksub.task import MaskSubTask
 
@@ -96,7 +97,7 @@ def _train(name, accum, kind, rank=0, world=1, parallel="ddp"):
         model,
         opt,
         torch.nn.CrossEntropyLoss(),
-        accum_steps=accum,
+        accum_steps=accum + (kind == "short"),
         memory_saving=kind != "summed",
         clip_grad=FSDP_CLIP if fsdp else None,
         sync_every_backward=kind == "every",
@@ -127,7 +128,7 @@ def _train(name, accum, kind, rank=0, world=1, parallel="ddp"):
             count.rounds += reductions.rounds
             updated = out["updated"]
         else:
-            out = step(x, y)
+            out = step(x, y, last=kind == "short" and i % accum == accum - 1)
             updated = out["updated"]
         if fsdp and updated:
             assert type(out["grad_norm"]) is torch.Tensor, "a norm of the whole model, not of a shard"
@@ -201,6 +202,15 @@ def test_ddp_equals_single_process_full_batch(ddp_results, case):
     if case[0] == "swin":
         initial = masksub.wrap(tiny_model("swin"), unit=16).state_dict()["branch.mask_token"]
         assert not torch.equal(state["branch.mask_token"], initial), "the mask token must train under DDP"
+
+
+def test_a_window_ended_by_last_equals_a_full_one_under_ddp(ddp_results):
+    """accum_steps=3 with last=True after 2 micro-batches: the weights of accum_steps=2 (one all-reduce per
+    step is checked with the other cases)."""
+    for rank in range(WORLD):
+        short, full = ddp_results[rank][("vit", 2, "short")][1], ddp_results[rank][("vit", 2, "masksub")][1]
+        for k in full:
+            torch.testing.assert_close(short[k], full[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 @pytest.mark.parametrize("case", FSDP_CASES, ids=lambda c: "-".join(map(str, c)))

@@ -18,7 +18,7 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _run(name, memory_saving, accum_steps=1, batches=2, **step_kw):
+def _run(name, memory_saving, accum_steps=1, batches=2, last=False, **step_kw):
     wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)  # lr 0: parameters stay, .grad holds the step's gradient
     step = masksub.Step(
@@ -28,7 +28,7 @@ def _run(name, memory_saving, accum_steps=1, batches=2, **step_kw):
     y = torch.arange(len(x)) % 5
     for i, (xb, yb) in enumerate(zip(x.chunk(batches), y.chunk(batches))):
         torch.manual_seed(100 + i)  # the same masks in both runs
-        out = step(xb, yb)
+        out = step(xb, yb, last=last and i == batches - 1)
     assert out["updated"]
     return wrapped, _grads(wrapped)
 
@@ -83,6 +83,28 @@ def test_accumulation_equals_full_batch():
     loss.backward()
     for n, p in wrapped.named_parameters():
         torch.testing.assert_close(accum[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, dict(memory_saving=False), dict(scaler=torch.amp.GradScaler("cpu", init_scale=4.0))]
+)
+def test_last_ends_a_short_window_with_the_gradient_of_its_mean_loss(kw):
+    """Three micro-batches with accum_steps=5, the third last=True: the gradient of a full window of three."""
+    kw.setdefault("memory_saving", True)
+    _, short = _run("vit", accum_steps=5, batches=3, last=True, **kw)
+    _, full = _run("vit", accum_steps=3, batches=3, **kw)
+    assert short.keys() == full.keys()
+    for n in full:
+        torch.testing.assert_close(short[n], full[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_the_call_after_last_starts_a_new_window():
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    step = masksub.Step(
+        wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), accum_steps=3
+    )
+    x, y = tiny_images("vit", batch=4), torch.arange(4) % 5
+    assert [step(x, y, last=i == 0)["updated"] for i in range(4)] == [True, False, False, True]
 
 
 def test_grad_scaler_scales_both_losses_and_unscales_once():

@@ -214,10 +214,14 @@ class Step:
                 "or Fabric, or pass sub= through your forward"
             ) from e
 
-    def __call__(self, x, target: torch.Tensor | None = None) -> dict:
+    def __call__(self, x, target: torch.Tensor | None = None, *, last: bool = False) -> dict:
         """``x``: an input batch, or a mapping of keyword inputs (a text batch: ``input_ids``,
         ``attention_mask``...); a mapping's ``labels`` are the target when ``target`` is None and
         never reach the model, so a Hugging Face model does not compute its own loss twice.
+
+        ``last=True`` ends the accumulation window with this micro-batch (the last batch of an epoch
+        whose batch count ``accum_steps`` does not divide): the optimizer steps on the micro-batches
+        of the window so far, with the gradient of their mean loss, as a full window has it.
 
         A call that raises (a bad batch; an out-of-memory error a loop catches to skip the batch) may
         have reached the gradients in part: the gradients accumulated since the last optimizer step are
@@ -228,7 +232,7 @@ class Step:
                 "an evaluation's context, say): call it outside that block"
             )
         try:
-            return self._micro_batch(x, target)
+            return self._micro_batch(x, target, last)
         except BaseException:
             self._drop_window()
             raise
@@ -242,7 +246,7 @@ class Step:
             # an unscale_ of the dropped window is forgotten, as update() forgets it
             getattr(self.scaler, "_per_optimizer_states", {}).clear()
 
-    def _micro_batch(self, x, target: torch.Tensor | None) -> dict:
+    def _micro_batch(self, x, target: torch.Tensor | None, last: bool = False) -> dict:
         x, target = split_labels(x, target)
         if self.has_sub and not self._warned_eval and not self._sub_model.training:
             self._warned_eval = True
@@ -250,16 +254,16 @@ class Step:
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self._micro += 1
-        update = self._micro == self.accum_steps
+        update = last or self._micro == self.accum_steps
 
         # Only the last backward of the last micro-batch reduces gradients across processes. The contexts
         # are never nested: fully_shard's sync switch is a flag, not a stack.
-        last = nullcontext if update else self._no_sync
+        synced = nullcontext if update else self._no_sync
         if not self.has_sub:
-            with last(), self._autocast():
+            with synced(), self._autocast():
                 main = self._forward(x)
                 loss_main = main["loss"] if self.loss is None else self.loss.main_loss(logits_of(main), target)
-            with last():
+            with synced():
                 self._backward(loss_main / self.accum_steps)
         elif self.memory_saving:
             w_main = self.loss.main_weight / self.accum_steps
@@ -268,7 +272,7 @@ class Step:
                     main = logits_of(self._forward(x))
                     loss_main = self.loss.main_loss(main, target)
                 self._backward(w_main * loss_main)  # frees the main graph
-            with last(), self._sub_model.sub_pass():  # drop rates held for checkpointed recomputation
+            with synced(), self._sub_model.sub_pass():  # drop rates held for checkpointed recomputation
                 with self._autocast():
                     loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main, target)
                 self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
@@ -281,9 +285,9 @@ class Step:
                 with no_sync(self.model):  # no backward here: also with sync_every_backward
                     main = logits_of(self._forward(x))
                 loss_main = self.loss.main_loss(main, target)
-                with last():  # DDP decides at the forward whether the backward all-reduces
+                with synced():  # DDP decides at the forward whether the backward all-reduces
                     loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main, target)
-            with last():
+            with synced():
                 self._backward(w_main * loss_main + w_sub * loss_sub)
 
         if self.loss is None:  # self-supervised: every reported loss
@@ -298,15 +302,19 @@ class Step:
         if self.skip_nonfinite:
             self._finite = torch.isfinite(loss) & self._finite
         if update:
-            self._micro = 0
-            out.update(self._update())
+            micro, self._micro = self._micro, 0
+            out.update(self._update(micro))
             self._finite = True
         out["updated"] = update
         return out
 
-    def _update(self) -> dict:
+    def _update(self, micro: int) -> dict:
         out = {}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if micro < self.accum_steps:  # a short window (last=True): each loss was divided by accum_steps
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, self.accum_steps / micro)
         if self.scaler is not None:
             self.scaler.unscale_(inner_optimizer(self.optimizer))
         norm = None
