@@ -24,7 +24,7 @@ import masksub
 from masksub.cli import main
 from masksub.data import load_fashion_mnist
 from masksub.train import checkpoint
-from masksub.train.config import all_keys, list_recipes, load_config, recipe_notes
+from masksub.train.config import ConfigError, all_keys, list_recipes, load_config, recipe_notes
 from masksub.train.data import build_eval_dataset
 from masksub.train.runlog import RunLog
 
@@ -540,6 +540,8 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         ),
         (["--sub.ratoi", "0.5"], "did you mean sub.ratio"),
         (["--optim.lr", "fast"], "optim.lr must be float"),
+        (["--optim.betas", "[0.9, fast]"], "optim.betas must be a list of numbers, got [0.9, 'fast']"),  # a TypeError
+        (["--aug.std", "0.5"], "aug.std must be a list of numbers in brackets, e.g. [0.5, 1.0], got 0.5"),
         (["--sub.ratio", "1.5"], "sub.ratio must be in [0, 1)"),
         (["--data.dir", "/nonexistent/fmnist"], "dataset-fashion-mnist"),
         (["--data.name", "folder", "--data.dir", "/nonexistent/imagenet"], "does not exist"),
@@ -568,7 +570,12 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         ),
         (["--aug.smoothing", "1"], "aug.smoothing must be in [0, 1), got 1.0"),  # was timm's bare AssertionError
         (["--model.drop_path_rate", "1"], "model.drop_path_rate must be in [0, 1), got 1.0"),
-        (["--optim.betas", "[0.9]"], "optim.betas must be two values in [0, 1), e.g. [0.9, 0.999], got [0.9]"),
+        (["--optim.betas", "[0.9]"], "optim.betas for adamw must be 2 values in [0, 1), e.g. [0.9, 0.999], got [0.9]"),
+        (["--optim.name", "adan", "--optim.betas", "[0.9, 0.99]"], "optim.betas for adan must be 3 values in [0, 1)"),
+        # timm drops what an optimizer does not take: these trained as if unset
+        (["--optim.name", "sgd", "--optim.betas", "[0.9, 0.99]"], "optim.name=sgd takes no betas: optim.betas would"),
+        (["--optim.momentum", "0.5"], "optim.name=adamw takes no momentum: optim.momentum would do nothing; leave"),
+        (["--optim.name", "lion", "--optim.eps", "1e-6"], "optim.name=lion takes no eps: optim.eps would do nothing"),
         (["--optim.name", "sgd", "--optim.momentum", "1.5"], "optim.momentum must be in [0, 1), got 1.5"),
         (["--sched.warmup_lr", "-1"], "sched.warmup_lr must be >= 0, got -1.0"),  # trained, on a negative rate
         (["--sched.min_lr", "-1"], "sched.min_lr must be >= 0, got -1.0"),  # was timm's bare AssertionError
@@ -577,7 +584,7 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--aug.preset", "timm", "--aug.color_jitter", "-1"], "aug.color_jitter must be >= 0, got -1.0"),
         (["--optim.layer_decay", "0"], "optim.layer_decay must be > 0, got 0.0"),
         (["--optim.layer_decay", "1.5"], "optim.layer_decay must be in [0, 1], got 1.5"),
-        (["--aug.std", "[0]"], "aug.std must be > 0 (inputs are divided by it), got [0]"),
+        (["--aug.std", "[0]"], "aug.std must be > 0 (inputs are divided by it), got [0.0]"),
         (["--sub.main_weight", "0", "--sub.sub_weight", "0"], "are both 0: nothing would train"),
         (["--aug.preset", "timm", "--aug.scale", "[1, 0.5]"], "aug.scale must be [min, max] area fractions"),
         (["--aug.preset", "timm", "--aug.auto_augment", "bogus"], "aug.auto_augment='bogus' is not a timm augm"),
@@ -604,6 +611,35 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys, cli, message):
     assert main(["train", *cli, "--train.output", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "a run that cannot start writes nothing"
+
+
+def test_numbers_written_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-3 as a string: --optim.lr 1e-3 was refused as 'must be float'."""
+    cfg = load_config(
+        "fashion_mnist_vit", ["--optim.lr", "1e-3", "--optim.betas", "[0.9, 1e-2]", "--optim.eps", "1E+0"]
+    )
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps) == (1e-3, (0.9, 0.01), 1.0) and type(cfg.optim.lr) is float
+    with pytest.raises(ConfigError, match="optim.eps must be >= 0, got -1.0"):  # and range-checked as numbers
+        load_config("fashion_mnist_vit", ["--optim.eps", "-1e0"])
+
+
+@pytest.mark.parametrize(
+    "optim, expected",
+    [
+        ({"optim.name": "rmsprop", "optim.momentum": 0.5}, {"momentum": 0.5}),  # was left at timm's 0.9
+        ({"optim.name": "adan", "optim.betas": [0.9, 0.9, 0.9], "optim.eps": 1e-6}, {"betas": [0.9] * 3, "eps": 1e-6}),
+        ({"optim.name": "sgd"}, {"momentum": 0.9, "nesterov": True}),  # timm's sgd
+    ],
+)
+def test_the_optimizer_gets_the_betas_eps_and_momentum_set(tmp_path, optim, expected):
+    folder = run_train(tmp_path, "run", **optim, **{"train.max_steps": 1})
+    groups = torch.load(folder / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    for key, value in expected.items():
+        assert all(_plain_list(g[key]) == value for g in groups), key
+
+
+def _plain_list(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do(tmp_path, capsys, monkeypatch):
@@ -867,6 +903,8 @@ def test_grey_training_on_a_colour_folder_normalizes_with_one_statistic(tmp_path
     assert mean_std(cfg, timm.create_model("resnet18")) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     cfg.aug.mean, cfg.aug.std = (0.5,), (0.25,)
     assert mean_std(cfg, None) == ((0.5,) * 3, (0.25,) * 3), "one value stands for every channel"
+    cfg.aug.std = None  # was ignored unless both were set: mean set alone keeps the model's std
+    assert mean_std(cfg, timm.create_model("resnet18")) == ((0.5,) * 3, IMAGENET_DEFAULT_STD)
 
     overrides = dict(FOLDER, **{"data.name": "folder", "data.dir": str(image_folder), "train.name": "grey"})
     cli = ["train", "--recipe", "fashion_mnist_resnet", *args(overrides), "--train.output", str(tmp_path)]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from timm.optim import list_optimizers
+from timm.optim import get_optimizer_info, list_optimizers
 
 from ..wrapper import METHOD_NAMES
 from .sharding import MODES as FSDP_MODES
@@ -100,9 +100,9 @@ class OptimConfig:
     lr: float | None = 1e-3  # absolute learning rate
     base_lr: float | None = None  # if set: lr = base_lr * global batch / 256
     weight_decay: float = 0.05
-    betas: tuple | None = None
-    eps: float | None = None
-    momentum: float = 0.9
+    betas: tuple | None = None  # None: the optimizer's; refused for one that takes none (sgd)
+    eps: float | None = None  # None: the optimizer's
+    momentum: float = 0.9  # for optimizers with momentum (sgd, lars, rmsprop...); another value refused elsewhere
     layer_decay: float | None = None
     clip_grad: float | None = None
     clip_mode: str = "norm"
@@ -210,14 +210,24 @@ def _coerce(key: str, value: Any, hint) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if hint is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
+    if hint is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    if hint is tuple and isinstance(value, (list, tuple)):  # every tuple key holds numbers
+        try:
+            return tuple(_coerce(key, v, float) for v in value)
+        except ConfigError:
+            raise ConfigError(f"{key} must be a list of numbers, got {list(value)!r}") from None
+    if hint is tuple:
+        raise ConfigError(f"{key} must be a list of numbers in brackets, e.g. [0.5, 1.0], got {value!r}")
     if hint is dict and isinstance(value, dict):
         _check_colons(key, value)
     if hint in (int, str, bool, dict) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     want = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"{key} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _check_colons(key: str, value: dict) -> None:
@@ -441,6 +451,7 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.optim.name.lower(), optimizers, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else " (timm.optim.list_optimizers() lists them)"
         raise ConfigError(f"optim.name={cfg.optim.name!r} is not a timm optimizer{hint}")
+    _check_optimizer_keys(cfg.optim)
     if cfg.sched.name not in SCHEDULERS:
         close = difflib.get_close_matches(cfg.sched.name, SCHEDULERS, n=2, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -558,12 +569,29 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError("sub.main_weight and sub.sub_weight are both 0: nothing would train; the paper uses 0.5, 0.5")
     if o.eps is not None and o.eps < 0:
         raise ConfigError(f"optim.eps must be >= 0, got {o.eps}")
-    if o.betas is not None and (len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas)):
-        raise ConfigError(f"optim.betas must be two values in [0, 1), e.g. [0.9, 0.999], got {list(o.betas)}")
     if len(a.scale) != 2 or not 0 < a.scale[0] <= a.scale[1] <= 1:
         raise ConfigError(f"aug.scale must be [min, max] area fractions, 0 < min <= max <= 1, got {list(a.scale)}")
     if a.std is not None and any(v <= 0 for v in a.std):
         raise ConfigError(f"aug.std must be > 0 (inputs are divided by it), got {list(a.std)}")
+
+
+def _check_optimizer_keys(o: OptimConfig) -> None:
+    """optim.betas, eps and momentum against what the optimizer takes: timm drops those it does not take,
+    so a value set for another optimizer (betas for sgd, momentum for adamw) would do nothing."""
+    info = get_optimizer_info(o.name.lower().split("_")[-1])  # lookahead_adamw: adamw's
+    takes = {"optim.betas": info.has_betas, "optim.eps": info.has_eps, "optim.momentum": info.has_momentum}
+    set_ = {"optim.betas": o.betas is not None, "optim.eps": o.eps is not None, "optim.momentum": o.momentum != 0.9}
+    if unused := [k for k in takes if set_[k] and not takes[k]]:
+        it = "it" if len(unused) == 1 else "them"
+        raise ConfigError(
+            f"optim.name={o.name} takes no {' or '.join(k.removeprefix('optim.') for k in unused)}: "
+            f"{', '.join(unused)} would do nothing; leave {it} unset"
+            + (" (momentum at its default, 0.9)" if "optim.momentum" in unused else "")
+        )
+    n = info.num_betas
+    if o.betas is not None and (len(o.betas) != n or not all(0 <= b < 1 for b in o.betas)):
+        example = "[0.9, 0.999]" if n == 2 else "[0.98, 0.92, 0.99]"
+        raise ConfigError(f"optim.betas for {o.name} must be {n} values in [0, 1), e.g. {example}, got {list(o.betas)}")
 
 
 def _check_unused(cfg: Config) -> None:

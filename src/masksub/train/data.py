@@ -228,14 +228,15 @@ class ShardSampler(Sampler):
 
 
 def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
-    """Per-channel normalization: ``aug.mean``/``aug.std``, else the data set's (Fashion-MNIST), else the model's.
+    """Per-channel normalization: ``aug.mean``/``aug.std``, else the data set's (Fashion-MNIST), else the model's
+    (each of the two on its own: one set alone keeps the other's default).
 
     A single value applies to every channel; grey input (``data.in_chans=1``) to a model whose
     pretrained configuration gives RGB statistics is normalized with their average.
     """
     chans = cfg.data.in_chans
     if cfg.aug.mean is not None and cfg.aug.std is not None:
-        mean, std = tuple(cfg.aug.mean), tuple(cfg.aug.std)
+        mean, std = (), ()  # both set below
     elif cfg.data.name == "fashion_mnist":
         mean, std = (fmnist.MEAN,), (fmnist.STD,)
     else:
@@ -243,6 +244,8 @@ def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
         mean, std = tuple(resolved["mean"]), tuple(resolved["std"])
         if chans == 1:
             mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    mean = mean if cfg.aug.mean is None else tuple(cfg.aug.mean)
+    std = std if cfg.aug.std is None else tuple(cfg.aug.std)
     return (mean * chans if len(mean) == 1 else mean), (std * chans if len(std) == 1 else std)
 
 

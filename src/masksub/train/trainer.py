@@ -366,10 +366,14 @@ class Trainer:
         o = self.cfg.optim
         lr = self._learning_rate()
         extra = {k: v for k, v in (("betas", o.betas), ("eps", o.eps)) if v is not None}
-        if o.name in ("sgd", "momentum", "nesterov", "lars"):
-            extra["momentum"] = o.momentum
-        opt = create_optimizer_v2(
-            self.model, opt=o.name, lr=lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay, **extra
+        opt = create_optimizer_v2(  # timm passes momentum to the optimizers that take it (the config checks)
+            self.model,
+            opt=o.name,
+            lr=lr,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+            layer_decay=o.layer_decay,
+            **extra,
         )
         own = {id(p) for p in self.model.parameters()}
         rest = [p for p in self.net.parameters() if p.requires_grad and id(p) not in own]
