@@ -766,6 +766,7 @@ def test_corrupt_image_reported_and_skipped_or_rejected(tmp_path, image_folder, 
     with caplog.at_level("WARNING", logger="masksub"):
         assert main(base + ["--data.corrupt", "skip", "--train.max_steps", "3"]) == 0
     assert "broken.png" in caplog.text
+    assert "data.on_device" not in caplog.text, "the recipe's Fashion-MNIST speed option: nothing for the user to do"
     assert "masksub: warning: skipping unreadable image " in capsys.readouterr().err  # one line, as warnings
 
 
@@ -1262,3 +1263,20 @@ def test_compare_refuses_the_keys_it_sets_for_each_run(tmp_path, capsys, key, me
     err = capsys.readouterr().err
     assert f"compare sets {key} itself (each run is <output>/runs/<sub>-s<seed>): {message}" in err
     assert not out.exists() and (earlier / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("classes", [3, 5, 10])
+def test_top5_is_left_out_where_every_label_is_among_the_top_5(classes, capsys):
+    """With 5 classes or fewer top-5 is 100% whatever the model: reported as None, and not printed."""
+    from masksub.train.trainer import accuracy_text, evaluate
+
+    x, y = torch.randn(40, 4), torch.arange(40) % classes
+    model = torch.nn.Linear(4, classes)
+    metrics = evaluate(model, [(x[:20], y[:20]), (x[20:], y[20:])], torch.device("cpu"))
+    top = model(x).topk(min(5, classes), dim=1).indices
+    assert metrics["top1"] == pytest.approx(100 * (top[:, 0] == y).double().mean().item(), abs=1e-3)
+    if classes <= 5:
+        assert metrics["top5"] is None and accuracy_text(metrics) == f"top-1 {metrics['top1']:.2f}%"
+    else:
+        assert metrics["top5"] == pytest.approx(100 * (top == y[:, None]).any(1).double().mean().item(), abs=1e-3)
+        assert accuracy_text(metrics).endswith(f", top-5 {metrics['top5']:.2f}%")

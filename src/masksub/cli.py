@@ -232,10 +232,11 @@ def _main(argv: list[str] | None) -> int:
                 print(f"done: {acc}; run folder {result['folder']} (metrics.jsonl, summary.csv, curves.png, *.pt)")
         elif args.command == "eval":
             from .train.evaluate import evaluate_checkpoint
+            from .train.trainer import accuracy_text
 
             results = evaluate_checkpoint(Path(args.checkpoint), parse_overrides(rest), report=print)
             for name, metrics in results.items():
-                print(f"{name}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")
+                print(f"{name}: {accuracy_text(metrics, sep='  ')}")
         elif args.command == "compare":
             from .train.compare import compare
 

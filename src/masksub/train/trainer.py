@@ -145,13 +145,15 @@ def build_criterion(cfg: Config, mixup: bool):
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype=None, channels_last=False, blank=None) -> dict:
-    """Top-1 / top-5 (%) over the whole evaluation set, summed across processes.
+    """Top-1 / top-5 (%) over the whole evaluation set, summed across processes; top-5 is None for a
+    model of 5 classes or fewer, where every label is among the top 5.
 
     ``blank``, an input batch, puts the processes in lockstep: a sharded (FSDP) model gathers its
     weights in every forward, so a process with fewer batches runs ``blank`` until all ran as many.
     """
     model.eval()
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # top1 hits, top5 hits, count
+    classes = None
     if blank is not None:
         most = distributed.max_int(len(loader), device)
         for _ in range(most - len(loader)):
@@ -164,14 +166,21 @@ def evaluate(model, loader, device, amp_dtype=None, channels_last=False, blank=N
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(x)
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            classes = logits.shape[1]
+            top = logits.topk(min(5, classes), dim=1).indices
             hits = top == y[:, None]
             totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
     totals = distributed.sum_tensor(totals)
     return {
         "top1": round(100 * totals[0].item() / totals[2].item(), 3),
-        "top5": round(100 * totals[1].item() / totals[2].item(), 3),
+        "top5": round(100 * totals[1].item() / totals[2].item(), 3) if classes is None or classes > 5 else None,
     }
+
+
+def accuracy_text(metrics: dict, sep: str = ", ") -> str:
+    """'top-1 91.20%, top-5 99.80%' (top-1 alone where top-5 says nothing: 5 classes or fewer)."""
+    top5 = f"{sep}top-5 {metrics['top5']:.2f}%" if metrics.get("top5") is not None else ""
+    return f"top-1 {metrics['top1']:.2f}%{top5}"
 
 
 def _own_memory(optimizer: torch.optim.Optimizer) -> None:
@@ -731,7 +740,7 @@ class Trainer:
         self.skipped = 0
         if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.sched.epochs:
             record.update(self._evaluate())
-        accuracy = f", test top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%" if "top1" in record else ""
+        accuracy = f", test {accuracy_text(record)}" if "top1" in record else ""
         loss = "n/a (no finite loss)" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
         self.log(f"epoch {self.epoch}/{cfg.sched.epochs}: loss {loss}{accuracy}")
         self.micro_in_epoch, self.epoch_sums, self.epoch_seconds_before = 0, self._zero_sums(), 0.0
