@@ -568,6 +568,11 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
             "model.kwargs: YAML read 'img_size:28', 'patch_size:7' as keys without a value (it needs a space after "
             "each colon): write {img_size: 28, patch_size: 7}",
         ),
+        (
+            ["--model.kwargs", "{img_size: 28, patch_size: 7, embed_dim: 50, num_heads: 3}"],  # timm's AssertionError
+            "vit_tiny_patch16_224 cannot be built with {'img_size': 28, 'patch_size': 7, 'embed_dim': 50, 'num_heads': "
+            "3, 'in_chans': 1, 'num_classes': 10} (model.kwargs, data.in_chans, the data's classes): dim should be",
+        ),
         (["--aug.smoothing", "1"], "aug.smoothing must be in [0, 1), got 1.0"),  # was timm's bare AssertionError
         (["--model.drop_path_rate", "1"], "model.drop_path_rate must be in [0, 1), got 1.0"),
         (["--optim.betas", "[0.9]"], "optim.betas for adamw must be 2 values in [0, 1), e.g. [0.9, 0.999], got [0.9]"),

@@ -113,6 +113,12 @@ def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool 
                 "without a connection, download them where there is one and pass the file as model.checkpoint "
                 "(no pretrained in model.kwargs)"
             ) from None
+        if isinstance(e, (AssertionError, ValueError)):  # the model's own check of its arguments
+            settings = {**m.kwargs, "in_chans": cfg.data.in_chans, "num_classes": num_classes}
+            raise ConfigError(
+                f"{m.name} cannot be built with {settings} (model.kwargs, data.in_chans, the data's classes): "
+                f"{e or type(e).__name__}"
+            ) from None
         raise
     embed = getattr(model, "patch_embed", None)  # timm's PatchEmbed: ViT, DeiT, Swin, EVA, ...
     size = getattr(embed, "img_size", None)
