@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import masksub
 from masksub.data import MEAN, STD, load_fashion_mnist
+from masksub.masking import check_ratio
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -43,13 +44,42 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def checked_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, and refuse the values that would otherwise end in a traceback later."""
+    args = p.parse_args(argv)
+    for key in ("epochs", "batch_size", "depth", "width", "train_images", "test_images"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        check_ratio(args.ratio, "--ratio")
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    heads = heads_of(args.width)
+    if args.width % heads:
+        p.error(
+            f"--width {args.width} does not split into {heads} attention heads (one per 32): use a multiple of {heads}"
+        )
+    return args
+
+
+def heads_of(width: int) -> int:
+    return max(1, width // 32)
+
+
+def load_data(args) -> tuple[tuple, tuple]:
+    """The (images, labels) of the training and test splits, cut to --train-images / --test-images."""
+    try:
+        train_set, test_set = (load_fashion_mnist(split, args.data_dir) for split in ("train", "test"))
+    except (FileNotFoundError, ValueError) as e:  # missing or corrupt files: the message says what to do
+        raise SystemExit(f"error: {e}") from None
+    return tuple(t[: args.train_images] for t in train_set), tuple(t[: args.test_images] for t in test_set)
+
+
 def parse_args(argv=None):
     p = base_parser(__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1:
-        p.error("--epochs and --batch-size must be at least 1")
-    return args
+    return checked_args(p, argv)
 
 
 def to_input(images: torch.Tensor, device: str) -> torch.Tensor:
@@ -67,7 +97,7 @@ def make_model(args) -> torch.nn.Module:
         num_classes=10,
         embed_dim=args.width,
         depth=args.depth,
-        num_heads=max(1, args.width // 32),
+        num_heads=heads_of(args.width),
     ).to(args.device)
 
 
@@ -125,8 +155,7 @@ def train(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    train_set = tuple(t[: args.train_images] for t in load_fashion_mnist("train", args.data_dir))
-    test_set = tuple(t[: args.test_images] for t in load_fashion_mnist("test", args.data_dir))
+    train_set, test_set = load_data(args)
     print(f"Fashion-MNIST: {len(train_set[0])} train / {len(test_set[0])} test images; ViT {args.depth}x{args.width}")
     plain_acc, plain_time = train(args, False, train_set, test_set)
     sub_acc, sub_time = train(args, True, train_set, test_set)

@@ -16,12 +16,17 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from fashion_mnist import base_parser, make_model, to_input  # the hand-written loop's model and input
+from fashion_mnist import (
+    base_parser,
+    checked_args,
+    load_data,
+    make_model,
+    to_input,
+)  # the hand-written loop's model and input
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 import masksub
-from masksub.data import load_fashion_mnist
 from masksub.lightning import TrainingStep
 
 
@@ -79,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--devices", default="1")
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed...")
-    return p.parse_args(argv)
+    return checked_args(p, argv)
 
 
 def run(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
@@ -106,10 +111,7 @@ def run(args, use_masksub: bool, train_set, test_set) -> tuple[float, float]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    train_set = load_fashion_mnist("train", args.data_dir)
-    test_set = load_fashion_mnist("test", args.data_dir)
-    train_set = tuple(t[: args.train_images] for t in train_set)
-    test_set = tuple(t[: args.test_images] for t in test_set)
+    train_set, test_set = load_data(args)
     print(f"Fashion-MNIST: {len(train_set[0])} train / {len(test_set[0])} test images; ViT {args.depth}x{args.width}")
     plain_acc, plain_time, _ = run(args, False, train_set, test_set)
     sub_acc, sub_time, report = run(args, True, train_set, test_set)

@@ -53,6 +53,29 @@ def test_readme_hand_written_loop_example_learns_in_both_runs(monkeypatch, capsy
         example.main(["--train-images", "100"])
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ratio", "1.5"], "--ratio must be in [0, 1)"),  # were tracebacks (a ZeroDivisionError for 0 test images)
+        (["--test-images", "0"], "--test-images must be at least 1, got 0"),
+        (["--depth", "0"], "--depth must be at least 1, got 0"),
+        (["--width", "97"], "--width 97 does not split into 3 attention heads (one per 32): use a multiple of 3"),
+    ],
+)
+def test_the_examples_refuse_bad_arguments_by_name(monkeypatch, capsys, argv, message):
+    monkeypatch.syspath_prepend(str(README.parent / "examples"))
+    for example in ("fashion_mnist", "lightning_fashion_mnist"):
+        with pytest.raises(SystemExit) as stop:
+            __import__(example).parse_args(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err, example
+
+
+def test_the_example_names_missing_data_without_a_traceback(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(README.parent / "examples"))
+    with pytest.raises(SystemExit, match="error: Fashion-MNIST IDX files not found .* dataset-fashion-mnist"):
+        __import__("fashion_mnist").main(["--data-dir", str(tmp_path)])
+
+
 @needs_task_api
 def test_task_gradients_equal_step_and_checkpoint_is_plain():
     x, y = tiny_images("swin", batch=4), torch.arange(4)
