@@ -24,6 +24,7 @@ import transformers
 
 from masksub.data import CLASSES, MEAN, STD, load_fashion_mnist
 from masksub.hf import MaskSubTrainer
+from masksub.masking import check_ratio
 
 
 def parse_args(argv=None):
@@ -42,7 +43,16 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/image_classification_hf")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key in ("image_size", "train_images", "test_images", "batch_size"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        check_ratio(args.ratio, "--ratio")
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    return args
 
 
 class FashionMNIST(torch.utils.data.Dataset):
@@ -85,12 +95,18 @@ def main(argv=None) -> dict:
         model = small_vit()
     else:
         labels = dict(num_labels=len(CLASSES), id2label=dict(enumerate(CLASSES)))
-        model = transformers.AutoModelForImageClassification.from_pretrained(
-            args.model, **labels, ignore_mismatched_sizes=True
-        )
+        try:
+            model = transformers.AutoModelForImageClassification.from_pretrained(
+                args.model, **labels, ignore_mismatched_sizes=True
+            )
+        except (OSError, ValueError) as e:  # not on the hub, not reachable, or not an image classifier
+            raise SystemExit(f"error: cannot load --model {args.model}: {e}") from None
     channels = getattr(model.config, "num_channels", 3)
-    train = FashionMNIST("train", args.data_dir, args.train_images, channels, args.image_size)
-    test = FashionMNIST("test", args.data_dir, args.test_images, channels, args.image_size)
+    try:
+        train = FashionMNIST("train", args.data_dir, args.train_images, channels, args.image_size)
+        test = FashionMNIST("test", args.data_dir, args.test_images, channels, args.image_size)
+    except (FileNotFoundError, ValueError) as e:  # missing or corrupt files: the message says what to do
+        raise SystemExit(f"error: {e}") from None
     training = transformers.TrainingArguments(
         output_dir=args.out,
         num_train_epochs=args.epochs,

@@ -70,6 +70,16 @@ def test_the_examples_refuse_bad_arguments_by_name(monkeypatch, capsys, argv, me
         assert stop.value.code == 2 and message in capsys.readouterr().err, example
 
 
+@pytest.mark.parametrize(
+    "argv, message", [(["--ratio", "1"], "--ratio must be in [0, 1)"), (["--test-images", "0"], "")]
+)
+def test_the_hugging_face_example_refuses_bad_arguments_by_name(monkeypatch, capsys, argv, message):
+    monkeypatch.syspath_prepend(str(README.parent / "examples"))
+    with pytest.raises(SystemExit) as stop:
+        __import__("image_classification_hf").parse_args(argv)
+    assert stop.value.code == 2 and (message or f"{argv[0]} must be at least 1, got 0") in capsys.readouterr().err
+
+
 def test_the_example_names_missing_data_without_a_traceback(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(README.parent / "examples"))
     with pytest.raises(SystemExit, match="error: Fashion-MNIST IDX files not found .* dataset-fashion-mnist"):
