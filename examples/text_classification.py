@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from masksub.hf import MaskSubTrainer
+from masksub.masking import check_ratio
 
 
 def parse_args(argv=None):
@@ -51,7 +52,14 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/text_classification")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        check_ratio(args.ratio, "--ratio")
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    if args.batch_size < 1 or args.max_length < 1:
+        p.error("--batch-size and --max-length must be at least 1")
+    return args
 
 
 def read_csv(path: Path) -> tuple[list[str], list[str]]:
@@ -135,7 +143,10 @@ def main(argv=None) -> dict:
     ids = {name: i for i, name in enumerate(names)}
     to_ids = (lambda rows: [[ids[y] for y in row] for row in rows]) if token else (lambda rows: [ids[y] for y in rows])
     transformers.set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:  # not on the hub, not reachable, or no tokenizer there
+        raise SystemExit(f"error: cannot load the tokenizer of --model {args.model}: {e}") from None
     if token and not tokenizer.is_fast:
         raise SystemExit(
             f"--task token aligns tags to word pieces, which needs a fast tokenizer; {args.model} has none"

@@ -314,6 +314,19 @@ def test_text_classification_example_names_bad_csv(local_model_and_csvs):
         _load_example().main(argv)
 
 
+def test_text_classification_example_names_a_bad_ratio_and_a_model_folder_without_tokenizer(
+    local_model_and_csvs, tmp_path, capsys
+):
+    d = local_model_and_csvs
+    argv = ["--model", str(d / "model"), "--train", str(d / "train.csv"), "--valid", str(d / "valid.csv")]
+    with pytest.raises(SystemExit) as stop:
+        _load_example().main([*argv, "--ratio", "1"])
+    assert stop.value.code == 2 and "--ratio must be in [0, 1)" in capsys.readouterr().err
+    argv[1] = str(tmp_path)  # no config, no tokenizer
+    with pytest.raises(SystemExit, match=f"error: cannot load the tokenizer of --model {tmp_path}: "):
+        _load_example().main(argv)
+
+
 def test_dropsub_in_the_trainer_raises_the_rates_in_the_sub_pass_only(tmp_path):
     """sub='dropout': the sub pass runs every dropout at `ratio`, the main pass and evaluation at the model's."""
     model = tiny_text_model(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
