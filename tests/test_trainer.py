@@ -170,6 +170,12 @@ def test_resume_from_non_matching_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot resume" in err and "model.kwargs" in err
     assert f"start a new run with --model.checkpoint {part / 'last.pt'}" in err
+    # The optimizer's and scheduler's states bring their settings back: a new lr was recorded, not used.
+    before = (part / "last.pt").read_bytes()
+    assert main(["train", "--resume", str(part), "--optim.lr", "5", "--sched.warmup_lr", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: checkpoint 0.001, now 5.0" in err and "sched.warmup_lr: checkpoint 1e-05, now 0.0" in err
+    assert (part / "last.pt").read_bytes() == before
 
 
 KILLER = textwrap.dedent(

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import masksub
 
 from . import checkpoint, distributed, sharding
-from .config import Config, ConfigError, dump, from_dict, load_config
+from .config import Config, ConfigError, SchedConfig, dump, from_dict, load_config
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
 from .runlog import FolderLock, RunLog
@@ -482,7 +482,13 @@ class Trainer:
     def _check_matches(self, saved: dict) -> None:
         saved_cfg = from_dict(saved)
         keys = ("model.name", "model.kwargs", "data.name", "data.in_chans", "sub.kind", "data.batch_size")
-        keys += ("train.accum_steps", "sched.epochs", "optim.name", "train.fsdp")
+        keys += ("train.accum_steps", "optim.name", "train.fsdp")
+        # The optimizer's and the scheduler's states bring their own settings back: a new value would be
+        # written into the run's configuration and not used.
+        keys += tuple(
+            f"optim.{k}" for k in ("lr", "base_lr", "weight_decay", "betas", "eps", "momentum", "layer_decay")
+        )
+        keys += tuple(f"sched.{f.name}" for f in dataclasses.fields(SchedConfig))
         diffs = []
         for key in keys:
             section, name = key.split(".")
