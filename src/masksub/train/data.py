@@ -134,8 +134,9 @@ class ImageFolder(Dataset):
                 f"no images found under {root}: expected <class>/<image> sub-folders with files ending in "
                 f"{', '.join(EXTENSIONS)} (any case)"
             )
+        self.folders = sorted({c for _, c in found}, key=natural_key)  # the class folders found, mapped or not
         if class_map is None:
-            class_map = {c: i for i, c in enumerate(sorted({c for _, c in found}, key=natural_key))}
+            class_map = {c: i for i, c in enumerate(self.folders)}
         found = [(path, class_map[c]) for path, c in found if c in class_map]
         self.samples = [found[i] for i in spread_subset(len(found), subset)]
         self.corrupt, self.mode = corrupt, "RGB" if in_chans == 3 else "L"
@@ -336,16 +337,15 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
     if d.name == "fashion_mnist":
         return FashionMNIST(d.val_split, d.dir, d.in_chans, d.eval_subset)
     root = _folder(cfg) / d.val_split
-    val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset)
-    if val.classes != classes:  # each split numbers its own classes: take the training split's
-        extra = sorted(set(val.classes) - set(classes))
-        if extra:
-            raise ConfigError(
-                f"{root} has {len(extra)} class folder(s) that {d.train_split}/ lacks "
-                f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}): the model cannot predict them; "
-                "remove them or add them to the training split"
-            )
-        val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset, {c: i for i, c in enumerate(classes)})
+    # labelled by the training split's class indices (each split alone would number its own folders)
+    val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset, {c: i for i, c in enumerate(classes)})
+    extra = sorted(set(val.folders) - set(classes), key=natural_key)
+    if extra:
+        raise ConfigError(
+            f"{root} has {len(extra)} class folder(s) that {d.train_split}/ lacks "
+            f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}): the model cannot predict them; "
+            "remove them or add them to the training split"
+        )
     return val
 
 
