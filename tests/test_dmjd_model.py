@@ -92,6 +92,15 @@ def test_rejects_non_vit_encoder_and_bad_settings():
         tiny("mae")
     with pytest.raises(ValueError, match="disjoint"):  # 2 views x 3 of 4 units visible
         tiny(corruption=0.2)
+    with pytest.raises(ValueError, match="views must be a positive integer"):  # was torch.stack's error
+        tiny(views=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 24, 24), (3, 32, 32)])
+def test_images_the_encoder_does_not_take_are_named(shape):
+    """A grey batch for an RGB encoder failed inside the HOG targets ('size of tensor a (27) must match...')."""
+    with pytest.raises(ValueError, match=r"DMJD's encoder takes images \(batch, 3, 32, 32\), got "):
+        tiny()(torch.rand(*shape))
 
 
 def test_a_grey_encoder_is_normalized_per_its_channel():

@@ -78,6 +78,8 @@ class DMJD(nn.Module):
             )
         if method not in ("dmjd", "single"):
             raise ValueError(f"method must be 'dmjd' or 'single', got {method!r}")
+        if not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be a positive integer (the paper's DMJD uses 2), got {views!r}")
         self.encoder = encoder
         self.method, self.views = method, (views if method == "dmjd" else 1)
         self.corruption, self.prediction, self.block = corruption, prediction, block
@@ -101,6 +103,7 @@ class DMJD(nn.Module):
         else:
             raise ValueError(f"target must be 'hog' or 'pixels', got {target!r}")
         self.make_masks(1, "cpu")  # refuse a (corruption, prediction, views, block) that cannot work, now
+        self.in_chans = chans
         mean, std = (
             _per_channel("mean", mean, IMAGENET_DEFAULT_MEAN, chans),
             _per_channel("std", std, IMAGENET_DEFAULT_STD, chans),
@@ -146,6 +149,12 @@ class DMJD(nn.Module):
         return self.encoder.norm(tokens)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = (self.grid[0] * self.patch, self.grid[1] * self.patch)
+        if images.ndim != 4 or images.shape[1] != self.in_chans or tuple(images.shape[2:]) != size:
+            raise ValueError(
+                f"DMJD's encoder takes images (batch, {self.in_chans}, {size[0]}, {size[1]}), got "
+                f"{tuple(images.shape)}: build the encoder for your image size and channels (img_size=, in_chans=)"
+            )
         b = images.shape[0]
         visible, masked = self.make_masks(b, images.device)  # (B, V, K), (B, V, N)
         v, k = visible.shape[1:]
