@@ -44,10 +44,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def checked_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse, and refuse the values that would otherwise end in a traceback later."""
-    args = p.parse_args(argv)
-    for key in ("epochs", "batch_size", "depth", "width", "train_images", "test_images"):
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, positive: tuple) -> argparse.Namespace:
+    """Refuse the values that would otherwise end in a traceback later: ``positive`` options below 1 (unset
+    ones aside) and a --ratio out of [0, 1)."""
+    for key in positive:
         value = getattr(args, key)
         if value is not None and value < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")
@@ -55,6 +55,13 @@ def checked_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
         check_ratio(args.ratio, "--ratio")
     except (TypeError, ValueError) as e:
         p.error(str(e))
+    return args
+
+
+def checked_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse the options of ``base_parser`` (and more), checked."""
+    positive = ("epochs", "batch_size", "depth", "width", "train_images", "test_images")
+    args = check_args(p, p.parse_args(argv), positive)
     heads = heads_of(args.width)
     if args.width % heads:
         p.error(

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from fashion_mnist import check_args  # the argument checks of the hand-written loop's example
 
 from masksub.data import CLASSES, MEAN, STD, load_fashion_mnist
 from masksub.hf import MaskSubTrainer
-from masksub.masking import check_ratio
 
 
 def parse_args(argv=None):
@@ -43,16 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/image_classification_hf")
-    args = p.parse_args(argv)
-    for key in ("image_size", "train_images", "test_images", "batch_size"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    try:
-        check_ratio(args.ratio, "--ratio")
-    except (TypeError, ValueError) as e:
-        p.error(str(e))
-    return args
+    return check_args(p, p.parse_args(argv), ("image_size", "train_images", "test_images", "batch_size"))
 
 
 class FashionMNIST(torch.utils.data.Dataset):

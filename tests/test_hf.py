@@ -3,6 +3,7 @@ accumulation included; the memory-saving order back-propagates the main pass bef
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,11 @@ def _load_example(name: str = "text_classification"):
     path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))  # as `python examples/<name>.py` has it: the examples import each other
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
