@@ -579,6 +579,8 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
             "vit_tiny_patch16_224 cannot be built with {'img_size': 28, 'patch_size': 7, 'embed_dim': 50, 'num_heads': "
             "3, 'in_chans': 1, 'num_classes': 10} (model.kwargs, data.in_chans, the data's classes): dim should be",
         ),
+        (["--aug.bce_target_thresh", "0.2"], "aug.bce_target_thresh takes effect with aug.bce true"),  # did nothing
+        (["--aug.mixup_prob", "0.5"], "aug.mixup_prob takes effect with aug.mixup or aug.cutmix above 0, and both"),
         (["--aug.smoothing", "1"], "aug.smoothing must be in [0, 1), got 1.0"),  # was timm's bare AssertionError
         (["--model.drop_path_rate", "1"], "model.drop_path_rate must be in [0, 1), got 1.0"),
         (["--optim.betas", "[0.9]"], "optim.betas for adamw must be 2 values in [0, 1), e.g. [0.9, 0.999], got [0.9]"),

@@ -606,8 +606,20 @@ def _check_unused(cfg: Config) -> None:
             + ", ".join(OWN_MODEL_KWARGS[k] for k in clash)
             + " (the kwargs value would be overridden): set that instead and drop it from model.kwargs"
         )
+    default = AugConfig()
+    if a.bce_target_thresh is not None and not a.bce:
+        raise ConfigError(
+            "aug.bce_target_thresh takes effect with aug.bce true (binary cross-entropy), not with the softmax "
+            "cross-entropy: set --aug.bce true, or leave it unset"
+        )
+    if not (a.mixup or a.cutmix):
+        unused = [f"aug.{k}" for k in ("mixup_prob", "switch_prob") if getattr(a, k) != getattr(default, k)]
+        if unused:
+            raise ConfigError(
+                f"{', '.join(unused)} take{'s' * (len(unused) == 1)} effect with aug.mixup or aug.cutmix above 0, "
+                "and both are 0 here: set one of them, or leave the rest at the default"
+            )
     if a.preset != "timm":  # the other presets' transforms take none of these: a value set would do nothing
-        default = AugConfig()
         unused = [f"aug.{k}" for k in TIMM_ONLY if _plain(getattr(a, k)) != _plain(getattr(default, k))]
         if unused:
             one = len(unused) == 1
