@@ -119,6 +119,9 @@ def test_pretrain_settings_that_cannot_work_get_a_clear_error(tmp_path, capsys):
         ("pretrain.decoder_heads", 5, "pretrain.decoder_dim=32 does not split into pretrain.decoder_heads=5"),
         ("pretrain.projector_dim", 0, "pretrain.projector_dim must be >= 1, got 0"),
         ("pretrain.visible_weight", -1, "pretrain.visible_weight must be >= 0, got -1"),
+        ("sub.ratio", 0.75, "sub.ratio would do nothing in masksub pretrain (it masks by pretrain.corruption"),
+        ("train.ema", True, "train.ema would do nothing in masksub pretrain"),  # no EMA copy was kept
+        ("aug.mixup", 0.8, "aug.mixup would do nothing in masksub pretrain"),
     ]:
         assert main(["pretrain", *args(bad, **{key: value})]) == 2
         assert message in capsys.readouterr().err

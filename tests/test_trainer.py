@@ -579,6 +579,13 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
             "vit_tiny_patch16_224 cannot be built with {'img_size': 28, 'patch_size': 7, 'embed_dim': 50, 'num_heads': "
             "3, 'in_chans': 1, 'num_classes': 10} (model.kwargs, data.in_chans, the data's classes): dim should be",
         ),
+        (["--train.ema_decay", "0.99"], "train.ema_decay takes effect with train.ema true, not set here"),
+        (["--optim.clip_mode", "agc"], "optim.clip_mode takes effect with optim.clip_grad, not set here"),
+        (
+            ["--sched.warmup_epochs", "0", "--sched.warmup_lr", "0.1"],
+            "sched.warmup_lr takes effect with sched.warmup_e",
+        ),
+        (["--pretrain.views", "3"], "pretrain.views would do nothing in masksub train (they configure masksub pretr"),
         (["--aug.bce_target_thresh", "0.2"], "aug.bce_target_thresh takes effect with aug.bce true"),  # did nothing
         (["--aug.mixup_prob", "0.5"], "aug.mixup_prob takes effect with aug.mixup or aug.cutmix above 0, and both"),
         (["--aug.smoothing", "1"], "aug.smoothing must be in [0, 1), got 1.0"),  # was timm's bare AssertionError
@@ -611,7 +618,10 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--train.fsdp", "full_shard"], "shards the model across processes: launch with torchrun"),
         (["--train.fsdp", "full_shard", "--train.amp", "fp16"], "train.amp=fp16 cannot run with train.fsdp"),
         (["--train.fsdp", "shard_grad_op", "--train.linprobe", "true"], "train.linprobe cannot run with train.fsdp"),
-        (["--train.fsdp", "full_shard", "--optim.clip_mode", "agc"], "optim.clip_mode=agc cannot run with"),
+        (
+            ["--train.fsdp", "full_shard", "--optim.clip_grad", "1", "--optim.clip_mode", "agc"],
+            "optim.clip_mode=agc cannot run with",
+        ),
         (["--train.fsdp_sync_every_backward", "true"], "without FSDP the gradients are whole on every process"),
         (
             ["--recipe", "fashion_mnist_resnet", "--data.img_size", "30"],
@@ -985,7 +995,7 @@ def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
             tiny["model.kwargs"] = TINY["model.kwargs"]
         if recipe.endswith(("dmjd", "linprobe")):
             tiny["model.kwargs"] = VIT_TINY
-            tiny.update(PRETRAIN_TINY)
+            tiny.update(PRETRAIN_TINY if recipe.endswith("dmjd") else {})
         if recipe.endswith("convvit"):
             tiny["model.kwargs"] = dict(CONVVIT_TINY, img_size=32, patch_size=[2, 2, 1], fixed_pos_embed=True)
             tiny.update(PRETRAIN_TINY)

@@ -594,6 +594,35 @@ def _check_optimizer_keys(o: OptimConfig) -> None:
         raise ConfigError(f"optim.betas for {o.name} must be {n} values in [0, 1), e.g. {example}, got {list(o.betas)}")
 
 
+PRETRAIN_UNUSED = {  # keys masksub pretrain does not read: DMJD computes its own losses, masks its own input
+    "aug": ("mixup", "cutmix", "mixup_prob", "switch_prob", "smoothing", "bce", "bce_target_thresh"),
+    "train": ("ema", "ema_decay", "linprobe"),
+}
+
+
+def check_command_keys(cfg: Config, command: str) -> None:
+    """Keys set away from their defaults that ``command`` does not read: they would do nothing. Pretraining
+    leaves out the sub branch (``sub.kind none``, as its recipes say, or the default), labels and EMA;
+    classification leaves out every ``pretrain`` key."""
+    if command == "pretrain":
+        keys = {"sub": [f.name for f in dataclasses.fields(SubConfig)], **PRETRAIN_UNUSED}
+        why = "it masks by pretrain.corruption and computes DMJD's own losses, without EMA"
+    else:
+        keys = {"pretrain": [f.name for f in dataclasses.fields(PretrainConfig)]}
+        why = "they configure masksub pretrain"
+    default = Config()
+    unused = [
+        f"{section}.{name}"
+        for section, names in keys.items()
+        for name in names
+        if _plain(getattr(getattr(cfg, section), name)) != _plain(getattr(getattr(default, section), name))
+    ]
+    if cfg.sub.kind == "none" and "sub.kind" in unused:  # the pretraining recipes say so
+        unused.remove("sub.kind")
+    if unused:
+        raise ConfigError(f"{', '.join(unused)} would do nothing in masksub {command} ({why}): leave them out")
+
+
 def _check_unused(cfg: Config) -> None:
     """Settings that could not take effect: a policy timm does not know, model.kwargs another key overrides,
     timm-only aug keys with another preset."""
@@ -607,6 +636,20 @@ def _check_unused(cfg: Config) -> None:
             + " (the kwargs value would be overridden): set that instead and drop it from model.kwargs"
         )
     default = AugConfig()
+    needs = {  # a key set away from its default, and the setting without which it does nothing
+        "train.ema_decay": (cfg.train.ema_decay != TrainConfig.ema_decay and not cfg.train.ema, "train.ema true"),
+        "optim.clip_mode": (
+            cfg.optim.clip_mode != OptimConfig.clip_mode and cfg.optim.clip_grad is None,
+            "optim.clip_grad",
+        ),
+        "sched.warmup_lr": (
+            cfg.sched.warmup_lr != SchedConfig.warmup_lr and cfg.sched.warmup_epochs == 0,
+            "sched.warmup_epochs above 0",
+        ),
+    }
+    for key, (unused, setting) in needs.items():
+        if unused:
+            raise ConfigError(f"{key} takes effect with {setting}, not set here: set it, or leave {key} at its default")
     if a.bce_target_thresh is not None and not a.bce:
         raise ConfigError(
             "aug.bce_target_thresh takes effect with aug.bce true (binary cross-entropy), not with the softmax "

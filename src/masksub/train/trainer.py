@@ -30,7 +30,7 @@ from tqdm import tqdm
 import masksub
 
 from . import checkpoint, distributed, sharding
-from .config import Config, ConfigError, SchedConfig, dump, from_dict, load_config
+from .config import Config, ConfigError, SchedConfig, check_command_keys, dump, from_dict, load_config
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
 from .runlog import FolderLock, RunLog
@@ -203,6 +203,7 @@ class Trainer:
     command = "train"  # the masksub command that runs (and resumes) this trainer's runs
 
     def __init__(self, cfg: Config, log=print):
+        check_command_keys(cfg, self.command)
         self.cfg, self.log = cfg, log
         resume_state = checkpoint.load(cfg.train.resume) if cfg.train.resume else None
         self.resuming = resume_state is not None
