@@ -456,6 +456,20 @@ def test_eval_command(tmp_path, capsys):
     assert ": 64 images of the Fashion-MNIST train split" in capsys.readouterr().out
     cfg = load_config(overrides={"data.val_split": "train", "data.eval_subset": 64})
     assert torch.equal(build_eval_dataset(cfg, []).images, load_fashion_mnist("train")[0][:64])
+    # A run started with a setting a later check refuses as doing nothing (AdamW given a momentum) is evaluated
+    # and resumed: the checks are for new runs.
+    state = torch.load(folder / "best.pt", weights_only=False)
+    state["config"]["optim"]["momentum"], state["config"]["sched"]["epochs"] = 0.5, 2
+    torch.save(state, tmp_path / "older.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "older.pt"), "--data.eval_subset", "64"]) == 0
+    more = ["--data.train_subset", "64", "--data.eval_subset", "64", "--train.output", str(tmp_path / "more")]
+    assert main(["train", "--resume", str(tmp_path / "older.pt"), *more, "--train.max_steps", "5"]) == 0
+    assert "stopped after 5 steps" in capsys.readouterr().out
+    assert (
+        load_config(overrides={"optim.momentum": 0.5, "train.resume": str(tmp_path / "older.pt")}).optim.momentum == 0.5
+    )
+    with pytest.raises(ConfigError, match="optim.name=adamw takes no momentum"):  # a new run: refused
+        load_config(overrides={"optim.momentum": 0.5})
 
 
 def test_plain_run_and_compare(tmp_path):

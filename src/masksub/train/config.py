@@ -407,7 +407,11 @@ def from_dict(tree: dict) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, training: bool = True) -> None:
+    """Refuse a configuration that cannot work. The checks of settings that would do nothing (does the
+    optimizer take them, does anything read them) are for a new run: evaluating a checkpoint
+    (``training=False``) or resuming a run leaves them out, so a run started before such a check was
+    added can still be evaluated and continued as it began."""
     from ..masking import check_ratio
 
     choices = {
@@ -451,7 +455,9 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.optim.name.lower(), optimizers, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else " (timm.optim.list_optimizers() lists them)"
         raise ConfigError(f"optim.name={cfg.optim.name!r} is not a timm optimizer{hint}")
-    _check_optimizer_keys(cfg.optim)
+    new_run = training and not cfg.train.resume
+    if new_run:
+        _check_optimizer_keys(cfg.optim)
     if cfg.sched.name not in SCHEDULERS:
         close = difflib.get_close_matches(cfg.sched.name, SCHEDULERS, n=2, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -461,7 +467,8 @@ def validate(cfg: Config) -> None:
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     _check_ranges(cfg)
-    _check_unused(cfg)
+    if new_run:
+        _check_unused(cfg)
     if cfg.model.checkpoint == "???":  # a recipe's marker for weights the user must supply
         raise ConfigError(
             f"recipe {cfg.recipe!r} finetunes pretrained weights: pass --model.checkpoint /path/to/weights.pth "

@@ -38,9 +38,9 @@ def evaluate_checkpoint(
         raise checkpoint.CheckpointError(
             f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
         )
-    cfg = apply_overrides(from_dict(state["config"]), overrides or {})  # e.g. another data.dir
+    cfg = apply_overrides(from_dict(state["config"]), overrides or {}, check=False)  # e.g. another data.dir
     cfg.model.checkpoint = None  # the checkpoint holds every weight
-    validate(cfg)
+    validate(cfg, training=False)
     device = resolve_device(cfg.train.device)
     classes = state.get("classes")
     if classes is None:  # a checkpoint without its class list: the training split gives it

@@ -203,7 +203,8 @@ class Trainer:
     command = "train"  # the masksub command that runs (and resumes) this trainer's runs
 
     def __init__(self, cfg: Config, log=print):
-        check_command_keys(cfg, self.command)
+        if not cfg.train.resume:  # a resumed run goes on as it began (validate's note)
+            check_command_keys(cfg, self.command)
         self.cfg, self.log = cfg, log
         resume_state = checkpoint.load(cfg.train.resume) if cfg.train.resume else None
         self.resuming = resume_state is not None
