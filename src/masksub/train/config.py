@@ -587,7 +587,11 @@ def _check_optimizer_keys(o: OptimConfig) -> None:
     so a value set for another optimizer (betas for sgd, momentum for adamw) would do nothing."""
     info = get_optimizer_info(o.name.lower().split("_")[-1])  # lookahead_adamw: adamw's
     takes = {"optim.betas": info.has_betas, "optim.eps": info.has_eps, "optim.momentum": info.has_momentum}
-    set_ = {"optim.betas": o.betas is not None, "optim.eps": o.eps is not None, "optim.momentum": o.momentum != 0.9}
+    set_ = {
+        "optim.betas": o.betas is not None,
+        "optim.eps": o.eps is not None,
+        "optim.momentum": o.momentum != OptimConfig.momentum,
+    }
     if unused := [k for k in takes if set_[k] and not takes[k]]:
         it = "it" if len(unused) == 1 else "them"
         raise ConfigError(
@@ -632,6 +636,7 @@ def check_command_keys(cfg: Config, command: str) -> None:
 
 def _check_unused(cfg: Config) -> None:
     """Settings that could not take effect: a policy timm does not know, model.kwargs another key overrides,
+    a key whose switch is off (EMA decay without EMA, clip mode without clipping, mixup odds without mixup...),
     timm-only aug keys with another preset."""
     a = cfg.aug
     if a.auto_augment:
