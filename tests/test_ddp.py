@@ -38,7 +38,8 @@ try:  # FSDP on CPU (torch >= 2.6): blocks and root sharded; clipping by the nor
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     FSDP_CASES = [("vit", 1, "plain"), ("vit", 1, "masksub"), ("vit", 2, "masksub"), ("vit", 1, "summed")]
-    FSDP_CASES = [(*case, "fsdp2") for case in [*FSDP_CASES, ("swin", 1, "masksub"), ("vit", 2, "every")]]
+    FSDP_CASES += [("swin", 1, "masksub"), ("vit", 2, "every"), ("vit", 2, "short")]  # short: last=True
+    FSDP_CASES = [(*case, "fsdp2") for case in FSDP_CASES]
     FSDP_CASES += [("vit", 1, "plain", "fsdp1"), ("vit", 2, "masksub", "fsdp1"), ("swin", 1, "masksub", "fsdp1")]
     FSDP_CASES += [("vit", 2, "every", "fsdp1")]
 except ImportError:
@@ -124,7 +125,7 @@ def _train(name, accum, kind, rank=0, world=1, parallel="ddp"):
             updated = True
         elif fsdp and world > 1:
             with ReduceScatterCount() as reductions:
-                out = step(x, y)
+                out = step(x, y, last=kind == "short" and i % accum == accum - 1)
             count.rounds += reductions.rounds
             updated = out["updated"]
         else:

@@ -312,9 +312,9 @@ class Step:
         out = {}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if micro < self.accum_steps:  # a short window (last=True): each loss was divided by accum_steps
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, self.accum_steps / micro)
+            for p in params:  # once per short window; in place, also on FSDP's sharded gradients
+                if p.grad is not None:
+                    p.grad.mul_(self.accum_steps / micro)
         if self.scaler is not None:
             self.scaler.unscale_(inner_optimizer(self.optimizer))
         norm = None
