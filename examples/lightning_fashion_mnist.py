@@ -16,13 +16,9 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from fashion_mnist import (
-    base_parser,
-    checked_args,
-    load_data,
-    make_model,
-    to_input,
-)  # the hand-written loop's model and input
+
+# the hand-written loop's options, data, model and input
+from fashion_mnist import base_parser, checked_args, load_data, make_model, to_input
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 

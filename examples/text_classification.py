@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from fashion_mnist import check_args  # the argument checks of the image examples
 from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -34,7 +35,6 @@ from transformers import (
 )
 
 from masksub.hf import MaskSubTrainer
-from masksub.masking import check_ratio
 
 
 def parse_args(argv=None):
@@ -52,14 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/text_classification")
-    args = p.parse_args(argv)
-    try:
-        check_ratio(args.ratio, "--ratio")
-    except (TypeError, ValueError) as e:
-        p.error(str(e))
-    if args.batch_size < 1 or args.max_length < 1:
-        p.error("--batch-size and --max-length must be at least 1")
-    return args
+    return check_args(p, p.parse_args(argv), ("batch_size", "max_length"))
 
 
 def read_csv(path: Path) -> tuple[list[str], list[str]]:

@@ -236,17 +236,17 @@ def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
     pretrained configuration gives RGB statistics is normalized with their average.
     """
     chans = cfg.data.in_chans
-    if cfg.aug.mean is not None and cfg.aug.std is not None:
-        mean, std = (), ()  # both set below
-    elif cfg.data.name == "fashion_mnist":
-        mean, std = (fmnist.MEAN,), (fmnist.STD,)
-    else:
-        resolved = resolve_data_config({}, model=model)
-        mean, std = tuple(resolved["mean"]), tuple(resolved["std"])
-        if chans == 1:
-            mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-    mean = mean if cfg.aug.mean is None else tuple(cfg.aug.mean)
-    std = std if cfg.aug.std is None else tuple(cfg.aug.std)
+    mean, std = cfg.aug.mean, cfg.aug.std
+    if mean is None or std is None:
+        if cfg.data.name == "fashion_mnist":
+            default = (fmnist.MEAN,), (fmnist.STD,)
+        else:
+            resolved = resolve_data_config({}, model=model)
+            default = tuple(resolved["mean"]), tuple(resolved["std"])
+            if chans == 1:
+                default = tuple((sum(v) / len(v),) for v in default)
+        mean, std = mean or default[0], std or default[1]
+    mean, std = tuple(mean), tuple(std)
     return (mean * chans if len(mean) == 1 else mean), (std * chans if len(std) == 1 else std)
 
 
