@@ -25,11 +25,11 @@ def signal_on_call(monkeypatch, n: int, signum: int) -> None:
     """The ``n``-th micro-batch sends ``signum`` to this process from inside the step."""
     original, calls = masksub.Step.__call__, [0]
 
-    def step(self, x, target=None):
+    def step(self, x, target=None, **kwargs):
         calls[0] += 1
         if calls[0] == n:
             os.kill(os.getpid(), signum)
-        return original(self, x, target)
+        return original(self, x, target, **kwargs)
 
     monkeypatch.setattr(masksub.Step, "__call__", step)
 
@@ -44,7 +44,12 @@ def test_ctrl_c_saves_at_the_next_step_and_the_run_resumes_exactly(tmp_path, mon
     assert f"interrupted by SIGINT in epoch 1, step 3: saved {part / 'last.pt'}" in err
     assert f"--resume {part}" in err
     assert signal.getsignal(signal.SIGINT) is before, "the previous handler is back"
-    assert checkpoint.load(part / "last.pt")["position"] == {"epoch": 0, "micro_in_epoch": 3, "global_step": 3}
+    assert checkpoint.load(part / "last.pt")["position"] == {
+        "epoch": 0,
+        "micro_in_epoch": 3,
+        "global_step": 3,
+        "batches_per_epoch": 4,
+    }
 
     monkeypatch.undo()
     assert main(["train", "--resume", str(part)]) == 0
@@ -90,12 +95,12 @@ def test_an_interrupted_compare_run_again_keeps_finished_runs_and_resumes_the_st
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     original, calls = masksub.Step.__call__, [0]
 
-    def step(self, x, target=None):
+    def step(self, x, target=None, **kwargs):
         calls[0] += 1
         if calls[0] == 3:  # Ctrl-C twice in the third step
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return original(self, x, target)
+        return original(self, x, target, **kwargs)
 
     monkeypatch.setattr(masksub.Step, "__call__", step)
     cli = ["train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "r", "train.checkpoint_every": 1})]
@@ -109,7 +114,9 @@ def test_sigterm_mid_accumulation_stops_after_the_optimizer_step(tmp_path, monke
     cli = ["train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "r", "train.accum_steps": 2})]
     assert main(cli) == 128 + signal.SIGTERM
     position = checkpoint.load(tmp_path / "r" / "last.pt")["position"]
-    assert position == {"epoch": 0, "micro_in_epoch": 4, "global_step": 2}, "never saved between micro-batches"
+    assert position == {"epoch": 0, "micro_in_epoch": 4, "global_step": 2, "batches_per_epoch": 4}, (
+        "never saved between micro-batches"
+    )
 
 
 def test_torchrun_processes_agree_on_the_step_to_stop_at(tmp_path):
@@ -127,11 +134,11 @@ def test_torchrun_processes_agree_on_the_step_to_stop_at(tmp_path):
             if os.environ["RANK"] == "0":
                 original, calls = masksub.Step.__call__, [0]
 
-                def step(self, x, target=None):
+                def step(self, x, target=None, **kwargs):
                     calls[0] += 1
                     if calls[0] == 2:
                         os.kill(os.getpid(), signal.SIGTERM)
-                    return original(self, x, target)
+                    return original(self, x, target, **kwargs)
 
                 masksub.Step.__call__ = step
             sys.exit(main(sys.argv[1:]))
@@ -159,11 +166,11 @@ original_step, calls = masksub.Step.__call__, [0]
 original_evaluate = trainer.evaluate
 
 
-def step(self, x, target=None):
+def step(self, x, target=None, **kwargs):
     calls[0] += 1
     if WHEN == "step" and calls[0] == 2:
         signal_the_group()
-    return original_step(self, x, target)
+    return original_step(self, x, target, **kwargs)
 
 
 class SignalAtSecondBatch:  # the evaluation loader, its workers running

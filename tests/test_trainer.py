@@ -96,7 +96,12 @@ def test_resume_is_bit_identical(tmp_path):
     full = run_train(tmp_path, "full", **{"train.ema": True})
     # Interrupted mid-epoch 1 (after 3 of 4 steps), with a data-loading worker this time.
     part = run_train(tmp_path, "part", **{"train.ema": True, "train.max_steps": 3, "data.workers": 1})
-    assert checkpoint.load(part / "last.pt")["position"] == {"epoch": 0, "micro_in_epoch": 3, "global_step": 3}
+    assert checkpoint.load(part / "last.pt")["position"] == {
+        "epoch": 0,
+        "micro_in_epoch": 3,
+        "global_step": 3,
+        "batches_per_epoch": 4,
+    }
     assert main(["train", "--resume", str(part)]) == 0
     a, b = checkpoint.load(full / "last.pt"), checkpoint.load(part / "last.pt")
     for key in ("model", "ema"):
@@ -176,6 +181,32 @@ def test_resume_from_non_matching_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "optim.lr: checkpoint 0.001, now 5.0" in err and "sched.warmup_lr: checkpoint 1e-05, now 0.0" in err
     assert (part / "last.pt").read_bytes() == before
+
+    # Fewer training images: the position and the schedule would not fit the data.
+    assert main(["train", "--resume", str(part), "--data.train_subset", "192"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 4 batches per epoch and process, this run has 3" in err and "data.train_subset" in err
+    assert (part / "last.pt").read_bytes() == before
+
+
+def test_accumulation_steps_on_the_batches_left_at_an_epoch_end(tmp_path, capsys):
+    """4 batches with accum_steps=3: a window of 3 and one of 1, every image used; resumed exactly between them."""
+    full = run_train(tmp_path, "full", **{"train.accum_steps": 3})
+    out = capsys.readouterr().out
+    assert "batch 192 (64 per process x 3 accumulated), 2 steps per epoch (the last of 1 batch), 2 epochs;" in out
+    a = checkpoint.load(full / "last.pt")
+    assert a["position"] == {"epoch": 2, "micro_in_epoch": 0, "global_step": 4, "batches_per_epoch": 4}
+    part = run_train(tmp_path, "part", **{"train.accum_steps": 3, "train.max_steps": 1})
+    assert checkpoint.load(part / "last.pt")["position"]["micro_in_epoch"] == 3
+    assert main(["train", "--resume", str(part)]) == 0
+    b = checkpoint.load(part / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scheduler"] == b["scheduler"]
+    # the short window stepped: the weights differ from a run that stops after each epoch's first window
+    three = run_train(tmp_path, "three", **{"train.accum_steps": 3, "data.train_subset": 192})
+    c = checkpoint.load(three / "last.pt")
+    assert c["position"]["global_step"] == 2
+    assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
 KILLER = textwrap.dedent(
@@ -462,7 +493,7 @@ def test_eval_command(tmp_path, capsys):
     state["config"]["optim"]["momentum"], state["config"]["sched"]["epochs"] = 0.5, 2
     torch.save(state, tmp_path / "older.pt")
     assert main(["eval", "--checkpoint", str(tmp_path / "older.pt"), "--data.eval_subset", "64"]) == 0
-    more = ["--data.train_subset", "64", "--data.eval_subset", "64", "--train.output", str(tmp_path / "more")]
+    more = ["--data.eval_subset", "64", "--train.output", str(tmp_path / "more")]
     assert main(["train", "--resume", str(tmp_path / "older.pt"), *more, "--train.max_steps", "5"]) == 0
     assert "stopped after 5 steps" in capsys.readouterr().out
     assert (

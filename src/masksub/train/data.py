@@ -362,7 +362,8 @@ class Loaders:
     sampler: EpochSampler
     mixup: Mixup | None
     num_classes: int
-    steps_per_epoch: int  # optimizer steps
+    batches_per_epoch: int  # micro-batches of each process
+    steps_per_epoch: int  # optimizer steps: the last one's window is shorter when accum_steps does not divide
 
 
 def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int, device: torch.device) -> Loaders:
@@ -484,4 +485,5 @@ def _finish(cfg: Config, train_set, train, val, sampler, batches: int) -> Loader
             label_smoothing=a.smoothing,
             num_classes=num_classes,
         )
-    return Loaders(train, val, sampler, mixup, num_classes, batches // cfg.train.accum_steps)
+    steps = -(-batches // cfg.train.accum_steps)
+    return Loaders(train, val, sampler, mixup, num_classes, batches, steps)

@@ -445,7 +445,12 @@ class Trainer:
             "scaler": self.step.scaler.state_dict() if self.step.scaler is not None else None,
             "ema": self._full_state(self.ema) if self.ema is not None else None,
             "rng": rngs,
-            "position": {"epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch, "global_step": self.global_step},
+            "position": {
+                "epoch": self.epoch,
+                "micro_in_epoch": self.micro_in_epoch,
+                "global_step": self.global_step,
+                "batches_per_epoch": self.loaders.batches_per_epoch,
+            },
             "epoch_sums": self.epoch_sums.cpu(),
             "epoch_seconds": self._epoch_seconds(),
             "best_top1": self.best_top1,
@@ -517,12 +522,14 @@ class Trainer:
         )
         batch = f"batch {d.batch_size * world * accum}" + (f" ({' x '.join(parts)})" if len(parts) > 1 else "")
         epochs = counted(cfg.sched.epochs, "epoch")
+        left = self.loaders.batches_per_epoch % accum
+        short = f" (the last of {left} batch{'es' * (left > 1)})" if left else ""
         return (
             f"run folder {self.folder}\n"
             f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters"
             f"{f' ({trained:,} trained)' if trained != parameters else ''}{self._method()}\n"
             f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
-            f"{counted(self.loaders.steps_per_epoch, 'step')} per epoch, {epochs}; {cfg.optim.name} lr "
+            f"{counted(self.loaders.steps_per_epoch, 'step')} per epoch{short}, {epochs}; {cfg.optim.name} lr "
             f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up "
             f"epoch{'s' * (cfg.sched.warmup_epochs != 1)}"
         )
@@ -582,8 +589,16 @@ class Trainer:
                 f"{self.dist.world}; resume with {n} (the exact continuation needs each process's random "
                 f"streams), or start a new run from its weights with --model.checkpoint {weights}"
             )
-        checkpoint.set_rng_state(state["rng"][self.dist.rank])
         pos = state["position"]
+        batches = pos.get("batches_per_epoch", self.loaders.batches_per_epoch)
+        if batches != self.loaders.batches_per_epoch:  # the data changed: the schedule and the position would not fit
+            raise ConfigError(
+                f"cannot resume from {path}: it was trained on {batches} batches per epoch and process, this run "
+                f"has {self.loaders.batches_per_epoch} (the training images or data.train_subset changed); resume "
+                f"with the data the run started with, or start a new run from its weights with "
+                f"--model.checkpoint {weights}"
+            )
+        checkpoint.set_rng_state(state["rng"][self.dist.rank])
         self.epoch, self.micro_in_epoch, self.global_step = pos["epoch"], pos["micro_in_epoch"], pos["global_step"]
         self.epoch_sums = state["epoch_sums"].to(self.device, copy=True)
         _own_memory(self.optimizer)
@@ -639,7 +654,7 @@ class Trainer:
 
     def _train_epoch(self) -> str | int | None:
         cfg, loaders = self.cfg, self.loaders
-        per_epoch = loaders.steps_per_epoch * cfg.train.accum_steps  # micro-batches
+        per_epoch = loaders.batches_per_epoch
         loaders.sampler.set_epoch(self.epoch, start=self.micro_in_epoch * cfg.data.batch_size)
         self.net.train()
         start, seen = time.perf_counter(), 0
@@ -662,7 +677,9 @@ class Trainer:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if loaders.mixup is not None:
                     x, y = loaders.mixup(x, y)
-                out = self.step(x, y)
+                # the epoch's last batch steps the optimizer, with a shorter window when accum_steps does not
+                # divide the batches (the mean loss of its micro-batches, as a full window)
+                out = self.step(x, y, last=self.micro_in_epoch + 1 == per_epoch)
                 self.micro_in_epoch += 1
                 seen += len(x)
                 one = torch.ones((), device=self.device)
