@@ -370,6 +370,27 @@ def test_the_resume_command_of_a_torchrun_job_relaunches_as_many_processes():
     )
 
 
+@pytest.mark.parametrize(
+    "settings, rates",
+    [
+        ({"sched.name": "step", "sched.decay_epochs": 1, "sched.decay_rate": 0.5}, [5e-4, 2.5e-4]),
+        ({"sched.name": "multistep", "sched.decay_milestones": [1.5], "sched.decay_rate": 0.2}, [1e-3, 2e-4]),
+        ({"sched.name": "poly", "sched.decay_rate": 2.0, "sched.min_lr": 0.0}, [2.5e-4, 0.0]),  # (1 - t / T)^2
+    ],
+)
+def test_step_multistep_and_poly_schedules_take_their_settings(tmp_path, settings, rates):
+    """The rate after each epoch (4 steps each, no warm-up): the decay interval, milestones, factor and power
+    set reach timm's scheduler (before, timm's defaults: a decay every 90 epochs, power 0.1)."""
+    folder = run_train(tmp_path, "s", **{"sched.warmup_epochs": 0, **settings})
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx(rates, abs=1e-12)
+
+
+def test_a_step_schedule_that_never_decays_is_warned_of(tmp_path):
+    with pytest.warns(UserWarning, match=r"sched.decay_milestones=\[2, 4\] is not within sched.epochs=2: the multi"):
+        run_train(tmp_path, "m", **{"sched.name": "multistep", "sched.decay_milestones": [2, 4], "train.max_steps": 1})
+
+
 def test_a_floor_above_the_peak_learning_rate_is_warned_of(tmp_path):
     with pytest.warns(UserWarning, match="sched.min_lr=0.01 is above the peak learning rate 0.001: the cosine"):
         run_train(tmp_path, "floor", **{"sched.min_lr": 0.01, "train.max_steps": 1})
@@ -645,6 +666,13 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--sched.warmup_lr", "-1"], "sched.warmup_lr must be >= 0, got -1.0"),  # trained, on a negative rate
         (["--sched.min_lr", "-1"], "sched.min_lr must be >= 0, got -1.0"),  # was timm's bare AssertionError
         (["--sub.unit", "0"], "sub.unit must be >= 1, got 0"),  # was a traceback
+        # the schedulers' own settings: each read by some schedulers only
+        (["--sched.decay_epochs", "1"], "sched.decay_epochs takes effect with sched.name step, not set here"),
+        (["--sched.name", "step", "--sched.min_lr", "0"], "sched.min_lr takes effect with sched.name cosine or tanh"),
+        (["--sched.decay_rate", "0.5"], "sched.decay_rate takes effect with sched.name step or multistep or poly"),
+        (["--sched.name", "step", "--sched.decay_rate", "0"], "sched.decay_rate must be > 0, got 0.0"),
+        (["--sched.name", "multistep", "--sched.decay_milestones", "[2, 1]"], "must be in increasing order (epo"),
+        (["--sched.name", "multistep", "--sched.decay_milestones", "[-1]"], "sched.decay_milestones must be >= 0"),
         (["--aug.preset", "timm", "--aug.interpolation", "cubic"], "aug.interpolation must be one of ('nearest',"),
         (["--aug.preset", "timm", "--aug.color_jitter", "-1"], "aug.color_jitter must be >= 0, got -1.0"),
         (["--optim.layer_decay", "0"], "optim.layer_decay must be > 0, got 0.0"),

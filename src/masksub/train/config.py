@@ -114,7 +114,10 @@ class SchedConfig:
     epochs: int = 2
     warmup_epochs: float = 0.5
     warmup_lr: float = 1e-5
-    min_lr: float = 1e-5
+    min_lr: float = 1e-5  # the floor of cosine, tanh and poly
+    decay_epochs: float = 90.0  # step: the rate is multiplied by decay_rate every decay_epochs epochs
+    decay_milestones: tuple = (90.0, 180.0, 270.0)  # multistep: the epochs at which it is multiplied by decay_rate
+    decay_rate: float = 0.1  # step and multistep: the factor; poly: the power of (1 - progress)
 
 
 @dataclass
@@ -520,6 +523,7 @@ def _check_ranges(cfg: Config) -> None:
         "sub.unit": (cfg.sub.unit, 1),
         "sched.warmup_lr": (cfg.sched.warmup_lr, 0),  # below 0 the warm-up steps climb the loss
         "sched.min_lr": (cfg.sched.min_lr, 0),
+        "sched.decay_milestones": (min(cfg.sched.decay_milestones, default=0), 0),
         "pretrain.views": (p.views, 2 if p.method == "dmjd" else 1),
         "pretrain.block": (p.block, 1),
         "pretrain.decoder_dim": (p.decoder_dim, 1),
@@ -534,6 +538,9 @@ def _check_ranges(cfg: Config) -> None:
             if key == "pretrain.views":
                 every = " for pretrain.method=dmjd (two views or more; method single is the one-view baseline)"
             raise ConfigError(f"{key} must be >= {least}, got {value}{every}")
+    milestones = list(cfg.sched.decay_milestones)
+    if milestones != sorted(milestones):
+        raise ConfigError(f"sched.decay_milestones must be in increasing order (epochs), got {milestones}")
     if p.decoder_dim % p.decoder_heads:
         raise ConfigError(
             f"pretrain.decoder_dim={p.decoder_dim} does not split into pretrain.decoder_heads={p.decoder_heads} "
@@ -544,6 +551,8 @@ def _check_ranges(cfg: Config) -> None:
         "optim.base_lr": o.base_lr,
         "optim.clip_grad": o.clip_grad,
         "aug.crop_pct": a.crop_pct,
+        "sched.decay_epochs": cfg.sched.decay_epochs,
+        "sched.decay_rate": cfg.sched.decay_rate,
         "optim.layer_decay": o.layer_decay,
     }
     for key, value in {**above_zero, "sub.temperature": cfg.sub.temperature}.items():
@@ -658,6 +667,7 @@ def _check_unused(cfg: Config) -> None:
             cfg.sched.warmup_lr != SchedConfig.warmup_lr and cfg.sched.warmup_epochs == 0,
             "sched.warmup_epochs above 0",
         ),
+        **_scheduler_keys(cfg.sched),
     }
     for key, (unused, setting) in needs.items():
         if unused:
@@ -682,6 +692,26 @@ def _check_unused(cfg: Config) -> None:
                 f"{', '.join(unused)} take{'s' * one} effect with aug.preset timm (timm's transforms), not with "
                 f"aug.preset {a.preset}: set --aug.preset timm, or leave {'it' if one else 'them'} at the default"
             )
+
+
+SCHEDULER_KEYS = {  # the keys of SchedConfig that only some schedulers read
+    "min_lr": ("cosine", "tanh", "poly"),
+    "decay_epochs": ("step",),
+    "decay_milestones": ("multistep",),
+    "decay_rate": ("step", "multistep", "poly"),
+}
+
+
+def _scheduler_keys(sched: SchedConfig) -> dict:
+    """``_check_unused``'s entries for scheduler keys set away from their defaults that sched.name does not read."""
+    default = SchedConfig()
+    return {
+        f"sched.{key}": (
+            _plain(getattr(sched, key)) != _plain(getattr(default, key)) and sched.name not in names,
+            f"sched.name {' or '.join(names)}",
+        )
+        for key, names in SCHEDULER_KEYS.items()
+    }
 
 
 OWN_MODEL_KWARGS = {  # timm.create_model arguments the trainer passes from keys of their own

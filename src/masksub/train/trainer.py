@@ -45,6 +45,13 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
+def _plain_list(value) -> str:
+    """A number setting as the user writes it (``90``), a list one too (``[30, 60]``)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f"{v:g}" for v in value) + "]"
+    return f"{value:g}"
+
+
 def _progress_interval() -> dict:
     """Progress bar refreshes: as tqdm does on a terminal; written to a file (a batch job's log), one a minute,
     not ten a second (tens of megabytes over a long run). ``TQDM_MININTERVAL`` still decides where it is set."""
@@ -245,6 +252,9 @@ class Trainer:
             warmup_epochs=cfg.sched.warmup_epochs,
             warmup_lr=cfg.sched.warmup_lr,
             min_lr=cfg.sched.min_lr,
+            decay_epochs=cfg.sched.decay_epochs,
+            decay_milestones=list(cfg.sched.decay_milestones),
+            decay_rate=cfg.sched.decay_rate,
             step_on_epochs=False,
             updates_per_epoch=self.loaders.steps_per_epoch,
         )
@@ -252,6 +262,15 @@ class Trainer:
             warnings.warn(
                 f"sched.warmup_epochs={cfg.sched.warmup_epochs} is not shorter than sched.epochs="
                 f"{cfg.sched.epochs}: the learning rate never reaches its peak; lower sched.warmup_epochs",
+                stacklevel=2,
+            )
+        sched = cfg.sched
+        decays = {"step": [sched.decay_epochs], "multistep": list(sched.decay_milestones)}.get(sched.name)
+        if decays is not None and min(decays, default=sched.epochs) >= sched.epochs and self.dist.main:
+            key = "decay_epochs" if sched.name == "step" else "decay_milestones"
+            warnings.warn(
+                f"sched.{key}={_plain_list(getattr(sched, key))} is not within sched.epochs={sched.epochs}: the "
+                f"{sched.name} schedule never lowers the learning rate; set sched.{key}",
                 stacklevel=2,
             )
         peak = self._learning_rate()
