@@ -1128,12 +1128,17 @@ def test_every_recipe_runs_with_tiny_overrides(recipe, tmp_path, image_folder, m
 
 def test_torchrun_two_processes_end_to_end(tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "masksub.cli", "train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "ddp"})]
+    # 4 batches of 32 per process and epoch, accumulated 3 and 1: the short window steps on both processes
+    more = {"train.output": str(tmp_path), "train.name": "ddp", "data.batch_size": 32, "train.accum_steps": 3}
+    cmd += ["-m", "masksub.cli", "train", *args(TINY, **more)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch 192 (32 per process x 2 processes x 3 accumulated), 2 steps per epoch (the last of 1 batch)" in (
+        proc.stdout
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # only rank 0 writes
     state = checkpoint.load(tmp_path / "ddp" / "last.pt")
-    assert state["position"]["global_step"] == 4  # 256 images / (2 processes x 64) x 2 epochs
+    assert state["position"]["global_step"] == 4  # 256 images / (2 processes x 32) = 4 batches: 2 steps x 2 epochs
     assert len(state["rng"]) == 2  # both ranks' random streams, for an exact resume
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r["top1"] is not None for r in records)
