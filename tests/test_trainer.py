@@ -684,6 +684,15 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
         (["--aug.auto_augment", "3a"], "aug.auto_augment takes effect with aug.preset timm (timm's transforms), not"),
         (["--aug.preset", "simple", "--aug.crop_pct", "1", "--aug.re_prob", "0.25"], "aug.re_prob, aug.crop_pct take"),
         (["--data.train_subset", "0"], "data.train_subset must be >= 1, got 0; leave it unset for every image"),
+        (  # was "give 0 batches ..., fewer than train.accum_steps=1"
+            ["--data.train_subset", "100"],
+            "100 training images make 0 batches of 128 (data.batch_size), fewer than the one full batch an optimizer "
+            "step needs: lower data.batch_size to 100 or less, or use more images",
+        ),
+        (
+            ["--data.train_subset", "300", "--train.accum_steps", "3"],
+            "fewer than the 3 full batches (train.accum_steps) an optimizer step needs: lower data.batch_size to 100",
+        ),
         (["--data.eval_subset", "-3"], "data.eval_subset must be >= 1, got -3; leave it unset for every image"),
         (["--zzz.qqq", "1"], "unknown config key 'zzz.qqq'; `masksub keys` lists every key"),
         (["--data.img_size", "32"], "built for 28x28 images but data.img_size=32; set model.kwargs img_size: 32"),

@@ -410,7 +410,7 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
             drop_last=True,
             **_loader_settings(cfg, device, loader_rng),
         )
-    return _finish(cfg, train_set, train, val, sampler, len(base) // d.batch_size)
+    return _finish(cfg, train_set, train, val, sampler, len(base))
 
 
 def build_eval_loader(
@@ -465,12 +465,21 @@ def _device_settings(cfg: Config, model, device: torch.device) -> dict:
     )
 
 
-def _finish(cfg: Config, train_set, train, val, sampler, batches: int) -> Loaders:
+def _finish(cfg: Config, train_set, train, val, sampler, images: int) -> Loaders:
+    """``images``: the training images of each process in an epoch (after sharding and repeated augmentation)."""
     d, a = cfg.data, cfg.aug
-    if batches < cfg.train.accum_steps:
+    batches, accum = images // d.batch_size, cfg.train.accum_steps
+    if batches < accum:
+        each = f" ({images} in each epoch and process)" if images != len(train_set) else ""
+        need = f"{accum} full batches (train.accum_steps)" if accum > 1 else "one full batch"
         raise ConfigError(
-            f"{len(train_set)} training images give {batches} batches of {d.batch_size} per process, fewer than "
-            f"train.accum_steps={cfg.train.accum_steps}; lower data.batch_size or use more images"
+            f"{len(train_set)} training images{each} make {batches} batches of {d.batch_size} (data.batch_size), "
+            f"fewer than the {need} an optimizer step needs: "
+            + (
+                f"lower data.batch_size to {images // accum} or less, or use more images"
+                if images >= accum
+                else f"use {accum} images or more"
+            )
         )
     num_classes = getattr(train_set, "num_classes", None) or 1000
     mixup = None
