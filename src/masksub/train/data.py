@@ -478,7 +478,7 @@ def _finish(cfg: Config, train_set, train, val, sampler, images: int) -> Loaders
             + (
                 f"lower data.batch_size to {images // accum} or less, or use more images"
                 if images >= accum
-                else f"use {accum} images or more"
+                else f"use {accum} images or more, with data.batch_size 1"
             )
         )
     num_classes = getattr(train_set, "num_classes", None) or 1000
