@@ -193,7 +193,7 @@ def main() -> None:
         "train.device": args.device,
     }
     pre = {
-        **data,
+        **{k: v for k, v in data.items() if k != "data.eval_subset"},  # pretraining evaluates nothing
         "model.kwargs": {**s["kwargs"], "fixed_pos_embed": True} if args.encoder == "convvit" else s["kwargs"],
         "sched.epochs": s["pretrain"],
         "pretrain.decoder_dim": dd,

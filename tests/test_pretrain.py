@@ -122,7 +122,24 @@ def test_pretrain_settings_that_cannot_work_get_a_clear_error(tmp_path, capsys):
         ("sub.ratio", 0.75, "sub.ratio would do nothing in masksub pretrain (it masks by pretrain.corruption"),
         ("train.ema", True, "train.ema would do nothing in masksub pretrain"),  # no EMA copy was kept
         ("aug.mixup", 0.8, "aug.mixup would do nothing in masksub pretrain"),
+        ("data.eval_subset", 100, "data.eval_subset would do nothing in masksub pretrain (it masks by pretrain.corr"),
+        ("train.eval_every", 2, "or evaluation): leave it out"),
     ]:
         assert main(["pretrain", *args(bad, **{key: value})]) == 2
         assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing is written for a run that cannot start"
+
+
+def test_pretraining_on_a_folder_needs_no_evaluation_split(tmp_path, capsys):
+    """Unlabelled images under train/ alone: pretraining reads no val/ (it was refused for its absence)."""
+    from PIL import Image
+
+    for i in range(8):
+        (tmp_path / "imgs" / "train" / "all").mkdir(parents=True, exist_ok=True)
+        pixels = (torch.rand(36, 40, generator=torch.Generator().manual_seed(i)) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "imgs" / "train" / "all" / f"{i}.png")
+    more = {"data.name": "folder", "data.dir": str(tmp_path / "imgs"), "data.img_size": 32, "data.batch_size": 4}
+    assert main(["pretrain", *args({**PRE, **more, "train.output": str(tmp_path), "train.name": "p"})]) == 0
+    out = capsys.readouterr().out
+    assert "data folder: 8 training images; batch 4, 2 steps per epoch, 2 epochs;" in out
+    assert (tmp_path / "p" / "encoder.pt").is_file()

@@ -18,6 +18,7 @@ class PretrainTrainer(Trainer):
 
     LOSS_KEYS = ("loss_masked", "loss_visible")
     command = "pretrain"
+    evaluates = False  # judged by linear probe and finetuning: no evaluation split is read
 
     def _build(self, train_set, val_set) -> None:
         cfg = self.cfg
@@ -62,7 +63,7 @@ class PretrainTrainer(Trainer):
         return self.net.adaptive_lr(cfg.optim.base_lr, images)
 
     def _evaluate(self) -> dict:
-        return {}  # judged by linear probe and finetuning (masksub linprobe / train)
+        return {}
 
     def _method(self) -> str:
         p, heads = self.cfg.pretrain, self._head_parameters

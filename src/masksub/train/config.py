@@ -614,9 +614,11 @@ def _check_optimizer_keys(o: OptimConfig) -> None:
         raise ConfigError(f"optim.betas for {o.name} must be {n} values in [0, 1), e.g. {example}, got {list(o.betas)}")
 
 
-PRETRAIN_UNUSED = {  # keys masksub pretrain does not read: DMJD computes its own losses, masks its own input
+PRETRAIN_UNUSED = {  # keys masksub pretrain does not read: DMJD computes its own losses, masks its own input,
+    # and evaluates nothing (linear probe and finetuning judge it)
+    "data": ("val_split", "eval_subset", "eval_batch_size"),
     "aug": ("mixup", "cutmix", "mixup_prob", "switch_prob", "smoothing", "bce", "bce_target_thresh"),
-    "train": ("ema", "ema_decay", "linprobe"),
+    "train": ("ema", "ema_decay", "linprobe", "eval_every"),
 }
 
 
@@ -626,7 +628,7 @@ def check_command_keys(cfg: Config, command: str) -> None:
     classification leaves out every ``pretrain`` key."""
     if command == "pretrain":
         keys = {"sub": [f.name for f in dataclasses.fields(SubConfig)], **PRETRAIN_UNUSED}
-        why = "it masks by pretrain.corruption and computes DMJD's own losses, without EMA"
+        why = "it masks by pretrain.corruption and computes DMJD's own losses, without EMA or evaluation"
     else:
         keys = {"pretrain": [f.name for f in dataclasses.fields(PretrainConfig)]}
         why = "they configure masksub pretrain"
@@ -640,7 +642,8 @@ def check_command_keys(cfg: Config, command: str) -> None:
     if cfg.sub.kind == "none" and "sub.kind" in unused:  # the pretraining recipes say so
         unused.remove("sub.kind")
     if unused:
-        raise ConfigError(f"{', '.join(unused)} would do nothing in masksub {command} ({why}): leave them out")
+        them = "it" if len(unused) == 1 else "them"
+        raise ConfigError(f"{', '.join(unused)} would do nothing in masksub {command} ({why}): leave {them} out")
 
 
 def _check_unused(cfg: Config) -> None:

@@ -322,13 +322,15 @@ def _mend_posterize(transform):
     return transform
 
 
-def build_datasets(cfg: Config):
+def build_datasets(cfg: Config, evaluation: bool = True):
+    """The training split and the evaluation split (None without ``evaluation``: pretraining reads no labels
+    and evaluates nothing, so its data needs no evaluation split)."""
     d = cfg.data
     if d.name == "fashion_mnist":
         train = FashionMNIST(d.train_split, d.dir, d.in_chans, d.train_subset)
     else:
         train = ImageFolder(_folder(cfg) / d.train_split, d.corrupt, d.in_chans, d.train_subset)
-    return train, build_eval_dataset(cfg, train.classes)
+    return train, build_eval_dataset(cfg, train.classes) if evaluation else None
 
 
 def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
@@ -358,7 +360,7 @@ def _folder(cfg: Config) -> Path:
 @dataclass
 class Loaders:
     train: DataLoader
-    val: DataLoader
+    val: DataLoader | None  # None for pretraining
     sampler: EpochSampler
     mixup: Mixup | None
     num_classes: int
@@ -381,7 +383,9 @@ def build_loaders(cfg: Config, model, train_set, val_set, rank: int, world: int,
     loader_rng = torch.Generator().manual_seed(cfg.train.seed)
     # per-sample PIL transforms, training and evaluation (the on-device path has its own)
     transforms = None if _on_device(cfg) else build_transforms(cfg, model)
-    val = build_eval_loader(cfg, model, val_set, rank, world, device, loader_rng, transforms and transforms[1])
+    val = None
+    if val_set is not None:
+        val = build_eval_loader(cfg, model, val_set, rank, world, device, loader_rng, transforms and transforms[1])
     if d.on_device and d.name == "fashion_mnist" and not _on_device(cfg):
         # a speed option: where it does not apply, the per-sample loader takes over. Said for another
         # augmentation preset only: other data sets (a Fashion-MNIST recipe's on folder data) never have it.

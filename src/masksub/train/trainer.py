@@ -208,6 +208,7 @@ def _own_memory(optimizer: torch.optim.Optimizer) -> None:
 
 class Trainer:
     command = "train"  # the masksub command that runs (and resumes) this trainer's runs
+    evaluates = True  # reads an evaluation split and reports accuracy
 
     def __init__(self, cfg: Config, log=print):
         if not cfg.train.resume:  # a resumed run goes on as it began (validate's note)
@@ -232,14 +233,14 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        train_set, val_set = build_datasets(cfg)
+        train_set, val_set = build_datasets(cfg, evaluation=self.evaluates)
         self.classes = list(train_set.classes)  # by label; kept in checkpoints for resume and evaluation
         if resume_state is not None and "classes" in resume_state:
             self._check_classes(resume_state["classes"])
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._build(train_set, val_set)  # self.model, self.net, self.loaders, self.ema, self.criterion
         params = list(self.model.parameters())  # before sharding
-        sizes = (len(train_set), len(val_set), sum(p.numel() for p in params))
+        sizes = (len(train_set), len(val_set or ()), sum(p.numel() for p in params))
         sizes += (sum(p.numel() for p in params if p.requires_grad),)
         if self.fsdp:
             self._shard()  # before the optimizer: sharding replaces the parameters
