@@ -124,6 +124,7 @@ def test_pretrain_settings_that_cannot_work_get_a_clear_error(tmp_path, capsys):
         ("aug.mixup", 0.8, "aug.mixup would do nothing in masksub pretrain"),
         ("data.eval_subset", 100, "data.eval_subset would do nothing in masksub pretrain (it masks by pretrain.corr"),
         ("train.eval_every", 2, "or evaluation): leave it out"),
+        ("aug.preset", "timm", "aug.preset timm normalizes the images, which would be normalized twice"),  # was so
     ]:
         assert main(["pretrain", *args(bad, **{key: value})]) == 2
         assert message in capsys.readouterr().err

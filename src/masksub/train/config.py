@@ -626,6 +626,13 @@ def check_command_keys(cfg: Config, command: str) -> None:
     """Keys set away from their defaults that ``command`` does not read: they would do nothing. Pretraining
     leaves out the sub branch (``sub.kind none``, as its recipes say, or the default), labels and EMA;
     classification leaves out every ``pretrain`` key."""
+    if command == "pretrain" and cfg.aug.preset != "pretrain":
+        raise ConfigError(
+            "masksub pretrain takes aug.preset pretrain (random-resized crops and flips of unnormalized images: "
+            "DMJD normalizes the encoder's input itself and computes its targets from the raw pixels); "
+            f"aug.preset {cfg.aug.preset} normalizes the images, which would be normalized twice: set "
+            "--aug.preset pretrain"
+        )
     if command == "pretrain":
         keys = {"sub": [f.name for f in dataclasses.fields(SubConfig)], **PRETRAIN_UNUSED}
         why = "it masks by pretrain.corruption and computes DMJD's own losses, without EMA or evaluation"
