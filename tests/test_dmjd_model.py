@@ -116,3 +116,20 @@ def test_a_grey_encoder_is_normalized_per_its_channel():
     assert tiny(mean=[0.5], std=[0.25]).mean.flatten().tolist() == [0.5, 0.5, 0.5]
     with pytest.raises(ValueError, match=r"mean has 3 values for an encoder of 1 input channel\(s\)"):
         DMJD(enc, mean=(0.1, 0.2, 0.3), **kw)
+
+
+def test_normalized_images_are_warned_of_once():
+    """Normalized images (values below 0) were taken as raw pixels: the encoder saw them normalized twice."""
+    import warnings
+
+    model = tiny()
+    mean, std = (
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+    )
+    with pytest.warns(UserWarning, match=r"DMJD takes images in \[0, 1\], unnormalized .* this batch spans \[-"):
+        model((torch.rand(2, 3, 32, 32) - mean) / std)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.rand(2, 3, 32, 32) * 255)  # checked on the first batch only: no second host sync
+        tiny()(torch.rand(2, 3, 32, 32))  # raw pixels: no warning

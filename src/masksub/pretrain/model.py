@@ -16,6 +16,8 @@ branch) with the same code. The encoder keeps its own names, so its state dict l
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -104,6 +106,7 @@ class DMJD(nn.Module):
             raise ValueError(f"target must be 'hog' or 'pixels', got {target!r}")
         self.make_masks(1, "cpu")  # refuse a (corruption, prediction, views, block) that cannot work, now
         self.in_chans = chans
+        self._range_checked = False  # the first batch's values are checked once (one host sync)
         mean, std = (
             _per_channel("mean", mean, IMAGENET_DEFAULT_MEAN, chans),
             _per_channel("std", std, IMAGENET_DEFAULT_STD, chans),
@@ -155,6 +158,16 @@ class DMJD(nn.Module):
                 f"DMJD's encoder takes images (batch, {self.in_chans}, {size[0]}, {size[1]}), got "
                 f"{tuple(images.shape)}: build the encoder for your image size and channels (img_size=, in_chans=)"
             )
+        if not self._range_checked and not torch.compiler.is_compiling():
+            self._range_checked = True
+            low, high = torch.aminmax(images.detach().float())
+            if low < -1e-3 or high > 1 + 1e-3:
+                warnings.warn(
+                    f"DMJD takes images in [0, 1], unnormalized (it normalizes the encoder's input itself and "
+                    f"computes its targets from the raw pixels); this batch spans [{low:.3g}, {high:.3g}]: pass "
+                    "the images before normalization (ToTensor without Normalize), as floats in [0, 1]",
+                    stacklevel=2,
+                )
         b = images.shape[0]
         visible, masked = self.make_masks(b, images.device)  # (B, V, K), (B, V, N)
         v, k = visible.shape[1:]
