@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..data import SPLIT_NAMES
 from . import checkpoint
-from .config import ConfigError, apply_overrides, from_dict, validate
+from .checks import validate
+from .config import ConfigError, apply_overrides, from_dict
 from .data import build_datasets, build_eval_dataset, build_eval_loader
 from .trainer import Trainer, build_model, counted, evaluate, resolve_device
 

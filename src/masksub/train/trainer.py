@@ -30,7 +30,8 @@ from tqdm import tqdm
 import masksub
 
 from . import checkpoint, distributed, sharding
-from .config import Config, ConfigError, SchedConfig, check_command_keys, dump, from_dict, load_config
+from .checks import check_command_keys
+from .config import Config, ConfigError, SchedConfig, dump, from_dict, load_config
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
 from .runlog import FolderLock, RunLog
