@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from masksub.train.runlog import summarize
-from masksub.train.trainer import free_run_folder
+from masksub.train.runlog import free_run_folder, summarize
 
 
 def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = (), reuse: bool = False) -> dict:

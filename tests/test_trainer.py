@@ -357,7 +357,7 @@ def test_a_run_of_another_model_than_the_recipe_s_is_named_after_it(tmp_path, ca
 
 
 def test_the_resume_command_of_a_torchrun_job_relaunches_as_many_processes():
-    from masksub.train.trainer import resume_command
+    from masksub.train.runlog import resume_command
 
     folder = Path("/runs/a b")
     assert resume_command("train", folder) == "masksub train --resume '/runs/a b'"
@@ -410,7 +410,7 @@ def test_a_resumed_run_does_not_need_its_initial_weights_file(tmp_path):
 def test_runs_started_at_once_get_a_folder_each(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from masksub.train.trainer import make_run_folder
+    from masksub.train.runlog import make_run_folder
 
     with ThreadPoolExecutor(16) as pool:
         folders = list(pool.map(lambda _: make_run_folder(tmp_path / "runs", "run"), range(64)))
@@ -421,7 +421,7 @@ def test_ctrl_c_before_training_ends_quietly(tmp_path, monkeypatch, capsys):
     """Ctrl-C while the data is read (an ImageNet folder scan takes minutes) exits 130 without a traceback."""
     import masksub.train.trainer as trainer
 
-    def reading(cfg):
+    def reading(cfg, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "build_datasets", reading)
@@ -1378,7 +1378,7 @@ def test_compare_refuses_the_keys_it_sets_for_each_run(tmp_path, capsys, key, me
 @pytest.mark.parametrize("classes", [3, 5, 10])
 def test_top5_is_left_out_where_every_label_is_among_the_top_5(classes, capsys):
     """With 5 classes or fewer top-5 is 100% whatever the model: reported as None, and not printed."""
-    from masksub.train.trainer import accuracy_text, evaluate
+    from masksub.train.accuracy import accuracy_text, evaluate
 
     x, y = torch.randn(40, 4), torch.arange(40) % classes
     model = torch.nn.Linear(4, classes)

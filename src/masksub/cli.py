@@ -37,7 +37,8 @@ from .train.config import (
 )
 from .train.data import CorruptImageError
 from .train.interrupt import Interrupted
-from .train.trainer import NonFiniteLossError, Trainer, resume_command
+from .train.runlog import resume_command
+from .train.trainer import NonFiniteLossError, Trainer
 
 OVERRIDES = (
     "Any configuration key is set as --section.key value, after the recipe's values: --sub.ratio 0.75 "
@@ -231,8 +232,8 @@ def _main(argv: list[str] | None) -> int:
                 acc = f"test top-1 {last['top1']:.2f}%" if last.get("top1") is not None else "no evaluation yet"
                 print(f"done: {acc}; run folder {result['folder']} (metrics.jsonl, summary.csv, curves.png, *.pt)")
         elif args.command == "eval":
+            from .train.accuracy import accuracy_text
             from .train.evaluate import evaluate_checkpoint
-            from .train.trainer import accuracy_text
 
             results = evaluate_checkpoint(Path(args.checkpoint), parse_overrides(rest), report=print)
             for name, metrics in results.items():

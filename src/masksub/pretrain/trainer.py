@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..train import checkpoint
+from ..train.build import build_model
 from ..train.config import ConfigError
 from ..train.data import build_loaders, mean_std
-from ..train.trainer import Trainer, build_model
+from ..train.trainer import Trainer
 from .model import DMJD
 
 

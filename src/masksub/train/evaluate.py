@@ -8,10 +8,12 @@ from pathlib import Path
 
 from ..data import SPLIT_NAMES
 from . import checkpoint
+from .accuracy import evaluate
+from .build import build_model, resolve_device
 from .checks import validate
 from .config import ConfigError, apply_overrides, from_dict
 from .data import build_datasets, build_eval_dataset, build_eval_loader
-from .trainer import Trainer, build_model, counted, evaluate, resolve_device
+from .trainer import Trainer, counted
 
 # What the weights in a checkpoint are of: an override builds another model, which the weights do not fit
 # (a size-mismatch traceback) or, worse, fit in part.

@@ -1,4 +1,5 @@
-"""The run folder: resolved config, metrics.jsonl, summary.csv, the curves plot and its lock."""
+"""The run folder: its name, resolved config, metrics.jsonl, summary.csv, the curves plot, its lock and the
+command that resumes it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import io
 import json
 import re
+import shlex
 from pathlib import Path
 
 import matplotlib
@@ -167,3 +169,34 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def free_run_folder(output: Path, name: str) -> Path:
+    """``output/name``, or the first of ``name-1``, ``name-2``, ... not taken: a run never overwrites another."""
+    folder, n = output / name, 0
+    while folder.exists():
+        n += 1
+        folder = output / f"{name}-{n}"
+    return folder
+
+
+def make_run_folder(output: Path, name: str) -> Path:
+    """Makes and returns ``free_run_folder(output, name)``; two runs started at once get a folder each."""
+    output.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = free_run_folder(output, name)
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:  # another run took it between the two calls
+            continue
+
+
+def resume_command(command: str, folder: Path, world: int = 1, local_world: int = 1) -> str:
+    """The command that continues a run, as a user pastes it into a shell: under torchrun, with as many
+    processes as wrote the checkpoint (an exact resume needs each one's random streams)."""
+    tail = f"{command} --resume {shlex.quote(str(folder))}"
+    if world <= 1:
+        return f"masksub {tail}"
+    nodes = f" --nnodes {world // local_world} (and this job's rendezvous options)" if world > local_world else ""
+    return f"torchrun --nproc_per_node {local_world}{nodes} -m masksub.cli {tail}"

@@ -8,19 +8,15 @@ evaluates each epoch, and writes checkpoints that resume bit-exactly.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
-import shlex
 import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import timm
 import torch
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -30,11 +26,13 @@ from tqdm import tqdm
 import masksub
 
 from . import checkpoint, distributed, sharding
+from .accuracy import accuracy_text, evaluate
+from .build import build_criterion, build_model, resolve_device
 from .checks import check_command_keys
 from .config import Config, ConfigError, SchedConfig, dump, from_dict, load_config
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
-from .runlog import FolderLock, RunLog
+from .runlog import FolderLock, RunLog, make_run_folder, resume_command
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,142 +57,6 @@ def _progress_interval() -> dict:
     if sys.stderr.isatty() or "TQDM_MININTERVAL" in os.environ:
         return {}
     return {"mininterval": 60.0}
-
-
-def resume_command(command: str, folder: Path, world: int = 1, local_world: int = 1) -> str:
-    """The command that continues a run, as a user pastes it into a shell: under torchrun, with as many
-    processes as wrote the checkpoint (an exact resume needs each one's random streams)."""
-    tail = f"{command} --resume {shlex.quote(str(folder))}"
-    if world <= 1:
-        return f"masksub {tail}"
-    nodes = f" --nnodes {world // local_world} (and this job's rendezvous options)" if world > local_world else ""
-    return f"torchrun --nproc_per_node {local_world}{nodes} -m masksub.cli {tail}"
-
-
-def resolve_device(kind: str) -> torch.device:
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
-    return torch.device(kind)
-
-
-def free_run_folder(output: Path, name: str) -> Path:
-    """``output/name``, or the first of ``name-1``, ``name-2``, ... not taken: a run never overwrites another."""
-    folder, n = output / name, 0
-    while folder.exists():
-        n += 1
-        folder = output / f"{name}-{n}"
-    return folder
-
-
-def make_run_folder(output: Path, name: str) -> Path:
-    """Makes and returns ``free_run_folder(output, name)``; two runs started at once get a folder each."""
-    output.mkdir(parents=True, exist_ok=True)
-    while True:
-        folder = free_run_folder(output, name)
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:  # another run took it between the two calls
-            continue
-
-
-def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool = True) -> torch.nn.Module:
-    """The timm model of ``cfg.model``; with ``model.checkpoint`` loaded into it unless ``initial_weights``
-    is false (a resumed run: its checkpoint holds every weight, and the file may be gone)."""
-    m = cfg.model
-    kwargs = dict(m.kwargs, num_classes=num_classes, in_chans=cfg.data.in_chans)
-    kwargs.update(drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
-    try:
-        model = timm.create_model(m.name, **kwargs)
-    except Exception as e:
-        if isinstance(e, RuntimeError) and "Unknown model" in str(e):
-            close = difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*pattern*') lists them"
-            raise ConfigError(f"model.name={m.name!r} is not a timm model{hint}") from None
-        if isinstance(e, TypeError) and "unexpected keyword" in str(e):
-            raise ConfigError(f"{m.name} does not take one of model.kwargs {sorted(m.kwargs)}: {e}") from None
-        if m.kwargs.get("pretrained"):  # the hub's weights, which timm fetches: not on an offline machine
-            raise ConfigError(
-                f"{m.name}: timm could not fetch its pretrained weights ({type(e).__name__}: {str(e)[:300]}); "
-                "without a connection, download them where there is one and pass the file as model.checkpoint "
-                "(no pretrained in model.kwargs)"
-            ) from None
-        if isinstance(e, (AssertionError, ValueError)):  # the model's own check of its arguments
-            settings = {**m.kwargs, "in_chans": cfg.data.in_chans, "num_classes": num_classes}
-            raise ConfigError(
-                f"{m.name} cannot be built with {settings} (model.kwargs, data.in_chans, the data's classes): "
-                f"{e or type(e).__name__}"
-            ) from None
-        raise
-    embed = getattr(model, "patch_embed", None)  # timm's PatchEmbed: ViT, DeiT, Swin, EVA, ...
-    size = getattr(embed, "img_size", None)
-    if size is not None and getattr(embed, "strict_img_size", False) and tuple(size) != (cfg.data.img_size,) * 2:
-        raise ConfigError(
-            f"{m.name} is built for {size[0]}x{size[1]} images but data.img_size={cfg.data.img_size}; set "
-            f"model.kwargs img_size: {cfg.data.img_size} (or data.img_size {size[0]})"
-        )
-    if m.grad_checkpointing:
-        try:
-            model.set_grad_checkpointing(True)
-        except (AttributeError, NotImplementedError, AssertionError) as e:
-            raise ConfigError(f"{m.name} has no activation checkpointing (model.grad_checkpointing): {e!r}") from None
-    if m.checkpoint and initial_weights:
-        missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
-        log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
-        if unexpected:
-            log(f"  {len(unexpected)} unexpected keys {unexpected[:8]}")
-    return model
-
-
-def build_criterion(cfg: Config, mixup: bool):
-    a = cfg.aug
-    if a.bce:
-        return BinaryCrossEntropy(smoothing=0.0 if mixup else a.smoothing, target_threshold=a.bce_target_thresh)
-    if mixup:
-        return SoftTargetCrossEntropy()  # mixup already smoothed the targets
-    return LabelSmoothingCrossEntropy(a.smoothing) if a.smoothing > 0 else torch.nn.CrossEntropyLoss()
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None, channels_last=False, blank=None) -> dict:
-    """Top-1 / top-5 (%) over the whole evaluation set, summed across processes; top-5 is None for a
-    model of 5 classes or fewer, where every label is among the top 5.
-
-    ``blank``, an input batch, puts the processes in lockstep: a sharded (FSDP) model gathers its
-    weights in every forward, so a process with fewer batches runs ``blank`` until all ran as many.
-    """
-    model.eval()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # top1 hits, top5 hits, count
-    classes = None
-    if blank is not None:
-        most = distributed.max_int(len(loader), device)
-        for _ in range(most - len(loader)):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                model(blank)
-    with worker_batches(loader) as batches:
-        for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-            classes = logits.shape[1]
-            top = logits.topk(min(5, classes), dim=1).indices
-            hits = top == y[:, None]
-            totals += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)]).double()
-    totals = distributed.sum_tensor(totals)
-    return {
-        "top1": round(100 * totals[0].item() / totals[2].item(), 3),
-        "top5": round(100 * totals[1].item() / totals[2].item(), 3) if classes is None or classes > 5 else None,
-    }
-
-
-def accuracy_text(metrics: dict, sep: str = ", ") -> str:
-    """'top-1 91.20%, top-5 99.80%' (top-1 alone where top-5 says nothing: 5 classes or fewer)."""
-    top5 = f"{sep}top-5 {metrics['top5']:.2f}%" if metrics.get("top5") is not None else ""
-    return f"top-1 {metrics['top1']:.2f}%{top5}"
 
 
 def _own_memory(optimizer: torch.optim.Optimizer) -> None:

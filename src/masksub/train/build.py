@@ -1,0 +1,78 @@
+"""What a configuration builds before training: the device, the timm model (with its initial weights) and
+the criterion."""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from . import checkpoint
+from .config import Config, ConfigError
+
+
+def resolve_device(kind: str) -> torch.device:
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    return torch.device(kind)
+
+
+def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool = True) -> torch.nn.Module:
+    """The timm model of ``cfg.model``; with ``model.checkpoint`` loaded into it unless ``initial_weights``
+    is false (a resumed run: its checkpoint holds every weight, and the file may be gone)."""
+    m = cfg.model
+    kwargs = dict(m.kwargs, num_classes=num_classes, in_chans=cfg.data.in_chans)
+    kwargs.update(drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+    try:
+        model = timm.create_model(m.name, **kwargs)
+    except Exception as e:
+        if isinstance(e, RuntimeError) and "Unknown model" in str(e):
+            close = difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*pattern*') lists them"
+            raise ConfigError(f"model.name={m.name!r} is not a timm model{hint}") from None
+        if isinstance(e, TypeError) and "unexpected keyword" in str(e):
+            raise ConfigError(f"{m.name} does not take one of model.kwargs {sorted(m.kwargs)}: {e}") from None
+        if m.kwargs.get("pretrained"):  # the hub's weights, which timm fetches: not on an offline machine
+            raise ConfigError(
+                f"{m.name}: timm could not fetch its pretrained weights ({type(e).__name__}: {str(e)[:300]}); "
+                "without a connection, download them where there is one and pass the file as model.checkpoint "
+                "(no pretrained in model.kwargs)"
+            ) from None
+        if isinstance(e, (AssertionError, ValueError)):  # the model's own check of its arguments
+            settings = {**m.kwargs, "in_chans": cfg.data.in_chans, "num_classes": num_classes}
+            raise ConfigError(
+                f"{m.name} cannot be built with {settings} (model.kwargs, data.in_chans, the data's classes): "
+                f"{e or type(e).__name__}"
+            ) from None
+        raise
+    embed = getattr(model, "patch_embed", None)  # timm's PatchEmbed: ViT, DeiT, Swin, EVA, ...
+    size = getattr(embed, "img_size", None)
+    if size is not None and getattr(embed, "strict_img_size", False) and tuple(size) != (cfg.data.img_size,) * 2:
+        raise ConfigError(
+            f"{m.name} is built for {size[0]}x{size[1]} images but data.img_size={cfg.data.img_size}; set "
+            f"model.kwargs img_size: {cfg.data.img_size} (or data.img_size {size[0]})"
+        )
+    if m.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, NotImplementedError, AssertionError) as e:
+            raise ConfigError(f"{m.name} has no activation checkpointing (model.grad_checkpointing): {e!r}") from None
+    if m.checkpoint and initial_weights:
+        missing, unexpected = checkpoint.load_pretrained(model, m.checkpoint)
+        log(f"loaded {m.checkpoint}: {len(missing)} missing keys {missing[:8]}")
+        if unexpected:
+            log(f"  {len(unexpected)} unexpected keys {unexpected[:8]}")
+    return model
+
+
+def build_criterion(cfg: Config, mixup: bool):
+    a = cfg.aug
+    if a.bce:
+        return BinaryCrossEntropy(smoothing=0.0 if mixup else a.smoothing, target_threshold=a.bce_target_thresh)
+    if mixup:
+        return SoftTargetCrossEntropy()  # mixup already smoothed the targets
+    return LabelSmoothingCrossEntropy(a.smoothing) if a.smoothing > 0 else torch.nn.CrossEntropyLoss()
