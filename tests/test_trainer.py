@@ -964,7 +964,7 @@ def test_random_interpolation_trains_with_each_and_evaluates_bicubic():
     from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision.transforms import InterpolationMode, Resize
 
-    from masksub.train.data import build_transforms
+    from masksub.train.transforms import build_transforms
 
     cfg = load_config("fashion_mnist_vit", {"aug.preset": "timm", "aug.interpolation": "random", "data.img_size": 32})
     train, evaluate = build_transforms(cfg, timm.create_model("resnet18", num_classes=10))
@@ -980,7 +980,7 @@ def test_posterize_at_its_strongest_level_gives_black_with_every_pillow(policy):
     first batches (about 1 image in 500 draws it)."""
     from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 
-    from masksub.train.data import build_transforms
+    from masksub.train.transforms import build_transforms
 
     cfg = load_config("fashion_mnist_vit", {"aug.preset": "timm", "aug.auto_augment": policy, "data.in_chans": 3})
     train, _ = build_transforms(cfg, timm.create_model("resnet18", num_classes=10))
@@ -998,7 +998,7 @@ def test_posterize_at_its_strongest_level_gives_black_with_every_pillow(policy):
 def test_grey_training_on_a_colour_folder_normalizes_with_one_statistic(tmp_path, image_folder):
     """data.in_chans=1 on RGB files: the images are read grey, and the model's RGB mean and std
     (timm's pretrained configuration) are averaged to one value each."""
-    from masksub.train.data import mean_std
+    from masksub.train.transforms import mean_std
 
     cfg = load_config("fashion_mnist_resnet", {"data.name": "folder", "data.dir": str(image_folder)})
     mean, std = mean_std(cfg, timm.create_model("resnet18", in_chans=1))

@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..train import checkpoint
 from ..train.build import build_model
 from ..train.config import ConfigError
-from ..train.data import build_loaders, mean_std
+from ..train.data import build_loaders
 from ..train.trainer import Trainer
+from ..train.transforms import mean_std
 from .model import DMJD
 
 
