@@ -600,6 +600,24 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
     assert f"{tmp_path / 'mine.yaml'} is not valid YAML: while parsing a flow node" in capsys.readouterr().err
 
 
+def test_recipe_values_an_override_makes_moot_fall_back_to_their_defaults(tmp_path):
+    """Turning a recipe's warm-up, augmentation, BCE or optimizer off left its warm-up rate, RandAugment policy,
+    BCE threshold and betas behind, refused as doing nothing, though the user never set them."""
+    off = ["--sched.warmup_epochs", "0", "--aug.preset", "simple", "--aug.bce", "false", "--optim.name", "sgd"]
+    before = load_config("deit3_vit_s_400")
+    assert (before.sched.warmup_lr, before.aug.auto_augment, before.aug.bce_target_thresh) == (1e-6, "3a", 0.0)
+    cfg = load_config("deit3_vit_s_400", off)
+    assert (cfg.sched.warmup_lr, cfg.aug.auto_augment, cfg.aug.bce_target_thresh) == (1e-5, None, None)
+    assert (cfg.aug.color_jitter, cfg.aug.crop_pct, cfg.optim.betas) == (0.0, 0.875, None)
+    assert (cfg.optim.weight_decay, cfg.aug.mixup, cfg.sched.min_lr) == (0.03, 0.8, 1e-5)  # the rest stays
+    with pytest.raises(ConfigError, match="sched.warmup_lr takes effect with sched.warmup_epochs above 0"):
+        load_config("deit3_vit_s_400", [*off, "--sched.warmup_lr", "1e-4"])  # set by the user: refused
+    recipe = tmp_path / "mine.yaml"  # a recipe that is itself moot: refused as before
+    recipe.write_text("sched: {warmup_epochs: 0, warmup_lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="sched.warmup_lr takes effect with sched.warmup_epochs above 0"):
+        load_config(str(recipe))
+
+
 @pytest.mark.parametrize(
     "cli, message",
     [

@@ -76,7 +76,7 @@ def validate(cfg: Config, training: bool = True) -> None:
         raise ConfigError(f"optim.name={cfg.optim.name!r} is not a timm optimizer{hint}")
     new_run = training and not cfg.train.resume
     if new_run:
-        _check_optimizer_keys(cfg.optim)
+        _check_betas(cfg.optim)
     if cfg.sched.name not in SCHEDULERS:
         close = difflib.get_close_matches(cfg.sched.name, SCHEDULERS, n=2, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -207,24 +207,34 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"aug.std must be > 0 (inputs are divided by it), got {list(a.std)}")
 
 
-def _check_optimizer_keys(o: OptimConfig) -> None:
+def _optimizer_moot(o: OptimConfig) -> list[tuple[list[str], str]]:
     """optim.betas, eps and momentum against what the optimizer takes: timm drops those it does not take,
     so a value set for another optimizer (betas for sgd, momentum for adamw) would do nothing."""
-    info = get_optimizer_info(o.name.lower().split("_")[-1])  # lookahead_adamw: adamw's
+    name = o.name.lower().split("_")[-1]  # lookahead_adamw: adamw's
+    if name not in list_optimizers():  # refused by validate, with close names
+        return []
+    info = get_optimizer_info(name)
     takes = {"optim.betas": info.has_betas, "optim.eps": info.has_eps, "optim.momentum": info.has_momentum}
     set_ = {
         "optim.betas": o.betas is not None,
         "optim.eps": o.eps is not None,
         "optim.momentum": o.momentum != OptimConfig.momentum,
     }
-    if unused := [k for k in takes if set_[k] and not takes[k]]:
-        it = "it" if len(unused) == 1 else "them"
-        raise ConfigError(
+    if not (unused := [k for k in takes if set_[k] and not takes[k]]):
+        return []
+    it = "it" if len(unused) == 1 else "them"
+    return [
+        (
+            unused,
             f"optim.name={o.name} takes no {' or '.join(k.removeprefix('optim.') for k in unused)}: "
             f"{', '.join(unused)} would do nothing; leave {it} unset"
-            + (" (momentum at its default, 0.9)" if "optim.momentum" in unused else "")
+            + (" (momentum at its default, 0.9)" if "optim.momentum" in unused else ""),
         )
-    n = info.num_betas
+    ]
+
+
+def _check_betas(o: OptimConfig) -> None:
+    n = get_optimizer_info(o.name.lower().split("_")[-1]).num_betas
     if o.betas is not None and (len(o.betas) != n or not all(0 <= b < 1 for b in o.betas)):
         example = "[0.9, 0.999]" if n == 2 else "[0.98, 0.92, 0.99]"
         raise ConfigError(f"optim.betas for {o.name} must be {n} values in [0, 1), e.g. {example}, got {list(o.betas)}")
@@ -271,18 +281,25 @@ def check_command_keys(cfg: Config, command: str) -> None:
 
 def _check_unused(cfg: Config) -> None:
     """Settings that could not take effect: a policy timm does not know, model.kwargs another key overrides,
-    a key whose switch is off (EMA decay without EMA, clip mode without clipping, mixup odds without mixup...),
-    timm-only aug keys with another preset."""
-    a = cfg.aug
-    if a.auto_augment:
-        _check_auto_augment(a.auto_augment)
+    and ``moot_settings``."""
+    if cfg.aug.auto_augment:
+        _check_auto_augment(cfg.aug.auto_augment)
     if clash := [k for k in OWN_MODEL_KWARGS if k in (cfg.model.kwargs or {})]:
         raise ConfigError(
             f"model.kwargs sets {', '.join(clash)}, which the trainer sets from "
             + ", ".join(OWN_MODEL_KWARGS[k] for k in clash)
             + " (the kwargs value would be overridden): set that instead and drop it from model.kwargs"
         )
-    default = AugConfig()
+    for _, message in moot_settings(cfg):
+        raise ConfigError(message)
+
+
+def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
+    """Keys set away from their defaults that would do nothing, as (keys, message) pairs: a key whose switch
+    is off (EMA decay without EMA, clip mode without clipping, mixup odds without mixup...), a setting the
+    optimizer or scheduler does not take, timm-only aug keys with another preset."""
+    a, default = cfg.aug, AugConfig()
+    found = _optimizer_moot(cfg.optim)
     needs = {  # a key set away from its default, and the setting without which it does nothing
         "train.ema_decay": (cfg.train.ema_decay != TrainConfig.ema_decay and not cfg.train.ema, "train.ema true"),
         "optim.clip_mode": (
@@ -297,27 +314,51 @@ def _check_unused(cfg: Config) -> None:
     }
     for key, (unused, setting) in needs.items():
         if unused:
-            raise ConfigError(f"{key} takes effect with {setting}, not set here: set it, or leave {key} at its default")
+            found.append(
+                ([key], f"{key} takes effect with {setting}, not set here: set it, or leave {key} at its default")
+            )
     if a.bce_target_thresh is not None and not a.bce:
-        raise ConfigError(
-            "aug.bce_target_thresh takes effect with aug.bce true (binary cross-entropy), not with the softmax "
-            "cross-entropy: set --aug.bce true, or leave it unset"
+        found.append(
+            (
+                ["aug.bce_target_thresh"],
+                "aug.bce_target_thresh takes effect with aug.bce true (binary cross-entropy), not with the softmax "
+                "cross-entropy: set --aug.bce true, or leave it unset",
+            )
         )
-    if not (a.mixup or a.cutmix):
-        unused = [f"aug.{k}" for k in ("mixup_prob", "switch_prob") if getattr(a, k) != getattr(default, k)]
-        if unused:
-            raise ConfigError(
-                f"{', '.join(unused)} take{'s' * (len(unused) == 1)} effect with aug.mixup or aug.cutmix above 0, "
-                "and both are 0 here: set one of them, or leave the rest at the default"
+    odds = [] if a.mixup or a.cutmix else ["mixup_prob", "switch_prob"]
+    if unused := [f"aug.{k}" for k in odds if getattr(a, k) != getattr(default, k)]:
+        found.append(
+            (
+                unused,
+                f"{', '.join(unused)} take{'s' * (len(unused) == 1)} effect with aug.mixup or aug.cutmix above "
+                "0, and both are 0 here: set one of them, or leave the rest at the default",
             )
-    if a.preset != "timm":  # the other presets' transforms take none of these: a value set would do nothing
-        unused = [f"aug.{k}" for k in TIMM_ONLY if _plain(getattr(a, k)) != _plain(getattr(default, k))]
-        if unused:
-            one = len(unused) == 1
-            raise ConfigError(
+        )
+    timm_only = TIMM_ONLY if a.preset != "timm" else ()  # the other presets' transforms take none of these
+    if unused := [f"aug.{k}" for k in timm_only if _plain(getattr(a, k)) != _plain(getattr(default, k))]:
+        one = len(unused) == 1
+        found.append(
+            (
+                unused,
                 f"{', '.join(unused)} take{'s' * one} effect with aug.preset timm (timm's transforms), not with "
-                f"aug.preset {a.preset}: set --aug.preset timm, or leave {'it' if one else 'them'} at the default"
+                f"aug.preset {a.preset}: set --aug.preset timm, or leave {'it' if one else 'them'} at the default",
             )
+        )
+    return found
+
+
+def drop_moot_recipe_values(cfg: Config, recipe: Config, overridden: set[str]) -> None:
+    """Puts back to their defaults the recipe's values that the overrides made moot (a recipe's warm-up rate
+    after ``--sched.warmup_epochs 0``, its RandAugment policy after ``--aug.preset simple``): they would do
+    nothing, and the user did not set them. A moot key the user set, or one the recipe alone leaves moot, is
+    still refused by ``validate``."""
+    inherent = {key for keys, _ in moot_settings(recipe) for key in keys}
+    fresh = Config()
+    for keys, _ in moot_settings(cfg):
+        for key in keys:
+            if key not in overridden and key not in inherent:
+                section, name = key.split(".")
+                setattr(getattr(cfg, section), name, getattr(getattr(fresh, section), name))
 
 
 SCHEDULER_KEYS = {  # the keys of SchedConfig that only some schedulers read

@@ -9,6 +9,7 @@ Fashion-MNIST, a few minutes on a CPU.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -388,7 +389,16 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
             raise ConfigError(f"{path}: {e}") from None
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    return apply_overrides(cfg, overrides or {}, check)
+    overrides = overrides or {}
+    recipe_cfg = copy.deepcopy(cfg)
+    apply_overrides(cfg, overrides, check=False)
+    if check:
+        from .checks import drop_moot_recipe_values, validate  # the checks read these dataclasses
+
+        if not cfg.train.resume:
+            drop_moot_recipe_values(cfg, recipe_cfg, set(overrides))
+        validate(cfg)
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any], check: bool = True) -> Config:
