@@ -678,6 +678,7 @@ def test_recipe_values_an_override_makes_moot_fall_back_to_their_defaults(tmp_pa
         (["--optim.name", "adan", "--optim.betas", "[0.9, 0.99]"], "optim.betas for adan must be 3 values in [0, 1)"),
         # timm drops what an optimizer does not take: these trained as if unset
         (["--optim.name", "sgd", "--optim.betas", "[0.9, 0.99]"], "optim.name=sgd takes no betas: optim.betas would"),
+        (["--optim.name", "sgd", "--optim.betas", "[0.9]"], "optim.name=sgd takes no betas: optim.betas would"),
         (["--optim.momentum", "0.5"], "optim.name=adamw takes no momentum: optim.momentum would do nothing; leave"),
         (["--optim.name", "lion", "--optim.eps", "1e-6"], "optim.name=lion takes no eps: optim.eps would do nothing"),
         (["--optim.name", "sgd", "--optim.momentum", "1.5"], "optim.momentum must be in [0, 1), got 1.5"),

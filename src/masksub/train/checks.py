@@ -234,8 +234,10 @@ def _optimizer_moot(o: OptimConfig) -> list[tuple[list[str], str]]:
 
 
 def _check_betas(o: OptimConfig) -> None:
-    n = get_optimizer_info(o.name.lower().split("_")[-1]).num_betas
-    if o.betas is not None and (len(o.betas) != n or not all(0 <= b < 1 for b in o.betas)):
+    """As many betas as the optimizer takes, each in [0, 1) (betas for one that takes none: ``_optimizer_moot``)."""
+    info = get_optimizer_info(o.name.lower().split("_")[-1])
+    n = info.num_betas
+    if o.betas is not None and info.has_betas and (len(o.betas) != n or not all(0 <= b < 1 for b in o.betas)):
         example = "[0.9, 0.999]" if n == 2 else "[0.98, 0.92, 0.99]"
         raise ConfigError(f"optim.betas for {o.name} must be {n} values in [0, 1), e.g. {example}, got {list(o.betas)}")
 
