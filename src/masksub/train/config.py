@@ -371,7 +371,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | dict | None = None, check: bool = True) -> Config:
-    """Defaults <- recipe YAML <- overrides, each key checked; ``check=False`` skips validating the whole."""
+    """Defaults <- recipe YAML <- overrides, each key checked; the recipe's values that the overrides make moot
+    go back to their defaults (``drop_moot_recipe_values``); ``check=False`` skips validating the whole."""
     cfg = Config()
     name = recipe or DEFAULT_RECIPE
     path = recipe_path(name)
@@ -392,11 +393,11 @@ def load_config(recipe: str | None = None, overrides: list[str] | dict | None = 
     overrides = overrides or {}
     recipe_cfg = copy.deepcopy(cfg)
     apply_overrides(cfg, overrides, check=False)
-    if check:
-        from .checks import drop_moot_recipe_values, validate  # the checks read these dataclasses
+    from .checks import drop_moot_recipe_values, validate  # the checks read these dataclasses
 
-        if not cfg.train.resume:
-            drop_moot_recipe_values(cfg, recipe_cfg, set(overrides))
+    if not cfg.train.resume:
+        drop_moot_recipe_values(cfg, recipe_cfg, set(overrides))
+    if check:
         validate(cfg)
     return cfg
 
