@@ -36,7 +36,7 @@ SWIN = {
     "train.ema": True,
 }
 PRETRAIN = {
-    **TINY,
+    **{k: v for k, v in TINY.items() if k != "data.eval_subset"},  # pretraining evaluates nothing
     "model.kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
     "data.img_size": 32,
     "pretrain.decoder_dim": 16,
