@@ -484,6 +484,22 @@ def test_errors_under_torchrun_name_their_process(monkeypatch, capsys):
     )
 
 
+def test_eval_reproduces_a_run_evaluated_under_autocast(tmp_path, capsys):
+    """masksub eval evaluates as the run did each epoch, with its train.amp (it evaluated in full precision
+    whatever the run's precision); --train.amp null asks for full precision."""
+    folder = run_train(tmp_path, "bf", **{"sched.epochs": 1, "train.amp": "bf16", "data.eval_subset": 500})
+    top1 = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])["top1"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(folder / "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert ", on cpu, bf16 autocast\n" in out and f"weights: top-1 {top1:.2f}%" in out
+    assert main(["eval", "--checkpoint", str(folder / "last.pt"), "--train.amp", "null"]) == 0
+    assert (
+        "500 images of the Fashion-MNIST test split (data.eval_subset 500; --data.eval_subset null for all), on cpu\n"
+        in (capsys.readouterr().out)
+    )
+
+
 def test_eval_command(tmp_path, capsys):
     folder = run_train(tmp_path, "ev", **{"sched.epochs": 1, "train.ema": True})
     capsys.readouterr()
@@ -500,6 +516,11 @@ def test_eval_command(tmp_path, capsys):
     # another model than the weights are of: refused (a size-mismatch traceback, or weights that fit in part)
     assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.in_chans", "3", "--sub.kind", "none"]) == 2
     assert "error: data.in_chans, sub.kind: the checkpoint sets them (its weights" in capsys.readouterr().err
+    # keys evaluation does not read: refused, not ignored
+    assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--optim.lr", "5", "--sched.epochs", "9"]) == 2
+    assert "optim.lr, sched.epochs would do nothing in masksub eval, which evaluates the checkpoint's weights" in (
+        capsys.readouterr().err
+    )
     assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.eval_subset", "20000"]) == 0
     # more than the split holds: all of it, without the hint that there are more
     assert ": 10,000 images of the Fashion-MNIST test split, on cpu\n" in capsys.readouterr().out

@@ -6,7 +6,10 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from ..data import SPLIT_NAMES
+from ..step import AMP_DTYPES
 from . import checkpoint
 from .accuracy import evaluate
 from .build import build_model, resolve_device
@@ -18,6 +21,9 @@ from .trainer import Trainer, counted
 # What the weights in a checkpoint are of: an override builds another model, which the weights do not fit
 # (a size-mismatch traceback) or, worse, fit in part.
 MODEL_KEYS = ("model.name", "model.kwargs", "data.in_chans", "sub.kind", "train.linprobe")
+# What evaluation reads besides the weights: the data, the evaluation transform, the device and precision.
+EVAL_KEYS = ("data.", "aug.preset", "aug.interpolation", "aug.crop_pct", "aug.mean", "aug.std")
+EVAL_KEYS += ("train.device", "train.amp", "train.channels_last")
 
 
 def evaluate_checkpoint(
@@ -29,6 +35,12 @@ def evaluate_checkpoint(
         raise ConfigError(
             f"{', '.join(fixed)}: the checkpoint sets {'it' if len(fixed) == 1 else 'them'} (its weights are of the "
             "model its run trained); evaluate without; data keys such as data.dir or data.eval_subset may change"
+        )
+    if idle := [key for key in overrides or {} if not key.startswith(EVAL_KEYS)]:
+        raise ConfigError(
+            f"{', '.join(idle)} would do nothing in masksub eval, which evaluates the checkpoint's weights: it reads "
+            "the data.* keys, the evaluation transform (aug.preset, interpolation, crop_pct, mean, std), "
+            "train.device, train.amp and train.channels_last"
         )
     state = checkpoint.load(path)
     if "config" not in state or "model" not in state:
@@ -56,6 +68,10 @@ def evaluate_checkpoint(
     if cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
         weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("branch.")}
     model.load_state_dict(weights)
+    # as the run evaluated each epoch: its autocast precision and memory format (train.amp null: full precision)
+    amp, channels_last = AMP_DTYPES.get(cfg.train.amp), cfg.train.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if report is not None:
         d = cfg.data
         if d.name == "fashion_mnist":
@@ -66,11 +82,12 @@ def evaluate_checkpoint(
         limited = d.eval_subset is not None and len(val_set) >= d.eval_subset  # not when it asks for more than all
         subset = f" (data.eval_subset {d.eval_subset}; --data.eval_subset null for all)" if limited else ""
         when = f" after {counted(steps, 'training step')}" if steps is not None else ""
-        report(f"{path}{when}: {len(val_set):,} images of {split}{subset}, on {device}")
+        precision = f", {cfg.train.amp} autocast" if amp is not None else ""
+        report(f"{path}{when}: {len(val_set):,} images of {split}{subset}, on {device}{precision}")
     loader = build_eval_loader(cfg, model, val_set, 0, 1, device)
-    results = {"weights": evaluate(model, loader, device)}
+    results = {"weights": evaluate(model, loader, device, amp, channels_last)}
     if state.get("ema"):
         ema_model = copy.deepcopy(model)
         ema_model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
-        results["ema weights"] = evaluate(ema_model, loader, device)
+        results["ema weights"] = evaluate(ema_model, loader, device, amp, channels_last)
     return results
