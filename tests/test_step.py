@@ -230,10 +230,27 @@ def test_a_call_that_raises_drops_its_window_and_the_next_steps_on(amp, monkeypa
     assert any(not torch.equal(v, before[k]) for k, v in wrapped.state_dict().items()), "the optimizer stepped"
 
 
-@pytest.mark.parametrize("kw", [dict(accum_steps=0), dict(amp="fp8"), dict(clip_mode="max"), dict(temperature=0.0)])
-def test_step_rejects_bad_settings(kw):
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(accum_steps=0), "accum_steps must be a positive integer, got 0"),
+        (dict(accum_steps=True), "accum_steps must be a positive integer, got True"),
+        (dict(amp="fp8"), "amp must be None, 'bf16' or 'fp16'"),
+        (dict(clip_mode="max"), "clip_mode must be one of"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number > 0, got inf"),
+        # a negative threshold flipped the gradients' sign, 0 zeroed them, NaN made every weight NaN
+        (dict(clip_grad=-1.0), r"clip_grad must be a finite number > 0 \(None: no clipping\), got -1.0"),
+        (dict(clip_grad=0), "clip_grad must be a finite number > 0"),
+        (dict(clip_grad=float("nan")), "clip_grad must be a finite number > 0"),
+        (dict(clip_grad="1.0"), "clip_grad must be a finite number > 0"),
+        (dict(sub_weight=float("inf")), "loss weights must be finite and >= 0, got main 0.5, sub inf"),
+        (dict(main_weight=0.0, sub_weight=0.0), "both 0: the loss would be 0 and nothing would train"),
+    ],
+)
+def test_step_rejects_bad_settings(kw, message):
     wrapped = masksub.wrap(tiny_model("vit"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), **kw)
 
 

@@ -651,7 +651,11 @@ def test_recipe_values_an_override_makes_moot_fall_back_to_their_defaults(tmp_pa
         ),
         (["--sub.ratoi", "0.5"], "did you mean sub.ratio"),
         (["--optim.lr", "fast"], "optim.lr must be float"),
-        (["--optim.betas", "[0.9, fast]"], "optim.betas must be a list of numbers, got [0.9, 'fast']"),  # a TypeError
+        (["--optim.betas", "[0.9, fast]"], "optim.betas must be a list of finite numbers, got [0.9, 'fast']"),
+        (["--optim.betas", "[.nan, 0.999]"], "optim.betas must be a list of finite numbers, got [nan, 0.999]"),
+        (["--optim.lr", ".inf"], "optim.lr must be a finite number, got inf"),  # YAML's infinity: was accepted
+        (["--optim.clip_grad", ".nan"], "optim.clip_grad must be a finite number, got nan"),  # NaN weights
+        (["--sub.temperature", "1e999"], "sub.temperature must be a finite number, got '1e999'"),
         (["--aug.std", "0.5"], "aug.std must be a list of numbers in brackets, e.g. [0.5, 1.0], got 0.5"),
         (["--sub.ratio", "1.5"], "sub.ratio must be in [0, 1)"),
         (["--data.dir", "/nonexistent/fmnist"], "dataset-fashion-mnist"),

@@ -15,6 +15,7 @@ left out of the distillation as it is out of the main loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -85,10 +86,12 @@ class SubBranchLoss(nn.Module):
         super().__init__()
         if teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if main_weight < 0 or sub_weight < 0:
-            raise ValueError(f"loss weights must be >= 0, got main {main_weight}, sub {sub_weight}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        if not (0 <= main_weight < math.inf and 0 <= sub_weight < math.inf):
+            raise ValueError(f"loss weights must be finite and >= 0, got main {main_weight}, sub {sub_weight}")
+        if main_weight == 0 and sub_weight == 0:
+            raise ValueError("main_weight and sub_weight are both 0: the loss would be 0 and nothing would train")
         self.criterion = criterion
         self.main_weight, self.sub_weight = float(main_weight), float(sub_weight)
         self.temperature = float(temperature)

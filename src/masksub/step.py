@@ -16,6 +16,7 @@ one gradient reduce-scatter per sharded module and optimizer step.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -128,8 +129,13 @@ class Step:
             self.loss = criterion
         else:
             self.loss = SubBranchLoss(criterion, main_weight, sub_weight, temperature, teacher)
-        if not isinstance(accum_steps, int) or accum_steps < 1:
+        if not isinstance(accum_steps, int) or isinstance(accum_steps, bool) or accum_steps < 1:
             raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+        if clip_grad is not None and (
+            isinstance(clip_grad, bool) or not isinstance(clip_grad, numbers.Real) or not 0 < clip_grad < math.inf
+        ):
+            # a negative norm threshold flips the gradients' sign, 0 zeroes them, NaN makes the weights NaN
+            raise ValueError(f"clip_grad must be a finite number > 0 (None: no clipping), got {clip_grad!r}")
         if clip_mode not in CLIP_MODES:
             raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
         if amp is not None and amp not in AMP_DTYPES:

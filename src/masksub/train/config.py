@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -210,15 +211,20 @@ def _coerce(key: str, value: Any, hint) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    number = None
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        number = float(value)
+    elif hint is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    if number is not None:
+        if not math.isfinite(number):  # YAML's .inf / .nan, or 1e999: no key means anything by them
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is tuple and isinstance(value, (list, tuple)):  # every tuple key holds numbers
         try:
             return tuple(_coerce(key, v, float) for v in value)
         except ConfigError:
-            raise ConfigError(f"{key} must be a list of numbers, got {list(value)!r}") from None
+            raise ConfigError(f"{key} must be a list of finite numbers, got {list(value)!r}") from None
     if hint is tuple:
         raise ConfigError(f"{key} must be a list of numbers in brackets, e.g. [0.5, 1.0], got {value!r}")
     if hint is dict and isinstance(value, dict):
