@@ -92,8 +92,34 @@ def test_rejects_non_vit_encoder_and_bad_settings():
         tiny("mae")
     with pytest.raises(ValueError, match="disjoint"):  # 2 views x 3 of 4 units visible
         tiny(corruption=0.2)
-    with pytest.raises(ValueError, match="views must be a positive integer"):  # was torch.stack's error
+    with pytest.raises(ValueError, match="views must be an integer >= 1"):  # was torch.stack's error
         tiny(views=0)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(views=True), r"views must be an integer >= 1 \(the paper's DMJD uses 2\), got True"),
+        (dict(block=0), r"block must be an integer >= 1 \(the mask unit, in patch tokens\), got 0"),  # was % by zero
+        (dict(block=1.5), "block must be an integer >= 1"),
+        (dict(decoder_depth=-1), "decoder_depth must be an integer >= 0, got -1"),  # was an empty decoder
+        (dict(projector_dim=0), "projector_dim must be an integer >= 1, got 0"),
+        (dict(decoder_heads=3), "decoder_dim=32 must split into decoder_heads=3 heads"),  # were timm's asserts
+        (
+            dict(decoder_dim=30, decoder_heads=2),
+            "decoder_dim=30 must split into decoder_heads=2 heads and be a multiple",
+        ),
+        (dict(visible_weight=-1.0), "visible_weight must be a finite number >= 0, got -1.0"),  # trained on -loss
+        (dict(visible_weight=float("nan")), "visible_weight must be a finite number >= 0, got nan"),
+        (dict(std=[0.0]), r"std must hold finite numbers > 0, got \(0.0,\)"),  # was a NaN loss
+        (dict(mean=[float("inf")]), r"mean must hold finite numbers, got \(inf,\)"),
+    ],
+)
+def test_settings_that_cannot_train_are_refused(kw, message):
+    enc = timm.create_model("vit_tiny_patch16_224", depth=1, **ENC)
+    settings = {**dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, projector_dim=32), **kw}
+    with pytest.raises(ValueError, match=message):
+        DMJD(enc, **settings)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 24, 24), (3, 32, 32)])

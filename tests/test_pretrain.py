@@ -117,6 +117,7 @@ def test_pretrain_settings_that_cannot_work_get_a_clear_error(tmp_path, capsys):
         ("pretrain.views", 1, "pretrain.views must be >= 2, got 1 for pretrain.method=dmjd"),  # was trained as given
         ("pretrain.block", 0, "pretrain.block must be >= 1, got 0"),  # was a ZeroDivisionError
         ("pretrain.decoder_heads", 5, "pretrain.decoder_dim=32 does not split into pretrain.decoder_heads=5"),
+        ("pretrain.decoder_dim", 30, "pretrain.decoder_dim=30 must be a multiple of 4 (the decoder's 2-D sine"),
         ("pretrain.projector_dim", 0, "pretrain.projector_dim must be >= 1, got 0"),
         ("pretrain.visible_weight", -1, "pretrain.visible_weight must be >= 0, got -1"),
         ("sub.ratio", 0.75, "sub.ratio would do nothing in masksub pretrain (it masks by pretrain.corruption"),

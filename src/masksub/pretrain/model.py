@@ -16,6 +16,7 @@ branch) with the same code. The encoder keeps its own names, so its state dict l
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -40,11 +41,18 @@ def _projector(dim: int, hidden: int) -> nn.Sequential:
     )  # fmt: skip
 
 
+def _check_int(name: str, value, least: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}{note}, got {value!r}")
+
+
 def _per_channel(name: str, values, default: tuple, chans: int) -> tuple:
     """One normalization value per input channel: one value for all; the default RGB one averaged for grey."""
     if values is None:
         values = (sum(default) / len(default),) if chans == 1 else default
     values = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
+        raise ValueError(f"{name} must hold finite numbers{' > 0' if name == 'std' else ''}, got {values}")
     if len(values) == 1:
         return values * chans
     if len(values) != chans:
@@ -80,8 +88,22 @@ class DMJD(nn.Module):
             )
         if method not in ("dmjd", "single"):
             raise ValueError(f"method must be 'dmjd' or 'single', got {method!r}")
-        if not isinstance(views, int) or views < 1:
-            raise ValueError(f"views must be a positive integer (the paper's DMJD uses 2), got {views!r}")
+        _check_int("views", views, 1, " (the paper's DMJD uses 2)")
+        _check_int("block", block, 1, " (the mask unit, in patch tokens)")
+        _check_int("decoder_depth", decoder_depth, 0)
+        for name, value in (
+            ("decoder_dim", decoder_dim),
+            ("decoder_heads", decoder_heads),
+            ("projector_dim", projector_dim),
+        ):
+            _check_int(name, value, 1)
+        if decoder_dim % decoder_heads or decoder_dim % 4:
+            raise ValueError(
+                f"decoder_dim={decoder_dim} must split into decoder_heads={decoder_heads} heads and be a multiple of 4 "
+                "(its 2-D sine-cosine position embedding): the paper's decoder is 512 wide with 16 heads"
+            )
+        if not 0 <= visible_weight < math.inf:
+            raise ValueError(f"visible_weight must be a finite number >= 0, got {visible_weight!r}")
         self.encoder = encoder
         self.method, self.views = method, (views if method == "dmjd" else 1)
         self.corruption, self.prediction, self.block = corruption, prediction, block

@@ -162,6 +162,11 @@ def _check_ranges(cfg: Config) -> None:
             f"pretrain.decoder_dim={p.decoder_dim} does not split into pretrain.decoder_heads={p.decoder_heads} "
             "heads: choose a number of heads that divides the width"
         )
+    if p.decoder_dim % 4:
+        raise ConfigError(
+            f"pretrain.decoder_dim={p.decoder_dim} must be a multiple of 4 (the decoder's 2-D sine-cosine position "
+            "embedding splits it in four)"
+        )
     above_zero = {
         "optim.lr": o.lr,
         "optim.base_lr": o.base_lr,
