@@ -212,13 +212,18 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"aug.std must be > 0 (inputs are divided by it), got {list(a.std)}")
 
 
+def _optimizer_info(o: OptimConfig):
+    """timm's description of the optimizer (a lookahead_adamw: adamw's), or None for a name timm lacks (refused
+    by validate, with close names)."""
+    name = o.name.lower().split("_")[-1]
+    return get_optimizer_info(name) if name in list_optimizers() else None
+
+
 def _optimizer_moot(o: OptimConfig) -> list[tuple[list[str], str]]:
     """optim.betas, eps and momentum against what the optimizer takes: timm drops those it does not take,
     so a value set for another optimizer (betas for sgd, momentum for adamw) would do nothing."""
-    name = o.name.lower().split("_")[-1]  # lookahead_adamw: adamw's
-    if name not in list_optimizers():  # refused by validate, with close names
+    if (info := _optimizer_info(o)) is None:
         return []
-    info = get_optimizer_info(name)
     takes = {"optim.betas": info.has_betas, "optim.eps": info.has_eps, "optim.momentum": info.has_momentum}
     set_ = {
         "optim.betas": o.betas is not None,
@@ -240,9 +245,11 @@ def _optimizer_moot(o: OptimConfig) -> list[tuple[list[str], str]]:
 
 def _check_betas(o: OptimConfig) -> None:
     """As many betas as the optimizer takes, each in [0, 1) (betas for one that takes none: ``_optimizer_moot``)."""
-    info = get_optimizer_info(o.name.lower().split("_")[-1])
+    info = _optimizer_info(o)
+    if o.betas is None or info is None or not info.has_betas:
+        return
     n = info.num_betas
-    if o.betas is not None and info.has_betas and (len(o.betas) != n or not all(0 <= b < 1 for b in o.betas)):
+    if len(o.betas) != n or not all(0 <= b < 1 for b in o.betas):
         example = "[0.9, 0.999]" if n == 2 else "[0.98, 0.92, 0.99]"
         raise ConfigError(f"optim.betas for {o.name} must be {n} values in [0, 1), e.g. {example}, got {list(o.betas)}")
 
