@@ -148,7 +148,6 @@ def main() -> None:
     base = {
         "model.name": model_name,
         "model.kwargs": model_kwargs,
-        "sub.unit": unit,
         "sched.epochs": s["epochs"],
         "aug.preset": s["aug"],
         "data.workers": 1,
@@ -162,6 +161,8 @@ def main() -> None:
         o = {**base, "sub.kind": kind, "train.seed": seed}
         if kind in RATIOS:
             o["sub.ratio"] = RATIOS[kind]
+        if kind == "mask":  # the mask unit: read by no other kind
+            o["sub.unit"] = unit
         if epochs:
             o["sched.epochs"] = epochs
         return run_cli("train", label or f"{kind}-s{seed}", o, runs_dir, reuse=args.reuse)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -24,7 +26,7 @@ import masksub
 from masksub.cli import main
 from masksub.data import load_fashion_mnist
 from masksub.train import checkpoint
-from masksub.train.config import ConfigError, all_keys, list_recipes, load_config, recipe_notes
+from masksub.train.config import ConfigError, SubConfig, all_keys, list_recipes, load_config, recipe_notes
 from masksub.train.data import build_eval_dataset
 from masksub.train.runlog import RunLog
 
@@ -547,18 +549,18 @@ def test_eval_command(tmp_path, capsys):
 
 def test_plain_run_and_compare(tmp_path):
     out = tmp_path / "cmp"
-    code = main(
-        ["compare", "--subs", "none,mask", "--seeds", "0,1", "--output", str(out), *args(TINY, **{"sched.epochs": 1})]
-    )
+    more = {"sched.epochs": 1, "sub.ratio": 0.25}  # the plain runs read no sub.* key: it reaches the mask runs only
+    code = main(["compare", "--subs", "none,mask", "--seeds", "0,1", "--output", str(out), *args(TINY, **more)])
     assert code == 0
     table = (out / "compare.md").read_text()
     assert table.startswith("# fashion_mnist_vit: plain vs MaskSub, seeds 0, 1\n")
-    assert "| none |" in table and "| mask | 0.5 | 2 |" in table
+    assert "| none | - |" in table and "| mask | 0.25 | 2 |" in table
+    assert load_config(str(out / "runs" / "none-s0" / "config.yaml")).sub.ratio == 0.5
     rows = list(csv.DictReader((out / "compare.csv").open()))
     assert len(rows) == 4
     finals = [float(r["final_top1"]) for r in rows if r["sub"] == "mask"]
     mean, sd = sum(finals) / 2, abs(finals[0] - finals[1]) / 2**0.5  # the sample standard deviation of two
-    assert f"| mask | 0.5 | 2 | {mean:.2f} ± {sd:.2f} |" in table
+    assert f"| mask | 0.25 | 2 | {mean:.2f} ± {sd:.2f} |" in table
     with Image.open(out / "curves.png") as img:
         img.verify()
     # One seed has no spread: the table shows the value alone (it showed ± 0.00).
@@ -637,6 +639,25 @@ def test_recipe_values_an_override_makes_moot_fall_back_to_their_defaults(tmp_pa
     recipe.write_text("sched: {warmup_epochs: 0, warmup_lr: 0.1}\n")
     with pytest.raises(ConfigError, match="sched.warmup_lr takes effect with sched.warmup_epochs above 0"):
         load_config(str(recipe))
+    plain = load_config("fashion_mnist_resnet", ["--sub.kind", "none"])  # its mask unit of 4 px: read by no branch
+    assert dataclasses.asdict(plain.sub) == {**dataclasses.asdict(SubConfig()), "kind": "none"}
+
+
+@pytest.mark.parametrize(
+    "cli, message",
+    [
+        (["--sub.kind", "none", "--sub.ratio", "0.25"], "sub.ratio would do nothing with sub.kind none (plain"),
+        (
+            ["--sub.kind", "none", "--sub.temperature", "2", "--sub.memory_saving", "false"],
+            "sub.temperature, sub.memory_saving would do nothing with sub.kind none",
+        ),
+        (["--sub.kind", "droppath", "--sub.unit", "16"], "sub.unit would do nothing with sub.kind droppath"),
+    ],
+)
+def test_sub_branch_keys_a_plain_run_or_a_drop_branch_does_not_read_are_refused(cli, message):
+    """A plain run trained as if --sub.ratio 0.25 had been understood."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, cli)
 
 
 @pytest.mark.parametrize(
@@ -1382,11 +1403,14 @@ def test_compare_rejects_seeds_that_are_not_integers(capsys):
         ("none", ",", "compare needs at least one sub branch and one seed"),
         ("none,mask,none", "0", "compare: sub branch none given twice"),
         ("none", "0,1,0", "compare: seed 0 given twice"),
+        ("none --sub.ratio 0.25", "0", "sub.ratio would do nothing with sub.kind none (plain training: no sub"),
+        ("dropout,droppath --sub.unit 7", "0", "sub.unit would do nothing with sub.kind dropout (it drops no input"),
     ],
 )
 def test_compare_checks_every_run_before_training_any(tmp_path, capsys, subs, seeds, message):
     out = tmp_path / "cmp"
-    assert main(["compare", "--subs", subs, "--seeds", seeds, "--output", str(out), *args(TINY)]) == 2
+    subs, *more = subs.split(" ")
+    assert main(["compare", "--subs", subs, "--seeds", seeds, "--output", str(out), *args(TINY), *more]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists(), "nothing trained, nothing written"
 

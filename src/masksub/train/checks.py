@@ -326,6 +326,15 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
         ),
         **_scheduler_keys(cfg.sched),
     }
+    if unused := branch_keys_unused(cfg.sub.kind, [k for k in SUB_KEYS if _differs(cfg.sub, SubConfig(), k)]):
+        found.append(
+            (
+                [f"sub.{k}" for k in unused],
+                f"{', '.join(f'sub.{k}' for k in unused)} would do nothing with sub.kind {cfg.sub.kind} ("
+                + ("plain training: no sub branch" if cfg.sub.kind == "none" else "it drops no input blocks")
+                + f"): leave {'it' if len(unused) == 1 else 'them'} at the default, or choose another sub.kind",
+            )
+        )
     for key, (unused, setting) in needs.items():
         if unused:
             found.append(
@@ -359,6 +368,21 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
             )
         )
     return found
+
+
+SUB_KEYS = tuple(f.name for f in dataclasses.fields(SubConfig) if f.name != "kind")
+
+
+def branch_keys_unused(kind: str, keys: list[str]) -> list[str]:
+    """Of the ``sub.*`` key names ``keys``, those ``sub.kind=kind`` does not read: plain training reads none,
+    DropSub and PathSub no mask unit."""
+    if kind == "none":
+        return list(keys)
+    return [k for k in keys if k == "unit" and kind in ("dropout", "droppath")]
+
+
+def _differs(section, default, name: str) -> bool:
+    return _plain(getattr(section, name)) != _plain(getattr(default, name))
 
 
 def drop_moot_recipe_values(cfg: Config, recipe: Config, overridden: set[str]) -> None:

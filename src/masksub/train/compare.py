@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from . import checkpoint
+from .checks import branch_keys_unused
 from .config import RUN_NAMES, Config, ConfigError, flat_config, from_dict, load_config
 from .interrupt import Interrupted
 from .runlog import RunLog, plot_curves, replace_text, summarize, write_summary
@@ -67,6 +68,15 @@ OWN_KEYS = {
 }
 
 
+def _overrides_for(kind: str, kinds: list[str], overrides: dict) -> dict:
+    """The overrides of the ``kind`` runs: ``sub.*`` keys that this kind does not read but another listed kind
+    does (``--sub.ratio`` for the plain runs) are left out of them; keys no listed kind reads stay, and are
+    refused."""
+    sub = [key.removeprefix("sub.") for key in overrides if key.startswith("sub.")]
+    skip = {k for k in branch_keys_unused(kind, sub) if any(not branch_keys_unused(other, [k]) for other in kinds)}
+    return {key: value for key, value in overrides.items() if key.removeprefix("sub.") not in skip}
+
+
 def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: dict, output: str, log=print) -> Path:
     """Train every (kind, seed); write compare.csv (one row per run), compare.md and curves.png.
 
@@ -91,7 +101,7 @@ def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: d
         (kind, seed): load_config(
             recipe,
             {
-                **overrides,
+                **_overrides_for(kind, kinds, overrides),
                 "sub.kind": kind,
                 "train.seed": seed,
                 "train.output": str(folder / "runs"),
