@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
+import io
 import json
 import os
 import re
@@ -1319,6 +1320,36 @@ def test_checkpoints_of_other_tools_load_or_get_a_clear_error(tmp_path, capsys):
 
     assert main(["train", "--resume", str(tmp_path / "timm.pth.tar")]) == 2
     assert "is not a masksub run checkpoint (it has no configuration)" in capsys.readouterr().err
+
+
+def test_a_damaged_or_cut_short_checkpoint_is_refused_by_name(tmp_path, capsys):
+    """torch.load read a checkpoint with damaged bytes as if whole (the weights silently took them), and one cut
+    short failed with '[Errno 22] Invalid argument'."""
+    path = tmp_path / "last.pt"
+    state = {"model": {"w": torch.arange(50_000.0)}, "step": torch.tensor(3)}
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)  # a process that turned checksums off: save_atomic writes them
+    try:
+        checkpoint.save_atomic(state, path)
+    finally:
+        torch.serialization.set_crc32_options(crc)
+    data = path.read_bytes()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], state["model"]["w"])
+    at = data.index(torch.arange(50_000.0)[1000:1004].numpy().tobytes())  # inside the tensor's record
+    flipped = data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+    assert not torch.equal(torch.load(io.BytesIO(flipped), weights_only=True)["model"]["w"], state["model"]["w"])
+    for name, damaged in (("flipped.pt", flipped), ("cut.pt", data[: len(data) // 2]), ("tail.pt", data[:-50])):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(checkpoint.CheckpointError, match="it is damaged or incomplete .a copy or download cut"):
+            checkpoint.load(tmp_path / name)
+    assert main(["train", "--resume", str(tmp_path / "flipped.pt")]) == 2
+    assert "Bad CRC-32 for file" in capsys.readouterr().err
+    torch.serialization.set_crc32_options(False)  # a file written without checksums (all 0) is taken as it is
+    try:
+        torch.save(state, tmp_path / "plain.pt")
+    finally:
+        torch.serialization.set_crc32_options(crc)
+    assert torch.equal(checkpoint.load(tmp_path / "plain.pt")["model"]["w"], state["model"]["w"])
 
 
 def check_device_data_resumes_exactly(tmp_path, **more) -> Path:

@@ -13,6 +13,8 @@ import os
 import random
 import re
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     except OSError as e:
         raise _write_error(path, e) from e
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f, _checksums():
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -116,6 +118,8 @@ def load(path: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"cannot load checkpoint {path}: it is not a PyTorch checkpoint (a torch.save or .safetensors file)"
         )
+    if head.startswith(b"PK"):
+        verify_zip(path)
     try:
         # Memory-mapped: the processes of a node resuming one file share its pages instead of each
         # reading a copy. Files in torch's legacy (pre-zip) format cannot be mapped: read those whole.
@@ -130,6 +134,42 @@ def load(path: str | os.PathLike) -> dict:
                 f"torch.save(torch.load(path, weights_only=False)['model'], 'weights.pt'), and pass that"
             ) from e
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from e
+
+
+def verify_zip(path: Path) -> None:
+    """Checks a ``torch.save`` file's records against the CRC-32 checksums it holds: ``torch.load`` reads
+    a file with a damaged byte as if it were whole (the tensors silently take the damaged values). A
+    file written without checksums (``torch.serialization.set_crc32_options(False)``: all of them 0) is
+    taken as it is. One more read of the file, mostly from the page cache."""
+    damaged = (
+        f"cannot load checkpoint {path}: it is damaged or incomplete (a copy or download cut short, a disk "
+        "error); use another copy, or the run folder's other checkpoint (best.pt, last.pt)"
+    )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            if not any(r.CRC for r in records):
+                return
+            for record in records:
+                with archive.open(record) as f:  # raises at the end of a record whose CRC-32 differs
+                    while f.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise CheckpointError(f"{damaged}: {e}") from e
+
+
+@contextlib.contextmanager
+def _checksums():
+    """CRC-32 checksums in the file while it is written (``load`` checks them), whatever the process set."""
+    options = getattr(torch.serialization, "get_crc32_options", None)
+    if options is None or options():
+        yield
+        return
+    torch.serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(False)
 
 
 def _safe_globals():
