@@ -642,6 +642,10 @@ def test_recipe_values_an_override_makes_moot_fall_back_to_their_defaults(tmp_pa
         load_config(str(recipe))
     plain = load_config("fashion_mnist_resnet", ["--sub.kind", "none"])  # its mask unit of 4 px: read by no branch
     assert dataclasses.asdict(plain.sub) == {**dataclasses.asdict(SubConfig()), "kind": "none"}
+    probe = ["--train.linprobe", "true", "--model.checkpoint", "w.pt"]  # the head alone trains: no layers to decay
+    assert load_config("mae_finetune_vit_b", probe, check=False).optim.layer_decay is None
+    with pytest.raises(ConfigError, match="a linear probe .train.linprobe. trains the head alone: leave it unset"):
+        load_config(None, [*probe, "--optim.layer_decay", "0.7"])
 
 
 @pytest.mark.parametrize(

@@ -326,6 +326,14 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
         ),
         **_scheduler_keys(cfg.sched),
     }
+    if cfg.optim.layer_decay is not None and cfg.train.linprobe:  # the head, the one layer trained, keeps the rate
+        found.append(
+            (
+                ["optim.layer_decay"],
+                "optim.layer_decay scales the learning rate of the layers below the head, and a linear probe "
+                "(train.linprobe) trains the head alone: leave it unset",
+            )
+        )
     if unused := branch_keys_unused(cfg.sub.kind, [k for k in SUB_KEYS if _differs(cfg.sub, SubConfig(), k)]):
         found.append(
             (
