@@ -700,6 +700,7 @@ def test_sub_branch_keys_a_plain_run_or_a_drop_branch_does_not_read_are_refused(
         (["--data.workers", "-1"], "data.workers must be >= 0, got -1"),
         (["--train.checkpoint_every", "-3"], "train.checkpoint_every must be >= 0, got -3"),
         (["--aug.hflip", "2"], "aug.hflip must be in [0, 1], got 2.0"),
+        (["--aug.hflip", "0.3"], "aug.hflip takes effect with aug.preset simple, timm or pretrain"),  # preset none
         (
             ["--model.kwargs", "{img_size: 28, patch_size: 7, drop_path_rate: 0.1}"],  # was silently 0
             "model.kwargs sets drop_path_rate, which the trainer sets from model.drop_path_rate (the kwargs value",

@@ -325,6 +325,7 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
             "sched.warmup_epochs above 0",
         ),
         **_scheduler_keys(cfg.sched),
+        "aug.hflip": (a.hflip != default.hflip and a.preset == "none", "aug.preset simple, timm or pretrain"),
     }
     if cfg.optim.layer_decay is not None and cfg.train.linprobe:  # the head, the one layer trained, keeps the rate
         found.append(
