@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .data import CorruptDataError
 from .train import checkpoint
+from .train.checks import check_command_keys, validate
 from .train.config import (
     ConfigError,
     apply_overrides,
@@ -218,7 +219,9 @@ def _main(argv: list[str] | None) -> int:
                 cfg = apply_overrides(from_dict(saved), overrides)
             else:
                 check_recipe_command(args.recipe, args.command)
-                cfg = load_config(args.recipe, overrides)
+                cfg = load_config(args.recipe, overrides, check=False)
+                check_command_keys(cfg, args.command)  # first: "would do nothing in masksub pretrain" says most
+                validate(cfg)
             trainer_cls = Trainer
             if args.command == "pretrain":
                 from .pretrain.trainer import PretrainTrainer as trainer_cls
