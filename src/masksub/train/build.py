@@ -1,13 +1,15 @@
-"""What a configuration builds before training: the device, the timm model (with its initial weights) and
-the criterion."""
+"""What a configuration builds before training: the device, the timm model (with its initial weights), the
+criterion and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import difflib
+import warnings
 
 import timm
 import torch
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import create_scheduler_v2
 
 from . import checkpoint
 from .config import Config, ConfigError
@@ -76,3 +78,47 @@ def build_criterion(cfg: Config, mixup: bool):
     if mixup:
         return SoftTargetCrossEntropy()  # mixup already smoothed the targets
     return LabelSmoothingCrossEntropy(a.smoothing) if a.smoothing > 0 else torch.nn.CrossEntropyLoss()
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int, peak_lr: float, warn: bool):
+    """timm's scheduler of ``cfg.sched``, stepped per optimizer step; with ``warn``, a warning for a schedule
+    that cannot do what it says (a warm-up as long as the run, decays past its end, a floor above the peak)."""
+    sched = cfg.sched
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=sched.name,
+        num_epochs=sched.epochs,
+        warmup_epochs=sched.warmup_epochs,
+        warmup_lr=sched.warmup_lr,
+        min_lr=sched.min_lr,
+        decay_epochs=sched.decay_epochs,
+        decay_milestones=list(sched.decay_milestones),
+        decay_rate=sched.decay_rate,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    if not warn:
+        return scheduler
+    if sched.warmup_epochs >= sched.epochs:
+        warnings.warn(
+            f"sched.warmup_epochs={sched.warmup_epochs} is not shorter than sched.epochs={sched.epochs}: the "
+            "learning rate never reaches its peak; lower sched.warmup_epochs",
+            stacklevel=3,
+        )
+    decays = {"step": [sched.decay_epochs], "multistep": list(sched.decay_milestones)}.get(sched.name)
+    if decays is not None and min(decays, default=sched.epochs) >= sched.epochs:
+        key = "decay_epochs" if sched.name == "step" else "decay_milestones"
+        value = getattr(sched, key)
+        shown = "[" + ", ".join(f"{v:g}" for v in value) + "]" if isinstance(value, (list, tuple)) else f"{value:g}"
+        warnings.warn(
+            f"sched.{key}={shown} is not within sched.epochs={sched.epochs}: the {sched.name} schedule never "
+            f"lowers the learning rate; set sched.{key}",
+            stacklevel=3,
+        )
+    if sched.min_lr > peak_lr and sched.name in ("cosine", "tanh", "poly"):
+        warnings.warn(
+            f"sched.min_lr={sched.min_lr:g} is above the peak learning rate {peak_lr:.3g}: the {sched.name} "
+            "schedule would raise the rate as it goes; lower sched.min_lr",
+            stacklevel=3,
+        )
+    return scheduler

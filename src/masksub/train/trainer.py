@@ -18,18 +18,17 @@ from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import masksub
 
-from . import checkpoint, distributed, sharding
+from . import checkpoint, distributed, resume, sharding
 from .accuracy import accuracy_text, evaluate
-from .build import build_criterion, build_model, resolve_device
+from .build import build_criterion, build_model, build_scheduler, resolve_device
 from .checks import check_command_keys
-from .config import Config, ConfigError, SchedConfig, dump, from_dict, load_config
+from .config import Config, ConfigError, dump, load_config
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
 from .runlog import FolderLock, RunLog, make_run_folder, resume_command
@@ -42,13 +41,6 @@ class NonFiniteLossError(RuntimeError):
 def counted(n: int, noun: str) -> str:
     """``counted(1, "step")`` -> '1 step', ``counted(1200, "step")`` -> '1,200 steps'."""
     return f"{n:,} {noun}{'s' * (n != 1)}"
-
-
-def _plain_list(value) -> str:
-    """A number setting as the user writes it (``90``), a list one too (``[30, 60]``)."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(f"{v:g}" for v in value) + "]"
-    return f"{value:g}"
 
 
 def _progress_interval() -> dict:
@@ -80,7 +72,7 @@ class Trainer:
         resume_state = checkpoint.load(cfg.train.resume) if cfg.train.resume else None
         self.resuming = resume_state is not None
         if resume_state is not None:
-            self._check_matches(resume_state["config"])  # before building anything that may not fit
+            resume.check_config(resume_state["config"], cfg)  # before building anything that may not fit
         self.device = resolve_device(cfg.train.device)
         self.dist = distributed.init(self.device.type)
         if not self.dist.main:
@@ -99,7 +91,7 @@ class Trainer:
         train_set, val_set = build_datasets(cfg, evaluation=self.evaluates)
         self.classes = list(train_set.classes)  # by label; kept in checkpoints for resume and evaluation
         if resume_state is not None and "classes" in resume_state:
-            self._check_classes(resume_state["classes"])
+            resume.check_classes(resume_state["classes"], self.classes, cfg.train.resume)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self._build(train_set, val_set)  # self.model, self.net, self.loaders, self.ema, self.criterion
         params = list(self.model.parameters())  # before sharding
@@ -109,41 +101,9 @@ class Trainer:
             self._shard()  # before the optimizer: sharding replaces the parameters
         self._check_input()
         self.optimizer = self._optimizer()
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer,
-            sched=cfg.sched.name,
-            num_epochs=cfg.sched.epochs,
-            warmup_epochs=cfg.sched.warmup_epochs,
-            warmup_lr=cfg.sched.warmup_lr,
-            min_lr=cfg.sched.min_lr,
-            decay_epochs=cfg.sched.decay_epochs,
-            decay_milestones=list(cfg.sched.decay_milestones),
-            decay_rate=cfg.sched.decay_rate,
-            step_on_epochs=False,
-            updates_per_epoch=self.loaders.steps_per_epoch,
+        self.scheduler = build_scheduler(
+            cfg, self.optimizer, self.loaders.steps_per_epoch, self._learning_rate(), warn=self.dist.main
         )
-        if cfg.sched.warmup_epochs >= cfg.sched.epochs and self.dist.main:
-            warnings.warn(
-                f"sched.warmup_epochs={cfg.sched.warmup_epochs} is not shorter than sched.epochs="
-                f"{cfg.sched.epochs}: the learning rate never reaches its peak; lower sched.warmup_epochs",
-                stacklevel=2,
-            )
-        sched = cfg.sched
-        decays = {"step": [sched.decay_epochs], "multistep": list(sched.decay_milestones)}.get(sched.name)
-        if decays is not None and min(decays, default=sched.epochs) >= sched.epochs and self.dist.main:
-            key = "decay_epochs" if sched.name == "step" else "decay_milestones"
-            warnings.warn(
-                f"sched.{key}={_plain_list(getattr(sched, key))} is not within sched.epochs={sched.epochs}: the "
-                f"{sched.name} schedule never lowers the learning rate; set sched.{key}",
-                stacklevel=2,
-            )
-        peak = self._learning_rate()
-        if cfg.sched.min_lr > peak and cfg.sched.name in ("cosine", "tanh", "poly") and self.dist.main:
-            warnings.warn(
-                f"sched.min_lr={cfg.sched.min_lr:g} is above the peak learning rate {peak:.3g}: the {cfg.sched.name} "
-                "schedule would raise the rate as it goes; lower sched.min_lr",
-                stacklevel=2,
-            )
         if cfg.train.compile:
             self.net.compile()
         train_net = self.net
@@ -369,32 +329,6 @@ class Trainer:
                 e.args = (f"{e.args[0]}; make room, then {then}",)
                 raise
 
-    def _check_matches(self, saved: dict) -> None:
-        saved_cfg = from_dict(saved)
-        keys = ("model.name", "model.kwargs", "data.name", "data.in_chans", "sub.kind", "data.batch_size")
-        keys += ("train.accum_steps", "optim.name", "train.fsdp")
-        # The optimizer's and the scheduler's states bring their own settings back: a new value would be
-        # written into the run's configuration and not used.
-        keys += tuple(
-            f"optim.{k}" for k in ("lr", "base_lr", "weight_decay", "betas", "eps", "momentum", "layer_decay")
-        )
-        keys += tuple(f"sched.{f.name}" for f in dataclasses.fields(SchedConfig))
-        diffs = []
-        for key in keys:
-            section, name = key.split(".")
-            old, new = getattr(getattr(saved_cfg, section), name), getattr(getattr(self.cfg, section), name)
-            if old != new:
-                diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
-        if diffs:
-            path = Path(self.cfg.train.resume)
-            weights = path if path.is_file() else path / "last.pt"
-            raise ConfigError(
-                "cannot resume: the checkpoint was made with another configuration:\n  "
-                + "\n  ".join(diffs)
-                + "\nresume without overriding these keys; to train on from its weights with new settings, start "
-                f"a new run with --model.checkpoint {weights}"
-            )
-
     def _header(self, train_images: int, eval_images: int, parameters: int, trained: int) -> str:
         """What this run trains, on what, how: the run's first lines."""
         cfg, d, world, accum = self.cfg, self.cfg.data, self.dist.world, self.cfg.train.accum_steps
@@ -435,22 +369,8 @@ class Trainer:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
         return resume_command(self.command, self.folder, self.dist.world, local)
 
-    def _check_classes(self, saved: list[str]) -> None:
-        if saved == self.classes:
-            return
-        gone, new = sorted(set(saved) - set(self.classes)), sorted(set(self.classes) - set(saved))
-        what = "; ".join(
-            f"{label}: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
-            for label, names in (("gone", gone), ("new", new))
-            if names
-        )
-        raise ConfigError(
-            f"cannot resume from {self.cfg.train.resume}: the training split's classes are not the ones the "
-            f"checkpoint was trained on ({what or 'the same names, labelled in another order'}); resume with "
-            "the data the run started with, or start a new run with --model.checkpoint <run>/last.pt"
-        )
-
     def _resume(self, state: dict, path: str) -> None:
+        resume.check_position(state, self.dist.world, self.loaders.batches_per_epoch, path)
         try:
             self._load_state(self.net, state["model"])
         except RuntimeError as e:
@@ -464,23 +384,7 @@ class Trainer:
             self.step.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"]:
             self._load_state(self.ema, state["ema"])
-        weights = Path(path) / "last.pt" if Path(path).is_dir() else path
-        if len(state["rng"]) != self.dist.world:
-            n = len(state["rng"])
-            raise ConfigError(
-                f"cannot resume from {path}: it was written by {n} process{'es' * (n > 1)}, this run has "
-                f"{self.dist.world}; resume with {n} (the exact continuation needs each process's random "
-                f"streams), or start a new run from its weights with --model.checkpoint {weights}"
-            )
-        pos = state["position"]
-        batches = pos.get("batches_per_epoch", self.loaders.batches_per_epoch)
-        if batches != self.loaders.batches_per_epoch:  # the data changed: the schedule and the position would not fit
-            raise ConfigError(
-                f"cannot resume from {path}: it was trained on {batches} batches per epoch and process, this run "
-                f"has {self.loaders.batches_per_epoch} (the training images or data.train_subset changed); resume "
-                f"with the data the run started with, or start a new run from its weights with "
-                f"--model.checkpoint {weights}"
-            )
+        pos, weights = state["position"], resume.weights_file(path)
         checkpoint.set_rng_state(state["rng"][self.dist.rank])
         self.epoch, self.micro_in_epoch, self.global_step = pos["epoch"], pos["micro_in_epoch"], pos["global_step"]
         self.epoch_sums = state["epoch_sums"].to(self.device, copy=True)
