@@ -284,7 +284,7 @@ def check_command_keys(cfg: Config, command: str) -> None:
         f"{section}.{name}"
         for section, names in keys.items()
         for name in names
-        if _plain(getattr(getattr(cfg, section), name)) != _plain(getattr(getattr(default, section), name))
+        if _differs(getattr(cfg, section), getattr(default, section), name)
     ]
     if cfg.sub.kind == "none" and "sub.kind" in unused:  # the pretraining recipes say so
         unused.remove("sub.kind")
@@ -367,7 +367,7 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
             )
         )
     timm_only = TIMM_ONLY if a.preset != "timm" else ()  # the other presets' transforms take none of these
-    if unused := [f"aug.{k}" for k in timm_only if _plain(getattr(a, k)) != _plain(getattr(default, k))]:
+    if unused := [f"aug.{k}" for k in timm_only if _differs(a, default, k)]:
         one = len(unused) == 1
         found.append(
             (
@@ -391,6 +391,7 @@ def branch_keys_unused(kind: str, keys: list[str]) -> list[str]:
 
 
 def _differs(section, default, name: str) -> bool:
+    """Whether a config section's value of ``name`` is not the default's (a list equals the same tuple)."""
     return _plain(getattr(section, name)) != _plain(getattr(default, name))
 
 
@@ -421,7 +422,7 @@ def _scheduler_keys(sched: SchedConfig) -> dict:
     default = SchedConfig()
     return {
         f"sched.{key}": (
-            _plain(getattr(sched, key)) != _plain(getattr(default, key)) and sched.name not in names,
+            _differs(sched, default, key) and sched.name not in names,
             f"sched.name {' or '.join(names)}",
         )
         for key, names in SCHEDULER_KEYS.items()

@@ -74,7 +74,7 @@ def _overrides_for(kind: str, kinds: list[str], overrides: dict) -> dict:
     refused."""
     sub = [key.removeprefix("sub.") for key in overrides if key.startswith("sub.")]
     skip = {k for k in branch_keys_unused(kind, sub) if any(not branch_keys_unused(other, [k]) for other in kinds)}
-    return {key: value for key, value in overrides.items() if key.removeprefix("sub.") not in skip}
+    return {key: value for key, value in overrides.items() if not (key.startswith("sub.") and key[4:] in skip)}
 
 
 def compare(recipe: str | None, kinds: list[str], seeds: list[int], overrides: dict, output: str, log=print) -> Path:
