@@ -16,8 +16,12 @@ VENV=${VENV:-.venv-torch$TORCH-timm$TIMM}
 quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-# The pinned releases first; installing masksub afterwards keeps them (they satisfy its ranges).
-quiet "$VENV/bin/python" -m pip install -q "torch==$TORCH" "torchvision==$TORCHVISION" "timm==$TIMM"
-quiet "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# The pinned releases stay pinned while masksub and its test extras install: without the constraints, a
+# newer transformers, Accelerate or Lightning would pull a newer torch over the one under test.
+PINS=$(mktemp)
+trap 'rm -f "$PINS"' EXIT
+printf 'torch==%s\ntorchvision==%s\ntimm==%s\n' "$TORCH" "$TORCHVISION" "$TIMM" > "$PINS"
+quiet "$VENV/bin/python" -m pip install -q -c "$PINS" "torch==$TORCH" "torchvision==$TORCHVISION" "timm==$TIMM"
+quiet "$VENV/bin/python" -m pip install -q -c "$PINS" -e ".[dev]"
 "$VENV/bin/python" -c "import torch, torchvision, timm, numpy; print('testing with torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| numpy', numpy.__version__)"
 "$VENV/bin/python" -m pytest -q -rs "$@"

@@ -162,6 +162,39 @@ def _fsdp_settings():
     return found
 
 
+NONFINITE = [("ddp", None, "pixel"), ("ddp", None, "constant"), ("ddp", "fp16", "pixel"), ("ddp", "fp16", "constant")]
+if FSDP_CASES:
+    NONFINITE += [("fsdp2", "bf16", "constant"), ("fsdp1", None, "constant")]
+
+
+def _nonfinite_steps(parallel, amp, mode, rank):
+    """Three steps with skip_nonfinite; at the second, rank 1's loss is not finite: a NaN pixel in its batch
+    (NaN gradients too), or a NaN constant added to its loss (finite gradients). What each step reported, and
+    the weights."""
+    wrapped = masksub.wrap(tiny_model("vit"), unit=TINY["vit"][3]).train()
+    if parallel == "ddp":
+        model = DDP(wrapped)
+    else:  # FullyShardedDataParallel's state dict (the full one) is the wrapper's
+        model = wrapped = _shard(wrapped, "vit", parallel)
+    at = [0]  # the step being taken
+
+    def criterion(logits, y):
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss + float("nan") if mode == "constant" and rank == 1 and at[0] == 1 else loss
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = masksub.Step(model, opt, criterion, amp=amp, skip_nonfinite=True)
+    torch.manual_seed(10 + rank)
+    skipped = []
+    for i in range(3):
+        at[0] = i
+        x, y = tiny_images("vit", batch=4, seed=20 + 2 * i + rank), torch.arange(4) % 5
+        if mode == "pixel" and rank == 1 and i == 1:
+            x[0, 0, 0, 0] = float("nan")
+        skipped.append(bool(step(x, y).get("skipped", False)))
+    return skipped, _full_state(wrapped)
+
+
 def _worker(rank, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -169,6 +202,7 @@ def _worker(rank, init_file, results):
     out.update({case: _train(*case[:3], rank=rank, world=WORLD, parallel=case[3]) for case in FSDP_CASES})
     if FSDP_CASES:
         out["fsdp settings"] = _fsdp_settings()
+    out.update({("nonfinite", *case): _nonfinite_steps(*case, rank) for case in NONFINITE})
     torch.save(out, f"{results}.{rank}")
     exit_without_teardown()
 
@@ -242,3 +276,13 @@ def test_fsdp_refuses_per_parameter_clipping_and_picks_a_sharded_scaler(ddp_resu
         assert "clip_mode='agc' clips each parameter by its own norm, which FSDP shards" in found[parallel, "agc"]
     assert found["fsdp1", "fp16"] == "ShardedGradScaler"  # its inf check is reduced across processes
     assert "amp='fp16' under fully_shard" in found["fsdp2", "fp16"] and "use amp='bf16'" in found["fsdp2", "fp16"]
+
+
+@pytest.mark.parametrize("case", NONFINITE, ids=lambda c: "-".join(map(str, c)))
+def test_a_loss_not_finite_on_one_process_skips_the_step_on_every_process(ddp_results, case):
+    """skip_nonfinite under DDP / FSDP: one process's non-finite loss (with NaN gradients, or with finite
+    ones) skips the step on each process, each reports it skipped, and the weights stay the same on all."""
+    (skipped0, state0), (skipped1, state1) = (r[("nonfinite", *case)] for r in ddp_results)
+    assert skipped0 == skipped1 == [False, True, False], f"steps reported skipped: {skipped0} and {skipped1}"
+    for k in state0:
+        assert torch.equal(state0[k], state1[k]), f"processes disagree on {k}"

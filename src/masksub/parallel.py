@@ -73,3 +73,21 @@ def no_sync(model: nn.Module):
     if callable(getattr(model, "set_requires_gradient_sync", None)):
         return _without_gradient_sync(model)
     return nullcontext()
+
+
+def all_processes(flag: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``flag`` (a boolean tensor) and-ed over the processes the model reduces gradients across: one scalar
+    all-reduce under DDP (its process group) or FSDP (the default group, as FSDP's sharded grad scaler
+    reduces its overflow check); the flag itself for a model that reduces nothing."""
+    fsdp1, model = fsdp1_class(), engine(model)
+    if isinstance(model, DistributedDataParallel):
+        group = model.process_group
+    elif (fsdp1 is not None and isinstance(model, fsdp1)) or callable(
+        getattr(model, "set_requires_gradient_sync", None)
+    ):
+        group = None
+    else:
+        return flag
+    agreed = flag.to(torch.uint8)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=group)
+    return agreed.bool()

@@ -26,7 +26,7 @@ from timm.utils import dispatch_clip_grad
 from torch import nn
 
 from .loss import SubBranchLoss
-from .parallel import clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
+from .parallel import all_processes, clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
 from .prepared import inner_optimizer, sub_branch_model, wrapper_scaler
 from .wrapper import check_one_backward
 
@@ -91,7 +91,9 @@ class Step:
         skip_nonfinite: skip the optimizer step (and drop its gradients) when a
             loss of the accumulation window or the gradient norm is not finite (with
             fp16 the grad scaler judges the gradients); costs one host sync per
-            optimizer step. The result then has ``skipped=True``.
+            optimizer step. The result then has ``skipped=True``. Under DDP or FSDP every
+            process skips when a loss is not finite on any (with fp16 that costs one
+            scalar all-reduce per optimizer step), so weights and reports agree.
         backward: a function to back-propagate each loss with instead of ``loss.backward()``, which scales the
             loss itself: ``fabric.backward`` for a model and optimizer set up by Lightning Fabric (required there).
         sync_every_backward: reduce the gradients across processes at every backward (main, sub, every
@@ -203,6 +205,11 @@ class Step:
         return nullcontext() if self.sync_every_backward else no_sync(self.model)
 
     def _backward(self, loss: torch.Tensor) -> None:
+        if self.skip_nonfinite:
+            # A non-finite loss makes this process's gradients NaN (a finite one is times 1: the same
+            # gradients), so the gradient reduction carries it to every process: under DDP or FSDP all skip
+            # the step, also when that loss's own gradients were finite (a NaN constant added to it).
+            loss = loss * torch.where(loss.detach().isfinite(), 1.0, math.nan)
         if self.backward_fn is not None:
             self.backward_fn(loss)
         else:
@@ -332,7 +339,12 @@ class Step:
         if self.skip_nonfinite:
             # A finite loss can still give non-finite gradients. With fp16 the scaler skips those steps
             # itself (and lowers its scale): only the loss is checked then.
-            finite = self._finite if norm is None or self.scaler is not None else self._finite & torch.isfinite(norm)
+            if self.scaler is not None:
+                # the scaler skips the step on every process alike; that a loss was not finite, which the
+                # step reports, is agreed on with one scalar all-reduce (none for a model not distributed)
+                finite = all_processes(self._finite, self.model)
+            else:  # the gradients are reduced across processes: their norm is the same on each
+                finite = self._finite & torch.isfinite(norm)
             if not bool(finite):  # the one host sync this option costs
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is not None:
