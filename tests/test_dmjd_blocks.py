@@ -68,6 +68,7 @@ def test_seeded_reproducibility():
         (dict(corruption=0.6, views=3), "cannot have disjoint visible sets"),
         (dict(corruption=0.6, prediction=0.9, views=3), "2 views only"),
         (dict(corruption=0.6, prediction=0.5), "prediction rate must be in"),
+        (dict(corruption=0.3, prediction=0.9), "hide at most 0.6 of it together"),
         (dict(corruption=1.0), r"\[0, 1\)"),
         (dict(block=3), "not divisible by the mask block"),
     ],

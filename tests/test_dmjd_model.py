@@ -83,6 +83,8 @@ def test_encoder_loads_into_timm_and_adaptive_lr():
     plain.load_state_dict(model.encoder.state_dict(), strict=True)
     assert model.adaptive_lr(6e-4, 512) == pytest.approx(6e-4 * 512 * (1.0 / 0.6) / 256)
     assert tiny("single").adaptive_lr(6e-4, 512) == pytest.approx(6e-4 * 2)
+    # one view predicts the corruption rate it hides, whatever prediction rate two views would have had
+    assert tiny(views=1).adaptive_lr(6e-4, 512) == pytest.approx(6e-4 * 2)
 
 
 def test_rejects_non_vit_encoder_and_bad_settings():

@@ -72,7 +72,8 @@ def test_pretrain_linprobe_finetune(tmp_path, capsys):
 
 
 def test_pretrain_single_view_baseline_and_exact_resume(tmp_path, capsys):
-    single = {**PRE, "train.output": str(tmp_path)}
+    # no projector_dim: one view has no visible branch to project (refused as doing nothing)
+    single = {**{k: v for k, v in PRE.items() if k != "pretrain.projector_dim"}, "train.output": str(tmp_path)}
     assert main(["pretrain", "--method", "single", *args(single)]) == 0
     run, header = tmp_path / "fashion_mnist_dmjd-single-s0", capsys.readouterr().out.splitlines()
     assert header[0] == f"run folder {run}"  # the default name carries the method, not the (absent) sub branch
@@ -129,6 +130,15 @@ def test_pretrain_settings_that_cannot_work_get_a_clear_error(tmp_path, capsys):
     ]:
         assert main(["pretrain", *args(bad, **{key: value})]) == 2
         assert message in capsys.readouterr().err
+    single = {"pretrain.method": "single", "pretrain.prediction": 0.9, "pretrain.views": 3}  # were ignored
+    assert main(["pretrain", *args(bad, **single)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "pretrain.views, pretrain.prediction, pretrain.projector_dim would do nothing with pretrain.method single"
+        in err
+    )
+    assert main(["pretrain", *args(bad, **{"pretrain.corruption": 0.3, "pretrain.prediction": 0.9})]) == 2
+    assert "hide at most 0.6 of it together, not the prediction rate 0.9" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing is written for a run that cannot start"
 
 

@@ -28,7 +28,15 @@ import masksub
 from masksub.cli import main
 from masksub.data import load_fashion_mnist
 from masksub.train import checkpoint
-from masksub.train.config import ConfigError, SubConfig, all_keys, list_recipes, load_config, recipe_notes
+from masksub.train.config import (
+    ConfigError,
+    PretrainConfig,
+    SubConfig,
+    all_keys,
+    list_recipes,
+    load_config,
+    recipe_notes,
+)
 from masksub.train.data import build_eval_dataset
 from masksub.train.runlog import RunLog
 
@@ -643,6 +651,8 @@ def test_recipe_values_an_override_makes_moot_fall_back_to_their_defaults(tmp_pa
         load_config(str(recipe))
     plain = load_config("fashion_mnist_resnet", ["--sub.kind", "none"])  # its mask unit of 4 px: read by no branch
     assert dataclasses.asdict(plain.sub) == {**dataclasses.asdict(SubConfig()), "kind": "none"}
+    single = load_config("fashion_mnist_dmjd", ["--pretrain.method", "single"], check=False)  # no visible branch
+    assert (single.pretrain.projector_dim, single.pretrain.decoder_dim) == (PretrainConfig.projector_dim, 96)
     probe = ["--train.linprobe", "true", "--model.checkpoint", "w.pt"]  # the head alone trains: no layers to decay
     assert load_config("mae_finetune_vit_b", probe, check=False).optim.layer_decay is None
     with pytest.raises(ConfigError, match="a linear probe .train.linprobe. trains the head alone: leave it unset"):

@@ -123,9 +123,9 @@ def disjoint_views(
     Units are ``block`` x ``block`` patch tokens (2 = 32x32 pixels for 16-pixel patches; 1 = single
     patches). Each view keeps ``K = num_keep(n, corruption)`` units visible. With ``prediction=1`` the
     views' visible sets are disjoint, which needs ``views * K <= n`` (for 2 views: corruption >= 0.5).
-    With ``prediction < 1`` (2 views only) view 2 hides ``min(prediction - corruption, corruption)`` of
-    the units view 1 shows, so the visible sets overlap and the masked sets together cover about
-    ``prediction`` of the image.
+    With ``prediction < 1`` (2 views only) view 2 hides ``prediction - corruption`` of the units view 1
+    shows, so the visible sets overlap and the masked sets together cover about ``prediction`` of the
+    image; that needs ``prediction <= 2 * corruption``.
     """
     check_ratio(corruption, "corruption rate")
     if not (corruption < prediction <= 1.0):
@@ -148,7 +148,13 @@ def disjoint_views(
     else:
         if views != 2:
             raise ValueError("a prediction rate below 1 is defined for 2 views only; use prediction=1.0")
-        hidden_again = min(keep, round(min(prediction - corruption, corruption) * n))
+        if prediction - corruption > corruption + 1e-9:  # view 2 can hide only units view 1 shows
+            raise ValueError(
+                f"2 views hiding {corruption} of the image each hide at most {2 * corruption:g} of it together, "
+                f"not the prediction rate {prediction}: lower it to {2 * corruption:g} or raise the corruption "
+                f"rate to {prediction / 2:g}"
+            )
+        hidden_again = min(keep, round((prediction - corruption) * n))
         first = perm[:, :keep]
         second = torch.cat([first[:, hidden_again:], perm[:, keep : keep + hidden_again]], dim=1)
         units = [first, second]

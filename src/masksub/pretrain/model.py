@@ -219,6 +219,7 @@ class DMJD(nn.Module):
         return out
 
     def adaptive_lr(self, base_lr: float, images_per_step: int) -> float:
-        """``base_lr * images * (prediction / corruption) / 256``: images, not views."""
-        rate = self.prediction if self.method == "dmjd" else self.corruption
+        """``base_lr * images * (prediction / corruption) / 256``: images, not views. One view predicts what it
+        hides: the rate is then ``base_lr * images / 256``."""
+        rate = self.prediction if self.views > 1 else self.corruption
         return base_lr * images_per_step * (rate / self.corruption) / 256

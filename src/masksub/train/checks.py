@@ -344,6 +344,17 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
                 + f"): leave {'it' if len(unused) == 1 else 'them'} at the default, or choose another sub.kind",
             )
         )
+    single = [k for k in SINGLE_VIEW_UNUSED if _differs(cfg.pretrain, PretrainConfig(), k)]
+    if cfg.pretrain.method == "single" and single:
+        one = len(single) == 1
+        found.append(
+            (
+                [f"pretrain.{k}" for k in single],
+                f"{', '.join(f'pretrain.{k}' for k in single)} would do nothing with pretrain.method single (one "
+                f"view, no visible branch): leave {'it' if one else 'them'} at the default, or use pretrain.method "
+                "dmjd",
+            )
+        )
     for key, (unused, setting) in needs.items():
         if unused:
             found.append(
@@ -379,6 +390,7 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
     return found
 
 
+SINGLE_VIEW_UNUSED = ("views", "prediction", "visible_weight", "projector_dim")  # pretrain keys of 2+ views
 SUB_KEYS = tuple(f.name for f in dataclasses.fields(SubConfig) if f.name != "kind")
 
 
