@@ -164,10 +164,19 @@ def test_ratio_out_of_range(bad):
         masksub.wrap(tiny_model("vit"), ratio=bad)
 
 
-@pytest.mark.parametrize("bad", ["0.5", True, None])
+@pytest.mark.parametrize("bad", ["0.5", True, None, torch.tensor(0.5)])
 def test_ratio_wrong_type(bad):
     with pytest.raises(TypeError, match="ratio"):
         check_ratio(bad)
+
+
+def test_a_numpy_ratio_is_a_ratio():
+    """A ratio from NumPy (np.linspace's float32s in a sweep) was refused as not a number."""
+    import numpy as np
+
+    wrapped = masksub.wrap(tiny_model("vit"), ratio=np.float32(0.25))
+    assert type(wrapped.ratio) is float and wrapped.ratio == 0.25
+    assert num_masked(64, check_ratio(np.float16(0.5))) == 32
 
 
 def test_image_not_divisible_by_patch():

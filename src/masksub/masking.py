@@ -9,6 +9,7 @@ This is timm's ``PatchDropout`` rule, evaluated without float error (timm's
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch
 
 def check_ratio(ratio: float, what: str = "ratio") -> float:
     """Validate a sub-branch ratio: the fraction of the input removed, in [0, 1)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):  # NumPy's float32 too
         raise TypeError(f"{what} must be a number in [0, 1), got {ratio!r} ({type(ratio).__name__})")
     if not 0.0 <= float(ratio) < 1.0 or math.isnan(ratio):
         raise ValueError(
