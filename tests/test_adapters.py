@@ -170,13 +170,19 @@ def test_ratio_wrong_type(bad):
         check_ratio(bad)
 
 
-def test_a_numpy_ratio_is_a_ratio():
-    """A ratio from NumPy (np.linspace's float32s in a sweep) was refused as not a number."""
+def test_numpy_numbers_are_taken():
+    """A ratio, unit or accumulation count from NumPy (np.linspace's float32s in a sweep, an np.int64 from an
+    array) was refused as not a number."""
     import numpy as np
 
     wrapped = masksub.wrap(tiny_model("vit"), ratio=np.float32(0.25))
     assert type(wrapped.ratio) is float and wrapped.ratio == 0.25
     assert num_masked(64, check_ratio(np.float16(0.5))) == 32
+    assert "masks 8x8-pixel blocks" in repr(masksub.wrap(tiny_model("resnet"), unit=np.int64(8)).branch)
+    step = masksub.Step(
+        wrapped, torch.optim.SGD(wrapped.parameters()), torch.nn.CrossEntropyLoss(), accum_steps=np.int64(2)
+    )
+    assert step.accum_steps == 2 and type(step.accum_steps) is int
 
 
 def test_image_not_divisible_by_patch():

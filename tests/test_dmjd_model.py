@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -122,6 +123,21 @@ def test_settings_that_cannot_train_are_refused(kw, message):
     settings = {**dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, projector_dim=32), **kw}
     with pytest.raises(ValueError, match=message):
         DMJD(enc, **settings)
+
+
+def test_numpy_numbers_are_numbers_and_strings_are_not():
+    """NumPy's integers were refused as not integers; a string weight or rate failed inside a comparison."""
+    enc = timm.create_model("vit_tiny_patch16_224", depth=1, **ENC)
+    sizes = dict(decoder_dim=np.int64(32), decoder_depth=np.int64(1), decoder_heads=np.int64(2))
+    model = DMJD(enc, views=np.int64(2), corruption=np.float32(0.75), projector_dim=np.int32(32), **sizes)
+    assert (type(model.views), type(model.corruption)) == (int, float)
+    assert model(torch.rand(2, 3, 32, 32))["loss"].isfinite()
+    for kw, message in [
+        (dict(visible_weight="1"), "visible_weight must be a finite number >= 0, got '1'"),
+        (dict(prediction="1"), r"prediction rate must be a number in \(corruption, 1\], got '1'"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            DMJD(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, projector_dim=32, **kw)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 3, 24, 24), (3, 32, 32)])

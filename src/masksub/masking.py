@@ -128,7 +128,9 @@ def disjoint_views(
     shows, so the visible sets overlap and the masked sets together cover about ``prediction`` of the
     image; that needs ``prediction <= 2 * corruption``.
     """
-    check_ratio(corruption, "corruption rate")
+    corruption = check_ratio(corruption, "corruption rate")
+    if isinstance(prediction, bool) or not isinstance(prediction, numbers.Real):
+        raise TypeError(f"prediction rate must be a number in (corruption, 1], got {prediction!r}")
     if not (corruption < prediction <= 1.0):
         raise ValueError(f"prediction rate must be in (corruption, 1] = ({corruption}, 1], got {prediction}")
     gh, gw = grid

@@ -131,8 +131,9 @@ class Step:
             self.loss = criterion
         else:
             self.loss = SubBranchLoss(criterion, main_weight, sub_weight, temperature, teacher)
-        if not isinstance(accum_steps, int) or isinstance(accum_steps, bool) or accum_steps < 1:
+        if not isinstance(accum_steps, numbers.Integral) or isinstance(accum_steps, bool) or accum_steps < 1:
             raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+        accum_steps = int(accum_steps)
         if clip_grad is not None and (
             isinstance(clip_grad, bool) or not isinstance(clip_grad, numbers.Real) or not 0 < clip_grad < math.inf
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
@@ -176,8 +177,9 @@ def wrap(
     if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         raise TypeError("wrap the plain model first, then DistributedDataParallel / torch.compile the wrapper")
     ratio = check_ratio(ratio)
-    if unit is not None and (isinstance(unit, bool) or not isinstance(unit, int) or unit < 1):
+    if unit is not None and (isinstance(unit, bool) or not isinstance(unit, numbers.Integral) or unit < 1):
         raise ValueError(f"unit must be a positive number of pixels, got {unit!r}")
+    unit = None if unit is None else int(unit)
     if options and sub != "mask":
         raise TypeError(f"{', '.join(options)}: mask adapter options, but sub={sub!r} uses no mask adapter")
     if sub == "mask":

@@ -17,6 +17,7 @@ branch) with the same code. The encoder keeps its own names, so its state dict l
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -41,9 +42,11 @@ def _projector(dim: int, hidden: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-def _check_int(name: str, value, least: int, note: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+def _check_int(name: str, value, least: int, note: str = "") -> int:
+    """``value`` as an int (NumPy's integers too), or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}{note}, got {value!r}")
+    return int(value)
 
 
 def _per_channel(name: str, values, default: tuple, chans: int) -> tuple:
@@ -88,20 +91,24 @@ class DMJD(nn.Module):
             )
         if method not in ("dmjd", "single"):
             raise ValueError(f"method must be 'dmjd' or 'single', got {method!r}")
-        _check_int("views", views, 1, " (the paper's DMJD uses 2)")
-        _check_int("block", block, 1, " (the mask unit, in patch tokens)")
-        _check_int("decoder_depth", decoder_depth, 0)
-        for name, value in (
-            ("decoder_dim", decoder_dim),
-            ("decoder_heads", decoder_heads),
-            ("projector_dim", projector_dim),
-        ):
+        views = _check_int("views", views, 1, " (the paper's DMJD uses 2)")
+        block = _check_int("block", block, 1, " (the mask unit, in patch tokens)")
+        decoder_depth = _check_int("decoder_depth", decoder_depth, 0)
+        decoder_dim, decoder_heads, projector_dim = (
             _check_int(name, value, 1)
+            for name, value in (
+                ("decoder_dim", decoder_dim),
+                ("decoder_heads", decoder_heads),
+                ("projector_dim", projector_dim),
+            )
+        )
         if decoder_dim % decoder_heads or decoder_dim % 4:
             raise ValueError(
                 f"decoder_dim={decoder_dim} must split into decoder_heads={decoder_heads} heads and be a multiple of 4 "
                 "(its 2-D sine-cosine position embedding): the paper's decoder is 512 wide with 16 heads"
             )
+        if isinstance(visible_weight, bool) or not isinstance(visible_weight, numbers.Real):
+            raise TypeError(f"visible_weight must be a finite number >= 0, got {visible_weight!r}")
         if not 0 <= visible_weight < math.inf:
             raise ValueError(f"visible_weight must be a finite number >= 0, got {visible_weight!r}")
         self.encoder = encoder
@@ -127,6 +134,7 @@ class DMJD(nn.Module):
         else:
             raise ValueError(f"target must be 'hog' or 'pixels', got {target!r}")
         self.make_masks(1, "cpu")  # refuse a (corruption, prediction, views, block) that cannot work, now
+        self.corruption, self.prediction = float(corruption), float(prediction)  # NumPy's: Python floats
         self.in_chans = chans
         self._range_checked = False  # the first batch's values are checked once (one host sync)
         mean, std = (
