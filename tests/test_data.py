@@ -62,7 +62,7 @@ def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
         data.load_fashion_mnist("train", tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "magic", "gzip"])
+@pytest.mark.parametrize("damage", ["truncate", "magic", "gzip", "deflate"])
 def test_corrupt_file_named(fake_dir, damage):
     path = fake_dir / "t10k-labels-idx1-ubyte"
     raw = path.read_bytes()
@@ -70,6 +70,15 @@ def test_corrupt_file_named(fake_dir, damage):
         path.write_bytes(raw[:-2])
     elif damage == "magic":
         path.write_bytes(b"\x12\x34" + raw[2:])
+    elif damage == "deflate":  # a flipped byte inside the compressed stream: was zlib's bare error
+        path = fake_dir / "t10k-images-idx3-ubyte.gz"
+        _write_idx(path, np.arange(6 * 28 * 28).reshape(6, 28, 28) % 7, compress=True)  # compressible: deflated
+        packed = bytearray(path.read_bytes())
+        packed[packed.index(0, 10) + 3] ^= 0xFF  # past the header and the file name it holds
+        path.write_bytes(bytes(packed))
+        with pytest.raises(data.CorruptDataError, match="t10k-images-idx3-ubyte.gz: Error -3 while decompressing"):
+            data.load_fashion_mnist("test", fake_dir)
+        return
     else:
         path.unlink()
         (fake_dir / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")

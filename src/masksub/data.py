@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged compressed stream
         raise CorruptDataError(
             f"cannot read IDX file {path}: {e}; the file is corrupt, re-install or re-download it"
         ) from e
