@@ -633,6 +633,13 @@ def test_a_recipe_that_is_not_valid_yaml_is_named(tmp_path, capsys):
     assert f"{tmp_path / 'mine.yaml'} is not valid YAML: while parsing a flow node" in capsys.readouterr().err
 
 
+def test_none_unsets_an_optional_key_and_stays_a_name_where_one_is_given():
+    """``--train.amp none`` was the string 'none': "train.amp must be one of (None, 'bf16', 'fp16')"."""
+    unset = ["--train.amp", "none", "--optim.clip_grad", "None", "--data.train_subset", "none", "--train.name", "none"]
+    cfg = load_config("fashion_mnist_vit", ["--train.amp", "bf16", "--optim.clip_grad", "1", *unset])
+    assert (cfg.train.amp, cfg.optim.clip_grad, cfg.data.train_subset, cfg.train.name) == (None, None, None, "none")
+
+
 def test_recipe_values_an_override_makes_moot_fall_back_to_their_defaults(tmp_path):
     """Turning a recipe's warm-up, augmentation, BCE or optimizer off left its warm-up rate, RandAugment policy,
     BCE threshold and betas behind, refused as doing nothing, though the user never set them."""

@@ -204,6 +204,8 @@ def _coerce(key: str, value: Any, hint) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if type(None) in args and key not in NAME_KEYS and str(value).strip().lower() == "none":
+            return None  # --train.amp none, --optim.clip_grad none: as sub.kind none says "no sub branch"
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -235,6 +237,7 @@ def _coerce(key: str, value: Any, hint) -> Any:
     raise ConfigError(f"{key} must be {want}, got {value!r} ({type(value).__name__})")
 
 
+NAME_KEYS = ("model.checkpoint", "data.dir", "train.name", "train.resume")  # file and folder names: "none" is one
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
