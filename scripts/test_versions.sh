@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run the test suite against other torch / torchvision / timm releases, in a venv of their own.
-#   bash scripts/test_versions.sh 2.4.0 0.19.0 1.0.20     # the oldest pyproject.toml allows
+#   EXTRA="transformers==4.48.3 accelerate==1.1.1 lightning==2.2.0" \
+#     bash scripts/test_versions.sh 2.4.0 0.19.0 1.0.20    # the oldest pyproject.toml allows
+# EXTRA pins the test extras too: transformers >= 5 installs beside torch < 2.6 but turns its models off.
 #   bash scripts/test_versions.sh 2.11.0 0.26.0 1.0.31 -x tests/test_step.py   # extra args go to pytest
 # The venv is .venv-torch<T>-timm<M> (or $VENV); run again to reuse it.
 set -euo pipefail
@@ -21,7 +23,8 @@ quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 PINS=$(mktemp)
 trap 'rm -f "$PINS"' EXIT
 printf 'torch==%s\ntorchvision==%s\ntimm==%s\n' "$TORCH" "$TORCHVISION" "$TIMM" > "$PINS"
+for pin in ${EXTRA:-}; do echo "$pin" >> "$PINS"; done
 quiet "$VENV/bin/python" -m pip install -q -c "$PINS" "torch==$TORCH" "torchvision==$TORCHVISION" "timm==$TIMM"
 quiet "$VENV/bin/python" -m pip install -q -c "$PINS" -e ".[dev]"
-"$VENV/bin/python" -c "import torch, torchvision, timm, numpy; print('testing with torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| numpy', numpy.__version__)"
+"$VENV/bin/python" -c "import torch, torchvision, timm, numpy, transformers, accelerate, lightning; print('testing with torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| numpy', numpy.__version__, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| lightning', lightning.__version__)"
 "$VENV/bin/python" -m pytest -q -rs "$@"
