@@ -1189,6 +1189,8 @@ def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
             out["model.checkpoint"] = str(tmp_path / "encoder.pt")
     elif recipe.startswith(("dmjd", "maskfeat")):
         out.update(PRETRAIN_TINY, **{"model.kwargs": VIT_TINY})
+        if recipe.startswith("maskfeat"):  # one view: no visible branch to project (its size would do nothing)
+            del out["pretrain.projector_dim"]
     elif recipe.startswith(("deit3", "mae", "clip")):
         kwargs = dict(VIT_TINY)
         if recipe.startswith("deit3"):
