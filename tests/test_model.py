@@ -202,6 +202,8 @@ def test_mask_token_is_saved_and_trained():
     + [("resnet", "mask", False), ("vit", "droppath", True), ("resnet", "droppath", True), ("swin", "dropout", True)],
 )
 def test_torch_compile_two_graphs_no_breaks(name, sub, sub_bn_stats):
+    if not sub_bn_stats and torch.__version__ < (2, 6):
+        pytest.skip("dynamo before torch 2.6 cannot set BatchNorm's track_running_stats in a graph (one break)")
     counters.clear()
     torch._dynamo.reset()
     kwargs = {"unit": TINY[name][3]} if sub == "mask" else {}

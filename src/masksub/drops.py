@@ -32,16 +32,29 @@ def _is_rate(value) -> bool:
     return isinstance(value, float) and 0.0 <= value < 1.0
 
 
+def values_of(sites: list[tuple[object, str]]) -> list:
+    return [getattr(obj, attr) for obj, attr in sites]
+
+
+def assign(sites: list[tuple[object, str]], values) -> None:
+    """``setattr`` each site to its value (one value for all: a scalar)."""
+    values = values if isinstance(values, list) else [values] * len(sites)
+    for (obj, attr), value in zip(sites, values):
+        setattr(obj, attr, value)
+
+
+# The forwards set and restore with an explicit try/finally, not a context manager: torch.compile before
+# torch 2.6 cannot trace a generator or class context manager without a graph break (fullgraph fails).
+
+
 @contextmanager
 def _set_attrs(sites: list[tuple[object, str]], value: float):
-    saved = [getattr(obj, attr) for obj, attr in sites]
+    saved = values_of(sites)
     try:
-        for obj, attr in sites:
-            setattr(obj, attr, value)
+        assign(sites, value)
         yield
     finally:
-        for (obj, attr), old in zip(sites, saved):
-            setattr(obj, attr, old)
+        assign(sites, saved)
 
 
 class DropoutBranch(nn.Module):
@@ -78,8 +91,14 @@ class DropoutBranch(nn.Module):
             )
 
     def forward(self, model: nn.Module, *args, **kwargs):
-        with self.hold():
+        saved, inplace = values_of(self._sites), values_of(self._inplace)
+        try:  # hold(), traceable by torch.compile before 2.6
+            assign(self._sites, self.p)
+            assign(self._inplace, False)
             return model(*args, **kwargs)
+        finally:
+            assign(self._sites, saved)
+            assign(self._inplace, inplace)
 
     @contextmanager
     def hold(self):
@@ -127,12 +146,16 @@ class DropPathBranch(nn.Module):
             )
 
     def forward(self, model: nn.Module, *args, **kwargs):
-        with self.hold():
+        saved = values_of(self._sites)
+        try:  # hold(), traceable by torch.compile before 2.6
+            assign(self._sites, self.p)
             # Hooks cannot be registered in a compiled trace: there, the check is left to an eager sub pass
             # (masksub train runs one before it compiles).
             if self._checked or torch.compiler.is_compiling():
                 return model(*args, **kwargs)
             return self._first_forward(model, *args, **kwargs)
+        finally:
+            assign(self._sites, saved)
 
     def hold(self):
         """The sub branch's drop-path rate in effect while open (a backward that recomputes checkpointed blocks)."""

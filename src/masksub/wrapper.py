@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .adapters import resolve_adapter
 from .adapters.registry import check_options
-from .drops import DropoutBranch, DropPathBranch
+from .drops import DropoutBranch, DropPathBranch, assign
 from .masking import check_ratio
 
 SUB_KINDS = ("mask", "dropout", "droppath")
@@ -51,22 +51,19 @@ class SubBranchModel(nn.Module):
     def forward(self, *args, sub: bool = False, **kwargs):
         if not sub:
             return self.model(*args, **kwargs)
-        with self._bn_stats_frozen() if not self.sub_bn_stats else nullcontext():
+        if self.sub_bn_stats:
             return self.branch(self.model, *args, **kwargs)
-
-    @contextmanager
-    def _bn_stats_frozen(self):
-        # BatchNorm with track_running_stats=False normalizes with batch statistics
-        # and leaves running_mean/var and num_batches_tracked untouched. The layers are looked up at each
-        # pass: SyncBatchNorm.convert_sync_batchnorm (or a freeze) after wrap() replaces them.
-        bns = [m for m in self.model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        # BatchNorm with track_running_stats=False normalizes with batch statistics and leaves running_mean/var
+        # and num_batches_tracked untouched. The layers are looked up at each pass: SyncBatchNorm.convert_sync_
+        # batchnorm (or a freeze) after wrap() replaces them. An explicit try/finally: torch.compile before
+        # torch 2.6 cannot trace a context manager without a graph break.
+        frozen = [(m, "track_running_stats") for m in self.model.modules() if isinstance(m, _BatchNorm)]
+        frozen = [site for site in frozen if site[0].track_running_stats]
         try:
-            for bn in bns:
-                bn.track_running_stats = False
-            yield
+            assign(frozen, False)
+            return self.branch(self.model, *args, **kwargs)
         finally:
-            for bn in bns:
-                bn.track_running_stats = True
+            assign(frozen, True)
 
     def sub_pass(self):
         """A context that keeps the sub branch's drop settings (DropSub, PathSub) in effect while open.
