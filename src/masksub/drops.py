@@ -32,6 +32,9 @@ def _is_rate(value) -> bool:
     return isinstance(value, float) and 0.0 <= value < 1.0
 
 
+# The forwards set and restore their sites with values_of / assign in an explicit try/finally, not a context
+# manager: torch.compile before torch 2.6 cannot trace a generator or class context manager without a graph
+# break (fullgraph fails).
 def values_of(sites: list[tuple[object, str]]) -> list:
     return [getattr(obj, attr) for obj, attr in sites]
 
@@ -41,10 +44,6 @@ def assign(sites: list[tuple[object, str]], values) -> None:
     values = values if isinstance(values, list) else [values] * len(sites)
     for (obj, attr), value in zip(sites, values):
         setattr(obj, attr, value)
-
-
-# The forwards set and restore with an explicit try/finally, not a context manager: torch.compile before
-# torch 2.6 cannot trace a generator or class context manager without a graph break (fullgraph fails).
 
 
 @contextmanager

@@ -345,7 +345,7 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
             )
         )
     single = [k for k in SINGLE_VIEW_UNUSED if _differs(cfg.pretrain, PretrainConfig(), k)]
-    if cfg.pretrain.method == "single" and single:
+    if single and cfg.pretrain.method == "single":
         one = len(single) == 1
         found.append(
             (
