@@ -213,6 +213,19 @@ def test_missing_tokenizer_and_regression_heads_are_refused(tmp_path):
         MaskSubTrainer(model=tiny_text_model(num_labels=1), args=_args(tmp_path), mask_options={"special_ids": [0]})
 
 
+def test_a_custom_loss_function_and_a_batch_without_labels_are_refused(tmp_path):
+    def loss(outputs, labels, num_items_in_batch=None):
+        return F.cross_entropy(outputs.logits, labels)
+
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        MaskSubTrainer(model=tiny_text_model(), args=_args(tmp_path), compute_loss_func=loss, mask_options={})
+    trainer = _trainer(tmp_path, tiny_text_model(), text_batch())
+    unlabeled = {k: v for k, v in text_batch().items() if k != "labels"}
+    trainer.model.train()
+    with pytest.raises(ValueError, match="'labels'.*'input_ids'"):
+        trainer.compute_loss(trainer.model, unlabeled)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "memory_saving,find_unused,model",

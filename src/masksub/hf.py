@@ -68,6 +68,12 @@ class MaskSubTrainer(transformers.Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError(
+                "MaskSubTrainer computes the training loss itself (cross-entropy with label_smoothing_factor, or "
+                "binary cross-entropy for multi-label, plus the sub branch's distillation), so compute_loss_func "
+                "would only change the evaluation loss; remove it, or use masksub.Step with your criterion"
+            )
         self.model_accepts_loss_kwargs = False  # transformers < 5 reads this instead of loss_is_scaled_for_ga
         config = getattr(self.model, "config", None)
         if getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1:
@@ -146,8 +152,13 @@ class MaskSubTrainer(transformers.Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training or "labels" not in inputs:  # evaluation and prediction: the plain model
+        if not model.training:  # evaluation and prediction: the plain model
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if "labels" not in inputs:
+            raise ValueError(
+                f"MaskSubTrainer trains on a batch with 'labels', and this one has {sorted(inputs)}: name the label "
+                "column 'labels' (or 'label', which the default collator renames)"
+            )
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
         two_backwards = self.memory_saving and torch.is_grad_enabled()
