@@ -1,7 +1,7 @@
 """MaskSub as a timm ``TrainingTask``, for users of timm's own ``train.py``.
 
 The task returns the summed loss, so timm's loop calls backward once: the same
-gradients as ``masksub.Step``, but both graphs are alive together (about 1.6x
+gradients as ``masksub.Step``, but both graphs are alive together (about 1.5x
 activation memory for a ViT at ratio 0.5, 2x for Swin and CNNs) and under DDP
 the single backward all-reduces once. Prefer ``masksub.Step`` in your own loop
 when memory is tight; use this task to keep timm's script.
