@@ -109,6 +109,7 @@ def test_tokenizer_option_reads_mask_and_special_ids():
         (dict(special_ids=SPECIAL, mask_token_id=MASK, unit=8), ValueError, "masks tokens"),
         (dict(special_ids=SPECIAL, mask_token_id=MASK, mask_id=3), TypeError, "no option 'mask_id'"),
         (dict(sub="dropout", special_ids=SPECIAL), TypeError, "uses no mask adapter"),
+        (dict(sub="dropout", adapter="text"), TypeError, "adapter: mask adapter options, but sub='dropout'"),
     ],
 )
 def test_bad_options_are_named(kw, error, match):

@@ -177,8 +177,9 @@ def wrap(
     if unit is not None and (isinstance(unit, bool) or not isinstance(unit, numbers.Integral) or unit < 1):
         raise ValueError(f"unit must be a positive number of pixels, got {unit!r}")
     unit = None if unit is None else int(unit)
-    if options and sub != "mask":
-        raise TypeError(f"{', '.join(options)}: mask adapter options, but sub={sub!r} uses no mask adapter")
+    if (options or adapter is not None) and sub != "mask":
+        given = ", ".join([*options, *(["adapter"] if adapter is not None else [])])
+        raise TypeError(f"{given}: mask adapter options, but sub={sub!r} uses no mask adapter")
     if sub == "mask":
         cls = resolve_adapter(model, adapter)
         check_options(cls, options)
