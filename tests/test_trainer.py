@@ -752,6 +752,7 @@ def test_sub_branch_keys_a_plain_run_or_a_drop_branch_does_not_read_are_refused(
         (["--optim.momentum", "0.5"], "optim.name=adamw takes no momentum: optim.momentum would do nothing; leave"),
         (["--optim.name", "lion", "--optim.eps", "1e-6"], "optim.name=lion takes no eps: optim.eps would do nothing"),
         (["--optim.name", "sgd", "--optim.momentum", "1.5"], "optim.momentum must be in [0, 1), got 1.5"),
+        (["--optim.name", "sgd", "--optim.momentum", "0"], "optim.name=sgd uses Nesterov momentum, which needs"),
         (["--sched.warmup_lr", "-1"], "sched.warmup_lr must be >= 0, got -1.0"),  # trained, on a negative rate
         (["--sched.min_lr", "-1"], "sched.min_lr must be >= 0, got -1.0"),  # was timm's bare AssertionError
         (["--sub.unit", "0"], "sub.unit must be >= 1, got 0"),  # was a traceback
@@ -805,6 +806,14 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys, cli, message):
     assert main(["train", *cli, "--train.output", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "a run that cannot start writes nothing"
+
+
+def test_momentum_zero_is_refused_only_where_the_optimizer_refuses_it():
+    for name in ("sgd", "nesterov", "nlars"):  # Nesterov momentum: torch's SGD raises without momentum
+        with pytest.raises(ConfigError, match=f"optim.name={name} uses Nesterov momentum"):
+            load_config(overrides={"optim.name": name, "optim.momentum": 0.0})
+    for name in ("momentum", "sgdp", "lars"):  # no momentum is plain SGD (LARS) there
+        assert load_config(overrides={"optim.name": name, "optim.momentum": 0.0}).optim.momentum == 0.0
 
 
 def test_numbers_written_without_a_dot_are_numbers():

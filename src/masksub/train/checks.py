@@ -77,6 +77,7 @@ def validate(cfg: Config, training: bool = True) -> None:
     new_run = training and not cfg.train.resume
     if new_run:
         _check_betas(cfg.optim)
+        _check_nesterov(cfg.optim)
     if cfg.sched.name not in SCHEDULERS:
         close = difflib.get_close_matches(cfg.sched.name, SCHEDULERS, n=2, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -241,6 +242,24 @@ def _optimizer_moot(o: OptimConfig) -> list[tuple[list[str], str]]:
             + (" (momentum at its default, 0.9)" if "optim.momentum" in unused else ""),
         )
     ]
+
+
+def _check_nesterov(o: OptimConfig) -> None:
+    """timm's sgd (and nesterov, sgdw, nlars...) is SGD with Nesterov momentum, which torch refuses without
+    momentum: say so before the run starts, with the way to plain SGD."""
+    info = _optimizer_info(o)
+    if info is None or not info.has_momentum or o.momentum != 0 or not (info.defaults or {}).get("nesterov"):
+        return
+    import torch
+    from timm.optim import create_optimizer_v2
+
+    try:  # some Nesterov variants (sgdp) take momentum 0: only the ones that refuse it are refused
+        create_optimizer_v2(torch.nn.Linear(1, 1), opt=o.name, lr=0.1, momentum=0.0)
+    except ValueError:
+        raise ConfigError(
+            f"optim.name={o.name} uses Nesterov momentum, which needs optim.momentum > 0, got 0: for SGD "
+            "without momentum set optim.name momentum (no Nesterov) with optim.momentum 0"
+        ) from None
 
 
 def _check_betas(o: OptimConfig) -> None:
