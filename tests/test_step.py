@@ -169,6 +169,22 @@ def test_a_regression_criterion_needs_the_teacher_named(criterion):
     assert masksub.SubBranchLoss(criterion, teacher="softmax").teacher == "softmax"  # logits all the same: as told
 
 
+@pytest.mark.parametrize("criterion", [torch.nn.BCELoss(), F.binary_cross_entropy])
+def test_a_criterion_on_probabilities_is_refused(criterion):
+    """BCELoss's inputs are probabilities: a softmax teacher over them was taken silently."""
+    with pytest.raises(ValueError, match="BCELoss takes probabilities .* use BCEWithLogitsLoss"):
+        masksub.SubBranchLoss(criterion)
+
+
+def test_nll_loss_on_log_probabilities_distills_as_cross_entropy_on_logits():
+    """log_softmax outputs differ from the logits by a shift per row, which softmax ignores: NLLLoss is taken."""
+    main, sub, target = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    by_logits = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss(), temperature=2.0)
+    by_log_probs = masksub.SubBranchLoss(torch.nn.NLLLoss(), temperature=2.0)
+    logp = (main.log_softmax(-1), sub.log_softmax(-1))
+    torch.testing.assert_close(by_log_probs(*logp, target), by_logits(main, sub, target))
+
+
 def test_mixed_targets_reach_main_branch_only():
     main, sub = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
     soft = torch.softmax(torch.randn(4, 5), -1)  # mixup/cutmix targets

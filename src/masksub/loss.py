@@ -54,6 +54,11 @@ def teacher_kind(criterion: Callable) -> str:
     bce = (nn.BCEWithLogitsLoss, BinaryCrossEntropy)
     if isinstance(criterion, bce) or criterion is F.binary_cross_entropy_with_logits:
         return "sigmoid"
+    if isinstance(criterion, nn.BCELoss) or criterion is F.binary_cross_entropy:
+        raise ValueError(
+            "BCELoss takes probabilities (after a sigmoid), and the sub branch learns from the main branch's logits: "
+            "have the model return logits and use BCEWithLogitsLoss (the same loss, numerically safer)"
+        )
     if isinstance(criterion, REGRESSION) or criterion in REGRESSION_FUNCTIONS:
         name = getattr(criterion, "__name__", type(criterion).__name__)
         raise ValueError(
