@@ -153,7 +153,9 @@ def test_softmax_teacher_matches_by_hand():
     torch.testing.assert_close(loss.sub_loss(sub, main), expected)
 
 
-@pytest.mark.parametrize("criterion", [torch.nn.BCEWithLogitsLoss(), BinaryCrossEntropy(smoothing=0.0)])
+@pytest.mark.parametrize(
+    "criterion", [torch.nn.BCEWithLogitsLoss(), BinaryCrossEntropy(smoothing=0.0), torch.nn.MultiLabelSoftMarginLoss()]
+)
 def test_sigmoid_teacher_for_bce(criterion):
     main, sub = torch.randn(6, 5), torch.randn(6, 5)
     loss = masksub.SubBranchLoss(criterion)

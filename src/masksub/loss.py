@@ -51,8 +51,8 @@ REGRESSION_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 
 def teacher_kind(criterion: Callable) -> str:
     """``"sigmoid"`` for binary cross-entropy criteria, else ``"softmax"``; a regression criterion is refused."""
-    bce = (nn.BCEWithLogitsLoss, BinaryCrossEntropy)
-    if isinstance(criterion, bce) or criterion is F.binary_cross_entropy_with_logits:
+    bce = (nn.BCEWithLogitsLoss, BinaryCrossEntropy, nn.MultiLabelSoftMarginLoss)  # a sigmoid per class
+    if isinstance(criterion, bce) or criterion in (F.binary_cross_entropy_with_logits, F.multilabel_soft_margin_loss):
         return "sigmoid"
     if isinstance(criterion, nn.BCELoss) or criterion is F.binary_cross_entropy:
         raise ValueError(
