@@ -281,6 +281,35 @@ def test_step_rejects_an_optimizer_made_before_wrap():
     masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
 
 
+def _data_parallel_replica(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net`` as ``nn.DataParallel`` makes one per GPU at each forward (torch's ``replicate`` without
+    its CUDA broadcast): module objects copied, parameters shared."""
+    modules = list(net.modules())
+    replicas = {id(m): m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        replica = replicas[id(m)]
+        replica._modules = {k: None if c is None else replicas[id(c)] for k, c in m._modules.items()}
+        for k, p in m._parameters.items():
+            if p is not None:
+                setattr(replica, k, p.view_as(p))
+    return replicas[id(net)]
+
+
+@pytest.mark.parametrize("sub", ["mask", "dropout"])
+def test_data_parallel_is_refused_because_its_replicas_run_no_sub_branch(sub):
+    wrapped = masksub.wrap(tiny_model("vit", drop_rate=0.1), sub).train()
+    x = tiny_images("vit")
+    torch.manual_seed(1)
+    replica_sub = _data_parallel_replica(wrapped)(x, sub=True)
+    torch.manual_seed(1)
+    main = wrapped(x)
+    torch.testing.assert_close(replica_sub, main)  # the copies ignore the sub branch's switches
+    with pytest.raises(ValueError, match="nn.DataParallel copies the model .* Use DistributedDataParallel"):
+        masksub.Step(torch.nn.DataParallel(wrapped), torch.optim.SGD(wrapped.parameters(), lr=0.1), F.cross_entropy)
+    with pytest.raises(TypeError, match="wrap the plain model first"):
+        masksub.wrap(torch.nn.DataParallel(tiny_model("vit")), sub)
+
+
 @pytest.mark.parametrize("sub", ["mask", "droppath"])
 def test_a_step_on_a_model_left_in_eval_mode_is_warned_once(sub, recwarn):
     """After an evaluation, a forgotten model.train() leaves drops and BatchNorm off: PathSub's sub branch

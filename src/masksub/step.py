@@ -153,6 +153,12 @@ class Step:
         sharded = fsdp1 is not None and isinstance(sync, fsdp1)
         wrapped = self._sub_model = sub_branch_model(model)
         self.has_sub = wrapped is not None
+        if self.has_sub and any(isinstance(m, nn.DataParallel) for m in model.modules()):
+            raise ValueError(
+                "nn.DataParallel copies the model onto each GPU at every forward, and the copies do not follow the "
+                "sub branch's switches (masking hooks, drop rates): the sub pass would equal the main pass. Use "
+                "DistributedDataParallel (torchrun --nproc_per_node N), or one GPU"
+            )
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
         if self.has_sub:

@@ -171,7 +171,7 @@ def wrap(
     """
     if isinstance(model, SubBranchModel):
         raise TypeError("model is already wrapped; call wrap() on the plain model")
-    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(model, "_orig_mod"):
         raise TypeError("wrap the plain model first, then DistributedDataParallel / torch.compile the wrapper")
     ratio = check_ratio(ratio)
     if unit is not None and (isinstance(unit, bool) or not isinstance(unit, numbers.Integral) or unit < 1):
