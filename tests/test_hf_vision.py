@@ -138,6 +138,31 @@ def test_hf_vision_models_that_need_the_full_grid_get_the_pixel_adapter():
     assert (vit.name, vit.unit, vit.masked_unit()) == ("hf_vit", None, "4x4-pixel patch tokens")
 
 
+@pytest.mark.parametrize(
+    "name, config, kw",
+    [
+        ("BeitForImageClassification", "BeitConfig", TINY_VIT),
+        ("ConvNextForImageClassification", "ConvNextConfig", dict(hidden_sizes=[8, 16], depths=[1, 2], num_stages=2)),
+    ],
+)
+def test_pathsub_raises_the_model_own_drop_path_layers_and_restores_them(name, config, kw):
+    """Built with drop_path_rate > 0, these models hold their own *DropPath layers (rates rising from 0 by depth):
+    every one of them takes the sub branch's rate in the sub pass, not only the rate-0 ones (Identity)."""
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(getattr(transformers, config)(**{**kw, "drop_path_rate": 0.2})).train()
+    layers = [m for n, m in model.named_modules() if n.endswith("drop_path")]
+    built = [getattr(m, "drop_prob", None) for m in layers]  # None: an Identity where the rate is 0
+    assert any(rate for rate in built if rate) and None in built
+    wrapped = masksub.wrap(model, "droppath", 0.5)
+    seen = {}
+    for site, _ in wrapped.branch._sites:
+        site.register_forward_pre_hook(lambda m, args: seen.setdefault(id(m), set()).add(m.drop_prob))
+    wrapped(torch.randn(2, 3, 32, 32), sub=True)
+    now = [m for n, m in model.named_modules() if n.endswith("drop_path")]  # the Identity ones replaced
+    assert seen == {id(m): {0.5} for m in now}
+    assert [m.drop_prob for n, m in model.named_modules() if n.endswith("drop_path")] == [r or 0.0 for r in built]
+
+
 def _timm_wrapper(architecture, **model_args):
     torch.manual_seed(0)
     if model_args and "model_args" not in inspect.signature(transformers.TimmWrapperConfig.__init__).parameters:

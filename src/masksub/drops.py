@@ -6,6 +6,7 @@ the sub pass and restored exactly after it, whatever they were.
 
 from __future__ import annotations
 
+import numbers
 import re
 from contextlib import contextmanager
 
@@ -112,10 +113,20 @@ class DropoutBranch(nn.Module):
         return f"p={self.p}, sites={len(self._sites)}"
 
 
+def _is_drop_path(module: nn.Module) -> bool:
+    """timm's ``DropPath``, or a model's own drop-path class that reads its rate from ``drop_prob`` in forward
+    (Hugging Face's ``SwinDropPath``, ``ConvNextDropPath``, ``BeitDropPath``... : every one of transformers')."""
+    if isinstance(module, DropPath):
+        return True
+    rate = getattr(module, "drop_prob", None)
+    return type(module).__name__.endswith("DropPath") and isinstance(rate, numbers.Real) and 0 <= rate < 1
+
+
 class DropPathBranch(nn.Module):
     """Sub branch with stochastic-depth rate ``p`` in every residual branch.
 
-    A timm model built with ``drop_path_rate=0`` holds ``nn.Identity`` (or
+    Sites: timm ``DropPath`` modules and a model's own ``*DropPath`` modules with a ``drop_prob`` (every
+    Hugging Face vision model's). A timm model built with ``drop_path_rate=0`` holds ``nn.Identity`` (or
     ``None``, as ResNet does) where a ``DropPath`` would be; those attributes,
     named ``drop_path``/``drop_path1``/..., get a ``DropPath(0.0)``, which is an
     identity in the main pass and has no state, and ``remove()`` puts back what
@@ -135,7 +146,7 @@ class DropPathBranch(nn.Module):
                 if _DROP_PATH_ATTR.match(attr) and (value is None or isinstance(value, nn.Identity)):
                     self._inserted.append((module, attr, value))
                     setattr(module, attr, DropPath(0.0))
-        self._sites = [(m, "drop_prob") for m in model.modules() if isinstance(m, DropPath)]
+        self._sites = [(m, "drop_prob") for m in model.modules() if _is_drop_path(m)]
         self._checked = False  # whether a sub pass has run at least one site
         if not self._sites:
             raise ValueError(
