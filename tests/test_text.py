@@ -268,3 +268,31 @@ def test_dropsub_raises_rates_read_from_the_config_and_restores_them():
     torch.manual_seed(1)
     assert not torch.equal(wrapped(**batch, sub=True).logits, main)
     assert config.hidden_dropout == 0.0 and config.attention_dropout == 0.0
+
+
+@pytest.mark.parametrize(
+    "name, attr, config",
+    [
+        # Starcoder2 applies F.dropout(p=self.residual_dropout), MPT F.dropout(p=self.attn_dropout_p); MPT's rate is
+        # the int 0 of its configuration unless set
+        ("Starcoder2", "residual_dropout", dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2)),
+        ("Mpt", "attn_dropout_p", dict(d_model=32, n_heads=2, n_layers=2)),
+    ],
+)
+def test_dropsub_raises_functional_dropout_rates_of_every_name_transformers_uses(name, attr, config):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{name}Config")(vocab_size=64, num_labels=3, pad_token_id=PAD, **config)
+    model = getattr(transformers, f"{name}ForSequenceClassification")(config).train()
+    owners = [m for m in model.modules() if hasattr(m, attr)]
+    built = [getattr(m, attr) for m in owners]
+    assert owners and set(built) == {0}
+    seen = []
+    for m in owners:
+        m.register_forward_pre_hook(lambda m, args, kwargs: seen.append(getattr(m, attr)), with_kwargs=True)
+    wrapped = masksub.wrap(model, sub="dropout", ratio=0.5)
+    wrapped(**inputs(text_batch()), sub=True)
+    assert seen and set(seen) == {0.5}
+    restored = [getattr(m, attr) for m in owners]
+    assert restored == built and [type(v) for v in restored] == [type(v) for v in built]  # MPT's int 0 as it was

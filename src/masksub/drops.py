@@ -26,10 +26,18 @@ DROPOUT_RATE_ATTRS = (
     "attn_dropout",
     "activation_dropout",
     "hidden_dropout",
+    "residual_dropout",  # Starcoder2, Seed-OSS
+    "resid_pdrop",  # DBRX
+    "attn_dropout_p",  # MPT
 )
 
 
-def _is_rate(value) -> bool:
+def _is_rate(value, integer_zero: bool = False) -> bool:
+    """A dropout rate: a float in [0, 1), or with ``integer_zero`` also the int 0 (MPT's attention rate is
+    ``attn_pdrop: int = 0`` unless set). A typed Hugging Face configuration refuses a float where it holds an
+    int, so its fields take floats only."""
+    if integer_zero and type(value) is int and value == 0:
+        return True
     return isinstance(value, float) and 0.0 <= value < 1.0
 
 
@@ -65,7 +73,8 @@ class DropoutBranch(nn.Module):
     functional dropout (``DROPOUT_RATE_ATTRS``): timm CNN heads' ``drop_rate``,
     Hugging Face attention layers' ``attention_dropout`` (Llama, Mistral...) or
     ``dropout_prob`` (BERT's SDPA path in transformers 4.x), and the ``dropout``
-    / ``activation_dropout`` of BART, OPT, BioGPT and their kin; the same names on a
+    / ``activation_dropout`` of BART, OPT, BioGPT and their kin, Starcoder2's ``residual_dropout``,
+    MPT's ``attn_dropout_p`` and DBRX's ``resid_pdrop``; the same names (float values) on a
     Hugging Face ``model.config``, which Falcon and Bloom read in their forward.
     In-place dropout modules run out of place in the sub pass: at ``p=0`` in
     place is harmless, at ``p>0`` it overwrites tensors autograd needs (TNT's
@@ -79,7 +88,7 @@ class DropoutBranch(nn.Module):
         self.p = p
         self._sites = [(m, "p") for m in model.modules() if isinstance(m, _DropoutNd)]
         for attr in DROPOUT_RATE_ATTRS:
-            self._sites += [(m, attr) for m in model.modules() if _is_rate(getattr(m, attr, None))]
+            self._sites += [(m, attr) for m in model.modules() if _is_rate(getattr(m, attr, None), True)]
         config = getattr(model, "config", None)  # Falcon and Bloom read config.hidden_dropout in forward
         if config is not None and not isinstance(config, nn.Module):
             self._sites += [(config, a) for a in DROPOUT_RATE_ATTRS if _is_rate(getattr(config, a, None))]
