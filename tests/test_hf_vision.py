@@ -163,6 +163,18 @@ def test_pathsub_raises_the_model_own_drop_path_layers_and_restores_them(name, c
     assert [m.drop_prob for n, m in model.named_modules() if n.endswith("drop_path")] == [r or 0.0 for r in built]
 
 
+def test_dropsub_raises_the_attention_rate_data2vec_vision_reads_from_its_configuration():
+    torch.manual_seed(0)
+    config = transformers.Data2VecVisionConfig(**TINY_VIT, attn_implementation="sdpa")
+    model = transformers.Data2VecVisionForImageClassification(config).train()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.config.attention_probs_dropout_prob))
+    wrapped = masksub.wrap(model, "dropout", 0.5)
+    wrapped(torch.randn(2, 3, 32, 32), sub=True)
+    wrapped(torch.randn(2, 3, 32, 32))
+    assert seen == [0.5, 0.0] and config.attention_probs_dropout_prob == 0.0
+
+
 def _timm_wrapper(architecture, **model_args):
     torch.manual_seed(0)
     if model_args and "model_args" not in inspect.signature(transformers.TimmWrapperConfig.__init__).parameters:

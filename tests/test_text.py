@@ -276,6 +276,7 @@ def test_dropsub_raises_rates_read_from_the_config_and_restores_them():
         # Starcoder2 applies F.dropout(p=self.residual_dropout), MPT F.dropout(p=self.attn_dropout_p); MPT's rate is
         # the int 0 of its configuration unless set
         ("Starcoder2", "residual_dropout", dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2)),
+        ("Starcoder2", "embedding_dropout", dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2)),
         ("Mpt", "attn_dropout_p", dict(d_model=32, n_heads=2, n_layers=2)),
     ],
 )

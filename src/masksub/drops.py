@@ -29,6 +29,9 @@ DROPOUT_RATE_ATTRS = (
     "residual_dropout",  # Starcoder2, Seed-OSS
     "resid_pdrop",  # DBRX
     "attn_dropout_p",  # MPT
+    "embedding_dropout",  # Starcoder2
+    "attn_drop",  # X-CLIP's prompt attention (elsewhere an nn.Dropout, a site already)
+    "attention_probs_dropout_prob",  # Data2VecVision's SDPA path reads it from its configuration
 )
 
 
@@ -74,8 +77,9 @@ class DropoutBranch(nn.Module):
     Hugging Face attention layers' ``attention_dropout`` (Llama, Mistral...) or
     ``dropout_prob`` (BERT's SDPA path in transformers 4.x), and the ``dropout``
     / ``activation_dropout`` of BART, OPT, BioGPT and their kin, Starcoder2's ``residual_dropout``,
-    MPT's ``attn_dropout_p`` and DBRX's ``resid_pdrop``; the same names (float values) on a
-    Hugging Face ``model.config``, which Falcon and Bloom read in their forward.
+    MPT's ``attn_dropout_p``, DBRX's ``resid_pdrop`` and the others transformers reads; the same names
+    (float values) on a Hugging Face ``model.config``, which Falcon, Bloom and Data2VecVision read in
+    their forward.
     In-place dropout modules run out of place in the sub pass: at ``p=0`` in
     place is harmless, at ``p>0`` it overwrites tensors autograd needs (TNT's
     ``Dropout(inplace=True)`` after a softmax).
