@@ -35,10 +35,14 @@ DROPOUT_RATE_ATTRS = (
 )
 
 
+# Module attributes that are a dropout rate also as the int 0: MPT's attention rate is its configuration's
+# ``attn_pdrop: int = 0`` unless set. Not every name: LeViT's residual layers hold ``drop_rate = 0``, a drop-path
+# rate. A typed Hugging Face configuration refuses a float where it holds an int: its fields take floats only.
+INT_ZERO_RATE_ATTRS = ("attn_dropout_p",)
+
+
 def _is_rate(value, integer_zero: bool = False) -> bool:
-    """A dropout rate: a float in [0, 1), or with ``integer_zero`` also the int 0 (MPT's attention rate is
-    ``attn_pdrop: int = 0`` unless set). A typed Hugging Face configuration refuses a float where it holds an
-    int, so its fields take floats only."""
+    """A dropout rate: a float in [0, 1), or with ``integer_zero`` also the int 0."""
     if integer_zero and type(value) is int and value == 0:
         return True
     return isinstance(value, float) and 0.0 <= value < 1.0
@@ -92,7 +96,8 @@ class DropoutBranch(nn.Module):
         self.p = p
         self._sites = [(m, "p") for m in model.modules() if isinstance(m, _DropoutNd)]
         for attr in DROPOUT_RATE_ATTRS:
-            self._sites += [(m, attr) for m in model.modules() if _is_rate(getattr(m, attr, None), True)]
+            int_zero = attr in INT_ZERO_RATE_ATTRS
+            self._sites += [(m, attr) for m in model.modules() if _is_rate(getattr(m, attr, None), int_zero)]
         config = getattr(model, "config", None)  # Falcon and Bloom read config.hidden_dropout in forward
         if config is not None and not isinstance(config, nn.Module):
             self._sites += [(config, a) for a in DROPOUT_RATE_ATTRS if _is_rate(getattr(config, a, None))]
