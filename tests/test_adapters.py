@@ -88,13 +88,15 @@ def _observe_pixels(wrapped, x, calls):
     return masks
 
 
-def observe(name, ratio, calls=2, seed=None):
+def observe(name, ratio, calls=2, seed=None, wrapped_at=None):
+    """The masks of ``calls`` sub passes at ``ratio`` (set after wrapping at ``wrapped_at``, if given)."""
     _, _, _, unit = TINY[name]
     model = tiny_model(name)
     original = []
     if EXPECTED_ADAPTER[name] == "masktoken":  # registered first: sees the unmasked embedding
         model.patch_embed.register_forward_hook(lambda m, a, out: original.append(out))
-    wrapped = masksub.wrap(model, ratio=ratio, unit=unit).train()
+    wrapped = masksub.wrap(model, ratio=ratio if wrapped_at is None else wrapped_at, unit=unit).train()
+    wrapped.ratio = ratio
     x = tiny_images(name)
     if seed is not None:
         torch.manual_seed(seed)
@@ -135,6 +137,14 @@ def test_exact_mask_counts_and_randomness(name, ratio):
     assert (second.sum(1) == expected).all()
     assert any(not torch.equal(first[0], row) for row in first[1:]), "masks must differ across samples"
     assert not torch.equal(first, second), "masks must differ across steps"
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_a_ratio_set_after_wrapping_is_the_one_masked(name):
+    """A schedule sets ``wrapped.ratio`` between steps: every adapter masks at the new ratio."""
+    for ratio, wrapped_at in ((0.25, 0.75), (0.75, 0.25)):
+        masks = observe(name, ratio, calls=1, wrapped_at=wrapped_at)[0]
+        assert (masks.sum(1) == num_masked(masks.shape[1], ratio)).all(), (name, ratio)
 
 
 @pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "resnet", "convvit"])

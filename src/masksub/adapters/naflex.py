@@ -57,6 +57,7 @@ class NaFlexTokenDropAdapter(MaskAdapter):
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         check_patch_images(x, self.patch_size, self.name)
+        self.drop_module.ratio = self.ratio  # a ratio set since (a schedule: wrapped.ratio = ...)
         saved_drop, saved_training = model.patch_drop, model.training
         model.patch_drop, model.training = self.drop_module, True  # the top-level flag only: it gates the slot
         try:
