@@ -533,6 +533,8 @@ def test_eval_command(tmp_path, capsys):
     assert "optim.lr, sched.epochs would do nothing in masksub eval, which evaluates the checkpoint's weights" in (
         capsys.readouterr().err
     )
+    assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.train_subset", "64"]) == 2
+    assert "data.train_subset would do nothing in masksub eval" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(folder / "best.pt"), "--data.eval_subset", "20000"]) == 0
     # more than the split holds: all of it, without the hint that there are more
     assert ": 10,000 images of the Fashion-MNIST test split, on cpu\n" in capsys.readouterr().out

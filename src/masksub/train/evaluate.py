@@ -24,6 +24,7 @@ MODEL_KEYS = ("model.name", "model.kwargs", "data.in_chans", "sub.kind", "train.
 # What evaluation reads besides the weights: the data, the evaluation transform, the device and precision.
 EVAL_KEYS = ("data.", "aug.preset", "aug.interpolation", "aug.crop_pct", "aug.mean", "aug.std")
 EVAL_KEYS += ("train.device", "train.amp", "train.channels_last")
+TRAINING_DATA_KEYS = ("data.train_subset", "data.batch_size")  # data keys of the training batches only
 
 
 def evaluate_checkpoint(
@@ -36,10 +37,11 @@ def evaluate_checkpoint(
             f"{', '.join(fixed)}: the checkpoint sets {'it' if len(fixed) == 1 else 'them'} (its weights are of the "
             "model its run trained); evaluate without; data keys such as data.dir or data.eval_subset may change"
         )
-    if idle := [key for key in overrides or {} if not key.startswith(EVAL_KEYS)]:
+    if idle := [key for key in overrides or {} if not key.startswith(EVAL_KEYS) or key in TRAINING_DATA_KEYS]:
         raise ConfigError(
             f"{', '.join(idle)} would do nothing in masksub eval, which evaluates the checkpoint's weights: it reads "
-            "the data.* keys, the evaluation transform (aug.preset, interpolation, crop_pct, mean, std), "
+            "the data.* keys but train_subset and batch_size (eval_subset, eval_batch_size), the evaluation "
+            "transform (aug.preset, interpolation, crop_pct, mean, std), "
             "train.device, train.amp and train.channels_last"
         )
     state = checkpoint.load(path)
