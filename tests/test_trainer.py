@@ -707,6 +707,7 @@ def test_sub_branch_keys_a_plain_run_or_a_drop_branch_does_not_read_are_refused(
         (["--data.dir", "/nonexistent/fmnist"], "dataset-fashion-mnist"),
         (["--data.name", "folder", "--data.dir", "/nonexistent/imagenet"], "does not exist"),
         (["--model.name", "resnet_9000"], "not a timm model"),
+        (["--model.name", "convvit_base"], "not a timm model; did you mean convvit_base_patch16?"),  # a longer form
         (["--train.device", "cuda:3"], "set train.device=cuda and CUDA_VISIBLE_DEVICES=3"),
         (["--model.name", "deit_smal_patch16_224"], "not a timm model; did you mean deit_small_patch16_224,"),
         (["--recipe", "mae_finetune_vit_b", "--data.dir", "."], "--model.checkpoint"),

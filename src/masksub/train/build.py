@@ -33,7 +33,9 @@ def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool 
         model = timm.create_model(m.name, **kwargs)
     except Exception as e:
         if isinstance(e, RuntimeError) and "Unknown model" in str(e):
-            close = difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
+            # a name's longer forms first (convvit_base: convvit_base_patch16), then names spelt alike
+            longer = [name for name in timm.list_models(f"{m.name}*") if name != m.name][:3]
+            close = longer or difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*pattern*') lists them"
             raise ConfigError(f"model.name={m.name!r} is not a timm model{hint}") from None
         if isinstance(e, TypeError) and "unexpected keyword" in str(e):
