@@ -257,8 +257,8 @@ def _check_nesterov(o: OptimConfig) -> None:
         create_optimizer_v2(torch.nn.Linear(1, 1), opt=o.name, lr=0.1, momentum=0.0)
     except ValueError:
         raise ConfigError(
-            f"optim.name={o.name} uses Nesterov momentum, which needs optim.momentum > 0, got 0: for SGD "
-            "without momentum set optim.name momentum (no Nesterov) with optim.momentum 0"
+            f"optim.name={o.name} uses Nesterov momentum, which needs optim.momentum > 0, got 0: for no momentum "
+            "use a form without Nesterov (optim.name momentum for SGD, lars for LARS) with optim.momentum 0"
         ) from None
     except Exception:  # an optimizer that cannot be built here (apex's fusedsgd needs CUDA): left to the run
         return
