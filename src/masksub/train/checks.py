@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from timm.optim import get_optimizer_info, list_optimizers
+import torch
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
 from .config import (
     SCHEDULERS,
@@ -250,9 +251,6 @@ def _check_nesterov(o: OptimConfig) -> None:
     info = _optimizer_info(o)
     if info is None or not info.has_momentum or o.momentum != 0 or not (info.defaults or {}).get("nesterov"):
         return
-    import torch
-    from timm.optim import create_optimizer_v2
-
     try:  # some Nesterov variants (sgdp) take momentum 0: only the ones that refuse it are refused
         create_optimizer_v2(torch.nn.Linear(1, 1), opt=o.name, lr=0.1, momentum=0.0)
     except ValueError:
