@@ -48,9 +48,10 @@ def _observe_convvit(wrapped, x, calls):
 
 
 def _units(token_mask, unit):
-    """(B, H, W) per-position mask -> (B, units) after checking each unit is all-or-nothing."""
+    """(B, H, W) per-position mask -> (B, units) after checking each ``unit`` (or (uh, uw)) is all-or-nothing."""
     b, h, w = token_mask.shape
-    blocks = token_mask.view(b, h // unit, unit, w // unit, unit).permute(0, 1, 3, 2, 4).reshape(b, -1, unit * unit)
+    uh, uw = (unit, unit) if isinstance(unit, int) else unit
+    blocks = token_mask.view(b, h // uh, uh, w // uw, uw).permute(0, 1, 3, 2, 4).reshape(b, -1, uh * uw)
     assert (blocks.all(-1) | ~blocks.any(-1)).all(), "masks must cover whole units"
     return blocks[..., 0]
 
@@ -212,6 +213,28 @@ def test_image_not_divisible_by_unit(name):
 def test_unit_not_multiple_of_patch():
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         masksub.wrap(tiny_model("swin"), unit=30)
+
+
+@pytest.mark.parametrize("patch", [(8, 16), (16, 8)])
+def test_mask_token_units_with_non_square_patches(patch):
+    """A mask unit spans unit / patch tokens along each side. With one count for both sides, (8, 16) patches
+    failed with a shape error and (16, 8) ones masked 32x16-pixel blocks instead of 32x32 ones."""
+    import timm
+
+    model = timm.create_model(
+        "vit_relpos_small_patch16_224", img_size=(64, 96), patch_size=patch, embed_dim=32, depth=1, num_heads=2
+    )
+    original = []
+    model.patch_embed.register_forward_hook(lambda m, a, out: original.append(out))
+    wrapped = masksub.wrap(model, ratio=0.5, unit=32).train()
+    assert wrapped.branch.name == "masktoken"
+    x = torch.rand(4, 3, 64, 96)
+    with torch.no_grad():
+        for masks in _observe_masktoken(wrapped, x, 2, original):  # whole 32x32-pixel blocks, checked inside
+            assert masks.shape == (4, 6), "a 64x96 image holds 2x3 blocks of 32x32 pixels"
+            assert (masks.sum(1) == num_masked(6, 0.5)).all()
+    with pytest.raises(ValueError, match="use a unit such as 32"):
+        masksub.wrap(model.train(), unit=24)
 
 
 @pytest.mark.parametrize("name", ["vit", "swin", "resnet"])

@@ -56,11 +56,12 @@ def random_unit_mask(batch: int, grid: tuple[int, int], ratio: float, device: to
     return mask.view(batch, gh, gw)
 
 
-def upsample_mask(mask: torch.Tensor, scale: int) -> torch.Tensor:
-    """Repeat a (B, gh, gw) unit mask ``scale`` times along both grid axes."""
-    if scale == 1:
-        return mask
-    return mask.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+def upsample_mask(mask: torch.Tensor, scale: int | tuple[int, int]) -> torch.Tensor:
+    """Repeat a (B, gh, gw) unit mask ``scale`` times along both grid axes (or ``(sh, sw)`` times)."""
+    sh, sw = (scale, scale) if isinstance(scale, int) else scale
+    if sh != 1:
+        mask = mask.repeat_interleave(sh, dim=1)
+    return mask.repeat_interleave(sw, dim=2) if sw != 1 else mask
 
 
 def unit_grid(height: int, width: int, unit: int, what: str) -> tuple[int, int]:

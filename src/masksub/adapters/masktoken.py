@@ -15,6 +15,8 @@ loadable into ``timm.create_model`` unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.layers import to_2tuple
 from torch import nn
@@ -73,12 +75,14 @@ class MaskTokenAdapter(MaskAdapter):
             raise TypeError(f"cannot read the patch-embedding output layout of {type(model).__name__}")
         self.layout, dim = layout
         self.patch_size = to_2tuple(model.patch_embed.patch_size)
-        if unit % self.patch_size[0] or unit % self.patch_size[1]:
+        ph, pw = self.patch_size
+        if unit % ph or unit % pw:
+            step = math.lcm(ph, pw)
             raise ValueError(
-                f"mask unit {unit} px is not a multiple of the patch size {self.patch_size}; "
-                f"use a unit such as {self.patch_size[0] * max(1, 32 // self.patch_size[0])}"
+                f"mask unit {unit} px is not a multiple of the patch size {ph}x{pw}; "
+                f"use a unit such as {step * max(1, 32 // step)}"
             )
-        self.unit_tokens = unit // self.patch_size[0]
+        self.unit_tokens = (unit // ph, unit // pw)  # a unit's tokens along height and width
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self._handle = model.patch_embed.register_forward_hook(self._mask_hook)
@@ -92,7 +96,8 @@ class MaskTokenAdapter(MaskAdapter):
             return None
         batch = x.shape[0]
         gh, gw = {"NHWC": x.shape[1:3], "NCHW": x.shape[2:4]}.get(self.layout, self._nlc_grid)
-        mask = random_unit_mask(batch, (gh // self.unit_tokens, gw // self.unit_tokens), self.ratio, x.device)
+        th, tw = self.unit_tokens
+        mask = random_unit_mask(batch, (gh // th, gw // tw), self.ratio, x.device)
         mask = upsample_mask(mask, self.unit_tokens)  # (B, gh, gw), True = masked
         token = self.mask_token.to(x.dtype)
         if self.layout == "NHWC":  # (B, gh, gw, C)
