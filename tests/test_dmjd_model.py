@@ -91,6 +91,11 @@ def test_encoder_loads_into_timm_and_adaptive_lr():
 def test_rejects_non_vit_encoder_and_bad_settings():
     with pytest.raises(TypeError, match="VisionTransformer"):
         DMJD(timm.create_model("resnet10t"))
+    # non-square patches: the targets were cut as squares of the first side, and the size check asked for
+    # images of another size than the encoder's own
+    rect = timm.create_model("vit_tiny_patch16_224", depth=1, **{**ENC, "patch_size": (8, 4)})
+    with pytest.raises(ValueError, match="DMJD needs square patches, the encoder's are 8x4"):
+        DMJD(rect, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     with pytest.raises(ValueError, match="method"):
         tiny("mae")
     with pytest.raises(ValueError, match="disjoint"):  # 2 views x 3 of 4 units visible

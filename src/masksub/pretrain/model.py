@@ -123,7 +123,12 @@ class DMJD(nn.Module):
             self.fuse = nn.ModuleList(nn.Conv2d(c, dim, k, stride=k) for c, k in zip(encoder.stage_dims, later))
         else:
             self.drop = TokenDropAdapter(encoder, ratio=corruption)  # shares the MaskSub ViT token dropping
-            self.patch = encoder.patch_embed.patch_size[0]
+            ph, pw = encoder.patch_embed.patch_size
+            if ph != pw:  # targets, HOG cells and mask blocks are all laid out on square patches
+                raise ValueError(
+                    f"DMJD needs square patches, the encoder's are {ph}x{pw}: build it with patch_size={ph} or {pw}"
+                )
+            self.patch = ph
             self.grid = tuple(encoder.patch_embed.grid_size)
             chans = encoder.patch_embed.proj.in_channels
         if target == "hog":
