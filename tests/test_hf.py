@@ -360,6 +360,12 @@ def test_dropsub_in_the_trainer_raises_the_rates_in_the_sub_pass_only(tmp_path):
     )
     trainer.train()
     assert seen == [0.1, 0.4] * 2  # main, sub; per step
+    seen.clear()
+    trainer.ratio = 0.25  # a schedule's new rate: the sub pass runs it
+    trainer.train()
+    assert seen == [0.1, 0.25] * 2 and trainer.ratio == 0.25
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        trainer.ratio = 1.5
     assert all(m.p == 0.1 for m in drops)  # restored
     assert all(entry["loss_sub"] > 0 for entry in trainer.state.log_history if "loss" in entry)
 

@@ -88,7 +88,8 @@ class MaskSubTrainer(transformers.Trainer):
                     "or mask_options={'mask_token_id': ..., 'special_ids': [...]}"
                 )
             options["tokenizer"] = tokenizer
-        self.sub_branch = wrap(self.model, sub, ratio, **options).branch
+        self._wrapped = wrap(self.model, sub, ratio, **options)  # the model plus the branch; only read for .ratio
+        self.sub_branch = self._wrapped.branch
         self._sub_hold = SubPassHold()
         if any(True for _ in self.sub_branch.parameters()):
             raise ValueError(
@@ -108,6 +109,19 @@ class MaskSubTrainer(transformers.Trainer):
             )
         self.memory_saving = blocker is None if memory_saving is None else bool(memory_saving)
         self._loss_sums, self._loss_count = None, 0
+
+    @property
+    def ratio(self) -> float:
+        """The sub branch's mask ratio or drop rate; settable between steps (a ``TrainerCallback``'s schedule).
+
+        Checked as ``ratio=`` is. Set this, not an attribute of ``sub_branch``: DropSub's and PathSub's
+        branches hold their rate as ``p``.
+        """
+        return self._wrapped.ratio
+
+    @ratio.setter
+    def ratio(self, value: float) -> None:
+        self._wrapped.ratio = value
 
     def _second_backward_blocker(self) -> str | None:
         if getattr(self, "is_deepspeed_enabled", False):
