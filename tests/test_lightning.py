@@ -130,6 +130,35 @@ def test_a_short_last_window_of_the_epoch_starts_from_zero():
             torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("memory_saving", [True, False])
+def test_validation_step_gets_both_losses_and_leaves_the_training_gradient_alone(memory_saving):
+    """Called in validation_step (no gradients), the step returns the two branches' losses and does nothing else;
+    the main backward on a tensor without a graph failed there. Validation runs after every micro-batch, in the
+    middle of each accumulation window too, and before training (the sanity check)."""
+
+    class Validated(Classifier):
+        def validation_step(self, batch, batch_idx):
+            out = self.masksub(self, *batch)
+            self.validated.append(out)
+            self.log("val_loss", out["loss"])
+
+    module = Validated(memory_saving=memory_saving)
+    module.validated = []
+    trainer = _trainer(max_steps=2, accumulate_grad_batches=2, val_check_interval=1, num_sanity_val_steps=1)
+    trainer.fit(module, _loader(batches=4), _loader(batches=1, seed=5))
+    assert len(module.validated) == 1 + 4  # the sanity check, then one per micro-batch
+    x, y = _loader(batches=1, seed=5).dataset.tensors
+    with torch.no_grad():
+        module.eval()
+        main = F.cross_entropy(module.model(x), y)
+    for out in module.validated:
+        assert not out["loss"].requires_grad and torch.isfinite(out["loss_sub"])
+        torch.testing.assert_close(out["loss_main"], main)
+        torch.testing.assert_close(out["loss"], 0.5 * out["loss_main"] + 0.5 * out["loss_sub"])
+    _assert_each_step_by_hand(module.train(), accum=2)
+    assert "val_loss" in trainer.callback_metrics and "loss_sub" in trainer.callback_metrics
+
+
 def test_other_strategies_get_the_summed_loss_with_a_warning_or_an_error_when_asked_for_two_backwards():
     from lightning.pytorch.strategies import SingleDeviceStrategy
 

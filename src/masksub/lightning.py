@@ -61,7 +61,9 @@ class TrainingStep(nn.Module):
 
     ``forward(module, x, target=None)`` takes the LightningModule and the batch's input (a tensor, or a
     mapping of keyword inputs whose ``labels`` are the target) and returns a dict: ``loss`` (for
-    Lightning), and the detached ``loss_main``, ``loss_sub`` and main-branch ``logits``.
+    Lightning), and the detached ``loss_main``, ``loss_sub`` and main-branch ``logits``. Without
+    gradients (``validation_step``, ``test_step``) it returns the same dict from the two forwards
+    and does nothing else: no backward, no gradient zeroing, no logging.
     """
 
     def __init__(
@@ -89,6 +91,8 @@ class TrainingStep(nn.Module):
     def forward(self, module: nn.Module, x, target: torch.Tensor | None = None) -> dict:
         trainer = self._trainer(module)
         model = self._model(module)
+        if not torch.is_grad_enabled():  # validation_step or test_step: both losses, nothing back-propagated
+            return self._evaluate(model, x, target)
         two_backwards = self._two_backwards(trainer)
         self._zero_grad_at_window_start(module, trainer)
         x, target = split_labels(x, target)
@@ -116,6 +120,16 @@ class TrainingStep(nn.Module):
         if self.log_losses:
             module.log_dict({"loss_main": out["loss_main"], "loss_sub": out["loss_sub"]})
         return out
+
+    def _evaluate(self, model: SubBranchModel, x, target: torch.Tensor | None) -> dict:
+        """The same dict, from a forward of each branch without gradients, and no logging (the training
+        step's ``loss_main``/``loss_sub`` keep their meaning): log from it what the evaluation needs."""
+        x, target = split_labels(x, target)
+        main = logits_of(forward(model, x))
+        loss_main = self.loss.main_loss(main, target)
+        loss_sub = self.loss.sub_loss(logits_of(forward(model, x, sub=True)), main, target)
+        loss = self.loss.main_weight * loss_main + self.loss.sub_weight * loss_sub
+        return {"loss": loss, "loss_main": loss_main, "loss_sub": loss_sub, "logits": main}
 
     def _zero_grad_at_window_start(self, module: nn.Module, trainer) -> None:
         """Lightning zeroes the gradients after ``training_step`` returns (on the first micro-batch of each
