@@ -25,6 +25,8 @@ class CountingTrainer(MaskSubTrainer):
 
 if __name__ == "__main__":
     out, memory_saving, find_unused = sys.argv[1], sys.argv[2] == "1", {"none": None, "0": False}[sys.argv[3]]
+    # "static": DDP(static_graph=True) and no accumulation; memory_saving=None (the default) picks the order
+    static = sys.argv[5:] == ["static"]
     if sys.argv[4] == "vit":  # a Hugging Face ViT: the sub pass drops tokens through hooks (hf_vit)
         model, mask_options = _tiny_hf_vit(), {}
         data = {"pixel_values": torch.rand(48, 3, 32, 32), "labels": torch.arange(48) % 3}
@@ -34,7 +36,8 @@ if __name__ == "__main__":
     args = _args(
         f"{out}/run",
         max_steps=3,
-        gradient_accumulation_steps=2,
+        gradient_accumulation_steps=1 if static else 2,
+        ddp_static_graph=static or None,
         learning_rate=1e-3,
         ddp_backend="gloo",
         ddp_find_unused_parameters=find_unused,  # None: the Trainer's default for a Hugging Face model (True)
@@ -44,11 +47,11 @@ if __name__ == "__main__":
         args=args,
         train_dataset=Rows(data),
         mask_options=mask_options,
-        memory_saving=memory_saving,
+        memory_saving=None if static else memory_saving,
     )
     trainer.train()
     result = {"world": dist.get_world_size(), "rounds": trainer.count.rounds, "steps": trainer.state.global_step}
-    assert trainer.memory_saving is memory_saving
+    assert trainer.memory_saving is (memory_saving and not static)
     assert trainer.sub_branch.name == ("hf_vit" if sys.argv[4] == "vit" else "text")
     torch.save({"result": result, "state": model.state_dict()}, f"{out}/rank{dist.get_rank()}.pt")
     exit_without_teardown()  # gloo's teardown at interpreter exit can abort a finished run

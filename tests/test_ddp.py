@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from conftest import TINY, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -76,7 +77,7 @@ def _full_state(model):
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
 
 
-def _train(name, accum, kind, rank=0, world=1, parallel="ddp"):
+def _train(name, accum, kind, rank=0, world=1, parallel="ddp", static_graph=False):
     """Train STEPS optimizer steps; under DDP count gradient all-reduces per step, under FSDP reduce-scatters."""
     fsdp = parallel.startswith("fsdp")
     if name == "bert":
@@ -91,7 +92,7 @@ def _train(name, accum, kind, rank=0, world=1, parallel="ddp"):
     if world > 1 and fsdp:
         model = wrapped = _shard(wrapped, name, parallel)
     elif world > 1:  # no find_unused_parameters, also for the Swin mask token
-        model = task.prepare_distributed().trainable_module if task else DDP(wrapped)
+        model = task.prepare_distributed().trainable_module if task else DDP(wrapped, static_graph=static_graph)
         count = count_allreduces(model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
     step = masksub.Step(
@@ -195,6 +196,19 @@ def _nonfinite_steps(parallel, amp, mode, rank):
     return skipped, _full_state(wrapped)
 
 
+def _static_graph(rank):
+    """DDP(static_graph=True): Step's backwards inside no_sync are refused by name (torch's reducer fails there
+    with an internal assert); the summed loss without accumulation trains."""
+    refused = []
+    for kw in (dict(), dict(accum_steps=2, memory_saving=False)):
+        wrapped = masksub.wrap(tiny_model("vit"), unit=TINY["vit"][3]).train()
+        try:
+            masksub.Step(DDP(wrapped, static_graph=True), torch.optim.SGD(wrapped.parameters()), F.cross_entropy, **kw)
+        except ValueError as e:
+            refused.append(str(e))
+    return refused, _train("vit", 1, "summed", rank=rank, world=WORLD, static_graph=True)
+
+
 def _worker(rank, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -203,6 +217,7 @@ def _worker(rank, init_file, results):
     if FSDP_CASES:
         out["fsdp settings"] = _fsdp_settings()
     out.update({("nonfinite", *case): _nonfinite_steps(*case, rank) for case in NONFINITE})
+    out["static graph"] = _static_graph(rank)
     torch.save(out, f"{results}.{rank}")
     exit_without_teardown()
 
@@ -237,6 +252,17 @@ def test_ddp_equals_single_process_full_batch(ddp_results, case):
     if case[0] == "swin":
         initial = masksub.wrap(tiny_model("swin"), unit=16).state_dict()["branch.mask_token"]
         assert not torch.equal(state["branch.mask_token"], initial), "the mask token must train under DDP"
+
+
+def test_static_graph_ddp_refuses_backwards_inside_no_sync_and_trains_the_summed_loss(ddp_results):
+    refused, ((counts, _), state) = ddp_results[0]["static graph"]
+    assert len(refused) == 2 and all("DistributedDataParallel(static_graph=True) cannot" in m for m in refused)
+    assert "Step runs the main pass's backward there" in refused[0] and "or memory_saving=False" in refused[0]
+    assert "every micro-batch but a window's last there" in refused[1] and "memory_saving" not in refused[1]
+    assert counts == [1] * STEPS
+    _, single = _train("vit", 1, "summed")
+    for k in single:
+        torch.testing.assert_close(state[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_a_window_ended_by_last_equals_a_full_one_under_ddp(ddp_results):

@@ -9,8 +9,8 @@ Each training micro-batch runs the memory-saving order: the main forward and the
 gradient all-reduce under DDP). The main graph is freed before the sub forward, so peak memory is
 about the plain Trainer's. Everything else is the Trainer's own: gradient accumulation, mixed
 precision, DDP/FSDP through accelerate, logging (plus ``loss_main`` and ``loss_sub``), checkpoints.
-Where a second backward cannot work (DeepSpeed steps inside its backward; LOMO updates there) it
-returns the summed loss for one backward instead: same gradients, both graphs alive together.
+Where a second backward cannot work (DeepSpeed steps inside its backward; LOMO updates there; DDP's
+static graph) it returns the summed loss for one backward instead: same gradients, both graphs alive together.
 Evaluation and prediction use the plain model and its own loss; nothing is added to the model,
 so ``save_model`` writes a checkpoint that ``from_pretrained`` loads as usual.
 
@@ -130,6 +130,9 @@ class MaskSubTrainer(transformers.Trainer):
             return "apex scales the one loss the Trainer back-propagates"
         if str(getattr(self.args.optim, "value", self.args.optim)) in ("lomo", "adalomo"):
             return "LOMO updates the weights inside each backward"
+        if getattr(self.args, "ddp_static_graph", None) and self.args.world_size > 1:
+            # torch fails with an internal assert at a backward inside no_sync before the first synced one
+            return "DDP with static_graph=True (ddp_static_graph) cannot back-propagate inside no_sync first"
         return None
 
     def _accumulation_steps(self) -> int:

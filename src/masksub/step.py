@@ -24,6 +24,7 @@ from contextlib import nullcontext
 import torch
 from timm.utils import dispatch_clip_grad
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .loss import SubBranchLoss
 from .parallel import all_processes, clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
@@ -158,6 +159,18 @@ class Step:
                 "nn.DataParallel copies the model onto each GPU at every forward, and the copies do not follow the "
                 "sub branch's switches (masking hooks, drop rates): the sub pass would equal the main pass. Use "
                 "DistributedDataParallel (torchrun --nproc_per_node N), or one GPU"
+            )
+        unsynced_backward = not sync_every_backward and (accum_steps > 1 or (self.has_sub and memory_saving))
+        if unsynced_backward and getattr(sync, "static_graph", False) and isinstance(sync, DistributedDataParallel):
+            # torch fails there with an internal assert (its reducer has no autograd hooks yet)
+            summed = " or memory_saving=False (one backward of the summed loss)" if accum_steps == 1 else ""
+            raise ValueError(
+                "DistributedDataParallel(static_graph=True) cannot back-propagate inside no_sync() before a synced "
+                "backward has recorded its graph, and Step runs "
+                + ("the main pass's backward" if self.has_sub and memory_saving else "")
+                + (" and " if self.has_sub and memory_saving and accum_steps > 1 else "")
+                + ("every micro-batch but a window's last" if accum_steps > 1 else "")
+                + f" there: build DDP without static_graph{summed}"
             )
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
