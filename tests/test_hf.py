@@ -374,6 +374,23 @@ def test_dropsub_in_the_trainer_raises_the_rates_in_the_sub_pass_only(tmp_path):
     assert all(entry["loss_sub"] > 0 for entry in trainer.state.log_history if "loss" in entry)
 
 
+def test_a_loss_left_without_its_backward_leaves_no_sub_rates_in_the_next_main_pass(tmp_path):
+    """A loss the Trainer never back-propagated (its backward ran out of memory, and auto_find_batch_size starts
+    over): the sub pass's drop rates stayed in force, into the next micro-batch's main pass."""
+    model = tiny_text_model(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).train()
+    seen = []
+    next(m for m in model.modules() if isinstance(m, torch.nn.Dropout)).register_forward_pre_hook(
+        lambda m, a: seen.append(m.p)
+    )
+    trainer = MaskSubTrainer(
+        model=model, args=_args(tmp_path), train_dataset=Rows(text_batch()), sub="dropout", ratio=0.4
+    )
+    batch = text_batch(batch=4)
+    trainer.compute_loss(model, batch)  # main backward inside; the sub term's is left to the Trainer: not run
+    trainer.compute_loss(model, batch)
+    assert seen == [0.1, 0.4, 0.1, 0.4]
+
+
 def test_float_labels_train_multi_label_as_the_model_own_loss_would(tmp_path):
     """problem_type unset and multi-hot float labels: binary cross-entropy and a sigmoid teacher, as the
     Hugging Face model decides for its own loss; evaluation then computes that same loss."""

@@ -159,6 +159,24 @@ def test_validation_step_gets_both_losses_and_leaves_the_training_gradient_alone
     assert "val_loss" in trainer.callback_metrics and "loss_sub" in trainer.callback_metrics
 
 
+def test_a_loss_left_without_its_backward_leaves_no_sub_rates_in_the_next_main_pass():
+    """DropSub: a call whose loss Lightning never back-propagated kept the sub pass's rates in force, into the
+    next call's main pass."""
+
+    class Twice(Classifier):
+        def training_step(self, batch, batch_idx):
+            self.masksub(self, *batch)  # a loss left without its backward
+            return self.masksub(self, *batch)
+
+    module = Twice(sub="dropout", memory_saving=True)
+    seen = []
+    next(m for m in module.model.modules() if isinstance(m, torch.nn.Dropout)).register_forward_pre_hook(
+        lambda m, a: seen.append(m.p)
+    )
+    _trainer().fit(module, _loader())
+    assert seen == [0.0, 0.5, 0.0, 0.5]
+
+
 def test_other_strategies_get_the_summed_loss_with_a_warning_or_an_error_when_asked_for_two_backwards():
     from lightning.pytorch.strategies import SingleDeviceStrategy
 

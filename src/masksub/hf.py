@@ -176,6 +176,7 @@ class MaskSubTrainer(transformers.Trainer):
                 f"MaskSubTrainer trains on a batch with 'labels', and this one has {sorted(inputs)}: name the label "
                 "column 'labels' (or 'label', which the default collator renames)"
             )
+        self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
         two_backwards = self.memory_saving and torch.is_grad_enabled()

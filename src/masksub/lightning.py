@@ -91,6 +91,7 @@ class TrainingStep(nn.Module):
     def forward(self, module: nn.Module, x, target: torch.Tensor | None = None) -> dict:
         trainer = self._trainer(module)
         model = self._model(module)
+        self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
         if not torch.is_grad_enabled():  # validation_step or test_step: both losses, nothing back-propagated
             return self._evaluate(model, x, target)
         two_backwards = self._two_backwards(trainer)

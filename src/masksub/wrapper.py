@@ -124,7 +124,8 @@ class SubPassHold:
         self._stack = ExitStack()
 
     def enter(self, branch: nn.Module) -> None:
-        self.close()  # one that a backward never released (a loss that was not back-propagated)
+        self.close()  # one that a backward never released (a loss that was not back-propagated); callers also
+        # close at the start of each call, before its main pass
         hold = getattr(branch, "hold", None)
         if hold is not None:
             self._stack.enter_context(hold())
