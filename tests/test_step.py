@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import timm
@@ -154,7 +155,14 @@ def test_softmax_teacher_matches_by_hand():
 
 
 @pytest.mark.parametrize(
-    "criterion", [torch.nn.BCEWithLogitsLoss(), BinaryCrossEntropy(smoothing=0.0), torch.nn.MultiLabelSoftMarginLoss()]
+    "criterion",
+    [
+        torch.nn.BCEWithLogitsLoss(),
+        BinaryCrossEntropy(smoothing=0.0),
+        torch.nn.MultiLabelSoftMarginLoss(),
+        functools.partial(F.binary_cross_entropy_with_logits, reduction="mean"),  # a bound function: was softmax
+        functools.partial(functools.partial(torch.nn.BCEWithLogitsLoss()), reduction="mean"),
+    ],
 )
 def test_sigmoid_teacher_for_bce(criterion):
     main, sub = torch.randn(6, 5), torch.randn(6, 5)
@@ -163,7 +171,10 @@ def test_sigmoid_teacher_for_bce(criterion):
     torch.testing.assert_close(loss.sub_loss(sub, main), F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main)))
 
 
-@pytest.mark.parametrize("criterion", [torch.nn.MSELoss(), torch.nn.SmoothL1Loss(), F.l1_loss])
+@pytest.mark.parametrize(
+    "criterion",
+    [torch.nn.MSELoss(), torch.nn.SmoothL1Loss(), F.l1_loss, functools.partial(F.mse_loss, reduction="sum")],
+)
 def test_a_regression_criterion_needs_the_teacher_named(criterion):
     """A softmax teacher over regression outputs was taken silently; the sub branch learnt nothing meaningful."""
     with pytest.raises(ValueError, match="is a regression criterion, .* teacher='softmax' or teacher='sigmoid'"):
@@ -171,7 +182,9 @@ def test_a_regression_criterion_needs_the_teacher_named(criterion):
     assert masksub.SubBranchLoss(criterion, teacher="softmax").teacher == "softmax"  # logits all the same: as told
 
 
-@pytest.mark.parametrize("criterion", [torch.nn.BCELoss(), F.binary_cross_entropy])
+@pytest.mark.parametrize(
+    "criterion", [torch.nn.BCELoss(), F.binary_cross_entropy, functools.partial(F.binary_cross_entropy, weight=None)]
+)
 def test_a_criterion_on_probabilities_is_refused(criterion):
     """BCELoss's inputs are probabilities: a softmax teacher over them was taken silently."""
     with pytest.raises(ValueError, match="BCELoss takes probabilities .* use BCEWithLogitsLoss"):

@@ -15,6 +15,7 @@ left out of the distillation as it is out of the main loss.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -50,7 +51,12 @@ REGRESSION_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 
 
 def teacher_kind(criterion: Callable) -> str:
-    """``"sigmoid"`` for binary cross-entropy criteria, else ``"softmax"``; a regression criterion is refused."""
+    """``"sigmoid"`` for binary cross-entropy criteria, else ``"softmax"``; a regression criterion is refused.
+
+    A ``functools.partial`` is judged by the function or loss it binds (``partial(F.mse_loss, reduction=...)``).
+    """
+    while isinstance(criterion, functools.partial):
+        criterion = criterion.func
     bce = (nn.BCEWithLogitsLoss, BinaryCrossEntropy, nn.MultiLabelSoftMarginLoss)  # a sigmoid per class
     if isinstance(criterion, bce) or criterion in (F.binary_cross_entropy_with_logits, F.multilabel_soft_margin_loss):
         return "sigmoid"
