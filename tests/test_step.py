@@ -441,6 +441,8 @@ def test_token_level_distillation_leaves_out_ignored_tokens():
     # a criterion's own ignore_index; every token ignored gives 0, not NaN; soft targets keep every token
     own = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss(ignore_index=3))
     torch.testing.assert_close(own.sub_loss(sub, main, target), per_token[target != 3].mean())
+    bound = masksub.SubBranchLoss(functools.partial(F.cross_entropy, ignore_index=3))  # read -100 before
+    torch.testing.assert_close(bound.sub_loss(sub, main, target), per_token[target != 3].mean())
     assert loss.sub_loss(sub, main, torch.full((3, 5), -100)).item() == 0.0
     torch.testing.assert_close(loss.sub_loss(sub, main, F.softmax(main, -1)), per_token.mean())
     with pytest.raises(ValueError, match=r"token-level logits \(3, 5, 4\) need targets of shape \(3, 5\)"):

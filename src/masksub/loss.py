@@ -75,6 +75,16 @@ def teacher_kind(criterion: Callable) -> str:
     return "softmax"
 
 
+def ignore_index_of(criterion: Callable) -> int:
+    """The class index a criterion leaves out: its ``ignore_index`` (a module's, or one a ``functools.partial``
+    binds), else torch's default, -100."""
+    while isinstance(criterion, functools.partial):
+        if "ignore_index" in criterion.keywords:
+            return criterion.keywords["ignore_index"]
+        criterion = criterion.func
+    return getattr(criterion, "ignore_index", IGNORE_INDEX)
+
+
 class SubBranchLoss(nn.Module):
     """Main-branch criterion plus the sub branch's distillation from the main logits.
 
@@ -132,7 +142,7 @@ class SubBranchLoss(nn.Module):
         else:
             per_row = torch.sum(-F.softmax(main, dim=-1) * F.log_softmax(sub, dim=-1), dim=-1)
         if sub_logits.ndim > 2 and rows_target is not None and rows_target.ndim == 1:
-            ignore = getattr(self.criterion, "ignore_index", IGNORE_INDEX)
+            ignore = ignore_index_of(self.criterion)
             kept = (rows_target != ignore).to(per_row.dtype)  # a weight, not a selection: static shapes
             loss = (per_row * kept).sum() / kept.sum().clamp(min=1)
         else:
