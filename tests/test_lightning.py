@@ -177,6 +177,19 @@ def test_a_loss_left_without_its_backward_leaves_no_sub_rates_in_the_next_main_p
     assert seen == [0.0, 0.5, 0.0, 0.5]
 
 
+@pytest.mark.parametrize("path", [None, "model"])
+def test_a_compiled_wrapper_runs_compiled(path):
+    """self.model = torch.compile(masksub.wrap(net)): the step found the wrapped model inside (_orig_mod) and ran
+    it uncompiled, and a model='model' path to it was refused."""
+    module = Classifier(model=path)
+    module.model = torch.compile(module.model, backend="eager")
+    calls = []
+    module.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("sub", False)), with_kwargs=True)
+    _trainer(max_steps=2).fit(module, _loader())
+    assert calls == [False, True] * 2  # main, sub; per step
+    _assert_each_step_by_hand(module, accum=1)
+
+
 def test_other_strategies_get_the_summed_loss_with_a_warning_or_an_error_when_asked_for_two_backwards():
     from lightning.pytorch.strategies import SingleDeviceStrategy
 

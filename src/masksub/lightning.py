@@ -90,14 +90,14 @@ class TrainingStep(nn.Module):
 
     def forward(self, module: nn.Module, x, target: torch.Tensor | None = None) -> dict:
         trainer = self._trainer(module)
-        model = self._model(module)
+        runner, model = self._model(module)
         self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
         if not torch.is_grad_enabled():  # validation_step or test_step: both losses, nothing back-propagated
-            return self._evaluate(model, x, target)
+            return self._evaluate(runner, x, target)
         two_backwards = self._two_backwards(trainer)
         self._zero_grad_at_window_start(module, trainer)
         x, target = split_labels(x, target)
-        main = logits_of(forward(model, x))
+        main = logits_of(forward(runner, x))
         loss_main = self.loss.main_loss(main, target)
         if two_backwards:
             # Scaled as Lightning scales the loss it back-propagates; backward outside autocast, as Lightning's.
@@ -109,7 +109,7 @@ class TrainingStep(nn.Module):
             self._sub_hold.enter(model.branch)
         else:
             check_one_backward(model.branch, model.model, "TrainingStep's summed loss (memory_saving=False)")
-        loss_sub = self.loss.sub_loss(logits_of(forward(model, x, sub=True)), main, target)
+        loss_sub = self.loss.sub_loss(logits_of(forward(runner, x, sub=True)), main, target)
         out = {
             "loss": self.loss.main_weight * loss_main + self.loss.sub_weight * loss_sub,
             "loss_main": loss_main.detach(),
@@ -122,7 +122,7 @@ class TrainingStep(nn.Module):
             module.log_dict({"loss_main": out["loss_main"], "loss_sub": out["loss_sub"]})
         return out
 
-    def _evaluate(self, model: SubBranchModel, x, target: torch.Tensor | None) -> dict:
+    def _evaluate(self, model: nn.Module, x, target: torch.Tensor | None) -> dict:
         """The same dict, from a forward of each branch without gradients, and no logging (the training
         step's ``loss_main``/``loss_sub`` keep their meaning): log from it what the evaluation needs."""
         x, target = split_labels(x, target)
@@ -166,21 +166,23 @@ class TrainingStep(nn.Module):
             )
         return trainer
 
-    def _model(self, module: nn.Module) -> nn.Module:
-        if self.model_path is not None:
-            model = module.get_submodule(self.model_path)
-            if not isinstance(model, SubBranchModel):
-                raise TypeError(f"{self.model_path!r} is a {type(model).__name__}, not a masksub.wrap-ed model")
-            return model
-        found = [name for name, m in module.named_modules() if isinstance(m, SubBranchModel)]
-        if len(found) != 1:
-            what = "none" if not found else f"{len(found)} ({', '.join(found)})"
-            raise ValueError(
-                f"TrainingStep needs one masksub.wrap-ed model in the LightningModule, found {what}: "
-                "assign masksub.wrap(model) to it, or name the one to train with TrainingStep(..., model='name')"
-            )
-        self.model_path = found[0]  # looked up by name from now on
-        return module.get_submodule(found[0])
+    def _model(self, module: nn.Module) -> tuple[nn.Module, SubBranchModel]:
+        """What to call (the wrapped model, or the ``torch.compile``-d module around it) and the wrapped model."""
+        if self.model_path is None:
+            found = [name for name, m in module.named_modules() if isinstance(m, SubBranchModel)]
+            if len(found) != 1:
+                what = "none" if not found else f"{len(found)} ({', '.join(found)})"
+                raise ValueError(
+                    f"TrainingStep needs one masksub.wrap-ed model in the LightningModule, found {what}: "
+                    "assign masksub.wrap(model) to it, or name the one to train with TrainingStep(..., model='name')"
+                )
+            # looked up by name from now on; torch.compile(wrapped) holds it as _orig_mod: the compiled one runs
+            self.model_path = found[0].removesuffix("._orig_mod")
+        runner = module.get_submodule(self.model_path)
+        wrapped = getattr(runner, "_orig_mod", runner)
+        if not isinstance(wrapped, SubBranchModel):
+            raise TypeError(f"{self.model_path!r} is a {type(runner).__name__}, not a masksub.wrap-ed model")
+        return runner, wrapped
 
     def _two_backwards(self, trainer) -> bool:
         blocker = self._second_backward_blocker(trainer)
