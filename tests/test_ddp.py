@@ -28,6 +28,7 @@ CASES = [("vit", 1, "masksub"), ("vit", 2, "masksub"), ("swin", 1, "masksub"), (
 CASES += [("vit", 1, "research"), ("vit", 2, "summed"), ("bert", 1, "masksub"), ("bert", 1, "summed")]
 CASES += [("vit", 2, "every")]  # masksub with sync_every_backward: every backward reduces
 CASES += [("vit", 2, "short")]  # accum_steps=3, each window ended by last=True after 2 micro-batches
+CASES += [("vit", 2, "compiled")]  # torch.compile(DDP(wrapped)), the order PyTorch documents: was 2 per micro-batch
 try:  # timm's own task (two forwards, one backward), where timm's task API is new enough
     from masksub.task import MaskSubTask
 
@@ -94,6 +95,8 @@ def _train(name, accum, kind, rank=0, world=1, parallel="ddp", static_graph=Fals
     elif world > 1:  # no find_unused_parameters, also for the Swin mask token
         model = task.prepare_distributed().trainable_module if task else DDP(wrapped, static_graph=static_graph)
         count = count_allreduces(model)
+        if kind == "compiled":
+            model = torch.compile(model, backend="eager")  # dynamo's front end; no C++ compiler needed
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
     step = masksub.Step(
         model,

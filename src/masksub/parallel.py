@@ -29,8 +29,15 @@ def fsdp1_class():
 
 def engine(model: nn.Module) -> nn.Module:
     """The module that reduces gradients across processes: the model itself, or the one (DDP, FSDP) inside the
-    wrapper that Lightning Fabric's ``fabric.setup`` returns."""
-    return model._forward_module if wrapper_kind(model) == "_FabricModule" else model
+    wrapper that Lightning Fabric's ``fabric.setup`` returns or inside ``torch.compile(DDP(...))``, the order
+    PyTorch documents (and Accelerate's, with a dynamo backend)."""
+    while True:
+        if wrapper_kind(model) == "_FabricModule":
+            model = model._forward_module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _full(norm: torch.Tensor) -> torch.Tensor:
