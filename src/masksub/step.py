@@ -163,14 +163,13 @@ class Step:
         unsynced_backward = not sync_every_backward and (accum_steps > 1 or (self.has_sub and memory_saving))
         if unsynced_backward and getattr(sync, "static_graph", False) and isinstance(sync, DistributedDataParallel):
             # torch fails there with an internal assert (its reducer has no autograd hooks yet)
+            unsynced = ["the main pass's backward"] if self.has_sub and memory_saving else []
+            unsynced += ["every micro-batch but a window's last"] if accum_steps > 1 else []
             summed = " or memory_saving=False (one backward of the summed loss)" if accum_steps == 1 else ""
             raise ValueError(
                 "DistributedDataParallel(static_graph=True) cannot back-propagate inside no_sync() before a synced "
-                "backward has recorded its graph, and Step runs "
-                + ("the main pass's backward" if self.has_sub and memory_saving else "")
-                + (" and " if self.has_sub and memory_saving and accum_steps > 1 else "")
-                + ("every micro-batch but a window's last" if accum_steps > 1 else "")
-                + f" there: build DDP without static_graph{summed}"
+                f"backward has recorded its graph, and Step runs {' and '.join(unsynced)} there: build DDP without "
+                f"static_graph{summed}"
             )
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
