@@ -210,6 +210,12 @@ def test_image_not_divisible_by_unit(name):
         wrapped(tiny_images(name, batch=2), sub=True)
 
 
+@pytest.mark.parametrize("bad", [32.0, 0, -8, True, "32"])
+def test_a_unit_that_is_not_a_positive_int_is_refused(bad):
+    with pytest.raises(ValueError, match=r"unit must be a positive whole number of pixels \(an int\), got"):
+        masksub.wrap(tiny_model("resnet"), unit=bad)
+
+
 def test_unit_not_multiple_of_patch():
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         masksub.wrap(tiny_model("swin"), unit=30)

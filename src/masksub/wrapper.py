@@ -176,7 +176,7 @@ def wrap(
         raise TypeError("wrap the plain model first, then DistributedDataParallel / torch.compile the wrapper")
     ratio = check_ratio(ratio)
     if unit is not None and (isinstance(unit, bool) or not isinstance(unit, numbers.Integral) or unit < 1):
-        raise ValueError(f"unit must be a positive number of pixels, got {unit!r}")
+        raise ValueError(f"unit must be a positive whole number of pixels (an int), got {unit!r}")
     unit = None if unit is None else int(unit)
     if (options or adapter is not None) and sub != "mask":
         given = ", ".join([*options, *(["adapter"] if adapter is not None else [])])
