@@ -88,6 +88,18 @@ def test_encoder_loads_into_timm_and_adaptive_lr():
     assert tiny(views=1).adaptive_lr(6e-4, 512) == pytest.approx(6e-4 * 2)
 
 
+@pytest.mark.parametrize("patch,cell", [(16, 8), (14, 7), (12, 6), (8, 8), (9, 9), (4, 4)])
+def test_hog_cells_tile_every_patch_size(patch, cell):
+    """8-pixel HOG cells for 16-pixel patches; a patch 8 does not divide (ViT-L/14, ViT-H/14) was refused with no
+    way around it, and now gets the largest cell of 4 to 8 pixels that tiles it, else one cell per patch."""
+    enc = timm.create_model("vit_tiny_patch16_224", depth=1, **{**ENC, "img_size": 2 * patch, "patch_size": patch})
+    model = DMJD(enc, decoder_dim=32, decoder_depth=1, decoder_heads=2, projector_dim=32, block=1, corruption=0.5)
+    assert model.targets.cell == cell and model.targets.dim(3) == 3 * (patch // cell) ** 2 * 9
+    loss = model(torch.rand(2, 3, 2 * patch, 2 * patch))["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_rejects_non_vit_encoder_and_bad_settings():
     with pytest.raises(TypeError, match="VisionTransformer"):
         DMJD(timm.create_model("resnet10t"))

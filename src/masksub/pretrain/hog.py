@@ -5,7 +5,7 @@ in [0, pi) hard-assigned to ``bins`` bins weighted by gradient magnitude, summed
 ``cell`` pixel cells; each cell's histogram is standardized (zero mean, unit variance over its
 bins). A ``patch`` x ``patch`` token gets its cells' histograms: for 16-pixel patches, 8-pixel
 cells and 9 bins, 3 channels x 2 x 2 cells x 9 bins = 108 values, laid out (channel, cell row,
-cell column, bin).
+cell column, bin). DMJD picks the cell for its encoder's patch size.
 """
 
 from __future__ import annotations

@@ -132,7 +132,10 @@ class DMJD(nn.Module):
             self.grid = tuple(encoder.patch_embed.grid_size)
             chans = encoder.patch_embed.proj.in_channels
         if target == "hog":
-            self.targets = HOGTargets(cell=min(8, self.patch), patch=self.patch)  # small patches: one cell
+            # 8-pixel cells (the paper's, for 16-pixel patches), else the largest of 4 to 7 pixels that tiles the
+            # patch (7 for ViT-L/14 and ViT-H/14), else one cell per patch (patches of 8 pixels or fewer too)
+            cell = max((c for c in range(4, 9) if self.patch % c == 0), default=self.patch)
+            self.targets = HOGTargets(cell=cell, patch=self.patch)
             target_dim = self.targets.dim(chans)
         elif target == "pixels":
             self.targets, target_dim = None, self.patch**2 * chans
