@@ -17,7 +17,7 @@ from conftest import TINY, text_batch, tiny_images, tiny_model, tiny_text_model,
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
-from masksub.parallel import clip_grad_norm, grad_norm
+from masksub.parallel import clip_grad_norm, engine, grad_norm
 from masksub.train.distributed import AllReduceCount, ReduceScatterCount, count_allreduces, exit_without_teardown
 
 WORLD, BATCH, STEPS = 2, 8, 3
@@ -266,6 +266,28 @@ def test_static_graph_ddp_refuses_backwards_inside_no_sync_and_trains_the_summed
     _, single = _train("vit", 1, "summed")
     for k in single:
         torch.testing.assert_close(state[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_the_reducing_module_is_found_inside_torch_compile_only():
+    """torch.compile(ddp_model) holds DDP as _orig_mod; a wrapper that forwards unknown attributes inward
+    (FullyShardedDataParallel does) around a compiled module is itself the one that reduces."""
+
+    class Forwarding(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.inner, name)
+
+    plain = torch.nn.Linear(2, 2)
+    compiled = torch.compile(plain)
+    assert engine(compiled) is plain and engine(plain) is plain
+    outer = Forwarding(compiled)
+    assert engine(outer) is outer
 
 
 def test_a_window_ended_by_last_equals_a_full_one_under_ddp(ddp_results):

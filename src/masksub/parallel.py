@@ -34,8 +34,8 @@ def engine(model: nn.Module) -> nn.Module:
     while True:
         if wrapper_kind(model) == "_FabricModule":
             model = model._forward_module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
+        elif "_orig_mod" in model._modules:  # torch.compile's OptimizedModule (FSDP1 forwards any getattr inward)
+            model = model._modules["_orig_mod"]
         else:
             return model
 
