@@ -92,10 +92,10 @@ class TrainingStep(nn.Module):
         trainer = self._trainer(module)
         runner, model = self._model(module)
         self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
-        if not torch.is_grad_enabled():  # validation_step or test_step: both losses, nothing back-propagated
-            return self._evaluate(runner, x, target)
-        two_backwards = self._two_backwards(trainer)
-        self._zero_grad_at_window_start(module, trainer)
+        training = torch.is_grad_enabled()  # else validation_step or test_step: both losses, nothing else
+        two_backwards = training and self._two_backwards(trainer)
+        if training:
+            self._zero_grad_at_window_start(module, trainer)
         x, target = split_labels(x, target)
         main = logits_of(forward(runner, x))
         loss_main = self.loss.main_loss(main, target)
@@ -107,7 +107,7 @@ class TrainingStep(nn.Module):
             loss_main = loss_main.detach()  # its graph is freed: the value is only reported
         if two_backwards:  # the drop rates (DropSub, PathSub) stay until Lightning's backward recomputed
             self._sub_hold.enter(model.branch)
-        else:
+        elif training:
             check_one_backward(model.branch, model.model, "TrainingStep's summed loss (memory_saving=False)")
         loss_sub = self.loss.sub_loss(logits_of(forward(runner, x, sub=True)), main, target)
         out = {
@@ -118,19 +118,9 @@ class TrainingStep(nn.Module):
         }
         if two_backwards:
             self._sub_hold.release_after_backward(out["loss"])
-        if self.log_losses:
+        if self.log_losses and training:  # the training step's loss_main/loss_sub keep their meaning
             module.log_dict({"loss_main": out["loss_main"], "loss_sub": out["loss_sub"]})
         return out
-
-    def _evaluate(self, model: nn.Module, x, target: torch.Tensor | None) -> dict:
-        """The same dict, from a forward of each branch without gradients, and no logging (the training
-        step's ``loss_main``/``loss_sub`` keep their meaning): log from it what the evaluation needs."""
-        x, target = split_labels(x, target)
-        main = logits_of(forward(model, x))
-        loss_main = self.loss.main_loss(main, target)
-        loss_sub = self.loss.sub_loss(logits_of(forward(model, x, sub=True)), main, target)
-        loss = self.loss.main_weight * loss_main + self.loss.sub_weight * loss_sub
-        return {"loss": loss, "loss_main": loss_main, "loss_sub": loss_sub, "logits": main}
 
     def _zero_grad_at_window_start(self, module: nn.Module, trainer) -> None:
         """Lightning zeroes the gradients after ``training_step`` returns (on the first micro-batch of each
