@@ -124,6 +124,18 @@ def test_image_adapters_refuse_text_options():
         masksub.wrap(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1), tokenizer=None)
 
 
+@pytest.mark.parametrize("mode", ["token", "attention"])
+def test_custom_4d_attention_mask_is_refused_by_name(mode):
+    """A (B, 1, L, L) mask cannot be read per token; it used to fail in a broadcast deep inside."""
+    wrapped = wrap_text(tiny_text_model(), mode=mode)
+    batch = text_batch()
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    length = ids.shape[1]
+    square = attention[:, None, None, :].expand(-1, 1, length, -1).bool()
+    with pytest.raises(ValueError, match=r"\(batch, length\) attention_mask .* got shape \(6, 1, 20, 20\)"):
+        wrapped(input_ids=ids, attention_mask=square, sub=True)
+
+
 def test_inputs_embeds_is_refused():
     wrapped = wrap_text(tiny_text_model())
     with pytest.raises(ValueError, match="inputs_embeds are not supported"):

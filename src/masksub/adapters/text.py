@@ -108,6 +108,12 @@ class TokenMaskAdapter(MaskAdapter):
                 "(inputs_embeds are not supported: pass input_ids)"
             )
         attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"the text mask adapter reads a (batch, length) attention_mask like input_ids "
+                f"{tuple(input_ids.shape)}, got shape {tuple(attention_mask.shape)}: custom 3-D or 4-D attention "
+                "masks (packed sequences) are not supported; pass the 2-D padding mask, or use sub='dropout'"
+            )
         mask = self.token_mask(input_ids, attention_mask)
         if self.mode == "token":
             input_ids = input_ids.masked_fill(mask, self.mask_token_id)
