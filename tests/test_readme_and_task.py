@@ -113,6 +113,25 @@ def test_task_gradients_equal_step_and_checkpoint_is_plain():
 
 
 @needs_task_api
+def test_task_compiled_and_ema_checkpoints_hold_the_plain_model():
+    """timm's train.py with --torchcompile and --model-ema: both state dicts load into the plain timm model."""
+    x, y = tiny_images("vit", batch=4), torch.arange(4)
+    task = MaskSubTask(masksub.wrap(tiny_model("vit"), unit=16).train(), verbose=False)
+    eval_model = task.compile(backend="eager")
+    task.setup_ema(decay=0.5)
+    task(x, y)["loss"].backward()
+    task.update_ema()
+    assert task.get_eval_model() is eval_model
+    for ema, key in [(False, "state_dict"), (True, "state_dict_ema")]:
+        state = task.get_checkpoint_state(ema=ema)
+        plain = tiny_model("vit", seed=9).eval()
+        plain.load_state_dict(state[key], strict=True)
+        task.load_checkpoint_state(state[key], state.get("task_state"), ema=ema)
+        task.get_eval_model(ema=ema).eval()
+        torch.testing.assert_close(task.get_eval_model(ema=ema)(x), plain(x))
+
+
+@needs_task_api
 def test_task_refuses_pathsub_under_activation_checkpointing():
     """timm's loop back-propagates the summed loss once, recomputing both passes' blocks with one drop rate."""
     net = tiny_model("vit")

@@ -86,6 +86,25 @@ class MaskSubTask(ClassificationTask):
         loss = self.sub_loss.main_weight * loss_main + self.sub_loss.sub_weight * loss_sub
         return {"loss": loss, "output": main, "loss_main": loss_main.detach(), "loss_sub": loss_sub.detach()}
 
+    def compile(self, backend: str = "inductor", mode: str | None = None, **compile_kwargs) -> nn.Module:
+        """Compile the wrapper for training and the plain model for evaluation and checkpoints.
+
+        ``ClassificationTask.compile`` would make the compiled wrapper the eval model, so checkpoints
+        would hold ``model.``-prefixed keys that ``timm.create_model`` cannot load.
+        """
+        self.eval_model = torch.compile(self._wrapper[0].model, backend=backend, mode=mode, **compile_kwargs)
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        return self.eval_model
+
+    def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
+        """The plain model inside whatever holds the wrapper (an EMA copy, DDP, torch.compile)."""
+        resolved = super().get_eval_model(module=module, ema=ema)
+        current = resolved
+        while current is not None and not isinstance(current, SubBranchModel):
+            inner = getattr(current, "module", None)  # an EMA copy, DDP
+            current = getattr(current, "_orig_mod", None) if inner is None else inner  # torch.compile
+        return resolved if current is None else current.model
+
     def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict[str, Any]:
         return {"branch": self._wrapper[0].branch.state_dict()} if not ema else {}
 
