@@ -171,6 +171,38 @@ def test_sigmoid_teacher_for_bce(criterion):
     torch.testing.assert_close(loss.sub_loss(sub, main), F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main)))
 
 
+# timm's multi-label losses (its loss_type choices for multi-label targets), where this timm has them
+MULTI_LABEL_TIMM = {
+    "AsymmetricLossMultiLabel": {},
+    "PolyBinaryCrossEntropy": {},
+    "TwoWayLoss": {},
+    "ZlprLoss": {},
+    "DistributionBalancedLoss": dict(class_counts=[3.0] * 5, num_samples=10),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.skipif(not hasattr(timm.loss, n), reason="older timm"))
+        for n in MULTI_LABEL_TIMM
+    ],
+)
+def test_timm_multi_label_losses_get_a_sigmoid_teacher(name):
+    """A softmax teacher made the classes of a multi-label target compete: it was taken for all but timm's BCE."""
+    criterion = getattr(timm.loss, name)(**MULTI_LABEL_TIMM[name])
+    main, sub, target = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 2, (6, 5)).float()
+    loss = masksub.SubBranchLoss(criterion)
+    assert loss.teacher == "sigmoid"
+    assert torch.isfinite(loss.main_loss(main, target))
+    torch.testing.assert_close(loss.sub_loss(sub, main), F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main)))
+
+
+def test_timm_single_label_losses_keep_the_softmax_teacher():
+    for criterion in (timm.loss.AsymmetricLossSingleLabel(), timm.loss.LabelSmoothingCrossEntropy(0.1)):
+        assert masksub.SubBranchLoss(criterion).teacher == "softmax"
+
+
 @pytest.mark.parametrize(
     "criterion",
     [torch.nn.MSELoss(), torch.nn.SmoothL1Loss(), F.l1_loss, functools.partial(F.mse_loss, reduction="sum")],

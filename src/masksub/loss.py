@@ -19,9 +19,9 @@ import functools
 import math
 from collections.abc import Callable
 
+import timm.loss
 import torch
 import torch.nn.functional as F
-from timm.loss import BinaryCrossEntropy
 from torch import nn
 
 TEACHERS = ("auto", "softmax", "sigmoid")
@@ -46,19 +46,29 @@ def as_rows(logits: torch.Tensor, target: torch.Tensor | None = None) -> tuple[t
     )
 
 
+# Multi-label losses, each a sigmoid per class: torch's and timm's (those of timm's loss_type choices for
+# multi-label targets; the newer ones are looked up by name, as older timm releases lack them).
+MULTI_LABEL_TIMM = ("BinaryCrossEntropy", "AsymmetricLossMultiLabel", "PolyBinaryCrossEntropy", "TwoWayLoss")
+MULTI_LABEL_TIMM += ("ZlprLoss", "DistributionBalancedLoss")
+MULTI_LABEL = (nn.BCEWithLogitsLoss, nn.MultiLabelSoftMarginLoss) + tuple(
+    getattr(timm.loss, name) for name in MULTI_LABEL_TIMM if hasattr(timm.loss, name)
+)
 REGRESSION = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.GaussianNLLLoss, nn.PoissonNLLLoss)
 REGRESSION_FUNCTIONS = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 
 
 def teacher_kind(criterion: Callable) -> str:
-    """``"sigmoid"`` for binary cross-entropy criteria, else ``"softmax"``; a regression criterion is refused.
+    """``"sigmoid"`` for binary cross-entropy and other multi-label criteria, else ``"softmax"``; a regression
+    criterion is refused.
 
     A ``functools.partial`` is judged by the function or loss it binds (``partial(F.mse_loss, reduction=...)``).
     """
     while isinstance(criterion, functools.partial):
         criterion = criterion.func
-    bce = (nn.BCEWithLogitsLoss, BinaryCrossEntropy, nn.MultiLabelSoftMarginLoss)  # a sigmoid per class
-    if isinstance(criterion, bce) or criterion in (F.binary_cross_entropy_with_logits, F.multilabel_soft_margin_loss):
+    if isinstance(criterion, MULTI_LABEL) or criterion in (
+        F.binary_cross_entropy_with_logits,
+        F.multilabel_soft_margin_loss,
+    ):
         return "sigmoid"
     if isinstance(criterion, nn.BCELoss) or criterion is F.binary_cross_entropy:
         raise ValueError(
