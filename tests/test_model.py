@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import timm
+import timm.data
+import timm.optim
 import torch
 from conftest import TINY, tiny_images, tiny_model
 from timm.layers import DropPath
@@ -184,6 +186,40 @@ def test_export_loads_into_plain_timm_model(name):
     with torch.no_grad():
         assert torch.equal(plain(x), wrapped(x))
     assert not any("mask_token" in k for k in wrapped.model.state_dict())
+
+
+def _groups(optimizer, model) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["weight_decay"], g.get("lr_scale")) for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "beit", "eva_rope", "resnet", "convvit"])
+@pytest.mark.parametrize("layer_decay", [None, 0.65])
+def test_timm_optimizer_factory_sees_the_models_decay_lists_and_layers(name, layer_decay):
+    """create_optimizer_v2(wrapped) put weight decay on position embeddings and class tokens, and layer decay
+    found one layer (every lr scale 1): the wrapper hid the model's no_weight_decay and group_matcher."""
+    kw = dict(opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
+    plain = tiny_model(name)
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3])
+    expected = _groups(timm.optim.create_optimizer_v2(plain, **kw), plain)
+    got = _groups(timm.optim.create_optimizer_v2(wrapped, **kw), wrapped)
+    assert {n: v for n, v in got.items() if n.startswith("model.")} == {f"model.{n}": v for n, v in expected.items()}
+    if name != "resnet":  # position embeddings, class tokens, relative position tables: no decay
+        assert any(v[0] == 0.0 and p.ndim > 1 for n, v in expected.items() for p in [plain.get_parameter(n)])
+    if layer_decay:
+        assert len({v[1] for v in expected.values()}) > 2
+    for n, (decay, scale) in got.items():  # the mask token: new, at full lr; 1-D, without decay
+        if n.startswith("branch."):
+            assert (decay, scale) == (0.0, None if layer_decay is None else 1.0)
+
+
+def test_timm_data_config_of_the_wrapper_is_the_models():
+    plain = timm.create_model("vit_tiny_patch16_384", pretrained=False, num_classes=5)
+    wrapped = masksub.wrap(plain)
+    config = timm.data.resolve_data_config({}, model=wrapped)
+    assert config == timm.data.resolve_data_config({}, model=plain) and config["input_size"] == (3, 384, 384)
+    assert wrapped.default_cfg is plain.pretrained_cfg
+    assert not hasattr(masksub.wrap(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))), "pretrained_cfg")
 
 
 def test_mask_token_is_saved_and_trained():

@@ -6,6 +6,7 @@ import numbers
 from contextlib import ExitStack, nullcontext
 
 import torch
+from timm.models import group_modules, group_parameters
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -64,6 +65,45 @@ class SubBranchModel(nn.Module):
             return self.branch(self.model, *args, **kwargs)
         finally:
             assign(frozen, True)
+
+    # timm's model interface, for what reads it from the model handed over: create_optimizer_v2 (no weight
+    # decay lists, layer-wise lr decay) and resolve_data_config (input size, mean, std). Without these the
+    # wrapper got ImageNet defaults, decay on position embeddings and one layer for layer decay, silently.
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The model's ``pretrained_cfg`` (timm's ``resolve_data_config(model=wrapped)`` reads it)."""
+        try:
+            return self.model.pretrained_cfg
+        except AttributeError:
+            raise AttributeError(f"{type(self.model).__name__} has no pretrained_cfg") from None
+
+    @property
+    def default_cfg(self) -> dict:
+        return self.pretrained_cfg
+
+    def no_weight_decay(self) -> set[str]:
+        """The model's no-weight-decay names, as the wrapper names them (``model.`` + name)."""
+        inner = getattr(self.model, "no_weight_decay", None)
+        return {f"model.{name}" for name in (inner() if callable(inner) else ())}
+
+    def group_matcher(self, coarse: bool = False):
+        """The model's layer groups (timm's layer-wise lr decay) for the wrapper's names; the sub branch's own
+        parameters (a mask token, new and trained from scratch) join the last group, the head's, at full lr.
+        A model without ``group_matcher`` is one group, as timm treats it."""
+        matcher = getattr(self.model, "group_matcher", None)
+        if not callable(matcher):
+            return lambda name: (0,)
+        matcher = matcher(coarse=coarse)
+        params = group_parameters(self.model, matcher, reverse=True)
+        modules = group_modules(self.model, matcher, reverse=True)
+        last = max(params.values(), default=0)
+
+        def layer(name: str) -> tuple[int]:
+            inner = name[len("model.") :] if name.startswith("model.") else None
+            return (params.get(inner, modules.get(inner, last)),)
+
+        return layer
 
     def sub_pass(self):
         """A context that keeps the sub branch's drop settings (DropSub, PathSub) in effect while open.
