@@ -243,6 +243,51 @@ def test_mask_token_units_with_non_square_patches(patch):
         masksub.wrap(model.train(), unit=24)
 
 
+def _naflex_batch(sizes, max_seq_len=64, patch=4, seed=3):
+    """A NaFlex batch as timm's loader collates it: images of other sizes, padded to one sequence length."""
+    from timm.data.naflex_dataset import NaFlexCollator
+    from timm.data.naflex_transforms import Patchify
+
+    g = torch.Generator().manual_seed(seed)
+    items = [(Patchify(patch)(torch.rand(3, h, w, generator=g) + 0.5), i) for i, (h, w) in enumerate(sizes)]
+    return NaFlexCollator(max_seq_len)(items)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_naflex_patch_dicts_keep_exact_counts_of_each_samples_valid_patches(ratio):
+    """timm's NaFlex loader pads every sample to one length: the sub pass keeps num_keep of each sample's own
+    valid patches, and the padding kept to fill the length stays out of attention. The patch dict used to be
+    refused as not an image batch."""
+    sizes = [(32, 32), (16, 48), (8, 20), (4, 4)]  # 64, 48, 10 and 1 valid patches of 4x4 pixels
+    batch, target = _naflex_batch(sizes)
+    wrapped = masksub.wrap(tiny_model("naflex_rope_mixed"), ratio=ratio).train()
+    seen = []
+    wrapped.model.blocks[0].register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attn_mask"]), with_kwargs=True)
+    torch.manual_seed(0)
+    main = wrapped(batch)
+    torch.manual_seed(0)
+    assert torch.equal(main, wrapped.model(batch)), "the main pass is the plain model on the dict"
+    sub = wrapped(batch, sub=True)
+    attn = seen[-1]  # (B, 1, L, L) additive: 0 where a token attends
+    prefix = wrapped.model.num_prefix_tokens
+    assert attn.shape[-1] == prefix + num_keep(64, ratio)
+    valid = batch["patch_valid"].sum(1)
+    attended = (attn[:, 0, 0] == 0).sum(-1) - prefix  # the keys the first token sees, prefix tokens aside
+    assert attended.tolist() == [num_keep(int(n), ratio) for n in valid]
+    assert sub.shape == main.shape and torch.isfinite(sub).all()
+
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    out = step(batch, target)  # the dict is one input, not keyword inputs
+    assert out["updated"] and torch.isfinite(out["loss_sub"])
+
+
+def test_naflex_adapter_refuses_an_attention_mask_it_would_cut_wrong():
+    batch, _ = _naflex_batch([(16, 16)], max_seq_len=16)
+    wrapped = masksub.wrap(tiny_model("naflex")).train()
+    with pytest.raises(ValueError, match="pass patch_valid instead"):
+        wrapped(batch["patches"], patch_coord=batch["patch_coord"], attn_mask=torch.zeros(1, 1, 16, 16), sub=True)
+
+
 @pytest.mark.parametrize("name", ["vit", "swin", "resnet"])
 def test_non_image_input(name):
     wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).train()

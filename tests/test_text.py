@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import MASK, PAD, SMALL, SPECIAL, text_batch, tiny_text_model, tiny_token_model, token_labels, wrap_text
 
 import masksub
-from masksub.adapters.text import masked_counts
 from masksub.drops import DROPOUT_RATE_ATTRS
+from masksub.masking import masked_counts
 
 
 def inputs(batch):

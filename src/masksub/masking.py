@@ -38,6 +38,12 @@ def num_masked(n: int, ratio: float) -> int:
     return n - num_keep(n, ratio)
 
 
+def masked_counts(n: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``num_masked(n_i, ratio)`` for every entry of ``n`` (a tensor of unit counts); 0 where ``n_i == 0``."""
+    keep = torch.floor(torch.round((1.0 - ratio) * n.double() * 1e6) / 1e6).clamp(min=1)
+    return (n.double() - keep).clamp(min=0).long()
+
+
 def random_keep_indices(batch: int, n: int, keep: int, device: torch.device) -> torch.Tensor:
     """Indices of ``keep`` of ``n`` units, a fresh random subset per sample: (B, keep)."""
     noise = torch.rand(batch, n, device=device)
@@ -90,6 +96,28 @@ def keep_patch_tokens(
     if keep is None:
         batch, n, _ = patches.shape
         keep = random_keep_indices(batch, n, num_keep(n, ratio), x.device)
+    return torch.cat((prefix, gather_tokens(patches, keep)), dim=1), keep
+
+
+def keep_valid_patch_tokens(
+    x: torch.Tensor, num_prefix_tokens: int, ratio: float, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``keep_patch_tokens`` for padded sequences: sample ``i`` keeps ``num_keep(n_i, ratio)`` of its ``n_i``
+    valid patch tokens (``valid`` (B, N), True on real patches), at random.
+
+    The kept length stays ``K = num_keep(N, ratio)`` for the whole batch; a sample keeps padding tokens after
+    its valid ones to fill it (``K - num_keep(n_i) <= N - n_i`` always holds), and they stay padding: the
+    caller gathers ``valid`` with the returned indices.
+    """
+    prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    batch, n, _ = patches.shape
+    valid = valid.bool()
+    counts = valid.sum(dim=1)
+    noise = torch.rand(batch, n, device=x.device)
+    rank = noise.masked_fill(~valid, 2.0).argsort(dim=1).argsort(dim=1)  # valid tokens rank first
+    chosen = valid & (rank < (counts - masked_counts(counts, ratio)).unsqueeze(1))
+    order = noise + torch.where(chosen, 0.0, torch.where(valid, 2.0, 1.0))  # chosen, padding, the other valid
+    keep = order.argsort(dim=1)[:, : num_keep(n, ratio)]
     return torch.cat((prefix, gather_tokens(patches, keep)), dim=1), keep
 
 

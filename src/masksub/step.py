@@ -56,10 +56,16 @@ def split_labels(x, target: torch.Tensor | None = None):
     return x, target
 
 
+def is_patch_dict(x) -> bool:
+    """timm's NaFlex batch (``patches``, ``patch_coord``, ``patch_valid``...): one input, not keyword inputs."""
+    return isinstance(x, Mapping) and "patches" in x and "patch_coord" in x
+
+
 def forward(model: nn.Module, x, sub: bool = False):
-    """The main (or, ``sub=True``, the sub) branch on an input batch or a mapping of keyword inputs."""
+    """The main (or, ``sub=True``, the sub) branch on an input batch, a NaFlex patch dict, or a mapping of
+    keyword inputs."""
     flag = {"sub": True} if sub else {}
-    return model(**x, **flag) if isinstance(x, Mapping) else model(x, **flag)
+    return model(**x, **flag) if isinstance(x, Mapping) and not is_patch_dict(x) else model(x, **flag)
 
 
 _EVAL_MODE = {  # a training step on a model left in eval mode (after an evaluation, say): warned once

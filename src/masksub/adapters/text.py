@@ -20,16 +20,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..masking import check_ratio
+from ..masking import check_ratio, masked_counts
 from .registry import MaskAdapter, register_adapter
 
 MODES = ("token", "attention")
-
-
-def masked_counts(n: torch.Tensor, ratio: float) -> torch.Tensor:
-    """``num_masked(n_i, ratio)`` for every entry of ``n``; 0 where ``n_i == 0``."""
-    keep = torch.floor(torch.round((1.0 - ratio) * n.double() * 1e6) / 1e6).clamp(min=1)
-    return (n.double() - keep).clamp(min=0).long()
 
 
 def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
