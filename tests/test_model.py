@@ -222,6 +222,16 @@ def test_timm_data_config_of_the_wrapper_is_the_models():
     assert not hasattr(masksub.wrap(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))), "pretrained_cfg")
 
 
+def test_an_attribute_of_the_model_asked_of_the_wrapper_names_where_it_is():
+    wrapped = masksub.wrap(tiny_model("vit"))
+    with pytest.raises(AttributeError, match=r"use \.model\.set_grad_checkpointing .*plain VisionTransformer"):
+        wrapped.set_grad_checkpointing(True)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'$"):
+        getattr(wrapped, "nothing_here")  # noqa: B009
+    assert not hasattr(wrapped, "set_grad_checkpointing")  # probes see the wrapper, as before
+    assert copy.deepcopy(wrapped).model is not wrapped.model
+
+
 def test_mask_token_is_saved_and_trained():
     wrapped = masksub.wrap(tiny_model("swin"), unit=16).train()
     assert "branch.mask_token" in wrapped.state_dict()

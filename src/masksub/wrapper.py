@@ -36,6 +36,19 @@ class SubBranchModel(nn.Module):
         self.branch = branch
         self.sub_bn_stats = sub_bn_stats
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules: .model, .branch
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None or name.startswith("__") or not hasattr(model, name):
+                raise
+            # Not forwarded: what probes the wrapper with hasattr (DDP, Accelerate, timm) keeps seeing the wrapper.
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute {name!r}; the wrapped model has it: "
+                f"use .model.{name} (the wrapper's .model is the plain {type(model).__name__})"
+            ) from None
+
     @property
     def ratio(self) -> float:
         """The sub branch's mask ratio (MaskSub) or drop rate (DropSub, PathSub).
