@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import tiny_images, tiny_model
 
 import masksub
 
 try:
-    from masksub.task import MaskSubTask
+    from masksub.task import MaskSubMultiLabelTask, MaskSubTask
 except ImportError as e:  # an older timm: the core is tested, the task is not available
-    MaskSubTask, TASK_SKIP = None, str(e)
+    MaskSubTask, MaskSubMultiLabelTask, TASK_SKIP = None, None, str(e)
 else:
     TASK_SKIP = ""
 needs_task_api = pytest.mark.skipif(MaskSubTask is None, reason=TASK_SKIP)
@@ -129,6 +130,29 @@ def test_task_compiled_and_ema_checkpoints_hold_the_plain_model():
         task.load_checkpoint_state(state[key], state.get("task_state"), ema=ema)
         task.get_eval_model(ema=ema).eval()
         torch.testing.assert_close(task.get_eval_model(ema=ema)(x), plain(x))
+
+
+@needs_task_api
+@pytest.mark.parametrize("loss_type", ["bce", "asl"])
+def test_multi_label_task_distills_sigmoids_and_refuses_single_label_settings(loss_type):
+    """timm's multi-label task with a sub branch: its loss by hand, its evaluator; class-index targets and a
+    softmax criterion are refused by name."""
+    x, y = tiny_images("vit", batch=4), (torch.rand(4, 5, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    wrapped = masksub.wrap(tiny_model("vit")).train()
+    kwargs = dict(criterion_kwargs={"loss_type": loss_type}, verbose=False)
+    task = MaskSubMultiLabelTask(wrapped, threshold=0.4, **kwargs)
+    torch.manual_seed(3)
+    result = task(x, y)
+    torch.manual_seed(3)
+    main, sub = wrapped(x), wrapped(x, sub=True)
+    by_hand = 0.5 * task.criterion(main, y) + 0.5 * F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main))
+    torch.testing.assert_close(result["loss"], by_hand)
+    evaluator = task.create_evaluator()
+    assert evaluator.threshold == 0.4 and "map" in evaluator.metric_names
+    with pytest.raises(ValueError, match="dense float targets"):
+        task(x, torch.arange(4))
+    with pytest.raises(ValueError, match="CrossEntropyLoss is a single-label criterion"):
+        MaskSubMultiLabelTask(masksub.wrap(tiny_model("vit")), criterion=torch.nn.CrossEntropyLoss(), verbose=False)
 
 
 @needs_task_api

@@ -36,7 +36,7 @@ def _task_api_error() -> ImportError:
 
 
 try:
-    from timm.task import ClassificationTask
+    from timm.task import ClassificationTask, MultiLabelClassificationEvaluator
 except ImportError as e:  # timm < 1.0.23 has no timm.task
     raise _task_api_error() from e
 if "criterion_kwargs" not in inspect.signature(ClassificationTask.__init__).parameters:
@@ -111,3 +111,41 @@ class MaskSubTask(ClassificationTask):
     def load_task_state(self, state, strict: bool = True, module: nn.Module | None = None, ema: bool = False) -> None:
         if state and not ema:
             self._wrapper[0].branch.load_state_dict(state["branch"], strict=strict)
+
+
+class MaskSubMultiLabelTask(MaskSubTask):
+    """``MaskSubTask`` for multi-label targets, as timm's ``MultiLabelClassificationTask``: dense float targets
+    (B, classes), a multi-label criterion (binary cross-entropy by default, or ``criterion_kwargs``'
+    ``loss_type``), whose sigmoid teacher the sub branch learns, and timm's multi-label evaluator (mAP, F1
+    at ``threshold``)."""
+
+    multi_label = True
+
+    def __init__(
+        self,
+        model: SubBranchModel,
+        criterion: Callable | None = None,
+        criterion_kwargs: dict[str, Any] | None = None,
+        threshold: float = 0.5,
+        **kwargs,
+    ):
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold (a sigmoid probability) must be in (0, 1), got {threshold}")
+        super().__init__(model, criterion, criterion_kwargs, **kwargs)
+        if self.sub_loss.teacher != "sigmoid":
+            raise ValueError(
+                f"{type(self.criterion).__name__} is a single-label criterion (softmax teacher); a multi-label task "
+                "needs a multi-label one: leave criterion out, or use BCEWithLogitsLoss or a timm multi-label loss"
+            )
+        self.threshold = threshold
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if target.ndim != 2 or not target.is_floating_point():
+            raise ValueError(
+                f"multi-label training takes dense float targets (batch, classes), got {target.dtype} of shape "
+                f"{tuple(target.shape)}"
+            )
+        return super().forward(input, target)
+
+    def create_evaluator(self, **kwargs):
+        return MultiLabelClassificationEvaluator(device=self.device, threshold=self.threshold, **kwargs)
