@@ -138,6 +138,49 @@ def test_amp_steps_update_parameters(amp):
     assert any(not torch.equal(before[k], v) for k, v in wrapped.state_dict().items())
 
 
+def test_step_state_resumes_the_grad_scaler_exactly():
+    """A resume in a loop of one's own: model, optimizer and Step states give the weights of the run that went on."""
+
+    def make(state=None):
+        wrapped = masksub.wrap(tiny_model("vit")).train()
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+        step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), amp="fp16", accum_steps=2)
+        if state is not None:
+            (
+                wrapped.load_state_dict(state["model"]),
+                opt.load_state_dict(state["opt"]),
+                step.load_state_dict(state["step"]),
+            )
+        return wrapped, step
+
+    def train(step, seeds):
+        for seed in seeds:
+            torch.manual_seed(seed)
+            out = step(tiny_images("vit", batch=4, seed=seed), torch.arange(4))
+        return out
+
+    wrapped, step = make()
+    train(step, [0])
+    with pytest.raises(RuntimeError, match=r"inside an accumulation window \(1 of 2"):
+        step.state_dict()
+    assert train(step, [1])["updated"]
+    step.scaler.update(new_scale=128.0)  # a scale that overflows lowered, say
+    state = copy.deepcopy(
+        {"model": wrapped.state_dict(), "opt": step.optimizer.state_dict(), "step": step.state_dict()}
+    )
+    train(step, [2, 3])
+
+    resumed, again = make(state)
+    assert again.scaler.get_scale() == 128.0
+    train(again, [2, 3])
+    assert again.scaler.get_scale() == step.scaler.get_scale()
+    for (name, a), b in zip(wrapped.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    plain = masksub.Step(resumed, again.optimizer, torch.nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="saved with a grad scaler and this Step has no grad scaler"):
+        plain.load_state_dict(state["step"])
+
+
 def test_step_returns_tensors_without_host_sync():
     wrapped = masksub.wrap(tiny_model("vit")).train()
     step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())

@@ -112,6 +112,9 @@ class Step:
     Returns a dict of detached tensors (``loss``, ``loss_main``, ``loss_sub``,
     ``logits`` and, on update steps with norm clipping, ``grad_norm``) plus
     ``updated``; reading a tensor's value (``.item()``) is the only host sync.
+
+    ``state_dict()`` / ``load_state_dict()`` save and restore what a resume needs besides the model's and
+    the optimizer's states: the fp16 grad scaler's scale and growth count.
     """
 
     def __init__(
@@ -215,6 +218,35 @@ class Step:
         self.scaler = scaler
         self._micro = 0  # micro-batches seen since the last optimizer step
         self._warned_eval = False
+
+    def _own_scaler(self) -> torch.amp.GradScaler | None:
+        """The grad scaler whose state this step keeps (Accelerate and Fabric save the one they hold)."""
+        return self.scaler if self._steps_scaler is None else None
+
+    def state_dict(self) -> dict:
+        """The step's state for a checkpoint, taken between optimizer steps (after a call that returned
+        ``updated=True``): the gradients of an unfinished accumulation window are not part of it."""
+        if self._micro:
+            raise RuntimeError(
+                f"Step.state_dict() inside an accumulation window ({self._micro} of {self.accum_steps} "
+                "micro-batches done): its gradients would be lost on resume; save after a call that returned "
+                "updated=True"
+            )
+        scaler = self._own_scaler()
+        return {"scaler": None if scaler is None else scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s state; a new accumulation window starts."""
+        scaler, saved = self._own_scaler(), state.get("scaler")
+        if (saved is None) != (scaler is None):
+            have = "no grad scaler" if scaler is None else "a grad scaler (amp='fp16')"
+            raise ValueError(
+                f"the state was saved {'with' if saved is not None else 'without'} a grad scaler and this Step has "
+                f"{have}: resume with the amp setting the run was saved with"
+            )
+        if scaler is not None:
+            scaler.load_state_dict(saved)
+        self._micro, self._finite = 0, True
 
     @property
     def device_type(self) -> str:
