@@ -104,6 +104,11 @@ def test_task_gradients_equal_step_and_checkpoint_is_plain():
     for (n, p), q in zip(wrapped.named_parameters(), task_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
 
+    named = {id(p): n for n, p in task_model.named_parameters()}
+    clipped = [named[id(p)] for p in task.get_clip_parameters(exclude_head=True)]  # timm's AGC leaves the head out
+    assert "branch.mask_token" in clipped and not any(n.startswith("model.head.") for n in clipped)
+    assert len(clipped) == len(named) - 2
+
     state = task.get_checkpoint_state()
     plain = tiny_model("swin")
     plain.load_state_dict(state["state_dict"], strict=True)

@@ -105,6 +105,13 @@ class MaskSubTask(ClassificationTask):
             current = getattr(current, "_orig_mod", None) if inner is None else inner  # torch.compile
         return resolved if current is None else current.model
 
+    def get_clip_parameters(self, exclude_head: bool = False):
+        """The parameters to clip; ``exclude_head`` leaves out the model's last two (its head), as timm does for
+        AGC, not the last two of the wrapper (the head's bias and the mask token)."""
+        wrapped = self._wrapper[0]
+        params = list(wrapped.model.parameters())
+        return (params[:-2] if exclude_head else params) + list(wrapped.branch.parameters())
+
     def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict[str, Any]:
         return {"branch": self._wrapper[0].branch.state_dict()} if not ema else {}
 
