@@ -125,6 +125,22 @@ def test_clipping_after_both_backwards():
         torch.testing.assert_close(clipped[n], raw[n] * (1e-3 / (norm + 1e-6)), rtol=1e-4, atol=1e-9, msg=n)
 
 
+@pytest.mark.parametrize("name", ["swin", "resnet"])
+def test_agc_clips_all_but_the_models_head_as_timm_does(name):
+    """timm's train.py clips with AGC without the head; Step clipped the head too (and, counting the wrapper's
+    last two parameters, would have left out the mask token instead)."""
+    _, raw = _run(name, memory_saving=True, batches=1)
+    _, clipped = _run(name, memory_saving=True, batches=1, clip_grad=1e-3, clip_mode="agc")
+    head = [n for n in raw if n.startswith("model.head") or n.startswith("model.fc")]
+    assert len(head) == 2
+    for n in head:
+        assert torch.equal(clipped[n], raw[n]), n
+    changed = [n for n in raw if n not in head and not torch.equal(clipped[n], raw[n])]
+    assert len(changed) > len(raw) // 2
+    if name == "swin":
+        assert "branch.mask_token" in changed
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_steps_update_parameters(amp):
     wrapped = masksub.wrap(tiny_model("vit")).train()

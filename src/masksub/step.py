@@ -89,7 +89,8 @@ class Step:
         main_weight, sub_weight, temperature, teacher: see ``SubBranchLoss``.
         accum_steps: micro-batches per optimizer step; each loss is divided by it.
         clip_grad: clip threshold applied after both backwards (None: no clipping).
-        clip_mode: ``"norm"``, ``"value"`` or ``"agc"`` (timm's dispatch_clip_grad).
+        clip_mode: ``"norm"``, ``"value"`` or ``"agc"`` (timm's dispatch_clip_grad); ``"agc"`` leaves out
+            the model's head (its last two parameters), as timm's ``train.py`` and the NFNet recipe do.
         amp: None (fp32), ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler; a
             ``ShardedGradScaler`` under FullyShardedDataParallel; refused under ``fully_shard``).
         scaler: a ``torch.amp.GradScaler`` to use for fp16 (one is made if None).
@@ -180,6 +181,9 @@ class Step:
                 f"backward has recorded its graph, and Step runs {' and '.join(unsynced)} there: build DDP without "
                 f"static_graph{summed}"
             )
+        # AGC's exception: the model's head (the plain model's last two parameters, not the mask token's)
+        head = list((wrapped.model if self.has_sub else model).parameters())[-2:]
+        self._agc_skip = {id(p) for p in head} if clip_mode == "agc" else set()
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
         if self.has_sub:
@@ -409,7 +413,8 @@ class Step:
                 out["skipped"] = True
                 return out
         if self.clip_grad is not None and self.clip_mode != "norm":
-            dispatch_clip_grad(params, self.clip_grad, mode=self.clip_mode)
+            clipped = [p for p in params if id(p) not in self._agc_skip]
+            dispatch_clip_grad(clipped, self.clip_grad, mode=self.clip_mode)
         if self.scaler is not None and self._steps_scaler is None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
