@@ -281,6 +281,21 @@ def test_naflex_patch_dicts_keep_exact_counts_of_each_samples_valid_patches(rati
     assert out["updated"] and torch.isfinite(out["loss_sub"])
 
 
+@pytest.mark.parametrize("name", ["vit", "eva_rope"])
+def test_vit_adapter_takes_the_models_keywords_and_refuses_an_attention_mask(name):
+    """timm's ViT and Eva take attn_mask= and is_causal=: the main pass took them, the sub pass raised a
+    TypeError; a mask over all tokens cannot fit the kept ones."""
+    wrapped = masksub.wrap(tiny_model(name)).train()
+    x = tiny_images(name, batch=2)
+    torch.manual_seed(0)
+    expected = wrapped(x, sub=True)
+    torch.manual_seed(0)
+    assert torch.equal(wrapped(x, attn_mask=None, is_causal=False, sub=True), expected)
+    tokens = wrapped.model.num_prefix_tokens + (32 // wrapped.model.patch_embed.patch_size[0]) ** 2
+    with pytest.raises(ValueError, match="a given attn_mask covers all of them"):
+        wrapped(x, attn_mask=torch.ones(2, 1, tokens, tokens, dtype=torch.bool), sub=True)
+
+
 def test_naflex_adapter_refuses_an_attention_mask_it_would_cut_wrong():
     batch, _ = _naflex_batch([(16, 16)], max_seq_len=16)
     wrapped = masksub.wrap(tiny_model("naflex")).train()

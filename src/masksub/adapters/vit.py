@@ -59,9 +59,14 @@ class TokenDropAdapter(MaskAdapter):
         x, keep = keep_patch_tokens(args[0], self.num_prefix_tokens, self.ratio, self._keep)  # (B, P + K, D)
         return (x, keep) if self.returns_indices else x
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if kwargs.get("attn_mask") is not None:
+            raise ValueError(
+                "the vit adapter drops patch tokens, and a given attn_mask covers all of them: leave attn_mask "
+                "out of the sub pass, or use sub='dropout' / 'droppath'"
+            )
         check_patch_images(x, self.patch_size, self.name)
-        return self.run_with_hooks_active(model, x)
+        return self.run_with_hooks_active(model, x, **kwargs)  # is_causal, attn_mask=None: as given
 
     def run_kept(self, fn, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``fn(x)`` (the model or its ``forward_features``) keeping exactly the patch tokens ``keep`` (B, K).
