@@ -106,12 +106,12 @@ class MaskTokenAdapter(MaskAdapter):
             return torch.where(mask.view(batch, -1, 1), token, x)
         return torch.where(mask.unsqueeze(1), token.view(1, -1, 1, 1), x)  # NCHW
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
         check_images(x, self.name)
         height, width = x.shape[-2:]
         unit_grid(height, width, self.unit, f"{self.name} adapter")
         self._nlc_grid = (height // self.patch_size[0], width // self.patch_size[1])  # NLC hides the grid
-        return self.run_with_hooks_active(model, x)
+        return self.run_with_hooks_active(model, x, **kwargs)  # the full grid: the model's keywords still fit
 
     def remove(self) -> None:
         self._handle.remove()
