@@ -374,6 +374,30 @@ def test_dropsub_in_the_trainer_raises_the_rates_in_the_sub_pass_only(tmp_path):
     assert all(entry["loss_sub"] > 0 for entry in trainer.state.log_history if "loss" in entry)
 
 
+def test_a_model_init_gets_the_sub_branch_at_each_train(tmp_path):
+    """Trainer(model_init=...) builds a new model at each train(); the branch stayed on the first one, so the
+    new model's sub pass ran its dropout at the model's rate: the sub branch changed nothing."""
+    built, seen = [], []
+
+    def model_init():
+        model = tiny_text_model(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        next(m for m in model.modules() if isinstance(m, torch.nn.Dropout)).register_forward_pre_hook(
+            lambda m, a: seen.append((len(built), m.p))
+        )
+        built.append(model)
+        return model
+
+    args = _args(tmp_path, learning_rate=1e-3, max_steps=1)
+    trainer = MaskSubTrainer(model_init=model_init, args=args, train_dataset=Rows(text_batch()), sub="dropout")
+    trainer.ratio = 0.3
+    for _ in range(2):
+        trainer.train()
+    assert len(built) == 3  # one at construction, one per train()
+    assert seen == [(2, 0.1), (2, 0.3), (3, 0.1), (3, 0.3)]  # main, sub: on the model being trained
+    assert trainer.ratio == 0.3 and trainer._wrapped.model is built[-1]
+    assert all(m.p == 0.1 for model in built for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
 def test_a_loss_left_without_its_backward_leaves_no_sub_rates_in_the_next_main_pass(tmp_path):
     """A loss the Trainer never back-propagated (its backward ran out of memory, and auto_find_batch_size starts
     over): the sub pass's drop rates stayed in force, into the next micro-batch's main pass."""

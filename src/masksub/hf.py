@@ -88,14 +88,9 @@ class MaskSubTrainer(transformers.Trainer):
                     "or mask_options={'mask_token_id': ..., 'special_ids': [...]}"
                 )
             options["tokenizer"] = tokenizer
-        self._wrapped = wrap(self.model, sub, ratio, **options)  # the model plus the branch; only read for .ratio
-        self.sub_branch = self._wrapped.branch
+        self._wrap_args = (sub, options)
+        self._wrap(self.model, ratio)
         self._sub_hold = SubPassHold()
-        if any(True for _ in self.sub_branch.parameters()):
-            raise ValueError(
-                f"the {self.sub_branch.name!r} sub branch has parameters the Trainer's optimizer would not hold; "
-                "use masksub.Step in your own loop for it"
-            )
         # by the problem: single-label (softmax teacher) or multi-label (sigmoid teacher)
         self.masksub_losses = {
             multi: SubBranchLoss(criterion, main_weight, sub_weight, temperature)
@@ -109,6 +104,25 @@ class MaskSubTrainer(transformers.Trainer):
             )
         self.memory_saving = blocker is None if memory_saving is None else bool(memory_saving)
         self._loss_sums, self._loss_count = None, 0
+
+    def _wrap(self, model, ratio: float) -> None:
+        sub, options = self._wrap_args
+        self._wrapped = wrap(model, sub, ratio, **options)  # the model plus the branch; read for .ratio
+        self.sub_branch = self._wrapped.branch
+        if any(True for _ in self.sub_branch.parameters()):
+            raise ValueError(
+                f"the {self.sub_branch.name!r} sub branch has parameters the Trainer's optimizer would not hold; "
+                "use masksub.Step in your own loop for it"
+            )
+
+    def _branch_on_current_model(self):
+        """The sub branch on the model being trained: with ``model_init`` the Trainer builds a new model at each
+        ``train()``, whose modules the branch (its hooks, its dropout sites) must be moved to."""
+        if self._wrapped.model is not self.model:
+            ratio = self._wrapped.ratio
+            self._wrapped.unwrap()
+            self._wrap(self.model, ratio)
+        return self.sub_branch
 
     @property
     def ratio(self) -> float:
@@ -177,6 +191,7 @@ class MaskSubTrainer(transformers.Trainer):
                 "column 'labels' (or 'label', which the default collator renames)"
             )
         self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
+        branch = self._branch_on_current_model()
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
         two_backwards = self.memory_saving and torch.is_grad_enabled()
@@ -198,10 +213,10 @@ class MaskSubTrainer(transformers.Trainer):
                 self.accelerator.backward(weights.main_weight * loss_main / self._accumulation_steps())
                 loss_main = loss_main.detach()  # its graph is freed: the value is only reported
         if two_backwards:  # the drop rates (DropSub, PathSub) stay until the Trainer's backward recomputed
-            self._sub_hold.enter(self.sub_branch)
+            self._sub_hold.enter(branch)
         elif torch.is_grad_enabled():
-            check_one_backward(self.sub_branch, self.model, "MaskSubTrainer's summed loss (memory_saving=False)")
-        loss_sub = weights.sub_loss(logits_of(self.sub_branch(model, **features)), main, labels)
+            check_one_backward(branch, self.model, "MaskSubTrainer's summed loss (memory_saving=False)")
+        loss_sub = weights.sub_loss(logits_of(branch(model, **features)), main, labels)
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
         loss = weights.main_weight * loss_main + weights.sub_weight * loss_sub
