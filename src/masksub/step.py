@@ -182,8 +182,8 @@ class Step:
                 f"static_graph{summed}"
             )
         # AGC's exception: the model's head (the plain model's last two parameters, not the mask token's)
-        head = list((wrapped.model if self.has_sub else model).parameters())[-2:]
-        self._agc_skip = {id(p) for p in head} if clip_mode == "agc" else set()
+        head = list((wrapped.model if self.has_sub else model).parameters())[-2:] if clip_mode == "agc" else []
+        self._agc_skip = {id(p) for p in head}
         if self.has_sub and self.loss is None:
             raise ValueError("a sub-branch model needs a criterion for its main branch")
         if self.has_sub:

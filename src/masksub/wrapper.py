@@ -85,11 +85,9 @@ class SubBranchModel(nn.Module):
 
     @property
     def pretrained_cfg(self) -> dict:
-        """The model's ``pretrained_cfg`` (timm's ``resolve_data_config(model=wrapped)`` reads it)."""
-        try:
-            return self.model.pretrained_cfg
-        except AttributeError:
-            raise AttributeError(f"{type(self.model).__name__} has no pretrained_cfg") from None
+        """The model's ``pretrained_cfg`` (timm's ``resolve_data_config(model=wrapped)`` reads it); for a model
+        without one, the AttributeError makes ``hasattr`` False, as for the model itself."""
+        return self.model.pretrained_cfg
 
     @property
     def default_cfg(self) -> dict:
