@@ -243,6 +243,32 @@ def test_mask_token_units_with_non_square_patches(patch):
         masksub.wrap(model.train(), unit=24)
 
 
+def test_a_patch_size_changed_after_wrapping_is_the_one_masked():
+    """timm's ``set_input_size(patch_size=...)`` changes the patch size in place. With the size read once at
+    wrapping, the ViT sub pass refused 40x40 images for 8-px patches ("not divisible by 16x16"), and Swin's
+    masked blocks stayed 4x4 tokens, 32 px after 8-px patches, instead of the 16-px unit."""
+    vit = masksub.wrap(tiny_model("vit"), ratio=0.5).train()  # 4-px patches, 32x32 images
+    vit.model.set_input_size(img_size=(40, 40), patch_size=(8, 8))
+    assert vit.branch.masked_unit() == "8x8-pixel patch tokens"
+    with torch.no_grad():
+        (masks,) = _observe_vit(vit, torch.rand(4, 3, 40, 40) + 0.5, 1)
+    assert masks.shape == (4, 25) and (masks.sum(1) == num_masked(25, 0.5)).all()
+
+    model = tiny_model("swin")  # 4-px patches, 64x64 images
+    original = []
+    model.patch_embed.register_forward_hook(lambda m, a, out: original.append(out))
+    swin = masksub.wrap(model, ratio=0.5, unit=16).train()
+    model.set_input_size(img_size=(64, 64), patch_size=(8, 8), window_size=2)
+    with torch.no_grad():
+        (masks,) = _observe_masktoken(swin, tiny_images("swin", batch=4), 1, original)
+    assert swin.branch.unit_tokens == (2, 2)
+    assert masks.shape == (4, 16), "a 64x64 image holds 4x4 blocks of 16x16 pixels"
+    assert (masks.sum(1) == num_masked(16, 0.5)).all()
+    model.set_input_size(patch_size=(32, 32), window_size=1)
+    with pytest.raises(ValueError, match="mask unit 16 px is not a multiple of the patch size 32x32"):
+        swin(tiny_images("swin", batch=2), sub=True)
+
+
 def _naflex_batch(sizes, max_seq_len=64, patch=4, seed=3):
     """A NaFlex batch as timm's loader collates it: images of other sizes, padded to one sequence length."""
     from timm.data.naflex_dataset import NaFlexCollator

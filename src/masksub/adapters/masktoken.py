@@ -74,15 +74,8 @@ class MaskTokenAdapter(MaskAdapter):
         if layout is None:
             raise TypeError(f"cannot read the patch-embedding output layout of {type(model).__name__}")
         self.layout, dim = layout
-        self.patch_size = to_2tuple(model.patch_embed.patch_size)
-        ph, pw = self.patch_size
-        if unit % ph or unit % pw:
-            step = math.lcm(ph, pw)
-            raise ValueError(
-                f"mask unit {unit} px is not a multiple of the patch size {ph}x{pw}; "
-                f"use a unit such as {step * max(1, 32 // step)}"
-            )
-        self.unit_tokens = (unit // ph, unit // pw)  # a unit's tokens along height and width
+        self._embed_ref = [model.patch_embed]  # a list keeps it from being registered as a submodule
+        self.unit_tokens  # noqa: B018 - checks the unit against the patch size now, not at the first step
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self._handle = model.patch_embed.register_forward_hook(self._mask_hook)
@@ -91,14 +84,31 @@ class MaskTokenAdapter(MaskAdapter):
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(getattr(model, "patch_embed", None), nn.Module) and _probe_layout(model) is not None
 
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Read from the model on each use: timm's ``set_input_size(patch_size=...)`` changes it in place."""
+        return to_2tuple(self._embed_ref[0].patch_size)
+
+    @property
+    def unit_tokens(self) -> tuple[int, int]:
+        """A mask unit's tokens along height and width."""
+        (ph, pw), unit = self.patch_size, self.unit
+        if unit % ph or unit % pw:
+            step = math.lcm(ph, pw)
+            raise ValueError(
+                f"mask unit {unit} px is not a multiple of the patch size {ph}x{pw}; "
+                f"use a unit such as {step * max(1, 32 // step)}"
+            )
+        return unit // ph, unit // pw
+
     def _mask_hook(self, module: nn.Module, args: tuple, x: torch.Tensor):
         if not self._active:
             return None
         batch = x.shape[0]
         gh, gw = {"NHWC": x.shape[1:3], "NCHW": x.shape[2:4]}.get(self.layout, self._nlc_grid)
-        th, tw = self.unit_tokens
+        th, tw = unit_tokens = self._unit_tokens
         mask = random_unit_mask(batch, (gh // th, gw // tw), self.ratio, x.device)
-        mask = upsample_mask(mask, self.unit_tokens)  # (B, gh, gw), True = masked
+        mask = upsample_mask(mask, unit_tokens)  # (B, gh, gw), True = masked
         token = self.mask_token.to(x.dtype)
         if self.layout == "NHWC":  # (B, gh, gw, C)
             return torch.where(mask.unsqueeze(-1), token, x)
@@ -110,6 +120,7 @@ class MaskTokenAdapter(MaskAdapter):
         check_images(x, self.name)
         height, width = x.shape[-2:]
         unit_grid(height, width, self.unit, f"{self.name} adapter")
+        self._unit_tokens = self.unit_tokens  # read once per pass, outside the hook
         self._nlc_grid = (height // self.patch_size[0], width // self.patch_size[1])  # NLC hides the grid
         return self.run_with_hooks_active(model, x, **kwargs)  # the full grid: the model's keywords still fit
 

@@ -15,6 +15,7 @@ are not instances of these classes and fall through to the mask-token adapter.
 from __future__ import annotations
 
 import torch
+from timm.layers import to_2tuple
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -39,7 +40,6 @@ class TokenDropAdapter(MaskAdapter):
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
         self.num_prefix_tokens = model.num_prefix_tokens
-        self.patch_size = tuple(model.patch_embed.patch_size)
         self.returns_indices = isinstance(model, Eva)  # Eva gathers its RoPE with the indices
         self._keep: torch.Tensor | None = None  # given indices (DMJD views) instead of random ones
         self._model_ref = [model]  # a list keeps the model from being registered as a submodule
@@ -51,6 +51,11 @@ class TokenDropAdapter(MaskAdapter):
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, (VisionTransformer, Eva))
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        """Read from the model on each use: timm's ``set_input_size(patch_size=...)`` changes it in place."""
+        return tuple(to_2tuple(self._model_ref[0].patch_embed.patch_size))
 
     def _drop_hook(self, module: nn.Module, args: tuple, output):
         if not self._active:
