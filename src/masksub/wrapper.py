@@ -10,7 +10,7 @@ from timm.models import group_modules, group_parameters
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .adapters import resolve_adapter
+from .adapters import adapted_model, resolve_adapter
 from .adapters.registry import check_options
 from .drops import DropoutBranch, DropPathBranch, assign
 from .masking import check_ratio
@@ -93,25 +93,34 @@ class SubBranchModel(nn.Module):
     def default_cfg(self) -> dict:
         return self.pretrained_cfg
 
+    def _base(self) -> tuple[nn.Module, str]:
+        """The model whose names timm's helpers give (the base model under a PEFT wrapper), and its prefix."""
+        base = adapted_model(self.model)
+        if base is self.model:
+            return base, "model."
+        return base, "model." + next(name for name, m in self.model.named_modules() if m is base) + "."
+
     def no_weight_decay(self) -> set[str]:
         """The model's no-weight-decay names, as the wrapper names them (``model.`` + name)."""
-        inner = getattr(self.model, "no_weight_decay", None)
-        return {f"model.{name}" for name in (inner() if callable(inner) else ())}
+        base, prefix = self._base()
+        inner = getattr(base, "no_weight_decay", None)
+        return {prefix + name for name in (inner() if callable(inner) else ())}
 
     def group_matcher(self, coarse: bool = False):
         """The model's layer groups (timm's layer-wise lr decay) for the wrapper's names; the sub branch's own
         parameters (a mask token, new and trained from scratch) join the last group, the head's, at full lr.
         A model without ``group_matcher`` is one group, as timm treats it."""
-        matcher = getattr(self.model, "group_matcher", None)
+        base, prefix = self._base()
+        matcher = getattr(base, "group_matcher", None)
         if not callable(matcher):
             return lambda name: (0,)
         matcher = matcher(coarse=coarse)
-        params = group_parameters(self.model, matcher, reverse=True)
-        modules = group_modules(self.model, matcher, reverse=True)
+        params = group_parameters(base, matcher, reverse=True)
+        modules = group_modules(base, matcher, reverse=True)
         last = max(params.values(), default=0)
 
         def layer(name: str) -> tuple[int]:
-            inner = name[len("model.") :] if name.startswith("model.") else None
+            inner = name[len(prefix) :] if name.startswith(prefix) else None
             return (params.get(inner, modules.get(inner, last)),)
 
         return layer
@@ -233,9 +242,10 @@ def wrap(
         given = ", ".join([*options, *(["adapter"] if adapter is not None else [])])
         raise TypeError(f"{given}: mask adapter options, but sub={sub!r} uses no mask adapter")
     if sub == "mask":
-        cls = resolve_adapter(model, adapter)
+        target = adapted_model(model)  # the base model under a PEFT wrapper
+        cls = resolve_adapter(target, adapter)
         check_options(cls, options)
-        branch = cls(model, ratio, unit, **options)
+        branch = cls(target, ratio, unit, **options)
     elif sub == "dropout":
         branch = DropoutBranch(model, ratio)
     elif sub == "droppath":

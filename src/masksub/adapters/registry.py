@@ -95,8 +95,25 @@ def _families() -> str:
     return "\n".join(f"  - {a.name}: {a.description}" for a in sorted(_ADAPTERS.values(), key=lambda a: -a.priority))
 
 
+def adapted_model(model: nn.Module) -> nn.Module:
+    """The model an adapter hooks: under a PEFT wrapper (``peft``'s ``PeftModel`` and its tuners, which run
+    the base model with LoRA or other layers injected into it) the base model, else ``model`` itself.
+
+    The hooks sit on the base model's modules and fire when the PEFT wrapper runs it; without looking
+    through, a LoRA-tuned ViT got the pixel adapter (no compute saved) instead of dropping tokens.
+    """
+    while type(model).__module__.startswith("peft."):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model._modules.get("model")
+        if not isinstance(inner, nn.Module) or inner is model:
+            break
+        model = inner
+    return model
+
+
 def resolve_adapter(model: nn.Module, name: str | None = None) -> type[MaskAdapter]:
-    """The adapter class for ``model``: by ``name`` if given, else the first that supports it."""
+    """The adapter class for ``model`` (the base model under a PEFT wrapper): by ``name`` if given, else the
+    first that supports it."""
+    model = adapted_model(model)
     if name is not None:
         if name not in _ADAPTERS:
             raise ValueError(f"unknown adapter {name!r}; registered adapters:\n{_families()}")

@@ -1,0 +1,95 @@
+"""PEFT (LoRA) models: the sub branch works on the base model the PEFT wrapper runs, trains the LoRA
+weights through the sub pass, and timm's optimizer helpers and the Trainer see the right names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EXPECTED_ADAPTER, tiny_images, tiny_model, tiny_text_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_hf import Rows, _args
+from test_hf_vision import _tiny_hf_vit
+from timm.optim import create_optimizer_v2
+
+import masksub
+from masksub.hf import MaskSubTrainer
+from masksub.masking import num_keep
+
+
+def _lora(model, targets, **kw):
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw))
+
+
+@pytest.mark.parametrize("name", ["vit", "eva_rope", "swin", "beit"])
+def test_a_lora_timm_model_gets_its_base_models_adapter(name):
+    """Before, a PEFT-wrapped ViT was no VisionTransformer to the adapters: it got the mask-token adapter
+    (found through PEFT's attribute forwarding), which keeps every token and saves no compute."""
+    wrapped = masksub.wrap(_lora(tiny_model(name), ["qkv"]), ratio=0.5, unit=16)
+    assert wrapped.branch.name == EXPECTED_ADAPTER[name]
+
+
+def test_a_lora_hf_vit_and_a_lora_text_model_get_their_adapters():
+    assert masksub.wrap(_lora(_tiny_hf_vit(), ["q_proj", "v_proj"])).branch.name == "hf_vit"
+    text = _lora(tiny_text_model("bert"), ["query", "value"], task_type="SEQ_CLS")
+    assert masksub.wrap(text, special_ids=[0, 1, 2, 3], mask_token_id=3).branch.name == "text"
+
+
+def test_the_sub_pass_of_a_lora_vit_drops_tokens_and_trains_only_the_lora_weights():
+    base = tiny_model("vit")
+    wrapped = masksub.wrap(_lora(base, ["qkv"], modules_to_save=["head"]), ratio=0.5).train()
+    lengths = []
+    base.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    wrapped(tiny_images("vit", batch=2), sub=True).sum().backward()
+    assert lengths == [1 + num_keep(64, 0.5)], "the class token and half of the 64 patch tokens"
+    lora_b = [p for n, p in wrapped.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+    frozen = {n: p.detach().clone() for n, p in wrapped.named_parameters() if not p.requires_grad}
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    step = masksub.Step(wrapped, torch.optim.AdamW(trainable, lr=1e-2), torch.nn.CrossEntropyLoss())
+    step(tiny_images("vit", batch=4), torch.arange(4) % 5)
+    assert all(torch.equal(p, frozen[n]) for n, p in wrapped.named_parameters() if n in frozen)
+    assert any(n.startswith("model.base_model.model.blocks.0.attn.qkv.base_layer") for n in frozen)
+
+
+def test_timm_optimizer_groups_of_a_lora_vit_follow_the_base_models_layers():
+    """timm's no-weight-decay names and layer groups are the base model's; the wrapper must prefix them with
+    the PEFT wrapper's path, or layer decay puts every LoRA weight in one group at full lr."""
+    wrapped = masksub.wrap(_lora(tiny_model("vit"), ["qkv"], modules_to_save=["head"]), ratio=0.5)
+    names = dict(wrapped.named_parameters())
+    assert {"model.base_model.model.pos_embed", "model.base_model.model.cls_token"} <= wrapped.no_weight_decay()
+    assert all(name in names for name in wrapped.no_weight_decay() if "dist_token" not in name and "reg" not in name)
+
+    def scales(model):
+        opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+        return {id(p): group["lr_scale"] for group in opt.param_groups for p in group["params"]}
+
+    plain_model = tiny_model("vit")
+    plain, lora = scales(plain_model), scales(wrapped)
+    by_block = {int(n.split(".")[1]): plain[id(p)] for n, p in plain_model.named_parameters() if n[:7] == "blocks."}
+    assert by_block[0] < by_block[1], "a two-block ViT has two layer-decay scales"
+    for name, param in names.items():
+        if "lora_" in name:  # model.base_model.model.blocks.<i>.attn.qkv.lora_A.default.weight
+            assert lora[id(param)] == by_block[int(name.split(".")[4])], name
+    assert lora[id(names["model.base_model.model.head.modules_to_save.default.weight"])] == 1.0
+
+
+def test_trainer_on_a_lora_hf_vit_trains_and_saves_the_adapter_only(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = {"pixel_values": torch.rand(8, 3, 32, 32, generator=g), "labels": torch.arange(8) % 3}
+    model = _lora(_tiny_hf_vit(), ["q_proj", "v_proj"], modules_to_save=["classifier"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = _args(tmp_path, learning_rate=1e-2, max_steps=2)
+    trainer = MaskSubTrainer(model=model, args=args, train_dataset=Rows(data))
+    assert trainer.sub_branch.name == "hf_vit"
+    trainer.train()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all("lora_" in k or "modules_to_save" in k for k in changed)
+
+    trainer.save_model(str(tmp_path / "final"))
+    files = {p.name for p in (tmp_path / "final").iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    loaded = PeftModel.from_pretrained(_tiny_hf_vit(), str(tmp_path / "final")).eval()
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
