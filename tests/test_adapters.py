@@ -197,9 +197,23 @@ def test_numpy_numbers_are_taken():
 
 
 def test_image_not_divisible_by_patch():
-    wrapped = masksub.wrap(tiny_model("vit_reg_avg")).train()  # dynamic size: the model itself would pad
+    wrapped = masksub.wrap(tiny_model("vit_reg_avg")).train()  # dynamic size, no padding: the model refuses too
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         wrapped(torch.rand(2, 3, 30, 32), sub=True)
+
+
+@pytest.mark.parametrize("name", ["vit_reg_avg", "eva_rope", "naflex"])
+def test_a_model_that_pads_images_to_the_patch_size_takes_any_size_in_the_sub_pass(name):
+    """With ``dynamic_img_pad=True`` the model pads a 30x34 image to 8x9 patches of 4 pixels; the sub pass
+    refused it as not divisible by the patch size, though the main pass takes it."""
+    extra = {} if name == "naflex" else {"dynamic_img_size": True}
+    wrapped = masksub.wrap(tiny_model(name, dynamic_img_pad=True, **extra), ratio=0.5).train()
+    lengths = []
+    wrapped.model.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    x = torch.rand(2, 3, 30, 34)
+    assert wrapped(x).shape == wrapped(x, sub=True).shape == (2, 5)
+    prefix = wrapped.model.num_prefix_tokens
+    assert lengths == [prefix + 72, prefix + num_keep(72, 0.5)]
 
 
 @pytest.mark.parametrize("name", ["swin", "resnet"])

@@ -54,6 +54,7 @@ class NaFlexTokenDropAdapter(MaskAdapter):
         super().__init__(model, ratio, unit)
         self.patch_size = tuple(model.embeds.patch_size)
         self.drop_module = KeepTokens(model.num_prefix_tokens, ratio)
+        self._model_ref = [model]  # the NaFlexVit itself (under a PEFT wrapper, forward gets the wrapper)
         if model.patch_drop is None:
             # A plain None attribute would move into ``_modules`` at the first swap, changing the model's
             # structure under torch.compile's guards (a recompile of both graphs); register the empty slot now.
@@ -72,13 +73,14 @@ class NaFlexTokenDropAdapter(MaskAdapter):
             )
         valid = x.get("patch_valid") if isinstance(x, Mapping) else kwargs.get("patch_valid")
         if not isinstance(x, Mapping) and kwargs.get("patch_coord") is None:  # an image batch, not patches
-            check_patch_images(x, self.patch_size, self.name)
+            check_patch_images(x, self.patch_size, self.name, self._model_ref[0].embeds.dynamic_img_pad)
         self.drop_module.ratio = self.ratio  # a ratio set since (a schedule: wrapped.ratio = ...)
         self.drop_module.valid = valid
-        saved_drop, saved_training = model.patch_drop, model.training
-        model.patch_drop, model.training = self.drop_module, True  # the top-level flag only: it gates the slot
+        vit = self._model_ref[0]
+        saved_drop, saved_training = vit.patch_drop, vit.training
+        vit.patch_drop, vit.training = self.drop_module, True  # the top-level flag only: it gates the slot
         try:
             return model(x, **kwargs)
         finally:
-            model.patch_drop, model.training = saved_drop, saved_training
+            vit.patch_drop, vit.training = saved_drop, saved_training
             self.drop_module.valid = None

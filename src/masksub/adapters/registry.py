@@ -155,11 +155,12 @@ def check_images(x: torch.Tensor, adapter: str) -> None:
         )
 
 
-def check_patch_images(x: torch.Tensor, patch_size: tuple[int, int], adapter: str) -> None:
-    """A token-dropping adapter takes image batches whose sides are multiples of the patch size."""
+def check_patch_images(x: torch.Tensor, patch_size: tuple[int, int], adapter: str, pads: bool = False) -> None:
+    """A token-dropping adapter takes image batches whose sides are multiples of the patch size, or any size
+    where the model pads the image to one itself (``pads``: timm's ``dynamic_img_pad=True``)."""
     check_images(x, adapter)
     ph, pw = patch_size
-    if x.shape[-2] % ph or x.shape[-1] % pw:
+    if not pads and (x.shape[-2] % ph or x.shape[-1] % pw):
         raise ValueError(
             f"image size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}; "
             "resize or crop the images to a multiple of the patch size"

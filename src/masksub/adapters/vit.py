@@ -70,7 +70,8 @@ class TokenDropAdapter(MaskAdapter):
                 "the vit adapter drops patch tokens, and a given attn_mask covers all of them: leave attn_mask "
                 "out of the sub pass, or use sub='dropout' / 'droppath'"
             )
-        check_patch_images(x, self.patch_size, self.name)
+        pads = getattr(self._model_ref[0].patch_embed, "dynamic_img_pad", False)  # the model pads the image
+        check_patch_images(x, self.patch_size, self.name, pads)
         return self.run_with_hooks_active(model, x, **kwargs)  # is_causal, attn_mask=None: as given
 
     def run_kept(self, fn, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
