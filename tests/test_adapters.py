@@ -283,6 +283,20 @@ def test_a_patch_size_changed_after_wrapping_is_the_one_masked():
         swin(tiny_images("swin", batch=2), sub=True)
 
 
+@pytest.mark.parametrize("name", ["swin", "beit", "sam"])
+def test_a_model_cast_or_placed_before_wrapping_keeps_its_adapter_and_gets_its_mask_token_alike(name):
+    """The mask-token adapter probes the patch embedding: a float32 probe of a bf16 model failed, so Swin got
+    the pixel adapter. The mask token was made on the CPU in float32 whatever the model's device: a model
+    moved to the GPU before wrap() failed its first sub pass (a meta-device model stands in for it here)."""
+    wrapped = masksub.wrap(tiny_model(name).to(torch.bfloat16), ratio=0.5, unit=16).train()
+    assert wrapped.branch.name == "masktoken" and wrapped.branch.mask_token.dtype == torch.bfloat16
+    assert wrapped(tiny_images(name, batch=2).bfloat16(), sub=True).dtype == torch.bfloat16
+    with torch.device("meta"):
+        model = tiny_model(name)
+    token = masksub.wrap(model, ratio=0.5, unit=16).branch.mask_token
+    assert token.device.type == "meta" and token.dtype == torch.float32
+
+
 def _naflex_batch(sizes, max_seq_len=64, patch=4, seed=3):
     """A NaFlex batch as timm's loader collates it: images of other sizes, padded to one sequence length."""
     from timm.data.naflex_dataset import NaFlexCollator

@@ -31,6 +31,15 @@ def test_bf16_step_has_no_host_device_sync(name):
     assert out["updated"] and torch.isfinite(out["loss"]).item()
 
 
+def test_a_model_on_the_gpu_before_wrapping_trains_without_another_move():
+    """Swin's mask token is made where the model is: a CPU token failed the first sub pass."""
+    wrapped = masksub.wrap(tiny_model("swin").cuda(), unit=16).train()
+    assert wrapped.branch.mask_token.is_cuda
+    step = masksub.Step(wrapped, torch.optim.AdamW(wrapped.parameters()), torch.nn.CrossEntropyLoss())
+    out = step(tiny_images("swin", batch=4).cuda(), torch.arange(4, device="cuda") % 5)
+    assert out["updated"] and torch.isfinite(out["loss"]).item()
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_trainer_with_device_data_trains_and_resumes_exactly_on_cuda(tmp_path, amp):
     from test_trainer import check_device_data_resumes_exactly

@@ -39,11 +39,13 @@ def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
     grid = (img[0] // patch[0], img[1] // patch[1])
     param = next(embed.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    # the embedding's own dtype: a float32 probe of a bf16 model failed, and Swin fell to the pixel adapter
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     was_training = embed.training
     embed.eval()
     try:
         with torch.no_grad():
-            out = embed(torch.zeros(1, chans, *img, device=device))
+            out = embed(torch.zeros(1, chans, *img, device=device, dtype=dtype))
     except Exception:  # an embedding that cannot run alone is not one this adapter can hook
         return None
     finally:
@@ -76,7 +78,11 @@ class MaskTokenAdapter(MaskAdapter):
         self.layout, dim = layout
         self._embed_ref = [model.patch_embed]  # a list keeps it from being registered as a submodule
         self.unit_tokens  # noqa: B018 - checks the unit against the patch size now, not at the first step
-        self.mask_token = nn.Parameter(torch.zeros(dim))
+        # on the model's device, in its dtype: a model moved to the GPU (or cast to bf16) before wrap() needs no
+        # second move; a CPU token failed the first sub pass of a CUDA model
+        param = next(model.patch_embed.parameters(), None)
+        like = {} if param is None or not param.is_floating_point() else {"device": param.device, "dtype": param.dtype}
+        self.mask_token = nn.Parameter(torch.zeros(dim, **like))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self._handle = model.patch_embed.register_forward_hook(self._mask_hook)
 
