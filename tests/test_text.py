@@ -136,6 +136,14 @@ def test_custom_4d_attention_mask_is_refused_by_name(mode):
         wrapped(input_ids=ids, attention_mask=square, sub=True)
 
 
+def test_special_ids_are_kept_where_the_model_is():
+    """Made on the CPU, the special ids were copied to a GPU model's device at every sub pass (a host-device
+    copy that waits); a meta-device model stands in for the GPU here."""
+    with torch.device("meta"):
+        model = tiny_text_model("bert")
+    assert masksub.wrap(model, special_ids=SPECIAL, mask_token_id=MASK).branch.special_ids.device.type == "meta"
+
+
 def test_inputs_embeds_is_refused():
     wrapped = wrap_text(tiny_text_model())
     with pytest.raises(ValueError, match="inputs_embeds are not supported"):

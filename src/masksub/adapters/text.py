@@ -78,7 +78,9 @@ class TokenMaskAdapter(MaskAdapter):
         self.mode = mode
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         special = sorted({int(i) for i in special_ids})
-        self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long), persistent=False)
+        param = next(model.parameters(), None)  # made where the model is: no copy to its device at each pass
+        device = param.device if param is not None else None
+        self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long, device=device), persistent=False)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
