@@ -283,6 +283,24 @@ def test_a_patch_size_changed_after_wrapping_is_the_one_masked():
         swin(tiny_images("swin", batch=2), sub=True)
 
 
+def test_a_hybrid_vit_masks_tokens_of_its_backbone_stride_and_takes_the_sizes_its_backbone_takes():
+    """A hybrid ViT patches its CNN backbone's feature map: one token covers 32x32 pixels here, not the
+    8x8 of its patch embedding (logs said "masks 8x8-pixel patch tokens"), and the backbone takes any size."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_r_s16_p8_224", img_size=64, depth=1, num_classes=5, dynamic_img_size=True)
+    wrapped = masksub.wrap(model, ratio=0.5).train()
+    assert wrapped.branch.masked_unit() == "32x32-pixel patch tokens"
+    lengths = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    for size in (64, 96):
+        wrapped(torch.rand(2, 3, size, size), sub=True)
+    assert lengths == [1 + num_keep(4, 0.5), 1 + num_keep(9, 0.5)]
+    x = torch.rand(2, 3, 80, 80)  # not a multiple of 32: the model takes it, and so does the sub pass
+    assert wrapped(x).shape == wrapped(x, sub=True).shape == (2, 5)
+
+
 @pytest.mark.parametrize("name", ["swin", "beit", "sam"])
 def test_a_model_cast_or_placed_before_wrapping_keeps_its_adapter_and_gets_its_mask_token_alike(name):
     """The mask-token adapter probes the patch embedding: a float32 probe of a bf16 model failed, so Swin got

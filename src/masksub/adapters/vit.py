@@ -15,7 +15,7 @@ are not instances of these classes and fall through to the mask-token adapter.
 from __future__ import annotations
 
 import torch
-from timm.layers import to_2tuple
+from timm.layers import HybridEmbed, to_2tuple
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -54,8 +54,12 @@ class TokenDropAdapter(MaskAdapter):
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        """Read from the model on each use: timm's ``set_input_size(patch_size=...)`` changes it in place."""
-        return tuple(to_2tuple(self._model_ref[0].patch_embed.patch_size))
+        """The pixels one patch token covers, read from the model on each use (timm's ``set_input_size(
+        patch_size=...)`` changes it in place). A hybrid ViT's patches are taken on its CNN backbone's feature
+        map: they cover the backbone's stride times their own size (32x32 pixels for ``vit_small_r26_s32``)."""
+        embed = self._model_ref[0].patch_embed
+        ratio = getattr(embed, "feat_ratio", None)
+        return tuple(to_2tuple(ratio(as_scalar=False) if callable(ratio) else embed.patch_size))
 
     def _drop_hook(self, module: nn.Module, args: tuple, output):
         if not self._active:
@@ -70,8 +74,10 @@ class TokenDropAdapter(MaskAdapter):
                 "the vit adapter drops patch tokens, and a given attn_mask covers all of them: leave attn_mask "
                 "out of the sub pass, or use sub='dropout' / 'droppath'"
             )
-        pads = getattr(self._model_ref[0].patch_embed, "dynamic_img_pad", False)  # the model pads the image
-        check_patch_images(x, self.patch_size, self.name, pads)
+        embed = self._model_ref[0].patch_embed
+        # sizes the model takes as they are: it pads the image, or its CNN backbone (a hybrid) takes any size
+        any_size = getattr(embed, "dynamic_img_pad", False) or isinstance(embed, HybridEmbed)
+        check_patch_images(x, self.patch_size, self.name, any_size)
         return self.run_with_hooks_active(model, x, **kwargs)  # is_causal, attn_mask=None: as given
 
     def run_kept(self, fn, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
