@@ -108,6 +108,10 @@ def test_rejects_non_vit_encoder_and_bad_settings():
     rect = timm.create_model("vit_tiny_patch16_224", depth=1, **{**ENC, "patch_size": (8, 4)})
     with pytest.raises(ValueError, match="DMJD needs square patches, the encoder's are 8x4"):
         DMJD(rect, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    # a hybrid ViT's CNN backbone sees the masked pixels: before, it trained on 1-pixel "patches"
+    hybrid = timm.create_model("vit_tiny_r_s16_p8_224", img_size=128, depth=1, num_classes=0)
+    with pytest.raises(TypeError, match="the masked pixels would leak into the visible tokens"):
+        DMJD(hybrid, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     with pytest.raises(ValueError, match="method"):
         tiny("mae")
     with pytest.raises(ValueError, match="disjoint"):  # 2 views x 3 of 4 units visible

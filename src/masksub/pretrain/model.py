@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import build_sincos2d_pos_embed
+from timm.layers import HybridEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -88,6 +88,12 @@ class DMJD(nn.Module):
         if not isinstance(encoder, (VisionTransformer, ConvViT)):
             raise TypeError(
                 f"DMJD needs a timm VisionTransformer or a ConvViT (convvit_*) encoder, got {type(encoder).__name__}"
+            )
+        if isinstance(getattr(encoder, "patch_embed", None), HybridEmbed):
+            raise TypeError(
+                f"DMJD hides image patches from the encoder, and {type(encoder).__name__}'s CNN backbone (a hybrid "
+                "ViT) sees the whole image before any token is dropped: the masked pixels would leak into the visible "
+                "tokens. Use a plain ViT (patch embedding) or a ConvViT (convvit_*), which mask inside the convolutions"
             )
         if method not in ("dmjd", "single"):
             raise ValueError(f"method must be 'dmjd' or 'single', got {method!r}")
