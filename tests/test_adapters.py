@@ -216,12 +216,32 @@ def test_a_model_that_pads_images_to_the_patch_size_takes_any_size_in_the_sub_pa
     assert lengths == [prefix + 72, prefix + num_keep(72, 0.5)]
 
 
-@pytest.mark.parametrize("name", ["swin", "resnet"])
-def test_image_not_divisible_by_unit(name):
-    # 64x96 and 64x64 images; 24 and 48 are multiples of Swin's 4-pixel patch but do not tile them
-    wrapped = masksub.wrap(tiny_model(name), unit=24 if name == "resnet" else 48).train()
+def test_image_not_divisible_by_unit():
+    # 64x64 images; 48 is a multiple of Swin's 4-pixel patch but does not tile them
+    wrapped = masksub.wrap(tiny_model("swin"), unit=48).train()
     with pytest.raises(ValueError, match="not divisible by the mask unit"):
-        wrapped(tiny_images(name, batch=2), sub=True)
+        wrapped(tiny_images("swin", batch=2), sub=True)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_pixel_blocks_that_do_not_tile_the_image_are_cut_at_its_edges(ratio):
+    """Inception's 299 px or EfficientNet-B3's 300 px are no multiple of 32: the sub pass refused them. Now the
+    grid covers the image: 24-pixel blocks over 64x96 are 3x4 blocks, the last row 16 pixels high, and exactly
+    num_masked(12) of them are zeroed, each whole as far as it lies in the image."""
+    wrapped = masksub.wrap(tiny_model("resnet"), ratio=ratio, unit=24).train()
+    seen = []
+    wrapped.model.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    x = tiny_images("resnet", batch=8)  # 64x96, no zero pixel
+    with torch.no_grad():
+        wrapped(x, sub=True)
+    zero = (seen[-1] == 0).all(1)  # (B, 64, 96)
+    assert torch.equal(seen[-1][~zero.unsqueeze(1).expand_as(x)], x[~zero.unsqueeze(1).expand_as(x)])
+    # each block's pixels inside the image: (B, 576), the last row's (B, 384)
+    blocks = [zero[:, i * 24 : (i + 1) * 24, j * 24 : (j + 1) * 24].flatten(1) for i in range(3) for j in range(4)]
+    assert all((b.all(-1) | ~b.any(-1)).all() for b in blocks), "whole blocks, cut at the edge"
+    masked = torch.stack([b.all(-1) for b in blocks], 1)  # (B, 12)
+    assert (masked.sum(1) == num_masked(12, ratio)).all()
+    assert masked[:, 8:].any(), "the cut blocks of the last row are masked too"
 
 
 @pytest.mark.parametrize("bad", [32.0, 0, -8, True, "32"])

@@ -799,9 +799,10 @@ def test_sub_branch_keys_a_plain_run_or_a_drop_branch_does_not_read_are_refused(
         ),
         (["--train.fsdp_sync_every_backward", "true"], "without FSDP the gradients are whole on every process"),
         (
-            ["--recipe", "fashion_mnist_resnet", "--data.img_size", "30"],
-            "resnet18 cannot take 1 x 30 x 30 images (data.in_chans, data.img_size; sub.kind=mask, sub.unit=4): "
-            "pixels adapter: image size 30x30 is not divisible by the mask unit of 4 pixels",
+            ["--model.kwargs", "{img_size: 30, patch_size: 4, embed_dim: 96, depth: 4, num_heads: 3}"]
+            + ["--data.img_size", "30"],
+            "vit_tiny_patch16_224 cannot take 1 x 30 x 30 images (data.in_chans, data.img_size; sub.kind=mask, "
+            "sub.unit=4): image size 30x30 is not divisible by the patch size 4x4",
         ),
     ],
 )

@@ -3,14 +3,16 @@ vision models included (images passed as ``pixel_values=``) but the ViT-like one
 
 Zeroes the input pixels of ``num_masked`` random ``unit`` x ``unit`` blocks per
 sample before the model sees the batch. Valid for every image model, saves no
-compute, touches nothing inside the model.
+compute, touches nothing inside the model. Where ``unit`` does not divide a side
+(Inception at 299 px, EfficientNet-B3 at 300), the grid covers the image and its
+last row and column of blocks are cut at the edge: they count as blocks.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..masking import random_unit_mask, unit_grid, upsample_mask
+from ..masking import random_unit_mask, upsample_mask
 from .registry import MaskAdapter, check_images, register_adapter
 
 
@@ -27,8 +29,10 @@ class PixelMaskAdapter(MaskAdapter):
         by_name = len(args) == 0 and "pixel_values" in kwargs  # (dynamo cannot trace `not` of a tuple)
         x = kwargs["pixel_values"] if by_name else (args[0] if args else None)
         check_images(x, self.name)
-        grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
-        mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), self.unit)  # (B, H, W)
+        height, width = x.shape[-2:]
+        grid = (-(-height // self.unit), -(-width // self.unit))  # rounded up: edge blocks cut to the image
+        mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), self.unit)
+        mask = mask[:, :height, :width]  # (B, H, W)
         x = x.masked_fill(mask.unsqueeze(1), 0.0)
         if by_name:
             return model(**{**kwargs, "pixel_values": x})
