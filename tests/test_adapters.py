@@ -244,6 +244,16 @@ def test_pixel_blocks_that_do_not_tile_the_image_are_cut_at_its_edges(ratio):
     assert masked[:, 8:].any(), "the cut blocks of the last row are masked too"
 
 
+def test_pixel_blocks_cut_at_the_edges_compile_with_dynamic_shapes():
+    """Images of several sizes under torch.compile(dynamic=True): the rounded-up grid stays symbolic (a floor
+    division of negated sizes failed in dynamo's shape reasoning)."""
+    wrapped = masksub.wrap(tiny_model("resnet"), ratio=0.5, unit=24).train()
+    wrapped.compile(backend="aot_eager", dynamic=True)
+    for size in ((64, 96), (72, 100), (50, 50)):
+        torch.manual_seed(0)
+        assert wrapped(torch.rand(2, 3, *size), sub=True).shape == (2, 5)
+
+
 @pytest.mark.parametrize("bad", [32.0, 0, -8, True, "32"])
 def test_a_unit_that_is_not_a_positive_int_is_refused(bad):
     with pytest.raises(ValueError, match=r"unit must be a positive whole number of pixels \(an int\), got"):

@@ -30,7 +30,8 @@ class PixelMaskAdapter(MaskAdapter):
         x = kwargs["pixel_values"] if by_name else (args[0] if args else None)
         check_images(x, self.name)
         height, width = x.shape[-2:]
-        grid = (-(-height // self.unit), -(-width // self.unit))  # rounded up: edge blocks cut to the image
+        unit = self.unit  # the grid rounds up: edge blocks are cut to the image (positive sizes: dynamic shapes)
+        grid = ((height + unit - 1) // unit, (width + unit - 1) // unit)
         mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), self.unit)
         mask = mask[:, :height, :width]  # (B, H, W)
         x = x.masked_fill(mask.unsqueeze(1), 0.0)
