@@ -77,7 +77,7 @@ class MaskTokenAdapter(MaskAdapter):
             raise TypeError(f"cannot read the patch-embedding output layout of {type(model).__name__}")
         self.layout, dim = layout
         self._embed_ref = [model.patch_embed]  # a list keeps it from being registered as a submodule
-        self.unit_tokens  # noqa: B018 - checks the unit against the patch size now, not at the first step
+        self._unit_tokens = self.unit_tokens  # checks the unit against the patch size now, not at the first step
         # on the model's device, in its dtype: a model moved to the GPU (or cast to bf16) before wrap() needs no
         # second move; a CPU token failed the first sub pass of a CUDA model
         param = next(model.patch_embed.parameters(), None)

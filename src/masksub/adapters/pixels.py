@@ -32,7 +32,7 @@ class PixelMaskAdapter(MaskAdapter):
         height, width = x.shape[-2:]
         unit = self.unit  # the grid rounds up: edge blocks are cut to the image (positive sizes: dynamic shapes)
         grid = ((height + unit - 1) // unit, (width + unit - 1) // unit)
-        mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), self.unit)
+        mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), unit)
         mask = mask[:, :height, :width]  # (B, H, W)
         x = x.masked_fill(mask.unsqueeze(1), 0.0)
         if by_name:
