@@ -313,3 +313,28 @@ def test_dropsub_runs_inplace_dropout_out_of_place(model):
     wrapped(x, sub=True).sum().backward()  # in place at p=0.5: "modified by an inplace operation"
     assert all(m.inplace and m.p == 0.0 for m in inplace)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_pathsub_raises_torchvision_stochastic_depth(rate):
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.ops import StochasticDepth
+
+    settings = [CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)]
+    model = ConvNeXt(settings, stochastic_depth_prob=rate, num_classes=5)
+    sites = [m for m in model.modules() if isinstance(m, StochasticDepth)]
+    before = [m.p for m in sites]
+    assert len(sites) == 3
+    wrapped = masksub.wrap(model, sub="droppath", ratio=0.6).train()
+    seen = []
+    for m in sites:
+        m.register_forward_pre_hook(lambda m, a: seen.append(m.p))
+    x = torch.rand(4, 3, 32, 32)
+    wrapped(x)
+    assert seen == before
+    seen.clear()
+    torch.manual_seed(0)
+    sub = wrapped(x, sub=True)
+    assert seen == [0.6] * 3 and [m.p for m in sites] == before
+    assert not torch.equal(sub, wrapped(x))
+    assert wrapped.unwrap() is model and [m.p for m in sites] == before

@@ -131,20 +131,29 @@ class DropoutBranch(nn.Module):
         return f"p={self.p}, sites={len(self._sites)}"
 
 
-def _is_drop_path(module: nn.Module) -> bool:
-    """timm's ``DropPath``, or a model's own drop-path class that reads its rate from ``drop_prob`` in forward
-    (Hugging Face's ``SwinDropPath``, ``ConvNextDropPath``, ``BeitDropPath``... : every one of transformers')."""
+def _drop_path_rate_attr(module: nn.Module) -> str | None:
+    """The attribute holding a drop-path module's rate, which its forward reads, or None for other modules.
+
+    timm's ``DropPath``; a model's own drop-path class with a ``drop_prob`` (Hugging Face's ``SwinDropPath``,
+    ``ConvNextDropPath``, ``BeitDropPath``... : every one of transformers'); torchvision's ``StochasticDepth``
+    (its Swin, ConvNeXt, EfficientNet, MaxViT), whose rate is ``p``.
+    """
     if isinstance(module, DropPath):
-        return True
-    rate = getattr(module, "drop_prob", None)
-    return type(module).__name__.endswith("DropPath") and isinstance(rate, numbers.Real) and 0 <= rate < 1
+        return "drop_prob"
+    name = type(module).__name__
+    for suffix, attr in (("DropPath", "drop_prob"), ("StochasticDepth", "p")):
+        rate = getattr(module, attr, None)
+        if name.endswith(suffix) and isinstance(rate, numbers.Real) and 0 <= rate < 1:
+            return attr
+    return None
 
 
 class DropPathBranch(nn.Module):
     """Sub branch with stochastic-depth rate ``p`` in every residual branch.
 
-    Sites: timm ``DropPath`` modules and a model's own ``*DropPath`` modules with a ``drop_prob`` (every
-    Hugging Face vision model's). A timm model built with ``drop_path_rate=0`` holds ``nn.Identity`` (or
+    Sites: timm ``DropPath`` modules, a model's own ``*DropPath`` modules with a ``drop_prob`` (every
+    Hugging Face vision model's) and torchvision's ``StochasticDepth`` (rate ``p``; its ``mode="batch"``
+    drops a block for the whole batch, as the model does in training). A timm model built with ``drop_path_rate=0`` holds ``nn.Identity`` (or
     ``None``, as ResNet does) where a ``DropPath`` would be; those attributes,
     named ``drop_path``/``drop_path1``/..., get a ``DropPath(0.0)``, which is an
     identity in the main pass and has no state, and ``remove()`` puts back what
@@ -164,12 +173,13 @@ class DropPathBranch(nn.Module):
                 if _DROP_PATH_ATTR.match(attr) and (value is None or isinstance(value, nn.Identity)):
                     self._inserted.append((module, attr, value))
                     setattr(module, attr, DropPath(0.0))
-        self._sites = [(m, "drop_prob") for m in model.modules() if _is_drop_path(m)]
+        self._sites = [(m, attr) for m in model.modules() if (attr := _drop_path_rate_attr(m)) is not None]
         self._checked = False  # whether a sub pass has run at least one site
         if not self._sites:
             raise ValueError(
                 f"{type(model).__name__} has no residual drop-path sites masksub can find "
-                "(timm DropPath modules or drop_path attributes); use sub='mask' or sub='dropout', "
+                "(timm DropPath modules, torchvision StochasticDepth modules or drop_path attributes); "
+                "use sub='mask' or sub='dropout', "
                 "or give the model timm DropPath layers"
             )
 
