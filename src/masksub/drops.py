@@ -153,11 +153,10 @@ class DropPathBranch(nn.Module):
 
     Sites: timm ``DropPath`` modules, a model's own ``*DropPath`` modules with a ``drop_prob`` (every
     Hugging Face vision model's) and torchvision's ``StochasticDepth`` (rate ``p``; its ``mode="batch"``
-    drops a block for the whole batch, as the model does in training). A timm model built with ``drop_path_rate=0`` holds ``nn.Identity`` (or
-    ``None``, as ResNet does) where a ``DropPath`` would be; those attributes,
-    named ``drop_path``/``drop_path1``/..., get a ``DropPath(0.0)``, which is an
-    identity in the main pass and has no state, and ``remove()`` puts back what
-    was there.
+    drops a block for the whole batch, as the model does in training). A timm model built with
+    ``drop_path_rate=0`` holds ``nn.Identity`` (or ``None``, as ResNet does) where a ``DropPath`` would be;
+    those attributes, named ``drop_path``/``drop_path1``/..., get a ``DropPath(0.0)``, which is an identity
+    in the main pass and has no state, and ``remove()`` puts back what was there.
     """
 
     name = "droppath"
