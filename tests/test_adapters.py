@@ -443,3 +443,64 @@ def test_user_adapter_registration_wins():
         from masksub.adapters.registry import _ADAPTERS
 
         _ADAPTERS.pop("test_mlp_features")
+
+
+def _torchvision_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_torchvision_vit_drops_exactly_num_masked_patch_tokens_and_keeps_the_class_token(ratio):
+    import copy
+
+    model = _torchvision_vit()
+    plain = copy.deepcopy(model)
+    wrapped = masksub.wrap(model, ratio=ratio).train()
+    assert wrapped.branch.name == "tv_vit" and wrapped.branch.masked_unit() == "4x4-pixel patch tokens"
+    seen = []  # the blocks' input: registered after the adapter's hook, so it sees the kept tokens
+    model.encoder.layers.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    x = torch.rand(4, 3, 32, 32)
+    torch.manual_seed(1)
+    main = wrapped(x)
+    torch.manual_seed(1)
+    assert torch.equal(main, plain.train()(x))  # the main pass is the plain model's
+    full = seen.pop()
+    masks = []
+    for _ in range(2):
+        wrapped(x, sub=True)
+        sub = seen.pop()
+        assert sub.shape == (4, 1 + num_keep(64, ratio), 32)
+        assert torch.equal(sub[:, 0], full[:, 0])  # the class token, which the head reads
+        match = (sub[:, 1:, None] == full[:, None, 1:]).all(-1)  # (B, K, N)
+        assert (match.sum(-1) == 1).all() and (match.sum(1) <= 1).all()  # each kept token one patch, once
+        masks.append(~match.any(1))
+    assert (masks[0].sum(1) == num_masked(64, ratio)).all()
+    assert not torch.equal(masks[0], masks[1]) and any(not torch.equal(masks[0][0], m) for m in masks[0][1:])
+    wrapped.unwrap()
+    model(x)
+    assert seen.pop().shape[1] == 65  # no hook left
+
+
+def test_torchvision_vit_sub_pass_costs_about_half_at_ratio_half_and_compiles_into_two_graphs():
+    from torch._dynamo.utils import counters
+    from torch.utils.flop_counter import FlopCounterMode
+
+    wrapped = masksub.wrap(_torchvision_vit(), ratio=0.5).train()
+    x = torch.rand(4, 3, 32, 32)
+    flops = []
+    for sub in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            wrapped(x, sub=sub).sum().backward()
+        flops.append(counter.get_total_flops())
+    assert 0.45 < flops[1] / flops[0] < 0.6
+    with pytest.raises(ValueError, match="not divisible by the patch size 4x4"):
+        wrapped(torch.rand(2, 3, 30, 30), sub=True)
+    torch._dynamo.reset()
+    counters.clear()
+    wrapped.compile(fullgraph=True)
+    for _ in range(2):
+        wrapped(x), wrapped(x, sub=True)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
