@@ -601,3 +601,23 @@ def test_one_backward_of_both_passes_refuses_drop_rates_under_checkpointing(sub)
     found = _checkpointed_grads("vit", "mask", checkpointing=True, memory_saving=False)  # masking is not a rate
     for n, g in expected.items():
         torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_an_output_without_logits_is_refused_by_name_and_auxiliary_logits_get_the_fix():
+    from torchvision.models.inception import InceptionOutputs
+
+    class AuxNet(torch.nn.Module):  # returns what torchvision's Inception3 returns in training
+        def __init__(self, aux: bool):
+            super().__init__()
+            self.conv, self.aux = torch.nn.Conv2d(3, 5, 3), aux
+
+        def forward(self, x):
+            logits = self.conv(x).mean((2, 3))
+            return InceptionOutputs(logits, logits * 2) if self.aux else (logits, logits * 2)
+
+    for aux, hint in ((True, "build the model with aux_logits=False"), (False, None)):
+        model = masksub.wrap(AuxNet(aux), sub="mask", ratio=0.5, unit=4).train()
+        step = masksub.Step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+        with pytest.raises(TypeError, match="the model returned " + ("InceptionOutputs" if aux else "tuple")) as info:
+            step(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+        assert (hint in str(info.value)) if hint else "aux_logits" not in str(info.value)

@@ -41,9 +41,15 @@ def logits_of(output):
         return output
     if isinstance(output, Mapping) and "logits" in output:
         return output["logits"]
+    hint = ""
+    if any(f.startswith("aux_logits") for f in getattr(output, "_fields", ())):  # torchvision Inception3, GoogLeNet
+        hint = (
+            f"; {type(output).__name__} holds auxiliary logits, which neither branch's loss would train: build "
+            "the model with aux_logits=False"
+        )
     raise TypeError(
         f"the criterion needs logits, and the model returned {type(output).__name__}: return a tensor, or a "
-        "mapping / Hugging Face ModelOutput with 'logits' (return_dict=True)"
+        f"mapping / Hugging Face ModelOutput with 'logits' (return_dict=True){hint}"
     )
 
 
