@@ -230,6 +230,36 @@ def test_sigmoid_teacher_for_bce(criterion):
     torch.testing.assert_close(loss.sub_loss(sub, main), F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main)))
 
 
+@pytest.mark.parametrize(
+    "criterion,teacher",
+    [
+        (torch.nn.CrossEntropyLoss(reduction="sum"), "softmax"),
+        (functools.partial(F.cross_entropy, reduction="sum"), "softmax"),
+        (torch.nn.BCEWithLogitsLoss(reduction="sum"), "sigmoid"),
+    ],
+)
+def test_a_summing_criterion_gets_a_summed_distillation(criterion, teacher):
+    """With reduction='sum' the distillation was a mean: its weight against the main loss fell with the batch."""
+    main, sub = torch.randn(6, 5), torch.randn(6, 5)
+    loss = masksub.SubBranchLoss(criterion)
+    assert loss.teacher == teacher and "summed" in repr(loss)
+    if teacher == "softmax":
+        expected = -(F.softmax(main, -1) * F.log_softmax(sub, -1)).sum()
+    else:
+        expected = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main), reduction="sum")
+    torch.testing.assert_close(loss.sub_loss(sub, main), expected)
+    # the two terms scale alike with the batch: doubled by a batch of each sample twice
+    target = torch.randint(0, 2, (6, 5)).float() if teacher == "sigmoid" else torch.randint(0, 5, (6,))
+    twice = [torch.cat([t, t]) for t in (main, sub, target)]
+    torch.testing.assert_close(loss(*twice), 2 * loss(main, sub, target))
+    # token classification: the kept tokens' distillations summed
+    tokens = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    labels = torch.tensor([[1, -100, 2], [0, 4, -100]])
+    if teacher == "softmax":
+        per_token = -(F.softmax(tokens[0], -1) * F.log_softmax(tokens[1], -1)).sum(-1)
+        torch.testing.assert_close(loss.sub_loss(tokens[1], tokens[0], labels), per_token[labels != -100].sum())
+
+
 # timm's multi-label losses (its loss_type choices for multi-label targets), where this timm has them
 MULTI_LABEL_TIMM = {
     "AsymmetricLossMultiLabel": {},

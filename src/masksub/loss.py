@@ -95,8 +95,23 @@ def ignore_index_of(criterion: Callable) -> int:
     return getattr(criterion, "ignore_index", IGNORE_INDEX)
 
 
+def reduction_of(criterion: Callable) -> str:
+    """How a criterion reduces its per-sample losses: its ``reduction`` (a module's, or one a
+    ``functools.partial`` binds), else ``"mean"``, as torch's and timm's losses default to."""
+    while isinstance(criterion, functools.partial):
+        if "reduction" in criterion.keywords:
+            return criterion.keywords["reduction"]
+        criterion = criterion.func
+    reduction = getattr(criterion, "reduction", "mean")
+    return reduction if isinstance(reduction, str) else "mean"
+
+
 class SubBranchLoss(nn.Module):
     """Main-branch criterion plus the sub branch's distillation from the main logits.
+
+    The distillation reduces as the criterion does: a mean over samples (tokens), or with ``reduction="sum"``
+    a sum over them (and, for a sigmoid teacher, over classes, as ``BCEWithLogitsLoss(reduction="sum")``
+    sums), so the two terms keep the weights given whatever the batch size.
 
     Args:
         criterion: the recipe's loss on the main branch, ``criterion(logits, target)``.
@@ -127,6 +142,7 @@ class SubBranchLoss(nn.Module):
         self.main_weight, self.sub_weight = float(main_weight), float(sub_weight)
         self.temperature = float(temperature)
         self.teacher = teacher_kind(criterion) if teacher == "auto" else teacher
+        self.summed = reduction_of(criterion) == "sum"
 
     def main_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Unweighted main-branch loss (token-level logits as rows, see the module doc)."""
@@ -148,15 +164,17 @@ class SubBranchLoss(nn.Module):
         sub, rows_target = as_rows(sub_logits.float() / t, target)
         main, _ = as_rows(main_logits.detach().float() / t)
         if self.teacher == "sigmoid":
-            per_row = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main), reduction="none").mean(-1)
+            per_class = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main), reduction="none")
+            per_row = per_class.sum(-1) if self.summed else per_class.mean(-1)
         else:
             per_row = torch.sum(-F.softmax(main, dim=-1) * F.log_softmax(sub, dim=-1), dim=-1)
         if sub_logits.ndim > 2 and rows_target is not None and rows_target.ndim == 1:
             ignore = ignore_index_of(self.criterion)
             kept = (rows_target != ignore).to(per_row.dtype)  # a weight, not a selection: static shapes
-            loss = (per_row * kept).sum() / kept.sum().clamp(min=1)
+            loss = (per_row * kept).sum()
+            loss = loss if self.summed else loss / kept.sum().clamp(min=1)
         else:
-            loss = per_row.mean()
+            loss = per_row.sum() if self.summed else per_row.mean()
         return loss * (t * t)
 
     def forward(self, main_logits: torch.Tensor, sub_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -166,4 +184,5 @@ class SubBranchLoss(nn.Module):
 
     def extra_repr(self) -> str:
         w = f"main_weight={self.main_weight}, sub_weight={self.sub_weight}"
-        return f"{w}, temperature={self.temperature}, teacher={self.teacher}"
+        summed = ", summed" if self.summed else ""
+        return f"{w}, temperature={self.temperature}, teacher={self.teacher}{summed}"
