@@ -708,6 +708,12 @@ def test_sub_branch_keys_a_plain_run_or_a_drop_branch_does_not_read_are_refused(
         (["--data.name", "folder", "--data.dir", "/nonexistent/imagenet"], "does not exist"),
         (["--model.name", "resnet_9000"], "not a timm model"),
         (["--model.name", "convvit_base"], "not a timm model; did you mean convvit_base_patch16?"),  # a longer form
+        (  # the recipe's ViT kwargs: the error said what, not where they came from nor the fix
+            ["--model.name", "resnet18"],
+            "resnet18 does not take one of model.kwargs ['depth', 'embed_dim', 'img_size', 'num_heads', 'patch_size'] "
+            "(ResNet.__init__() got an unexpected keyword argument 'img_size'); model.kwargs come from the recipe "
+            "(fashion_mnist_vit) unless given, and fit its model: set --model.kwargs to this model's own",
+        ),
         (["--train.device", "cuda:3"], "set train.device=cuda and CUDA_VISIBLE_DEVICES=3"),
         (["--model.name", "deit_smal_patch16_224"], "not a timm model; did you mean deit_small_patch16_224,"),
         (["--recipe", "mae_finetune_vit_b", "--data.dir", "."], "--model.checkpoint"),

@@ -39,7 +39,11 @@ def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool 
             hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models('*pattern*') lists them"
             raise ConfigError(f"model.name={m.name!r} is not a timm model{hint}") from None
         if isinstance(e, TypeError) and "unexpected keyword" in str(e):
-            raise ConfigError(f"{m.name} does not take one of model.kwargs {sorted(m.kwargs)}: {e}") from None
+            raise ConfigError(
+                f"{m.name} does not take one of model.kwargs {sorted(m.kwargs)} ({e}); model.kwargs come from the "
+                f"recipe ({cfg.recipe}) unless given, and fit its model: set --model.kwargs to this model's own "
+                "('{}' for none), or use a recipe made for it (masksub recipes lists them)"
+            ) from None
         if m.kwargs.get("pretrained"):  # the hub's weights, which timm fetches: not on an offline machine
             raise ConfigError(
                 f"{m.name}: timm could not fetch its pretrained weights ({type(e).__name__}: {str(e)[:300]}); "
