@@ -59,7 +59,7 @@ def _units(token_mask, unit):
 def _observe_masktoken(wrapped, x, calls, original):
     adapter = wrapped.branch
     seen = []
-    wrapped.model.patch_embed.register_forward_hook(lambda m, a, out: seen.append(out))
+    adapter._embed_ref[0].register_forward_hook(lambda m, a, out: seen.append(out))  # patch_embed, or torchvision's
     masks = []
     for _ in range(calls):
         wrapped(x, sub=True)
@@ -504,3 +504,45 @@ def test_torchvision_vit_sub_pass_costs_about_half_at_ratio_half_and_compiles_in
     for _ in range(2):
         wrapped(x), wrapped(x, sub=True)
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+def _torchvision_swin(v2: bool = False):
+    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    extra = {"block": SwinTransformerBlockV2} if v2 else {}
+    return SwinTransformer([4, 4], 16, [1, 1], [1, 2], [4, 4], num_classes=5, **extra)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_torchvision_swin_gets_the_mask_token_at_exactly_num_masked_units(ratio, v2):
+    """It got the pixel adapter, where the method puts a learnable mask token after the patch embedding."""
+    import copy
+
+    model = _torchvision_swin(v2)
+    plain = copy.deepcopy(model)
+    original = []  # registered first: sees the unmasked embedding
+    model.features[0].register_forward_hook(lambda m, a, out: original.append(out))
+    wrapped = masksub.wrap(model, ratio=ratio, unit=16).train()
+    branch = wrapped.branch
+    assert branch.name == "masktoken" and branch.layout == "NHWC" and branch.patch_size == (4, 4)
+    assert branch.mask_token.shape == (16,) and branch.masked_unit() == "16x16-pixel blocks"
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)  # its stochastic depth draws
+        main = wrapped(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(main, plain.train()(x), rtol=0, atol=0)  # the main pass: the plain model
+        original.pop()
+        first, second = _observe_masktoken(wrapped, x, 2, original)
+    assert (
+        first.shape == (4, 16)
+        and (first.sum(1) == num_masked(16, ratio)).all()
+        and (second.sum(1) == num_masked(16, ratio)).all()
+    )
+    assert not torch.equal(first, second)
+    wrapped(x, sub=True).sum().backward()
+    assert branch.mask_token.grad is not None and branch.mask_token.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="image size 60x60 is not divisible by the mask unit of 16 pixels"):
+        wrapped(torch.rand(2, 3, 60, 60), sub=True)

@@ -25,14 +25,39 @@ from ..masking import random_unit_mask, unit_grid, upsample_mask
 from .registry import MaskAdapter, check_images, register_adapter
 
 
-def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
-    """Run ``patch_embed`` on a blank image and read its output layout and width."""
-    embed = model.patch_embed
+def _patch_embedding(model: nn.Module) -> nn.Module | None:
+    """The module that turns the image into the token grid: timm's ``patch_embed``, or the first stage of
+    torchvision's ``SwinTransformer`` (``features[0]``: a strided convolution, then the channels moved last)."""
+    embed = getattr(model, "patch_embed", None)
+    if isinstance(embed, nn.Module):
+        return embed
+    kind = type(model)
+    if kind.__module__ == "torchvision.models.swin_transformer" and kind.__name__ == "SwinTransformer":
+        return model.features[0]
+    return None
+
+
+def _embed_patch_size(embed: nn.Module) -> tuple[int, int] | None:
+    """The pixels one token covers: a ``patch_embed``'s ``patch_size``; torchvision's Swin stage, its stride."""
+    if isinstance(embed, nn.Sequential):  # torchvision's: Conv2d, Permute, norm
+        return tuple(embed[0].stride) if isinstance(embed[0], nn.Conv2d) else None
     patch = getattr(embed, "patch_size", None)
-    img = getattr(embed, "img_size", None)
-    if patch is None or img is None:
+    return None if patch is None else tuple(to_2tuple(patch))
+
+
+def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
+    """Run the patch embedding on a blank image and read its output layout and width."""
+    embed = _patch_embedding(model)
+    patch = None if embed is None else _embed_patch_size(embed)
+    if patch is None:
         return None
-    patch, img = to_2tuple(patch), to_2tuple(img)
+    if embed is getattr(model, "patch_embed", None):  # timm's: built for an image size
+        img = getattr(embed, "img_size", None)
+        if img is None:
+            return None
+        img = to_2tuple(img)
+    else:  # torchvision's Swin takes any size
+        img = (8 * patch[0], 8 * patch[1])
     chans = getattr(model, "in_chans", None) or next(
         (m.in_channels for m in embed.modules() if isinstance(m, nn.Conv2d)), 3
     )
@@ -64,7 +89,7 @@ def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
 @register_adapter(
     "masktoken",
     priority=20,
-    description="Swin, SwinV2, BEiT, vit_relpos and other models with a patch_embed: learnable mask token",
+    description="Swin, SwinV2 (timm's, torchvision's), BEiT, vit_relpos, others with a patch_embed: mask token",
 )
 class MaskTokenAdapter(MaskAdapter):
     """Replaces ``ratio`` of the ``unit``-pixel blocks by a learnable token after ``patch_embed``."""
@@ -76,24 +101,25 @@ class MaskTokenAdapter(MaskAdapter):
         if layout is None:
             raise TypeError(f"cannot read the patch-embedding output layout of {type(model).__name__}")
         self.layout, dim = layout
-        self._embed_ref = [model.patch_embed]  # a list keeps it from being registered as a submodule
+        embed = _patch_embedding(model)
+        self._embed_ref = [embed]  # a list keeps it from being registered as a submodule
         self._unit_tokens = self.unit_tokens  # checks the unit against the patch size now, not at the first step
         # on the model's device, in its dtype: a model moved to the GPU (or cast to bf16) before wrap() needs no
         # second move; a CPU token failed the first sub pass of a CUDA model
-        param = next(model.patch_embed.parameters(), None)
+        param = next(embed.parameters(), None)
         like = {} if param is None or not param.is_floating_point() else {"device": param.device, "dtype": param.dtype}
         self.mask_token = nn.Parameter(torch.zeros(dim, **like))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self._handle = model.patch_embed.register_forward_hook(self._mask_hook)
+        self._handle = embed.register_forward_hook(self._mask_hook)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return isinstance(getattr(model, "patch_embed", None), nn.Module) and _probe_layout(model) is not None
+        return _patch_embedding(model) is not None and _probe_layout(model) is not None
 
     @property
     def patch_size(self) -> tuple[int, int]:
         """Read from the model on each use: timm's ``set_input_size(patch_size=...)`` changes it in place."""
-        return to_2tuple(self._embed_ref[0].patch_size)
+        return _embed_patch_size(self._embed_ref[0])
 
     @property
     def unit_tokens(self) -> tuple[int, int]:
