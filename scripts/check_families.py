@@ -1,6 +1,6 @@
 """Check masksub's three sub branches on every timm model family installed here (or, with
 ``--text`` / ``--vision``, on every Hugging Face transformers sequence / image classification
-architecture).
+architecture; with ``--torchvision``, on every torchvision classification model family).
 
 For each family (timm module) it takes the model with the least compute (parameters x default
 input pixels, counted on the meta device), builds it at random init with a 5-class head re-drawn
@@ -21,7 +21,9 @@ to 2 layers of width 32, and fed random token ids; the mask adapter gets the con
 special ids (pad, bos, eos, ...). With ``--vision`` the same shrinking applies to transformer
 configurations (CNN configurations, with lists of stage widths, keep their defaults), zero-init
 parameters are redrawn as for timm models, and the input is random pixels at the configuration's
-image size.
+image size. With ``--torchvision`` each family (torchvision module) is built as its smallest model, at
+its weights' crop size, its last linear layer and zero-init parameters redrawn; GoogLeNet and Inception v3 without their
+auxiliary heads (``aux_logits=False``), whose extra outputs no loss of the sub branch would train.
 
 Each family runs in a process of its own with a time limit, so one model that runs out of memory
 or hangs costs only its row. Writes a JSON and a markdown table.
@@ -30,6 +32,7 @@ or hangs costs only its row. Writes a JSON and a markdown table.
     python scripts/check_families.py --families vision_transformer resnet swin_transformer
     python scripts/check_families.py --text --out text_families
     python scripts/check_families.py --vision --out vision_families
+    python scripts/check_families.py --torchvision --out torchvision_families
 """
 
 from __future__ import annotations
@@ -58,6 +61,16 @@ def text_families() -> dict[str, list[str]]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     return {t: [name] for t, name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.items()}
+
+
+def torchvision_families() -> dict[str, list[str]]:
+    import torchvision
+    from torchvision.models import get_model_builder, list_models
+
+    found: dict[str, list[str]] = {}
+    for name in list_models(module=torchvision.models):  # classification models only
+        found.setdefault(get_model_builder(name).__module__.rsplit(".", 1)[-1], []).append(name)
+    return found
 
 
 def vision_families() -> dict[str, list[str]]:
@@ -196,10 +209,13 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
     import torch
 
     import masksub
+    from masksub.drops import values_of
     from masksub.step import logits_of
 
     def run(m, **kw):
         return logits_of(m(**x, **kw) if isinstance(x, dict) else m(x, **kw))
+
+    note = ""
 
     model.eval()
     with torch.no_grad():
@@ -221,6 +237,8 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
         for name, p in wrapped.branch.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
         if kind != "mask" and sensitive:  # the raised rate must reach the computation
+            if all(v == wrapped.ratio for v in values_of(wrapped.branch._sites)):  # VGG's, AlexNet's dropout: 0.5
+                wrapped.ratio, note = 0.75, f" (checked at 0.75: the model's own {kind} rates are all 0.5)"
             with torch.no_grad():
                 torch.manual_seed(0)
                 main_train = run(wrapped)
@@ -235,7 +253,7 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
     with torch.no_grad():
         assert torch.equal(run(restored.eval()), main), "unwrap() changed the model"
     if kind != "mask":
-        return "ok"
+        return "ok" + note
     return f"ok ({label})" if sensitive else f"ok ({label}; the change is not checked: {INSENSITIVE})"
 
 
@@ -300,6 +318,37 @@ def check_family(family: str, names: list[str]) -> dict:
     return row
 
 
+def check_torchvision_family(family: str, names: list[str]) -> dict:
+    """One torchvision family: its smallest model (parameters x crop pixels, as its weights' metadata gives them:
+    nothing is built or downloaded)."""
+    import torch
+    from torchvision.models import get_model, get_model_weights
+
+    def crop(name: str) -> int:
+        return get_model_weights(name).DEFAULT.transforms().crop_size[0]
+
+    costs = {n: get_model_weights(n).DEFAULT.meta["num_params"] * crop(n) ** 2 for n in names}
+    name = min(costs, key=costs.get)
+    size = crop(name)
+    row = {"family": family, "model": name, "input": [3, size, size]}
+    torch.manual_seed(0)
+    aux = {"aux_logits": False, "init_weights": True} if family in ("googlenet", "inception") else {}
+    model = get_model(name, num_classes=5, **aux)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]  # small or zero at init, as timm's
+    for linear in head:
+        torch.nn.init.normal_(linear.weight, std=0.5)
+    redraw_zero_parameters(model)
+    x = torch.rand(2, 3, size, size) + 0.5  # no exact zeros: zeroed pixels are the ones masked
+    with torch.no_grad():
+        sensitive = not torch.allclose(model.eval()(x), model(torch.rand_like(x)))
+    for kind in KINDS:
+        try:
+            row[kind] = check_kind(model, x, kind, sensitive)
+        except Exception as e:  # reported per row: this is the result being collected
+            row[kind] = reason(e)
+    return row
+
+
 def run_one(family: str, timeout: float, hf: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--one", family, *([f"--{hf}"] if hf else [])]
     try:
@@ -341,22 +390,27 @@ def markdown(rows: list[dict], versions: str, command: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", nargs="*", help="timm module names, or transformers model types (default: all)")
+    p.add_argument(
+        "--families", nargs="*", help="timm or torchvision module names, or transformers model types (default: all)"
+    )
     hf = p.add_mutually_exclusive_group()
     hf.add_argument("--text", action="store_true", help="Hugging Face text classifiers instead of timm models")
     hf.add_argument("--vision", action="store_true", help="Hugging Face image classifiers instead of timm models")
+    hf.add_argument("--torchvision", action="store_true", help="torchvision classifiers instead of timm models")
     p.add_argument("--out", type=Path, default=Path("families"), help="writes OUT.json and OUT.md")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="seconds per family")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
-    mode = "text" if args.text else "vision" if args.vision else None
+    mode = "text" if args.text else "vision" if args.vision else "torchvision" if args.torchvision else None
     if args.one:
         import torch
 
         torch.set_num_threads(1)
         if mode is None:
             print(json.dumps(check_family(args.one, families()[args.one])))
+        elif mode == "torchvision":
+            print(json.dumps(check_torchvision_family(args.one, torchvision_families()[args.one])))
         else:
             found, build = (text_families(), build_text) if mode == "text" else (vision_families(), build_vision)
             print(json.dumps(check_hf_family(args.one, found[args.one], build)))
@@ -364,7 +418,8 @@ def main() -> None:
     import timm
     import torch
 
-    found = {None: families, "text": text_families, "vision": vision_families}[mode]()
+    found = {None: families, "text": text_families, "vision": vision_families, "torchvision": torchvision_families}
+    found = found[mode]()
     chosen = args.families or sorted(found)
     unknown = [f for f in chosen if f not in found]
     if unknown:
@@ -375,7 +430,11 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     versions = f"timm {timm.__version__}, torch {torch.__version__}"
-    if mode:
+    if mode == "torchvision":
+        import torchvision
+
+        versions = f"torchvision {torchvision.__version__}, torch {torch.__version__}"
+    elif mode:
         import transformers
 
         versions = f"transformers {transformers.__version__}, torch {torch.__version__}"

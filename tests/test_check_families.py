@@ -58,3 +58,17 @@ def test_vision_architectures_drop_tokens_or_mask_pixels(tmp_path):
         "| dinov2 | Dinov2ForImageClassification | 224x224 | ok (hf_vit) | ok | ok |"
         in (tmp_path / "vision.md").read_text()
     )
+
+
+def test_torchvision_families_mask_token_for_swin_and_a_dropout_rate_already_at_the_ratio(tmp_path):
+    proc = _run("--torchvision", "--families", "swin_transformer", "squeezenet", "--out", str(tmp_path / "tv"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["family"]: r for r in json.loads((tmp_path / "tv.json").read_text())["rows"]}
+    swin, squeeze = rows["swin_transformer"], rows["squeezenet"]
+    assert swin["model"] == "swin_t" and swin["mask"] == "ok (masktoken)", swin  # the method's Swin masking
+    assert swin["dropout"] == swin["droppath"] == "ok", swin  # droppath: torchvision's StochasticDepth
+    assert squeeze["model"] == "squeezenet1_1" and squeeze["mask"] == "ok (pixels)", squeeze
+    # its dropout is 0.5, the check's ratio: checked at 0.75 instead of reported as a failure
+    assert squeeze["dropout"] == "ok (checked at 0.75: the model's own dropout rates are all 0.5)", squeeze
+    assert "no residual drop-path sites" in squeeze["droppath"], squeeze
+    assert (tmp_path / "tv.md").read_text().startswith("Checked with torchvision ")
