@@ -546,3 +546,21 @@ def test_torchvision_swin_gets_the_mask_token_at_exactly_num_masked_units(ratio,
     assert branch.mask_token.grad is not None and branch.mask_token.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="image size 60x60 is not divisible by the mask unit of 16 pixels"):
         wrapped(torch.rand(2, 3, 60, 60), sub=True)
+
+
+@pytest.mark.parametrize("name", ["resnet", "swin"])
+def test_a_channels_last_batch_stays_channels_last_in_the_sub_pass(name):
+    """The pixel adapter's masked_fill returned a contiguous (NCHW) batch: a channels-last model's sub pass
+    then ran its convolutions on the other layout (a copy per pass, and other kernels on the GPU)."""
+    _, _, _, unit = TINY[name]
+    model = tiny_model(name).to(memory_format=torch.channels_last)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    wrapped = masksub.wrap(model, ratio=0.5, unit=unit, adapter="pixels").train()
+    x = tiny_images(name, batch=2).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        wrapped(x, sub=True)
+    masked = seen.pop()
+    assert masked.is_contiguous(memory_format=torch.channels_last)
+    zero = (masked == 0).all(1, keepdim=True)
+    assert zero.float().mean() == 0.5 and torch.equal(masked, x.masked_fill(zero, 0.0))

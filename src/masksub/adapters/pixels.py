@@ -10,6 +10,7 @@ last row and column of blocks are cut at the edge: they count as blocks.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..masking import random_unit_mask, upsample_mask
@@ -34,7 +35,7 @@ class PixelMaskAdapter(MaskAdapter):
         grid = ((height + unit - 1) // unit, (width + unit - 1) // unit)
         mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), unit)
         mask = mask[:, :height, :width]  # (B, H, W)
-        x = x.masked_fill(mask.unsqueeze(1), 0.0)
+        x = torch.where(mask.unsqueeze(1), 0.0, x)  # keeps x's memory format: masked_fill made channels-last NCHW
         if by_name:
             return model(**{**kwargs, "pixel_values": x})
         return model(x, *args[1:], **kwargs)
