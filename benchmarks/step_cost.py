@@ -168,7 +168,9 @@ def bench_model(name, batch, args, device, run_info: dict):
     img = TINY_MODELS[name][1] if tiny else args.img
     unit = TINY_MODELS[name][2] if tiny else 32
     amp_dtype = None if args.amp == "none" else torch.bfloat16
+    channels_last = name.startswith("resnet") and device.type == "cuda"  # CNNs on the GPU, as timm's train.py
     x = torch.randn(batch, 3, img, img, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x  # the batch too, as timm's loop
     y = torch.randint(0, 1000, (batch,), device=device)
     row = {"batch": batch, "img": img, "flops": flops(make_model(name, tiny, device), x[:8], y[:8], unit)}
     row["flop_ideal_ratio"] = (row["flops"]["main"] + row["flops"]["sub"]) / row["flops"]["main"]
@@ -180,8 +182,7 @@ def bench_model(name, batch, args, device, run_info: dict):
         configs = [(mode_name(compile_, ckpt), ckpt, v) for ckpt in checkpointing for v in VARIANTS]
         steps, peaks = {}, {}
         for mode, ckpt, variant in configs:
-            cl = name.startswith("resnet") and device.type == "cuda"
-            model = make_model(name, tiny, device, channels_last=cl, checkpointing=ckpt)
+            model = make_model(name, tiny, device, channels_last=channels_last, checkpointing=ckpt)
             step, net, opt = make_step(variant, model, device, amp_dtype, unit, compile_)
             for _ in range(args.warmup):
                 step(x, y)
