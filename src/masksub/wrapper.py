@@ -218,12 +218,13 @@ def wrap(
     """Add a sub branch to ``model``.
 
     Args:
-        model: any timm image model, a Hugging Face text or image classifier, or one with a registered adapter.
+        model: any timm image model, a torchvision classifier, a Hugging Face text or image classifier, or one
+            with a registered adapter.
         sub: ``"mask"`` (MaskSub), ``"dropout"`` (DropSub) or ``"droppath"`` (PathSub).
         ratio: fraction of the input masked (``mask``) or the drop probability
             (``dropout``/``droppath``), in [0, 1). Default 0.5, the paper's MaskSub value.
         unit: mask block size in pixels for the mask-token and pixel adapters (default 32); the adapters
-            that drop single patch tokens (timm and Hugging Face ViTs, NaFlexViT, ConvViT) ignore it.
+            that drop single patch tokens (timm, torchvision and Hugging Face ViTs, NaFlexViT, ConvViT) ignore it.
         adapter: force an adapter by name instead of choosing by model type.
         sub_bn_stats: whether the sub pass updates BatchNorm running statistics
             (True, as in the paper) or normalizes with batch statistics only.
