@@ -303,8 +303,14 @@ def check_family(family: str, names: list[str]) -> dict:
     row = {"family": family, "model": name, "input": list(size)}
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=5)
-    head = model.get_classifier()
-    if isinstance(head, torch.nn.Linear):  # some heads start at zero: the output would not see the input
+    return check_image_model(row, model, model.get_classifier(), size)
+
+
+def check_image_model(row: dict, model, head, size) -> dict:
+    """``row`` with the three sub branches' results on a random-init image ``model`` at ``size`` (C, H, W)."""
+    import torch
+
+    if isinstance(head, torch.nn.Linear):  # some heads start at zero or tiny: the output would not see the input
         torch.nn.init.normal_(head.weight, std=0.5)
     redraw_zero_parameters(model)
     x = torch.rand(2, *size) + 0.5  # no exact zeros: zeroed pixels are the ones masked
@@ -334,19 +340,8 @@ def check_torchvision_family(family: str, names: list[str]) -> dict:
     torch.manual_seed(0)
     aux = {"aux_logits": False, "init_weights": True} if family in ("googlenet", "inception") else {}
     model = get_model(name, num_classes=5, **aux)
-    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]  # small or zero at init, as timm's
-    for linear in head:
-        torch.nn.init.normal_(linear.weight, std=0.5)
-    redraw_zero_parameters(model)
-    x = torch.rand(2, 3, size, size) + 0.5  # no exact zeros: zeroed pixels are the ones masked
-    with torch.no_grad():
-        sensitive = not torch.allclose(model.eval()(x), model(torch.rand_like(x)))
-    for kind in KINDS:
-        try:
-            row[kind] = check_kind(model, x, kind, sensitive)
-        except Exception as e:  # reported per row: this is the result being collected
-            row[kind] = reason(e)
-    return row
+    head = next((m for m in reversed(list(model.modules())) if isinstance(m, torch.nn.Linear)), None)  # the last
+    return check_image_model(row, model, head, (3, size, size))
 
 
 def run_one(family: str, timeout: float, hf: str | None = None) -> dict:
