@@ -85,24 +85,24 @@ def teacher_kind(criterion: Callable) -> str:
     return "softmax"
 
 
-def ignore_index_of(criterion: Callable) -> int:
-    """The class index a criterion leaves out: its ``ignore_index`` (a module's, or one a ``functools.partial``
-    binds), else torch's default, -100."""
+def _setting_of(criterion: Callable, name: str, default):
+    """A criterion's setting ``name``: a module's attribute, or a keyword a ``functools.partial`` binds."""
     while isinstance(criterion, functools.partial):
-        if "ignore_index" in criterion.keywords:
-            return criterion.keywords["ignore_index"]
+        if name in criterion.keywords:
+            return criterion.keywords[name]
         criterion = criterion.func
-    return getattr(criterion, "ignore_index", IGNORE_INDEX)
+    return getattr(criterion, name, default)
+
+
+def ignore_index_of(criterion: Callable) -> int:
+    """The class index a criterion leaves out: its ``ignore_index``, else torch's default, -100."""
+    return _setting_of(criterion, "ignore_index", IGNORE_INDEX)
 
 
 def reduction_of(criterion: Callable) -> str:
-    """How a criterion reduces its per-sample losses: its ``reduction`` (a module's, or one a
-    ``functools.partial`` binds), else ``"mean"``, as torch's and timm's losses default to."""
-    while isinstance(criterion, functools.partial):
-        if "reduction" in criterion.keywords:
-            return criterion.keywords["reduction"]
-        criterion = criterion.func
-    reduction = getattr(criterion, "reduction", "mean")
+    """How a criterion reduces its per-sample losses: its ``reduction``, else ``"mean"``, as torch's and timm's
+    losses default to."""
+    reduction = _setting_of(criterion, "reduction", "mean")
     return reduction if isinstance(reduction, str) else "mean"
 
 
