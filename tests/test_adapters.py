@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import EXPECTED_ADAPTER, TINY, tiny_images, tiny_model
@@ -454,8 +456,6 @@ def _torchvision_vit():
 
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_torchvision_vit_drops_exactly_num_masked_patch_tokens_and_keeps_the_class_token(ratio):
-    import copy
-
     model = _torchvision_vit()
     plain = copy.deepcopy(model)
     wrapped = masksub.wrap(model, ratio=ratio).train()
@@ -518,8 +518,6 @@ def _torchvision_swin(v2: bool = False):
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_torchvision_swin_gets_the_mask_token_at_exactly_num_masked_units(ratio, v2):
     """It got the pixel adapter, where the method puts a learnable mask token after the patch embedding."""
-    import copy
-
     model = _torchvision_swin(v2)
     plain = copy.deepcopy(model)
     original = []  # registered first: sees the unmasked embedding

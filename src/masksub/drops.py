@@ -178,8 +178,7 @@ class DropPathBranch(nn.Module):
             raise ValueError(
                 f"{type(model).__name__} has no residual drop-path sites masksub can find "
                 "(timm DropPath modules, torchvision StochasticDepth modules or drop_path attributes); "
-                "use sub='mask' or sub='dropout', "
-                "or give the model timm DropPath layers"
+                "use sub='mask' or sub='dropout', or give the model timm DropPath layers"
             )
 
     def forward(self, model: nn.Module, *args, **kwargs):
