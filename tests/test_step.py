@@ -566,8 +566,63 @@ def test_token_level_distillation_leaves_out_ignored_tokens():
     torch.testing.assert_close(bound.sub_loss(sub, main, target), per_token[target != 3].mean())
     assert loss.sub_loss(sub, main, torch.full((3, 5), -100)).item() == 0.0
     torch.testing.assert_close(loss.sub_loss(sub, main, F.softmax(main, -1)), per_token.mean())
-    with pytest.raises(ValueError, match=r"token-level logits \(3, 5, 4\) need targets of shape \(3, 5\)"):
-        loss.main_loss(main, target[:, :4])
+    with pytest.raises(ValueError, match=r"logits \(3, 5, 4\), .* need class-index targets of shape \(3, 5\)"):
+        loss.main_loss(main, target[:, :4, None])
+
+
+def test_dense_logits_are_distilled_per_pixel_with_classes_in_dim_1():
+    """(B, C, H, W) logits, as a segmentation model returns them and torch's cross_entropy reads them: the main loss
+    is the criterion's own on the dense logits, the distillation a softmax over dim 1 per pixel, ignored pixels left
+    out (they used to be refused with targets of a wrong shape suggested)."""
+    g = torch.Generator().manual_seed(0)
+    main, sub = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g).requires_grad_()
+    target = torch.randint(0, 4, (2, 3, 5), generator=g)
+    target[0, 0], target[1, 2, 4] = 255, 255
+    kept = target != 255
+    per_pixel = -(F.softmax(main, 1) * F.log_softmax(sub, 1)).sum(1)  # (2, 3, 5)
+    for reduction, reduce in (("mean", lambda t: t.mean()), ("sum", lambda t: t.sum())):
+        criterion = torch.nn.CrossEntropyLoss(ignore_index=255, reduction=reduction)
+        loss = masksub.SubBranchLoss(criterion)
+        torch.testing.assert_close(loss.main_loss(main, target), criterion(main, target))
+        torch.testing.assert_close(loss.sub_loss(sub, main, target), reduce(per_pixel[kept]))
+    soft = F.softmax(torch.randn(2, 4, 3, 5, generator=g), 1)  # soft targets of the logits' shape: classes in dim 1
+    loss = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss(reduction="sum"))
+    torch.testing.assert_close(loss.main_loss(main, soft), F.cross_entropy(main, soft, reduction="sum"))
+    torch.testing.assert_close(loss.sub_loss(sub, main, soft), per_pixel.sum())
+    # a 1-D dense output (B, C, L) with targets (B, L), and a channels-last (B, H, W, C) one with (B, H, W)
+    mean = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss())
+    flat, flat_target = main.flatten(2), target.flatten(1).clamp(max=3)
+    torch.testing.assert_close(mean.main_loss(flat, flat_target), F.cross_entropy(flat, flat_target))
+    torch.testing.assert_close(mean.sub_loss(sub.flatten(2), flat, flat_target), per_pixel.mean())
+    last = main.permute(0, 2, 3, 1)
+    torch.testing.assert_close(mean.main_loss(last, target.clamp(max=3)), F.cross_entropy(main, target.clamp(max=3)))
+    torch.testing.assert_close(mean.sub_loss(sub.permute(0, 2, 3, 1), last, target), per_pixel.mean())
+    with pytest.raises(ValueError, match=r"need class-index targets of shape \(2, 3, 5\) \(classes in dim 1\)"):
+        mean.main_loss(main, target[:, :2])
+
+
+def test_a_segmentation_model_trains_with_step():
+    """A dense model on masked pixels: Step's gradients equal those of the summed loss worked out with torch's
+    dense cross-entropy and a per-pixel distillation."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(8, 4, 1))
+    wrapped = masksub.wrap(net, sub="mask", ratio=0.5)
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    y[:, :8] = 255
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), criterion)
+    torch.manual_seed(1)
+    step(x, y)
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    torch.manual_seed(1)
+    main = wrapped(x)
+    sub = wrapped(x, sub=True)
+    kept = y != 255
+    distill = -(F.softmax(main.detach(), 1) * F.log_softmax(sub, 1)).sum(1)[kept].mean()
+    (0.5 * criterion(main, y) + 0.5 * distill).backward()
+    for a, p in zip(got, net.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad)
 
 
 def test_a_wrapped_model_inside_a_module_of_your_own_is_found_or_named():

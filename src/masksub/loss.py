@@ -10,7 +10,9 @@ Token-level outputs ``(B, L, C)`` (token classification) are distilled per token
 the criterion sees them as rows ``(B * L, C)`` with targets ``(B * L,)``, as Hugging
 Face's token classifiers compute their loss, and a token whose class-index target
 is the criterion's ``ignore_index`` (-100: padding, special tokens, sub-words) is
-left out of the distillation as it is out of the main loss.
+left out of the distillation as it is out of the main loss. Dense outputs ``(B, C, H, W)``
+(segmentation: classes in dim 1, as torch's ``cross_entropy`` reads them) are distilled
+per pixel the same way.
 """
 
 from __future__ import annotations
@@ -28,21 +30,50 @@ TEACHERS = ("auto", "softmax", "sigmoid")
 IGNORE_INDEX = -100  # torch's cross-entropy default, and Hugging Face's label for tokens without one
 
 
-def as_rows(logits: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-level logits ``(B, ..., C)`` as rows ``(N, C)``, with their targets as ``(N,)`` class indices or
-    ``(N, C)`` soft targets; ``(B, C)`` logits and their targets pass unchanged."""
+def class_dim(logits: torch.Tensor, target: torch.Tensor | None = None) -> int:
+    """The dimension of ``logits`` that holds the classes.
+
+    The last one for ``(B, C)`` and token-level ``(B, L, C)`` outputs (Hugging Face's layout); dim 1 for dense
+    outputs ``(B, C, H, W, ...)``, as torch's ``cross_entropy`` reads them. Class-index targets settle the cases
+    where only one layout fits them: ``(B, L)`` targets of ``(B, C, L)`` logits, ``(B, H, W)`` ones of
+    ``(B, H, W, C)`` logits.
+    """
+    last = logits.ndim - 1
+    if logits.ndim <= 2:
+        return last
+    if target is not None and target.shape != logits.shape:
+        fits_last = target.shape == logits.shape[:-1]
+        fits_first = target.shape == (logits.shape[0], *logits.shape[2:])
+        if fits_last != fits_first:
+            return last if fits_last else 1
+    return 1 if logits.ndim > 3 else last
+
+
+def as_rows(
+    logits: torch.Tensor, target: torch.Tensor | None = None, dim: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-level ``(B, L, C)`` or dense ``(B, C, H, W)`` logits as rows ``(N, C)``, one per token or pixel, with
+    their targets as ``(N,)`` class indices or ``(N, C)`` soft targets; ``(B, C)`` logits and their targets pass
+    unchanged. ``dim``: the classes' dimension (``class_dim(logits, target)`` when None)."""
     if logits.ndim <= 2:
         return logits, target
-    rows = logits.reshape(-1, logits.shape[-1])
+    dim = class_dim(logits, target) if dim is None else dim
+    moved = logits.movedim(dim, -1)
+    rows = moved.reshape(-1, moved.shape[-1])
     if target is None:
         return rows, None
     if target.shape == logits.shape:
-        return rows, target.reshape(rows.shape)
-    if target.shape == logits.shape[:-1]:
+        return rows, target.movedim(dim, -1).reshape(rows.shape)
+    if target.shape == moved.shape[:-1]:
         return rows, target.reshape(-1)
+    last, first = (
+        f"{tuple(logits.shape[:-1])} (classes last)",
+        f"{(logits.shape[0], *logits.shape[2:])} (classes in dim 1)",
+    )
     raise ValueError(
-        f"token-level logits {tuple(logits.shape)} need targets of shape {tuple(logits.shape[:-1])} (class indices) "
-        f"or {tuple(logits.shape)} (soft targets), got {tuple(target.shape)}"
+        f"logits {tuple(logits.shape)}, a prediction per token or pixel, need class-index targets of shape "
+        f"{f'{first} or {last}' if logits.ndim > 3 else f'{last} or {first}'}, or soft targets of their own shape, "
+        f"got {tuple(target.shape)}"
     )
 
 
@@ -145,7 +176,7 @@ class SubBranchLoss(nn.Module):
         self.summed = reduction_of(criterion) == "sum"
 
     def main_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Unweighted main-branch loss (token-level logits as rows, see the module doc)."""
+        """Unweighted main-branch loss (token-level and dense logits as rows, see the module doc)."""
         loss = self.criterion(*as_rows(logits, target))
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -159,10 +190,12 @@ class SubBranchLoss(nn.Module):
         self, sub_logits: torch.Tensor, main_logits: torch.Tensor, target: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Unweighted distillation loss; ``main_logits`` are detached here. ``target`` only matters for
-        token-level logits: tokens whose target is the criterion's ``ignore_index`` are left out."""
+        token-level and dense logits: tokens (pixels) whose target is the criterion's ``ignore_index`` are left out,
+        and it tells where the classes are (``class_dim``)."""
         t = self.temperature
-        sub, rows_target = as_rows(sub_logits.float() / t, target)
-        main, _ = as_rows(main_logits.detach().float() / t)
+        dim = class_dim(sub_logits, target)
+        sub, rows_target = as_rows(sub_logits.float() / t, target, dim)
+        main, _ = as_rows(main_logits.detach().float() / t, None, dim)
         if self.teacher == "sigmoid":
             per_class = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main), reduction="none")
             per_row = per_class.sum(-1) if self.summed else per_class.mean(-1)
