@@ -188,6 +188,18 @@ def test_export_loads_into_plain_timm_model(name):
     assert not any("mask_token" in k for k in wrapped.model.state_dict())
 
 
+@pytest.mark.parametrize("name", ["vit", "swin", "resnet"])
+def test_the_wrapper_in_eval_mode_exports_and_traces_as_the_plain_model(name):
+    """torch.export and torch.jit.trace of the wrapper (the README says they work) give the plain model's outputs;
+    its mask hooks and drop-rate switches leave no trace in the graph."""
+    wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).eval()
+    x = tiny_images(name, batch=2)
+    with torch.no_grad():
+        expected = wrapped.model(x)
+        torch.testing.assert_close(torch.export.export(wrapped, (x,)).module()(x), expected)
+        torch.testing.assert_close(torch.jit.trace(wrapped, x)(x), expected)
+
+
 def _groups(optimizer, model) -> dict:
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)]: (g["weight_decay"], g.get("lr_scale")) for g in optimizer.param_groups for p in g["params"]}
