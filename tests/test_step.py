@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 
 import pytest
 import timm
@@ -623,6 +624,27 @@ def test_a_segmentation_model_trains_with_step():
     (0.5 * criterion(main, y) + 0.5 * distill).backward()
     for a, p in zip(got, net.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_the_plain_model_of_a_wrapper_is_refused_until_unwrapped():
+    """``masksub.wrap(model)`` without keeping the wrapper, then ``Step(model, ...)``: it used to train without the
+    sub branch, silently. Refused now, also inside a module of your own; a copy (an EMA model, say) and an unwrapped
+    model train plain."""
+    model = tiny_model("vit")
+    masksub.wrap(model, sub="dropout")
+    gc.collect()  # the wrapper is gone; the model still was given to wrap()
+    opt, criterion = torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match=r"the model was given to masksub.wrap\(sub='dropout'\).*Pass the wrapper"):
+        masksub.Step(model, opt, criterion)
+    holder = torch.nn.Sequential(model)
+    with pytest.raises(ValueError, match=r"^0 was given to masksub.wrap"):
+        masksub.Step(holder, opt, criterion)
+    x, y = tiny_images("vit", batch=4), torch.arange(4)
+    ema = copy.deepcopy(model)
+    assert masksub.Step(ema, torch.optim.SGD(ema.parameters(), lr=0.1), criterion)(x, y)["updated"]
+    wrapped = masksub.wrap(model)
+    wrapped.unwrap()
+    assert masksub.Step(model, opt, criterion)(x, y)["updated"]
 
 
 def test_a_wrapped_model_inside_a_module_of_your_own_is_found_or_named():

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .loss import SubBranchLoss
 from .parallel import all_processes, clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
 from .prepared import inner_optimizer, sub_branch_model, wrapper_scaler
-from .wrapper import check_one_backward
+from .wrapper import check_one_backward, wrapped_inside
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 CLIP_MODES = ("norm", "value", "agc")
@@ -170,6 +170,13 @@ class Step:
         sharded = fsdp1 is not None and isinstance(sync, fsdp1)
         wrapped = self._sub_model = sub_branch_model(model)
         self.has_sub = wrapped is not None
+        if not self.has_sub and (found := wrapped_inside(model)) is not None:
+            name, kind = found
+            raise ValueError(
+                f"{name} was given to masksub.wrap(sub={kind!r}), which returned a wrapper that holds the sub branch, "
+                "and Step got the model without it: it would train without the sub branch. Pass the wrapper "
+                "(model = masksub.wrap(model, ...)), or call the wrapper's unwrap() to train the model plain"
+            )
         if self.has_sub and any(isinstance(m, nn.DataParallel) for m in model.modules()):
             raise ValueError(
                 "nn.DataParallel copies the model onto each GPU at every forward, and the copies do not follow the "

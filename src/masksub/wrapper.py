@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 from contextlib import ExitStack, nullcontext
 
 import torch
@@ -17,6 +18,9 @@ from .masking import check_ratio
 
 SUB_KINDS = ("mask", "dropout", "droppath")
 METHOD_NAMES = {"mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub"}  # as the papers call them
+# The models wrap() was given and not yet unwrapped, with their sub branch's kind: Step, given one of them,
+# would train it without the sub branch (``masksub.wrap(model)`` called without keeping what it returns).
+_WRAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 class SubBranchModel(nn.Module):
@@ -35,6 +39,7 @@ class SubBranchModel(nn.Module):
         self.model = model
         self.branch = branch
         self.sub_bn_stats = sub_bn_stats
+        _WRAPPED[model] = branch.name if branch.name in ("dropout", "droppath") else "mask"
 
     def __getattr__(self, name: str):
         try:
@@ -149,7 +154,14 @@ class SubBranchModel(nn.Module):
     def unwrap(self) -> nn.Module:
         """Take the strategy off the model and return the plain model."""
         self.branch.remove()
+        _WRAPPED.pop(self.model, None)
         return self.model
+
+
+def wrapped_inside(model: nn.Module) -> tuple[str, str] | None:
+    """``(module name, sub-branch kind)`` of a module in ``model`` that ``wrap()`` was given and that was not
+    unwrapped, or None."""
+    return next(((name or "the model", _WRAPPED[m]) for name, m in model.named_modules() if m in _WRAPPED), None)
 
 
 def checkpointing_modules(model: nn.Module) -> list[str]:
