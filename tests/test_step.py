@@ -626,6 +626,24 @@ def test_a_segmentation_model_trains_with_step():
         torch.testing.assert_close(a, p.grad)
 
 
+def test_a_torchvision_segmentation_model_trains_on_its_out_logits():
+    """torchvision's segmentation models return {'out': dense logits}: Step trains on them; with an auxiliary head
+    (aux_loss=True), which no loss would train, the error says how to build the model without it."""
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    net = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    criterion = torch.nn.CrossEntropyLoss()
+    expected = criterion(copy.deepcopy(net).train()(x)["out"], y)
+    wrapped = masksub.wrap(net).train()
+    out = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.01), criterion)(x, y)
+    assert out["logits"].shape == (2, 4, 64, 64) and out["loss_sub"] > 0
+    torch.testing.assert_close(out["loss_main"], expected.detach())
+    with pytest.raises(TypeError, match="'aux' logits .* build it with aux_loss=False"):
+        masksub.step.logits_of({"out": out["logits"], "aux": out["logits"]})
+
+
 def test_the_plain_model_of_a_wrapper_is_refused_until_unwrapped():
     """``masksub.wrap(model)`` without keeping the wrapper, then ``Step(model, ...)``: it used to train without the
     sub branch, silently. Refused now, also inside a module of your own; a copy (an EMA model, say) and an unwrapped

@@ -36,12 +36,17 @@ CLIP_MODES = ("norm", "value", "agc")
 
 
 def logits_of(output):
-    """The logits in a model's output: the tensor itself, or a Hugging Face output's ``logits``."""
+    """The logits in a model's output: the tensor itself, a Hugging Face output's ``logits``, or a torchvision
+    segmentation model's ``out`` (dense logits)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping) and "logits" in output:
         return output["logits"]
     hint = ""
+    if isinstance(output, Mapping) and "out" in output and set(output) <= {"out", "aux"}:  # FCN, DeepLabV3, LRASPP
+        if "aux" not in output:
+            return output["out"]
+        hint = "; its 'aux' logits (an auxiliary head) neither branch's loss would train: build it with aux_loss=False"
     if any(f.startswith("aux_logits") for f in getattr(output, "_fields", ())):  # torchvision Inception3, GoogLeNet
         hint = (
             f"; {type(output).__name__} holds auxiliary logits, which neither branch's loss would train: build "
@@ -49,7 +54,7 @@ def logits_of(output):
         )
     raise TypeError(
         f"the criterion needs logits, and the model returned {type(output).__name__}: return a tensor, or a "
-        f"mapping / Hugging Face ModelOutput with 'logits' (return_dict=True){hint}"
+        f"mapping / Hugging Face ModelOutput with 'logits' (return_dict=True), or torchvision's {{'out': logits}}{hint}"
     )
 
 
