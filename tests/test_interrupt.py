@@ -21,6 +21,16 @@ from masksub.cli import main
 from masksub.train import checkpoint
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, however pytest was started: a job started in the
+    background by a script (or with nohup) ignores SIGINT, and so does the trainer then, and the processes
+    these tests start inherit it."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def signal_on_call(monkeypatch, n: int, signum: int) -> None:
     """The ``n``-th micro-batch sends ``signum`` to this process from inside the step."""
     original, calls = masksub.Step.__call__, [0]
@@ -109,6 +119,18 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
     assert main(cli) == 130
     assert "masksub train: stopped at once by Ctrl-C (files written before are kept)" in capsys.readouterr().err
     assert checkpoint.load(tmp_path / "r" / "last.pt")["position"]["global_step"] == 2  # the step before, whole
+
+
+def test_a_run_that_ignores_sigint_goes_on_ignoring_it(tmp_path, monkeypatch):
+    """A job started in the background (`masksub train &` in a script, nohup) ignores SIGINT: Ctrl-C in the terminal
+    does not stop it. The trainer used to catch it all the same, stop the run, and then ignore a second one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal_on_call(monkeypatch, 3, signal.SIGINT)
+    cli = ["train", *args(TINY, **{"train.output": str(tmp_path), "train.name": "r"})]
+    assert main(cli) == 0
+    position = checkpoint.load(tmp_path / "r" / "last.pt")["position"]
+    assert position["global_step"] == position["batches_per_epoch"] * 2, "trained to the end"
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_sigterm_mid_accumulation_stops_after_the_optimizer_step(tmp_path, monkeypatch):

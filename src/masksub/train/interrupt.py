@@ -8,7 +8,9 @@ on the step to stop at (the flag is all-reduced every ``poll`` steps), since sav
 rank's random state. DataLoader workers (``loader_worker_init``) pass over the first signal: Ctrl-C
 in a terminal and a preempted job signal every process of the job, and a worker that died of it
 would crash the main process before it could save. For the same reason the loops read their loaders
-through ``worker_batches``, which shuts the workers down however the loop ends.
+through ``worker_batches``, which shuts the workers down however the loop ends. A signal the process
+ignores (SIGINT in a job started in the background by a script, or with ``nohup``) stays ignored, as it
+would without this: Ctrl-C in the terminal does not reach such a job.
 """
 
 from __future__ import annotations
@@ -36,8 +38,13 @@ class Interrupted(RuntimeError):
 def loader_worker_init(worker_id: int) -> None:
     """``worker_init_fn`` for DataLoader workers: the first SIGINT or SIGTERM leaves them running (the main
     process stops the run and shuts them down); a second acts as it would have without this."""
-    for signum in SIGNALS:
+    for signum in _handled():
         signal.signal(signum, _pass_over_once)
+
+
+def _handled() -> list[int]:
+    """The signals of ``SIGNALS`` this process does not ignore."""
+    return [s for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
 
 
 def _pass_over_once(signum: int, frame) -> None:
@@ -62,7 +69,8 @@ def worker_batches(loader: Iterable) -> Iterator[Iterator]:
 
 
 class StopRequest:
-    """While active, SIGINT and SIGTERM set :attr:`signum` instead of stopping the process."""
+    """While active, SIGINT and SIGTERM set :attr:`signum` instead of stopping the process (one it ignores
+    stays ignored)."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -70,7 +78,7 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in _handled()}
         return self
 
     def __exit__(self, *exc) -> None:
