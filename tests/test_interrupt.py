@@ -108,8 +108,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, m
     def step(self, x, target=None, **kwargs):
         calls[0] += 1
         if calls[0] == 3:  # Ctrl-C twice in the third step
-            # raise_signal runs the handler before it returns: two os.kill() calls in a row could both be
-            # delivered (to another thread, under load) before the handler ran, and count as one
+            # raise_signal runs the handler in this thread before it returns: each Ctrl-C is handled in turn
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
         return original(self, x, target, **kwargs)

@@ -342,7 +342,7 @@ class Step:
         x, target = split_labels(x, target)
         if self.has_sub and not self._warned_eval and not self._sub_model.training:
             self._warned_eval = True
-            warnings.warn(_EVAL_MODE[self._sub_model.branch.name in ("dropout", "droppath")], stacklevel=3)
+            warnings.warn(_EVAL_MODE[self._sub_model.sub_kind != "mask"], stacklevel=3)
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self._micro += 1

@@ -39,7 +39,7 @@ class SubBranchModel(nn.Module):
         self.model = model
         self.branch = branch
         self.sub_bn_stats = sub_bn_stats
-        _WRAPPED[model] = branch.name if branch.name in ("dropout", "droppath") else "mask"
+        _WRAPPED[model] = self.sub_kind
 
     def __getattr__(self, name: str):
         try:
@@ -53,6 +53,12 @@ class SubBranchModel(nn.Module):
                 f"'{type(self).__name__}' object has no attribute {name!r}; the wrapped model has it: "
                 f"use .model.{name} (the wrapper's .model is the plain {type(model).__name__})"
             ) from None
+
+    @property
+    def sub_kind(self) -> str:
+        """``"mask"``, ``"dropout"`` or ``"droppath"``: what ``wrap``'s ``sub`` was (mask branches are named by
+        their adapter)."""
+        return self.branch.name if self.branch.name in SUB_KINDS else "mask"
 
     @property
     def ratio(self) -> float:
