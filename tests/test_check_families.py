@@ -46,12 +46,12 @@ def test_text_architectures_pass_mask_and_dropout(tmp_path):
     assert "transformers" in (tmp_path / "text.md").read_text().splitlines()[0]
 
 
-def test_vision_architectures_drop_tokens_or_mask_pixels(tmp_path):
+def test_vision_architectures_drop_tokens_or_get_a_mask_token(tmp_path):
     proc = _run("--vision", "--families", "dinov2", "swin", "--out", str(tmp_path / "vision"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["family"]: r for r in json.loads((tmp_path / "vision.json").read_text())["rows"]}
     assert rows["dinov2"]["mask"] == "ok (hf_vit)", rows["dinov2"]  # token dropping
-    assert rows["swin"]["mask"] == "ok (pixels)", rows["swin"]  # windows need the full grid
+    assert rows["swin"]["mask"] == "ok (hf_masktoken)", rows["swin"]  # windows need the full grid
     for row in rows.values():
         assert row["dropout"] == row["droppath"] == "ok", row
     assert (

@@ -229,8 +229,14 @@ def test_a_custom_loss_function_and_a_batch_without_labels_are_refused(tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "memory_saving,find_unused,model,static",
-    [("1", "none", "bert", ""), ("0", "0", "bert", ""), ("1", "none", "vit", ""), ("1", "none", "bert", "static")],
-    ids=["two-backwards", "summed", "hf-vit", "static-graph"],
+    [
+        ("1", "none", "bert", ""),
+        ("0", "0", "bert", ""),
+        ("1", "none", "vit", ""),
+        ("1", "none", "swin", ""),
+        ("1", "none", "bert", "static"),
+    ],
+    ids=["two-backwards", "summed", "hf-vit", "hf-swin-mask-token", "static-graph"],
 )
 def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, find_unused, model, static):
     """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces. With

@@ -127,15 +127,133 @@ def test_hf_vit_sub_pass_costs_about_half_at_ratio_half():
     assert 0.45 < flops[1] / flops[0] < 0.6  # 32 of 64 patches; the patch embedding still sees every pixel
 
 
-def test_hf_vision_models_that_need_the_full_grid_get_the_pixel_adapter():
+def test_hf_vision_models_that_need_the_full_grid_get_a_mask_token_or_masked_pixels():
     torch.manual_seed(0)
     beit = transformers.BeitForImageClassification(transformers.BeitConfig(**TINY_VIT, use_relative_position_bias=True))
-    assert masksub.wrap(beit, unit=8).branch.name == "pixels"
+    assert masksub.wrap(beit, unit=8).branch.name == "hf_masktoken"
     mim = transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**TINY_VIT))  # reads the token grid back
     assert masksub.wrap(mim, unit=8).branch.name == "pixels"
     # A token-dropping adapter ignores the block size (the argument of a loop over many models) and says what it drops.
     vit = masksub.wrap(_hf_vision(*HF_VITS[0][:3]), unit=8).branch
     assert (vit.name, vit.unit, vit.masked_unit()) == ("hf_vit", None, "4x4-pixel patch tokens")
+
+
+TINY_SWIN = dict(
+    image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=3
+)
+# Hugging Face classifiers whose embeddings have a mask-token slot (bool_masked_pos) and whose blocks need the grid
+HF_GRID = [
+    ("SwinForImageClassification", "SwinConfig", TINY_SWIN),
+    ("Swinv2ForImageClassification", "Swinv2Config", TINY_SWIN),
+    ("BeitForImageClassification", "BeitConfig", {**TINY_VIT, "use_relative_position_bias": True}),
+    ("Data2VecVisionForImageClassification", "Data2VecVisionConfig", TINY_VIT),
+    ("FocalNetForImageClassification", "FocalNetConfig", {**TINY_SWIN, "depths": [1, 1], "num_heads": None}),
+]
+
+
+def _hf_grid(name, config, kw):
+    torch.manual_seed(0)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return getattr(transformers, name)(getattr(transformers, config)(**kw)).train()
+
+
+@pytest.mark.parametrize("name,config,kw", HF_GRID, ids=[c[0] for c in HF_GRID])
+def test_hf_mask_token_masks_exactly_num_masked_blocks_which_carry_nothing_of_the_image(name, config, kw):
+    """The embeddings get bool_masked_pos of whole 8-pixel blocks (2x2 tokens), exactly num_masked of the 16 per
+    image at every ratio; a masked token's embedding is the same for any image (the mask token, plus the
+    position embedding), a kept one is the image's; eval is the plain model; unwrap leaves the plain state dict."""
+    from masksub.masking import num_masked
+
+    model = _hf_grid(name, config, kw)
+    plain = copy.deepcopy(model)
+    wrapped = masksub.wrap(model, ratio=0.5, unit=8)
+    branch, embeddings = wrapped.branch, wrapped.branch._embed_ref[0]
+    assert branch.name == "hf_masktoken" and branch.masked_unit() == "8x8-pixel blocks"
+    base = name.removesuffix("ForImageClassification").lower().replace("data2vecvision", "data2vec_vision")
+    assert set(model.state_dict()) - set(plain.state_dict()) == {f"{base}.embeddings.mask_token"}
+    assert wrapped.added_parameter_names() == [f"{base}.embeddings.mask_token"]
+    masks, outs = [], []
+
+    def record(module, args, kwargs, out):
+        masks.append(kwargs.get("bool_masked_pos"))
+        outs.append(out[0] if isinstance(out, tuple) else out)
+
+    embeddings.register_forward_hook(record, with_kwargs=True)
+    x, other = torch.rand(2, 4, 3, 32, 32)
+    model.eval(), plain.eval()  # no dropout: outputs compare exactly
+    torch.testing.assert_close(wrapped(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=0, atol=0)
+    assert masks[-1] is None
+    for ratio in (0.1, 0.25, 0.5, 0.75, 0.9):
+        wrapped.ratio = ratio
+        torch.manual_seed(1)
+        wrapped(pixel_values=x, sub=True)
+        torch.manual_seed(1)
+        wrapped(pixel_values=other, sub=True)
+        mask = masks[-1]
+        assert torch.equal(mask, masks[-2]) and mask.shape == (4, 64)
+        blocks = mask.view(4, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(4, 16, 4)
+        assert (blocks.all(-1) | ~blocks.any(-1)).all(), "whole 8-pixel blocks"
+        assert (blocks.all(-1).sum(1) == num_masked(16, ratio)).all()
+        a, b = (out[:, -64:] for out in outs[-2:])  # the patch tokens (BEiT's class token comes first)
+        assert torch.equal(a[mask], b[mask]) and not torch.isclose(a[~mask], b[~mask]).all(-1).any()
+    assert wrapped(pixel_values=x, sub=True).logits.shape == (4, 3)
+    wrapped.unwrap()
+    assert set(model.state_dict()) == set(plain.state_dict())
+    getattr(transformers, name)(model.config).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_hf_mask_token_trains_in_step_which_refuses_an_optimizer_made_before_wrap():
+    import timm.optim
+
+    model = _hf_grid(*HF_GRID[0])
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = masksub.wrap(model, unit=8)
+    with pytest.raises(ValueError, match=r"\['model.swin.embeddings.mask_token'\].*after wrap"):
+        masksub.Step(wrapped, early, torch.nn.CrossEntropyLoss())
+    token = model.swin.embeddings.mask_token
+    before = token.detach().clone()
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    step({"pixel_values": torch.rand(2, 3, 32, 32), "labels": torch.tensor([0, 2])})
+    assert not torch.equal(token, before)
+    # timm's optimizer factory keeps the token out of weight decay, as it keeps timm's 1-D mask tokens
+    groups = timm.optim.create_optimizer_v2(wrapped, "adamw", weight_decay=0.05).param_groups
+    assert [g["weight_decay"] for g in groups if any(p is token for p in g["params"])] == [0.0]
+
+
+def test_trainer_holds_the_hf_mask_token_out_of_weight_decay_and_checkpoints_it(tmp_path):
+    from safetensors.torch import load_file
+
+    """The Trainer's optimizer trains the token (no weight decay), its checkpoint holds it, resuming restores it;
+    a model_init model gets it before the optimizer is made."""
+    data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
+    args = _args(tmp_path, learning_rate=1e-2, weight_decay=0.1, max_steps=2, save_strategy="steps", save_steps=1)
+    model = _hf_grid(*HF_GRID[0])
+    trainer = MaskSubTrainer(model=model, args=args, train_dataset=Rows(data), mask_options={"unit": 8})
+    token = model.swin.embeddings.mask_token
+    before = token.detach().clone()
+    trainer.train()
+    assert not torch.equal(token, before)
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert decay[id(token)] == 0.0 and 0.1 in decay.values()
+    saved = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
+    assert "swin.embeddings.mask_token" in saved and not torch.equal(saved["swin.embeddings.mask_token"], before)
+    resumed = _hf_grid(*HF_GRID[0])
+    again = MaskSubTrainer(model=resumed, args=args, train_dataset=Rows(data), mask_options={"unit": 8})
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    torch.testing.assert_close(resumed.swin.embeddings.mask_token, token, rtol=0, atol=0)
+
+    built = []
+    init = MaskSubTrainer(
+        model_init=lambda: built.append(_hf_grid(*HF_GRID[0])) or built[-1],
+        args=_args(tmp_path / "init", learning_rate=1e-2, max_steps=1),
+        train_dataset=Rows(data),
+        mask_options={"unit": 8},
+    )
+    init.train()
+    token = built[-1].swin.embeddings.mask_token
+    state = getattr(init.optimizer, "optimizer", init.optimizer).state[token]  # AdamW's: stepped with a gradient
+    assert state["exp_avg"].abs().sum() > 0
+    assert built[0].swin.embeddings.mask_token is None  # unwrapped: the first model is plain again
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,11 @@ about the plain Trainer's. Everything else is the Trainer's own: gradient accumu
 precision, DDP/FSDP through accelerate, logging (plus ``loss_main`` and ``loss_sub``), checkpoints.
 Where a second backward cannot work (DeepSpeed steps inside its backward; LOMO updates there; DDP's
 static graph) it returns the summed loss for one backward instead: same gradients, both graphs alive together.
-Evaluation and prediction use the plain model and its own loss; nothing is added to the model,
-so ``save_model`` writes a checkpoint that ``from_pretrained`` loads as usual.
+Evaluation and prediction use the plain model and its own loss. Nothing is added to the model, except
+for Swin, SwinV2, BEiT, Data2VecVision and FocalNet classifiers with ``sub="mask"``: a mask token in
+the slot their embeddings have for one (``swin.embeddings.mask_token``), which the Trainer's optimizer,
+DDP and checkpoints then hold; ``from_pretrained`` of the classifier leaves it out of the saved
+model (its load report lists it as unused).
 
 Needs ``transformers`` (``pip install 'masksub[text]'``).
 """
@@ -35,8 +38,8 @@ class MaskSubTrainer(transformers.Trainer):
     """``transformers.Trainer`` plus a sub branch, for sequence (or image, or token) classification.
 
     Args (besides the Trainer's own, all passed through):
-        sub: ``"mask"`` (text models: masked tokens; vision models such as ``ViTForImageClassification``:
-            masked pixel blocks), ``"dropout"`` or ``"droppath"``.
+        sub: ``"mask"`` (text models: masked tokens; vision models: dropped patch tokens for ViT and kin, the
+            mask token for Swin, BEiT and kin, masked pixel blocks for CNNs), ``"dropout"`` or ``"droppath"``.
         ratio: fraction of each sample's tokens masked, or the sub branch's drop probability.
         mask_options: options of the mask adapter (``mode``, ``mask_token_id``, ``special_ids``);
             by default the mask token and special tokens come from ``processing_class``.
@@ -114,6 +117,23 @@ class MaskSubTrainer(transformers.Trainer):
                 f"the {self.sub_branch.name!r} sub branch has parameters the Trainer's optimizer would not hold; "
                 "use masksub.Step in your own loop for it"
             )
+
+    def call_model_init(self, trial=None):
+        """A model that ``model_init`` builds at ``train()`` gets the sub branch at once, before the Trainer makes
+        its optimizer and DDP: a mask token that the branch puts into the model must be among their parameters."""
+        model = super().call_model_init(trial)
+        if hasattr(self, "_wrapped"):  # not the call in Trainer.__init__, before the first wrap
+            ratio = self._wrapped.ratio
+            self._wrapped.unwrap()
+            self._wrap(model, ratio)
+        return model
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The Trainer's weight-decay names less the mask token the sub branch put into the model (a Swin's, a
+        BEiT's): a learned input, not a weight, and kept out of weight decay as timm's optimizers keep it."""
+        added = {id(p) for p in getattr(self.sub_branch, "added_parameters", list)()}
+        names = set(super().get_decay_parameter_names(model))
+        return [n for n, p in model.named_parameters() if n in names and id(p) not in added]
 
     def _branch_on_current_model(self):
         """The sub branch on the model being trained: with ``model_init`` the Trainer builds a new model at each

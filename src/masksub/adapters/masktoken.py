@@ -45,6 +45,19 @@ def _embed_patch_size(embed: nn.Module) -> tuple[int, int] | None:
     return None if patch is None else tuple(to_2tuple(patch))
 
 
+def tokens_per_unit(patch_size: tuple[int, int], unit: int) -> tuple[int, int]:
+    """The tokens one ``unit``-pixel mask block covers along height and width, or an error naming a unit that
+    fits the patch size."""
+    ph, pw = patch_size
+    if unit % ph or unit % pw:
+        step = math.lcm(ph, pw)
+        raise ValueError(
+            f"mask unit {unit} px is not a multiple of the patch size {ph}x{pw}; "
+            f"use a unit such as {step * max(1, 32 // step)}"
+        )
+    return unit // ph, unit // pw
+
+
 def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
     """Run the patch embedding on a blank image and read its output layout and width."""
     embed = _patch_embedding(model)
@@ -124,14 +137,7 @@ class MaskTokenAdapter(MaskAdapter):
     @property
     def unit_tokens(self) -> tuple[int, int]:
         """A mask unit's tokens along height and width."""
-        (ph, pw), unit = self.patch_size, self.unit
-        if unit % ph or unit % pw:
-            step = math.lcm(ph, pw)
-            raise ValueError(
-                f"mask unit {unit} px is not a multiple of the patch size {ph}x{pw}; "
-                f"use a unit such as {step * max(1, 32 // step)}"
-            )
-        return unit // ph, unit // pw
+        return tokens_per_unit(self.patch_size, self.unit)
 
     def _mask_hook(self, module: nn.Module, args: tuple, x: torch.Tensor):
         if not self._active:

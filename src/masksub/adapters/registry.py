@@ -53,6 +53,11 @@ class MaskAdapter(nn.Module):
     def remove(self) -> None:
         """Undo whatever the adapter did to the model (hooks, inserted modules)."""
 
+    def added_parameters(self) -> list[nn.Parameter]:
+        """Parameters the adapter put into the model itself (not into its own ``.branch``): a mask token in a
+        slot the model has for one. They train with the model and leave it at ``remove()``."""
+        return []
+
     def masked_unit(self) -> str:
         """What one masked element is, for logs: ``unit``-pixel blocks, or the model's patch tokens or tokens."""
         if self.unit is not None:
