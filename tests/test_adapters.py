@@ -225,6 +225,21 @@ def test_image_not_divisible_by_unit():
         wrapped(tiny_images("swin", batch=2), sub=True)
 
 
+@pytest.mark.parametrize("name,size", [("resnet", (28, 28)), ("resnet", (32, 32)), ("swin", (32, 32))])
+def test_an_image_of_one_mask_unit_is_refused_not_left_unmasked(name, size):
+    """CIFAR's 32 px or Fashion-MNIST's 28 px with the default 32-pixel unit: one block, which every sample keeps,
+    so the sub pass was the main pass, silently. It is refused, naming a smaller unit; with that unit, it masks."""
+    overrides = {"img_size": size} if name == "swin" else {}
+    x = torch.rand(2, 3, *size) + 0.5
+    wrapped = masksub.wrap(tiny_model(name, **overrides), ratio=0.5).eval()
+    with pytest.raises(ValueError, match=r"holds 1 mask unit of 32 pixels.*masks none.*unit=16"):
+        wrapped(x, sub=True)
+    wrapped.ratio = 0.0  # a schedule that starts at 0 masks nothing by choice
+    assert torch.equal(wrapped(x, sub=True), wrapped(x))
+    wrapped = masksub.wrap(tiny_model(name, **overrides), ratio=0.5, unit=16).eval()
+    assert not torch.equal(wrapped(x, sub=True), wrapped(x))
+
+
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_pixel_blocks_that_do_not_tile_the_image_are_cut_at_its_edges(ratio):
     """Inception's 299 px or EfficientNet-B3's 300 px are no multiple of 32: the sub pass refused them. Now the

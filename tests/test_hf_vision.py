@@ -215,6 +215,8 @@ def test_hf_mask_token_trains_in_step_which_refuses_an_optimizer_made_before_wra
     step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
     step({"pixel_values": torch.rand(2, 3, 32, 32), "labels": torch.tensor([0, 2])})
     assert not torch.equal(token, before)
+    with pytest.raises(ValueError, match="holds 1 mask unit of 32 pixels"):  # the default unit on 32-pixel images
+        masksub.wrap(_hf_grid(*HF_GRID[2]))(pixel_values=torch.rand(1, 3, 32, 32), sub=True)
     # timm's optimizer factory keeps the token out of weight decay, as it keeps timm's 1-D mask tokens
     groups = timm.optim.create_optimizer_v2(wrapped, "adamw", weight_decay=0.05).param_groups
     assert [g["weight_decay"] for g in groups if any(p is token for p in g["params"])] == [0.0]

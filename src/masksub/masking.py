@@ -80,6 +80,19 @@ def unit_grid(height: int, width: int, unit: int, what: str) -> tuple[int, int]:
     return height // unit, width // unit
 
 
+def check_masks_some(grid: tuple[int, int], ratio: float, unit: int, size: tuple[int, int], what: str) -> None:
+    """A clear error where ``ratio`` of a grid of ``unit``-pixel blocks masks no block: a one-block grid (a 32-pixel
+    image and the default 32-pixel unit) keeps its one block, and the sub branch would be the main branch."""
+    n = grid[0] * grid[1]
+    if ratio > 0 and num_masked(n, ratio) == 0:
+        raise ValueError(
+            f"{what}: a {size[0]}x{size[1]} image holds {n} mask unit{'s' * (n != 1)} of {unit} pixels, and ratio "
+            f"{ratio} masks none of {'them' if n != 1 else 'it'} (a sample keeps at least one unit), so the sub branch "
+            f"would equal the main branch; use a smaller unit (wrap(..., unit={max(1, unit // 2)}), the trainer's "
+            "sub.unit)"
+        )
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` (B, K) of each sample's tokens ``x`` (B, N, D) -> (B, K, D)."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -23,7 +23,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..masking import random_unit_mask, unit_grid, upsample_mask
+from ..masking import check_masks_some, random_unit_mask, unit_grid, upsample_mask
 from .masktoken import tokens_per_unit
 from .registry import MaskAdapter, check_images, register_adapter
 
@@ -89,6 +89,7 @@ class HFMaskTokenAdapter(MaskAdapter):
         x = kwargs.get("pixel_values", args[0] if args else None)
         check_images(x, self.name)
         self._grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
+        check_masks_some(self._grid, self.ratio, self.unit, tuple(x.shape[-2:]), f"{self.name} adapter")
         self._unit_tokens = tokens_per_unit(self.patch_size, self.unit)  # read once per pass, outside the hook
         return self.run_with_hooks_active(model, *args, **kwargs)
 

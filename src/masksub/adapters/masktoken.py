@@ -21,7 +21,7 @@ import torch
 from timm.layers import to_2tuple
 from torch import nn
 
-from ..masking import random_unit_mask, unit_grid, upsample_mask
+from ..masking import check_masks_some, random_unit_mask, unit_grid, upsample_mask
 from .registry import MaskAdapter, check_images, register_adapter
 
 
@@ -157,7 +157,8 @@ class MaskTokenAdapter(MaskAdapter):
     def forward(self, model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
         check_images(x, self.name)
         height, width = x.shape[-2:]
-        unit_grid(height, width, self.unit, f"{self.name} adapter")
+        grid = unit_grid(height, width, self.unit, f"{self.name} adapter")
+        check_masks_some(grid, self.ratio, self.unit, (height, width), f"{self.name} adapter")
         self._unit_tokens = self.unit_tokens  # read once per pass, outside the hook
         self._nlc_grid = (height // self.patch_size[0], width // self.patch_size[1])  # NLC hides the grid
         return self.run_with_hooks_active(model, x, **kwargs)  # the full grid: the model's keywords still fit

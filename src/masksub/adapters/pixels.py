@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..masking import random_unit_mask, upsample_mask
+from ..masking import check_masks_some, random_unit_mask, upsample_mask
 from .registry import MaskAdapter, check_images, register_adapter
 
 
@@ -33,6 +33,7 @@ class PixelMaskAdapter(MaskAdapter):
         height, width = x.shape[-2:]
         unit = self.unit  # the grid rounds up: edge blocks are cut to the image (positive sizes: dynamic shapes)
         grid = ((height + unit - 1) // unit, (width + unit - 1) // unit)
+        check_masks_some(grid, self.ratio, unit, (height, width), f"{self.name} adapter")
         mask = upsample_mask(random_unit_mask(x.shape[0], grid, self.ratio, x.device), unit)
         mask = mask[:, :height, :width]  # (B, H, W)
         x = torch.where(mask.unsqueeze(1), 0.0, x)  # keeps x's memory format: masked_fill made channels-last NCHW
