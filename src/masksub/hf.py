@@ -15,7 +15,7 @@ Evaluation and prediction use the plain model and its own loss. Nothing is added
 for Swin, SwinV2, BEiT, Data2VecVision and FocalNet classifiers with ``sub="mask"``: a mask token in
 the slot their embeddings have for one (``swin.embeddings.mask_token``), which the Trainer's optimizer,
 DDP and checkpoints then hold; ``from_pretrained`` of the classifier leaves it out of the saved
-model (its load report lists it as unused).
+model (its load report lists it as unexpected); ``SwinForMaskedImageModeling`` and kin load it.
 
 Needs ``transformers`` (``pip install 'masksub[text]'``).
 """
