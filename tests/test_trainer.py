@@ -1228,6 +1228,8 @@ def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
     elif recipe.startswith("swin"):
         out["model.kwargs"] = {"img_size": 64, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}
         out.update({"data.img_size": 64, "sub.unit": 16})
+    elif recipe.startswith("rsb"):  # 32-pixel images: the recipes' 32-pixel unit would be one block, none masked
+        out["sub.unit"] = 8
     return out
 
 
