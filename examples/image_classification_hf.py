@@ -8,7 +8,9 @@
 The data is Fashion-MNIST from its IDX files (``masksub.data``; Debian's ``dataset-fashion-mnist``).
 Without ``--model`` the classifier is a ViT built from a configuration (28 px, patch 4, 4 layers
 96 wide), whose sub branch drops patch tokens (the ``hf_vit`` adapter). With ``--model`` the images
-are resized to ``--image-size`` and repeated to the model's channels.
+are resized to ``--image-size`` and repeated to the model's channels. Models masked in blocks of pixels
+(Swin, BEiT, CNNs) need a ``--unit`` that leaves more than one block per image: 32 (the default) at
+224 px, 8 at 32 px.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--test-images", type=int, help="evaluate on the first N test images (default: all 10,000)")
     p.add_argument("--sub", default="mask", choices=["mask", "dropout", "none"])
     p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument(
+        "--unit", type=int, help="mask block in pixels for models masked in blocks (Swin, CNNs; default: 32)"
+    )
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -43,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/image_classification_hf")
-    return check_args(p, p.parse_args(argv), ("image_size", "train_images", "test_images", "batch_size"))
+    return check_args(p, p.parse_args(argv), ("image_size", "train_images", "test_images", "batch_size", "unit"))
 
 
 class FashionMNIST(torch.utils.data.Dataset):
@@ -117,7 +122,8 @@ def main(argv=None) -> dict:
     if args.sub == "none":
         trainer = transformers.Trainer(**common)
     else:
-        trainer = MaskSubTrainer(**common, sub=args.sub, ratio=args.ratio)
+        options = {"unit": args.unit} if args.sub == "mask" and args.unit else {}
+        trainer = MaskSubTrainer(**common, sub=args.sub, ratio=args.ratio, mask_options=options)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

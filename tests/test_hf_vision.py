@@ -369,6 +369,13 @@ def test_image_classification_example_resizes_for_a_local_checkpoint(tmp_path):
     argv = ["--model", str(tmp_path / "vit"), "--image-size", "32", "--train-images", "64", "--test-images", "32"]
     summary = example.main([*argv, "--max-steps", "1", "--out", str(tmp_path / "run")])
     assert summary["adapter"] == "hf_vit" and 0.0 <= summary["eval_accuracy"] <= 1.0
+    # a Swin at 32 px: one 32-pixel block per image, which masks nothing and is refused; --unit 8 masks 8-pixel blocks
+    _hf_grid(*HF_GRID[0]).save_pretrained(tmp_path / "swin")
+    argv = [*argv[2:], "--model", str(tmp_path / "swin"), "--max-steps", "1", "--out", str(tmp_path / "swin_run")]
+    with pytest.raises(ValueError, match="holds 1 mask unit of 32 pixels"):
+        example.main(argv)
+    summary = example.main([*argv, "--unit", "8"])
+    assert summary["adapter"] == "hf_masktoken" and 0.0 <= summary["eval_accuracy"] <= 1.0
 
 
 @pytest.mark.skipif(torch.__version__ < (2, 6), reason="dynamo before torch 2.6 breaks graphs at transformers' outputs")

@@ -88,8 +88,8 @@ def check_masks_some(grid: tuple[int, int], ratio: float, unit: int, size: tuple
         raise ValueError(
             f"{what}: a {size[0]}x{size[1]} image holds {n} mask unit{'s' * (n != 1)} of {unit} pixels, and ratio "
             f"{ratio} masks none of {'them' if n != 1 else 'it'} (a sample keeps at least one unit), so the sub branch "
-            f"would equal the main branch; use a smaller unit (wrap(..., unit={max(1, unit // 2)}), the trainer's "
-            "sub.unit)"
+            f"would equal the main branch; use a smaller unit, {max(1, unit // 2)} say (wrap's unit=, MaskSubTrainer's "
+            "mask_options={'unit': ...}, masksub train's --sub.unit)"
         )
 
 
