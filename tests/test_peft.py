@@ -100,3 +100,24 @@ def test_trainer_on_a_lora_hf_vit_trains_and_saves_the_adapter_only(tmp_path):
     x = torch.rand(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
+
+
+def test_trainer_on_a_lora_hf_swin_trains_its_mask_token_with_the_lora_weights(tmp_path):
+    """The mask token of a Hugging Face Swin sits in the base model, out of PEFT's frozen weights: it trains."""
+    from test_hf_vision import HF_GRID, _hf_grid
+
+    model = _lora(_hf_grid(*HF_GRID[0]), ["q_proj", "v_proj"], modules_to_save=["classifier"])
+    data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
+    trainer = MaskSubTrainer(
+        model=model,
+        args=_args(tmp_path, learning_rate=1e-2, max_steps=2),
+        train_dataset=Rows(data),
+        mask_options={"unit": 8},
+    )
+    assert trainer.sub_branch.name == "hf_masktoken"
+    token = model.base_model.model.swin.embeddings.mask_token
+    before = token.detach().clone()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    assert token.requires_grad and not torch.equal(token, before)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
