@@ -223,10 +223,10 @@ def test_hf_mask_token_trains_in_step_which_refuses_an_optimizer_made_before_wra
 
 
 def test_trainer_holds_the_hf_mask_token_out_of_weight_decay_and_checkpoints_it(tmp_path):
-    from safetensors.torch import load_file
-
     """The Trainer's optimizer trains the token (no weight decay), its checkpoint holds it, resuming restores it;
     a model_init model gets it before the optimizer is made."""
+    from safetensors.torch import load_file
+
     data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
     args = _args(tmp_path, learning_rate=1e-2, weight_decay=0.1, max_steps=2, save_strategy="steps", save_steps=1)
     model = _hf_grid(*HF_GRID[0])
