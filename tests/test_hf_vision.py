@@ -331,13 +331,20 @@ def test_timm_wrapper_mask_token_trains_in_step_and_is_refused_by_the_trainer(tm
     step({"pixel_values": torch.rand(2, 3, 64, 64), "labels": torch.tensor([0, 2])})
     assert wrapped.branch.inner.mask_token.grad.abs().sum() > 0
     data = {"pixel_values": torch.rand(4, 3, 64, 64), "labels": torch.arange(4) % 3}
-    with pytest.raises(ValueError, match="sub branch has parameters .* use masksub.Step"):
+    with pytest.raises(ValueError, match="sub branch has parameters .* use masksub.Step.*'adapter': 'pixels'"):
         MaskSubTrainer(
             model=_timm_wrapper("swin_tiny_patch4_window7_224", **swin),
             args=_args(tmp_path),
             train_dataset=Rows(data),
             mask_options={"unit": 16},
         )
+    trainer = MaskSubTrainer(  # the fix the error names
+        model=_timm_wrapper("swin_tiny_patch4_window7_224", **swin),
+        args=_args(tmp_path),
+        train_dataset=Rows(data),
+        mask_options={"unit": 16, "adapter": "pixels"},
+    )
+    assert trainer.sub_branch.name == "pixels"
 
 
 def test_trainer_on_a_timm_wrapper_vit(tmp_path):

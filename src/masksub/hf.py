@@ -115,7 +115,8 @@ class MaskSubTrainer(transformers.Trainer):
         if any(True for _ in self.sub_branch.parameters()):
             raise ValueError(
                 f"the {self.sub_branch.name!r} sub branch has parameters the Trainer's optimizer would not hold; "
-                "use masksub.Step in your own loop for it"
+                "use masksub.Step in your own loop for it, or mask input pixels, which needs none: "
+                "mask_options={'adapter': 'pixels'}"
             )
 
     def call_model_init(self, trial=None):
