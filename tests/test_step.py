@@ -746,3 +746,16 @@ def test_an_output_without_logits_is_refused_by_name_and_auxiliary_logits_get_th
         with pytest.raises(TypeError, match="the model returned " + ("InceptionOutputs" if aux else "tuple")) as info:
             step(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
         assert (hint in str(info.value)) if hint else "aux_logits" not in str(info.value)
+
+
+def test_a_distilled_deit_in_distilled_training_gets_the_fix_named():
+    """timm's distilled DeiT returns (class, distillation) logits after set_distilled_training(True)."""
+    net = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    net.set_distilled_training(True)
+    model = masksub.wrap(net).train()
+    step = masksub.Step(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match=r"returned tuple.*set_distilled_training\(True\).*turn it off"):
+        step(x, y)
+    net.set_distilled_training(False)
+    assert step(x, y)["updated"]

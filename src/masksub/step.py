@@ -47,6 +47,12 @@ def logits_of(output):
         if "aux" not in output:
             return output["out"]
         hint = "; its 'aux' logits (an auxiliary head) neither branch's loss would train: build it with aux_loss=False"
+    if type(output) is tuple and len(output) == 2 and all(isinstance(t, torch.Tensor) for t in output):
+        hint = (
+            "; a pair of logits is what timm's distilled models (deit_*_distilled_*) return after "
+            "set_distilled_training(True), for a teacher's hard distillation: turn it off, and both heads' mean is "
+            "the logits the sub branch learns from"
+        )
     if any(f.startswith("aux_logits") for f in getattr(output, "_fields", ())):  # torchvision Inception3, GoogLeNet
         hint = (
             f"; {type(output).__name__} holds auxiliary logits, which neither branch's loss would train: build "
