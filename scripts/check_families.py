@@ -234,8 +234,8 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
         run(wrapped, sub=True).float().square().mean().backward()
         bad = [n for n, p in wrapped.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
         assert not bad, f"non-finite gradients in {bad[0]}"
-        params = dict(wrapped.model.named_parameters())  # the branch's, and a mask token it put into the model
-        for name, p in [*wrapped.branch.named_parameters(), *((n, params[n]) for n in wrapped.added_parameter_names())]:
+        # the branch's parameters, and a mask token it put into the model
+        for name, p in [*wrapped.branch.named_parameters(), *wrapped.named_added_parameters().items()]:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
         if kind != "mask" and sensitive:  # the raised rate must reach the computation
             if all(v == wrapped.ratio for v in values_of(wrapped.branch._sites)):  # VGG's, AlexNet's dropout: 0.5

@@ -52,8 +52,8 @@ if __name__ == "__main__":
         mask_options=mask_options,
         memory_saving=None if static else memory_saving,
     )
-    token = getattr(getattr(model, "swin", None), "embeddings", None)  # Swin: the mask token wrap() made
-    token = None if token is None else token.mask_token.detach().clone()
+    if sys.argv[4] == "swin":  # the mask token wrap() made, before training
+        token = model.swin.embeddings.mask_token.detach().clone()
     trainer.train()
     result = {"world": dist.get_world_size(), "rounds": trainer.count.rounds, "steps": trainer.state.global_step}
     assert trainer.memory_saving is (memory_saving and not static)

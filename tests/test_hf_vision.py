@@ -171,7 +171,7 @@ def test_hf_mask_token_masks_exactly_num_masked_blocks_which_carry_nothing_of_th
     assert branch.name == "hf_masktoken" and branch.masked_unit() == "8x8-pixel blocks"
     base = name.removesuffix("ForImageClassification").lower().replace("data2vecvision", "data2vec_vision")
     assert set(model.state_dict()) - set(plain.state_dict()) == {f"{base}.embeddings.mask_token"}
-    assert wrapped.added_parameter_names() == [f"{base}.embeddings.mask_token"]
+    assert list(wrapped.named_added_parameters()) == [f"{base}.embeddings.mask_token"]
     masks, outs = [], []
 
     def record(module, args, kwargs, out):

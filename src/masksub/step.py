@@ -214,8 +214,7 @@ class Step:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             branch = wrapped.branch
             missing = [f"branch.{n}" for n, p in branch.named_parameters() if p.requires_grad and id(p) not in held]
-            params = dict(wrapped.model.named_parameters())
-            missing += [f"model.{n}" for n in wrapped.added_parameter_names() if id(params[n]) not in held]
+            missing += [f"model.{n}" for n, p in wrapped.named_added_parameters().items() if id(p) not in held]
             if missing:
                 raise ValueError(
                     f"the optimizer does not hold the sub branch's parameters {missing} (made by masksub.wrap): "

@@ -111,12 +111,12 @@ class SubBranchModel(nn.Module):
             return base, "model."
         return base, "model." + next(name for name, m in self.model.named_modules() if m is base) + "."
 
-    def added_parameter_names(self) -> list[str]:
-        """Names, in ``.model``, of the parameters the sub branch put into the model (a Hugging Face Swin's
+    def named_added_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters the sub branch put into the model, by their names in ``.model`` (a Hugging Face Swin's
         ``swin.embeddings.mask_token``, in a slot the model has for one); usually none."""
         added = getattr(self.branch, "added_parameters", None)
         ids = {id(p) for p in added()} if callable(added) else set()
-        return [name for name, p in self.model.named_parameters() if id(p) in ids]
+        return {name: p for name, p in self.model.named_parameters() if id(p) in ids}
 
     def no_weight_decay(self) -> set[str]:
         """The model's no-weight-decay names, as the wrapper names them (``model.`` + name), and a mask token
@@ -124,7 +124,7 @@ class SubBranchModel(nn.Module):
         base, prefix = self._base()
         inner = getattr(base, "no_weight_decay", None)
         names = {prefix + name for name in (inner() if callable(inner) else ())}
-        return names | {"model." + name for name in self.added_parameter_names()}
+        return names | {"model." + name for name in self.named_added_parameters()}
 
     def group_matcher(self, coarse: bool = False):
         """The model's layer groups (timm's layer-wise lr decay) for the wrapper's names; the sub branch's own

@@ -55,7 +55,7 @@ class HFMaskTokenAdapter(MaskAdapter):
         conv = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))  # the patch projection
         self.patch_size = tuple(conv.stride)
         self._embed_ref = [embeddings]  # a list keeps it from being registered as a submodule
-        self._unit_tokens = tokens_per_unit(self.patch_size, self.unit)  # checks the unit now, not at the first step
+        self._unit_tokens = tokens_per_unit(self.patch_size, self.unit)  # once: the patch size stays
         self._made_token = embeddings.mask_token is None
         if self._made_token:
             weight = conv.weight
@@ -90,7 +90,6 @@ class HFMaskTokenAdapter(MaskAdapter):
         check_images(x, self.name)
         self._grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
         check_masks_some(self._grid, self.ratio, self.unit, tuple(x.shape[-2:]), f"{self.name} adapter")
-        self._unit_tokens = tokens_per_unit(self.patch_size, self.unit)  # read once per pass, outside the hook
         return self.run_with_hooks_active(model, *args, **kwargs)
 
     def remove(self) -> None:
