@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from conftest import MASK, SPECIAL, text_batch, tiny_text_model
 from test_hf import Rows, _args
-from test_hf_vision import HF_GRID, _hf_grid, _tiny_hf_vit
+from test_hf_vision import TOKEN_SWINS, _tiny_hf_vit
 
 from masksub.hf import MaskSubTrainer
 from masksub.train.distributed import count_allreduces, exit_without_teardown
@@ -30,8 +30,8 @@ if __name__ == "__main__":
     if sys.argv[4] == "vit":  # a Hugging Face ViT: the sub pass drops tokens through hooks (hf_vit)
         model, mask_options = _tiny_hf_vit(), {}
         data = {"pixel_values": torch.rand(48, 3, 32, 32), "labels": torch.arange(48) % 3}
-    elif sys.argv[4] == "swin":  # a Hugging Face Swin: a mask token in the model's slot (hf_masktoken), all-reduced
-        model, mask_options = _hf_grid(*HF_GRID[0]), {"unit": 8}
+    elif sys.argv[4] in TOKEN_SWINS:  # a Swin whose mask token the branch puts into the model: all-reduced
+        model, mask_options = TOKEN_SWINS[sys.argv[4]][0](), {"unit": 8}
         data = {"pixel_values": torch.rand(48, 3, 32, 32), "labels": torch.arange(48) % 3}
     else:
         model, mask_options = tiny_text_model(), {"mask_token_id": MASK, "special_ids": SPECIAL}
@@ -52,13 +52,14 @@ if __name__ == "__main__":
         mask_options=mask_options,
         memory_saving=None if static else memory_saving,
     )
-    if sys.argv[4] == "swin":  # the mask token wrap() made, before training
-        token = model.swin.embeddings.mask_token.detach().clone()
+    if sys.argv[4] in TOKEN_SWINS:  # the mask token wrap() made, before training
+        token = model.get_parameter(TOKEN_SWINS[sys.argv[4]][1]).detach().clone()
     trainer.train()
     result = {"world": dist.get_world_size(), "rounds": trainer.count.rounds, "steps": trainer.state.global_step}
     assert trainer.memory_saving is (memory_saving and not static)
-    assert trainer.sub_branch.name == {"vit": "hf_vit", "swin": "hf_masktoken"}.get(sys.argv[4], "text")
-    if sys.argv[4] == "swin":  # trained; run_worker checks that the processes agree on it
-        assert not torch.equal(model.swin.embeddings.mask_token, token)
+    names = {"vit": "hf_vit", "hf-swin": "hf_masktoken", "timm-wrapper-swin": "timm_wrapper"}
+    assert trainer.sub_branch.name == names.get(sys.argv[4], "text")
+    if sys.argv[4] in TOKEN_SWINS:  # trained; run_worker checks that the processes agree on it
+        assert not torch.equal(model.get_parameter(TOKEN_SWINS[sys.argv[4]][1]), token)
     torch.save({"result": result, "state": model.state_dict()}, f"{out}/rank{dist.get_rank()}.pt")
     exit_without_teardown()  # gloo's teardown at interpreter exit can abort a finished run

@@ -233,10 +233,11 @@ def test_a_custom_loss_function_and_a_batch_without_labels_are_refused(tmp_path)
         ("1", "none", "bert", ""),
         ("0", "0", "bert", ""),
         ("1", "none", "vit", ""),
-        ("1", "0", "swin", ""),  # no find_unused_parameters: the token is used in the synced (sub) pass
+        ("1", "0", "hf-swin", ""),  # no find_unused_parameters: the token is used in the synced (sub) pass
+        ("1", "0", "timm-wrapper-swin", ""),
         ("1", "none", "bert", "static"),
     ],
-    ids=["two-backwards", "summed", "hf-vit", "hf-swin-mask-token", "static-graph"],
+    ids=["two-backwards", "summed", "hf-vit", "hf-swin-mask-token", "timm-wrapper-swin-mask-token", "static-graph"],
 )
 def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, find_unused, model, static):
     """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces. With

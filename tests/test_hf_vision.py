@@ -222,40 +222,52 @@ def test_hf_mask_token_trains_in_step_which_refuses_an_optimizer_made_before_wra
     assert [g["weight_decay"] for g in groups if any(p is token for p in g["params"])] == [0.0]
 
 
-def test_trainer_holds_the_hf_mask_token_out_of_weight_decay_and_checkpoints_it(tmp_path):
+TIMM_SWIN = dict(img_size=32, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4)
+# Swin classifiers whose sub branch puts its mask token into the model: how to build one, the token's name there
+TOKEN_SWINS = {
+    "hf-swin": (lambda: _hf_grid(*HF_GRID[0]), "swin.embeddings.mask_token"),  # the embeddings' own slot
+    "timm-wrapper-swin": (lambda: _timm_wrapper("swin_tiny_patch4_window7_224", **TIMM_SWIN), "timm_model.mask_token"),
+}
+
+
+@pytest.mark.parametrize("kind", TOKEN_SWINS)
+def test_trainer_holds_the_mask_token_out_of_weight_decay_and_checkpoints_it(tmp_path, kind):
     """The Trainer's optimizer trains the token (no weight decay), its checkpoint holds it, resuming restores it;
     a model_init model gets it before the optimizer is made."""
     from safetensors.torch import load_file
 
+    build, name = TOKEN_SWINS[kind]
     data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
     args = _args(tmp_path, learning_rate=1e-2, weight_decay=0.1, max_steps=2, save_strategy="steps", save_steps=1)
-    model = _hf_grid(*HF_GRID[0])
+    model = build()
     trainer = MaskSubTrainer(model=model, args=args, train_dataset=Rows(data), mask_options={"unit": 8})
-    token = model.swin.embeddings.mask_token
+    token = model.get_parameter(name)
     before = token.detach().clone()
     trainer.train()
     assert not torch.equal(token, before)
     decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
     assert decay[id(token)] == 0.0 and 0.1 in decay.values()
     saved = load_file(tmp_path / "checkpoint-1" / "model.safetensors")
-    assert "swin.embeddings.mask_token" in saved and not torch.equal(saved["swin.embeddings.mask_token"], before)
-    resumed = _hf_grid(*HF_GRID[0])
+    assert name in saved and not torch.equal(saved[name], before)
+    resumed = build()
     again = MaskSubTrainer(model=resumed, args=args, train_dataset=Rows(data), mask_options={"unit": 8})
     again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    torch.testing.assert_close(resumed.swin.embeddings.mask_token, token, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.get_parameter(name), token, rtol=0, atol=0)
 
     built = []
     init = MaskSubTrainer(
-        model_init=lambda: built.append(_hf_grid(*HF_GRID[0])) or built[-1],
+        model_init=lambda: built.append(build()) or built[-1],
         args=_args(tmp_path / "init", learning_rate=1e-2, max_steps=1),
         train_dataset=Rows(data),
         mask_options={"unit": 8},
     )
     init.train()
-    token = built[-1].swin.embeddings.mask_token
+    token = built[-1].get_parameter(name)
     state = getattr(init.optimizer, "optimizer", init.optimizer).state[token]  # AdamW's: stepped with a gradient
     assert state["exp_avg"].abs().sum() > 0
-    assert built[0].swin.embeddings.mask_token is None  # unwrapped: the first model is plain again
+    with pytest.raises(AttributeError):  # unwrapped: the first model is plain again
+        built[0].get_parameter(name)
+    assert name not in built[0].state_dict()
 
 
 @pytest.mark.parametrize(
@@ -323,28 +335,35 @@ def test_timm_wrapper_masks_with_the_adapter_of_the_timm_model_inside():
     assert masksub.wrap(_timm_wrapper("resnet18")).branch.inner.name == "pixels"
 
 
-def test_timm_wrapper_mask_token_trains_in_step_and_is_refused_by_the_trainer(tmp_path):
-    swin = dict(img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4)
-    wrapped = masksub.wrap(_timm_wrapper("swin_tiny_patch4_window7_224", **swin), unit=16)
-    assert wrapped.branch.inner.name == "masktoken"
+def test_timm_wrapper_mask_token_is_a_parameter_of_the_wrapper_model_and_leaves_it_at_unwrap(tmp_path):
+    """A timm Swin inside transformers' TimmWrapper: its timm mask token is put into the transformers model, as
+    ``timm_model.mask_token`` (as hf_masktoken puts a Swin's into its slot): what trains that model holds it
+    (the Trainer: above). ``unwrap()`` leaves a timm state dict."""
+    import timm
+
+    model = _timm_wrapper("swin_tiny_patch4_window7_224", **TIMM_SWIN)
+    plain = copy.deepcopy(model)
+    early = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = masksub.wrap(model, unit=8)
+    assert wrapped.branch.inner.name == "masktoken" and not list(wrapped.branch.parameters())
+    token = model.timm_model.mask_token
+    assert wrapped.named_added_parameters() == {"timm_model.mask_token": token}
+    with pytest.raises(ValueError, match=r"\['model.timm_model.mask_token'\].*after wrap"):
+        masksub.Step(wrapped, early, torch.nn.CrossEntropyLoss())
+    before = token.detach().clone()
     step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
-    step({"pixel_values": torch.rand(2, 3, 64, 64), "labels": torch.tensor([0, 2])})
-    assert wrapped.branch.inner.mask_token.grad.abs().sum() > 0
-    data = {"pixel_values": torch.rand(4, 3, 64, 64), "labels": torch.arange(4) % 3}
-    with pytest.raises(ValueError, match="sub branch has parameters .* use masksub.Step.*'adapter': 'pixels'"):
-        MaskSubTrainer(
-            model=_timm_wrapper("swin_tiny_patch4_window7_224", **swin),
-            args=_args(tmp_path),
-            train_dataset=Rows(data),
-            mask_options={"unit": 16},
-        )
-    trainer = MaskSubTrainer(  # the fix the error names
-        model=_timm_wrapper("swin_tiny_patch4_window7_224", **swin),
-        args=_args(tmp_path),
-        train_dataset=Rows(data),
-        mask_options={"unit": 16, "adapter": "pixels"},
+    step({"pixel_values": torch.rand(2, 3, 32, 32), "labels": torch.tensor([0, 2])})
+    assert not torch.equal(token, before)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(wrapped.eval()(pixel_values=x).logits, wrapped.model(pixel_values=x).logits)
+    wrapped.unwrap()
+    assert not hasattr(model.timm_model, "mask_token") and set(model.state_dict()) == set(plain.state_dict())
+    timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, **TIMM_SWIN).load_state_dict(
+        model.timm_model.state_dict(), strict=True
     )
-    assert trainer.sub_branch.name == "pixels"
+    # a branch that keeps its token (a timm Swin given as it is) is refused: the Trainer's optimizer would miss it
+    with pytest.raises(ValueError, match="sub branch has parameters .* use masksub.Step.*'adapter': 'pixels'"):
+        MaskSubTrainer(model=model.timm_model, args=_args(tmp_path), mask_options={"unit": 8})
 
 
 def test_trainer_on_a_timm_wrapper_vit(tmp_path):

@@ -16,6 +16,8 @@ for Swin, SwinV2, BEiT, Data2VecVision and FocalNet classifiers with ``sub="mask
 the slot their embeddings have for one (``swin.embeddings.mask_token``), which the Trainer's optimizer,
 DDP and checkpoints then hold; ``from_pretrained`` of the classifier leaves it out of the saved
 model (its load report lists it as unexpected); ``SwinForMaskedImageModeling`` and kin load it.
+A timm Swin (or another model of timm's ``masktoken`` adapter) inside transformers' ``TimmWrapper``
+gets its token the same way, as ``timm_model.mask_token``.
 
 Needs ``transformers`` (``pip install 'masksub[text]'``).
 """

@@ -10,7 +10,9 @@ saved.
 The mask token is a 1-D ``(C,)`` parameter of this adapter, not of the timm
 model: timm's checkpoint filters drop keys named ``mask_token`` and optimizer
 weight-decay rules skip 1-D parameters, and the plain model's state dict stays
-loadable into ``timm.create_model`` unchanged.
+loadable into ``timm.create_model`` unchanged. ``place_token_in`` moves it into
+a module of the caller's (transformers' ``TimmWrapper`` around the timm model),
+where what trains and saves that module holds it.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class MaskTokenAdapter(MaskAdapter):
         like = {} if param is None or not param.is_floating_point() else {"device": param.device, "dtype": param.dtype}
         self.mask_token = nn.Parameter(torch.zeros(dim, **like))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self._token_host: tuple[nn.Module, str] | None = None  # where place_token_in moved the token
         self._handle = embed.register_forward_hook(self._mask_hook)
 
     @classmethod
@@ -139,6 +142,23 @@ class MaskTokenAdapter(MaskAdapter):
         """A mask unit's tokens along height and width."""
         return tokens_per_unit(self.patch_size, self.unit)
 
+    def place_token_in(self, module: nn.Module, name: str = "mask_token") -> None:
+        """Move the mask token out of this adapter into ``module``, as its parameter ``name``: the optimizer,
+        DDP and checkpoints of ``module`` then hold it. ``remove()`` takes it out of ``module`` again."""
+        if hasattr(module, name):
+            raise ValueError(f"{type(module).__name__} already has an attribute {name!r} for the mask token")
+        module.register_parameter(name, self._parameters.pop("mask_token"))
+        self._token_host = (module, name)
+
+    @property
+    def token(self) -> nn.Parameter:
+        """The mask token, here or where ``place_token_in`` put it."""
+        return self.mask_token if self._token_host is None else getattr(*self._token_host)
+
+    def added_parameters(self) -> list[nn.Parameter]:
+        """The mask token, once ``place_token_in`` put it into a module of the caller's."""
+        return [] if self._token_host is None else [self.token]
+
     def _mask_hook(self, module: nn.Module, args: tuple, x: torch.Tensor):
         if not self._active:
             return None
@@ -147,7 +167,7 @@ class MaskTokenAdapter(MaskAdapter):
         th, tw = unit_tokens = self._unit_tokens
         mask = random_unit_mask(batch, (gh // th, gw // tw), self.ratio, x.device)
         mask = upsample_mask(mask, unit_tokens)  # (B, gh, gw), True = masked
-        token = self.mask_token.to(x.dtype)
+        token = self.token.to(x.dtype)
         if self.layout == "NHWC":  # (B, gh, gw, C)
             return torch.where(mask.unsqueeze(-1), token, x)
         if self.layout == "NLC":  # (B, gh * gw, C)
@@ -165,6 +185,8 @@ class MaskTokenAdapter(MaskAdapter):
 
     def remove(self) -> None:
         self._handle.remove()
+        if self._token_host is not None:
+            delattr(*self._token_host)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layout={self.layout}"

@@ -5,6 +5,12 @@ that holds the timm model as ``timm_model`` and calls it on ``pixel_values``. Th
 with the adapter of the timm model inside (``vit`` drops tokens, ``masktoken`` for Swin and
 friends, ``pixels`` for CNNs) while the call goes through the wrapper, and through
 DistributedDataParallel around it, as every pass must.
+
+A mask token (``masktoken``: Swin and friends) becomes a parameter of the timm model inside,
+``timm_model.mask_token``, not of the sub branch: as with the Hugging Face classifiers' own token slot
+(``hf_masktoken``), what trains and saves the transformers model holds it (the ``transformers.Trainer``'s
+optimizer, DDP, its checkpoints and their resumption; the wrapper's key mapping adds ``timm_model.`` to
+every key it loads, so the token must live there). ``unwrap()`` takes it out again.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ class TimmWrapperAdapter(MaskAdapter):
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
-        self.inner = _inner_adapter(model)(model.timm_model, ratio, unit)  # a submodule: a mask token trains
+        self.inner = _inner_adapter(model)(model.timm_model, ratio, unit)
         self.unit = self.inner.unit
+        if isinstance(getattr(self.inner, "mask_token", None), nn.Parameter):
+            self.inner.place_token_in(model.timm_model)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -50,6 +58,9 @@ class TimmWrapperAdapter(MaskAdapter):
 
     def remove(self) -> None:
         self.inner.remove()
+
+    def added_parameters(self) -> list[nn.Parameter]:
+        return self.inner.added_parameters()
 
     def masked_unit(self) -> str:
         return self.inner.masked_unit()
