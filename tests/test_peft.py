@@ -103,17 +103,20 @@ def test_trainer_on_a_lora_hf_vit_trains_and_saves_the_adapter_only(tmp_path):
 
 
 def test_trainer_on_a_lora_hf_swin_trains_its_mask_token_with_the_lora_weights(tmp_path):
-    """The mask token of a Hugging Face Swin sits in the base model, out of PEFT's frozen weights: it trains."""
+    """The mask token of a Hugging Face Swin sits in the base model, out of PEFT's frozen weights: it trains, and
+    PEFT's checkpoints, which hold the adapter only, get it in a file beside them that resuming reads."""
+    from safetensors.torch import load_file
     from test_hf_vision import HF_GRID, _hf_grid
 
-    model = _lora(_hf_grid(*HF_GRID[0]), ["q_proj", "v_proj"], modules_to_save=["classifier"])
+    from masksub.hf import ADDED_PARAMETERS_NAME
+
+    def lora_swin():
+        return _lora(_hf_grid(*HF_GRID[0]), ["q_proj", "v_proj"], modules_to_save=["classifier"])
+
+    model = lora_swin()
     data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
-    trainer = MaskSubTrainer(
-        model=model,
-        args=_args(tmp_path, learning_rate=1e-2, max_steps=2),
-        train_dataset=Rows(data),
-        mask_options={"unit": 8},
-    )
+    args = _args(tmp_path, learning_rate=1e-2, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = MaskSubTrainer(model=model, args=args, train_dataset=Rows(data), mask_options={"unit": 8})
     assert trainer.sub_branch.name == "hf_masktoken"
     token = model.base_model.model.swin.embeddings.mask_token
     before = token.detach().clone()
@@ -121,3 +124,16 @@ def test_trainer_on_a_lora_hf_swin_trains_its_mask_token_with_the_lora_weights(t
     trainer.train()
     assert token.requires_grad and not torch.equal(token, before)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+    name = "base_model.model.swin.embeddings.mask_token"
+    assert "adapter_model.safetensors" in {p.name for p in (tmp_path / "checkpoint-2").iterdir()}
+    saved = load_file(tmp_path / "checkpoint-2" / ADDED_PARAMETERS_NAME)
+    assert set(saved) == {name}
+    torch.testing.assert_close(saved[name], token.detach(), rtol=0, atol=0)
+    resumed = lora_swin()
+    again = MaskSubTrainer(model=resumed, args=args, train_dataset=Rows(data), mask_options={"unit": 8})
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # nothing left to train: loads only
+    torch.testing.assert_close(resumed.base_model.model.swin.embeddings.mask_token, token, rtol=0, atol=0)
+    other = MaskSubTrainer(model=lora_swin(), args=args, train_dataset=Rows(data), mask_options={"adapter": "pixels"})
+    with pytest.raises(ValueError, match="holds the sub branch's parameters .* resume with the model, sub"):
+        other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

@@ -17,7 +17,9 @@ the slot their embeddings have for one (``swin.embeddings.mask_token``), which t
 DDP and checkpoints then hold; ``from_pretrained`` of the classifier leaves it out of the saved
 model (its load report lists it as unexpected); ``SwinForMaskedImageModeling`` and kin load it.
 A timm Swin (or another model of timm's ``masktoken`` adapter) inside transformers' ``TimmWrapper``
-gets its token the same way, as ``timm_model.mask_token``.
+gets its token the same way, as ``timm_model.mask_token``. Under a PEFT wrapper, whose checkpoints
+hold the adapter only, the token is saved beside them (``masksub_added_parameters.safetensors``) and
+resuming reads it.
 
 Needs ``transformers`` (``pip install 'masksub[text]'``).
 """
@@ -25,6 +27,7 @@ Needs ``transformers`` (``pip install 'masksub[text]'``).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,9 @@ from .adapters import resolve_adapter
 from .loss import IGNORE_INDEX, SubBranchLoss, as_rows
 from .step import logits_of
 from .wrapper import SubPassHold, check_one_backward, wrap
+
+# beside a PEFT checkpoint: the mask token the sub branch put into the base model, which PEFT does not save
+ADDED_PARAMETERS_NAME = "masksub_added_parameters.safetensors"
 
 
 class MaskSubTrainer(transformers.Trainer):
@@ -137,6 +143,44 @@ class MaskSubTrainer(transformers.Trainer):
         added = {id(p) for p in getattr(self.sub_branch, "added_parameters", list)()}
         names = set(super().get_decay_parameter_names(model))
         return [n for n, p in model.named_parameters() if n in names and id(p) not in added]
+
+    def _added_outside_checkpoint(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters the sub branch put into the model that the model's own checkpoint leaves out: a Swin's
+        mask token under a PEFT wrapper, whose ``save_pretrained`` writes the adapter only. Sharded (FSDP,
+        DeepSpeed) models save and load through their engines and are left to them."""
+        if not type(self.model).__module__.startswith("peft.") or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return {}
+        return self._wrapped.named_added_parameters()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The Trainer's save, and beside a PEFT adapter the mask token it leaves out: a resumed run goes on
+        with the trained token, not a fresh one."""
+        super()._save(output_dir, state_dict)
+        added = self._added_outside_checkpoint()
+        if added and self.args.should_save:
+            from safetensors.torch import save_file
+
+            path = os.path.join(output_dir or self.args.output_dir, ADDED_PARAMETERS_NAME)
+            save_file({name: p.detach().cpu().contiguous() for name, p in added.items()}, path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer's resume, and the mask token ``_save`` wrote beside a PEFT adapter."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, ADDED_PARAMETERS_NAME)
+        if not os.path.isfile(path):
+            return
+        from safetensors.torch import load_file
+
+        self._branch_on_current_model()
+        added, saved = self._added_outside_checkpoint(), load_file(path)
+        if set(saved) != set(added):
+            raise ValueError(
+                f"{path} holds the sub branch's parameters {sorted(saved)}, but the sub branch on this model put "
+                f"{sorted(added)} into it: resume with the model, sub and mask_options of the run that saved it"
+            )
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                added[name].copy_(tensor)
 
     def _branch_on_current_model(self):
         """The sub branch on the model being trained: with ``model_init`` the Trainer builds a new model at each
