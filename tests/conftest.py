@@ -48,6 +48,12 @@ TINY = {
     "naflex_rope_mixed": ("naflexvit_base_patch16_gap", dict(VIT, pos_embed="none", rope_type="mixed"), (32, 32), 32),
     "resnet": ("resnet10t", dict(num_classes=5, zero_init_last=False), (64, 96), 16),
     "convnext": ("convnext_atto", dict(num_classes=5), (64, 64), 16),
+    "hiera": (  # 2x3 mask units of 32x32 pixels
+        "hiera_tiny_224",
+        dict(img_size=(64, 96), embed_dim=8, num_heads=1, stages=(1, 1, 1, 1), num_classes=5),
+        (64, 96),
+        32,
+    ),
     "convvit": (
         "convvit_base_patch16",
         dict(img_size=64, embed_dim=(8, 16, 32), depth=(1, 1, 2), num_heads=2, num_classes=5),
@@ -73,6 +79,7 @@ EXPECTED_ADAPTER = {
     "naflex_rope_mixed": "naflexvit",  # RoPE tables per block, gathered with the kept tokens
     "resnet": "pixels",
     "convnext": "pixels",
+    "hiera": "hiera",  # whole mask units dropped, as its MAE pretraining does
     "convvit": "convvit",  # masked convolutions, then the transformer on the kept tokens
 }
 
@@ -80,7 +87,10 @@ EXPECTED_ADAPTER = {
 def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     timm_name, kwargs, _, _ = TINY[name]
-    return timm.create_model(timm_name, **{**kwargs, **overrides})
+    model = timm.create_model(timm_name, **{**kwargs, **overrides})
+    if name == "hiera":  # built with a zero classifier: its output would not depend on the input
+        torch.nn.init.trunc_normal_(model.head.fc.weight, std=0.1)
+    return model
 
 
 def tiny_images(name: str, batch: int = 8, seed: int = 1) -> torch.Tensor:

@@ -49,6 +49,23 @@ def _observe_convvit(wrapped, x, calls):
     return masks
 
 
+def _observe_hiera(wrapped, x, calls, original):
+    """Masks (B, U) of mask units from the unrolled tokens (unit-minor) and those entering the first block."""
+    seen = []
+    wrapped.model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    units = wrapped.model.mask_spatial_shape[0] * wrapped.model.mask_spatial_shape[1]
+    masks = []
+    for _ in range(calls):
+        wrapped(x, sub=True)
+        kept, full = seen.pop(), original.pop()
+        match = (kept.unsqueeze(2) == full.unsqueeze(1)).all(-1)  # (B, K, N)
+        assert (match.sum(-1) == 1).all(), "every kept token must be exactly one unrolled token"
+        dropped = (~match.any(1)).view(x.shape[0], -1, units)  # (B, tokens per unit, U)
+        assert (dropped.all(1) | ~dropped.any(1)).all(), "whole mask units must be dropped"
+        masks.append(dropped[:, 0])
+    return masks
+
+
 def _units(token_mask, unit):
     """(B, H, W) per-position mask -> (B, units) after checking each ``unit`` (or (uh, uw)) is all-or-nothing."""
     b, h, w = token_mask.shape
@@ -98,6 +115,8 @@ def observe(name, ratio, calls=2, seed=None, wrapped_at=None):
     original = []
     if EXPECTED_ADAPTER[name] == "masktoken":  # registered first: sees the unmasked embedding
         model.patch_embed.register_forward_hook(lambda m, a, out: original.append(out))
+    if EXPECTED_ADAPTER[name] == "hiera":  # registered first: sees every unrolled token
+        model.unroll.register_forward_hook(lambda m, a, out: original.append(out))
     wrapped = masksub.wrap(model, ratio=ratio if wrapped_at is None else wrapped_at, unit=unit).train()
     wrapped.ratio = ratio
     x = tiny_images(name)
@@ -109,6 +128,8 @@ def observe(name, ratio, calls=2, seed=None, wrapped_at=None):
             return _observe_vit(wrapped, x, calls)
         if kind == "convvit":
             return _observe_convvit(wrapped, x, calls)
+        if kind == "hiera":
+            return _observe_hiera(wrapped, x, calls, original)
         if kind == "masktoken":
             return _observe_masktoken(wrapped, x, calls, original)
         return _observe_pixels(wrapped, x, calls)
@@ -124,6 +145,8 @@ def test_adapter_resolution(name):
     if branch.name in ("vit", "naflexvit", "convvit"):
         assert branch.unit is None
         assert branch.masked_unit() == "{}x{}-pixel patch tokens".format(*branch.patch_size)
+    elif branch.name == "hiera":  # the model's own mask unit, whatever the unit given
+        assert branch.unit is None and branch.masked_unit() == "32x32-pixel mask units"
     else:
         assert branch.unit == unit and branch.masked_unit() == f"{unit}x{unit}-pixel blocks"
     assert f"masks {branch.masked_unit()}" in repr(branch)

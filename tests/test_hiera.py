@@ -1,0 +1,113 @@
+"""timm's Hiera: the sub pass drops whole mask units (pixels and tokens), as its MAE pretraining does.
+
+Exact counts at every ratio, the adapter's resolution, main-pass equality and the memory-saving step's
+gradients run with every family (tests/test_adapters.py, test_model.py, test_step.py); here is what is
+Hiera's own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_images, tiny_model
+from torch.utils.flop_counter import FlopCounterMode
+
+import masksub
+
+
+def _kept_units(wrapped, x, seed):
+    """The sub-pass logits under ``seed`` and the (B, 2, 3) mask units it kept."""
+    kept = []
+    hook = wrapped.model.blocks[0].register_forward_pre_hook(lambda m, a: kept.append(wrapped.branch._kept.clone()))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = wrapped(x, sub=True)
+    hook.remove()
+    mask = torch.zeros(x.shape[0], 6, dtype=torch.bool).scatter_(1, kept[0], True)
+    return out, mask.view(x.shape[0], 2, 3)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_the_sub_pass_is_timms_own_masked_forward_with_the_head(ratio):
+    """timm's ``forward_features(x, mask)`` (its MAE path) and then the head, with the units the sub pass kept:
+    the same tokens in the same order, so the early stages' mask-unit attention attends within units."""
+    wrapped = masksub.wrap(tiny_model("hiera"), ratio=ratio).train()
+    x = tiny_images("hiera", batch=4)
+    out, kept = _kept_units(wrapped, x, seed=5)
+    with torch.no_grad():
+        expected = wrapped.model.forward_head(wrapped.model.forward_features(x, mask=kept.flatten(1)))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_kept_tokens_carry_nothing_of_the_dropped_units_pixels():
+    """New pixels in the dropped units leave the sub pass's output as it was; in a kept unit they change it. The
+    patch convolution (7x7 at stride 4) reaches 3 pixels into the neighbouring units: those are zeroed first."""
+    wrapped = masksub.wrap(tiny_model("hiera"), ratio=0.5).train()
+    x = tiny_images("hiera", batch=4)
+    out, kept = _kept_units(wrapped, x, seed=3)
+    pixels = kept.repeat_interleave(32, 1).repeat_interleave(32, 2).unsqueeze(1).expand_as(x)  # (B, 3, 64, 96)
+    assert (~kept).flatten(1).sum(1).tolist() == [3] * 4
+    noise = torch.rand_like(x) * 5
+    again, kept_again = _kept_units(wrapped, torch.where(pixels, x, noise), seed=3)
+    assert torch.equal(kept_again, kept)
+    torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-6)
+    changed, _ = _kept_units(wrapped, torch.where(pixels, noise, x), seed=3)
+    assert (changed - out).abs().amax(-1).min() > 1e-4, "every sample's output must depend on its kept units"
+
+
+def test_the_sub_pass_costs_about_half_at_ratio_half():
+    """FLOPs of forward and backward (the patch convolution runs on the whole image, so a little over half)."""
+    wrapped = masksub.wrap(tiny_model("hiera"), ratio=0.5).train()
+    x = tiny_images("hiera", batch=4)
+    flops = []
+    for sub in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            wrapped(x, sub=sub).sum().backward()
+        flops.append(counter.get_total_flops())
+    assert 0.45 < flops[1] / flops[0] < 0.65
+
+
+def test_the_models_own_unit_dropping_is_off_in_the_sub_pass_and_restored():
+    model = tiny_model("hiera", patch_drop_rate=0.25)
+    wrapped = masksub.wrap(model, ratio=0.5).train()
+    lengths = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    x = tiny_images("hiera", batch=2)
+    wrapped(x, sub=True)  # 3 of 6 units kept, not 3 and then 25% of those
+    wrapped(x)  # the main pass: the model's own patch dropout, 4 of 6 units
+    assert lengths == [3 * 64, 4 * 64] and model.patch_drop_rate == 0.25
+
+
+def test_images_of_another_size_or_of_one_mask_unit_are_refused():
+    wrapped = masksub.wrap(tiny_model("hiera")).train()
+    with pytest.raises(ValueError, match="built for 64x96 images .* got 64x64"):
+        wrapped(torch.rand(2, 3, 64, 64), sub=True)
+    one = masksub.wrap(tiny_model("hiera", img_size=32)).train()
+    with pytest.raises(ValueError, match="holds 1 of the model's mask units .* adapter='pixels'"):
+        one(torch.rand(2, 3, 32, 32), sub=True)
+    with pytest.raises(ValueError, match=r"image batch \(B, C, H, W\)"):
+        wrapped(torch.randint(0, 100, (2, 16)), sub=True)
+
+
+def test_unwrap_leaves_no_hook():
+    model = tiny_model("hiera")
+    wrapped = masksub.wrap(model, ratio=0.5)
+    x = tiny_images("hiera", batch=2)
+    expected = model.eval()(x)
+    wrapped.unwrap()
+    assert not model.patch_embed._forward_pre_hooks and not model.unroll._forward_hooks
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_the_wrapper_compiles_into_two_graphs_without_breaks():
+    """The kept units are gathered with shapes known before the pass: timm's boolean selection does not trace."""
+    from torch._dynamo.utils import counters
+
+    wrapped = masksub.wrap(tiny_model("hiera"), ratio=0.5).train()
+    x = tiny_images("hiera", batch=4)
+    torch._dynamo.reset()
+    counters.clear()
+    wrapped.compile(fullgraph=True)
+    for _ in range(2):
+        wrapped(x), wrapped(x, sub=True)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
