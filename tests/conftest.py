@@ -33,6 +33,7 @@ TINY = {
     "vit_noclass_map": ("vit_tiny_patch16_224", dict(VIT, class_token=False, global_pool="map"), (32, 32), 32),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", VIT, (32, 32), 32),
     "eva_rope": ("eva02_tiny_patch14_224", dict(VIT, patch_size=4), (32, 32), 32),
+    "cait": ("cait_xxs24_224", dict(VIT, depth_token_only=1), (32, 32), 32),
     "swin": ("swin_tiny_patch4_window7_224", SWIN, (64, 64), 16),
     "swinv2": ("swinv2_tiny_window8_256", dict(SWIN, window_size=4), (64, 64), 16),
     "beit": ("beit_base_patch16_224", VIT, (32, 32), 8),
@@ -69,6 +70,7 @@ EXPECTED_ADAPTER = {
     "vit_noclass_map": "vit",
     "deit_distilled": "vit",
     "eva_rope": "vit",
+    "cait": "cait",  # patch tokens dropped before the blocks; the class token joins later
     "swin": "masktoken",
     "swinv2": "masktoken",
     "beit": "masktoken",

@@ -19,7 +19,7 @@ def _observe_vit(wrapped, x, calls):
     seen = []
     drop_point = getattr(wrapped.branch, "drop_module", None) or wrapped.model.patch_drop  # NaFlexVit: its own
     drop_point.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
-    prefix = wrapped.model.num_prefix_tokens
+    prefix = 0 if wrapped.branch.name == "cait" else wrapped.model.num_prefix_tokens  # CaiT's joins later
     masks = []
     for _ in range(calls):
         wrapped(x, sub=True)
@@ -124,7 +124,7 @@ def observe(name, ratio, calls=2, seed=None, wrapped_at=None):
         torch.manual_seed(seed)
     with torch.no_grad():
         kind = wrapped.branch.name
-        if kind in ("vit", "naflexvit"):
+        if kind in ("vit", "naflexvit", "cait"):
             return _observe_vit(wrapped, x, calls)
         if kind == "convvit":
             return _observe_convvit(wrapped, x, calls)
@@ -142,7 +142,7 @@ def test_adapter_resolution(name):
     assert branch.name == EXPECTED_ADAPTER[name]
     # What the sub pass masks, as logs and repr say: the unit where the adapter masks blocks; an adapter that
     # drops single patch tokens ignores the unit (a loop over many models passes one to all) and says so.
-    if branch.name in ("vit", "naflexvit", "convvit"):
+    if branch.name in ("vit", "naflexvit", "convvit", "cait"):
         assert branch.unit is None
         assert branch.masked_unit() == "{}x{}-pixel patch tokens".format(*branch.patch_size)
     elif branch.name == "hiera":  # the model's own mask unit, whatever the unit given
@@ -536,6 +536,27 @@ def test_torchvision_vit_sub_pass_costs_about_half_at_ratio_half_and_compiles_in
     assert 0.45 < flops[1] / flops[0] < 0.6
     with pytest.raises(ValueError, match="not divisible by the patch size 4x4"):
         wrapped(torch.rand(2, 3, 30, 30), sub=True)
+    torch._dynamo.reset()
+    counters.clear()
+    wrapped.compile(fullgraph=True)
+    for _ in range(2):
+        wrapped(x), wrapped(x, sub=True)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+def test_cait_sub_pass_costs_about_half_at_ratio_half_and_compiles_into_two_graphs():
+    """CaiT got a mask token on its full grid (no saving); its blocks take any number of patch tokens."""
+    from torch._dynamo.utils import counters
+    from torch.utils.flop_counter import FlopCounterMode
+
+    wrapped = masksub.wrap(tiny_model("cait"), ratio=0.5).train()
+    x = tiny_images("cait", batch=4)
+    flops = []
+    for sub in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            wrapped(x, sub=sub).sum().backward()
+        flops.append(counter.get_total_flops())
+    assert 0.45 < flops[1] / flops[0] < 0.6
     torch._dynamo.reset()
     counters.clear()
     wrapped.compile(fullgraph=True)

@@ -251,8 +251,8 @@ def wrap(
         ratio: fraction of the input masked (``mask``) or the drop probability
             (``dropout``/``droppath``), in [0, 1). Default 0.5, the paper's MaskSub value.
         unit: mask block size in pixels for the mask-token and pixel adapters (default 32); the adapters
-            that drop single patch tokens (timm, torchvision and Hugging Face ViTs, NaFlexViT, ConvViT) and Hiera's
-            mask units (its own 32x32 pixels) ignore it.
+            that drop single patch tokens (timm, torchvision and Hugging Face ViTs, CaiT, NaFlexViT, ConvViT)
+            and Hiera's mask units (its own 32x32 pixels) ignore it.
         adapter: force an adapter by name instead of choosing by model type.
         sub_bn_stats: whether the sub pass updates BatchNorm running statistics
             (True, as in the paper) or normalizes with batch statistics only.
