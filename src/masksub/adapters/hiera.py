@@ -35,6 +35,7 @@ class HieraAdapter(MaskAdapter):
         stride, size = model.patch_stride, model.mask_unit_size
         self.unit_pixels = (stride[0] * size[0], stride[1] * size[1])
         self._model_ref = [model]  # a list keeps the model from being registered as a submodule
+        self._units = 0  # U of the running sub pass
         self._kept: torch.Tensor | None = None  # (B, K): the mask units the running sub pass keeps, ascending
         self._handles = [
             model.patch_embed.register_forward_pre_hook(self._embed_hook, with_kwargs=True),
