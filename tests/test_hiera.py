@@ -111,3 +111,61 @@ def test_the_wrapper_compiles_into_two_graphs_without_breaks():
     for _ in range(2):
         wrapped(x), wrapped(x, sub=True)
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+def _hf_hiera(**extra):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.HieraConfig(
+        image_size=[64, 96], embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], num_labels=3, **extra
+    )
+    return transformers.HieraForImageClassification(config).train()
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_hugging_face_hiera_sub_pass_is_its_own_mae_path_with_the_classifier(ratio):
+    """The classifier's sub pass equals Hugging Face's MAE-mode HieraModel (same weights) given noise that keeps
+    the same units, then the classifier: exact counts, the dropped units' pixels zeroed, tokens in its order."""
+    import transformers
+
+    from masksub.masking import num_keep
+
+    model = _hf_hiera()
+    wrapped = masksub.wrap(model, ratio=ratio)
+    assert wrapped.branch.name == "hf_hiera" and wrapped.branch.masked_unit() == "32x32-pixel mask units"
+    kept, lengths = [], []
+    model.hiera.encoder.register_forward_pre_hook(
+        lambda m, a, kw: kept.append(wrapped.branch._kept.clone()) or lengths.append(a[0].shape[1]), with_kwargs=True
+    )
+    x = tiny_images("hiera", batch=4)
+    with torch.no_grad():
+        out = wrapped(pixel_values=x, sub=True).logits
+    keep = num_keep(6, ratio)
+    assert kept[0].shape == (4, keep) and lengths == [keep * 64]
+    mae_config = transformers.HieraConfig(**{**model.config.to_dict(), "mask_ratio": 1 - keep / 6 - 1e-6})
+    mae = transformers.HieraModel(mae_config, is_mae=True).train()
+    mae.load_state_dict(model.hiera.state_dict())
+    noise = torch.ones(4, 6).scatter_(1, kept[0], 0.0)  # the lowest noise is kept
+    with torch.no_grad():
+        expected = model.classifier(mae(x, noise=noise).pooler_output)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_hugging_face_hiera_trains_in_step_at_about_half_the_flops():
+    wrapped = masksub.wrap(_hf_hiera(), ratio=0.5)
+    x = tiny_images("hiera", batch=4)
+    flops = []
+    for sub in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            wrapped(pixel_values=x, sub=sub).logits.sum().backward()
+        flops.append(counter.get_total_flops())
+    assert 0.45 < flops[1] / flops[0] < 0.65
+    before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
+    step({"pixel_values": x, "labels": torch.tensor([0, 1, 2, 0])})
+    assert all(not torch.equal(before[n], p) for n, p in wrapped.named_parameters() if n.endswith("classifier.weight"))
+    with pytest.raises(ValueError, match="built for 64x96 images .* got 64x64"):
+        wrapped(pixel_values=torch.rand(2, 3, 64, 64), sub=True)
+    wrapped.unwrap()
+    assert not wrapped.model.hiera.embeddings.patch_embeddings._forward_hooks
