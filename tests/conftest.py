@@ -95,6 +95,34 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+def sub_flop_ratio(wrapped, x) -> float:
+    """FLOPs of the sub pass over the main pass, forward and backward; ``x`` is an image batch, or a mapping of
+    keyword inputs (a Hugging Face model's ``pixel_values``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    for sub in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            out = wrapped(**x, sub=sub) if isinstance(x, dict) else wrapped(x, sub=sub)
+            getattr(out, "logits", out).sum().backward()
+        flops.append(counter.get_total_flops())
+    return flops[1] / flops[0]
+
+
+def compiled_graphs(wrapped, x: torch.Tensor) -> int:
+    """The graphs that compiling the wrapper with ``fullgraph=True`` (a graph break raises) makes for two rounds of
+    both passes: 2 when neither pass recompiles."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    wrapped.compile(fullgraph=True)
+    for _ in range(2):
+        wrapped(x), wrapped(x, sub=True)
+    assert not counters["graph_break"]
+    return counters["stats"]["unique_graphs"]
+
+
 def tiny_images(name: str, batch: int = 8, seed: int = 1) -> torch.Tensor:
     _, _, (h, w), _ = TINY[name]
     g = torch.Generator().manual_seed(seed)

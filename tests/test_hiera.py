@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_images, tiny_model
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import compiled_graphs, sub_flop_ratio, tiny_images, tiny_model
 
 import masksub
 
@@ -58,13 +57,7 @@ def test_kept_tokens_carry_nothing_of_the_dropped_units_pixels():
 def test_the_sub_pass_costs_about_half_at_ratio_half():
     """FLOPs of forward and backward (the patch convolution runs on the whole image, so a little over half)."""
     wrapped = masksub.wrap(tiny_model("hiera"), ratio=0.5).train()
-    x = tiny_images("hiera", batch=4)
-    flops = []
-    for sub in (False, True):
-        with FlopCounterMode(display=False) as counter:
-            wrapped(x, sub=sub).sum().backward()
-        flops.append(counter.get_total_flops())
-    assert 0.45 < flops[1] / flops[0] < 0.65
+    assert 0.45 < sub_flop_ratio(wrapped, tiny_images("hiera", batch=4)) < 0.65
 
 
 def test_the_models_own_unit_dropping_is_off_in_the_sub_pass_and_restored():
@@ -101,16 +94,8 @@ def test_unwrap_leaves_no_hook():
 
 def test_the_wrapper_compiles_into_two_graphs_without_breaks():
     """The kept units are gathered with shapes known before the pass: timm's boolean selection does not trace."""
-    from torch._dynamo.utils import counters
-
     wrapped = masksub.wrap(tiny_model("hiera"), ratio=0.5).train()
-    x = tiny_images("hiera", batch=4)
-    torch._dynamo.reset()
-    counters.clear()
-    wrapped.compile(fullgraph=True)
-    for _ in range(2):
-        wrapped(x), wrapped(x, sub=True)
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert compiled_graphs(wrapped, tiny_images("hiera", batch=4)) == 2
 
 
 def _hf_hiera(**extra):
@@ -155,12 +140,7 @@ def test_hugging_face_hiera_sub_pass_is_its_own_mae_path_with_the_classifier(rat
 def test_hugging_face_hiera_trains_in_step_at_about_half_the_flops():
     wrapped = masksub.wrap(_hf_hiera(), ratio=0.5)
     x = tiny_images("hiera", batch=4)
-    flops = []
-    for sub in (False, True):
-        with FlopCounterMode(display=False) as counter:
-            wrapped(pixel_values=x, sub=sub).logits.sum().backward()
-        flops.append(counter.get_total_flops())
-    assert 0.45 < flops[1] / flops[0] < 0.65
+    assert 0.45 < sub_flop_ratio(wrapped, {"pixel_values": x}) < 0.65
     before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
     step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
     step({"pixel_values": x, "labels": torch.tensor([0, 1, 2, 0])})
