@@ -149,3 +149,22 @@ def test_hugging_face_hiera_trains_in_step_at_about_half_the_flops():
         wrapped(pixel_values=torch.rand(2, 3, 64, 64), sub=True)
     wrapped.unwrap()
     assert not wrapped.model.hiera.embeddings.patch_embeddings._forward_hooks
+
+
+def test_hugging_face_hiera_trains_in_the_trainer_with_the_sub_pass_on_half_the_units(tmp_path):
+    """MaskSubTrainer picks hf_hiera by itself; each step runs the full grid once and half the units once."""
+    from test_hf import Rows, _args
+
+    from masksub.hf import MaskSubTrainer
+
+    model = _hf_hiera()
+    lengths = []
+    model.hiera.encoder.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]) and None)
+    data = {"pixel_values": tiny_images("hiera", batch=8), "labels": torch.arange(8) % 3}
+    trainer = MaskSubTrainer(model=model, args=_args(tmp_path, learning_rate=1e-3), train_dataset=Rows(data))
+    assert trainer.sub_branch.name == "hf_hiera"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    steps = trainer.state.global_step
+    assert steps >= 1 and sorted(set(lengths)) == [3 * 64, 6 * 64] and lengths.count(3 * 64) == steps
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
