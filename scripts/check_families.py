@@ -4,7 +4,8 @@ architecture; with ``--torchvision``, on every torchvision classification model 
 
 For each family (timm module) it takes the model with the least compute (parameters x default
 input pixels, counted on the meta device), builds it at random init with a 5-class head re-drawn
-so the output depends on the input, and for ``mask``, ``dropout`` and ``droppath``:
+so the output depends on the input (at its default input size; a model above 512 px that takes other
+sizes, as the VLM towers do, at 224x224), and for ``mask``, ``dropout`` and ``droppath``:
 
 - ``wrap`` picks an adapter (or refuses with an error that is reported as is);
 - in eval mode the wrapped model's main pass equals the plain model's output, bit for bit;
@@ -48,6 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 KINDS = ("mask", "dropout", "droppath")
+# A model whose default input side is above MAX_SIDE, and that takes other sizes, is checked at SMALL_SIDE
+# (a multiple of 14 and 16 pixels, the patch sizes of the VLM towers this is for).
+MAX_SIDE, SMALL_SIDE = 512, 224
 INSENSITIVE = "at init the output does not depend on the input"
 
 
@@ -303,7 +307,16 @@ def check_family(family: str, names: list[str]) -> dict:
     name, size = picked
     row = {"family": family, "model": name, "input": list(size)}
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5)
+    if max(size[1:]) > MAX_SIDE and not timm.models.get_pretrained_cfg(name).fixed_input_size:
+        # VLM towers (546-768 px by default) run out of memory on a small machine; they take other sizes
+        row["default_input"], size = list(size), (size[0], SMALL_SIDE, SMALL_SIDE)
+        row["input"] = list(size)
+        try:
+            model = timm.create_model(name, num_classes=5, img_size=SMALL_SIDE)
+        except TypeError:  # no img_size argument: the model takes any size as built
+            model = timm.create_model(name, num_classes=5)
+    else:
+        model = timm.create_model(name, num_classes=5)
     return check_image_model(row, model, model.get_classifier(), size)
 
 
@@ -352,7 +365,7 @@ def run_one(family: str, timeout: float, hf: str | None = None) -> dict:
     except subprocess.TimeoutExpired:
         return {"family": family, "error": f"took longer than {timeout:.0f} s"}
     if done.returncode == -9:
-        return {"family": family, "error": "killed (SIGKILL): out of memory at its default input size?"}
+        return {"family": family, "error": "killed (SIGKILL): out of memory at its input size?"}
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         return {"family": family, "error": f"process failed (exit {done.returncode}): {tail}"}
@@ -379,6 +392,8 @@ def markdown(rows: list[dict], versions: str, command: str) -> str:
             lines.append(f"| {r['family']} | {r.get('model', '')} | | {r['error']} | | |")
             continue
         size = "x".join(map(str, r["input"][-2:])) if len(r["input"]) > 1 else f"{r['input'][0]} tokens"
+        if "default_input" in r:
+            size += " (default {}x{})".format(*r["default_input"][-2:])
         cells = [_short(r[k]) for k in KINDS]
         lines.append(f"| {r['family']} | {r['model']} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -55,6 +55,12 @@ TINY = {
         (64, 96),
         32,
     ),
+    "gemma4": (  # patches embedded by a linear layer, each token with its own position (2D table and RoPE)
+        "gemma4_vit_167m",
+        dict(VIT, head_dim=16, intermediate_size=64, position_embedding_size=16),
+        (32, 32),
+        32,
+    ),
     "convvit": (
         "convvit_base_patch16",
         dict(img_size=64, embed_dim=(8, 16, 32), depth=(1, 1, 2), num_heads=2, num_classes=5),
@@ -82,6 +88,7 @@ EXPECTED_ADAPTER = {
     "resnet": "pixels",
     "convnext": "pixels",
     "hiera": "hiera",  # whole mask units dropped, as its MAE pretraining does
+    "gemma4": "gemma4",  # kept tokens carry their positions into the table and the RoPE
     "convvit": "convvit",  # masked convolutions, then the transformer on the kept tokens
 }
 

@@ -17,7 +17,9 @@ import masksub
 
 
 @pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
-@pytest.mark.parametrize("name", ["vit", "eva_rope", "cait", "swin", "resnet", "naflex_rope_mixed", "convvit", "hiera"])
+@pytest.mark.parametrize(
+    "name", ["vit", "eva_rope", "cait", "swin", "resnet", "naflex_rope_mixed", "convvit", "hiera", "gemma4"]
+)
 def test_main_branch_and_inference_unchanged(name, sub):
     plain = tiny_model(name, drop_rate=0.0)
     wrapped = masksub.wrap(copy.deepcopy(plain), sub=sub, ratio=0.3, unit=TINY[name][3])

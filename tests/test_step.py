@@ -36,7 +36,7 @@ def _run(name, memory_saving, accum_steps=1, batches=2, last=False, **step_kw):
 
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
-@pytest.mark.parametrize("name", ["vit", "cait", "swin", "resnet", "convvit", "hiera"])
+@pytest.mark.parametrize("name", ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4"])
 def test_two_backward_equals_summed_loss(name, accum_steps):
     batches = accum_steps
     _, two = _run(name, memory_saving=True, accum_steps=accum_steps, batches=batches)

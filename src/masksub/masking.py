@@ -123,15 +123,21 @@ def keep_valid_patch_tokens(
     caller gathers ``valid`` with the returned indices.
     """
     prefix, patches = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
-    batch, n, _ = patches.shape
+    keep = valid_keep_indices(valid, ratio)
+    return torch.cat((prefix, gather_tokens(patches, keep)), dim=1), keep
+
+
+def valid_keep_indices(valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The indices (B, K) that ``keep_valid_patch_tokens`` keeps of ``valid`` (B, N): ``num_keep(n_i, ratio)`` valid
+    positions per sample at random, then padding to fill ``K = num_keep(N, ratio)``."""
+    batch, n = valid.shape
     valid = valid.bool()
     counts = valid.sum(dim=1)
-    noise = torch.rand(batch, n, device=x.device)
+    noise = torch.rand(batch, n, device=valid.device)
     rank = noise.masked_fill(~valid, 2.0).argsort(dim=1).argsort(dim=1)  # valid tokens rank first
     chosen = valid & (rank < (counts - masked_counts(counts, ratio)).unsqueeze(1))
     order = noise + torch.where(chosen, 0.0, torch.where(valid, 2.0, 1.0))  # chosen, padding, the other valid
-    keep = order.argsort(dim=1)[:, : num_keep(n, ratio)]
-    return torch.cat((prefix, gather_tokens(patches, keep)), dim=1), keep
+    return order.argsort(dim=1)[:, : num_keep(n, ratio)]
 
 
 def units_to_tokens(units: torch.Tensor, unit_grid_w: int, block: int) -> torch.Tensor:

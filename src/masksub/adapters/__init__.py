@@ -1,6 +1,20 @@
 """Mask adapters, one module per model family; importing this package registers them."""
 
-from . import cait, convvit, hf_masktoken, hf_vit, hiera, masktoken, naflex, pixels, text, timm_wrapper, tv_vit, vit  # noqa: F401  (registration side effect)
+from . import (  # noqa: F401  (registration side effect)
+    cait,
+    convvit,
+    gemma4,
+    hf_masktoken,
+    hf_vit,
+    hiera,
+    masktoken,
+    naflex,
+    pixels,
+    text,
+    timm_wrapper,
+    tv_vit,
+    vit,
+)
 from .registry import MaskAdapter, adapted_model, list_adapters, register_adapter, resolve_adapter
 
 __all__ = ["MaskAdapter", "adapted_model", "list_adapters", "register_adapter", "resolve_adapter"]
