@@ -72,3 +72,21 @@ def test_torchvision_families_mask_token_for_swin_and_a_dropout_rate_already_at_
     assert squeeze["dropout"] == "ok (checked at 0.75: the model's own dropout rates are all 0.5)", squeeze
     assert "no residual drop-path sites" in squeeze["droppath"], squeeze
     assert (tmp_path / "tv.md").read_text().startswith("Checked with torchvision ")
+
+
+def test_a_model_above_the_largest_side_is_checked_at_the_small_side(monkeypatch):
+    """The VLM towers (546-768 px) ran out of memory on a 24 GiB machine and went unchecked: a model above
+    MAX_SIDE that takes other sizes is built and checked at SMALL_SIDE, and the table says so."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_families", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "MAX_SIDE", 100)
+    monkeypatch.setattr(script, "SMALL_SIDE", 64)
+    row = script.check_family("resnet", ["resnet10t"])  # takes any size (no img_size argument)
+    assert row["input"] == [3, 64, 64] and row["default_input"] == [3, 176, 176]
+    assert row["mask"] == "ok (pixels)" and row["dropout"] == row["droppath"] == "ok", row
+    assert "| 64x64 (default 176x176) | ok (pixels) |" in script.markdown([row], "versions", "command")
+    monkeypatch.setattr(script, "MAX_SIDE", 512)
+    assert script.check_family("resnet", ["resnet10t"])["input"] == [3, 176, 176]
