@@ -34,6 +34,7 @@ or hangs costs only its row. Writes a JSON and a markdown table.
     python scripts/check_families.py --text --out text_families
     python scripts/check_families.py --vision --out vision_families
     python scripts/check_families.py --torchvision --out torchvision_families
+    python scripts/check_families.py --vision --families siglip2 --out vision_families --update  # one row again
 """
 
 from __future__ import annotations
@@ -156,6 +157,20 @@ def build_vision(model_type: str):
     config = shrunk_config(model_type, only_transformers=True)
     model = getattr(transformers, vision_families()[model_type][0])(config)  # DeiT maps to two classes
     redraw_zero_parameters(model)
+    if model_type == "siglip2":  # patches, as its image processor gives them (NaFlex), a square grid each
+        vision = config.vision_config
+        n, side = vision.num_patches, int(vision.num_patches**0.5)
+        grid = {
+            "pixel_attention_mask": torch.ones(2, n, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[side] * 2] * 2),
+        }
+        shape = (2, n, vision.num_channels * vision.patch_size**2)
+        return (
+            model,
+            {"pixel_values": torch.rand(shape) + 0.5, **grid},
+            {"pixel_values": torch.rand(shape) + 0.5, **grid},
+            {},
+        )
     size = getattr(config, "image_size", 224)
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     shape = (2, getattr(config, "num_channels", 3), h, w)
@@ -377,12 +392,13 @@ def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def markdown(rows: list[dict], versions: str, command: str) -> str:
+def markdown(rows: list[dict], versions: str, command: str, earlier: str = "") -> str:
+    """The table; ``earlier``: the commands of the table this run updates (its ``Command:`` line), kept before it."""
     head = "| family | model | input | mask | dropout | droppath |"
     lines = [
         f"Checked with {versions} on {os.cpu_count()} CPU cores ({platform.platform()}).",
         "",
-        f"Command: `{command}`",
+        f"Command: {earlier}; then `{command}`" if earlier else f"Command: `{command}`",
         "",
         head,
         "|---" * 6 + "|",
@@ -411,6 +427,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("families"), help="writes OUT.json and OUT.md")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600, help="seconds per family")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="replace the checked families' rows in OUT's existing table and keep the others (same versions only)",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     mode = "text" if args.text else "vision" if args.vision else "torchvision" if args.torchvision else None
@@ -435,11 +456,6 @@ def main() -> None:
     unknown = [f for f in chosen if f not in found]
     if unknown:
         p.error(f"unknown families {unknown}; installed ones: {', '.join(sorted(found))}")
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = []
-        for row in pool.map(lambda f: run_one(f, args.timeout, mode), chosen):
-            print(row, flush=True)
-            rows.append(row)
     versions = f"timm {timm.__version__}, torch {torch.__version__}"
     if mode == "torchvision":
         import torchvision
@@ -449,10 +465,25 @@ def main() -> None:
         import transformers
 
         versions = f"transformers {transformers.__version__}, torch {torch.__version__}"
+    old = None
+    if args.update and args.out.with_suffix(".json").exists():
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        if old["versions"] != versions:
+            p.error(f"{args.out}.json was checked with {old['versions']}, this run with {versions}: check all families")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = []
+        for row in pool.map(lambda f: run_one(f, args.timeout, mode), chosen):
+            print(row, flush=True)
+            rows.append(row)
+    command, earlier = "python scripts/check_families.py " + " ".join(sys.argv[1:]), ""
+    if old is not None:
+        checked = {r["family"]: r for r in rows}
+        rows = [checked.pop(r["family"], r) for r in old["rows"]] + list(checked.values())
+        md = args.out.with_suffix(".md").read_text()
+        earlier = next((line.removeprefix("Command: ") for line in md.splitlines() if line.startswith("Command: ")), "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"versions": versions, "rows": rows}, indent=1) + "\n")
-    command = "python scripts/check_families.py " + " ".join(sys.argv[1:])
-    args.out.with_suffix(".md").write_text(markdown(rows, versions, command))
+    args.out.with_suffix(".md").write_text(markdown(rows, versions, command, earlier))
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
 
 

@@ -90,3 +90,41 @@ def test_a_model_above_the_largest_side_is_checked_at_the_small_side(monkeypatch
     assert "| 64x64 (default 176x176) | ok (pixels) |" in script.markdown([row], "versions", "command")
     monkeypatch.setattr(script, "MAX_SIDE", 512)
     assert script.check_family("resnet", ["resnet10t"])["input"] == [3, 176, 176]
+
+
+def test_update_replaces_the_checked_rows_and_keeps_the_others(tmp_path):
+    import timm
+    import torch
+
+    out = tmp_path / "fam"
+    stale = {
+        "family": "cait",
+        "model": "cait_xxs24_224",
+        "input": [3, 224, 224],
+        "mask": "stale",
+        "dropout": "",
+        "droppath": "",
+    }
+    other = {
+        "family": "zzz",
+        "model": "zzz_tiny",
+        "input": [3, 224, 224],
+        "mask": "ok (pixels)",
+        "dropout": "ok",
+        "droppath": "ok",
+    }
+    versions = f"timm {timm.__version__}, torch {torch.__version__}"
+    out.with_suffix(".json").write_text(json.dumps({"versions": versions, "rows": [stale, other]}))
+    out.with_suffix(".md").write_text("Checked with ...\n\nCommand: `python scripts/check_families.py --out fam`\n")
+    proc = _run("--families", "cait", "--out", str(out), "--update")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["family"] for r in rows] == ["cait", "zzz"] and rows[0]["mask"] == "ok (cait)" and rows[1] == other
+    md = out.with_suffix(".md").read_text()
+    assert (
+        "Command: `python scripts/check_families.py --out fam`; then `python scripts/check_families.py --families" in md
+    )
+    assert "| zzz | zzz_tiny | 224x224 | ok (pixels) | ok | ok |" in md
+    out.with_suffix(".json").write_text(json.dumps({"versions": "timm 0.0.1", "rows": [other]}))
+    proc = _run("--families", "cait", "--out", str(out), "--update")
+    assert proc.returncode == 2 and "was checked with timm 0.0.1" in proc.stderr
