@@ -11,8 +11,8 @@ from timm.models import group_modules, group_parameters
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .adapters import adapted_model, resolve_adapter
-from .adapters.registry import check_options
+from .adapters import adapted_model
+from .adapters.registry import check_options, resolve_target
 from .drops import DropoutBranch, DropPathBranch, assign
 from .masking import check_ratio
 
@@ -245,15 +245,17 @@ def wrap(
     """Add a sub branch to ``model``.
 
     Args:
-        model: any timm image model, a torchvision classifier, a Hugging Face text or image classifier, or one
-            with a registered adapter.
+        model: any timm image model, a torchvision classifier, a Hugging Face text or image classifier, one
+            with a registered adapter, or a module of yours holding one such backbone (masked there, see
+            ``adapters.registry.resolve_target``).
         sub: ``"mask"`` (MaskSub), ``"dropout"`` (DropSub) or ``"droppath"`` (PathSub).
         ratio: fraction of the input masked (``mask``) or the drop probability
             (``dropout``/``droppath``), in [0, 1). Default 0.5, the paper's MaskSub value.
         unit: mask block size in pixels for the mask-token and pixel adapters (default 32); the adapters
             that drop single patch tokens (timm, torchvision and Hugging Face ViTs, CaiT, NaFlexViT, ConvViT)
             and Hiera's mask units (its own 32x32 pixels) ignore it.
-        adapter: force an adapter by name instead of choosing by model type.
+        adapter: force an adapter by name instead of choosing by model type (``"pixels"`` masks the input of a
+            module of yours whose backbone would otherwise drop tokens).
         sub_bn_stats: whether the sub pass updates BatchNorm running statistics
             (True, as in the paper) or normalizes with batch statistics only.
         **options: the mask adapter's own settings, e.g. the text adapter's ``tokenizer=``,
@@ -271,10 +273,11 @@ def wrap(
         given = ", ".join([*options, *(["adapter"] if adapter is not None else [])])
         raise TypeError(f"{given}: mask adapter options, but sub={sub!r} uses no mask adapter")
     if sub == "mask":
-        target = adapted_model(model)  # the base model under a PEFT wrapper
-        cls = resolve_adapter(target, adapter)
+        # the base model under a PEFT wrapper, or the one backbone inside a model of the user's
+        cls, target, where = resolve_target(adapted_model(model), adapter)
         check_options(cls, options)
         branch = cls(target, ratio, unit, **options)
+        branch.target_name = where
     elif sub == "dropout":
         branch = DropoutBranch(model, ratio)
     elif sub == "droppath":

@@ -36,11 +36,26 @@ EMBEDDINGS = {
     "SiglipVisionEmbeddings",
 }
 PREFIX_TOKENS = ("cls_token", "class_embedding", "distillation_token")  # one token each, where present
+# Their base models, as a backbone under a head of the user's (which pools: the class token, pooler_output, a mean)
+BACKBONES = {
+    "ViTModel",
+    "ViTMSNModel",
+    "DeiTModel",
+    "Dinov2Model",
+    "Dinov2WithRegistersModel",
+    "IJepaModel",
+    "CLIPVisionModel",
+    "MetaClip2VisionModel",
+    "SiglipVisionModel",
+}
 
 
-def _embeddings(model: nn.Module) -> nn.Module | None:
+def _embeddings(model: nn.Module, backbone: bool = False) -> nn.Module | None:
     # Classifiers only: a head that reads the token grid back (masked image modeling) needs every token.
-    if not type(model).__module__.startswith("transformers.") or "ForImageClassification" not in type(model).__name__:
+    kind = type(model)
+    if not kind.__module__.startswith("transformers."):
+        return None
+    if "ForImageClassification" not in kind.__name__ and not (backbone and kind.__name__ in BACKBONES):
         return None
     return next((m for m in model.modules() if type(m).__name__ in EMBEDDINGS), None)
 
@@ -58,9 +73,11 @@ class HFTokenDropAdapter(MaskAdapter):
 
     default_unit = None  # single patch tokens
 
+    backbone = True  # also a base model (ViTModel, Dinov2Model, ...) inside a model of the user's
+
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
-        embeddings = _embeddings(model)
+        embeddings = _embeddings(model, backbone=True)
         self.num_prefix_tokens = _prefix_tokens(embeddings)
         conv = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))  # the patch projection
         self.patch_size = tuple(conv.stride)
@@ -69,6 +86,10 @@ class HFTokenDropAdapter(MaskAdapter):
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return _embeddings(model) is not None
+
+    @classmethod
+    def supports_backbone(cls, module: nn.Module) -> bool:
+        return _embeddings(module, backbone=True) is not None
 
     def _drop_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         if not self._active:

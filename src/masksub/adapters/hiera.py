@@ -73,6 +73,8 @@ class HieraAdapter(_MaskUnitDropping):
     A model built with ``patch_drop_rate`` has its own unit dropping turned off in the sub pass, which drops instead.
     """
 
+    backbone = True  # also inside a model of the user's (a backbone under their head)
+
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         stride, size = model.patch_stride, model.mask_unit_size
         super().__init__(model, ratio, (stride[0] * size[0], stride[1] * size[1]), tuple(model.mask_spatial_shape))

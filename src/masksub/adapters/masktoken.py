@@ -109,6 +109,8 @@ def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
 class MaskTokenAdapter(MaskAdapter):
     """Replaces ``ratio`` of the ``unit``-pixel blocks by a learnable token after ``patch_embed``."""
 
+    backbone = True  # also inside a model of the user's (a backbone under their head)
+
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
         unit = self.unit

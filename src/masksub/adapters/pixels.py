@@ -21,6 +21,8 @@ from .registry import MaskAdapter, check_images, register_adapter
 class PixelMaskAdapter(MaskAdapter):
     """Zeroes a random ``ratio`` of ``unit``-pixel input blocks per sample."""
 
+    generic = True  # a model of the user's is searched for a backbone first
+
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return any(isinstance(m, nn.Conv2d) for m in model.modules())

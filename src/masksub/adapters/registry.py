@@ -26,6 +26,9 @@ class MaskAdapter(nn.Module):
     priority: int = 0
     description: str = ""
     default_unit: int | None = 32  # mask block size in pixels; None for adapters that take no unit
+    generic: bool = False  # masks any model at its input (pixels): tried after a search for a backbone
+    backbone: bool = False  # its hooks work on a module inside a model of the user's (a backbone under their head)
+    target_name: str = ""  # set by wrap: the name of the module it hooks inside the model ("" for the model itself)
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__()
@@ -47,6 +50,12 @@ class MaskAdapter(nn.Module):
     def supports(cls, model: nn.Module) -> bool:
         raise NotImplementedError
 
+    @classmethod
+    def supports_backbone(cls, module: nn.Module) -> bool:
+        """Whether ``module``, found inside a model of the user's, is one this adapter masks while the model
+        around it is called."""
+        return cls.backbone and cls.supports(module)
+
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -66,7 +75,8 @@ class MaskAdapter(nn.Module):
         return f"{patch[0]}x{patch[1]}-pixel patch tokens" if patch else "tokens"
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, masks {self.masked_unit()}"
+        where = f" of {self.target_name}" if self.target_name else ""
+        return f"ratio={self.ratio}, masks {self.masked_unit()}{where}"
 
 
 _ADAPTERS: dict[str, type[MaskAdapter]] = {}
@@ -115,26 +125,67 @@ def adapted_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def resolve_adapter(model: nn.Module, name: str | None = None) -> type[MaskAdapter]:
-    """The adapter class for ``model`` (the base model under a PEFT wrapper): by ``name`` if given, else the
-    first that supports it."""
+LIBRARIES = ("timm.", "torchvision.", "transformers.", "masksub.")  # their models are judged by their own type
+
+
+def _backbones(model: nn.Module, adapters: list[type[MaskAdapter]]) -> list[tuple[str, nn.Module, type[MaskAdapter]]]:
+    """The outermost modules inside ``model`` that one of ``adapters`` takes as a backbone, with their names."""
+    found = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f"{outer}.") for outer, _, _ in found):
+            continue
+        cls = next((a for a in adapters if a.supports_backbone(module)), None)
+        if cls is not None:
+            found.append((name, module, cls))
+    return found
+
+
+def resolve_target(model: nn.Module, name: str | None = None) -> tuple[type[MaskAdapter], nn.Module, str]:
+    """The adapter class for ``model`` (the base model under a PEFT wrapper), the module it hooks and that module's
+    name in ``model`` (``""``: the model itself).
+
+    A model of the user's (not a timm, torchvision or transformers class) that no adapter takes as a whole but
+    which holds one backbone an adapter takes (a timm ViT under the user's head, say) is masked there: the backbone
+    drops tokens while the whole model is called. With two or more backbones it is masked at its input (pixels).
+    """
     model = adapted_model(model)
+    ordered = sorted(_ADAPTERS.values(), key=lambda a: -a.priority)
+    own = not type(model).__module__.startswith(LIBRARIES)
     if name is not None:
         if name not in _ADAPTERS:
             raise ValueError(f"unknown adapter {name!r}; registered adapters:\n{_families()}")
         cls = _ADAPTERS[name]
-        if not cls.supports(model):
-            raise ValueError(f"adapter {name!r} does not support {type(model).__name__}")
-        return cls
-    for cls in sorted(_ADAPTERS.values(), key=lambda a: -a.priority):
         if cls.supports(model):
-            return cls
+            return cls, model, ""
+        found = _backbones(model, [cls]) if own else []
+        if len(found) == 1:
+            return cls, found[0][1], found[0][0]
+        inside = f"; it holds {len(found)} modules it does: {', '.join(n for n, _, _ in found)}" if found else ""
+        raise ValueError(f"adapter {name!r} does not support {type(model).__name__}{inside}")
+    generic = None
+    for cls in ordered:
+        if cls.supports(model):
+            if not cls.generic:
+                return cls, model, ""
+            generic = cls
+            break
+    found = _backbones(model, [a for a in ordered if not a.generic]) if own else []
+    if len(found) == 1:
+        return found[0][2], found[0][1], found[0][0]
+    if generic is not None:
+        return generic, model, ""
     raise TypeError(
         f"masksub has no mask adapter for {type(model).__name__}: it is not an image model it knows.\n"
         f"Supported families:\n{_families()}\n"
         "For another model, subclass masksub.MaskAdapter and decorate it with "
         "@masksub.register_adapter('name'), or use sub='dropout' / sub='droppath', which work for any model."
     )
+
+
+def resolve_adapter(model: nn.Module, name: str | None = None) -> type[MaskAdapter]:
+    """The adapter class for ``model`` (the base model under a PEFT wrapper): by ``name`` if given, else the
+    first that supports it, or that supports its one backbone (see ``resolve_target``)."""
+    return resolve_target(model, name)[0]
 
 
 def check_options(cls: type[MaskAdapter], options: dict) -> None:

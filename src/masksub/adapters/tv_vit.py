@@ -20,6 +20,8 @@ from .registry import MaskAdapter, check_patch_images, register_adapter
 class TorchvisionTokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample at the encoder blocks' input, keeps the class token."""
 
+    backbone = True  # also inside a model of the user's (a backbone under their head)
+
     default_unit = None  # single patch tokens
     num_prefix_tokens = 1  # the class token
 

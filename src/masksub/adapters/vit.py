@@ -35,6 +35,8 @@ class _NoPatchDrop(nn.Module):
 class TokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample, keeps all prefix tokens."""
 
+    backbone = True  # also inside a model of the user's (a backbone under their head)
+
     default_unit = None  # single patch tokens
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
