@@ -97,22 +97,9 @@ def test_update_replaces_the_checked_rows_and_keeps_the_others(tmp_path):
     import torch
 
     out = tmp_path / "fam"
-    stale = {
-        "family": "cait",
-        "model": "cait_xxs24_224",
-        "input": [3, 224, 224],
-        "mask": "stale",
-        "dropout": "",
-        "droppath": "",
-    }
-    other = {
-        "family": "zzz",
-        "model": "zzz_tiny",
-        "input": [3, 224, 224],
-        "mask": "ok (pixels)",
-        "dropout": "ok",
-        "droppath": "ok",
-    }
+    keys = ("family", "model", "input", "mask", "dropout", "droppath")
+    stale = dict(zip(keys, ("cait", "cait_xxs24_224", [3, 224, 224], "stale", "", "")))
+    other = dict(zip(keys, ("zzz", "zzz_tiny", [3, 224, 224], "ok (pixels)", "ok", "ok")))
     versions = f"timm {timm.__version__}, torch {torch.__version__}"
     out.with_suffix(".json").write_text(json.dumps({"versions": versions, "rows": [stale, other]}))
     out.with_suffix(".md").write_text("Checked with ...\n\nCommand: `python scripts/check_families.py --out fam`\n")
