@@ -71,7 +71,8 @@ def test_train_writes_every_artifact(tmp_path, capsys):
         p.numel() for p in timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, **kwargs).parameters()
     )
     assert out.startswith(
-        f"run folder {folder}\nmodel vit_tiny_patch16_224: {parameters / 1e6:.2f}M parameters; sub branch mask, ratio "
+        f"run folder {folder}\nmodel vit_tiny_patch16_224 (depth=1, embed_dim=32, img_size=28, num_heads=2, "
+        f"patch_size=7): {parameters / 1e6:.2f}M parameters; sub branch mask, ratio "
         "0.5 of the 7x7-pixel patch tokens (vit adapter)\ndata fashion_mnist: 256 training images, 200 evaluated every "
         "epoch; batch 64, 4 steps per epoch, 2 epochs; adamw lr 1.00e-03, cosine with 0.5 warm-up epochs\n"
     )

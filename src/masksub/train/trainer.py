@@ -343,13 +343,18 @@ class Trainer:
         short = f" (the last of {left} batch{'es' * (left > 1)})" if left else ""
         return (
             f"run folder {self.folder}\n"
-            f"model {cfg.model.name}: {parameters / 1e6:.2f}M parameters"
+            f"model {cfg.model.name}{self._model_kwargs()}: {parameters / 1e6:.2f}M parameters"
             f"{f' ({trained:,} trained)' if trained != parameters else ''}{self._method()}\n"
             f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
             f"{counted(self.loaders.steps_per_epoch, 'step')} per epoch{short}, {epochs}; {cfg.optim.name} lr "
             f"{self._learning_rate():.2e}, {cfg.sched.name} with {cfg.sched.warmup_epochs:g} warm-up "
             f"epoch{'s' * (cfg.sched.warmup_epochs != 1)}"
         )
+
+    def _model_kwargs(self) -> str:
+        """The arguments the model was built with (a recipe's, kept when ``--model.name`` changes the model)."""
+        kwargs = self.cfg.model.kwargs
+        return f" ({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else ""
 
     def _method(self) -> str:
         if not isinstance(self.net, masksub.SubBranchModel):
