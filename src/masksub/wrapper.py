@@ -252,7 +252,8 @@ def wrap(
         ratio: fraction of the input masked (``mask``) or the drop probability
             (``dropout``/``droppath``), in [0, 1). Default 0.5, the paper's MaskSub value.
         unit: mask block size in pixels for the mask-token and pixel adapters (default 32); the adapters
-            that drop single patch tokens (timm, torchvision and Hugging Face ViTs, CaiT, NaFlexViT, ConvViT)
+            that drop single patch tokens (timm, torchvision and Hugging Face ViTs, CaiT,
+            NaFlexViT, ConvViT, Gemma 4, SigLIP 2)
             and Hiera's mask units (its own 32x32 pixels) ignore it.
         adapter: force an adapter by name instead of choosing by model type (``"pixels"`` masks the input of a
             module of yours whose backbone would otherwise drop tokens).
