@@ -73,18 +73,27 @@ def test_a_backbone_that_drops_tokens_trains_in_step_at_about_half_the_flops():
     assert all(not torch.equal(before[n], p) for n, p in wrapped.named_parameters())
 
 
-def test_a_hugging_face_base_model_as_the_backbone_drops_tokens():
-    config = transformers.Dinov2Config(
-        image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    net = Net(transformers.Dinov2Model(config), 32).train()
-    entering = []
-    net.backbone.encoder.register_forward_pre_hook(lambda m, a: entering.append(a[0].shape[1]) and None)
+HF_BACKBONES = [
+    ("ViTModel", "ViTConfig", 1),
+    ("Dinov2Model", "Dinov2Config", 1),
+    ("CLIPVisionModel", "CLIPVisionConfig", 1),
+]
+HF_BACKBONES += [("SiglipVisionModel", "SiglipVisionConfig", 0)]
+
+
+@pytest.mark.parametrize("model,config,prefix", HF_BACKBONES, ids=[b[0] for b in HF_BACKBONES])
+def test_a_hugging_face_base_model_as_the_backbone_drops_tokens(model, config, prefix):
+    tiny = dict(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    backbone = getattr(transformers, model)(getattr(transformers, config)(**tiny, intermediate_size=64))
+    net = Net(backbone, 32).train()
     wrapped = masksub.wrap(net, ratio=0.5)
     assert wrapped.branch.name == "hf_vit" and wrapped.branch.target_name == "backbone"
+    embeddings = next(m for m in backbone.modules() if type(m).__name__.endswith("Embeddings"))
+    lengths = []
+    embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]) and None)  # after the adapter's
     with torch.no_grad():
         wrapped(tiny_images("vit", batch=2)), wrapped(tiny_images("vit", batch=2), sub=True)
-    assert entering == [1 + 64, 1 + 32]  # the class token and all 64 patches, then half of them
+    assert lengths == [prefix + 64, prefix + 32]  # the prefix token and all 64 patches, then half of them
 
 
 def test_two_backbones_mask_pixels_and_the_forced_adapter_names_them():
