@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import transformers
-from conftest import EXPECTED_ADAPTER, TINY, sub_flop_ratio, tiny_images
+from conftest import EXPECTED_ADAPTER, TINY, compiled_graphs, sub_flop_ratio, tiny_images
 
 import masksub
 
@@ -62,10 +62,12 @@ def test_the_backbone_inside_a_model_of_the_users_gets_its_own_adapter_and_masks
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
 
 
-def test_a_backbone_that_drops_tokens_trains_in_step_at_about_half_the_flops():
+def test_a_backbone_that_drops_tokens_trains_in_step_at_about_half_the_flops_and_compiles_into_two_graphs():
+    x = tiny_images("vit", batch=4)
+    sequential = torch.nn.Sequential(_backbone("vit"), torch.nn.Linear(32, 3))  # a Sequential is the user's too
+    assert compiled_graphs(masksub.wrap(sequential, ratio=0.5).train(), x) == 2
     net = Net(_backbone("vit"), 32).train()
     wrapped = masksub.wrap(net, ratio=0.5)
-    x = tiny_images("vit", batch=4)
     assert 0.4 < sub_flop_ratio(wrapped, x) < 0.65
     before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
     step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss())
