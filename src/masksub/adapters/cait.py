@@ -22,9 +22,8 @@ from .registry import MaskAdapter, check_patch_images, register_adapter
 class CaitAdapter(MaskAdapter):
     """Drops a random ``ratio`` of the patch tokens per sample; the class token joins later, as always."""
 
-    backbone = True  # also inside a model of the user's (a backbone under their head)
-
     default_unit = None  # single patch tokens
+    backbone = True  # also inside a model of the user's (a backbone under their head)
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)

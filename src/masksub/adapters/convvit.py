@@ -20,9 +20,8 @@ from .registry import MaskAdapter, check_patch_images, register_adapter
 class ConvViTAdapter(MaskAdapter):
     """Keeps a random ``ratio`` of the stage-3 tokens per sample out of the convolutions and the transformer."""
 
-    backbone = True  # also inside a model of the user's (a backbone under their head)
-
     default_unit = None  # single patch tokens
+    backbone = True  # also inside a model of the user's (a backbone under their head)
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)

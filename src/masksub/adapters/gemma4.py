@@ -43,9 +43,8 @@ def _gather(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 class Gemma4Adapter(MaskAdapter):
     """Drops a random ``ratio`` of the patch tokens per sample; each kept token keeps its own position."""
 
-    backbone = True  # also inside a model of the user's (a backbone under their head)
-
     default_unit = None  # single patch tokens
+    backbone = True  # also inside a model of the user's (a backbone under their head)
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)

@@ -72,7 +72,6 @@ class HFTokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample after the embeddings, keeps all prefix tokens."""
 
     default_unit = None  # single patch tokens
-
     backbone = True  # also a base model (ViTModel, Dinov2Model, ...) inside a model of the user's
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):

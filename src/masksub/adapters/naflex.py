@@ -48,9 +48,8 @@ class KeepTokens(nn.Module):
 class NaFlexTokenDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of patch tokens per sample, keeps all prefix tokens."""
 
-    backbone = True  # also inside a model of the user's (a backbone under their head)
-
     default_unit = None  # single patch tokens
+    backbone = True  # also inside a model of the user's (a backbone under their head)
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
