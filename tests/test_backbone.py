@@ -62,6 +62,24 @@ def test_the_backbone_inside_a_model_of_the_users_gets_its_own_adapter_and_masks
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
 
 
+def test_a_torchvision_vit_as_the_backbone_drops_tokens_as_it_does_alone():
+    from test_adapters import _torchvision_vit
+
+    backbone = _torchvision_vit()
+    backbone.heads = torch.nn.Identity()  # the class token's features, for a head of the user's
+    net = Net(copy.deepcopy(backbone), 32).train()
+    wrapped = masksub.wrap(net, ratio=0.5)
+    assert wrapped.branch.name == "tv_vit" and wrapped.branch.target_name == "backbone"
+    alone = masksub.wrap(backbone, ratio=0.5).train()
+    x = tiny_images("vit", batch=4)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        sub = wrapped(x, sub=True)
+        torch.manual_seed(1)
+        torch.testing.assert_close(sub, net.head(alone(x, sub=True)), rtol=0, atol=0)
+        assert not torch.allclose(sub, net(x))
+
+
 def test_a_backbone_that_drops_tokens_trains_in_step_at_about_half_the_flops_and_compiles_into_two_graphs():
     x = tiny_images("vit", batch=4)
     sequential = torch.nn.Sequential(_backbone("vit"), torch.nn.Linear(32, 3))  # a Sequential is the user's too
