@@ -275,7 +275,7 @@ def wrap(
         raise TypeError(f"{given}: mask adapter options, but sub={sub!r} uses no mask adapter")
     if sub == "mask":
         # the base model under a PEFT wrapper, or the one backbone inside a model of the user's
-        cls, target, where = resolve_target(adapted_model(model), adapter)
+        cls, target, where = resolve_target(model, adapter)
         check_options(cls, options)
         branch = cls(target, ratio, unit, **options)
         branch.target_name = where

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from ..masking import gather_tokens, valid_keep_indices
+from .hf_vit import is_hf_image_classifier
 from .registry import MaskAdapter, register_adapter
 
 INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")  # the classifier's positional order
 
 
 def _embeddings(model: nn.Module) -> nn.Module | None:
-    if not type(model).__module__.startswith("transformers.") or "ForImageClassification" not in type(model).__name__:
+    if not is_hf_image_classifier(model):
         return None
     return next((m for m in model.modules() if type(m).__name__ == "Siglip2VisionEmbeddings"), None)
 

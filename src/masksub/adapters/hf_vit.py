@@ -50,12 +50,16 @@ BACKBONES = {
 }
 
 
-def _embeddings(model: nn.Module, backbone: bool = False) -> nn.Module | None:
-    # Classifiers only: a head that reads the token grid back (masked image modeling) needs every token.
+def is_hf_image_classifier(model: nn.Module) -> bool:
+    """A transformers image classifier: a head that reads the token grid back (masked image modeling) needs every
+    token, a classifier's head pools."""
     kind = type(model)
-    if not kind.__module__.startswith("transformers."):
-        return None
-    if "ForImageClassification" not in kind.__name__ and not (backbone and kind.__name__ in BACKBONES):
+    return kind.__module__.startswith("transformers.") and "ForImageClassification" in kind.__name__
+
+
+def _embeddings(model: nn.Module, backbone: bool = False) -> nn.Module | None:
+    backbone = backbone and type(model).__module__.startswith("transformers.") and type(model).__name__ in BACKBONES
+    if not (is_hf_image_classifier(model) or backbone):
         return None
     return next((m for m in model.modules() if type(m).__name__ in EMBEDDINGS), None)
 
