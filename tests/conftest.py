@@ -79,8 +79,8 @@ EXPECTED_ADAPTER = {
     "cait": "cait",  # patch tokens dropped before the blocks; the class token joins later
     "swin": "masktoken",
     "swinv2": "masktoken",
-    "beit": "masktoken",
-    "vit_relpos": "masktoken",
+    "beit": "relpos",  # patch tokens dropped, each attention's relative bias gathered to the kept ones
+    "vit_relpos": "relpos",
     "sam": "masktoken",  # window attention + relative position on the full grid
     "xcit": "pixels",  # its patch embedding returns (tokens, grid): input pixels instead
     "naflex": "naflexvit",

@@ -19,7 +19,9 @@ def _observe_vit(wrapped, x, calls):
     seen = []
     drop_point = getattr(wrapped.branch, "drop_module", None) or wrapped.model.patch_drop  # NaFlexVit: its own
     drop_point.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
-    prefix = 0 if wrapped.branch.name == "cait" else wrapped.model.num_prefix_tokens  # CaiT's joins later
+    # the prefix tokens at the drop point: CaiT's and vit_relpos's class token joins later
+    prefix = 0 if wrapped.branch.name == "cait" else getattr(wrapped.branch, "num_prefix_tokens", None)
+    prefix = wrapped.model.num_prefix_tokens if prefix is None else prefix
     masks = []
     for _ in range(calls):
         wrapped(x, sub=True)
@@ -141,7 +143,7 @@ def observe(name, ratio, calls=2, seed=None, wrapped_at=None):
         torch.manual_seed(seed)
     with torch.no_grad():
         kind = wrapped.branch.name
-        if kind in ("vit", "naflexvit", "cait"):
+        if kind in ("vit", "naflexvit", "cait", "relpos"):
             return _observe_vit(wrapped, x, calls)
         if kind == "convvit":
             return _observe_convvit(wrapped, x, calls)
@@ -161,7 +163,7 @@ def test_adapter_resolution(name):
     assert branch.name == EXPECTED_ADAPTER[name]
     # What the sub pass masks, as logs and repr say: the unit where the adapter masks blocks; an adapter that
     # drops single patch tokens ignores the unit (a loop over many models passes one to all) and says so.
-    if branch.name in ("vit", "naflexvit", "convvit", "cait", "gemma4"):
+    if branch.name in ("vit", "naflexvit", "convvit", "cait", "gemma4", "relpos"):
         assert branch.unit is None
         assert branch.masked_unit() == "{}x{}-pixel patch tokens".format(*branch.patch_size)
     elif branch.name == "hiera":  # the model's own mask unit, whatever the unit given
@@ -335,15 +337,14 @@ def test_mask_token_units_with_non_square_patches(patch):
     )
     original = []
     model.patch_embed.register_forward_hook(lambda m, a, out: original.append(out))
-    wrapped = masksub.wrap(model, ratio=0.5, unit=32).train()
-    assert wrapped.branch.name == "masktoken"
+    wrapped = masksub.wrap(model, ratio=0.5, unit=32, adapter="masktoken").train()
     x = torch.rand(4, 3, 64, 96)
     with torch.no_grad():
         for masks in _observe_masktoken(wrapped, x, 2, original):  # whole 32x32-pixel blocks, checked inside
             assert masks.shape == (4, 6), "a 64x96 image holds 2x3 blocks of 32x32 pixels"
             assert (masks.sum(1) == num_masked(6, 0.5)).all()
     with pytest.raises(ValueError, match="use a unit such as 32"):
-        masksub.wrap(model.train(), unit=24)
+        masksub.wrap(model.train(), unit=24, adapter="masktoken")
 
 
 def test_a_patch_size_changed_after_wrapping_is_the_one_masked():
@@ -395,12 +396,12 @@ def test_a_model_cast_or_placed_before_wrapping_keeps_its_adapter_and_gets_its_m
     """The mask-token adapter probes the patch embedding: a float32 probe of a bf16 model failed, so Swin got
     the pixel adapter. The mask token was made on the CPU in float32 whatever the model's device: a model
     moved to the GPU before wrap() failed its first sub pass (a meta-device model stands in for it here)."""
-    wrapped = masksub.wrap(tiny_model(name).to(torch.bfloat16), ratio=0.5, unit=16).train()
+    wrapped = masksub.wrap(tiny_model(name).to(torch.bfloat16), ratio=0.5, unit=16, adapter="masktoken").train()
     assert wrapped.branch.name == "masktoken" and wrapped.branch.mask_token.dtype == torch.bfloat16
     assert wrapped(tiny_images(name, batch=2).bfloat16(), sub=True).dtype == torch.bfloat16
     with torch.device("meta"):
         model = tiny_model(name)
-    token = masksub.wrap(model, ratio=0.5, unit=16).branch.mask_token
+    token = masksub.wrap(model, ratio=0.5, unit=16, adapter="masktoken").branch.mask_token
     assert token.device.type == "meta" and token.dtype == torch.float32
 
 

@@ -36,7 +36,7 @@ def _run(name, memory_saving, accum_steps=1, batches=2, last=False, **step_kw):
 
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
-@pytest.mark.parametrize("name", ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4"])
+@pytest.mark.parametrize("name", ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4", "beit", "vit_relpos"])
 def test_two_backward_equals_summed_loss(name, accum_steps):
     batches = accum_steps
     _, two = _run(name, memory_saving=True, accum_steps=accum_steps, batches=batches)
@@ -707,7 +707,7 @@ def _checkpointed_grads(name, sub, checkpointing, memory_saving=True):
 
 
 @pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
-@pytest.mark.parametrize("name", ["vit", "swin", "convvit"])
+@pytest.mark.parametrize("name", ["vit", "swin", "convvit", "beit"])
 def test_activation_checkpointing_gives_the_gradients_it_does_without(name, sub):
     """The backward recomputes each checkpointed block: the sub pass's drop rates are still in effect for it."""
     expected = _checkpointed_grads(name, sub, checkpointing=False)
@@ -724,6 +724,17 @@ def test_one_backward_of_both_passes_refuses_drop_rates_under_checkpointing(sub)
         _checkpointed_grads("vit", sub, checkpointing=True, memory_saving=False)
     expected = _checkpointed_grads("vit", "mask", checkpointing=False, memory_saving=False)
     found = _checkpointed_grads("vit", "mask", checkpointing=True, memory_saving=False)  # masking is not a rate
+    for n, g in expected.items():
+        torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("name", ["beit", "vit_relpos"])
+def test_one_backward_recomputes_each_pass_with_its_own_relative_bias(name):
+    """The summed loss recomputes the main and the sub pass's blocks in one backward: each attention must get the
+    full bias for the main pass's tokens and the gathered one for the sub pass's (the relpos adapter)."""
+    expected = _checkpointed_grads(name, "mask", checkpointing=False, memory_saving=False)
+    found = _checkpointed_grads(name, "mask", checkpointing=True, memory_saving=False)
+    assert found.keys() == expected.keys() and any("relative_position" in n or "rel_pos" in n for n in found)
     for n, g in expected.items():
         torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
 

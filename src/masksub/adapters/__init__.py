@@ -11,6 +11,7 @@ from . import (  # noqa: F401  (registration side effect)
     masktoken,
     naflex,
     pixels,
+    relpos,
     text,
     timm_wrapper,
     tv_vit,
