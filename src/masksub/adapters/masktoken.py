@@ -1,8 +1,7 @@
 """Hierarchical and grid-bound transformers: a learnable mask token after patch embedding.
 
-Swin/SwinV2 windows, relative position biases (BEiT, ``vit_relpos``), SAM's
-window attention and similar blocks need the full token grid, so tokens cannot
-be dropped. Instead the patch-embedding output is replaced by a learnable mask
+Swin/SwinV2 windows, SAM's window attention, ConViT's gated positional attention
+and similar blocks need the full token grid, so tokens cannot be dropped. Instead the patch-embedding output is replaced by a learnable mask
 token at masked positions, in units of ``unit`` pixels (default 32: 8x8 tokens
 for Swin's 4-pixel patches) so the mask survives patch merging. No compute is
 saved.
@@ -104,7 +103,7 @@ def _probe_layout(model: nn.Module) -> tuple[str, int] | None:
 @register_adapter(
     "masktoken",
     priority=20,
-    description="Swin, SwinV2 (timm's, torchvision's), BEiT, vit_relpos, others with a patch_embed: mask token",
+    description="Swin, SwinV2 (timm's, torchvision's), SAM ViT, others with a patch_embed: mask token",
 )
 class MaskTokenAdapter(MaskAdapter):
     """Replaces ``ratio`` of the ``unit``-pixel blocks by a learnable token after ``patch_embed``."""

@@ -11,7 +11,10 @@ Every pair of kept tokens keeps the bias of its own relative position; the sub p
 The tokens are dropped after BEiT's absolute position embedding (its ``pos_drop``), or after
 ``vit_relpos``'s patch embedding, before the class token joins. The per-block biases are gathered where
 the attention asks for them, for the sequence it gets: a backward that recomputes checkpointed blocks
-(``set_grad_checkpointing``) runs the main and the sub pass's attention again with their own bias.
+(``set_grad_checkpointing``) runs the main and the sub pass's attention again with their own bias. A
+recomputed sub-pass block takes the kept tokens of the last sub pass, so each sub pass's backward must
+come before the next sub pass (as in ``Step``, the Trainer and Lightning); a recomputed block of another
+length is refused.
 """
 
 from __future__ import annotations

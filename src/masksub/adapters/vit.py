@@ -7,9 +7,10 @@ build ``[prefix tokens..., patch tokens]`` in ``_pos_embed`` and then call
 ``num_keep(N, ratio)`` patch tokens per sample; the model's own blocks, norm and
 head then run on the shorter sequence, so the sub pass really costs less.
 
-Families whose blocks need the full token grid (relative position bias, window
-attention, convolutions over the grid: BEiT, ``vit_relpos``, SAM, XCiT, Swin...)
-are not instances of these classes and fall through to the mask-token adapter.
+Families whose blocks need the full token grid (window attention, convolutions
+over the grid: SAM, XCiT, Swin...) are not instances of these classes and fall
+through to the mask-token adapter; BEiT and ``vit_relpos`` (relative position
+bias) have their own (``relpos``).
 """
 
 from __future__ import annotations
