@@ -5,6 +5,7 @@
     python benchmarks/step_cost.py --scale cpu                        # CPU: the same models, batch / 8, eager
     python benchmarks/step_cost.py --scale tiny                       # CPU, tiny models (the test suite)
     python benchmarks/step_cost.py --grad-checkpointing               # rows with activation checkpointing
+    python benchmarks/step_cost.py --models beit_base_patch16_224 --also-adapter masktoken  # two sub passes
 
 In one process, per model: a plain timm-style loop, ``masksub.Step`` on the plain model, ``masksub.Step``
 with MaskSub at ratio 0.5, and the research-code style step (two forwards, two backwards, the loss read
@@ -13,6 +14,10 @@ four are timed in interleaved rounds with CUDA events (perf_counter on CPU); mea
 counts tensors: parameters, optimizer state, gradients and activations (the CUDA allocator's peak on a GPU,
 the profiler's allocation events on a CPU). The FLOP-ideal cost ratio is (main + sub FLOPs) / main FLOPs of
 forward+backward (torch.utils.flop_counter). Results merge into results/step_cost[_<scale>].{json,md}.
+
+``--also-adapter NAME`` adds a fifth step to the same rounds: ``masksub.Step`` with MaskSub through the
+named adapter (``masktoken`` on a BEiT: the mask token it got before it dropped tokens), with its own
+FLOP-ideal ratio, so two ways of masking one model are compared in one run.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ PAPER_MODELS = {  # model -> batch (the paper's per-GPU scale)
     "resnet50": 256,
 }
 TINY_MODELS = {  # model -> (create kwargs, image size, mask unit)
-    "vit_tiny_patch16_224": (dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2), 32, 32),
+    "vit_tiny_patch16_224": (dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2), 32, 16),
     "swin_tiny_patch4_window7_224": (
         dict(img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4),
         64,
@@ -67,14 +72,17 @@ def make_model(name, tiny, device, channels_last=False, checkpointing=False):
 
 
 def make_step(variant, model, device, amp_dtype, unit, compile_):
-    """One optimizer step as a callable on (x, y); with the module it trains and its optimizer."""
+    """One optimizer step as a callable on (x, y); with the module it trains and its optimizer. ``variant`` is
+    one of VARIANTS, or ``masksub:NAME``: MaskSub through the adapter NAME."""
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    net = masksub.wrap(model, ratio=0.5, unit=unit) if variant in ("masksub", "research") else model
+    adapter = variant.partition(":")[2] or None
+    masked = variant in ("masksub", "research") or adapter
+    net = masksub.wrap(model, ratio=0.5, unit=unit, adapter=adapter) if masked else model
     if compile_:
         net.compile()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     crit = torch.nn.CrossEntropyLoss()
-    if variant in ("plain", "masksub"):
+    if variant in ("plain", "masksub") or adapter:
         amp = {torch.bfloat16: "bf16", None: None}[amp_dtype]
         return masksub.Step(net, opt, crit, amp=amp), net, opt
     if variant == "timm_loop":
@@ -104,9 +112,9 @@ def make_step(variant, model, device, amp_dtype, unit, compile_):
     return research, net, opt
 
 
-def flops(model, x, y, unit):
-    """Forward+backward FLOPs of the main pass and of the MaskSub sub pass."""
-    wrapped = masksub.wrap(model, ratio=0.5, unit=unit)
+def flops(model, x, y, unit, adapter=None):
+    """Forward+backward FLOPs of the main pass and of the MaskSub sub pass (through ``adapter``, if named)."""
+    wrapped = masksub.wrap(model, ratio=0.5, unit=unit, adapter=adapter)
     out = {}
     for name, sub in (("main", False), ("sub", True)):
         with FlopCounterMode(display=False) as counter:
@@ -174,12 +182,17 @@ def bench_model(name, batch, args, device, run_info: dict):
     y = torch.randint(0, 1000, (batch,), device=device)
     row = {"batch": batch, "img": img, "flops": flops(make_model(name, tiny, device), x[:8], y[:8], unit)}
     row["flop_ideal_ratio"] = (row["flops"]["main"] + row["flops"]["sub"]) / row["flops"]["main"]
+    variants = VARIANTS
+    if args.also_adapter:
+        variants = (*VARIANTS, f"masksub:{args.also_adapter}")
+        f = flops(make_model(name, tiny, device), x[:8], y[:8], unit, args.also_adapter)
+        row[f"flop_ideal_ratio:{args.also_adapter}"] = (f["main"] + f["sub"]) / f["main"]
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     # With --grad-checkpointing each variant is also built with checkpointing, and both kinds are timed in
     # the same interleaved rounds: the cost of checkpointing is a ratio within one run.
     checkpointing = [False, True] if args.grad_checkpointing else [False]
     for compile_ in compile_modes:
-        configs = [(mode_name(compile_, ckpt), ckpt, v) for ckpt in checkpointing for v in VARIANTS]
+        configs = [(mode_name(compile_, ckpt), ckpt, v) for ckpt in checkpointing for v in variants]
         steps, peaks = {}, {}
         for mode, ckpt, variant in configs:
             model = make_model(name, tiny, device, channels_last=channels_last, checkpointing=ckpt)
@@ -200,7 +213,7 @@ def bench_model(name, batch, args, device, run_info: dict):
                 "images_per_s": batch / statistics.fmean(ts),
                 "peak_gib": peaks[mode, variant],
             }
-            print(f"{name:32s} {mode:24s} {variant:10s} {statistics.fmean(ts) * 1000:9.2f} ms/step", flush=True)
+            print(f"{name:32s} {mode:24s} {variant:20s} {statistics.fmean(ts) * 1000:9.2f} ms/step", flush=True)
         for mode in dict.fromkeys(mode for mode, _, _ in configs):
             row.setdefault("runs", {})[mode] = run_info
         del steps, step, net, opt, model
@@ -253,8 +266,35 @@ def markdown(data: dict) -> str:
                 f"{ms['masksub'] / ms['plain']:.3f} | {ms['research'] / ms['plain']:.3f} | "
                 f"{row['flop_ideal_ratio']:.3f} | {ms['timm_loop'] / ms['plain']:.3f} | {mem} |"
             )
-    lines += checkpointing_table(data)
+    lines += checkpointing_table(data) + adapters_table(data)
     return "\n".join(lines) + "\n"
+
+
+def adapters_table(data: dict) -> list[str]:
+    """MaskSub through another adapter (``--also-adapter``), timed in the same rounds as the rows above."""
+    out = []
+    for name, row in data["models"].items():
+        for key in row:
+            mode, _, variant = key.partition("/")
+            if not variant.startswith("masksub:") or f"{mode}/plain" not in row:
+                continue
+            adapter, t, plain = variant.partition(":")[2], row[key], row[f"{mode}/plain"]
+            peak = f"{t['peak_gib'] / plain['peak_gib']:.3f}" if plain["peak_gib"] else "n/a"
+            out.append(
+                f"| {name} | {row['batch']} | {mode} | {adapter} | {t['s_per_step'] * 1000:.1f} ± "
+                f"{t['spread'] * 1000:.1f} | {t['s_per_step'] / plain['s_per_step']:.3f} | "
+                f"{row[f'flop_ideal_ratio:{adapter}']:.3f} | {peak} |"
+            )
+    if not out:
+        return []
+    return [
+        "",
+        "MaskSub through another adapter (`--also-adapter`), timed in the same rounds as the row above:",
+        "",
+        "| model | batch | mode | adapter | ms | / plain | FLOP-ideal | peak / plain |",
+        "|---|---|---|---|---|---|---|---|",
+        *out,
+    ]
 
 
 def checkpointing_table(data: dict) -> list[str]:
@@ -330,6 +370,11 @@ def main() -> None:
         "--grad-checkpointing",
         action="store_true",
         help="every variant with timm's activation checkpointing (rows merge beside those without)",
+    )
+    p.add_argument(
+        "--also-adapter",
+        metavar="NAME",
+        help="also time MaskSub through this adapter (masktoken, pixels, ...) in the same rounds",
     )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()

@@ -100,6 +100,21 @@ def test_step_cost_tiny(tmp_path):
     assert ck.split(" | ")[2] == "eager" and ck.split(" | ")[-1] == f"{peak:.3f} |"
 
 
+def test_step_cost_times_masksub_through_another_adapter_in_the_same_rounds(tmp_path):
+    """``--also-adapter pixels`` on the tiny ViT: a fifth step, MaskSub masking pixels, beside the one dropping
+    tokens, with its own FLOP-ideal ratio (the main pass's cost again: 2x) and a row in its own table."""
+    vit = "vit_tiny_patch16_224"
+    _run("step_cost.py", "--scale", "tiny", "--out", str(tmp_path), "--models", vit, "--also-adapter", "pixels")
+    row = json.loads((tmp_path / "step_cost_tiny.json").read_text())["models"][vit]
+    assert {"eager/masksub", "eager/masksub:pixels"} <= set(row)
+    assert row["flop_ideal_ratio:pixels"] == pytest.approx(2.0, rel=0.01) and row["flop_ideal_ratio"] < 1.7
+    assert row["eager/masksub:pixels"]["s_per_step"] > 0
+    md = (tmp_path / "step_cost_tiny.md").read_text()
+    (line,) = [line for line in md.splitlines() if line.startswith(f"| {vit} | 4 | eager | pixels |")]
+    plain = row["eager/plain"]["s_per_step"]
+    assert f"| {row['eager/masksub:pixels']['s_per_step'] / plain:.3f} | 2.000 |" in line
+
+
 def test_accuracy_tiny(tmp_path):
     _run("accuracy.py", "--scale", "tiny", "--seeds", "0,1", "--device", "cpu", "--out", str(tmp_path))
     md = (tmp_path / "accuracy_tiny.md").read_text()
