@@ -121,10 +121,10 @@ def test_hf_vit_sub_pass_costs_about_half_at_ratio_half():
     assert 0.45 < sub_flop_ratio(wrapped, {"pixel_values": x}) < 0.6  # 32 of 64 patches; the embedding sees all
 
 
-def test_hf_vision_models_that_need_the_full_grid_get_a_mask_token_or_masked_pixels():
+def test_hf_vision_models_get_their_familys_adapter_and_one_that_reads_the_grid_back_masks_pixels():
     torch.manual_seed(0)
     beit = transformers.BeitForImageClassification(transformers.BeitConfig(**TINY_VIT, use_relative_position_bias=True))
-    assert masksub.wrap(beit, unit=8).branch.name == "hf_masktoken"
+    assert masksub.wrap(beit, unit=8).branch.name == "hf_relpos"  # drops tokens, gathers the relative bias
     mim = transformers.ViTForMaskedImageModeling(transformers.ViTConfig(**TINY_VIT))  # reads the token grid back
     assert masksub.wrap(mim, unit=8).branch.name == "pixels"
     # A token-dropping adapter ignores the block size (the argument of a loop over many models) and says what it drops.
@@ -160,7 +160,7 @@ def test_hf_mask_token_masks_exactly_num_masked_blocks_which_carry_nothing_of_th
 
     model = _hf_grid(name, config, kw)
     plain = copy.deepcopy(model)
-    wrapped = masksub.wrap(model, ratio=0.5, unit=8)
+    wrapped = masksub.wrap(model, ratio=0.5, unit=8, adapter="hf_masktoken")  # BEiT's own choice: hf_relpos
     branch, embeddings = wrapped.branch, wrapped.branch._embed_ref[0]
     assert branch.name == "hf_masktoken" and branch.masked_unit() == "8x8-pixel blocks"
     base = name.removesuffix("ForImageClassification").lower().replace("data2vecvision", "data2vec_vision")
@@ -210,7 +210,7 @@ def test_hf_mask_token_trains_in_step_which_refuses_an_optimizer_made_before_wra
     step({"pixel_values": torch.rand(2, 3, 32, 32), "labels": torch.tensor([0, 2])})
     assert not torch.equal(token, before)
     with pytest.raises(ValueError, match="holds 1 mask unit of 32 pixels"):  # the default unit on 32-pixel images
-        masksub.wrap(_hf_grid(*HF_GRID[2]))(pixel_values=torch.rand(1, 3, 32, 32), sub=True)
+        masksub.wrap(_hf_grid(*HF_GRID[2]), adapter="hf_masktoken")(pixel_values=torch.rand(1, 3, 32, 32), sub=True)
     # timm's optimizer factory keeps the token out of weight decay, as it keeps timm's 1-D mask tokens
     groups = timm.optim.create_optimizer_v2(wrapped, "adamw", weight_decay=0.05).param_groups
     assert [g["weight_decay"] for g in groups if any(p is token for p in g["params"])] == [0.0]

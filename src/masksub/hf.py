@@ -12,7 +12,7 @@ precision, DDP/FSDP through accelerate, logging (plus ``loss_main`` and ``loss_s
 Where a second backward cannot work (DeepSpeed steps inside its backward; LOMO updates there; DDP's
 static graph) it returns the summed loss for one backward instead: same gradients, both graphs alive together.
 Evaluation and prediction use the plain model and its own loss. Nothing is added to the model, except
-for Swin, SwinV2, BEiT, Data2VecVision and FocalNet classifiers with ``sub="mask"``: a mask token in
+for Swin, SwinV2 and FocalNet classifiers with ``sub="mask"``: a mask token in
 the slot their embeddings have for one (``swin.embeddings.mask_token``), which the Trainer's optimizer,
 DDP and checkpoints then hold; ``from_pretrained`` of the classifier leaves it out of the saved
 model (its load report lists it as unexpected); ``SwinForMaskedImageModeling`` and kin load it.
@@ -47,7 +47,7 @@ class MaskSubTrainer(transformers.Trainer):
 
     Args (besides the Trainer's own, all passed through):
         sub: ``"mask"`` (text models: masked tokens; vision models: dropped patch tokens for ViT and kin, the
-            mask token for Swin, BEiT and kin, masked pixel blocks for CNNs), ``"dropout"`` or ``"droppath"``.
+            mask token for Swin and kin, masked pixel blocks for CNNs), ``"dropout"`` or ``"droppath"``.
         ratio: fraction of each sample's tokens masked, or the sub branch's drop probability.
         mask_options: options of the mask adapter (``mode``, ``mask_token_id``, ``special_ids``);
             by default the mask token and special tokens come from ``processing_class``.

@@ -5,6 +5,7 @@ from . import (  # noqa: F401  (registration side effect)
     convvit,
     gemma4,
     hf_masktoken,
+    hf_relpos,
     hf_siglip2,
     hf_vit,
     hiera,

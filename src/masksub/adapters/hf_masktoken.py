@@ -1,7 +1,8 @@
 """Hugging Face classifiers whose blocks need the full token grid: the model's own mask-token slot.
 
-``SwinForImageClassification``, ``Swinv2...``, ``DonutSwin...`` (windows), ``FocalNet...``,
-``BeitForImageClassification`` and ``Data2VecVision...`` (relative position bias) embed an image with
+``SwinForImageClassification``, ``Swinv2...``, ``DonutSwin...`` (windows), ``FocalNet...``, and, when
+this adapter is named, ``BeitForImageClassification`` and ``Data2VecVision...`` (whose own adapter,
+``hf_relpos``, drops tokens and gathers their relative position bias) embed an image with
 an ``embeddings`` module that takes ``bool_masked_pos`` and replaces the masked patch embeddings by
 its ``mask_token``: the masking their masked-image-modeling heads pretrain with, at the place each
 model puts it (Swin after the patch norm, BEiT before the class token, both before the position
@@ -44,7 +45,7 @@ def _embeddings(model: nn.Module) -> nn.Module | None:
 @register_adapter(
     "hf_masktoken",
     priority=20,
-    description="Hugging Face Swin, SwinV2, BEiT, Data2VecVision, FocalNet classifiers: the model's mask token",
+    description="Hugging Face Swin, SwinV2, FocalNet classifiers: the model's mask token",
 )
 class HFMaskTokenAdapter(MaskAdapter):
     """Replaces ``ratio`` of the ``unit``-pixel blocks by the embeddings' ``mask_token`` (made if absent)."""

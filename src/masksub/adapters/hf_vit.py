@@ -11,8 +11,9 @@ and ``num_keep(N, ratio)`` patch tokens per sample; the encoder and the head (cl
 the patch tokens, or attention pooling) run on the shorter sequence, so the sub pass costs about
 ``1 - ratio`` of the main pass, as with the timm ``vit`` adapter.
 
-Other Hugging Face vision models keep the full grid: Swin's windows and BEiT's relative position bias get
-a mask token (``hf_masktoken``), CNNs the ``pixels`` adapter.
+BEiT and Data2VecVision drop tokens with their relative position bias gathered (``hf_relpos``). Other
+Hugging Face vision models keep the full grid: Swin's windows get a mask token (``hf_masktoken``), CNNs the
+``pixels`` adapter.
 """
 
 from __future__ import annotations

@@ -1,0 +1,119 @@
+"""Hugging Face BEiT and Data2VecVision classifiers: drop patch tokens, gather the relative position bias.
+
+``BeitForImageClassification`` and ``Data2VecVisionForImageClassification`` embed an image as
+``[class token, patch tokens]`` (absolute position embeddings added, where the configuration has them)
+and add a relative position bias to each attention: a ``...RelativePositionBias`` module per layer, or
+one shared by all layers, returns a (1, heads, N, N) bias over the full grid. As timm's BEiT (the
+``relpos`` adapter), the sub pass keeps the class token and ``num_keep(N, ratio)`` patch tokens per
+sample after the embeddings, and each bias module's output is gathered to the kept tokens' rows and
+columns, a (B, heads, K, K) bias: every pair of kept tokens keeps the bias of its own relative position.
+The mean pool (or the class token) and the classifier read the kept tokens; the sub pass costs about
+``1 - ratio`` of the main pass.
+
+The bias modules are called with the sequence length they serve (``dim_size``), in the sub pass the
+shorter one: they get the full length instead (so ``interpolate_pos_encoding`` resizes nothing), and their
+output is gathered. A backward that recomputes checkpointed layers (``gradient_checkpointing_enable``)
+calls them again with that length: the last sub pass's tokens serve it, so each sub pass's backward must
+come before the next sub pass (as in ``Step``, the Trainer and Lightning).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..masking import keep_patch_tokens
+from .hf_vit import is_hf_image_classifier
+from .registry import MaskAdapter, check_patch_images, register_adapter
+from .relpos import gather_bias
+
+EMBEDDINGS = {"BeitEmbeddings", "Data2VecVisionEmbeddings"}
+BIASES = {"BeitRelativePositionBias", "Data2VecVisionRelativePositionBias"}
+BACKBONES = {"BeitModel", "Data2VecVisionModel"}  # as a backbone under a head of the user's
+
+
+def _embeddings(model: nn.Module, backbone: bool = False) -> nn.Module | None:
+    kind = type(model)
+    backbone = backbone and kind.__module__.startswith("transformers.") and kind.__name__ in BACKBONES
+    if not (is_hf_image_classifier(model) or backbone):
+        return None
+    return next((m for m in model.modules() if type(m).__name__ in EMBEDDINGS), None)
+
+
+@register_adapter(
+    "hf_relpos",
+    priority=30,
+    description="Hugging Face BEiT / Data2VecVision classifiers: drop patch tokens, gather the relative bias",
+)
+class HFRelPosAdapter(MaskAdapter):
+    """Drops a random ``ratio`` of patch tokens per sample; each attention gets the kept tokens' relative bias."""
+
+    default_unit = None  # single patch tokens
+    backbone = True  # also a BeitModel / Data2VecVisionModel inside a model of the user's
+    num_prefix_tokens = 1  # the class token
+
+    def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
+        super().__init__(model, ratio, unit)
+        embeddings = _embeddings(model, backbone=True)
+        conv = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))  # the patch projection
+        self.patch_size = tuple(conv.stride)
+        self._index: torch.Tensor | None = None  # (B, 1 + K): the last sub pass's tokens, as bias rows
+        self._gather: int | None = None  # the length the bias module being called serves, when shorter
+        self._handles = [embeddings.register_forward_hook(self._drop_hook)]
+        for module in model.modules():
+            if type(module).__name__ in BIASES:
+                self._handles += [
+                    module.register_forward_pre_hook(self._full_length, with_kwargs=True),
+                    module.register_forward_hook(self._gather_hook),
+                ]
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return _embeddings(model) is not None
+
+    @classmethod
+    def supports_backbone(cls, module: nn.Module) -> bool:
+        return _embeddings(module, backbone=True) is not None
+
+    def _drop_hook(self, module: nn.Module, args: tuple, output):
+        if not self._active:
+            return None
+        tokens = output[0] if isinstance(output, tuple) else output  # Data2VecVision adds the patch grid
+        tokens, keep = keep_patch_tokens(tokens, self.num_prefix_tokens, self.ratio)
+        self._index = torch.cat((keep.new_zeros(keep.shape[0], 1), keep + 1), dim=1)
+        return (tokens, *output[1:]) if isinstance(output, tuple) else tokens
+
+    def _full_length(self, module: nn.Module, args: tuple, kwargs: dict):
+        """A bias module called for a shorter sequence (the sub pass) builds the full grid's bias instead."""
+        (height, width), length = args[0], kwargs.get("dim_size")
+        full = height * width + 1
+        self._gather = length if length is not None and length != full else None
+        return None if self._gather is None else (args, {**kwargs, "dim_size": full})
+
+    def _gather_hook(self, module: nn.Module, args: tuple, bias: torch.Tensor):
+        length, self._gather = self._gather, None
+        if length is None:
+            return None
+        if self._index is None or self._index.shape[1] != length:
+            raise RuntimeError(
+                f"hf_relpos adapter: a relative position bias was asked for {length} tokens, but the last sub pass "
+                "kept " + ("none" if self._index is None else str(self._index.shape[1])) + ": run each sub pass's "
+                "backward before the next sub pass"
+            )
+        return gather_bias(bias, self._index)
+
+    def forward(self, model: nn.Module, *args, **kwargs):
+        for key in ("attention_mask", "bool_masked_pos"):
+            if kwargs.get(key) is not None:
+                raise ValueError(
+                    f"hf_relpos adapter: a given {key} covers every patch token, and the sub pass drops some: leave "
+                    f"{key} out of the sub pass, or use sub='dropout' / 'droppath'"
+                )
+        x = kwargs.get("pixel_values", args[0] if args else None)
+        check_patch_images(x, self.patch_size, self.name)
+        return self.run_with_hooks_active(model, *args, **kwargs)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._index = None
