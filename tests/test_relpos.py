@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import timm
 import torch
@@ -146,3 +149,17 @@ def test_unwrap_leaves_the_plain_model():
     assert not any("_get_rel_pos_bias" in vars(m) for m in plain.modules())
     with torch.no_grad():
         assert torch.equal(plain(x), before)
+
+
+def test_a_copied_or_pickled_wrapped_model_masks_alike_with_its_own_adapter():
+    """EMA deep-copies the model, and torch.save(model) pickles it: each copy's attention asks its own adapter for
+    the bias, and the original class's method computes it (a pickled bound method came back as the override)."""
+    wrapped = masksub.wrap(tiny_model("beit"), ratio=0.5).train()
+    x = tiny_images("beit", batch=2)
+    for other in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        torch.manual_seed(5)
+        expected = wrapped(x, sub=True)
+        torch.manual_seed(5)
+        assert torch.equal(other(x, sub=True), expected)
+        assert other.branch._index is not wrapped.branch._index
+        assert torch.equal(other(x), wrapped(x))

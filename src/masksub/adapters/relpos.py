@@ -106,7 +106,8 @@ class RelPosAdapter(MaskAdapter):
         return model.pos_drop if isinstance(model, Beit) else model.patch_embed.norm
 
     def _override(self, owner: nn.Module, method: str, per_block: bool) -> None:
-        setattr(owner, method, partial(self._bias, getattr(owner, method), per_block))
+        # the class's function, not the bound method: a pickled model then unpickles to the same override
+        setattr(owner, method, partial(self._bias, owner, getattr(type(owner), method), per_block))
         self._methods.append((owner, method))
 
     def _drop_hook(self, module: nn.Module, args: tuple, x: torch.Tensor):
@@ -130,8 +131,8 @@ class RelPosAdapter(MaskAdapter):
             )
         return gather_bias(bias, self._index)
 
-    def _bias(self, method, per_block: bool) -> torch.Tensor:
-        bias = method()
+    def _bias(self, owner: nn.Module, method, per_block: bool) -> torch.Tensor:
+        bias = method(owner)
         if per_block:  # also while a backward recomputes a checkpointed block: the sequence tells which pass
             return bias if self._length == bias.shape[-1] else self._gathered(bias, self._length)
         return self._gathered(bias, self._index.shape[1]) if self._active else bias
