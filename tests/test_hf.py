@@ -491,3 +491,19 @@ def test_gradient_checkpointing_gives_the_gradient_it_does_without(tmp_path, sub
 def test_summed_loss_refuses_dropsub_under_gradient_checkpointing(tmp_path):
     with pytest.raises(ValueError, match="activation checkpointing is on .* and sub='dropout'"):
         _gradient_with(tmp_path, "dropout", checkpointing=True, memory_saving=False)
+
+
+def test_trainer_drops_the_masked_tokens_with_mode_drop(tmp_path):
+    """mask_options={'mode': 'drop'}: each step's sub pass runs the encoder on the kept tokens only."""
+    model = tiny_text_model(**NO_DROPOUT)
+    lengths = []
+    trainer = _trainer(
+        tmp_path,
+        model,
+        text_batch(batch=4),
+        mask_options={"mask_token_id": MASK, "special_ids": SPECIAL, "mode": "drop"},
+    )
+    assert trainer.sub_branch.mode == "drop"
+    model.bert.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    trainer.train()
+    assert lengths[0] == 20 and 10 < lengths[1] < 20, "the main pass keeps all 20 tokens, the sub pass fewer"

@@ -317,3 +317,79 @@ def test_dropsub_raises_functional_dropout_rates_of_every_name_transformers_uses
     assert seen and set(seen) == {0.5}
     restored = [getattr(m, attr) for m in owners]
     assert restored == built and [type(v) for v in restored] == [type(v) for v in built]  # MPT's int 0 as it was
+
+
+def _drop_family(family: str) -> torch.nn.Module:
+    """A tiny classifier of ``family`` without dropout: the modes' outputs compare exactly in training mode."""
+    import transformers
+
+    if family == "distilbert":
+        model = tiny_text_model("distilbert")
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        return model.train()
+    if family in ("bert", "roberta"):
+        return tiny_text_model(family, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    torch.manual_seed(0)
+    kw = dict(
+        SMALL, max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    if family == "electra":
+        return transformers.ElectraForSequenceClassification(transformers.ElectraConfig(**kw, embedding_size=16))
+    return transformers.AlbertForSequenceClassification(transformers.AlbertConfig(**kw, embedding_size=16)).train()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "albert"])
+def test_drop_mode_computes_what_attention_mode_does_on_the_kept_tokens_only(family):
+    """Dropping the masked tokens after the embeddings gives the logits of hiding them from attention (the same
+    mask under one seed), with the encoder running on each sample's kept tokens: the batch's longest kept count."""
+    model = _drop_family(family).train()
+    hidden = wrap_text(copy.deepcopy(model), mode="attention")
+    dropped = wrap_text(model, mode="drop")
+    batch = inputs(text_batch(batch=6, length=24))
+    lengths = []
+    # registered after the adapter's hook: sees the sequence the encoder gets
+    model.base_model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    torch.manual_seed(5)
+    expected = hidden(**batch, sub=True).logits
+    torch.manual_seed(5)
+    got = dropped(**batch, sub=True).logits
+    torch.manual_seed(5)
+    mask = dropped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
+    assert lengths[-1] == 24 - int(mask.sum(1).min()) < 24
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(5)
+    main = dropped(**batch).logits
+    torch.manual_seed(5)  # ALBERT's classifier drops out
+    assert torch.equal(main, hidden(**batch).logits), "the main pass is the plain model's"
+
+
+def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss():
+    from conftest import sub_flop_ratio
+
+    batch = inputs(text_batch(batch=4, length=48))
+    wrapped = wrap_text(_drop_family("bert"), mode="drop", ratio=0.5)
+    assert 0.4 < sub_flop_ratio(wrapped, batch) < 0.7
+    grads = []
+    for memory_saving in (True, False):
+        wrapped = wrap_text(_drop_family("bert"), mode="drop", ratio=0.5).train()
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)  # .grad holds the step's gradient
+        step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), memory_saving=memory_saving)
+        torch.manual_seed(3)
+        step({**batch, "labels": torch.arange(4) % 3})
+        grads.append({n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
+    with pytest.raises(
+        ValueError, match="mode='drop' .* LlamaForSequenceClassification is not one: use mode='attention'"
+    ):
+        wrap_text(tiny_text_model("llama"), mode="drop")
+    with pytest.raises(ValueError, match="BertForTokenClassification is not one"):
+        wrap_text(tiny_token_model(), mode="drop")
+    wrapped = wrap_text(_drop_family("bert"), mode="drop")
+    plain = wrapped.unwrap()
+    assert not any(m._forward_hooks for m in plain.modules())

@@ -8,9 +8,14 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
 - ``mode="token"`` (default): masked tokens become the tokenizer's mask token, the
   input a model pretrained with masked language modelling knows;
 - ``mode="attention"``: masked tokens get 0 in the attention mask, so no token
-  attends to them.
+  attends to them;
+- ``mode="drop"``: masked tokens leave the sequence after the embeddings (each kept
+  token with its own position embedding already added), so the encoder runs on the
+  kept ones: what ``"attention"`` computes for the class token, at about ``1 - ratio``
+  of the encoder's cost. For sequence classifiers of the BERT family (``DROP_MODELS``:
+  absolute positions, pooled from the first token); others are refused.
 
-Neither shortens the sequence, so the sub pass costs what the main pass costs.
+``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..masking import check_ratio, masked_counts
+from ..masking import check_ratio, gather_tokens, masked_counts
 from .registry import MaskAdapter, register_adapter
 
-MODES = ("token", "attention")
+MODES = ("token", "attention", "drop")
+# model types whose encoder takes any length after its embeddings (absolute positions added there, masks made from
+# the embeddings' output) and whose sequence classifier reads the first token: they can drop masked tokens
+DROP_MODELS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert")
 
 
 def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -34,6 +42,20 @@ def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
     return rank < masked_counts(maskable.sum(dim=1), ratio).unsqueeze(1)
 
 
+def _drop_embeddings(model: nn.Module) -> nn.Module:
+    """The embeddings module of a model that ``mode="drop"`` takes, or an error naming the ones it does."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    base = getattr(model, "base_model", None)
+    embeddings = getattr(base, "embeddings", None)
+    if kind not in DROP_MODELS or not type(model).__name__.endswith("ForSequenceClassification") or embeddings is None:
+        raise ValueError(
+            f"mode='drop' shortens the sequence after the embeddings, which needs a sequence classifier of "
+            f"{', '.join(DROP_MODELS)} (absolute positions, pooled from the first token); {type(model).__name__} "
+            "is not one: use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
+        )
+    return embeddings
+
+
 @register_adapter("text", priority=25, description="Hugging Face text models (main input input_ids): mask tokens")
 class TokenMaskAdapter(MaskAdapter):
     """Masks a random ``ratio`` of each sample's non-special tokens (mask token or attention mask).
@@ -41,7 +63,8 @@ class TokenMaskAdapter(MaskAdapter):
     Options (``masksub.wrap(model, ..., **options)``):
         tokenizer: a Hugging Face tokenizer; its ``mask_token_id`` and ``all_special_ids`` are used.
         mask_token_id, special_ids: the same, given directly (they override the tokenizer's).
-        mode: ``"token"`` (replace by the mask token) or ``"attention"`` (hide via the attention mask).
+        mode: ``"token"`` (replace by the mask token), ``"attention"`` (hide via the attention mask) or
+            ``"drop"`` (leave the sequence after the embeddings; BERT-family sequence classifiers).
     """
 
     default_unit = None
@@ -76,6 +99,10 @@ class TokenMaskAdapter(MaskAdapter):
                 "mask_token_id): pass mask_token_id=..., or use mode='attention'"
             )
         self.mode = mode
+        self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
+        self._handle = None
+        if mode == "drop":
+            self._handle = _drop_embeddings(model).register_forward_hook(self._drop_hook)
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         special = sorted({int(i) for i in special_ids})
         param = next(model.parameters(), None)  # made where the model is: no copy to its device at each pass
@@ -111,6 +138,8 @@ class TokenMaskAdapter(MaskAdapter):
                 "masks (packed sequences) are not supported; pass the 2-D padding mask, or use sub='dropout'"
             )
         mask = self.token_mask(input_ids, attention_mask)
+        if self.mode == "drop":
+            return self._run_kept(model, args, kwargs, input_ids, attention_mask, mask)
         if self.mode == "token":
             input_ids = input_ids.masked_fill(mask, self.mask_token_id)
             args, kwargs = ((input_ids,), kwargs) if args else ((), {**kwargs, "input_ids": input_ids})
@@ -119,6 +148,30 @@ class TokenMaskAdapter(MaskAdapter):
                 attention_mask = torch.ones_like(input_ids)
             kwargs = {**kwargs, "attention_mask": attention_mask.masked_fill(mask, 0)}
         return model(*args, **kwargs)
+
+    def _run_kept(self, model, args, kwargs, input_ids, attention_mask, mask):
+        """The model with the masked tokens dropped after its embeddings: each sample's kept tokens in their order,
+        then (where samples keep different counts) masked ones hidden by the attention mask to fill the length."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        length = input_ids.shape[1]
+        position = torch.arange(length, device=input_ids.device)
+        order = (mask.long() * length + position).argsort(dim=1)  # kept tokens first, each group in its order
+        self._keep = order[:, : int(length - mask.sum(dim=1).min())]  # one sync: the batch's longest kept count
+        kept_mask = (attention_mask.bool() & ~mask).gather(1, self._keep).to(attention_mask.dtype)
+        try:
+            return self.run_with_hooks_active(model, *args, **{**kwargs, "attention_mask": kept_mask})
+        finally:
+            self._keep = None
+
+    def _drop_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        if not self._active:
+            return None
+        return gather_tokens(output, self._keep)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, mask_token_id={self.mask_token_id}"
