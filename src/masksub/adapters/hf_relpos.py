@@ -23,21 +23,11 @@ import torch
 from torch import nn
 
 from ..masking import keep_patch_tokens
-from .hf_vit import is_hf_image_classifier
-from .registry import MaskAdapter, check_patch_images, register_adapter
+from .hf_vit import HFTokenDropAdapter
+from .registry import register_adapter
 from .relpos import gather_bias
 
-EMBEDDINGS = {"BeitEmbeddings", "Data2VecVisionEmbeddings"}
 BIASES = {"BeitRelativePositionBias", "Data2VecVisionRelativePositionBias"}
-BACKBONES = {"BeitModel", "Data2VecVisionModel"}  # as a backbone under a head of the user's
-
-
-def _embeddings(model: nn.Module, backbone: bool = False) -> nn.Module | None:
-    kind = type(model)
-    backbone = backbone and kind.__module__.startswith("transformers.") and kind.__name__ in BACKBONES
-    if not (is_hf_image_classifier(model) or backbone):
-        return None
-    return next((m for m in model.modules() if type(m).__name__ in EMBEDDINGS), None)
 
 
 @register_adapter(
@@ -45,35 +35,23 @@ def _embeddings(model: nn.Module, backbone: bool = False) -> nn.Module | None:
     priority=30,
     description="Hugging Face BEiT / Data2VecVision classifiers: drop patch tokens, gather the relative bias",
 )
-class HFRelPosAdapter(MaskAdapter):
+class HFRelPosAdapter(HFTokenDropAdapter):
     """Drops a random ``ratio`` of patch tokens per sample; each attention gets the kept tokens' relative bias."""
 
-    default_unit = None  # single patch tokens
-    backbone = True  # also a BeitModel / Data2VecVisionModel inside a model of the user's
-    num_prefix_tokens = 1  # the class token
+    embeddings_classes = {"BeitEmbeddings", "Data2VecVisionEmbeddings"}  # [class token, patches] + positions
+    backbone_classes = {"BeitModel", "Data2VecVisionModel"}  # as a backbone under a head of the user's
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
-        super().__init__(model, ratio, unit)
-        embeddings = _embeddings(model, backbone=True)
-        conv = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))  # the patch projection
-        self.patch_size = tuple(conv.stride)
+        super().__init__(model, ratio, unit)  # the class token is the one prefix token
         self._index: torch.Tensor | None = None  # (B, 1 + K): the last sub pass's tokens, as bias rows
         self._gather: int | None = None  # the length the bias module being called serves, when shorter
-        self._handles = [embeddings.register_forward_hook(self._drop_hook)]
+        self._bias_handles = []
         for module in model.modules():
             if type(module).__name__ in BIASES:
-                self._handles += [
+                self._bias_handles += [
                     module.register_forward_pre_hook(self._full_length, with_kwargs=True),
                     module.register_forward_hook(self._gather_hook),
                 ]
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return _embeddings(model) is not None
-
-    @classmethod
-    def supports_backbone(cls, module: nn.Module) -> bool:
-        return _embeddings(module, backbone=True) is not None
 
     def _drop_hook(self, module: nn.Module, args: tuple, output):
         if not self._active:
@@ -109,11 +87,10 @@ class HFRelPosAdapter(MaskAdapter):
                     f"hf_relpos adapter: a given {key} covers every patch token, and the sub pass drops some: leave "
                     f"{key} out of the sub pass, or use sub='dropout' / 'droppath'"
                 )
-        x = kwargs.get("pixel_values", args[0] if args else None)
-        check_patch_images(x, self.patch_size, self.name)
-        return self.run_with_hooks_active(model, *args, **kwargs)
+        return super().forward(model, *args, **kwargs)
 
     def remove(self) -> None:
-        for handle in self._handles:
+        super().remove()
+        for handle in self._bias_handles:
             handle.remove()
         self._index = None

@@ -58,13 +58,6 @@ def is_hf_image_classifier(model: nn.Module) -> bool:
     return kind.__module__.startswith("transformers.") and "ForImageClassification" in kind.__name__
 
 
-def _embeddings(model: nn.Module, backbone: bool = False) -> nn.Module | None:
-    backbone = backbone and type(model).__module__.startswith("transformers.") and type(model).__name__ in BACKBONES
-    if not (is_hf_image_classifier(model) or backbone):
-        return None
-    return next((m for m in model.modules() if type(m).__name__ in EMBEDDINGS), None)
-
-
 def _prefix_tokens(embeddings: nn.Module) -> int:
     registers = getattr(embeddings, "register_tokens", None)
     return sum(hasattr(embeddings, name) for name in PREFIX_TOKENS) + (0 if registers is None else registers.shape[1])
@@ -78,22 +71,32 @@ class HFTokenDropAdapter(MaskAdapter):
 
     default_unit = None  # single patch tokens
     backbone = True  # also a base model (ViTModel, Dinov2Model, ...) inside a model of the user's
+    embeddings_classes, backbone_classes = EMBEDDINGS, BACKBONES  # class names, which subclasses replace
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
-        embeddings = _embeddings(model, backbone=True)
+        embeddings = self._embeddings(model, backbone=True)
         self.num_prefix_tokens = _prefix_tokens(embeddings)
         conv = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))  # the patch projection
         self.patch_size = tuple(conv.stride)
         self._handle = embeddings.register_forward_hook(self._drop_hook)
 
     @classmethod
+    def _embeddings(cls, model: nn.Module, backbone: bool = False) -> nn.Module | None:
+        """The embeddings module of a classifier of this family (or, with ``backbone``, of its base model)."""
+        kind = type(model)
+        backbone = backbone and kind.__module__.startswith("transformers.") and kind.__name__ in cls.backbone_classes
+        if not (is_hf_image_classifier(model) or backbone):
+            return None
+        return next((m for m in model.modules() if type(m).__name__ in cls.embeddings_classes), None)
+
+    @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return _embeddings(model) is not None
+        return cls._embeddings(model) is not None
 
     @classmethod
     def supports_backbone(cls, module: nn.Module) -> bool:
-        return _embeddings(module, backbone=True) is not None
+        return cls._embeddings(module, backbone=True) is not None
 
     def _drop_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         if not self._active:
