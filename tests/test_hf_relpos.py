@@ -6,19 +6,14 @@ import pytest
 import torch
 import transformers
 from conftest import sub_flop_ratio
+from test_hf_vision import TINY_VIT
 
 import masksub
 from masksub.adapters.hf_relpos import BIASES
 from masksub.masking import num_keep
 
 TINY = dict(
-    image_size=32,
-    patch_size=4,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    num_labels=3,
+    TINY_VIT,
     hidden_dropout_prob=0.0,
     attention_probs_dropout_prob=0.0,
     layer_scale_init_value=1.0,  # the blocks must matter (0.1 by default)
