@@ -25,7 +25,7 @@ from torch import nn
 from ..masking import keep_patch_tokens
 from .hf_vit import HFTokenDropAdapter
 from .registry import register_adapter
-from .relpos import gather_bias
+from .relpos import bias_rows, kept_bias
 
 BIASES = {"BeitRelativePositionBias", "Data2VecVisionRelativePositionBias"}
 
@@ -58,7 +58,7 @@ class HFRelPosAdapter(HFTokenDropAdapter):
             return None
         tokens = output[0] if isinstance(output, tuple) else output  # Data2VecVision adds the patch grid
         tokens, keep = keep_patch_tokens(tokens, self.num_prefix_tokens, self.ratio)
-        self._index = torch.cat((keep.new_zeros(keep.shape[0], 1), keep + 1), dim=1)
+        self._index = bias_rows(keep, self.num_prefix_tokens)
         return (tokens, *output[1:]) if isinstance(output, tuple) else tokens
 
     def _full_length(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -70,15 +70,7 @@ class HFRelPosAdapter(HFTokenDropAdapter):
 
     def _gather_hook(self, module: nn.Module, args: tuple, bias: torch.Tensor):
         length, self._gather = self._gather, None
-        if length is None:
-            return None
-        if self._index is None or self._index.shape[1] != length:
-            raise RuntimeError(
-                f"hf_relpos adapter: a relative position bias was asked for {length} tokens, but the last sub pass "
-                "kept " + ("none" if self._index is None else str(self._index.shape[1])) + ": run each sub pass's "
-                "backward before the next sub pass"
-            )
-        return gather_bias(bias, self._index)
+        return None if length is None else kept_bias(bias, self._index, length, self.name)
 
     def forward(self, model: nn.Module, *args, **kwargs):
         for key in ("attention_mask", "bool_masked_pos"):

@@ -40,6 +40,26 @@ def gather_bias(bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, pairs.expand(-1, flat.shape[1], -1)).view(batch, -1, k, k)
 
 
+def bias_rows(keep: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The bias rows (B, P + K) of every prefix token and the kept patches ``keep`` (B, K) (patch ``i`` is row
+    ``P + i``)."""
+    first = torch.arange(prefix, device=keep.device).expand(keep.shape[0], -1)
+    return torch.cat((first, keep + prefix), dim=1)
+
+
+def kept_bias(bias: torch.Tensor, index: torch.Tensor | None, length: int, adapter: str) -> torch.Tensor:
+    """``bias`` gathered to the tokens ``index`` (B, P + K) of the last sub pass, for an attention over ``length``
+    tokens; an error where that sub pass kept another count (its backward did not come before the next one)."""
+    if index is None or index.shape[1] != length:
+        raise RuntimeError(
+            f"{adapter} adapter: an attention got {length} tokens and its relative bias covers {bias.shape[-1]}, "
+            "but the last sub pass kept "
+            + ("none" if index is None else str(index.shape[1]))
+            + ": run each sub pass's backward before the next sub pass"
+        )
+    return gather_bias(bias, index)
+
+
 def _bias_sources(model: nn.Module) -> tuple[list[tuple[nn.Module, nn.Module, str]], list[tuple[nn.Module, str]]]:
     """The model's per-block biases as (attention, module with the bias method, method name) and its shared ones
     as (module, method name, or "" for a module whose call returns the bias)."""
@@ -114,31 +134,20 @@ class RelPosAdapter(MaskAdapter):
         if not self._active:
             return None
         x, keep = keep_patch_tokens(args[0], self.num_prefix_tokens, self.ratio)
-        prefix = torch.arange(self.bias_prefix, device=keep.device).expand(keep.shape[0], -1)
-        self._index = torch.cat((prefix, keep + self.bias_prefix), dim=1)
+        self._index = bias_rows(keep, self.bias_prefix)
         return x
 
     def _length_hook(self, module: nn.Module, args: tuple) -> None:
         self._length = args[0].shape[1]
 
-    def _gathered(self, bias: torch.Tensor, length: int) -> torch.Tensor:
-        if self._index is None or self._index.shape[1] != length:
-            raise RuntimeError(
-                f"relpos adapter: an attention got {length} tokens and its relative bias covers {bias.shape[-1]}, "
-                "but the last sub pass kept "
-                + ("none" if self._index is None else str(self._index.shape[1]))
-                + ": run each sub pass's backward before the next sub pass"
-            )
-        return gather_bias(bias, self._index)
-
     def _bias(self, owner: nn.Module, method, per_block: bool) -> torch.Tensor:
         bias = method(owner)
         if per_block:  # also while a backward recomputes a checkpointed block: the sequence tells which pass
-            return bias if self._length == bias.shape[-1] else self._gathered(bias, self._length)
-        return self._gathered(bias, self._index.shape[1]) if self._active else bias
+            return bias if self._length == bias.shape[-1] else kept_bias(bias, self._index, self._length, self.name)
+        return gather_bias(bias, self._index) if self._active else bias  # shared: made once, before the blocks
 
     def _shared_hook(self, module: nn.Module, args: tuple, bias: torch.Tensor):
-        return self._gathered(bias, self._index.shape[1]) if self._active else None
+        return gather_bias(bias, self._index) if self._active else None
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         check_patch_images(x, self.patch_size, self.name)
