@@ -61,6 +61,13 @@ TINY = {
         (32, 32),
         32,
     ),
+    "qwen3": (  # a learned position table resampled to the grid (6x6 -> 8x8) and 2D RoPE; a mean pool
+        "qwen3_vit_88m",
+        dict(VIT, pos_embed_grid_size=6),
+        (32, 32),
+        32,
+    ),
+    "deepseek": ("deepseek_vit_412m", VIT, (32, 32), 32),  # 2D RoPE only, a final norm; a mean pool
     "convvit": (
         "convvit_base_patch16",
         dict(img_size=64, embed_dim=(8, 16, 32), depth=(1, 1, 2), num_heads=2, num_classes=5),
@@ -89,6 +96,8 @@ EXPECTED_ADAPTER = {
     "convnext": "pixels",
     "hiera": "hiera",  # whole mask units dropped, as its MAE pretraining does
     "gemma4": "gemma4",  # kept tokens carry their positions into the table and the RoPE
+    "qwen3": "vlm_tower",  # kept tokens carry their positions into the table and the RoPE
+    "deepseek": "vlm_tower",
     "convvit": "convvit",  # masked convolutions, then the transformer on the kept tokens
 }
 

@@ -83,6 +83,20 @@ def _observe_gemma4(wrapped, x, calls, original):
     return masks
 
 
+def _observe_vlm_tower(wrapped, x, calls, original):
+    """Masks (B, N) from the tokens with their positions (before the drop) and those entering the first block."""
+    encoder, seen = wrapped.model.encoder, []
+    encoder.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    masks = []
+    for _ in range(calls):
+        wrapped(x, sub=True)
+        kept, full = seen.pop(), encoder._pos_embed(original.pop())[0]
+        match = (kept.unsqueeze(2) == full.unsqueeze(1)).all(-1)  # (B, K, N)
+        assert (match.sum(-1) == 1).all(), "every kept token must be exactly one patch token with its position"
+        masks.append(~match.any(1))
+    return masks
+
+
 def _units(token_mask, unit):
     """(B, H, W) per-position mask -> (B, units) after checking each ``unit`` (or (uh, uw)) is all-or-nothing."""
     b, h, w = token_mask.shape
@@ -134,7 +148,7 @@ def observe(name, ratio, calls=2, seed=None, wrapped_at=None):
         model.patch_embed.register_forward_hook(lambda m, a, out: original.append(out))
     if EXPECTED_ADAPTER[name] == "hiera":  # registered first: sees every unrolled token
         model.unroll.register_forward_hook(lambda m, a, out: original.append(out))
-    if EXPECTED_ADAPTER[name] == "gemma4":  # registered first: sees every embedded token
+    if EXPECTED_ADAPTER[name] in ("gemma4", "vlm_tower"):  # sees every embedded token
         model.encoder.patch_embed.register_forward_hook(lambda m, a, out: original.append(out))
     wrapped = masksub.wrap(model, ratio=ratio if wrapped_at is None else wrapped_at, unit=unit).train()
     wrapped.ratio = ratio
@@ -151,6 +165,8 @@ def observe(name, ratio, calls=2, seed=None, wrapped_at=None):
             return _observe_hiera(wrapped, x, calls, original)
         if kind == "gemma4":
             return _observe_gemma4(wrapped, x, calls, original)
+        if kind == "vlm_tower":
+            return _observe_vlm_tower(wrapped, x, calls, original)
         if kind == "masktoken":
             return _observe_masktoken(wrapped, x, calls, original)
         return _observe_pixels(wrapped, x, calls)
@@ -163,7 +179,7 @@ def test_adapter_resolution(name):
     assert branch.name == EXPECTED_ADAPTER[name]
     # What the sub pass masks, as logs and repr say: the unit where the adapter masks blocks; an adapter that
     # drops single patch tokens ignores the unit (a loop over many models passes one to all) and says so.
-    if branch.name in ("vit", "naflexvit", "convvit", "cait", "gemma4", "relpos"):
+    if branch.name in ("vit", "naflexvit", "convvit", "cait", "gemma4", "relpos", "vlm_tower"):
         assert branch.unit is None
         assert branch.masked_unit() == "{}x{}-pixel patch tokens".format(*branch.patch_size)
     elif branch.name == "hiera":  # the model's own mask unit, whatever the unit given

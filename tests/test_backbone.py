@@ -12,7 +12,20 @@ from conftest import EXPECTED_ADAPTER, TINY, compiled_graphs, sub_flop_ratio, ti
 
 import masksub
 
-NAMES = ["vit", "eva_rope", "cait", "naflex", "gemma4", "hiera", "convvit", "swin", "beit", "vit_relpos"]
+NAMES = [
+    "vit",
+    "eva_rope",
+    "cait",
+    "naflex",
+    "gemma4",
+    "hiera",
+    "convvit",
+    "swin",
+    "beit",
+    "vit_relpos",
+    "qwen3",
+    "deepseek",
+]
 
 
 class Net(torch.nn.Module):

@@ -14,7 +14,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("name", ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4", "beit"])
+@pytest.mark.parametrize("name", ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4", "beit", "qwen3"])
 def test_bf16_step_has_no_host_device_sync(name):
     wrapped = masksub.wrap(tiny_model(name), unit=TINY[name][3]).cuda().train()
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3, fused=True)

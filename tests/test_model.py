@@ -18,7 +18,20 @@ import masksub
 
 @pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
 @pytest.mark.parametrize(
-    "name", ["vit", "eva_rope", "cait", "swin", "resnet", "naflex_rope_mixed", "convvit", "hiera", "gemma4"]
+    "name",
+    [
+        "vit",
+        "eva_rope",
+        "cait",
+        "swin",
+        "resnet",
+        "naflex_rope_mixed",
+        "convvit",
+        "hiera",
+        "gemma4",
+        "qwen3",
+        "deepseek",
+    ],
 )
 def test_main_branch_and_inference_unchanged(name, sub):
     plain = tiny_model(name, drop_rate=0.0)

@@ -20,16 +20,16 @@ def _lora(model, targets, **kw):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kw))
 
 
-@pytest.mark.parametrize("name", ["vit", "eva_rope", "naflex", "swin", "beit"])
+@pytest.mark.parametrize("name", ["vit", "eva_rope", "naflex", "swin", "beit", "qwen3"])
 def test_a_lora_timm_model_gets_its_base_models_adapter(name):
     """Before, a PEFT-wrapped ViT was no VisionTransformer to the adapters: it got the mask-token adapter
     (found through PEFT's attribute forwarding), which keeps every token and saves no compute."""
     base = tiny_model(name)
     wrapped = masksub.wrap(_lora(base, ["qkv"]), ratio=0.5, unit=16).train()
     assert wrapped.branch.name == EXPECTED_ADAPTER[name]
-    if wrapped.branch.name in ("vit", "naflexvit", "relpos"):  # the sub pass drops tokens of the base model
+    if wrapped.branch.name in ("vit", "naflexvit", "relpos", "vlm_tower"):  # it drops tokens of the base model
         lengths = []
-        base.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+        getattr(base, "encoder", base).blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
         wrapped(tiny_images(name, batch=2), sub=True)
         assert lengths == [base.num_prefix_tokens + num_keep(64, 0.5)]
         assert "patch_drop" not in wrapped.model._modules, "the PEFT wrapper itself is left alone"

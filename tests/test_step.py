@@ -36,7 +36,9 @@ def _run(name, memory_saving, accum_steps=1, batches=2, last=False, **step_kw):
 
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
-@pytest.mark.parametrize("name", ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4", "beit", "vit_relpos"])
+@pytest.mark.parametrize(
+    "name", ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4", "beit", "vit_relpos", "qwen3"]
+)
 def test_two_backward_equals_summed_loss(name, accum_steps):
     batches = accum_steps
     _, two = _run(name, memory_saving=True, accum_steps=accum_steps, batches=batches)
@@ -707,7 +709,7 @@ def _checkpointed_grads(name, sub, checkpointing, memory_saving=True):
 
 
 @pytest.mark.parametrize("sub", ["mask", "dropout", "droppath"])
-@pytest.mark.parametrize("name", ["vit", "swin", "convvit", "beit"])
+@pytest.mark.parametrize("name", ["vit", "swin", "convvit", "beit", "deepseek"])
 def test_activation_checkpointing_gives_the_gradients_it_does_without(name, sub):
     """The backward recomputes each checkpointed block: the sub pass's drop rates are still in effect for it."""
     expected = _checkpointed_grads(name, sub, checkpointing=False)

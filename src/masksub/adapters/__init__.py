@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (registration side effect)
     timm_wrapper,
     tv_vit,
     vit,
+    vlm_tower,
 )
 from .registry import MaskAdapter, adapted_model, list_adapters, register_adapter, resolve_adapter
 

@@ -56,6 +56,12 @@ class MaskAdapter(nn.Module):
         around it is called."""
         return cls.backbone and cls.supports(module)
 
+    @classmethod
+    def why_not(cls, model: nn.Module) -> str:
+        """Why a model of a family this adapter knows is not one it takes (``""`` where there is no such reason):
+        appended to the error for ``adapter=<name>`` on it."""
+        return ""
+
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -161,7 +167,7 @@ def resolve_target(model: nn.Module, name: str | None = None) -> tuple[type[Mask
         if len(found) == 1:
             return cls, found[0][1], found[0][0]
         inside = f"; it holds {len(found)} modules it does: {', '.join(n for n, _, _ in found)}" if found else ""
-        raise ValueError(f"adapter {name!r} does not support {type(model).__name__}{inside}")
+        raise ValueError(f"adapter {name!r} does not support {type(model).__name__}{cls.why_not(model)}{inside}")
     generic = None
     for cls in ordered:
         if cls.supports(model):
