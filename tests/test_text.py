@@ -365,15 +365,17 @@ def test_drop_mode_computes_what_attention_mode_does_on_the_kept_tokens_only(fam
     assert torch.equal(main, hidden(**batch).logits), "the main pass is the plain model's"
 
 
-def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss():
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss(family):
     from conftest import sub_flop_ratio
 
+    build = (lambda: _decoder("llama").train()) if family == "llama" else (lambda: _drop_family("bert"))
     batch = inputs(text_batch(batch=4, length=48))
-    wrapped = wrap_text(_drop_family("bert"), mode="drop", ratio=0.5)
+    wrapped = wrap_text(build(), mode="drop", ratio=0.5)
     assert 0.4 < sub_flop_ratio(wrapped, batch) < 0.7
     grads = []
     for memory_saving in (True, False):
-        wrapped = wrap_text(_drop_family("bert"), mode="drop", ratio=0.5).train()
+        wrapped = wrap_text(build(), mode="drop", ratio=0.5).train()
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)  # .grad holds the step's gradient
         step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), memory_saving=memory_saving)
         torch.manual_seed(3)
@@ -385,11 +387,80 @@ def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss():
 
 def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
     with pytest.raises(
-        ValueError, match="mode='drop' .* LlamaForSequenceClassification is not one: use mode='attention'"
+        ValueError, match="mode='drop' .* OPTForSequenceClassification is not one: use mode='attention'"
     ):
-        wrap_text(tiny_text_model("llama"), mode="drop")
+        wrap_text(tiny_text_model("opt"), mode="drop")
     with pytest.raises(ValueError, match="BertForTokenClassification is not one"):
         wrap_text(tiny_token_model(), mode="drop")
     wrapped = wrap_text(_drop_family("bert"), mode="drop")
     plain = wrapped.unwrap()
     assert not any(m._forward_hooks for m in plain.modules())
+
+
+def _decoder(kind: str) -> torch.nn.Module:
+    """A tiny decoder sequence classifier of model type ``kind`` (3 labels, padding id PAD), in eval mode: the
+    modes' outputs compare without dropout draws."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(kind)
+    small = dict(SMALL, num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=PAD)
+    for key, value in small.items():
+        if key == "pad_token_id" or isinstance(getattr(config, key, None), int):
+            setattr(config, key, value)
+    config.num_labels = 3
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def _decoder_batch(left: bool, batch: int = 6, length: int = 20) -> dict[str, torch.Tensor]:
+    """Words only (no special token at either end), sample i with ``length - 2 * i`` of them, padded on the left
+    or the right: the token the classifier reads is a word."""
+    ids = torch.randint(4, 64, (batch, length), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones(batch, length, dtype=torch.long)
+    for i in range(batch):
+        pad = slice(0, 2 * i) if left else slice(length - 2 * i, length)
+        ids[i, pad], attention[i, pad] = PAD, 0
+    return {"input_ids": ids, "attention_mask": attention}
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+@pytest.mark.parametrize("kind", masksub.adapters.text.DROP_DECODERS)
+def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(kind, left):
+    """The decoder gets each sample's kept token ids with their own position ids: its logits are those of the whole
+    sequence with the same tokens hidden by the attention mask. The token it reads (the last that is not padding, a
+    word here) is never masked, and each sample masks num_masked of its other words."""
+    model = _decoder(kind)
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    batch = _decoder_batch(left)
+    lengths = []
+    model.get_input_embeddings().register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = wrapped(**batch, sub=True).logits
+        torch.manual_seed(5)
+        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
+        read = torch.arange(20) * (batch["input_ids"] != PAD)
+        assert not mask.gather(1, read.argmax(-1, keepdim=True)).any(), "the token the classifier reads stays"
+        words = batch["attention_mask"].sum(1)
+        assert mask.sum(1).tolist() == masked_counts(words - 1, 0.5).tolist()
+        assert lengths[-1] == 20 - int(mask.sum(1).min()) < 20
+        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(wrapped(**batch).logits, model(**batch).logits), "the main pass is the plain model's"
+
+
+def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_after_wrapping():
+    """Position ids given for the batch (one row, broadcast) are gathered with the kept tokens, and the padding id
+    set on the config after wrapping (as one does once the tokenizer is loaded) finds the token that stays."""
+    model = _decoder("llama")
+    model.config.pad_token_id = None
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    model.config.pad_token_id = PAD
+    batch = {**_decoder_batch(left=False), "position_ids": (torch.arange(20) + 3).unsqueeze(0)}
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = wrapped(**batch, sub=True).logits
+        torch.manual_seed(5)
+        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
+        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -9,11 +9,15 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   input a model pretrained with masked language modelling knows;
 - ``mode="attention"``: masked tokens get 0 in the attention mask, so no token
   attends to them;
-- ``mode="drop"``: masked tokens leave the sequence after the embeddings (each kept
-  token with its own position embedding already added), so the encoder runs on the
-  kept ones: what ``"attention"`` computes for the class token, at about ``1 - ratio``
-  of the encoder's cost. For sequence classifiers of the BERT family (``DROP_MODELS``:
-  absolute positions, pooled from the first token); others are refused.
+- ``mode="drop"``: masked tokens leave the sequence, so the model runs on the kept ones:
+  what ``"attention"`` computes for the token the classifier reads, at about ``1 - ratio``
+  of the model's cost. Sequence classifiers of the BERT family (``DROP_MODELS``: absolute
+  positions, pooled from the first token) drop them after the embeddings, each kept token
+  with its own position embedding already added. Decoder sequence classifiers
+  (``DROP_DECODERS``: Llama, Mistral, Qwen, Gemma, Phi-3, OLMo 2, GPT-2, GPT-NeoX; causal
+  attention, pooled from the last token that is not padding) get the kept token ids with
+  their own position ids, and the token they read (the last one that is not padding) is
+  never masked. Others are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
@@ -32,6 +36,9 @@ MODES = ("token", "attention", "drop")
 # model types whose encoder takes any length after its embeddings (absolute positions added there, masks made from
 # the embeddings' output) and whose sequence classifier reads the first token: they can drop masked tokens
 DROP_MODELS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert")
+# decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
+# whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
+DROP_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "gpt2", "gpt_neox")
 
 
 def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -42,16 +49,20 @@ def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
     return rank < masked_counts(maskable.sum(dim=1), ratio).unsqueeze(1)
 
 
-def _drop_embeddings(model: nn.Module) -> nn.Module:
-    """The embeddings module of a model that ``mode="drop"`` takes, or an error naming the ones it does."""
+def _drop_embeddings(model: nn.Module) -> nn.Module | None:
+    """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder classifier
+    it takes, or an error naming the ones it does."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    base = getattr(model, "base_model", None)
-    embeddings = getattr(base, "embeddings", None)
-    if kind not in DROP_MODELS or not type(model).__name__.endswith("ForSequenceClassification") or embeddings is None:
+    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    if classifier and kind in DROP_DECODERS:
+        return None
+    if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
-            f"mode='drop' shortens the sequence after the embeddings, which needs a sequence classifier of "
-            f"{', '.join(DROP_MODELS)} (absolute positions, pooled from the first token); {type(model).__name__} "
-            "is not one: use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
+            f"mode='drop' shortens the sequence, which needs a sequence classifier of {', '.join(DROP_MODELS)} "
+            f"(absolute positions, pooled from the first token) or of {', '.join(DROP_DECODERS)} (causal "
+            f"attention over position ids, pooled from the last token); {type(model).__name__} is not one: use "
+            "mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
 
@@ -64,7 +75,7 @@ class TokenMaskAdapter(MaskAdapter):
         tokenizer: a Hugging Face tokenizer; its ``mask_token_id`` and ``all_special_ids`` are used.
         mask_token_id, special_ids: the same, given directly (they override the tokenizer's).
         mode: ``"token"`` (replace by the mask token), ``"attention"`` (hide via the attention mask) or
-            ``"drop"`` (leave the sequence after the embeddings; BERT-family sequence classifiers).
+            ``"drop"`` (leave the sequence; BERT-family and decoder sequence classifiers).
     """
 
     default_unit = None
@@ -101,8 +112,14 @@ class TokenMaskAdapter(MaskAdapter):
         self.mode = mode
         self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
         self._handle = None
+        self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
         if mode == "drop":
-            self._handle = _drop_embeddings(model).register_forward_hook(self._drop_hook)
+            embeddings = _drop_embeddings(model)
+            if embeddings is None:
+                self.reads_last = True
+                self._text_config = model.config.get_text_config()  # its padding id, read at each pass
+            else:
+                self._handle = embeddings.register_forward_hook(self._drop_hook)
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         special = sorted({int(i) for i in special_ids})
         param = next(model.parameters(), None)  # made where the model is: no copy to its device at each pass
@@ -118,7 +135,22 @@ class TokenMaskAdapter(MaskAdapter):
         maskable = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
         if attention_mask is not None:
             maskable &= attention_mask.bool()
+        if self.reads_last:  # the token the classifier reads, by its own rule: the last that is not padding
+            maskable[torch.arange(len(input_ids)), self._read_index(input_ids)] = False
         return random_token_mask(maskable, self.ratio)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The decoder's padding id, read from its config at each pass (set after wrapping, as is common)."""
+        return self._text_config.pad_token_id
+
+    def _read_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) the position a decoder classifier reads: its last token that is not padding (the last position
+        where the model has no padding id, as transformers' classifiers do)."""
+        position = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if self.pad_token_id is None:
+            return position[-1].expand(len(input_ids))
+        return (position * (input_ids != self.pad_token_id)).argmax(-1)
 
     def forward(self, model: nn.Module, *args, **kwargs):
         if len(args) > 1:
@@ -150,17 +182,27 @@ class TokenMaskAdapter(MaskAdapter):
         return model(*args, **kwargs)
 
     def _run_kept(self, model, args, kwargs, input_ids, attention_mask, mask):
-        """The model with the masked tokens dropped after its embeddings: each sample's kept tokens in their order,
-        then (where samples keep different counts) masked ones hidden by the attention mask to fill the length."""
+        """The model on the kept tokens only: each sample's kept tokens in their order, then (where samples keep
+        different counts) masked ones hidden by the attention mask to fill the length. A BERT-family model drops
+        them after its embeddings; a decoder gets the kept token ids with their own position ids, the fillers as
+        padding (which it never reads)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         length = input_ids.shape[1]
         position = torch.arange(length, device=input_ids.device)
         order = (mask.long() * length + position).argsort(dim=1)  # kept tokens first, each group in its order
-        self._keep = order[:, : int(length - mask.sum(dim=1).min())]  # one sync: the batch's longest kept count
-        kept_mask = (attention_mask.bool() & ~mask).gather(1, self._keep).to(attention_mask.dtype)
+        keep = order[:, : int(length - mask.sum(dim=1).min())]  # one sync: the batch's longest kept count
+        kwargs = {**kwargs, "attention_mask": (attention_mask.bool() & ~mask).gather(1, keep).to(attention_mask.dtype)}
+        if self.reads_last:
+            ids = input_ids.gather(1, keep)
+            if self.pad_token_id is not None:
+                ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
+            positions = kwargs.get("position_ids")
+            kwargs["position_ids"] = (position if positions is None else positions).expand_as(input_ids).gather(1, keep)
+            return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
+        self._keep = keep
         try:
-            return self.run_with_hooks_active(model, *args, **{**kwargs, "attention_mask": kept_mask})
+            return self.run_with_hooks_active(model, *args, **kwargs)
         finally:
             self._keep = None
 
