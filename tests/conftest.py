@@ -67,6 +67,12 @@ TINY = {
         (32, 32),
         32,
     ),
+    "qwen3_merge": (  # the VLM projector merges 2x2 blocks of tokens: whole blocks are dropped
+        "qwen3_vit_88m",
+        dict(VIT, pos_embed_grid_size=6, encoder_pool="merge"),
+        (32, 32),
+        32,
+    ),
     "deepseek": ("deepseek_vit_412m", VIT, (32, 32), 32),  # 2D RoPE only, a final norm; a mean pool
     "convvit": (
         "convvit_base_patch16",
@@ -97,6 +103,7 @@ EXPECTED_ADAPTER = {
     "hiera": "hiera",  # whole mask units dropped, as its MAE pretraining does
     "gemma4": "gemma4",  # kept tokens carry their positions into the table and the RoPE
     "qwen3": "vlm_tower",  # kept tokens carry their positions into the table and the RoPE
+    "qwen3_merge": "vlm_tower",
     "deepseek": "vlm_tower",
     "convvit": "convvit",  # masked convolutions, then the transformer on the kept tokens
 }

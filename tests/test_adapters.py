@@ -94,7 +94,8 @@ def _observe_vlm_tower(wrapped, x, calls, original):
         match = (kept.unsqueeze(2) == full.unsqueeze(1)).all(-1)  # (B, K, N)
         assert (match.sum(-1) == 1).all(), "every kept token must be exactly one patch token with its position"
         masks.append(~match.any(1))
-    return masks
+    k = wrapped.branch.merge_size  # Qwen3's projector: whole blocks of k x k tokens
+    return masks if k is None else [_units(m.view(len(m), x.shape[-2] // 4, -1), k) for m in masks]
 
 
 def _units(token_mask, unit):
@@ -179,9 +180,12 @@ def test_adapter_resolution(name):
     assert branch.name == EXPECTED_ADAPTER[name]
     # What the sub pass masks, as logs and repr say: the unit where the adapter masks blocks; an adapter that
     # drops single patch tokens ignores the unit (a loop over many models passes one to all) and says so.
-    if branch.name in ("vit", "naflexvit", "convvit", "cait", "gemma4", "relpos", "vlm_tower"):
+    if branch.name in ("vit", "naflexvit", "convvit", "cait", "gemma4", "relpos"):
         assert branch.unit is None
         assert branch.masked_unit() == "{}x{}-pixel patch tokens".format(*branch.patch_size)
+    elif branch.name == "vlm_tower":  # single tokens, or Qwen3's merge blocks of 2x2 tokens
+        assert branch.unit is None
+        assert branch.masked_unit() == ("8x8-pixel merge blocks" if "merge" in name else "4x4-pixel patch tokens")
     elif branch.name == "hiera":  # the model's own mask unit, whatever the unit given
         assert branch.unit is None and branch.masked_unit() == "32x32-pixel mask units"
     else:

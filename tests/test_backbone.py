@@ -24,6 +24,7 @@ NAMES = [
     "beit",
     "vit_relpos",
     "qwen3",
+    "qwen3_merge",
     "deepseek",
 ]
 

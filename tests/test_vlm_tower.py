@@ -67,6 +67,43 @@ def test_the_sub_pass_is_the_model_on_the_kept_tokens_with_their_positions(name,
         assert torch.equal(wrapped(x), model(x)), "the main pass is the plain model"
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("kind", ["classifier", "encoder"])
+def test_qwen3s_projector_merges_each_kept_block_as_in_the_main_pass(kind, ratio):
+    """With the VLM projector (merge_size 2), the sub pass keeps num_keep of the 16 blocks of 2x2 tokens, whole;
+    each sample's kept tokens, run alone through the blocks with their RoPE rows, then each block merged by the
+    projector on its own 2x2 grid, give the same output (the classifier's mean of them, or the encoder's tokens)."""
+    torch.manual_seed(0)
+    if kind == "classifier":
+        model = tiny_model("qwen3", encoder_pool="merge").double()
+    else:
+        model = timm.create_model(ENCODERS["qwen3"], **{**TINY["qwen3"][1], "num_classes": 0}).double()
+    wrapped = masksub.wrap(model, ratio=ratio).train()
+    assert wrapped.branch.name == "vlm_tower" and "masks 8x8-pixel merge blocks" in repr(wrapped.branch)
+    encoder = getattr(model, "encoder", model)
+    x = tiny_images("qwen3", batch=3).double()
+    with torch.no_grad():
+        out, keep = _kept_indices(encoder, x, wrapped)
+        blocks = keep // 16 * 4 + keep % 8 // 2  # the 2x2 block (of a 4x4 grid of them) each kept token is in
+        per_block = blocks.view(3, -1, 4)
+        assert (per_block == per_block[..., :1]).all(), "whole blocks, each block's tokens together"
+        assert len({b for b in per_block[0, :, 0].tolist()}) == per_block.shape[1] == num_keep(16, ratio)
+        full, rope = encoder._pos_embed(encoder.patch_embed(x))
+        rows = []
+        for i in range(3):
+            tokens = full[i : i + 1, keep[i]]
+            for block in encoder.blocks:
+                tokens = block(tokens, rope=rope[keep[i]])
+            merged = torch.cat([encoder.merger(t.view(1, 2, 2, -1)) for t in tokens.view(-1, 4, tokens.shape[-1])], 1)
+            rows.append(model.forward_head(merged) if kind == "classifier" else merged)
+        torch.testing.assert_close(out, torch.cat(rows), rtol=0, atol=1e-12)
+        assert torch.equal(wrapped(x), model(x)), "the main pass is the plain model"
+    with pytest.raises(ValueError, match="not divisible by the patch size 8x8"):
+        wrapped(torch.rand(2, 3, 36, 32, dtype=torch.float64), sub=True)
+    with pytest.raises(ValueError, match=f"holds 1 of the projector's 8x8-pixel merge blocks, and ratio {ratio} drops"):
+        wrapped(torch.rand(2, 3, 8, 8, dtype=torch.float64), sub=True)
+
+
 @pytest.mark.parametrize("name", ["qwen3", "deepseek"])
 def test_the_pixels_of_dropped_patches_do_not_reach_the_sub_pass(name):
     wrapped = masksub.wrap(tiny_model(name), ratio=0.5).train()
@@ -126,8 +163,8 @@ def test_deepseek_pads_any_image_size_in_the_sub_pass_and_qwen3_refuses_one_off_
 @pytest.mark.parametrize(
     "name,settings",
     [
-        ("qwen3", {"encoder_pool": "merge"}),
         ("qwen3", {"global_pool": ""}),
+        ("deepseek", {"global_pool": ""}),
         ("deepseek", {"encoder_pool": "align", "out_features": 16}),
     ],
 )
@@ -135,7 +172,7 @@ def test_pools_over_the_full_grid_keep_the_pixel_adapter_and_say_why_when_asked_
     model = tiny_model(name, **settings)
     assert masksub.wrap(model).branch.name == "pixels"
     key, value = next(iter(settings.items()))
-    needed = "avg" if key == "global_pool" else ""
+    needed = "avg" if key == "global_pool" else ""  # the first setting the message names
     with pytest.raises(ValueError, match=f"built with {key}={value!r}.*build it with {key}={needed!r}"):
         masksub.wrap(model, adapter="vlm_tower")
 
