@@ -119,7 +119,7 @@ def test_the_pixels_of_dropped_patches_do_not_reach_the_sub_pass(name):
             assert torch.equal(wrapped(torch.where(changed, noise, x), sub=True), out) is same
 
 
-@pytest.mark.parametrize("name", ["qwen3", "deepseek"])
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_merge", "deepseek"])
 def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs(name):
     x = tiny_images(name, batch=4)
     assert 0.45 < sub_flop_ratio(masksub.wrap(tiny_model(name), ratio=0.5).train(), x) < 0.6
