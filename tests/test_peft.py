@@ -143,19 +143,10 @@ def test_drop_mode_on_a_lora_decoder_classifier_runs_the_base_model_on_the_kept_
     """LoRA on a Llama classifier, as text classification is often tuned: the PEFT wrapper passes the kept ids'
     position ids through, and the logits are those of the same tokens hidden by the attention mask."""
     from conftest import wrap_text
-    from test_text import _decoder, _decoder_batch
+    from test_text import _decoder, _decoder_batch, dropped_and_hidden
 
-    model = _decoder("llama")
-    peft = _lora(model, ["q_proj", "v_proj"], task_type="SEQ_CLS")
+    peft = _lora(_decoder("llama"), ["q_proj", "v_proj"], task_type="SEQ_CLS")
     wrapped = wrap_text(peft, mode="drop", ratio=0.5)
-    batch = _decoder_batch(left=True)
-    lengths = []
-    model.get_input_embeddings().register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
-    with torch.no_grad():
-        torch.manual_seed(5)
-        got = wrapped(**batch, sub=True).logits
-        torch.manual_seed(5)
-        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
-        expected = peft(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
+    got, expected, mask, lengths = dropped_and_hidden(wrapped, peft, _decoder_batch(left=True))
     assert lengths == [20 - int(mask.sum(1).min()), 20]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

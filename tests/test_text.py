@@ -423,6 +423,21 @@ def _decoder_batch(left: bool, batch: int = 6, length: int = 20) -> dict[str, to
     return {"input_ids": ids, "attention_mask": attention}
 
 
+def dropped_and_hidden(wrapped, model, batch):
+    """Under one seed: the drop mode's sub-pass logits, the model's logits with the same tokens hidden by the
+    attention mask, that mask, and the sequence lengths the model's input embeddings saw (sub pass, then the other)."""
+    lengths = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = wrapped(**batch, sub=True).logits
+        torch.manual_seed(5)
+        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
+        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
+    handle.remove()
+    return got, expected, mask, lengths
+
+
 @pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
 @pytest.mark.parametrize("kind", masksub.adapters.text.DROP_DECODERS)
 def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(kind, left):
@@ -432,20 +447,14 @@ def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(
     model = _decoder(kind)
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
     batch = _decoder_batch(left)
-    lengths = []
-    model.get_input_embeddings().register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
+    read = torch.arange(20) * (batch["input_ids"] != PAD)
+    assert not mask.gather(1, read.argmax(-1, keepdim=True)).any(), "the token the classifier reads stays"
+    words = batch["attention_mask"].sum(1)
+    assert mask.sum(1).tolist() == masked_counts(words - 1, 0.5).tolist()
+    assert lengths == [20 - int(mask.sum(1).min()), 20] and lengths[0] < 20
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        torch.manual_seed(5)
-        got = wrapped(**batch, sub=True).logits
-        torch.manual_seed(5)
-        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
-        read = torch.arange(20) * (batch["input_ids"] != PAD)
-        assert not mask.gather(1, read.argmax(-1, keepdim=True)).any(), "the token the classifier reads stays"
-        words = batch["attention_mask"].sum(1)
-        assert mask.sum(1).tolist() == masked_counts(words - 1, 0.5).tolist()
-        assert lengths[-1] == 20 - int(mask.sum(1).min()) < 20
-        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         assert torch.equal(wrapped(**batch).logits, model(**batch).logits), "the main pass is the plain model's"
 
 
@@ -457,10 +466,5 @@ def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
     model.config.pad_token_id = PAD
     batch = {**_decoder_batch(left=False), "position_ids": (torch.arange(20) + 3).unsqueeze(0)}
-    with torch.no_grad():
-        torch.manual_seed(5)
-        got = wrapped(**batch, sub=True).logits
-        torch.manual_seed(5)
-        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
-        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
+    got, expected, _, _ = dropped_and_hidden(wrapped, model, batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -40,6 +40,17 @@ def _kept_indices(encoder, x, wrapped):
     return out, match.int().argmax(-1)
 
 
+def _alone(encoder, x, keep):
+    """Each sample's kept tokens run alone through the blocks, with their own rows of the model's (unbatched) RoPE
+    table: (1, K, C) per sample."""
+    full, rope = encoder._pos_embed(encoder.patch_embed(x))
+    for i in range(len(x)):
+        tokens = full[i : i + 1, keep[i]]
+        for block in encoder.blocks:
+            tokens = block(tokens, rope=rope[keep[i]])
+        yield tokens
+
+
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
 @pytest.mark.parametrize("kind", ["classifier", "encoder"])
 @pytest.mark.parametrize("name", ["qwen3", "deepseek"])
@@ -55,12 +66,8 @@ def test_the_sub_pass_is_the_model_on_the_kept_tokens_with_their_positions(name,
         out, keep = _kept_indices(encoder, x, wrapped)
         assert keep.shape == (3, num_keep(64, ratio))
         assert (keep.sort(1).values.diff(dim=1) > 0).all(), "distinct patches"
-        full, rope = encoder._pos_embed(encoder.patch_embed(x))
         rows = []
-        for i in range(3):
-            tokens = full[i : i + 1, keep[i]]
-            for block in encoder.blocks:
-                tokens = block(tokens, rope=rope[keep[i]])
+        for tokens in _alone(encoder, x, keep):
             tokens = encoder.norm(tokens) if hasattr(encoder, "norm") else tokens
             rows.append(model.forward_head(tokens) if kind == "classifier" else tokens.mean(1))
         torch.testing.assert_close(out, torch.cat(rows), rtol=0, atol=1e-12)
@@ -88,12 +95,8 @@ def test_qwen3s_projector_merges_each_kept_block_as_in_the_main_pass(kind, ratio
         per_block = blocks.view(3, -1, 4)
         assert (per_block == per_block[..., :1]).all(), "whole blocks, each block's tokens together"
         assert len({b for b in per_block[0, :, 0].tolist()}) == per_block.shape[1] == num_keep(16, ratio)
-        full, rope = encoder._pos_embed(encoder.patch_embed(x))
         rows = []
-        for i in range(3):
-            tokens = full[i : i + 1, keep[i]]
-            for block in encoder.blocks:
-                tokens = block(tokens, rope=rope[keep[i]])
+        for tokens in _alone(encoder, x, keep):
             merged = torch.cat([encoder.merger(t.view(1, 2, 2, -1)) for t in tokens.view(-1, 4, tokens.shape[-1])], 1)
             rows.append(model.forward_head(merged) if kind == "classifier" else merged)
         torch.testing.assert_close(out, torch.cat(rows), rtol=0, atol=1e-12)
