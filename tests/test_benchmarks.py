@@ -100,6 +100,24 @@ def test_step_cost_tiny(tmp_path):
     assert ck.split(" | ")[2] == "eager" and ck.split(" | ")[-1] == f"{peak:.3f} |"
 
 
+def test_text_step_cost_tiny(tmp_path):
+    """A BERT and a Llama classifier: every variant timed with its peak, the attention mode's FLOP-ideal cost the
+    main pass's again (2x), the drop mode's less; one table row per model."""
+    _run("text_step_cost.py", "--scale", "tiny", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "text_step_cost_tiny.json").read_text())
+    assert set(data["models"]) == {"tiny-bert", "tiny-llama"} and "bf16 instructions: " in data["meta"]["hardware"]
+    for row in data["models"].values():
+        for variant in ("plain", "masksub:attention", "masksub:drop"):
+            assert row[variant]["s_per_step"] > 0 and row[variant]["peak_gib"] > 0
+        assert row["flop_ideal"]["attention"] == pytest.approx(2.0, rel=0.01)
+        assert 1.5 < row["flop_ideal"]["drop"] < 1.9
+    md = (tmp_path / "text_step_cost_tiny.md").read_text()
+    assert "--scale tiny" in md and [line.split(" | ")[0] for line in md.splitlines() if "| 4 x 16 |" in line] == [
+        "| tiny-bert",
+        "| tiny-llama",
+    ]
+
+
 def test_step_cost_times_masksub_through_another_adapter_in_the_same_rounds(tmp_path):
     """``--also-adapter pixels`` on the tiny ViT: a fifth step, MaskSub masking pixels, beside the one dropping
     tokens, with its own FLOP-ideal ratio (the main pass's cost again: 2x) and a row in its own table."""

@@ -1,0 +1,217 @@
+"""Seconds per optimizer step and peak memory of text classifiers: plain vs MaskSub with each text mask mode.
+
+The models are built at random initialization from the configurations of real checkpoints (no download):
+``bert-base-uncased`` (a BERT-family encoder, pooled from the first token) and SmolLM2-135M (a Llama decoder,
+pooled from the last token) at the CPU scale, Qwen2.5-0.5B besides at the GPU scale. Each takes batches of
+random token ids whose lengths vary from half the padded length to all of it (right padding), as a padded
+dataset gives them. Variants, timed in alternating rounds in one process (``benchmarks/common.py``):
+
+- ``plain``: ``masksub.Step`` on the model alone;
+- ``masksub:attention``: MaskSub at ratio 0.5, masked tokens hidden by the attention mask (full length);
+- ``masksub:drop``: MaskSub at ratio 0.5, masked tokens dropped from the sequence (``mode="drop"``).
+
+Also the FLOP-ideal cost of each MaskSub mode, (main + sub FLOPs) / main FLOPs, forward and backward, from
+``torch.utils.flop_counter``. Writes ``text_step_cost_<scale>.json`` and ``.md`` with the command, versions and
+hardware.
+
+    python benchmarks/text_step_cost.py --scale cpu --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from common import alternating_step_times, hardware
+from step_cost import peak_memory
+from torch.utils.flop_counter import FlopCounterMode
+
+import masksub
+
+# name -> (model type, configuration of the checkpoint the name gives)
+CONFIGS = {
+    "bert-base-uncased": ("bert", {}),
+    "SmolLM2-135M": (
+        "llama",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+        ),
+    ),  # fmt: skip
+    "Qwen2.5-0.5B": (
+        "qwen2",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+        ),
+    ),  # fmt: skip
+    "tiny-bert": ("bert", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),
+    "tiny-llama": (
+        "llama",
+        dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    ),
+}
+# scale -> (models, batch, padded length, warm-up steps, rounds, steps per round, device)
+SCALES = {
+    "gpu": (("bert-base-uncased", "SmolLM2-135M", "Qwen2.5-0.5B"), 32, 512, 5, 5, 5, "cuda"),
+    "cpu": (("bert-base-uncased", "SmolLM2-135M"), 8, 128, 1, 4, 2, "cpu"),
+    "tiny": (("tiny-bert", "tiny-llama"), 4, 16, 1, 2, 1, "cpu"),
+}
+PAD, SPECIAL = 0, (0, 1, 2)  # padding and two more special ids, never masked
+MODES = ("attention", "drop")
+
+
+def make_model(name: str, device: torch.device) -> torch.nn.Module:
+    kind, overrides = CONFIGS[name]
+    config = transformers.AutoConfig.for_model(kind, **overrides, num_labels=2, pad_token_id=PAD)
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_config(config).to(device).train()
+
+
+def make_batch(batch: int, length: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random words, lengths from ``length // 2`` to ``length`` (right padding), and labels."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(len(SPECIAL), vocab, (batch, length), generator=g)
+    lengths = torch.linspace(length // 2, length, batch).long()
+    real = torch.arange(length) < lengths.unsqueeze(1)
+    ids = ids.masked_fill(~real, PAD)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": real.long().to(device),
+        "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
+    }
+
+
+def flop_ideal(model: torch.nn.Module, batch: dict, mode: str) -> float:
+    """(main + sub) / main forward+backward FLOPs of MaskSub with ``mode``."""
+    wrapped = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=SPECIAL)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    flops = []
+    for sub in (False, True):
+        with FlopCounterMode(display=False) as counter:
+            wrapped(**inputs, sub=sub).logits.float().sum().backward()
+        flops.append(counter.get_total_flops())
+    wrapped.unwrap()
+    model.zero_grad(set_to_none=True)
+    return (flops[0] + flops[1]) / flops[0]
+
+
+def bench(name: str, args, device: torch.device) -> dict:
+    _, batch_size, length, warmup, rounds, calls, _ = SCALES[args.scale]
+    batch_size, length = args.batch or batch_size, args.length or length
+    model = make_model(name, device)
+    batch = make_batch(batch_size, length, model.config.vocab_size, device)
+    row = {"batch": batch_size, "length": length, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    row["flop_ideal"] = {mode: flop_ideal(make_model(name, device), batch, mode) for mode in MODES}
+    steps, peaks = {}, {}
+    for variant in ("plain", *(f"masksub:{mode}" for mode in MODES)):
+        model = make_model(name, device)
+        mode = variant.partition(":")[2]
+        net = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=SPECIAL) if mode else model
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        step = masksub.Step(net, opt, torch.nn.CrossEntropyLoss(), amp=None if args.amp == "none" else "bf16")
+        steps[variant] = lambda step=step: step(batch)
+        steps[variant]()  # one step first: the optimizer state exists before the peak is read
+        peaks[variant] = peak_memory(lambda x, y, step=steps[variant]: step(), net, opt, batch["input_ids"], None, 1)
+    times = {v: [] for v in steps}
+    for _ in range(rounds):  # alternating rounds; the median of each round's steps
+        for v, s in alternating_step_times(steps, device.type == "cuda", warmup=warmup, rounds=1, calls=calls).items():
+            times[v].append(s)
+        warmup = 0
+    for v, ts in times.items():
+        row[v] = {
+            "s_per_step": statistics.fmean(ts),
+            "spread": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+            "peak_gib": peaks[v],
+        }
+        print(f"{name:20s} {v:20s} {statistics.fmean(ts) * 1000:9.1f} ms/step", flush=True)
+    return row
+
+
+def markdown(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['precision']}; {meta['hardware']}, "
+        f"{meta['date']}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "Peak memory: tensor memory (parameters, optimizer state, gradients, activations) at its peak over a step"
+        " (a CPU: the profiler's allocation and free events; a GPU: the CUDA allocator's peak).",
+        "",
+        "| model | params (M) | batch x length | plain ms | attention / plain | its FLOP-ideal | drop / plain "
+        "| its FLOP-ideal | plain peak GiB | attention / plain peak | drop / plain peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in data["models"].items():
+        plain = row["plain"]
+        ratio = {m: row[f"masksub:{m}"]["s_per_step"] / plain["s_per_step"] for m in MODES}
+        peak = {m: row[f"masksub:{m}"]["peak_gib"] / plain["peak_gib"] for m in MODES}
+        lines.append(
+            f"| {name} | {row['params_m']:.0f} | {row['batch']} x {row['length']} | "
+            f"{plain['s_per_step'] * 1000:.1f} ± {plain['spread'] * 1000:.1f} | {ratio['attention']:.3f} | "
+            f"{row['flop_ideal']['attention']:.3f} | {ratio['drop']:.3f} | {row['flop_ideal']['drop']:.3f} | "
+            f"{plain['peak_gib']:.2f} | {peak['attention']:.3f} | {peak['drop']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
+    p.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--length", type=int, default=None, help="padded length")
+    p.add_argument("--amp", default="bf16", choices=("bf16", "none"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    names, *_, device = SCALES[args.scale]
+    names = args.models.split(",") if args.models else names
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown model {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--scale gpu needs CUDA; on this machine use --scale cpu (or --scale tiny)")
+    device = torch.device(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"text_step_cost_{args.scale}.json"
+    data = {
+        "meta": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "precision": "fp32, AdamW" if args.amp == "none" else "bf16 autocast, AdamW",
+            "hardware": hardware(device.type),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python " + " ".join(sys.argv),
+        },
+        "models": {},
+    }
+    for name in names:
+        data["models"][name] = bench(name, args, device)
+        path.write_text(json.dumps(data, indent=2))  # after each model: a cut-off run keeps what it measured
+        path.with_suffix(".md").write_text(markdown(data))
+    print(markdown(data))
+
+
+if __name__ == "__main__":
+    main()
