@@ -52,8 +52,8 @@ def _encoder(model: nn.Module) -> nn.Module:
     return model.encoder if isinstance(model, CLASSIFIERS) else model
 
 
-def _pools(model: nn.Module) -> list[tuple[str, str, str]]:
-    """(setting, value, what is needed) for each pool of ``model`` that the sub pass cannot follow."""
+def _pools(model: nn.Module) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(setting, value, the values the sub pass follows) for each pool of ``model`` set to another value."""
     merge = ("merge",) if hasattr(_encoder(model), "merge_size") else ()  # Qwen3's projector merges whole blocks
     pools = [("global_pool", model.global_pool, ("avg",) if isinstance(model, CLASSIFIERS) else ("avg", *merge))]
     if isinstance(model, CLASSIFIERS):
