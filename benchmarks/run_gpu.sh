@@ -9,6 +9,8 @@
 #   bash benchmarks/run_gpu.sh accuracy_resnet [DEST]
 #   bash benchmarks/run_gpu.sh pretrain [DEST]  # DMJD vs single view on Fashion-MNIST, ViT 6x192: 3 pretraining
 #                                               # runs at once, then their 7 probes and finetunes at once
+#   bash benchmarks/run_gpu.sh text [DEST]      # text classifiers (BERT-base, SmolLM2-135M, Qwen2.5-0.5B configs):
+#                                               # plain vs MaskSub with the attention and the drop mode
 #
 # Results are written to benchmarks/results/. With DEST, the result files (not the run folders) go
 # to DEST as well: the step-cost parts and the test log write there as they go, starting from the
@@ -18,7 +20,7 @@
 # The training parts pass --reuse: run again on the same machine after a time limit cut one off, a
 # part reads its finished runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
-part=${1:?"name a part: eager, compiled, checkpointing, accuracy, accuracy_resnet or pretrain"}
+part=${1:?"name a part: eager, compiled, checkpointing, accuracy, accuracy_resnet, pretrain or text"}
 dest=${2:+$(realpath -m "$2")}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}  # some images have only python3
@@ -32,8 +34,9 @@ case $part in
   accuracy) files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
   accuracy_resnet) files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
   pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
+  text) files="text_step_cost_gpu.json text_step_cost_gpu.md" ;;
   *)
-    echo "unknown part '$part': name one of eager, compiled, checkpointing, accuracy, accuracy_resnet, pretrain" >&2
+    echo "unknown part '$part': name one of eager, compiled, checkpointing, accuracy, accuracy_resnet, pretrain, text" >&2
     exit 2 ;;
 esac
 
@@ -58,6 +61,7 @@ case $part in
   accuracy) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --reuse ;;
   accuracy_resnet) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet --reuse ;;
   pretrain) $PY benchmarks/pretrain.py --scale gpu --jobs 7 --reuse ;;
+  text) $PY benchmarks/text_step_cost.py --scale gpu --out "$out" ;;
 esac
 
 # one copy of each result file in each place
