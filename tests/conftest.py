@@ -74,6 +74,12 @@ TINY = {
         32,
     ),
     "deepseek": ("deepseek_vit_412m", VIT, (32, 32), 32),  # 2D RoPE only, a final norm; a mean pool
+    "timm_convit": (  # gated positional self-attention over the grid, then the class token joins
+        "convit_tiny",
+        dict(img_size=32, patch_size=4, depth=3, embed_dim=16, num_heads=4, local_up_to_layer=2, num_classes=5),
+        (32, 32),
+        32,
+    ),
     "convvit": (
         "convvit_base_patch16",
         dict(img_size=64, embed_dim=(8, 16, 32), depth=(1, 1, 2), num_heads=2, num_classes=5),
@@ -105,6 +111,7 @@ EXPECTED_ADAPTER = {
     "qwen3": "vlm_tower",  # kept tokens carry their positions into the table and the RoPE
     "qwen3_merge": "vlm_tower",
     "deepseek": "vlm_tower",
+    "timm_convit": "gpsa",  # each GPSA attention gets the kept tokens' relative positions
     "convvit": "convvit",  # masked convolutions, then the transformer on the kept tokens
 }
 

@@ -158,7 +158,7 @@ def observe(name, ratio, calls=2, seed=None, wrapped_at=None):
         torch.manual_seed(seed)
     with torch.no_grad():
         kind = wrapped.branch.name
-        if kind in ("vit", "naflexvit", "cait", "relpos"):
+        if kind in ("vit", "naflexvit", "cait", "relpos", "gpsa"):
             return _observe_vit(wrapped, x, calls)
         if kind == "convvit":
             return _observe_convvit(wrapped, x, calls)
@@ -180,7 +180,7 @@ def test_adapter_resolution(name):
     assert branch.name == EXPECTED_ADAPTER[name]
     # What the sub pass masks, as logs and repr say: the unit where the adapter masks blocks; an adapter that
     # drops single patch tokens ignores the unit (a loop over many models passes one to all) and says so.
-    if branch.name in ("vit", "naflexvit", "convvit", "cait", "gemma4", "relpos"):
+    if branch.name in ("vit", "naflexvit", "convvit", "cait", "gemma4", "relpos", "gpsa"):
         assert branch.unit is None
         assert branch.masked_unit() == "{}x{}-pixel patch tokens".format(*branch.patch_size)
     elif branch.name == "vlm_tower":  # single tokens, or Qwen3's merge blocks of 2x2 tokens

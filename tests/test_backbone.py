@@ -26,6 +26,7 @@ NAMES = [
     "qwen3",
     "qwen3_merge",
     "deepseek",
+    "timm_convit",
 ]
 
 

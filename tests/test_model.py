@@ -31,6 +31,7 @@ import masksub
         "gemma4",
         "qwen3",
         "deepseek",
+        "timm_convit",
     ],
 )
 def test_main_branch_and_inference_unchanged(name, sub):

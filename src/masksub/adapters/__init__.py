@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (registration side effect)
     cait,
     convvit,
     gemma4,
+    gpsa,
     hf_masktoken,
     hf_relpos,
     hf_siglip2,

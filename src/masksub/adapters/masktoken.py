@@ -1,7 +1,7 @@
 """Hierarchical and grid-bound transformers: a learnable mask token after patch embedding.
 
-Swin/SwinV2 windows, SAM's window attention, ConViT's gated positional attention
-and similar blocks need the full token grid, so tokens cannot be dropped.
+Swin/SwinV2 windows, SAM's window attention, NesT's nested blocks and similar
+blocks need the full token grid, so tokens cannot be dropped.
 Instead the patch-embedding output is replaced by a learnable mask token at
 masked positions, in units of ``unit`` pixels (default 32: 8x8 tokens for
 Swin's 4-pixel patches) so the mask survives patch merging. No compute is
