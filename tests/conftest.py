@@ -153,6 +153,18 @@ def compiled_graphs(wrapped, x: torch.Tensor) -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def check_dropped_patch_pixels(wrapped, x: torch.Tensor, out: torch.Tensor, keep: torch.Tensor, patch: int = 4) -> None:
+    """``out`` is the sub pass on ``x`` under seed 3, which kept the patch tokens ``keep`` (B, K): new pixels in the
+    dropped patches leave it unchanged, bit for bit, and new pixels in the kept ones change it."""
+    b, _, h, w = x.shape
+    dropped = torch.ones(b, (h // patch) * (w // patch), dtype=torch.bool).scatter(1, keep, False)
+    pixels = dropped.view(b, 1, h // patch, 1, w // patch, 1).expand(-1, 3, -1, patch, -1, patch).reshape_as(x)
+    noise = torch.rand_like(x)
+    for changed, same in ((pixels, True), (~pixels, False)):
+        torch.manual_seed(3)
+        assert torch.equal(wrapped(torch.where(changed, noise, x), sub=True), out) is same
+
+
 def tiny_images(name: str, batch: int = 8, seed: int = 1) -> torch.Tensor:
     _, _, (h, w), _ = TINY[name]
     g = torch.Generator().manual_seed(seed)

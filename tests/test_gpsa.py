@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compiled_graphs, sub_flop_ratio, tiny_images, tiny_model
+from conftest import check_dropped_patch_pixels, compiled_graphs, sub_flop_ratio, tiny_images, tiny_model
 
 import masksub
 from masksub.masking import num_keep
@@ -67,12 +67,7 @@ def test_the_pixels_of_dropped_patches_do_not_reach_the_sub_pass():
     with torch.no_grad():
         torch.manual_seed(3)
         out, keep = _kept(wrapped.model, x, wrapped)
-        dropped = torch.ones(2, 64, dtype=torch.bool).scatter(1, keep, False)
-        pixels = dropped.view(2, 1, 8, 1, 8, 1).expand(-1, 3, -1, 4, -1, 4).reshape_as(x)
-        noise = torch.rand_like(x)
-        for changed, same in ((pixels, True), (~pixels, False)):  # new pixels in the dropped, or the kept, patches
-            torch.manual_seed(3)
-            assert torch.equal(wrapped(torch.where(changed, noise, x), sub=True), out) is same
+        check_dropped_patch_pixels(wrapped, x, out, keep)
 
 
 def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs():

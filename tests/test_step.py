@@ -37,7 +37,8 @@ def _run(name, memory_saving, accum_steps=1, batches=2, last=False, **step_kw):
 
 @pytest.mark.parametrize("accum_steps", [1, 2])
 @pytest.mark.parametrize(
-    "name", ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4", "beit", "vit_relpos", "qwen3", "timm_convit"]
+    "name",
+    ["vit", "cait", "swin", "resnet", "convvit", "hiera", "gemma4", "beit", "vit_relpos", "qwen3", "timm_convit"],
 )
 def test_two_backward_equals_summed_loss(name, accum_steps):
     batches = accum_steps

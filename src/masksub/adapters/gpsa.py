@@ -15,30 +15,28 @@ costs about ``1 - ratio`` of the main pass.
 from __future__ import annotations
 
 import torch
-from timm.layers import to_2tuple
 from timm.models.convit import GPSA, ConVit
 from torch import nn
 
 from ..masking import keep_patch_tokens
-from .registry import MaskAdapter, check_patch_images, register_adapter
+from .cait import CaitAdapter
+from .registry import register_adapter
 from .relpos import gather_bias
 
 
 @register_adapter("gpsa", priority=30, description="timm ConViT: drop patch tokens, gather the positional scores")
-class GPSAAdapter(MaskAdapter):
-    """Drops a random ``ratio`` of patch tokens per sample; each GPSA attention gets the kept tokens' positions."""
+class GPSAAdapter(CaitAdapter):
+    """Drops a random ``ratio`` of patch tokens per sample (where CaiT's adapter does: at the dropout after the
+    position embedding, before the class token joins); each GPSA attention gets the kept tokens' positions."""
 
-    default_unit = None  # single patch tokens
-    backbone = True  # also inside a model of the user's (a backbone under their head)
     num_prefix_tokens = 0  # where the tokens are dropped, the class token has not joined yet
 
     def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
         super().__init__(model, ratio, unit)
-        self._model_ref = [model]  # a list keeps the model from being registered as a submodule
         self._keep: torch.Tensor | None = None  # (B, K): the patches the running sub pass keeps, of _patches
         self._patches = 0
-        self._saved: dict[int, torch.Tensor] = {}  # id(attention) -> its own table, put back after the call
-        self._handles = [self.drop_module.register_forward_hook(self._drop_hook)]
+        self._saved: dict[int, torch.Tensor] = {}  # id(attention) -> its full table, put back after the call
+        self._handles = []
         for module in model.modules():
             if isinstance(module, GPSA):
                 self._handles.append(module.register_forward_pre_hook(self._gather_hook))
@@ -47,16 +45,6 @@ class GPSAAdapter(MaskAdapter):
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return isinstance(model, ConVit)
-
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        """Read from the model on each use."""
-        return tuple(to_2tuple(self._model_ref[0].patch_embed.patch_size))
-
-    @property
-    def drop_module(self) -> nn.Module:
-        """Where the tokens are dropped: the dropout after the position embedding."""
-        return self._model_ref[0].pos_drop
 
     def _drop_hook(self, module: nn.Module, args: tuple, x: torch.Tensor):
         if not self._active:
@@ -79,12 +67,12 @@ class GPSAAdapter(MaskAdapter):
             module.rel_indices = self._saved.pop(id(module))
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        check_patch_images(x, self.patch_size, self.name)
         try:
-            return self.run_with_hooks_active(model, x)
+            return super().forward(model, x)
         finally:
             self._keep = None
 
     def remove(self) -> None:
+        super().remove()
         for handle in self._handles:
             handle.remove()
