@@ -136,7 +136,7 @@ class TokenMaskAdapter(MaskAdapter):
         if attention_mask is not None:
             maskable &= attention_mask.bool()
         if self.reads_last:  # the token the classifier reads, by its own rule: the last that is not padding
-            maskable[torch.arange(len(input_ids)), self._read_index(input_ids)] = False
+            maskable[torch.arange(len(input_ids), device=input_ids.device), self._read_index(input_ids)] = False
         return random_token_mask(maskable, self.ratio)
 
     @property
