@@ -493,17 +493,23 @@ def test_summed_loss_refuses_dropsub_under_gradient_checkpointing(tmp_path):
         _gradient_with(tmp_path, "dropout", checkpointing=True, memory_saving=False)
 
 
-def test_trainer_drops_the_masked_tokens_with_mode_drop(tmp_path):
-    """mask_options={'mode': 'drop'}: each step's sub pass runs the encoder on the kept tokens only."""
-    model = tiny_text_model(**NO_DROPOUT)
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_trainer_drops_the_masked_tokens_with_mode_drop(tmp_path, family):
+    """mask_options={'mode': 'drop'}: each step's sub pass runs the model on the kept tokens only (a decoder gets
+    the kept ids with their position ids)."""
+    if family == "llama":
+        from test_text import _decoder, _decoder_batch
+
+        model, data = _decoder("llama").train(), {**_decoder_batch(left=False, batch=4), "labels": torch.arange(4) % 3}
+    else:
+        model, data = tiny_text_model(**NO_DROPOUT), text_batch(batch=4)
     lengths = []
     trainer = _trainer(
-        tmp_path,
-        model,
-        text_batch(batch=4),
-        mask_options={"mask_token_id": MASK, "special_ids": SPECIAL, "mode": "drop"},
+        tmp_path, model, data, mask_options={"mask_token_id": MASK, "special_ids": SPECIAL, "mode": "drop"}
     )
     assert trainer.sub_branch.mode == "drop"
-    model.bert.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    # what the encoder gets: BERT drops after its embeddings, a decoder gets the kept ids
+    embeddings = model.get_input_embeddings() if family == "llama" else model.bert.embeddings
+    embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
     trainer.train()
     assert lengths[0] == 20 and 10 < lengths[1] < 20, "the main pass keeps all 20 tokens, the sub pass fewer"
