@@ -1248,6 +1248,34 @@ def test_every_recipe_runs_with_tiny_overrides(recipe, tmp_path, image_folder, m
     assert state["config"]["recipe"] == recipe
 
 
+def test_swin_recipe_drops_units_with_sub_adapter_swin_drop(tmp_path, image_folder, monkeypatch, capsys):
+    """``--sub.adapter swin_drop``: the Swin recipe's sub pass drops its masked units (the kept tokens reach the
+    blocks); the key is saved with the run, and a name that does not fit the model is refused before the run folder
+    exists, as is the key with DropSub."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    overrides = {**_recipe_overrides("swin_t", tmp_path), "data.dir": str(image_folder), "sub.adapter": "swin_drop"}
+    lengths = []
+    original = masksub.adapters.swin._block
+
+    def spy(block, x, keep, grid):
+        lengths.append(x.shape[1])
+        return original(block, x, keep, grid)
+
+    monkeypatch.setattr(masksub.adapters.swin, "_block", spy)
+    cli = ["train", "--recipe", "swin_t", *args(overrides), "--train.output", str(tmp_path), "--train.name", "r"]
+    assert main(cli) == 0
+    assert "ratio 0.5 of the 16x16-pixel blocks (swin_drop adapter)" in capsys.readouterr().out
+    assert lengths and set(lengths) <= {128, 32}  # 8 of 16 units: 8x16 first-stage tokens, 8x4 second-stage ones
+    assert checkpoint.load(tmp_path / "r" / "last.pt")["config"]["sub"]["adapter"] == "swin_drop"
+    for bad, message in (
+        ({"sub.adapter": "swin_drop"}, "sub.adapter swin_drop: adapter 'swin_drop' does not support VisionTransformer"),
+        ({"sub.adapter": "swin_drop", "sub.kind": "dropout"}, "sub.adapter would do nothing with sub.kind dropout"),
+    ):
+        assert main(["train", *args(TINY, **bad), "--train.output", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_torchrun_two_processes_end_to_end(tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     # 4 batches of 32 per process and epoch, accumulated 3 and 1: the short window steps on both processes

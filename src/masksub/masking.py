@@ -140,13 +140,14 @@ def valid_keep_indices(valid: torch.Tensor, ratio: float) -> torch.Tensor:
     return order.argsort(dim=1)[:, : num_keep(n, ratio)]
 
 
-def units_to_tokens(units: torch.Tensor, unit_grid_w: int, block: int) -> torch.Tensor:
-    """Unit indices (B, K) on a grid ``unit_grid_w`` wide -> the (B, K * block**2) token indices they cover."""
+def units_to_tokens(units: torch.Tensor, unit_grid_w: int, block: int | tuple[int, int]) -> torch.Tensor:
+    """Unit indices (B, K) on a grid ``unit_grid_w`` wide -> the (B, K * bh * bw) token indices they cover, where a
+    unit is ``block`` tokens square (or ``(bh, bw)`` tokens high and wide)."""
+    bh, bw = (block, block) if isinstance(block, int) else block
     row, col = units // unit_grid_w, units % unit_grid_w  # (B, K)
-    offsets = torch.arange(block, device=units.device)
-    rows = (row * block).unsqueeze(-1) + offsets  # (B, K, block)
-    cols = (col * block).unsqueeze(-1) + offsets
-    tokens = rows.unsqueeze(-1) * (unit_grid_w * block) + cols.unsqueeze(-2)  # (B, K, block, block)
+    rows = (row * bh).unsqueeze(-1) + torch.arange(bh, device=units.device)  # (B, K, bh)
+    cols = (col * bw).unsqueeze(-1) + torch.arange(bw, device=units.device)  # (B, K, bw)
+    tokens = rows.unsqueeze(-1) * (unit_grid_w * bw) + cols.unsqueeze(-2)  # (B, K, bh, bw)
     return tokens.flatten(1)
 
 

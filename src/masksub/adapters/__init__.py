@@ -14,6 +14,7 @@ from . import (  # noqa: F401  (registration side effect)
     naflex,
     pixels,
     relpos,
+    swin,
     text,
     timm_wrapper,
     tv_vit,

@@ -415,10 +415,10 @@ SUB_KEYS = tuple(f.name for f in dataclasses.fields(SubConfig) if f.name != "kin
 
 def branch_keys_unused(kind: str, keys: list[str]) -> list[str]:
     """Of the ``sub.*`` key names ``keys``, those ``sub.kind=kind`` does not read: plain training reads none,
-    DropSub and PathSub no mask unit."""
+    DropSub and PathSub no mask unit or adapter."""
     if kind == "none":
         return list(keys)
-    return [k for k in keys if k == "unit" and kind in ("dropout", "droppath")]
+    return [k for k in keys if k in ("unit", "adapter") and kind in ("dropout", "droppath")]
 
 
 def _differs(section, default, name: str) -> bool:

@@ -47,6 +47,7 @@ class SubConfig:
     kind: str = "mask"  # mask | dropout | droppath | none (plain training)
     ratio: float = 0.5
     unit: int = 32  # mask block in pixels (mask-token and pixel adapters)
+    adapter: str | None = None  # mask adapter by name (swin_drop: a Swin drops its masked units); None: the model's
     main_weight: float = 0.5
     sub_weight: float = 0.5
     temperature: float = 1.0

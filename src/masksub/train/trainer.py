@@ -156,7 +156,13 @@ class Trainer:
         if s.kind == "none":
             self.net = model
         else:
-            self.net = masksub.wrap(model, sub=s.kind, ratio=s.ratio, unit=s.unit, sub_bn_stats=s.bn_stats)
+            options = {"adapter": s.adapter} if s.kind == "mask" else {}
+            try:
+                self.net = masksub.wrap(model, sub=s.kind, ratio=s.ratio, unit=s.unit, sub_bn_stats=s.bn_stats, **options)
+            except ValueError as e:
+                if s.adapter is None:
+                    raise
+                raise ConfigError(f"sub.adapter {s.adapter}: {e}") from None
         if cfg.train.linprobe:
             self._linear_probe_head(model)
         self.model = model  # the plain model: evaluation, EMA, export

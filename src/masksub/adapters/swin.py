@@ -1,0 +1,185 @@
+"""timm's Swin Transformer, opt-in (``adapter="swin_drop"``): drop whole mask units instead of masking them.
+
+Swin's default adapter (``masktoken``, as the paper does it) puts a learnable token at the masked positions:
+the sub pass then costs as much as the main pass. This one leaves the masked units out. Each sample keeps
+``num_keep(U, ratio)`` of its ``U`` units of ``unit`` pixels (default 32: one token of Swin-T's last stage, so
+every patch merging merges either four kept tokens or four dropped ones), and in the sub pass:
+
+- the projections, MLPs, norms and patch mergings run on the kept tokens only;
+- each window's attention (shifted or not, with its relative position bias) reads the kept tokens of that
+  window only: the dropped ones are left out of its keys, as the main pass leaves out the tokens of another
+  shifted region. A window holding no kept token produces nothing that is used;
+- the final norm and the pool (a mean by default) take the kept tokens.
+
+So kept tokens never see dropped ones: the sub pass equals the model run with every window's attention
+masked to the kept tokens (tested in float64), and the pixels of a dropped unit do not reach it. The
+projections and MLPs, most of Swin's compute, cost about ``1 - ratio``; the attention itself, a small share,
+still runs over whole windows. Shapes are static, with no host synchronization.
+
+This is a different sub branch from the mask token's (a masked region is absent rather than present as a
+learned token), as in masked-image-modeling methods that drop tokens from Swin's windows: use it where the
+sub pass's cost matters more than following the paper's Swin recipe.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import to_2tuple
+from timm.models._manipulate import checkpoint
+from timm.models.swin_transformer import SwinTransformer, window_partition, window_reverse
+from torch import nn
+
+from ..masking import check_masks_some, gather_tokens, num_keep, random_keep_indices, unit_grid, units_to_tokens
+from .registry import MaskAdapter, check_images, register_adapter
+
+
+def _scatter(x: torch.Tensor, keep: torch.Tensor, length: int) -> torch.Tensor:
+    """The kept tokens ``x`` (B, K, D) at their places ``keep`` (B, K) of a (B, length, D) sequence of zeros."""
+    return x.new_zeros(x.shape[0], length, x.shape[-1]).scatter(1, keep.unsqueeze(-1).expand_as(x), x)
+
+
+def _window_attention(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``block``'s (shifted) window attention on its kept tokens ``x`` (B, K, C), at ``keep`` (B, K) of a ``grid``:
+    each query attends to the kept tokens of its window only. Returns (B, K, C) after the output projection."""
+    attn = block.attn
+    batch, _, _ = x.shape
+    height, width = grid
+    qkv = _scatter(attn.qkv(x), keep, height * width).view(batch, height, width, -1)  # (B, H, W, 3A)
+    present = _scatter(torch.ones_like(keep, dtype=qkv.dtype).unsqueeze(-1), keep, height * width)
+    present = present.view(batch, height, width, 1)
+    shift = tuple(block.shift_size)
+    if any(shift):
+        qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        present = torch.roll(present, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    wh, ww = block.window_size
+    pad_h, pad_w = (wh - height % wh) % wh, (ww - width % ww) % ww
+    if pad_h or pad_w:  # the model pads the grid with zero tokens, which attend and are attended to
+        padded = F.pad(torch.zeros_like(present[:1]), (0, 0, 0, pad_w, 0, pad_h), value=1.0)
+        qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+        if attn.qkv.bias is not None:  # a zero token's q, k and v
+            qkv = qkv + padded * attn.qkv.bias.to(qkv.dtype)
+        present = F.pad(present, (0, 0, 0, pad_w, 0, pad_h), value=1.0)
+    padded_h, padded_w = height + pad_h, width + pad_w
+    area = wh * ww
+    windows = window_partition(qkv, (wh, ww)).view(-1, area, 3, attn.num_heads, qkv.shape[-1] // (3 * attn.num_heads))
+    q, k, v = windows.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, head_dim)
+    keys = window_partition(present, (wh, ww)).view(batch, -1, 1, 1, area)  # (B, nW, 1, 1, N)
+    # a large finite value (not -inf): a window without kept tokens then gives finite, unused outputs
+    mask = (1.0 - keys) * (torch.finfo(q.dtype).min / 2) + attn._get_rel_pos_bias().unsqueeze(0)  # (B, nW, h, N, N)
+    shifted = block.get_attn_mask(qkv[:1, :, :, :1]) if getattr(block, "dynamic_mask", False) else block.attn_mask
+    if shifted is not None:  # (nW, N, N): tokens of different shifted regions do not attend to each other
+        mask = mask + shifted.view(1, -1, 1, area, area)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask.flatten(0, 1), dropout_p=attn.attn_drop.p if attn.training else 0.0
+    )
+    out = out.transpose(1, 2).reshape(-1, wh, ww, q.shape[1] * q.shape[-1])
+    out = window_reverse(out, (wh, ww), padded_h, padded_w)[:, :height, :width]
+    if any(shift):
+        out = torch.roll(out, shifts=shift, dims=(1, 2))
+    return attn.proj_drop(attn.proj(gather_tokens(out.reshape(batch, height * width, -1), keep)))
+
+
+def _block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A ``SwinTransformerBlock`` on the kept tokens ``x`` (B, K, C)."""
+    x = x + block.drop_path1(_window_attention(block, block.norm1(x), keep, grid))
+    return x + block.drop_path2(block.mlp(block.norm2(x)))
+
+
+def _merge(merging: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int], kept: torch.Tensor):
+    """``PatchMerging`` of the kept tokens: each 2x2 group of kept tokens (in the model's channel order) into the
+    merged token ``kept`` (B, K / 4) of the next grid."""
+    height, width = grid
+    full = _scatter(x, keep, height * width).view(x.shape[0], height // 2, 2, width // 2, 2, -1)
+    full = full.permute(0, 1, 3, 4, 2, 5).flatten(3).flatten(1, 2)  # (B, H/2 * W/2, 4C)
+    return merging.reduction(merging.norm(gather_tokens(full, kept)))
+
+
+@register_adapter(
+    "swin_drop",
+    priority=15,  # below masktoken's: only where asked for (adapter="swin_drop")
+    description="timm Swin, opt-in: drops whole mask units; each window attends to its kept tokens",
+)
+class SwinDropAdapter(MaskAdapter):
+    """Drops a random ``ratio`` of the ``unit``-pixel blocks per sample; windows attend to the kept tokens only."""
+
+    backbone = True  # also inside a model of the user's (a Swin with num_classes=0 under their head)
+
+    def __init__(self, model: nn.Module, ratio: float, unit: int | None = None):
+        super().__init__(model, ratio, unit)
+        self._model_ref = [model]  # a list keeps the model from being registered as a submodule
+        self.unit_tokens  # noqa: B018 -- checks the unit against the model now, not at the first step
+        # the class's function, not the bound method: a pickled model then unpickles to the same override
+        model.forward_features = partial(self._features, model, type(model).forward_features)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return isinstance(model, SwinTransformer) and model.global_pool != ""
+
+    @classmethod
+    def why_not(cls, model: nn.Module) -> str:
+        if isinstance(model, SwinTransformer) and model.global_pool == "":
+            return (
+                ": built with global_pool='', it returns one output per token, and the sub pass keeps fewer "
+                "tokens; pool it ('avg'), or use adapter='masktoken' (the default for it)"
+            )
+        return ""
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(to_2tuple(self._model_ref[0].patch_embed.patch_size))
+
+    @property
+    def token_size(self) -> tuple[int, int]:
+        """The pixels one token of the last stage covers: the patch size doubled at each patch merging."""
+        merges = sum(not isinstance(stage.downsample, nn.Identity) for stage in self._model_ref[0].layers)
+        return tuple(p * 2**merges for p in self.patch_size)
+
+    @property
+    def unit_tokens(self) -> tuple[int, int]:
+        """A mask unit's tokens along height and width at the first stage, or an error naming units that fit."""
+        (th, tw), (ph, pw) = self.token_size, self.patch_size
+        if self.unit % th or self.unit % tw:
+            raise ValueError(
+                f"swin_drop adapter: mask unit {self.unit} px is not a multiple of the last stage's token, "
+                f"{th}x{tw} px (patch {ph}x{pw}, doubled at each patch merging), so a merged token would hold kept "
+                f"and dropped tokens; use a multiple of {max(th, tw)} (wrap's unit=, --sub.unit)"
+            )
+        return self.unit // ph, self.unit // pw
+
+    def _features(self, model: nn.Module, method, x: torch.Tensor) -> torch.Tensor:
+        if not self._active:
+            return method(model, x)
+        x = model.patch_embed(x)  # (B, H, W, C)
+        batch, height, width, _ = x.shape
+        (uh, uw), merged = self.unit_tokens, 1
+        grid_w = width // uw
+        units = (height // uh) * grid_w
+        kept = random_keep_indices(batch, units, num_keep(units, self.ratio), x.device)
+        keep = units_to_tokens(kept, grid_w, (uh, uw))
+        x = gather_tokens(x.flatten(1, 2), keep)
+        for stage in model.layers:
+            if not isinstance(stage.downsample, nn.Identity):
+                merged *= 2
+                previous, keep = keep, units_to_tokens(kept, grid_w, (uh // merged, uw // merged))
+                x = _merge(stage.downsample, x, previous, (height, width), keep)
+                height, width = height // 2, width // 2
+            for block in stage.blocks:
+                if stage.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(_block, block, x, keep, (height, width))
+                else:
+                    x = _block(block, x, keep, (height, width))
+        return model.norm(x).unsqueeze(1)  # (B, 1, K, C): the kept tokens as a 1 x K grid for the pool
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.name)
+        grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
+        check_masks_some(grid, self.ratio, self.unit, tuple(x.shape[-2:]), f"{self.name} adapter")
+        return self.run_with_hooks_active(model, x)
+
+    def remove(self) -> None:
+        model = self._model_ref[0]
+        if "forward_features" in vars(model):
+            del model.forward_features  # the class's method again

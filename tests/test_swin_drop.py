@@ -1,0 +1,225 @@
+"""timm's Swin with ``adapter="swin_drop"``: the sub pass is the model with every window attending to its kept tokens."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+from conftest import check_dropped_patch_pixels, compiled_graphs, sub_flop_ratio
+from torch import nn
+
+import masksub
+from masksub.masking import num_keep
+
+SWIN = dict(img_size=64, depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5)
+UNIT = 16  # 4x4 tokens of the first stage, 2x2 of the second, 4x4 units on a 64-pixel image
+
+
+def _swin(seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("swin_tiny_patch4_window7_224", **{**SWIN, "drop_path_rate": 0.0, **overrides})
+
+
+def _images(batch: int = 3, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(1)) + 0.5
+
+
+def _wrap(model: nn.Module, ratio: float = 0.5, **kw) -> masksub.SubBranchModel:
+    return masksub.wrap(model, ratio=ratio, unit=UNIT, adapter="swin_drop", **kw).train()
+
+
+def _sub_pass(wrapped, model, x):
+    """The sub pass's output and the units (B, U) it kept: the first block's tokens matched against the patch
+    embedding's, which must cover whole units."""
+    seen = []
+    handle = model.layers[0].blocks[0].norm1.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    out = wrapped(x, sub=True)
+    handle.remove()
+    full = model.patch_embed(x)  # (B, H, W, C)
+    batch, height, width, _ = full.shape
+    match = (seen[0].unsqueeze(2) == full.flatten(1, 2).unsqueeze(1)).all(-1)  # (B, K, N)
+    assert (match.sum(-1) == 1).all(), "each kept token is one patch's"
+    tokens = match.int().argmax(-1)
+    side = UNIT // 4
+    units = (tokens // width // side) * (width // side) + tokens % width // side
+    kept = [u.unique() for u in units]
+    assert all(len(k) * side * side == tokens.shape[1] for k in kept), "whole units are kept"
+    return out, torch.stack(kept)
+
+
+def _present(kept: torch.Tensor, unit_grid: tuple[int, int], side: int) -> torch.Tensor:
+    """(B, H, W, 1): 1.0 on the tokens of the kept units, ``side`` tokens a unit."""
+    batch = kept.shape[0]
+    units = torch.zeros(batch, unit_grid[0] * unit_grid[1], dtype=torch.float64).scatter(1, kept, 1.0)
+    units = units.view(batch, *unit_grid)
+    return units.repeat_interleave(side, 1).repeat_interleave(side, 2).unsqueeze(-1)
+
+
+class _Windows(nn.Module):
+    """Stands in for a block's attention: returns its input windows (and keeps them)."""
+
+    def forward(self, x, mask=None):
+        self.seen = x
+        return x
+
+
+def _masked_windows_reference(model, x, kept, pool):
+    """The plain model with every window attention's keys limited to the kept tokens (the model's own shift, padding
+    and partition of a map of them), and the pool over the kept tokens of the last stage."""
+    unit_grid = (x.shape[-2] // UNIT, x.shape[-1] // UNIT)
+    restore = []
+    for s, stage in enumerate(model.layers):
+        present = _present(kept, unit_grid, UNIT // 4 >> s)
+        for block in stage.blocks:
+            own, block.attn = block.attn, _Windows()
+            block._attn(present - 1.0)  # 0 on kept tokens and padding, -1 on dropped ones, laid out in windows
+            keys = block.attn.seen.transpose(1, 2) * 1e300  # (B * nW, 1, N)
+            block.attn = own
+
+            def forward(windows, mask=None, keys=keys, attend=type(own).forward, attn=own):
+                extra = keys.expand(-1, windows.shape[1], -1)
+                if mask is not None:  # (nW, N, N), the shifted regions'
+                    extra = extra + mask.repeat(windows.shape[0] // mask.shape[0], 1, 1)
+                return attend(attn, windows, mask=extra)
+
+            own.forward = forward
+            restore.append(own)
+    try:
+        features = model.forward_features(x)  # (B, h, w, C)
+    finally:
+        for attn in restore:
+            del attn.forward
+    present = _present(kept, unit_grid, UNIT // 4 >> (len(model.layers) - 1)).bool()  # the last stage's map
+    tokens = [f[p.squeeze(-1)] for f, p in zip(features, present)]
+    pooled = torch.stack([t.mean(0) if pool == "avg" else t.amax(0) for t in tokens])
+    return model.head.fc(pooled)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize(
+    "variant,settings,size",
+    [
+        ("shifted", {}, (64, 64)),
+        ("padded", {"window_size": 3}, (64, 64)),  # 16x16 and 8x8 grids padded to windows of 3
+        ("unfused", {}, (64, 64)),
+        ("max pool", {"global_pool": "max"}, (64, 64)),
+        ("dynamic size", {"dynamic_img_size": True, "strict_img_size": False}, (48, 80)),  # masks built per call
+    ],
+)
+def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_tokens(variant, settings, size, ratio):
+    """Float64, against the plain model whose window attentions get a key mask of the kept tokens: the same output;
+    ``num_keep(U, ratio)`` whole units per sample; the main pass is the plain model's."""
+    model = _swin(**settings).double()
+    with torch.no_grad():  # biases start at zero, and a padded window's zero tokens attend by their q, k, v biases
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.1)
+    if variant == "unfused":
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+    wrapped = _wrap(model, ratio)
+    assert wrapped.branch.name == "swin_drop"
+    x = _images(size=size).double()
+    with torch.no_grad():
+        out, kept = _sub_pass(wrapped, model, x)
+        units = (size[0] // UNIT) * (size[1] // UNIT)
+        assert kept.shape == (3, num_keep(units, ratio))
+        expected = _masked_windows_reference(model, x, kept, settings.get("global_pool", "avg"))
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        assert torch.equal(wrapped(x), model(x)), "the main pass is the plain model"
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_exact_counts_of_whole_units(ratio):
+    model = _swin()
+    wrapped = _wrap(model, ratio)
+    with torch.no_grad():
+        _, kept = _sub_pass(wrapped, model, _images(batch=4))
+    assert kept.shape == (4, num_keep(16, ratio))
+
+
+def test_the_pixels_of_dropped_units_do_not_reach_the_sub_pass():
+    model = _swin()
+    wrapped = _wrap(model)
+    x = _images(batch=2)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out, kept = _sub_pass(wrapped, model, x)
+        check_dropped_patch_pixels(wrapped, x, out, kept, patch=UNIT)
+
+
+def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs():
+    """The projections and MLPs run on the kept tokens; attention runs over whole windows (a small share at
+    Swin-T's size, a larger one in this tiny model)."""
+    assert 0.45 < sub_flop_ratio(_wrap(_swin()), _images(batch=4)) < 0.62
+    swin_t = timm.create_model("swin_tiny_patch4_window7_224")
+    assert 0.45 < sub_flop_ratio(masksub.wrap(swin_t, adapter="swin_drop").train(), torch.rand(1, 3, 224, 224)) < 0.55
+    assert compiled_graphs(_wrap(_swin()), _images(batch=4)) == 2
+
+
+def test_two_backward_step_equals_summed_loss_and_checkpointing_changes_no_gradient():
+    def grads(memory_saving, checkpointing):
+        model = _swin()
+        model.set_grad_checkpointing(checkpointing)
+        wrapped = _wrap(model)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
+        step = masksub.Step(wrapped, opt, nn.CrossEntropyLoss(), memory_saving=memory_saving)
+        recomputed = []
+        model.layers[1].blocks[1].norm1.register_forward_pre_hook(lambda m, a: recomputed.append(a[0][0, ..., 0].numel()))
+        torch.manual_seed(100)
+        step(_images(batch=4), torch.arange(4) % 5)
+        # forward: the main pass's 64 tokens, the sub pass's 32; checkpointing runs both again in the backward
+        assert recomputed == ([64, 64, 32, 32] if checkpointing else [64, 32])
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    expected = grads(False, False)
+    for found in (grads(True, False), grads(True, True)):
+        assert found.keys() == expected.keys()
+        for n, g in expected.items():
+            torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_a_swin_backbone_under_a_head_of_the_users():
+    backbone = _swin(num_classes=0)
+    mine = nn.Sequential(backbone, nn.Linear(backbone.num_features, 5))
+    wrapped = masksub.wrap(mine, unit=UNIT, adapter="swin_drop").train()
+    assert wrapped.branch.target_name == "0"
+    x = _images()
+    torch.manual_seed(4)
+    out = wrapped(x, sub=True)
+    torch.manual_seed(4)
+    assert torch.equal(out, mine[1](wrapped.branch.run_with_hooks_active(backbone, x)))
+    assert torch.equal(wrapped(x), mine(x))
+
+
+def test_swin_keeps_the_mask_token_unless_asked_and_bad_settings_are_refused():
+    assert masksub.wrap(_swin(), unit=UNIT).branch.name == "masktoken"
+    with pytest.raises(ValueError, match="unit 4 px is not a multiple of the last stage's token, 8x8 px"):
+        masksub.wrap(_swin(), unit=4, adapter="swin_drop")
+    with pytest.raises(ValueError, match="built with global_pool='', it returns one output per token"):
+        masksub.wrap(_swin(global_pool=""), adapter="swin_drop")
+    wrapped = _wrap(_swin(dynamic_img_size=True, strict_img_size=False))
+    with pytest.raises(ValueError, match="image size 72x64 is not divisible by the mask unit of 16 pixels"):
+        wrapped(torch.rand(2, 3, 72, 64), sub=True)
+    with pytest.raises(ValueError, match="holds 1 mask unit of 16 pixels, and ratio 0.5 masks none"):
+        wrapped(torch.rand(2, 3, 16, 16), sub=True)
+    with pytest.raises(ValueError, match="does not support VisionTransformer"):
+        masksub.wrap(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1), adapter="swin_drop")
+
+
+def test_unwrap_restores_and_a_copied_or_pickled_wrapped_model_masks_alike():
+    wrapped = _wrap(_swin())
+    x = _images(batch=2)
+    for other in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        torch.manual_seed(5)
+        expected = wrapped(x, sub=True)
+        torch.manual_seed(5)
+        assert torch.equal(other(x, sub=True), expected)
+        assert other.model.forward_features.args[0] is other.model
+    model = wrapped.unwrap()
+    assert "forward_features" not in vars(model)
+    assert model.forward_features(x).shape == (2, 8, 8, 32)
