@@ -1,4 +1,4 @@
-"""timm's Swin with ``adapter="swin_drop"``: the sub pass is the model with every window attending to its kept tokens."""
+"""timm's Swin with ``adapter="swin_drop"``: the sub pass is the model, each window attending to its kept tokens."""
 
 from __future__ import annotations
 
@@ -79,11 +79,11 @@ def _masked_windows_reference(model, x, kept, pool):
             keys = block.attn.seen.transpose(1, 2) * 1e300  # (B * nW, 1, N)
             block.attn = own
 
-            def forward(windows, mask=None, keys=keys, attend=type(own).forward, attn=own):
+            def forward(windows, mask=None, keys=keys, attn=own):
                 extra = keys.expand(-1, windows.shape[1], -1)
                 if mask is not None:  # (nW, N, N), the shifted regions'
                     extra = extra + mask.repeat(windows.shape[0] // mask.shape[0], 1, 1)
-                return attend(attn, windows, mask=extra)
+                return type(attn).forward(attn, windows, mask=extra)
 
             own.forward = forward
             restore.append(own)
@@ -169,7 +169,8 @@ def test_two_backward_step_equals_summed_loss_and_checkpointing_changes_no_gradi
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
         step = masksub.Step(wrapped, opt, nn.CrossEntropyLoss(), memory_saving=memory_saving)
         recomputed = []
-        model.layers[1].blocks[1].norm1.register_forward_pre_hook(lambda m, a: recomputed.append(a[0][0, ..., 0].numel()))
+        norm = model.layers[1].blocks[1].norm1
+        norm.register_forward_pre_hook(lambda m, a: recomputed.append(a[0][0, ..., 0].numel()))
         torch.manual_seed(100)
         step(_images(batch=4), torch.arange(4) % 5)
         # forward: the main pass's 64 tokens, the sub pass's 32; checkpointing runs both again in the backward

@@ -158,7 +158,9 @@ class Trainer:
         else:
             options = {"adapter": s.adapter} if s.kind == "mask" else {}
             try:
-                self.net = masksub.wrap(model, sub=s.kind, ratio=s.ratio, unit=s.unit, sub_bn_stats=s.bn_stats, **options)
+                self.net = masksub.wrap(
+                    model, sub=s.kind, ratio=s.ratio, unit=s.unit, sub_bn_stats=s.bn_stats, **options
+                )
             except ValueError as e:
                 if s.adapter is None:
                     raise
