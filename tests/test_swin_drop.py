@@ -104,7 +104,7 @@ def _masked_windows_reference(model, x, kept, pool):
     [
         ("shifted", {}, (64, 64)),
         ("padded", {"window_size": 3}, (64, 64)),  # 16x16 and 8x8 grids padded to windows of 3
-        ("unfused", {}, (64, 64)),
+        ("fused", {}, (64, 64)),  # timm's Swin leaves the fused kernel off by default
         ("max pool", {"global_pool": "max"}, (64, 64)),
         ("dynamic size", {"dynamic_img_size": True, "strict_img_size": False}, (48, 80)),  # masks built per call
     ],
@@ -117,10 +117,9 @@ def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_token
         for m in model.modules():
             if isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.normal_(0, 0.1)
-    if variant == "unfused":
-        for m in model.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = variant == "fused"
     wrapped = _wrap(model, ratio)
     assert wrapped.branch.name == "swin_drop"
     x = _images(size=size).double()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import to_2tuple
 from timm.models._manipulate import checkpoint
-from timm.models.swin_transformer import SwinTransformer, window_partition, window_reverse
+from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from ..masking import check_masks_some, gather_tokens, num_keep, random_keep_indices, unit_grid, units_to_tokens
@@ -41,45 +41,56 @@ def _scatter(x: torch.Tensor, keep: torch.Tensor, length: int) -> torch.Tensor:
     return x.new_zeros(x.shape[0], length, x.shape[-1]).scatter(1, keep.unsqueeze(-1).expand_as(x), x)
 
 
+def _window_slots(keep: torch.Tensor, grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]):
+    """Where the model's window partition puts each kept token: its slot (B, K) in a sample's windows laid end to end
+    (window-major, then row-major in the window) after the cyclic shift and the padding, and the slots (nW * N,) that
+    hold padding. One scatter then builds the windows, and one gather reads the kept tokens back."""
+    height, width = grid
+    (wh, ww), (sh, sw) = window, shift
+    across = -(-width // ww)  # windows along the width, the padding included
+    row, col = (keep // width - sh) % height, (keep % width - sw) % width  # torch.roll by -shift moves r to r - sh
+    slots = ((row // wh) * across + col // ww) * (wh * ww) + (row % wh) * ww + col % ww
+    every = torch.arange(-(-height // wh) * across * wh * ww, device=keep.device)
+    window_of, within = every // (wh * ww), every % (wh * ww)
+    padded = ((window_of // across) * wh + within // ww >= height) | ((window_of % across) * ww + within % ww >= width)
+    return slots, padded
+
+
 def _window_attention(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``block``'s (shifted) window attention on its kept tokens ``x`` (B, K, C), at ``keep`` (B, K) of a ``grid``:
     each query attends to the kept tokens of its window only. Returns (B, K, C) after the output projection."""
     attn = block.attn
-    batch, _, _ = x.shape
-    height, width = grid
-    qkv = _scatter(attn.qkv(x), keep, height * width).view(batch, height, width, -1)  # (B, H, W, 3A)
-    present = _scatter(torch.ones_like(keep, dtype=qkv.dtype).unsqueeze(-1), keep, height * width)
-    present = present.view(batch, height, width, 1)
-    shift = tuple(block.shift_size)
-    if any(shift):
-        qkv = torch.roll(qkv, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        present = torch.roll(present, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    wh, ww = block.window_size
-    pad_h, pad_w = (wh - height % wh) % wh, (ww - width % ww) % ww
-    if pad_h or pad_w:  # the model pads the grid with zero tokens, which attend and are attended to
-        padded = F.pad(torch.zeros_like(present[:1]), (0, 0, 0, pad_w, 0, pad_h), value=1.0)
-        qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
+    batch = x.shape[0]
+    (wh, ww), area = block.window_size, block.window_size[0] * block.window_size[1]
+    slots, padded = _window_slots(keep, grid, (wh, ww), tuple(block.shift_size))
+    qkv = attn.qkv(x)  # (B, K, 3A)
+    windows = _scatter(qkv, slots, len(padded))  # (B, nW * N, 3A)
+    present = _scatter(torch.ones_like(slots, dtype=qkv.dtype).unsqueeze(-1), slots, len(padded))  # (B, nW * N, 1)
+    if grid[0] % wh or grid[1] % ww:  # the model pads the grid with zero tokens, which attend and are attended to
+        pad = padded.to(qkv.dtype).unsqueeze(-1)
+        present = present + pad
         if attn.qkv.bias is not None:  # a zero token's q, k and v
-            qkv = qkv + padded * attn.qkv.bias.to(qkv.dtype)
-        present = F.pad(present, (0, 0, 0, pad_w, 0, pad_h), value=1.0)
-    padded_h, padded_w = height + pad_h, width + pad_w
-    area = wh * ww
-    windows = window_partition(qkv, (wh, ww)).view(-1, area, 3, attn.num_heads, qkv.shape[-1] // (3 * attn.num_heads))
-    q, k, v = windows.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, head_dim)
-    keys = window_partition(present, (wh, ww)).view(batch, -1, 1, 1, area)  # (B, nW, 1, 1, N)
+            windows = windows + pad * attn.qkv.bias.to(qkv.dtype)
+    heads = attn.num_heads
+    q, k, v = windows.view(-1, area, 3, heads, qkv.shape[-1] // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    keys = present.view(batch, -1, 1, 1, area)  # (B, nW, 1, 1, N)
     # a large finite value (not -inf): a window without kept tokens then gives finite, unused outputs
-    mask = (1.0 - keys) * (torch.finfo(q.dtype).min / 2) + attn._get_rel_pos_bias().unsqueeze(0)  # (B, nW, h, N, N)
-    shifted = block.get_attn_mask(qkv[:1, :, :, :1]) if getattr(block, "dynamic_mask", False) else block.attn_mask
+    mask = (1.0 - keys) * (torch.finfo(q.dtype).min / 2) + attn._get_rel_pos_bias().to(q.dtype).unsqueeze(0)
+    if getattr(block, "dynamic_mask", False):
+        shifted = block.get_attn_mask(x.new_zeros(1, -(-grid[0] // wh) * wh, -(-grid[1] // ww) * ww, 1))
+    else:
+        shifted = block.attn_mask
     if shifted is not None:  # (nW, N, N): tokens of different shifted regions do not attend to each other
-        mask = mask + shifted.view(1, -1, 1, area, area)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask.flatten(0, 1), dropout_p=attn.attn_drop.p if attn.training else 0.0
-    )
-    out = out.transpose(1, 2).reshape(-1, wh, ww, q.shape[1] * q.shape[-1])
-    out = window_reverse(out, (wh, ww), padded_h, padded_w)[:, :height, :width]
-    if any(shift):
-        out = torch.roll(out, shifts=shift, dims=(1, 2))
-    return attn.proj_drop(attn.proj(gather_tokens(out.reshape(batch, height * width, -1), keep)))
+        mask = mask + shifted.to(q.dtype).view(1, -1, 1, area, area)
+    mask = mask.flatten(0, 1)  # (B * nW, heads, N, N)
+    if attn.fused_attn:  # as the model attends: timm's Swin leaves the fused kernel off by default
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    else:
+        out = attn.attn_drop(attn.softmax((q * attn.scale) @ k.transpose(-2, -1) + mask)) @ v
+    out = out.transpose(1, 2).reshape(batch, len(padded), -1)  # (B, nW * N, A)
+    return attn.proj_drop(attn.proj(gather_tokens(out, slots)))
 
 
 def _block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
