@@ -55,6 +55,12 @@ if __name__ == "__main__":
         "fsdp_every": ("train", {**VIT, "train.fsdp": "full_shard", "train.fsdp_sync_every_backward": True}),
         "swin_ddp": ("train", {**SWIN, "train.amp": "bf16"}),
         "swin": ("train", {**SWIN, "train.fsdp": "shard_grad_op", "train.amp": "bf16"}),
+        "swin_drop_ddp": ("train", {**SWIN, "sub.adapter": "swin_drop", "train.max_steps": 2}),
+        "swin_drop": (
+            "train",
+            {**SWIN, "sub.adapter": "swin_drop", "train.max_steps": 2, "train.fsdp": "full_shard"}
+            | {"model.grad_checkpointing": True},
+        ),
         "pretrain": ("pretrain", PRETRAIN),
         "ddp_droppath": ("train", {**VIT, "sub.kind": "droppath", "train.max_steps": 2}),
         "fsdp_droppath_ckpt": (

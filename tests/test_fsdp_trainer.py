@@ -27,8 +27,8 @@ def runs(tmp_path_factory):
     ranks = run_worker("fsdp_trainer_worker.py", out)
     for rank in ranks:
         assert rank["codes"] == dict.fromkeys(
-            ["ddp", "fsdp", "part", "fsdp_every", "swin_ddp", "swin", "pretrain", "ddp_droppath", "fsdp_droppath_ckpt"]
-            + ["ddp_compiled", "fsdp_compiled", "resume"],
+            ["ddp", "fsdp", "part", "fsdp_every", "swin_ddp", "swin", "swin_drop_ddp", "swin_drop", "pretrain"]
+            + ["ddp_droppath", "fsdp_droppath_ckpt", "ddp_compiled", "fsdp_compiled", "resume"],
             0,
         )
     return out
@@ -109,6 +109,14 @@ def test_fsdp_bf16_mixed_precision_trains_the_mask_token(runs):
     assert torch.allclose(fsdp["model"][token], ddp["model"][token], rtol=0, atol=1e-4)
     _assert_same(fsdp["model"], ddp["model"], atol=2e-3)  # bf16 gradients: rounded at other points
     assert fsdp["config"]["train"]["fsdp"] == "shard_grad_op"
+
+
+def test_fsdp_swin_drop_gathers_each_stage_in_the_sub_pass(runs):
+    """Swin with adapter swin_drop, whose sub pass runs each stage on the kept tokens through the stage's own call:
+    under FSDP (each stage sharded, its blocks checkpointed) it ends with DDP's weights."""
+    ddp, fsdp = checkpoint.load(runs / "swin_drop_ddp"), checkpoint.load(runs / "swin_drop")
+    _assert_same(fsdp["model"], ddp["model"], atol=1e-6)
+    assert fsdp["config"]["sub"]["adapter"] == "swin_drop" and fsdp["position"]["global_step"] == 2
 
 
 def test_fsdp_pretraining_writes_a_whole_encoder(runs):

@@ -220,6 +220,7 @@ def test_unwrap_restores_and_a_copied_or_pickled_wrapped_model_masks_alike():
         torch.manual_seed(5)
         assert torch.equal(other(x, sub=True), expected)
         assert other.model.forward_features.args[0] is other.model
+        assert all(stage.forward.args[0] is stage for stage in other.model.layers)
     model = wrapped.unwrap()
-    assert "forward_features" not in vars(model)
+    assert "forward_features" not in vars(model) and not any("forward" in vars(s) for s in model.layers)
     assert model.forward_features(x).shape == (2, 8, 8, 32)

@@ -108,6 +108,22 @@ def _merge(merging: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[
     return merging.reduction(merging.norm(gather_tokens(full, kept)))
 
 
+def _stage(stage: nn.Module, method, x: torch.Tensor, keep=None, to=None, grid=None) -> torch.Tensor:
+    """A ``SwinTransformerStage`` on the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``: its patch merging
+    into the tokens ``to`` of the next grid, then its blocks. Without ``keep``, the stage's own forward."""
+    if keep is None:
+        return method(stage, x)
+    if not isinstance(stage.downsample, nn.Identity):
+        x = _merge(stage.downsample, x, keep, grid, to)
+        grid = (grid[0] // 2, grid[1] // 2)
+    for block in stage.blocks:
+        if stage.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint(_block, block, x, to, grid)
+        else:
+            x = _block(block, x, to, grid)
+    return x
+
+
 @register_adapter(
     "swin_drop",
     priority=15,  # below masktoken's: only where asked for (adapter="swin_drop")
@@ -124,6 +140,8 @@ class SwinDropAdapter(MaskAdapter):
         self.unit_tokens  # noqa: B018 -- checks the unit against the model now, not at the first step
         # the class's function, not the bound method: a pickled model then unpickles to the same override
         model.forward_features = partial(self._features, model, type(model).forward_features)
+        for stage in model.layers:
+            stage.forward = partial(_stage, stage, type(stage).forward)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -172,16 +190,14 @@ class SwinDropAdapter(MaskAdapter):
         keep = units_to_tokens(kept, grid_w, (uh, uw))
         x = gather_tokens(x.flatten(1, 2), keep)
         for stage in model.layers:
+            previous = keep
             if not isinstance(stage.downsample, nn.Identity):
                 merged *= 2
-                previous, keep = keep, units_to_tokens(kept, grid_w, (uh // merged, uw // merged))
-                x = _merge(stage.downsample, x, previous, (height, width), keep)
+                keep = units_to_tokens(kept, grid_w, (uh // merged, uw // merged))
+            # through the stage's own call: hooks on it (FSDP's gathering of its weights) run as in the main pass
+            x = stage(x, keep=previous, to=keep, grid=(height, width))
+            if not isinstance(stage.downsample, nn.Identity):
                 height, width = height // 2, width // 2
-            for block in stage.blocks:
-                if stage.grad_checkpointing and not torch.jit.is_scripting():
-                    x = checkpoint(_block, block, x, keep, (height, width))
-                else:
-                    x = _block(block, x, keep, (height, width))
         return model.norm(x).unsqueeze(1)  # (B, 1, K, C): the kept tokens as a 1 x K grid for the pool
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -192,5 +208,6 @@ class SwinDropAdapter(MaskAdapter):
 
     def remove(self) -> None:
         model = self._model_ref[0]
-        if "forward_features" in vars(model):
-            del model.forward_features  # the class's method again
+        for module in (model, *model.layers):
+            vars(module).pop("forward_features", None)  # the class's methods again
+            vars(module).pop("forward", None)
