@@ -31,6 +31,39 @@ def test_bf16_step_has_no_host_device_sync(name):
     assert out["updated"] and torch.isfinite(out["loss"]).item()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_swin_drop_in_bf16_follows_fp32_and_its_step_never_syncs(fused):
+    """Swin's opt-in ``swin_drop`` sub pass on CUDA, with timm's attention and with the fused kernel (which takes the
+    per-window key mask): finite in bf16 autocast, close to fp32 under the same masks, and a step with no sync."""
+    import timm
+
+    torch.manual_seed(0)
+    kw = dict(img_size=64, depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5)
+    model = timm.create_model("swin_tiny_patch4_window7_224", **kw).cuda()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    wrapped = masksub.wrap(model, unit=16, adapter="swin_drop").train()
+    x, y = torch.rand(8, 3, 64, 64, device="cuda"), torch.arange(8, device="cuda") % 5
+    torch.manual_seed(1)
+    expected = wrapped(x, sub=True)
+    torch.manual_seed(1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        found = wrapped(x, sub=True)
+    assert torch.isfinite(found).all()
+    torch.testing.assert_close(found.float(), expected, rtol=0.05, atol=0.05)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3, fused=True)
+    step = masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), amp="bf16")
+    step(x, y), step(x, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out["updated"] and torch.isfinite(out["loss"]).item()
+
+
 def test_a_model_on_the_gpu_before_wrapping_trains_without_another_move():
     """Swin's mask token is made where the model is: a CPU token failed the first sub pass."""
     wrapped = masksub.wrap(tiny_model("swin").cuda(), unit=16).train()
