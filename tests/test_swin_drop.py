@@ -1,4 +1,4 @@
-"""timm's Swin with ``adapter="swin_drop"``: the sub pass is the model, each window attending to its kept tokens."""
+"""timm's Swin and SwinV2 with ``adapter="swin_drop"``: the sub pass is the model, each window on its kept tokens."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ SWIN = dict(img_size=64, depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_s
 UNIT = 16  # 4x4 tokens of the first stage, 2x2 of the second, 4x4 units on a 64-pixel image
 
 
-def _swin(seed: int = 0, **overrides) -> nn.Module:
+def _swin(seed: int = 0, v2: bool = False, **overrides) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("swin_tiny_patch4_window7_224", **{**SWIN, "drop_path_rate": 0.0, **overrides})
+    name = "swinv2_tiny_window8_256" if v2 else "swin_tiny_patch4_window7_224"
+    return timm.create_model(name, **{**SWIN, "drop_path_rate": 0.0, **overrides})
 
 
 def _images(batch: int = 3, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
@@ -32,10 +33,10 @@ def _wrap(model: nn.Module, ratio: float = 0.5, **kw) -> masksub.SubBranchModel:
 
 
 def _sub_pass(wrapped, model, x):
-    """The sub pass's output and the units (B, U) it kept: the first block's tokens matched against the patch
+    """The sub pass's output and the units (B, U) it kept: the first stage's tokens matched against the patch
     embedding's, which must cover whole units."""
     seen = []
-    handle = model.layers[0].blocks[0].norm1.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    handle = model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     out = wrapped(x, sub=True)
     handle.remove()
     full = model.patch_embed(x)  # (B, H, W, C)
@@ -105,6 +106,8 @@ def _masked_windows_reference(model, x, kept, pool):
         ("shifted", {}, (64, 64)),
         ("padded", {"window_size": 3}, (64, 64)),  # 16x16 and 8x8 grids padded to windows of 3
         ("fused", {}, (64, 64)),  # timm's Swin leaves the fused kernel off by default
+        ("v2", {}, (64, 64)),  # SwinV2: cosine attention, continuous position bias, post-norm, q and v biases
+        ("v2 padded", {"window_size": 3}, (64, 64)),
         ("max pool", {"global_pool": "max"}, (64, 64)),
         ("dynamic size", {"dynamic_img_size": True, "strict_img_size": False}, (48, 80)),  # masks built per call
     ],
@@ -112,11 +115,11 @@ def _masked_windows_reference(model, x, kept, pool):
 def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_tokens(variant, settings, size, ratio):
     """Float64, against the plain model whose window attentions get a key mask of the kept tokens: the same output;
     ``num_keep(U, ratio)`` whole units per sample; the main pass is the plain model's."""
-    model = _swin(**settings).double()
-    with torch.no_grad():  # biases start at zero, and a padded window's zero tokens attend by their q, k, v biases
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.normal_(0, 0.1)
+    model = _swin(v2=variant.startswith("v2"), **settings).double()
+    with torch.no_grad():  # biases start at zero (a padded window's zero tokens attend by their q, k, v biases)
+        for name, p in model.named_parameters():  # and SwinV2's post-norms at zero, which would silence its blocks
+            if name.endswith(("bias", "q_bias", "v_bias")) or (".norm" in name and name.endswith("weight")):
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = variant == "fused"
@@ -157,6 +160,8 @@ def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs():
     assert 0.45 < sub_flop_ratio(_wrap(_swin()), _images(batch=4)) < 0.62
     swin_t = timm.create_model("swin_tiny_patch4_window7_224")
     assert 0.45 < sub_flop_ratio(masksub.wrap(swin_t, adapter="swin_drop").train(), torch.rand(1, 3, 224, 224)) < 0.55
+    v2 = timm.create_model("swinv2_tiny_window8_256")
+    assert 0.45 < sub_flop_ratio(masksub.wrap(v2, adapter="swin_drop").train(), torch.rand(1, 3, 256, 256)) < 0.56
     assert compiled_graphs(_wrap(_swin()), _images(batch=4)) == 2
 
 
@@ -197,7 +202,11 @@ def test_a_swin_backbone_under_a_head_of_the_users():
 
 
 def test_swin_keeps_the_mask_token_unless_asked_and_bad_settings_are_refused():
-    assert masksub.wrap(_swin(), unit=UNIT).branch.name == "masktoken"
+    assert (
+        masksub.wrap(_swin(), unit=UNIT).branch.name
+        == masksub.wrap(_swin(v2=True), unit=UNIT).branch.name
+        == ("masktoken")
+    )
     with pytest.raises(ValueError, match="unit 4 px is not a multiple of the last stage's token, 8x8 px"):
         masksub.wrap(_swin(), unit=4, adapter="swin_drop")
     with pytest.raises(ValueError, match="built with global_pool='', it returns one output per token"):

@@ -1,4 +1,4 @@
-"""timm's Swin Transformer, opt-in (``adapter="swin_drop"``): drop whole mask units instead of masking them.
+"""timm's Swin Transformer and SwinV2, opt-in (``adapter="swin_drop"``): drop whole mask units, not mask them.
 
 Swin's default adapter (``masktoken``, as the paper does it) puts a learnable token at the masked positions:
 the sub pass then costs as much as the main pass. This one leaves the masked units out. Each sample keeps
@@ -23,6 +23,7 @@ sub pass's cost matters more than following the paper's Swin recipe.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import PatchMerging as PatchMergingV2
+from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
 from torch import nn
 
 from ..masking import check_masks_some, gather_tokens, num_keep, random_keep_indices, unit_grid, units_to_tokens
@@ -56,6 +59,42 @@ def _window_slots(keep: torch.Tensor, grid: tuple[int, int], window: tuple[int, 
     return slots, padded
 
 
+def _qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The window attention's q, k and v of tokens ``x`` (..., C): its ``qkv`` layer, or SwinV2's with its q and v
+    biases (and k's zeros)."""
+    if getattr(attn, "q_bias", None) is None:
+        return attn.qkv(x)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
+
+
+def _position_bias(attn: nn.Module) -> torch.Tensor:
+    """The window attention's relative position bias (1, heads, N, N): Swin's table, or SwinV2's continuous one
+    (an MLP of the log-spaced offsets, through ``16 * sigmoid``)."""
+    if not hasattr(attn, "cpb_mlp"):
+        return attn._get_rel_pos_bias()
+    area = attn.window_size[0] * attn.window_size[1]
+    table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+    bias = table[attn.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1)
+    return 16 * torch.sigmoid(bias).unsqueeze(0)
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention as the model's window attention computes it, with ``mask`` (B * nW, heads, N, N) holding the
+    position bias: scaled dot products (fused where the model has the fused kernel on; timm's Swin leaves it off),
+    or SwinV2's cosine similarities times its learned scale."""
+    if getattr(attn, "fused_attn", False):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    if hasattr(attn, "logit_scale"):
+        scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+    return attn.attn_drop(attn.softmax(scores + mask)) @ v
+
+
 def _window_attention(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``block``'s (shifted) window attention on its kept tokens ``x`` (B, K, C), at ``keep`` (B, K) of a ``grid``:
     each query attends to the kept tokens of its window only. Returns (B, K, C) after the output projection."""
@@ -63,38 +102,33 @@ def _window_attention(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, gri
     batch = x.shape[0]
     (wh, ww), area = block.window_size, block.window_size[0] * block.window_size[1]
     slots, padded = _window_slots(keep, grid, (wh, ww), tuple(block.shift_size))
-    qkv = attn.qkv(x)  # (B, K, 3A)
+    qkv = _qkv(attn, x)  # (B, K, 3A)
     windows = _scatter(qkv, slots, len(padded))  # (B, nW * N, 3A)
     present = _scatter(torch.ones_like(slots, dtype=qkv.dtype).unsqueeze(-1), slots, len(padded))  # (B, nW * N, 1)
     if grid[0] % wh or grid[1] % ww:  # the model pads the grid with zero tokens, which attend and are attended to
         pad = padded.to(qkv.dtype).unsqueeze(-1)
         present = present + pad
-        if attn.qkv.bias is not None:  # a zero token's q, k and v
-            windows = windows + pad * attn.qkv.bias.to(qkv.dtype)
+        windows = windows + pad * _qkv(attn, x.new_zeros(x.shape[-1]))  # a zero token's q, k and v
     heads = attn.num_heads
     q, k, v = windows.view(-1, area, 3, heads, qkv.shape[-1] // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
     keys = present.view(batch, -1, 1, 1, area)  # (B, nW, 1, 1, N)
     # a large finite value (not -inf): a window without kept tokens then gives finite, unused outputs
-    mask = (1.0 - keys) * (torch.finfo(q.dtype).min / 2) + attn._get_rel_pos_bias().to(q.dtype).unsqueeze(0)
+    mask = (1.0 - keys) * (torch.finfo(q.dtype).min / 2) + _position_bias(attn).to(q.dtype).unsqueeze(0)
     if getattr(block, "dynamic_mask", False):
         shifted = block.get_attn_mask(x.new_zeros(1, -(-grid[0] // wh) * wh, -(-grid[1] // ww) * ww, 1))
     else:
         shifted = block.attn_mask
     if shifted is not None:  # (nW, N, N): tokens of different shifted regions do not attend to each other
         mask = mask + shifted.to(q.dtype).view(1, -1, 1, area, area)
-    mask = mask.flatten(0, 1)  # (B * nW, heads, N, N)
-    if attn.fused_attn:  # as the model attends: timm's Swin leaves the fused kernel off by default
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
-    else:
-        out = attn.attn_drop(attn.softmax((q * attn.scale) @ k.transpose(-2, -1) + mask)) @ v
-    out = out.transpose(1, 2).reshape(batch, len(padded), -1)  # (B, nW * N, A)
+    out = _attend(attn, q, k, v, mask.flatten(0, 1)).transpose(1, 2).reshape(batch, len(padded), -1)  # (B, nW * N, A)
     return attn.proj_drop(attn.proj(gather_tokens(out, slots)))
 
 
 def _block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A ``SwinTransformerBlock`` on the kept tokens ``x`` (B, K, C)."""
+    """A Swin block on the kept tokens ``x`` (B, K, C): pre-norm, or SwinV2's residual post-norm."""
+    if isinstance(block, SwinTransformerV2Block):
+        x = x + block.drop_path1(block.norm1(_window_attention(block, x, keep, grid)))
+        return x + block.drop_path2(block.norm2(block.mlp(x)))
     x = x + block.drop_path1(_window_attention(block, block.norm1(x), keep, grid))
     return x + block.drop_path2(block.mlp(block.norm2(x)))
 
@@ -105,7 +139,10 @@ def _merge(merging: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[
     height, width = grid
     full = _scatter(x, keep, height * width).view(x.shape[0], height // 2, 2, width // 2, 2, -1)
     full = full.permute(0, 1, 3, 4, 2, 5).flatten(3).flatten(1, 2)  # (B, H/2 * W/2, 4C)
-    return merging.reduction(merging.norm(gather_tokens(full, kept)))
+    full = gather_tokens(full, kept)
+    if isinstance(merging, PatchMergingV2):  # SwinV2 normalizes after the reduction
+        return merging.norm(merging.reduction(full))
+    return merging.reduction(merging.norm(full))
 
 
 def _stage(stage: nn.Module, method, x: torch.Tensor, keep=None, to=None, grid=None) -> torch.Tensor:
@@ -127,7 +164,7 @@ def _stage(stage: nn.Module, method, x: torch.Tensor, keep=None, to=None, grid=N
 @register_adapter(
     "swin_drop",
     priority=15,  # below masktoken's: only where asked for (adapter="swin_drop")
-    description="timm Swin, opt-in: drops whole mask units; each window attends to its kept tokens",
+    description="timm Swin / SwinV2, opt-in: drops whole mask units; each window attends to its kept tokens",
 )
 class SwinDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of the ``unit``-pixel blocks per sample; windows attend to the kept tokens only."""
@@ -145,11 +182,11 @@ class SwinDropAdapter(MaskAdapter):
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return isinstance(model, SwinTransformer) and model.global_pool != ""
+        return isinstance(model, (SwinTransformer, SwinTransformerV2)) and model.global_pool != ""
 
     @classmethod
     def why_not(cls, model: nn.Module) -> str:
-        if isinstance(model, SwinTransformer) and model.global_pool == "":
+        if isinstance(model, (SwinTransformer, SwinTransformerV2)) and model.global_pool == "":
             return (
                 ": built with global_pool='', it returns one output per token, and the sub pass keeps fewer "
                 "tokens; pool it ('avg'), or use adapter='masktoken' (the default for it)"
