@@ -245,6 +245,6 @@ class SwinDropAdapter(MaskAdapter):
 
     def remove(self) -> None:
         model = self._model_ref[0]
-        for module in (model, *model.layers):
-            vars(module).pop("forward_features", None)  # the class's methods again
-            vars(module).pop("forward", None)
+        vars(model).pop("forward_features", None)  # the class's methods again
+        for stage in model.layers:
+            vars(stage).pop("forward", None)
