@@ -1520,6 +1520,7 @@ def test_compare_rejects_seeds_that_are_not_integers(capsys):
         ("none", "0,1,0", "compare: seed 0 given twice"),
         ("none --sub.ratio 0.25", "0", "sub.ratio would do nothing with sub.kind none (plain training: no sub"),
         ("dropout,droppath --sub.unit 7", "0", "sub.unit would do nothing with sub.kind dropout (it drops no input"),
+        ("dropout --sub.adapter swin_drop", "0", "sub.adapter would do nothing with sub.kind dropout"),
     ],
 )
 def test_compare_checks_every_run_before_training_any(tmp_path, capsys, subs, seeds, message):
@@ -1528,6 +1529,16 @@ def test_compare_checks_every_run_before_training_any(tmp_path, capsys, subs, se
     assert main(["compare", "--subs", subs, "--seeds", seeds, "--output", str(out), *args(TINY), *more]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists(), "nothing trained, nothing written"
+
+
+def test_compare_passes_sub_adapter_and_unit_to_the_mask_runs_only():
+    from masksub.train.compare import _overrides_for
+
+    given = {"sub.adapter": "swin_drop", "sub.unit": 64, "sub.ratio": 0.25, "optim.lr": 1e-3}
+    kinds = ["none", "mask", "dropout"]
+    assert _overrides_for("mask", kinds, given) == given
+    assert _overrides_for("dropout", kinds, given) == {"sub.ratio": 0.25, "optim.lr": 1e-3}
+    assert _overrides_for("none", kinds, given) == {"optim.lr": 1e-3}
 
 
 def test_compare_into_a_file_is_named(tmp_path, capsys):
