@@ -227,13 +227,13 @@ class SwinDropAdapter(MaskAdapter):
         keep = units_to_tokens(kept, grid_w, (uh, uw))
         x = gather_tokens(x.flatten(1, 2), keep)
         for stage in model.layers:
-            previous = keep
-            if not isinstance(stage.downsample, nn.Identity):
+            previous, merges = keep, not isinstance(stage.downsample, nn.Identity)
+            if merges:
                 merged *= 2
                 keep = units_to_tokens(kept, grid_w, (uh // merged, uw // merged))
             # through the stage's own call: hooks on it (FSDP's gathering of its weights) run as in the main pass
             x = stage(x, keep=previous, to=keep, grid=(height, width))
-            if not isinstance(stage.downsample, nn.Identity):
+            if merges:
                 height, width = height // 2, width // 2
         return model.norm(x).unsqueeze(1)  # (B, 1, K, C): the kept tokens as a 1 x K grid for the pool
 
