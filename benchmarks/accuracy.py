@@ -4,6 +4,8 @@
     python benchmarks/accuracy.py --scale gpu --jobs 8 --model resnet   # ResNet-18, 25 epochs, all 60k images
     python benchmarks/accuracy.py --scale cpu                           # ViT 4x96, 8 epochs on 6,000 images
     python benchmarks/accuracy.py --scale cpu --model resnet            # half-width ResNet-18, the same schedule
+    python benchmarks/accuracy.py --scale cpu --model swin --subs none,mask,mask_drop  # a 2-stage Swin: MaskSub
+                                                # with the mask token (the default) and with adapter swin_drop
     python benchmarks/accuracy.py --scale cpu_long --subs none,mask     # the cpu scale for 30 epochs, not 8
     python benchmarks/accuracy.py --scale tiny                          # seconds; the test suite
     python benchmarks/accuracy.py --scale cpu --ratios-only             # only each sub branch's step cost
@@ -11,7 +13,8 @@
 Every run is `masksub train` on the same recipe, seeds and schedule; only the sub branch differs.
 A plain run is also given MaskSub's compute: its epochs scaled by the ratio of MaskSub to plain step
 time, timed alone before the runs (as is every sub branch's step cost, a column of the table); the
-table shows accuracy at equal epochs and at equal compute. Runs go as
+table shows accuracy at equal epochs and at equal compute (with two MaskSub variants, `mask` and
+`mask_drop`, at the compute of each). Runs go as
 `--jobs` concurrent processes (a GPU is mostly idle with one small run). Writes
 results/accuracy_<scale>[_resnet].{json,md,png}.
 """
@@ -33,11 +36,15 @@ from common import alternating_step_times, hardware, run_cli
 from masksub.train.runlog import plot_curves
 
 VIT = {"img_size": 28, "patch_size": 4}
+# Swin at 28 px: patch 2 and 7-token windows, so the first stage (14x14 tokens) has 4 windows, shifted in
+# every second block, and the second stage (7x7) one window.
+SWIN = {"img_size": 28, "patch_size": 2, "window_size": 7}
 # Per scale: the schedule, and per model kind the timm model and its create_model arguments.
 SCALES = {
     "gpu": dict(  # the data set on the GPU, batches augmented there
         vit=("vit_tiny_patch16_224", {**VIT, "embed_dim": 192, "depth": 6, "num_heads": 3}),
         resnet=("resnet18", {}),
+        swin=("swin_tiny_patch4_window7_224", {**SWIN, "embed_dim": 96, "depths": [2, 6], "num_heads": [3, 6]}),
         epochs=25,
         images=None,
         aug="simple",
@@ -46,6 +53,7 @@ SCALES = {
     "cpu": dict(
         vit=("vit_tiny_patch16_224", {**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}),
         resnet=("resnet18", {"channels": [32, 64, 128, 256], "stem_width": 32}),
+        swin=("swin_tiny_patch4_window7_224", {**SWIN, "embed_dim": 48, "depths": [2, 2], "num_heads": [3, 6]}),
         epochs=8,
         images=6000,
         aug="simple",
@@ -53,6 +61,7 @@ SCALES = {
     "cpu_long": dict(  # the cpu scale for 30 epochs: 1,380 steps instead of 368
         vit=("vit_tiny_patch16_224", {**VIT, "embed_dim": 96, "depth": 4, "num_heads": 3}),
         resnet=("resnet18", {"channels": [32, 64, 128, 256], "stem_width": 32}),
+        swin=("swin_tiny_patch4_window7_224", {**SWIN, "embed_dim": 48, "depths": [2, 2], "num_heads": [3, 6]}),
         epochs=30,
         images=6000,
         aug="simple",
@@ -60,16 +69,27 @@ SCALES = {
     "tiny": dict(
         vit=("vit_tiny_patch16_224", {**VIT, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2}),
         resnet=("resnet18", {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}),
+        swin=("swin_tiny_patch4_window7_224", {**SWIN, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]}),
         epochs=1,
         images=256,
         aug="none",
     ),
 }
-UNITS = {"vit": 32, "resnet": 4}  # MaskSub block in pixels: the ViT drops tokens (any unit of whole patches
-# works; 32 is the default), the ResNet zeroes 4x4-pixel blocks, a 7x7 grid as 32-pixel blocks give at 224 px
+UNITS = {"vit": 32, "resnet": 4, "swin": 4}  # MaskSub block in pixels: the ViT drops tokens (any unit of whole
+# patches works; 32 is the default), the ResNet zeroes 4x4-pixel blocks, a 7x7 grid as 32-pixel blocks give at
+# 224 px; the Swin's unit is its last stage's token (2-pixel patches merged once), a 7x7 grid again
 # Sub-branch strength per kind: MaskSub's paper default; DropSub / PathSub at 0.2 (our choice: the
 # paper gives no Fashion-MNIST value; 0.5 drop-path in every block would remove most of a 4-block net).
-RATIOS = {"mask": 0.5, "dropout": 0.2, "droppath": 0.2}
+RATIOS = {"mask": 0.5, "mask_drop": 0.5, "dropout": 0.2, "droppath": 0.2}
+# Sub branches beyond a kind: (kind, adapter, the models it fits): MaskSub through the opt-in adapter
+# that drops the masked blocks instead of giving them Swin's mask token.
+SUBS = {"mask_drop": ("mask", "swin_drop", ("swin",))}
+
+
+def sub_args(sub: str) -> tuple[str, str | None]:
+    """``(kind, adapter)`` of one sub branch of the table."""
+    kind, adapter, _ = SUBS.get(sub, (sub, None, ()))
+    return kind, adapter
 
 
 def step_time_ratios(name: str, kwargs: dict, unit: int, batch: int, device: str, kinds: list) -> dict:
@@ -83,7 +103,10 @@ def step_time_ratios(name: str, kwargs: dict, unit: int, batch: int, device: str
     steps = {}
     for kind in ("none", *(k for k in kinds if k != "none")):
         model = timm.create_model(name, in_chans=1, num_classes=10, **kwargs).to(dev)
-        net = model if kind == "none" else masksub.wrap(model, kind, ratio=RATIOS[kind], unit=unit)
+        if kind != "none":
+            sub, adapter = sub_args(kind)
+            model = masksub.wrap(model, sub, ratio=RATIOS[kind], unit=unit, adapter=adapter)
+        net = model
         step = masksub.Step(net, torch.optim.AdamW(net.parameters()), torch.nn.CrossEntropyLoss())
         steps[kind] = functools.partial(step, x, y)
     times = alternating_step_times(steps, cuda=dev.type == "cuda")
@@ -141,6 +164,11 @@ def main() -> None:
     s = SCALES[args.scale]
     seeds = [int(x) for x in args.seeds.split(",")]
     kinds = args.subs.split(",")
+    for sub in kinds:
+        if sub != "none" and sub not in RATIOS:
+            p.error(f"--subs: unknown sub branch '{sub}'; name some of none, {', '.join(RATIOS)}")
+        if sub in SUBS and args.model not in SUBS[sub][2]:
+            p.error(f"--subs: {sub} fits --model {' or '.join(SUBS[sub][2])} only, not {args.model}")
     stem = f"accuracy_{args.scale}" + ("" if args.model == "vit" else f"_{args.model}")
     runs_dir = Path(args.out) / f"{stem}_runs"
     model_name, model_kwargs = s[args.model]
@@ -157,15 +185,18 @@ def main() -> None:
     }
     threads = max(1, (torch.get_num_threads() // args.jobs)) if args.device != "cuda" else 1
 
-    def job(kind, seed, epochs=None, label=None):
+    def job(sub, seed, epochs=None, label=None):
+        kind, adapter = sub_args(sub)
         o = {**base, "sub.kind": kind, "train.seed": seed}
-        if kind in RATIOS:
-            o["sub.ratio"] = RATIOS[kind]
+        if sub in RATIOS:
+            o["sub.ratio"] = RATIOS[sub]
         if kind == "mask":  # the mask unit: read by no other kind
             o["sub.unit"] = unit
+        if adapter:
+            o["sub.adapter"] = adapter
         if epochs:
             o["sched.epochs"] = epochs
-        return run_cli("train", label or f"{kind}-s{seed}", o, runs_dir, reuse=args.reuse)
+        return run_cli("train", label or f"{sub}-s{seed}", o, runs_dir, reuse=args.reuse)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # The cost ratios are timed alone, before the runs: concurrent runs would distort their own times.
@@ -186,18 +217,21 @@ def main() -> None:
         write_ratios(Path(args.out) / f"{stem}_cost", ratios, model_name, model_kwargs, hw)
         return
     ratio = ratios.get("mask")
-    # plain given MaskSub's compute: epochs scaled by the step-time ratio
-    eq_epochs = max(1, round(s["epochs"] * ratio)) if ratio is not None else None
-    jobs = [(k, (k, sd)) for k in kinds for sd in seeds]
-    if eq_epochs:
-        jobs = [
-            ("none-equal-time", ("none", sd, eq_epochs, f"none-equal-time-{eq_epochs}ep-s{sd}")) for sd in seeds
-        ] + jobs
+    # plain given each MaskSub variant's compute: epochs scaled by its step-time ratio; a row per variant,
+    # one set of runs per number of epochs
+    eq = {v: max(1, round(s["epochs"] * ratios[v])) for v in ("mask", "mask_drop") if v in ratios}
+    eq_label = {v: "none-equal-time" + ("" if v == "mask" else f" ({v})") for v in eq}
+    jobs = [
+        (e, ("none", sd, e, f"none-equal-time-{e}ep-s{sd}"))
+        for e in sorted(set(eq.values()), reverse=True)
+        for sd in seeds
+    ] + [(k, (k, sd)) for k in kinds for sd in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:  # one queue, the longest runs first
         results = list(pool.map(lambda kj: (kj[0], job(*kj[1])), jobs))
     by_kind = {k: [r for kk, r in results if kk == k] for k in kinds}
-    if eq_epochs:
-        by_kind["none-equal-time"] = [r for kk, r in results if kk == "none-equal-time"]
+    by_kind.update({eq_label[v]: [r for kk, r in results if kk == e] for v, e in eq.items()})
+    # each run once, in the table's order (two variants may share an equal-time run)
+    runs = {r["name"]: r for rows in by_kind.values() for r in rows}
 
     def stat(rows, key):
         vals = [r[key] for r in rows if r[key] is not None]
@@ -212,7 +246,8 @@ def main() -> None:
         "setting": {**s, "ratios": RATIOS},
         "step_time_ratio_mask_over_plain": ratio,
         "step_time_ratios_over_plain": ratios,
-        "equal_time_epochs": eq_epochs,
+        "equal_time_epochs": eq.get("mask"),
+        "equal_time_epochs_per_variant": eq,
     }
     lines = [
         f"Command: `{meta['command']}`; {hw}; torch {meta['torch']}.",
@@ -235,12 +270,8 @@ def main() -> None:
         )
     out = Path(args.out)
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{stem}.json").write_text(
-        json.dumps(
-            {"meta": meta, "runs": [{k: v for k, v in r.items()} for rows in by_kind.values() for r in rows]}, indent=1
-        )
-    )
-    plot_curves({r["name"]: r["records"] for rows in by_kind.values() for r in rows}, out / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": list(runs.values())}, indent=1))
+    plot_curves({name: r["records"] for name, r in runs.items()}, out / f"{stem}.png")
     print("\n".join(lines))
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -188,6 +189,40 @@ def test_accuracy_tiny_resnet(tmp_path):
     assert data["meta"]["model"]["name"] == "resnet18" and data["meta"]["model"]["mask_unit_px"] == 4
     assert [r["name"] for r in data["runs"]][:2] == ["none-s0", "mask-s0"] and len(data["runs"]) == 3
     assert "| mask | 0.5 |" in (tmp_path / "accuracy_tiny_resnet.md").read_text()
+
+
+def test_accuracy_tiny_swin_masks_with_the_token_and_by_dropping(tmp_path):
+    """The Swin's MaskSub rows: the mask token (the default adapter) and ``swin_drop`` (``mask_drop``), each with a
+    plain run at its compute; two variants given the same epochs share those runs."""
+    _run(
+        "accuracy.py",
+        *("--scale", "tiny", "--model", "swin", "--subs", "none,mask,mask_drop", "--seeds", "0"),
+        *("--device", "cpu", "--out", str(tmp_path)),
+    )
+    runs_dir = tmp_path / "accuracy_tiny_swin_runs"
+    for run, adapter in (("mask-s0", None), ("mask_drop-s0", "swin_drop")):
+        sub = yaml.safe_load((runs_dir / run / "config.yaml").read_text())["sub"]
+        assert (sub["kind"], sub["unit"], sub["adapter"]) == ("mask", 4, adapter)
+    data = json.loads((tmp_path / "accuracy_tiny_swin.json").read_text())
+    eq = data["meta"]["equal_time_epochs_per_variant"]
+    assert set(eq) == {"mask", "mask_drop"} and set(data["meta"]["step_time_ratios_over_plain"]) == set(eq)
+    names = [r["name"] for r in data["runs"]]
+    assert len(names) == len(set(names)) == 3 + len(set(eq.values()))
+    md = (tmp_path / "accuracy_tiny_swin.md").read_text()
+    for row in ("mask_drop | 0.5", f"none-equal-time | - | {eq['mask']} |", f"(mask_drop) | - | {eq['mask_drop']} |"):
+        assert row in md
+
+
+def test_accuracy_refuses_a_sub_branch_that_does_not_fit(tmp_path):
+    for subs, message in (("none,mask_drop", "mask_drop fits --model swin only"), ("none,maks", "unknown sub branch")):
+        proc = subprocess.run(
+            [sys.executable, str(BENCH / "accuracy.py"), "--scale", "tiny", "--subs", subs, "--out", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=ENV,
+        )
+        assert proc.returncode == 2 and message in proc.stderr
+    assert not any(tmp_path.iterdir()), "refused before anything is written"
 
 
 @pytest.mark.parametrize("encoder", ["vit", "convvit"])
