@@ -188,6 +188,25 @@ def test_two_backward_step_equals_summed_loss_and_checkpointing_changes_no_gradi
             torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_every_stage_merging_and_block_runs_through_its_own_call():
+    """What FSDP (``fully_shard`` on each block or stage) needs to gather the weights: hooks on them run in the sub
+    pass too, on the kept tokens."""
+    model = _swin()
+    seen = []
+    for module in [*model.layers, model.layers[1].downsample, *model.layers[0].blocks, *model.layers[1].blocks]:
+        module.register_forward_pre_hook(lambda m, a: seen.append((type(m).__name__, a[0].shape[1])))
+    _wrap(model)(_images(batch=2), sub=True)
+    # 64 px, 16-px units: 8 of 16 units kept, 4x4 tokens each at the first stage and 2x2 at the second
+    first, second = [("SwinTransformerBlock", 128)] * 2, [("SwinTransformerBlock", 32)] * 2
+    assert seen == [
+        ("SwinTransformerStage", 128),
+        *first,
+        ("SwinTransformerStage", 128),
+        ("PatchMerging", 128),
+        *second,
+    ]
+
+
 def test_a_swin_backbone_under_a_head_of_the_users():
     backbone = _swin(num_classes=0)
     mine = nn.Sequential(backbone, nn.Linear(backbone.num_features, 5))
@@ -230,6 +249,7 @@ def test_unwrap_restores_and_a_copied_or_pickled_wrapped_model_masks_alike():
         assert torch.equal(other(x, sub=True), expected)
         assert other.model.forward_features.args[0] is other.model
         assert all(stage.forward.args[0] is stage for stage in other.model.layers)
+        assert all(b.forward.args[0] is b for stage in other.model.layers for b in stage.blocks)
     model = wrapped.unwrap()
-    assert "forward_features" not in vars(model) and not any("forward" in vars(s) for s in model.layers)
+    assert "forward_features" not in vars(model) and not any("forward" in vars(m) for m in model.modules())
     assert model.forward_features(x).shape == (2, 8, 8, 32)

@@ -1257,9 +1257,10 @@ def test_swin_recipe_drops_units_with_sub_adapter_swin_drop(tmp_path, image_fold
     lengths = []
     original = masksub.adapters.swin._block
 
-    def spy(block, x, keep, grid):
-        lengths.append(x.shape[1])
-        return original(block, x, keep, grid)
+    def spy(block, method, x, keep=None, grid=None):
+        if keep is not None:  # the sub pass
+            lengths.append(x.shape[1])
+        return original(block, method, x, keep, grid)
 
     monkeypatch.setattr(masksub.adapters.swin, "_block", spy)
     cli = ["train", "--recipe", "swin_t", *args(overrides), "--train.output", str(tmp_path), "--train.name", "r"]

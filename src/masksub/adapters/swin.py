@@ -1,4 +1,5 @@
-"""timm's Swin Transformer and SwinV2, opt-in (``adapter="swin_drop"``): drop whole mask units, not mask them.
+"""Swin Transformer and SwinV2, timm's and torchvision's, opt-in (``adapter="swin_drop"``): drop whole mask units,
+not mask them.
 
 Swin's default adapter (``masktoken``, as the paper does it) puts a learnable token at the masked positions:
 the sub pass then costs as much as the main pass. This one leaves the masked units out. Each sample keeps
@@ -14,7 +15,11 @@ every patch merging merges either four kept tokens or four dropped ones), and in
 So kept tokens never see dropped ones: the sub pass equals the model run with every window's attention
 masked to the kept tokens (tested in float64), and the pixels of a dropped unit do not reach it. The
 projections and MLPs, most of Swin's compute, cost about ``1 - ratio``; the attention itself, a small share,
-still runs over whole windows. Shapes are static, with no host synchronization.
+still runs over whole windows. Shapes are static, with no host synchronization. Every stage, block and patch
+merging runs through its own call in the sub pass too, so hooks on them (FSDP's) run as in the main pass.
+
+This file holds timm's parts and the adapter; ``windows`` the attention and merging both families share;
+``tv_swin`` torchvision's parts.
 
 This is a different sub branch from the mask token's (a masked region is absent rather than present as a
 learned token), as in masked-image-modeling methods that drop tokens from Swin's windows: use it where the
@@ -36,27 +41,9 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2
 from torch import nn
 
 from ..masking import check_masks_some, gather_tokens, num_keep, random_keep_indices, unit_grid, units_to_tokens
+from . import tv_swin
 from .registry import MaskAdapter, check_images, register_adapter
-
-
-def _scatter(x: torch.Tensor, keep: torch.Tensor, length: int) -> torch.Tensor:
-    """The kept tokens ``x`` (B, K, D) at their places ``keep`` (B, K) of a (B, length, D) sequence of zeros."""
-    return x.new_zeros(x.shape[0], length, x.shape[-1]).scatter(1, keep.unsqueeze(-1).expand_as(x), x)
-
-
-def _window_slots(keep: torch.Tensor, grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]):
-    """Where the model's window partition puts each kept token: its slot (B, K) in a sample's windows laid end to end
-    (window-major, then row-major in the window) after the cyclic shift and the padding, and the slots (nW * N,) that
-    hold padding. One scatter then builds the windows, and one gather reads the kept tokens back."""
-    height, width = grid
-    (wh, ww), (sh, sw) = window, shift
-    across = -(-width // ww)  # windows along the width, the padding included
-    row, col = (keep // width - sh) % height, (keep % width - sw) % width  # torch.roll by -shift moves r to r - sh
-    slots = ((row // wh) * across + col // ww) * (wh * ww) + (row % wh) * ww + col % ww
-    every = torch.arange(-(-height // wh) * across * wh * ww, device=keep.device)
-    window_of, within = every // (wh * ww), every % (wh * ww)
-    padded = ((window_of // across) * wh + within // ww >= height) | ((window_of % across) * ww + within % ww >= width)
-    return slots, padded
+from .windows import merge, window_attention
 
 
 def _qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -98,34 +85,32 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def _window_attention(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``block``'s (shifted) window attention on its kept tokens ``x`` (B, K, C), at ``keep`` (B, K) of a ``grid``:
     each query attends to the kept tokens of its window only. Returns (B, K, C) after the output projection."""
-    attn = block.attn
-    batch = x.shape[0]
-    (wh, ww), area = block.window_size, block.window_size[0] * block.window_size[1]
-    slots, padded = _window_slots(keep, grid, (wh, ww), tuple(block.shift_size))
-    qkv = _qkv(attn, x)  # (B, K, 3A)
-    windows = _scatter(qkv, slots, len(padded))  # (B, nW * N, 3A)
-    present = _scatter(torch.ones_like(slots, dtype=qkv.dtype).unsqueeze(-1), slots, len(padded))  # (B, nW * N, 1)
-    if grid[0] % wh or grid[1] % ww:  # the model pads the grid with zero tokens, which attend and are attended to
-        pad = padded.to(qkv.dtype).unsqueeze(-1)
-        present = present + pad
-        windows = windows + pad * _qkv(attn, x.new_zeros(x.shape[-1]))  # a zero token's q, k and v
-    heads = attn.num_heads
-    q, k, v = windows.view(-1, area, 3, heads, qkv.shape[-1] // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-    keys = present.view(batch, -1, 1, 1, area)  # (B, nW, 1, 1, N)
-    # a large finite value (not -inf): a window without kept tokens then gives finite, unused outputs
-    mask = (1.0 - keys) * (torch.finfo(q.dtype).min / 2) + _position_bias(attn).to(q.dtype).unsqueeze(0)
+    attn, (wh, ww) = block.attn, block.window_size
     if getattr(block, "dynamic_mask", False):
         shifted = block.get_attn_mask(x.new_zeros(1, -(-grid[0] // wh) * wh, -(-grid[1] // ww) * ww, 1))
     else:
         shifted = block.attn_mask
-    if shifted is not None:  # (nW, N, N): tokens of different shifted regions do not attend to each other
-        mask = mask + shifted.to(q.dtype).view(1, -1, 1, area, area)
-    out = _attend(attn, q, k, v, mask.flatten(0, 1)).transpose(1, 2).reshape(batch, len(padded), -1)  # (B, nW * N, A)
-    return attn.proj_drop(attn.proj(gather_tokens(out, slots)))
+    out = window_attention(
+        x,
+        keep,
+        grid,
+        (wh, ww),
+        tuple(block.shift_size),
+        qkv=partial(_qkv, attn),
+        heads=attn.num_heads,
+        bias=_position_bias(attn),
+        shifted=shifted,
+        attend=partial(_attend, attn),
+        pad_first=False,
+    )
+    return attn.proj_drop(attn.proj(out))
 
 
-def _block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A Swin block on the kept tokens ``x`` (B, K, C): pre-norm, or SwinV2's residual post-norm."""
+def _block(block: nn.Module, method, x: torch.Tensor, keep=None, grid=None) -> torch.Tensor:
+    """A Swin block on the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``: pre-norm, or SwinV2's residual
+    post-norm. Without ``keep``, the block's own forward."""
+    if keep is None:
+        return method(block, x)
     if isinstance(block, SwinTransformerV2Block):
         x = x + block.drop_path1(block.norm1(_window_attention(block, x, keep, grid)))
         return x + block.drop_path2(block.norm2(block.mlp(x)))
@@ -133,38 +118,31 @@ def _block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[in
     return x + block.drop_path2(block.mlp(block.norm2(x)))
 
 
-def _merge(merging: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int], kept: torch.Tensor):
-    """``PatchMerging`` of the kept tokens: each 2x2 group of kept tokens (in the model's channel order) into the
-    merged token ``kept`` (B, K / 4) of the next grid."""
-    height, width = grid
-    full = _scatter(x, keep, height * width).view(x.shape[0], height // 2, 2, width // 2, 2, -1)
-    full = full.permute(0, 1, 3, 4, 2, 5).flatten(3).flatten(1, 2)  # (B, H/2 * W/2, 4C)
-    full = gather_tokens(full, kept)
-    if isinstance(merging, PatchMergingV2):  # SwinV2 normalizes after the reduction
-        return merging.norm(merging.reduction(full))
-    return merging.reduction(merging.norm(full))
-
-
 def _stage(stage: nn.Module, method, x: torch.Tensor, keep=None, to=None, grid=None) -> torch.Tensor:
     """A ``SwinTransformerStage`` on the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``: its patch merging
-    into the tokens ``to`` of the next grid, then its blocks. Without ``keep``, the stage's own forward."""
+    into the tokens ``to`` of the next grid, then its blocks, each through its own call. Without ``keep``, the
+    stage's own forward."""
     if keep is None:
         return method(stage, x)
     if not isinstance(stage.downsample, nn.Identity):
-        x = _merge(stage.downsample, x, keep, grid, to)
+        x = stage.downsample(x, keep=keep, to=to, grid=grid)
         grid = (grid[0] // 2, grid[1] // 2)
     for block in stage.blocks:
         if stage.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint(_block, block, x, to, grid)
+            x = checkpoint(block, x, keep=to, grid=grid)
         else:
-            x = _block(block, x, to, grid)
+            x = block(x, keep=to, grid=grid)
     return x
+
+
+def _timm(model: nn.Module) -> bool:
+    return isinstance(model, (SwinTransformer, SwinTransformerV2))
 
 
 @register_adapter(
     "swin_drop",
     priority=15,  # below masktoken's: only where asked for (adapter="swin_drop")
-    description="timm Swin / SwinV2, opt-in: drops whole mask units; each window attends to its kept tokens",
+    description="Swin / SwinV2 (timm's, torchvision's), opt-in: drops whole mask units; windows attend to kept tokens",
 )
 class SwinDropAdapter(MaskAdapter):
     """Drops a random ``ratio`` of the ``unit``-pixel blocks per sample; windows attend to the kept tokens only."""
@@ -175,32 +153,65 @@ class SwinDropAdapter(MaskAdapter):
         super().__init__(model, ratio, unit)
         self._model_ref = [model]  # a list keeps the model from being registered as a submodule
         self.unit_tokens  # noqa: B018 -- checks the unit against the model now, not at the first step
-        # the class's function, not the bound method: a pickled model then unpickles to the same override
-        model.forward_features = partial(self._features, model, type(model).forward_features)
-        for stage in model.layers:
-            stage.forward = partial(_stage, stage, type(stage).forward)
+        # The class's functions, not bound methods: a pickled model then unpickles to the same overrides. Every
+        # stage and block runs through its own call in the sub pass too, so hooks on them (FSDP's gathering of
+        # their weights) run as in the main pass.
+        if _timm(model):
+            model.forward_features = partial(self._features, model, type(model).forward_features)
+            for stage in model.layers:
+                stage.forward = partial(_stage, stage, type(stage).forward)
+        else:
+            model.features.forward = partial(self._features, model.features, type(model.features).forward)
+            for stage in tv_swin.stages(model):
+                stage.forward = partial(tv_swin.stage, stage, type(stage).forward)
+        for merging in self._mergings():
+            v2 = isinstance(merging, (PatchMergingV2, tv_swin.PatchMergingV2))  # normalizes after the reduction
+            merging.forward = partial(merge, merging, type(merging).forward, norm_after=v2)
+        for block in self._blocks():
+            block.forward = partial(_block if _timm(model) else tv_swin.block, block, type(block).forward)
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return isinstance(model, (SwinTransformer, SwinTransformerV2)) and model.global_pool != ""
+        return (_timm(model) and model.global_pool != "") or tv_swin.is_torchvision_swin(model)
 
     @classmethod
     def why_not(cls, model: nn.Module) -> str:
-        if isinstance(model, (SwinTransformer, SwinTransformerV2)) and model.global_pool == "":
+        if _timm(model) and model.global_pool == "":
             return (
                 ": built with global_pool='', it returns one output per token, and the sub pass keeps fewer "
                 "tokens; pool it ('avg'), or use adapter='masktoken' (the default for it)"
             )
         return ""
 
+    def _parts(self) -> list[tuple[nn.Module, bool]]:
+        """What runs after the patch embedding, in order, each with whether it begins with a patch merging: timm's
+        stages, torchvision's stages and mergings."""
+        model = self._model_ref[0]
+        if _timm(model):
+            return [(stage, not isinstance(stage.downsample, nn.Identity)) for stage in model.layers]
+        return [(part, isinstance(part, tv_swin.MERGINGS)) for part in list(model.features)[1:]]
+
+    def _mergings(self) -> list[nn.Module]:
+        model = self._model_ref[0]
+        if _timm(model):
+            return [stage.downsample for stage, merges in self._parts() if merges]
+        return [part for part, merges in self._parts() if merges]
+
+    def _blocks(self) -> list[nn.Module]:
+        model = self._model_ref[0]
+        if _timm(model):
+            return [block for stage in model.layers for block in stage.blocks]
+        return [block for stage in tv_swin.stages(model) for block in stage]
+
     @property
     def patch_size(self) -> tuple[int, int]:
-        return tuple(to_2tuple(self._model_ref[0].patch_embed.patch_size))
+        model = self._model_ref[0]
+        return tuple(to_2tuple(model.patch_embed.patch_size)) if _timm(model) else tv_swin.patch_size(model)
 
     @property
     def token_size(self) -> tuple[int, int]:
         """The pixels one token of the last stage covers: the patch size doubled at each patch merging."""
-        merges = sum(not isinstance(stage.downsample, nn.Identity) for stage in self._model_ref[0].layers)
+        merges = sum(merging for _, merging in self._parts())
         return tuple(p * 2**merges for p in self.patch_size)
 
     @property
@@ -215,10 +226,13 @@ class SwinDropAdapter(MaskAdapter):
             )
         return self.unit // ph, self.unit // pw
 
-    def _features(self, model: nn.Module, method, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, module: nn.Module, method, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``forward_features`` or torchvision's ``features``: in the sub pass, the kept tokens of the last
+        stage as a (B, 1, K, C) grid, which the model's pool averages (or takes the maximum of)."""
         if not self._active:
-            return method(model, x)
-        x = model.patch_embed(x)  # (B, H, W, C)
+            return method(module, x)
+        model = self._model_ref[0]
+        x = model.patch_embed(x) if _timm(model) else module[0](x)  # (B, H, W, C)
         batch, height, width, _ = x.shape
         (uh, uw), merged = self.unit_tokens, 1
         grid_w = width // uw
@@ -226,16 +240,15 @@ class SwinDropAdapter(MaskAdapter):
         kept = random_keep_indices(batch, units, num_keep(units, self.ratio), x.device)
         keep = units_to_tokens(kept, grid_w, (uh, uw))
         x = gather_tokens(x.flatten(1, 2), keep)
-        for stage in model.layers:
-            previous, merges = keep, not isinstance(stage.downsample, nn.Identity)
+        for part, merges in self._parts():
+            previous = keep
             if merges:
                 merged *= 2
                 keep = units_to_tokens(kept, grid_w, (uh // merged, uw // merged))
-            # through the stage's own call: hooks on it (FSDP's gathering of its weights) run as in the main pass
-            x = stage(x, keep=previous, to=keep, grid=(height, width))
+            x = part(x, keep=previous, to=keep, grid=(height, width))
             if merges:
                 height, width = height // 2, width // 2
-        return model.norm(x).unsqueeze(1)  # (B, 1, K, C): the kept tokens as a 1 x K grid for the pool
+        return (model.norm(x) if _timm(model) else x).unsqueeze(1)  # torchvision's model applies its norm itself
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.name)
@@ -245,6 +258,9 @@ class SwinDropAdapter(MaskAdapter):
 
     def remove(self) -> None:
         model = self._model_ref[0]
-        vars(model).pop("forward_features", None)  # the class's methods again
-        for stage in model.layers:
-            vars(stage).pop("forward", None)
+        if _timm(model):  # the class's methods again
+            vars(model).pop("forward_features", None)
+        else:
+            vars(model.features).pop("forward", None)
+        for module in [part for part, _ in self._parts()] + self._mergings() + self._blocks():
+            vars(module).pop("forward", None)
