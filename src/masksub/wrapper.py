@@ -256,8 +256,8 @@ def wrap(
             NaFlexViT, ConvViT, Gemma 4, SigLIP 2)
             and Hiera's mask units (its own 32x32 pixels) ignore it.
         adapter: force an adapter by name instead of choosing by model type (``"pixels"`` masks the input of a
-            module of yours whose backbone would otherwise drop tokens; ``"swin_drop"`` drops a timm Swin's masked
-            blocks instead of giving them a mask token).
+            module of yours whose backbone would otherwise drop tokens; ``"swin_drop"`` drops a Swin's masked blocks
+            (timm's or torchvision's) instead of giving them a mask token).
         sub_bn_stats: whether the sub pass updates BatchNorm running statistics
             (True, as in the paper) or normalizes with batch statistics only.
         **options: the mask adapter's own settings, e.g. the text adapter's ``tokenizer=``,
