@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration side effect)
     hf_masktoken,
     hf_relpos,
     hf_siglip2,
+    hf_swin,
     hf_vit,
     hiera,
     masktoken,

@@ -154,8 +154,11 @@ class SwinDropAdapter(MaskAdapter):
         self._model_ref = [model]  # a list keeps the model from being registered as a submodule
         self.unit_tokens  # noqa: B018 -- checks the unit against the model now, not at the first step
         # The class's functions, not bound methods: a pickled model then unpickles to the same overrides. Every
-        # stage and block runs through its own call in the sub pass too, so hooks on them (FSDP's gathering of
-        # their weights) run as in the main pass.
+        # stage, merging and block runs through its own call in the sub pass too, so hooks on them (FSDP's
+        # gathering of their weights) run as in the main pass.
+        self._install(model)
+
+    def _install(self, model: nn.Module) -> None:
         if _timm(model):
             model.forward_features = partial(self._features, model, type(model).forward_features)
             for stage in model.layers:
@@ -183,9 +186,15 @@ class SwinDropAdapter(MaskAdapter):
             )
         return ""
 
+    def _uninstall(self, model: nn.Module) -> None:
+        if _timm(model):  # the class's methods again
+            vars(model).pop("forward_features", None)
+        else:
+            vars(model.features).pop("forward", None)
+
     def _parts(self) -> list[tuple[nn.Module, bool]]:
-        """What runs after the patch embedding, in order, each with whether it begins with a patch merging: timm's
-        stages, torchvision's stages and mergings."""
+        """What runs after the patch embedding, in order, each with whether it merges patches (timm's stages begin
+        with it, Hugging Face's end with it, torchvision's are separate parts)."""
         model = self._model_ref[0]
         if _timm(model):
             return [(stage, not isinstance(stage.downsample, nn.Identity)) for stage in model.layers]
@@ -233,22 +242,28 @@ class SwinDropAdapter(MaskAdapter):
             return method(module, x)
         model = self._model_ref[0]
         x = model.patch_embed(x) if _timm(model) else module[0](x)  # (B, H, W, C)
-        batch, height, width, _ = x.shape
-        (uh, uw), merged = self.unit_tokens, 1
+        x = self._run_parts(x.flatten(1, 2), x.shape[1:3])
+        return (model.norm(x) if _timm(model) else x).unsqueeze(1)  # torchvision's model applies its norm itself
+
+    def _run_parts(self, x: torch.Tensor, grid: tuple[int, int], **kwargs) -> torch.Tensor:
+        """The sub pass from the patch embedding's tokens ``x`` (B, H * W, C) of a ``grid``: drop the masked units'
+        tokens and run the parts on the kept ones, each part through its own call (with ``kwargs``). Returns the
+        last stage's kept tokens (B, K, C)."""
+        (height, width), (uh, uw), merged = grid, self.unit_tokens, 1
         grid_w = width // uw
         units = (height // uh) * grid_w
-        kept = random_keep_indices(batch, units, num_keep(units, self.ratio), x.device)
+        kept = random_keep_indices(x.shape[0], units, num_keep(units, self.ratio), x.device)
         keep = units_to_tokens(kept, grid_w, (uh, uw))
-        x = gather_tokens(x.flatten(1, 2), keep)
+        x = gather_tokens(x, keep)
         for part, merges in self._parts():
             previous = keep
             if merges:
                 merged *= 2
                 keep = units_to_tokens(kept, grid_w, (uh // merged, uw // merged))
-            x = part(x, keep=previous, to=keep, grid=(height, width))
+            x = part(x, keep=previous, to=keep, grid=(height, width), **kwargs)
             if merges:
                 height, width = height // 2, width // 2
-        return (model.norm(x) if _timm(model) else x).unsqueeze(1)  # torchvision's model applies its norm itself
+        return x
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.name)
@@ -257,10 +272,6 @@ class SwinDropAdapter(MaskAdapter):
         return self.run_with_hooks_active(model, x)
 
     def remove(self) -> None:
-        model = self._model_ref[0]
-        if _timm(model):  # the class's methods again
-            vars(model).pop("forward_features", None)
-        else:
-            vars(model.features).pop("forward", None)
+        self._uninstall(self._model_ref[0])
         for module in [part for part, _ in self._parts()] + self._mergings() + self._blocks():
             vars(module).pop("forward", None)

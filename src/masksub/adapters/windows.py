@@ -74,8 +74,10 @@ def window_attention(
         windows = windows + pad * qkv(x.new_zeros(x.shape[-1]))  # a zero token's q, k and v
     q, k, v = windows.view(-1, area, 3, heads, tokens.shape[-1] // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
     keys = present.view(batch, -1, 1, 1, area)  # (B, nW, 1, 1, N)
-    # a large finite value (not -inf): a window without kept tokens then gives finite, unused outputs
-    mask = (1.0 - keys) * (torch.finfo(q.dtype).min / 2) + bias.to(q.dtype).unsqueeze(0)
+    # a large finite value (not -inf), also where an attention takes its softmax in float32: a window without kept
+    # tokens then gives finite, unused outputs and gradients
+    low = max(torch.finfo(q.dtype).min, torch.finfo(torch.float32).min) / 2
+    mask = (1.0 - keys) * low + bias.to(q.dtype).unsqueeze(0)
     if shifted is not None:  # tokens of different shifted regions do not attend to each other
         mask = mask + shifted.to(q.dtype).view(1, -1, 1, area, area)
     out = attend(q, k, v, mask.flatten(0, 1)).transpose(1, 2).reshape(batch, len(padded), -1)  # (B, nW * N, A)
@@ -92,11 +94,11 @@ def merged_tokens(x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int], ke
     return gather_tokens(full, kept)
 
 
-def merge(module: nn.Module, method, x: torch.Tensor, keep=None, to=None, grid=None, norm_after: bool = False):
+def merge(module: nn.Module, method, x: torch.Tensor, *args, keep=None, to=None, grid=None, norm_after: bool = False):
     """A patch merging (its ``norm`` and ``reduction``) of the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``
     into the tokens ``to`` of the next grid; SwinV2's normalizes after the reduction. Without ``keep``, its own
     forward."""
     if keep is None:
-        return method(module, x)
+        return method(module, x, *args)
     full = merged_tokens(x, keep, grid, to)
     return module.norm(module.reduction(full)) if norm_after else module.reduction(module.norm(full))

@@ -1,0 +1,230 @@
+"""Hugging Face's Swin with ``adapter="hf_swin_drop"``: the sub pass is the model, each window on its kept tokens."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import check_dropped_patch_pixels, sub_flop_ratio
+from test_swin_drop import _present
+from torch import nn
+
+import masksub
+from masksub.masking import num_keep
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.swin import modeling_swin  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(modeling_swin, "SwinRelativePositionBias"), reason="a transformers release with another Swin layout"
+)
+
+UNIT = 16  # 4x4 tokens of the first stage, 2x2 of the second
+
+
+def _swin(seed: int = 0, attn: str = "eager", **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    settings = dict(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4)
+    config = transformers.SwinConfig(
+        **{**settings, "num_labels": 5, "drop_path_rate": 0.0, **kw}, attn_implementation=attn
+    )
+    return transformers.SwinForImageClassification(config)
+
+
+def _images(batch: int = 3, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(1)) + 0.5
+
+
+def _wrap(model: nn.Module, ratio: float = 0.5) -> masksub.SubBranchModel:
+    return masksub.wrap(model, ratio=ratio, unit=UNIT, adapter="hf_swin_drop").train()
+
+
+def _sub_pass(wrapped, model, x):
+    """The sub pass's logits and the units (B, U) it kept, read from the first stage's input tokens."""
+    seen = []
+    handle = model.swin.encoder.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    out = wrapped(x, sub=True)
+    handle.remove()
+    full, (_, width) = model.swin.embeddings(x)  # (B, N, C)
+    match = (seen[0].unsqueeze(2) == full.unsqueeze(1)).all(-1)  # (B, K, N)
+    assert (match.sum(-1) == 1).all(), "each kept token is one patch's"
+    tokens = match.int().argmax(-1)
+    side = UNIT // 4
+    units = (tokens // width // side) * (width // side) + tokens % width // side
+    kept = [u.unique() for u in units]
+    assert all(len(k) * side * side == tokens.shape[1] for k in kept), "whole units are kept"
+    return getattr(out, "logits", out), torch.stack(kept)
+
+
+def _masked_windows_reference(model, x, kept):
+    """The plain model, each layer's attention given a key mask of the kept tokens (the layer's own padding, shift and
+    partition of a map of them) with its shift mask, and the mean over the kept tokens of the last stage."""
+    unit_grid = (x.shape[-2] // UNIT, x.shape[-1] // UNIT)
+    restore = []
+    for s, stage in enumerate(model.swin.encoder.layers):
+        grid = (x.shape[-2] // 4 >> s, x.shape[-1] // 4 >> s)
+        for layer in stage.blocks:
+            attention = layer.attention
+
+            def forward(windows, mask=None, layer=layer, grid=grid, **kw):
+                present = _present(kept, unit_grid, grid[0] // unit_grid[0])  # (B, H, W, 1), 1.0 on kept tokens
+                padded, _ = layer.maybe_pad(present - 1.0, *grid)  # 0 on kept tokens and padding, -1 on dropped ones
+                keys = modeling_swin.window_partition(layer.cyclic_shift(padded), layer.window_size)
+                keys = keys.reshape(-1, 1, layer.window_size**2) * 1e30  # (B * nW, 1, N); softmax in float32
+                n = keys.shape[-1]
+                if mask is not None:  # (nW, N, N), the shifted regions'
+                    keys = keys + mask.repeat(keys.shape[0] // mask.shape[0], 1, 1)
+                return type(layer.attention).forward(layer.attention, windows, keys.expand(-1, n, n), **kw)
+
+            attention.forward = forward
+            restore.append(attention)
+    try:
+        tokens = model.swin(x).last_hidden_state  # (B, h * w, C), normalized
+    finally:
+        for attention in restore:
+            del attention.forward
+    present = _present(kept, unit_grid, (x.shape[-2] // 4 >> (len(restore) // 2 - 1)) // unit_grid[0])
+    return model.classifier(torch.stack([t[p.flatten().bool()].mean(0) for t, p in zip(tokens, present)]))
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize(
+    "variant,settings",
+    [
+        ("shifted", {}),
+        ("sdpa", {"attn": "sdpa"}),
+        ("padded", {"window_size": 3}),  # 16x16 and 8x8 grids padded to windows of 3, then rolled
+        ("window shrunk", {"window_size": 8}),  # the second stage's 8x8 grid: one window, no shift
+        ("absolute positions", {"use_absolute_embeddings": True}),
+    ],
+)
+def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_tokens(variant, settings, ratio):
+    """Float64, against the model's attention given a key mask of the kept tokens: the same logits;
+    ``num_keep(U, ratio)`` whole units per sample; the main pass is the plain model's."""
+    model = _swin(**settings).double()
+    with torch.no_grad():  # biases start at zero (a padded window's zero tokens attend by their q, k, v biases)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "position" in name or ("norm" in name and name.endswith("weight")):
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    wrapped = _wrap(model, ratio)
+    assert wrapped.branch.name == "hf_swin_drop"
+    x = _images().double()
+    with torch.no_grad():
+        out, kept = _sub_pass(wrapped, model, x)
+        assert kept.shape == (3, num_keep(16, ratio))
+        torch.testing.assert_close(out, _masked_windows_reference(model, x, kept), rtol=0, atol=1e-12)
+        assert torch.equal(wrapped(x).logits, model(x).logits), "the main pass is the plain model"
+
+
+def test_whole_units_per_sample_and_the_pixels_of_dropped_ones_do_not_reach_the_sub_pass():
+    model = _swin()
+    wrapped = _wrap(model)
+    x = _images(batch=2)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out, kept = _sub_pass(wrapped, model, x)
+        assert kept.shape == (2, num_keep(16, 0.5))
+        logits = wrapped.__class__.__call__  # the wrapper returns the model's output object
+
+        class Logits(nn.Module):  # check_dropped_patch_pixels compares tensors
+            def forward(self, x, sub=False):
+                return logits(wrapped, x, sub=sub).logits
+
+        check_dropped_patch_pixels(Logits(), x, out, kept, patch=UNIT)
+
+
+def test_the_sub_pass_costs_about_half():
+    """Swin-T's configuration at 224 px (7x7 windows, a 7x7 last grid): the projections and MLPs on half the tokens."""
+    config = transformers.SwinConfig(num_labels=10)  # microsoft/swin-tiny-patch4-window7-224's architecture
+    wrapped = masksub.wrap(transformers.SwinForImageClassification(config), adapter="hf_swin_drop").train()
+    assert 0.45 < sub_flop_ratio(wrapped, torch.rand(1, 3, 224, 224)) < 0.55
+
+
+def test_two_backward_step_equals_summed_loss_and_gradient_checkpointing_changes_no_gradient():
+    def grads(memory_saving, checkpointing):
+        model = _swin()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        wrapped = _wrap(model)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
+        step = masksub.Step(wrapped, opt, nn.CrossEntropyLoss(), memory_saving=memory_saving)
+        recomputed = []
+        norm = model.swin.encoder.layers[1].blocks[1].layernorm_before
+        norm.register_forward_pre_hook(lambda m, a: recomputed.append(a[0][0, :, 0].numel()))
+        torch.manual_seed(100)
+        step(_images(batch=4), torch.arange(4) % 5)
+        # forward: the main pass's 64 tokens, the sub pass's 32; checkpointing runs both again in the backward
+        assert recomputed == ([64, 64, 32, 32] if checkpointing else [64, 32])
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    expected = grads(False, False)
+    for found in (grads(True, False), grads(True, True)):
+        assert found.keys() == expected.keys()
+        for n, g in expected.items():
+            torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_every_stage_merging_and_layer_runs_through_its_own_call():
+    """What FSDP (``fully_shard`` on each layer or stage) needs to gather the weights: hooks on them run in the sub
+    pass too, on the kept tokens."""
+    model = _swin()
+    seen = []
+    stages = model.swin.encoder.layers
+    for module in [*stages, stages[0].downsample, *stages[0].blocks, *stages[1].blocks]:
+        module.register_forward_pre_hook(lambda m, a: seen.append((type(m).__name__, a[0].shape[1])))
+    _wrap(model)(_images(batch=2), sub=True)
+    # 64 px, 16-px units: 8 of 16 units kept, 4x4 tokens each at the first stage and 2x2 at the second
+    first, second = [("SwinLayer", 128)] * 2, [("SwinLayer", 32)] * 2
+    assert seen == [("SwinStage", 128), *first, ("SwinPatchMerging", 128), ("SwinStage", 32), *second]
+
+
+def test_a_swin_model_under_a_head_of_the_users():
+    backbone = _swin().swin  # SwinModel, with its mean pool
+
+    class Mine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = backbone, nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.head(self.backbone(x).pooler_output)
+
+    mine = Mine()
+    wrapped = masksub.wrap(mine, unit=UNIT, adapter="hf_swin_drop").train()
+    assert wrapped.branch.target_name == "backbone"
+    x = _images()
+    torch.manual_seed(4)
+    out = wrapped(x, sub=True)
+    torch.manual_seed(4)
+    assert torch.equal(out, mine.head(wrapped.branch.run_with_hooks_active(backbone, x).pooler_output))
+    assert torch.equal(wrapped(x), mine(x))
+
+
+def test_the_mask_token_stays_the_default_and_bad_settings_are_refused():
+    assert masksub.wrap(_swin(), unit=UNIT).branch.name == "hf_masktoken"
+    with pytest.raises(ValueError, match="unit 4 px is not a multiple of the last stage's token, 8x8 px"):
+        masksub.wrap(_swin(), unit=4, adapter="hf_swin_drop")
+    with pytest.raises(ValueError, match="image size 72x64 is not divisible by the mask unit of 16 pixels"):
+        _wrap(_swin())(torch.rand(2, 3, 72, 64), sub=True)
+    model = _swin()
+    for layer in (b for stage in model.swin.encoder.layers for b in stage.blocks):
+        del layer.attention.q_proj  # another release's layout
+    with pytest.raises(ValueError, match="has no q_proj, k_proj, v_proj and o_proj"):
+        masksub.wrap(model, unit=UNIT, adapter="hf_swin_drop")
+
+
+def test_unwrap_restores_and_a_copied_or_pickled_wrapped_model_masks_alike():
+    wrapped = _wrap(_swin())
+    x = _images(batch=2)
+    for other in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        torch.manual_seed(5)
+        expected = wrapped(x, sub=True).logits
+        torch.manual_seed(5)
+        assert torch.equal(other(x, sub=True).logits, expected)
+        encoder = other.model.swin.encoder
+        assert encoder.forward.args[0] is encoder
+    model = wrapped.unwrap()
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert model.swin(x).last_hidden_state.shape == (2, 64, 32)
