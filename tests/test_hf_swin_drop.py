@@ -228,3 +228,24 @@ def test_unwrap_restores_and_a_copied_or_pickled_wrapped_model_masks_alike():
     model = wrapped.unwrap()
     assert not any("forward" in vars(m) for m in model.modules())
     assert model.swin(x).last_hidden_state.shape == (2, 64, 32)
+
+
+def test_the_hugging_face_trainer_takes_it_by_name(tmp_path):
+    """``MaskSubTrainer(mask_options={"adapter": "hf_swin_drop"})``: the sub pass runs its layers on the kept tokens,
+    and the model trains."""
+    from test_hf import Rows, _args
+
+    from masksub.hf import MaskSubTrainer
+
+    data = {"pixel_values": _images(batch=8), "labels": torch.arange(8) % 5}
+    model = _swin()
+    options = {"adapter": "hf_swin_drop", "unit": UNIT}
+    args = _args(tmp_path, learning_rate=1e-3, max_steps=2)
+    trainer = MaskSubTrainer(model=model, args=args, train_dataset=Rows(data), mask_options=options)
+    assert trainer.sub_branch.name == "hf_swin_drop"
+    lengths = []
+    model.swin.encoder.layers[1].blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert lengths == [64, 32] * 2  # per step: the main pass's 8x8 tokens, the sub pass's 8 of 16 units
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

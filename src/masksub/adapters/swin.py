@@ -265,10 +265,14 @@ class SwinDropAdapter(MaskAdapter):
                 height, width = height // 2, width // 2
         return x
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
+        """An image batch whose sides are whole units, at least one of which the ratio masks, or an error."""
         check_images(x, self.name)
         grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
         check_masks_some(grid, self.ratio, self.unit, tuple(x.shape[-2:]), f"{self.name} adapter")
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         return self.run_with_hooks_active(model, x)
 
     def remove(self) -> None:
