@@ -251,7 +251,7 @@ def wrap(
         sub: ``"mask"`` (MaskSub), ``"dropout"`` (DropSub) or ``"droppath"`` (PathSub).
         ratio: fraction of the input masked (``mask``) or the drop probability
             (``dropout``/``droppath``), in [0, 1). Default 0.5, the paper's MaskSub value.
-        unit: mask block size in pixels for the mask-token, pixel and ``swin_drop`` adapters (default 32); the adapters
+        unit: mask block size in pixels for the mask-token, pixel and Swin-dropping adapters (default 32); the adapters
             that drop single patch tokens (timm, torchvision and Hugging Face ViTs, CaiT,
             NaFlexViT, ConvViT, Gemma 4, SigLIP 2)
             and Hiera's mask units (its own 32x32 pixels) ignore it.
