@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-import pickle
+from functools import partial
 
 import pytest
 import torch
-from conftest import check_dropped_patch_pixels, sub_flop_ratio
-from test_swin_drop import _present
+from conftest import sub_flop_ratio
+from swin_common import (
+    UNIT,
+    assert_backbone_masked,
+    assert_same_grads,
+    check_dropped_units_unseen,
+    copies_masking_alike,
+    step_gradients,
+    sub_pass,
+)
+from swin_common import images as _images
+from swin_common import present as _present
 from torch import nn
 
 import masksub
@@ -21,8 +30,6 @@ pytestmark = pytest.mark.skipif(
     not hasattr(modeling_swin, "SwinRelativePositionBias"), reason="a transformers release with another Swin layout"
 )
 
-UNIT = 16  # 4x4 tokens of the first stage, 2x2 of the second
-
 
 def _swin(seed: int = 0, attn: str = "eager", **kw) -> nn.Module:
     torch.manual_seed(seed)
@@ -33,29 +40,14 @@ def _swin(seed: int = 0, attn: str = "eager", **kw) -> nn.Module:
     return transformers.SwinForImageClassification(config)
 
 
-def _images(batch: int = 3, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
-    return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(1)) + 0.5
-
-
 def _wrap(model: nn.Module, ratio: float = 0.5) -> masksub.SubBranchModel:
     return masksub.wrap(model, ratio=ratio, unit=UNIT, adapter="hf_swin_drop").train()
 
 
-def _sub_pass(wrapped, model, x):
-    """The sub pass's logits and the units (B, U) it kept, read from the first stage's input tokens."""
-    seen = []
-    handle = model.swin.encoder.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    out = wrapped(x, sub=True)
-    handle.remove()
-    full, (_, width) = model.swin.embeddings(x)  # (B, N, C)
-    match = (seen[0].unsqueeze(2) == full.unsqueeze(1)).all(-1)  # (B, K, N)
-    assert (match.sum(-1) == 1).all(), "each kept token is one patch's"
-    tokens = match.int().argmax(-1)
-    side = UNIT // 4
-    units = (tokens // width // side) * (width // side) + tokens % width // side
-    kept = [u.unique() for u in units]
-    assert all(len(k) * side * side == tokens.shape[1] for k in kept), "whole units are kept"
-    return getattr(out, "logits", out), torch.stack(kept)
+def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The embeddings' tokens as a (B, H, W, C) grid."""
+    tokens, grid = model.swin.embeddings(x)
+    return tokens.unflatten(1, grid)
 
 
 def _masked_windows_reference(model, x, kept):
@@ -112,7 +104,7 @@ def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_token
     assert wrapped.branch.name == "hf_swin_drop"
     x = _images().double()
     with torch.no_grad():
-        out, kept = _sub_pass(wrapped, model, x)
+        out, kept = sub_pass(wrapped, model.swin.encoder.layers[0], x, partial(_embed, model))
         assert kept.shape == (3, num_keep(16, ratio))
         torch.testing.assert_close(out, _masked_windows_reference(model, x, kept), rtol=0, atol=1e-12)
         assert torch.equal(wrapped(x).logits, model(x).logits), "the main pass is the plain model"
@@ -120,19 +112,7 @@ def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_token
 
 def test_whole_units_per_sample_and_the_pixels_of_dropped_ones_do_not_reach_the_sub_pass():
     model = _swin()
-    wrapped = _wrap(model)
-    x = _images(batch=2)
-    with torch.no_grad():
-        torch.manual_seed(3)
-        out, kept = _sub_pass(wrapped, model, x)
-        assert kept.shape == (2, num_keep(16, 0.5))
-        logits = wrapped.__class__.__call__  # the wrapper returns the model's output object
-
-        class Logits(nn.Module):  # check_dropped_patch_pixels compares tensors
-            def forward(self, x, sub=False):
-                return logits(wrapped, x, sub=sub).logits
-
-        check_dropped_patch_pixels(Logits(), x, out, kept, patch=UNIT)
+    check_dropped_units_unseen(_wrap(model), model.swin.encoder.layers[0], partial(_embed, model))
 
 
 def test_the_sub_pass_costs_about_half():
@@ -147,23 +127,10 @@ def test_two_backward_step_equals_summed_loss_and_gradient_checkpointing_changes
         model = _swin()
         if checkpointing:
             model.activation_checkpointing_enable()
-        wrapped = _wrap(model)
-        opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
-        step = masksub.Step(wrapped, opt, nn.CrossEntropyLoss(), memory_saving=memory_saving)
-        recomputed = []
         norm = model.swin.encoder.layers[1].blocks[1].layernorm_before
-        norm.register_forward_pre_hook(lambda m, a: recomputed.append(a[0][0, :, 0].numel()))
-        torch.manual_seed(100)
-        step(_images(batch=4), torch.arange(4) % 5)
-        # forward: the main pass's 64 tokens, the sub pass's 32; checkpointing runs both again in the backward
-        assert recomputed == ([64, 64, 32, 32] if checkpointing else [64, 32])
-        return {n: p.grad for n, p in model.named_parameters()}
+        return step_gradients(model, _wrap(model), memory_saving, norm, recomputed=checkpointing)
 
-    expected = grads(False, False)
-    for found in (grads(True, False), grads(True, True)):
-        assert found.keys() == expected.keys()
-        for n, g in expected.items():
-            torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_grads(grads(False, False), grads(True, False), grads(True, True))
 
 
 def test_every_stage_merging_and_layer_runs_through_its_own_call():
@@ -194,12 +161,8 @@ def test_a_swin_model_under_a_head_of_the_users():
     mine = Mine()
     wrapped = masksub.wrap(mine, unit=UNIT, adapter="hf_swin_drop").train()
     assert wrapped.branch.target_name == "backbone"
-    x = _images()
-    torch.manual_seed(4)
-    out = wrapped(x, sub=True)
-    torch.manual_seed(4)
-    assert torch.equal(out, mine.head(wrapped.branch.run_with_hooks_active(backbone, x).pooler_output))
-    assert torch.equal(wrapped(x), mine(x))
+    backbone_sub_pass = wrapped.branch.run_with_hooks_active
+    assert_backbone_masked(wrapped, lambda x: mine.head(backbone_sub_pass(backbone, x).pooler_output), mine)
 
 
 def test_the_mask_token_stays_the_default_and_bad_settings_are_refused():
@@ -218,11 +181,7 @@ def test_the_mask_token_stays_the_default_and_bad_settings_are_refused():
 def test_unwrap_restores_and_a_copied_or_pickled_wrapped_model_masks_alike():
     wrapped = _wrap(_swin())
     x = _images(batch=2)
-    for other in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
-        torch.manual_seed(5)
-        expected = wrapped(x, sub=True).logits
-        torch.manual_seed(5)
-        assert torch.equal(other(x, sub=True).logits, expected)
+    for other in copies_masking_alike(wrapped):
         encoder = other.model.swin.encoder
         assert encoder.forward.args[0] is encoder
     model = wrapped.unwrap()

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import copy
-import pickle
-
 import pytest
 import timm
 import torch
-from conftest import check_dropped_patch_pixels, compiled_graphs, sub_flop_ratio
+from conftest import compiled_graphs, sub_flop_ratio
+from swin_common import (
+    UNIT,
+    assert_backbone_masked,
+    assert_same_grads,
+    check_dropped_units_unseen,
+    copies_masking_alike,
+    step_gradients,
+    sub_pass,
+)
+from swin_common import images as _images
+from swin_common import present as _present
 from torch import nn
 
 import masksub
 from masksub.masking import num_keep
 
 SWIN = dict(img_size=64, depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5)
-UNIT = 16  # 4x4 tokens of the first stage, 2x2 of the second, 4x4 units on a 64-pixel image
 
 
 def _swin(seed: int = 0, v2: bool = False, **overrides) -> nn.Module:
@@ -24,39 +31,8 @@ def _swin(seed: int = 0, v2: bool = False, **overrides) -> nn.Module:
     return timm.create_model(name, **{**SWIN, "drop_path_rate": 0.0, **overrides})
 
 
-def _images(batch: int = 3, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
-    return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(1)) + 0.5
-
-
 def _wrap(model: nn.Module, ratio: float = 0.5, **kw) -> masksub.SubBranchModel:
     return masksub.wrap(model, ratio=ratio, unit=UNIT, adapter="swin_drop", **kw).train()
-
-
-def _sub_pass(wrapped, model, x):
-    """The sub pass's output and the units (B, U) it kept: the first stage's tokens matched against the patch
-    embedding's, which must cover whole units."""
-    seen = []
-    handle = model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    out = wrapped(x, sub=True)
-    handle.remove()
-    full = model.patch_embed(x)  # (B, H, W, C)
-    batch, height, width, _ = full.shape
-    match = (seen[0].unsqueeze(2) == full.flatten(1, 2).unsqueeze(1)).all(-1)  # (B, K, N)
-    assert (match.sum(-1) == 1).all(), "each kept token is one patch's"
-    tokens = match.int().argmax(-1)
-    side = UNIT // 4
-    units = (tokens // width // side) * (width // side) + tokens % width // side
-    kept = [u.unique() for u in units]
-    assert all(len(k) * side * side == tokens.shape[1] for k in kept), "whole units are kept"
-    return out, torch.stack(kept)
-
-
-def _present(kept: torch.Tensor, unit_grid: tuple[int, int], side: int) -> torch.Tensor:
-    """(B, H, W, 1): 1.0 on the tokens of the kept units, ``side`` tokens a unit."""
-    batch = kept.shape[0]
-    units = torch.zeros(batch, unit_grid[0] * unit_grid[1], dtype=torch.float64).scatter(1, kept, 1.0)
-    units = units.view(batch, *unit_grid)
-    return units.repeat_interleave(side, 1).repeat_interleave(side, 2).unsqueeze(-1)
 
 
 class _Windows(nn.Module):
@@ -127,7 +103,7 @@ def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_token
     assert wrapped.branch.name == "swin_drop"
     x = _images(size=size).double()
     with torch.no_grad():
-        out, kept = _sub_pass(wrapped, model, x)
+        out, kept = sub_pass(wrapped, model.layers[0], x, model.patch_embed)
         units = (size[0] // UNIT) * (size[1] // UNIT)
         assert kept.shape == (3, num_keep(units, ratio))
         expected = _masked_windows_reference(model, x, kept, settings.get("global_pool", "avg"))
@@ -140,18 +116,13 @@ def test_exact_counts_of_whole_units(ratio):
     model = _swin()
     wrapped = _wrap(model, ratio)
     with torch.no_grad():
-        _, kept = _sub_pass(wrapped, model, _images(batch=4))
+        _, kept = sub_pass(wrapped, model.layers[0], _images(batch=4), model.patch_embed)
     assert kept.shape == (4, num_keep(16, ratio))
 
 
 def test_the_pixels_of_dropped_units_do_not_reach_the_sub_pass():
     model = _swin()
-    wrapped = _wrap(model)
-    x = _images(batch=2)
-    with torch.no_grad():
-        torch.manual_seed(3)
-        out, kept = _sub_pass(wrapped, model, x)
-        check_dropped_patch_pixels(wrapped, x, out, kept, patch=UNIT)
+    check_dropped_units_unseen(_wrap(model), model.layers[0], model.patch_embed)
 
 
 def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs():
@@ -169,23 +140,10 @@ def test_two_backward_step_equals_summed_loss_and_checkpointing_changes_no_gradi
     def grads(memory_saving, checkpointing):
         model = _swin()
         model.set_grad_checkpointing(checkpointing)
-        wrapped = _wrap(model)
-        opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
-        step = masksub.Step(wrapped, opt, nn.CrossEntropyLoss(), memory_saving=memory_saving)
-        recomputed = []
         norm = model.layers[1].blocks[1].norm1
-        norm.register_forward_pre_hook(lambda m, a: recomputed.append(a[0][0, ..., 0].numel()))
-        torch.manual_seed(100)
-        step(_images(batch=4), torch.arange(4) % 5)
-        # forward: the main pass's 64 tokens, the sub pass's 32; checkpointing runs both again in the backward
-        assert recomputed == ([64, 64, 32, 32] if checkpointing else [64, 32])
-        return {n: p.grad for n, p in model.named_parameters()}
+        return step_gradients(model, _wrap(model), memory_saving, norm, recomputed=checkpointing)
 
-    expected = grads(False, False)
-    for found in (grads(True, False), grads(True, True)):
-        assert found.keys() == expected.keys()
-        for n, g in expected.items():
-            torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_grads(grads(False, False), grads(True, False), grads(True, True))
 
 
 def test_every_stage_merging_and_block_runs_through_its_own_call():
@@ -212,12 +170,7 @@ def test_a_swin_backbone_under_a_head_of_the_users():
     mine = nn.Sequential(backbone, nn.Linear(backbone.num_features, 5))
     wrapped = masksub.wrap(mine, unit=UNIT, adapter="swin_drop").train()
     assert wrapped.branch.target_name == "0"
-    x = _images()
-    torch.manual_seed(4)
-    out = wrapped(x, sub=True)
-    torch.manual_seed(4)
-    assert torch.equal(out, mine[1](wrapped.branch.run_with_hooks_active(backbone, x)))
-    assert torch.equal(wrapped(x), mine(x))
+    assert_backbone_masked(wrapped, lambda x: mine[1](wrapped.branch.run_with_hooks_active(backbone, x)), mine)
 
 
 def test_swin_keeps_the_mask_token_unless_asked_and_bad_settings_are_refused():
@@ -242,11 +195,7 @@ def test_swin_keeps_the_mask_token_unless_asked_and_bad_settings_are_refused():
 def test_unwrap_restores_and_a_copied_or_pickled_wrapped_model_masks_alike():
     wrapped = _wrap(_swin())
     x = _images(batch=2)
-    for other in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
-        torch.manual_seed(5)
-        expected = wrapped(x, sub=True)
-        torch.manual_seed(5)
-        assert torch.equal(other(x, sub=True), expected)
+    for other in copies_masking_alike(wrapped):
         assert other.model.forward_features.args[0] is other.model
         assert all(stage.forward.args[0] is stage for stage in other.model.layers)
         assert all(b.forward.args[0] is b for stage in other.model.layers for b in stage.blocks)

@@ -3,21 +3,26 @@ tokens."""
 
 from __future__ import annotations
 
-import copy
-import pickle
-
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.models.swin_transformer as tvs
-from conftest import check_dropped_patch_pixels, compiled_graphs, sub_flop_ratio
-from test_swin_drop import _present
+from conftest import compiled_graphs, sub_flop_ratio
+from swin_common import (
+    UNIT,
+    assert_backbone_masked,
+    assert_same_grads,
+    check_dropped_units_unseen,
+    copies_masking_alike,
+    step_gradients,
+    sub_pass,
+)
+from swin_common import images as _images
+from swin_common import present as _present
 from torch import nn
 
 import masksub
 from masksub.masking import num_keep
-
-UNIT = 16  # 4x4 tokens of the first stage, 2x2 of the second
 
 
 def _swin(seed: int = 0, v2: bool = False, window=(4, 4), **kw) -> tvs.SwinTransformer:
@@ -27,30 +32,8 @@ def _swin(seed: int = 0, v2: bool = False, window=(4, 4), **kw) -> tvs.SwinTrans
     return tvs.SwinTransformer([4, 4], 16, [2, 2], [1, 2], list(window), **settings)
 
 
-def _images(batch: int = 3, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
-    return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(1)) + 0.5
-
-
 def _wrap(model: nn.Module, ratio: float = 0.5) -> masksub.SubBranchModel:
     return masksub.wrap(model, ratio=ratio, unit=UNIT, adapter="swin_drop").train()
-
-
-def _sub_pass(wrapped, model, x):
-    """The sub pass's output and the units (B, U) it kept, read from the first stage's input tokens."""
-    seen = []
-    handle = model.features[1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    out = wrapped(x, sub=True)
-    handle.remove()
-    full = model.features[0](x)  # (B, H, W, C)
-    width = full.shape[2]
-    match = (seen[0].unsqueeze(2) == full.flatten(1, 2).unsqueeze(1)).all(-1)  # (B, K, N)
-    assert (match.sum(-1) == 1).all(), "each kept token is one patch's"
-    tokens = match.int().argmax(-1)
-    side = UNIT // 4
-    units = (tokens // width // side) * (width // side) + tokens % width // side
-    kept = [u.unique() for u in units]
-    assert all(len(k) * side * side == tokens.shape[1] for k in kept), "whole units are kept"
-    return out, torch.stack(kept)
 
 
 def _windows(m: torch.Tensor, window, shift) -> torch.Tensor:
@@ -108,7 +91,7 @@ def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_token
     assert wrapped.branch.name == "swin_drop"
     x = _images(size=size).double()
     with torch.no_grad():
-        out, kept = _sub_pass(wrapped, model, x)
+        out, kept = sub_pass(wrapped, model.features[1], x, model.features[0])
         units = (size[0] // UNIT) * (size[1] // UNIT)
         assert kept.shape == (3, num_keep(units, ratio))
         torch.testing.assert_close(out, _masked_windows_reference(model, x, kept), rtol=0, atol=1e-12)
@@ -117,13 +100,7 @@ def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_token
 
 def test_whole_units_per_sample_and_the_pixels_of_dropped_ones_do_not_reach_the_sub_pass():
     model = _swin()
-    wrapped = _wrap(model)
-    x = _images(batch=2)
-    with torch.no_grad():
-        torch.manual_seed(3)
-        out, kept = _sub_pass(wrapped, model, x)
-        assert kept.shape == (2, num_keep(16, 0.5))
-        check_dropped_patch_pixels(wrapped, x, out, kept, patch=UNIT)
+    check_dropped_units_unseen(_wrap(model), model.features[1], model.features[0])
 
 
 def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs():
@@ -137,18 +114,9 @@ def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs():
 def test_two_backward_step_equals_summed_loss():
     def grads(memory_saving):
         model = _swin(v2=True)
-        wrapped = _wrap(model)
-        step = masksub.Step(
-            wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), nn.CrossEntropyLoss(), memory_saving=memory_saving
-        )
-        torch.manual_seed(100)
-        step(_images(batch=4), torch.arange(4) % 5)
-        return {n: p.grad for n, p in model.named_parameters()}
+        return step_gradients(model, _wrap(model), memory_saving, model.features[3][1].norm1)
 
-    expected, found = grads(False), grads(True)
-    assert found.keys() == expected.keys()
-    for n, g in expected.items():
-        torch.testing.assert_close(found[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    assert_same_grads(grads(False), grads(True))
 
 
 def test_every_stage_block_and_merging_runs_through_its_own_call():
@@ -170,12 +138,7 @@ def test_a_torchvision_swin_backbone_under_a_head_of_the_users():
     mine = nn.Sequential(backbone, nn.Linear(32, 5))
     wrapped = masksub.wrap(mine, unit=UNIT, adapter="swin_drop").train()
     assert wrapped.branch.target_name == "0"
-    x = _images()
-    torch.manual_seed(4)
-    out = wrapped(x, sub=True)
-    torch.manual_seed(4)
-    assert torch.equal(out, mine[1](wrapped.branch.run_with_hooks_active(backbone, x)))
-    assert torch.equal(wrapped(x), mine(x))
+    assert_backbone_masked(wrapped, lambda x: mine[1](wrapped.branch.run_with_hooks_active(backbone, x)), mine)
 
 
 def test_the_mask_token_stays_the_default_and_a_unit_that_splits_a_merged_token_is_refused():
@@ -189,11 +152,7 @@ def test_the_mask_token_stays_the_default_and_a_unit_that_splits_a_merged_token_
 def test_unwrap_restores_and_a_copied_or_pickled_wrapped_model_masks_alike():
     wrapped = _wrap(_swin(v2=True))
     x = _images(batch=2)
-    for other in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
-        torch.manual_seed(5)
-        expected = wrapped(x, sub=True)
-        torch.manual_seed(5)
-        assert torch.equal(other(x, sub=True), expected)
+    for other in copies_masking_alike(wrapped):
         features = other.model.features
         assert features.forward.args[0] is features and all(p.forward.args[0] is p for p in list(features)[1:])
     model = wrapped.unwrap()
