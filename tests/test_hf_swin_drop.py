@@ -6,7 +6,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import sub_flop_ratio
+from conftest import compiled_graphs, sub_flop_ratio
 from swin_common import (
     UNIT,
     assert_backbone_masked,
@@ -115,11 +115,12 @@ def test_whole_units_per_sample_and_the_pixels_of_dropped_ones_do_not_reach_the_
     check_dropped_units_unseen(_wrap(model), model.swin.encoder.layers[0], partial(_embed, model))
 
 
-def test_the_sub_pass_costs_about_half():
+def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs():
     """Swin-T's configuration at 224 px (7x7 windows, a 7x7 last grid): the projections and MLPs on half the tokens."""
     config = transformers.SwinConfig(num_labels=10)  # microsoft/swin-tiny-patch4-window7-224's architecture
     wrapped = masksub.wrap(transformers.SwinForImageClassification(config), adapter="hf_swin_drop").train()
     assert 0.45 < sub_flop_ratio(wrapped, torch.rand(1, 3, 224, 224)) < 0.55
+    assert compiled_graphs(_wrap(_swin(window_size=3)), _images(batch=4)) == 2
 
 
 def test_two_backward_step_equals_summed_loss_and_gradient_checkpointing_changes_no_gradient():
