@@ -31,25 +31,47 @@ def test_bf16_step_has_no_host_device_sync(name):
     assert out["updated"] and torch.isfinite(out["loss"]).item()
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_swin_drop_in_bf16_follows_fp32_and_its_step_never_syncs(fused):
-    """Swin's opt-in ``swin_drop`` sub pass on CUDA, with timm's attention and with the fused kernel (which takes the
-    per-window key mask): finite in bf16 autocast, close to fp32 under the same masks, and a step with no sync."""
-    import timm
-
+def _tiny_swin(family: str) -> torch.nn.Module:
+    """A 2-stage Swin for 64-pixel images (4-pixel patches, windows of 4) of timm (its attention, or the fused kernel,
+    which takes the per-window key mask), torchvision or Hugging Face (eager or SDPA attention)."""
     torch.manual_seed(0)
-    kw = dict(img_size=64, depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5)
-    model = timm.create_model("swin_tiny_patch4_window7_224", **kw).cuda()
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-    wrapped = masksub.wrap(model, unit=16, adapter="swin_drop").train()
+    if family.startswith("timm"):
+        import timm
+
+        kw = dict(img_size=64, depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5)
+        model = timm.create_model("swin_tiny_patch4_window7_224", **kw)
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = family == "timm fused"
+        return model
+    if family == "torchvision":
+        from torchvision.models.swin_transformer import SwinTransformer
+
+        return SwinTransformer([4, 4], 16, [2, 2], [1, 2], [4, 4], num_classes=5)
+    import transformers
+
+    settings = dict(image_size=64, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=4)
+    config = transformers.SwinConfig(**settings, num_labels=5, attn_implementation=family.split()[1])
+    return transformers.SwinForImageClassification(config)
+
+
+@pytest.mark.parametrize("family", ["timm", "timm fused", "torchvision", "hf eager", "hf sdpa"])
+def test_swin_drop_in_bf16_follows_fp32_and_its_step_never_syncs(family):
+    """Swin's opt-in ``swin_drop`` (``hf_swin_drop``) sub pass on CUDA: finite in bf16 autocast, close to fp32 under
+    the same masks, and a step with no sync."""
+    adapter = "hf_swin_drop" if family.startswith("hf") else "swin_drop"
+    wrapped = masksub.wrap(_tiny_swin(family).cuda(), unit=16, adapter=adapter).train()
     x, y = torch.rand(8, 3, 64, 64, device="cuda"), torch.arange(8, device="cuda") % 5
+
+    def logits():
+        out = wrapped(x, sub=True)
+        return getattr(out, "logits", out)
+
     torch.manual_seed(1)
-    expected = wrapped(x, sub=True)
+    expected = logits()
     torch.manual_seed(1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        found = wrapped(x, sub=True)
+        found = logits()
     assert torch.isfinite(found).all()
     torch.testing.assert_close(found.float(), expected, rtol=0.05, atol=0.05)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3, fused=True)
