@@ -9,6 +9,8 @@
 #                                               # in the same rounds (merges into step_cost.json)
 #   bash benchmarks/run_gpu.sh accuracy [DEST]  # Fashion-MNIST ViT 6x192, 25 epochs: all 15 runs at once
 #   bash benchmarks/run_gpu.sh accuracy_resnet [DEST]
+#   bash benchmarks/run_gpu.sh accuracy_swin [DEST]  # a 2-stage Swin: plain vs MaskSub with the mask token and with
+#                                               # swin_drop, and plain runs at each one's compute: 15 runs at once
 #   bash benchmarks/run_gpu.sh pretrain [DEST]  # DMJD vs single view on Fashion-MNIST, ViT 6x192: 3 pretraining
 #                                               # runs at once, then their 7 probes and finetunes at once
 #   bash benchmarks/run_gpu.sh text [DEST]      # text classifiers (BERT-base, SmolLM2-135M, Qwen2.5-0.5B configs):
@@ -22,7 +24,7 @@
 # The training parts pass --reuse: run again on the same machine after a time limit cut one off, a
 # part reads its finished runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
-part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, accuracy, accuracy_resnet, pretrain or text"}
+part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, accuracy, accuracy_resnet, accuracy_swin, pretrain or text"}
 dest=${2:+$(realpath -m "$2")}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}  # some images have only python3
@@ -35,10 +37,11 @@ case $part in
   compiled | checkpointing | swin_drop) files="step_cost.json step_cost.md" ;;
   accuracy) files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
   accuracy_resnet) files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
+  accuracy_swin) files="accuracy_gpu_swin.json accuracy_gpu_swin.md accuracy_gpu_swin.png" ;;
   pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
   text) files="text_step_cost_gpu.json text_step_cost_gpu.md" ;;
   *)
-    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, accuracy, accuracy_resnet, pretrain, text" >&2
+    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, accuracy, accuracy_resnet, accuracy_swin, pretrain, text" >&2
     exit 2 ;;
 esac
 
@@ -64,6 +67,7 @@ case $part in
     --out "$out" ;;
   accuracy) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --reuse ;;
   accuracy_resnet) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet --reuse ;;
+  accuracy_swin) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model swin --subs none,mask,mask_drop --reuse ;;
   pretrain) $PY benchmarks/pretrain.py --scale gpu --jobs 7 --reuse ;;
   text) $PY benchmarks/text_step_cost.py --scale gpu --out "$out" ;;
 esac
