@@ -209,3 +209,20 @@ def test_the_hugging_face_trainer_takes_it_by_name(tmp_path):
     trainer.train()
     assert lengths == [64, 32] * 2  # per step: the main pass's 8x8 tokens, the sub pass's 8 of 16 units
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_lora_swin_drops_units_and_trains_only_the_lora_weights():
+    from peft import LoraConfig, get_peft_model
+
+    model = _swin()
+    lora = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    wrapped = masksub.wrap(lora, unit=UNIT, adapter="hf_swin_drop").train()
+    trained = [p for p in wrapped.parameters() if p.requires_grad]
+    step = masksub.Step(wrapped, torch.optim.SGD(trained, lr=0.1), nn.CrossEntropyLoss())
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    lengths = []
+    model.swin.encoder.layers[1].blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    assert step(_images(batch=4), torch.arange(4) % 5)["updated"]
+    assert lengths == [64, 32]  # the main pass's 8x8 tokens, the sub pass's 8 of 16 units
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
