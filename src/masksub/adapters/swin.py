@@ -18,8 +18,8 @@ projections and MLPs, most of Swin's compute, cost about ``1 - ratio``; the atte
 still runs over whole windows. Shapes are static, with no host synchronization. Every stage, block and patch
 merging runs through its own call in the sub pass too, so hooks on them (FSDP's) run as in the main pass.
 
-This file holds timm's parts and the adapter; ``windows`` the attention and merging both families share;
-``tv_swin`` torchvision's parts.
+This file holds timm's parts and the adapter; ``windows`` the attention and merging the families share;
+``tv_swin`` torchvision's parts; ``hf_swin`` Hugging Face's, as the adapter ``hf_swin_drop``.
 
 This is a different sub branch from the mask token's (a masked region is absent rather than present as a
 learned token), as in masked-image-modeling methods that drop tokens from Swin's windows: use it where the
@@ -129,7 +129,7 @@ def _stage(stage: nn.Module, method, x: torch.Tensor, keep=None, to=None, grid=N
         grid = (grid[0] // 2, grid[1] // 2)
     for block in stage.blocks:
         if stage.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint(block, x, keep=to, grid=grid)
+            x = checkpoint(partial(block, keep=to, grid=grid), x)  # positional: reentrant checkpoints take no kwargs
         else:
             x = block(x, keep=to, grid=grid)
     return x
