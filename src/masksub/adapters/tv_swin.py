@@ -112,7 +112,3 @@ def stages(model: nn.Module) -> list[nn.Module]:
 
 def patch_size(model: nn.Module) -> tuple[int, int]:
     return tuple(model.features[0][0].stride)
-
-
-def merges(model: nn.Module) -> int:
-    return sum(isinstance(p, MERGINGS) for p in model.features)
