@@ -16,19 +16,30 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import hf_swinv2
 from .registry import register_adapter
 from .swin import SwinDropAdapter
 from .windows import merge, window_attention
 
 
 def _swin_model(model: nn.Module) -> nn.Module | None:
-    """The ``SwinModel`` of a Hugging Face Swin classifier, or the model itself, where its layers have the layout
-    this adapter knows (separate q, k, v and output projections); else None."""
-    swin = getattr(model, "swin", model)
+    """The ``SwinModel`` or ``Swinv2Model`` of a Hugging Face Swin classifier, or the model itself, where its layers
+    have the layout this adapter knows (Swin's separate q, k, v and output projections); else None."""
+    swin = getattr(model, "swinv2", getattr(model, "swin", model))
+    if hf_swinv2.is_swinv2(swin):
+        return swin if hf_swinv2.known_layout(swin) else None
     if type(swin).__module__ != "transformers.models.swin.modeling_swin" or type(swin).__name__ != "SwinModel":
         return None
     attention = swin.encoder.layers[0].blocks[0].attention
     return swin if all(hasattr(attention, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) else None
+
+
+def _checkpointed(module: nn.Module, run, x: torch.Tensor) -> torch.Tensor:
+    """``run(x)``, recomputed in the backward where the model has gradient checkpointing on for ``module``, as its
+    own forward is."""
+    if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+        return module._gradient_checkpointing_func(run, x)
+    return run(x)
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,10 +59,7 @@ def _layer(layer: nn.Module, method, x: torch.Tensor, *args, keep=None, grid=Non
     where the model has gradient checkpointing on, as its own forward is. Without ``keep``, its own forward."""
     if keep is None:
         return method(layer, x, *args, always_partition=always_partition, **kwargs)
-    sub = partial(_kept, layer, keep=keep, grid=grid, always_partition=always_partition)
-    if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-        return layer._gradient_checkpointing_func(sub, x)
-    return sub(x)
+    return _checkpointed(layer, partial(_kept, layer, keep=keep, grid=grid, always_partition=always_partition), x)
 
 
 def _kept(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int], always_partition: bool):
@@ -77,10 +85,15 @@ def _kept(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int
 
 
 def _stage(stage: nn.Module, method, x: torch.Tensor, *args, keep=None, to=None, grid=None, **kwargs):
-    """A ``SwinStage`` on the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``: its layers, then its patch
-    merging into the tokens ``to`` of the next grid, each through its own call. Without ``keep``, its own forward."""
+    """A ``SwinStage`` or ``Swinv2Stage`` on the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``: its layers,
+    then its patch merging into the tokens ``to`` of the next grid, each through its own call. Without ``keep``, its
+    own forward."""
     if keep is None:
         return method(stage, x, *args, **kwargs)
+    return _checkpointed(stage, partial(_kept_stage, stage, keep=keep, to=to, grid=grid, **kwargs), x)
+
+
+def _kept_stage(stage: nn.Module, x: torch.Tensor, keep, to, grid, **kwargs):
     for layer in stage.blocks:
         x = layer(x, keep=keep, grid=grid, **kwargs)
     return x if stage.downsample is None else stage.downsample(x, keep=keep, to=to, grid=grid)
@@ -101,10 +114,11 @@ class HFSwinDropAdapter(SwinDropAdapter):
         encoder.forward = partial(self._encoder, encoder, type(encoder).forward)
         for stage in encoder.layers:
             stage.forward = partial(_stage, stage, type(stage).forward)
+        v2 = hf_swinv2.is_swinv2(_swin_model(model))  # its merging normalizes after the reduction
         for merging in self._mergings():
-            merging.forward = partial(merge, merging, type(merging).forward)
+            merging.forward = partial(merge, merging, type(merging).forward, norm_after=v2)
         for layer in self._blocks():
-            layer.forward = partial(_layer, layer, type(layer).forward)
+            layer.forward = partial(hf_swinv2.layer if v2 else _layer, layer, type(layer).forward)
 
     def _uninstall(self, model: nn.Module) -> None:
         vars(_swin_model(model).encoder).pop("forward", None)
@@ -115,13 +129,19 @@ class HFSwinDropAdapter(SwinDropAdapter):
 
     @classmethod
     def why_not(cls, model: nn.Module) -> str:
-        swin = getattr(model, "swin", model)
-        if type(swin).__name__ == "SwinModel" and _swin_model(model) is None:
-            return (
-                ": its layers' attention has no q_proj, k_proj, v_proj and o_proj, the layout of the transformers "
-                "releases this adapter knows; upgrade transformers, or use adapter='hf_masktoken'"
-            )
-        return ""
+        swin = getattr(model, "swinv2", getattr(model, "swin", model))
+        if _swin_model(model) is not None:
+            return ""
+        if type(swin).__name__ == "SwinModel":
+            missing = "no q_proj, k_proj, v_proj and o_proj"
+        elif type(swin).__name__ == "Swinv2Model":
+            missing = "another layout than self.query, key, value, logit_scale and continuous_position_bias_mlp"
+        else:
+            return ""
+        return (
+            f": its layers' attention has {missing}, the layout of the transformers releases this adapter knows; "
+            "use a transformers release with it, or adapter='hf_masktoken'"
+        )
 
     def _parts(self) -> list[tuple[nn.Module, bool]]:
         return [(stage, stage.downsample is not None) for stage in _swin_model(self._model_ref[0]).encoder.layers]
@@ -141,6 +161,10 @@ class HFSwinDropAdapter(SwinDropAdapter):
         stage's kept tokens as its ``last_hidden_state`` (B, K, C)."""
         if not self._active:
             return method(encoder, x, input_dimensions, *args, **kwargs)
+        if hf_swinv2.is_swinv2(_swin_model(self._model_ref[0])):
+            from transformers.models.swinv2.modeling_swinv2 import Swinv2EncoderOutput
+
+            return Swinv2EncoderOutput(last_hidden_state=self._run_parts(x, input_dimensions))
         from transformers.models.swin.modeling_swin import SwinEncoderOutput
 
         always_partition = kwargs.get("always_partition", False)

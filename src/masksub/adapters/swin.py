@@ -28,7 +28,6 @@ sub pass's cost matters more than following the paper's Swin recipe.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -43,7 +42,7 @@ from torch import nn
 from ..masking import check_masks_some, gather_tokens, num_keep, random_keep_indices, unit_grid, units_to_tokens
 from . import tv_swin
 from .registry import MaskAdapter, check_images, register_adapter
-from .windows import merge, window_attention
+from .windows import continuous_position_bias, cosine_scores, merge, window_attention
 
 
 def _qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -56,14 +55,11 @@ def _qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _position_bias(attn: nn.Module) -> torch.Tensor:
-    """The window attention's relative position bias (1, heads, N, N): Swin's table, or SwinV2's continuous one
-    (an MLP of the log-spaced offsets, through ``16 * sigmoid``)."""
+    """The window attention's relative position bias (1, heads, N, N): Swin's table, or SwinV2's continuous one."""
     if not hasattr(attn, "cpb_mlp"):
         return attn._get_rel_pos_bias()
-    area = attn.window_size[0] * attn.window_size[1]
-    table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
-    bias = table[attn.relative_position_index.view(-1)].view(area, area, -1).permute(2, 0, 1)
-    return 16 * torch.sigmoid(bias).unsqueeze(0)
+    coords, index = attn.relative_coords_table, attn.relative_position_index
+    return continuous_position_bias(attn.cpb_mlp, coords, index, attn.window_size, attn.num_heads)
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,8 +71,7 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
     if hasattr(attn, "logit_scale"):
-        scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp()
-        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
+        scores = cosine_scores(q, k, attn.logit_scale)
     else:
         scores = (q * attn.scale) @ k.transpose(-2, -1)
     return attn.attn_drop(attn.softmax(scores + mask)) @ v

@@ -9,7 +9,6 @@ without a bias, and its blocks and mergings normalize after, not before.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -24,7 +23,7 @@ from torchvision.models.swin_transformer import (
     SwinTransformerBlockV2,
 )
 
-from .windows import window_attention
+from .windows import cosine_scores, window_attention
 
 MERGINGS = (PatchMerging, PatchMergingV2)
 
@@ -45,8 +44,7 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """torchvision's attention with ``mask`` holding the position bias: scaled dot products, or V2's cosine
     similarities times its learned scale."""
     if isinstance(attn, ShiftedWindowAttentionV2):
-        scale = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp()
-        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
+        scores = cosine_scores(q, k, attn.logit_scale)
     else:
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     return F.dropout(F.softmax(scores + mask, dim=-1), p=attn.attention_dropout, training=attn.training) @ v

@@ -9,9 +9,11 @@ that window only, and one gather reads them back. No roll, pad or partition copi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..masking import gather_tokens
@@ -20,6 +22,23 @@ from ..masking import gather_tokens
 def scatter_tokens(x: torch.Tensor, keep: torch.Tensor, length: int) -> torch.Tensor:
     """The kept tokens ``x`` (B, K, D) at their places ``keep`` (B, K) of a (B, length, D) sequence of zeros."""
     return x.new_zeros(x.shape[0], length, x.shape[-1]).scatter(1, keep.unsqueeze(-1).expand_as(x), x)
+
+
+def cosine_scores(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """SwinV2's attention scores: cosine similarities of q and k times the learned scale (its log clamped at
+    log 100)."""
+    scale = torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
+
+
+def continuous_position_bias(
+    mlp: nn.Module, coords: torch.Tensor, index: torch.Tensor, window: tuple[int, int], heads: int
+) -> torch.Tensor:
+    """SwinV2's relative position bias (1, heads, N, N): its MLP of the log-spaced offsets ``coords``, read at the
+    window's pairs ``index``, through ``16 * sigmoid``."""
+    area = window[0] * window[1]
+    bias = mlp(coords).view(-1, heads)[index.view(-1)].view(area, area, -1).permute(2, 0, 1)
+    return 16 * torch.sigmoid(bias).unsqueeze(0)
 
 
 def window_slots(

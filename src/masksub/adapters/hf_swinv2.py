@@ -1,0 +1,68 @@
+"""Hugging Face's Swinv2 (``Swinv2ForImageClassification``, ``Swinv2Model``) for the ``hf_swin_drop`` adapter: its
+layers on the kept tokens.
+
+A ``Swinv2Layer`` fixes its window and shift when built (the window shrinks to a smaller configured grid, which then
+does not shift), pads the grid to whole windows and then rolls it, and runs cosine attention with a continuous
+position bias (k without a bias); it adds its shift mask to the scores twice, which the sub pass follows. It
+normalizes after the attention and after the MLP (residual post-norm), and its patch merging normalizes after the
+reduction. Its stages, not its layers, are recomputed under gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .windows import continuous_position_bias, cosine_scores, window_attention
+
+
+def is_swinv2(swin: nn.Module) -> bool:
+    kind = type(swin)
+    return kind.__module__ == "transformers.models.swinv2.modeling_swinv2" and kind.__name__ == "Swinv2Model"
+
+
+def known_layout(swin: nn.Module) -> bool:
+    """Whether the layers' attention has the layout this file knows (q, k and v layers, a continuous bias MLP)."""
+    attn = swin.encoder.layers[0].blocks[0].attention
+    parts = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp")
+    return all(hasattr(getattr(attn, "self", None), p) for p in parts) and hasattr(attn, "output")
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Swinv2's attention with ``mask`` (B * nW, heads, N, N) holding the position bias: (B * nW, heads, N, d)."""
+    return attn.dropout(F.softmax(cosine_scores(q, k, attn.logit_scale) + mask, dim=-1)) @ v
+
+
+def layer(module: nn.Module, method, x: torch.Tensor, *args, keep=None, grid=None, **kwargs) -> torch.Tensor:
+    """A ``Swinv2Layer`` on the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``. Without ``keep``, its own
+    forward."""
+    if keep is None:
+        return method(module, x, *args, **kwargs)
+    window, shift, attn = module.window_size, module.shift_size, module.attention.self
+    padded = tuple(-(-g // window) * window for g in grid)
+    shifted = module.get_attn_mask(*padded, dtype=x.dtype, device=x.device)
+    out = window_attention(
+        x,
+        keep,
+        grid,
+        (window, window),
+        (shift, shift),
+        qkv=lambda t: torch.cat((attn.query(t), attn.key(t), attn.value(t)), -1),
+        heads=attn.num_attention_heads,
+        bias=continuous_position_bias(
+            attn.continuous_position_bias_mlp,
+            attn.relative_coords_table,
+            attn.relative_position_index,
+            attn.window_size,
+            attn.num_attention_heads,
+        ),
+        shifted=None if shifted is None else 2 * shifted,  # the model adds it twice
+        attend=partial(_attend, attn),
+        pad_first=True,
+    )
+    projection = module.attention.output
+    x = x + module.drop_path(module.layernorm_before(projection.dropout(projection.dense(out))))
+    return x + module.drop_path(module.layernorm_after(module.output(module.intermediate(x))))
