@@ -1,12 +1,14 @@
-"""Hugging Face's Swin (``SwinForImageClassification``, ``SwinModel``), opt-in (``adapter="hf_swin_drop"``): drop
-whole mask units, each window attending to its kept tokens, as ``swin_drop`` does for timm's and torchvision's.
+"""Hugging Face's Swin and Swinv2 (``SwinForImageClassification``, ``SwinModel``, ``Swinv2...``), opt-in
+(``adapter="hf_swin_drop"``): drop whole mask units, each window attending to its kept tokens, as ``swin_drop`` does
+for timm's and torchvision's.
 
 Hugging Face's encoder runs its stages on (B, H * W, C) sequences with the grid's size beside them; a stage runs its
-layers and then its patch merging. A layer shrinks its window to the grid where the grid is no larger than a window
-(and then does not shift), pads the grid to whole windows and then rolls it, and calls the model's attention
+layers and then its patch merging. A Swin layer shrinks its window to the grid where the grid is no larger than a
+window (and then does not shift), pads the grid to whole windows and then rolls it, and calls the model's attention
 function (eager or SDPA) with its position bias and shift mask: the sub pass calls that function too, with the kept
-tokens' key mask added. The encoder returns the kept tokens of the last stage, which the model's norm and mean pool
-read as usual. Its hidden states and attention weights are not returned in the sub pass.
+tokens' key mask added. Swinv2's layers are in ``hf_swinv2``. The encoder returns the kept tokens of the last stage,
+which the model's norm and mean pool read as usual. Its hidden states and attention weights are not returned in the
+sub pass. Stages and layers are recomputed in the backward where the model's own forward recomputes them.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def _kept_stage(stage: nn.Module, x: torch.Tensor, keep, to, grid, **kwargs):
 @register_adapter(
     "hf_swin_drop",
     priority=14,  # below hf_masktoken's: only where asked for (adapter="hf_swin_drop")
-    description="Hugging Face Swin, opt-in: drops whole mask units; windows attend to kept tokens",
+    description="Hugging Face Swin, Swinv2, opt-in: drops whole mask units; windows attend to kept tokens",
 )
 class HFSwinDropAdapter(SwinDropAdapter):
     """Drops a random ``ratio`` of the ``unit``-pixel blocks per sample; windows attend to the kept tokens only."""
