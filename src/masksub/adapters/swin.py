@@ -37,6 +37,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import PatchMerging as PatchMergingV2
 from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr, SwinTransformerV2CrBlock
 from torch import nn
 
 from ..masking import check_masks_some, gather_tokens, num_keep, random_keep_indices, unit_grid, units_to_tokens
@@ -55,7 +56,10 @@ def _qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _position_bias(attn: nn.Module) -> torch.Tensor:
-    """The window attention's relative position bias (1, heads, N, N): Swin's table, or SwinV2's continuous one."""
+    """The window attention's relative position bias (1, heads, N, N): Swin's table, or SwinV2's continuous one
+    (SwinV2-Cr's, its meta MLP's)."""
+    if hasattr(attn, "meta_mlp"):
+        return attn._relative_positional_encodings()
     if not hasattr(attn, "cpb_mlp"):
         return attn._get_rel_pos_bias()
     coords, index = attn.relative_coords_table, attn.relative_position_index
@@ -74,7 +78,7 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         scores = cosine_scores(q, k, attn.logit_scale)
     else:
         scores = (q * attn.scale) @ k.transpose(-2, -1)
-    return attn.attn_drop(attn.softmax(scores + mask)) @ v
+    return attn.attn_drop(F.softmax(scores + mask, dim=-1)) @ v
 
 
 def _window_attention(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -103,12 +107,14 @@ def _window_attention(block: nn.Module, x: torch.Tensor, keep: torch.Tensor, gri
 
 def _block(block: nn.Module, method, x: torch.Tensor, keep=None, grid=None) -> torch.Tensor:
     """A Swin block on the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``: pre-norm, or SwinV2's residual
-    post-norm. Without ``keep``, the block's own forward."""
+    post-norm (SwinV2-Cr's then its main-branch norm, an identity in most blocks). Without ``keep``, the block's own
+    forward."""
     if keep is None:
         return method(block, x)
-    if isinstance(block, SwinTransformerV2Block):
+    if isinstance(block, (SwinTransformerV2Block, SwinTransformerV2CrBlock)):
         x = x + block.drop_path1(block.norm1(_window_attention(block, x, keep, grid)))
-        return x + block.drop_path2(block.norm2(block.mlp(x)))
+        x = x + block.drop_path2(block.norm2(block.mlp(x)))
+        return block.norm3(x) if isinstance(block, SwinTransformerV2CrBlock) else x
     x = x + block.drop_path1(_window_attention(block, block.norm1(x), keep, grid))
     return x + block.drop_path2(block.mlp(block.norm2(x)))
 
@@ -131,7 +137,18 @@ def _stage(stage: nn.Module, method, x: torch.Tensor, keep=None, to=None, grid=N
 
 
 def _timm(model: nn.Module) -> bool:
-    return isinstance(model, (SwinTransformer, SwinTransformerV2))
+    return isinstance(model, (SwinTransformer, SwinTransformerV2, SwinTransformerV2Cr))
+
+
+def _timm_stages(model: nn.Module) -> nn.Module:
+    return model.stages if isinstance(model, SwinTransformerV2Cr) else model.layers
+
+
+def _pooled(model: nn.Module) -> bool:
+    """Whether a timm Swin pools its tokens (SwinV2-Cr's in its head)."""
+    if isinstance(model, SwinTransformerV2Cr):
+        return not model.head.global_pool.is_identity()
+    return model.global_pool != ""
 
 
 @register_adapter(
@@ -156,7 +173,7 @@ class SwinDropAdapter(MaskAdapter):
     def _install(self, model: nn.Module) -> None:
         if _timm(model):
             model.forward_features = partial(self._features, model, type(model).forward_features)
-            for stage in model.layers:
+            for stage in _timm_stages(model):
                 stage.forward = partial(_stage, stage, type(stage).forward)
         else:
             model.features.forward = partial(self._features, model.features, type(model.features).forward)
@@ -170,11 +187,11 @@ class SwinDropAdapter(MaskAdapter):
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return (_timm(model) and model.global_pool != "") or tv_swin.is_torchvision_swin(model)
+        return (_timm(model) and _pooled(model)) or tv_swin.is_torchvision_swin(model)
 
     @classmethod
     def why_not(cls, model: nn.Module) -> str:
-        if _timm(model) and model.global_pool == "":
+        if _timm(model) and not _pooled(model):
             return (
                 ": built with global_pool='', it returns one output per token, and the sub pass keeps fewer "
                 "tokens; pool it ('avg'), or use adapter='masktoken' (the default for it)"
@@ -192,7 +209,7 @@ class SwinDropAdapter(MaskAdapter):
         with it, Hugging Face's end with it, torchvision's are separate parts)."""
         model = self._model_ref[0]
         if _timm(model):
-            return [(stage, not isinstance(stage.downsample, nn.Identity)) for stage in model.layers]
+            return [(stage, not isinstance(stage.downsample, nn.Identity)) for stage in _timm_stages(model)]
         return [(part, isinstance(part, tv_swin.MERGINGS)) for part in list(model.features)[1:]]
 
     def _mergings(self) -> list[nn.Module]:
@@ -204,7 +221,7 @@ class SwinDropAdapter(MaskAdapter):
     def _blocks(self) -> list[nn.Module]:
         model = self._model_ref[0]
         if _timm(model):
-            return [block for stage in model.layers for block in stage.blocks]
+            return [block for stage in _timm_stages(model) for block in stage.blocks]
         return [block for stage in tv_swin.stages(model) for block in stage]
 
     @property
@@ -232,10 +249,14 @@ class SwinDropAdapter(MaskAdapter):
 
     def _features(self, module: nn.Module, method, x: torch.Tensor) -> torch.Tensor:
         """timm's ``forward_features`` or torchvision's ``features``: in the sub pass, the kept tokens of the last
-        stage as a (B, 1, K, C) grid, which the model's pool averages (or takes the maximum of)."""
+        stage as a (B, 1, K, C) grid (SwinV2-Cr's: (B, C, 1, K)), which the model's pool averages (or takes the
+        maximum of)."""
         if not self._active:
             return method(module, x)
         model = self._model_ref[0]
+        if isinstance(model, SwinTransformerV2Cr):  # channels first between its stages, no final norm
+            x = model.patch_embed(x)  # (B, C, H, W)
+            return self._run_parts(x.flatten(2).transpose(1, 2), x.shape[2:]).transpose(1, 2).unsqueeze(2)
         x = model.patch_embed(x) if _timm(model) else module[0](x)  # (B, H, W, C)
         x = self._run_parts(x.flatten(1, 2), x.shape[1:3])
         return (model.norm(x) if _timm(model) else x).unsqueeze(1)  # torchvision's model applies its norm itself

@@ -27,7 +27,7 @@ def scatter_tokens(x: torch.Tensor, keep: torch.Tensor, length: int) -> torch.Te
 def cosine_scores(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """SwinV2's attention scores: cosine similarities of q and k times the learned scale (its log clamped at
     log 100)."""
-    scale = torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    scale = torch.clamp(logit_scale.view(-1, 1, 1), max=math.log(100.0)).exp()  # per head
     return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
 
 
