@@ -14,6 +14,14 @@ def images(batch: int = 3, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
     return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(1)) + 0.5
 
 
+def spread_logit_scales(model: torch.nn.Module) -> None:
+    """SwinV2's per-head logit scales (all log 10 when built) set apart, the last one above the clamp at log 100."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("logit_scale"):
+                p.copy_(torch.linspace(1.0, 5.0, p.numel()).view_as(p))
+
+
 def sub_pass(wrapped, first_stage: torch.nn.Module, x: torch.Tensor, embed: Callable, patch: int = 4):
     """The sub pass's logits and the units (B, U) it kept: ``first_stage``'s input tokens matched against the patch
     embedding's, ``embed(x)`` (B, H, W, C), which must cover whole units."""

@@ -15,6 +15,7 @@ from swin_common import (
     assert_same_grads,
     check_dropped_units_unseen,
     copies_masking_alike,
+    spread_logit_scales,
     step_gradients,
     sub_pass,
 )
@@ -118,6 +119,7 @@ def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_token
         for name, p in model.named_parameters():  # and SwinV2's post-norms at zero, which would silence its blocks
             if name.endswith(("bias", "q_bias", "v_bias")) or (".norm" in name and name.endswith("weight")):
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    spread_logit_scales(model)
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = variant == "fused"

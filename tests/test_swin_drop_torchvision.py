@@ -14,6 +14,7 @@ from swin_common import (
     assert_same_grads,
     check_dropped_units_unseen,
     copies_masking_alike,
+    spread_logit_scales,
     step_gradients,
     sub_pass,
 )
@@ -87,6 +88,7 @@ def test_the_sub_pass_is_the_model_with_every_window_attending_to_its_kept_token
         for name, p in model.named_parameters():
             if name.endswith("bias") or (".norm" in name and name.endswith("weight")):
                 p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    spread_logit_scales(model)
     wrapped = _wrap(model, ratio)
     assert wrapped.branch.name == "swin_drop"
     x = _images(size=size).double()
