@@ -33,13 +33,15 @@ def test_bf16_step_has_no_host_device_sync(name):
 
 def _tiny_swin(family: str) -> torch.nn.Module:
     """A 2-stage Swin for 64-pixel images (4-pixel patches, windows of 4) of timm (its attention, or the fused kernel,
-    which takes the per-window key mask), torchvision or Hugging Face (Swin with eager or SDPA attention, Swinv2)."""
+    which takes the per-window key mask; SwinV2-Cr), torchvision or Hugging Face (Swin with eager or SDPA attention,
+    Swinv2)."""
     torch.manual_seed(0)
     if family.startswith("timm"):
         import timm
 
         kw = dict(img_size=64, depths=(2, 2), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5)
-        model = timm.create_model("swin_tiny_patch4_window7_224", **kw)
+        name = "swinv2_cr_tiny_ns_224" if family == "timm cr" else "swin_tiny_patch4_window7_224"
+        model = timm.create_model(name, **kw)
         for m in model.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = family == "timm fused"
@@ -58,7 +60,7 @@ def _tiny_swin(family: str) -> torch.nn.Module:
     return transformers.SwinForImageClassification(config)
 
 
-@pytest.mark.parametrize("family", ["timm", "timm fused", "torchvision", "hf eager", "hf sdpa", "hf v2"])
+@pytest.mark.parametrize("family", ["timm", "timm fused", "timm cr", "torchvision", "hf eager", "hf sdpa", "hf v2"])
 def test_swin_drop_in_bf16_follows_fp32_and_its_step_never_syncs(family):
     """Swin's opt-in ``swin_drop`` (``hf_swin_drop``) sub pass on CUDA: finite in bf16 autocast, close to fp32 under
     the same masks, and a step with no sync."""
