@@ -14,10 +14,12 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   of the model's cost. Sequence classifiers of the BERT family (``DROP_MODELS``: absolute
   positions, pooled from the first token) drop them after the embeddings, each kept token
   with its own position embedding already added. Decoder sequence classifiers
-  (``DROP_DECODERS``: Llama, Mistral, Qwen, Gemma, Phi-3, OLMo 2, GPT-2, GPT-NeoX; causal
-  attention, pooled from the last token that is not padding) get the kept token ids with
-  their own position ids, and the token they read (the last one that is not padding) is
-  never masked. Others are refused.
+  (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
+  (MoE too), OLMo 1 to 3, GLM, GPT-2, GPT-NeoX, GPT-OSS...; causal attention, pooled from the
+  last token that is not padding) get the kept token ids with their own position ids, and the
+  token they read (the last one that is not padding) is never masked. A sliding window counts
+  tokens, not positions, so where a decoder has one, sequences no longer than its window are
+  taken (then it hides nothing) and longer ones refused. Others are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
@@ -38,7 +40,20 @@ MODES = ("token", "attention", "drop")
 DROP_MODELS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert")
 # decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
 # whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
-DROP_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2", "gpt2", "gpt_neox")
+DROP_DECODERS = (
+    *("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"),
+    *("phi", "phi3", "phimoe", "olmo", "olmo2", "olmo3", "glm", "glm4", "gpt2", "gpt_neox", "gpt_oss", "starcoder2"),
+    *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss"),
+)
+
+
+def sliding_window(config) -> int | None:
+    """The window of a decoder's sliding-window attention layers (all of them, or those ``layer_types`` names), or
+    None where it has none."""
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
 
 
 def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -194,6 +209,14 @@ class TokenMaskAdapter(MaskAdapter):
         keep = order[:, : int(length - mask.sum(dim=1).min())]  # one sync: the batch's longest kept count
         kwargs = {**kwargs, "attention_mask": (attention_mask.bool() & ~mask).gather(1, keep).to(attention_mask.dtype)}
         if self.reads_last:
+            window = sliding_window(self._text_config)
+            if window is not None and length > window:
+                raise ValueError(
+                    f"mode='drop' on {type(model).__name__}: its sliding-window attention sees the last {window} "
+                    f"tokens, and a sequence of {length} would see more positions with tokens dropped than with them "
+                    f"hidden; use sequences of at most {window} tokens, or mode='attention' (the same masking at the "
+                    "main pass's cost)"
+                )
             ids = input_ids.gather(1, keep)
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
