@@ -360,6 +360,36 @@ def test_timm_wrapper_mask_token_is_a_parameter_of_the_wrapper_model_and_leaves_
         MaskSubTrainer(model=model.timm_model, args=_args(tmp_path), mask_options={"unit": 8})
 
 
+def test_a_timm_wrapper_swin_drops_units_with_swin_drop_asked_for_by_name(tmp_path):
+    """``adapter="swin_drop"`` masks the timm Swin inside as a backbone, called through the wrapper (its images by
+    position or as ``pixel_values``), also in the Trainer; the timm model's own adapter asked for by name is the
+    wrapper's (its token placed in the transformers model)."""
+    model = _timm_wrapper("swin_tiny_patch4_window7_224", **TIMM_SWIN)
+    plain = copy.deepcopy(model)
+    wrapped = masksub.wrap(model, unit=16, adapter="swin_drop")
+    assert wrapped.branch.name == "swin_drop" and wrapped.branch.target_name == "timm_model"
+    lengths = []
+    model.timm_model.layers[1].blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1:-1]))
+    x = torch.rand(4, 3, 32, 32)
+    torch.manual_seed(0)
+    by_keyword = wrapped(pixel_values=x, sub=True).logits
+    torch.manual_seed(0)
+    torch.testing.assert_close(wrapped(x, sub=True).logits, by_keyword, rtol=0, atol=0)
+    assert lengths == [(8,), (8,)]  # 2 of 4 units (16 px) kept: 2x2 tokens each in the second stage's 4x4 grid
+    torch.testing.assert_close(wrapped(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=0, atol=0)
+    masked = masksub.wrap(_timm_wrapper("swin_tiny_patch4_window7_224", **TIMM_SWIN), unit=16, adapter="masktoken")
+    assert masked.branch.name == "timm_wrapper" and masked.branch.inner.name == "masktoken"
+
+    data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
+    options = {"adapter": "swin_drop", "unit": 16}
+    args = _args(tmp_path, learning_rate=1e-3)
+    trainer = MaskSubTrainer(model=plain, args=args, train_dataset=Rows(data), mask_options=options)
+    assert trainer.sub_branch.name == "swin_drop"
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
 def test_trainer_on_a_timm_wrapper_vit(tmp_path):
     model = _timm_wrapper("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2)
     data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}

@@ -173,9 +173,3 @@ class HFSwinDropAdapter(SwinDropAdapter):
         return SwinEncoderOutput(
             last_hidden_state=self._run_parts(x, input_dimensions, always_partition=always_partition)
         )
-
-    def forward(self, model: nn.Module, *args, **kwargs):
-        """The model's call, its images by position or as ``pixel_values``, as Hugging Face's Trainer passes them."""
-        x = kwargs.get("pixel_values", args[0] if args else None)
-        self.check_input(x)
-        return self.run_with_hooks_active(model, *args, **kwargs)

@@ -57,6 +57,12 @@ class MaskAdapter(nn.Module):
         return cls.backbone and cls.supports(module)
 
     @classmethod
+    def delegates_to(cls, model: nn.Module) -> type[MaskAdapter] | None:
+        """The adapter this one masks ``model`` with, where it wraps another (transformers' ``TimmWrapper``: the
+        timm model's); asking for that adapter by name then gets this one."""
+        return None
+
+    @classmethod
     def why_not(cls, model: nn.Module) -> str:
         """Why a model of a family this adapter knows is not one it takes (``""`` where there is no such reason):
         appended to the error for ``adapter=<name>`` on it."""
@@ -152,7 +158,9 @@ def resolve_target(model: nn.Module, name: str | None = None) -> tuple[type[Mask
 
     A model of the user's (not a timm, torchvision or transformers class) that no adapter takes as a whole but
     which holds one backbone an adapter takes (a timm ViT under the user's head, say) is masked there: the backbone
-    drops tokens while the whole model is called. With two or more backbones it is masked at its input (pixels).
+    drops tokens while the whole model is called. With two or more backbones it is masked at its input (pixels). An
+    adapter asked for by ``name`` looks for its one backbone in any model (a Swin in transformers' ``TimmWrapper``
+    with ``swin_drop``).
     """
     model = adapted_model(model)
     ordered = sorted(_ADAPTERS.values(), key=lambda a: -a.priority)
@@ -163,7 +171,10 @@ def resolve_target(model: nn.Module, name: str | None = None) -> tuple[type[Mask
         cls = _ADAPTERS[name]
         if cls.supports(model):
             return cls, model, ""
-        found = _backbones(model, [cls]) if own else []
+        delegate = next((a for a in ordered if a.delegates_to(model) is cls), None)
+        if delegate is not None:
+            return delegate, model, ""
+        found = _backbones(model, [cls])  # asked for by name: inside a library's model too (a TimmWrapper's timm model)
         if len(found) == 1:
             return cls, found[0][1], found[0][0]
         inside = f"; it holds {len(found)} modules it does: {', '.join(n for n, _, _ in found)}" if found else ""

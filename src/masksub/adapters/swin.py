@@ -287,9 +287,11 @@ class SwinDropAdapter(MaskAdapter):
         grid = unit_grid(x.shape[-2], x.shape[-1], self.unit, f"{self.name} adapter")
         check_masks_some(grid, self.ratio, self.unit, tuple(x.shape[-2:]), f"{self.name} adapter")
 
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return self.run_with_hooks_active(model, x)
+    def forward(self, model: nn.Module, *args, **kwargs):
+        """The model's call, its images by position or as ``pixel_values`` (Hugging Face's models, and
+        transformers' ``TimmWrapper`` around a timm Swin)."""
+        self.check_input(kwargs.get("pixel_values", args[0] if args else None))
+        return self.run_with_hooks_active(model, *args, **kwargs)
 
     def remove(self) -> None:
         self._uninstall(self._model_ref[0])

@@ -6,6 +6,9 @@ with the adapter of the timm model inside (``vit`` drops tokens, ``masktoken`` f
 friends, ``pixels`` for CNNs) while the call goes through the wrapper, and through
 DistributedDataParallel around it, as every pass must.
 
+Another adapter of the timm model asked for by name (``adapter="swin_drop"`` for a Swin) masks it as a backbone
+inside the wrapper, called through the wrapper; asking for its own adapter by name gets this one.
+
 A mask token (``masktoken``: Swin and friends) becomes a parameter of the timm model inside,
 ``timm_model.mask_token``, not of the sub branch: as with the Hugging Face classifiers' own token slot
 (``hf_masktoken``), what trains and saves the transformers model holds it (the ``transformers.Trainer``'s
@@ -46,6 +49,10 @@ class TimmWrapperAdapter(MaskAdapter):
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         return _inner_adapter(model) is not None
+
+    @classmethod
+    def delegates_to(cls, model: nn.Module) -> type[MaskAdapter] | None:
+        return _inner_adapter(model)
 
     def forward(self, model: nn.Module, *args, **kwargs):
         if "pixel_values" in kwargs:
