@@ -407,6 +407,8 @@ def _decoder(kind: str) -> torch.nn.Module:
     for key, value in small.items():
         if key == "pad_token_id" or isinstance(getattr(config, key, None), int):
             setattr(config, key, value)
+    if getattr(config, "rotary_dim", None):  # GPT-J's rotary part of each head, within the small head
+        config.rotary_dim = 8
     config.num_labels = 3
     torch.manual_seed(0)
     return transformers.AutoModelForSequenceClassification.from_config(config).eval()

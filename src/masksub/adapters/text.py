@@ -15,7 +15,7 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   positions, pooled from the first token) drop them after the embeddings, each kept token
   with its own position embedding already added. Decoder sequence classifiers
   (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
-  (MoE too), OLMo 1 to 3, GLM, GPT-2, GPT-NeoX, GPT-OSS...; causal attention, pooled from the
+  (MoE too), OLMo 1 to 3, GLM, GPT-2, GPT-J, GPT-NeoX, GPT-OSS...; causal attention, pooled from the
   last token that is not padding) get the kept token ids with their own position ids, and the
   token they read (the last one that is not padding) is never masked. A sliding window counts
   tokens, not positions, so where a decoder has one, sequences no longer than its window are
@@ -43,7 +43,7 @@ DROP_MODELS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distil
 DROP_DECODERS = (
     *("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"),
     *("phi", "phi3", "phimoe", "olmo", "olmo2", "olmo3", "glm", "glm4", "gpt2", "gpt_neox", "gpt_oss", "starcoder2"),
-    *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss"),
+    *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj"),
 )
 
 
