@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -473,20 +474,27 @@ def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gemma3_text", "gpt_oss", "qwen2"])
-def test_drop_mode_on_a_sliding_window_decoder_takes_sequences_within_its_window_and_refuses_longer(kind):
+def test_drop_mode_on_a_sliding_window_decoder_hides_the_tokens_of_batches_longer_than_its_window(kind):
     """A sliding window counts tokens: with tokens dropped it would reach back to more positions than with them
-    hidden. Within the window the two agree; a longer sequence is refused by name. Qwen2's window is off in every
-    layer (its layer_types), so it takes any length."""
+    hidden. A batch within the window drops them; a longer one hides them (the same output, at the main pass's
+    length), with one warning. Qwen2's window is off in every layer (its layer_types): it always drops."""
     model = _decoder(kind)
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
     batch = _decoder_batch(left=False)
     model.config.sliding_window = 20  # the batch's length: the window hides nothing
-    got, expected, _, _ = dropped_and_hidden(wrapped, model, batch)
+    got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert lengths[0] < 20
     model.config.sliding_window = 8
     if kind == "qwen2":
-        got, expected, _, _ = dropped_and_hidden(wrapped, model, batch)
+        got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert lengths[0] < 20
         return
-    with pytest.raises(ValueError, match="sees the last 8 tokens, and a sequence of 20 .* or mode='attention'"):
-        wrapped(**batch, sub=True)
+    with pytest.warns(UserWarning, match="sees the last 8 tokens, and with tokens dropped a batch of 20 .* hide"):
+        got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert lengths == [20, 20]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        dropped_and_hidden(wrapped, model, batch)

@@ -18,14 +18,16 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   (MoE too), OLMo 1 to 3, GLM, GPT-2, GPT-J, GPT-NeoX, GPT-OSS...; causal attention, pooled from the
   last token that is not padding) get the kept token ids with their own position ids, and the
   token they read (the last one that is not padding) is never masked. A sliding window counts
-  tokens, not positions, so where a decoder has one, sequences no longer than its window are
-  taken (then it hides nothing) and longer ones refused. Others are refused.
+  tokens, not positions, so where a decoder has one, a batch longer than its window has its
+  masked tokens hidden instead (``"attention"``'s computation, at the main pass's cost; a
+  warning says so once). Others are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -128,6 +130,7 @@ class TokenMaskAdapter(MaskAdapter):
         self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
         self._handle = None
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
+        self._warned_window = False
         if mode == "drop":
             embeddings = _drop_embeddings(model)
             if embeddings is None:
@@ -185,7 +188,7 @@ class TokenMaskAdapter(MaskAdapter):
                 "masks (packed sequences) are not supported; pass the 2-D padding mask, or use sub='dropout'"
             )
         mask = self.token_mask(input_ids, attention_mask)
-        if self.mode == "drop":
+        if self.mode == "drop" and not self._beyond_window(model, input_ids.shape[1]):
             return self._run_kept(model, args, kwargs, input_ids, attention_mask, mask)
         if self.mode == "token":
             input_ids = input_ids.masked_fill(mask, self.mask_token_id)
@@ -195,6 +198,22 @@ class TokenMaskAdapter(MaskAdapter):
                 attention_mask = torch.ones_like(input_ids)
             kwargs = {**kwargs, "attention_mask": attention_mask.masked_fill(mask, 0)}
         return model(*args, **kwargs)
+
+    def _beyond_window(self, model: nn.Module, length: int) -> bool:
+        """Whether a decoder's sliding window is shorter than the batch: dropped tokens would let its tokens see
+        further back than hidden ones do, so the batch's masked tokens are hidden instead (warned once)."""
+        window = sliding_window(self._text_config) if self.reads_last else None
+        if window is None or length <= window:
+            return False
+        if not self._warned_window:
+            self._warned_window = True
+            warnings.warn(
+                f"mode='drop' on {type(model).__name__}: its sliding-window attention sees the last {window} tokens, "
+                f"and with tokens dropped a batch of {length} would see further back than with them hidden; such "
+                "batches hide their masked tokens instead (mode='attention', at the main pass's cost)",
+                stacklevel=3,
+            )
+        return True
 
     def _run_kept(self, model, args, kwargs, input_ids, attention_mask, mask):
         """The model on the kept tokens only: each sample's kept tokens in their order, then (where samples keep
@@ -209,14 +228,6 @@ class TokenMaskAdapter(MaskAdapter):
         keep = order[:, : int(length - mask.sum(dim=1).min())]  # one sync: the batch's longest kept count
         kwargs = {**kwargs, "attention_mask": (attention_mask.bool() & ~mask).gather(1, keep).to(attention_mask.dtype)}
         if self.reads_last:
-            window = sliding_window(self._text_config)
-            if window is not None and length > window:
-                raise ValueError(
-                    f"mode='drop' on {type(model).__name__}: its sliding-window attention sees the last {window} "
-                    f"tokens, and a sequence of {length} would see more positions with tokens dropped than with them "
-                    f"hidden; use sequences of at most {window} tokens, or mode='attention' (the same masking at the "
-                    "main pass's cost)"
-                )
             ids = input_ids.gather(1, keep)
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
