@@ -449,3 +449,65 @@ def test_hf_vit_under_torch_compile_two_graphs_and_the_sub_pass_drops_tokens():
     torch.manual_seed(3)
     torch.testing.assert_close(got, eager(pixel_values=x, sub=True).logits)
     assert not torch.allclose(got, wrapped(pixel_values=x).logits, atol=1e-2)
+
+
+def _dinov3(**kw) -> torch.nn.Module:
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no DINOv3ViTModel")
+    settings = {k: v for k, v in TINY_VIT.items() if k != "num_labels"}
+    config = transformers.DINOv3ViTConfig(**{**settings, "num_register_tokens": 2, **kw})
+    torch.manual_seed(0)
+    return transformers.DINOv3ViTModel(config)
+
+
+class _Head(torch.nn.Module):
+    """A classifier of the user's on DINOv3's pooled class token (DINOv3 has no classifier of its own)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone, self.head = backbone, torch.nn.Linear(32, 3)
+
+    def forward(self, pixel_values):
+        return self.head(self.backbone(pixel_values=pixel_values).pooler_output)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_dinov3_drops_patch_tokens_with_their_rope_angles(ratio):
+    """DINOv3 under a head of the user's: the sub pass keeps the class and register tokens and num_keep patch
+    tokens, each rotated by its own patch's RoPE angles: float64, the same output as the whole model whose
+    attention hides the dropped patches from every query (an additive key mask)."""
+    from masksub.masking import num_keep
+
+    model = _Head(_dinov3()).double().eval()
+    wrapped = masksub.wrap(model)
+    assert wrapped.branch.name == "hf_vit" and wrapped.branch.target_name == "backbone"
+    wrapped.branch.ratio = ratio
+    layer_inputs = []
+    model.backbone.model.layer[0].register_forward_pre_hook(lambda m, a: layer_inputs.append(a[0]))
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out = wrapped(pixel_values=x, sub=True)
+        full, sub = model.backbone.embeddings(x), layer_inputs[0]  # every token, then the kept ones
+        assert sub.shape == (3, 3 + num_keep(64, ratio), 32)
+        assert torch.equal(sub[:, :3], full[:, :3]), "the class and register tokens stay"
+        match = (sub[:, 3:].unsqueeze(2) == full[:, 3:].unsqueeze(1)).all(-1)  # (B, K, N)
+        assert (match.sum(-1) == 1).all()
+        hidden = torch.ones(3, 67, dtype=torch.bool)
+        hidden[:, :3] = False
+        hidden[:, 3:] = ~match.any(1)
+        mask = torch.zeros(3, 1, 67, 67, dtype=torch.float64).masked_fill(hidden[:, None, None, :], -1e300)
+        expected = model.head(model.backbone(pixel_values=x, attention_mask=mask).pooler_output)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        assert torch.equal(wrapped(pixel_values=x), model(x)), "the main pass is the plain model's"
+
+
+def test_dinov3_in_training_mode_trains_with_half_the_compute():
+    """In training mode (DINOv3's RoPE then jitters and rescales its patch coordinates): the step's gradients equal
+    the summed loss's, and the sub pass costs about half the main pass."""
+    model = _Head(_dinov3(pos_embed_jitter=None, pos_embed_rescale=None, pos_embed_shift=None)).train()
+    wrapped = masksub.wrap(model)
+    assert 0.45 < sub_flop_ratio(wrapped, torch.rand(2, 3, 32, 32)) < 0.6
+    jittered = masksub.wrap(_Head(_dinov3(pos_embed_rescale=2.0)).train())
+    out = jittered(pixel_values=torch.rand(2, 3, 32, 32), sub=True)
+    out.sum().backward()
+    assert all(p.grad is not None for p in jittered.model.backbone.model.parameters())

@@ -11,6 +11,10 @@ and ``num_keep(N, ratio)`` patch tokens per sample; the encoder and the head (cl
 the patch tokens, or attention pooling) run on the shorter sequence, so the sub pass costs about
 ``1 - ratio`` of the main pass, as with the timm ``vit`` adapter.
 
+DINOv3's ViT (``DINOv3ViTModel``, a backbone under a head of the user's: it has no classifier of its own) adds no
+position embedding to its tokens: its layers rotate the patch tokens' queries and keys by the patch grid's RoPE
+angles, which a second hook gathers at the kept patches (its class and register tokens are not rotated).
+
 BEiT and Data2VecVision drop tokens with their relative position bias gathered (``hf_relpos``). Other
 Hugging Face vision models keep the full grid: Swin's windows get a mask token (``hf_masktoken``), CNNs the
 ``pixels`` adapter.
@@ -35,6 +39,7 @@ EMBEDDINGS = {
     "CLIPVisionEmbeddings",
     "MetaClip2VisionEmbeddings",
     "SiglipVisionEmbeddings",
+    "DINOv3ViTEmbeddings",
 }
 PREFIX_TOKENS = ("cls_token", "class_embedding", "distillation_token")  # one token each, where present
 # Their base models, as a backbone under a head of the user's (which pools: the class token, pooler_output, a mean)
@@ -48,6 +53,7 @@ BACKBONES = {
     "CLIPVisionModel",
     "MetaClip2VisionModel",
     "SiglipVisionModel",
+    "DINOv3ViTModel",
 }
 
 
@@ -79,7 +85,11 @@ class HFTokenDropAdapter(MaskAdapter):
         self.num_prefix_tokens = _prefix_tokens(embeddings)
         conv = next(m for m in embeddings.modules() if isinstance(m, nn.Conv2d))  # the patch projection
         self.patch_size = tuple(conv.stride)
-        self._handle = embeddings.register_forward_hook(self._drop_hook)
+        self._keep: torch.Tensor | None = None  # the patches the embeddings' hook kept, for the RoPE angles
+        self._handles = [embeddings.register_forward_hook(self._drop_hook)]
+        rope = next((m for m in model.modules() if type(m).__name__ == "DINOv3ViTRopePositionEmbedding"), None)
+        if rope is not None:  # DINOv3: each layer rotates the patch tokens by the grid's angles (N, d)
+            self._handles.append(rope.register_forward_hook(self._rope_hook))
 
     @classmethod
     def _embeddings(cls, model: nn.Module, backbone: bool = False) -> nn.Module | None:
@@ -101,7 +111,16 @@ class HFTokenDropAdapter(MaskAdapter):
     def _drop_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         if not self._active:
             return None
-        return keep_patch_tokens(output, self.num_prefix_tokens, self.ratio)[0]
+        tokens, self._keep = keep_patch_tokens(output, self.num_prefix_tokens, self.ratio)
+        return tokens
+
+    def _rope_hook(self, module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]):
+        """The cosines and sines (N, d) of the kept patches: (B, 1, K, d), one row per sample, broadcast over the
+        heads."""
+        if not self._active:
+            return None
+        keep, self._keep = self._keep, None
+        return tuple(t[keep].unsqueeze(1) for t in output)
 
     def forward(self, model: nn.Module, *args, **kwargs):
         x = kwargs.get("pixel_values", args[0] if args else None)
@@ -109,7 +128,8 @@ class HFTokenDropAdapter(MaskAdapter):
         return self.run_with_hooks_active(model, *args, **kwargs)
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, prefix_tokens={self.num_prefix_tokens}"
