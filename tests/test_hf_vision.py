@@ -508,3 +508,36 @@ def test_dinov3_sub_pass_in_training_mode_costs_about_half_and_reaches_every_lay
     assert 0.45 < sub_flop_ratio(wrapped, torch.rand(2, 3, 32, 32)) < 0.6
     wrapped(pixel_values=torch.rand(2, 3, 32, 32), sub=True).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in wrapped.model.backbone.model.parameters())
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["learned positions", "sincos positions"])
+def test_aimv2_vision_tower_under_a_head_drops_patch_tokens_whose_pixels_then_do_not_count(native):
+    """AIMv2's vision tower (attention pooling, no prefix token) under a head of the user's: num_keep patch tokens
+    reach its layers; new pixels in the dropped patches leave the sub pass unchanged, in the kept ones change it."""
+    from conftest import check_dropped_patch_pixels
+
+    from masksub.masking import num_keep
+
+    if not hasattr(transformers, "Aimv2VisionModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no Aimv2VisionModel")
+    settings = {k: v for k, v in TINY_VIT.items() if k != "num_labels"}
+    config = transformers.Aimv2VisionConfig(**settings, is_native=native, use_head=True)
+    torch.manual_seed(0)
+    model = _Head(transformers.Aimv2VisionModel(config)).train()
+    wrapped = masksub.wrap(model)
+    assert wrapped.branch.name == "hf_vit" and wrapped.branch.num_prefix_tokens == 0
+    lengths = []
+    model.backbone.encoder.layers[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    x = torch.rand(2, 3, 32, 32) + 0.5
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = wrapped(x, sub=True)
+        assert lengths == [num_keep(64, 0.5)]
+        full = model.backbone.embeddings(x)
+        seen = []
+        handle = model.backbone.encoder.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        torch.manual_seed(3)
+        wrapped(x, sub=True)
+        handle.remove()
+        keep = (seen[0].unsqueeze(2) == full.unsqueeze(1)).all(-1).int().argmax(-1)  # (B, K) patch of each token
+        check_dropped_patch_pixels(wrapped, x, out, keep)

@@ -11,7 +11,9 @@ and ``num_keep(N, ratio)`` patch tokens per sample; the encoder and the head (cl
 the patch tokens, or attention pooling) run on the shorter sequence, so the sub pass costs about
 ``1 - ratio`` of the main pass, as with the timm ``vit`` adapter.
 
-DINOv3's ViT (``DINOv3ViTModel``, a backbone under a head of the user's: it has no classifier of its own) adds no
+AIMv2's vision tower (``Aimv2VisionModel``, under a head of the user's) embeds patches with positions and no prefix,
+and pools them by attention, as SigLIP's does. DINOv3's ViT (``DINOv3ViTModel``, also under a head of the user's:
+it has no classifier of its own) adds no
 position embedding to its tokens: its layers rotate the patch tokens' queries and keys by the patch grid's RoPE
 angles, which a second hook gathers at the kept patches (its class and register tokens are not rotated).
 
@@ -40,6 +42,7 @@ EMBEDDINGS = {
     "MetaClip2VisionEmbeddings",
     "SiglipVisionEmbeddings",
     "DINOv3ViTEmbeddings",
+    "Aimv2VisionEmbeddings",
 }
 PREFIX_TOKENS = ("cls_token", "class_embedding", "distillation_token")  # one token each, where present
 # Their base models, as a backbone under a head of the user's (which pools: the class token, pooler_output, a mean)
@@ -54,6 +57,7 @@ BACKBONES = {
     "MetaClip2VisionModel",
     "SiglipVisionModel",
     "DINOv3ViTModel",
+    "Aimv2VisionModel",
 }
 
 
