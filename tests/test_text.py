@@ -366,11 +366,76 @@ def test_drop_mode_computes_what_attention_mode_does_on_the_kept_tokens_only(fam
     assert torch.equal(main, hidden(**batch).logits), "the main pass is the plain model's"
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+def _modernbert(attn: str = "sdpa", pooling: str = "cls") -> torch.nn.Module:
+    """A tiny ModernBERT sequence classifier: a global layer, then two local ones whose window (8 tokens: 4 each
+    side) is shorter than the batches here."""
+    import transformers
+
+    config = transformers.ModernBertConfig(
+        **{**SMALL, "num_hidden_layers": 3},
+        local_attention=8,
+        global_attn_every_n_layers=3,
+        pad_token_id=PAD,
+        num_labels=3,
+        classifier_pooling=pooling,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    return transformers.ModernBertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_drop_mode_on_modernbert_keeps_its_local_windows_by_position(attn, pooling):
+    """ModernBERT gets the kept token ids with their position ids (its RoPE), and its local layers a window mask by
+    position: the logits of hiding the same tokens, with the model running on the batch's longest kept count."""
+    model = _modernbert(attn, pooling)
+    assert sorted(model.config.layer_types) == ["full_attention", "sliding_attention", "sliding_attention"]
+    hidden = wrap_text(copy.deepcopy(model), mode="attention")
+    dropped = wrap_text(model, mode="drop")
+    batch = inputs(text_batch(batch=6, length=24))
+    lengths = []
+    model.model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        expected = hidden(**batch, sub=True).logits
+        torch.manual_seed(5)
+        got = dropped(**batch, sub=True).logits
+        torch.manual_seed(5)
+        mask = dropped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
+        assert lengths == [24 - int(mask.sum(1).min())] and lengths[0] < 24
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(dropped(**batch).logits, hidden.model(**batch).logits), "the main pass is the plain model's"
+
+
+def test_drop_mode_on_modernbert_under_a_kernel_that_takes_no_mask_hides_the_tokens(monkeypatch):
+    """Where the local layers' kernel takes no mask (flash attention), a batch hides its masked tokens instead: the
+    same logits at the full length, warned once."""
+    model = _modernbert()
+    hidden = wrap_text(copy.deepcopy(model), mode="attention")
+    dropped = wrap_text(model, mode="drop")
+    monkeypatch.setattr(masksub.adapters.text, "MASKED_KERNELS", ("eager",))  # as if SDPA took no mask
+    batch = inputs(text_batch(batch=6, length=24))
+    lengths = []
+    model.model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    with torch.no_grad(), pytest.warns(UserWarning, match="local attention runs on 'sdpa', which takes no mask"):
+        torch.manual_seed(5)
+        got = dropped(**batch, sub=True).logits
+    torch.manual_seed(5)
+    with torch.no_grad():
+        assert torch.equal(got, hidden(**batch, sub=True).logits) and lengths == [24]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "modernbert"])
 def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss(family):
     from conftest import sub_flop_ratio
 
-    build = (lambda: _decoder("llama").train()) if family == "llama" else (lambda: _drop_family("bert"))
+    builders = {
+        "llama": lambda: _decoder("llama").train(),
+        "bert": lambda: _drop_family("bert"),
+        "modernbert": lambda: _modernbert().train(),
+    }
+    build = builders[family]
     batch = inputs(text_batch(batch=4, length=48))
     wrapped = wrap_text(build(), mode="drop", ratio=0.5)
     assert 0.4 < sub_flop_ratio(wrapped, batch) < 0.7

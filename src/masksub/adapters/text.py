@@ -20,7 +20,11 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   token they read (the last one that is not padding) is never masked. A sliding window counts
   tokens, not positions, so where a decoder has one, a batch longer than its window has its
   masked tokens hidden instead (``"attention"``'s computation, at the main pass's cost; a
-  warning says so once). Others are refused.
+  warning says so once). ModernBERT's sequence classifiers (``DROP_ROPE_ENCODERS``: RoPE,
+  pooled from the first token or a mean over the attention mask) get the kept token ids with
+  their own position ids too, and their local-attention layers a window mask built from those
+  positions (with SDPA or eager attention; other kernels take no mask: their batches hide the
+  tokens instead, warned once). Others are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
@@ -49,6 +53,12 @@ DROP_DECODERS = (
 )
 
 
+# encoder sequence classifiers that rotate by position ids and read the first token or a mean over the attention
+# mask: they get the kept token ids with their position ids, their sliding-window layers a mask by those positions
+DROP_ROPE_ENCODERS = ("modernbert",)
+MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
+
+
 def sliding_window(config) -> int | None:
     """The window of a decoder's sliding-window attention layers (all of them, or those ``layer_types`` names), or
     None where it has none."""
@@ -72,12 +82,13 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
     kind = getattr(getattr(model, "config", None), "model_type", None)
     classifier = type(model).__name__.endswith("ForSequenceClassification")
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
-    if classifier and kind in DROP_DECODERS:
+    if classifier and kind in DROP_DECODERS + DROP_ROPE_ENCODERS:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
             f"mode='drop' shortens the sequence, which needs a sequence classifier of {', '.join(DROP_MODELS)} "
-            f"(absolute positions, pooled from the first token) or of {', '.join(DROP_DECODERS)} (causal "
+            f"(absolute positions, pooled from the first token), of {', '.join(DROP_ROPE_ENCODERS)} (RoPE) or of "
+            f"{', '.join(DROP_DECODERS)} (causal "
             f"attention over position ids, pooled from the last token); {type(model).__name__} is not one: use "
             "mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
@@ -130,12 +141,23 @@ class TokenMaskAdapter(MaskAdapter):
         self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
         self._handle = None
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
-        self._warned_window = False
+        self._ids = False  # mode "drop" on the kept token ids with their position ids (decoders, ModernBERT)
+        self._positions: torch.Tensor | None = None  # (B, K) and (B, K) bool: the kept tokens' positions and which
+        self._valid: torch.Tensor | None = None  # of them are not fillers, for ModernBERT's window masks
+        self._window_handles = []
+        self._warned = False
         if mode == "drop":
             embeddings = _drop_embeddings(model)
             if embeddings is None:
-                self.reads_last = True
+                self._ids = True
                 self._text_config = model.config.get_text_config()  # its padding id, read at each pass
+                self.reads_last = model.config.model_type not in DROP_ROPE_ENCODERS
+                if not self.reads_last:  # its local-attention layers, given a mask by the kept tokens' positions
+                    self._window_handles = [
+                        m.register_forward_pre_hook(self._window_mask, with_kwargs=True)
+                        for m in model.modules()
+                        if getattr(m, "attention_type", None) == "sliding_attention"
+                    ]
             else:
                 self._handle = embeddings.register_forward_hook(self._drop_hook)
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
@@ -200,20 +222,50 @@ class TokenMaskAdapter(MaskAdapter):
         return model(*args, **kwargs)
 
     def _beyond_window(self, model: nn.Module, length: int) -> bool:
-        """Whether a decoder's sliding window is shorter than the batch: dropped tokens would let its tokens see
-        further back than hidden ones do, so the batch's masked tokens are hidden instead (warned once)."""
-        window = sliding_window(self._text_config) if self.reads_last else None
-        if window is None or length <= window:
+        """Whether dropping would change what a sliding window sees: a decoder's window shorter than the batch
+        (with tokens dropped its tokens would see further back than with them hidden), or ModernBERT's local
+        attention under a kernel that takes no mask. The batch's masked tokens are hidden instead (warned once)."""
+        if not self._ids:
             return False
-        if not self._warned_window:
-            self._warned_window = True
+        window = sliding_window(self._text_config)
+        if self.reads_last and window is not None and length > window:
+            why = (
+                f"its sliding-window attention sees the last {window} tokens, and with tokens dropped a batch of "
+                f"{length} would see further back than with them hidden"
+            )
+        elif self._window_handles and self._text_config._attn_implementation not in MASKED_KERNELS:
+            why = (
+                f"its local attention runs on {self._text_config._attn_implementation!r}, which takes no mask to "
+                f"keep the window by position ({' or '.join(MASKED_KERNELS)} do)"
+            )
+        else:
+            return False
+        if not self._warned:
+            self._warned = True
             warnings.warn(
-                f"mode='drop' on {type(model).__name__}: its sliding-window attention sees the last {window} tokens, "
-                f"and with tokens dropped a batch of {length} would see further back than with them hidden; such "
-                "batches hide their masked tokens instead (mode='attention', at the main pass's cost)",
+                f"mode='drop' on {type(model).__name__}: {why}; such batches hide their masked tokens instead "
+                "(mode='attention', at the main pass's cost)",
                 stacklevel=3,
             )
         return True
+
+    def _window_mask(self, module: nn.Module, args: tuple, kwargs: dict):
+        """A local-attention layer's mask in the sub pass: query and key at most its window apart in position (not
+        in index: the tokens between them may have been dropped), keys that are kept tokens, in the format of the
+        mask the model made (True to attend, or 0 and the dtype's minimum)."""
+        if self._positions is None:
+            return None
+        positions, given = self._positions, kwargs.get("attention_mask")
+        near = (positions[:, :, None] - positions[:, None, :]).abs() <= sliding_window(self._text_config)
+        allowed = (near & self._valid[:, None, :]).unsqueeze(1)  # (B, 1, K, K)
+        boolean = self._text_config._attn_implementation == "sdpa" if given is None else given.dtype == torch.bool
+        if boolean:
+            mask = allowed
+        else:
+            dtype = (args[0] if args else kwargs["hidden_states"]).dtype if given is None else given.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
+        return args, {**kwargs, "attention_mask": mask}
 
     def _run_kept(self, model, args, kwargs, input_ids, attention_mask, mask):
         """The model on the kept tokens only: each sample's kept tokens in their order, then (where samples keep
@@ -226,14 +278,19 @@ class TokenMaskAdapter(MaskAdapter):
         position = torch.arange(length, device=input_ids.device)
         order = (mask.long() * length + position).argsort(dim=1)  # kept tokens first, each group in its order
         keep = order[:, : int(length - mask.sum(dim=1).min())]  # one sync: the batch's longest kept count
-        kwargs = {**kwargs, "attention_mask": (attention_mask.bool() & ~mask).gather(1, keep).to(attention_mask.dtype)}
-        if self.reads_last:
+        valid = (attention_mask.bool() & ~mask).gather(1, keep)
+        kwargs = {**kwargs, "attention_mask": valid.to(attention_mask.dtype)}
+        if self._ids:
             ids = input_ids.gather(1, keep)
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
             positions = kwargs.get("position_ids")
             kwargs["position_ids"] = (position if positions is None else positions).expand_as(input_ids).gather(1, keep)
-            return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
+            self._positions, self._valid = kwargs["position_ids"], valid
+            try:
+                return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
+            finally:
+                self._positions = self._valid = None
         self._keep = keep
         try:
             return self.run_with_hooks_active(model, *args, **kwargs)
@@ -246,8 +303,9 @@ class TokenMaskAdapter(MaskAdapter):
         return gather_tokens(output, self._keep)
 
     def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
+        for handle in [self._handle, *self._window_handles]:
+            if handle is not None:
+                handle.remove()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, mask_token_id={self.mask_token_id}"
