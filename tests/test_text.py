@@ -418,7 +418,7 @@ def test_drop_mode_on_modernbert_under_a_kernel_that_takes_no_mask_hides_the_tok
     batch = inputs(text_batch(batch=6, length=24))
     lengths = []
     model.model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
-    with torch.no_grad(), pytest.warns(UserWarning, match="local attention runs on 'sdpa', which takes no mask"):
+    with torch.no_grad(), pytest.warns(UserWarning, match="attention runs on 'sdpa', which takes no mask"):
         torch.manual_seed(5)
         got = dropped(**batch, sub=True).logits
     torch.manual_seed(5)
@@ -539,27 +539,37 @@ def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gemma3_text", "gpt_oss", "qwen2"])
-def test_drop_mode_on_a_sliding_window_decoder_hides_the_tokens_of_batches_longer_than_its_window(kind):
-    """A sliding window counts tokens: with tokens dropped it would reach back to more positions than with them
-    hidden. A batch within the window drops them; a longer one hides them (the same output, at the main pass's
-    length), with one warning. Qwen2's window is off in every layer (its layer_types): it always drops."""
+def test_drop_mode_on_a_sliding_window_decoder_keeps_its_window_by_position(kind):
+    """A sliding window counts tokens, and with tokens dropped a window of tokens spans more positions: the layers
+    that slide (Mistral's all, Gemma 3's and GPT-OSS's by layer type, none of Qwen2's here) get a window mask by
+    position. Dropping then computes what hiding does, with a window shorter than the batch, and the same when
+    it spans the batch."""
     model = _decoder(kind)
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    assert bool(wrapped.branch._window_handles) is (kind != "qwen2")
     batch = _decoder_batch(left=False)
-    model.config.sliding_window = 20  # the batch's length: the window hides nothing
-    got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert lengths[0] < 20
-    model.config.sliding_window = 8
-    if kind == "qwen2":
+    for window in (8, 20):
+        model.config.sliding_window = window
         got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         assert lengths[0] < 20
-        return
-    with pytest.warns(UserWarning, match="sees the last 8 tokens, and with tokens dropped a batch of 20 .* hide"):
+
+
+def test_drop_mode_under_a_kernel_that_takes_no_mask_hides_the_tokens_of_batches_longer_than_the_window(monkeypatch):
+    """Flash attention keeps its window by index and takes no mask: a batch longer than the window hides its
+    masked tokens instead (the same logits at the full length), warned once; a batch within the window drops."""
+    model = _decoder("mistral")
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    monkeypatch.setattr(masksub.adapters.text, "MASKED_KERNELS", ("eager",))  # as if SDPA took no mask
+    batch = _decoder_batch(left=False)
+    model.config.sliding_window = 8
+    with pytest.warns(UserWarning, match="runs on 'sdpa', which takes no mask .* a batch of 20 is longer"):
         got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
     assert lengths == [20, 20]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
         dropped_and_hidden(wrapped, model, batch)
+    model.config.sliding_window = 20
+    got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert lengths[0] < 20

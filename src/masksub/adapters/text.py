@@ -17,14 +17,14 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
   (MoE too), OLMo 1 to 3, GLM, GPT-2, GPT-J, GPT-NeoX, GPT-OSS...; causal attention, pooled from the
   last token that is not padding) get the kept token ids with their own position ids, and the
-  token they read (the last one that is not padding) is never masked. A sliding window counts
-  tokens, not positions, so where a decoder has one, a batch longer than its window has its
-  masked tokens hidden instead (``"attention"``'s computation, at the main pass's cost; a
-  warning says so once). ModernBERT's sequence classifiers (``DROP_ROPE_ENCODERS``: RoPE,
-  pooled from the first token or a mean over the attention mask) get the kept token ids with
-  their own position ids too, and their local-attention layers a window mask built from those
-  positions (with SDPA or eager attention; other kernels take no mask: their batches hide the
-  tokens instead, warned once). Others are refused.
+  token they read (the last one that is not padding) is never masked. ModernBERT's sequence
+  classifiers (``DROP_ROPE_ENCODERS``: RoPE, pooled from the first token or a mean over the
+  attention mask) get the kept token ids with their own position ids too. A model's sliding
+  window counts tokens, and with tokens dropped a window of tokens spans more positions: its
+  sliding-window layers get a window mask built from the kept tokens' positions (SDPA and eager
+  attention read it; under a kernel that takes none, flash attention, a batch longer than the
+  window hides its masked tokens instead, at the main pass's cost, warned once). Others are
+  refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
@@ -66,6 +66,26 @@ def sliding_window(config) -> int | None:
     if window is None or (types is not None and "sliding_attention" not in types):
         return None
     return int(window)
+
+
+def sliding_layers(model: nn.Module, config) -> list[nn.Module]:
+    """The layers of ``model`` that attend within a sliding window: those ``layer_types`` names so, or all of a model
+    with a window and no ``layer_types`` (Mistral's, Phi-3's). An error where its layers are not found."""
+    if sliding_window(config) is None:
+        return []
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    types = getattr(config, "layer_types", None)
+    if not isinstance(layers, nn.ModuleList) or (types is not None and len(types) < len(layers)):
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its sliding-window attention must keep its window by position, "
+            "and its layers are not where they are looked for (base_model.layers, one per layer_types entry); use "
+            "mode='attention' (the same masking at the main pass's cost)"
+        )
+    return [
+        layer
+        for layer, kind in zip(layers, types or ["sliding_attention"] * len(layers))
+        if kind == "sliding_attention"
+    ]
 
 
 def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -143,7 +163,7 @@ class TokenMaskAdapter(MaskAdapter):
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
         self._ids = False  # mode "drop" on the kept token ids with their position ids (decoders, ModernBERT)
         self._positions: torch.Tensor | None = None  # (B, K) and (B, K) bool: the kept tokens' positions and which
-        self._valid: torch.Tensor | None = None  # of them are not fillers, for ModernBERT's window masks
+        self._valid: torch.Tensor | None = None  # of them are not fillers, for the sliding windows' masks
         self._window_handles = []
         self._warned = False
         if mode == "drop":
@@ -152,12 +172,10 @@ class TokenMaskAdapter(MaskAdapter):
                 self._ids = True
                 self._text_config = model.config.get_text_config()  # its padding id, read at each pass
                 self.reads_last = model.config.model_type not in DROP_ROPE_ENCODERS
-                if not self.reads_last:  # its local-attention layers, given a mask by the kept tokens' positions
-                    self._window_handles = [
-                        m.register_forward_pre_hook(self._window_mask, with_kwargs=True)
-                        for m in model.modules()
-                        if getattr(m, "attention_type", None) == "sliding_attention"
-                    ]
+                self._window_handles = [  # given a mask by the kept tokens' positions in the sub pass
+                    m.register_forward_pre_hook(self._window_mask, with_kwargs=True)
+                    for m in sliding_layers(model, self._text_config)
+                ]
             else:
                 self._handle = embeddings.register_forward_hook(self._drop_hook)
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
@@ -210,7 +228,7 @@ class TokenMaskAdapter(MaskAdapter):
                 "masks (packed sequences) are not supported; pass the 2-D padding mask, or use sub='dropout'"
             )
         mask = self.token_mask(input_ids, attention_mask)
-        if self.mode == "drop" and not self._beyond_window(model, input_ids.shape[1]):
+        if self.mode == "drop" and not (self._ids and self._beyond_window(model, input_ids.shape[1])):
             return self._run_kept(model, args, kwargs, input_ids, attention_mask, mask)
         if self.mode == "token":
             input_ids = input_ids.masked_fill(mask, self.mask_token_id)
@@ -222,41 +240,33 @@ class TokenMaskAdapter(MaskAdapter):
         return model(*args, **kwargs)
 
     def _beyond_window(self, model: nn.Module, length: int) -> bool:
-        """Whether dropping would change what a sliding window sees: a decoder's window shorter than the batch
-        (with tokens dropped its tokens would see further back than with them hidden), or ModernBERT's local
-        attention under a kernel that takes no mask. The batch's masked tokens are hidden instead (warned once)."""
-        if not self._ids:
-            return False
-        window = sliding_window(self._text_config)
-        if self.reads_last and window is not None and length > window:
-            why = (
-                f"its sliding-window attention sees the last {window} tokens, and with tokens dropped a batch of "
-                f"{length} would see further back than with them hidden"
-            )
-        elif self._window_handles and self._text_config._attn_implementation not in MASKED_KERNELS:
-            why = (
-                f"its local attention runs on {self._text_config._attn_implementation!r}, which takes no mask to "
-                f"keep the window by position ({' or '.join(MASKED_KERNELS)} do)"
-            )
-        else:
+        """Whether dropping would change what a sliding window sees: a batch longer than the window, under an
+        attention kernel that takes no mask (flash attention keeps its window by index, and with tokens dropped a
+        window of tokens spans more positions). The batch's masked tokens are hidden instead (warned once)."""
+        window, kernel = sliding_window(self._text_config), self._text_config._attn_implementation
+        if not self._window_handles or length <= window or kernel in MASKED_KERNELS:
             return False
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"mode='drop' on {type(model).__name__}: {why}; such batches hide their masked tokens instead "
+                f"mode='drop' on {type(model).__name__}: its sliding-window attention runs on {kernel!r}, which "
+                f"takes no mask to keep the window ({window} tokens) by position ({' or '.join(MASKED_KERNELS)} "
+                f"do), and a batch of {length} is longer; such batches hide their masked tokens instead "
                 "(mode='attention', at the main pass's cost)",
                 stacklevel=3,
             )
         return True
 
     def _window_mask(self, module: nn.Module, args: tuple, kwargs: dict):
-        """A local-attention layer's mask in the sub pass: query and key at most its window apart in position (not
-        in index: the tokens between them may have been dropped), keys that are kept tokens, in the format of the
-        mask the model made (True to attend, or 0 and the dtype's minimum)."""
+        """A sliding-window layer's mask in the sub pass, by position (not by index: tokens between two kept ones
+        may have been dropped): a decoder's query sees the keys of the ``window`` positions up to its own,
+        ModernBERT's those at most ``window`` positions away on either side; keys are kept tokens. In the format of
+        the mask the model made (True to attend, or 0 and the dtype's minimum)."""
         if self._positions is None:
             return None
-        positions, given = self._positions, kwargs.get("attention_mask")
-        near = (positions[:, :, None] - positions[:, None, :]).abs() <= sliding_window(self._text_config)
+        positions, given, window = self._positions, kwargs.get("attention_mask"), sliding_window(self._text_config)
+        distance = positions[:, :, None] - positions[:, None, :]  # (B, K, K): query's position minus key's
+        near = ((distance >= 0) & (distance < window)) if self.reads_last else distance.abs() <= window
         allowed = (near & self._valid[:, None, :]).unsqueeze(1)  # (B, 1, K, K)
         boolean = self._text_config._attn_implementation == "sdpa" if given is None else given.dtype == torch.bool
         if boolean:
