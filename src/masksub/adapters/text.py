@@ -51,8 +51,6 @@ DROP_DECODERS = (
     *("phi", "phi3", "phimoe", "olmo", "olmo2", "olmo3", "glm", "glm4", "gpt2", "gpt_neox", "gpt_oss", "starcoder2"),
     *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj"),
 )
-
-
 # encoder sequence classifiers that rotate by position ids and read the first token or a mean over the attention
 # mask: they get the kept token ids with their position ids, their sliding-window layers a mask by those positions
 DROP_ROPE_ENCODERS = ("modernbert",)
@@ -60,7 +58,7 @@ MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read th
 
 
 def sliding_window(config) -> int | None:
-    """The window of a decoder's sliding-window attention layers (all of them, or those ``layer_types`` names), or
+    """The window of a model's sliding-window attention layers (all of them, or those ``layer_types`` names), or
     None where it has none."""
     window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     if window is None or (types is not None and "sliding_attention" not in types):
@@ -97,8 +95,8 @@ def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def _drop_embeddings(model: nn.Module) -> nn.Module | None:
-    """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder classifier
-    it takes, or an error naming the ones it does."""
+    """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder or ModernBERT
+    classifier it takes, or an error naming the ones it does."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
     classifier = type(model).__name__.endswith("ForSequenceClassification")
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
