@@ -1,8 +1,9 @@
 """Seconds per optimizer step and peak memory of text classifiers: plain vs MaskSub with each text mask mode.
 
 The models are built at random initialization from the configurations of real checkpoints (no download):
-``bert-base-uncased`` (a BERT-family encoder, pooled from the first token) and SmolLM2-135M (a Llama decoder,
-pooled from the last token) at the CPU scale, Qwen2.5-0.5B besides at the GPU scale. Each takes batches of
+``bert-base-uncased`` (a BERT-family encoder, pooled from the first token), ModernBERT-base (RoPE, local attention
+windows kept by position in the drop mode) and SmolLM2-135M (a Llama decoder, pooled from the last token) at the
+CPU scale, Qwen2.5-0.5B besides at the GPU scale. Each takes batches of
 random token ids whose lengths vary from half the padded length to all of it (right padding), as a padded
 dataset gives them. Variants, timed in alternating rounds in one process (``benchmarks/common.py``):
 
@@ -64,6 +65,7 @@ CONFIGS = {
             tie_word_embeddings=True,
         ),
     ),  # fmt: skip
+    "ModernBERT-base": ("modernbert", {}),  # its configuration's defaults: 22 layers, local windows of 128 tokens
     "tiny-bert": ("bert", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),
     "tiny-llama": (
         "llama",
@@ -72,8 +74,8 @@ CONFIGS = {
 }
 # scale -> (models, batch, padded length, warm-up steps, rounds, steps per round, device)
 SCALES = {
-    "gpu": (("bert-base-uncased", "SmolLM2-135M", "Qwen2.5-0.5B"), 32, 512, 5, 5, 5, "cuda"),
-    "cpu": (("bert-base-uncased", "SmolLM2-135M"), 8, 128, 1, 4, 2, "cpu"),
+    "gpu": (("bert-base-uncased", "ModernBERT-base", "SmolLM2-135M", "Qwen2.5-0.5B"), 32, 512, 5, 5, 5, "cuda"),
+    "cpu": (("bert-base-uncased", "ModernBERT-base", "SmolLM2-135M"), 8, 128, 1, 4, 2, "cpu"),
     "tiny": (("tiny-bert", "tiny-llama"), 4, 16, 1, 2, 1, "cpu"),
 }
 PAD, SPECIAL = 0, (0, 1, 2)  # padding and two more special ids, never masked

@@ -573,3 +573,27 @@ def test_drop_mode_under_a_kernel_that_takes_no_mask_hides_the_tokens_of_batches
     model.config.sliding_window = 20
     got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
     assert lengths[0] < 20
+
+
+@pytest.mark.parametrize("kind", ["modernbert", "mistral"])
+def test_drop_mode_window_masks_hold_under_gradient_checkpointing(kind):
+    """The layers recomputed in the backward get the window mask the forward gave them: gradient checkpointing
+    changes no gradient of a step (ModernBERT's local layers, Mistral's with a window shorter than the batch)."""
+
+    def grads(checkpointing: bool) -> dict:
+        model = _modernbert() if kind == "modernbert" else _decoder("mistral")
+        model.config.sliding_window = 4 if kind == "modernbert" else 8
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        wrapped = wrap_text(model.train(), mode="drop")
+        assert wrapped.branch._window_handles
+        step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())
+        batch = inputs(text_batch(batch=4, length=24)) if kind == "modernbert" else _decoder_batch(False, batch=4)
+        torch.manual_seed(3)
+        step({**batch, "labels": torch.arange(4) % 3})
+        return {n: p.grad for n, p in wrapped.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for n, g in plain.items():
+        torch.testing.assert_close(checkpointed[n], g, rtol=1e-5, atol=1e-7, msg=n)

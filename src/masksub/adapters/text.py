@@ -163,6 +163,7 @@ class TokenMaskAdapter(MaskAdapter):
         self._positions: torch.Tensor | None = None  # (B, K) and (B, K) bool: the kept tokens' positions and which
         self._valid: torch.Tensor | None = None  # of them are not fillers, for the sliding windows' masks
         self._window_handles = []
+        self._window_cache: tuple | None = None  # (the model's mask dtype, the window mask) of the running pass
         self._warned = False
         if mode == "drop":
             embeddings = _drop_embeddings(model)
@@ -262,7 +263,14 @@ class TokenMaskAdapter(MaskAdapter):
         the mask the model made (True to attend, or 0 and the dtype's minimum)."""
         if self._positions is None:
             return None
-        positions, given, window = self._positions, kwargs.get("attention_mask"), sliding_window(self._text_config)
+        given = kwargs.get("attention_mask")
+        kind = None if given is None else given.dtype
+        if self._window_cache is None or self._window_cache[0] != kind:  # built once a pass, for every layer
+            self._window_cache = kind, self._build_window_mask(given, args[0] if args else kwargs["hidden_states"])
+        return args, {**kwargs, "attention_mask": self._window_cache[1]}
+
+    def _build_window_mask(self, given: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+        positions, window = self._positions, sliding_window(self._text_config)
         distance = positions[:, :, None] - positions[:, None, :]  # (B, K, K): query's position minus key's
         near = ((distance >= 0) & (distance < window)) if self.reads_last else distance.abs() <= window
         allowed = (near & self._valid[:, None, :]).unsqueeze(1)  # (B, 1, K, K)
@@ -270,10 +278,10 @@ class TokenMaskAdapter(MaskAdapter):
         if boolean:
             mask = allowed
         else:
-            dtype = (args[0] if args else kwargs["hidden_states"]).dtype if given is None else given.dtype
+            dtype = hidden.dtype if given is None else given.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-        return args, {**kwargs, "attention_mask": mask}
+        return mask
 
     def _run_kept(self, model, args, kwargs, input_ids, attention_mask, mask):
         """The model on the kept tokens only: each sample's kept tokens in their order, then (where samples keep
@@ -298,7 +306,7 @@ class TokenMaskAdapter(MaskAdapter):
             try:
                 return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
             finally:
-                self._positions = self._valid = None
+                self._positions = self._valid = self._window_cache = None
         self._keep = keep
         try:
             return self.run_with_hooks_active(model, *args, **kwargs)
