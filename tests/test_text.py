@@ -391,21 +391,14 @@ def test_drop_mode_on_modernbert_keeps_its_local_windows_by_position(attn, pooli
     position: the logits of hiding the same tokens, with the model running on the batch's longest kept count."""
     model = _modernbert(attn, pooling)
     assert sorted(model.config.layer_types) == ["full_attention", "sliding_attention", "sliding_attention"]
-    hidden = wrap_text(copy.deepcopy(model), mode="attention")
+    plain = copy.deepcopy(model)
     dropped = wrap_text(model, mode="drop")
     batch = inputs(text_batch(batch=6, length=24))
-    lengths = []
-    model.model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    got, expected, mask, lengths = dropped_and_hidden(dropped, model, batch)
+    assert lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        torch.manual_seed(5)
-        expected = hidden(**batch, sub=True).logits
-        torch.manual_seed(5)
-        got = dropped(**batch, sub=True).logits
-        torch.manual_seed(5)
-        mask = dropped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
-        assert lengths == [24 - int(mask.sum(1).min())] and lengths[0] < 24
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-        assert torch.equal(dropped(**batch).logits, hidden.model(**batch).logits), "the main pass is the plain model's"
+        assert torch.equal(dropped(**batch).logits, plain(**batch).logits), "the main pass is the plain model's"
 
 
 def test_drop_mode_on_modernbert_under_a_kernel_that_takes_no_mask_hides_the_tokens(monkeypatch):
