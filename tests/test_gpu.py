@@ -235,3 +235,27 @@ def test_a_step_made_before_the_model_moves_to_the_gpu_autocasts_there():
     x, y = tiny_images("vit", batch=8).cuda(), torch.arange(8, device="cuda") % 5
     out = step(x, y)
     assert out["updated"] and out["logits"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["modernbert", "mistral"])
+def test_text_drop_mode_window_masks_on_cuda_in_bf16(kind):
+    """Text ``mode="drop"`` on CUDA with SDPA: the sliding layers' window masks by position (ModernBERT's local
+    layers, Mistral's with a window shorter than the batch) give, in bf16 autocast, the logits of hiding the same
+    tokens, and a step trains."""
+    from conftest import text_batch, wrap_text
+    from test_text import _decoder, _decoder_batch, _modernbert, dropped_and_hidden, inputs
+
+    model = (_modernbert() if kind == "modernbert" else _decoder("mistral")).cuda()
+    model.config.sliding_window = 4 if kind == "modernbert" else 8
+    wrapped = wrap_text(model, mode="drop")
+    batch = inputs(text_batch(batch=4, length=24)) if kind == "modernbert" else _decoder_batch(False, batch=4)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert lengths[0] < 24 if kind == "modernbert" else lengths[0] < 20
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
+    step = masksub.Step(
+        wrapped.train(), torch.optim.AdamW(wrapped.parameters(), lr=1e-4), torch.nn.CrossEntropyLoss(), amp="bf16"
+    )
+    out = step({**batch, "labels": torch.arange(4, device="cuda") % 3})
+    assert out["updated"] and torch.isfinite(out["loss"]).item()
