@@ -252,10 +252,9 @@ def test_text_drop_mode_window_masks_on_cuda_in_bf16(kind):
     batch = {k: v.cuda() for k, v in batch.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
-    assert lengths[0] < 24 if kind == "modernbert" else lengths[0] < 20
+    assert lengths[0] < batch["input_ids"].shape[1]
     torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
-    step = masksub.Step(
-        wrapped.train(), torch.optim.AdamW(wrapped.parameters(), lr=1e-4), torch.nn.CrossEntropyLoss(), amp="bf16"
-    )
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
+    step = masksub.Step(wrapped.train(), opt, torch.nn.CrossEntropyLoss(), amp="bf16")
     out = step({**batch, "labels": torch.arange(4, device="cuda") % 3})
     assert out["updated"] and torch.isfinite(out["loss"]).item()
