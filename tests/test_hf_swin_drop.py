@@ -34,6 +34,7 @@ pytestmark = pytest.mark.skipif(
 CLASSES = {
     "swin": ("SwinConfig", "SwinForImageClassification"),
     "swinv2": ("Swinv2Config", "Swinv2ForImageClassification"),
+    "donut": ("DonutSwinConfig", "DonutSwinForImageClassification"),
 }
 
 
@@ -50,8 +51,8 @@ def _swin(family: str = "swin", seed: int = 0, attn: str = "eager", **kw) -> nn.
 
 
 def _body(model: nn.Module) -> nn.Module:
-    """The ``SwinModel`` or ``Swinv2Model`` of a classifier."""
-    return getattr(model, "swinv2", getattr(model, "swin", None))
+    """The ``SwinModel``, ``Swinv2Model`` or ``DonutSwinModel`` of a classifier."""
+    return next(getattr(model, name) for name in ("swin", "swinv2", "donut") if hasattr(model, name))
 
 
 def _wrap(model: nn.Module, ratio: float = 0.5) -> masksub.SubBranchModel:
@@ -169,7 +170,7 @@ def test_every_stage_merging_and_layer_runs_through_its_own_call(family):
         module.register_forward_pre_hook(lambda m, a: seen.append((type(m).__name__, a[0].shape[1])))
     _wrap(model)(_images(batch=2), sub=True)
     # 64 px, 16-px units: 8 of 16 units kept, 4x4 tokens each at the first stage and 2x2 at the second
-    name = {"swin": "Swin", "swinv2": "Swinv2"}[family]
+    name = {"swin": "Swin", "swinv2": "Swinv2", "donut": "DonutSwin"}[family]
     first, second = [(f"{name}Layer", 128)] * 2, [(f"{name}Layer", 32)] * 2
     merging = (f"{name}PatchMerging", 128)
     assert seen == [(f"{name}Stage", 128), *first, merging, (f"{name}Stage", 32), *second]
@@ -205,7 +206,11 @@ def test_the_mask_token_stays_the_default_and_bad_settings_are_refused(family):
             del layer.attention.q_proj  # another release's layout
         else:
             del layer.attention.self.query
-    layout = {"swin": "has no q_proj, k_proj, v_proj and o_proj", "swinv2": "another layout than self.query"}
+    layout = {
+        "swin": "has no q_proj, k_proj, v_proj and o_proj",
+        "swinv2": "another layout than self.query, key, value, logit_scale",
+        "donut": "another layout than self.query, key, value and relative_position_bias_table",
+    }
     with pytest.raises(ValueError, match=layout[family] + ".*adapter='hf_masktoken'"):
         masksub.wrap(model, unit=UNIT, adapter="hf_swin_drop")
 
@@ -246,7 +251,7 @@ def test_a_lora_swin_drops_units_and_trains_only_the_lora_weights(family):
     from peft import LoraConfig, get_peft_model
 
     model = _swin(family)
-    targets = {"swin": ["q_proj", "v_proj"], "swinv2": ["query", "value"]}[family]
+    targets = {"swin": ["q_proj", "v_proj"], "swinv2": ["query", "value"], "donut": ["query", "value"]}[family]
     lora = get_peft_model(model, LoraConfig(target_modules=targets, r=4))
     wrapped = masksub.wrap(lora, unit=UNIT, adapter="hf_swin_drop").train()
     trained = [p for p in wrapped.parameters() if p.requires_grad]

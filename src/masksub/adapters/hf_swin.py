@@ -1,39 +1,50 @@
-"""Hugging Face's Swin and Swinv2 (``SwinForImageClassification``, ``SwinModel``, ``Swinv2...``), opt-in
-(``adapter="hf_swin_drop"``): drop whole mask units, each window attending to its kept tokens, as ``swin_drop`` does
-for timm's and torchvision's.
+"""Hugging Face's Swin, Swinv2 and Donut-Swin (``SwinForImageClassification``, ``SwinModel``, ``Swinv2...``,
+``DonutSwin...``), opt-in (``adapter="hf_swin_drop"``): drop whole mask units, each window attending to its kept
+tokens, as ``swin_drop`` does for timm's and torchvision's.
 
 Hugging Face's encoder runs its stages on (B, H * W, C) sequences with the grid's size beside them; a stage runs its
 layers and then its patch merging. A Swin layer shrinks its window to the grid where the grid is no larger than a
 window (and then does not shift), pads the grid to whole windows and then rolls it, and calls the model's attention
 function (eager or SDPA) with its position bias and shift mask: the sub pass calls that function too, with the kept
-tokens' key mask added. Swinv2's layers are in ``hf_swinv2``. The encoder returns the kept tokens of the last stage,
-which the model's norm and mean pool read as usual. Its hidden states and attention weights are not returned in the
-sub pass. Stages and layers are recomputed in the backward where the model's own forward recomputes them.
+tokens' key mask added. Swinv2's layers are in ``hf_swinv2``, Donut-Swin's in ``hf_donut_swin``. The encoder
+returns the kept tokens of the last stage, which the model's norm and mean pool read as usual. Its hidden states and
+attention weights are not returned in the sub pass. Stages and layers are recomputed in the backward where the
+model's own forward recomputes them.
 """
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import torch
 from torch import nn
 
-from . import hf_swinv2
+from . import hf_donut_swin, hf_swinv2
 from .registry import register_adapter
 from .swin import SwinDropAdapter
 from .windows import merge, window_attention
 
 
 def _swin_model(model: nn.Module) -> nn.Module | None:
-    """The ``SwinModel`` or ``Swinv2Model`` of a Hugging Face Swin classifier, or the model itself, where its layers
-    have the layout this adapter knows (Swin's separate q, k, v and output projections); else None."""
-    swin = getattr(model, "swinv2", getattr(model, "swin", model))
+    """The ``SwinModel``, ``Swinv2Model`` or ``DonutSwinModel`` of a Hugging Face Swin classifier, or the model
+    itself, where its layers have the layout this adapter knows (Swin's separate q, k, v and output projections);
+    else None."""
+    swin = _body(model)
     if hf_swinv2.is_swinv2(swin):
         return swin if hf_swinv2.known_layout(swin) else None
+    if hf_donut_swin.is_donut_swin(swin):
+        return swin if hf_donut_swin.known_layout(swin) else None
     if type(swin).__module__ != "transformers.models.swin.modeling_swin" or type(swin).__name__ != "SwinModel":
         return None
     attention = swin.encoder.layers[0].blocks[0].attention
     return swin if all(hasattr(attention, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) else None
+
+
+def _body(model: nn.Module) -> nn.Module:
+    """A classifier's Swin model (its ``swin``, ``swinv2`` or ``donut``), or the model itself."""
+    bodies = (getattr(model, name, None) for name in ("swin", "swinv2", "donut"))
+    return next((body for body in bodies if isinstance(body, nn.Module)), model)
 
 
 def _checkpointed(module: nn.Module, run, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +115,7 @@ def _kept_stage(stage: nn.Module, x: torch.Tensor, keep, to, grid, **kwargs):
 @register_adapter(
     "hf_swin_drop",
     priority=14,  # below hf_masktoken's: only where asked for (adapter="hf_swin_drop")
-    description="Hugging Face Swin, Swinv2, opt-in: drops whole mask units; windows attend to kept tokens",
+    description="Hugging Face Swin, Swinv2, Donut-Swin, opt-in: drops whole mask units; windows attend to kept tokens",
 )
 class HFSwinDropAdapter(SwinDropAdapter):
     """Drops a random ``ratio`` of the ``unit``-pixel blocks per sample; windows attend to the kept tokens only."""
@@ -116,11 +127,13 @@ class HFSwinDropAdapter(SwinDropAdapter):
         encoder.forward = partial(self._encoder, encoder, type(encoder).forward)
         for stage in encoder.layers:
             stage.forward = partial(_stage, stage, type(stage).forward)
-        v2 = hf_swinv2.is_swinv2(_swin_model(model))  # its merging normalizes after the reduction
+        swin = _swin_model(model)
+        v2 = hf_swinv2.is_swinv2(swin)  # its merging normalizes after the reduction
         for merging in self._mergings():
             merging.forward = partial(merge, merging, type(merging).forward, norm_after=v2)
+        kind = hf_swinv2.layer if v2 else hf_donut_swin.layer if hf_donut_swin.is_donut_swin(swin) else _layer
         for layer in self._blocks():
-            layer.forward = partial(hf_swinv2.layer if v2 else _layer, layer, type(layer).forward)
+            layer.forward = partial(kind, layer, type(layer).forward)
 
     def _uninstall(self, model: nn.Module) -> None:
         vars(_swin_model(model).encoder).pop("forward", None)
@@ -131,13 +144,15 @@ class HFSwinDropAdapter(SwinDropAdapter):
 
     @classmethod
     def why_not(cls, model: nn.Module) -> str:
-        swin = getattr(model, "swinv2", getattr(model, "swin", model))
+        swin = _body(model)
         if _swin_model(model) is not None:
             return ""
         if type(swin).__name__ == "SwinModel":
             missing = "no q_proj, k_proj, v_proj and o_proj"
         elif type(swin).__name__ == "Swinv2Model":
             missing = "another layout than self.query, key, value, logit_scale and continuous_position_bias_mlp"
+        elif type(swin).__name__ == "DonutSwinModel":
+            missing = "another layout than self.query, key, value and relative_position_bias_table"
         else:
             return ""
         return (
@@ -163,13 +178,8 @@ class HFSwinDropAdapter(SwinDropAdapter):
         stage's kept tokens as its ``last_hidden_state`` (B, K, C)."""
         if not self._active:
             return method(encoder, x, input_dimensions, *args, **kwargs)
-        if hf_swinv2.is_swinv2(_swin_model(self._model_ref[0])):
-            from transformers.models.swinv2.modeling_swinv2 import Swinv2EncoderOutput
-
-            return Swinv2EncoderOutput(last_hidden_state=self._run_parts(x, input_dimensions))
-        from transformers.models.swin.modeling_swin import SwinEncoderOutput
-
+        output = getattr(sys.modules[type(encoder).__module__], f"{type(encoder).__name__}Output")  # SwinEncoderOutput
+        if hf_swinv2.is_swinv2(_swin_model(self._model_ref[0])):  # its layers fix their windows when built
+            return output(last_hidden_state=self._run_parts(x, input_dimensions))
         always_partition = kwargs.get("always_partition", False)
-        return SwinEncoderOutput(
-            last_hidden_state=self._run_parts(x, input_dimensions, always_partition=always_partition)
-        )
+        return output(last_hidden_state=self._run_parts(x, input_dimensions, always_partition=always_partition))
