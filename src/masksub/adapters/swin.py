@@ -19,7 +19,8 @@ still runs over whole windows. Shapes are static, with no host synchronization. 
 merging runs through its own call in the sub pass too, so hooks on them (FSDP's) run as in the main pass.
 
 This file holds timm's parts and the adapter; ``windows`` the attention and merging the families share;
-``tv_swin`` torchvision's parts; ``hf_swin`` and ``hf_swinv2`` Hugging Face's, as the adapter ``hf_swin_drop``.
+``tv_swin`` torchvision's parts; ``hf_swin``, ``hf_swinv2`` and ``hf_donut_swin`` Hugging Face's, as the adapter
+``hf_swin_drop``.
 
 This is a different sub branch from the mask token's (a masked region is absent rather than present as a
 learned token), as in masked-image-modeling methods that drop tokens from Swin's windows: use it where the
