@@ -34,7 +34,7 @@ def test_bf16_step_has_no_host_device_sync(name):
 def _tiny_swin(family: str) -> torch.nn.Module:
     """A 2-stage Swin for 64-pixel images (4-pixel patches, windows of 4) of timm (its attention, or the fused kernel,
     which takes the per-window key mask; SwinV2-Cr), torchvision or Hugging Face (Swin with eager or SDPA attention,
-    Swinv2)."""
+    Swinv2, Donut-Swin)."""
     torch.manual_seed(0)
     if family.startswith("timm"):
         import timm
@@ -56,11 +56,13 @@ def _tiny_swin(family: str) -> torch.nn.Module:
     settings["drop_path_rate"] = 0.0  # its stochastic depth rounds its random draws in bf16, unlike fp32's
     if family == "hf v2":
         return transformers.Swinv2ForImageClassification(transformers.Swinv2Config(**settings, num_labels=5))
+    if family == "hf donut":
+        return transformers.DonutSwinForImageClassification(transformers.DonutSwinConfig(**settings, num_labels=5))
     config = transformers.SwinConfig(**settings, num_labels=5, attn_implementation=family.split()[1])
     return transformers.SwinForImageClassification(config)
 
 
-@pytest.mark.parametrize("family", ["timm", "timm fused", "timm cr", "torchvision", "hf eager", "hf sdpa", "hf v2"])
+@pytest.mark.parametrize("family", ["timm", "timm fused", "timm cr", "torchvision", "hf eager", "hf sdpa", "hf v2", "hf donut"])
 def test_swin_drop_in_bf16_follows_fp32_and_its_step_never_syncs(family):
     """Swin's opt-in ``swin_drop`` (``hf_swin_drop``) sub pass on CUDA: finite in bf16 autocast, close to fp32 under
     the same masks, and a step with no sync."""
