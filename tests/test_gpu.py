@@ -62,7 +62,10 @@ def _tiny_swin(family: str) -> torch.nn.Module:
     return transformers.SwinForImageClassification(config)
 
 
-@pytest.mark.parametrize("family", ["timm", "timm fused", "timm cr", "torchvision", "hf eager", "hf sdpa", "hf v2", "hf donut"])
+SWIN_FAMILIES = ["timm", "timm fused", "timm cr", "torchvision", "hf eager", "hf sdpa", "hf v2", "hf donut"]
+
+
+@pytest.mark.parametrize("family", SWIN_FAMILIES)
 def test_swin_drop_in_bf16_follows_fp32_and_its_step_never_syncs(family):
     """Swin's opt-in ``swin_drop`` (``hf_swin_drop``) sub pass on CUDA: finite in bf16 autocast, close to fp32 under
     the same masks, and a step with no sync."""
