@@ -590,3 +590,17 @@ def test_drop_mode_window_masks_hold_under_gradient_checkpointing(kind):
     assert plain.keys() == checkpointed.keys()
     for n, g in plain.items():
         torch.testing.assert_close(checkpointed[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_drop_mode_window_masks_survive_a_deep_copy_and_pickling():
+    """The window-mask hooks of a copied or unpickled wrapped model are the copy's own: it drops alike."""
+    import pickle
+
+    wrapped = wrap_text(_modernbert(), mode="drop")
+    batch = inputs(text_batch(batch=6, length=24))
+    for other in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        hooks = list(other.model.model.layers[1]._forward_pre_hooks.values())
+        assert [h.__self__ for h in hooks] == [other.branch]
+        got, expected, _, lengths = dropped_and_hidden(other, other.model, batch)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert lengths[0] < 24
