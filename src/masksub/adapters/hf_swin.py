@@ -98,9 +98,9 @@ def _kept(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int
 
 
 def _stage(stage: nn.Module, method, x: torch.Tensor, *args, keep=None, to=None, grid=None, **kwargs):
-    """A ``SwinStage`` or ``Swinv2Stage`` on the kept tokens ``x`` (B, K, C) at ``keep`` of the ``grid``: its layers,
-    then its patch merging into the tokens ``to`` of the next grid, each through its own call. Without ``keep``, its
-    own forward."""
+    """A ``SwinStage`` (``Swinv2Stage``, ``DonutSwinStage``) on the kept tokens ``x`` (B, K, C) at ``keep`` of the
+    ``grid``: its layers, then its patch merging into the tokens ``to`` of the next grid, each through its own call.
+    Without ``keep``, its own forward."""
     if keep is None:
         return method(stage, x, *args, **kwargs)
     return _checkpointed(stage, partial(_kept_stage, stage, keep=keep, to=to, grid=grid, **kwargs), x)

@@ -13,9 +13,9 @@ the patch tokens, or attention pooling) run on the shorter sequence, so the sub 
 
 AIMv2's vision tower (``Aimv2VisionModel``, under a head of the user's) embeds patches with positions and no prefix,
 and pools them by attention, as SigLIP's does. DINOv3's ViT (``DINOv3ViTModel``, also under a head of the user's:
-it has no classifier of its own) adds no
-position embedding to its tokens: its layers rotate the patch tokens' queries and keys by the patch grid's RoPE
-angles, which a second hook gathers at the kept patches (its class and register tokens are not rotated).
+it has no classifier of its own) adds no position embedding to its tokens: its layers rotate the patch tokens'
+queries and keys by the patch grid's RoPE angles, which a second hook gathers at the kept patches (its class and
+register tokens are not rotated).
 
 BEiT and Data2VecVision drop tokens with their relative position bias gathered (``hf_relpos``). Other
 Hugging Face vision models keep the full grid: Swin's windows get a mask token (``hf_masktoken``), CNNs the
