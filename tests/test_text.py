@@ -445,10 +445,13 @@ def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss(family)
 
 
 def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
-    with pytest.raises(
-        ValueError, match="mode='drop' .* OPTForSequenceClassification is not one: use mode='attention'"
+    import transformers
+
+    deberta = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**SMALL, num_labels=3))
+    with pytest.raises(  # its relative positions count tokens by index
+        ValueError, match="mode='drop' .* DebertaV2ForSequenceClassification is not one: use mode='attention'"
     ):
-        wrap_text(tiny_text_model("opt"), mode="drop")
+        wrap_text(deberta, mode="drop")
     with pytest.raises(ValueError, match="BertForTokenClassification is not one"):
         wrap_text(tiny_token_model(), mode="drop")
     wrapped = wrap_text(_drop_family("bert"), mode="drop")

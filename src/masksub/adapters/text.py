@@ -16,8 +16,9 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   with its own position embedding already added. Decoder sequence classifiers
   (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
   (MoE too), OLMo 1 to 3, GLM, GPT-2, GPT-J, GPT-NeoX, GPT-OSS...; causal attention, pooled from the
-  last token that is not padding) get the kept token ids with their own position ids, and the
-  token they read (the last one that is not padding) is never masked. ModernBERT's sequence
+  last token that is not padding) get the kept token ids with their own position ids (OPT and
+  BLOOM, whose positions count the attention mask's tokens, the kept attention mask alone), and
+  the token they read (the last one that is not padding) is never masked. ModernBERT's sequence
   classifiers (``DROP_ROPE_ENCODERS``: RoPE, pooled from the first token or a mean over the
   attention mask) get the kept token ids with their own position ids too. A model's sliding
   window counts tokens, and with tokens dropped a window of tokens spans more positions: its
@@ -49,8 +50,11 @@ DROP_MODELS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distil
 DROP_DECODERS = (
     *("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"),
     *("phi", "phi3", "phimoe", "olmo", "olmo2", "olmo3", "glm", "glm4", "gpt2", "gpt_neox", "gpt_oss", "starcoder2"),
-    *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj"),
+    *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj", "opt", "bloom"),
 )
+# decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
+# hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
+MASK_POSITION_DECODERS = ("opt", "bloom")
 # encoder sequence classifiers that rotate by position ids and read the first token or a mean over the attention
 # mask: they get the kept token ids with their position ids, their sliding-window layers a mask by those positions
 DROP_ROPE_ENCODERS = ("modernbert",)
@@ -301,8 +305,10 @@ class TokenMaskAdapter(MaskAdapter):
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
             positions = kwargs.get("position_ids")
-            kwargs["position_ids"] = (position if positions is None else positions).expand_as(input_ids).gather(1, keep)
-            self._positions, self._valid = kwargs["position_ids"], valid
+            if positions is not None or self._text_config.model_type not in MASK_POSITION_DECODERS:
+                positions = (position if positions is None else positions).expand_as(input_ids).gather(1, keep)
+                kwargs["position_ids"] = positions
+            self._positions, self._valid = positions, valid
             try:
                 return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
             finally:
