@@ -16,17 +16,9 @@ from torch import nn
 
 from .windows import window_attention
 
-
-def is_donut_swin(swin: nn.Module) -> bool:
-    kind = type(swin)
-    return kind.__module__ == "transformers.models.donut.modeling_donut_swin" and kind.__name__ == "DonutSwinModel"
-
-
-def known_layout(swin: nn.Module) -> bool:
-    """Whether the layers' attention has the layout this file knows (q, k and v layers, a bias table)."""
-    attn = swin.encoder.layers[0].blocks[0].attention
-    parts = ("query", "key", "value", "relative_position_bias_table", "relative_position_index")
-    return all(hasattr(getattr(attn, "self", None), p) for p in parts) and hasattr(attn, "output")
+MODEL = ("transformers.models.donut.modeling_donut_swin", "DonutSwinModel")  # the base model's module and class
+# its layers' attention.self: q, k and v layers, the bias table
+PARTS = ("query", "key", "value", "relative_position_bias_table", "relative_position_index")
 
 
 def _position_bias(attn: nn.Module) -> torch.Tensor:

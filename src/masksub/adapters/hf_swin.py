@@ -31,14 +31,22 @@ def _swin_model(model: nn.Module) -> nn.Module | None:
     itself, where its layers have the layout this adapter knows (Swin's separate q, k, v and output projections);
     else None."""
     swin = _body(model)
-    if hf_swinv2.is_swinv2(swin):
-        return swin if hf_swinv2.known_layout(swin) else None
-    if hf_donut_swin.is_donut_swin(swin):
-        return swin if hf_donut_swin.known_layout(swin) else None
+    family = _family(swin)
+    if family is not None:
+        attention = swin.encoder.layers[0].blocks[0].attention
+        parts = all(hasattr(getattr(attention, "self", None), p) for p in family.PARTS)
+        return swin if parts and hasattr(attention, "output") else None
     if type(swin).__module__ != "transformers.models.swin.modeling_swin" or type(swin).__name__ != "SwinModel":
         return None
     attention = swin.encoder.layers[0].blocks[0].attention
     return swin if all(hasattr(attention, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) else None
+
+
+def _family(swin: nn.Module):
+    """The module of this package with the layers of a ``Swinv2Model`` or ``DonutSwinModel``, else None."""
+    return next(
+        (f for f in (hf_swinv2, hf_donut_swin) if (type(swin).__module__, type(swin).__name__) == f.MODEL), None
+    )
 
 
 def _body(model: nn.Module) -> nn.Module:
@@ -128,12 +136,12 @@ class HFSwinDropAdapter(SwinDropAdapter):
         for stage in encoder.layers:
             stage.forward = partial(_stage, stage, type(stage).forward)
         swin = _swin_model(model)
-        v2 = hf_swinv2.is_swinv2(swin)  # its merging normalizes after the reduction
+        family = _family(swin)
+        v2 = family is hf_swinv2  # its merging normalizes after the reduction
         for merging in self._mergings():
             merging.forward = partial(merge, merging, type(merging).forward, norm_after=v2)
-        kind = hf_swinv2.layer if v2 else hf_donut_swin.layer if hf_donut_swin.is_donut_swin(swin) else _layer
         for layer in self._blocks():
-            layer.forward = partial(kind, layer, type(layer).forward)
+            layer.forward = partial(_layer if family is None else family.layer, layer, type(layer).forward)
 
     def _uninstall(self, model: nn.Module) -> None:
         vars(_swin_model(model).encoder).pop("forward", None)
@@ -179,7 +187,7 @@ class HFSwinDropAdapter(SwinDropAdapter):
         if not self._active:
             return method(encoder, x, input_dimensions, *args, **kwargs)
         output = getattr(sys.modules[type(encoder).__module__], f"{type(encoder).__name__}Output")  # SwinEncoderOutput
-        if hf_swinv2.is_swinv2(_swin_model(self._model_ref[0])):  # its layers fix their windows when built
+        if _family(_swin_model(self._model_ref[0])) is hf_swinv2:  # its layers fix their windows when built
             return output(last_hidden_state=self._run_parts(x, input_dimensions))
         always_partition = kwargs.get("always_partition", False)
         return output(last_hidden_state=self._run_parts(x, input_dimensions, always_partition=always_partition))

@@ -18,17 +18,9 @@ from torch import nn
 
 from .windows import continuous_position_bias, cosine_scores, window_attention
 
-
-def is_swinv2(swin: nn.Module) -> bool:
-    kind = type(swin)
-    return kind.__module__ == "transformers.models.swinv2.modeling_swinv2" and kind.__name__ == "Swinv2Model"
-
-
-def known_layout(swin: nn.Module) -> bool:
-    """Whether the layers' attention has the layout this file knows (q, k and v layers, a continuous bias MLP)."""
-    attn = swin.encoder.layers[0].blocks[0].attention
-    parts = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp")
-    return all(hasattr(getattr(attn, "self", None), p) for p in parts) and hasattr(attn, "output")
+MODEL = ("transformers.models.swinv2.modeling_swinv2", "Swinv2Model")  # the base model's module and class
+# its layers' attention.self: q, k and v layers, the continuous bias MLP
+PARTS = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp")
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
