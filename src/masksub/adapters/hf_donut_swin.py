@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .windows import window_attention
+from .windows import hf_layer_attention
 
 MODEL = ("transformers.models.donut.modeling_donut_swin", "DonutSwinModel")  # the base model's module and class
 # its layers' attention.self: q, k and v layers, the bias table
@@ -41,20 +41,16 @@ def layer(module: nn.Module, method, x: torch.Tensor, *args, keep=None, grid=Non
         return method(module, x, *args, **kwargs)
     if not kwargs.get("always_partition", False):
         module.set_shift_and_window_size(grid)  # as its forward does: the window shrinks to a smaller grid
-    window, shift, attn = int(module.window_size), int(module.shift_size), module.attention.self
-    padded = tuple(-(-g // window) * window for g in grid)
-    out = window_attention(
+    attn = module.attention.self
+    out = hf_layer_attention(
+        module,
         module.layernorm_before(x),
         keep,
         grid,
-        (window, window),
-        (shift, shift),
         qkv=lambda t: torch.cat((attn.query(t), attn.key(t), attn.value(t)), -1),
         heads=attn.num_attention_heads,
         bias=_position_bias(attn),
-        shifted=module.get_attn_mask(*padded, dtype=x.dtype, device=x.device),
         attend=lambda q, k, v, mask: _attend(attn, q, k, v, mask),
-        pad_first=True,
     )
     projection = module.attention.output
     x = x + module.drop_path(projection.dropout(projection.dense(out)))

@@ -23,7 +23,7 @@ from torch import nn
 from . import hf_donut_swin, hf_swinv2
 from .registry import register_adapter
 from .swin import SwinDropAdapter
-from .windows import merge, window_attention
+from .windows import hf_layer_attention, merge
 
 
 def _swin_model(model: nn.Module) -> nn.Module | None:
@@ -86,20 +86,16 @@ def _layer(layer: nn.Module, method, x: torch.Tensor, *args, keep=None, grid=Non
 def _kept(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int], always_partition: bool):
     if not always_partition:
         layer.set_shift_and_window_size(grid)  # as its forward does: the window shrinks to a smaller grid
-    window, shift, attn = int(layer.window_size), int(layer.shift_size), layer.attention
-    padded = tuple(-(-g // window) * window for g in grid)
-    out = window_attention(
+    attn = layer.attention
+    out = hf_layer_attention(
+        layer,
         layer.layernorm_before(x),
         keep,
         grid,
-        (window, window),
-        (shift, shift),
         qkv=lambda t: torch.cat((attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), -1),
         heads=attn.num_attention_heads,
         bias=attn.relative_position_bias(),
-        shifted=layer.get_attn_mask(*padded, dtype=x.dtype, device=x.device),
         attend=partial(_attend, attn),
-        pad_first=True,
     )
     x = x + layer.drop_path(layer.dropout(attn.o_proj(out)))
     return x + layer.dropout(layer.mlp(layer.layernorm_after(x)))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .windows import continuous_position_bias, cosine_scores, window_attention
+from .windows import continuous_position_bias, cosine_scores, hf_layer_attention
 
 MODEL = ("transformers.models.swinv2.modeling_swinv2", "Swinv2Model")  # the base model's module and class
 # its layers' attention.self: q, k and v layers, the continuous bias MLP
@@ -33,15 +33,12 @@ def layer(module: nn.Module, method, x: torch.Tensor, *args, keep=None, grid=Non
     forward."""
     if keep is None:
         return method(module, x, *args, **kwargs)
-    window, shift, attn = module.window_size, module.shift_size, module.attention.self
-    padded = tuple(-(-g // window) * window for g in grid)
-    shifted = module.get_attn_mask(*padded, dtype=x.dtype, device=x.device)
-    out = window_attention(
+    attn = module.attention.self
+    out = hf_layer_attention(
+        module,
         x,
         keep,
         grid,
-        (window, window),
-        (shift, shift),
         qkv=lambda t: torch.cat((attn.query(t), attn.key(t), attn.value(t)), -1),
         heads=attn.num_attention_heads,
         bias=continuous_position_bias(
@@ -51,9 +48,8 @@ def layer(module: nn.Module, method, x: torch.Tensor, *args, keep=None, grid=Non
             attn.window_size,
             attn.num_attention_heads,
         ),
-        shifted=None if shifted is None else 2 * shifted,  # the model adds it twice
         attend=partial(_attend, attn),
-        pad_first=True,
+        shift_mask_times=2,  # the model adds it twice
     )
     projection = module.attention.output
     x = x + module.drop_path(module.layernorm_before(projection.dropout(projection.dense(out))))

@@ -103,6 +103,39 @@ def window_attention(
     return gather_tokens(out, slots)
 
 
+def hf_layer_attention(
+    layer: nn.Module,
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    qkv: Callable[[torch.Tensor], torch.Tensor],
+    heads: int,
+    bias: torch.Tensor,
+    attend: Callable[..., torch.Tensor],
+    shift_mask_times: int = 1,
+) -> torch.Tensor:
+    """``window_attention`` as a Hugging Face Swin layer lays out its windows: its square window and shift as they
+    are set, the grid padded to whole windows and then rolled, and its shift mask for the padded grid (added
+    ``shift_mask_times`` times, as the model adds it)."""
+    window, shift = int(layer.window_size), int(layer.shift_size)
+    padded = tuple(-(-g // window) * window for g in grid)
+    shifted = layer.get_attn_mask(*padded, dtype=x.dtype, device=x.device)
+    return window_attention(
+        x,
+        keep,
+        grid,
+        (window, window),
+        (shift, shift),
+        qkv=qkv,
+        heads=heads,
+        bias=bias,
+        shifted=None if shifted is None else shift_mask_times * shifted,
+        attend=attend,
+        pad_first=True,
+    )
+
+
 def merged_tokens(x: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int], kept: torch.Tensor) -> torch.Tensor:
     """Patch merging's input: each 2x2 group of the kept tokens ``x`` (B, K, C) concatenated in timm's and
     torchvision's order ((0, 0), (1, 0), (0, 1), (1, 1)), for the merged tokens ``kept`` (B, K / 4) of the next grid:
