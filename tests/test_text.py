@@ -338,10 +338,19 @@ def _drop_family(family: str) -> torch.nn.Module:
     )
     if family == "electra":
         return transformers.ElectraForSequenceClassification(transformers.ElectraConfig(**kw, embedding_size=16))
-    return transformers.AlbertForSequenceClassification(transformers.AlbertConfig(**kw, embedding_size=16)).train()
+    if family == "albert":
+        return transformers.AlbertForSequenceClassification(transformers.AlbertConfig(**kw, embedding_size=16)).train()
+    config = transformers.AutoConfig.for_model(family, **kw, pad_token_id=PAD)  # the others' defaults, made small
+    if family == "mobilebert":  # its bottleneck and embeddings within the small width
+        config.update(dict(intra_bottleneck_size=16, embedding_size=16, true_hidden_size=16))
+    return transformers.AutoModelForSequenceClassification.from_config(config).train()
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "albert"])
+DROP_FAMILIES = ["bert", "roberta", "distilbert", "electra", "albert", "data2vec-text", "ernie"]
+DROP_FAMILIES += ["roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert"]
+
+
+@pytest.mark.parametrize("family", DROP_FAMILIES)
 def test_drop_mode_computes_what_attention_mode_does_on_the_kept_tokens_only(family):
     """Dropping the masked tokens after the embeddings gives the logits of hiding them from attention (the same
     mask under one seed), with the encoder running on each sample's kept tokens: the batch's longest kept count."""

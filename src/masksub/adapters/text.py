@@ -44,7 +44,10 @@ from .registry import MaskAdapter, register_adapter
 MODES = ("token", "attention", "drop")
 # model types whose encoder takes any length after its embeddings (absolute positions added there, masks made from
 # the embeddings' output) and whose sequence classifier reads the first token: they can drop masked tokens
-DROP_MODELS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert")
+DROP_MODELS = (
+    *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
+    *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert"),
+)
 # decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
 # whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
 DROP_DECODERS = (
