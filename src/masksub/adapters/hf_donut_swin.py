@@ -10,6 +10,8 @@ checkpointing, not its layers.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,7 +52,7 @@ def layer(module: nn.Module, method, x: torch.Tensor, *args, keep=None, grid=Non
         qkv=lambda t: torch.cat((attn.query(t), attn.key(t), attn.value(t)), -1),
         heads=attn.num_attention_heads,
         bias=_position_bias(attn),
-        attend=lambda q, k, v, mask: _attend(attn, q, k, v, mask),
+        attend=partial(_attend, attn),
     )
     projection = module.attention.output
     x = x + module.drop_path(projection.dropout(projection.dense(out)))
