@@ -468,19 +468,31 @@ def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
     assert not any(m._forward_hooks for m in plain.modules())
 
 
-def _decoder(kind: str) -> torch.nn.Module:
-    """A tiny decoder sequence classifier of model type ``kind`` (3 labels, padding id PAD), in eval mode: the
-    modes' outputs compare without dropout draws."""
+def _decoder(kind: str, **overrides) -> torch.nn.Module:
+    """A tiny decoder sequence classifier of model type ``kind`` (3 labels, padding id PAD, config ``overrides``),
+    in eval mode: the modes' outputs compare without dropout draws."""
     import transformers
 
     config = transformers.AutoConfig.for_model(kind)
-    small = dict(SMALL, num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=PAD)
+    small = dict(SMALL, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, pad_token_id=PAD)
+    small.update(max_position_embeddings=64, first_k_dense_replace=1)  # DeepSeek's second layer routes
     for key, value in small.items():
-        if key == "pad_token_id" or isinstance(getattr(config, key, None), int):
+        derived = isinstance(getattr(type(config), key, None), property)  # Falcon's head_dim, read from the sizes
+        unset = hasattr(config, key) and getattr(config, key) is None  # Ministral's head_dim, Nemotron's kv heads
+        if key == "pad_token_id" or unset or (isinstance(getattr(config, key, None), int) and not derived):
             setattr(config, key, value)
+    if getattr(config, "kv_lora_rank", None):  # latent attention (DeepSeek V2/V3, MiniCPM3, Mistral 4)
+        small_latent = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+        for key, value in small_latent.items():
+            setattr(config, key, value)
+        config.head_dim = int(config.qk_rope_head_dim / config.rope_parameters.get("partial_rotary_factor", 1.0))
+    if getattr(config, "n_routed_experts", None) and not getattr(config, "num_experts_per_tok", None):
+        config.num_experts_per_tok = 2  # DeepSeek V2 routes none by default
     if getattr(config, "rotary_dim", None):  # GPT-J's rotary part of each head, within the small head
         config.rotary_dim = 8
     config.num_labels = 3
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     return transformers.AutoModelForSequenceClassification.from_config(config).eval()
 
@@ -543,19 +555,20 @@ def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["mistral", "gemma3_text", "gpt_oss", "qwen2"])
+@pytest.mark.parametrize(
+    "kind", ["mistral", "ministral", "gemma3_text", "gpt_oss", "modernbert-decoder", "gpt_neo", "qwen2"]
+)
 def test_drop_mode_on_a_sliding_window_decoder_keeps_its_window_by_position(kind):
     """A sliding window counts tokens, and with tokens dropped a window of tokens spans more positions: the layers
-    that slide (Mistral's all, Gemma 3's and GPT-OSS's by layer type, none of Qwen2's here) get a window mask by
-    position. Dropping then computes what hiding does, with a window shorter than the batch, and the same when
-    it spans the batch."""
-    model = _decoder(kind)
-    wrapped = wrap_text(model, mode="drop", ratio=0.5)
-    assert bool(wrapped.branch._window_handles) is (kind != "qwen2")
-    batch = _decoder_batch(left=False)
+    that slide (Mistral's and Ministral's all, Gemma 3's, GPT-OSS's and ModernBERT-decoder's by layer type, GPT-Neo's
+    local ones, none of Qwen2's here) get a window mask by position. Dropping then computes what hiding does, with a
+    window shorter than the batch, and the same when it spans the batch."""
+    key = "window_size" if kind == "gpt_neo" else "sliding_window"  # GPT-Neo builds its window into its layers
     for window in (8, 20):
-        model.config.sliding_window = window
-        got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
+        model = _decoder(kind, **{key: window})
+        wrapped = wrap_text(model, mode="drop", ratio=0.5)
+        assert bool(wrapped.branch._window_handles) is (kind != "qwen2")
+        got, expected, _, lengths = dropped_and_hidden(wrapped, model, _decoder_batch(left=False))
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         assert lengths[0] < 20
 

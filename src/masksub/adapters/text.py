@@ -32,6 +32,7 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable
 
@@ -53,7 +54,10 @@ DROP_MODELS = (
 DROP_DECODERS = (
     *("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"),
     *("phi", "phi3", "phimoe", "olmo", "olmo2", "olmo3", "glm", "glm4", "gpt2", "gpt_neox", "gpt_oss", "starcoder2"),
-    *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj", "opt", "bloom"),
+    *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj", "opt", "bloom", "falcon"),
+    *("ministral", "ministral3", "nemotron", "persimmon", "diffllama", "jetmoe", "hunyuan_v1_dense", "hunyuan_v1_moe"),
+    *("deepseek_v2", "deepseek_v3", "minicpm3", "mistral4", "modernbert-decoder", "gpt_neo", "gpt_bigcode"),
+    *("biogpt", "ctrl", "openai-gpt"),
 )
 # decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
 # hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
@@ -64,26 +68,41 @@ DROP_ROPE_ENCODERS = ("modernbert",)
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
 
 
+def _layer_types(config) -> list[str] | None:
+    """Each layer's attention kind where the config names them (GPT-Neo's ``attention_layers``: local ones slide)."""
+    if config.model_type == "gpt_neo":
+        return ["sliding_attention" if kind == "local" else "full_attention" for kind in config.attention_layers]
+    return getattr(config, "layer_types", None)
+
+
 def sliding_window(config) -> int | None:
-    """The window of a model's sliding-window attention layers (all of them, or those ``layer_types`` names), or
+    """The window of a model's sliding-window attention layers (all of them, or those its layer types name), or
     None where it has none."""
-    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    window = config.window_size if config.model_type == "gpt_neo" else getattr(config, "sliding_window", None)
+    types = _layer_types(config)
     if window is None or (types is not None and "sliding_attention" not in types):
         return None
     return int(window)
 
 
+def _classifier(model: nn.Module) -> nn.Module:
+    """The Hugging Face classifier inside ``model`` (wrapped by PEFT or not)."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+
+
 def sliding_layers(model: nn.Module, config) -> list[nn.Module]:
-    """The layers of ``model`` that attend within a sliding window: those ``layer_types`` names so, or all of a model
-    with a window and no ``layer_types`` (Mistral's, Phi-3's). An error where its layers are not found."""
+    """The layers of ``model`` that attend within a sliding window: those its layer types name so, or all of a
+    model with a window and no layer types (Mistral's, Phi-3's). An error where its layers are not found."""
     if sliding_window(config) is None:
         return []
-    layers = getattr(getattr(model, "base_model", model), "layers", None)
-    types = getattr(config, "layer_types", None)
+    layers = getattr(_classifier(model).base_model, "h" if config.model_type == "gpt_neo" else "layers", None)
+    types = _layer_types(config)
     if not isinstance(layers, nn.ModuleList) or (types is not None and len(types) < len(layers)):
         raise ValueError(
             f"mode='drop' on {type(model).__name__}: its sliding-window attention must keep its window by position, "
-            "and its layers are not where they are looked for (base_model.layers, one per layer_types entry); use "
+            "and its layers are not where they are looked for (its transformer's layers, one per layer type); use "
             "mode='attention' (the same masking at the main pass's cost)"
         )
     return [
@@ -91,6 +110,13 @@ def sliding_layers(model: nn.Module, config) -> list[nn.Module]:
         for layer, kind in zip(layers, types or ["sliding_attention"] * len(layers))
         if kind == "sliding_attention"
     ]
+
+
+def _position_ids_target(model: nn.Module) -> nn.Module | None:
+    """The transformer to hand position ids to where the sequence classifier inside ``model`` (wrapped by PEFT or
+    not) takes none and runs its transformer without (Falcon's): position ids given to it would be dropped."""
+    classifier = _classifier(model)
+    return None if "position_ids" in inspect.signature(classifier.forward).parameters else classifier.base_model
 
 
 def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -164,7 +190,8 @@ class TokenMaskAdapter(MaskAdapter):
             )
         self.mode = mode
         self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
-        self._handle = None
+        self._handle = None  # the embeddings' hook (BERT family), or the hook giving Falcon's transformer positions
+        self._by_mask = False  # a decoder whose positions count the attention mask's real tokens
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
         self._ids = False  # mode "drop" on the kept token ids with their position ids (decoders, ModernBERT)
         self._positions: torch.Tensor | None = None  # (B, K) and (B, K) bool: the kept tokens' positions and which
@@ -178,6 +205,10 @@ class TokenMaskAdapter(MaskAdapter):
                 self._ids = True
                 self._text_config = model.config.get_text_config()  # its padding id, read at each pass
                 self.reads_last = model.config.model_type not in DROP_ROPE_ENCODERS
+                self._by_mask = self._text_config.model_type in MASK_POSITION_DECODERS
+                target = None if self._by_mask else _position_ids_target(model)
+                if target is not None:  # the kept tokens' position ids reach its transformer by a hook
+                    self._handle = target.register_forward_pre_hook(self._position_ids, with_kwargs=True)
                 self._window_handles = [  # given a mask by the kept tokens' positions in the sub pass
                     m.register_forward_pre_hook(self._window_mask, with_kwargs=True)
                     for m in sliding_layers(model, self._text_config)
@@ -308,9 +339,12 @@ class TokenMaskAdapter(MaskAdapter):
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
             positions = kwargs.get("position_ids")
-            if positions is not None or self._text_config.model_type not in MASK_POSITION_DECODERS:
+            if self._handle is not None:  # a classifier that drops position ids runs its transformer on the indices
+                positions = None
+            if positions is not None or not self._by_mask:
                 positions = (position if positions is None else positions).expand_as(input_ids).gather(1, keep)
-                kwargs["position_ids"] = positions
+                if self._handle is None:
+                    kwargs["position_ids"] = positions
             self._positions, self._valid = positions, valid
             try:
                 return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
@@ -321,6 +355,12 @@ class TokenMaskAdapter(MaskAdapter):
             return self.run_with_hooks_active(model, *args, **kwargs)
         finally:
             self._keep = None
+
+    def _position_ids(self, module: nn.Module, args: tuple, kwargs: dict):
+        """The kept tokens' position ids for a transformer whose classifier does not pass them on (sub pass only)."""
+        if self._positions is None:
+            return None
+        return args, {**kwargs, "position_ids": self._positions}
 
     def _drop_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         if not self._active:
