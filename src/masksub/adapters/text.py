@@ -15,8 +15,9 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   positions, pooled from the first token) drop them after the embeddings, each kept token
   with its own position embedding already added. Decoder sequence classifiers
   (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
-  (MoE too), OLMo 1 to 3, GLM, GPT-2, GPT-J, GPT-NeoX, GPT-OSS...; causal attention, pooled from the
-  last token that is not padding) get the kept token ids with their own position ids (OPT and
+  (MoE too), OLMo 1 to 3, GLM, DeepSeek V2 and V3, Falcon, GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPT-OSS...;
+  causal attention, pooled from the last token that is not padding) get the kept token ids with their
+  own position ids (Falcon's transformer by a hook: its classifier does not pass them on; OPT and
   BLOOM, whose positions count the attention mask's tokens, the kept attention mask alone), and
   the token they read (the last one that is not padding) is never masked. ModernBERT's sequence
   classifiers (``DROP_ROPE_ENCODERS``: RoPE, pooled from the first token or a mean over the
