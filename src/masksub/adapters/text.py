@@ -191,7 +191,8 @@ class TokenMaskAdapter(MaskAdapter):
             )
         self.mode = mode
         self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
-        self._handle = None  # the embeddings' hook (BERT family), or the hook giving Falcon's transformer positions
+        self._handle = None  # the embeddings' hook (BERT family)
+        self._position_handle = None  # the hook giving position ids to a transformer its classifier gives none
         self._by_mask = False  # a decoder whose positions count the attention mask's real tokens
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
         self._ids = False  # mode "drop" on the kept token ids with their position ids (decoders, ModernBERT)
@@ -209,7 +210,7 @@ class TokenMaskAdapter(MaskAdapter):
                 self._by_mask = self._text_config.model_type in MASK_POSITION_DECODERS
                 target = None if self._by_mask else _position_ids_target(model)
                 if target is not None:  # the kept tokens' position ids reach its transformer by a hook
-                    self._handle = target.register_forward_pre_hook(self._position_ids, with_kwargs=True)
+                    self._position_handle = target.register_forward_pre_hook(self._position_ids, with_kwargs=True)
                 self._window_handles = [  # given a mask by the kept tokens' positions in the sub pass
                     m.register_forward_pre_hook(self._window_mask, with_kwargs=True)
                     for m in sliding_layers(model, self._text_config)
@@ -340,11 +341,11 @@ class TokenMaskAdapter(MaskAdapter):
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
             positions = kwargs.get("position_ids")
-            if self._handle is not None:  # a classifier that drops position ids runs its transformer on the indices
+            if self._position_handle is not None:  # a classifier dropping position ids runs on the indices
                 positions = None
             if positions is not None or not self._by_mask:
                 positions = (position if positions is None else positions).expand_as(input_ids).gather(1, keep)
-                if self._handle is None:
+                if self._position_handle is None:
                     kwargs["position_ids"] = positions
             self._positions, self._valid = positions, valid
             try:
@@ -369,7 +370,7 @@ class TokenMaskAdapter(MaskAdapter):
         return gather_tokens(output, self._keep)
 
     def remove(self) -> None:
-        for handle in [self._handle, *self._window_handles]:
+        for handle in [self._handle, self._position_handle, *self._window_handles]:
             if handle is not None:
                 handle.remove()
 
