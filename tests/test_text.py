@@ -8,7 +8,19 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MASK, PAD, SMALL, SPECIAL, text_batch, tiny_text_model, tiny_token_model, token_labels, wrap_text
+from conftest import (
+    CLS,
+    MASK,
+    PAD,
+    SEP,
+    SMALL,
+    SPECIAL,
+    text_batch,
+    tiny_text_model,
+    tiny_token_model,
+    token_labels,
+    wrap_text,
+)
 
 import masksub
 from masksub.drops import DROPOUT_RATE_ATTRS
@@ -473,7 +485,12 @@ def _decoder(kind: str, **overrides) -> torch.nn.Module:
     in eval mode: the modes' outputs compare without dropout draws."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(kind)
+    top = transformers.AutoConfig.for_model(kind)
+    config = top.get_text_config()  # the config itself, or a multimodal classifier's language model's (Gemma 3's)
+    if top is not config:  # its vision tower: 4 patches pooled to 4 image tokens
+        vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+        top.vision_config.update(dict(vision, image_size=28))
+        top.mm_tokens_per_image = 4
     small = dict(SMALL, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, pad_token_id=PAD)
     small.update(max_position_embeddings=64, first_k_dense_replace=1)  # DeepSeek's second layer routes
     for key, value in small.items():
@@ -490,11 +507,14 @@ def _decoder(kind: str, **overrides) -> torch.nn.Module:
         config.num_experts_per_tok = 2  # DeepSeek V2 routes none by default
     if getattr(config, "rotary_dim", None):  # GPT-J's rotary part of each head, within the small head
         config.rotary_dim = 8
-    config.num_labels = 3
+    for key, value in config.to_dict().items():  # the config's own special tokens, never masked: none a word here
+        if key.endswith("_token_id") and isinstance(value, int) and SEP < value < SMALL["vocab_size"]:
+            setattr(config, key, SEP)
+    top.num_labels = 3
     for key, value in overrides.items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    return transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    return transformers.AutoModelForSequenceClassification.from_config(top).eval()
 
 
 def _decoder_batch(left: bool, batch: int = 6, length: int = 20) -> dict[str, torch.Tensor]:
@@ -556,7 +576,7 @@ def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_
 
 
 @pytest.mark.parametrize(
-    "kind", ["mistral", "ministral", "gemma3_text", "gpt_oss", "modernbert-decoder", "gpt_neo", "qwen2"]
+    "kind", ["mistral", "ministral", "gemma3_text", "gemma3", "gpt_oss", "modernbert-decoder", "gpt_neo", "qwen2"]
 )
 def test_drop_mode_on_a_sliding_window_decoder_keeps_its_window_by_position(kind):
     """A sliding window counts tokens, and with tokens dropped a window of tokens spans more positions: the layers
@@ -571,6 +591,47 @@ def test_drop_mode_on_a_sliding_window_decoder_keeps_its_window_by_position(kind
         got, expected, _, lengths = dropped_and_hidden(wrapped, model, _decoder_batch(left=False))
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         assert lengths[0] < 20
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "ctrl"])
+def test_drop_mode_keeps_each_kept_tokens_own_segment_id(kind):
+    """GPT-2's and CTRL's classifiers embed ``token_type_ids`` per token: the kept tokens keep their own."""
+    model = _decoder(kind)
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    batch = _decoder_batch(left=False)
+    batch["token_type_ids"] = (torch.arange(20) >= 7).long().repeat(6, 1)
+    got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert lengths[0] < 20
+
+
+def test_drop_mode_on_gemma3_with_images_never_masks_their_placeholders_and_hides_image_blocks(recwarn):
+    """Gemma 3's multimodal classifier: the image placeholders its config names are never masked (the special ids
+    given do not list them), so a batch with an image drops the masked words around it. Given ``token_type_ids``
+    marking the images (whose tokens attend each other both ways, past the masks by position of its sliding
+    layers), the batch hides its masked tokens instead, warned once; a batch without images drops."""
+    model = _decoder("gemma3", sliding_window=8)
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    image = model.config.image_token_id
+    assert image not in SPECIAL
+    batch = _decoder_batch(left=False)
+    batch["input_ids"][:, 2:8] = torch.tensor([CLS, image, image, image, image, SEP])  # one image a sample
+    batch["pixel_values"] = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert not mask[:, 2:8].any() and lengths[0] < 20
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    batch["token_type_ids"] = (batch["input_ids"] == image).long()
+    with pytest.warns(UserWarning, match="holds images .* hide their masked tokens instead"):
+        got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert lengths == [20, 20]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    recwarn.clear()
+    text = {**_decoder_batch(left=False), "token_type_ids": torch.zeros(6, 20, dtype=torch.long)}
+    got, expected, _, lengths = dropped_and_hidden(wrapped, model, text)
+    dropped_and_hidden(wrapped, model, batch)
+    assert not recwarn.list, "warned once"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert lengths[0] < 20
 
 
 def test_drop_mode_under_a_kernel_that_takes_no_mask_hides_the_tokens_of_batches_longer_than_the_window(monkeypatch):

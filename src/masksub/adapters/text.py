@@ -58,7 +58,7 @@ DROP_DECODERS = (
     *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj", "opt", "bloom", "falcon"),
     *("ministral", "ministral3", "nemotron", "persimmon", "diffllama", "jetmoe", "hunyuan_v1_dense", "hunyuan_v1_moe"),
     *("deepseek_v2", "deepseek_v3", "minicpm3", "mistral4", "modernbert-decoder", "gpt_neo", "gpt_bigcode"),
-    *("biogpt", "ctrl", "openai-gpt"),
+    *("biogpt", "ctrl", "openai-gpt", "gemma3"),
 )
 # decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
 # hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
@@ -93,12 +93,21 @@ def _classifier(model: nn.Module) -> nn.Module:
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
 
 
+def _text_model(model: nn.Module, config) -> nn.Module:
+    """The transformer of ``model`` (wrapped by PEFT or not) that runs on ``config``, its text config: the
+    classifier's own base model, or the language model inside a multimodal classifier (Gemma 3's)."""
+    from transformers import PreTrainedModel
+
+    found = (m for m in model.modules() if isinstance(m, PreTrainedModel) and m.config is config)
+    return next(found, _classifier(model)).base_model
+
+
 def sliding_layers(model: nn.Module, config) -> list[nn.Module]:
     """The layers of ``model`` that attend within a sliding window: those its layer types name so, or all of a
     model with a window and no layer types (Mistral's, Phi-3's). An error where its layers are not found."""
     if sliding_window(config) is None:
         return []
-    layers = getattr(_classifier(model).base_model, "h" if config.model_type == "gpt_neo" else "layers", None)
+    layers = getattr(_text_model(model, config), "h" if config.model_type == "gpt_neo" else "layers", None)
     types = _layer_types(config)
     if not isinstance(layers, nn.ModuleList) or (types is not None and len(types) < len(layers)):
         raise ValueError(
@@ -118,6 +127,21 @@ def _position_ids_target(model: nn.Module) -> nn.Module | None:
     not) takes none and runs its transformer without (Falcon's): position ids given to it would be dropped."""
     classifier = _classifier(model)
     return None if "position_ids" in inspect.signature(classifier.forward).parameters else classifier.base_model
+
+
+def config_token_ids(model: nn.Module) -> set[int]:
+    """The token ids the config of ``model`` (and its text config) names (``*_token_id``, ``*_token_index``: padding,
+    begin and end of sequence, a multimodal model's image placeholders...): never masked, as a placeholder masked
+    would leave its image's features without a place."""
+    config = getattr(_classifier(model), "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return set()
+    found = set()
+    for part in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in part.to_dict().items():
+            if key.endswith(("_token_id", "_token_index")):
+                found.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
+    return found
 
 
 def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -200,7 +224,8 @@ class TokenMaskAdapter(MaskAdapter):
         self._valid: torch.Tensor | None = None  # of them are not fillers, for the sliding windows' masks
         self._window_handles = []
         self._window_cache: tuple | None = None  # (the model's mask dtype, the window mask) of the running pass
-        self._warned = False
+        self._warned: set[str] = set()  # the reasons a batch hid its tokens instead, warned once each
+        self._image_blocks = False  # a multimodal classifier whose token_type_ids mark images attending both ways
         if mode == "drop":
             embeddings = _drop_embeddings(model)
             if embeddings is None:
@@ -208,6 +233,7 @@ class TokenMaskAdapter(MaskAdapter):
                 self._text_config = model.config.get_text_config()  # its padding id, read at each pass
                 self.reads_last = model.config.model_type not in DROP_ROPE_ENCODERS
                 self._by_mask = self._text_config.model_type in MASK_POSITION_DECODERS
+                self._image_blocks = self._text_config is not _classifier(model).config
                 target = None if self._by_mask else _position_ids_target(model)
                 if target is not None:  # the kept tokens' position ids reach its transformer by a hook
                     self._position_handle = target.register_forward_pre_hook(self._position_ids, with_kwargs=True)
@@ -218,7 +244,7 @@ class TokenMaskAdapter(MaskAdapter):
             else:
                 self._handle = embeddings.register_forward_hook(self._drop_hook)
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
-        special = sorted({int(i) for i in special_ids})
+        special = sorted({int(i) for i in special_ids} | config_token_ids(model))
         param = next(model.parameters(), None)  # made where the model is: no copy to its device at each pass
         device = param.device if param is not None else None
         self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long, device=device), persistent=False)
@@ -267,7 +293,7 @@ class TokenMaskAdapter(MaskAdapter):
                 "masks (packed sequences) are not supported; pass the 2-D padding mask, or use sub='dropout'"
             )
         mask = self.token_mask(input_ids, attention_mask)
-        if self.mode == "drop" and not (self._ids and self._beyond_window(model, input_ids.shape[1])):
+        if self.mode == "drop" and not (self._ids and self._hides_instead(model, input_ids.shape[1], kwargs)):
             return self._run_kept(model, args, kwargs, input_ids, attention_mask, mask)
         if self.mode == "token":
             input_ids = input_ids.masked_fill(mask, self.mask_token_id)
@@ -278,19 +304,30 @@ class TokenMaskAdapter(MaskAdapter):
             kwargs = {**kwargs, "attention_mask": attention_mask.masked_fill(mask, 0)}
         return model(*args, **kwargs)
 
-    def _beyond_window(self, model: nn.Module, length: int) -> bool:
-        """Whether dropping would change what a sliding window sees: a batch longer than the window, under an
-        attention kernel that takes no mask (flash attention keeps its window by index, and with tokens dropped a
-        window of tokens spans more positions). The batch's masked tokens are hidden instead (warned once)."""
+    def _hides_instead(self, model: nn.Module, length: int, kwargs: dict) -> bool:
+        """Whether dropping would change what the model computes for this batch, whose masked tokens are then hidden
+        instead (mode "attention", at the main pass's cost; warned once for each reason):
+
+        - a batch longer than the sliding window, under an attention kernel that takes no mask (flash attention keeps
+          its window by index, and with tokens dropped a window of tokens spans more positions);
+        - images in a multimodal classifier's batch (Gemma 3's ``token_type_ids``): the tokens of each image attend
+          each other both ways, a block its sliding-window layers' masks by position would not keep."""
         window, kernel = sliding_window(self._text_config), self._text_config._attn_implementation
-        if not self._window_handles or length <= window or kernel in MASKED_KERNELS:
+        types = kwargs.get("token_type_ids")
+        if self._window_handles and length > window and kernel not in MASKED_KERNELS:
+            key = "window"
+            reason = (
+                f"its sliding-window attention runs on {kernel!r}, which takes no mask to keep the window ({window} "
+                f"tokens) by position ({' or '.join(MASKED_KERNELS)} do), and a batch of {length} is longer"
+            )
+        elif self._image_blocks and types is not None and bool(types.any()):  # one sync, batches given the types
+            key, reason = "images", "its batch holds images (token_type_ids), whose tokens attend each other both ways"
+        else:
             return False
-        if not self._warned:
-            self._warned = True
+        if key not in self._warned:
+            self._warned.add(key)
             warnings.warn(
-                f"mode='drop' on {type(model).__name__}: its sliding-window attention runs on {kernel!r}, which "
-                f"takes no mask to keep the window ({window} tokens) by position ({' or '.join(MASKED_KERNELS)} "
-                f"do), and a batch of {length} is longer; such batches hide their masked tokens instead "
+                f"mode='drop' on {type(model).__name__}: {reason}; such batches hide their masked tokens instead "
                 "(mode='attention', at the main pass's cost)",
                 stacklevel=3,
             )
@@ -337,6 +374,8 @@ class TokenMaskAdapter(MaskAdapter):
         valid = (attention_mask.bool() & ~mask).gather(1, keep)
         kwargs = {**kwargs, "attention_mask": valid.to(attention_mask.dtype)}
         if self._ids:
+            if kwargs.get("token_type_ids") is not None:  # GPT-2's segment embeddings: each kept token keeps its own
+                kwargs["token_type_ids"] = kwargs["token_type_ids"].expand_as(input_ids).gather(1, keep)
             ids = input_ids.gather(1, keep)
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
