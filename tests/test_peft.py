@@ -139,19 +139,21 @@ def test_trainer_on_a_lora_hf_swin_trains_its_mask_token_with_the_lora_weights(t
         other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "falcon"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "falcon", "gemma3"])
 def test_drop_mode_on_a_lora_decoder_classifier_runs_the_base_model_on_the_kept_tokens(kind):
     """LoRA on a decoder classifier, as text classification is often tuned: the PEFT wrapper passes the kept ids'
-    position ids through (Falcon's transformer gets them by a hook; Mistral's sliding layers, a window shorter than
-    the batch, their window masks), and the logits are those of the same tokens hidden by the attention mask."""
+    position ids through (Falcon's transformer gets them by a hook; Mistral's sliding layers and those of Gemma 3's
+    multimodal classifier's language model, a window shorter than the batch, their window masks), and the logits are
+    those of the same tokens hidden by the attention mask."""
     from conftest import wrap_text
     from test_text import _decoder, _decoder_batch, dropped_and_hidden
 
     targets = ["query_key_value"] if kind == "falcon" else ["q_proj", "v_proj"]
-    model = _decoder(kind, **({"sliding_window": 8} if kind == "mistral" else {}))
+    sliding = kind in ("mistral", "gemma3")
+    model = _decoder(kind, **({"sliding_window": 8} if sliding else {}))
     peft = _lora(model, targets, task_type="SEQ_CLS")
     wrapped = wrap_text(peft, mode="drop", ratio=0.5)
-    assert bool(wrapped.branch._window_handles) is (kind == "mistral")
+    assert bool(wrapped.branch._window_handles) is sliding
     got, expected, mask, lengths = dropped_and_hidden(wrapped, peft, _decoder_batch(left=True))
     assert lengths == [20 - int(mask.sum(1).min()), 20]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
