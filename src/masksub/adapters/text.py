@@ -2,8 +2,9 @@
 
 The sub branch sees the same batch with a fraction ``ratio`` of each sample's
 *maskable* tokens masked: tokens the attention mask marks as real that are not
-special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
-``num_masked(n, ratio)`` of its own ``n`` maskable tokens, chosen at random.
+special tokens ([CLS], [SEP], <s>, padding...) nor token ids the model's config names (image
+placeholders...). Each sample masks exactly ``num_masked(n, ratio)`` of its own ``n`` maskable
+tokens, chosen at random.
 
 - ``mode="token"`` (default): masked tokens become the tokenizer's mask token, the
   input a model pretrained with masked language modelling knows;
@@ -15,11 +16,12 @@ special tokens ([CLS], [SEP], <s>, padding...). Each sample masks exactly
   positions, pooled from the first token) drop them after the embeddings, each kept token
   with its own position embedding already added. Decoder sequence classifiers
   (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
-  (MoE too), OLMo 1 to 3, GLM, DeepSeek V2 and V3, Falcon, GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPT-OSS...;
-  causal attention, pooled from the last token that is not padding) get the kept token ids with their
-  own position ids (Falcon's transformer by a hook: its classifier does not pass them on; OPT and
-  BLOOM, whose positions count the attention mask's tokens, the kept attention mask alone), and
-  the token they read (the last one that is not padding) is never masked. ModernBERT's sequence
+  (MoE too), OLMo 1 to 3, GLM, DeepSeek V2 and V3, Falcon, GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPT-OSS, Gemma 3's
+  multimodal classifier...; causal attention, pooled from the last token that is not padding) get the kept token
+  ids with their own position ids and segment ids (Falcon's transformer by a hook: its classifier does not pass
+  them on; OPT and BLOOM, whose positions count the attention mask's tokens, the kept attention mask alone), and
+  the token they read (the last one that is not padding) is never masked; Gemma 3's batches with images (whose
+  tokens attend each other both ways) hide their masked tokens instead. ModernBERT's sequence
   classifiers (``DROP_ROPE_ENCODERS``: RoPE, pooled from the first token or a mean over the
   attention mask) get the kept token ids with their own position ids too. A model's sliding
   window counts tokens, and with tokens dropped a window of tokens spans more positions: its
