@@ -440,6 +440,29 @@ def test_drop_mode_on_modernbert_under_a_kernel_that_takes_no_mask_hides_the_tok
         assert torch.equal(got, hidden(**batch, sub=True).logits) and lengths == [24]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pooling", ["bos", "mean", "late"])
+def test_drop_mode_on_eurobert_computes_what_hiding_the_tokens_does(attn, pooling):
+    """EuroBERT (bidirectional, RoPE over position ids) gets the kept token ids with their position ids: pooled from
+    the first token, a mean over the attention mask or the mean of each token's logits, the logits of hiding the
+    same tokens, with the model running on the batch's longest kept count."""
+    import transformers
+
+    config = transformers.EuroBertConfig(
+        **SMALL, num_key_value_heads=2, head_dim=16, pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP
+    )
+    config.update(dict(num_labels=3, classifier_pooling=pooling))
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    dropped = wrap_text(model, mode="drop")
+    assert not dropped.branch.reads_last
+    batch = inputs(text_batch(batch=6, length=24))
+    got, expected, mask, lengths = dropped_and_hidden(dropped, model, batch)
+    assert lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama", "modernbert"])
 def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss(family):
     from conftest import sub_flop_ratio

@@ -67,7 +67,7 @@ DROP_DECODERS = (
 MASK_POSITION_DECODERS = ("opt", "bloom")
 # encoder sequence classifiers that rotate by position ids and read the first token or a mean over the attention
 # mask: they get the kept token ids with their position ids, their sliding-window layers a mask by those positions
-DROP_ROPE_ENCODERS = ("modernbert",)
+DROP_ROPE_ENCODERS = ("modernbert", "eurobert")
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
 
 
