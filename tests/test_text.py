@@ -560,7 +560,7 @@ def dropped_and_hidden(wrapped, model, batch):
         torch.manual_seed(5)
         got = wrapped(**batch, sub=True).logits
         torch.manual_seed(5)
-        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
+        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
     handle.remove()
     return got, expected, mask, lengths
@@ -628,31 +628,31 @@ def test_drop_mode_keeps_each_kept_tokens_own_segment_id(kind):
     assert lengths[0] < 20
 
 
-def test_drop_mode_on_gemma3_with_images_never_masks_their_placeholders_and_hides_image_blocks(recwarn):
+@pytest.mark.parametrize("window", [8, 20])
+def test_drop_mode_on_gemma3_with_images_keeps_their_placeholders_and_their_blocks(window):
     """Gemma 3's multimodal classifier: the image placeholders its config names are never masked (the special ids
-    given do not list them), so a batch with an image drops the masked words around it. Given ``token_type_ids``
-    marking the images (whose tokens attend each other both ways, past the masks by position of its sliding
-    layers), the batch hides its masked tokens instead, warned once; a batch without images drops."""
-    model = _decoder("gemma3", sliding_window=8)
+    given do not list them), so a batch with images drops the masked words around them. Given ``token_type_ids``
+    marking the images, the tokens of each image also attend those after them (in its sliding layers too, within the
+    window), and the word before each image is never masked, so that two images never meet as one: the logits are
+    those of hiding the same tokens, with images or without."""
+    model = _decoder("gemma3", sliding_window=window)
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
     image = model.config.image_token_id
     assert image not in SPECIAL
-    batch = _decoder_batch(left=False)
-    batch["input_ids"][:, 2:8] = torch.tensor([CLS, image, image, image, image, SEP])  # one image a sample
-    batch["pixel_values"] = torch.randn(6, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    batch = _decoder_batch(left=False, length=30)
+    ids = batch["input_ids"]
+    ids[:, 1:5], ids[:, 6:10] = image, image  # two images a sample, one word between them (no begin/end tokens)
+    batch["pixel_values"] = torch.randn(12, 3, 28, 28, generator=torch.Generator().manual_seed(2))
     got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
-    assert not mask[:, 2:8].any() and lengths[0] < 20
+    assert not mask[:, 1:5].any() and not mask[:, 6:10].any() and lengths[0] < 30
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    batch["token_type_ids"] = (batch["input_ids"] == image).long()
-    with pytest.warns(UserWarning, match="holds images .* hide their masked tokens instead"):
-        got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
-    assert lengths == [20, 20]
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    recwarn.clear()
-    text = {**_decoder_batch(left=False), "token_type_ids": torch.zeros(6, 20, dtype=torch.long)}
+    batch["token_type_ids"] = (ids == image).long()
+    got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert not mask[:, [0, 5]].any(), "the words before the images stay"
+    assert lengths[0] < 30
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    text = {**_decoder_batch(left=True), "token_type_ids": torch.zeros(6, 20, dtype=torch.long)}
     got, expected, _, lengths = dropped_and_hidden(wrapped, model, text)
-    dropped_and_hidden(wrapped, model, batch)
-    assert not recwarn.list, "warned once"
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert lengths[0] < 20
 

@@ -224,9 +224,10 @@ class TokenMaskAdapter(MaskAdapter):
         self._ids = False  # mode "drop" on the kept token ids with their position ids (decoders, ModernBERT)
         self._positions: torch.Tensor | None = None  # (B, K) and (B, K) bool: the kept tokens' positions and which
         self._valid: torch.Tensor | None = None  # of them are not fillers, for the sliding windows' masks
+        self._blocks: torch.Tensor | None = None  # (B, K): each kept token's image block (-1: text), Gemma 3's
         self._window_handles = []
         self._window_cache: tuple | None = None  # (the model's mask dtype, the window mask) of the running pass
-        self._warned: set[str] = set()  # the reasons a batch hid its tokens instead, warned once each
+        self._warned = False
         self._image_blocks = False  # a multimodal classifier whose token_type_ids mark images attending both ways
         if mode == "drop":
             embeddings = _drop_embeddings(model)
@@ -255,11 +256,16 @@ class TokenMaskAdapter(MaskAdapter):
     def supports(cls, model: nn.Module) -> bool:
         return getattr(model, "main_input_name", None) == "input_ids"
 
-    def token_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def token_mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, L) bool, True on the tokens the sub branch masks."""
         maskable = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
         if attention_mask is not None:
             maskable &= attention_mask.bool()
+        if self._image_blocks and token_type_ids is not None:  # the token before each image keeps images apart
+            image = token_type_ids.expand_as(input_ids) == 1
+            maskable[:, :-1] &= ~(image[:, 1:] & ~image[:, :-1])
         if self.reads_last:  # the token the classifier reads, by its own rule: the last that is not padding
             maskable[torch.arange(len(input_ids), device=input_ids.device), self._read_index(input_ids)] = False
         return random_token_mask(maskable, self.ratio)
@@ -294,8 +300,8 @@ class TokenMaskAdapter(MaskAdapter):
                 f"{tuple(input_ids.shape)}, got shape {tuple(attention_mask.shape)}: custom 3-D or 4-D attention "
                 "masks (packed sequences) are not supported; pass the 2-D padding mask, or use sub='dropout'"
             )
-        mask = self.token_mask(input_ids, attention_mask)
-        if self.mode == "drop" and not (self._ids and self._hides_instead(model, input_ids.shape[1], kwargs)):
+        mask = self.token_mask(input_ids, attention_mask, kwargs.get("token_type_ids"))
+        if self.mode == "drop" and not (self._ids and self._beyond_window(model, input_ids.shape[1])):
             return self._run_kept(model, args, kwargs, input_ids, attention_mask, mask)
         if self.mode == "token":
             input_ids = input_ids.masked_fill(mask, self.mask_token_id)
@@ -306,30 +312,19 @@ class TokenMaskAdapter(MaskAdapter):
             kwargs = {**kwargs, "attention_mask": attention_mask.masked_fill(mask, 0)}
         return model(*args, **kwargs)
 
-    def _hides_instead(self, model: nn.Module, length: int, kwargs: dict) -> bool:
-        """Whether dropping would change what the model computes for this batch, whose masked tokens are then hidden
-        instead (mode "attention", at the main pass's cost; warned once for each reason):
-
-        - a batch longer than the sliding window, under an attention kernel that takes no mask (flash attention keeps
-          its window by index, and with tokens dropped a window of tokens spans more positions);
-        - images in a multimodal classifier's batch (Gemma 3's ``token_type_ids``): the tokens of each image attend
-          each other both ways, a block its sliding-window layers' masks by position would not keep."""
+    def _beyond_window(self, model: nn.Module, length: int) -> bool:
+        """Whether dropping would change what a sliding window sees: a batch longer than the window, under an
+        attention kernel that takes no mask (flash attention keeps its window by index, and with tokens dropped a
+        window of tokens spans more positions). The batch's masked tokens are hidden instead (warned once)."""
         window, kernel = sliding_window(self._text_config), self._text_config._attn_implementation
-        types = kwargs.get("token_type_ids")
-        if self._window_handles and length > window and kernel not in MASKED_KERNELS:
-            key = "window"
-            reason = (
-                f"its sliding-window attention runs on {kernel!r}, which takes no mask to keep the window ({window} "
-                f"tokens) by position ({' or '.join(MASKED_KERNELS)} do), and a batch of {length} is longer"
-            )
-        elif self._image_blocks and types is not None and bool(types.any()):  # one sync, batches given the types
-            key, reason = "images", "its batch holds images (token_type_ids), whose tokens attend each other both ways"
-        else:
+        if not self._window_handles or length <= window or kernel in MASKED_KERNELS:
             return False
-        if key not in self._warned:
-            self._warned.add(key)
+        if not self._warned:
+            self._warned = True
             warnings.warn(
-                f"mode='drop' on {type(model).__name__}: {reason}; such batches hide their masked tokens instead "
+                f"mode='drop' on {type(model).__name__}: its sliding-window attention runs on {kernel!r}, which "
+                f"takes no mask to keep the window ({window} tokens) by position ({' or '.join(MASKED_KERNELS)} "
+                f"do), and a batch of {length} is longer; such batches hide their masked tokens instead "
                 "(mode='attention', at the main pass's cost)",
                 stacklevel=3,
             )
@@ -351,7 +346,14 @@ class TokenMaskAdapter(MaskAdapter):
     def _build_window_mask(self, given: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         positions, window = self._positions, sliding_window(self._text_config)
         distance = positions[:, :, None] - positions[:, None, :]  # (B, K, K): query's position minus key's
-        near = ((distance >= 0) & (distance < window)) if self.reads_last else distance.abs() <= window
+        if not self.reads_last:  # ModernBERT's window: either side
+            near = distance.abs() <= window
+        elif self._blocks is None:
+            near = (distance >= 0) & (distance < window)
+        else:  # Gemma 3: an image's tokens also see those after them in the image, within the window
+            blocks = self._blocks
+            same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            near = ((distance >= 0) | same) & (distance < window)
         allowed = (near & self._valid[:, None, :]).unsqueeze(1)  # (B, 1, K, K)
         boolean = self._text_config._attn_implementation == "sdpa" if given is None else given.dtype == torch.bool
         if boolean:
@@ -376,8 +378,12 @@ class TokenMaskAdapter(MaskAdapter):
         valid = (attention_mask.bool() & ~mask).gather(1, keep)
         kwargs = {**kwargs, "attention_mask": valid.to(attention_mask.dtype)}
         if self._ids:
-            if kwargs.get("token_type_ids") is not None:  # GPT-2's segment embeddings: each kept token keeps its own
-                kwargs["token_type_ids"] = kwargs["token_type_ids"].expand_as(input_ids).gather(1, keep)
+            if kwargs.get("token_type_ids") is not None:  # GPT-2's segments, Gemma 3's images: each keeps its own
+                kwargs["token_type_ids"] = types = kwargs["token_type_ids"].expand_as(input_ids).gather(1, keep)
+                if self._image_blocks:  # numbered as the model numbers them: images do not meet, the mask saw to it
+                    image = types == 1
+                    start = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+                    self._blocks = torch.where(image, start.long().cumsum(1) - 1, -1)
             ids = input_ids.gather(1, keep)
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
@@ -392,7 +398,7 @@ class TokenMaskAdapter(MaskAdapter):
             try:
                 return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
             finally:
-                self._positions = self._valid = self._window_cache = None
+                self._positions = self._valid = self._blocks = self._window_cache = None
         self._keep = keep
         try:
             return self.run_with_hooks_active(model, *args, **kwargs)
