@@ -20,8 +20,8 @@ tokens, chosen at random.
   multimodal classifier...; causal attention, pooled from the last token that is not padding) get the kept token
   ids with their own position ids and segment ids (Falcon's transformer by a hook: its classifier does not pass
   them on; OPT and BLOOM, whose positions count the attention mask's tokens, the kept attention mask alone), and
-  the token they read (the last one that is not padding) is never masked; Gemma 3's batches with images (whose
-  tokens attend each other both ways) hide their masked tokens instead. ModernBERT's and EuroBERT's
+  the token they read (the last one that is not padding) is never masked; in Gemma 3's batches with images (whose
+  tokens attend each other both ways) the word before an image neither. ModernBERT's and EuroBERT's
   sequence classifiers (``DROP_ROPE_ENCODERS``: RoPE, pooled from the first token or a mean over
   the attention mask) get the kept token ids with their own position ids too. A model's sliding
   window counts tokens, and with tokens dropped a window of tokens spans more positions: its
