@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -440,27 +441,58 @@ def test_drop_mode_on_modernbert_under_a_kernel_that_takes_no_mask_hides_the_tok
         assert torch.equal(got, hidden(**batch, sub=True).logits) and lengths == [24]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("pooling", ["bos", "mean", "late"])
-def test_drop_mode_on_eurobert_computes_what_hiding_the_tokens_does(attn, pooling):
-    """EuroBERT (bidirectional, RoPE over position ids) gets the kept token ids with their position ids: pooled from
-    the first token, a mean over the attention mask or the mean of each token's logits, the logits of hiding the
-    same tokens, with the model running on the batch's longest kept count."""
+def _rope_encoder(kind: str, **overrides) -> torch.nn.Module:
+    """A tiny sequence classifier of a RoPE encoder (bidirectional, rotated by position ids) of model type ``kind``
+    (3 labels, padding id PAD, config ``overrides``), in eval mode."""
     import transformers
 
-    config = transformers.EuroBertConfig(
-        **SMALL, num_key_value_heads=2, head_dim=16, pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP
-    )
-    config.update(dict(num_labels=3, classifier_pooling=pooling))
-    config._attn_implementation = attn
+    config = transformers.AutoConfig.for_model(kind)
+    small = dict(SMALL, num_key_value_heads=2, head_dim=16, max_position_embeddings=64, num_labels=3, type_vocab_size=2)
+    small.update(pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP)
+    for key, value in {**small, **overrides}.items():
+        if key in overrides or (hasattr(config, key) and not isinstance(getattr(type(config), key, None), property)):
+            setattr(config, key, value)
     torch.manual_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    return transformers.AutoModelForSequenceClassification.from_config(config).eval()
+
+
+ROPE_ENCODER_CASES = [  # (model type, its classifier's pooling where it offers several)
+    *[("eurobert", pooling) for pooling in ("bos", "mean", "late")],
+    *[("ultrabert", pooling) for pooling in ("cls", "mean")],
+    *[(kind, None) for kind in ("nomic_bert", "gte", "jina_embeddings_v3", "esmc")],
+]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind,pooling", ROPE_ENCODER_CASES)
+def test_drop_mode_on_a_rope_encoder_computes_what_hiding_the_tokens_does(kind, pooling, attn):
+    """EuroBERT, Ultrabert, NomicBERT, GTE, Jina v3 and ESM C (bidirectional, RoPE over position ids) get the kept
+    token ids with their position ids (and segment ids, where they embed them): pooled from the first token, a mean
+    over the attention mask or the mean of each token's logits, the logits of hiding the same tokens, with the model
+    running on the batch's longest kept count."""
+    model = _rope_encoder(kind, **({"classifier_pooling": pooling} if pooling else {}))
+    model.config._attn_implementation = attn
     dropped = wrap_text(model, mode="drop")
     assert not dropped.branch.reads_last
     batch = inputs(text_batch(batch=6, length=24))
+    if "token_type_ids" in inspect.signature(model.forward).parameters and model.config.type_vocab_size > 1:
+        batch["token_type_ids"] = (torch.arange(24) >= 9).long().repeat(6, 1)  # a second segment
     got, expected, mask, lengths = dropped_and_hidden(dropped, model, batch)
     assert lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_drop_mode_on_ultrabert_keeps_its_sliding_windows_by_position(attn):
+    """Ultrabert's sliding layers (those its layer types name; a window of 4 positions each side, shorter than the
+    batch) get a window mask by position, as ModernBERT's local ones do."""
+    model = _rope_encoder("ultrabert", sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+    model.config._attn_implementation = attn
+    dropped = wrap_text(model, mode="drop")
+    assert len(dropped.branch._window_handles) == 1
+    got, expected, _, lengths = dropped_and_hidden(dropped, model, inputs(text_batch(batch=6, length=24)))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert lengths[0] < 24
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "modernbert"])

@@ -60,14 +60,14 @@ DROP_DECODERS = (
     *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj", "opt", "bloom", "falcon"),
     *("ministral", "ministral3", "nemotron", "persimmon", "diffllama", "jetmoe", "hunyuan_v1_dense", "hunyuan_v1_moe"),
     *("deepseek_v2", "deepseek_v3", "minicpm3", "mistral4", "modernbert-decoder", "gpt_neo", "gpt_bigcode"),
-    *("biogpt", "ctrl", "openai-gpt", "gemma3"),
+    *("biogpt", "ctrl", "openai-gpt", "gpt-sw3", "gemma3", "axk1", "axk2"),
 )
 # decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
 # hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
 MASK_POSITION_DECODERS = ("opt", "bloom")
 # encoder sequence classifiers that rotate by position ids and read the first token or a mean over the attention
 # mask: they get the kept token ids with their position ids, their sliding-window layers a mask by those positions
-DROP_ROPE_ENCODERS = ("modernbert", "eurobert")
+DROP_ROPE_ENCODERS = ("modernbert", "eurobert", "ultrabert", "nomic_bert", "gte", "jina_embeddings_v3", "esmc")
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
 
 
