@@ -548,6 +548,7 @@ def _decoder(kind: str, **overrides) -> torch.nn.Module:
         top.mm_tokens_per_image = 4
     small = dict(SMALL, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, pad_token_id=PAD)
     small.update(max_position_embeddings=64, first_k_dense_replace=1)  # DeepSeek's second layer routes
+    small.update(index_topk=4)  # AXK2's indexer: each query's keys, fewer than the batch has
     for key, value in small.items():
         derived = isinstance(getattr(type(config), key, None), property)  # Falcon's head_dim, read from the sizes
         unset = hasattr(config, key) and getattr(config, key) is None  # Ministral's head_dim, Nemotron's kv heads

@@ -21,14 +21,13 @@ tokens, chosen at random.
   ids with their own position ids and segment ids (Falcon's transformer by a hook: its classifier does not pass
   them on; OPT and BLOOM, whose positions count the attention mask's tokens, the kept attention mask alone), and
   the token they read (the last one that is not padding) is never masked; in Gemma 3's batches with images (whose
-  tokens attend each other both ways) the word before an image neither. ModernBERT's and EuroBERT's
-  sequence classifiers (``DROP_ROPE_ENCODERS``: RoPE, pooled from the first token or a mean over
-  the attention mask) get the kept token ids with their own position ids too. A model's sliding
-  window counts tokens, and with tokens dropped a window of tokens spans more positions: its
-  sliding-window layers get a window mask built from the kept tokens' positions (SDPA and eager
-  attention read it; under a kernel that takes none, flash attention, a batch longer than the
-  window hides its masked tokens instead, at the main pass's cost, warned once). Others are
-  refused.
+  tokens attend each other both ways) the word before an image neither. The sequence classifiers of RoPE encoders
+  (``DROP_ROPE_ENCODERS``: ModernBERT, EuroBERT, NomicBERT, GTE...; pooled from the first token or a mean over the
+  attention mask) get the kept token ids with their own position ids too. A model's sliding window counts tokens,
+  and with tokens dropped a window of tokens spans more positions: its sliding-window layers get a window mask
+  built from the kept tokens' positions (SDPA and eager attention read it; under a kernel that takes none, flash
+  attention, a batch longer than the window hides its masked tokens instead, at the main pass's cost, warned
+  once). Others are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
