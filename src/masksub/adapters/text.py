@@ -49,7 +49,8 @@ MODES = ("token", "attention", "drop")
 # the embeddings' output) and whose sequence classifier reads the first token: they can drop masked tokens
 DROP_MODELS = (
     *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
-    *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert"),
+    *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
+    *("markuplm", "roc_bert"),
 )
 # decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
 # whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
