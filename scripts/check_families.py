@@ -109,17 +109,45 @@ SHRINK = dict(
 SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "mask_token_id")
 
 
+# Latent attention (DeepSeek V2/V3, MiniCPM3, Mistral 4...): its ranks and head parts within the small width.
+LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+
+
+def _shrink(config, only_transformers: bool) -> None:
+    """2 layers of width 32 where ``config`` has those keys; head sizes and key/value heads it leaves unset set too,
+    latent attention made small, and layer types cut to the 2 layers (the last a full attention layer where the
+    model has one, as hybrid linear-attention models need one)."""
+    if only_transformers and not isinstance(getattr(config, "hidden_size", None), int):
+        return
+    for key, value in SHRINK.items():
+        unset = key in ("head_dim", "num_key_value_heads") and hasattr(config, key) and getattr(config, key) is None
+        if unset or isinstance(getattr(config, key, None), int):
+            with contextlib.suppress(AttributeError):  # a derived value (a property without a setter)
+                setattr(config, key, value)
+    if getattr(config, "kv_lora_rank", None):
+        for key, value in LATENT.items():
+            setattr(config, key, value)
+        rope = getattr(config, "rope_parameters", None) or {}
+        config.head_dim = int(config.qk_rope_head_dim / rope.get("partial_rotary_factor", 1.0))
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and types and isinstance(types[0], str):
+        last = "full_attention" if "full_attention" in types else types[-1]
+        with contextlib.suppress(AttributeError):  # derived from other keys (Jamba's)
+            config.layer_types = [types[0], last][: getattr(config, "num_hidden_layers", 2)]
+
+
 def shrunk_config(model_type: str, only_transformers: bool = False):
     """``model_type``'s default configuration with 5 labels, 2 layers of width 32 where it has those keys
-    (with ``only_transformers``, only where it has a single hidden size: not CNN stage lists)."""
+    (with ``only_transformers``, only where it has a single hidden size: not CNN stage lists), its
+    sub-configurations (a multimodal model's text and vision parts) shrunk alike."""
     import transformers
 
     config = transformers.AutoConfig.for_model(model_type)
-    shrink = not only_transformers or isinstance(getattr(config, "hidden_size", None), int)
-    for key, value in SHRINK.items() if shrink else ():
-        if isinstance(getattr(config, key, None), int):
-            with contextlib.suppress(AttributeError):  # a derived value (a property without a setter)
-                setattr(config, key, value)
+    _shrink(config, only_transformers)
+    for name in getattr(config, "sub_configs", {}):
+        part = getattr(config, name, None)
+        if isinstance(part, transformers.PretrainedConfig):
+            _shrink(part, only_transformers)
     config.num_labels = 5
     return config
 
@@ -131,8 +159,9 @@ def build_text(model_type: str):
     import transformers
 
     config = shrunk_config(model_type)
-    if getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = 0  # decoder classifiers find each sequence's last token through it
+    for part in {id(c): c for c in (config, config.get_text_config())}.values():
+        if getattr(part, "pad_token_id", None) is None:
+            part.pad_token_id = 0  # decoder classifiers find each sequence's last token through it
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = config.pad_token_id
     model = transformers.AutoModelForSequenceClassification.from_config(config)
@@ -140,8 +169,10 @@ def build_text(model_type: str):
     mask_id = getattr(config, "mask_token_id", None)
     mask_id = mask_id if isinstance(mask_id, int) else next(i for i in range(3, 100) if i not in special)
     vocab = min(getattr(config, "vocab_size", 1000) or 1000, 1000)
+    special.add(vocab - 2)  # a start token ([CLS], <s>) that is never masked: the one encoders pool
     ids = torch.randint(0, vocab, (2, 16))
     ids[ids.unsqueeze(-1).eq(torch.tensor(sorted(special | {mask_id}))).any(-1)] = vocab - 1
+    ids[:, 0] = vocab - 2
     if isinstance(getattr(config, "eos_token_id", None), int):
         ids[:, -1] = config.eos_token_id  # encoder-decoder classifiers (BART, T5) pool at the end token
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -277,6 +308,34 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
     return f"ok ({label})" if sensitive else f"ok ({label}; the change is not checked: {INSENSITIVE})"
 
 
+def check_text_drop(model, x: dict, options: dict) -> str:
+    """``mode="drop"`` of the text adapter: refused, or its sub pass on the kept tokens equal to hiding the same
+    tokens by the attention mask (the same draw), as it is for every architecture it takes."""
+    import torch
+
+    import masksub
+    from masksub.step import logits_of
+
+    try:
+        wrapped = masksub.wrap(model, sub="mask", ratio=0.5, mode="drop", **options)
+    except ValueError:
+        return "refused"
+    try:
+        wrapped.eval()
+        with torch.no_grad():
+            torch.manual_seed(0)
+            got = logits_of(wrapped(**x, sub=True))
+            torch.manual_seed(0)
+            mask = wrapped.branch.token_mask(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))
+            hidden = logits_of(model(**{**x, "attention_mask": x["attention_mask"].masked_fill(mask, 0)}))
+    finally:
+        wrapped.unwrap()
+    off = (got - hidden).abs().max().item()
+    kept = int(x["input_ids"].shape[1] - mask.sum(1).min())
+    verdict = "ok: equal to hiding" if torch.allclose(got, hidden, rtol=1e-4, atol=1e-5) else "DIFFERS from hiding"
+    return f"{verdict} ({off:.0e} off; {kept} of {x['input_ids'].shape[1]} tokens run)"
+
+
 def check_hf_family(model_type: str, names: list[str], build) -> dict:
     """One transformers architecture, built by ``build`` (``build_text`` or ``build_vision``)."""
     import torch
@@ -299,6 +358,11 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
             row[kind] = check_kind(model, x, kind, sensitive, options)
         except Exception as e:  # reported per row: this is the result being collected
             row[kind] = reason(e)
+    if build is build_text and "mask" in row and row["mask"].startswith("ok"):
+        try:
+            row["drop"] = check_text_drop(model, x, options)
+        except Exception as e:  # reported per row: this is the result being collected
+            row["drop"] = reason(e)
     return row
 
 
@@ -394,23 +458,24 @@ def _short(text: str, limit: int = 160) -> str:
 
 def markdown(rows: list[dict], versions: str, command: str, earlier: str = "") -> str:
     """The table; ``earlier``: the commands of the table this run updates (its ``Command:`` line), kept before it."""
-    head = "| family | model | input | mask | dropout | droppath |"
+    kinds = [*KINDS, *(["drop"] if any("drop" in r for r in rows) else [])]  # text: the adapter's mode="drop"
+    head = "| family | model | input | " + " | ".join(kinds) + " |"
     lines = [
         f"Checked with {versions} on {os.cpu_count()} CPU cores ({platform.platform()}).",
         "",
         f"Command: {earlier}; then `{command}`" if earlier else f"Command: `{command}`",
         "",
         head,
-        "|---" * 6 + "|",
+        "|---" * (3 + len(kinds)) + "|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['family']} | {r.get('model', '')} | | {r['error']} | | |")
+            lines.append(f"| {r['family']} | {r.get('model', '')} | | {r['error']} |" + " |" * (len(kinds) - 1))
             continue
         size = "x".join(map(str, r["input"][-2:])) if len(r["input"]) > 1 else f"{r['input'][0]} tokens"
         if "default_input" in r:
             size += " (default {}x{})".format(*r["default_input"][-2:])
-        cells = [_short(r[k]) for k in KINDS]
+        cells = [_short(r.get(k, "")) for k in kinds]
         lines.append(f"| {r['family']} | {r['model']} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
