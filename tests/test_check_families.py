@@ -36,14 +36,16 @@ def test_unknown_family_is_refused_with_the_installed_ones():
     assert "unknown families ['no_such_family']" in proc.stderr and "vision_transformer" in proc.stderr
 
 
-def test_text_architectures_pass_mask_and_dropout(tmp_path):
+def test_text_architectures_pass_mask_and_dropout_and_drop_tokens(tmp_path):
     proc = _run("--text", "--families", "bert", "llama", "--out", str(tmp_path / "text"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["family"]: r for r in json.loads((tmp_path / "text.json").read_text())["rows"]}
     for row in rows.values():
         assert row["mask"] == "ok (text)" and row["dropout"] == "ok", row
         assert "no residual drop-path sites" in row["droppath"], row  # BERT and Llama have none
-    assert "transformers" in (tmp_path / "text.md").read_text().splitlines()[0]
+        assert row["drop"].startswith("ok: equal to hiding"), row  # mode="drop" on the kept tokens
+    table = (tmp_path / "text.md").read_text()
+    assert "transformers" in table.splitlines()[0] and "| droppath | drop |" in table
 
 
 def test_vision_architectures_drop_tokens_or_get_a_mask_token(tmp_path):
