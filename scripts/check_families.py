@@ -18,13 +18,16 @@ sizes, as the VLM towers do, at 224x224), and for ``mask``, ``dropout`` and ``dr
 - ``unwrap()`` gives back a model whose eval output equals the wrapped main pass.
 
 With ``--text`` each architecture is built at random init from its default configuration shrunk
-to 2 layers of width 32, and fed random token ids; the mask adapter gets the configuration's
-special ids (pad, bos, eos, ...). With ``--vision`` the same shrinking applies to transformer
-configurations (CNN configurations, with lists of stage widths, keep their defaults), zero-init
-parameters are redrawn as for timm models, and the input is random pixels at the configuration's
-image size. With ``--torchvision`` each family (torchvision module) is built as its smallest model, at
-its weights' crop size, its last linear layer and zero-init parameters redrawn; GoogLeNet and Inception v3 without their
-auxiliary heads (``aux_logits=False``), whose extra outputs no loss of the sub branch would train.
+to 2 layers of width 32 (a multimodal one's text and vision parts too), and fed random token ids
+after a start token; the mask adapter gets the configuration's special ids (pad, bos, eos, ...).
+A last column checks the text adapter's ``mode="drop"``: refused, or its sub pass on the kept
+tokens against the model with the same tokens hidden by the attention mask. With ``--vision`` the
+same shrinking applies to transformer configurations (CNN configurations, with lists of stage
+widths, keep their defaults), zero-init parameters are redrawn as for timm models, and the input
+is random pixels at the configuration's image size. With ``--torchvision`` each family
+(torchvision module) is built as its smallest model, at its weights' crop size, its last linear
+layer and zero-init parameters redrawn; GoogLeNet and Inception v3 without their auxiliary heads
+(``aux_logits=False``), whose extra outputs no loss of the sub branch would train.
 
 Each family runs in a process of its own with a time limit, so one model that runs out of memory
 or hangs costs only its row. Writes a JSON and a markdown table.
