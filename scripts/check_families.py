@@ -108,7 +108,11 @@ SHRINK = dict(
     num_local_experts=2,
     num_experts=2,
     num_experts_per_tok=1,
+    moe_intermediate_size=32,
+    n_group=1,  # expert groups (DeepSeek V3, AXK1): the 2 experts in one
+    topk_group=1,
 )
+UNSET = ("head_dim", "num_key_value_heads", "num_experts_per_tok")  # set where a configuration leaves them None
 SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "mask_token_id")
 
 
@@ -123,7 +127,7 @@ def _shrink(config, only_transformers: bool) -> None:
     if only_transformers and not isinstance(getattr(config, "hidden_size", None), int):
         return
     for key, value in SHRINK.items():
-        unset = key in ("head_dim", "num_key_value_heads") and hasattr(config, key) and getattr(config, key) is None
+        unset = key in UNSET and hasattr(config, key) and getattr(config, key) is None
         if unset or isinstance(getattr(config, key, None), int):
             with contextlib.suppress(AttributeError):  # a derived value (a property without a setter)
                 setattr(config, key, value)
@@ -176,7 +180,7 @@ def build_text(model_type: str):
     ids = torch.randint(0, vocab, (2, 16))
     ids[ids.unsqueeze(-1).eq(torch.tensor(sorted(special | {mask_id}))).any(-1)] = vocab - 1
     ids[:, 0] = vocab - 2
-    if isinstance(getattr(config, "eos_token_id", None), int):
+    if isinstance(getattr(config, "eos_token_id", None), int) and config.eos_token_id < config.vocab_size:
         ids[:, -1] = config.eos_token_id  # encoder-decoder classifiers (BART, T5) pool at the end token
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     other = {**inputs, "input_ids": ids.roll(1, dims=1)}
