@@ -180,10 +180,11 @@ def build_text(model_type: str):
     ids = torch.randint(0, vocab, (2, 16))
     ids[ids.unsqueeze(-1).eq(torch.tensor(sorted(special | {mask_id}))).any(-1)] = vocab - 1
     ids[:, 0] = vocab - 2
-    if isinstance(getattr(config, "eos_token_id", None), int) and config.eos_token_id < config.vocab_size:
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int) and eos < (getattr(config, "vocab_size", None) or eos + 1):  # Canine hashes any id
         ids[:, -1] = config.eos_token_id  # encoder-decoder classifiers (BART, T5) pool at the end token
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    other = {**inputs, "input_ids": ids.roll(1, dims=1)}
+    other = {**inputs, "input_ids": torch.cat([ids[:, :1], ids[:, 1:].roll(1, dims=1)], dim=1)}  # the same start
     return model, inputs, other, {"mask_token_id": mask_id, "special_ids": sorted(special)}
 
 
