@@ -12,7 +12,13 @@ each word carries its tag, the other pieces and the special tokens are labelled 
 accuracy is over words (for entity-level F1 use ``seqeval`` on the predictions). ``--model`` is a
 model name on the Hugging Face hub or a local folder written by ``save_pretrained``. With ``--sub
 mask`` each training batch also runs a sub branch that sees ``--ratio`` of every sentence's words
-replaced by the mask token and learns the main branch's prediction (per token for ``--task token``).
+replaced by the mask token (``--mode token``), hidden by the attention mask (``--mode attention``,
+for tokenizers without a mask token) or dropped from the sequence (``--mode drop``: the sub pass
+costs about ``1 - ratio`` of the main pass) and learns the main branch's prediction (per token for
+``--task token``). A decoder's tokenizer without a padding token pads with its end token, and the
+model's config gets that padding id, so its classifier finds each text's last token:
+
+    python examples/text_classification.py --model Qwen/Qwen2.5-0.5B --mode drop --train ... --valid ...
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--valid", required=True, type=Path, help="CSV with columns text,label; CoNLL for --task token")
     p.add_argument("--sub", default="mask", choices=["mask", "dropout", "none"])
     p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument(
+        "--mode",
+        default="token",
+        choices=["token", "attention", "drop"],
+        help="--sub mask: masked words become the mask token, are hidden by the attention mask, or leave the "
+        "sequence (sequence classifiers it takes: the sub pass costs about 1 - ratio of the main pass)",
+    )
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -140,6 +153,8 @@ def main(argv=None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as e:  # not on the hub, not reachable, or no tokenizer there
         raise SystemExit(f"error: cannot load the tokenizer of --model {args.model}: {e}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders (Llama, Qwen...): batches pad with the end token
     if token and not tokenizer.is_fast:
         raise SystemExit(
             f"--task token aligns tags to word pieces, which needs a fast tokenizer; {args.model} has none"
@@ -148,6 +163,8 @@ def main(argv=None) -> dict:
     labels = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id=ids)
     # a head trained for other labels is replaced by a new one of the right size (transformers warns)
     model = auto.from_pretrained(args.model, **labels, ignore_mismatched_sizes=True)
+    if model.config.get_text_config().pad_token_id is None:  # a decoder classifier reads the last non-padding token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     train = Encoded(tokenizer, train_texts, to_ids(train_labels), args.max_length, words=token)
     valid = Encoded(tokenizer, valid_texts, to_ids(valid_labels), args.max_length, words=token)
     training = transformers.TrainingArguments(
@@ -174,11 +191,17 @@ def main(argv=None) -> dict:
     if args.sub == "none":
         trainer = transformers.Trainer(**common)
     else:
-        trainer = MaskSubTrainer(**common, sub=args.sub, ratio=args.ratio)
+        options = {"mask_options": {"mode": args.mode}} if args.sub == "mask" else {}
+        trainer = MaskSubTrainer(**common, sub=args.sub, ratio=args.ratio, **options)
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(str(Path(args.out) / "model"))
-    summary = {"task": args.task, "sub": args.sub, "ratio": args.ratio}
+    summary = {
+        "task": args.task,
+        "sub": args.sub,
+        "ratio": args.ratio,
+        "mode": args.mode if args.sub == "mask" else None,
+    }
     summary.update({k: metrics[k] for k in ("eval_accuracy", "eval_loss")})
     print(json.dumps(summary))
     return summary

@@ -10,7 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import MASK, SPECIAL, peak_bytes, run_worker, text_batch, tiny_text_model, tiny_token_model, token_labels
+from conftest import (
+    MASK,
+    SMALL,
+    SPECIAL,
+    peak_bytes,
+    run_worker,
+    text_batch,
+    tiny_text_model,
+    tiny_token_model,
+    token_labels,
+)
 
 from masksub.hf import MaskSubTrainer
 
@@ -284,15 +294,42 @@ def local_model_and_csvs(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("sub", ["mask", "none"])
-def test_text_classification_example_runs(local_model_and_csvs, sub):
+@pytest.mark.parametrize("sub,mode", [("mask", "token"), ("mask", "drop"), ("none", None)])
+def test_text_classification_example_runs(local_model_and_csvs, sub, mode):
     d = local_model_and_csvs
     argv = ["--model", str(d / "model"), "--train", str(d / "train.csv"), "--valid", str(d / "valid.csv")]
     argv += ["--sub", sub, "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3", "--out", str(d / f"run-{sub}")]
-    summary = _load_example().main(argv)
-    assert summary["sub"] == sub and 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    summary = _load_example().main([*argv, *(["--mode", mode] if mode else [])])
+    assert summary["sub"] == sub and summary["mode"] == mode
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
     saved = transformers.AutoModelForSequenceClassification.from_pretrained(d / f"run-{sub}" / "model")
     assert saved.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_text_classification_example_tunes_a_decoder_whose_tokenizer_has_no_padding(local_model_and_csvs):
+    """A tiny Llama whose tokenizer has no padding token and no mask token, as decoders' have: the example pads with
+    the end token, gives the model that padding id (its classifier reads each text's last word), and drops the
+    masked words from the sequence."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = local_model_and_csvs
+    words = ["the", "film", "was", "good", "fine", "great", "bad", "awful", "poor", ","]
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    assert tokenizer.pad_token is None and tokenizer.mask_token is None
+    small = dict(SMALL, vocab_size=len(vocab), num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.LlamaConfig(**small, num_labels=2, pad_token_id=None)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(d / "llama")
+    tokenizer.save_pretrained(d / "llama")
+    argv = ["--model", str(d / "llama"), "--train", str(d / "train.csv"), "--valid", str(d / "valid.csv")]
+    argv += ["--mode", "drop", "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3", "--out", str(d / "llama-run")]
+    summary = _load_example().main(argv)
+    assert summary["mode"] == "drop" and 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(d / "llama-run" / "model")
+    assert saved.config.pad_token_id == vocab["</s>"]
 
 
 def _write_conll(path, sentences):
