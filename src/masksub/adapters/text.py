@@ -135,11 +135,12 @@ def config_token_ids(model: nn.Module) -> set[int]:
     """The token ids the config of ``model`` (and its text config) names (``*_token_id``, ``*_token_index``: padding,
     begin and end of sequence, a multimodal model's image placeholders...): never masked, as a placeholder masked
     would leave its image's features without a place."""
-    config = getattr(_classifier(model), "config", None)
-    if config is None or not hasattr(config, "to_dict"):
+    config = getattr(model, "config", None)  # a PEFT wrapper's is its model's
+    if not hasattr(config, "to_dict"):  # not a Hugging Face model: transformers need not be installed
         return set()
     found = set()
-    for part in {id(c): c for c in (config, config.get_text_config())}.values():
+    parts = (config, config.get_text_config()) if hasattr(config, "get_text_config") else (config,)
+    for part in {id(c): c for c in parts}.values():
         for key, value in part.to_dict().items():
             if key.endswith(("_token_id", "_token_index")):
                 found.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
