@@ -172,6 +172,8 @@ def build_text(model_type: str):
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = config.pad_token_id
     model = transformers.AutoModelForSequenceClassification.from_config(config)
+    if hasattr(model, "set_default_language"):  # X-MOD: the language adapters of its first language
+        model.set_default_language(config.languages[0])
     special = {v for k in SPECIAL_KEYS for v in [getattr(config, k, None)] if isinstance(v, int)}
     mask_id = getattr(config, "mask_token_id", None)
     mask_id = mask_id if isinstance(mask_id, int) else next(i for i in range(3, 100) if i not in special)

@@ -358,6 +358,8 @@ def _drop_family(family: str) -> torch.nn.Module:
         config.update(dict(intra_bottleneck_size=16, embedding_size=16, true_hidden_size=16))
     if family == "squeezebert":  # its embeddings as wide as its layers
         config.embedding_size = SMALL["hidden_size"]
+    if family == "xmod":  # two languages, each with its adapters
+        config.languages = ["en_XX", "de_DE"]
     if family == "rembert":  # its input embeddings, mapped to the width in the encoder
         config.update(dict(input_embedding_size=16, output_embedding_size=16))
     return transformers.AutoModelForSequenceClassification.from_config(config).train()
@@ -365,13 +367,16 @@ def _drop_family(family: str) -> torch.nn.Module:
 
 DROP_FAMILIES = ["bert", "roberta", "distilbert", "electra", "albert", "data2vec-text", "ernie"]
 DROP_FAMILIES += ["roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert"]
-DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert"]
+DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod"]
 
 
-def _per_token_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
-    """The per-token inputs a family's embeddings take besides the ids (each kept token keeps its own): LayoutLM's
-    word boxes, MarkupLM's XPath tags and subscripts, RoCBERT's glyph and pronunciation ids."""
+def _extra_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
+    """The inputs a family takes besides the ids: per token, embedded before the drop (each kept token keeps its
+    own), LayoutLM's word boxes, MarkupLM's XPath tags and subscripts, RoCBERT's glyph and pronunciation ids; per
+    sample, X-MOD's language (its layers' adapters)."""
     g = torch.Generator().manual_seed(4)
+    if family == "xmod":
+        return {"lang_ids": torch.arange(batch) % 2}
     if family == "layoutlm":
         corners = torch.randint(0, 500, (batch, length, 2, 2), generator=g).sort(dim=2).values  # x0 <= x1, y0 <= y1
         return {"bbox": corners.reshape(batch, length, 4)}  # x0, y0, x1, y1
@@ -391,7 +396,7 @@ def test_drop_mode_computes_what_attention_mode_does_on_the_kept_tokens_only(fam
     model = _drop_family(family).train()
     hidden = wrap_text(copy.deepcopy(model), mode="attention")
     dropped = wrap_text(model, mode="drop")
-    batch = {**inputs(text_batch(batch=6, length=24)), **_per_token_inputs(family, 6, 24)}
+    batch = {**inputs(text_batch(batch=6, length=24)), **_extra_inputs(family, 6, 24)}
     lengths = []
     # registered after the adapter's hook: sees the sequence the encoder gets
     model.base_model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))

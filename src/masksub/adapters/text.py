@@ -50,7 +50,7 @@ MODES = ("token", "attention", "drop")
 DROP_MODELS = (
     *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
     *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
-    *("markuplm", "roc_bert"),
+    *("markuplm", "roc_bert", "xmod"),
 )
 # decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
 # whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
