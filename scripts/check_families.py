@@ -143,15 +143,15 @@ def _shrink(config, only_transformers: bool) -> None:
             config.layer_types = [types[0], last][: getattr(config, "num_hidden_layers", 2)]
 
 
-def shrunk_config(model_type: str, only_transformers: bool = False):
+def shrunk_config(model_type: str, only_transformers: bool = False, parts: bool = False):
     """``model_type``'s default configuration with 5 labels, 2 layers of width 32 where it has those keys
-    (with ``only_transformers``, only where it has a single hidden size: not CNN stage lists), its
+    (with ``only_transformers``, only where it has a single hidden size: not CNN stage lists); with ``parts``, its
     sub-configurations (a multimodal model's text and vision parts) shrunk alike."""
     import transformers
 
     config = transformers.AutoConfig.for_model(model_type)
     _shrink(config, only_transformers)
-    for name in getattr(config, "sub_configs", {}):
+    for name in getattr(config, "sub_configs", {}) if parts else ():
         part = getattr(config, name, None)
         if isinstance(part, transformers.PretrainedConfig):
             _shrink(part, only_transformers)
@@ -165,7 +165,7 @@ def build_text(model_type: str):
     import torch
     import transformers
 
-    config = shrunk_config(model_type)
+    config = shrunk_config(model_type, parts=True)
     for part in {id(c): c for c in (config, config.get_text_config())}.values():
         if getattr(part, "pad_token_id", None) is None:
             part.pad_token_id = 0  # decoder classifiers find each sequence's last token through it
