@@ -118,7 +118,7 @@ def test_tokenizer_option_reads_mask_and_special_ids():
     "kw, error, match",
     [
         (dict(mask_token_id=MASK), ValueError, "special token ids"),
-        (dict(special_ids=SPECIAL), ValueError, "mask_token_id"),
+        (dict(special_ids=SPECIAL), ValueError, "no mask_token_id.* mode='attention' .* or mode='drop'"),
         (dict(special_ids=SPECIAL, mode="span"), ValueError, "mode must be one of"),
         (dict(special_ids=SPECIAL, mask_token_id=MASK, unit=8), ValueError, "masks tokens"),
         (dict(special_ids=SPECIAL, mask_token_id=MASK, mask_id=3), TypeError, "no option 'mask_id'"),

@@ -214,7 +214,9 @@ class TokenMaskAdapter(MaskAdapter):
         if mode == "token" and mask_token_id is None:
             raise ValueError(
                 "mode='token' replaces tokens by the mask token, and none was given (the tokenizer has no "
-                "mask_token_id): pass mask_token_id=..., or use mode='attention'"
+                "mask_token_id, as decoders' have none): pass mask_token_id=..., or use mode='attention' (hides them "
+                "by the attention mask) or mode='drop' (the same for the sequence classifiers it takes, at about "
+                "1 - ratio of the cost)"
             )
         self.mode = mode
         self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
