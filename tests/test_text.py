@@ -353,7 +353,8 @@ def _drop_family(family: str) -> torch.nn.Module:
         return transformers.ElectraForSequenceClassification(transformers.ElectraConfig(**kw, embedding_size=16))
     if family == "albert":
         return transformers.AlbertForSequenceClassification(transformers.AlbertConfig(**kw, embedding_size=16)).train()
-    config = transformers.AutoConfig.for_model(family, **kw, pad_token_id=PAD)  # the others' defaults, made small
+    kind, relative = RELATIVE_CASES.get(family, (family, None))
+    config = transformers.AutoConfig.for_model(kind, **kw, pad_token_id=PAD)  # the others' defaults, made small
     if family == "mobilebert":  # its bottleneck and embeddings within the small width
         config.update(dict(intra_bottleneck_size=16, embedding_size=16, true_hidden_size=16))
     if family == "squeezebert":  # its embeddings as wide as its layers
@@ -362,12 +363,25 @@ def _drop_family(family: str) -> torch.nn.Module:
         config.languages = ["en_XX", "de_DE"]
     if family == "rembert":  # its input embeddings, mapped to the width in the encoder
         config.update(dict(input_embedding_size=16, output_embedding_size=16))
+    if relative is not None:  # DeBERTa's disentangled attention, MPNet's bias, with weights whose positions matter
+        config.update({**relative, "initializer_range": 0.2})
     return transformers.AutoModelForSequenceClassification.from_config(config).train()
+
+
+DEBERTA_V3 = dict(relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"])
+DEBERTA_V3.update(share_att_key=True, position_buckets=8, norm_rel_ebd="layer_norm")
+RELATIVE_CASES = {  # case: model type and configuration, of the classifiers whose attention reads relative positions
+    "deberta-v3": ("deberta-v2", DEBERTA_V3),  # v3's, with log buckets shorter than the batch (v3 has 256)
+    "deberta-v2": ("deberta-v2", dict(DEBERTA_V3, share_att_key=False, position_buckets=-1)),  # v2's projections
+    "deberta-c2p": ("deberta-v2", dict(DEBERTA_V3, pos_att_type=["c2p"])),
+    "deberta-absolute": ("deberta-v2", dict(relative_attention=False)),  # its default configuration: no relative
+    "mpnet": ("mpnet", {}),
+}
 
 
 DROP_FAMILIES = ["bert", "roberta", "distilbert", "electra", "albert", "data2vec-text", "ernie"]
 DROP_FAMILIES += ["roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert"]
-DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod"]
+DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", *RELATIVE_CASES]
 
 
 def _extra_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -521,13 +535,14 @@ def test_drop_mode_on_ultrabert_keeps_its_sliding_windows_by_position(attn):
     assert lengths[0] < 24
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "modernbert"])
+@pytest.mark.parametrize("family", ["bert", "deberta-v3", "llama", "modernbert"])
 def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss(family):
     from conftest import sub_flop_ratio
 
     builders = {
         "llama": lambda: _decoder("llama").train(),
         "bert": lambda: _drop_family("bert"),
+        "deberta-v3": lambda: _drop_family("deberta-v3"),
         "modernbert": lambda: _modernbert().train(),
     }
     build = builders[family]
@@ -549,16 +564,24 @@ def test_drop_mode_saves_compute_and_its_gradients_match_the_summed_loss(family)
 def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
     import transformers
 
-    deberta = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**SMALL, num_labels=3))
-    with pytest.raises(  # its relative positions count tokens by index
-        ValueError, match="mode='drop' .* DebertaV2ForSequenceClassification is not one: use mode='attention'"
+    deberta = transformers.DebertaForSequenceClassification(transformers.DebertaConfig(**SMALL, num_labels=3))
+    with pytest.raises(  # DeBERTa v1's span of relative positions is the sequence's length
+        ValueError, match="mode='drop' .* DebertaForSequenceClassification is not one: use mode='attention'"
     ):
         wrap_text(deberta, mode="drop")
+    config = dict(SMALL, num_labels=3, relative_attention=True)
+    conv = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**config, conv_kernel_size=3))
+    repeated = transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(**config))
+    repeated.deberta.z_steps = 2  # its last layer run again: an attribute of the model, not of its configuration
+    for setting, deberta in (("conv_kernel_size", conv), ("z_steps", repeated)):  # v2-xlarge has the convolution
+        with pytest.raises(ValueError, match=f"mode='drop' on DebertaV2ForSequenceClassification: .* {setting}"):
+            wrap_text(deberta, mode="drop")
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in deberta.modules())
     with pytest.raises(ValueError, match="BertForTokenClassification is not one"):
         wrap_text(tiny_token_model(), mode="drop")
-    wrapped = wrap_text(_drop_family("bert"), mode="drop")
-    plain = wrapped.unwrap()
-    assert not any(m._forward_hooks for m in plain.modules())
+    for family in ("bert", "deberta-v3", "mpnet"):
+        plain = wrap_text(_drop_family(family), mode="drop").unwrap()
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
 
 
 def _decoder(kind: str, **overrides) -> torch.nn.Module:
@@ -738,20 +761,23 @@ def test_drop_mode_under_a_kernel_that_takes_no_mask_hides_the_tokens_of_batches
     assert lengths[0] < 20
 
 
-@pytest.mark.parametrize("kind", ["modernbert", "mistral"])
+@pytest.mark.parametrize("kind", ["modernbert", "mistral", "deberta-v3"])
 def test_drop_mode_window_masks_hold_under_gradient_checkpointing(kind):
-    """The layers recomputed in the backward get the window mask the forward gave them: gradient checkpointing
-    changes no gradient of a step (ModernBERT's local layers, Mistral's with a window shorter than the batch)."""
+    """The layers recomputed in the backward get the window mask (or relative positions) the forward gave them:
+    gradient checkpointing changes no gradient of a step (ModernBERT's local layers, Mistral's with a window shorter
+    than the batch, DeBERTa v3's relative positions)."""
 
     def grads(checkpointing: bool) -> dict:
-        model = _modernbert() if kind == "modernbert" else _decoder("mistral")
-        model.config.sliding_window = 4 if kind == "modernbert" else 8
+        builders = {"modernbert": _modernbert, "mistral": lambda: _decoder("mistral")}
+        model = builders.get(kind, lambda: _drop_family(kind))()
+        if kind != "deberta-v3":
+            model.config.sliding_window = 4 if kind == "modernbert" else 8
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         wrapped = wrap_text(model.train(), mode="drop")
-        assert wrapped.branch._window_handles
+        assert wrapped.branch._window_handles or wrapped.branch._relative_handles
         step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())
-        batch = inputs(text_batch(batch=4, length=24)) if kind == "modernbert" else _decoder_batch(False, batch=4)
+        batch = _decoder_batch(False, batch=4) if kind == "mistral" else inputs(text_batch(batch=4, length=24))
         torch.manual_seed(3)
         step({**batch, "labels": torch.arange(4) % 3})
         return {n: p.grad for n, p in wrapped.named_parameters() if p.grad is not None}

@@ -35,6 +35,7 @@ tokens, chosen at random.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from collections.abc import Iterable
 
@@ -50,8 +51,12 @@ MODES = ("token", "attention", "drop")
 DROP_MODELS = (
     *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
     *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
-    *("markuplm", "roc_bert", "xmod"),
+    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet"),
 )
+# of those, the ones whose attention adds a bias by the distance of two tokens, counted by index in their code: in the
+# sub pass their layers get the bias of the kept tokens' own positions (DeBERTa-v2 and v3's disentangled attention
+# by a relative position per query and key, MPNet's bias by bucket)
+RELATIVE_MODELS = ("deberta-v2", "mpnet")
 # decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
 # whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
 DROP_DECODERS = (
@@ -221,6 +226,9 @@ class TokenMaskAdapter(MaskAdapter):
         self.mode = mode
         self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
         self._handle = None  # the embeddings' hook (BERT family)
+        self._relative_handles = []  # DeBERTa's and MPNet's: the kept tokens' relative positions (BERT family)
+        self._full_mask: torch.Tensor | None = None  # (B, L) the attention mask DeBERTa's embeddings multiply by
+        self._bias: torch.Tensor | None = None  # (B, heads, K, K) MPNet's bias for the kept tokens, made once a pass
         self._position_handle = None  # the hook giving position ids to a transformer its classifier gives none
         self._by_mask = False  # a decoder whose positions count the attention mask's real tokens
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
@@ -248,6 +256,8 @@ class TokenMaskAdapter(MaskAdapter):
                     for m in sliding_layers(model, self._text_config)
                 ]
             else:
+                if model.config.model_type in RELATIVE_MODELS:  # first: it may refuse the model
+                    self._relative_handles = self._relative_hooks(model)
                 self._handle = embeddings.register_forward_hook(self._drop_hook)
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         special = sorted({int(i) for i in special_ids} | config_token_ids(model))
@@ -402,11 +412,68 @@ class TokenMaskAdapter(MaskAdapter):
                 return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
             finally:
                 self._positions = self._valid = self._blocks = self._window_cache = None
-        self._keep = keep
+        self._keep, self._full_mask = keep, attention_mask.masked_fill(mask, 0)
         try:
             return self.run_with_hooks_active(model, *args, **kwargs)
         finally:
-            self._keep = None
+            self._keep = self._full_mask = self._bias = None
+
+    def _relative_hooks(self, model: nn.Module) -> list:
+        """Hooks giving DeBERTa-v2's encoder or MPNet's layers the kept tokens' relative positions (sub pass only);
+        an error where the model mixes neighbouring tokens by index otherwise."""
+        base = model.base_model
+        if model.config.model_type == "mpnet":
+            encoder = base.encoder
+            layers = [layer.register_forward_pre_hook(self._mpnet_layer, with_kwargs=True) for layer in encoder.layer]
+            return [encoder.register_forward_pre_hook(self._mpnet_bias), *layers]
+        if base.encoder.conv is not None or getattr(base, "z_steps", 0) > 1:
+            what = "conv_kernel_size (a convolution over neighbouring tokens)"
+            if base.encoder.conv is None:
+                what = "z_steps > 1 (its last layer repeated, by positions it counts by index)"
+            raise ValueError(
+                f"mode='drop' on {type(model).__name__}: its configuration sets {what}, which would see other "
+                "tokens once some are dropped; use mode='attention' (the same masking at the main pass's cost)"
+            )
+        handles = [base.embeddings.register_forward_pre_hook(self._deberta_mask, with_kwargs=True)]
+        if base.encoder.relative_attention:
+            handles.append(base.encoder.register_forward_pre_hook(self._deberta_positions, with_kwargs=True))
+        return handles
+
+    def _deberta_mask(self, module: nn.Module, args: tuple, kwargs: dict):
+        """DeBERTa's embeddings run on the whole sequence and multiply by its attention mask: the full-length one."""
+        if self._keep is None:
+            return None
+        return args, {**kwargs, "mask": self._full_mask.to(kwargs["mask"].dtype)}
+
+    def _deberta_positions(self, encoder: nn.Module, args: tuple, kwargs: dict):
+        """DeBERTa-v2's relative positions (query's minus key's, in its log buckets) of the kept tokens, per sample
+        and head, in the (1, batch * heads, K, K) layout its attention gathers by."""
+        if self._keep is None:
+            return None
+        keep = self._keep
+        relative = keep[:, :, None] - keep[:, None, :]
+        if encoder.position_buckets > 0 and encoder.max_relative_positions > 0:
+            buckets = sys.modules[type(encoder).__module__].make_log_bucket_position
+            relative = buckets(relative, encoder.position_buckets, encoder.max_relative_positions)
+        heads, length = encoder.layer[0].attention.self.num_attention_heads, keep.shape[1]
+        relative = relative.long()[:, None].expand(-1, heads, -1, -1).reshape(1, -1, length, length)
+        return args, {**kwargs, "relative_pos": relative}
+
+    def _mpnet_bias(self, encoder: nn.Module, args: tuple):
+        """MPNet's position bias for the kept tokens, made once a pass for every layer: its encoder's buckets of
+        each key's position minus the query's, per sample (its own bias counts by index)."""
+        if self._keep is not None:
+            relative = self._keep[:, None, :] - self._keep[:, :, None]
+            bias = encoder.relative_attention_bias(encoder.relative_position_bucket(relative))  # (B, K, K, heads)
+            self._bias = bias.permute(0, 3, 1, 2)
+
+    def _mpnet_layer(self, layer: nn.Module, args: tuple, kwargs: dict):
+        """An MPNet layer gets the kept tokens' position bias in place of its encoder's (sub pass only)."""
+        if self._bias is None:
+            return None
+        if len(args) > 2:
+            return (*args[:2], self._bias, *args[3:]), kwargs
+        return args, {**kwargs, "position_bias": self._bias}
 
     def _position_ids(self, module: nn.Module, args: tuple, kwargs: dict):
         """The kept tokens' position ids for a transformer whose classifier does not pass them on (sub pass only)."""
@@ -420,7 +487,7 @@ class TokenMaskAdapter(MaskAdapter):
         return gather_tokens(output, self._keep)
 
     def remove(self) -> None:
-        for handle in [self._handle, self._position_handle, *self._window_handles]:
+        for handle in [self._handle, self._position_handle, *self._window_handles, *self._relative_handles]:
             if handle is not None:
                 handle.remove()
 
