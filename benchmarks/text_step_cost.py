@@ -1,7 +1,8 @@
 """Seconds per optimizer step and peak memory of text classifiers: plain vs MaskSub with each text mask mode.
 
 The models are built at random initialization from the configurations of real checkpoints (no download):
-``bert-base-uncased`` (a BERT-family encoder, pooled from the first token), ModernBERT-base (RoPE, local attention
+``bert-base-uncased`` (a BERT-family encoder, pooled from the first token), DeBERTa-v3-base (relative positions,
+given per sample from the kept tokens' positions in the drop mode), ModernBERT-base (RoPE, local attention
 windows kept by position in the drop mode) and SmolLM2-135M (a Llama decoder, pooled from the last token) at the
 CPU scale, Qwen2.5-0.5B besides at the GPU scale. Each takes batches of
 random token ids whose lengths vary from half the padded length to all of it (right padding), as a padded
@@ -65,6 +66,25 @@ CONFIGS = {
             tie_word_embeddings=True,
         ),
     ),  # fmt: skip
+    "deberta-v3-base": (
+        "deberta-v2",
+        dict(  # the configuration's defaults are v2-xlarge's: base's sizes given
+            vocab_size=128100,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+            relative_attention=True,
+            position_buckets=256,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+            layer_norm_eps=1e-7,
+            type_vocab_size=0,
+        ),
+    ),  # fmt: skip
     "ModernBERT-base": ("modernbert", {}),  # its configuration's defaults: 22 layers, local windows of 128 tokens
     "tiny-bert": ("bert", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),
     "tiny-llama": (
@@ -74,8 +94,11 @@ CONFIGS = {
 }
 # scale -> (models, batch, padded length, warm-up steps, rounds, steps per round, device)
 SCALES = {
-    "gpu": (("bert-base-uncased", "ModernBERT-base", "SmolLM2-135M", "Qwen2.5-0.5B"), 32, 512, 5, 5, 5, "cuda"),
-    "cpu": (("bert-base-uncased", "ModernBERT-base", "SmolLM2-135M"), 8, 128, 1, 4, 2, "cpu"),
+    "gpu": (
+        ("bert-base-uncased", "deberta-v3-base", "ModernBERT-base", "SmolLM2-135M", "Qwen2.5-0.5B"),
+        *(32, 512, 5, 5, 5, "cuda"),
+    ),
+    "cpu": (("bert-base-uncased", "deberta-v3-base", "ModernBERT-base", "SmolLM2-135M"), 8, 128, 1, 4, 2, "cpu"),
     "tiny": (("tiny-bert", "tiny-llama"), 4, 16, 1, 2, 1, "cpu"),
 }
 PAD, SPECIAL = 0, (0, 1, 2)  # padding and two more special ids, never masked

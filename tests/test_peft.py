@@ -157,3 +157,27 @@ def test_drop_mode_on_a_lora_decoder_classifier_runs_the_base_model_on_the_kept_
     got, expected, mask, lengths = dropped_and_hidden(wrapped, peft, _decoder_batch(left=True))
     assert lengths == [20 - int(mask.sum(1).min()), 20]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v3", "mpnet"])
+def test_drop_mode_on_a_lora_encoder_classifier_drops_after_the_base_models_embeddings(family):
+    """LoRA on an encoder classifier (DeBERTa v3 with LoRA is a common way to tune one): the kept tokens leave the
+    sequence after the base model's embeddings, DeBERTa's and MPNet's layers get their relative positions, and the
+    logits are those of the same tokens hidden by the attention mask."""
+    from conftest import text_batch, wrap_text
+    from test_text import _drop_family
+
+    targets = {"bert": ["query", "value"], "deberta-v3": ["query_proj", "value_proj"], "mpnet": ["q", "v"]}[family]
+    peft = _lora(_drop_family(family), targets, task_type="SEQ_CLS")
+    wrapped = wrap_text(peft, mode="drop", ratio=0.5)
+    batch = {k: v for k, v in text_batch(batch=6, length=24).items() if k != "labels"}
+    lengths = []
+    peft.base_model.model.base_model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = wrapped(**batch, sub=True).logits
+        torch.manual_seed(5)
+        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
+        expected = peft(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
+    assert lengths == [24 - int(mask.sum(1).min()), 24]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

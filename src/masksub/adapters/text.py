@@ -14,7 +14,8 @@ tokens, chosen at random.
   what ``"attention"`` computes for the token the classifier reads, at about ``1 - ratio``
   of the model's cost. Sequence classifiers of the BERT family (``DROP_MODELS``: absolute
   positions, pooled from the first token) drop them after the embeddings, each kept token
-  with its own position embedding already added. Decoder sequence classifiers
+  with its own position embedding already added; those whose attention reads relative positions
+  (``RELATIVE_MODELS``: DeBERTa v2 and v3, MPNet) get the kept tokens' own. Decoder sequence classifiers
   (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
   (MoE too), OLMo 1 to 3, GLM, DeepSeek V2 and V3, Falcon, GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPT-OSS, Gemma 3's
   multimodal classifier...; causal attention, pooled from the last token that is not padding) get the kept token
