@@ -116,6 +116,14 @@ UNSET = ("head_dim", "num_key_value_heads", "num_experts_per_tok")  # set where 
 SPECIAL_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "mask_token_id")
 
 
+# text model types whose default configuration leaves out what their released checkpoints use: DeBERTa v2's has no
+# relative attention, which v2 and v3 checkpoints have (v3's settings here)
+RELEASED = {
+    "deberta-v2": dict(
+        relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"], position_buckets=256,
+        share_att_key=True, norm_rel_ebd="layer_norm",
+    ),
+}  # fmt: skip
 # Latent attention (DeepSeek V2/V3, MiniCPM3, Mistral 4...): its ranks and head parts within the small width.
 LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 
@@ -166,6 +174,7 @@ def build_text(model_type: str):
     import transformers
 
     config = shrunk_config(model_type, parts=True)
+    config.update(RELEASED.get(model_type, {}))
     for part in {id(c): c for c in (config, config.get_text_config())}.values():
         if getattr(part, "pad_token_id", None) is None:
             part.pad_token_id = 0  # decoder classifiers find each sequence's last token through it
@@ -320,7 +329,9 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
 
 def check_text_drop(model, x: dict, options: dict) -> str:
     """``mode="drop"`` of the text adapter: refused, or its sub pass on the kept tokens equal to hiding the same
-    tokens by the attention mask (the same draw), as it is for every architecture it takes."""
+    tokens by the attention mask (the same draw), as it is for every architecture it takes. Equal within float32's
+    rounding and a thousandth of what hiding the tokens moved the logits (at init they are small: a fixed
+    tolerance would miss an error as large as a few percent of the masking's effect)."""
     import torch
 
     import masksub
@@ -338,12 +349,14 @@ def check_text_drop(model, x: dict, options: dict) -> str:
             torch.manual_seed(0)
             mask = wrapped.branch.token_mask(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))
             hidden = logits_of(model(**{**x, "attention_mask": x["attention_mask"].masked_fill(mask, 0)}))
+            moved = (hidden - logits_of(model(**x))).abs().max().item()
     finally:
         wrapped.unwrap()
     off = (got - hidden).abs().max().item()
     kept = int(x["input_ids"].shape[1] - mask.sum(1).min())
-    verdict = "ok: equal to hiding" if torch.allclose(got, hidden, rtol=1e-4, atol=1e-5) else "DIFFERS from hiding"
-    return f"{verdict} ({off:.0e} off; {kept} of {x['input_ids'].shape[1]} tokens run)"
+    equal = off <= 1e-6 * hidden.abs().max().item() + 1e-3 * moved + 1e-9
+    verdict = "ok: equal to hiding" if equal else "DIFFERS from hiding"
+    return f"{verdict} ({off:.0e} off, hiding moved them {moved:.0e}; {kept} of {x['input_ids'].shape[1]} tokens run)"
 
 
 def check_hf_family(model_type: str, names: list[str], build) -> dict:

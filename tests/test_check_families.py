@@ -48,6 +48,25 @@ def test_text_architectures_pass_mask_and_dropout_and_drop_tokens(tmp_path):
     assert "transformers" in table.splitlines()[0] and "| droppath | drop |" in table
 
 
+def test_the_drop_check_sees_an_error_small_beside_the_logits_at_init(monkeypatch):
+    """DeBERTa v2 is built with its checkpoints' relative attention, and the check fails the drop mode without the
+    kept tokens' relative positions: off by about 1e-6 where the logits at init are about 1e-2, which a fixed
+    tolerance would pass."""
+    import torch
+
+    from masksub.adapters.text import TokenMaskAdapter
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import check_families
+
+    torch.manual_seed(0)
+    model, x, _, options = check_families.build_text("deberta-v2")
+    assert model.config.relative_attention and not model.config.position_biased_input
+    assert check_families.check_text_drop(model, x, options).startswith("ok: equal to hiding")
+    monkeypatch.setattr(TokenMaskAdapter, "_deberta_positions", lambda self, *args: None)
+    assert check_families.check_text_drop(model, x, options).startswith("DIFFERS from hiding")
+
+
 def test_vision_architectures_drop_tokens_or_get_a_mask_token(tmp_path):
     proc = _run("--vision", "--families", "dinov2", "swin", "--out", str(tmp_path / "vision"))
     assert proc.returncode == 0, proc.stderr[-3000:]
