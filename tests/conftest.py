@@ -202,8 +202,9 @@ def tiny_text_model(family: str = "bert", seed: int = 0, **overrides) -> torch.n
         )  # fmt: skip
         return transformers.OPTForSequenceClassification(config)
     config = transformers.DistilBertConfig(
-        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=3
-    )
+        vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, num_labels=3,
+        **overrides,
+    )  # fmt: skip
     return transformers.DistilBertForSequenceClassification(config)
 
 
