@@ -36,6 +36,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import masksub
 
+# DeBERTa v3's attention: relative positions (log buckets), no absolute ones
+DEBERTA_V3 = dict(
+    relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm", share_att_key=True,
+    pos_att_type=["p2c", "c2p"], position_biased_input=False, layer_norm_eps=1e-7, type_vocab_size=0,
+)  # fmt: skip
+TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 # name -> (model type, configuration of the checkpoint the name gives)
 CONFIGS = {
     "bert-base-uncased": ("bert", {}),
@@ -66,30 +72,24 @@ CONFIGS = {
             tie_word_embeddings=True,
         ),
     ),  # fmt: skip
-    "deberta-v3-base": (
+    "deberta-v3-base": (  # the configuration's defaults are v2-xlarge's: base's sizes given
         "deberta-v2",
-        dict(  # the configuration's defaults are v2-xlarge's: base's sizes given
+        dict(
+            DEBERTA_V3,
             vocab_size=128100,
             hidden_size=768,
             num_hidden_layers=12,
             num_attention_heads=12,
             intermediate_size=3072,
             max_position_embeddings=512,
-            relative_attention=True,
-            position_buckets=256,
-            norm_rel_ebd="layer_norm",
-            share_att_key=True,
-            pos_att_type=["p2c", "c2p"],
-            position_biased_input=False,
-            layer_norm_eps=1e-7,
-            type_vocab_size=0,
         ),
     ),  # fmt: skip
     "ModernBERT-base": ("modernbert", {}),  # its configuration's defaults: 22 layers, local windows of 128 tokens
-    "tiny-bert": ("bert", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)),
+    "tiny-bert": ("bert", TINY),
+    "tiny-deberta": ("deberta-v2", dict(DEBERTA_V3, **TINY, intermediate_size=64, position_buckets=8)),
     "tiny-llama": (
         "llama",
-        dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        dict(TINY, intermediate_size=64),
     ),
 }
 # scale -> (models, batch, padded length, warm-up steps, rounds, steps per round, device)
@@ -99,7 +99,7 @@ SCALES = {
         *(32, 512, 5, 5, 5, "cuda"),
     ),
     "cpu": (("bert-base-uncased", "deberta-v3-base", "ModernBERT-base", "SmolLM2-135M"), 8, 128, 1, 4, 2, "cpu"),
-    "tiny": (("tiny-bert", "tiny-llama"), 4, 16, 1, 2, 1, "cpu"),
+    "tiny": (("tiny-bert", "tiny-deberta", "tiny-llama"), 4, 16, 1, 2, 1, "cpu"),
 }
 PAD, SPECIAL = 0, (0, 1, 2)  # padding and two more special ids, never masked
 MODES = ("attention", "drop")

@@ -102,11 +102,12 @@ def test_step_cost_tiny(tmp_path):
 
 
 def test_text_step_cost_tiny(tmp_path):
-    """A BERT and a Llama classifier: every variant timed with its peak, the attention mode's FLOP-ideal cost the
-    main pass's again (2x), the drop mode's less; one table row per model."""
+    """A BERT, a DeBERTa v3 and a Llama classifier: every variant timed with its peak, the attention mode's
+    FLOP-ideal cost the main pass's again (2x), the drop mode's less; one table row per model."""
     _run("text_step_cost.py", "--scale", "tiny", "--out", str(tmp_path))
     data = json.loads((tmp_path / "text_step_cost_tiny.json").read_text())
-    assert set(data["models"]) == {"tiny-bert", "tiny-llama"} and "bf16 instructions: " in data["meta"]["hardware"]
+    assert set(data["models"]) == {"tiny-bert", "tiny-deberta", "tiny-llama"}
+    assert "bf16 instructions: " in data["meta"]["hardware"]
     for row in data["models"].values():
         for variant in ("plain", "masksub:attention", "masksub:drop"):
             assert row[variant]["s_per_step"] > 0 and row[variant]["peak_gib"] > 0
@@ -115,6 +116,7 @@ def test_text_step_cost_tiny(tmp_path):
     md = (tmp_path / "text_step_cost_tiny.md").read_text()
     assert "--scale tiny" in md and [line.split(" | ")[0] for line in md.splitlines() if "| 4 x 16 |" in line] == [
         "| tiny-bert",
+        "| tiny-deberta",
         "| tiny-llama",
     ]
 
