@@ -18,6 +18,7 @@ from .config import (
     AugConfig,
     Config,
     ConfigError,
+    DataConfig,
     OptimConfig,
     PretrainConfig,
     SchedConfig,
@@ -25,6 +26,7 @@ from .config import (
     TrainConfig,
 )
 from .sharding import MODES as FSDP_MODES
+from .sources import source
 
 
 def validate(cfg: Config, training: bool = True) -> None:
@@ -36,7 +38,6 @@ def validate(cfg: Config, training: bool = True) -> None:
 
     choices = {
         "sub.kind": (cfg.sub.kind, ("mask", "dropout", "droppath", "none")),
-        "data.name": (cfg.data.name, ("fashion_mnist", "folder")),
         "data.corrupt": (cfg.data.corrupt, ("skip", "error")),
         "aug.preset": (cfg.aug.preset, ("none", "simple", "timm", "pretrain")),
         "aug.interpolation": (cfg.aug.interpolation, INTERPOLATIONS),
@@ -53,6 +54,7 @@ def validate(cfg: Config, training: bool = True) -> None:
             if key == "train.device" and str(value).startswith("cuda:"):  # under torchrun each process takes its own
                 hint = f"; to run on GPU {value[5:]}, set train.device=cuda and CUDA_VISIBLE_DEVICES={value[5:]}"
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}{hint}")
+    source(cfg.data.name)  # a name it reads, or an error saying which
     if cfg.data.name == "fashion_mnist":
         from ..data import SPLIT_NAMES
 
@@ -333,6 +335,7 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
     optimizer or scheduler does not take, timm-only aug keys with another preset."""
     a, default = cfg.aug, AugConfig()
     found = _optimizer_moot(cfg.optim)
+    reader = cfg.data.name.partition("/")[0].lower()
     needs = {  # a key set away from its default, and the setting without which it does nothing
         "train.ema_decay": (cfg.train.ema_decay != TrainConfig.ema_decay and not cfg.train.ema, "train.ema true"),
         "optim.clip_mode": (
@@ -345,6 +348,11 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
         ),
         **_scheduler_keys(cfg.sched),
         "aug.hflip": (a.hflip != default.hflip and a.preset == "none", "aug.preset simple, timm or pretrain"),
+        **{
+            f"data.{k}": (_differs(cfg.data, DataConfig(), k) and reader != "hfds", "data.name hfds/<name>")
+            for k in ("image_key", "label_key")
+        },
+        "data.download": (cfg.data.download and reader != "torch", "data.name torch/<name>"),
     }
     if cfg.optim.layer_decay is not None and cfg.train.linprobe:  # the head, the one layer trained, keeps the rate
         found.append(

@@ -57,10 +57,17 @@ class SubConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | folder (ImageFolder layout: <dir>/<split>/<class>/*.jpg)
-    dir: str | None = None  # fashion_mnist: IDX folder (default: $MASKSUB_FASHION_MNIST, Debian's path)
-    train_split: str = "train"  # folder: <dir>/<split>; fashion_mnist: train or test
-    val_split: str = "val"  # fashion_mnist: val (= test), test or train
+    # fashion_mnist | folder (ImageFolder layout: <dir>/<split>/<class>/*.jpg) | torch/<name> (torchvision's:
+    # cifar10, cifar100, mnist, imagenet...) | hfds/<name> (Hugging Face datasets: a Hub name or a local folder)
+    name: str = "fashion_mnist"
+    # fashion_mnist: IDX folder (default: $MASKSUB_FASHION_MNIST, Debian's path); torch/: torchvision's root;
+    # hfds/: the datasets cache (default: Hugging Face's)
+    dir: str | None = None
+    train_split: str = "train"  # folder: <dir>/<split>; fashion_mnist: train or test; torch/: train or another
+    val_split: str = "val"  # fashion_mnist: val (= test), test or train; torch/: val (= test); hfds/: its own names
+    image_key: str = "image"  # hfds/: the image column
+    label_key: str = "label"  # hfds/: the label column (a ClassLabel, or strings or integers: their sorted values)
+    download: bool = False  # torch/: download into data.dir when absent
     img_size: int = 28
     in_chans: int = 1
     batch_size: int = 128  # per process

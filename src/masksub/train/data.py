@@ -25,34 +25,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from .. import data as fmnist
 from .config import Config, ConfigError
 from .device_data import AUGMENTS, DeviceBatches
+from .images import CorruptImageError, read_image
 from .interrupt import loader_worker_init
+from .sources import HfDataset, TorchVision, source, spread_subset
 from .transforms import build_transforms, mean_std
 
 _logger = logging.getLogger("masksub")
-
-
-class CorruptImageError(RuntimeError):
-    pass
-
-
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def _eight_bit(img: Image.Image, path: str) -> Image.Image:
-    """16-bit grey images (PNG, TIFF: medical, microscopy, remote sensing) scaled to 8 bits.
-
-    PIL's ``convert("L" | "RGB")`` clips them at 255, which turns almost every pixel white. 32-bit
-    integer and float pixels have no agreed range, so they are refused rather than guessed.
-    """
-    if img.mode in _SIXTEEN_BIT:
-        return Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
-    if img.mode in ("I", "F"):
-        kind = "32-bit integer" if img.mode == "I" else "32-bit float"
-        raise CorruptImageError(
-            f"image {path} has {kind} pixels (PIL mode {img.mode}), whose range is not known; "
-            "masksub reads 8-bit and 16-bit images: convert the data set to 8- or 16-bit PNG"
-        )
-    return img
 
 
 class FashionMNIST(Dataset):
@@ -96,14 +74,6 @@ def find_images(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
             samples += [(os.path.join(folder, f), label) for f in images]
     samples.sort(key=lambda sample: natural_key(sample[0]))
     return samples, loose
-
-
-def spread_subset(count: int, subset: int | None) -> list[int]:
-    """``subset`` indices spread evenly over ``count`` samples in class order: every class keeps its share
-    (the first ``subset`` would hold the first classes only)."""
-    if not subset or subset >= count:
-        return list(range(count))
-    return [i * count // subset for i in range(subset)]
 
 
 class ImageFolder(Dataset):
@@ -152,20 +122,9 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int):
         for attempt in range(self.length):
             path, target = self.samples[(index + attempt) % self.length]
-            try:
-                with open(path, "rb") as f:
-                    img = Image.open(f)
-                    img.load()
-            except Exception as e:  # PIL raises several types for broken files
-                if self.corrupt == "error":
-                    raise CorruptImageError(
-                        f"cannot read image {path}: {e}; fix or remove it, or set data.corrupt=skip"
-                    ) from e
-                if path not in self.reported:
-                    self.reported.add(path)
-                    _logger.warning("skipping unreadable image %s: %s", path, e)
-                continue
-            return _eight_bit(img, path).convert(self.mode), int(target)
+            img = read_image(path, path, self.corrupt, self.reported)
+            if img is not None:
+                return img.convert(self.mode), int(target)
         raise CorruptImageError(f"no readable image in {self.length} files")
 
 
@@ -232,18 +191,24 @@ def build_datasets(cfg: Config, evaluation: bool = True):
     """The training split and the evaluation split (None without ``evaluation``: pretraining reads no labels
     and evaluates nothing, so its data needs no evaluation split)."""
     d = cfg.data
-    if d.name == "fashion_mnist":
+    kind = source(d.name)
+    if kind == "fashion_mnist":
         train = FashionMNIST(d.train_split, d.dir, d.in_chans, d.train_subset)
-    else:
+    elif kind == "folder":
         train = ImageFolder(_folder(cfg) / d.train_split, d.corrupt, d.in_chans, d.train_subset)
+    else:
+        train = _named(cfg, d.train_split, d.train_subset)
     return train, build_eval_dataset(cfg, train.classes) if evaluation else None
 
 
 def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
     """The evaluation split, labelled as ``classes`` (the training split's class names by label)."""
     d = cfg.data
-    if d.name == "fashion_mnist":
+    kind = source(d.name)
+    if kind == "fashion_mnist":
         return FashionMNIST(d.val_split, d.dir, d.in_chans, d.eval_subset)
+    if kind != "folder":
+        return _named(cfg, d.val_split, d.eval_subset, classes)
     root = _folder(cfg) / d.val_split
     # labelled by the training split's class indices (each split alone would number its own folders)
     val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset, {c: i for i, c in enumerate(classes)})
@@ -255,6 +220,14 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
             "remove them or add them to the training split"
         )
     return val
+
+
+def _named(cfg: Config, split: str, subset: int | None, classes: list[str] | None = None) -> Dataset:
+    """A split of a data set timm opens by name (``torch/...``, ``hfds/...``)."""
+    d = cfg.data
+    if source(d.name) == "torch":
+        return TorchVision(d.name, d.dir, split, d.in_chans, subset, classes, d.download)
+    return HfDataset(d.name, d.dir, split, d.in_chans, subset, classes, d.image_key, d.label_key, d.corrupt)
 
 
 def _folder(cfg: Config) -> Path:

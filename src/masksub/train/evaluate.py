@@ -79,7 +79,7 @@ def evaluate_checkpoint(
         if d.name == "fashion_mnist":
             split = f"the Fashion-MNIST {SPLIT_NAMES[d.val_split]} split"
         else:
-            split = str(Path(d.dir) / d.val_split)
+            split = getattr(val_set, "description", None) or str(Path(d.dir) / d.val_split)
         steps = (state.get("position") or {}).get("global_step")
         limited = d.eval_subset is not None and len(val_set) >= d.eval_subset  # not when it asks for more than all
         subset = f" (data.eval_subset {d.eval_subset}; --data.eval_subset null for all)" if limited else ""

@@ -1,0 +1,235 @@
+"""Data sets that timm opens by name, for the trainer: torchvision's (``torch/<name>``: CIFAR-10 and -100, MNIST,
+ImageNet, Places365...) and Hugging Face datasets (``hfds/<name>``: a Hub data set, or a local folder of
+parquet, arrow or image files). Both are indexed (map-style), so every sample keeps the per-sample augmentation
+seed and a resumed run sees what the uninterrupted run saw. Timm's streaming readers (``hfids/``, ``wds/``,
+``tfds/``) yield samples in an order of their own and are refused.
+
+Labels follow the data set's own class names (torchvision's ``classes``, a ``ClassLabel`` column's names, or the
+sorted values of a label column of strings or integers); an evaluation split is labelled by the training split's
+names, so a split that orders or lacks classes differently still scores against the right ones.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from timm.data import create_dataset
+from timm.utils.misc import natural_key
+from torch.utils.data import Dataset
+
+from .config import ConfigError
+from .images import read_image
+
+PREFIXES = ("torch", "hfds")
+STREAMING = ("hfids", "wds", "tfds")  # timm's iterable readers
+# torchvision data sets timm's create_dataset builds (its 'folder' names: masksub's data.name=folder instead)
+TORCH_NAMES = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist", "imagenet", "places365")
+TORCH_NAMES += ("inaturalist", "inat")
+EVAL_SPLITS = ("val", "validation", "valid", "test")  # the names of a Hugging Face evaluation split, by preference
+
+
+def source(name: str) -> str:
+    """``fashion_mnist``, ``folder``, ``torch`` or ``hfds``: which kind of data set ``data.name`` names, or a
+    ConfigError saying what it may be."""
+    if name in ("fashion_mnist", "folder"):
+        return name
+    prefix, _, rest = name.partition("/")
+    prefix = prefix.lower()
+    usage = (
+        "data.name must be fashion_mnist, folder (<dir>/<split>/<class>/<image>), torch/<name> (torchvision: "
+        f"{', '.join(TORCH_NAMES[:-1])}) or hfds/<name> (Hugging Face datasets: a Hub name or a local folder)"
+    )
+    if prefix in STREAMING:
+        raise ConfigError(
+            f"data.name={name!r}: timm's streaming readers ({', '.join(p + '/' for p in STREAMING)}) give samples in "
+            "an order of their own, which the trainer's per-sample seeds and mid-epoch resume cannot follow; "
+            "use hfds/ (the same Hugging Face data set, indexed) or an image folder. " + usage
+        )
+    if prefix == "torch" and rest.lower() not in TORCH_NAMES:
+        raise ConfigError(f"data.name={name!r} is not a torchvision data set timm builds; {usage}")
+    if prefix not in PREFIXES or not rest:
+        raise ConfigError(f"{usage}; got {name!r}")
+    return prefix
+
+
+def _relabel(names: list[str], classes: list[str] | None, where: str) -> tuple[list[str], list[int] | None]:
+    """The class names by label and, given the training split's ``classes``, this split's label -> theirs
+    (None where they are the same)."""
+    if classes is None or list(classes) == names:
+        return names, None
+    index = {c: i for i, c in enumerate(classes)}
+    if extra := [n for n in names if n not in index]:
+        raise ConfigError(
+            f"{where} has {len(extra)} class(es) that the training split lacks ({', '.join(extra[:5])}"
+            f"{', ...' if len(extra) > 5 else ''}): the model cannot predict them"
+        )
+    return list(classes), [index[n] for n in names]
+
+
+class _Named(Dataset):
+    """A data set read by ``self._item(row)``, its rows a subset spread over it, its labels mapped by ``_relabel``."""
+
+    rows: list[int]
+    labels: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _label(self, target) -> int:
+        target = self._to_index[target] if self._to_index is not None else int(target)
+        return target if self.labels is None else self.labels[target]
+
+    def _classes(self, names: list[str], classes: list[str] | None, where: str, to_index: dict | None = None):
+        self._to_index = to_index  # label values (strings, sparse ints) -> this split's index
+        self.classes, self.labels = _relabel(names, classes, where)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.num_classes = len(self.classes)
+
+
+def spread_subset(count: int, subset: int | None) -> list[int]:
+    """``subset`` indices spread evenly over ``count`` samples (in class order, an image folder's): every class
+    keeps its share (the first ``subset`` would hold the first classes only)."""
+    if not subset or subset >= count:
+        return list(range(count))
+    return [i * count // subset for i in range(subset)]
+
+
+class TorchVision(_Named):
+    """A torchvision data set (``torch/cifar10``...) from ``root``, as timm's ``create_dataset`` builds it."""
+
+    def __init__(
+        self, name: str, root: str | None, split: str, in_chans: int, subset=None, classes=None, download=False
+    ):
+        if not root:
+            raise ConfigError(
+                f"data.name={name} needs data.dir: the folder torchvision keeps it in (with data.download=true it "
+                "downloads it there)"
+            )
+        try:
+            self.base = create_dataset(name, root=root, split=split, download=download)
+        except RuntimeError as e:  # torchvision's 'Dataset not found or corrupted', 'archive ... not present'
+            fetch = "" if name.lower().endswith("imagenet") else ", or set data.download=true to download it there"
+            raise FileNotFoundError(
+                f"{name} (split {split}) could not be read from {root}: {e}. Point data.dir at the folder torchvision "
+                f"downloaded it to{fetch}"
+            ) from e
+        names = getattr(self.base, "classes", None) or getattr(self.base, "all_categories", None) or []
+        names = [c[0] if isinstance(c, tuple) else str(c) for c in names]  # ImageNet's: tuples of synonyms
+        self.mode = "RGB" if in_chans == 3 else "L"
+        basic = name.partition("/")[2].lower() in ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist")
+        shown = ("train" if split in ("train", "training") else "test") if basic else split
+        self.description = f"{name} split {shown}"  # timm reads those six's splits as train or test
+        self.rows = spread_subset(len(self.base), subset)
+        self._classes(names, classes, f"{name} split {split}")
+
+    def __getitem__(self, index: int):
+        img, target = self.base[self.rows[index]]
+        return img.convert(self.mode), self._label(target)
+
+
+def _load(path: str, split: str, cache: str | None):
+    """A split of the Hugging Face data set at ``path``: a Hub name or a folder ``load_dataset`` reads (parquet, arrow,
+    csv or image files), or a folder ``DatasetDict.save_to_disk`` wrote."""
+    import datasets
+
+    if (Path(path) / "dataset_dict.json").is_file():
+        saved = datasets.load_from_disk(path)
+        if split not in saved:
+            raise ValueError(f'Unknown split "{split}". Should be one of {list(saved)}.')
+        return saved[split]
+    return datasets.load_dataset(path, split=split, cache_dir=cache)
+
+
+def _eval_split(path: str, split: str) -> str:
+    """``split``, or for an evaluation split the data set lacks (``val``, the default) the first of
+    ``EVAL_SPLITS`` it has: Hugging Face data sets name theirs ``validation`` or ``test``."""
+    if split not in EVAL_SPLITS:
+        return split
+    import datasets
+
+    try:
+        if (Path(path) / "dataset_dict.json").is_file():
+            names = list(datasets.load_from_disk(path))
+        else:
+            names = datasets.get_dataset_split_names(path)
+    except Exception:  # unreachable or unreadable: loading it reports why
+        return split
+    return split if split in names else next((s for s in EVAL_SPLITS if s in names), split)
+
+
+class HfDataset(_Named):
+    """A Hugging Face data set's split (``hfds/<name>``, loaded by ``datasets.load_dataset``): its image column (decoded
+    here, unreadable ones skipped or refused as in image folders) and its label column."""
+
+    def __init__(
+        self,
+        name: str,
+        root: str | None,
+        split: str,
+        in_chans: int,
+        subset: int | None = None,
+        classes: list[str] | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        corrupt: str = "skip",
+    ):
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError(f"data.name={name} reads Hugging Face datasets: pip install datasets") from e
+        split = _eval_split(name.partition("/")[2], split)
+        where = self.description = f"{name} split {split}"
+        try:
+            table = _load(name.partition("/")[2], split, root)
+        except ConnectionError as e:
+            raise FileNotFoundError(
+                f"{where}: {e}. Without the Hub, give a local copy: data.name=hfds/<folder> (parquet, arrow, csv "
+                "or image files, or a folder save_to_disk wrote)"
+            ) from e
+        except ValueError as e:  # an unknown split or column
+            raise ConfigError(
+                f"{where}: {str(e).rstrip('.')} (data.train_split and data.val_split name its splits)"
+            ) from e
+        for kind, key in (("image", image_key), ("label", label_key)):
+            if key not in table.column_names:
+                raise ConfigError(
+                    f"{where} has no {kind} column {key!r} (its columns: {', '.join(table.column_names)}): "
+                    f"set data.{kind}_key"
+                )
+        to_index = None
+        names = list(getattr(table.features[label_key], "names", None) or ())  # a ClassLabel's names, by label
+        if not names:  # plain values: their sorted distinct values are the classes
+            values = table.unique(label_key)
+            if odd := [v for v in values if not isinstance(v, (int, str))]:
+                raise ConfigError(
+                    f"{where}: label column {label_key!r} holds {odd[0]!r} ({type(odd[0]).__name__}), not a class: "
+                    "masksub trains single-label classifiers on a ClassLabel, string or integer column"
+                )
+            values = sorted(values, key=lambda v: natural_key(str(v)))
+            names, to_index = [str(v) for v in values], {v: i for i, v in enumerate(values)}
+        self.name, self.split, self.corrupt = name, split, corrupt
+        self.mode = "RGB" if in_chans == 3 else "L"
+        self.table = table.cast_column(image_key, datasets.Image(decode=False))  # decoded here: skipped if broken
+        self.image_key, self.label_key = image_key, label_key
+        self.rows = spread_subset(len(table), subset)
+        self.reported: set[str] = set()
+        self._classes(names, classes, where, to_index)
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.rows)):
+            row = self.rows[(index + attempt) % len(self.rows)]
+            where = f"{self.name} split {self.split} row {row}"
+            try:
+                item = self.table[row]
+            except Exception as e:
+                raise RuntimeError(f"{where} could not be read: {e}") from e
+            image, target = item[self.image_key], item[self.label_key]
+            if image and image.get("bytes"):
+                file = io.BytesIO(image["bytes"])
+            else:  # a file named by path, or an empty cell (unreadable)
+                file = image["path"] if image and image.get("path") else io.BytesIO()
+            img = read_image(file, where, self.corrupt, self.reported)
+            if img is not None:
+                return img.convert(self.mode), self._label(target)
+        raise RuntimeError(f"no readable image in the {len(self.rows)} rows of {self.name} split {self.split}")

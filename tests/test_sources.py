@@ -1,0 +1,212 @@
+"""Data sets opened by name: Hugging Face datasets (``hfds/``) and torchvision's (``torch/``), on real
+Fashion-MNIST images written in their formats; the trainer on them, resumed exactly."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_trainer import TINY, args
+
+from masksub.cli import main
+from masksub.data import CLASSES, find_fashion_mnist, load_fashion_mnist
+from masksub.train import checkpoint
+from masksub.train.config import ConfigError, load_config
+from masksub.train.data import build_datasets
+from masksub.train.images import CorruptImageError
+from masksub.train.sources import HfDataset, TorchVision, source
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # local folders only: nothing may reach for the Hub
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def _features(label=None):
+    label = label or datasets.ClassLabel(names=list(CLASSES))
+    return datasets.Features({"image": datasets.Image(), "label": label})
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """Fashion-MNIST's first 256 training and 100 test images as parquet files, labels a ClassLabel."""
+    folder = tmp_path_factory.mktemp("hf") / "fmnist"
+    for split, n in (("train", 256), ("test", 100)):
+        x, y = load_fashion_mnist(split)
+        table = {"image": [Image.fromarray(x[i].numpy()) for i in range(n)], "label": y[:n].tolist()}
+        datasets.Dataset.from_dict(table, features=_features()).to_parquet(str(folder / f"{split}-00000.parquet"))
+    return folder
+
+
+def test_hf_split_reads_images_and_labels_as_given(hf_folder, tmp_path):
+    x, y = load_fashion_mnist("test")
+    val = HfDataset(f"hfds/{hf_folder}", str(tmp_path), "val", 1)  # 'val' is the data set's 'test'
+    assert val.description == f"hfds/{hf_folder} split test" and len(val) == 100
+    assert val.classes == list(CLASSES) and val.num_classes == 10
+    for i in (0, 37, 99):
+        img, label = val[i]
+        assert img.mode == "L" and np.array_equal(np.asarray(img), x[i].numpy()) and label == int(y[i])
+    rgb, _ = HfDataset(f"hfds/{hf_folder}", str(tmp_path), "test", 3)[0]
+    assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb)[..., 1], x[0].numpy())
+    spread = HfDataset(f"hfds/{hf_folder}", str(tmp_path), "test", 1, subset=10)
+    assert len(spread) == 10 and spread[1][1] == int(y[10])  # every tenth row, not the first ten
+
+
+def test_an_evaluation_split_is_labelled_by_the_training_split_names(hf_folder, tmp_path):
+    order = list(reversed(CLASSES))
+    val = HfDataset(f"hfds/{hf_folder}", str(tmp_path), "test", 1, classes=order)
+    _, y = load_fashion_mnist("test")
+    assert val.classes == order and [val[i][1] for i in range(5)] == [9 - int(v) for v in y[:5]]
+    with pytest.raises(ConfigError, match=r"has 1 class\(es\) that the training split lacks \(Ankle boot\)"):
+        HfDataset(f"hfds/{hf_folder}", str(tmp_path), "test", 1, classes=list(CLASSES[:9]))
+
+
+def _write(folder, rows: dict, features=None, split="train"):
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}-00000.parquet"))
+    return f"hfds/{folder}"
+
+
+def _images(n):
+    x, _ = load_fashion_mnist("test")
+    return [Image.fromarray(x[i].numpy()) for i in range(n)]
+
+
+def test_string_and_integer_label_columns_are_classes_by_sorted_value(tmp_path):
+    names = _write(tmp_path / "s", {"image": _images(4), "y": ["dog", "cat", "dog", "ant"]})
+    ds = HfDataset(names, str(tmp_path / "c"), "train", 1, label_key="y")
+    assert ds.classes == ["ant", "cat", "dog"] and [ds[i][1] for i in range(4)] == [2, 1, 2, 0]
+    ints = _write(tmp_path / "i", {"image": _images(3), "label": [10, 3, 0]})
+    ds = HfDataset(ints, str(tmp_path / "c"), "train", 1)
+    assert ds.classes == ["0", "3", "10"] and [ds[i][1] for i in range(3)] == [2, 1, 0]
+    floats = _write(tmp_path / "f", {"image": _images(2), "label": [0.5, 1.0]})
+    with pytest.raises(ConfigError, match=r"holds 0.5 \(float\), not a class"):
+        HfDataset(floats, str(tmp_path / "c"), "train", 1)
+
+
+def test_missing_columns_and_splits_are_named(hf_folder, tmp_path):
+    name = f"hfds/{hf_folder}"
+    with pytest.raises(ConfigError, match=r"no image column 'img' \(its columns: image, label\): set data.image_key"):
+        HfDataset(name, str(tmp_path), "train", 1, image_key="img")
+    with pytest.raises(ConfigError, match=r"no label column 'y' \(its columns: image, label\): set data.label_key"):
+        HfDataset(name, str(tmp_path), "train", 1, label_key="y")
+    with pytest.raises(ConfigError, match=r"Unknown split \"training\".*'train', 'test'.*data.train_split"):
+        HfDataset(name, str(tmp_path), "training", 1)
+
+
+def test_a_save_to_disk_folder_is_read(hf_folder, tmp_path):
+    saved = tmp_path / "saved"
+    datasets.load_dataset(str(hf_folder), cache_dir=str(tmp_path / "c")).save_to_disk(str(saved))
+    val = HfDataset(f"hfds/{saved}", None, "val", 1)
+    assert (
+        val.description.endswith("split test")
+        and len(val) == 100
+        and val[3][1] == int(load_fashion_mnist("test")[1][3])
+    )
+    with pytest.raises(ConfigError, match=r"Unknown split \"x\".*\['train', 'test'\]"):
+        HfDataset(f"hfds/{saved}", None, "x", 1)
+
+
+def test_an_unreadable_image_is_skipped_or_refused_by_row(tmp_path):
+    good = io.BytesIO()
+    _images(1)[0].save(good, format="PNG")
+    rows = {"image": [{"bytes": b"not an image", "path": None}, {"bytes": good.getvalue(), "path": None}]}
+    name = _write(tmp_path / "bad", {**rows, "label": [1, 2]})
+    skip = HfDataset(name, str(tmp_path / "c"), "train", 1)
+    img, label = skip[0]  # row 0 is broken: row 1 stands in
+    assert label == 1 and img.size == (28, 28)  # labels 1, 2 are classes 0, 1
+    with pytest.raises(CorruptImageError, match=rf"cannot read image hfds/{tmp_path}/bad split train row 0"):
+        HfDataset(name, str(tmp_path / "c"), "train", 1, corrupt="error")[0]
+
+
+@pytest.fixture(scope="module")
+def torch_root(tmp_path_factory):
+    """torchvision's FashionMNIST layout (root/FashionMNIST/raw, files unpacked), from the real IDX files; its
+    training files are the test split's (torchvision wants all four, and 10,000 images are enough here)."""
+    root = tmp_path_factory.mktemp("tv")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    found = find_fashion_mnist()
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        packed = found / f"t10k-{kind}.gz"
+        data = gzip.decompress(packed.read_bytes()) if packed.exists() else (found / f"t10k-{kind}").read_bytes()
+        for split in ("t10k", "train"):
+            (raw / f"{split}-{kind}").write_bytes(data)
+    return root
+
+
+def test_torchvision_data_set(torch_root):
+    x, y = load_fashion_mnist("test")
+    val = TorchVision("torch/fashion_mnist", str(torch_root), "val", 1, subset=100)
+    assert val.description == "torch/fashion_mnist split test" and len(val) == 100 and val.classes == list(CLASSES)
+    img, label = val[2]  # the subset: every hundredth image
+    assert img.mode == "L" and np.array_equal(np.asarray(img), x[200].numpy()) and label == int(y[200])
+    assert TorchVision("torch/fashion_mnist", str(torch_root), "train", 3)[0][0].mode == "RGB"
+
+
+def test_missing_torchvision_data_says_where_and_how(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"torch/cifar10 \(split train\) could not be read from .*data.download"
+    ):
+        TorchVision("torch/cifar10", str(tmp_path), "train", 3)
+    with pytest.raises(ConfigError, match="data.name=torch/cifar10 needs data.dir"):
+        TorchVision("torch/cifar10", None, "train", 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("wds/shards", "streaming readers .* use hfds/"),
+        ("hfids/beans", "streaming readers"),
+        ("torch/svhn", "'torch/svhn' is not a torchvision data set timm builds"),
+        ("imagenet", "data.name must be fashion_mnist, folder"),
+        ("hfds/", "got 'hfds/'"),
+    ],
+)
+def test_names_the_trainer_cannot_read_are_refused(name, message):
+    with pytest.raises(ConfigError, match=message):
+        source(name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"data.image_key": "img"}, "data.image_key takes effect with data.name hfds/<name>"),
+        ({"data.name": "torch/mnist", "data.dir": "x", "data.label_key": "y"}, "data.label_key takes effect with"),
+        ({"data.name": "hfds/x", "data.download": True}, "data.download takes effect with data.name torch/<name>"),
+    ],
+)
+def test_data_keys_that_would_do_nothing_are_refused(tmp_path, overrides, message, capsys):
+    assert main(["train", *args(TINY, **{"train.output": str(tmp_path)}, **overrides)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_trainer_on_a_hugging_face_data_set_resumes_exactly(hf_folder, tmp_path, capsys):
+    data = {"data.name": f"hfds/{hf_folder}", "data.dir": str(tmp_path / "cache"), "data.eval_subset": None}
+    out = str(tmp_path / "runs")
+    assert main(["train", *args(TINY, **data, **{"train.output": out, "train.name": "full"})]) == 0
+    header = capsys.readouterr().out
+    assert f"data hfds/{hf_folder}: 256 training images, 100 evaluated every epoch" in header
+    part = {"train.output": out, "train.name": "part", "train.max_steps": 3, "data.workers": 1}
+    assert main(["train", *args(TINY, **data, **part)]) == 0
+    assert main(["train", "--resume", str(tmp_path / "runs" / "part")]) == 0
+    a, b = (checkpoint.load(tmp_path / "runs" / n / "last.pt") for n in ("full", "part"))
+    assert a["classes"] == list(CLASSES) and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    records = [json.loads(r) for r in (tmp_path / "runs" / "full" / "metrics.jsonl").read_text().splitlines()]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "runs" / "full" / "last.pt")]) == 0
+    report = capsys.readouterr().out
+    assert f"100 images of hfds/{hf_folder} split test" in report and f"top-1 {records[-1]['top1']:.2f}%" in report
+
+
+def test_build_datasets_reads_both_splits_by_name(torch_root):
+    cfg = load_config(None, {"data.name": "torch/fashion_mnist", "data.dir": str(torch_root), "data.train_subset": 50})
+    train, val = build_datasets(cfg)
+    assert len(train) == 50 and len(val) == 10_000 and train.classes == val.classes == list(CLASSES)
