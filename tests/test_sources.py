@@ -85,6 +85,9 @@ def test_string_and_integer_label_columns_are_classes_by_sorted_value(tmp_path):
     ints = _write(tmp_path / "i", {"image": _images(3), "label": [10, 3, 0]})
     ds = HfDataset(ints, str(tmp_path / "c"), "train", 1)
     assert ds.classes == ["0", "3", "10"] and [ds[i][1] for i in range(3)] == [2, 1, 0]
+    unlabelled = _write(tmp_path / "u", {"image": _images(2), "label": [1, -1]}, _features())
+    with pytest.raises(ConfigError, match=r"rows labelled -1, outside its 10 classes .*data.val_split"):
+        HfDataset(unlabelled, str(tmp_path / "c"), "train", 1)
     floats = _write(tmp_path / "f", {"image": _images(2), "label": [0.5, 1.0]})
     with pytest.raises(ConfigError, match=r"holds 0.5 \(float\), not a class"):
         HfDataset(floats, str(tmp_path / "c"), "train", 1)

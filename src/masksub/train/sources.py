@@ -199,8 +199,13 @@ class HfDataset(_Named):
                 )
         to_index = None
         names = list(getattr(table.features[label_key], "names", None) or ())  # a ClassLabel's names, by label
+        values = table.unique(label_key)
+        if names and (unlabelled := [v for v in values if not 0 <= v < len(names)]):
+            raise ConfigError(
+                f"{where} has rows labelled {unlabelled[0]}, outside its {len(names)} classes (unlabelled, as "
+                "test splits often are): evaluate on a labelled split (data.val_split)"
+            )
         if not names:  # plain values: their sorted distinct values are the classes
-            values = table.unique(label_key)
             if odd := [v for v in values if not isinstance(v, (int, str))]:
                 raise ConfigError(
                     f"{where}: label column {label_key!r} holds {odd[0]!r} ({type(odd[0]).__name__}), not a class: "
