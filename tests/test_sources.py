@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import tarfile
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -13,14 +15,15 @@ import pytest
 import torch
 from PIL import Image
 from test_trainer import TINY, args
+from torch.utils.data import DataLoader
 
 from masksub.cli import main
-from masksub.data import CLASSES, find_fashion_mnist, load_fashion_mnist
+from masksub.data import CLASSES, CorruptDataError, find_fashion_mnist, load_fashion_mnist
 from masksub.train import checkpoint
 from masksub.train.config import ConfigError, load_config
 from masksub.train.data import build_datasets
 from masksub.train.images import CorruptImageError
-from masksub.train.sources import HfDataset, TorchVision, source
+from masksub.train.sources import HfDataset, TarImages, TorchVision, source
 
 
 @pytest.fixture(autouse=True)
@@ -213,3 +216,93 @@ def test_build_datasets_reads_both_splits_by_name(torch_root):
     cfg = load_config(None, {"data.name": "torch/fashion_mnist", "data.dir": str(torch_root), "data.train_subset": 50})
     train, val = build_datasets(cfg)
     assert len(train) == 50 and len(val) == 10_000 and train.classes == val.classes == list(CLASSES)
+
+
+def _png(array) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in members.items():
+            _add(tar, name, data)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tars(tmp_path_factory):
+    """The first 60 test images of Fashion-MNIST, classes 'c00'...'c09', in the three layouts timm's tar reader
+    takes: one tar of class folders, a folder of per-class tars, and a tar of per-class tars."""
+    root = tmp_path_factory.mktemp("tars")
+    x, y = load_fashion_mnist("test")
+    by_class: dict[str, dict[str, bytes]] = {}
+    for i in range(60):
+        by_class.setdefault(f"c{int(y[i]):02d}", {})[f"{i:03d}.png"] = _png(x[i].numpy())
+    (root / "flat.tar").write_bytes(_tar_bytes({f"{c}/{n}": d for c, m in by_class.items() for n, d in m.items()}))
+    (root / "per_class").mkdir()
+    for c, members in by_class.items():
+        (root / "per_class" / f"{c}.tar").write_bytes(_tar_bytes(members))
+    (root / "nested.tar").write_bytes(_tar_bytes({f"{c}.tar": _tar_bytes(m) for c, m in by_class.items()}))
+    return root
+
+
+@pytest.mark.parametrize("split", ["flat", "per_class", "nested.tar"])
+def test_tar_layouts_read_images_and_classes(tars, split):
+    x, y = load_fashion_mnist("test")
+    ds = TarImages(str(tars), split, 1)
+    assert len(ds) == 60 and ds.classes == [f"c{k:02d}" for k in sorted({int(v) for v in y[:60]})]
+    for i in (0, 17, 59):
+        img, label = ds[i]
+        name = ds.reader.filename(ds.rows[i])  # sorted by path: class by class
+        source = int(Path(name).stem)
+        assert np.array_equal(np.asarray(img), x[source].numpy()) and ds.classes[label] == f"c{int(y[source]):02d}"
+
+
+def test_tar_evaluation_split_takes_the_training_names_and_forked_workers_read_their_own(tars):
+    train = TarImages(str(tars), "flat", 1)
+    order = list(reversed(train.classes))
+    val = TarImages(str(tars), "nested", 1, classes=order)
+    by_name = {Path(train.reader.filename(i)).name: train[i][1] for i in range(60)}  # the two sort differently
+    assert val.classes == order
+    assert [val[i][1] for i in range(60)] == [
+        len(order) - 1 - by_name[Path(val.reader.filename(i)).name] for i in range(60)
+    ]
+    with pytest.raises(ConfigError, match="class\\(es\\) that the training split lacks"):
+        TarImages(str(tars), "per_class", 1, classes=train.classes[1:])
+    # the main process has open tar files now; workers forked from it must not read through them (they would share
+    # its read position): a process other than the one that opened them opens its own
+    opened = val.reader.tar_state.tf
+    val._pid = -1  # as in a forked worker
+    assert val[0] == val[0] and val.reader.tar_state.tf is not opened and not opened.closed
+    loader = DataLoader(val, batch_size=16, num_workers=2, collate_fn=lambda b: b)
+    forked = [t for batch in loader for _, t in batch]
+    assert forked == [val[i][1] for i in range(60)]
+
+
+def test_tar_problems_are_named(tars, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no tar for split 'val'.*--data.train_split ILSVRC2012_img_train.tar"):
+        TarImages(str(tars), "val", 1)
+    (tmp_path / "cut.tar").write_bytes((tars / "flat.tar").read_bytes()[:3000])
+    with pytest.raises(CorruptDataError, match=r"cannot read the tar file\(s\) of .*cut.tar"):
+        TarImages(str(tmp_path), "cut", 1)
+    good = _png(load_fashion_mnist("test")[0][0].numpy())
+    (tmp_path / "bad.tar").write_bytes(_tar_bytes({"a/0.png": b"broken", "a/1.png": good, "b/2.png": good}))
+    assert TarImages(str(tmp_path), "bad", 1)[0][1] == 0  # 0.png is skipped: 1.png stands in
+    with pytest.raises(CorruptImageError, match=r"cannot read image .*bad.tar:a/0.png"):
+        TarImages(str(tmp_path), "bad", 1, corrupt="error")[0]
+
+
+def test_trainer_on_tar_files(tars, tmp_path, capsys):
+    data = {"data.name": "tar", "data.dir": str(tars), "data.train_split": "nested.tar", "data.val_split": "flat"}
+    more = {"data.train_subset": None, "data.eval_subset": None, "data.batch_size": 20, "train.output": str(tmp_path)}
+    assert main(["train", *args(TINY, **data, **more, **{"sched.epochs": 1})]) == 0
+    assert "data tar: 60 training images, 60 evaluated every epoch" in capsys.readouterr().out

@@ -57,13 +57,14 @@ class SubConfig:
 
 @dataclass
 class DataConfig:
-    # fashion_mnist | folder (ImageFolder layout: <dir>/<split>/<class>/*.jpg) | torch/<name> (torchvision's:
+    # fashion_mnist | folder (ImageFolder layout: <dir>/<split>/<class>/*.jpg) | tar (<dir>/<split>.tar: <class>/*.jpg
+    # inside, or a tar or folder of per-class tars) | torch/<name> (torchvision's:
     # cifar10, cifar100, mnist, imagenet...) | hfds/<name> (Hugging Face datasets: a Hub name or a local folder)
     name: str = "fashion_mnist"
     # fashion_mnist: IDX folder (default: $MASKSUB_FASHION_MNIST, Debian's path); torch/: torchvision's root;
     # hfds/: the datasets cache (default: Hugging Face's)
     dir: str | None = None
-    train_split: str = "train"  # folder: <dir>/<split>; fashion_mnist: train or test; torch/: train or another
+    train_split: str = "train"  # folder, tar: <dir>/<split>; fashion_mnist: train or test; torch/: train or another
     val_split: str = "val"  # fashion_mnist: val (= test), test or train; torch/: val (= test); hfds/: its own names
     image_key: str = "image"  # hfds/: the image column
     label_key: str = "label"  # hfds/: the label column (a ClassLabel, or strings or integers: their sorted values)

@@ -27,7 +27,7 @@ from .config import Config, ConfigError
 from .device_data import AUGMENTS, DeviceBatches
 from .images import CorruptImageError, read_image
 from .interrupt import loader_worker_init
-from .sources import HfDataset, TorchVision, source, spread_subset
+from .sources import HfDataset, TarImages, TorchVision, source, spread_subset
 from .transforms import build_transforms, mean_std
 
 _logger = logging.getLogger("masksub")
@@ -120,6 +120,8 @@ class ImageFolder(Dataset):
         return self.length
 
     def __getitem__(self, index: int):
+        if not 0 <= index < self.length:  # iteration ends here, and a wrong index is not taken for another
+            raise IndexError(f"index {index} is out of range for {self.length} images")
         for attempt in range(self.length):
             path, target = self.samples[(index + attempt) % self.length]
             img = read_image(path, path, self.corrupt, self.reported)
@@ -223,10 +225,12 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
 
 
 def _named(cfg: Config, split: str, subset: int | None, classes: list[str] | None = None) -> Dataset:
-    """A split of a data set timm opens by name (``torch/...``, ``hfds/...``)."""
+    """A split of a data set timm opens (``torch/...``, ``hfds/...``, ``tar``)."""
     d = cfg.data
     if source(d.name) == "torch":
         return TorchVision(d.name, d.dir, split, d.in_chans, subset, classes, d.download)
+    if d.name == "tar":
+        return TarImages(d.dir, split, d.in_chans, subset, classes, d.corrupt)
     return HfDataset(d.name, d.dir, split, d.in_chans, subset, classes, d.image_key, d.label_key, d.corrupt)
 
 

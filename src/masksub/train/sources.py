@@ -1,23 +1,26 @@
-"""Data sets that timm opens by name, for the trainer: torchvision's (``torch/<name>``: CIFAR-10 and -100, MNIST,
-ImageNet, Places365...) and Hugging Face datasets (``hfds/<name>``: a Hub data set, or a local folder of
-parquet, arrow or image files). Both are indexed (map-style), so every sample keeps the per-sample augmentation
-seed and a resumed run sees what the uninterrupted run saw. Timm's streaming readers (``hfids/``, ``wds/``,
-``tfds/``) yield samples in an order of their own and are refused.
+"""Data sets that timm opens, for the trainer: torchvision's (``torch/<name>``: CIFAR-10 and -100, MNIST,
+ImageNet, Places365...), Hugging Face datasets (``hfds/<name>``: a Hub data set, or a local folder of parquet,
+arrow or image files) and images in tar files (``tar``). All are indexed (map-style), so every sample keeps
+the per-sample augmentation seed and a resumed run sees what the uninterrupted run saw. Timm's streaming
+readers (``hfids/``, ``wds/``, ``tfds/``) yield samples in an order of their own and are refused.
 
-Labels follow the data set's own class names (torchvision's ``classes``, a ``ClassLabel`` column's names, or the
-sorted values of a label column of strings or integers); an evaluation split is labelled by the training split's
-names, so a split that orders or lacks classes differently still scores against the right ones.
+Labels follow the data set's own class names (torchvision's ``classes``, a ``ClassLabel`` column's names, the
+sorted values of a label column of strings or integers, the tars' folders or names); an evaluation split is
+labelled by the training split's names, so a split that orders or lacks classes differently still scores
+against the right ones.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from timm.data import create_dataset
 from timm.utils.misc import natural_key
 from torch.utils.data import Dataset
 
+from ..data import CorruptDataError
 from .config import ConfigError
 from .images import read_image
 
@@ -30,14 +33,15 @@ EVAL_SPLITS = ("val", "validation", "valid", "test")  # the names of a Hugging F
 
 
 def source(name: str) -> str:
-    """``fashion_mnist``, ``folder``, ``torch`` or ``hfds``: which kind of data set ``data.name`` names, or a
+    """``fashion_mnist``, ``folder``, ``tar``, ``torch`` or ``hfds``: which kind of data set ``data.name`` names, or a
     ConfigError saying what it may be."""
-    if name in ("fashion_mnist", "folder"):
+    if name in ("fashion_mnist", "folder", "tar"):
         return name
     prefix, _, rest = name.partition("/")
     prefix = prefix.lower()
     usage = (
-        "data.name must be fashion_mnist, folder (<dir>/<split>/<class>/<image>), torch/<name> (torchvision: "
+        "data.name must be fashion_mnist, folder (<dir>/<split>/<class>/<image>), tar (<dir>/<split>.tar, a folder "
+        "of tars or a tar of tars), torch/<name> (torchvision: "
         f"{', '.join(TORCH_NAMES[:-1])}) or hfds/<name> (Hugging Face datasets: a Hub name or a local folder)"
     )
     if prefix in STREAMING:
@@ -158,7 +162,29 @@ def _eval_split(path: str, split: str) -> str:
     return split if split in names else next((s for s in EVAL_SPLITS if s in names), split)
 
 
-class HfDataset(_Named):
+class _Files(_Named):
+    """Images decoded here from the files ``_open(row)`` gives (with their label and a name to report): an unreadable
+    one is skipped, the next row standing in, or refused (``data.corrupt``)."""
+
+    corrupt: str
+    mode: str
+    reported: set[str]
+
+    def _open(self, row: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self.rows):  # iteration ends here, and a wrong index is not taken for another
+            raise IndexError(f"index {index} is out of range for {len(self.rows)} images")
+        for attempt in range(len(self.rows)):
+            file, target, name = self._open(self.rows[(index + attempt) % len(self.rows)])
+            img = read_image(file, name, self.corrupt, self.reported)
+            if img is not None:
+                return img.convert(self.mode), self._label(target)
+        raise RuntimeError(f"no readable image in the {len(self.rows)} images of {self.description}")
+
+
+class HfDataset(_Files):
     """A Hugging Face data set's split (``hfds/<name>``, loaded by ``datasets.load_dataset``): its image column (decoded
     here, unreadable ones skipped or refused as in image folders) and its label column."""
 
@@ -177,7 +203,10 @@ class HfDataset(_Named):
         try:
             import datasets
         except ImportError as e:
-            raise ImportError(f"data.name={name} reads Hugging Face datasets: pip install datasets") from e
+            raise ConfigError(
+                f"data.name={name} reads Hugging Face data sets, which needs their package: pip install datasets "
+                "(or masksub's [data] extra)"
+            ) from e
         split = _eval_split(name.partition("/")[2], split)
         where = self.description = f"{name} split {split}"
         try:
@@ -213,7 +242,7 @@ class HfDataset(_Named):
                 )
             values = sorted(values, key=lambda v: natural_key(str(v)))
             names, to_index = [str(v) for v in values], {v: i for i, v in enumerate(values)}
-        self.name, self.split, self.corrupt = name, split, corrupt
+        self.corrupt = corrupt
         self.mode = "RGB" if in_chans == 3 else "L"
         self.table = table.cast_column(image_key, datasets.Image(decode=False))  # decoded here: skipped if broken
         self.image_key, self.label_key = image_key, label_key
@@ -221,20 +250,72 @@ class HfDataset(_Named):
         self.reported: set[str] = set()
         self._classes(names, classes, where, to_index)
 
-    def __getitem__(self, index: int):
-        for attempt in range(len(self.rows)):
-            row = self.rows[(index + attempt) % len(self.rows)]
-            where = f"{self.name} split {self.split} row {row}"
-            try:
-                item = self.table[row]
-            except Exception as e:
-                raise RuntimeError(f"{where} could not be read: {e}") from e
-            image, target = item[self.image_key], item[self.label_key]
-            if image and image.get("bytes"):
-                file = io.BytesIO(image["bytes"])
-            else:  # a file named by path, or an empty cell (unreadable)
-                file = image["path"] if image and image.get("path") else io.BytesIO()
-            img = read_image(file, where, self.corrupt, self.reported)
-            if img is not None:
-                return img.convert(self.mode), self._label(target)
-        raise RuntimeError(f"no readable image in the {len(self.rows)} rows of {self.name} split {self.split}")
+    def _open(self, row: int):
+        where = f"{self.description} row {row}"
+        try:
+            item = self.table[row]
+        except Exception as e:
+            raise RuntimeError(f"{where} could not be read: {e}") from e
+        image = item[self.image_key]
+        if image and image.get("bytes"):
+            file = io.BytesIO(image["bytes"])
+        else:  # a file named by path, or an empty cell (unreadable)
+            file = image["path"] if image and image.get("path") else io.BytesIO()
+        return file, item[self.label_key], where
+
+
+def _tar_root(folder: str | None, split: str) -> str:
+    """``<folder>/<split>`` if it is a .tar file or a folder holding .tar files, else ``<folder>/<split>.tar``."""
+    if not folder:
+        raise ConfigError("data.name=tar needs data.dir (the folder holding the splits' .tar files)")
+    base = Path(folder).expanduser()
+    given, named = base / split, base / f"{split}.tar"
+    if given.is_file() and given.suffix.lower() == ".tar":
+        return str(given)
+    if given.is_dir() and any(given.glob("*.tar")):
+        return str(given)
+    if named.is_file():
+        return str(named)
+    raise FileNotFoundError(
+        f"no tar for split {split!r}: data.name=tar reads {given}, a .tar file or a folder of .tar files, or {named}; "
+        "name yours with data.train_split / data.val_split (e.g. --data.train_split ILSVRC2012_img_train.tar)"
+    )
+
+
+class TarImages(_Files):
+    """Images inside tar files, read in place by timm's tar reader (``data.name=tar``): one tar of
+    ``<class>/<image>`` files, a folder of tars (one per class, named by it), or a tar of such tars (ImageNet's
+    training archive). An image's class is the folder or inner tar it lies in."""
+
+    def __init__(self, folder: str | None, split: str, in_chans: int, subset=None, classes=None, corrupt: str = "skip"):
+        import tarfile
+
+        from timm.data.readers.reader_image_in_tar import ReaderImageInTar
+
+        root = _tar_root(folder, split)
+        try:
+            self.reader = ReaderImageInTar(root)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise CorruptDataError(f"cannot read the tar file(s) of {root}: {e}; fix or replace them") from e
+        except (AssertionError, ValueError) as e:  # no images in it: zip() of nothing
+            raise FileNotFoundError(f"no images found in the tar file(s) of {root} ({e or 'empty'})") from e
+        names = sorted(self.reader.class_name_to_idx, key=self.reader.class_name_to_idx.get)
+        self.description, self.corrupt = root, corrupt
+        self.mode = "RGB" if in_chans == 3 else "L"
+        self.rows = spread_subset(len(self.reader), subset)  # the reader sorts by path: classes in order
+        self.reported: set[str] = set()
+        self._pid = None  # the process whose open tar files the reader holds: a forked worker opens its own
+        self._classes(names, classes, root)
+
+    def _open(self, row: int):
+        if self._pid != os.getpid():  # open files shared with the parent would share its read position
+            self._forget_open_files()
+        return *self.reader[row], f"{self.description}:{self.reader.filename(row)}"
+
+    def _forget_open_files(self) -> None:
+        states = [self.reader.tar_state] if self.reader.root_is_tar else list(self.reader.tar_state.values())
+        for state in states:
+            state.reset()
+            for child in state.children.values():
+                child.reset()
+        self._pid = os.getpid()
