@@ -306,3 +306,16 @@ def test_trainer_on_tar_files(tars, tmp_path, capsys):
     more = {"data.train_subset": None, "data.eval_subset": None, "data.batch_size": 20, "train.output": str(tmp_path)}
     assert main(["train", *args(TINY, **data, **more, **{"sched.epochs": 1})]) == 0
     assert "data tar: 60 training images, 60 evaluated every epoch" in capsys.readouterr().out
+
+
+def test_pretraining_reads_a_hugging_face_data_set_without_labels(tmp_path, capsys):
+    name = _write(tmp_path / "unlabelled", {"image": _images(64)})
+    assert HfDataset(name, str(tmp_path / "c"), "train", 1, label_key=None)[5][1] == 0
+    data = {"data.name": name, "data.dir": str(tmp_path / "c"), "data.batch_size": 32, "data.on_device": False}
+    more = {"train.output": str(tmp_path / "runs"), "train.max_steps": 1, "data.workers": 0}
+    tiny = {"model.kwargs": TINY["model.kwargs"] | {"img_size": 32, "patch_size": 4}, "data.img_size": 32}
+    tiny |= {"pretrain.decoder_dim": 16, "pretrain.decoder_depth": 1, "pretrain.decoder_heads": 2}
+    assert main(["pretrain", *args(tiny | {"pretrain.projector_dim": 16}, **data, **more)]) == 0
+    assert f"data {name}: 64 training images" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="no label column 'label'"):  # training needs them
+        build_datasets(load_config(None, {"data.name": name, "data.dir": str(tmp_path / "c")}))

@@ -277,7 +277,7 @@ def _check_betas(o: OptimConfig) -> None:
 
 PRETRAIN_UNUSED = {  # keys masksub pretrain does not read: DMJD computes its own losses, masks its own input,
     # and evaluates nothing (linear probe and finetuning judge it)
-    "data": ("val_split", "eval_subset", "eval_batch_size"),
+    "data": ("val_split", "eval_subset", "eval_batch_size", "label_key"),
     "aug": ("mixup", "cutmix", "mixup_prob", "switch_prob", "smoothing", "bce", "bce_target_thresh"),
     "train": ("ema", "ema_decay", "linprobe", "eval_every"),
 }

@@ -198,8 +198,8 @@ def build_datasets(cfg: Config, evaluation: bool = True):
         train = FashionMNIST(d.train_split, d.dir, d.in_chans, d.train_subset)
     elif kind == "folder":
         train = ImageFolder(_folder(cfg) / d.train_split, d.corrupt, d.in_chans, d.train_subset)
-    else:
-        train = _named(cfg, d.train_split, d.train_subset)
+    else:  # pretraining reads no labels: a Hugging Face data set may have none
+        train = _named(cfg, d.train_split, d.train_subset, labelled=evaluation)
     return train, build_eval_dataset(cfg, train.classes) if evaluation else None
 
 
@@ -224,14 +224,17 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
     return val
 
 
-def _named(cfg: Config, split: str, subset: int | None, classes: list[str] | None = None) -> Dataset:
+def _named(
+    cfg: Config, split: str, subset: int | None, classes: list[str] | None = None, labelled: bool = True
+) -> Dataset:
     """A split of a data set timm opens (``torch/...``, ``hfds/...``, ``tar``)."""
     d = cfg.data
     if source(d.name) == "torch":
         return TorchVision(d.name, d.dir, split, d.in_chans, subset, classes, d.download)
     if d.name == "tar":
         return TarImages(d.dir, split, d.in_chans, subset, classes, d.corrupt)
-    return HfDataset(d.name, d.dir, split, d.in_chans, subset, classes, d.image_key, d.label_key, d.corrupt)
+    label_key = d.label_key if labelled else None
+    return HfDataset(d.name, d.dir, split, d.in_chans, subset, classes, d.image_key, label_key, d.corrupt)
 
 
 def _folder(cfg: Config) -> Path:

@@ -197,7 +197,7 @@ class HfDataset(_Files):
         subset: int | None = None,
         classes: list[str] | None = None,
         image_key: str = "image",
-        label_key: str = "label",
+        label_key: str | None = "label",
         corrupt: str = "skip",
     ):
         try:
@@ -221,27 +221,12 @@ class HfDataset(_Files):
                 f"{where}: {str(e).rstrip('.')} (data.train_split and data.val_split name its splits)"
             ) from e
         for kind, key in (("image", image_key), ("label", label_key)):
-            if key not in table.column_names:
+            if key is not None and key not in table.column_names:
                 raise ConfigError(
                     f"{where} has no {kind} column {key!r} (its columns: {', '.join(table.column_names)}): "
                     f"set data.{kind}_key"
                 )
-        to_index = None
-        names = list(getattr(table.features[label_key], "names", None) or ())  # a ClassLabel's names, by label
-        values = table.unique(label_key)
-        if names and (unlabelled := [v for v in values if not 0 <= v < len(names)]):
-            raise ConfigError(
-                f"{where} has rows labelled {unlabelled[0]}, outside its {len(names)} classes (unlabelled, as "
-                "test splits often are): evaluate on a labelled split (data.val_split)"
-            )
-        if not names:  # plain values: their sorted distinct values are the classes
-            if odd := [v for v in values if not isinstance(v, (int, str))]:
-                raise ConfigError(
-                    f"{where}: label column {label_key!r} holds {odd[0]!r} ({type(odd[0]).__name__}), not a class: "
-                    "masksub trains single-label classifiers on a ClassLabel, string or integer column"
-                )
-            values = sorted(values, key=lambda v: natural_key(str(v)))
-            names, to_index = [str(v) for v in values], {v: i for i, v in enumerate(values)}
+        names, to_index = self._label_names(table, label_key, where)
         self.corrupt = corrupt
         self.mode = "RGB" if in_chans == 3 else "L"
         self.table = table.cast_column(image_key, datasets.Image(decode=False))  # decoded here: skipped if broken
@@ -250,6 +235,28 @@ class HfDataset(_Files):
         self.reported: set[str] = set()
         self._classes(names, classes, where, to_index)
 
+    @staticmethod
+    def _label_names(table, label_key: str | None, where: str) -> tuple[list[str], dict | None]:
+        """The class names by label, and the label values -> their index where the values are not the index."""
+        if label_key is None:  # unlabelled (pretraining reads no labels): every image's label is 0
+            return [], {None: 0}
+        names = list(getattr(table.features[label_key], "names", None) or ())  # a ClassLabel's, by label
+        values = table.unique(label_key)
+        if names:
+            if unlabelled := [v for v in values if not 0 <= v < len(names)]:
+                raise ConfigError(
+                    f"{where} has rows labelled {unlabelled[0]}, outside its {len(names)} classes (unlabelled, as "
+                    "test splits often are): evaluate on a labelled split (data.val_split)"
+                )
+            return names, None
+        if odd := [v for v in values if not isinstance(v, (int, str))]:  # plain values: their sorted distinct values
+            raise ConfigError(
+                f"{where}: label column {label_key!r} holds {odd[0]!r} ({type(odd[0]).__name__}), not a class: "
+                "masksub trains single-label classifiers on a ClassLabel, string or integer column"
+            )
+        values = sorted(values, key=lambda v: natural_key(str(v)))
+        return [str(v) for v in values], {v: i for i, v in enumerate(values)}
+
     def _open(self, row: int):
         where = f"{self.description} row {row}"
         try:
@@ -257,11 +264,12 @@ class HfDataset(_Files):
         except Exception as e:
             raise RuntimeError(f"{where} could not be read: {e}") from e
         image = item[self.image_key]
+        label = item[self.label_key] if self.label_key is not None else None
         if image and image.get("bytes"):
             file = io.BytesIO(image["bytes"])
         else:  # a file named by path, or an empty cell (unreadable)
             file = image["path"] if image and image.get("path") else io.BytesIO()
-        return file, item[self.label_key], where
+        return file, label, where
 
 
 def _tar_root(folder: str | None, split: str) -> str:
