@@ -18,12 +18,13 @@ from test_trainer import TINY, args
 from torch.utils.data import DataLoader
 
 from masksub.cli import main
-from masksub.data import CLASSES, CorruptDataError, find_fashion_mnist, load_fashion_mnist
+from masksub.data import CLASSES, MEAN, STD, CorruptDataError, find_fashion_mnist, load_fashion_mnist
 from masksub.train import checkpoint
 from masksub.train.config import ConfigError, load_config
 from masksub.train.data import build_datasets
 from masksub.train.images import CorruptImageError
 from masksub.train.sources import HfDataset, TarImages, TorchVision, source
+from masksub.train.transforms import mean_std
 
 
 @pytest.fixture(autouse=True)
@@ -216,6 +217,7 @@ def test_build_datasets_reads_both_splits_by_name(torch_root):
     cfg = load_config(None, {"data.name": "torch/fashion_mnist", "data.dir": str(torch_root), "data.train_subset": 50})
     train, val = build_datasets(cfg)
     assert len(train) == 50 and len(val) == 10_000 and train.classes == val.classes == list(CLASSES)
+    assert mean_std(cfg, None) == ((MEAN,), (STD,))  # Fashion-MNIST's statistics, as from its IDX files
 
 
 def _png(array) -> bytes:

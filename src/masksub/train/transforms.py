@@ -10,10 +10,12 @@ from torchvision import transforms as T
 from .. import data as fmnist
 from .config import Config
 
+FASHION_MNIST = ("fashion_mnist", "torch/fashion_mnist")  # its statistics; its 28 pixels need no resize
+
 
 def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
-    """Per-channel normalization: ``aug.mean``/``aug.std``, else the data set's (Fashion-MNIST), else the model's
-    (each of the two on its own: one set alone keeps the other's default).
+    """Per-channel normalization: ``aug.mean``/``aug.std``, else the data set's (Fashion-MNIST, its IDX files' or
+    torchvision's), else the model's (each of the two on its own: one set alone keeps the other's default).
 
     A single value applies to every channel; grey input (``data.in_chans=1``) to a model whose
     pretrained configuration gives RGB statistics is normalized with their average.
@@ -21,7 +23,7 @@ def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
     chans = cfg.data.in_chans
     mean, std = cfg.aug.mean, cfg.aug.std
     if mean is None or std is None:
-        if cfg.data.name == "fashion_mnist":
+        if cfg.data.name in FASHION_MNIST:
             default = (fmnist.MEAN,), (fmnist.STD,)
         else:
             resolved = resolve_data_config({}, model=model)
@@ -38,7 +40,7 @@ def build_transforms(cfg: Config, model):
     size, a = cfg.data.img_size, cfg.aug
     if a.preset == "none":
         plain = T.Compose(
-            ([T.Resize(size)] if size != 28 or cfg.data.name != "fashion_mnist" else [])
+            ([T.Resize(size)] if size != 28 or cfg.data.name not in FASHION_MNIST else [])
             + [T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
         )
         return plain, plain
@@ -52,7 +54,7 @@ def build_transforms(cfg: Config, model):
         )
         return train, T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
     if a.preset == "simple":
-        resize = [T.Resize(size)] if cfg.data.name != "fashion_mnist" or size != 28 else []
+        resize = [T.Resize(size)] if cfg.data.name not in FASHION_MNIST or size != 28 else []
         tail = [T.ToTensor(), T.Normalize(mean, std)]
         train = T.Compose(
             resize + [T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip(a.hflip)] + tail
