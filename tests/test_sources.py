@@ -321,3 +321,19 @@ def test_pretraining_reads_a_hugging_face_data_set_without_labels(tmp_path, caps
     assert f"data {name}: 64 training images" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="no label column 'label'"):  # training needs them
         build_datasets(load_config(None, {"data.name": name, "data.dir": str(tmp_path / "c")}))
+
+
+def test_webdataset_shards_are_read_indexed_through_hugging_face_datasets(tmp_path):
+    """timm's wds/ reader streams; the datasets package turns the same shards into an indexed table."""
+    x, y = load_fashion_mnist("test")
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):
+        members = {}
+        for i in range(shard * 20, shard * 20 + 20):
+            members |= {f"{i:06d}.png": _png(x[i].numpy()), f"{i:06d}.cls": str(int(y[i])).encode()}
+        (tmp_path / "shards" / f"train-{shard:04d}.tar").write_bytes(_tar_bytes(members))
+    ds = HfDataset(f"hfds/{tmp_path / 'shards'}", str(tmp_path / "c"), "train", 1, image_key="png", label_key="cls")
+    assert len(ds) == 40 and ds.classes == [str(k) for k in sorted({int(v) for v in y[:40]})]
+    for i in (0, 25, 39):
+        img, label = ds[i]
+        assert np.array_equal(np.asarray(img), x[i].numpy()) and ds.classes[label] == str(int(y[i]))

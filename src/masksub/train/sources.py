@@ -48,7 +48,8 @@ def source(name: str) -> str:
         raise ConfigError(
             f"data.name={name!r}: timm's streaming readers ({', '.join(p + '/' for p in STREAMING)}) give samples in "
             "an order of their own, which the trainer's per-sample seeds and mid-epoch resume cannot follow; "
-            "use hfds/ (the same Hugging Face data set, indexed) or an image folder. " + usage
+            "use hfds/ (the same Hugging Face data set, indexed; a folder of WebDataset shards too: hfds/<folder>, "
+            "the datasets package indexes them) or an image folder. " + usage
         )
     if prefix == "torch" and rest.lower() not in TORCH_NAMES:
         raise ConfigError(f"data.name={name!r} is not a torchvision data set timm builds; {usage}")
