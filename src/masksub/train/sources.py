@@ -303,7 +303,9 @@ class TarImages(_Files):
 
         root = _tar_root(folder, split)
         try:
-            self.reader = ReaderImageInTar(root)
+            # timm writes an index of tars above 10 GB beside them, for the next run; not where it may not write
+            writable = os.access(root if os.path.isdir(root) else os.path.dirname(root), os.W_OK)
+            self.reader = ReaderImageInTar(root, cache_tarinfo=None if writable else False)
         except (tarfile.TarError, EOFError, OSError) as e:
             raise CorruptDataError(f"cannot read the tar file(s) of {root}: {e}; fix or replace them") from e
         except (AssertionError, ValueError) as e:  # no images in it: zip() of nothing
