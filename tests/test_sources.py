@@ -27,12 +27,6 @@ from masksub.train.sources import HfDataset, TarImages, TorchVision, source
 from masksub.train.transforms import mean_std
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # local folders only: nothing may reach for the Hub
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
 def _features(label=None):
     label = label or datasets.ClassLabel(names=list(CLASSES))
     return datasets.Features({"image": datasets.Image(), "label": label})
