@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -279,6 +280,7 @@ def test_tar_evaluation_split_takes_the_training_names_and_forked_workers_read_t
     opened = val.reader.tar_state.tf
     val._pid = -1  # as in a forked worker
     assert val[0] == val[0] and val.reader.tar_state.tf is not opened and not opened.closed
+    assert pickle.loads(pickle.dumps(val))[7] == val[7]  # a spawned worker's copy, made after reading
     loader = DataLoader(val, batch_size=16, num_workers=2, collate_fn=lambda b: b)
     forked = [t for batch in loader for _, t in batch]
     assert forked == [val[i][1] for i in range(60)]

@@ -323,6 +323,10 @@ class TarImages(_Files):
             self._forget_open_files()
         return *self.reader[row], f"{self.description}:{self.reader.filename(row)}"
 
+    def __getstate__(self) -> dict:
+        self._forget_open_files()  # open files do not pickle (a spawned worker gets a copy): each process opens its own
+        return self.__dict__.copy()
+
     def _forget_open_files(self) -> None:
         states = [self.reader.tar_state] if self.reader.root_is_tar else list(self.reader.tar_state.values())
         for state in states:
