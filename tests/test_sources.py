@@ -333,3 +333,26 @@ def test_webdataset_shards_are_read_indexed_through_hugging_face_datasets(tmp_pa
     for i in (0, 25, 39):
         img, label = ds[i]
         assert np.array_equal(np.asarray(img), x[i].numpy()) and ds.classes[label] == str(int(y[i]))
+
+
+def _final_weights(tmp_path, name, data):
+    more = {"train.output": str(tmp_path), "train.name": name, "sched.epochs": 1, "aug.mean": [0.3], "aug.std": [0.35]}
+    assert main(["train", *args(TINY, **{**more, **data})]) == 0
+    return checkpoint.load(tmp_path / name / "last.pt")
+
+
+@pytest.mark.parametrize("kind", ["torch", "hfds"])
+def test_the_same_images_by_another_source_train_the_same_weights(kind, torch_root, hf_folder, tmp_path):
+    """Fashion-MNIST read from its IDX files and from torchvision's folder or Hugging Face parquet files: the
+    same images and labels in the same order, so one run's weights, bit for bit."""
+    if kind == "torch":  # torchvision's folder here holds the test split only: both runs train on all of it
+        every = {"data.train_split": "test", "data.train_subset": None, "data.eval_subset": 100}
+        idx = {"data.name": "fashion_mnist", **every}
+        other = {"data.name": "torch/fashion_mnist", "data.dir": str(torch_root), **every}
+    else:  # the parquet files hold the first 256 training and 100 test images: IDX's first ones
+        idx = {"data.name": "fashion_mnist", "data.train_subset": 256, "data.eval_subset": 100}
+        other = {"data.name": f"hfds/{hf_folder}", "data.dir": str(tmp_path / "cache")}
+        other |= {"data.train_subset": None, "data.eval_subset": None}
+    a, b = _final_weights(tmp_path, "idx", idx), _final_weights(tmp_path, kind, other)
+    assert a["classes"] == b["classes"] == list(CLASSES) and a["position"] == b["position"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
