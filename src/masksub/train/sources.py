@@ -230,6 +230,7 @@ class HfDataset(_Files):
         names, to_index = self._label_names(table, label_key, where)
         self.corrupt = corrupt
         self.mode = "RGB" if in_chans == 3 else "L"
+        table = table.select_columns([k for k in (image_key, label_key) if k is not None])  # a row reads these only
         self.table = table.cast_column(image_key, datasets.Image(decode=False))  # decoded here: skipped if broken
         self.image_key, self.label_key = image_key, label_key
         self.rows = spread_subset(len(table), subset)
