@@ -126,7 +126,7 @@ class TorchVision(_Named):
         shown = ("train" if split in ("train", "training") else "test") if basic else split
         self.description = f"{name} split {shown}"  # timm reads those six's splits as train or test
         self.rows = spread_subset(len(self.base), subset)
-        self._classes(names, classes, f"{name} split {split}")
+        self._classes(names, classes, self.description)
 
     def __getitem__(self, index: int):
         img, target = self.base[self.rows[index]]

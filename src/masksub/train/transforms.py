@@ -10,7 +10,8 @@ from torchvision import transforms as T
 from .. import data as fmnist
 from .config import Config
 
-FASHION_MNIST = ("fashion_mnist", "torch/fashion_mnist")  # its statistics; its 28 pixels need no resize
+FASHION_MNIST = ("fashion_mnist", "torch/fashion_mnist")  # its statistics; its 28 pixels need no resize (timm reads
+# torch/ names in any case)
 
 
 def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
@@ -23,7 +24,7 @@ def mean_std(cfg: Config, model) -> tuple[tuple, tuple]:
     chans = cfg.data.in_chans
     mean, std = cfg.aug.mean, cfg.aug.std
     if mean is None or std is None:
-        if cfg.data.name in FASHION_MNIST:
+        if cfg.data.name.lower() in FASHION_MNIST:
             default = (fmnist.MEAN,), (fmnist.STD,)
         else:
             resolved = resolve_data_config({}, model=model)
@@ -40,7 +41,7 @@ def build_transforms(cfg: Config, model):
     size, a = cfg.data.img_size, cfg.aug
     if a.preset == "none":
         plain = T.Compose(
-            ([T.Resize(size)] if size != 28 or cfg.data.name not in FASHION_MNIST else [])
+            ([T.Resize(size)] if size != 28 or cfg.data.name.lower() not in FASHION_MNIST else [])
             + [T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)]
         )
         return plain, plain
@@ -54,7 +55,7 @@ def build_transforms(cfg: Config, model):
         )
         return train, T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
     if a.preset == "simple":
-        resize = [T.Resize(size)] if cfg.data.name not in FASHION_MNIST or size != 28 else []
+        resize = [T.Resize(size)] if cfg.data.name.lower() not in FASHION_MNIST or size != 28 else []
         tail = [T.ToTensor(), T.Normalize(mean, std)]
         train = T.Compose(
             resize + [T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip(a.hflip)] + tail
