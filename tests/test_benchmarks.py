@@ -322,3 +322,12 @@ def test_run_gpu_writes_step_cost_into_dest_as_it_goes(tmp_path, cut_off):
     assert (dest / "step_cost.json").read_text() == "eager,on,"
     committed = (repo / "benchmarks" / "results" / "step_cost.json").read_text()
     assert committed == ("eager," if cut_off else "eager,on,")  # copied back only by a part that finished
+
+
+def test_data_sources_tiny(tmp_path):
+    _run("data_sources.py", "--scale", "tiny", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "data_sources_tiny.json").read_text())
+    assert set(data["results"]) == {"folder", "tar", "parquet", "webdataset"} and data["meta"]["images"] == 48
+    assert all(r["images_per_s"] > 0 and len(r["read_s"]) == 1 for r in data["results"].values())
+    md = (tmp_path / "data_sources_tiny.md").read_text()
+    assert md.startswith("Command: `python benchmarks/data_sources.py --scale tiny --out ") and "| tar | " in md
