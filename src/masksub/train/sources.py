@@ -27,8 +27,8 @@ from .images import read_image
 PREFIXES = ("torch", "hfds")
 STREAMING = ("hfids", "wds", "tfds")  # timm's iterable readers
 # torchvision data sets timm's create_dataset builds (its 'folder' names: masksub's data.name=folder instead)
-TORCH_NAMES = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist", "imagenet", "places365")
-TORCH_NAMES += ("inaturalist", "inat")
+TORCH_TRAIN_OR_TEST = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist")  # split: train or test
+TORCH_NAMES = (*TORCH_TRAIN_OR_TEST, "imagenet", "places365", "inaturalist", "inat")
 EVAL_SPLITS = ("val", "validation", "valid", "test")  # the names of a Hugging Face evaluation split, by preference
 
 
@@ -122,7 +122,7 @@ class TorchVision(_Named):
         names = getattr(self.base, "classes", None) or getattr(self.base, "all_categories", None) or []
         names = [c[0] if isinstance(c, tuple) else str(c) for c in names]  # ImageNet's: tuples of synonyms
         self.mode = "RGB" if in_chans == 3 else "L"
-        basic = name.partition("/")[2].lower() in ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist")
+        basic = name.partition("/")[2].lower() in TORCH_TRAIN_OR_TEST
         shown = ("train" if split in ("train", "training") else "test") if basic else split
         self.description = f"{name} split {shown}"  # timm reads those six's splits as train or test
         self.rows = spread_subset(len(self.base), subset)
