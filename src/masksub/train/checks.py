@@ -277,7 +277,7 @@ def _check_betas(o: OptimConfig) -> None:
 
 PRETRAIN_UNUSED = {  # keys masksub pretrain does not read: DMJD computes its own losses, masks its own input,
     # and evaluates nothing (linear probe and finetuning judge it)
-    "data": ("val_split", "eval_subset", "eval_batch_size", "label_key"),
+    "data": ("val_split", "eval_subset", "eval_batch_size", "label_key", "val_labels"),
     "aug": ("mixup", "cutmix", "mixup_prob", "switch_prob", "smoothing", "bce", "bce_target_thresh"),
     "train": ("ema", "ema_decay", "linprobe", "eval_every"),
 }
@@ -353,6 +353,10 @@ def moot_settings(cfg: Config) -> list[tuple[list[str], str]]:
             for k in ("image_key", "label_key")
         },
         "data.download": (cfg.data.download and reader != "torch", "data.name torch/<name>"),
+        "data.val_labels": (
+            cfg.data.val_labels is not None and reader not in ("folder", "tar"),
+            "data.name folder or tar",
+        ),
     }
     if cfg.optim.layer_decay is not None and cfg.train.linprobe:  # the head, the one layer trained, keeps the rate
         found.append(

@@ -69,6 +69,9 @@ class DataConfig:
     image_key: str = "image"  # hfds/: the image column
     label_key: str = "label"  # hfds/: the label column (a ClassLabel, or strings or integers: their sorted values)
     download: bool = False  # torch/: download into data.dir when absent
+    # folder, tar: a file of the classes of a flat val_split's images (ImageNet's validation images come in one
+    # folder or tar): "<image> <class>" lines, a CSV of image,class, or one class per line in the images' order
+    val_labels: str | None = None
     img_size: int = 28
     in_chans: int = 1
     batch_size: int = 128  # per process

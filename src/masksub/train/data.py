@@ -27,6 +27,7 @@ from .config import Config, ConfigError
 from .device_data import AUGMENTS, DeviceBatches
 from .images import CorruptImageError, read_image
 from .interrupt import loader_worker_init
+from .labels import read_labels
 from .sources import HfDataset, TarImages, TorchVision, source, spread_subset
 from .transforms import build_transforms, mean_std
 
@@ -80,10 +81,17 @@ class ImageFolder(Dataset):
     """``root/<class>/<image>`` (``find_images``); unreadable images are reported by path.
 
     ``subset`` keeps that many images spread evenly over the classes; ``class_map`` (class name -> label)
-    labels the images as another split does, leaving out classes it lacks."""
+    labels the images as another split does, leaving out classes it lacks. ``labels`` (a file, ``read_labels``)
+    labels a flat folder's images instead, by the classes of ``class_map``."""
 
     def __init__(
-        self, root: Path, corrupt: str, in_chans: int, subset: int | None = None, class_map: dict | None = None
+        self,
+        root: Path,
+        corrupt: str,
+        in_chans: int,
+        subset: int | None = None,
+        class_map: dict | None = None,
+        labels: str | None = None,
     ):
         if not root.is_dir():
             splits = sorted(p.name for p in root.parent.iterdir() if p.is_dir()) if root.parent.is_dir() else []
@@ -93,21 +101,29 @@ class ImageFolder(Dataset):
                 "<split>/<class>/<image> folders (ImageNet layout), e.g. data.dir=/data/imagenet with train/ and val/"
             )
         found, loose = find_images(root)
-        if loose:
-            flat = "" if found else " (ImageNet's validation images come in one folder: sort them into class folders)"
+        self.folders = sorted({c for _, c in found}, key=natural_key)  # the class folders found, mapped or not
+        if class_map is None:
+            class_map = {c: i for i, c in enumerate(self.folders)}
+        if labels is not None:
+            found = _flat(root, found, loose, labels, sorted(class_map, key=class_map.get))
+        elif loose:
+            flat = (
+                ""
+                if found
+                else " (ImageNet's validation images come in one folder: sort them into class folders, or name the "
+                "file of their classes as data.val_labels)"
+            )
             raise FileNotFoundError(
                 f"{root} holds {len(loose)} image file(s) outside a class folder (e.g. {loose[0]}); "
                 f"put each image in <class>/ sub-folders (the folder name is the label){flat}"
             )
-        if not found:
+        else:
+            found = [(path, class_map[c]) for path, c in found if c in class_map]
+        if not found and not self.folders:
             raise FileNotFoundError(
                 f"no images found under {root}: expected <class>/<image> sub-folders with files ending in "
                 f"{', '.join(EXTENSIONS)} (any case)"
             )
-        self.folders = sorted({c for _, c in found}, key=natural_key)  # the class folders found, mapped or not
-        if class_map is None:
-            class_map = {c: i for i, c in enumerate(self.folders)}
-        found = [(path, class_map[c]) for path, c in found if c in class_map]
         self.samples = [found[i] for i in spread_subset(len(found), subset)]
         self.corrupt, self.mode = corrupt, "RGB" if in_chans == 3 else "L"
         self.length = len(self.samples)
@@ -128,6 +144,20 @@ class ImageFolder(Dataset):
             if img is not None:
                 return img.convert(self.mode), int(target)
         raise CorruptImageError(f"no readable image in {self.length} files")
+
+
+def _flat(root: Path, found: list, loose: list[str], labels: str, classes: list[str]) -> list[tuple[str, int]]:
+    """``(path, label)`` of the images lying in ``root`` (a folder without class folders), labelled by the file
+    ``labels`` (``data.val_labels``) with the indices of ``classes``."""
+    if found:
+        raise ConfigError(
+            f"{root} holds class folders, which label its images; data.val_labels labels a folder of images without "
+            "them: unset it"
+        )
+    if not loose:
+        raise FileNotFoundError(f"no images found in {root}, which data.val_labels labels")
+    images = sorted(loose, key=natural_key)
+    return list(zip([str(root / f) for f in images], read_labels(labels, images, classes, str(root))))
 
 
 class Augmented(Dataset):
@@ -213,7 +243,7 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
         return _named(cfg, d.val_split, d.eval_subset, classes)
     root = _folder(cfg) / d.val_split
     # labelled by the training split's class indices (each split alone would number its own folders)
-    val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset, {c: i for i, c in enumerate(classes)})
+    val = ImageFolder(root, d.corrupt, d.in_chans, d.eval_subset, {c: i for i, c in enumerate(classes)}, d.val_labels)
     extra = sorted(set(val.folders) - set(classes), key=natural_key)
     if extra:
         raise ConfigError(
@@ -227,12 +257,14 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
 def _named(
     cfg: Config, split: str, subset: int | None, classes: list[str] | None = None, labelled: bool = True
 ) -> Dataset:
-    """A split of a data set timm opens (``torch/...``, ``hfds/...``, ``tar``)."""
+    """A split of a data set timm opens (``torch/...``, ``hfds/...``, ``tar``); ``classes`` given, the evaluation
+    split."""
     d = cfg.data
     if source(d.name) == "torch":
         return TorchVision(d.name, d.dir, split, d.in_chans, subset, classes, d.download)
     if d.name == "tar":
-        return TarImages(d.dir, split, d.in_chans, subset, classes, d.corrupt)
+        labels = d.val_labels if classes is not None else None
+        return TarImages(d.dir, split, d.in_chans, subset, classes, d.corrupt, labels)
     label_key = d.label_key if labelled else None
     return HfDataset(d.name, d.dir, split, d.in_chans, subset, classes, d.image_key, label_key, d.corrupt)
 

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from ..data import CorruptDataError
 from .config import ConfigError
 from .images import read_image
+from .labels import read_labels
 
 PREFIXES = ("torch", "hfds")
 STREAMING = ("hfids", "wds", "tfds")  # timm's iterable readers
@@ -295,9 +296,20 @@ def _tar_root(folder: str | None, split: str) -> str:
 class TarImages(_Files):
     """Images inside tar files, read in place by timm's tar reader (``data.name=tar``): one tar of
     ``<class>/<image>`` files, a folder of tars (one per class, named by it), or a tar of such tars (ImageNet's
-    training archive). An image's class is the folder or inner tar it lies in."""
+    training archive). An image's class is the folder or inner tar it lies in, or, given ``labels`` (a file,
+    ``read_labels``) and the training split's ``classes``, the one that file gives (a flat tar: ImageNet's validation
+    archive)."""
 
-    def __init__(self, folder: str | None, split: str, in_chans: int, subset=None, classes=None, corrupt: str = "skip"):
+    def __init__(
+        self,
+        folder: str | None,
+        split: str,
+        in_chans: int,
+        subset=None,
+        classes=None,
+        corrupt: str = "skip",
+        labels: str | None = None,
+    ):
         import tarfile
 
         from timm.data.readers.reader_image_in_tar import ReaderImageInTar
@@ -317,12 +329,23 @@ class TarImages(_Files):
         self.rows = spread_subset(len(self.reader), subset)  # the reader sorts by path: classes in order
         self.reported: set[str] = set()
         self._pid = None  # the process whose open tar files the reader holds: a forked worker opens its own
+        self.from_file = None  # the label of each image, from data.val_labels
+        if labels is not None:
+            if len(names) > 1:
+                raise ConfigError(
+                    f"the images of {root} lie in {len(names)} folders or tars, which label them; data.val_labels "
+                    "labels a tar of images without them: unset it"
+                )
+            images = [self.reader.filename(i) for i in range(len(self.reader))]
+            self.from_file, names = read_labels(labels, images, list(classes), root), list(classes)
         self._classes(names, classes, root)
 
     def _open(self, row: int):
         if self._pid != os.getpid():  # open files shared with the parent would share its read position
             self._forget_open_files()
-        return *self.reader[row], f"{self.description}:{self.reader.filename(row)}"
+        file, target = self.reader[row]
+        target = target if self.from_file is None else self.from_file[row]
+        return file, target, f"{self.description}:{self.reader.filename(row)}"
 
     def __getstate__(self) -> dict:
         self._forget_open_files()  # open files do not pickle (a spawned worker gets a copy): each process opens its own
