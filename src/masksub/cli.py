@@ -3,6 +3,7 @@
 masksub train                                  # default recipe: small ViT + MaskSub on Fashion-MNIST
 masksub train --recipe deit3_vit_s_400 --data.dir /data/imagenet --sub.ratio 0.5
 masksub eval --checkpoint runs/fashion_mnist_vit-mask-s0/best.pt
+masksub export --checkpoint runs/fashion_mnist_vit-mask-s0/best.pt --out exported/fashion_mnist_vit
 masksub compare --subs none,mask --seeds 0,1,2 --sched.epochs 5
 masksub pretrain                               # DMJD on Fashion-MNIST; --method single: the baseline
 masksub linprobe --checkpoint runs/fashion_mnist_dmjd-dmjd-s0/encoder.pt
@@ -82,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
         "/data/elsewhere, --data.eval_subset null (every image), --data.eval_batch_size 100, --train.device cpu.",
     )
     ev.add_argument("--checkpoint", required=True, help="a checkpoint of masksub train (best.pt, last.pt)")
+    ex = sub.add_parser(
+        "export",
+        allow_abbrev=False,
+        help="write a run's model as a timm folder (model.safetensors, config.json) that timm and transformers load",
+        epilog="timm.create_model('local-dir:OUT', pretrained=True) loads it with its class names and evaluation "
+        "preprocessing (timm.data.resolve_data_config(model=model)); so does transformers' "
+        "AutoModelForImageClassification.from_pretrained('OUT').",
+    )
+    ex.add_argument("--checkpoint", required=True, help="a checkpoint of masksub train or linprobe, or its run folder")
+    ex.add_argument("--out", required=True, help="the folder to write (new, or empty)")
+    ex.add_argument("--ema", action="store_true", help="the EMA weights (a run with train.ema true)")
     cmp = sub.add_parser(
         "compare",
         allow_abbrev=False,
@@ -241,6 +253,12 @@ def _main(argv: list[str] | None) -> int:
             results = evaluate_checkpoint(Path(args.checkpoint), parse_overrides(rest), report=print)
             for name, metrics in results.items():
                 print(f"{name}: {accuracy_text(metrics, sep='  ')}")
+        elif args.command == "export":
+            from .train.export import export_checkpoint
+
+            if rest:
+                raise ConfigError(f"masksub export takes --checkpoint, --out and --ema, not {' '.join(rest)}")
+            export_checkpoint(Path(args.checkpoint), Path(args.out), args.ema)
         elif args.command == "compare":
             from .train.compare import compare
 

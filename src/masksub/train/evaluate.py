@@ -44,32 +44,13 @@ def evaluate_checkpoint(
             "transform (aug.preset, interpolation, crop_pct, mean, std), "
             "train.device, train.amp and train.channels_last"
         )
-    state = checkpoint.load(path)
-    if "config" not in state or "model" not in state:
-        raise checkpoint.CheckpointError(
-            f"{path} is not a masksub training checkpoint (no config/model entries): masksub eval reads a run's "
-            "last.pt or best.pt (or its folder); weights alone (an encoder.pt, a timm or hub file) have no run "
-            "settings to evaluate with: train from them with masksub linprobe or masksub train --model.checkpoint"
-        )
-    if checkpoint.run_command(state) == "pretrain":
-        raise checkpoint.CheckpointError(
-            f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
-        )
-    cfg = apply_overrides(from_dict(state["config"]), overrides or {}, check=False)  # e.g. another data.dir
-    cfg.model.checkpoint = None  # the checkpoint holds every weight
-    validate(cfg, training=False)
+    cfg, state = load_run(path, overrides or {}, "eval")
     device = resolve_device(cfg.train.device)
     classes = state.get("classes")
     if classes is None:  # a checkpoint without its class list: the training split gives it
         classes = build_datasets(cfg)[0].classes
     val_set = build_eval_dataset(cfg, classes)  # the training split is not needed, nor read
-    model = build_model(cfg, len(classes) or 1000).to(device)
-    weights = state["model"]
-    if cfg.train.linprobe:
-        Trainer._linear_probe_head(model)
-    if cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
-        weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("branch.")}
-    model.load_state_dict(weights)
+    model = trained_model(cfg, state, len(classes) or 1000).to(device)
     # as the run evaluated each epoch: its autocast precision and memory format (train.amp null: full precision)
     amp, channels_last = AMP_DTYPES.get(cfg.train.amp), cfg.train.channels_last
     if channels_last:
@@ -93,3 +74,34 @@ def evaluate_checkpoint(
         ema_model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
         results["ema weights"] = evaluate(ema_model, loader, device, amp, channels_last)
     return results
+
+
+def load_run(path: Path, overrides: dict, command: str) -> tuple:
+    """The configuration (with ``overrides``) and the state of a classification run's checkpoint."""
+    state = checkpoint.load(path)
+    if "config" not in state or "model" not in state:
+        raise checkpoint.CheckpointError(
+            f"{path} is not a masksub training checkpoint (no config/model entries): masksub {command} reads a run's "
+            "last.pt or best.pt (or its folder); weights alone (an encoder.pt, a timm or hub file) have no run "
+            "settings to go with: train from them with masksub linprobe or masksub train --model.checkpoint"
+        )
+    if checkpoint.run_command(state) == "pretrain":
+        raise checkpoint.CheckpointError(
+            f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
+        )
+    cfg = apply_overrides(from_dict(state["config"]), overrides, check=False)  # e.g. another data.dir
+    cfg.model.checkpoint = None  # the checkpoint holds every weight
+    validate(cfg, training=False)
+    return cfg, state
+
+
+def trained_model(cfg, state: dict, num_classes: int) -> torch.nn.Module:
+    """The plain model of a run (a linear probe's with its BatchNorm head) holding the checkpoint's weights."""
+    model = build_model(cfg, num_classes)
+    weights = state["model"]
+    if cfg.train.linprobe:
+        Trainer._linear_probe_head(model)
+    if cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
+        weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("branch.")}
+    model.load_state_dict(weights)
+    return model

@@ -1,0 +1,117 @@
+"""``masksub export``: a run's trained model as timm writes one for the Hub (``model.safetensors`` and
+``config.json`` with the class names and the evaluation preprocessing), which ``timm.create_model("local-dir:...")``
+and transformers' ``AutoModelForImageClassification`` load without masksub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import save_for_hf
+
+from . import checkpoint
+from .config import Config, ConfigError
+from .data import build_datasets
+from .evaluate import load_run, trained_model
+from .transforms import mean_std
+
+
+def export_checkpoint(path: Path, out: Path, ema: bool = False, report: Callable[[str], None] = print) -> Path:
+    """Write the plain model of the run checkpoint ``path`` (its EMA weights with ``ema``) into the new folder
+    ``out``, checked by loading it back with timm; a linear probe's BatchNorm head is folded into its linear layer."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty folder: masksub export writes a new one; name another")
+    cfg, state = load_run(path, {}, "export")
+    classes = state.get("classes") or build_datasets(cfg)[0].classes  # older checkpoints: the training split's
+    model = trained_model(cfg, state, len(classes))
+    if ema:
+        if not state.get("ema"):
+            raise checkpoint.CheckpointError(f"{path} holds no EMA weights (its run had train.ema false): drop --ema")
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
+    if cfg.train.linprobe:
+        model.head = fold_probe_head(model.head)
+    model.eval()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # renamed into place once written and checked
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write(model, tmp, classes, data_config(cfg, model))
+        _check(model, tmp, cfg)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ours = type(model).__module__.startswith("masksub")  # masksub's ConViT: timm knows it once masksub is imported
+    needs = "import masksub (which registers it with timm), then " if ours else ""
+    report(
+        f"wrote {out} (model.safetensors, config.json): {cfg.model.name}, the {'EMA' if ema else 'trained'} weights "
+        f"of {path}, {len(classes)} classes, {cfg.data.in_chans}x{cfg.data.img_size}x{cfg.data.img_size} input. "
+        f"Load it with {needs}timm.create_model('local-dir:{out}', pretrained=True) (its preprocessing: "
+        "timm.data.resolve_data_config(model=model)) or transformers' "
+        f"AutoModelForImageClassification.from_pretrained('{out}')"
+    )
+    return out
+
+
+def data_config(cfg: Config, model: torch.nn.Module) -> dict:
+    """The run's evaluation transform in timm's terms: resize, centre crop, normalize."""
+    a, d = cfg.aug, cfg.data
+    mean, std = mean_std(cfg, model)
+    timm_preset = a.preset == "timm"  # the others resize to the size and crop it whole, bilinear
+    interpolation = ("bicubic" if a.interpolation == "random" else a.interpolation) if timm_preset else "bilinear"
+    return {
+        "input_size": (d.in_chans, d.img_size, d.img_size),
+        "mean": mean,
+        "std": std,
+        "crop_pct": a.crop_pct if timm_preset else 1.0,
+        "crop_mode": "center",
+        "interpolation": interpolation,
+    }
+
+
+def fold_probe_head(head: torch.nn.Sequential) -> torch.nn.Linear:
+    """A linear probe's head (BatchNorm without affine, then the linear classifier) as one linear layer: the
+    same outputs in evaluation mode, and the plain model's layout."""
+    norm, linear = head
+    with torch.no_grad():
+        scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+        weight = linear.weight.double() * scale
+        bias = linear.bias.double() - weight @ norm.running_mean.double()
+        folded = torch.nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device)
+        folded.weight.copy_(weight)
+        folded.bias.copy_(bias)
+    return folded
+
+
+def _write(model: torch.nn.Module, folder: Path, classes: list[str], preprocessing: dict) -> None:
+    try:
+        save_for_hf(model, folder, model_config={"label_names": list(classes)}, safe_serialization=True,
+                    data_config=preprocessing)  # fmt: skip
+    except ValueError as e:  # an argument of the model timm cannot write into config.json
+        raise ConfigError(f"timm cannot export {type(model).__name__}: {e}") from None
+    config = json.loads((folder / "config.json").read_text())
+    # transformers' timm wrapper passes num_classes itself, next to these: twice is a TypeError there
+    config.get("model_args", {}).pop("num_classes", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.iterdir():  # safetensors writes its file for its owner alone; share it as other files are
+        file.chmod(0o666 & ~mask)
+
+
+def _check(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
+    """The folder, loaded by timm, computes what the run's model computes."""
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    d = cfg.data
+    x = torch.randn(2, d.in_chans, d.img_size, d.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(x), loaded(x)
+    if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5 * want.abs().max().item()):
+        raise ConfigError(
+            f"timm rebuilds {cfg.model.name} from the exported config.json into another model (outputs differ): an "
+            "argument of it is not recorded there; nothing was written"
+        )

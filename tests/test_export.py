@@ -1,0 +1,142 @@
+"""``masksub export``: a run's model as a timm folder, loaded back by timm and transformers without masksub, scoring
+what the run scored with timm's own transform of the exported preprocessing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from test_trainer import TINY, args
+from timm.data import create_transform, resolve_data_config
+
+from masksub.cli import main
+from masksub.data import CLASSES
+from masksub.train import checkpoint
+from masksub.train.build import build_model
+from masksub.train.config import load_config
+from masksub.train.data import build_eval_dataset
+from masksub.train.evaluate import load_run, trained_model
+from masksub.train.export import data_config, fold_probe_head
+from masksub.train.transforms import build_transforms
+
+
+def _train(tmp_path, name, **more) -> tuple:
+    settings = {"train.output": str(tmp_path), "train.name": name, "sched.epochs": 1, **more}
+    assert main(["train", *args(TINY, **settings)]) == 0
+    records = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return tmp_path / name, records[-1]
+
+
+def _export(run, out, *more) -> int:
+    return main(["export", "--checkpoint", str(run), "--out", str(out), *more])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A MaskSub run with EMA weights, on the timm preset (resize, crop_pct, bicubic: a transform to rebuild)."""
+    folder = tmp_path_factory.mktemp("export")
+    aug = {"aug.preset": "timm", "aug.crop_pct": 0.9, "aug.scale": [0.5, 1.0], "aug.mean": [0.3], "aug.std": [0.4]}
+    return _train(folder, "mask", **{"train.ema": True, "train.ema_decay": 0.9, **aug})
+
+
+def test_timm_loads_the_run_model_and_its_transform_scores_what_the_run_scored(run, tmp_path, capsys):
+    folder, last = run
+    assert _export(folder, tmp_path / "out") == 0
+    assert "timm.create_model('local-dir:" in capsys.readouterr().out
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    cfg, state = load_run(folder / "last.pt", {}, "test")
+    model = trained_model(cfg, state, 10).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.pretrained_cfg["label_names"] == list(CLASSES)
+    data = resolve_data_config(model=loaded)
+    assert data["crop_pct"] == 0.9 and data["interpolation"] == "bicubic" and data["input_size"] == (1, 28, 28)
+    transform = create_transform(**data)  # timm's own evaluation transform, from the folder alone
+    images = build_eval_dataset(cfg, list(CLASSES))
+    batch = torch.stack([transform(images[i][0]) for i in range(len(images))])
+    labels = torch.tensor([images[i][1] for i in range(len(images))])
+    with torch.no_grad():
+        correct = (loaded(batch).argmax(1) == labels).sum().item()
+    assert len(images) == 200 and correct / 2 == pytest.approx(last["top1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["none", "simple", "timm"])
+@pytest.mark.parametrize("size", [28, 36])
+def test_timm_transform_of_the_exported_config_is_the_run_evaluation_transform(preset, size):
+    more = {"aug.crop_pct": 0.8, "aug.interpolation": "random"} if preset == "timm" else {}
+    cfg = load_config(None, {"aug.preset": preset, "data.img_size": size, "model.kwargs": {"img_size": size}, **more})
+    model = build_model(cfg, 10)
+    ours = build_transforms(cfg, model)[1]
+    theirs = create_transform(**resolve_data_config(data_config(cfg, model)))
+    images = build_eval_dataset(cfg, list(CLASSES))
+    for i in (0, 1, 2):
+        assert torch.equal(theirs(images[i][0]), ours(images[i][0])), (preset, size, i)
+
+
+def test_the_ema_weights_and_transformers_loading(run, tmp_path):
+    folder, _ = run
+    from transformers import AutoModelForImageClassification
+
+    assert _export(folder, tmp_path / "ema", "--ema") == 0
+    state = checkpoint.load(folder / "last.pt")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'ema'}", pretrained=True)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items()}
+    assert all(torch.equal(v, ema[k]) for k, v in loaded.state_dict().items())
+    assert not all(torch.equal(v, state["model"][f"model.{k}"]) for k, v in loaded.state_dict().items())
+    hf = AutoModelForImageClassification.from_pretrained(tmp_path / "ema").eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, loaded.eval()(x))
+    assert hf.config.id2label[9] == CLASSES[9]
+
+
+def test_a_linear_probe_head_is_folded_into_one_linear_layer(tmp_path):
+    norm = torch.nn.BatchNorm1d(8, affine=False).eval()
+    norm.running_mean.normal_(0, 3)
+    norm.running_var.uniform_(0.1, 5)
+    head = torch.nn.Sequential(norm, torch.nn.Linear(8, 4))
+    x = torch.randn(16, 8)
+    folded = fold_probe_head(head)
+    assert isinstance(folded, torch.nn.Linear)
+    torch.testing.assert_close(folded(x), head(x), rtol=1e-5, atol=1e-5)
+    folder, last = _train(tmp_path, "probe", **{"train.linprobe": True, "sub.kind": "none"})
+    assert _export(folder, tmp_path / "out") == 0
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    cfg, state = load_run(folder / "last.pt", {}, "test")
+    probe = trained_model(cfg, state, 10).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), probe(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(loaded.head, torch.nn.Linear)
+
+
+def test_what_export_refuses_leaves_nothing_behind(run, tmp_path, capsys, monkeypatch):
+    folder, _ = run
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert _export(folder, tmp_path / "taken") == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    assert _export(folder, tmp_path / "x", "--sub.ratio", "0.3") == 2
+    assert "takes --checkpoint, --out and --ema, not --sub.ratio 0.3" in capsys.readouterr().err
+    plain, _ = _train(tmp_path, "plain", **{"sub.kind": "none"})
+    assert _export(plain, tmp_path / "x", "--ema") == 2
+    assert "holds no EMA weights" in capsys.readouterr().err
+    torch.save({"pos_embed": torch.zeros(1)}, tmp_path / "weights.pt")
+    assert _export(tmp_path / "weights.pt", tmp_path / "x") == 2
+    assert "is not a masksub training checkpoint" in capsys.readouterr().err
+    # a model timm rebuilds into another one: refused after the check, the folder never appears
+    create = timm.create_model
+
+    def another_model(*a, **k):
+        model = create(*a, **k)
+        torch.nn.init.zeros_(model.head.weight)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", another_model)
+    assert _export(folder, tmp_path / "x") == 2
+    assert "outputs differ" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "taken", "weights.pt"]
