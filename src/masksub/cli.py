@@ -4,6 +4,7 @@ masksub train                                  # default recipe: small ViT + Mas
 masksub train --recipe deit3_vit_s_400 --data.dir /data/imagenet --sub.ratio 0.5
 masksub eval --checkpoint runs/fashion_mnist_vit-mask-s0/best.pt
 masksub export --checkpoint runs/fashion_mnist_vit-mask-s0/best.pt --out exported/fashion_mnist_vit
+masksub predict --checkpoint runs/fashion_mnist_vit-mask-s0/best.pt photos/ --out predictions.csv
 masksub compare --subs none,mask --seeds 0,1,2 --sched.epochs 5
 masksub pretrain                               # DMJD on Fashion-MNIST; --method single: the baseline
 masksub linprobe --checkpoint runs/fashion_mnist_dmjd-dmjd-s0/encoder.pt
@@ -94,6 +95,20 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="a checkpoint of masksub train or linprobe, or its run folder")
     ex.add_argument("--out", required=True, help="the folder to write (new, or empty)")
     ex.add_argument("--ema", action="store_true", help="the EMA weights (a run with train.ema true)")
+    pr = sub.add_parser(
+        "predict",
+        allow_abbrev=False,
+        help="the top classes of image files by a run's model or an exported one: printed, or a CSV file",
+        epilog="Images are transformed as the run evaluated (an exported folder: as its config.json says); unreadable "
+        "ones are skipped with a warning. The CSV has the columns image, class_1, prob_1, ..., class_K, prob_K "
+        "(softmax probabilities).",
+    )
+    pr.add_argument("inputs", nargs="+", help="image files, or folders searched for images at any depth")
+    pr.add_argument("--checkpoint", required=True, help="a run's checkpoint or folder, or a folder of masksub export")
+    pr.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's)")
+    pr.add_argument("--out", default=None, help="a CSV file to write (default: one line per image on the screen)")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--ema", action="store_true", help="the run's EMA weights")
     cmp = sub.add_parser(
         "compare",
         allow_abbrev=False,
@@ -259,6 +274,12 @@ def _main(argv: list[str] | None) -> int:
             if rest:
                 raise ConfigError(f"masksub export takes --checkpoint, --out and --ema, not {' '.join(rest)}")
             export_checkpoint(Path(args.checkpoint), Path(args.out), args.ema)
+        elif args.command == "predict":
+            from .train.predict import predict
+
+            if rest:
+                raise ConfigError(f"masksub predict takes no {' '.join(rest)}: see masksub predict --help")
+            predict(Path(args.checkpoint), args.inputs, args.topk, args.out, args.batch_size, args.ema)
         elif args.command == "compare":
             from .train.compare import compare
 

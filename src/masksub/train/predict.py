@@ -1,0 +1,163 @@
+"""``masksub predict``: the top classes of image files by a run's model or an exported folder, printed or written
+as a CSV file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.utils.misc import natural_key
+from torch.utils.data import DataLoader, Dataset
+
+from ..step import AMP_DTYPES
+from . import checkpoint
+from .build import resolve_device
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import EXTENSIONS
+from .evaluate import load_run, trained_model
+from .images import read_image
+from .runlog import replace_text
+from .transforms import build_transforms
+
+
+def predict(
+    source: Path,
+    inputs: list[str],
+    topk: int = 5,
+    out: Path | None = None,
+    batch_size: int = 64,
+    ema: bool = False,
+    report: Callable[[str], None] = print,
+) -> list[dict]:
+    """Each readable image's ``topk`` classes with their softmax probabilities, by the model of ``source`` (a run's
+    checkpoint or folder, or a folder ``masksub export`` wrote), applying its evaluation transform; unreadable images
+    are skipped with a warning. ``out`` gets them as a CSV file (written whole, then renamed into place); without
+    it, ``report`` gets one line per image."""
+    if topk < 1 or batch_size < 1:
+        raise ConfigError(f"--topk and --batch-size must be at least 1, got {topk} and {batch_size}")
+    model, transform, classes, mode, device, amp = _load(Path(source).expanduser(), ema)
+    files = find_inputs(inputs)
+    k = min(topk, len(classes))
+    images = _Images(files, transform, mode)
+    rows = []
+    with torch.no_grad():
+        for x, index, readable in DataLoader(images, batch_size=batch_size, num_workers=min(2, os.cpu_count() or 1)):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(x.to(device))
+            probs, top = logits.float().softmax(1).topk(k, dim=1)
+            for i, p, t, ok in zip(index.tolist(), probs.tolist(), top.tolist(), readable.tolist(), strict=True):
+                if ok:
+                    rows.append({"image": files[i], "classes": [classes[c] for c in t], "probs": p})
+    skipped = len(files) - len(rows)
+    if out is not None:
+        _write_csv(Path(out).expanduser(), rows, k)
+        report(f"wrote the top {k} classes of {len(rows):,} images to {out}" + _skipped(skipped))
+    else:
+        for row in rows:
+            report(f"{row['image']}: " + ", ".join(f"{c} {p:.1%}" for c, p in zip(row["classes"], row["probs"])))
+        if skipped:
+            report(_skipped(skipped).strip("; "))
+    return rows
+
+
+def _skipped(count: int) -> str:
+    return f"; {count} unreadable image(s) skipped (named in the warnings)" if count else ""
+
+
+def find_inputs(inputs: list[str]) -> list[str]:
+    """The image files named, and those under the folders named (hidden ones skipped), each folder's in natural
+    order."""
+    files = []
+    for given in inputs:
+        path = Path(given).expanduser()
+        if path.is_file():
+            files.append(str(path))
+        elif path.is_dir():
+            found = []
+            for folder, subdirs, names in os.walk(path, followlinks=True):
+                subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+                found += [
+                    os.path.join(folder, n)
+                    for n in names
+                    if not n.startswith(".") and os.path.splitext(n)[1].lower() in EXTENSIONS
+                ]
+            if not found:
+                raise FileNotFoundError(f"no images under {path} (files ending in {', '.join(EXTENSIONS)}, any case)")
+            files += sorted(found, key=natural_key)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder; name image files or folders of them")
+    return files
+
+
+def _load(source: Path, ema: bool) -> tuple:
+    """The model, its evaluation transform, class names, PIL mode, device and autocast type of ``source``."""
+    if source.is_dir() and (source / "config.json").is_file() and not (source / "last.pt").exists():
+        if ema:
+            raise ConfigError(f"{source} is an exported model, which holds one set of weights: drop --ema")
+        model = timm.create_model(f"local-dir:{source}", pretrained=True).eval()
+        data = resolve_data_config(model=model)
+        names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
+        device = resolve_device("auto")
+        mode = "RGB" if data["input_size"][0] == 3 else "L"
+        return model.to(device), create_transform(**data), list(names), mode, device, None
+    cfg, state = load_run(source, {}, "predict")
+    classes = state.get("classes")
+    if not classes:
+        raise CheckpointError(f"{source} keeps no class names (an older checkpoint): evaluate it with masksub eval")
+    model = trained_model(cfg, state, len(classes))
+    if ema:
+        if not state.get("ema"):
+            raise CheckpointError(f"{source} holds no EMA weights (its run had train.ema false): drop --ema")
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
+    device = resolve_device(cfg.train.device)
+    mode = "RGB" if cfg.data.in_chans == 3 else "L"
+    transform = build_transforms(cfg, model)[1]
+    return model.eval().to(device), transform, list(classes), mode, device, AMP_DTYPES.get(cfg.train.amp)
+
+
+class _Images(Dataset):
+    def __init__(self, files: list[str], transform, mode: str):
+        self.files, self.transform, self.mode = files, transform, mode
+        self.reported: set[str] = set()
+        self.blank = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        img = read_image(self.files[index], self.files[index], "skip", self.reported)
+        if img is None:  # skipped (warned): a blank stands in for the batch, and its row is left out
+            size = self.transform(_BLANK[self.mode]).shape
+            return torch.zeros(size), index, False
+        return self.transform(img.convert(self.mode)), index, True
+
+
+class _Blank(dict):
+    def __missing__(self, mode: str):
+        from PIL import Image
+
+        self[mode] = Image.new(mode, (64, 64))
+        return self[mode]
+
+
+_BLANK = _Blank()
+
+
+def _write_csv(path: Path, rows: list[dict], k: int) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["image", *[f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")]])
+    for row in rows:
+        writer.writerow([row["image"], *[v for c, p in zip(row["classes"], row["probs"]) for v in (c, f"{p:.6f}")]])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_text(path, text.getvalue())
+    except OSError as e:
+        raise checkpoint.CheckpointWriteError(f"cannot write {path}: {e}") from e
