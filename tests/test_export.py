@@ -140,3 +140,27 @@ def test_what_export_refuses_leaves_nothing_behind(run, tmp_path, capsys, monkey
     assert _export(folder, tmp_path / "x") == 2
     assert "outputs differ" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "taken", "weights.pt"]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("resnet10t", {}),
+        ("swin_tiny_patch4_window7_224", {"patch_size": 2, "window_size": 7, "embed_dim": 16, "depths": [1, 1]}),
+        ("convvit_base_patch16", {"img_size": 32, "embed_dim": [16, 32, 64], "depth": [1, 1, 1], "num_heads": 2}),
+    ],
+)
+def test_other_families_export_and_load_back(name, kwargs, tmp_path):
+    """A CNN, a Swin built smaller than its name says, and masksub's own ConViT (registered with timm on import)."""
+    if name.startswith("swin"):
+        kwargs = {**kwargs, "img_size": 28, "num_heads": [1, 2]}
+    size = kwargs.get("img_size", 28)
+    more = {"model.name": name, "model.kwargs": kwargs, "sub.kind": "none", "data.img_size": size}
+    data = {"data.batch_size": 32, "data.train_subset": 64, "data.eval_subset": 32}
+    folder, _ = _train(tmp_path, "run", **more, **data)
+    assert _export(folder, tmp_path / "out") == 0
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    cfg, state = load_run(folder / "last.pt", {}, "test")
+    x = torch.randn(2, 1, size, size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained_model(cfg, state, 10).eval()(x))

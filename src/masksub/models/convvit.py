@@ -261,7 +261,7 @@ default_cfgs = generate_default_cfgs({"convvit_base_patch16": _cfg(), "convvit_l
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> ConvViT:
-    if pretrained:
+    if pretrained and kwargs.get("pretrained_cfg") is None:  # a folder or Hub entry names its weights: loaded
         raise ValueError(
             f"masksub has no published {variant} weights; pretrain one (masksub pretrain --recipe "
             "dmjd_convvit_b) and load it with --model.checkpoint"

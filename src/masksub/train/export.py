@@ -10,9 +10,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import safetensors.torch
 import timm
 import torch
-from timm.models import save_for_hf
+from timm.models._hub import filter_pretrained_cfg
 
 from . import checkpoint
 from .config import Config, ConfigError
@@ -40,7 +41,7 @@ def export_checkpoint(path: Path, out: Path, ema: bool = False, report: Callable
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # renamed into place once written and checked
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write(model, tmp, classes, data_config(cfg, model))
+        _write(model, cfg, tmp, classes, data_config(cfg, model))
         _check(model, tmp, cfg)
         os.replace(tmp, out)
     finally:
@@ -87,16 +88,41 @@ def fold_probe_head(head: torch.nn.Sequential) -> torch.nn.Linear:
     return folded
 
 
-def _write(model: torch.nn.Module, folder: Path, classes: list[str], preprocessing: dict) -> None:
+# Arguments of timm.create_model that load weights or configuration, not the architecture: a local folder's own.
+NOT_ARCHITECTURE = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+# What timm's configuration says of the weights it publishes (their tag, license, classes, test sizes), not of these.
+SOURCE_WEIGHTS = ("tag", "license", "notes", "paper_ids", "paper_name", "origin_url", "pool_size", "test_input_size")
+SOURCE_WEIGHTS += ("test_crop_pct", "test_pool_size", "label_names", "label_descriptions", "label_offset")
+
+
+def _write(model: torch.nn.Module, cfg: Config, folder: Path, classes: list[str], preprocessing: dict) -> None:
+    """``model.safetensors`` and ``config.json`` in timm's layout for the Hub (what ``save_for_hf`` writes, written
+    here so every timm release this package takes reads it the same way)."""
+    folder.mkdir(parents=True)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(weights, folder / "model.safetensors")
+    source = {k: v for k, v in model.pretrained_cfg.items() if k != "state_dict"}
+    pretrained = filter_pretrained_cfg(source, remove_source=True, remove_null=True)
+    for key in SOURCE_WEIGHTS:
+        pretrained.pop(key, None)
+    pretrained.update(preprocessing, num_classes=model.num_classes, custom_load=False)
+    args = {k: v for k, v in cfg.model.kwargs.items() if k not in NOT_ARCHITECTURE}
+    config = {
+        "architecture": pretrained.pop("architecture", cfg.model.name),
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "label_names": list(classes),
+        # not num_classes (the top level's): transformers' timm wrapper passes it next to these, twice a TypeError
+        "model_args": {**args, "in_chans": cfg.data.in_chans},
+        "pretrained_cfg": pretrained,
+    }
+    if isinstance(getattr(model, "global_pool", None), str) and model.global_pool:
+        config["global_pool"] = model.global_pool
     try:
-        save_for_hf(model, folder, model_config={"label_names": list(classes)}, safe_serialization=True,
-                    data_config=preprocessing)  # fmt: skip
-    except ValueError as e:  # an argument of the model timm cannot write into config.json
-        raise ConfigError(f"timm cannot export {type(model).__name__}: {e}") from None
-    config = json.loads((folder / "config.json").read_text())
-    # transformers' timm wrapper passes num_classes itself, next to these: twice is a TypeError there
-    config.get("model_args", {}).pop("num_classes", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+        text = json.dumps(config, indent=2)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs of {cfg.model.name} cannot be written as JSON ({e})") from None
+    (folder / "config.json").write_text(text)
     mask = os.umask(0)
     os.umask(mask)
     for file in folder.iterdir():  # safetensors writes its file for its owner alone; share it as other files are
