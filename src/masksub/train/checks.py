@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 
 import torch
 from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
@@ -55,6 +56,11 @@ def validate(cfg: Config, training: bool = True) -> None:
                 hint = f"; to run on GPU {value[5:]}, set train.device=cuda and CUDA_VISIBLE_DEVICES={value[5:]}"
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}{hint}")
     source(cfg.data.name)  # a name it reads, or an error saying which
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "train.tensorboard writes TensorBoard event files, which needs the tensorboard package: "
+            'pip install tensorboard (or "masksub[tensorboard]"), or set train.tensorboard false'
+        )
     if cfg.data.name == "fashion_mnist":
         from ..data import SPLIT_NAMES
 

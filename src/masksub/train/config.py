@@ -144,6 +144,7 @@ class TrainConfig:
     ema_decay: float = 0.9998
     eval_every: int = 1  # epochs
     checkpoint_every: int = 0  # optimizer steps between 'last' checkpoints inside an epoch; 0: per epoch
+    tensorboard: bool = False  # TensorBoard event files in <run>/tensorboard (needs the tensorboard package)
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
     max_nonfinite: int = 20  # consecutive steps with a non-finite loss or gradient before the run stops
     output: str = "runs"

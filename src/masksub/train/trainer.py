@@ -7,6 +7,7 @@ evaluates each epoch, and writes checkpoints that resume bit-exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -31,7 +32,7 @@ from .checks import check_command_keys
 from .config import Config, ConfigError, dump, load_config
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
-from .runlog import FolderLock, RunLog, make_run_folder, resume_command
+from .runlog import FolderLock, RunLog, TensorBoard, make_run_folder, resume_command
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,6 +136,7 @@ class Trainer:
         self.epoch_sums = self._zero_sums()  # loss, main loss, sub loss, micro-batches: on the device, no sync
         self.folder = self._run_folder()
         self.runlog = RunLog(self.folder, enabled=self.dist.main)
+        self.board: TensorBoard | None = None  # while fit runs, with train.tensorboard
         self.log(self._header(*sizes))
         if resume_state is not None:
             self._resume(resume_state, cfg.train.resume)
@@ -423,7 +425,11 @@ class Trainer:
         # The barriers sit on the paths every process takes together. After any other error a barrier would
         # wait beside a process still in a step's all-reduce until the backend's timeout; the error ends this
         # process instead, and torchrun then the others.
-        with FolderLock(self.folder, enabled=self.dist.main) as lock, StopRequest() as self._stop:
+        with (
+            FolderLock(self.folder, enabled=self.dist.main) as lock,
+            StopRequest() as self._stop,
+            self._tensorboard() as self.board,
+        ):
             if self.resuming:  # under the lock: a process still training here may have appended since
                 self.runlog.truncate_after(self.epoch)  # epochs after the checkpoint run again
             if lock.leftovers:
@@ -451,6 +457,12 @@ class Trainer:
                 )
         distributed.barrier()
         return {"folder": self.folder, "records": self.runlog.records() if self.dist.main else []}
+
+    def _tensorboard(self):
+        """Process 0's TensorBoard writer (``train.tensorboard``), or none."""
+        if not (self.cfg.train.tensorboard and self.dist.main):
+            return contextlib.nullcontext()
+        return TensorBoard(self.folder, purge_step=self.global_step + 1 if self.resuming else None)
 
     def _train_epoch(self) -> str | int | None:
         cfg, loaders = self.cfg, self.loaders
@@ -529,12 +541,17 @@ class Trainer:
                 self.ema.update(self.model, step=self.global_step)
         self.scheduler.step_update(self.global_step)
         if self.global_step % 20 == 0:  # the only host syncs of the loop
+            loss, lr = out["loss"].item(), self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(
-                loss=f"{out['loss'].item():.3f}",
-                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                loss=f"{loss:.3f}",
+                lr=f"{lr:.2e}",
                 img_s=f"{images_per_s * self.dist.world:.0f}",
                 refresh=False,  # shown at the bar's next refresh: a log file gets no line per call
             )
+            if self.board is not None:
+                parts = {k: out[k].item() for k in self.LOSS_KEYS if torch.is_tensor(out.get(k))}
+                values = {"loss": loss, **parts, "lr": lr, "images_per_s": images_per_s * self.dist.world}
+                self.board.add("train", values, self.global_step)
 
     def _evaluate(self) -> dict:
         cl = self.cfg.train.channels_last
@@ -576,6 +593,8 @@ class Trainer:
         self.log(f"epoch {self.epoch}/{cfg.sched.epochs}: loss {loss}{accuracy}")
         self.micro_in_epoch, self.epoch_sums, self.epoch_seconds_before = 0, self._zero_sums(), 0.0
         self.runlog.append(record)
+        if self.board is not None:
+            self.board.add("epoch", record, self.global_step)
         best = record.get("top1") is not None and (self.best_top1 is None or record["top1"] > self.best_top1)
         if best:
             self.best_top1 = record["top1"]
