@@ -95,13 +95,20 @@ def load_run(path: Path, overrides: dict, command: str) -> tuple:
     return cfg, state
 
 
-def trained_model(cfg, state: dict, num_classes: int) -> torch.nn.Module:
-    """The plain model of a run (a linear probe's with its BatchNorm head) holding the checkpoint's weights."""
+def trained_model(cfg, state: dict, num_classes: int, ema: bool = False) -> torch.nn.Module:
+    """The plain model of a run (a linear probe's with its BatchNorm head) holding the checkpoint's weights, or
+    with ``ema`` its EMA weights."""
     model = build_model(cfg, num_classes)
     weights = state["model"]
     if cfg.train.linprobe:
         Trainer._linear_probe_head(model)
-    if cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
+    if ema:
+        if not state.get("ema"):
+            raise checkpoint.CheckpointError(
+                "the checkpoint holds no EMA weights (its run had train.ema false): leave out --ema"
+            )
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items()}
+    elif cfg.sub.kind != "none":  # the wrapper's keys: model.* (the plain model) and branch.* (mask token)
         weights = {k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("branch.")}
     model.load_state_dict(weights)
     return model

@@ -15,7 +15,6 @@ import timm
 import torch
 from timm.models._hub import filter_pretrained_cfg
 
-from . import checkpoint
 from .config import Config, ConfigError
 from .data import build_datasets
 from .evaluate import load_run, trained_model
@@ -30,11 +29,7 @@ def export_checkpoint(path: Path, out: Path, ema: bool = False, report: Callable
         raise ConfigError(f"{out} exists and is not an empty folder: masksub export writes a new one; name another")
     cfg, state = load_run(path, {}, "export")
     classes = state.get("classes") or build_datasets(cfg)[0].classes  # older checkpoints: the training split's
-    model = trained_model(cfg, state, len(classes))
-    if ema:
-        if not state.get("ema"):
-            raise checkpoint.CheckpointError(f"{path} holds no EMA weights (its run had train.ema false): drop --ema")
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
+    model = trained_model(cfg, state, len(classes), ema)
     if cfg.train.linprobe:
         model.head = fold_probe_head(model.head)
     model.eval()

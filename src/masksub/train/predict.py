@@ -111,11 +111,7 @@ def _load(source: Path, ema: bool) -> tuple:
     classes = state.get("classes")
     if not classes:
         raise CheckpointError(f"{source} keeps no class names (an older checkpoint): evaluate it with masksub eval")
-    model = trained_model(cfg, state, len(classes))
-    if ema:
-        if not state.get("ema"):
-            raise CheckpointError(f"{source} holds no EMA weights (its run had train.ema false): drop --ema")
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
+    model = trained_model(cfg, state, len(classes), ema)
     device = resolve_device(cfg.train.device)
     mode = "RGB" if cfg.data.in_chans == 3 else "L"
     transform = build_transforms(cfg, model)[1]
