@@ -18,7 +18,7 @@ from masksub.train.build import build_model
 from masksub.train.config import load_config
 from masksub.train.data import build_eval_dataset
 from masksub.train.evaluate import load_run, trained_model
-from masksub.train.export import data_config, fold_probe_head
+from masksub.train.export import _architecture, data_config, fold_probe_head
 from masksub.train.transforms import build_transforms
 
 
@@ -164,3 +164,20 @@ def test_other_families_export_and_load_back(name, kwargs, tmp_path):
     x = torch.randn(2, 1, size, size)
     with torch.no_grad():
         assert torch.equal(loaded(x), trained_model(cfg, state, 10).eval()(x))
+
+
+def test_a_run_from_an_exported_folder_exports_again(run, tmp_path):
+    """``--model.name local-dir:<export>`` continues from an export; that run's export rebuilds the same
+    architecture, from the arguments timm's factory recorded or, where timm records none, the folder's."""
+    folder, _ = run
+    assert _export(folder, tmp_path / "first") == 0
+    more = {"model.name": f"local-dir:{tmp_path / 'first'}", "model.kwargs": {"pretrained": True}, "sub.kind": "none"}
+    again, _ = _train(tmp_path, "again", **more)
+    assert _export(again, tmp_path / "second") == 0
+    written = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert written["model_args"] == json.loads((tmp_path / "first" / "config.json").read_text())["model_args"]
+    cfg, state = load_run(again / "last.pt", {}, "test")
+    assert "pretrained" not in cfg.model.kwargs  # the checkpoint holds every weight
+    model = trained_model(cfg, state, 10)
+    del model._model_args  # as a timm that records none builds it
+    assert _architecture(model, cfg) == written["model_args"]

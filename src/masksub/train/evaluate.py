@@ -90,7 +90,8 @@ def load_run(path: Path, overrides: dict, command: str) -> tuple:
             f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
         )
     cfg = apply_overrides(from_dict(state["config"]), overrides, check=False)  # e.g. another data.dir
-    cfg.model.checkpoint = None  # the checkpoint holds every weight
+    cfg.model.checkpoint = None  # the checkpoint holds every weight: no file or hub weights are read
+    cfg.model.kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "pretrained"}
     validate(cfg, training=False)
     return cfg, state
 

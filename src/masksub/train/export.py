@@ -101,14 +101,14 @@ def _write(model: torch.nn.Module, cfg: Config, folder: Path, classes: list[str]
     for key in SOURCE_WEIGHTS:
         pretrained.pop(key, None)
     pretrained.update(preprocessing, num_classes=model.num_classes, custom_load=False)
-    args = {k: v for k, v in cfg.model.kwargs.items() if k not in NOT_ARCHITECTURE}
+    args = _architecture(model, cfg)
     config = {
         "architecture": pretrained.pop("architecture", cfg.model.name),
         "num_classes": model.num_classes,
         "num_features": model.num_features,
         "label_names": list(classes),
         # not num_classes (the top level's): transformers' timm wrapper passes it next to these, twice a TypeError
-        "model_args": {**args, "in_chans": cfg.data.in_chans},
+        "model_args": args,
         "pretrained_cfg": pretrained,
     }
     if isinstance(getattr(model, "global_pool", None), str) and model.global_pool:
@@ -124,9 +124,27 @@ def _write(model: torch.nn.Module, cfg: Config, folder: Path, classes: list[str]
         file.chmod(0o666 & ~mask)
 
 
+def _architecture(model: torch.nn.Module, cfg: Config) -> dict:
+    """The arguments that rebuild the model's architecture: those timm's factory recorded, else (timm before it
+    recorded them) the run's ``model.kwargs`` over those of the exported folder it started from."""
+    recorded = getattr(model, "_model_args", None)
+    if recorded is None:
+        name, recorded = cfg.model.name, dict(cfg.model.kwargs)
+        if name.startswith("local-dir:") and (Path(name[10:]) / "config.json").is_file():
+            recorded = {**json.loads((Path(name[10:]) / "config.json").read_text()).get("model_args", {}), **recorded}
+    args = {k: v for k, v in recorded.items() if k not in NOT_ARCHITECTURE and "drop" not in k and k != "num_classes"}
+    return {**args, "in_chans": cfg.data.in_chans}
+
+
 def _check(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
     """The folder, loaded by timm, computes what the run's model computes."""
-    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    try:
+        loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    except Exception as e:  # an argument missing from config.json: weights of other shapes, say
+        raise ConfigError(
+            f"timm cannot rebuild {cfg.model.name} from the exported config.json ({type(e).__name__}: {str(e)[:300]}); "
+            "nothing was written"
+        ) from None
     d = cfg.data
     x = torch.randn(2, d.in_chans, d.img_size, d.img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import timm
 import torch
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset
@@ -122,28 +123,15 @@ class _Images(Dataset):
     def __init__(self, files: list[str], transform, mode: str):
         self.files, self.transform, self.mode = files, transform, mode
         self.reported: set[str] = set()
-        self.blank = None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         img = read_image(self.files[index], self.files[index], "skip", self.reported)
-        if img is None:  # skipped (warned): a blank stands in for the batch, and its row is left out
-            size = self.transform(_BLANK[self.mode]).shape
-            return torch.zeros(size), index, False
+        if img is None:  # skipped (warned): a blank stands in within the batch, and its row is left out
+            return torch.zeros_like(self.transform(Image.new(self.mode, (64, 64)))), index, False
         return self.transform(img.convert(self.mode)), index, True
-
-
-class _Blank(dict):
-    def __missing__(self, mode: str):
-        from PIL import Image
-
-        self[mode] = Image.new(mode, (64, 64))
-        return self[mode]
-
-
-_BLANK = _Blank()
 
 
 def _write_csv(path: Path, rows: list[dict], k: int) -> None:
