@@ -3,9 +3,11 @@ what the run scored with timm's own transform of the exported preprocessing."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 from test_trainer import TINY, args
@@ -181,3 +183,16 @@ def test_a_run_from_an_exported_folder_exports_again(run, tmp_path):
     model = trained_model(cfg, state, 10)
     del model._model_args  # as a timm that records none builds it
     assert _architecture(model, cfg) == written["model_args"]
+
+
+def test_a_failed_write_is_named_and_leaves_nothing(run, tmp_path, capsys, monkeypatch):
+    folder, _ = run
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert _export(folder, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'out'}: No space left on device; nothing was written" in err
+    assert not any(tmp_path.iterdir())

@@ -15,6 +15,7 @@ import timm
 import torch
 from timm.models._hub import filter_pretrained_cfg
 
+from . import checkpoint
 from .config import Config, ConfigError
 from .data import build_datasets
 from .evaluate import load_run, trained_model
@@ -34,11 +35,13 @@ def export_checkpoint(path: Path, out: Path, ema: bool = False, report: Callable
         model.head = fold_probe_head(model.head)
     model.eval()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # renamed into place once written and checked
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         _write(model, cfg, tmp, classes, data_config(cfg, model))
         _check(model, tmp, cfg)
         os.replace(tmp, out)
+    except OSError as e:  # a full disk, no permission, a folder filled meanwhile
+        raise checkpoint.CheckpointWriteError(f"cannot write {out}: {e.strerror or e}; nothing was written") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ours = type(model).__module__.startswith("masksub")  # masksub's ConViT: timm knows it once masksub is imported
