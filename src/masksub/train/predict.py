@@ -24,6 +24,7 @@ from .config import ConfigError
 from .data import EXTENSIONS
 from .evaluate import load_run, trained_model
 from .images import read_image
+from .interrupt import loader_worker_init
 from .runlog import replace_text
 from .transforms import build_transforms
 
@@ -48,8 +49,10 @@ def predict(
     k = min(topk, len(classes))
     images = _Images(files, transform, mode)
     rows = []
+    workers = min(4, os.cpu_count() or 1)  # Ctrl-C: the main process stops, its workers say nothing
+    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, worker_init_fn=loader_worker_init)
     with torch.no_grad():
-        for x, index, readable in DataLoader(images, batch_size=batch_size, num_workers=min(2, os.cpu_count() or 1)):
+        for x, index, readable in loader:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x.to(device))
             probs, top = logits.float().softmax(1).topk(k, dim=1)
