@@ -7,11 +7,13 @@ import csv
 import json
 
 import pytest
+import torch
 from PIL import Image
 from test_trainer import TINY, args
 
 from masksub.cli import main
 from masksub.data import CLASSES, load_fashion_mnist
+from masksub.train.accuracy import per_class_text
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +101,34 @@ def test_an_exported_folder_has_no_ema_weights(run, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(root / "run"), "--out", str(tmp_path / "x")]) == 0
     assert main(["predict", "--checkpoint", str(tmp_path / "x"), "--ema", str(root / "imgs" / "g0")]) == 2
     assert "an exported model, which holds one set of weights: drop --ema" in capsys.readouterr().err
+
+
+def test_eval_per_class_agrees_with_the_predictions(run, tmp_path, capsys):
+    """``masksub eval --per-class --confusion``: the matrix of the evaluation images equals the one counted from
+    ``masksub predict`` on the same images as files, and its diagonal is the top-1 accuracy."""
+    root, top1 = run
+    rows = _predict(root / "run", tmp_path / "p.csv", str(root / "imgs"))
+    counted = [[0] * 10 for _ in CLASSES]
+    for r in rows:
+        counted[int(r["image"].rsplit("_", 1)[1][:-4])][CLASSES.index(r["class_1"])] += 1
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(root / "run"), "--per-class", "--confusion", str(tmp_path / "c.csv")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("per class, worst first") == 2 and "most often confused (true -> predicted)" in out
+    for name in ("c.csv", "c_ema.csv"):
+        with open(tmp_path / name, newline="") as f:
+            table = list(csv.reader(f))
+        assert table[0] == ["true \\ predicted", *CLASSES] and [r[0] for r in table[1:]] == list(CLASSES)
+        matrix = [[int(v) for v in r[1:]] for r in table[1:]]
+        assert sum(map(sum, matrix)) == 200
+        if name == "c.csv":
+            assert matrix == counted and sum(matrix[i][i] for i in range(10)) / 2 == pytest.approx(top1, abs=1e-6)
+
+
+def test_per_class_text_orders_worst_first_and_names_absent_classes():
+    confusion = torch.tensor([[8, 2, 0], [5, 5, 0], [0, 0, 0]])
+    text = per_class_text(confusion, ["cat", "dog", "eel"], most=5)
+    lines = text.splitlines()
+    assert lines[1].split() == ["dog", "50.00%", "10"] and lines[2].split() == ["cat", "80.00%", "10"]
+    assert "no images of 1 class(es): eel" in text
+    assert lines[-2:] == ["    dog -> cat: 5 (50.0% of dog)", "    cat -> dog: 2 (20.0% of cat)"]

@@ -40,7 +40,7 @@ from .train.config import (
 )
 from .train.data import CorruptImageError
 from .train.interrupt import Interrupted
-from .train.runlog import resume_command
+from .train.runlog import resume_command, write_output
 from .train.trainer import NonFiniteLossError, Trainer
 
 OVERRIDES = (
@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
         "/data/elsewhere, --data.eval_subset null (every image), --data.eval_batch_size 100, --train.device cpu.",
     )
     ev.add_argument("--checkpoint", required=True, help="a checkpoint of masksub train (best.pt, last.pt)")
+    ev.add_argument("--per-class", action="store_true", help="each class's accuracy, worst first, and the confusions")
+    ev.add_argument(
+        "--confusion", default=None, help="write the confusion matrix as this CSV file (EMA weights: <name>_ema.csv)"
+    )
     ex = sub.add_parser(
         "export",
         allow_abbrev=False,
@@ -262,12 +266,20 @@ def _main(argv: list[str] | None) -> int:
                 acc = f"test top-1 {last['top1']:.2f}%" if last.get("top1") is not None else "no evaluation yet"
                 print(f"done: {acc}; run folder {result['folder']} (metrics.jsonl, summary.csv, curves.png, *.pt)")
         elif args.command == "eval":
-            from .train.accuracy import accuracy_text
+            from .train.accuracy import accuracy_text, confusion_csv, per_class_text
             from .train.evaluate import evaluate_checkpoint
 
-            results = evaluate_checkpoint(Path(args.checkpoint), parse_overrides(rest), report=print)
+            per_class = args.per_class or args.confusion is not None
+            results = evaluate_checkpoint(Path(args.checkpoint), parse_overrides(rest), print, per_class)
             for name, metrics in results.items():
                 print(f"{name}: {accuracy_text(metrics, sep='  ')}")
+                if args.per_class:
+                    print(per_class_text(metrics["confusion"], metrics["classes"]))
+                if args.confusion is not None:
+                    path = Path(args.confusion)
+                    path = path if name == "weights" else path.with_name(f"{path.stem}_ema{path.suffix}")
+                    write_output(path, confusion_csv(metrics["confusion"], metrics["classes"]))
+                    print(f"  confusion matrix of the {name}: {path}")
         elif args.command == "export":
             from .train.export import export_checkpoint
 

@@ -28,10 +28,11 @@ TRAINING_DATA_KEYS = ("data.train_subset", "data.batch_size")  # data keys of th
 
 
 def evaluate_checkpoint(
-    path: Path, overrides: dict | None = None, report: Callable[[str], None] | None = None
+    path: Path, overrides: dict | None = None, report: Callable[[str], None] | None = None, per_class: bool = False
 ) -> dict[str, dict]:
     """Top-1/top-5 of the plain weights (and EMA weights, if kept); ``report`` gets a line saying
-    which checkpoint is evaluated on which images."""
+    which checkpoint is evaluated on which images. ``per_class`` adds each result's ``"confusion"`` matrix and
+    ``"classes"``."""
     if fixed := [key for key in MODEL_KEYS if key in (overrides or {})]:
         raise ConfigError(
             f"{', '.join(fixed)}: the checkpoint sets {'it' if len(fixed) == 1 else 'them'} (its weights are of the "
@@ -68,11 +69,15 @@ def evaluate_checkpoint(
         precision = f", {cfg.train.amp} autocast" if amp is not None else ""
         report(f"{path}{when}: {len(val_set):,} images of {split}{subset}, on {device}{precision}")
     loader = build_eval_loader(cfg, model, val_set, 0, 1, device)
-    results = {"weights": evaluate(model, loader, device, amp, channels_last)}
+    confusion = len(classes) if per_class else 0
+    results = {"weights": evaluate(model, loader, device, amp, channels_last, confusion=confusion)}
     if state.get("ema"):
         ema_model = copy.deepcopy(model)
         ema_model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
-        results["ema weights"] = evaluate(ema_model, loader, device, amp, channels_last)
+        results["ema weights"] = evaluate(ema_model, loader, device, amp, channels_last, confusion=confusion)
+    if per_class:
+        for result in results.values():
+            result["classes"] = list(classes)
     return results
 
 

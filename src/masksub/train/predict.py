@@ -17,7 +17,6 @@ from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset
 
 from ..step import AMP_DTYPES
-from . import checkpoint
 from .build import resolve_device
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -25,7 +24,7 @@ from .data import EXTENSIONS
 from .evaluate import load_run, trained_model
 from .images import read_image
 from .interrupt import loader_worker_init
-from .runlog import replace_text
+from .runlog import write_output
 from .transforms import build_transforms
 
 
@@ -143,8 +142,4 @@ def _write_csv(path: Path, rows: list[dict], k: int) -> None:
     writer.writerow(["image", *[f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")]])
     for row in rows:
         writer.writerow([row["image"], *[v for c, p in zip(row["classes"], row["probs"]) for v in (c, f"{p:.6f}")]])
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        replace_text(path, text.getvalue())
-    except OSError as e:
-        raise checkpoint.CheckpointWriteError(f"cannot write {path}: {e}") from e
+    write_output(path, text.getvalue())

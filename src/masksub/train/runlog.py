@@ -154,6 +154,18 @@ def write_summary(path: Path, rows: list[dict]) -> None:
     replace_text(path, out.getvalue())
 
 
+def write_output(path: Path, text: str) -> None:
+    """A file a command was asked to write (a CSV of predictions, a confusion matrix): whole or not at all, its
+    folder made, a failure an error naming it."""
+    from .checkpoint import CheckpointWriteError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_text(path, text)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def replace_text(path: Path, text: str) -> None:
     """Written beside and renamed over: a kill mid-write leaves the old file, not half of the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
