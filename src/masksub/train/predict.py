@@ -15,6 +15,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from ..step import AMP_DTYPES
 from .build import resolve_device
@@ -50,8 +51,10 @@ def predict(
     rows = []
     workers = min(4, os.cpu_count() or 1)  # Ctrl-C: the main process stops, its workers say nothing
     loader = DataLoader(images, batch_size=batch_size, num_workers=workers, worker_init_fn=loader_worker_init)
-    with torch.no_grad():
+    bar = tqdm(total=len(files), desc="predict", unit="img", leave=False, disable=out is None, dynamic_ncols=True)
+    with torch.no_grad(), bar:
         for x, index, readable in loader:
+            bar.update(len(x))
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x.to(device))
             probs, top = logits.float().softmax(1).topk(k, dim=1)
