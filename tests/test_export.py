@@ -4,8 +4,10 @@ what the run scored with timm's own transform of the exported preprocessing."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
@@ -123,7 +125,7 @@ def test_what_export_refuses_leaves_nothing_behind(run, tmp_path, capsys, monkey
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
     assert _export(folder, tmp_path / "x", "--sub.ratio", "0.3") == 2
-    assert "takes --checkpoint, --out and --ema, not --sub.ratio 0.3" in capsys.readouterr().err
+    assert "takes --checkpoint, --out, --ema and --onnx, not --sub.ratio 0.3" in capsys.readouterr().err
     plain, _ = _train(tmp_path, "plain", **{"sub.kind": "none"})
     assert _export(plain, tmp_path / "x", "--ema") == 2
     assert "holds no EMA weights" in capsys.readouterr().err
@@ -153,14 +155,16 @@ def test_what_export_refuses_leaves_nothing_behind(run, tmp_path, capsys, monkey
     ],
 )
 def test_other_families_export_and_load_back(name, kwargs, tmp_path):
-    """A CNN, a Swin built smaller than its name says, and masksub's own ConViT (registered with timm on import)."""
+    """A CNN, a Swin built smaller than its name says, and masksub's own ConViT (registered with timm on import),
+    as timm folders and ONNX files."""
     if name.startswith("swin"):
         kwargs = {**kwargs, "img_size": 28, "num_heads": [1, 2]}
     size = kwargs.get("img_size", 28)
     more = {"model.name": name, "model.kwargs": kwargs, "sub.kind": "none", "data.img_size": size}
     data = {"data.batch_size": 32, "data.train_subset": 64, "data.eval_subset": 32}
     folder, _ = _train(tmp_path, "run", **more, **data)
-    assert _export(folder, tmp_path / "out") == 0
+    assert _export(folder, tmp_path / "out", "--onnx") == 0  # model.onnx: checked in ONNX Runtime as it is written
+    assert (tmp_path / "out" / "model.onnx").is_file()
     loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     cfg, state = load_run(folder / "last.pt", {}, "test")
     x = torch.randn(2, 1, size, size)
@@ -196,3 +200,44 @@ def test_a_failed_write_is_named_and_leaves_nothing(run, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert f"cannot write {tmp_path / 'out'}: No space left on device; nothing was written" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_onnx_model_gives_the_run_logits_in_onnx_runtime(run, tmp_path, capsys):
+    import onnxruntime
+
+    folder, _ = run
+    assert _export(folder, tmp_path / "out", "--onnx") == 0
+    assert "model.onnx by the " in capsys.readouterr().out
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    session = onnxruntime.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    transform = create_transform(**resolve_data_config(model=loaded))
+    cfg, _ = load_run(folder / "last.pt", {}, "test")
+    images = build_eval_dataset(cfg, list(CLASSES))
+    x = torch.stack([transform(images[i][0]) for i in range(7)])  # a batch size neither traced nor checked
+    got = torch.from_numpy(session.run(["logits"], {"pixel_values": x.numpy()})[0])
+    with torch.no_grad():
+        want = loaded(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_onnx_problems_are_named_and_leave_nothing(run, tmp_path, capsys, monkeypatch):
+    import onnxruntime
+
+    folder, _ = run
+
+    class Wrong:  # a runtime that computes something else
+        def __init__(self, *a, **k):
+            pass
+
+        def run(self, names, feeds):
+            return [np.zeros((len(feeds["pixel_values"]), 10), dtype=np.float32)]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Wrong)
+    assert _export(folder, tmp_path / "out", "--onnx") == 2
+    assert "the ONNX model computes other logits than the PyTorch model" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    assert _export(folder, tmp_path / "out", "--onnx") == 2
+    assert "--onnx needs onnxscript: pip install onnx onnxscript onnxruntime" in capsys.readouterr().err

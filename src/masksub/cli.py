@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True, help="a checkpoint of masksub train or linprobe, or its run folder")
     ex.add_argument("--out", required=True, help="the folder to write (new, or empty)")
     ex.add_argument("--ema", action="store_true", help="the EMA weights (a run with train.ema true)")
+    ex.add_argument(
+        "--onnx", action="store_true", help="also model.onnx, checked with ONNX Runtime (pip install masksub[onnx])"
+    )
     pr = sub.add_parser(
         "predict",
         allow_abbrev=False,
@@ -284,8 +287,8 @@ def _main(argv: list[str] | None) -> int:
             from .train.export import export_checkpoint
 
             if rest:
-                raise ConfigError(f"masksub export takes --checkpoint, --out and --ema, not {' '.join(rest)}")
-            export_checkpoint(Path(args.checkpoint), Path(args.out), args.ema)
+                raise ConfigError(f"masksub export takes --checkpoint, --out, --ema and --onnx, not {' '.join(rest)}")
+            export_checkpoint(Path(args.checkpoint), Path(args.out), args.ema, args.onnx)
         elif args.command == "predict":
             from .train.predict import predict
 

@@ -19,15 +19,21 @@ from . import checkpoint
 from .config import Config, ConfigError
 from .data import build_datasets
 from .evaluate import load_run, trained_model
+from .onnx_export import check_installed, write_onnx
 from .transforms import mean_std
 
 
-def export_checkpoint(path: Path, out: Path, ema: bool = False, report: Callable[[str], None] = print) -> Path:
+def export_checkpoint(
+    path: Path, out: Path, ema: bool = False, onnx: bool = False, report: Callable[[str], None] = print
+) -> Path:
     """Write the plain model of the run checkpoint ``path`` (its EMA weights with ``ema``) into the new folder
-    ``out``, checked by loading it back with timm; a linear probe's BatchNorm head is folded into its linear layer."""
+    ``out``, checked by loading it back with timm; a linear probe's BatchNorm head is folded into its linear layer.
+    ``onnx`` adds ``model.onnx`` (``onnx_export``)."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder: masksub export writes a new one; name another")
+    if onnx:
+        check_installed()
     cfg, state = load_run(path, {}, "export")
     classes = state.get("classes") or build_datasets(cfg)[0].classes  # older checkpoints: the training split's
     model = trained_model(cfg, state, len(classes), ema)
@@ -39,6 +45,9 @@ def export_checkpoint(path: Path, out: Path, ema: bool = False, report: Callable
         out.parent.mkdir(parents=True, exist_ok=True)
         _write(model, cfg, tmp, classes, data_config(cfg, model))
         _check(model, tmp, cfg)
+        if onnx:
+            size = (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
+            exporter = write_onnx(model, tmp / "model.onnx", size)
         os.replace(tmp, out)
     except OSError as e:  # a full disk, no permission, a folder filled meanwhile
         raise checkpoint.CheckpointWriteError(f"cannot write {out}: {e.strerror or e}; nothing was written") from e
@@ -46,8 +55,9 @@ def export_checkpoint(path: Path, out: Path, ema: bool = False, report: Callable
         shutil.rmtree(tmp, ignore_errors=True)
     ours = type(model).__module__.startswith("masksub")  # masksub's ConViT: timm knows it once masksub is imported
     needs = "import masksub (which registers it with timm), then " if ours else ""
+    files = "model.safetensors, config.json" + (f", model.onnx by the {exporter} exporter" if onnx else "")
     report(
-        f"wrote {out} (model.safetensors, config.json): {cfg.model.name}, the {'EMA' if ema else 'trained'} weights "
+        f"wrote {out} ({files}): {cfg.model.name}, the {'EMA' if ema else 'trained'} weights "
         f"of {path}, {len(classes)} classes, {cfg.data.in_chans}x{cfg.data.img_size}x{cfg.data.img_size} input. "
         f"Load it with {needs}timm.create_model('local-dir:{out}', pretrained=True) (its preprocessing: "
         "timm.data.resolve_data_config(model=model)) or transformers' "
