@@ -3,6 +3,7 @@ what the run scored with timm's own transform of the exported preprocessing."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import importlib.util
 import json
@@ -12,11 +13,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from PIL import Image
 from test_trainer import TINY, args
 from timm.data import create_transform, resolve_data_config
 
 from masksub.cli import main
-from masksub.data import CLASSES
+from masksub.data import CLASSES, load_fashion_mnist
 from masksub.train import checkpoint
 from masksub.train.build import build_model
 from masksub.train.config import load_config
@@ -241,3 +243,26 @@ def test_onnx_problems_are_named_and_leave_nothing(run, tmp_path, capsys, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     assert _export(folder, tmp_path / "out", "--onnx") == 2
     assert "--onnx needs onnxscript: pip install onnx onnxscript onnxruntime" in capsys.readouterr().err
+
+
+def test_the_model_card_states_the_run_and_its_usage_code_runs(run, tmp_path, capsys, monkeypatch):
+    folder, last = run
+    assert _export(folder / "best.pt", tmp_path / "fmnist", "--ema") == 0
+    card = (tmp_path / "fmnist" / "README.md").read_text()
+    assert card.startswith("---\ntags:\n- image-classification\n- timm\n- masksub\nlibrary_name: timm\n")
+    assert "license" not in card  # the owner's to state
+    assert f"- **Accuracy:** top-1 {last['ema_top1']:.2f}% on the evaluation split" in card
+    assert "- **Training:** MaskSub, ratio 0.5; recipe `fashion_mnist_vit`, 1 of 1 epochs (4 optimizer steps)" in card
+    assert "- **Weights:** the EMA weights of `best.pt`" in card
+    code = card.split("```python\n")[1].split("```")[0]
+    x, _ = load_fashion_mnist("test")
+    Image.fromarray(x[5].numpy()).save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    printed = ast.literal_eval(capsys.readouterr().out.strip())
+    model = timm.create_model(f"local-dir:{tmp_path / 'fmnist'}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config(model=model))
+    with torch.no_grad():
+        best = model(transform(Image.open(tmp_path / "image.png").convert("L"))[None]).argmax().item()
+    assert len(printed) == 5 and printed[0][0] == CLASSES[best]

@@ -19,6 +19,7 @@ from . import checkpoint
 from .config import Config, ConfigError
 from .data import build_datasets
 from .evaluate import load_run, trained_model
+from .model_card import model_card
 from .onnx_export import check_installed, write_onnx
 from .transforms import mean_std
 
@@ -28,7 +29,7 @@ def export_checkpoint(
 ) -> Path:
     """Write the plain model of the run checkpoint ``path`` (its EMA weights with ``ema``) into the new folder
     ``out``, checked by loading it back with timm; a linear probe's BatchNorm head is folded into its linear layer.
-    ``onnx`` adds ``model.onnx`` (``onnx_export``)."""
+    ``onnx`` adds ``model.onnx`` (``onnx_export``); ``README.md`` is a model card (``model_card``)."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder: masksub export writes a new one; name another")
@@ -44,6 +45,8 @@ def export_checkpoint(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _write(model, cfg, tmp, classes, data_config(cfg, model))
+        checkpoint_file = path / "last.pt" if path.is_dir() else path
+        (tmp / "README.md").write_text(model_card(cfg, state, checkpoint_file, ema, model, classes, out))
         _check(model, tmp, cfg)
         if onnx:
             size = (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
@@ -55,7 +58,7 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     ours = type(model).__module__.startswith("masksub")  # masksub's ConViT: timm knows it once masksub is imported
     needs = "import masksub (which registers it with timm), then " if ours else ""
-    files = "model.safetensors, config.json" + (f", model.onnx by the {exporter} exporter" if onnx else "")
+    files = "model.safetensors, config.json, README.md" + (f", model.onnx by the {exporter} exporter" if onnx else "")
     report(
         f"wrote {out} ({files}): {cfg.model.name}, the {'EMA' if ema else 'trained'} weights "
         f"of {path}, {len(classes)} classes, {cfg.data.in_chans}x{cfg.data.img_size}x{cfg.data.img_size} input. "

@@ -1,0 +1,75 @@
+"""The ``README.md`` of an exported folder: a Hugging Face model card saying what the model is, how it was trained and
+evaluated (from the run's checkpoint and metrics) and how to load it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+METHODS = {"mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub", "none": "plain training"}
+
+
+def model_card(
+    cfg: Config, state: dict, checkpoint_path: Path, ema: bool, model: torch.nn.Module, classes: list, folder: Path
+) -> str:
+    """The card's Markdown, with YAML front matter for the Hub (no license: that is the owner's to state)."""
+    s, d, o = cfg.sub, cfg.data, cfg.optim
+    position = state.get("position") or {}
+    method = METHODS.get(s.kind, s.kind)
+    if s.kind != "none":
+        method += f", ratio {s.ratio:g}"
+    if cfg.train.linprobe:
+        method = "linear probe of a frozen encoder (its BatchNorm head folded into the linear layer)"
+    lr = f"lr {o.lr:g}" if o.lr is not None else f"base lr {o.base_lr:g} (per 256 images)"
+    shown = ", ".join(map(str, classes[:10])) + (", ..." if len(classes) > 10 else "")
+    details = [
+        f"- **Architecture:** `{cfg.model.name}` (timm) with {json.dumps(dict(cfg.model.kwargs)) or 'its defaults'}",
+        f"- **Parameters:** {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
+        f"- **Classes:** {len(classes)} ({shown})",
+        f"- **Input:** {d.in_chans}x{d.img_size}x{d.img_size}; the preprocessing is in `config.json`",
+        f"- **Training:** {method}; recipe `{cfg.recipe}`, {position.get('epoch', '?')} of {cfg.sched.epochs} epochs "
+        f"({position.get('global_step', '?')} optimizer steps), {o.name} at {lr}, batch {d.batch_size} per process, "
+        f"seed {cfg.train.seed}",
+        f"- **Weights:** the {'EMA' if ema else 'trained'} weights of `{checkpoint_path.name}`",
+        f"- **Data:** `{d.name}`, evaluated on its `{d.val_split}` split",
+        f"- **Accuracy:** {_accuracy(checkpoint_path, position, ema)}",
+    ]
+    ours = "import masksub  # registers its models with timm\n" if type(model).__module__.startswith("masksub") else ""
+    mode = "RGB" if d.in_chans == 3 else "L"
+    usage = f"""```python
+import torch
+import timm
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+{ours}
+model = timm.create_model("local-dir:{folder.name}", pretrained=True).eval()  # "hf-hub:<user>/<name>" once uploaded
+transform = create_transform(**resolve_data_config(model=model))
+with torch.no_grad():
+    probs = model(transform(Image.open("image.png").convert("{mode}"))[None]).softmax(-1)[0]
+names = model.pretrained_cfg["label_names"]
+print([(names[i], round(p.item(), 4)) for p, i in zip(*probs.topk(min(5, len(names))))])
+```
+"""
+    front = "---\ntags:\n- image-classification\n- timm\n- masksub\n"
+    front += "library_name: timm\npipeline_tag: image-classification\n---\n"
+    intro = f"`{cfg.model.name}` for {len(classes)} classes, trained with masksub ({METHODS.get(s.kind, s.kind)})."
+    return f"{front}# {folder.name}\n\n{intro}\n\n## Model details\n" + "\n".join(details) + f"\n\n## Usage\n{usage}"
+
+
+def _accuracy(checkpoint_path: Path, position: dict, ema: bool) -> str:
+    """The accuracy the run logged at this checkpoint's epoch (metrics.jsonl beside it), if it evaluated there."""
+    metrics = checkpoint_path.parent / "metrics.jsonl"
+    records = []
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    here = (position.get("epoch"), position.get("global_step"))
+    at = [r for r in records if (r.get("epoch"), r.get("step")) == here]
+    top1 = at[-1].get("ema_top1" if ema else "top1") if at else None
+    if top1 is None:
+        return "not evaluated at this checkpoint (`masksub eval` measures it)"
+    top5 = None if ema else at[-1].get("top5")
+    return f"top-1 {top1:.2f}%" + (f", top-5 {top5:.2f}%" if top5 is not None else "") + " on the evaluation split"
