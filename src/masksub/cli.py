@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "export",
         allow_abbrev=False,
-        help="write a run's model as a timm folder (model.safetensors, config.json) that timm and transformers load",
+        help="write a run's model as a timm folder (weights, config.json, model card) that timm and transformers load",
         epilog="timm.create_model('local-dir:OUT', pretrained=True) loads it with its class names and evaluation "
         "preprocessing (timm.data.resolve_data_config(model=model)); so does transformers' "
         "AutoModelForImageClassification.from_pretrained('OUT').",
