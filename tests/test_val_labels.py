@@ -41,12 +41,14 @@ def split(tmp_path_factory):
 
 def _formats(root, names):
     """The same labels in each format: ``<image> <class>`` lines, ``<image> <index>`` (Caffe), a CSV by image name
-    without extension with boxes after the class (Kaggle), and classes alone in the images' name order (TF-slim)."""
+    without extension with boxes after the class (Kaggle), a CSV without a header, and classes alone in the images'
+    name order (TF-slim)."""
     classes = sorted(set(names))
     files = {
         "pairs.txt": "".join(f"img_{i}.png {names[i]}\n" for i in reversed(range(N))),
         "caffe.txt": "".join(f"img_{i}.png {classes.index(names[i])}\n" for i in range(N)),
         "kaggle.csv": "ImageId,PredictionString\n" + "".join(f"img_{i},{names[i]} 3 4 20 25\n" for i in range(N)),
+        "plain.csv": "".join(f"img_{i}.png,{names[i]}\n" for i in range(N)),  # no header row
         "slim.txt": "".join(f"{names[i]}\n" for i in range(N)),  # img_0, img_1, ..., img_59: natural order
     }
     for name, text in files.items():
@@ -97,6 +99,8 @@ def test_wrong_label_files_are_refused_naming_the_line_and_the_fix(split, tmp_pa
     _refused(root, "\n".join(["img_0.png 10", *pairs[1:]]), r"line 1: class '10' is not one the training split has")
     _refused(root, "\n".join(["img_0.png", *pairs[1:]]), r"line 1: 'img_0.png' has no class")
     _refused(root, "ImageId,PredictionString\n", "lists no labels", name="labels.csv")
+    kaggle = "ImageId,PredictionString\nimg_0,sandal 1 2 3 4\n" + "".join(f"{p.replace(' ', ',')}\n" for p in pairs[1:])
+    _refused(root, kaggle, r"labels.csv, line 2: class 'sandal 1 2 3 4' is not one", name="labels.csv")
     _refused(root, "\n".join(pairs), r"holds class folders, which label its images; .* unset it", split="sorted")
     _refused(root, "\n".join(pairs), r"lie in 10 folders or tars, which label them", kind="tar", split="train")
     with pytest.raises(FileNotFoundError, match="data.val_labels: no such file"):

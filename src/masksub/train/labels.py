@@ -3,7 +3,7 @@ folder or tar, with their classes listed elsewhere.
 
 Two formats:
 
-- a ``.csv`` file with a header row: the first column names an image, the second its class (Kaggle's
+- a ``.csv`` file, with a header row or without: the first column names an image, the second its class (Kaggle's
   ``LOC_val_solution.csv``: ``ImageId,PredictionString``, whose class is the first word, boxes following);
 - any other file: whitespace-separated text, each line ``<image> <class>`` (Caffe's ``val.txt``) or ``<class>``
   alone, the classes of the split's images in the order of their names (TF-slim's
@@ -34,37 +34,43 @@ def read_labels(path: str | os.PathLike, images: list[str], classes: list[str], 
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"data.val_labels: cannot read {path} as text ({e})") from e
-    if path.suffix.lower() == ".csv":
-        rows = [r for r in csv.reader(text.splitlines()) if any(c.strip() for c in r)][1:]
-        pairs = [(r[0].strip(), r[1].strip() if len(r) > 1 else "") for r in rows]
-    else:
-        pairs = [tuple(line.split(None, 1)) for line in text.splitlines() if line.strip()]
-    if not pairs:
-        raise ConfigError(f"data.val_labels: {path} lists no labels")
-    lookup = _Classes(classes, path)
-    if all(len(p) == 1 for p in pairs):  # classes alone, in the images' order
-        if len(pairs) != len(images):
-            raise ConfigError(
-                f"data.val_labels: {path} lists {len(pairs)} classes, one per line in the order of the images' "
-                f"names, and {where} holds {len(images)} images; give the file of this split, or name each image "
-                "on its line (<image> <class>)"
-            )
-        return [lookup(p[0], n + 1) for n, p in enumerate(pairs)]
-    return _by_name(pairs, images, lookup, path, where)
-
-
-def _by_name(pairs, images: list[str], lookup, path: Path, where: str) -> list[int]:
     keys = defaultdict(set)  # every name an image answers to -> the images answering to it
     for i, image in enumerate(images):
         base = image.rsplit("/", 1)[-1]
         for key in (image, base, os.path.splitext(base)[0]):
             keys[key].add(i)
+    if path.suffix.lower() == ".csv":
+        lines = [(n, row) for n, row in enumerate(csv.reader(text.splitlines()), 1) if any(c.strip() for c in row)]
+        if lines and _name(lines[0][1][0]) not in keys:  # a header row (file,label; ImageId,PredictionString)
+            lines = lines[1:]
+        lines = [(n, (row[0].strip(), row[1].strip() if len(row) > 1 else "")) for n, row in lines]
+    else:
+        lines = [(n, tuple(line.split(None, 1))) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ConfigError(f"data.val_labels: {path} lists no labels")
+    lookup = _Classes(classes, path)
+    if all(len(pair) == 1 for _, pair in lines):  # classes alone, in the images' order
+        if len(lines) != len(images):
+            raise ConfigError(
+                f"data.val_labels: {path} lists {len(lines)} classes, one per line in the order of the images' "
+                f"names, and {where} holds {len(images)} images; give the file of this split, or name each image "
+                "on its line (<image> <class>)"
+            )
+        return [lookup(pair[0], n) for n, pair in lines]
+    return _by_name(lines, images, keys, lookup, path, where)
+
+
+def _name(written: str) -> str:
+    return written.strip().replace("\\", "/").removeprefix("./")
+
+
+def _by_name(lines, images: list[str], keys: dict, lookup, path: Path, where: str) -> list[int]:
     labels: list[int | None] = [None] * len(images)
     unknown = []
-    for n, pair in enumerate(pairs, start=1 + (path.suffix.lower() == ".csv")):
+    for n, pair in lines:
         if len(pair) < 2 or not pair[1]:
             raise ConfigError(f"data.val_labels: {path}, line {n}: {pair[0]!r} has no class; write <image> <class>")
-        name = pair[0].replace("\\", "/").removeprefix("./")
+        name = _name(pair[0])
         found = keys.get(name, set())
         if len(found) > 1:
             raise ConfigError(
