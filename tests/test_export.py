@@ -266,3 +266,29 @@ def test_the_model_card_states_the_run_and_its_usage_code_runs(run, tmp_path, ca
     with torch.no_grad():
         best = model(transform(Image.open(tmp_path / "image.png").convert("L"))[None]).argmax().item()
     assert len(printed) == 5 and printed[0][0] == CLASSES[best]
+
+
+def test_a_pretraining_run_exports_its_encoder_as_a_backbone(tmp_path, capsys):
+    """DMJD's encoder, as encoder.pt holds it, becomes a timm backbone without a classifier (and an ONNX file of its
+    features); its card says how it was pretrained; predict and --ema refuse it."""
+    from test_pretrain import PRE
+
+    settings = {"train.output": str(tmp_path), "train.name": "pre", "sched.epochs": 1, "sched.warmup_epochs": 0.5}
+    assert main(["pretrain", *args(PRE, **settings)]) == 0
+    assert _export(tmp_path / "pre", tmp_path / "enc", "--onnx") == 0
+    assert "a pretrained backbone without a classifier" in capsys.readouterr().out
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'enc'}", pretrained=True).eval()
+    encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, **PRE["model.kwargs"]).eval()
+    encoder.load_state_dict(torch.load(tmp_path / "pre" / "encoder.pt", weights_only=True))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert loaded.num_classes == 0 and torch.equal(loaded(x), encoder(x))
+    config = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert "label_names" not in config and config["num_classes"] == 0
+    card = (tmp_path / "enc" / "README.md").read_text()
+    assert "DMJD masked image modelling (hog targets, 0.6 of the patches corrupted)" in card
+    assert "none measured in pretraining" in card and "features = model(" in card
+    assert main(["predict", "--checkpoint", str(tmp_path / "enc"), str(tmp_path)]) == 2
+    assert "a backbone without a classifier" in capsys.readouterr().err
+    assert _export(tmp_path / "pre", tmp_path / "ema", "--ema") == 2
+    assert "a pretraining run keeps no EMA weights" in capsys.readouterr().err

@@ -81,8 +81,9 @@ def evaluate_checkpoint(
     return results
 
 
-def load_run(path: Path, overrides: dict, command: str) -> tuple:
-    """The configuration (with ``overrides``) and the state of a classification run's checkpoint."""
+def load_run(path: Path, overrides: dict, command: str, pretraining: bool = False) -> tuple:
+    """The configuration (with ``overrides``) and the state of a classification run's checkpoint (or, with
+    ``pretraining``, of a pretraining run's)."""
     state = checkpoint.load(path)
     if "config" not in state or "model" not in state:
         raise checkpoint.CheckpointError(
@@ -90,7 +91,7 @@ def load_run(path: Path, overrides: dict, command: str) -> tuple:
             "last.pt or best.pt (or its folder); weights alone (an encoder.pt, a timm or hub file) have no run "
             "settings to go with: train from them with masksub linprobe or masksub train --model.checkpoint"
         )
-    if checkpoint.run_command(state) == "pretrain":
+    if checkpoint.run_command(state) == "pretrain" and not pretraining:
         raise checkpoint.CheckpointError(
             f"{path} is a pretraining checkpoint: judge its encoder.pt with masksub linprobe or masksub train"
         )
@@ -103,7 +104,11 @@ def load_run(path: Path, overrides: dict, command: str) -> tuple:
 
 def trained_model(cfg, state: dict, num_classes: int, ema: bool = False) -> torch.nn.Module:
     """The plain model of a run (a linear probe's with its BatchNorm head) holding the checkpoint's weights, or
-    with ``ema`` its EMA weights."""
+    with ``ema`` its EMA weights; of a pretraining run, its encoder (``num_classes`` 0), as its encoder.pt holds it."""
+    if checkpoint.run_command(state) == "pretrain":
+        encoder = build_model(cfg, 0)
+        encoder.load_state_dict({k[8:]: v for k, v in state["model"].items() if k.startswith("encoder.")})
+        return encoder
     model = build_model(cfg, num_classes)
     weights = state["model"]
     if cfg.train.linprobe:

@@ -35,8 +35,11 @@ def export_checkpoint(
         raise ConfigError(f"{out} exists and is not an empty folder: masksub export writes a new one; name another")
     if onnx:
         check_installed()
-    cfg, state = load_run(path, {}, "export")
-    classes = state.get("classes") or build_datasets(cfg)[0].classes  # older checkpoints: the training split's
+    cfg, state = load_run(path, {}, "export", pretraining=True)
+    pretrained = checkpoint.run_command(state) == "pretrain"  # its encoder: a backbone, no classes
+    if pretrained and (ema or cfg.train.ema):
+        raise ConfigError("a pretraining run keeps no EMA weights: leave out --ema")
+    classes = [] if pretrained else state.get("classes") or build_datasets(cfg)[0].classes  # older: the split's
     model = trained_model(cfg, state, len(classes), ema)
     if cfg.train.linprobe:
         model.head = fold_probe_head(model.head)
@@ -50,7 +53,7 @@ def export_checkpoint(
         _check(model, tmp, cfg)
         if onnx:
             size = (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
-            exporter = write_onnx(model, tmp / "model.onnx", size)
+            exporter = write_onnx(model, tmp / "model.onnx", size, "logits" if classes else "features")
         os.replace(tmp, out)
     except OSError as e:  # a full disk, no permission, a folder filled meanwhile
         raise checkpoint.CheckpointWriteError(f"cannot write {out}: {e.strerror or e}; nothing was written") from e
@@ -59,12 +62,18 @@ def export_checkpoint(
     ours = type(model).__module__.startswith("masksub")  # masksub's ConViT: timm knows it once masksub is imported
     needs = "import masksub (which registers it with timm), then " if ours else ""
     files = "model.safetensors, config.json, README.md" + (f", model.onnx by the {exporter} exporter" if onnx else "")
+    what = f"{len(classes)} classes" if classes else "a pretrained backbone without a classifier"
+    auto = "AutoModelForImageClassification" if classes else "AutoModel"
     report(
         f"wrote {out} ({files}): {cfg.model.name}, the {'EMA' if ema else 'trained'} weights "
-        f"of {path}, {len(classes)} classes, {cfg.data.in_chans}x{cfg.data.img_size}x{cfg.data.img_size} input. "
+        f"of {path}, {what}, {cfg.data.in_chans}x{cfg.data.img_size}x{cfg.data.img_size} input. "
         f"Load it with {needs}timm.create_model('local-dir:{out}', pretrained=True) (its preprocessing: "
-        "timm.data.resolve_data_config(model=model)) or transformers' "
-        f"AutoModelForImageClassification.from_pretrained('{out}')"
+        f"timm.data.resolve_data_config(model=model)) or transformers' {auto}.from_pretrained('{out}')"
+        + (
+            ""
+            if classes
+            else f"; finetune it with masksub train --model.name local-dir:{out} --model.kwargs '{{pretrained: true}}'"
+        )
     )
     return out
 
@@ -122,7 +131,7 @@ def _write(model: torch.nn.Module, cfg: Config, folder: Path, classes: list[str]
         "architecture": pretrained.pop("architecture", cfg.model.name),
         "num_classes": model.num_classes,
         "num_features": model.num_features,
-        "label_names": list(classes),
+        **({"label_names": list(classes)} if classes else {}),  # none: a pretrained backbone
         # not num_classes (the top level's): transformers' timm wrapper passes it next to these, twice a TypeError
         "model_args": args,
         "pretrained_cfg": pretrained,

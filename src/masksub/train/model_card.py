@@ -4,6 +4,7 @@ evaluated (from the run's checkpoint and metrics) and how to load it."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from .config import Config
 
 METHODS = {"mask": "MaskSub", "dropout": "DropSub", "droppath": "PathSub", "none": "plain training"}
+PRETRAINING = {"dmjd": "DMJD masked image modelling", "single": "single-view masked image modelling"}
 
 
 def model_card(
@@ -24,22 +26,44 @@ def model_card(
         method += f", ratio {s.ratio:g}"
     if cfg.train.linprobe:
         method = "linear probe of a frozen encoder (its BatchNorm head folded into the linear layer)"
+    if not classes:  # a pretraining run's encoder
+        p = cfg.pretrain
+        method = (
+            f"{PRETRAINING.get(p.method, p.method)} ({p.target} targets, {p.corruption:g} of the patches corrupted)"
+        )
     lr = f"lr {o.lr:g}" if o.lr is not None else f"base lr {o.base_lr:g} (per 256 images)"
     shown = ", ".join(map(str, classes[:10])) + (", ..." if len(classes) > 10 else "")
     details = [
         f"- **Architecture:** `{cfg.model.name}` (timm) with {json.dumps(dict(cfg.model.kwargs)) or 'its defaults'}",
         f"- **Parameters:** {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
-        f"- **Classes:** {len(classes)} ({shown})",
+        f"- **Classes:** {len(classes)} ({shown})"
+        if classes
+        else f"- **Output:** {model.num_features} pooled features (a pretrained backbone, no classifier)",
         f"- **Input:** {d.in_chans}x{d.img_size}x{d.img_size}; the preprocessing is in `config.json`",
         f"- **Training:** {method}; recipe `{cfg.recipe}`, {position.get('epoch', '?')} of {cfg.sched.epochs} epochs "
         f"({position.get('global_step', '?')} optimizer steps), {o.name} at {lr}, batch {d.batch_size} per process, "
         f"seed {cfg.train.seed}",
         f"- **Weights:** the {'EMA' if ema else 'trained'} weights of `{checkpoint_path.name}`",
-        f"- **Data:** `{d.name}`, evaluated on its `{d.val_split}` split",
-        f"- **Accuracy:** {_accuracy(checkpoint_path, position, ema)}",
     ]
+    if classes:
+        details += [
+            f"- **Data:** `{d.name}`, evaluated on its `{d.val_split}` split",
+            f"- **Accuracy:** {_accuracy(checkpoint_path, position, ema)}",
+        ]
+    else:
+        details += [
+            f"- **Data:** `{d.name}`, its `{d.train_split}` split, without labels",
+            "- **Accuracy:** none measured in pretraining: a linear probe (`masksub linprobe`) or finetuning judges it",
+        ]
     ours = "import masksub  # registers its models with timm\n" if type(model).__module__.startswith("masksub") else ""
-    mode = "RGB" if d.in_chans == 3 else "L"
+    image = f'transform(Image.open("image.png").convert("{"RGB" if d.in_chans == 3 else "L"}"))[None]'
+    if classes:
+        last = f"""probs = model({image}).softmax(-1)[0]
+names = model.pretrained_cfg["label_names"]
+print([(names[i], round(p.item(), 4)) for p, i in zip(*probs.topk(min(5, len(names))))])"""
+    else:
+        last = f"""features = model({image})  # (1, {model.num_features})
+print(features.shape)"""
     usage = f"""```python
 import torch
 import timm
@@ -49,14 +73,20 @@ from timm.data import create_transform, resolve_data_config
 model = timm.create_model("local-dir:{folder.name}", pretrained=True).eval()  # "hf-hub:<user>/<name>" once uploaded
 transform = create_transform(**resolve_data_config(model=model))
 with torch.no_grad():
-    probs = model(transform(Image.open("image.png").convert("{mode}"))[None]).softmax(-1)[0]
-names = model.pretrained_cfg["label_names"]
-print([(names[i], round(p.item(), 4)) for p, i in zip(*probs.topk(min(5, len(names))))])
+{textwrap.indent(last, "    ")}
 ```
 """
+    if not classes:
+        usage += (
+            f"\nFinetuned as a classifier by masksub: `masksub train --model.name local-dir:{folder.name} "
+            "--model.kwargs '{pretrained: true}' --data.dir <images>` (the head is new).\n"
+        )
     front = "---\ntags:\n- image-classification\n- timm\n- masksub\n"
     front += "library_name: timm\npipeline_tag: image-classification\n---\n"
-    intro = f"`{cfg.model.name}` for {len(classes)} classes, trained with masksub ({METHODS.get(s.kind, s.kind)})."
+    if classes:
+        intro = f"`{cfg.model.name}` for {len(classes)} classes, trained with masksub ({METHODS.get(s.kind, s.kind)})."
+    else:
+        intro = f"`{cfg.model.name}` pretrained with masksub ({PRETRAINING.get(cfg.pretrain.method, 'pretraining')})."
     return f"{front}# {folder.name}\n\n{intro}\n\n## Model details\n" + "\n".join(details) + f"\n\n## Usage\n{usage}"
 
 

@@ -108,6 +108,8 @@ def _load(source: Path, ema: bool) -> tuple:
         if ema:
             raise ConfigError(f"{source} is an exported model, which holds one set of weights: drop --ema")
         model = timm.create_model(f"local-dir:{source}", pretrained=True).eval()
+        if not model.num_classes:
+            raise ConfigError(f"{source} is a backbone without a classifier (a pretraining run's): nothing to predict")
         data = resolve_data_config(model=model)
         names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
         device = resolve_device("auto")
