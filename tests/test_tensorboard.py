@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -55,3 +58,15 @@ def test_without_the_package_the_key_names_the_install(tmp_path, capsys, monkeyp
     assert main(["train", *args(TINY, **RUN, **{"train.output": str(tmp_path)})]) == 2
     assert "needs the tensorboard package: pip install tensorboard" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_under_torchrun_process_zero_alone_writes_events(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "masksub.cli"]
+    cmd += ["train", *args(TINY, **RUN, **{"train.output": str(tmp_path), "train.name": "ddp"})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "ddp" / "tensorboard").iterdir())) == 1
+    scalars = _scalars(tmp_path / "ddp")
+    records = [json.loads(r) for r in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert scalars["epoch/top1"] == [(r["step"], pytest.approx(r["top1"], rel=1e-6)) for r in records]
+    assert [r["step"] for r in records] == [16, 32] and [s for s, _ in scalars["train/loss"]] == [20]
