@@ -1,6 +1,7 @@
 """``masksub export``: a run's trained model as timm writes one for the Hub (``model.safetensors`` and
-``config.json`` with the class names and the evaluation preprocessing), which ``timm.create_model("local-dir:...")``
-and transformers' ``AutoModelForImageClassification`` load without masksub."""
+``config.json`` with the class names and the evaluation preprocessing, and a model card), which
+``timm.create_model("local-dir:...")`` and transformers' ``AutoModelForImageClassification`` load without masksub;
+a pretraining run's encoder as a backbone without a classifier."""
 
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ def export_checkpoint(
     """Write the plain model of the run checkpoint ``path`` (its EMA weights with ``ema``) into the new folder
     ``out``, checked by loading it back with timm; a linear probe's BatchNorm head is folded into its linear layer.
     ``onnx`` adds ``model.onnx`` (``onnx_export``); ``README.md`` is a model card (``model_card``)."""
-    out = Path(out).expanduser()
+    path, out = Path(path), Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder: masksub export writes a new one; name another")
     if onnx:
         check_installed()
     cfg, state = load_run(path, {}, "export", pretraining=True)
     pretrained = checkpoint.run_command(state) == "pretrain"  # its encoder: a backbone, no classes
-    if pretrained and (ema or cfg.train.ema):
+    if pretrained and ema:
         raise ConfigError("a pretraining run keeps no EMA weights: leave out --ema")
     classes = [] if pretrained else state.get("classes") or build_datasets(cfg)[0].classes  # older: the split's
     model = trained_model(cfg, state, len(classes), ema)
