@@ -39,6 +39,7 @@ from masksub.train.config import (
 )
 from masksub.train.data import build_eval_dataset
 from masksub.train.runlog import RunLog
+from masksub.train.trainer import _duration
 
 TINY = {
     "model.kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 1, "num_heads": 2},
@@ -1585,3 +1586,27 @@ def test_top5_is_left_out_where_every_label_is_among_the_top_5(classes, capsys):
     else:
         assert metrics["top5"] == pytest.approx(100 * (top == y[:, None]).any(1).double().mean().item(), abs=1e-3)
         assert accuracy_text(metrics).endswith(f", top-5 {metrics['top5']:.2f}%")
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_a_dry_run_times_steps_and_writes_nothing(command, tmp_path, capsys):
+    from test_pretrain import PRE
+
+    settings = {**(TINY if command == "train" else PRE), "train.output": str(tmp_path / "runs")}
+    assert main([command, "--dry-run", *args(settings)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: nothing is written\n") and not (tmp_path / "runs").exists()
+    steps = 4  # 256 images in batches of 64: one step warms up, three are timed
+    timed = rf"dry run: 3 optimizer steps after one to warm up, [\d.]+ s each .* an epoch of {steps} steps would take"
+    assert re.search(timed, out)
+    assert main([command, "--dry-run", "--resume", str(tmp_path)]) == 2
+    assert "--dry-run times a new run: leave out --resume" in capsys.readouterr().err
+
+
+def test_a_dry_run_needs_a_step_to_time(tmp_path, capsys):
+    assert main(["train", "--dry-run", *args(TINY, **{"train.output": str(tmp_path), "data.train_subset": 64})]) == 2
+    assert "an epoch of one optimizer step leaves none to time" in capsys.readouterr().err
+
+
+def test_durations_read_as_a_person_says_them():
+    assert [_duration(s) for s in (45, 150, 7200 * 1.6, 86400 * 3)] == ["45 s", "2.5 min", "3.2 h", "3.0 days"]

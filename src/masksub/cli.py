@@ -49,6 +49,12 @@ OVERRIDES = (
 )
 
 
+DRY_RUN = (
+    "build the run (data, model, optimizer), time 3 optimizer steps after a warm-up one and say what an epoch and "
+    "the run would take and the memory they need; nothing is written"
+)
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -76,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--recipe", default=None, help="recipe name (see `masksub recipes`) or YAML path")
     train.add_argument("--resume", default=None, help="checkpoint file or run folder to continue exactly")
+    train.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     ev = sub.add_parser(
         "eval",
         allow_abbrev=False,
@@ -132,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--recipe", default="fashion_mnist_dmjd")
     pre.add_argument("--method", choices=("dmjd", "single"), default=None, help="single: one view, no visible branch")
     pre.add_argument("--resume", default=None)
+    pre.add_argument("--dry-run", action="store_true", help=DRY_RUN)
     lin = sub.add_parser("linprobe", allow_abbrev=False, help="linear probe of a pretrained encoder", epilog=OVERRIDES)
     lin.add_argument("--checkpoint", required=True, help="encoder weights (encoder.pt from masksub pretrain)")
     lin.add_argument("--recipe", default="fashion_mnist_linprobe")
@@ -247,6 +255,8 @@ def _main(argv: list[str] | None) -> int:
                 overrides = {**linprobe, **overrides}
             # --train.resume X is --resume X: the run's own configuration, not the recipe's, then any overrides
             resume = getattr(args, "resume", None) or overrides.pop("train.resume", None)
+            if resume and getattr(args, "dry_run", False):
+                raise ConfigError("--dry-run times a new run: leave out --resume")
             if resume:
                 saved = _resumable_config(resume, args.command)
                 overrides = {"train.max_steps": None, **overrides, "train.resume": resume}
@@ -259,6 +269,10 @@ def _main(argv: list[str] | None) -> int:
             trainer_cls = Trainer
             if args.command == "pretrain":
                 from .pretrain.trainer import PretrainTrainer as trainer_cls
+            if getattr(args, "dry_run", False):
+                trainer = trainer_cls(cfg, dry_run=True)
+                trainer.log(trainer.rehearse())
+                return 0
             result = trainer_cls(cfg).fit()
             if args.command == "pretrain" and result["records"]:
                 last = result["records"][-1]["train_loss"]

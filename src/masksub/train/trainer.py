@@ -44,6 +44,14 @@ def counted(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
+def _duration(seconds: float) -> str:
+    """'45 s', '12.5 min', '3.2 h', '2.1 days'."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def _progress_interval() -> dict:
     """Progress bar refreshes: as tqdm does on a terminal; written to a file (a batch job's log), one a minute,
     not ten a second (tens of megabytes over a long run). ``TQDM_MININTERVAL`` still decides where it is set."""
@@ -66,7 +74,10 @@ class Trainer:
     command = "train"  # the masksub command that runs (and resumes) this trainer's runs
     evaluates = True  # reads an evaluation split and reports accuracy
 
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=print, dry_run: bool = False):
+        """Everything a run needs, its folder made and its configuration written there; with ``dry_run``, nothing is
+        written (``rehearse`` then times a few steps)."""
+        self.dry_run = dry_run
         if not cfg.train.resume:  # a resumed run goes on as it began (validate's note)
             check_command_keys(cfg, self.command)
         self.cfg, self.log = cfg, log
@@ -135,12 +146,12 @@ class Trainer:
         self.epoch_seconds_before = 0.0  # of the current epoch, spent before the checkpoint this run resumed
         self.epoch_sums = self._zero_sums()  # loss, main loss, sub loss, micro-batches: on the device, no sync
         self.folder = self._run_folder()
-        self.runlog = RunLog(self.folder, enabled=self.dist.main)
+        self.runlog = RunLog(self.folder, enabled=self.dist.main and not dry_run)
         self.board: TensorBoard | None = None  # while fit runs, with train.tensorboard
         self.log(self._header(*sizes))
         if resume_state is not None:
             self._resume(resume_state, cfg.train.resume)
-        elif self.dist.main:
+        elif self.dist.main and not dry_run:
             (self.folder / "config.yaml").write_text(dump(cfg, self.command))
 
     # ----------------------------------------------------------------- setup
@@ -273,7 +284,7 @@ class Trainer:
             return path if path.is_dir() else path.parent
         name = cfg.train.name or "-".join([cfg.recipe, *self._model_part(), self._method_name(), f"s{cfg.train.seed}"])
         folder = Path(cfg.train.output) / name
-        if self.dist.main:
+        if self.dist.main and not self.dry_run:
             try:
                 folder = make_run_folder(Path(cfg.train.output), name)
             except OSError as e:
@@ -351,8 +362,9 @@ class Trainer:
         epochs = counted(cfg.sched.epochs, "epoch")
         left = self.loaders.batches_per_epoch % accum
         short = f" (the last of {left} batch{'es' * (left > 1)})" if left else ""
+        where = "dry run: nothing is written" if self.dry_run else f"run folder {self.folder}"
         return (
-            f"run folder {self.folder}\n"
+            f"{where}\n"
             f"model {cfg.model.name}{self._model_kwargs()}: {parameters / 1e6:.2f}M parameters"
             f"{f' ({trained:,} trained)' if trained != parameters else ''}{self._method()}\n"
             f"data {d.name}: {train_images:,} training images{self._evaluated(eval_images)}; {batch}, "
@@ -463,6 +475,51 @@ class Trainer:
         if not (self.cfg.train.tensorboard and self.dist.main):
             return contextlib.nullcontext()
         return TensorBoard(self.folder, purge_step=self.global_step + 1 if self.resuming else None)
+
+    def rehearse(self, steps: int = 3) -> str:
+        """Time ``steps`` optimizer steps after one that warms up (compilation, allocation, the loader's workers), on
+        the run's data, model and settings, and say what the run would take at that speed. The weights change: a
+        trainer made with ``dry_run`` is for this alone."""
+        loaders, cuda = self.loaders, self.device.type == "cuda"
+        loaders.sampler.set_epoch(0)
+        self.net.train()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        times, last = [], None
+        with worker_batches(loaders.train) as batches:
+            for i, (x, y) in enumerate(batches):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if self.cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if loaders.mixup is not None:
+                    x, y = loaders.mixup(x, y)
+                if not self.step(x, y, last=i + 1 == loaders.batches_per_epoch)["updated"]:
+                    continue
+                if cuda:
+                    torch.cuda.synchronize(self.device)
+                now = time.perf_counter()
+                if last is not None:
+                    times.append(now - last)
+                last = now
+                if len(times) == steps or i + 1 == loaders.batches_per_epoch:
+                    break
+        if not times:
+            raise ConfigError("an epoch of one optimizer step leaves none to time after the warm-up: use more images")
+        mean = sum(times) / len(times)
+        images = self.cfg.data.batch_size * self.cfg.train.accum_steps * self.dist.world / mean
+        epoch, epochs = mean * loaders.steps_per_epoch, self.cfg.sched.epochs
+        if cuda:
+            memory = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB of CUDA memory at most"
+        else:  # the process's peak resident memory (kilobytes on Linux; no such module on Windows)
+            import resource
+
+            memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident at most"
+        return (
+            f"dry run: {counted(len(times), 'optimizer step')} after one to warm up, {mean:.3f} s each (fastest "
+            f"{min(times):.3f} s), {images:,.0f} images/s; an epoch of {counted(loaders.steps_per_epoch, 'step')} "
+            f"would take {_duration(epoch)}, {counted(epochs, 'epoch')} {_duration(epoch * epochs)} without "
+            f"evaluation; {memory}"
+        )
 
     def _train_epoch(self) -> str | int | None:
         cfg, loaders = self.cfg, self.loaders
