@@ -433,6 +433,8 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to the end; on Ctrl-C or SIGTERM save at the next optimizer step and raise ``Interrupted``."""
+        if self.dry_run:
+            raise RuntimeError("a trainer made with dry_run has no run folder to train into: build one without it")
         cfg = self.cfg
         # The barriers sit on the paths every process takes together. After any other error a barrier would
         # wait beside a process still in a step's all-reduce until the backend's timeout; the error ends this
