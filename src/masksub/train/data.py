@@ -56,6 +56,13 @@ class FashionMNIST(Dataset):
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")  # read with PIL
 
 
+def walk_images(top: str):
+    """``(folder, image file names)`` of every folder under ``top``, at any depth; hidden folders and files skipped."""
+    for folder, subdirs, files in os.walk(top, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        yield folder, [f for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS]
+
+
 def find_images(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """``(path, class)`` of every image under ``root/<class>/``, at any depth (the class is the folder right
     under ``root``, as torchvision's ImageFolder has it), in natural order; and the images lying in ``root``.
@@ -65,9 +72,7 @@ def find_images(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
     own, and ``cat/a/*`` and ``dog/a/*`` one class ``a``.
     """
     top, samples, loose = str(root), [], []
-    for folder, subdirs, files in os.walk(top, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        images = [f for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS]
+    for folder, images in walk_images(top):
         if folder == top:
             loose += images
         elif images:

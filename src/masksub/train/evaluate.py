@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,8 +71,9 @@ def evaluate_checkpoint(
     confusion = len(classes) if per_class else 0
     results = {"weights": evaluate(model, loader, device, amp, channels_last, confusion=confusion)}
     if state.get("ema"):
-        ema_model = copy.deepcopy(model)
-        ema_model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items()})
+        ema_model = trained_model(cfg, state, len(classes) or 1000, ema=True).to(device)
+        if channels_last:
+            ema_model = ema_model.to(memory_format=torch.channels_last)
         results["ema weights"] = evaluate(ema_model, loader, device, amp, channels_last, confusion=confusion)
     if per_class:
         for result in results.values():

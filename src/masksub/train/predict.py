@@ -21,7 +21,7 @@ from ..step import AMP_DTYPES
 from .build import resolve_device
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data import EXTENSIONS
+from .data import EXTENSIONS, walk_images
 from .evaluate import load_run, trained_model
 from .images import read_image
 from .interrupt import loader_worker_init
@@ -86,14 +86,7 @@ def find_inputs(inputs: list[str]) -> list[str]:
         if path.is_file():
             files.append(str(path))
         elif path.is_dir():
-            found = []
-            for folder, subdirs, names in os.walk(path, followlinks=True):
-                subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-                found += [
-                    os.path.join(folder, n)
-                    for n in names
-                    if not n.startswith(".") and os.path.splitext(n)[1].lower() in EXTENSIONS
-                ]
+            found = [os.path.join(folder, name) for folder, names in walk_images(str(path)) for name in names]
             if not found:
                 raise FileNotFoundError(f"no images under {path} (files ending in {', '.join(EXTENSIONS)}, any case)")
             files += sorted(found, key=natural_key)
