@@ -48,9 +48,9 @@ def export_checkpoint(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # renamed into place once written and checked
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write(model, cfg, tmp, classes, data_config(cfg, model))
+        config = _write(model, cfg, tmp, classes, data_config(cfg, model))
         checkpoint_file = path / "last.pt" if path.is_dir() else path
-        (tmp / "README.md").write_text(model_card(cfg, state, checkpoint_file, ema, model, classes, out))
+        (tmp / "README.md").write_text(model_card(cfg, state, checkpoint_file, ema, model, config, out))
         _check(model, tmp, cfg)
         if onnx:
             size = (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
@@ -116,7 +116,7 @@ SOURCE_WEIGHTS = ("tag", "license", "notes", "paper_ids", "paper_name", "origin_
 SOURCE_WEIGHTS += ("test_crop_pct", "test_pool_size", "label_names", "label_descriptions", "label_offset")
 
 
-def _write(model: torch.nn.Module, cfg: Config, folder: Path, classes: list[str], preprocessing: dict) -> None:
+def _write(model: torch.nn.Module, cfg: Config, folder: Path, classes: list[str], preprocessing: dict) -> dict:
     """``model.safetensors`` and ``config.json`` in timm's layout for the Hub (what ``save_for_hf`` writes, written
     here so every timm release this package takes reads it the same way)."""
     folder.mkdir(parents=True)
@@ -148,6 +148,7 @@ def _write(model: torch.nn.Module, cfg: Config, folder: Path, classes: list[str]
     os.umask(mask)
     for file in folder.iterdir():  # safetensors writes its file for its owner alone; share it as other files are
         file.chmod(0o666 & ~mask)
+    return config
 
 
 def _architecture(model: torch.nn.Module, cfg: Config) -> dict:

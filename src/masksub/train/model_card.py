@@ -16,10 +16,12 @@ PRETRAINING = {"dmjd": "DMJD masked image modelling", "single": "single-view mas
 
 
 def model_card(
-    cfg: Config, state: dict, checkpoint_path: Path, ema: bool, model: torch.nn.Module, classes: list, folder: Path
+    cfg: Config, state: dict, checkpoint_path: Path, ema: bool, model: torch.nn.Module, config: dict, folder: Path
 ) -> str:
-    """The card's Markdown, with YAML front matter for the Hub (no license: that is the owner's to state)."""
+    """The card's Markdown, with YAML front matter for the Hub (no license: that is the owner's to state), of the
+    exported ``config`` (config.json's content)."""
     s, d, o = cfg.sub, cfg.data, cfg.optim
+    classes, args = config.get("label_names", []), {k: v for k, v in config["model_args"].items() if k != "in_chans"}
     position = state.get("position") or {}
     method = METHODS.get(s.kind, s.kind)
     if s.kind != "none":
@@ -34,7 +36,8 @@ def model_card(
     lr = f"lr {o.lr:g}" if o.lr is not None else f"base lr {o.base_lr:g} (per 256 images)"
     shown = ", ".join(map(str, classes[:10])) + (", ..." if len(classes) > 10 else "")
     details = [
-        f"- **Architecture:** `{cfg.model.name}` (timm) with {json.dumps(dict(cfg.model.kwargs)) or 'its defaults'}",
+        f"- **Architecture:** `{config['architecture']}` (timm) with "
+        + (json.dumps(args) if args else "its default arguments"),
         f"- **Parameters:** {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
         f"- **Classes:** {len(classes)} ({shown})"
         if classes
@@ -83,10 +86,11 @@ with torch.no_grad():
         )
     front = "---\ntags:\n- image-classification\n- timm\n- masksub\n"
     front += "library_name: timm\npipeline_tag: image-classification\n---\n"
+    name = f"`{config['architecture']}`"
     if classes:
-        intro = f"`{cfg.model.name}` for {len(classes)} classes, trained with masksub ({METHODS.get(s.kind, s.kind)})."
+        intro = f"{name} for {len(classes)} classes, trained with masksub ({METHODS.get(s.kind, s.kind)})."
     else:
-        intro = f"`{cfg.model.name}` pretrained with masksub ({PRETRAINING.get(cfg.pretrain.method, 'pretraining')})."
+        intro = f"{name} pretrained with masksub ({PRETRAINING.get(cfg.pretrain.method, 'pretraining')})."
     return f"{front}# {folder.name}\n\n{intro}\n\n## Model details\n" + "\n".join(details) + f"\n\n## Usage\n{usage}"
 
 
