@@ -184,7 +184,8 @@ def test_a_run_from_an_exported_folder_exports_again(run, tmp_path):
     assert _export(again, tmp_path / "second") == 0
     written = json.loads((tmp_path / "second" / "config.json").read_text())
     card = (tmp_path / "second" / "README.md").read_text()
-    assert "- **Architecture:** `vit_tiny_patch16_224` (timm) with {" in card and "local-dir:" not in card.split("##")[1]
+    details = card.split("## Model details")[1].split("## Usage")[0]
+    assert "- **Architecture:** `vit_tiny_patch16_224` (timm) with {" in details and "local-dir:" not in details
     assert written["model_args"] == json.loads((tmp_path / "first" / "config.json").read_text())["model_args"]
     cfg, state = load_run(again / "last.pt", {}, "test")
     assert "pretrained" not in cfg.model.kwargs  # the checkpoint holds every weight
