@@ -478,6 +478,16 @@ class Trainer:
             return contextlib.nullcontext()
         return TensorBoard(self.folder, purge_step=self.global_step + 1 if self.resuming else None)
 
+    def _step_on(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> dict:
+        """One micro-batch through the step: moved to the device, in the run's memory format, mixed as the run
+        mixes."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.loaders.mixup is not None:
+            x, y = self.loaders.mixup(x, y)
+        return self.step(x, y, last=last)
+
     def rehearse(self, steps: int = 3) -> str:
         """Time ``steps`` optimizer steps after one that warms up (compilation, allocation, the loader's workers), on
         the run's data, model and settings, and say what the run would take at that speed. The weights change: a
@@ -490,12 +500,7 @@ class Trainer:
         times, last = [], None
         with worker_batches(loaders.train) as batches:
             for i, (x, y) in enumerate(batches):
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                if self.cfg.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if loaders.mixup is not None:
-                    x, y = loaders.mixup(x, y)
-                if not self.step(x, y, last=i + 1 == loaders.batches_per_epoch)["updated"]:
+                if not self._step_on(x, y, last=i + 1 == loaders.batches_per_epoch)["updated"]:
                     continue
                 if cuda:
                     torch.cuda.synchronize(self.device)
@@ -543,14 +548,9 @@ class Trainer:
             for x, y in batches:
                 if self.micro_in_epoch >= per_epoch:
                     break
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                if cfg.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if loaders.mixup is not None:
-                    x, y = loaders.mixup(x, y)
                 # the epoch's last batch steps the optimizer, with a shorter window when accum_steps does not
                 # divide the batches (the mean loss of its micro-batches, as a full window)
-                out = self.step(x, y, last=self.micro_in_epoch + 1 == per_epoch)
+                out = self._step_on(x, y, last=self.micro_in_epoch + 1 == per_epoch)
                 self.micro_in_epoch += 1
                 seen += len(x)
                 one = torch.ones((), device=self.device)
