@@ -4,7 +4,9 @@ criterion and the learning-rate schedule."""
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
+from pathlib import Path
 
 import timm
 import torch
@@ -23,6 +25,22 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+# timm reads a local-dir: folder's model.safetensors from 1.0.26; before, its local-dir loader opens every weight file
+# with torch.load (an UnpicklingError), while its file loader reads safetensors.
+LOCAL_DIR_SAFETENSORS = tuple(int(n) for n in re.findall(r"\d+", timm.__version__)[:3]) >= (1, 0, 26)
+
+
+def create_model(name: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model``, reading a ``local-dir:`` folder's ``model.safetensors`` (an export's weights) under
+    every timm: before timm 1.0.26 through timm's file loader, which drops a classifier of another size as the
+    folder loader does."""
+    weights = Path(name[10:]) / "model.safetensors"
+    if name.startswith("local-dir:") and kwargs.get("pretrained") and not LOCAL_DIR_SAFETENSORS and weights.is_file():
+        overlay = {**(kwargs.get("pretrained_cfg_overlay") or {}), "source": "", "file": str(weights)}
+        kwargs = {**kwargs, "pretrained_cfg_overlay": overlay}
+    return timm.create_model(name, **kwargs)
+
+
 def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool = True) -> torch.nn.Module:
     """The timm model of ``cfg.model``; with ``model.checkpoint`` loaded into it unless ``initial_weights``
     is false (a resumed run: its checkpoint holds every weight, and the file may be gone)."""
@@ -30,7 +48,7 @@ def build_model(cfg: Config, num_classes: int, log=print, initial_weights: bool 
     kwargs = dict(m.kwargs, num_classes=num_classes, in_chans=cfg.data.in_chans)
     kwargs.update(drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
     try:
-        model = timm.create_model(m.name, **kwargs)
+        model = create_model(m.name, **kwargs)
     except Exception as e:
         if isinstance(e, RuntimeError) and "Unknown model" in str(e):
             # a name's longer forms first (convvit_base: convvit_base_patch16), then names spelt alike

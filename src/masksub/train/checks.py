@@ -61,6 +61,11 @@ def validate(cfg: Config, training: bool = True) -> None:
             "train.tensorboard writes TensorBoard event files, which needs the tensorboard package: "
             'pip install tensorboard (or "masksub[tensorboard]"), or set train.tensorboard false'
         )
+    if cfg.train.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"train.wandb={cfg.train.wandb!r} logs the run to Weights & Biases, which needs the wandb package: "
+            "pip install wandb (or \"masksub[wandb]\"), or set train.wandb to ''"
+        )
     if cfg.data.name == "fashion_mnist":
         from ..data import SPLIT_NAMES
 

@@ -145,6 +145,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     checkpoint_every: int = 0  # optimizer steps between 'last' checkpoints inside an epoch; 0: per epoch
     tensorboard: bool = False  # TensorBoard event files in <run>/tensorboard (needs the tensorboard package)
+    wandb: str = ""  # a W&B project: log the run to Weights & Biases (needs wandb; WANDB_MODE etc. as W&B reads them)
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
     max_nonfinite: int = 20  # consecutive steps with a non-finite loss or gradient before the run stops
     output: str = "runs"

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
-import timm
 import torch
 from timm.models._hub import filter_pretrained_cfg
 
 from . import checkpoint
+from .build import create_model
 from .config import Config, ConfigError
 from .data import build_datasets
 from .evaluate import load_run, trained_model
@@ -166,7 +166,7 @@ def _architecture(model: torch.nn.Module, cfg: Config) -> dict:
 def _check(model: torch.nn.Module, folder: Path, cfg: Config) -> None:
     """The folder, loaded by timm, computes what the run's model computes."""
     try:
-        loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        loaded = create_model(f"local-dir:{folder}", pretrained=True).eval()
     except Exception as e:  # an argument missing from config.json: weights of other shapes, say
         raise ConfigError(
             f"timm cannot rebuild {cfg.model.name} from the exported config.json ({type(e).__name__}: {str(e)[:300]}); "

@@ -78,6 +78,9 @@ transform = create_transform(**resolve_data_config(model=model))
 with torch.no_grad():
 {textwrap.indent(last, "    ")}
 ```
+
+timm before 1.0.26 opens a folder's `model.safetensors` with `torch.load` and fails: there, add
+`pretrained_cfg_overlay=dict(source="", file="{folder.name}/model.safetensors")` to `create_model`.
 """
     if not classes:
         usage += (

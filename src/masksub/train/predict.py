@@ -9,7 +9,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..step import AMP_DTYPES
-from .build import resolve_device
+from .build import create_model, resolve_device
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import EXTENSIONS, walk_images
@@ -100,7 +99,7 @@ def _load(source: Path, ema: bool) -> tuple:
     if source.is_dir() and (source / "config.json").is_file() and not (source / "last.pt").exists():
         if ema:
             raise ConfigError(f"{source} is an exported model, which holds one set of weights: drop --ema")
-        model = timm.create_model(f"local-dir:{source}", pretrained=True).eval()
+        model = create_model(f"local-dir:{source}", pretrained=True).eval()
         if not model.num_classes:
             raise ConfigError(f"{source} is a backbone without a classifier (a pretraining run's): nothing to predict")
         data = resolve_data_config(model=model)

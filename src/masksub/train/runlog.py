@@ -105,30 +105,6 @@ class RunLog:
         plot_curves({self.folder.name: records}, self.folder / "curves.png")
 
 
-class TensorBoard:
-    """The run's scalars as TensorBoard event files in ``<run>/tensorboard`` (``train.tensorboard``), against the
-    optimizer step: ``train/*`` every 20 steps (the loss of that step, its main and sub parts, the learning rate and
-    images/s, read when the progress bar reads them: no other host sync) and ``epoch/*``, each epoch's record.
-    ``purge_step`` (a resumed run: its checkpoint's step + 1) has TensorBoard drop what a killed process logged
-    after the checkpoint, which this run logs again."""
-
-    def __init__(self, folder: Path, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=purge_step)
-
-    def add(self, prefix: str, values: dict, step: int) -> None:
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
-
-    def __enter__(self) -> TensorBoard:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.writer.close()
-
-
 def summarize(records: list[dict], **extra) -> dict:
     evaluated = [r for r in records if r.get("top1") is not None]
     last = records[-1] if records else {}

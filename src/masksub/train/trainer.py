@@ -7,7 +7,6 @@ evaluates each epoch, and writes checkpoints that resume bit-exactly.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
@@ -32,7 +31,8 @@ from .checks import check_command_keys
 from .config import Config, ConfigError, dump, load_config
 from .data import build_datasets, build_loaders
 from .interrupt import Interrupted, StopRequest, worker_batches
-from .runlog import FolderLock, RunLog, TensorBoard, make_run_folder, resume_command
+from .runlog import FolderLock, RunLog, make_run_folder, resume_command
+from .trackers import Trackers, open_trackers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,7 +147,7 @@ class Trainer:
         self.epoch_sums = self._zero_sums()  # loss, main loss, sub loss, micro-batches: on the device, no sync
         self.folder = self._run_folder()
         self.runlog = RunLog(self.folder, enabled=self.dist.main and not dry_run)
-        self.board: TensorBoard | None = None  # while fit runs, with train.tensorboard
+        self.trackers = Trackers()  # while fit runs: TensorBoard and W&B, as the run asks
         self.log(self._header(*sizes))
         if resume_state is not None:
             self._resume(resume_state, cfg.train.resume)
@@ -442,7 +442,7 @@ class Trainer:
         with (
             FolderLock(self.folder, enabled=self.dist.main) as lock,
             StopRequest() as self._stop,
-            self._tensorboard() as self.board,
+            self._trackers() as self.trackers,
         ):
             if self.resuming:  # under the lock: a process still training here may have appended since
                 self.runlog.truncate_after(self.epoch)  # epochs after the checkpoint run again
@@ -472,11 +472,10 @@ class Trainer:
         distributed.barrier()
         return {"folder": self.folder, "records": self.runlog.records() if self.dist.main else []}
 
-    def _tensorboard(self):
-        """Process 0's TensorBoard writer (``train.tensorboard``), or none."""
-        if not (self.cfg.train.tensorboard and self.dist.main):
-            return contextlib.nullcontext()
-        return TensorBoard(self.folder, purge_step=self.global_step + 1 if self.resuming else None)
+    def _trackers(self) -> Trackers:
+        """Process 0's TensorBoard and W&B loggers, as the run asks (``train.tensorboard``, ``train.wandb``)."""
+        main, step = self.dist.main, self.global_step
+        return open_trackers(self.cfg, self.folder, main=main, resuming=self.resuming, step=step, job_type=self.command)
 
     def _step_on(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> dict:
         """One micro-batch through the step: moved to the device, in the run's memory format, mixed as the run
@@ -607,10 +606,10 @@ class Trainer:
                 img_s=f"{images_per_s * self.dist.world:.0f}",
                 refresh=False,  # shown at the bar's next refresh: a log file gets no line per call
             )
-            if self.board is not None:
+            if self.trackers.open:
                 parts = {k: out[k].item() for k in self.LOSS_KEYS if torch.is_tensor(out.get(k))}
                 values = {"loss": loss, **parts, "lr": lr, "images_per_s": images_per_s * self.dist.world}
-                self.board.add("train", values, self.global_step)
+                self.trackers.add("train", values, self.global_step)
 
     def _evaluate(self) -> dict:
         cl = self.cfg.train.channels_last
@@ -652,8 +651,7 @@ class Trainer:
         self.log(f"epoch {self.epoch}/{cfg.sched.epochs}: loss {loss}{accuracy}")
         self.micro_in_epoch, self.epoch_sums, self.epoch_seconds_before = 0, self._zero_sums(), 0.0
         self.runlog.append(record)
-        if self.board is not None:
-            self.board.add("epoch", record, self.global_step)
+        self.trackers.add("epoch", record, self.global_step)
         best = record.get("top1") is not None and (self.best_top1 is None or record["top1"] > self.best_top1)
         if best:
             self.best_top1 = record["top1"]
