@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -68,7 +69,11 @@ def _wandb_runs(folder) -> list[dict]:
     runs = []
     for file in sorted((folder / "wandb").glob("offline-run-*/run-*.wandb")):
         run = {"history": {}, "exit_code": None, "preempting": False}
-        for record in _wandb_records(file):
+        records, waited = _wandb_records(file), 0.0
+        while not any(r.WhichOneof("record_type") == "exit" for r in records) and waited < 30:
+            time.sleep(0.2)  # W&B's service may still be writing a finished run's last records
+            records, waited = _wandb_records(file), waited + 0.2
+        for record in records:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 r = record.run

@@ -25,9 +25,13 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+def timm_at_least(version: str) -> bool:
+    return tuple(int(n) for n in re.findall(r"\d+", timm.__version__)[:3]) >= tuple(map(int, version.split(".")))
+
+
 # timm reads a local-dir: folder's model.safetensors from 1.0.26; before, its local-dir loader opens every weight file
 # with torch.load (an UnpicklingError), while its file loader reads safetensors.
-LOCAL_DIR_SAFETENSORS = tuple(int(n) for n in re.findall(r"\d+", timm.__version__)[:3]) >= (1, 0, 26)
+LOCAL_DIR_SAFETENSORS = timm_at_least("1.0.26")
 
 
 def create_model(name: str, **kwargs) -> torch.nn.Module:

@@ -69,7 +69,7 @@ def export_checkpoint(
         f"wrote {out} ({files}): {cfg.model.name}, the {'EMA' if ema else 'trained'} weights "
         f"of {path}, {what}, {cfg.data.in_chans}x{cfg.data.img_size}x{cfg.data.img_size} input. "
         f"Load it with {needs}timm.create_model('local-dir:{out}', pretrained=True) (its preprocessing: "
-        f"timm.data.resolve_data_config(model=model)) or transformers' {auto}.from_pretrained('{out}')"
+        f"timm.data.resolve_data_config(model=model)) or transformers' (>= 4.53) {auto}.from_pretrained('{out}')"
         + (
             ""
             if classes

@@ -9,17 +9,27 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
+from .build import timm_at_least
 from .config import ConfigError
 
 NEEDS = ("onnx", "onnxscript", "onnxruntime")
+# Before it, timm's exporter keys the dynamic batch axis by its default input name: a named input (pixel_values) gets
+# a fixed batch size; and it calls torch.onnx.dynamo_export, which torch 2.9 removed.
+MIN_TIMM = "1.0.31"
 
 
 def check_installed() -> None:
     if missing := [name for name in NEEDS if importlib.util.find_spec(name) is None]:
         raise ConfigError(
             f'--onnx needs {", ".join(missing)}: pip install onnx onnxscript onnxruntime (or "masksub[onnx]")'
+        )
+    if not timm_at_least(MIN_TIMM):
+        raise ConfigError(
+            f"--onnx needs timm >= {MIN_TIMM}, whose ONNX exporter keeps the batch size free (timm "
+            f"{timm.__version__}'s fixes it to the traced batch): pip install -U 'timm>={MIN_TIMM}', or drop --onnx"
         )
 
 
@@ -51,7 +61,13 @@ def _check(model: torch.nn.Module, file: Path, input_size: tuple[int, int, int],
 
     x = torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))
     session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    got = session.run([output], {"pixel_values": x.numpy()})[0]
+    try:
+        got = session.run([output], {"pixel_values": x.numpy()})[0]
+    except Exception as e:  # a fixed batch size, an operator ONNX Runtime lacks
+        raise ConfigError(
+            f"ONNX Runtime cannot run the ONNX model on a batch of 3 ({type(e).__name__}: {str(e)[:300]}); "
+            "nothing was written"
+        ) from None
     with torch.no_grad():
         want = model(x).numpy()
     scale = max(1.0, float(np.abs(want).max()))
