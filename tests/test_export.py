@@ -336,3 +336,74 @@ def test_a_pretraining_run_exports_its_encoder_as_a_backbone(tmp_path, capsys):
     assert "a backbone without a classifier" in capsys.readouterr().err
     assert _export(tmp_path / "pre", tmp_path / "ema", "--ema") == 2
     assert "a pretraining run keeps no EMA weights" in capsys.readouterr().err
+
+
+def _eval(checkpoint, *more) -> int:
+    return main(["eval", "--checkpoint", str(checkpoint), *more])
+
+
+def test_eval_of_an_export_scores_what_the_run_scored(run, tmp_path, capsys):
+    """The folder alone, its own preprocessing (resize, crop 0.9, the run's mean and std), on Fashion-MNIST's test
+    split: the run's accuracy, per class too."""
+    folder, last = run
+    assert _export(folder / "last.pt", tmp_path / "out") == 0
+    capsys.readouterr()
+    assert _eval(tmp_path / "out", "--data.eval_subset", "200", "--per-class") == 0
+    out = capsys.readouterr().out
+    assert "(vit_tiny_patch16_224): 200 images of the Fashion-MNIST test split (data.eval_subset 200" in out, out
+    assert f"weights: top-1 {last['top1']:.2f}%" in out and "ema weights" not in out
+    assert _eval(folder / "last.pt", "--per-class") == 0
+    run_out = capsys.readouterr().out
+    plain = run_out.split("\nweights: ")[1].split("ema weights: ")[0]  # the run's plain weights, as exported
+    assert out.split("weights: ")[1] == plain  # the same numbers and per-class table
+
+
+def test_eval_of_an_export_matches_folder_classes_by_name(run, tmp_path, capsys):
+    """Three class folders of another data set, in another order than the model's outputs: labelled by name."""
+    folder, _ = run
+    assert _export(folder / "last.pt", tmp_path / "out") == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config["label_names"] = [f"c{i:02d}" for i in range(10)]  # names a folder can have ("T-shirt/top" cannot)
+    config["pretrained_cfg"]["label_names"] = config["label_names"]
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    x, y = load_fashion_mnist("test")
+    picked = [i for i in range(300) if int(y[i]) in (7, 1, 3)]
+    for i in picked:
+        (tmp_path / "data" / "val" / f"c{int(y[i]):02d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i].numpy()).save(tmp_path / "data" / "val" / f"c{int(y[i]):02d}" / f"{i}.png")
+    model = _timm_load(tmp_path / "out").eval()
+    transform = create_transform(**resolve_data_config(model=model))
+    with torch.no_grad():
+        batch = torch.stack([transform(Image.fromarray(x[i].numpy())) for i in picked])
+        correct = (model(batch).argmax(1) == y[picked]).sum().item()
+    capsys.readouterr()
+    assert _eval(tmp_path / "out", "--data.name", "folder", "--data.dir", str(tmp_path / "data")) == 0
+    out = capsys.readouterr().out
+    assert f"{len(picked)} images of {tmp_path / 'data' / 'val'}" in out
+    assert f"weights: top-1 {100 * correct / len(picked):.2f}%" in out, (out, correct, len(picked))
+
+
+def test_eval_of_an_export_refuses_what_it_cannot_do(run, tmp_path, capsys):
+    folder, _ = run
+    assert _export(folder / "last.pt", tmp_path / "out") == 0
+    assert _eval(tmp_path / "out", "--model.name", "resnet18") == 2
+    assert "model.name: " in capsys.readouterr().err
+    assert _eval(tmp_path / "out", "--data.img_size", "32") == 2
+    assert "config.json sets its input and preprocessing" in capsys.readouterr().err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    config["label_names"] = config["pretrained_cfg"]["label_names"] = list(reversed(CLASSES))
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    assert _eval(tmp_path / "out") == 2
+    assert "classifies into Ankle boot, Bag, Sneaker, Shirt, ..., not the Fashion-MNIST classes" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "data" / "val" / "Bag").mkdir(parents=True)  # a class of the model, and one it lacks
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "data" / "val" / "Bag" / "0.png")
+    (tmp_path / "data" / "val" / "Hat").mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "data" / "val" / "Hat" / "0.png")
+    assert _eval(tmp_path / "out", "--data.name", "folder", "--data.dir", str(tmp_path / "data")) == 2
+    assert "val has 1 class folder(s) the model has no output for (Hat)" in capsys.readouterr().err
+    del config["label_names"], config["pretrained_cfg"]["label_names"]
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    assert _eval(tmp_path / "out") == 2
+    assert "names 0 classes (label_names) for 10 outputs" in capsys.readouterr().err

@@ -90,7 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog="The run's configuration applies; --section.key value changes a key of it, e.g. --data.dir "
         "/data/elsewhere, --data.eval_subset null (every image), --data.eval_batch_size 100, --train.device cpu.",
     )
-    ev.add_argument("--checkpoint", required=True, help="a checkpoint of masksub train (best.pt, last.pt)")
+    ev.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint of masksub train (best.pt, last.pt, a run folder), or a folder of masksub export (its "
+        "own preprocessing; --data.* keys choose the data, Fashion-MNIST's test split by default)",
+    )
     ev.add_argument("--per-class", action="store_true", help="each class's accuracy, worst first, and the confusions")
     ev.add_argument(
         "--confusion", default=None, help="write the confusion matrix as this CSV file (EMA weights: <name>_ema.csv)"

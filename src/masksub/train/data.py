@@ -252,9 +252,9 @@ def build_eval_dataset(cfg: Config, classes: list[str]) -> Dataset:
     extra = sorted(set(val.folders) - set(classes), key=natural_key)
     if extra:
         raise ConfigError(
-            f"{root} has {len(extra)} class folder(s) that {d.train_split}/ lacks "
-            f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}): the model cannot predict them; "
-            "remove them or add them to the training split"
+            f"{root} has {len(extra)} class folder(s) the model has no output for "
+            f"({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}): {d.train_split}/ lacks them (or, for an "
+            "exported model, its config.json's label_names); remove them, or add them to the training split"
         )
     return val
 

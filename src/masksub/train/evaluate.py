@@ -6,14 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timm.data import create_transform, resolve_data_config
 
-from ..data import SPLIT_NAMES
+from ..data import CLASSES, SPLIT_NAMES
 from ..step import AMP_DTYPES
 from . import checkpoint
 from .accuracy import evaluate
-from .build import build_model, resolve_device
+from .build import build_model, create_model, resolve_device
 from .checks import validate
-from .config import ConfigError, apply_overrides, from_dict
+from .config import Config, ConfigError, apply_overrides, from_dict
 from .data import build_datasets, build_eval_dataset, build_eval_loader
 from .trainer import Trainer, counted
 
@@ -44,6 +45,8 @@ def evaluate_checkpoint(
             "transform (aug.preset, interpolation, crop_pct, mean, std), "
             "train.device, train.amp and train.channels_last"
         )
+    if is_export(path):
+        return evaluate_export(path, overrides or {}, report, per_class)
     cfg, state = load_run(path, overrides or {}, "eval")
     device = resolve_device(cfg.train.device)
     classes = state.get("classes")
@@ -56,17 +59,9 @@ def evaluate_checkpoint(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if report is not None:
-        d = cfg.data
-        if d.name == "fashion_mnist":
-            split = f"the Fashion-MNIST {SPLIT_NAMES[d.val_split]} split"
-        else:
-            split = getattr(val_set, "description", None) or str(Path(d.dir) / d.val_split)
         steps = (state.get("position") or {}).get("global_step")
-        limited = d.eval_subset is not None and len(val_set) >= d.eval_subset  # not when it asks for more than all
-        subset = f" (data.eval_subset {d.eval_subset}; --data.eval_subset null for all)" if limited else ""
         when = f" after {counted(steps, 'training step')}" if steps is not None else ""
-        precision = f", {cfg.train.amp} autocast" if amp is not None else ""
-        report(f"{path}{when}: {len(val_set):,} images of {split}{subset}, on {device}{precision}")
+        report(f"{path}{when}: {_evaluated(cfg, val_set, device)}")
     loader = build_eval_loader(cfg, model, val_set, 0, 1, device)
     confusion = len(classes) if per_class else 0
     results = {"weights": evaluate(model, loader, device, amp, channels_last, confusion=confusion)}
@@ -79,6 +74,74 @@ def evaluate_checkpoint(
         for result in results.values():
             result["classes"] = list(classes)
     return results
+
+
+def is_export(path: Path) -> bool:
+    """A folder of ``masksub export`` (or timm's Hub layout): config.json beside the weights, no run checkpoint."""
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "last.pt").exists()
+
+
+def _evaluated(cfg, val_set, device: torch.device) -> str:
+    """Which images are evaluated, where and how precisely: the report's line."""
+    d = cfg.data
+    if d.name == "fashion_mnist":
+        split = f"the Fashion-MNIST {SPLIT_NAMES[d.val_split]} split"
+    else:
+        split = getattr(val_set, "description", None) or str(Path(d.dir) / d.val_split)
+    limited = d.eval_subset is not None and len(val_set) >= d.eval_subset  # not when it asks for more than all
+    subset = f" (data.eval_subset {d.eval_subset}; --data.eval_subset null for all)" if limited else ""
+    precision = f", {cfg.train.amp} autocast" if cfg.train.amp is not None else ""
+    return f"{len(val_set):,} images of {split}{subset}, on {device}{precision}"
+
+
+# What evaluating an exported folder reads besides it: its config.json sets the input and the preprocessing.
+EXPORT_KEYS = ("data.", "train.device", "train.amp", "train.channels_last")
+EXPORT_FIXED = ("data.img_size", "data.in_chans", "data.on_device", *TRAINING_DATA_KEYS)
+
+
+def evaluate_export(
+    path: Path, overrides: dict, report: Callable[[str], None] | None = None, per_class: bool = False
+) -> dict[str, dict]:
+    """Top-1/top-5 of an exported folder (``masksub export``'s, or any timm folder whose config.json names its
+    classes) on the data the ``data.*`` overrides choose (default: the Fashion-MNIST test split), with the folder's
+    own preprocessing; the data's labels matched to the model's outputs by class name."""
+    if idle := [key for key in overrides if not key.startswith(EXPORT_KEYS) or key in EXPORT_FIXED]:
+        raise ConfigError(
+            f"{', '.join(idle)}: {path} is an exported model, whose config.json sets its input and preprocessing; "
+            "masksub eval of it reads the data.* keys but img_size, in_chans, on_device, train_subset and batch_size, "
+            "and train.device, train.amp and train.channels_last"
+        )
+    model = create_model(f"local-dir:{path}", pretrained=True).eval()
+    classes = list(model.pretrained_cfg.get("label_names") or [])
+    if not model.num_classes:
+        raise ConfigError(f"{path} is a backbone without a classifier (a pretraining run's): nothing to evaluate")
+    if len(classes) != model.num_classes:
+        raise ConfigError(
+            f"{path}/config.json names {len(classes)} classes (label_names) for {model.num_classes} outputs: the "
+            "data's labels cannot be matched to the model's; add the class names, in output order"
+        )
+    data = resolve_data_config(model=model)
+    chans, size = data["input_size"][0], data["input_size"][-1]
+    cfg = apply_overrides(Config(), {**overrides, "data.in_chans": chans, "data.img_size": size}, check=False)
+    cfg.data.on_device = False  # the folder's own transform, in the loader
+    validate(cfg, training=False)
+    if cfg.data.name == "fashion_mnist" and classes != list(CLASSES):
+        raise ConfigError(
+            f"{path} classifies into {', '.join(classes[:4])}{', ...' if len(classes) > 4 else ''}, not the "
+            "Fashion-MNIST classes: evaluate it on its own data (--data.name, --data.dir, --data.val_split)"
+        )
+    device = resolve_device(cfg.train.device)
+    val_set = build_eval_dataset(cfg, classes)
+    if report is not None:
+        report(f"{path} ({model.pretrained_cfg.get('architecture')}): {_evaluated(cfg, val_set, device)}")
+    model, amp, channels_last = model.to(device), AMP_DTYPES.get(cfg.train.amp), cfg.train.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = build_eval_loader(cfg, model, val_set, 0, 1, device, transform=create_transform(**data))
+    result = evaluate(model, loader, device, amp, channels_last, confusion=len(classes) if per_class else 0)
+    if per_class:
+        result["classes"] = classes
+    return {"weights": result}
 
 
 def load_run(path: Path, overrides: dict, command: str, pretraining: bool = False) -> tuple:

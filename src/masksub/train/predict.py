@@ -21,7 +21,7 @@ from .build import create_model, resolve_device
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import EXTENSIONS, walk_images
-from .evaluate import load_run, trained_model
+from .evaluate import is_export, load_run, trained_model
 from .images import read_image
 from .interrupt import loader_worker_init
 from .runlog import write_output
@@ -96,7 +96,7 @@ def find_inputs(inputs: list[str]) -> list[str]:
 
 def _load(source: Path, ema: bool) -> tuple:
     """The model, its evaluation transform, class names, PIL mode, device and autocast type of ``source``."""
-    if source.is_dir() and (source / "config.json").is_file() and not (source / "last.pt").exists():
+    if is_export(source):
         if ema:
             raise ConfigError(f"{source} is an exported model, which holds one set of weights: drop --ema")
         model = create_model(f"local-dir:{source}", pretrained=True).eval()
