@@ -40,7 +40,7 @@ if __name__ == "__main__":
         f"{out}/run",
         max_steps=3,
         gradient_accumulation_steps=1 if static else 2,
-        ddp_static_graph=static or None,
+        **({"ddp_static_graph": True} if static else {}),  # an argument older transformers lacks
         learning_rate=1e-3,
         ddp_backend="gloo",
         ddp_find_unused_parameters=find_unused,  # None: the Trainer's default for a Hugging Face model (True)

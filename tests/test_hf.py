@@ -253,6 +253,8 @@ def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, fi
     """torchrun, 2 CPU processes: 3 optimizer steps of 2 micro-batches each, 3 gradient all-reduces. With
     ddp_static_graph (and steps of one micro-batch) the default order is the summed loss: torch's reducer failed
     with an internal assert at the main backward inside no_sync."""
+    if static and "ddp_static_graph" not in transformers.TrainingArguments.__dataclass_fields__:
+        pytest.skip(f"transformers {transformers.__version__}'s TrainingArguments has no ddp_static_graph")
     for rank in run_worker(
         "ddp_trainer_worker.py", tmp_path, memory_saving, find_unused, model, *[static] * bool(static)
     ):

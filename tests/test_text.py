@@ -28,6 +28,16 @@ from masksub.drops import DROPOUT_RATE_ATTRS
 from masksub.masking import masked_counts
 
 
+def _for_model(kind: str, **kw):
+    """transformers' default configuration of model type ``kind``; the test skips where the installed transformers
+    predates the architecture."""
+    import transformers
+
+    if kind not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {kind} models")
+    return transformers.AutoConfig.for_model(kind, **kw)
+
+
 def inputs(batch):
     return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -355,7 +365,7 @@ def _drop_family(family: str) -> torch.nn.Module:
     if family == "albert":
         return transformers.AlbertForSequenceClassification(transformers.AlbertConfig(**kw, embedding_size=16)).train()
     kind, relative = RELATIVE_CASES.get(family, (family, None))
-    config = transformers.AutoConfig.for_model(kind, **kw, pad_token_id=PAD)  # the others' defaults, made small
+    config = _for_model(kind, **kw, pad_token_id=PAD)  # the others' defaults, made small
     if family == "mobilebert":  # its bottleneck and embeddings within the small width
         config.update(dict(intra_bottleneck_size=16, embedding_size=16, true_hidden_size=16))
     if family == "squeezebert":  # its embeddings as wide as its layers
@@ -489,7 +499,7 @@ def _rope_encoder(kind: str, **overrides) -> torch.nn.Module:
     (3 labels, padding id PAD, config ``overrides``), in eval mode."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(kind)
+    config = _for_model(kind)
     small = dict(SMALL, num_key_value_heads=2, head_dim=16, max_position_embeddings=64, num_labels=3, type_vocab_size=2)
     small.update(pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP)
     small.update(initializer_range=0.2)  # hiding tokens moves the logits far beyond the tolerance (at 0.02, ~5e-5)
@@ -593,7 +603,7 @@ def _decoder(kind: str, **overrides) -> torch.nn.Module:
     in eval mode: the modes' outputs compare without dropout draws."""
     import transformers
 
-    top = transformers.AutoConfig.for_model(kind)
+    top = _for_model(kind)
     config = top.get_text_config()  # the config itself, or a multimodal classifier's language model's (Gemma 3's)
     if top is not config:  # its vision tower: 4 patches pooled to 4 image tokens
         vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
