@@ -241,6 +241,11 @@ def text_batch(batch: int = 6, length: int = 20, seed: int = 1) -> dict[str, tor
 
 
 def wrap_text(model, **kw):
+    from masksub.adapters.text import DROP_DECODERS, DROP_ROPE_ENCODERS, transformers_version
+
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kw.get("mode") == "drop" and kind in DROP_DECODERS + DROP_ROPE_ENCODERS and transformers_version() < (5,):
+        pytest.skip(f"mode='drop' on {kind} needs transformers >= 5")  # refused there (tested in test_text.py)
     return masksub.wrap(model, **{"mask_token_id": MASK, "special_ids": SPECIAL, **kw})
 
 

@@ -682,6 +682,15 @@ def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(
         assert torch.equal(wrapped(**batch).logits, model(**batch).logits), "the main pass is the plain model's"
 
 
+def test_drop_mode_on_a_decoder_or_rope_encoder_is_refused_before_transformers_5(monkeypatch):
+    for model in (_decoder("llama"), _rope_encoder("modernbert")):
+        monkeypatch.setattr(masksub.adapters.text, "transformers_version", lambda: (4, 48))
+        with pytest.raises(ValueError, match=r"mode='drop' on \w+ \(kept token ids .* needs transformers >= 5"):
+            masksub.wrap(model, mode="drop", mask_token_id=MASK, special_ids=SPECIAL)
+        monkeypatch.undo()
+        masksub.wrap(model, mode="drop", mask_token_id=MASK, special_ids=SPECIAL).unwrap()
+
+
 def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_after_wrapping():
     """Position ids given for the batch (one row, broadcast) are gathered with the kept tokens, and the padding id
     set on the config after wrapping (as one does once the tokenizer is loaded) finds the token that stays."""

@@ -161,6 +161,12 @@ def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
     return rank < masked_counts(maskable.sum(dim=1), ratio).unsqueeze(1)
 
 
+def transformers_version() -> tuple[int, ...]:
+    import transformers
+
+    return tuple(int(n) for n in transformers.__version__.split(".")[:2])
+
+
 def _drop_embeddings(model: nn.Module) -> nn.Module | None:
     """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder or ModernBERT
     classifier it takes, or an error naming the ones it does."""
@@ -168,6 +174,13 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
     classifier = type(model).__name__.endswith("ForSequenceClassification")
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
     if classifier and kind in DROP_DECODERS + DROP_ROPE_ENCODERS:
+        if (version := transformers_version()) < (5,):
+            raise ValueError(
+                f"mode='drop' on {type(model).__name__} (kept token ids with their position ids) needs transformers "
+                ">= 5, where it computes what hiding the tokens computes (tested; under 4.48.3 it does not), and this "
+                f"is {'.'.join(map(str, version))}: upgrade transformers, or use mode='attention' (the same masking, "
+                "at the main pass's cost)"
+            )
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
