@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import needs_transformers_5
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -101,6 +102,7 @@ def test_step_cost_tiny(tmp_path):
     assert ck.split(" | ")[2] == "eager" and ck.split(" | ")[-1] == f"{peak:.3f} |"
 
 
+@needs_transformers_5
 def test_text_step_cost_tiny(tmp_path):
     """A BERT, a DeBERTa v3 and a Llama classifier: every variant timed with its peak, the attention mode's
     FLOP-ideal cost the main pass's again (2x), the drop mode's less; one table row per model."""

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import needs_transformers_5
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_families.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -36,6 +38,7 @@ def test_unknown_family_is_refused_with_the_installed_ones():
     assert "unknown families ['no_such_family']" in proc.stderr and "vision_transformer" in proc.stderr
 
 
+@needs_transformers_5
 def test_text_architectures_pass_mask_and_dropout_and_drop_tokens(tmp_path):
     proc = _run("--text", "--families", "bert", "llama", "--out", str(tmp_path / "text"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,6 +14,7 @@ from conftest import (
     MASK,
     SMALL,
     SPECIAL,
+    needs_transformers_5,
     peak_bytes,
     run_worker,
     text_batch,
@@ -308,6 +309,7 @@ def test_text_classification_example_runs(local_model_and_csvs, sub, mode):
     assert saved.config.id2label == {0: "neg", 1: "pos"}
 
 
+@needs_transformers_5
 def test_text_classification_example_tunes_a_decoder_whose_tokenizer_has_no_padding(local_model_and_csvs):
     """A tiny Llama whose tokenizer has no padding token and no mask token, as decoders' have: the example pads with
     the end token, gives the model that padding id (its classifier reads each text's last word), and drops the
@@ -532,6 +534,7 @@ def test_summed_loss_refuses_dropsub_under_gradient_checkpointing(tmp_path):
         _gradient_with(tmp_path, "dropout", checkpointing=True, memory_saving=False)
 
 
+@needs_transformers_5
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_trainer_drops_the_masked_tokens_with_mode_drop(tmp_path, family):
     """mask_options={'mode': 'drop'}: each step's sub pass runs the model on the kept tokens only (a decoder gets

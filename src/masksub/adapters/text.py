@@ -173,14 +173,16 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
     kind = getattr(getattr(model, "config", None), "model_type", None)
     classifier = type(model).__name__.endswith("ForSequenceClassification")
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    by_ids, bert = kind in DROP_DECODERS + DROP_ROPE_ENCODERS, kind in DROP_MODELS and embeddings is not None
+    takes = classifier and (by_ids or bert)
+    if takes and (version := transformers_version()) < (5,):
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__} needs transformers >= 5, where it computes what hiding the tokens "
+            "computes (tested; under 4.48.3 decoders and RoPE encoders compute other logits and the BERT family "
+            f"fails), and this is {'.'.join(map(str, version))}: upgrade transformers, or use mode='attention' (the "
+            "same masking, at the main pass's cost)"
+        )
     if classifier and kind in DROP_DECODERS + DROP_ROPE_ENCODERS:
-        if (version := transformers_version()) < (5,):
-            raise ValueError(
-                f"mode='drop' on {type(model).__name__} (kept token ids with their position ids) needs transformers "
-                ">= 5, where it computes what hiding the tokens computes (tested; under 4.48.3 it does not), and this "
-                f"is {'.'.join(map(str, version))}: upgrade transformers, or use mode='attention' (the same masking, "
-                "at the main pass's cost)"
-            )
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
