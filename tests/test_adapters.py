@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
+import timm
 import torch
 from conftest import EXPECTED_ADAPTER, TINY, compiled_graphs, sub_flop_ratio, tiny_images, tiny_model
 
@@ -467,7 +469,10 @@ def test_naflex_patch_dicts_keep_exact_counts_of_each_samples_valid_patches(rati
 def test_vit_adapter_takes_the_models_keywords_and_refuses_an_attention_mask(name):
     """timm's ViT and Eva take attn_mask= and is_causal=: the main pass took them, the sub pass raised a
     TypeError; a mask over all tokens cannot fit the kept ones."""
-    wrapped = masksub.wrap(tiny_model(name)).train()
+    model = tiny_model(name)
+    if not {"attn_mask", "is_causal"} <= set(inspect.signature(model.forward).parameters):
+        pytest.skip(f"{type(model).__name__}.forward of timm {timm.__version__} takes no attn_mask / is_causal")
+    wrapped = masksub.wrap(model).train()
     x = tiny_images(name, batch=2)
     torch.manual_seed(0)
     expected = wrapped(x, sub=True)

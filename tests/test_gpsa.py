@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from conftest import check_dropped_patch_pixels, compiled_graphs, sub_flop_ratio, tiny_images, tiny_model
 
@@ -38,9 +39,14 @@ def test_the_sub_pass_is_the_model_on_the_kept_tokens_with_their_relative_positi
     relative positions made from their coordinates, the class token joining where the model adds it: the same
     output (float64), exact counts of distinct patches, and the main pass is the plain model's."""
     model = tiny_model("timm_convit", global_pool=pool).double()
+    x = tiny_images("timm_convit", batch=3).double()
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    except RuntimeError as e:  # the plain model itself: its GPSA position table stays float32
+        pytest.skip(f"timm {timm.__version__}'s ConViT does not run in float64 ({e})")
     wrapped = masksub.wrap(model, ratio=ratio).train()
     assert wrapped.branch.name == "gpsa"
-    x = tiny_images("timm_convit", batch=3).double()
     with torch.no_grad():
         out, keep = _kept(model, x, wrapped)
         assert keep.shape == (3, num_keep(64, ratio)) and (keep.sort(1).values.diff(dim=1) > 0).all()
