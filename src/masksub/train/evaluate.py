@@ -33,6 +33,8 @@ def evaluate_checkpoint(
     """Top-1/top-5 of the plain weights (and EMA weights, if kept); ``report`` gets a line saying
     which checkpoint is evaluated on which images. ``per_class`` adds each result's ``"confusion"`` matrix and
     ``"classes"``."""
+    if is_export(path):  # its own keys and checks
+        return evaluate_export(path, overrides or {}, report, per_class)
     if fixed := [key for key in MODEL_KEYS if key in (overrides or {})]:
         raise ConfigError(
             f"{', '.join(fixed)}: the checkpoint sets {'it' if len(fixed) == 1 else 'them'} (its weights are of the "
@@ -45,8 +47,6 @@ def evaluate_checkpoint(
             "transform (aug.preset, interpolation, crop_pct, mean, std), "
             "train.device, train.amp and train.channels_last"
         )
-    if is_export(path):
-        return evaluate_export(path, overrides or {}, report, per_class)
     cfg, state = load_run(path, overrides or {}, "eval")
     device = resolve_device(cfg.train.device)
     classes = state.get("classes")
@@ -81,6 +81,16 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and not (path / "last.pt").exists()
 
 
+def load_export(path: Path, purpose: str) -> tuple[torch.nn.Module, list[str], dict]:
+    """An exported folder's classifier (in evaluation mode), its class names (config.json's label_names; none if it
+    names none) and timm's data config of it (input size, crop, interpolation, mean and std); a backbone is refused,
+    having nothing to ``purpose``."""
+    model = create_model(f"local-dir:{path}", pretrained=True).eval()
+    if not model.num_classes:
+        raise ConfigError(f"{path} is a backbone without a classifier (a pretraining run's): nothing to {purpose}")
+    return model, list(model.pretrained_cfg.get("label_names") or []), resolve_data_config(model=model)
+
+
 def _evaluated(cfg, val_set, device: torch.device) -> str:
     """Which images are evaluated, where and how precisely: the report's line."""
     d = cfg.data
@@ -111,16 +121,12 @@ def evaluate_export(
             "masksub eval of it reads the data.* keys but img_size, in_chans, on_device, train_subset and batch_size, "
             "and train.device, train.amp and train.channels_last"
         )
-    model = create_model(f"local-dir:{path}", pretrained=True).eval()
-    classes = list(model.pretrained_cfg.get("label_names") or [])
-    if not model.num_classes:
-        raise ConfigError(f"{path} is a backbone without a classifier (a pretraining run's): nothing to evaluate")
+    model, classes, data = load_export(path, "evaluate")
     if len(classes) != model.num_classes:
         raise ConfigError(
             f"{path}/config.json names {len(classes)} classes (label_names) for {model.num_classes} outputs: the "
             "data's labels cannot be matched to the model's; add the class names, in output order"
         )
-    data = resolve_data_config(model=model)
     chans, size = data["input_size"][0], data["input_size"][-1]
     cfg = apply_overrides(Config(), {**overrides, "data.in_chans": chans, "data.img_size": size}, check=False)
     cfg.data.on_device = False  # the folder's own transform, in the loader

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from timm.utils.misc import natural_key
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..step import AMP_DTYPES
-from .build import create_model, resolve_device
+from .build import resolve_device
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import EXTENSIONS, walk_images
-from .evaluate import is_export, load_run, trained_model
+from .evaluate import is_export, load_export, load_run, trained_model
 from .images import read_image
 from .interrupt import loader_worker_init
 from .runlog import write_output
@@ -99,14 +99,11 @@ def _load(source: Path, ema: bool) -> tuple:
     if is_export(source):
         if ema:
             raise ConfigError(f"{source} is an exported model, which holds one set of weights: drop --ema")
-        model = create_model(f"local-dir:{source}", pretrained=True).eval()
-        if not model.num_classes:
-            raise ConfigError(f"{source} is a backbone without a classifier (a pretraining run's): nothing to predict")
-        data = resolve_data_config(model=model)
-        names = model.pretrained_cfg.get("label_names") or [str(i) for i in range(model.num_classes)]
+        model, names, data = load_export(source, "predict")
+        names = names or [str(i) for i in range(model.num_classes)]
         device = resolve_device("auto")
         mode = "RGB" if data["input_size"][0] == 3 else "L"
-        return model.to(device), create_transform(**data), list(names), mode, device, None
+        return model.to(device), create_transform(**data), names, mode, device, None
     cfg, state = load_run(source, {}, "predict")
     classes = state.get("classes")
     if not classes:
