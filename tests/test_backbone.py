@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 import transformers
-from conftest import EXPECTED_ADAPTER, TINY, compiled_graphs, sub_flop_ratio, tiny_images
+from conftest import EXPECTED_ADAPTER, TINY, compiled_graphs, sub_flop_ratio, tiny_images, tiny_model
 
 import masksub
 
@@ -43,9 +42,7 @@ class Net(torch.nn.Module):
 
 
 def _backbone(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    timm_name, kwargs, _, _ = TINY[name]
-    return timm.create_model(timm_name, **{**kwargs, "num_classes": 0})
+    return tiny_model(name, num_classes=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
