@@ -10,6 +10,7 @@ from test_hf_vision import TINY_VIT
 
 import masksub
 from masksub.adapters.hf_relpos import BIASES
+from masksub.adapters.text import transformers_version
 from masksub.masking import num_keep
 
 TINY = dict(
@@ -135,6 +136,10 @@ def _grads(variant: str, checkpointing: bool) -> dict:
     return {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.skipif(
+    transformers_version() < (4, 53),
+    reason="transformers < 4.53's BEiT adds no relative position bias under gradient checkpointing (its own model)",
+)
 @pytest.mark.parametrize("variant", ["beit", "data2vec_shared"])
 def test_one_backward_recomputes_each_pass_with_its_own_bias_under_checkpointing(variant):
     expected, found = _grads(variant, False), _grads(variant, True)
@@ -148,6 +153,8 @@ def test_the_sub_pass_costs_about_half_and_compiles_into_two_graphs():
 
     x = torch.rand(4, 3, 32, 32)
     assert 0.4 < sub_flop_ratio(masksub.wrap(_model("beit"), ratio=0.5), {"pixel_values": x}) < 0.6
+    if transformers_version() < (4, 50):
+        pytest.skip("transformers < 4.50's BEiT caches its position index in a dict: the plain model recompiles")
     wrapped = masksub.wrap(_model("beit"), ratio=0.5)
     assert compiled_graphs(wrapped, x) == 2
 
@@ -166,7 +173,8 @@ def test_a_beit_model_under_a_head_of_the_users_drops_tokens_and_bad_inputs_are_
     wrapped = masksub.wrap(Net(base), ratio=0.5)
     assert (wrapped.branch.name, wrapped.branch.target_name) == ("hf_relpos", "backbone")
     lengths = []
-    base.layers[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    layers = base.layers if hasattr(base, "layers") else base.encoder.layer  # transformers 5, or before
+    layers[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
     wrapped(torch.rand(2, 3, 32, 32), sub=True)
     assert lengths == [1 + num_keep(64, 0.5)]
 
