@@ -12,8 +12,12 @@ from test_hf_vision import _tiny_hf_vit
 from timm.optim import create_optimizer_v2
 
 import masksub
+from masksub.adapters.text import transformers_version
 from masksub.hf import MaskSubTrainer
 from masksub.masking import num_keep
+
+# transformers' ViT and Swin attention projections: renamed in transformers 5
+QV = ["q_proj", "v_proj"] if transformers_version() >= (5, 0) else ["query", "value"]
 
 
 def _lora(model, targets, **kw):
@@ -36,7 +40,7 @@ def test_a_lora_timm_model_gets_its_base_models_adapter(name):
 
 
 def test_a_lora_hf_vit_and_a_lora_text_model_get_their_adapters():
-    assert masksub.wrap(_lora(_tiny_hf_vit(), ["q_proj", "v_proj"])).branch.name == "hf_vit"
+    assert masksub.wrap(_lora(_tiny_hf_vit(), QV)).branch.name == "hf_vit"
     text = _lora(tiny_text_model("bert"), ["query", "value"], task_type="SEQ_CLS")
     assert masksub.wrap(text, special_ids=[0, 1, 2, 3], mask_token_id=3).branch.name == "text"
 
@@ -84,7 +88,7 @@ def test_timm_optimizer_groups_of_a_lora_vit_follow_the_base_models_layers():
 def test_trainer_on_a_lora_hf_vit_trains_and_saves_the_adapter_only(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = {"pixel_values": torch.rand(8, 3, 32, 32, generator=g), "labels": torch.arange(8) % 3}
-    model = _lora(_tiny_hf_vit(), ["q_proj", "v_proj"], modules_to_save=["classifier"])
+    model = _lora(_tiny_hf_vit(), QV, modules_to_save=["classifier"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = _args(tmp_path, learning_rate=1e-2, max_steps=2)
     trainer = MaskSubTrainer(model=model, args=args, train_dataset=Rows(data))
@@ -111,7 +115,7 @@ def test_trainer_on_a_lora_hf_swin_trains_its_mask_token_with_the_lora_weights(t
     from masksub.hf import ADDED_PARAMETERS_NAME
 
     def lora_swin():
-        return _lora(_hf_grid(*HF_GRID[0]), ["q_proj", "v_proj"], modules_to_save=["classifier"])
+        return _lora(_hf_grid(*HF_GRID[0]), QV, modules_to_save=["classifier"])
 
     model = lora_swin()
     data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
