@@ -12,6 +12,7 @@ from conftest import EXPECTED_ADAPTER, TINY, compiled_graphs, sub_flop_ratio, ti
 
 import masksub
 from masksub.masking import check_ratio, num_keep, num_masked
+from masksub.train.build import timm_at_least
 
 RATIOS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -275,10 +276,16 @@ def test_a_model_that_pads_images_to_the_patch_size_takes_any_size_in_the_sub_pa
     """With ``dynamic_img_pad=True`` the model pads a 30x34 image to 8x9 patches of 4 pixels; the sub pass
     refused it as not divisible by the patch size, though the main pass takes it."""
     extra = {} if name == "naflex" else {"dynamic_img_size": True}
-    wrapped = masksub.wrap(tiny_model(name, dynamic_img_pad=True, **extra), ratio=0.5).train()
+    model = tiny_model(name, dynamic_img_pad=True, **extra)
+    x = torch.rand(2, 3, 30, 34)
+    if name == "naflex" and not timm_at_least("1.0.31"):
+        try:
+            model(x)
+        except RuntimeError as e:
+            pytest.skip(f"timm {timm.__version__}'s own NaFlexViT does not pad a 30x34 image: {e}")
+    wrapped = masksub.wrap(model, ratio=0.5).train()
     lengths = []
     wrapped.model.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
-    x = torch.rand(2, 3, 30, 34)
     assert wrapped(x).shape == wrapped(x, sub=True).shape == (2, 5)
     prefix = wrapped.model.num_prefix_tokens
     assert lengths == [prefix + 72, prefix + num_keep(72, 0.5)]
@@ -327,6 +334,10 @@ def test_pixel_blocks_that_do_not_tile_the_image_are_cut_at_its_edges(ratio):
     assert masked[:, 8:].any(), "the cut blocks of the last row are masked too"
 
 
+@pytest.mark.skipif(
+    torch.__version__ < "2.11",  # seen on 2.4: "Could not compare RoundDecimal(-oo, 6) <= RoundDecimal(oo, 6)"
+    reason="dynamo before torch 2.11 (seen on 2.4) cannot bound the rounded keep count of a symbolic grid",
+)
 def test_pixel_blocks_cut_at_the_edges_compile_with_dynamic_shapes():
     """Images of several sizes under torch.compile(dynamic=True): the rounded-up grid stays symbolic (a floor
     division of negated sizes failed in dynamo's shape reasoning)."""
