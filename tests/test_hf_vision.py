@@ -301,9 +301,13 @@ def test_dropsub_raises_the_attention_rate_data2vec_vision_reads_from_its_config
     assert seen == [0.5, 0.0] and config.attention_probs_dropout_prob == 0.0
 
 
+def timm_wrapper_takes_model_args() -> bool:
+    return "model_args" in inspect.signature(transformers.TimmWrapperConfig.__init__).parameters
+
+
 def _timm_wrapper(architecture, **model_args):
     torch.manual_seed(0)
-    if model_args and "model_args" not in inspect.signature(transformers.TimmWrapperConfig.__init__).parameters:
+    if model_args and not timm_wrapper_takes_model_args():
         pytest.skip(f"transformers {transformers.__version__}'s TimmWrapper ignores model_args (a tiny model)")
     config = transformers.TimmWrapperConfig(architecture=architecture, model_args=model_args, num_labels=3)
     return transformers.TimmWrapperForImageClassification(config).train()
