@@ -224,6 +224,61 @@ TOKEN_SWINS = {
 }
 
 
+class KeepStates(transformers.TrainerCallback):
+    """The model's weights after each optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.states = model, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.states[state.global_step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def test_trainer_resumes_and_loads_the_best_model_with_every_weight_of_a_swin(tmp_path):
+    """transformers 5 writes a Swin's checkpoint under its older weight names (``attention.self.query``); the
+    Trainer's resume and ``load_best_model_at_end`` load it as it is, and left every renamed weight (26 of the
+    tiny Swin's 45 tensors) as it was. Both now restore every weight, the mask token included, bit for bit."""
+    data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
+    scores = iter([1.0, 0.0])  # the first evaluation is the best: the end loads checkpoint-1
+    args = _args(
+        tmp_path,
+        learning_rate=1e-2,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+    )
+    build, _ = TOKEN_SWINS["hf-swin"]
+    model = build()
+    keep = KeepStates(model)
+    trainer = MaskSubTrainer(
+        model=model,
+        args=args,
+        train_dataset=Rows(data),
+        eval_dataset=Rows(data),
+        compute_metrics=lambda _: {"score": next(scores)},
+        callbacks=[keep],
+        mask_options={"unit": 8},
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    after = model.state_dict()
+    assert not all(torch.equal(after[k], keep.states[2][k]) for k in after), "steps 1 and 2 differ"
+    for name, tensor in keep.states[1].items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=0, msg=f"best model: {name}")
+
+    resumed = build()
+    args = _args(tmp_path, learning_rate=1e-2, max_steps=2)
+    MaskSubTrainer(model=resumed, args=args, train_dataset=Rows(data), mask_options={"unit": 8}).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-2")
+    )
+    for name, tensor in resumed.state_dict().items():
+        torch.testing.assert_close(tensor, keep.states[2][name], rtol=0, atol=0, msg=f"resumed: {name}")
+
+
 @pytest.mark.parametrize("kind", TOKEN_SWINS)
 def test_trainer_holds_the_mask_token_out_of_weight_decay_and_checkpoints_it(tmp_path, kind):
     """The Trainer's optimizer trains the token (no weight decay), its checkpoint holds it, resuming restores it;

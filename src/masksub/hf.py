@@ -27,6 +27,7 @@ Needs ``transformers`` (``pip install 'masksub[text]'``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 import torch
@@ -40,6 +41,64 @@ from .wrapper import SubPassHold, check_one_backward, wrap
 
 # beside a PEFT checkpoint: the mask token the sub branch put into the base model, which PEFT does not save
 ADDED_PARAMETERS_NAME = "masksub_added_parameters.safetensors"
+
+
+def _saved_tensor_files(folder: str) -> dict[str, str] | None:
+    """Each tensor name in a checkpoint folder's safetensors weights -> its file (one file, or shards and their
+    index), or None when the folder holds other weights."""
+    single = os.path.join(folder, transformers.utils.SAFE_WEIGHTS_NAME)
+    index = os.path.join(folder, transformers.utils.SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {name: os.path.join(folder, shard) for name, shard in json.load(f)["weight_map"].items()}
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    logs, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(logs)
+        if bars:
+            transformers.logging.enable_progress_bar()
+
+
+def load_renamed_checkpoint(model: torch.nn.Module, folder: str) -> bool:
+    """Load a Trainer checkpoint whose tensors ``save_pretrained`` wrote under older names into ``model``; False
+    (nothing loaded) when its names are the model's own, or it cannot be read so.
+
+    transformers 5 renames some models' weights (a Swin's ``attention.self.query`` is ``attention.q_proj``) and
+    writes checkpoints under the old names; ``from_pretrained`` renames them back, but the Trainer's resume and
+    ``load_best_model_at_end`` load the file as it is, leaving every renamed weight as it was (a warning lists
+    them). Here ``from_pretrained`` reads the folder, and tensors saved under the model's own names that it
+    leaves out (the sub branch's mask token) come from the files."""
+    files = _saved_tensor_files(folder)
+    own = model.state_dict()
+    if files is None or not isinstance(model, transformers.PreTrainedModel) or own.keys() <= files.keys():
+        return False
+    with _quiet_loading():  # its report would list the mask token as unexpected, which is loaded below
+        loaded, info = type(model).from_pretrained(folder, config=model.config, output_loading_info=True)
+    state = {name: t for name, t in loaded.state_dict().items() if name in own}
+    rest = sorted((own.keys() & files.keys()) - state.keys())
+    if rest:
+        from safetensors import safe_open
+
+        for path in sorted({files[name] for name in rest}):
+            with safe_open(path, "pt") as f:
+                state.update({name: f.get_tensor(name) for name in rest if files[name] == path})
+    if info["missing_keys"] or own.keys() - state.keys():  # not this model's checkpoint: the Trainer's load warns
+        return False
+    model.load_state_dict(state)
+    return True
 
 
 class MaskSubTrainer(transformers.Trainer):
@@ -164,8 +223,10 @@ class MaskSubTrainer(transformers.Trainer):
             save_file({name: p.detach().cpu().contiguous() for name, p in added.items()}, path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """The Trainer's resume, and the mask token ``_save`` wrote beside a PEFT adapter."""
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """The Trainer's resume (with renamed weights mapped back: ``load_renamed_checkpoint``), and the mask token
+        ``_save`` wrote beside a PEFT adapter."""
+        if self.is_fsdp_enabled or not load_renamed_checkpoint(model or self.model, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, ADDED_PARAMETERS_NAME)
         if not os.path.isfile(path):
             return
@@ -181,6 +242,12 @@ class MaskSubTrainer(transformers.Trainer):
         with torch.no_grad():
             for name, tensor in saved.items():
                 added[name].copy_(tensor)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``, with renamed weights mapped back as on resume."""
+        folder = self.state.best_model_checkpoint
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not load_renamed_checkpoint(self.model, folder):
+            super()._load_best_model()
 
     def _branch_on_current_model(self):
         """The sub branch on the model being trained: with ``model_init`` the Trainer builds a new model at each
