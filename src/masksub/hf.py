@@ -19,7 +19,8 @@ model (its load report lists it as unexpected); ``SwinForMaskedImageModeling`` a
 A timm Swin (or another model of timm's ``masktoken`` adapter) inside transformers' ``TimmWrapper``
 gets its token the same way, as ``timm_model.mask_token``. Under a PEFT wrapper, whose checkpoints
 hold the adapter only, the token is saved beside them (``masksub_added_parameters.safetensors``) and
-resuming reads it.
+resuming reads it. Resuming and ``load_best_model_at_end`` read a checkpoint whose weights transformers 5
+saved under older names (a Swin's) through ``from_pretrained``: ``load_renamed_checkpoint``.
 
 Needs ``transformers`` (``pip install 'masksub[text]'``).
 """
