@@ -234,10 +234,19 @@ class KeepStates(transformers.TrainerCallback):
         self.states[state.global_step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
-def test_trainer_resumes_and_loads_the_best_model_with_every_weight_of_a_swin(tmp_path):
-    """transformers 5 writes a Swin's checkpoint under its older weight names (``attention.self.query``); the
-    Trainer's resume and ``load_best_model_at_end`` load it as it is, and left every renamed weight (26 of the
-    tiny Swin's 45 tensors) as it was. Both now restore every weight, the mask token included, bit for bit."""
+# models whose checkpoints transformers 5 writes under older weight names, with their sub branch's mask options
+RENAMED = {
+    "vit": (_tiny_hf_vit, {}),  # 32 of its 40 tensors renamed (transformers 5.25.0)
+    "swin": (TOKEN_SWINS["hf-swin"][0], {"unit": 8}),  # 26 of 45, and the mask token under its own name
+    "beit": (lambda: _hf_grid(*HF_GRID[2]), {}),  # 36 of 43
+}
+
+
+@pytest.mark.parametrize("kind", RENAMED)
+def test_trainer_resumes_and_loads_the_best_model_with_every_weight(tmp_path, kind):
+    """transformers 5 writes a ViT's, Swin's or BEiT's checkpoint under older weight names
+    (``attention.self.query``); the Trainer's resume and ``load_best_model_at_end`` load it as it is, and left every
+    renamed weight as it was. Both now restore every weight (a Swin's mask token too) bit for bit."""
     data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
     scores = iter([1.0, 0.0])  # the first evaluation is the best: the end loads checkpoint-1
     args = _args(
@@ -251,7 +260,7 @@ def test_trainer_resumes_and_loads_the_best_model_with_every_weight_of_a_swin(tm
         load_best_model_at_end=True,
         metric_for_best_model="score",
     )
-    build, _ = TOKEN_SWINS["hf-swin"]
+    build, options = RENAMED[kind]
     model = build()
     keep = KeepStates(model)
     trainer = MaskSubTrainer(
@@ -261,7 +270,7 @@ def test_trainer_resumes_and_loads_the_best_model_with_every_weight_of_a_swin(tm
         eval_dataset=Rows(data),
         compute_metrics=lambda _: {"score": next(scores)},
         callbacks=[keep],
-        mask_options={"unit": 8},
+        mask_options=options,
     )
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
@@ -272,7 +281,7 @@ def test_trainer_resumes_and_loads_the_best_model_with_every_weight_of_a_swin(tm
 
     resumed = build()
     args = _args(tmp_path, learning_rate=1e-2, max_steps=2)
-    MaskSubTrainer(model=resumed, args=args, train_dataset=Rows(data), mask_options={"unit": 8}).train(
+    MaskSubTrainer(model=resumed, args=args, train_dataset=Rows(data), mask_options=options).train(
         resume_from_checkpoint=str(tmp_path / "checkpoint-2")
     )
     for name, tensor in resumed.state_dict().items():
