@@ -20,7 +20,7 @@ A timm Swin (or another model of timm's ``masktoken`` adapter) inside transforme
 gets its token the same way, as ``timm_model.mask_token``. Under a PEFT wrapper, whose checkpoints
 hold the adapter only, the token is saved beside them (``masksub_added_parameters.safetensors``) and
 resuming reads it. Resuming and ``load_best_model_at_end`` read a checkpoint whose weights transformers 5
-saved under older names (a Swin's) through ``from_pretrained``: ``load_renamed_checkpoint``.
+saved under older names (a ViT's, Swin's, BEiT's) through ``from_pretrained``: ``load_renamed_checkpoint``.
 
 Needs ``transformers`` (``pip install 'masksub[text]'``).
 """
