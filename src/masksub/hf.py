@@ -228,7 +228,19 @@ class MaskSubTrainer(transformers.Trainer):
         ``_save`` wrote beside a PEFT adapter."""
         if self.is_fsdp_enabled or not load_renamed_checkpoint(model or self.model, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, ADDED_PARAMETERS_NAME)
+        self._load_added_parameters(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``, with renamed weights mapped back and the mask token beside a PEFT adapter
+        read, as on resume."""
+        folder = self.state.best_model_checkpoint
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not load_renamed_checkpoint(self.model, folder):
+            super()._load_best_model()
+        self._load_added_parameters(folder)
+
+    def _load_added_parameters(self, folder: str) -> None:
+        """The mask token ``_save`` wrote beside a PEFT adapter in ``folder``, into the model being trained."""
+        path = os.path.join(folder, ADDED_PARAMETERS_NAME)
         if not os.path.isfile(path):
             return
         from safetensors.torch import load_file
@@ -243,12 +255,6 @@ class MaskSubTrainer(transformers.Trainer):
         with torch.no_grad():
             for name, tensor in saved.items():
                 added[name].copy_(tensor)
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end``, with renamed weights mapped back as on resume."""
-        folder = self.state.best_model_checkpoint
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not load_renamed_checkpoint(self.model, folder):
-            super()._load_best_model()
 
     def _branch_on_current_model(self):
         """The sub branch on the model being trained: with ``model_init`` the Trainer builds a new model at each
