@@ -153,7 +153,7 @@ def test_what_export_refuses_leaves_nothing_behind(run, tmp_path, capsys, monkey
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
     assert _export(folder, tmp_path / "x", "--sub.ratio", "0.3") == 2
-    assert "takes --checkpoint, --out, --ema and --onnx, not --sub.ratio 0.3" in capsys.readouterr().err
+    assert "masksub export takes no --sub.ratio 0.3: see masksub export --help" in capsys.readouterr().err
     plain, _ = _train(tmp_path, "plain", **{"sub.kind": "none"})
     assert _export(plain, tmp_path / "x", "--ema") == 2
     assert "holds no EMA weights" in capsys.readouterr().err
@@ -295,7 +295,7 @@ def test_the_model_card_states_the_run_and_its_usage_code_runs(run, tmp_path, ca
     assert "- **Training:** MaskSub, ratio 0.5; recipe `fashion_mnist_vit`, 1 of 1 epochs (4 optimizer steps)" in card
     assert "- **Weights:** the EMA weights of `best.pt`" in card
     code = card.split("```python\n")[1].split("```")[0]
-    advice = "timm before 1.0.26 opens a folder's `model.safetensors` with `torch.load` and fails: there, add\n"
+    advice = "timm before 1.0.26 opens a local folder's `model.safetensors` with `torch.load` and fails: there, add\n"
     assert f"{advice}`{OLD_TIMM.format('fmnist')}` to `create_model`" in card
     if not LOCAL_DIR_SAFETENSORS:  # the card's advice for this timm, followed
         code = code.replace("pretrained=True)", f"pretrained=True, {OLD_TIMM.format('fmnist')})")

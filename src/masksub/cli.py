@@ -39,6 +39,7 @@ from .train.config import (
     recipe_summary,
 )
 from .train.data import CorruptImageError
+from .train.hub import HubPushError
 from .train.interrupt import Interrupted
 from .train.runlog import resume_command, write_output
 from .train.trainer import NonFiniteLossError, Trainer
@@ -113,6 +114,18 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--ema", action="store_true", help="the EMA weights (a run with train.ema true)")
     ex.add_argument(
         "--onnx", action="store_true", help="also model.onnx, checked with ONNX Runtime (pip install masksub[onnx])"
+    )
+    ex.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="then upload the folder to this Hugging Face Hub model repository (<user or org>/<name>; `hf auth login` "
+        "or HF_TOKEN first); timm.create_model('hf-hub:REPO', pretrained=True) loads it",
+    )
+    ex.add_argument(
+        "--private",
+        action="store_true",
+        help="with --push-to-hub: a new repository is private (an existing one keeps its visibility)",
     )
     pr = sub.add_parser(
         "predict",
@@ -306,8 +319,9 @@ def _main(argv: list[str] | None) -> int:
             from .train.export import export_checkpoint
 
             if rest:
-                raise ConfigError(f"masksub export takes --checkpoint, --out, --ema and --onnx, not {' '.join(rest)}")
-            export_checkpoint(Path(args.checkpoint), Path(args.out), args.ema, args.onnx)
+                raise ConfigError(f"masksub export takes no {' '.join(rest)}: see masksub export --help")
+            push = {"push_to": args.push_to_hub, "private": args.private}
+            export_checkpoint(Path(args.checkpoint), Path(args.out), args.ema, args.onnx, **push)
         elif args.command == "predict":
             from .train.predict import predict
 
@@ -328,6 +342,7 @@ def _main(argv: list[str] | None) -> int:
         NonFiniteLossError,
         checkpoint.CheckpointError,
         checkpoint.CheckpointWriteError,
+        HubPushError,
     ) as e:
         _say(args.command, f"error: {_message(e)}")
         return 2

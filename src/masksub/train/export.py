@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 from timm.models._hub import filter_pretrained_cfg
 
-from . import checkpoint
+from . import checkpoint, hub
 from .build import create_model
 from .config import Config, ConfigError
 from .data import build_datasets
@@ -26,16 +26,27 @@ from .transforms import mean_std
 
 
 def export_checkpoint(
-    path: Path, out: Path, ema: bool = False, onnx: bool = False, report: Callable[[str], None] = print
+    path: Path,
+    out: Path,
+    ema: bool = False,
+    onnx: bool = False,
+    report: Callable[[str], None] = print,
+    push_to: str | None = None,
+    private: bool = False,
 ) -> Path:
     """Write the plain model of the run checkpoint ``path`` (its EMA weights with ``ema``) into the new folder
     ``out``, checked by loading it back with timm; a linear probe's BatchNorm head is folded into its linear layer.
-    ``onnx`` adds ``model.onnx`` (``onnx_export``); ``README.md`` is a model card (``model_card``)."""
+    ``onnx`` adds ``model.onnx`` (``onnx_export``); ``README.md`` is a model card (``model_card``). ``push_to``
+    uploads the folder to that Hub model repository (``hub``; a new one private with ``private``)."""
     path, out = Path(path), Path(out).expanduser()
+    if private and not push_to:
+        raise ConfigError("--private is for the repository --push-to-hub creates: add --push-to-hub <user>/<name>")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder: masksub export writes a new one; name another")
     if onnx:
         check_installed()
+    if push_to:
+        hub.check_push(push_to)
     cfg, state = load_run(path, {}, "export", pretraining=True)
     pretrained = checkpoint.run_command(state) == "pretrain"  # its encoder: a backbone, no classes
     if pretrained and ema:
@@ -50,7 +61,7 @@ def export_checkpoint(
         out.parent.mkdir(parents=True, exist_ok=True)
         config = _write(model, cfg, tmp, classes, data_config(cfg, model))
         checkpoint_file = path / "last.pt" if path.is_dir() else path
-        (tmp / "README.md").write_text(model_card(cfg, state, checkpoint_file, ema, model, config, out))
+        (tmp / "README.md").write_text(model_card(cfg, state, checkpoint_file, ema, model, config, out, push_to))
         _check(model, tmp, cfg)
         if onnx:
             size = (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size)
@@ -76,6 +87,8 @@ def export_checkpoint(
             else f"; finetune it with masksub train --model.name local-dir:{out} --model.kwargs '{{pretrained: true}}'"
         )
     )
+    if push_to:
+        hub.push(out, push_to, private, path, report)
     return out
 
 

@@ -16,10 +16,17 @@ PRETRAINING = {"dmjd": "DMJD masked image modelling", "single": "single-view mas
 
 
 def model_card(
-    cfg: Config, state: dict, checkpoint_path: Path, ema: bool, model: torch.nn.Module, config: dict, folder: Path
+    cfg: Config,
+    state: dict,
+    checkpoint_path: Path,
+    ema: bool,
+    model: torch.nn.Module,
+    config: dict,
+    folder: Path,
+    repo: str | None = None,
 ) -> str:
     """The card's Markdown, with YAML front matter for the Hub (no license: that is the owner's to state), of the
-    exported ``config`` (config.json's content)."""
+    exported ``config`` (config.json's content); its code loads the Hub repository ``repo`` if one is given."""
     s, d, o = cfg.sub, cfg.data, cfg.optim
     classes, args = config.get("label_names", []), {k: v for k, v in config["model_args"].items() if k != "in_chans"}
     position = state.get("position") or {}
@@ -67,19 +74,27 @@ print([(names[i], round(p.item(), 4)) for p, i in zip(*probs.topk(min(5, len(nam
     else:
         last = f"""features = model({image})  # (1, {model.num_features})
 print(features.shape)"""
+    source, comment = (
+        (f'"hf-hub:{repo}"', f'  # or "local-dir:{folder.name}", the folder')
+        if repo
+        else (
+            f'"local-dir:{folder.name}"',
+            '  # "hf-hub:<user>/<name>" once uploaded',
+        )
+    )
     usage = f"""```python
 import torch
 import timm
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 {ours}
-model = timm.create_model("local-dir:{folder.name}", pretrained=True).eval()  # "hf-hub:<user>/<name>" once uploaded
+model = timm.create_model({source}, pretrained=True).eval(){comment}
 transform = create_transform(**resolve_data_config(model=model))
 with torch.no_grad():
 {textwrap.indent(last, "    ")}
 ```
 
-timm before 1.0.26 opens a folder's `model.safetensors` with `torch.load` and fails: there, add
+timm before 1.0.26 opens a local folder's `model.safetensors` with `torch.load` and fails: there, add
 `pretrained_cfg_overlay=dict(source="", file="{folder.name}/model.safetensors")` to `create_model`.
 """
     if not classes:
