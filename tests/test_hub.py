@@ -5,6 +5,7 @@ stand-in that keeps the uploaded files, and timm's Hub download reads them back.
 from __future__ import annotations
 
 import ast
+import shutil
 import types
 from pathlib import Path
 
@@ -17,8 +18,10 @@ import torch
 from PIL import Image
 from test_export import _export, _train
 
+from masksub.cli import main
 from masksub.data import load_fashion_mnist
-from masksub.train.evaluate import load_run, trained_model
+from masksub.train.evaluate import evaluate_checkpoint, load_run, trained_model
+from masksub.train.predict import predict
 
 REPO = "someone/fashion-mnist-vit"
 
@@ -132,3 +135,43 @@ def test_a_failed_upload_keeps_the_written_folder_and_says_how_to_push_it_later(
     assert f"{out} is written and checked, but pushing it to the Hub repository {REPO} failed: no route to host" in err
     assert f"Push it later with: hf upload {REPO} {out} ." in err
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+
+
+@pytest.fixture
+def on_the_hub(run, tmp_path, monkeypatch):
+    """An export of the run as the Hub serves it: snapshot_download copies it into a cache folder of its own."""
+    export = tmp_path / "export"
+    assert _export(run[0], export) == 0
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        asked.append((repo_id, revision, allow_patterns))
+        if repo_id != REPO:
+            raise OSError(f"404: {repo_id} not found")
+        cache = tmp_path / "cache" / str(len(asked))
+        shutil.copytree(export, cache)
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return export, asked
+
+
+def test_eval_and_predict_read_an_export_on_the_hub_as_they_read_the_folder(on_the_hub, tmp_path, capsys):
+    export, asked = on_the_hub
+    local = evaluate_checkpoint(export)
+    assert evaluate_checkpoint(Path(f"hf-hub:{REPO}@v1")) == local
+    assert asked == [(REPO, "v1", ["config.json", "model.safetensors", "README.md"])]
+    x, _ = load_fashion_mnist("test")
+    for i in range(3):
+        Image.fromarray(x[i].numpy()).save(tmp_path / f"{i}.png")
+    images = [str(tmp_path / f"{i}.png") for i in range(3)]
+    assert predict(Path(f"hf-hub:{REPO}"), images) == predict(export, images)
+    assert main(["eval", "--checkpoint", f"hf-hub:{REPO}"]) == 0
+    assert f"top-1 {local['weights']['top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_a_repository_that_cannot_be_read_is_named(on_the_hub, capsys):
+    assert main(["eval", "--checkpoint", "hf-hub:someone/missing"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot download hf-hub:someone/missing from the Hugging Face Hub: 404: someone/missing not found" in err
+    assert "A private repository needs `hf auth login` or HF_TOKEN" in err

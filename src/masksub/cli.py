@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         help="a checkpoint of masksub train (best.pt, last.pt, a run folder), or a folder of masksub export (its "
-        "own preprocessing; --data.* keys choose the data, Fashion-MNIST's test split by default)",
+        "own preprocessing; --data.* keys choose the data, Fashion-MNIST's test split by default), also one on the "
+        "Hugging Face Hub as hf-hub:<user>/<name>",
     )
     ev.add_argument("--per-class", action="store_true", help="each class's accuracy, worst first, and the confusions")
     ev.add_argument(
@@ -136,7 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         "(softmax probabilities).",
     )
     pr.add_argument("inputs", nargs="+", help="image files, or folders searched for images at any depth")
-    pr.add_argument("--checkpoint", required=True, help="a run's checkpoint or folder, or a folder of masksub export")
+    pr.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run's checkpoint or folder, or a folder of masksub export (or hf-hub:<user>/<name>, one on the Hub)",
+    )
     pr.add_argument("--topk", type=int, default=5, help="classes per image (at most the model's)")
     pr.add_argument("--out", default=None, help="a CSV file to write (default: one line per image on the screen)")
     pr.add_argument("--batch-size", type=int, default=64)

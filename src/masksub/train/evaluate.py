@@ -10,7 +10,7 @@ from timm.data import create_transform, resolve_data_config
 
 from ..data import CLASSES, SPLIT_NAMES
 from ..step import AMP_DTYPES
-from . import checkpoint
+from . import checkpoint, hub
 from .accuracy import evaluate
 from .build import build_model, create_model, resolve_device
 from .checks import validate
@@ -32,7 +32,8 @@ def evaluate_checkpoint(
 ) -> dict[str, dict]:
     """Top-1/top-5 of the plain weights (and EMA weights, if kept); ``report`` gets a line saying
     which checkpoint is evaluated on which images. ``per_class`` adds each result's ``"confusion"`` matrix and
-    ``"classes"``."""
+    ``"classes"``. ``hf-hub:<repo>`` is an exported folder on the Hugging Face Hub."""
+    path = hub.local_folder(path)
     if is_export(path):  # its own keys and checks
         return evaluate_export(path, overrides or {}, report, per_class)
     if fixed := [key for key in MODEL_KEYS if key in (overrides or {})]:

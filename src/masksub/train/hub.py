@@ -55,3 +55,26 @@ def push(folder: Path, repo: str, private: bool, source: Path, report: Callable[
         ) from e
     report(f"pushed {folder} to {info.commit_url}; load it with timm.create_model('hf-hub:{repo}', pretrained=True)")
     return info.commit_url
+
+
+def local_folder(path: Path | str) -> Path:
+    """``hf-hub:<repo>[@revision]`` (a model repository holding an exported folder) downloaded into the Hub's cache,
+    its local folder; any other path as it is."""
+    name = str(path)
+    if not name.startswith("hf-hub:"):
+        return Path(path)
+    repo, _, revision = name.removeprefix("hf-hub:").partition("@")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            repo, revision=revision or None, allow_patterns=["config.json", "model.safetensors", "README.md"]
+        )
+    except Exception as e:  # no network (and not cached), no such repository, no access
+        raise ConfigError(
+            f"cannot download {name} from the Hugging Face Hub: {e}. A private repository needs `hf auth login` or "
+            "HF_TOKEN; offline, only what is in the Hub's cache can be read"
+        ) from e
+    if not (Path(folder) / "config.json").is_file():
+        raise ConfigError(f"{name} holds no config.json: not a timm model folder (masksub export writes one)")
+    return Path(folder)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..step import AMP_DTYPES
+from . import hub
 from .build import resolve_device
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -40,10 +41,10 @@ def predict(
     """Each readable image's ``topk`` classes with their softmax probabilities, by the model of ``source`` (a run's
     checkpoint or folder, or a folder ``masksub export`` wrote), applying its evaluation transform; unreadable images
     are skipped with a warning. ``out`` gets them as a CSV file (written whole, then renamed into place); without
-    it, ``report`` gets one line per image."""
+    it, ``report`` gets one line per image. ``hf-hub:<repo>`` is an exported folder on the Hugging Face Hub."""
     if topk < 1 or batch_size < 1:
         raise ConfigError(f"--topk and --batch-size must be at least 1, got {topk} and {batch_size}")
-    model, transform, classes, mode, device, amp = _load(Path(source).expanduser(), ema)
+    model, transform, classes, mode, device, amp = _load(hub.local_folder(source).expanduser(), ema)
     files = find_inputs(inputs)
     k = min(topk, len(classes))
     images = _Images(files, transform, mode)
