@@ -301,7 +301,9 @@ def local_model_and_csvs(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("sub,mode", [("mask", "token"), ("mask", "drop"), ("none", None)])
+@pytest.mark.parametrize(
+    "sub,mode", [("mask", "token"), pytest.param("mask", "drop", marks=needs_transformers_5), ("none", None)]
+)
 def test_text_classification_example_runs(local_model_and_csvs, sub, mode):
     d = local_model_and_csvs
     argv = ["--model", str(d / "model"), "--train", str(d / "train.csv"), "--valid", str(d / "valid.csv")]
