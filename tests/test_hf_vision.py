@@ -234,6 +234,36 @@ class KeepStates(transformers.TrainerCallback):
         self.states[state.global_step] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
+def train_best_first(tmp_path, model, data, options) -> KeepStates:
+    """Two steps of ``MaskSubTrainer`` with a checkpoint and an evaluation after each, the first the best, and
+    ``load_best_model_at_end``: the model ends with checkpoint-1 loaded. The weights after each step."""
+    scores = iter([1.0, 0.0])
+    args = _args(
+        tmp_path,
+        learning_rate=1e-2,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+    )
+    keep = KeepStates(model)
+    trainer = MaskSubTrainer(
+        model=model,
+        args=args,
+        train_dataset=Rows(data),
+        eval_dataset=Rows(data),
+        compute_metrics=lambda _: {"score": next(scores)},
+        callbacks=[keep],
+        mask_options=options,
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    return keep
+
+
 # models whose checkpoints transformers 5 writes under older weight names, with their sub branch's mask options
 RENAMED = {
     "vit": (_tiny_hf_vit, {}),  # 32 of its 40 tensors renamed (transformers 5.25.0)
@@ -248,32 +278,9 @@ def test_trainer_resumes_and_loads_the_best_model_with_every_weight(tmp_path, ki
     (``attention.self.query``); the Trainer's resume and ``load_best_model_at_end`` load it as it is, and left every
     renamed weight as it was. Both now restore every weight (a Swin's mask token too) bit for bit."""
     data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
-    scores = iter([1.0, 0.0])  # the first evaluation is the best: the end loads checkpoint-1
-    args = _args(
-        tmp_path,
-        learning_rate=1e-2,
-        max_steps=2,
-        save_strategy="steps",
-        save_steps=1,
-        eval_strategy="steps",
-        eval_steps=1,
-        load_best_model_at_end=True,
-        metric_for_best_model="score",
-    )
     build, options = RENAMED[kind]
     model = build()
-    keep = KeepStates(model)
-    trainer = MaskSubTrainer(
-        model=model,
-        args=args,
-        train_dataset=Rows(data),
-        eval_dataset=Rows(data),
-        compute_metrics=lambda _: {"score": next(scores)},
-        callbacks=[keep],
-        mask_options=options,
-    )
-    trainer.train()
-    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    keep = train_best_first(tmp_path, model, data, options)
     after = model.state_dict()
     assert not all(torch.equal(after[k], keep.states[2][k]) for k in after), "steps 1 and 2 differ"
     for name, tensor in keep.states[1].items():

@@ -146,34 +146,11 @@ def test_trainer_on_a_lora_hf_swin_trains_its_mask_token_with_the_lora_weights(t
 def test_load_best_model_at_end_of_a_lora_hf_swin_loads_its_mask_token_too(tmp_path):
     """The best checkpoint's LoRA weights came back at the end, but the mask token beside them did not: the model
     ended with the last step's token. Now every weight, the token included, is the best step's."""
-    from test_hf_vision import HF_GRID, KeepStates, _hf_grid
+    from test_hf_vision import HF_GRID, _hf_grid, train_best_first
 
     model = _lora(_hf_grid(*HF_GRID[0]), QV, modules_to_save=["classifier"])
     data = {"pixel_values": torch.rand(8, 3, 32, 32), "labels": torch.arange(8) % 3}
-    scores = iter([1.0, 0.0])  # the first evaluation is the best
-    args = _args(
-        tmp_path,
-        learning_rate=1e-2,
-        max_steps=2,
-        save_strategy="steps",
-        save_steps=1,
-        eval_strategy="steps",
-        eval_steps=1,
-        load_best_model_at_end=True,
-        metric_for_best_model="score",
-    )
-    keep = KeepStates(model)
-    trainer = MaskSubTrainer(
-        model=model,
-        args=args,
-        train_dataset=Rows(data),
-        eval_dataset=Rows(data),
-        compute_metrics=lambda _: {"score": next(scores)},
-        callbacks=[keep],
-        mask_options={"unit": 8},
-    )
-    trainer.train()
-    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    keep = train_best_first(tmp_path, model, data, {"unit": 8})
     token = "base_model.model.swin.embeddings.mask_token"
     assert not torch.equal(keep.states[1][token], keep.states[2][token])
     for name, tensor in model.state_dict().items():
