@@ -12,6 +12,7 @@ from pathlib import Path
 import huggingface_hub
 import huggingface_hub.constants
 import pytest
+import safetensors.torch
 import timm
 import timm.models._hub
 import torch
@@ -20,6 +21,7 @@ from test_export import _export, _train
 
 from masksub.cli import main
 from masksub.data import load_fashion_mnist
+from masksub.train.build import build_model
 from masksub.train.evaluate import evaluate_checkpoint, load_run, trained_model
 from masksub.train.predict import predict
 
@@ -152,7 +154,12 @@ def on_the_hub(run, tmp_path, monkeypatch):
         shutil.copytree(export, cache)
         return str(cache)
 
+    def hf_hub_download(repo_id, filename, **kw):  # timm's download of one file
+        assert repo_id == REPO
+        return str(export / filename)
+
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", hf_hub_download)
     return export, asked
 
 
@@ -175,3 +182,17 @@ def test_a_repository_that_cannot_be_read_is_named(on_the_hub, capsys):
     err = capsys.readouterr().err
     assert "cannot download hf-hub:someone/missing from the Hugging Face Hub: 404: someone/missing not found" in err
     assert "A private repository needs `hf auth login` or HF_TOKEN" in err
+
+
+def test_a_run_finetunes_from_an_export_on_the_hub(on_the_hub, tmp_path):
+    """``--model.name hf-hub:<repo>``, as the card says: the run trains, starting from the export's weights."""
+    export, _ = on_the_hub
+    more = {"model.name": f"hf-hub:{REPO}", "model.kwargs": {"pretrained": True}, "sub.kind": "none"}
+    again, _ = _train(tmp_path, "from-hub", **more)
+    cfg, _ = load_run(again / "last.pt", {}, "test")
+    cfg.model.kwargs = {**cfg.model.kwargs, "pretrained": True}  # as the run started (its checkpoint drops it)
+    start = build_model(cfg, 10).state_dict()
+    exported = safetensors.torch.load_file(export / "model.safetensors")
+    assert start.keys() == exported.keys()
+    for name, tensor in start.items():
+        assert torch.equal(tensor, exported[name]), name

@@ -85,6 +85,7 @@ def export_checkpoint(
             ""
             if classes
             else f"; finetune it with masksub train --model.name local-dir:{out} --model.kwargs '{{pretrained: true}}'"
+            + (f" (or hf-hub:{push_to} once pushed)" if push_to else "")
         )
     )
     if push_to:

@@ -74,21 +74,15 @@ print([(names[i], round(p.item(), 4)) for p, i in zip(*probs.topk(min(5, len(nam
     else:
         last = f"""features = model({image})  # (1, {model.num_features})
 print(features.shape)"""
-    source, comment = (
-        (f'"hf-hub:{repo}"', f'  # or "local-dir:{folder.name}", the folder')
-        if repo
-        else (
-            f'"local-dir:{folder.name}"',
-            '  # "hf-hub:<user>/<name>" once uploaded',
-        )
-    )
+    source = f"hf-hub:{repo}" if repo else f"local-dir:{folder.name}"
+    comment = f'  # or "local-dir:{folder.name}", the folder' if repo else '  # "hf-hub:<user>/<name>" once uploaded'
     usage = f"""```python
 import torch
 import timm
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 {ours}
-model = timm.create_model({source}, pretrained=True).eval(){comment}
+model = timm.create_model("{source}", pretrained=True).eval(){comment}
 transform = create_transform(**resolve_data_config(model=model))
 with torch.no_grad():
 {textwrap.indent(last, "    ")}
@@ -99,7 +93,7 @@ timm before 1.0.26 opens a local folder's `model.safetensors` with `torch.load` 
 """
     if not classes:
         usage += (
-            f"\nFinetuned as a classifier by masksub: `masksub train --model.name local-dir:{folder.name} "
+            f"\nFinetuned as a classifier by masksub: `masksub train --model.name {source} "
             "--model.kwargs '{pretrained: true}' --data.dir <images>` (the head is new).\n"
         )
     front = "---\ntags:\n- image-classification\n- timm\n- masksub\n"
