@@ -248,6 +248,7 @@ def train_best_first(tmp_path, model, data, options) -> KeepStates:
         eval_steps=1,
         load_best_model_at_end=True,
         metric_for_best_model="score",
+        label_names=["labels"],  # transformers 4 finds none behind a PEFT wrapper, and evaluates no metrics
     )
     keep = KeepStates(model)
     trainer = MaskSubTrainer(
