@@ -39,6 +39,12 @@ class FakeHub:
     def __init__(self, fail: Exception | None = None):
         self.calls, self.files, self.fail = [], {}, fail
 
+    def install(self, monkeypatch) -> None:
+        """In place of HfApi's two calls, with a token that a login would give."""
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_token")
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda api, *a, **kw: self.create_repo(api, *a, **kw))
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda api, **kw: self.upload_folder(api, **kw))
+
     def create_repo(self, api, repo_id, **kw):
         self.calls.append(("create_repo", repo_id, kw))
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
@@ -55,9 +61,7 @@ class FakeHub:
 @pytest.fixture
 def hub(monkeypatch):
     fake = FakeHub()
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_token")
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: fake.create_repo(self, *a, **kw))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: fake.upload_folder(self, **kw))
+    fake.install(monkeypatch)
     return fake
 
 
@@ -128,9 +132,7 @@ def test_a_push_that_cannot_work_is_refused_before_anything_is_written(
 
 def test_a_failed_upload_keeps_the_written_folder_and_says_how_to_push_it_later(run, tmp_path, capsys, monkeypatch):
     fake = FakeHub(fail=ConnectionError("no route to host"))
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_token")
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: fake.create_repo(self, *a, **kw))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: fake.upload_folder(self, **kw))
+    fake.install(monkeypatch)
     out = tmp_path / "out"
     assert _export(run[0], out, "--push-to-hub", REPO) == 2
     err = capsys.readouterr().err
