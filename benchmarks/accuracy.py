@@ -9,6 +9,8 @@
     python benchmarks/accuracy.py --scale cpu_long --subs none,mask     # the cpu scale for 30 epochs, not 8
     python benchmarks/accuracy.py --scale tiny                          # seconds; the test suite
     python benchmarks/accuracy.py --scale cpu --ratios-only             # only each sub branch's step cost
+    python benchmarks/accuracy.py --scale cpu --subs none,rdrop,cosub --tag peers  # the peers (peers.py): R-Drop,
+                                                # cosub; into results/accuracy_cpu_peers.*
 
 Every run is `masksub train` on the same recipe, seeds and schedule; only the sub branch differs.
 A plain run is also given MaskSub's compute: its epochs scaled by the ratio of MaskSub to plain step
@@ -16,7 +18,10 @@ time, timed alone before the runs (as is every sub branch's step cost, a column 
 table shows accuracy at equal epochs and at equal compute (with two MaskSub variants, `mask` and
 `mask_drop`, at the compute of each). Runs go as
 `--jobs` concurrent processes (a GPU is mostly idle with one small run). Writes
-results/accuracy_<scale>[_resnet].{json,md,png}.
+results/accuracy_<scale>[_<model>][_<tag>].{json,md,png}.
+
+The peers `rdrop` and `cosub` (see peers.py) run the model with its own dropout (R-Drop) or drop path (cosub) at
+the rate in RATIOS in both passes, through `peers.py`, on the same trainer, data, schedule and seeds.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import peers
 import torch
 from common import alternating_step_times, hardware, run_cli
 
@@ -80,7 +86,36 @@ UNITS = {"vit": 32, "resnet": 4, "swin": 4}  # MaskSub block in pixels: the ViT 
 # 224 px; the Swin's unit is its last stage's token (2-pixel patches merged once), a 7x7 grid again
 # Sub-branch strength per kind: MaskSub's paper default; DropSub / PathSub at 0.2 (our choice: the
 # paper gives no Fashion-MNIST value; 0.5 drop-path in every block would remove most of a 4-block net).
-RATIOS = {"mask": 0.5, "mask_drop": 0.5, "dropout": 0.2, "droppath": 0.2}
+RATIOS = {"mask": 0.5, "mask_drop": 0.5, "dropout": 0.2, "droppath": 0.2, "rdrop": 0.1, "cosub": 0.1}
+# The peers' drop rates (our choice, not tuned: 0.1, the usual dropout of ViT finetuning) are the model's own, in both
+# passes: R-Drop's dropout at every dropout site timm's model has, cosub's drop path (timm's rule: rising linearly
+# with depth to the rate). R-Drop's KL weight alpha: 1, also our choice.
+PEER_KWARGS = {
+    "rdrop": {
+        "vit": ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate"),
+        "resnet": ("drop_rate",),
+        "swin": ("drop_rate", "proj_drop_rate", "attn_drop_rate"),
+    },
+    "cosub": {kind: ("drop_path_rate",) for kind in ("vit", "resnet", "swin")},
+}
+ALPHA = 1.0
+
+
+def peer_kwargs(sub: str, model: str) -> dict:
+    """The create_model arguments a peer's model adds (its drop rates); none for a sub branch of ours."""
+    return {name: RATIOS[sub] for name in PEER_KWARGS[sub][model]} if sub in PEER_KWARGS else {}
+
+
+def peer_overrides(sub: str, model: str, model_kwargs: dict) -> dict:
+    """The run keys of a peer's model: the trainer's own drop-rate keys, the other rates in ``model.kwargs``."""
+    own = {"drop_rate": "model.drop_rate", "drop_path_rate": "model.drop_path_rate"}
+    rates = peer_kwargs(sub, model)
+    return {
+        "model.kwargs": {**model_kwargs, **{k: v for k, v in rates.items() if k not in own}},
+        **{own[k]: v for k, v in rates.items() if k in own},
+    }
+
+
 # Sub branches beyond a kind: (kind, adapter, the models it fits): MaskSub through the opt-in adapter
 # that drops the masked blocks instead of giving them Swin's mask token.
 SUBS = {"mask_drop": ("mask", "swin_drop", ("swin",))}
@@ -92,7 +127,7 @@ def sub_args(sub: str) -> tuple[str, str | None]:
     return kind, adapter
 
 
-def step_time_ratios(name: str, kwargs: dict, unit: int, batch: int, device: str, kinds: list) -> dict:
+def step_time_ratios(name: str, model: str, kwargs: dict, unit: int, batch: int, device: str, kinds: list) -> dict:
     """Per sub-branch kind: median seconds per step over the plain step's, timed alone before any run."""
     import timm
 
@@ -102,12 +137,16 @@ def step_time_ratios(name: str, kwargs: dict, unit: int, batch: int, device: str
     x, y = torch.randn(batch, 1, 28, 28, device=dev), torch.randint(0, 10, (batch,), device=dev)
     steps = {}
     for kind in ("none", *(k for k in kinds if k != "none")):
-        model = timm.create_model(name, in_chans=1, num_classes=10, **kwargs).to(dev)
-        if kind != "none":
-            sub, adapter = sub_args(kind)
-            model = masksub.wrap(model, sub, ratio=RATIOS[kind], unit=unit, adapter=adapter)
-        net = model
-        step = masksub.Step(net, torch.optim.AdamW(net.parameters()), torch.nn.CrossEntropyLoss())
+        net = timm.create_model(name, in_chans=1, num_classes=10, **kwargs, **peer_kwargs(kind, model)).to(dev)
+        criterion = torch.nn.CrossEntropyLoss()
+        if kind in peers.PEERS:
+            loss = peers.peer_loss(kind, criterion, ALPHA)
+            step = peers.peer_step(net, torch.optim.AdamW(net.parameters()), loss)
+        else:
+            if kind != "none":
+                sub, adapter = sub_args(kind)
+                net = masksub.wrap(net, sub, ratio=RATIOS[kind], unit=unit, adapter=adapter)
+            step = masksub.Step(net, torch.optim.AdamW(net.parameters()), criterion)
         steps[kind] = functools.partial(step, x, y)
     times = alternating_step_times(steps, cuda=dev.type == "cuda")
     return {kind: t / times["none"] for kind, t in times.items() if kind != "none"}
@@ -160,6 +199,7 @@ def main() -> None:
     )
     p.add_argument("--ratios-only", action="store_true", help="only time each sub branch's step against the plain one")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tag", default=None, help="a suffix of the result files' names (accuracy_cpu_<tag>.*)")
     args = p.parse_args()
     s = SCALES[args.scale]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -170,6 +210,7 @@ def main() -> None:
         if sub in SUBS and args.model not in SUBS[sub][2]:
             p.error(f"--subs: {sub} fits --model {' or '.join(SUBS[sub][2])} only, not {args.model}")
     stem = f"accuracy_{args.scale}" + ("" if args.model == "vit" else f"_{args.model}")
+    stem += f"_{args.tag}" if args.tag else ""
     runs_dir = Path(args.out) / f"{stem}_runs"
     model_name, model_kwargs = s[args.model]
     unit = UNITS[args.model]
@@ -186,6 +227,10 @@ def main() -> None:
     threads = max(1, (torch.get_num_threads() // args.jobs)) if args.device != "cuda" else 1
 
     def job(sub, seed, epochs=None, label=None):
+        if sub in peers.PEERS:  # the plain run's keys, its model with the peer's drop rates, through peers.py
+            o = {**base, **peer_overrides(sub, args.model, model_kwargs), "train.seed": seed}
+            program = (str(Path(__file__).with_name("peers.py")), sub, "--alpha", str(ALPHA))
+            return run_cli("train", f"{sub}-s{seed}", o, runs_dir, reuse=args.reuse, program=program)
         kind, adapter = sub_args(sub)
         o = {**base, "sub.kind": kind, "train.seed": seed}
         if sub in RATIOS:
@@ -212,7 +257,7 @@ def main() -> None:
         print(f"step-cost ratios as recorded in {stem}.json: {recorded}", flush=True)
         ratios = recorded
     else:
-        ratios = step_time_ratios(model_name, model_kwargs, unit, 128, args.device, kinds) if timed else {}
+        ratios = step_time_ratios(model_name, args.model, model_kwargs, unit, 128, args.device, kinds) if timed else {}
     if args.ratios_only:
         write_ratios(Path(args.out) / f"{stem}_cost", ratios, model_name, model_kwargs, hw)
         return
@@ -248,11 +293,21 @@ def main() -> None:
         "step_time_ratios_over_plain": ratios,
         "equal_time_epochs": eq.get("mask"),
         "equal_time_epochs_per_variant": eq,
+        "peer_model_kwargs": {k: peer_kwargs(k, args.model) for k in kinds if k in peers.PEERS},
+        "rdrop_alpha": ALPHA,
     }
     lines = [
         f"Command: `{meta['command']}`; {hw}; torch {meta['torch']}.",
         f"`{model_name}` {model_kwargs}, mask unit {unit} px, {s['epochs']} epochs on {s['images'] or 60000} "
         f"training images, augmentation `{s['aug']}`, test on 10,000 images; seeds {seeds}.",
+        *(
+            [
+                f"Peers (peers.py): {', '.join(k for k in kinds if k in peers.PEERS)}; their sub ratio is the model's "
+                f"own dropout (rdrop, KL weight alpha {ALPHA}) or drop-path rate (cosub), in both passes."
+            ]
+            if any(k in peers.PEERS for k in kinds)
+            else []
+        ),
         "",
         "| run | sub ratio | epochs | step time / plain | final top-1 (mean ± sd) | best top-1 (mean ± sd) "
         "| train time s (mean) |",

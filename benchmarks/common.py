@@ -20,8 +20,13 @@ import yaml
 from masksub.train.runlog import free_run_folder, summarize
 
 
-def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = (), reuse: bool = False) -> dict:
+def run_cli(
+    command: str, name: str, overrides: dict, out: Path, extra: tuple = (), reuse: bool = False, program: tuple = ()
+) -> dict:
     """``masksub <command>`` into ``out/name``; returns its folder name, summary, per-epoch records and wall time.
+
+    ``program``: the script and arguments that run instead of ``masksub <command>`` (``peers.py rdrop``), with the
+    same run keys and ``--resume``.
 
     An earlier run in ``out/name`` is never overwritten: the new run gets the next free folder
     (``name-1``, ...), as the trainer names it, and its records are read from there. With ``reuse``,
@@ -32,10 +37,11 @@ def run_cli(command: str, name: str, overrides: dict, out: Path, extra: tuple = 
     records = _records(folder)
     if reuse and records and records[-1]["epoch"] == epochs:
         return {"name": name, "folder": folder.name, "records": records, "wall_s": None, **summarize(records)}
+    runs = [sys.executable, *(program or ("-m", "masksub.cli", command))]
     if reuse and (folder / "last.pt").is_file() and _planned_epochs(folder) == epochs and command != "linprobe":
-        cmd = [sys.executable, "-m", "masksub.cli", command, "--resume", str(folder)]
+        cmd = [*runs, "--resume", str(folder)]
     else:
-        cmd = [sys.executable, "-m", "masksub.cli", command, *extra, "--train.output", str(out), "--train.name", name]
+        cmd = [*runs, *extra, "--train.output", str(out), "--train.name", name]
         cmd += [arg for key, value in overrides.items() for arg in (f"--{key}", json.dumps(value))]
         folder = free_run_folder(out, name)  # where the trainer will write this run
     start = time.perf_counter()

@@ -149,6 +149,26 @@ def test_accuracy_tiny(tmp_path):
     assert (tmp_path / "accuracy_tiny.png").stat().st_size > 1000
 
 
+def test_accuracy_tiny_peers(tmp_path):
+    """R-Drop and cosub (peers.py) run on the same trainer with their drop rates in the model, into tagged files."""
+    args = ("--scale", "tiny", "--subs", "none,rdrop,cosub", "--seeds", "0", "--tag", "peers", "--device", "cpu")
+    _run("accuracy.py", *args, "--out", str(tmp_path))
+    data = json.loads((tmp_path / "accuracy_tiny_peers.json").read_text())
+    assert set(data["meta"]["step_time_ratios_over_plain"]) == {"rdrop", "cosub"}
+    assert [r["name"] for r in data["runs"]] == ["none-s0", "rdrop-s0", "cosub-s0"]  # no MaskSub: no equal-time run
+    runs = tmp_path / "accuracy_tiny_peers_runs"
+    for peer, rates in (("rdrop", {"drop_rate": 0.1, "attn_drop_rate": 0.1}), ("cosub", {"drop_path_rate": 0.1})):
+        assert json.loads((runs / f"{peer}-s0" / "peer.json").read_text())["peer"] == peer
+        config = yaml.safe_load((runs / f"{peer}-s0" / "config.yaml").read_text())
+        built = {**config["model"], **config["model"]["kwargs"]}
+        assert config["sub"]["kind"] == "none" and all(built[k] == v for k, v in rates.items())
+    losses = {r["name"]: r["records"][-1]["train_loss_sub"] for r in data["runs"]}
+    assert losses["none-s0"] is None and losses["rdrop-s0"] > 0 and losses["cosub-s0"] > 0
+    md = (tmp_path / "accuracy_tiny_peers.md").read_text()
+    assert "| rdrop | 0.1 | 1 |" in md and "| cosub | 0.1 | 1 |" in md
+    assert (tmp_path / "accuracy_tiny_peers.png").is_file() and not (tmp_path / "accuracy_tiny.json").exists()
+
+
 def test_accuracy_ratios_only(tmp_path):
     _run("accuracy.py", "--scale", "tiny", "--ratios-only", "--device", "cpu", "--out", str(tmp_path))
     ratios = json.loads((tmp_path / "accuracy_tiny_cost.json").read_text())["step_time_ratios_over_plain"]

@@ -641,7 +641,7 @@ class Trainer:
             "epoch_time_s": round(getattr(self, "epoch_time", 0.0), 3),
             "nonfinite_skipped": self.skipped,
         }
-        if cfg.sub.kind == "none" and "train_loss_sub" in record:
+        if not self.step.has_sub and "train_loss_sub" in record:  # a step without a second pass (a peer's has one)
             record["train_loss_sub"] = None
         self.skipped = 0
         if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.sched.epochs:
