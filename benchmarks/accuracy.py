@@ -88,28 +88,19 @@ UNITS = {"vit": 32, "resnet": 4, "swin": 4}  # MaskSub block in pixels: the ViT 
 # paper gives no Fashion-MNIST value; 0.5 drop-path in every block would remove most of a 4-block net).
 RATIOS = {"mask": 0.5, "mask_drop": 0.5, "dropout": 0.2, "droppath": 0.2, "rdrop": 0.1, "cosub": 0.1}
 # The peers' drop rates (our choice, not tuned: 0.1, the usual dropout of ViT finetuning) are the model's own, in both
-# passes: R-Drop's dropout at every dropout site timm's model has, cosub's drop path (timm's rule: rising linearly
-# with depth to the rate). R-Drop's KL weight alpha: 1, also our choice.
-PEER_KWARGS = {
-    "rdrop": {
-        "vit": ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate"),
-        "resnet": ("drop_rate",),
-        "swin": ("drop_rate", "proj_drop_rate", "attn_drop_rate"),
-    },
-    "cosub": {kind: ("drop_path_rate",) for kind in ("vit", "resnet", "swin")},
-}
+# passes (peers.DROP_ARGS). R-Drop's KL weight alpha: 1, also our choice.
 ALPHA = 1.0
 
 
-def peer_kwargs(sub: str, model: str) -> dict:
+def peer_kwargs(sub: str, model_name: str) -> dict:
     """The create_model arguments a peer's model adds (its drop rates); none for a sub branch of ours."""
-    return {name: RATIOS[sub] for name in PEER_KWARGS[sub][model]} if sub in PEER_KWARGS else {}
+    return peers.drop_kwargs(sub, model_name, RATIOS[sub]) if sub in peers.PEERS else {}
 
 
-def peer_overrides(sub: str, model: str, model_kwargs: dict) -> dict:
+def peer_overrides(sub: str, model_name: str, model_kwargs: dict) -> dict:
     """The run keys of a peer's model: the trainer's own drop-rate keys, the other rates in ``model.kwargs``."""
     own = {"drop_rate": "model.drop_rate", "drop_path_rate": "model.drop_path_rate"}
-    rates = peer_kwargs(sub, model)
+    rates = peer_kwargs(sub, model_name)
     return {
         "model.kwargs": {**model_kwargs, **{k: v for k, v in rates.items() if k not in own}},
         **{own[k]: v for k, v in rates.items() if k in own},
@@ -127,7 +118,7 @@ def sub_args(sub: str) -> tuple[str, str | None]:
     return kind, adapter
 
 
-def step_time_ratios(name: str, model: str, kwargs: dict, unit: int, batch: int, device: str, kinds: list) -> dict:
+def step_time_ratios(name: str, kwargs: dict, unit: int, batch: int, device: str, kinds: list) -> dict:
     """Per sub-branch kind: median seconds per step over the plain step's, timed alone before any run."""
     import timm
 
@@ -137,7 +128,7 @@ def step_time_ratios(name: str, model: str, kwargs: dict, unit: int, batch: int,
     x, y = torch.randn(batch, 1, 28, 28, device=dev), torch.randint(0, 10, (batch,), device=dev)
     steps = {}
     for kind in ("none", *(k for k in kinds if k != "none")):
-        net = timm.create_model(name, in_chans=1, num_classes=10, **kwargs, **peer_kwargs(kind, model)).to(dev)
+        net = timm.create_model(name, in_chans=1, num_classes=10, **kwargs, **peer_kwargs(kind, name)).to(dev)
         criterion = torch.nn.CrossEntropyLoss()
         if kind in peers.PEERS:
             loss = peers.peer_loss(kind, criterion, ALPHA)
@@ -228,7 +219,7 @@ def main() -> None:
 
     def job(sub, seed, epochs=None, label=None):
         if sub in peers.PEERS:  # the plain run's keys, its model with the peer's drop rates, through peers.py
-            o = {**base, **peer_overrides(sub, args.model, model_kwargs), "train.seed": seed}
+            o = {**base, **peer_overrides(sub, model_name, model_kwargs), "train.seed": seed}
             program = (str(Path(__file__).with_name("peers.py")), sub, "--alpha", str(ALPHA))
             return run_cli("train", f"{sub}-s{seed}", o, runs_dir, reuse=args.reuse, program=program)
         kind, adapter = sub_args(sub)
@@ -257,7 +248,7 @@ def main() -> None:
         print(f"step-cost ratios as recorded in {stem}.json: {recorded}", flush=True)
         ratios = recorded
     else:
-        ratios = step_time_ratios(model_name, args.model, model_kwargs, unit, 128, args.device, kinds) if timed else {}
+        ratios = step_time_ratios(model_name, model_kwargs, unit, 128, args.device, kinds) if timed else {}
     if args.ratios_only:
         write_ratios(Path(args.out) / f"{stem}_cost", ratios, model_name, model_kwargs, hw)
         return
@@ -293,7 +284,7 @@ def main() -> None:
         "step_time_ratios_over_plain": ratios,
         "equal_time_epochs": eq.get("mask"),
         "equal_time_epochs_per_variant": eq,
-        "peer_model_kwargs": {k: peer_kwargs(k, args.model) for k in kinds if k in peers.PEERS},
+        "peer_model_kwargs": {k: peer_kwargs(k, model_name) for k in kinds if k in peers.PEERS},
         "rdrop_alpha": ALPHA,
     }
     lines = [

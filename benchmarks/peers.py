@@ -41,6 +41,29 @@ from masksub.train.config import apply_overrides, from_dict, load_config, parse_
 from masksub.train.trainer import Trainer
 
 PEERS = ("rdrop", "cosub")
+# timm's create_model arguments that set a peer's drop in each model family: R-Drop's dropout at every dropout site
+# the family has, cosub's drop path (timm's rule: rising linearly with depth to the rate)
+DROP_ARGS = {
+    "rdrop": {
+        "vit": ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate"),
+        "swin": ("drop_rate", "proj_drop_rate", "attn_drop_rate"),
+        "resnet": ("drop_rate",),
+    },
+    "cosub": {family: ("drop_path_rate",) for family in ("vit", "swin", "resnet")},
+}
+
+
+def family(model_name: str) -> str:
+    """``vit``, ``swin`` or ``resnet``: the families DROP_ARGS knows (a DeiT-III is a ViT)."""
+    for prefix, fam in (("resnet", "resnet"), ("swin", "swin"), ("vit", "vit"), ("deit", "vit")):
+        if model_name.startswith(prefix):
+            return fam
+    raise ValueError(f"peers.py knows the drop arguments of ViTs, Swins and ResNets, not of {model_name}")
+
+
+def drop_kwargs(peer: str, model_name: str, rate: float) -> dict:
+    """The create_model arguments that give ``model_name`` the peer's drop at ``rate``."""
+    return dict.fromkeys(DROP_ARGS[peer][family(model_name)], rate)
 
 
 class Again(nn.Module):

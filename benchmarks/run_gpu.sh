@@ -7,8 +7,12 @@
 #   bash benchmarks/run_gpu.sh checkpointing [DEST]  # step cost with activation checkpointing (merges too)
 #   bash benchmarks/run_gpu.sh swin_drop [DEST] # Swin-T's step with the mask token and with adapter swin_drop,
 #                                               # in the same rounds (merges into step_cost.json)
+#   bash benchmarks/run_gpu.sh peers [DEST]     # the eager step cost again, R-Drop's and cosub's steps (peers.py)
+#                                               # in the same rounds (merges into step_cost.json)
 #   bash benchmarks/run_gpu.sh accuracy [DEST]  # Fashion-MNIST ViT 6x192, 25 epochs: all 15 runs at once
 #   bash benchmarks/run_gpu.sh accuracy_resnet [DEST]
+#   bash benchmarks/run_gpu.sh accuracy_peers [DEST]  # the ViT: plain vs MaskSub vs R-Drop vs cosub (peers.py),
+#                                               # and plain at MaskSub's compute: 15 runs at once
 #   bash benchmarks/run_gpu.sh accuracy_swin [DEST]  # a 2-stage Swin: plain vs MaskSub with the mask token and with
 #                                               # swin_drop, and plain runs at each one's compute: 15 runs at once
 #   bash benchmarks/run_gpu.sh pretrain [DEST]  # DMJD vs single view on Fashion-MNIST, ViT 6x192: 3 pretraining
@@ -24,7 +28,7 @@
 # The training parts pass --reuse: run again on the same machine after a time limit cut one off, a
 # part reads its finished runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
-part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, accuracy, accuracy_resnet, accuracy_swin, pretrain or text"}
+part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain or text"}
 dest=${2:+$(realpath -m "$2")}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}  # some images have only python3
@@ -34,14 +38,15 @@ mkdir -p "$RES"
 
 case $part in
   eager) files="gpu_tests.log step_cost.json step_cost.md pretrain_throughput.json pretrain_throughput.md" ;;
-  compiled | checkpointing | swin_drop) files="step_cost.json step_cost.md" ;;
+  compiled | checkpointing | swin_drop | peers) files="step_cost.json step_cost.md" ;;
   accuracy) files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
   accuracy_resnet) files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
+  accuracy_peers) files="accuracy_gpu_peers.json accuracy_gpu_peers.md accuracy_gpu_peers.png" ;;
   accuracy_swin) files="accuracy_gpu_swin.json accuracy_gpu_swin.md accuracy_gpu_swin.png" ;;
   pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
   text) files="text_step_cost_gpu.json text_step_cost_gpu.md" ;;
   *)
-    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, accuracy, accuracy_resnet, accuracy_swin, pretrain, text" >&2
+    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text" >&2
     exit 2 ;;
 esac
 
@@ -63,10 +68,12 @@ case $part in
     $PY benchmarks/pretrain.py --throughput-only --out "$out" ;;
   compiled) $PY benchmarks/step_cost.py --compile on --out "$out" ;;
   checkpointing) $PY benchmarks/step_cost.py --compile off --grad-checkpointing --out "$out" ;;
+  peers) $PY benchmarks/step_cost.py --compile off --peers --out "$out" ;;
   swin_drop) $PY benchmarks/step_cost.py --compile off --models swin_tiny_patch4_window7_224 --also-adapter swin_drop \
     --out "$out" ;;
   accuracy) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --reuse ;;
   accuracy_resnet) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model resnet --reuse ;;
+  accuracy_peers) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --subs none,mask,rdrop,cosub --tag peers --reuse ;;
   accuracy_swin) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model swin --subs none,mask,mask_drop --reuse ;;
   pretrain) $PY benchmarks/pretrain.py --scale gpu --jobs 7 --reuse ;;
   text) $PY benchmarks/text_step_cost.py --scale gpu --out "$out" ;;

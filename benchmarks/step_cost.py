@@ -18,6 +18,9 @@ forward+backward (torch.utils.flop_counter). Results merge into results/step_cos
 ``--also-adapter NAME`` adds a fifth step to the same rounds: ``masksub.Step`` with MaskSub through the
 named adapter (``masktoken`` on a BEiT: the mask token it got before it dropped tokens), with its own
 FLOP-ideal ratio, so two ways of masking one model are compared in one run.
+
+``--peers`` adds R-Drop and cosub (peers.py) to the same rounds: each model built with its dropout (R-Drop) or
+drop path (cosub) at 0.1, two full passes and one backward of the summed loss, as they need.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import peers
 import timm
 import torch
 import torch.nn.functional as F
@@ -63,8 +67,12 @@ SCALES = {
 }
 
 
-def make_model(name, tiny, device, channels_last=False, checkpointing=False):
+PEER_RATE = 0.1  # the peers' dropout / drop-path rate, in both passes (accuracy.py's choice)
+
+
+def make_model(name, tiny, device, channels_last=False, checkpointing=False, peer=None):
     kwargs = TINY_MODELS[name][0] if tiny else {}
+    kwargs = {**kwargs, **(peers.drop_kwargs(peer, name, PEER_RATE) if peer else {})}
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
     model.set_grad_checkpointing(checkpointing)
@@ -73,7 +81,7 @@ def make_model(name, tiny, device, channels_last=False, checkpointing=False):
 
 def make_step(variant, model, device, amp_dtype, unit, compile_):
     """One optimizer step as a callable on (x, y); with the module it trains and its optimizer. ``variant`` is
-    one of VARIANTS, or ``masksub:NAME``: MaskSub through the adapter NAME."""
+    one of VARIANTS, ``masksub:NAME`` (MaskSub through the adapter NAME), or a peer (``rdrop``, ``cosub``)."""
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     adapter = variant.partition(":")[2] or None
     masked = variant in ("masksub", "research") or adapter
@@ -82,9 +90,11 @@ def make_step(variant, model, device, amp_dtype, unit, compile_):
         net.compile()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     crit = torch.nn.CrossEntropyLoss()
+    amp = {torch.bfloat16: "bf16", None: None}[amp_dtype]
     if variant in ("plain", "masksub") or adapter:
-        amp = {torch.bfloat16: "bf16", None: None}[amp_dtype]
         return masksub.Step(net, opt, crit, amp=amp), net, opt
+    if variant in peers.PEERS:
+        return peers.peer_step(net, opt, peers.peer_loss(variant, crit), amp=amp), net, opt
     if variant == "timm_loop":
 
         def timm_loop(x, y):
@@ -187,6 +197,8 @@ def bench_model(name, batch, args, device, run_info: dict):
         variants = (*VARIANTS, f"masksub:{args.also_adapter}")
         f = flops(make_model(name, tiny, device), x[:8], y[:8], unit, args.also_adapter)
         row[f"flop_ideal_ratio:{args.also_adapter}"] = (f["main"] + f["sub"]) / f["main"]
+    if args.peers:
+        variants = (*variants, *peers.PEERS)
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     # With --grad-checkpointing each variant is also built with checkpointing, and both kinds are timed in
     # the same interleaved rounds: the cost of checkpointing is a ratio within one run.
@@ -195,7 +207,8 @@ def bench_model(name, batch, args, device, run_info: dict):
         configs = [(mode_name(compile_, ckpt), ckpt, v) for ckpt in checkpointing for v in variants]
         steps, peaks = {}, {}
         for mode, ckpt, variant in configs:
-            model = make_model(name, tiny, device, channels_last=channels_last, checkpointing=ckpt)
+            peer = variant if variant in peers.PEERS else None
+            model = make_model(name, tiny, device, channels_last=channels_last, checkpointing=ckpt, peer=peer)
             step, net, opt = make_step(variant, model, device, amp_dtype, unit, compile_)
             for _ in range(args.warmup):
                 step(x, y)
@@ -266,7 +279,7 @@ def markdown(data: dict) -> str:
                 f"{ms['masksub'] / ms['plain']:.3f} | {ms['research'] / ms['plain']:.3f} | "
                 f"{row['flop_ideal_ratio']:.3f} | {ms['timm_loop'] / ms['plain']:.3f} | {mem} |"
             )
-    lines += checkpointing_table(data) + adapters_table(data)
+    lines += checkpointing_table(data) + adapters_table(data) + peers_table(data)
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +306,33 @@ def adapters_table(data: dict) -> list[str]:
         "",
         "| model | batch | mode | adapter | ms | / plain | FLOP-ideal | peak / plain |",
         "|---|---|---|---|---|---|---|---|",
+        *out,
+    ]
+
+
+def peers_table(data: dict) -> list[str]:
+    """R-Drop and cosub (``--peers``), timed in the same rounds as plain and MaskSub."""
+    out = []
+    for name, row in data["models"].items():
+        for mode in MODES:
+            if not all(f"{mode}/{v}" in row for v in ("plain", "masksub", *peers.PEERS)):
+                continue
+            plain = row[f"{mode}/plain"]
+            cells = []
+            for v in ("masksub", *peers.PEERS):
+                t = row[f"{mode}/{v}"]
+                peak = f"{t['peak_gib'] / plain['peak_gib']:.3f}" if plain["peak_gib"] else "n/a"
+                cells.append(f"{t['s_per_step'] / plain['s_per_step']:.3f} | {peak}")
+            out.append(f"| {name} | {row['batch']} | {mode} | {' | '.join(cells)} |")
+    if not out:
+        return []
+    return [
+        "",
+        f"The peers (`--peers`: R-Drop and cosub, their drop at {PEER_RATE} in both passes, one backward of both "
+        "passes' loss), timed in the same rounds as the rows above; time and peak memory over the plain step's:",
+        "",
+        "| model | batch | mode | MaskSub time | MaskSub peak | R-Drop time | R-Drop peak | cosub time | cosub peak |",
+        "|---|---|---|---|---|---|---|---|---|",
         *out,
     ]
 
@@ -376,6 +416,7 @@ def main() -> None:
         metavar="NAME",
         help="also time MaskSub through this adapter (masktoken, pixels, ...) in the same rounds",
     )
+    p.add_argument("--peers", action="store_true", help="also time R-Drop and cosub (peers.py) in the same rounds")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     if args.flops_only:

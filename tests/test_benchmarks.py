@@ -138,6 +138,20 @@ def test_step_cost_times_masksub_through_another_adapter_in_the_same_rounds(tmp_
     assert f"| {row['eager/masksub:pixels']['s_per_step'] / plain:.3f} | 2.000 |" in line
 
 
+def test_step_cost_tiny_peers_hold_both_passes_at_the_peak(tmp_path):
+    """R-Drop and cosub (``--peers``) back-propagate both full passes at once: at a batch where activations set the
+    peak, theirs is well above MaskSub's, whose main graph is freed before the sub pass."""
+    vit = "vit_tiny_patch16_224"
+    _run("step_cost.py", "--scale", "tiny", "--models", vit, "--batch", "64", "--peers", "--out", str(tmp_path))
+    row = json.loads((tmp_path / "step_cost_tiny.json").read_text())["models"][vit]
+    peak = {v: row[f"eager/{v}"]["peak_gib"] for v in ("plain", "masksub", "rdrop", "cosub")}
+    assert peak["rdrop"] > 1.5 * peak["masksub"] and peak["cosub"] > 1.3 * peak["masksub"], peak
+    assert all(row[f"eager/{v}"]["s_per_step"] > 0 for v in ("rdrop", "cosub"))
+    md = (tmp_path / "step_cost_tiny.md").read_text()
+    (line,) = [ln for ln in md.split("R-Drop time")[1].splitlines() if ln.startswith(f"| {vit} | 64 | eager |")]
+    assert f"| {peak['rdrop'] / peak['plain']:.3f} |" in line
+
+
 def test_accuracy_tiny(tmp_path):
     _run("accuracy.py", "--scale", "tiny", "--seeds", "0,1", "--device", "cpu", "--out", str(tmp_path))
     md = (tmp_path / "accuracy_tiny.md").read_text()
