@@ -220,7 +220,11 @@ def main() -> None:
     def job(sub, seed, epochs=None, label=None):
         if sub in peers.PEERS:  # the plain run's keys, its model with the peer's drop rates, through peers.py
             o = {**base, **peer_overrides(sub, model_name, model_kwargs), "train.seed": seed}
-            program = (str(Path(__file__).with_name("peers.py")), sub, "--alpha", str(ALPHA))
+            program = (
+                str(Path(__file__).with_name("peers.py")),
+                sub,
+                *(("--alpha", str(ALPHA)) if sub == "rdrop" else ()),
+            )
             return run_cli("train", f"{sub}-s{seed}", o, runs_dir, reuse=args.reuse, program=program)
         kind, adapter = sub_args(sub)
         o = {**base, "sub.kind": kind, "train.seed": seed}

@@ -107,7 +107,7 @@ class CosubLoss(SubBranchLoss):
         return self.main_loss(sub_logits, target) + mutual
 
 
-def peer_loss(peer: str, criterion, alpha: float = 1.0) -> SubBranchLoss:
+def peer_loss(peer: str, criterion, alpha: float | None = 1.0) -> SubBranchLoss:
     if peer == "rdrop":
         return RDropLoss(criterion, alpha)
     if peer == "cosub":
@@ -120,7 +120,7 @@ def peer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: SubBranc
     return masksub.Step(SubBranchModel(model, Again()), optimizer, loss, memory_saving=False, **step_args)
 
 
-def install(trainer: Trainer, peer: str, alpha: float) -> None:
+def install(trainer: Trainer, peer: str, alpha: float | None) -> None:
     """Give a plain run's trainer the peer's step, with the run's optimizer, criterion and step settings."""
     old, cfg = trainer.step, trainer.cfg
     if old.has_sub or trainer.dist.enabled or trainer.fsdp or cfg.train.compile:
@@ -141,24 +141,31 @@ def install(trainer: Trainer, peer: str, alpha: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("peer", choices=PEERS)
-    p.add_argument("--alpha", type=float, default=1.0, help="R-Drop's weight of the KL term")
+    p.add_argument("--alpha", type=float, default=None, help="R-Drop's weight of the KL term (default 1)")
     p.add_argument("--recipe", default=None)
     p.add_argument("--resume", default=None, help="a peer run's folder or checkpoint: continue it")
     args, rest = p.parse_known_args(argv)
     overrides = parse_overrides(rest)
     if given := [key for key in overrides if key.startswith("sub.")]:
         p.error(f"{', '.join(given)}: a peer's run has no sub branch of masksub's (sub.kind none); leave them out")
+    if args.alpha is not None and args.peer != "rdrop":
+        p.error(f"--alpha is R-Drop's KL weight: {args.peer} has none")
     if args.resume:
         folder = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if not (folder / "peer.json").is_file():
+            p.error(f"{folder} has no peer.json: not a peers.py run (resume a masksub run with masksub train --resume)")
         recorded = json.loads((folder / "peer.json").read_text())
         if recorded["peer"] != args.peer:
             p.error(f"{args.resume} is a {recorded['peer']} run")
+        if args.alpha not in (None, recorded["alpha"]):
+            p.error(f"{args.resume} ran with --alpha {recorded['alpha']}: a resumed run goes on as it began")
         args.alpha = recorded["alpha"]
         saved = from_dict(checkpoint.load(args.resume)["config"])
         cfg = apply_overrides(saved, {"train.max_steps": None, **overrides, "train.resume": args.resume})
     else:
         cfg = load_config(args.recipe, {**overrides, "sub.kind": "none"}, check=False)
         validate(cfg)
+        args.alpha = (1.0 if args.alpha is None else args.alpha) if args.peer == "rdrop" else None
     trainer = Trainer(cfg)
     install(trainer, args.peer, args.alpha)
     if not args.resume:

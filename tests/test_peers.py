@@ -126,11 +126,16 @@ def test_a_peer_run_trains_records_its_sub_loss_and_resumes_as_it_began(tmp_path
     )
     assert first.returncode == 0, first.stderr[-3000:]
     folder = out / "run"
-    assert json.loads((folder / "peer.json").read_text()) == {"peer": "cosub", "alpha": 1.0}
+    assert json.loads((folder / "peer.json").read_text()) == {"peer": "cosub", "alpha": None}
     config = yaml.safe_load((folder / "config.yaml").read_text())
     assert config["sub"]["kind"] == "none" and config["model"]["drop_path_rate"] == 0.1
-    wrong = _peer_run(tmp_path, "rdrop", "--resume", str(folder))
-    assert wrong.returncode == 2 and "is a cosub run" in wrong.stderr
+    for args, message in (
+        (("rdrop", "--resume", str(folder)), "is a cosub run"),
+        (("cosub", "--alpha", "2", "--resume", str(folder)), "--alpha is R-Drop's KL weight: cosub has none"),
+        (("cosub", "--resume", str(tmp_path)), "has no peer.json: not a peers.py run"),
+    ):
+        wrong = _peer_run(tmp_path, *args)
+        assert wrong.returncode == 2 and message in wrong.stderr, wrong.stderr[-2000:]
     resumed = _peer_run(tmp_path, "cosub", "--resume", str(folder))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
