@@ -86,10 +86,9 @@ UNITS = {"vit": 32, "resnet": 4, "swin": 4}  # MaskSub block in pixels: the ViT 
 # 224 px; the Swin's unit is its last stage's token (2-pixel patches merged once), a 7x7 grid again
 # Sub-branch strength per kind: MaskSub's paper default; DropSub / PathSub at 0.2 (our choice: the
 # paper gives no Fashion-MNIST value; 0.5 drop-path in every block would remove most of a 4-block net).
-RATIOS = {"mask": 0.5, "mask_drop": 0.5, "dropout": 0.2, "droppath": 0.2, "rdrop": 0.1, "cosub": 0.1}
-# The peers' drop rates (our choice, not tuned: 0.1, the usual dropout of ViT finetuning) are the model's own, in both
-# passes (peers.DROP_ARGS). R-Drop's KL weight alpha: 1, also our choice.
-ALPHA = 1.0
+# The peers' drop rates are the model's own, in both passes (peers.DROP_ARGS; peers.RATE and peers.ALPHA).
+RATIOS = {"mask": 0.5, "mask_drop": 0.5, "dropout": 0.2, "droppath": 0.2, "rdrop": peers.RATE, "cosub": peers.RATE}
+ALPHA = peers.ALPHA
 
 
 def peer_kwargs(sub: str, model_name: str) -> dict:

@@ -41,6 +41,9 @@ from masksub.train.config import apply_overrides, from_dict, load_config, parse_
 from masksub.train.trainer import Trainer
 
 PEERS = ("rdrop", "cosub")
+# Our settings for both benchmarks, not tuned: the peers' dropout / drop-path rate in both passes (0.1, the usual
+# dropout of ViT finetuning) and R-Drop's KL weight
+RATE, ALPHA = 0.1, 1.0
 # timm's create_model arguments that set a peer's drop in each model family: R-Drop's dropout at every dropout site
 # the family has, cosub's drop path (timm's rule: rising linearly with depth to the rate)
 DROP_ARGS = {
@@ -141,7 +144,7 @@ def install(trainer: Trainer, peer: str, alpha: float | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("peer", choices=PEERS)
-    p.add_argument("--alpha", type=float, default=None, help="R-Drop's weight of the KL term (default 1)")
+    p.add_argument("--alpha", type=float, default=None, help="R-Drop's weight of the KL term (default: ALPHA, 1)")
     p.add_argument("--recipe", default=None)
     p.add_argument("--resume", default=None, help="a peer run's folder or checkpoint: continue it")
     args, rest = p.parse_known_args(argv)
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg = load_config(args.recipe, {**overrides, "sub.kind": "none"}, check=False)
         validate(cfg)
-        args.alpha = (1.0 if args.alpha is None else args.alpha) if args.peer == "rdrop" else None
+        args.alpha = (ALPHA if args.alpha is None else args.alpha) if args.peer == "rdrop" else None
     trainer = Trainer(cfg)
     install(trainer, args.peer, args.alpha)
     if not args.resume:

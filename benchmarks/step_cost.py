@@ -67,12 +67,9 @@ SCALES = {
 }
 
 
-PEER_RATE = 0.1  # the peers' dropout / drop-path rate, in both passes (accuracy.py's choice)
-
-
 def make_model(name, tiny, device, channels_last=False, checkpointing=False, peer=None):
     kwargs = TINY_MODELS[name][0] if tiny else {}
-    kwargs = {**kwargs, **(peers.drop_kwargs(peer, name, PEER_RATE) if peer else {})}
+    kwargs = {**kwargs, **(peers.drop_kwargs(peer, name, peers.RATE) if peer else {})}
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
     model.set_grad_checkpointing(checkpointing)
@@ -94,7 +91,7 @@ def make_step(variant, model, device, amp_dtype, unit, compile_):
     if variant in ("plain", "masksub") or adapter:
         return masksub.Step(net, opt, crit, amp=amp), net, opt
     if variant in peers.PEERS:
-        return peers.peer_step(net, opt, peers.peer_loss(variant, crit), amp=amp), net, opt
+        return peers.peer_step(net, opt, peers.peer_loss(variant, crit, peers.ALPHA), amp=amp), net, opt
     if variant == "timm_loop":
 
         def timm_loop(x, y):
@@ -328,7 +325,7 @@ def peers_table(data: dict) -> list[str]:
         return []
     return [
         "",
-        f"The peers (`--peers`: R-Drop and cosub, their drop at {PEER_RATE} in both passes, one backward of both "
+        f"The peers (`--peers`: R-Drop and cosub, their drop at {peers.RATE} in both passes, one backward of both "
         "passes' loss), timed in the same rounds as the rows above; time and peak memory over the plain step's:",
         "",
         "| model | batch | mode | MaskSub time | MaskSub peak | R-Drop time | R-Drop peak | cosub time | cosub peak |",
