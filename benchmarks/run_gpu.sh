@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU scale of the benchmarks on one GPU, in parts that each take a few minutes:
 #
-#   bash benchmarks/run_gpu.sh eager [DEST]     # tests/test_gpu.py, step cost of the 4 models (eager),
+#   bash benchmarks/run_gpu.sh eager [DEST]     # tests/test_gpu.py, step cost of the 4 models (eager; the ViTs
+#                                               # also with timm's PatchDropout step as the speed reference),
 #                                               # DMJD vs single-view step throughput, ViT-B/16 and ConViT-B
 #   bash benchmarks/run_gpu.sh compiled [DEST]  # step cost with torch.compile (merges into step_cost.json)
 #   bash benchmarks/run_gpu.sh checkpointing [DEST]  # step cost with activation checkpointing (merges too)
@@ -25,6 +26,8 @@
 # committed files so that parts merge, so a part cut off by a time limit leaves what it measured in
 # DEST; the others copy their files there at the end. Python: $PYTHON (default python, else
 # python3). Fashion-MNIST is read from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST.
+# The checkpointing and peers parts time the eager steps again (their ratios are within one run's
+# rounds); a table whose rows came from different runs is left out, so run peers after checkpointing.
 # The training parts pass --reuse: run again on the same machine after a time limit cut one off, a
 # part reads its finished runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
@@ -64,11 +67,11 @@ case $part in
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_tests.log"
     $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$out/gpu_tests.log" ||
       echo "tests/test_gpu.py FAILED (see gpu_tests.log); the benchmarks go on" | tee -a "$out/gpu_tests.log"
-    $PY benchmarks/step_cost.py --compile off --out "$out"
+    $PY benchmarks/step_cost.py --compile off --patch-dropout --out "$out"
     $PY benchmarks/pretrain.py --throughput-only --out "$out" ;;
   compiled) $PY benchmarks/step_cost.py --compile on --out "$out" ;;
-  checkpointing) $PY benchmarks/step_cost.py --compile off --grad-checkpointing --out "$out" ;;
-  peers) $PY benchmarks/step_cost.py --compile off --peers --out "$out" ;;
+  checkpointing) $PY benchmarks/step_cost.py --compile off --grad-checkpointing --patch-dropout --out "$out" ;;
+  peers) $PY benchmarks/step_cost.py --compile off --peers --patch-dropout --out "$out" ;;
   swin_drop) $PY benchmarks/step_cost.py --compile off --models swin_tiny_patch4_window7_224 --also-adapter swin_drop \
     --out "$out" ;;
   accuracy) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --reuse ;;

@@ -21,6 +21,11 @@ FLOP-ideal ratio, so two ways of masking one model are compared in one run.
 
 ``--peers`` adds R-Drop and cosub (peers.py) to the same rounds: each model built with its dropout (R-Drop) or
 drop path (cosub) at 0.1, two full passes and one backward of the summed loss, as they need.
+
+``--patch-dropout`` adds, for the models that drop tokens in timm (those with a ``patch_drop`` slot: ViT, EVA,
+...), the speed reference for the masked pass: a plain step of the model built with timm's ``patch_drop_rate=0.5``
+(FLIP / PatchDropout: half the tokens dropped in the only pass). MaskSub's sub pass should cost what that step
+costs, less one optimizer update; the FLOPs of the two passes are compared too.
 """
 
 from __future__ import annotations
@@ -67,9 +72,10 @@ SCALES = {
 }
 
 
-def make_model(name, tiny, device, channels_last=False, checkpointing=False, peer=None):
+def make_model(name, tiny, device, channels_last=False, checkpointing=False, peer=None, patch_drop=0.0):
     kwargs = TINY_MODELS[name][0] if tiny else {}
     kwargs = {**kwargs, **(peers.drop_kwargs(peer, name, peers.RATE) if peer else {})}
+    kwargs = {**kwargs, **({"patch_drop_rate": patch_drop} if patch_drop else {})}
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
     model.set_grad_checkpointing(checkpointing)
@@ -88,7 +94,7 @@ def make_step(variant, model, device, amp_dtype, unit, compile_):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
     crit = torch.nn.CrossEntropyLoss()
     amp = {torch.bfloat16: "bf16", None: None}[amp_dtype]
-    if variant in ("plain", "masksub") or adapter:
+    if variant in ("plain", "masksub", "patchdrop") or adapter:
         return masksub.Step(net, opt, crit, amp=amp), net, opt
     if variant in peers.PEERS:
         return peers.peer_step(net, opt, peers.peer_loss(variant, crit, peers.ALPHA), amp=amp), net, opt
@@ -124,12 +130,23 @@ def flops(model, x, y, unit, adapter=None):
     wrapped = masksub.wrap(model, ratio=0.5, unit=unit, adapter=adapter)
     out = {}
     for name, sub in (("main", False), ("sub", True)):
-        with FlopCounterMode(display=False) as counter:
-            F.cross_entropy(wrapped(x, sub=sub), y).backward()
-        out[name] = counter.get_total_flops()
+        out[name] = pass_flops(lambda: wrapped(x, sub=sub), y)  # noqa: B023 (called at once)
     wrapped.unwrap()
     model.zero_grad(set_to_none=True)
     return out
+
+
+def pass_flops(forward, y) -> int:
+    """Forward+backward FLOPs of ``forward()`` under cross-entropy on ``y``."""
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(forward(), y).backward()
+    return counter.get_total_flops()
+
+
+def drops_tokens_in_timm(name, tiny) -> bool:
+    """Whether timm's model ``name`` has a ``patch_drop`` slot, that is takes ``patch_drop_rate``."""
+    with torch.device("meta"):
+        return hasattr(timm.create_model(name, num_classes=10, **(TINY_MODELS[name][0] if tiny else {})), "patch_drop")
 
 
 def peak_memory(step, net, opt, x, y, iters: int) -> float:
@@ -196,6 +213,10 @@ def bench_model(name, batch, args, device, run_info: dict):
         row[f"flop_ideal_ratio:{args.also_adapter}"] = (f["main"] + f["sub"]) / f["main"]
     if args.peers:
         variants = (*variants, *peers.PEERS)
+    if args.patch_dropout and drops_tokens_in_timm(name, tiny):
+        variants = (*variants, "patchdrop")
+        reference = make_model(name, tiny, device, patch_drop=0.5)
+        row["flops"]["patchdrop"] = pass_flops(lambda: reference(x[:8]), y[:8])
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     # With --grad-checkpointing each variant is also built with checkpointing, and both kinds are timed in
     # the same interleaved rounds: the cost of checkpointing is a ratio within one run.
@@ -205,7 +226,8 @@ def bench_model(name, batch, args, device, run_info: dict):
         steps, peaks = {}, {}
         for mode, ckpt, variant in configs:
             peer = variant if variant in peers.PEERS else None
-            model = make_model(name, tiny, device, channels_last=channels_last, checkpointing=ckpt, peer=peer)
+            drop = 0.5 if variant == "patchdrop" else 0.0
+            model = make_model(name, tiny, device, channels_last, ckpt, peer=peer, patch_drop=drop)
             step, net, opt = make_step(variant, model, device, amp_dtype, unit, compile_)
             for _ in range(args.warmup):
                 step(x, y)
@@ -222,6 +244,7 @@ def bench_model(name, batch, args, device, run_info: dict):
                 "spread": statistics.stdev(ts) if len(ts) > 1 else 0.0,
                 "images_per_s": batch / statistics.fmean(ts),
                 "peak_gib": peaks[mode, variant],
+                "date": run_info["date"],  # a later run may re-time some of a mode's variants, not all
             }
             print(f"{name:32s} {mode:24s} {variant:20s} {statistics.fmean(ts) * 1000:9.2f} ms/step", flush=True)
         for mode in dict.fromkeys(mode for mode, _, _ in configs):
@@ -276,8 +299,14 @@ def markdown(data: dict) -> str:
                 f"{ms['masksub'] / ms['plain']:.3f} | {ms['research'] / ms['plain']:.3f} | "
                 f"{row['flop_ideal_ratio']:.3f} | {ms['timm_loop'] / ms['plain']:.3f} | {mem} |"
             )
-    lines += checkpointing_table(data) + adapters_table(data) + peers_table(data)
+    lines += checkpointing_table(data) + adapters_table(data) + peers_table(data) + patch_dropout_table(data)
     return "\n".join(lines) + "\n"
+
+
+def same_run(row: dict, mode: str, variants) -> bool:
+    """Whether ``row`` has all ``variants`` in ``mode``, timed in one run's rounds: ratios are taken only so."""
+    entries = [row.get(f"{mode}/{v}") for v in variants]
+    return all(entries) and len({e.get("date") for e in entries}) == 1
 
 
 def adapters_table(data: dict) -> list[str]:
@@ -286,7 +315,7 @@ def adapters_table(data: dict) -> list[str]:
     for name, row in data["models"].items():
         for key in row:
             mode, _, variant = key.partition("/")
-            if not variant.startswith("masksub:") or f"{mode}/plain" not in row:
+            if not variant.startswith("masksub:") or not same_run(row, mode, ("plain", variant)):
                 continue
             adapter, t, plain = variant.partition(":")[2], row[key], row[f"{mode}/plain"]
             peak = f"{t['peak_gib'] / plain['peak_gib']:.3f}" if plain["peak_gib"] else "n/a"
@@ -312,7 +341,7 @@ def peers_table(data: dict) -> list[str]:
     out = []
     for name, row in data["models"].items():
         for mode in MODES:
-            if not all(f"{mode}/{v}" in row for v in ("plain", "masksub", *peers.PEERS)):
+            if not same_run(row, mode, ("plain", "masksub", *peers.PEERS)):
                 continue
             plain = row[f"{mode}/plain"]
             cells = []
@@ -330,6 +359,36 @@ def peers_table(data: dict) -> list[str]:
         "",
         "| model | batch | mode | MaskSub time | MaskSub peak | R-Drop time | R-Drop peak | cosub time | cosub peak |",
         "|---|---|---|---|---|---|---|---|---|",
+        *out,
+    ]
+
+
+def patch_dropout_table(data: dict) -> list[str]:
+    """timm's PatchDropout step (``--patch-dropout``) beside MaskSub's: what the sub pass costs against the same
+    token dropping in a step of its own."""
+    out = []
+    for name, row in data["models"].items():
+        for mode in MODES:
+            if not same_run(row, mode, ("plain", "masksub", "patchdrop")):
+                continue
+            ms = {v: row[f"{mode}/{v}"]["s_per_step"] * 1000 for v in ("plain", "masksub", "patchdrop")}
+            f = row["flops"]
+            out.append(
+                f"| {name} | {row['batch']} | {mode} | {ms['patchdrop']:.1f} | {ms['patchdrop'] / ms['plain']:.3f} | "
+                f"{ms['masksub'] / ms['plain']:.3f} | {(ms['masksub'] - ms['plain']) / ms['patchdrop']:.3f} | "
+                f"{f['sub'] / f['patchdrop']:.3f} |"
+            )
+    if not out:
+        return []
+    return [
+        "",
+        "timm's PatchDropout at 0.5 (`--patch-dropout`: half the tokens dropped in a plain step's only pass, FLIP "
+        "style), timed in the same rounds; the sub pass's added time is MaskSub's step less the plain step, which "
+        "should be the PatchDropout step less one optimizer update:",
+        "",
+        "| model | batch | mode | PatchDropout ms | PatchDropout / plain | MaskSub / plain "
+        "| (MaskSub - plain) / PatchDropout | sub pass FLOPs / PatchDropout FLOPs |",
+        "|---|---|---|---|---|---|---|---|",
         *out,
     ]
 
@@ -414,6 +473,11 @@ def main() -> None:
         help="also time MaskSub through this adapter (masktoken, pixels, ...) in the same rounds",
     )
     p.add_argument("--peers", action="store_true", help="also time R-Drop and cosub (peers.py) in the same rounds")
+    p.add_argument(
+        "--patch-dropout",
+        action="store_true",
+        help="also time a plain step with timm's PatchDropout at 0.5 (models with a patch_drop slot)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     if args.flops_only:

@@ -152,6 +152,27 @@ def test_step_cost_tiny_peers_hold_both_passes_at_the_peak(tmp_path):
     assert f"| {peak['rdrop'] / peak['plain']:.3f} |" in line
 
 
+def test_step_cost_tiny_patch_dropout_reference_does_the_sub_pass_work(tmp_path):
+    """``--patch-dropout``: a plain step of the ViT built with timm's PatchDropout at 0.5 joins the rounds; MaskSub's
+    sub pass keeps as many tokens (8 of 16), so its FLOPs are the PatchDropout pass's. Swin has no ``patch_drop``
+    slot in timm: no such step, no row."""
+    vit, swin = "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"
+    _run("step_cost.py", "--scale", "tiny", "--models", f"{vit},{swin}", "--patch-dropout", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "step_cost_tiny.json").read_text())["models"]
+    assert rows[vit]["flops"]["sub"] == rows[vit]["flops"]["patchdrop"] < 0.6 * rows[vit]["flops"]["main"]
+    assert rows[vit]["eager/patchdrop"]["s_per_step"] > 0
+    assert "eager/patchdrop" not in rows[swin] and "patchdrop" not in rows[swin]["flops"]
+    md = (tmp_path / "step_cost_tiny.md").read_text().split("PatchDropout FLOPs |")[1]
+    assert [ln.split(" | ")[0] for ln in md.splitlines() if ln.startswith("| ")] == [f"| {vit}"]
+    assert md.splitlines()[2].endswith("| 1.000 |")
+    # A later run without the flag re-times the ViT's plain step: the PatchDropout step of the first run stays in
+    # the JSON, and no ratio is taken across the two runs.
+    _run("step_cost.py", "--scale", "tiny", "--models", vit, "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "step_cost_tiny.json").read_text())["models"]
+    assert rows[vit]["eager/patchdrop"]["date"] != rows[vit]["eager/plain"]["date"]
+    assert "PatchDropout" not in (tmp_path / "step_cost_tiny.md").read_text()
+
+
 def test_accuracy_tiny(tmp_path):
     _run("accuracy.py", "--scale", "tiny", "--seeds", "0,1", "--device", "cpu", "--out", str(tmp_path))
     md = (tmp_path / "accuracy_tiny.md").read_text()
