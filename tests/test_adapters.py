@@ -493,6 +493,27 @@ def test_vit_adapter_takes_the_models_keywords_and_refuses_an_attention_mask(nam
         wrapped(x, attn_mask=torch.ones(2, 1, tokens, tokens, dtype=torch.bool), sub=True)
 
 
+@pytest.mark.parametrize("name", ["vit", "eva_rope"])
+def test_a_model_with_its_own_patch_dropout_keeps_it_in_the_main_pass_and_drops_from_all_tokens_in_the_sub_pass(name):
+    """FLIP-style training (timm's ``patch_drop_rate``) with MaskSub: the main pass drops what the model drops, the
+    sub pass drops ``ratio`` of all patch tokens (not of those the model's own dropout left), evaluation sees every
+    token, and the model dropped as before once unwrapped."""
+    model = tiny_model(name, patch_drop_rate=0.25)
+    lengths = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    wrapped = masksub.wrap(model, ratio=0.5).train()
+    x = tiny_images(name, batch=2)
+    n, prefix = (32 // model.patch_embed.patch_size[0]) ** 2, model.num_prefix_tokens
+    wrapped(x)
+    wrapped(x, sub=True)
+    wrapped.eval()(x)
+    wrapped.unwrap()
+    model.train()(x)
+    own = prefix + num_keep(n, 0.25)  # num_keep takes the fraction removed
+    assert lengths == [own, prefix + num_keep(n, 0.5), prefix + n, own]
+    assert num_keep(n, 0.5) != num_keep(num_keep(n, 0.25), 0.5)  # not compounded
+
+
 def test_naflex_adapter_refuses_an_attention_mask_it_would_cut_wrong():
     batch, _ = _naflex_batch([(16, 16)], max_seq_len=16)
     wrapped = masksub.wrap(tiny_model("naflex")).train()
