@@ -143,12 +143,6 @@ def pass_flops(forward, y) -> int:
     return counter.get_total_flops()
 
 
-def drops_tokens_in_timm(name, tiny) -> bool:
-    """Whether timm's model ``name`` has a ``patch_drop`` slot, that is takes ``patch_drop_rate``."""
-    with torch.device("meta"):
-        return hasattr(timm.create_model(name, num_classes=10, **(TINY_MODELS[name][0] if tiny else {})), "patch_drop")
-
-
 def peak_memory(step, net, opt, x, y, iters: int) -> float:
     """Peak GiB of tensor memory over ``iters`` steps: what the model and optimizer hold, plus the gradients
     and activations a step allocates. A GPU reads its allocator; a CPU has no allocator statistics, so the
@@ -204,7 +198,8 @@ def bench_model(name, batch, args, device, run_info: dict):
     x = torch.randn(batch, 3, img, img, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x  # the batch too, as timm's loop
     y = torch.randint(0, 1000, (batch,), device=device)
-    row = {"batch": batch, "img": img, "flops": flops(make_model(name, tiny, device), x[:8], y[:8], unit)}
+    model = make_model(name, tiny, device)
+    row = {"batch": batch, "img": img, "flops": flops(model, x[:8], y[:8], unit)}
     row["flop_ideal_ratio"] = (row["flops"]["main"] + row["flops"]["sub"]) / row["flops"]["main"]
     variants = VARIANTS
     if args.also_adapter:
@@ -213,7 +208,7 @@ def bench_model(name, batch, args, device, run_info: dict):
         row[f"flop_ideal_ratio:{args.also_adapter}"] = (f["main"] + f["sub"]) / f["main"]
     if args.peers:
         variants = (*variants, *peers.PEERS)
-    if args.patch_dropout and drops_tokens_in_timm(name, tiny):
+    if args.patch_dropout and hasattr(model, "patch_drop"):  # the slot of timm's patch_drop_rate (ViT, EVA...)
         variants = (*variants, "patchdrop")
         reference = make_model(name, tiny, device, patch_drop=0.5)
         row["flops"]["patchdrop"] = pass_flops(lambda: reference(x[:8]), y[:8])
