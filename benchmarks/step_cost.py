@@ -212,6 +212,7 @@ def bench_model(name, batch, args, device, run_info: dict):
         variants = (*variants, "patchdrop")
         reference = make_model(name, tiny, device, patch_drop=0.5)
         row["flops"]["patchdrop"] = pass_flops(lambda: reference(x[:8]), y[:8])
+        del reference  # and its gradients: the steps below build their own models
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     # With --grad-checkpointing each variant is also built with checkpointing, and both kinds are timed in
     # the same interleaved rounds: the cost of checkpointing is a ratio within one run.
