@@ -12,11 +12,16 @@ dataset gives them. Variants, timed in alternating rounds in one process (``benc
 - ``masksub:attention``: MaskSub at ratio 0.5, masked tokens hidden by the attention mask (full length);
 - ``masksub:drop``: MaskSub at ratio 0.5, masked tokens dropped from the sequence (``mode="drop"``).
 
+``--task token`` times token classifiers of the same configurations instead (a label per token, padding
+labelled -100): there the drop mode's sub pass predicts the kept tokens only, and the distillation leaves the
+dropped ones out.
+
 Also the FLOP-ideal cost of each MaskSub mode, (main + sub FLOPs) / main FLOPs, forward and backward, from
 ``torch.utils.flop_counter``. Writes ``text_step_cost_<scale>.json`` and ``.md`` with the command, versions and
 hardware.
 
     python benchmarks/text_step_cost.py --scale cpu --out benchmarks/results
+    python benchmarks/text_step_cost.py --scale cpu --task token --out benchmarks/results  # text_step_cost_cpu_token
 """
 
 from __future__ import annotations
@@ -105,24 +110,32 @@ PAD, SPECIAL = 0, (0, 1, 2)  # padding and two more special ids, never masked
 MODES = ("attention", "drop")
 
 
-def make_model(name: str, device: torch.device) -> torch.nn.Module:
+HEADS = {
+    "sequence": transformers.AutoModelForSequenceClassification,
+    "token": transformers.AutoModelForTokenClassification,
+}
+
+
+def make_model(name: str, device: torch.device, task: str = "sequence") -> torch.nn.Module:
     kind, overrides = CONFIGS[name]
     config = transformers.AutoConfig.for_model(kind, **overrides, num_labels=2, pad_token_id=PAD)
     torch.manual_seed(0)
-    return transformers.AutoModelForSequenceClassification.from_config(config).to(device).train()
+    return HEADS[task].from_config(config).to(device).train()
 
 
-def make_batch(batch: int, length: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random words, lengths from ``length // 2`` to ``length`` (right padding), and labels."""
+def make_batch(batch: int, length: int, vocab: int, device: torch.device, task: str = "sequence") -> dict:
+    """Random words, lengths from ``length // 2`` to ``length`` (right padding), and labels: one per text, or one
+    per token (padding labelled -100)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(len(SPECIAL), vocab, (batch, length), generator=g)
     lengths = torch.linspace(length // 2, length, batch).long()
     real = torch.arange(length) < lengths.unsqueeze(1)
     ids = ids.masked_fill(~real, PAD)
+    labels = torch.randint(0, 2, (batch, length) if task == "token" else (batch,), generator=g)
     return {
         "input_ids": ids.to(device),
         "attention_mask": real.long().to(device),
-        "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
+        "labels": (labels.masked_fill(~real, -100) if task == "token" else labels).to(device),
     }
 
 
@@ -143,13 +156,13 @@ def flop_ideal(model: torch.nn.Module, batch: dict, mode: str) -> float:
 def bench(name: str, args, device: torch.device) -> dict:
     _, batch_size, length, warmup, rounds, calls, _ = SCALES[args.scale]
     batch_size, length = args.batch or batch_size, args.length or length
-    model = make_model(name, device)
-    batch = make_batch(batch_size, length, model.config.vocab_size, device)
+    model = make_model(name, device, args.task)
+    batch = make_batch(batch_size, length, model.config.vocab_size, device, args.task)
     row = {"batch": batch_size, "length": length, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    row["flop_ideal"] = {mode: flop_ideal(make_model(name, device), batch, mode) for mode in MODES}
+    row["flop_ideal"] = {mode: flop_ideal(make_model(name, device, args.task), batch, mode) for mode in MODES}
     steps, peaks = {}, {}
     for variant in ("plain", *(f"masksub:{mode}" for mode in MODES)):
-        model = make_model(name, device)
+        model = make_model(name, device, args.task)
         mode = variant.partition(":")[2]
         net = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=SPECIAL) if mode else model
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
@@ -180,6 +193,8 @@ def markdown(data: dict) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
+        f"Heads: {meta.get('task', 'sequence')} classifiers.",
+        "",
         "Peak memory: tensor memory (parameters, optimizer state, gradients, activations) at its peak over a step"
         " (a CPU: the profiler's allocation and free events; a GPU: the CUDA allocator's peak).",
         "",
@@ -207,6 +222,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="padded length")
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"))
+    p.add_argument("--task", default="sequence", choices=tuple(HEADS), help="a label per text or per token")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     names, *_, device = SCALES[args.scale]
@@ -219,7 +235,7 @@ def main() -> None:
     device = torch.device(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"text_step_cost_{args.scale}.json"
+    path = out / f"text_step_cost_{args.scale}{'_token' if args.task == 'token' else ''}.json"
     data = {
         "meta": {
             "torch": torch.__version__,
@@ -228,6 +244,7 @@ def main() -> None:
             "hardware": hardware(device.type),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python " + " ".join(sys.argv),
+            "task": args.task,
         },
         "models": {},
     }

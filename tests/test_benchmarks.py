@@ -123,6 +123,31 @@ def test_text_step_cost_tiny(tmp_path):
     ]
 
 
+@needs_transformers_5
+def test_text_step_cost_tiny_token_classifiers(tmp_path):
+    """--task token: token classifiers of the same configurations, in a file of their own; dropping tokens still
+    saves their share of the sub pass (the logits go back to their places, nothing more)."""
+    _run(
+        "text_step_cost.py",
+        "--scale",
+        "tiny",
+        "--task",
+        "token",
+        "--models",
+        "tiny-bert,tiny-llama",
+        "--out",
+        str(tmp_path),
+    )
+    data = json.loads((tmp_path / "text_step_cost_tiny_token.json").read_text())
+    assert data["meta"]["task"] == "token" and set(data["models"]) == {"tiny-bert", "tiny-llama"}
+    for row in data["models"].values():
+        assert all(row[v]["s_per_step"] > 0 for v in ("plain", "masksub:attention", "masksub:drop"))
+        assert row["flop_ideal"]["attention"] == pytest.approx(2.0, rel=0.01)
+        assert 1.5 < row["flop_ideal"]["drop"] < 1.9
+    assert "Heads: token classifiers." in (tmp_path / "text_step_cost_tiny_token.md").read_text()
+    assert not (tmp_path / "text_step_cost_tiny.json").exists()
+
+
 def test_step_cost_times_masksub_through_another_adapter_in_the_same_rounds(tmp_path):
     """``--also-adapter pixels`` on the tiny ViT: a fifth step, MaskSub masking pixels, beside the one dropping
     tokens, with its own FLOP-ideal ratio (the main pass's cost again: 2x) and a row in its own table."""

@@ -156,25 +156,34 @@ def test_memory_saving_is_refused_where_a_second_backward_cannot_work(tmp_path):
     assert _trainer(tmp_path, model, data).memory_saving
 
 
-def test_trainer_on_a_token_classifier_equals_the_per_token_loss_by_hand(tmp_path):
+@pytest.mark.parametrize("mode", ["token", pytest.param("drop", marks=needs_transformers_5)])
+def test_trainer_on_a_token_classifier_equals_the_per_token_loss_by_hand(tmp_path, mode):
+    """Both losses per token, tokens labelled -100 left out of both; with mode='drop' the distillation also leaves
+    out the tokens the sub pass dropped, whose kept tokens computed what hiding the others computes."""
     model = tiny_token_model(**NO_DROPOUT)
     seen = []
     model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
     capture = GradsBeforeStep(model)
     data = token_labels(text_batch(batch=4))
-    trainer = _trainer(tmp_path, model, data, label_smoothing_factor=0.1)
+    options = {"mask_token_id": MASK, "special_ids": SPECIAL, "mode": mode}
+    trainer = _trainer(tmp_path, model, data, label_smoothing_factor=0.1, mask_options=options)
     trainer.add_callback(capture)
     trainer.train()
     model.zero_grad()
     ids, sub_ids = seen
     order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in ids]  # the sampler's
     labels, attention = data["labels"][order], data["attention_mask"][order]
-    kept = labels != -100
+    labelled = labels != -100
     main = model(input_ids=ids, attention_mask=attention).logits
-    sub = model(input_ids=sub_ids, attention_mask=attention).logits
+    if mode == "drop":  # the BERT family drops after its embeddings: the ids it got are the batch's
+        kept = trainer.sub_branch.kept
+        assert torch.equal(sub_ids, ids) and 0 < (labelled & kept).sum() < labelled.sum()
+        sub, distilled = model(input_ids=ids, attention_mask=attention * kept).logits, labelled & kept
+    else:
+        sub, distilled = model(input_ids=sub_ids, attention_mask=attention).logits, labelled
     per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
-    main_loss = F.cross_entropy(main[kept], labels[kept], label_smoothing=0.1)
-    (0.5 * main_loss + 0.5 * per_token[kept].mean()).backward()
+    main_loss = F.cross_entropy(main[labelled], labels[labelled], label_smoothing=0.1)
+    (0.5 * main_loss + 0.5 * per_token[distilled].mean()).backward()
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
@@ -346,8 +355,10 @@ def _write_conll(path, sentences):
     path.write_text("-DOCSTART- O\n\n" + "\n\n".join("\n".join(f"{w} {t}" for w, t in s) for s in sentences) + "\n")
 
 
-@pytest.mark.parametrize("sub", ["mask", "none"])
-def test_token_classification_example_runs(local_model_and_csvs, sub):
+@pytest.mark.parametrize(
+    "sub,mode", [("mask", "token"), pytest.param("mask", "drop", marks=needs_transformers_5), ("none", None)]
+)
+def test_token_classification_example_runs(local_model_and_csvs, sub, mode):
     d = local_model_and_csvs
     tag = {"good": "B-POS", "great": "B-POS", "bad": "B-NEG", "awful": "B-NEG"}
     g = torch.Generator().manual_seed(0)
@@ -359,9 +370,11 @@ def test_token_classification_example_runs(local_model_and_csvs, sub):
         _write_conll(d / f"{split}.conll", [[(w, tag.get(w, "O")) for w in s] for s in sentences])
     argv = ["--task", "token", "--model", str(d / "model"), "--train", str(d / "train.conll")]
     argv += ["--valid", str(d / "valid.conll"), "--sub", sub, "--max-steps", "3", "--batch-size", "8"]
-    summary = _load_example().main([*argv, "--lr", "1e-3", "--out", str(d / f"tok-{sub}")])
-    assert summary["task"] == "token" and 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
-    saved = transformers.AutoModelForTokenClassification.from_pretrained(d / f"tok-{sub}" / "model")
+    argv += ["--mode", mode] if mode else []
+    summary = _load_example().main([*argv, "--lr", "1e-3", "--out", str(d / f"tok-{sub}-{mode}")])
+    assert summary["task"] == "token" and summary["mode"] == mode
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    saved = transformers.AutoModelForTokenClassification.from_pretrained(d / f"tok-{sub}-{mode}" / "model")
     assert saved.config.id2label == {0: "B-NEG", 1: "B-POS", 2: "O"}
 
 

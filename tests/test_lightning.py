@@ -308,6 +308,45 @@ def test_text_batches_with_labels_in_the_mapping():
     assert len(module.losses) == 2 and all(torch.isfinite(v) for v in module.losses)
 
 
+def test_a_token_classifier_dropping_tokens_trains_with_steps_gradients():
+    """mode='drop' on a token classifier: the distillation leaves out the tokens the sub pass dropped, as in Step."""
+    from conftest import tiny_token_model, token_labels
+
+    def build():
+        model = tiny_token_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return wrap_text(model, mode="drop").train()
+
+    class Tagger(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = build()
+            self.masksub = TrainingStep(torch.nn.CrossEntropyLoss(), log=False)
+
+        def training_step(self, batch, batch_idx):
+            torch.manual_seed(7)  # the sub pass's mask
+            return self.masksub(self, batch)
+
+        def on_before_optimizer_step(self, optimizer):
+            grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
+            self.grads = {n.removeprefix("model."): g for n, g in grads.items()}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    data = token_labels(text_batch(batch=4))
+    module = Tagger()
+    rows = [{k: v[i] for k, v in data.items()} for i in range(4)]
+    _trainer().fit(module, torch.utils.data.DataLoader(rows, batch_size=4))
+    reference = build()
+    step = masksub.Step(reference, torch.optim.SGD(reference.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())
+    torch.manual_seed(7)
+    step(data)
+    assert reference.sub_kept is not None and torch.equal(module.model.sub_kept, reference.sub_kept)
+    for n, p in reference.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(module.grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_misuse_gets_errors_that_say_what_to_do():
     step = TrainingStep(torch.nn.CrossEntropyLoss())
     with pytest.raises(RuntimeError, match="training_step of a LightningModule that a lightning Trainer"):

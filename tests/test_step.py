@@ -574,6 +574,39 @@ def test_token_level_distillation_leaves_out_ignored_tokens():
         loss.main_loss(main, target[:, :4, None])
 
 
+def test_distillation_leaves_out_the_places_a_sub_pass_did_not_predict():
+    """``kept`` (a token classifier's tokens that a dropping sub pass ran on): only those are distilled, together
+    with the target's ignore_index, for token-level and dense logits, soft targets, a sum and a sigmoid teacher; a
+    mask of the wrong shape, or one given for (B, C) logits, is an error naming the shape."""
+    g = torch.Generator().manual_seed(0)
+    main, sub = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g).requires_grad_()
+    target = torch.randint(0, 4, (3, 5), generator=g)
+    target[0, :2] = -100
+    kept = torch.rand(3, 5, generator=g) < 0.6
+    kept[0, 3] = True
+    per_token = -(F.softmax(main, -1) * F.log_softmax(sub, -1)).sum(-1)
+    loss = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss())
+    both = kept & (target != -100)
+    assert both.sum() < kept.sum() and both.sum() < (target != -100).sum()
+    torch.testing.assert_close(loss.sub_loss(sub, main, target, kept), per_token[both].mean())
+    loss.sub_loss(sub, main, target, kept).backward()
+    assert (sub.grad[~both] == 0).all() and (sub.grad[both] != 0).any(dim=-1).all()
+    torch.testing.assert_close(loss.sub_loss(sub, main, F.softmax(main, -1), kept), per_token[kept].mean())
+    summed = masksub.SubBranchLoss(torch.nn.CrossEntropyLoss(reduction="sum"))
+    torch.testing.assert_close(summed.sub_loss(sub, main, target, kept), per_token[both].sum())
+    sigmoid = masksub.SubBranchLoss(torch.nn.BCEWithLogitsLoss())
+    per_class = F.binary_cross_entropy_with_logits(sub, torch.sigmoid(main), reduction="none").mean(-1)
+    torch.testing.assert_close(sigmoid.sub_loss(sub, main, torch.rand(3, 5, 4), kept), per_class[kept].mean())
+    dense = torch.randn(2, 4, 3, 5, generator=g)
+    pixels = torch.rand(2, 3, 5, generator=g) < 0.5
+    per_pixel = -(F.softmax(dense, 1) * F.log_softmax(dense.flip(0), 1)).sum(1)
+    torch.testing.assert_close(loss.sub_loss(dense.flip(0), dense, None, pixels), per_pixel[pixels].mean())
+    with pytest.raises(ValueError, match=r"shape \(3, 5\) for logits \(3, 5, 4\), got \(3, 4\)"):
+        loss.sub_loss(sub, main, target, kept[:, :4])
+    with pytest.raises(ValueError, match=r"one per token or pixel: shape \(3,\) for logits \(3, 4\)"):
+        loss.sub_loss(sub[:, 0], main[:, 0], target[:, 0], kept[:, 0])
+
+
 def test_dense_logits_are_distilled_per_pixel_with_classes_in_dim_1():
     """(B, C, H, W) logits, as a segmentation model returns them and torch's cross_entropy reads them: the main loss
     is the criterion's own on the dense logits, the distillation a softmax over dim 1 per pixel, ignored pixels left

@@ -205,25 +205,28 @@ def test_step_on_a_text_batch_equals_the_summed_loss_by_hand():
             torch.testing.assert_close(summed[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("mode", ["token", "drop"])
 @pytest.mark.parametrize("memory_saving", [True, False])
-def test_step_on_a_token_classifier_equals_the_per_token_loss_by_hand(memory_saving):
-    """Token classification: both losses per token, tokens labelled -100 left out of both."""
+def test_step_on_a_token_classifier_equals_the_per_token_loss_by_hand(memory_saving, mode):
+    """Token classification: both losses per token, tokens labelled -100 left out of both; with mode='drop' the
+    distillation also leaves out the tokens the sub pass dropped (it has no prediction for them)."""
     batch = token_labels(text_batch(batch=4))
-    wrapped = wrap_text(tiny_token_model()).train()
+    wrapped = wrap_text(tiny_token_model(), mode=mode).train()
     step = masksub.Step(
         wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(), memory_saving=memory_saving
     )
     torch.manual_seed(10)
     out = step(batch)
     assert out["logits"].shape == (4, 20, 3)
-    ref = wrap_text(tiny_token_model()).train()
+    ref = wrap_text(tiny_token_model(), mode=mode).train()
     torch.manual_seed(10)
     main = ref(**inputs(batch)).logits
     sub = ref(**inputs(batch), sub=True).logits
-    labels, kept = batch["labels"], batch["labels"] != -100
-    assert 0 < kept.sum() < kept.numel()
+    labels, labelled = batch["labels"], batch["labels"] != -100
+    distilled = labelled if mode == "token" else labelled & ref.sub_kept
+    assert 0 < distilled.sum() < labelled.sum() < labelled.numel() if mode == "drop" else ref.sub_kept is None
     per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
-    loss = 0.5 * F.cross_entropy(main[kept], labels[kept]) + 0.5 * per_token[kept].mean()
+    loss = 0.5 * F.cross_entropy(main[labelled], labels[labelled]) + 0.5 * per_token[distilled].mean()
     loss.backward()
     for n, p in ref.named_parameters():
         if p.grad is not None:
@@ -593,8 +596,10 @@ def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
         with pytest.raises(ValueError, match=f"mode='drop' on DebertaV2ForSequenceClassification: .* {setting}"):
             wrap_text(deberta, mode="drop")
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in deberta.modules())
-    with pytest.raises(ValueError, match="BertForTokenClassification is not one"):
-        wrap_text(tiny_token_model(), mode="drop")
+    config = transformers.BertConfig(**SMALL, max_position_embeddings=64)
+    for head in (transformers.BertForQuestionAnswering, transformers.BertForMaskedLM):  # spans; every token's word
+        with pytest.raises(ValueError, match=f"needs a sequence or token classifier .* {head.__name__} is not one"):
+            wrap_text(head(config), mode="drop")
     for family in ("bert", "deberta-v3", "mpnet"):
         plain = wrap_text(_drop_family(family), mode="drop").unwrap()
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
@@ -684,6 +689,74 @@ def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert torch.equal(wrapped(**batch).logits, model(**batch).logits), "the main pass is the plain model's"
+
+
+def _as_token_classifier(model: torch.nn.Module) -> torch.nn.Module:
+    """The token classifier of ``model``'s configuration (3 labels per token), without dropout, in ``model``'s
+    mode; the test skips where transformers has none for that model type."""
+    import transformers
+
+    if type(model.config) not in transformers.AutoModelForTokenClassification._model_mapping:
+        pytest.skip(f"transformers {transformers.__version__} has no {model.config.model_type} token classifier")
+    torch.manual_seed(0)
+    token = transformers.AutoModelForTokenClassification.from_config(model.config)
+    for m in token.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return token.train(model.training)
+
+
+def _token_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny token classifier of ``family`` (a case of the BERT family's, RoPE encoders' or decoders' sequence
+    classifier tests) and a batch for it: the decoders' without special tokens, padded on the right."""
+    if family in masksub.adapters.text.DROP_DECODERS:
+        return _as_token_classifier(_decoder(family)), _decoder_batch(left=False)
+    if family == "modernbert":
+        return _as_token_classifier(_modernbert()), inputs(text_batch(batch=6, length=24))
+    if family in masksub.adapters.text.DROP_ROPE_ENCODERS:
+        return _as_token_classifier(_rope_encoder(family)), inputs(text_batch(batch=6, length=24))
+    return _as_token_classifier(_drop_family(family)), {**inputs(text_batch(6, 24)), **_extra_inputs(family, 6, 24)}
+
+
+def _with_token_classifier(kinds: tuple[str, ...]) -> list[str]:
+    """The model types among ``kinds`` that the installed transformers has a token classifier for."""
+    import transformers
+
+    have = {config.model_type for config in transformers.AutoModelForTokenClassification._model_mapping}
+    return [kind for kind in kinds if kind in have]
+
+
+TOKEN_DROP_CASES = [*DROP_FAMILIES, *masksub.adapters.text.DROP_ROPE_ENCODERS]
+TOKEN_DROP_CASES += _with_token_classifier(masksub.adapters.text.DROP_DECODERS)
+
+
+@pytest.mark.parametrize("family", TOKEN_DROP_CASES)
+def test_drop_mode_on_a_token_classifier_predicts_each_kept_token_as_hiding_the_others_does(family):
+    """A token classifier runs on the kept tokens only (the batch's longest kept count), and their logits go back
+    to their places: there, those of the whole sequence with the same tokens hidden by the attention mask; 0 at the
+    dropped tokens and the padding, which ``sub_kept`` leaves out. Masked as in the other modes: no token is kept
+    from masking for a head to read."""
+    model, batch = _token_case(family)
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    assert wrapped.branch.per_token and not wrapped.branch.reads_last
+    length = batch["input_ids"].shape[1]
+    lengths = []  # the sequence the transformer's layers get
+    if family in DROP_FAMILIES:  # the BERT family drops after its embeddings (this hook runs after the adapter's)
+        model.base_model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    got, expected, mask, input_lengths = dropped_and_hidden(wrapped, model, batch)
+    lengths = lengths or input_lengths
+    real, words = batch["attention_mask"].bool(), ~torch.isin(batch["input_ids"], torch.tensor(SPECIAL))
+    assert mask.sum(1).tolist() == masked_counts((real & words).sum(1), 0.5).tolist()
+    kept = wrapped.sub_kept
+    assert torch.equal(kept, real & ~mask)
+    assert lengths[0] == length - int(mask.sum(1).min()) < length
+    assert got.shape == expected.shape == (6, length, model.config.num_labels)
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)  # float32, 200 tokens
+    assert not got[~kept].any()
+    with torch.no_grad():
+        plain = model(**batch).logits
+        assert torch.equal(wrapped(**batch).logits, plain), "the main pass is the plain model's"
+    assert (expected[kept] - plain[kept]).abs().max() > 1e-3, "hiding the tokens moves the kept ones' logits"
 
 
 def test_drop_mode_is_refused_before_transformers_5(monkeypatch):

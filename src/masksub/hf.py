@@ -357,7 +357,8 @@ class MaskSubTrainer(transformers.Trainer):
             self._sub_hold.enter(branch)
         elif torch.is_grad_enabled():
             check_one_backward(branch, self.model, "MaskSubTrainer's summed loss (memory_saving=False)")
-        loss_sub = weights.sub_loss(logits_of(branch(model, **features)), main, labels)
+        sub = logits_of(branch(model, **features))
+        loss_sub = weights.sub_loss(sub, main, labels, getattr(branch, "kept", None))
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
         loss = weights.main_weight * loss_main + weights.sub_weight * loss_sub

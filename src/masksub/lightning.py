@@ -109,7 +109,7 @@ class TrainingStep(nn.Module):
             self._sub_hold.enter(model.branch)
         elif training:
             check_one_backward(model.branch, model.model, "TrainingStep's summed loss (memory_saving=False)")
-        loss_sub = self.loss.sub_loss(logits_of(forward(runner, x, sub=True)), main, target)
+        loss_sub = self.loss.sub_loss(logits_of(forward(runner, x, sub=True)), main, target, model.sub_kept)
         out = {
             "loss": self.loss.main_weight * loss_main + self.loss.sub_weight * loss_sub,
             "loss_main": loss_main.detach(),

@@ -187,11 +187,17 @@ class SubBranchLoss(nn.Module):
         return loss
 
     def sub_loss(
-        self, sub_logits: torch.Tensor, main_logits: torch.Tensor, target: torch.Tensor | None = None
+        self,
+        sub_logits: torch.Tensor,
+        main_logits: torch.Tensor,
+        target: torch.Tensor | None = None,
+        kept: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Unweighted distillation loss; ``main_logits`` are detached here. ``target`` only matters for
         token-level and dense logits: tokens (pixels) whose target is the criterion's ``ignore_index`` are left out,
-        and it tells where the classes are (``class_dim``)."""
+        and it tells where the classes are (``class_dim``). ``kept``: for token-level and dense logits, a bool
+        tensor of their shape without the classes, True where the sub pass predicted (a sub pass that dropped
+        tokens: the wrapper's ``sub_kept``); the others are left out too."""
         t = self.temperature
         dim = class_dim(sub_logits, target)
         sub, rows_target = as_rows(sub_logits.float() / t, target, dim)
@@ -201,19 +207,35 @@ class SubBranchLoss(nn.Module):
             per_row = per_class.sum(-1) if self.summed else per_class.mean(-1)
         else:
             per_row = torch.sum(-F.softmax(main, dim=-1) * F.log_softmax(sub, dim=-1), dim=-1)
+        weight = None  # which rows count: a weight, not a selection (static shapes)
         if sub_logits.ndim > 2 and rows_target is not None and rows_target.ndim == 1:
-            ignore = ignore_index_of(self.criterion)
-            kept = (rows_target != ignore).to(per_row.dtype)  # a weight, not a selection: static shapes
-            loss = (per_row * kept).sum()
-            loss = loss if self.summed else loss / kept.sum().clamp(min=1)
+            weight = rows_target != ignore_index_of(self.criterion)
+        if kept is not None:
+            places = sub_logits.movedim(dim, -1).shape[:-1]
+            if sub_logits.ndim <= 2 or kept.shape != places:
+                raise ValueError(
+                    f"kept marks the places a sub pass predicted, one per token or pixel: shape {tuple(places)} for "
+                    f"logits {tuple(sub_logits.shape)}, got {tuple(kept.shape)}"
+                )
+            weight = kept.reshape(-1) if weight is None else weight & kept.reshape(-1)
+        if weight is not None:
+            weight = weight.to(per_row.dtype)
+            loss = (per_row * weight).sum()
+            loss = loss if self.summed else loss / weight.sum().clamp(min=1)
         else:
             loss = per_row.sum() if self.summed else per_row.mean()
         return loss * (t * t)
 
-    def forward(self, main_logits: torch.Tensor, sub_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        main_logits: torch.Tensor,
+        sub_logits: torch.Tensor,
+        target: torch.Tensor,
+        kept: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Weighted sum of both terms, for a single backward."""
         main = self.main_weight * self.main_loss(main_logits, target)
-        return main + self.sub_weight * self.sub_loss(sub_logits, main_logits, target)
+        return main + self.sub_weight * self.sub_loss(sub_logits, main_logits, target, kept)
 
     def extra_repr(self) -> str:
         w = f"main_weight={self.main_weight}, sub_weight={self.sub_weight}"

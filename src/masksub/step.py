@@ -373,7 +373,8 @@ class Step:
                 self._backward(w_main * loss_main)  # frees the main graph
             with synced(), self._sub_model.sub_pass():  # drop rates held for checkpointed recomputation
                 with self._autocast():
-                    loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main, target)
+                    sub = logits_of(self._forward(x, sub=True))
+                    loss_sub = self.loss.sub_loss(sub, main, target, self._sub_model.sub_kept)
                 self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
         else:
             check_one_backward(self._sub_model.branch, self._sub_model.model, "Step(memory_saving=False)")
@@ -385,7 +386,8 @@ class Step:
                     main = logits_of(self._forward(x))
                 loss_main = self.loss.main_loss(main, target)
                 with synced():  # DDP decides at the forward whether the backward all-reduces
-                    loss_sub = self.loss.sub_loss(logits_of(self._forward(x, sub=True)), main, target)
+                    sub = logits_of(self._forward(x, sub=True))
+                loss_sub = self.loss.sub_loss(sub, main, target, self._sub_model.sub_kept)
             with synced():
                 self._backward(w_main * loss_main + w_sub * loss_sub)
 

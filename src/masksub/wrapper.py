@@ -61,6 +61,13 @@ class SubBranchModel(nn.Module):
         return self.branch.name if self.branch.name in SUB_KINDS else "mask"
 
     @property
+    def sub_kept(self) -> torch.Tensor | None:
+        """After a sub pass that dropped tokens of a token classifier (the text adapter's ``mode="drop"``): a
+        (batch, length) bool tensor, True at the tokens it predicted; its logits are 0 at the others, which the
+        distillation leaves out (``SubBranchLoss.sub_loss(..., kept=)``). None after any other sub pass."""
+        return getattr(self.branch, "kept", None)
+
+    @property
     def ratio(self) -> float:
         """The sub branch's mask ratio (MaskSub) or drop rate (DropSub, PathSub).
 

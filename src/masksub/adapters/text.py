@@ -28,7 +28,9 @@ tokens, chosen at random.
   and with tokens dropped a window of tokens spans more positions: its sliding-window layers get a window mask
   built from the kept tokens' positions (SDPA and eager attention read it; under a kernel that takes none, flash
   attention, a batch longer than the window hides its masked tokens instead, at the main pass's cost, warned
-  once). Others are refused.
+  once). Their token classifiers (``DROP_HEADS``) run on the kept tokens the same way, no token being held back for
+  a head to read: the kept tokens' logits go back to their places, (B, L, C), 0 at the others, and ``kept`` (the
+  wrapper's ``sub_kept``) marks those places, which alone the distillation reads. Other heads are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
@@ -38,7 +40,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -75,6 +77,9 @@ MASK_POSITION_DECODERS = ("opt", "bloom")
 # mask: they get the kept token ids with their position ids, their sliding-window layers a mask by those positions
 DROP_ROPE_ENCODERS = ("modernbert", "eurobert", "ultrabert", "nomic_bert", "gte", "jina_embeddings_v3", "esmc")
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
+# the heads mode "drop" takes: one prediction per sequence (from the token a classifier reads), or one per token (the
+# kept tokens' predictions go back to their places, and the loss leaves the dropped ones out: ``kept``)
+DROP_HEADS = ("ForSequenceClassification", "ForTokenClassification")
 
 
 def _layer_types(config) -> list[str] | None:
@@ -171,7 +176,7 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
     """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder or ModernBERT
     classifier it takes, or an error naming the ones it does."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    classifier = type(model).__name__.endswith(DROP_HEADS)
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
     by_ids, bert = kind in DROP_DECODERS + DROP_ROPE_ENCODERS, kind in DROP_MODELS and embeddings is not None
     takes = classifier and (by_ids or bert)
@@ -186,11 +191,10 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
-            f"mode='drop' shortens the sequence, which needs a sequence classifier of {', '.join(DROP_MODELS)} "
-            f"(absolute positions, pooled from the first token), of {', '.join(DROP_ROPE_ENCODERS)} (RoPE) or of "
-            f"{', '.join(DROP_DECODERS)} (causal "
-            f"attention over position ids, pooled from the last token); {type(model).__name__} is not one: use "
-            "mode='attention' (the same masking, at the main pass's cost) or mode='token'"
+            f"mode='drop' shortens the sequence, which needs a sequence or token classifier of "
+            f"{', '.join(DROP_MODELS)} (absolute positions), of {', '.join(DROP_ROPE_ENCODERS)} (RoPE) or of "
+            f"{', '.join(DROP_DECODERS)} (causal attention over position ids); {type(model).__name__} is not one: "
+            "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
 
@@ -248,6 +252,9 @@ class TokenMaskAdapter(MaskAdapter):
         self._position_handle = None  # the hook giving position ids to a transformer its classifier gives none
         self._by_mask = False  # a decoder whose positions count the attention mask's real tokens
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
+        self._causal = True  # mode "drop": a decoder's window looks back, a RoPE encoder's (ModernBERT's) both ways
+        self.per_token = False  # mode "drop" on a token classifier: its logits go back to their tokens' places
+        self.kept: torch.Tensor | None = None  # (B, L) bool after such a sub pass: the tokens it predicted
         self._ids = False  # mode "drop" on the kept token ids with their position ids (decoders, ModernBERT)
         self._positions: torch.Tensor | None = None  # (B, K) and (B, K) bool: the kept tokens' positions and which
         self._valid: torch.Tensor | None = None  # of them are not fillers, for the sliding windows' masks
@@ -258,10 +265,12 @@ class TokenMaskAdapter(MaskAdapter):
         self._image_blocks = False  # a multimodal classifier whose token_type_ids mark images attending both ways
         if mode == "drop":
             embeddings = _drop_embeddings(model)
+            self.per_token = type(model).__name__.endswith("ForTokenClassification")
             if embeddings is None:
                 self._ids = True
                 self._text_config = model.config.get_text_config()  # its padding id, read at each pass
-                self.reads_last = model.config.model_type not in DROP_ROPE_ENCODERS
+                self._causal = model.config.model_type not in DROP_ROPE_ENCODERS
+                self.reads_last = self._causal and not self.per_token
                 self._by_mask = self._text_config.model_type in MASK_POSITION_DECODERS
                 self._image_blocks = self._text_config is not _classifier(model).config
                 target = None if self._by_mask else _position_ids_target(model)
@@ -329,6 +338,7 @@ class TokenMaskAdapter(MaskAdapter):
                 f"{tuple(input_ids.shape)}, got shape {tuple(attention_mask.shape)}: custom 3-D or 4-D attention "
                 "masks (packed sequences) are not supported; pass the 2-D padding mask, or use sub='dropout'"
             )
+        self.kept = None
         mask = self.token_mask(input_ids, attention_mask, kwargs.get("token_type_ids"))
         if self.mode == "drop" and not (self._ids and self._beyond_window(model, input_ids.shape[1])):
             return self._run_kept(model, args, kwargs, input_ids, attention_mask, mask)
@@ -375,7 +385,7 @@ class TokenMaskAdapter(MaskAdapter):
     def _build_window_mask(self, given: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         positions, window = self._positions, sliding_window(self._text_config)
         distance = positions[:, :, None] - positions[:, None, :]  # (B, K, K): query's position minus key's
-        if not self.reads_last:  # ModernBERT's window: either side
+        if not self._causal:  # ModernBERT's window: either side
             near = distance.abs() <= window
         elif self._blocks is None:
             near = (distance >= 0) & (distance < window)
@@ -425,14 +435,30 @@ class TokenMaskAdapter(MaskAdapter):
                     kwargs["position_ids"] = positions
             self._positions, self._valid = positions, valid
             try:
-                return model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
+                output = model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
             finally:
                 self._positions = self._valid = self._blocks = self._window_cache = None
-        self._keep, self._full_mask = keep, attention_mask.masked_fill(mask, 0)
-        try:
-            return self.run_with_hooks_active(model, *args, **kwargs)
-        finally:
-            self._keep = self._full_mask = self._bias = None
+        else:
+            self._keep, self._full_mask = keep, attention_mask.masked_fill(mask, 0)
+            try:
+                output = self.run_with_hooks_active(model, *args, **kwargs)
+            finally:
+                self._keep = self._full_mask = self._bias = None
+        return self._in_place(output, keep, valid, length) if self.per_token else output
+
+    def _in_place(self, output, keep: torch.Tensor, valid: torch.Tensor, length: int):
+        """A token classifier's output with its logits (B, K, C) of the kept tokens put back at their places,
+        (B, L, C), 0 elsewhere; ``kept`` marks those places (not the fillers), for the loss to leave the rest out.
+        Other outputs (hidden states, attentions) stay those of the kept tokens."""
+        logits = output["logits"] if isinstance(output, Mapping) else output[0]
+        index = keep.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+        placed = logits.new_zeros(len(logits), length, logits.shape[-1])
+        placed = placed.scatter(1, index, logits * valid.unsqueeze(-1).to(logits.dtype))
+        self.kept = torch.zeros(keep.shape[0], length, dtype=torch.bool, device=keep.device).scatter(1, keep, valid)
+        if isinstance(output, Mapping):
+            output["logits"] = placed
+            return output
+        return (placed, *output[1:])
 
     def _relative_hooks(self, model: nn.Module) -> list:
         """Hooks giving DeBERTa-v2's encoder or MPNet's layers the kept tokens' relative positions (sub pass only);
