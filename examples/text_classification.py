@@ -15,8 +15,9 @@ mask`` each training batch also runs a sub branch that sees ``--ratio`` of every
 replaced by the mask token (``--mode token``), hidden by the attention mask (``--mode attention``,
 for tokenizers without a mask token) or dropped from the sequence (``--mode drop``: the sub pass
 costs about ``1 - ratio`` of the main pass) and learns the main branch's prediction (per token for
-``--task token``). A decoder's tokenizer without a padding token pads with its end token, and the
-model's config gets that padding id, so its classifier finds each text's last token:
+``--task token``; with ``--mode drop``, per kept token). A decoder's tokenizer without a padding token
+pads with its end token, and the model's config gets that padding id, so its classifier finds each
+text's last token:
 
     python examples/text_classification.py --model Qwen/Qwen2.5-0.5B --mode drop --train ... --valid ...
 """

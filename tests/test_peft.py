@@ -199,3 +199,24 @@ def test_drop_mode_on_a_lora_encoder_classifier_drops_after_the_base_models_embe
         expected = peft(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
     assert lengths == [24 - int(mask.sum(1).min()), 24]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["deberta-v3", "llama"])
+def test_drop_mode_on_a_lora_token_classifier_tags_the_kept_tokens(family):
+    """LoRA on a token classifier (TOKEN_CLS): the PEFT wrapper is a token classifier too, so the kept tokens' logits
+    go back to their places, those of the same tokens hidden by the attention mask, and the sub_kept mask marks them."""
+    from conftest import text_batch, wrap_text
+    from test_text import _as_token_classifier, _decoder, _decoder_batch, _drop_family, dropped_and_hidden
+
+    if family == "llama":
+        model, batch, targets = _as_token_classifier(_decoder("llama")), _decoder_batch(left=True), ["q_proj", "v_proj"]
+    else:
+        batch = {k: v for k, v in text_batch(batch=6, length=24).items() if k != "labels"}
+        model, targets = _as_token_classifier(_drop_family(family)), ["query_proj", "value_proj"]
+    peft = _lora(model, targets, task_type="TOKEN_CLS")
+    wrapped = wrap_text(peft, mode="drop", ratio=0.5)
+    assert wrapped.branch.per_token
+    got, expected, mask, _ = dropped_and_hidden(wrapped, peft, batch)
+    kept = wrapped.sub_kept
+    assert torch.equal(kept, batch["attention_mask"].bool() & ~mask) and not got[~kept].any()
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)

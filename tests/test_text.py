@@ -722,8 +722,8 @@ def _with_token_classifier(kinds: tuple[str, ...]) -> list[str]:
     """The model types among ``kinds`` that the installed transformers has a token classifier for."""
     import transformers
 
-    have = {config.model_type for config in transformers.AutoModelForTokenClassification._model_mapping}
-    return [kind for kind in kinds if kind in have]
+    have = set(transformers.AutoModelForTokenClassification._model_mapping)  # configuration classes
+    return [k for k in kinds if k in transformers.CONFIG_MAPPING and type(transformers.AutoConfig.for_model(k)) in have]
 
 
 TOKEN_DROP_CASES = [*DROP_FAMILIES, *masksub.adapters.text.DROP_ROPE_ENCODERS]
