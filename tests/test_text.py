@@ -726,7 +726,7 @@ def _with_token_classifier(kinds: tuple[str, ...]) -> list[str]:
     return [k for k in kinds if k in transformers.CONFIG_MAPPING and type(transformers.AutoConfig.for_model(k)) in have]
 
 
-TOKEN_DROP_CASES = [*DROP_FAMILIES, *masksub.adapters.text.DROP_ROPE_ENCODERS]
+TOKEN_DROP_CASES = [*DROP_FAMILIES, "modernbert", *dict(ROPE_ENCODER_CASES)]  # the multimodal and XLM: below
 TOKEN_DROP_CASES += _with_token_classifier(masksub.adapters.text.DROP_DECODERS)
 
 
@@ -757,6 +757,95 @@ def test_drop_mode_on_a_token_classifier_predicts_each_kept_token_as_hiding_the_
         plain = model(**batch).logits
         assert torch.equal(wrapped(**batch).logits, plain), "the main pass is the plain model's"
     assert (expected[kept] - plain[kept]).abs().max() > 1e-3, "hiding the tokens moves the kept ones' logits"
+
+
+def _xlm(kind: str, head: str, **overrides) -> torch.nn.Module:
+    """A tiny XLM or FlauBERT classifier (3 labels; two languages, embedded per token), in eval mode."""
+    import transformers
+
+    config = _for_model(kind, vocab_size=64, emb_dim=32, n_layers=2, n_heads=2, n_langs=2, use_lang_emb=True)
+    config.update(dict(max_position_embeddings=64, pad_index=PAD, pad_token_id=PAD, num_labels=3, **overrides))
+    config.update(dict(init_std=0.2, embed_init_std=0.2))  # hiding tokens moves the logits far beyond the tolerance
+    auto = (
+        transformers.AutoModelForTokenClassification
+        if head == "token"
+        else transformers.AutoModelForSequenceClassification
+    )
+    torch.manual_seed(0)
+    return auto.from_config(config).eval()
+
+
+@pytest.mark.parametrize("head", ["sequence", "token"])
+@pytest.mark.parametrize("kind", ["xlm", "flaubert"])
+def test_drop_mode_on_xlm_keeps_each_tokens_position_and_language(kind, head):
+    """XLM and FlauBERT get the kept token ids with their position ids and language ids (``langs``), and their
+    ``lengths`` from the kept tokens: the logits of hiding the same tokens, read from the first token or per token."""
+    model = _xlm(kind, head)
+    wrapped = wrap_text(model, mode="drop")
+    batch = inputs(text_batch(batch=6, length=24))
+    batch["langs"] = (torch.arange(24) >= 12).long().repeat(6, 1)  # two languages in each sample
+    batch["lengths"] = batch["attention_mask"].sum(1)
+    got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
+    kept = wrapped.sub_kept if head == "token" else torch.ones(6, dtype=torch.bool)
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        languages_matter = model(**{**batch, "langs": 1 - batch["langs"]}).logits
+        assert (languages_matter - model(**batch).logits).abs().max() > 1e-2, "the language ids reach the logits"
+        assert (expected[kept] - model(**batch).logits[kept]).abs().max() > 1e-2, "hiding moved the logits"
+
+
+def test_drop_mode_refuses_a_causal_xlm_and_a_summary_over_other_tokens():
+    for overrides, what in (({"causal": True}, "is causal"), ({"summary_type": "mean"}, "summary_type='mean'")):
+        model = _xlm("xlm", "sequence", **overrides)
+        with pytest.raises(ValueError, match=f"mode='drop' on XLMForSequenceClassification: .*{what}"):
+            wrap_text(model, mode="drop")
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    wrap_text(_xlm("xlm", "token", summary_type="mean"), mode="drop").unwrap()  # a token head reads every token
+
+
+def _vision_encoder(kind: str, head: str, pooling: str = "cls") -> torch.nn.Module:
+    """A tiny ModernVBERT or UltraVBERT classifier (3 labels): a 32-pixel image as 4 tokens (id 60), a text
+    model with a global layer and two local ones whose window (8 tokens) is shorter than the batch; in eval mode."""
+    import transformers
+
+    config = _for_model(kind)
+    text = dict(SMALL, head_dim=16, num_key_value_heads=2, num_hidden_layers=3, local_attention=8, pad_token_id=PAD)
+    config.text_config.update({k: v for k, v in text.items() if hasattr(config.text_config, k)})
+    config.text_config.update(dict(global_attn_every_n_layers=3, initializer_range=0.2))
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8)
+    config.vision_config.update(dict(vision, image_size=32))
+    config.update(dict(pixel_shuffle_factor=2, image_token_id=60, initializer_range=0.2, num_labels=3))
+    config.classifier_pooling = pooling
+    auto = (
+        transformers.AutoModelForTokenClassification
+        if head == "token"
+        else transformers.AutoModelForSequenceClassification
+    )
+    torch.manual_seed(0)
+    return auto.from_config(config).eval()
+
+
+@pytest.mark.parametrize("head,pooling", [("sequence", "cls"), ("sequence", "mean"), ("token", None)])
+@pytest.mark.parametrize("kind", ["modernvbert", "ultravbert"])
+def test_drop_mode_on_an_image_and_text_encoder_keeps_its_image_tokens(kind, head, pooling):
+    """ModernVBERT and UltraVBERT (ModernBERT's and Ultrabert's classifiers of images with text): the image's
+    placeholders are never masked and take its features in their places, the words around them drop, and the local
+    layers get their windows by position: the logits of hiding the same words."""
+    model = _vision_encoder(kind, head, pooling or "cls")
+    wrapped = wrap_text(model, mode="drop")
+    assert len(wrapped.branch._window_handles) == 2 and not wrapped.branch._image_blocks
+    batch = inputs(text_batch(batch=4, length=24))
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["input_ids"] == 60, 59)
+    batch["input_ids"][:, 3:7] = 60  # the image's 4 tokens
+    batch["pixel_values"] = torch.randn(4, 1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert not mask[:, 3:7].any() and lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
+    kept = wrapped.sub_kept if head == "token" else torch.ones(4, dtype=torch.bool)
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        other_image = model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}).logits
+        assert (other_image - model(**batch).logits).abs().max() > 1e-3, "the image reaches the logits"
 
 
 def test_drop_mode_is_refused_before_transformers_5(monkeypatch):

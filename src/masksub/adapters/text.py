@@ -23,14 +23,16 @@ tokens, chosen at random.
   them on; OPT and BLOOM, whose positions count the attention mask's tokens, the kept attention mask alone), and
   the token they read (the last one that is not padding) is never masked; in Gemma 3's batches with images (whose
   tokens attend each other both ways) the word before an image neither. The sequence classifiers of RoPE encoders
-  (``DROP_ROPE_ENCODERS``: ModernBERT, EuroBERT, NomicBERT, GTE...; pooled from the first token or a mean over the
-  attention mask) get the kept token ids with their own position ids too. A model's sliding window counts tokens,
-  and with tokens dropped a window of tokens spans more positions: its sliding-window layers get a window mask
-  built from the kept tokens' positions (SDPA and eager attention read it; under a kernel that takes none, flash
-  attention, a batch longer than the window hides its masked tokens instead, at the main pass's cost, warned
-  once). Their token classifiers (``DROP_HEADS``) run on the kept tokens the same way, no token being held back for
-  a head to read: the kept tokens' logits go back to their places, (B, L, C), 0 at the others, and ``kept`` (the
-  wrapper's ``sub_kept``) marks those places, which alone the distillation reads. Other heads are refused.
+  (``DROP_ROPE_ENCODERS``: ModernBERT, EuroBERT, NomicBERT, GTE..., and ModernVBERT's image and text classifiers;
+  pooled from the first token or a mean over the attention mask) get the kept token ids with their own position ids
+  too, and so do XLM's and FlauBERT's (``DROP_POSITION_ENCODERS``), with their language ids. A model's sliding
+  window counts tokens, and with tokens dropped a window of tokens spans more positions: its sliding-window layers
+  get a window mask built from the kept tokens' positions (SDPA and eager attention read it; under a kernel that
+  takes none, flash attention, a batch longer than the window hides its masked tokens instead, at the main pass's
+  cost, warned once). Their token classifiers (``DROP_HEADS``) run on the kept tokens the same way, no token
+  being held back for a head to read: the kept tokens' logits go back to their places, (B, L, C), 0 at the others,
+  and ``kept`` (the wrapper's ``sub_kept``) marks those places, which alone the distillation reads. Other heads
+  are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 """
@@ -76,6 +78,11 @@ MASK_POSITION_DECODERS = ("opt", "bloom")
 # encoder sequence classifiers that rotate by position ids and read the first token or a mean over the attention
 # mask: they get the kept token ids with their position ids, their sliding-window layers a mask by those positions
 DROP_ROPE_ENCODERS = ("modernbert", "eurobert", "ultrabert", "nomic_bert", "gte", "jina_embeddings_v3", "esmc")
+DROP_ROPE_ENCODERS += ("modernvbert", "ultravbert")  # ModernBERT's and Ultrabert's classifiers of images and text
+# encoder classifiers that embed absolute positions by position ids and read the first token (XLM's and FlauBERT's
+# sequence summary "first"): the kept token ids with their position ids and language ids
+DROP_POSITION_ENCODERS = ("xlm", "flaubert")
+DROP_ID_ENCODERS = DROP_ROPE_ENCODERS + DROP_POSITION_ENCODERS  # bidirectional: no token is held back
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
 # the heads mode "drop" takes: one prediction per sequence (from the token a classifier reads), or one per token (the
 # kept tokens' predictions go back to their places, and the loss leaves the dropped ones out: ``kept``)
@@ -178,7 +185,7 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
     kind = getattr(getattr(model, "config", None), "model_type", None)
     classifier = type(model).__name__.endswith(DROP_HEADS)
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
-    by_ids, bert = kind in DROP_DECODERS + DROP_ROPE_ENCODERS, kind in DROP_MODELS and embeddings is not None
+    by_ids, bert = kind in DROP_DECODERS + DROP_ID_ENCODERS, kind in DROP_MODELS and embeddings is not None
     takes = classifier and (by_ids or bert)
     if takes and (version := transformers_version()) < (5,):
         raise ValueError(
@@ -187,16 +194,38 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
             f"fails), and this is {'.'.join(map(str, version))}: upgrade transformers, or use mode='attention' (the "
             "same masking, at the main pass's cost)"
         )
-    if classifier and kind in DROP_DECODERS + DROP_ROPE_ENCODERS:
+    if classifier and kind in DROP_POSITION_ENCODERS:
+        _check_xlm(model)
+    if classifier and kind in DROP_DECODERS + DROP_ID_ENCODERS:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
             f"mode='drop' shortens the sequence, which needs a sequence or token classifier of "
-            f"{', '.join(DROP_MODELS)} (absolute positions), of {', '.join(DROP_ROPE_ENCODERS)} (RoPE) or of "
+            f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
+            f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE) or of "
             f"{', '.join(DROP_DECODERS)} (causal attention over position ids); {type(model).__name__} is not one: "
             "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
+
+
+def _check_xlm(model: nn.Module) -> None:
+    """XLM's and FlauBERT's classifiers that ``mode="drop"`` computes alike with: bidirectional (a causal one attends
+    by index and to the tokens the attention mask hides), their sequence summary read from the first token (the
+    last token, a mean over the padded length or attention over it would read other tokens once some are gone)."""
+    config = model.config
+    summary = None if type(model).__name__.endswith("ForTokenClassification") else config.summary_type
+    if config.causal or summary not in (None, "first"):
+        what = (
+            "is causal (its attention does not hide masked tokens)"
+            if config.causal
+            else (f"reads its sequence summary by summary_type={summary!r} (over positions the drop changes)")
+        )
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its configuration {what}; mode='drop' takes XLM and FlauBERT "
+            "classifiers that are not causal and read the first token (summary_type='first', the default): use "
+            "mode='attention' or mode='token'"
+        )
 
 
 @register_adapter("text", priority=25, description="Hugging Face text models (main input input_ids): mask tokens")
@@ -269,10 +298,11 @@ class TokenMaskAdapter(MaskAdapter):
             if embeddings is None:
                 self._ids = True
                 self._text_config = model.config.get_text_config()  # its padding id, read at each pass
-                self._causal = model.config.model_type not in DROP_ROPE_ENCODERS
+                self._causal = model.config.model_type not in DROP_ID_ENCODERS
                 self.reads_last = self._causal and not self.per_token
                 self._by_mask = self._text_config.model_type in MASK_POSITION_DECODERS
-                self._image_blocks = self._text_config is not _classifier(model).config
+                # a decoder's images, attending each other both ways (Gemma 3's); an encoder's do anyway
+                self._image_blocks = self._causal and self._text_config is not _classifier(model).config
                 target = None if self._by_mask else _position_ids_target(model)
                 if target is not None:  # the kept tokens' position ids reach its transformer by a hook
                     self._position_handle = target.register_forward_pre_hook(self._position_ids, with_kwargs=True)
@@ -417,6 +447,10 @@ class TokenMaskAdapter(MaskAdapter):
         valid = (attention_mask.bool() & ~mask).gather(1, keep)
         kwargs = {**kwargs, "attention_mask": valid.to(attention_mask.dtype)}
         if self._ids:
+            if kwargs.get("langs") is not None:  # XLM's and FlauBERT's language of each token
+                kwargs["langs"] = kwargs["langs"].expand_as(input_ids).gather(1, keep)
+            if kwargs.get("lengths") is not None:  # XLM's and FlauBERT's real lengths, which the mask says
+                kwargs["lengths"] = valid.sum(1)
             if kwargs.get("token_type_ids") is not None:  # GPT-2's segments, Gemma 3's images: each keeps its own
                 kwargs["token_type_ids"] = types = kwargs["token_type_ids"].expand_as(input_ids).gather(1, keep)
                 if self._image_blocks:  # numbered as the model numbers them: images do not meet, the mask saw to it
