@@ -607,6 +607,21 @@ def test_distillation_leaves_out_the_places_a_sub_pass_did_not_predict():
         loss.sub_loss(sub[:, 0], main[:, 0], target[:, 0], kept[:, 0])
 
 
+def test_a_loss_subclass_whose_sub_loss_takes_no_kept_still_trains():
+    """A SubBranchLoss subclass of a user's, its sub_loss written with (sub, main, target) only, is called so
+    wherever no sub pass drops places (every image adapter): Step, for one, trains with it."""
+
+    class Halved(masksub.SubBranchLoss):
+        def sub_loss(self, sub_logits, main_logits, target=None):
+            return 0.5 * super().sub_loss(sub_logits, main_logits, target)
+
+    wrapped = masksub.wrap(tiny_model("vit"), sub="mask", ratio=0.5).train()
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), Halved(torch.nn.CrossEntropyLoss()))
+    torch.manual_seed(0)
+    out = step(tiny_images("vit", batch=4), torch.arange(4))
+    assert out["updated"] and torch.isfinite(out["loss_sub"])
+
+
 def test_dense_logits_are_distilled_per_pixel_with_classes_in_dim_1():
     """(B, C, H, W) logits, as a segmentation model returns them and torch's cross_entropy reads them: the main loss
     is the criterion's own on the dense logits, the distillation a softmax over dim 1 per pixel, ignored pixels left

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import transformers
 
 from .adapters import resolve_adapter
-from .loss import IGNORE_INDEX, SubBranchLoss, as_rows
+from .loss import IGNORE_INDEX, SubBranchLoss, as_rows, distill
 from .step import logits_of
 from .wrapper import SubPassHold, check_one_backward, wrap
 
@@ -358,7 +358,7 @@ class MaskSubTrainer(transformers.Trainer):
         elif torch.is_grad_enabled():
             check_one_backward(branch, self.model, "MaskSubTrainer's summed loss (memory_saving=False)")
         sub = logits_of(branch(model, **features))
-        loss_sub = weights.sub_loss(sub, main, labels, getattr(branch, "kept", None))
+        loss_sub = distill(weights, sub, main, labels, getattr(branch, "kept", None))
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
         loss = weights.main_weight * loss_main + weights.sub_weight * loss_sub

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .loss import SubBranchLoss
+from .loss import SubBranchLoss, distill
 from .step import forward, logits_of, split_labels
 from .wrapper import SubBranchModel, SubPassHold, check_one_backward
 
@@ -109,7 +109,7 @@ class TrainingStep(nn.Module):
             self._sub_hold.enter(model.branch)
         elif training:
             check_one_backward(model.branch, model.model, "TrainingStep's summed loss (memory_saving=False)")
-        loss_sub = self.loss.sub_loss(logits_of(forward(runner, x, sub=True)), main, target, model.sub_kept)
+        loss_sub = distill(self.loss, logits_of(forward(runner, x, sub=True)), main, target, model.sub_kept)
         out = {
             "loss": self.loss.main_weight * loss_main + self.loss.sub_weight * loss_sub,
             "loss_main": loss_main.detach(),

@@ -137,6 +137,20 @@ def reduction_of(criterion: Callable) -> str:
     return reduction if isinstance(reduction, str) else "mean"
 
 
+def distill(
+    loss: SubBranchLoss,
+    sub_logits: torch.Tensor,
+    main_logits: torch.Tensor,
+    target: torch.Tensor | None,
+    kept: torch.Tensor | None,
+) -> torch.Tensor:
+    """``loss.sub_loss``, given ``kept`` only where a sub pass left places out: a ``SubBranchLoss`` subclass whose
+    ``sub_loss`` takes no ``kept`` (written before it existed) works wherever no sub pass drops tokens."""
+    if kept is None:
+        return loss.sub_loss(sub_logits, main_logits, target)
+    return loss.sub_loss(sub_logits, main_logits, target, kept=kept)
+
+
 class SubBranchLoss(nn.Module):
     """Main-branch criterion plus the sub branch's distillation from the main logits.
 

@@ -26,7 +26,7 @@ from timm.utils import dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .loss import SubBranchLoss
+from .loss import SubBranchLoss, distill
 from .parallel import all_processes, clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
 from .prepared import inner_optimizer, sub_branch_model, wrapper_scaler
 from .wrapper import check_one_backward, wrapped_inside
@@ -374,7 +374,7 @@ class Step:
             with synced(), self._sub_model.sub_pass():  # drop rates held for checkpointed recomputation
                 with self._autocast():
                     sub = logits_of(self._forward(x, sub=True))
-                    loss_sub = self.loss.sub_loss(sub, main, target, self._sub_model.sub_kept)
+                    loss_sub = distill(self.loss, sub, main, target, self._sub_model.sub_kept)
                 self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
         else:
             check_one_backward(self._sub_model.branch, self._sub_model.model, "Step(memory_saving=False)")
@@ -387,7 +387,7 @@ class Step:
                 loss_main = self.loss.main_loss(main, target)
                 with synced():  # DDP decides at the forward whether the backward all-reduces
                     sub = logits_of(self._forward(x, sub=True))
-                loss_sub = self.loss.sub_loss(sub, main, target, self._sub_model.sub_kept)
+                loss_sub = distill(self.loss, sub, main, target, self._sub_model.sub_kept)
             with synced():
                 self._backward(w_main * loss_main + w_sub * loss_sub)
 
