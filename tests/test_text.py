@@ -759,20 +759,21 @@ def test_drop_mode_on_a_token_classifier_predicts_each_kept_token_as_hiding_the_
     assert (expected[kept] - plain[kept]).abs().max() > 1e-3, "hiding the tokens moves the kept ones' logits"
 
 
-def _xlm(kind: str, head: str, **overrides) -> torch.nn.Module:
-    """A tiny XLM or FlauBERT classifier (3 labels; two languages, embedded per token), in eval mode."""
+def _from_config(config, head: str) -> torch.nn.Module:
+    """The sequence or token classifier (``head``) of ``config``, drawn under seed 0, in eval mode."""
     import transformers
 
+    auto = transformers.AutoModelForTokenClassification if head == "token" else None
+    torch.manual_seed(0)
+    return (auto or transformers.AutoModelForSequenceClassification).from_config(config).eval()
+
+
+def _xlm(kind: str, head: str, **overrides) -> torch.nn.Module:
+    """A tiny XLM or FlauBERT classifier (3 labels; two languages, embedded per token), in eval mode."""
     config = _for_model(kind, vocab_size=64, emb_dim=32, n_layers=2, n_heads=2, n_langs=2, use_lang_emb=True)
     config.update(dict(max_position_embeddings=64, pad_index=PAD, pad_token_id=PAD, num_labels=3, **overrides))
     config.update(dict(init_std=0.2, embed_init_std=0.2))  # hiding tokens moves the logits far beyond the tolerance
-    auto = (
-        transformers.AutoModelForTokenClassification
-        if head == "token"
-        else transformers.AutoModelForSequenceClassification
-    )
-    torch.manual_seed(0)
-    return auto.from_config(config).eval()
+    return _from_config(config, head)
 
 
 @pytest.mark.parametrize("head", ["sequence", "token"])
@@ -807,8 +808,6 @@ def test_drop_mode_refuses_a_causal_xlm_and_a_summary_over_other_tokens():
 def _vision_encoder(kind: str, head: str, pooling: str = "cls") -> torch.nn.Module:
     """A tiny ModernVBERT or UltraVBERT classifier (3 labels): a 32-pixel image as 4 tokens (id 60), a text
     model with a global layer and two local ones whose window (8 tokens) is shorter than the batch; in eval mode."""
-    import transformers
-
     config = _for_model(kind)
     text = dict(SMALL, head_dim=16, num_key_value_heads=2, num_hidden_layers=3, local_attention=8, pad_token_id=PAD)
     config.text_config.update({k: v for k, v in text.items() if hasattr(config.text_config, k)})
@@ -817,13 +816,7 @@ def _vision_encoder(kind: str, head: str, pooling: str = "cls") -> torch.nn.Modu
     config.vision_config.update(dict(vision, image_size=32))
     config.update(dict(pixel_shuffle_factor=2, image_token_id=60, initializer_range=0.2, num_labels=3))
     config.classifier_pooling = pooling
-    auto = (
-        transformers.AutoModelForTokenClassification
-        if head == "token"
-        else transformers.AutoModelForSequenceClassification
-    )
-    torch.manual_seed(0)
-    return auto.from_config(config).eval()
+    return _from_config(config, head)
 
 
 @pytest.mark.parametrize("head,pooling", [("sequence", "cls"), ("sequence", "mean"), ("token", None)])
