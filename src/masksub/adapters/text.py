@@ -210,17 +210,15 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
 
 
 def _check_xlm(model: nn.Module) -> None:
-    """XLM's and FlauBERT's classifiers that ``mode="drop"`` computes alike with: bidirectional (a causal one attends
-    by index and to the tokens the attention mask hides), their sequence summary read from the first token (the
-    last token, a mean over the padded length or attention over it would read other tokens once some are gone)."""
+    """An error for an XLM or FlauBERT classifier on which dropping tokens would not compute what hiding them does:
+    a causal one (its attention masks by index, not by the attention mask) or a sequence summary read elsewhere
+    than from the first token (the last token, a mean over the padded length or attention over it)."""
     config = model.config
     summary = None if type(model).__name__.endswith("ForTokenClassification") else config.summary_type
     if config.causal or summary not in (None, "first"):
-        what = (
-            "is causal (its attention does not hide masked tokens)"
-            if config.causal
-            else (f"reads its sequence summary by summary_type={summary!r} (over positions the drop changes)")
-        )
+        what = f"reads its sequence summary by summary_type={summary!r} (over positions the drop changes)"
+        if config.causal:
+            what = "is causal (its attention does not hide masked tokens)"
         raise ValueError(
             f"mode='drop' on {type(model).__name__}: its configuration {what}; mode='drop' takes XLM and FlauBERT "
             "classifiers that are not causal and read the first token (summary_type='first', the default): use "
