@@ -723,7 +723,7 @@ def _with_token_classifier(kinds: tuple[str, ...]) -> list[str]:
     import transformers
 
     have = set(transformers.AutoModelForTokenClassification._model_mapping)  # configuration classes
-    return [k for k in kinds if k in transformers.CONFIG_MAPPING and type(transformers.AutoConfig.for_model(k)) in have]
+    return [k for k in kinds if k in transformers.CONFIG_MAPPING and transformers.CONFIG_MAPPING[k] in have]
 
 
 TOKEN_DROP_CASES = [*DROP_FAMILIES, "modernbert", *dict(ROPE_ENCODER_CASES)]  # the multimodal and XLM: below
