@@ -358,7 +358,7 @@ class MaskSubTrainer(transformers.Trainer):
         elif torch.is_grad_enabled():
             check_one_backward(branch, self.model, "MaskSubTrainer's summed loss (memory_saving=False)")
         sub = logits_of(branch(model, **features))
-        loss_sub = distill(weights, sub, main, labels, getattr(branch, "kept", None))
+        loss_sub = distill(weights, sub, main, labels, self._wrapped.sub_kept)
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
         loss = weights.main_weight * loss_main + weights.sub_weight * loss_sub

@@ -249,7 +249,7 @@ class SubBranchLoss(nn.Module):
     ) -> torch.Tensor:
         """Weighted sum of both terms, for a single backward."""
         main = self.main_weight * self.main_loss(main_logits, target)
-        return main + self.sub_weight * self.sub_loss(sub_logits, main_logits, target, kept)
+        return main + self.sub_weight * distill(self, sub_logits, main_logits, target, kept)
 
     def extra_repr(self) -> str:
         w = f"main_weight={self.main_weight}, sub_weight={self.sub_weight}"
