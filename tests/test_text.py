@@ -391,6 +391,8 @@ RELATIVE_CASES = {  # case: model type and configuration, of the classifiers who
     "deberta-c2p": ("deberta-v2", dict(DEBERTA_V3, pos_att_type=["c2p"])),
     "deberta-absolute": ("deberta-v2", dict(relative_attention=False)),  # its default configuration: no relative
     "mpnet": ("mpnet", {}),
+    "roformer": ("roformer", dict(embedding_size=16)),  # rotary queries and keys; embeddings mapped to the width
+    "roformer-value": ("roformer", dict(rotary_value=True)),  # values turned too
 }
 
 
@@ -600,7 +602,7 @@ def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
     for head in (transformers.BertForQuestionAnswering, transformers.BertForMaskedLM):  # spans; every token's word
         with pytest.raises(ValueError, match=f"needs a sequence or token classifier .* {head.__name__} is not one"):
             wrap_text(head(config), mode="drop")
-    for family in ("bert", "deberta-v3", "mpnet"):
+    for family in ("bert", "deberta-v3", "mpnet", "roformer"):
         plain = wrap_text(_drop_family(family), mode="drop").unwrap()
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
 
@@ -945,16 +947,16 @@ def test_drop_mode_under_a_kernel_that_takes_no_mask_hides_the_tokens_of_batches
     assert lengths[0] < 20
 
 
-@pytest.mark.parametrize("kind", ["modernbert", "mistral", "deberta-v3"])
+@pytest.mark.parametrize("kind", ["modernbert", "mistral", "deberta-v3", "roformer"])
 def test_drop_mode_window_masks_hold_under_gradient_checkpointing(kind):
     """The layers recomputed in the backward get the window mask (or relative positions) the forward gave them:
     gradient checkpointing changes no gradient of a step (ModernBERT's local layers, Mistral's with a window shorter
-    than the batch, DeBERTa v3's relative positions)."""
+    than the batch, DeBERTa v3's relative positions, RoFormer's rotary table)."""
 
     def grads(checkpointing: bool) -> dict:
         builders = {"modernbert": _modernbert, "mistral": lambda: _decoder("mistral")}
         model = builders.get(kind, lambda: _drop_family(kind))()
-        if kind != "deberta-v3":
+        if kind in builders:
             model.config.sliding_window = 4 if kind == "modernbert" else 8
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

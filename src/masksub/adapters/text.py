@@ -15,8 +15,8 @@ tokens, chosen at random.
   of the model's cost. Sequence classifiers of the BERT family (``DROP_MODELS``: absolute
   positions, pooled from the first token) drop them after the embeddings, each kept token
   with its own position embedding already added; those whose attention reads relative positions
-  (``RELATIVE_MODELS``: DeBERTa v2 and v3, MPNet) get the kept tokens' own. Decoder sequence classifiers
-  (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
+  (``RELATIVE_MODELS``: DeBERTa v2 and v3, MPNet, RoFormer's rotary positions) get the kept tokens' own. Decoder
+  sequence classifiers (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
   (MoE too), OLMo 1 to 3, GLM, DeepSeek V2 and V3, Falcon, GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPT-OSS, Gemma 3's
   multimodal classifier...; causal attention, pooled from the last token that is not padding) get the kept token
   ids with their own position ids and segment ids (Falcon's transformer by a hook: its classifier does not pass
@@ -56,12 +56,12 @@ MODES = ("token", "attention", "drop")
 DROP_MODELS = (
     *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
     *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
-    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet"),
+    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet", "roformer"),
 )
 # of those, the ones whose attention adds a bias by the distance of two tokens, counted by index in their code: in the
 # sub pass their layers get the bias of the kept tokens' own positions (DeBERTa-v2 and v3's disentangled attention
 # by a relative position per query and key, MPNet's bias by bucket)
-RELATIVE_MODELS = ("deberta-v2", "mpnet")
+RELATIVE_MODELS = ("deberta-v2", "mpnet", "roformer")
 # decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
 # whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
 DROP_DECODERS = (
@@ -273,9 +273,11 @@ class TokenMaskAdapter(MaskAdapter):
         self.mode = mode
         self._keep: torch.Tensor | None = None  # mode "drop": the tokens (B, K) the embeddings' hook keeps
         self._handle = None  # the embeddings' hook (BERT family)
-        self._relative_handles = []  # DeBERTa's and MPNet's: the kept tokens' relative positions (BERT family)
+        self._relative_handles = []  # DeBERTa's, MPNet's, RoFormer's: the kept tokens' positions (BERT family)
         self._full_mask: torch.Tensor | None = None  # (B, L) the attention mask DeBERTa's embeddings multiply by
-        self._bias: torch.Tensor | None = None  # (B, heads, K, K) MPNet's bias for the kept tokens, made once a pass
+        # what each layer reads at its argument 2, made once a pass for the kept tokens: MPNet's bias (B, heads, K, K),
+        # RoFormer's sines and cosines (B, 1, K, head size)
+        self._bias: torch.Tensor | None = None
         self._position_handle = None  # the hook giving position ids to a transformer its classifier gives none
         self._by_mask = False  # a decoder whose positions count the attention mask's real tokens
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
@@ -493,13 +495,16 @@ class TokenMaskAdapter(MaskAdapter):
         return (placed, *output[1:])
 
     def _relative_hooks(self, model: nn.Module) -> list:
-        """Hooks giving DeBERTa-v2's encoder or MPNet's layers the kept tokens' relative positions (sub pass only);
-        an error where the model mixes neighbouring tokens by index otherwise."""
+        """Hooks giving DeBERTa-v2's encoder or MPNet's and RoFormer's layers the kept tokens' relative positions (sub
+        pass only); an error where the model mixes neighbouring tokens by index otherwise. The layers' hooks run
+        outside transformers' activation checkpointing, which saves and replays what they gave."""
         base = model.base_model
-        if model.config.model_type == "mpnet":
+        if model.config.model_type in ("mpnet", "roformer"):
             encoder = base.encoder
-            layers = [layer.register_forward_pre_hook(self._mpnet_layer, with_kwargs=True) for layer in encoder.layer]
-            return [encoder.register_forward_pre_hook(self._mpnet_bias), *layers]
+            table = self._mpnet_bias if model.config.model_type == "mpnet" else self._rotary_table
+            hook = self._layer_positions
+            layers = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in encoder.layer]
+            return [encoder.register_forward_pre_hook(table), *layers]
         if base.encoder.conv is not None or getattr(base, "z_steps", 0) > 1:
             what = "conv_kernel_size (a convolution over neighbouring tokens)"
             if base.encoder.conv is None:
@@ -541,13 +546,21 @@ class TokenMaskAdapter(MaskAdapter):
             bias = encoder.relative_attention_bias(encoder.relative_position_bucket(relative))  # (B, K, K, heads)
             self._bias = bias.permute(0, 3, 1, 2)
 
-    def _mpnet_layer(self, layer: nn.Module, args: tuple, kwargs: dict):
-        """An MPNet layer gets the kept tokens' position bias in place of its encoder's (sub pass only)."""
+    def _rotary_table(self, encoder: nn.Module, args: tuple):
+        """RoFormer's sines and cosines at the kept tokens' positions, made once a pass for every layer, per sample
+        (its encoder's own count positions by index)."""
+        if self._keep is not None:
+            self._bias = encoder.embed_positions(self._keep.shape, 0, position_ids=self._keep).unsqueeze(1)
+
+    def _layer_positions(self, layer: nn.Module, args: tuple, kwargs: dict):
+        """An MPNet or RoFormer layer gets the kept tokens' position bias or rotary table, its argument 2, in place of
+        its encoder's (sub pass only)."""
         if self._bias is None:
             return None
         if len(args) > 2:
             return (*args[:2], self._bias, *args[3:]), kwargs
-        return args, {**kwargs, "position_bias": self._bias}
+        name = "sinusoidal_pos" if "sinusoidal_pos" in kwargs else "position_bias"
+        return args, {**kwargs, name: self._bias}
 
     def _position_ids(self, module: nn.Module, args: tuple, kwargs: dict):
         """The kept tokens' position ids for a transformer whose classifier does not pass them on (sub pass only)."""
