@@ -376,6 +376,8 @@ def _drop_family(family: str) -> torch.nn.Module:
         config.embedding_size = SMALL["hidden_size"]
     if family == "xmod":  # two languages, each with its adapters
         config.languages = ["en_XX", "de_DE"]
+    if family == "big_bird":  # full attention (block-sparse is refused)
+        config.attention_type = "original_full"
     if family == "rembert":  # its input embeddings, mapped to the width in the encoder
         config.update(dict(input_embedding_size=16, output_embedding_size=16))
     if relative is not None:  # DeBERTa's disentangled attention, MPNet's bias
@@ -398,7 +400,7 @@ RELATIVE_CASES = {  # case: model type and configuration, of the classifiers who
 
 DROP_FAMILIES = ["bert", "roberta", "distilbert", "electra", "albert", "data2vec-text", "ernie"]
 DROP_FAMILIES += ["roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert"]
-DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", *RELATIVE_CASES]
+DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", "big_bird", *RELATIVE_CASES]
 
 
 def _extra_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -805,6 +807,23 @@ def test_drop_mode_refuses_a_causal_xlm_and_a_summary_over_other_tokens():
             wrap_text(model, mode="drop")
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     wrap_text(_xlm("xlm", "token", summary_type="mean"), mode="drop").unwrap()  # a token head reads every token
+
+
+def test_drop_mode_takes_bigbird_in_full_attention_only():
+    """BigBird's block-sparse attention counts tokens by index: refused when wrapping, naming the full attention
+    that drop mode takes, and at a sub pass after the model was set back to it (no hook left behind)."""
+    sparse = _drop_family("big_bird")
+    sparse.base_model.set_attention_type("block_sparse")
+    with pytest.raises(ValueError, match="its attention is 'block_sparse'.*set_attention_type\\('original_full'\\)"):
+        wrap_text(sparse, mode="drop")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in sparse.modules())
+    model = _drop_family("big_bird")
+    wrapped = wrap_text(model, mode="drop")
+    batch = inputs(text_batch(batch=2, length=24))
+    wrapped(**batch, sub=True)
+    model.base_model.set_attention_type("block_sparse")
+    with pytest.raises(ValueError, match="BigBirdForSequenceClassification: its attention is 'block_sparse'"):
+        wrapped(**batch, sub=True)
 
 
 def _vision_encoder(kind: str, head: str, pooling: str = "cls") -> torch.nn.Module:

@@ -56,7 +56,7 @@ MODES = ("token", "attention", "drop")
 DROP_MODELS = (
     *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
     *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
-    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet", "roformer"),
+    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet", "roformer", "big_bird"),
 )
 # of those, the ones whose attention adds a bias by the distance of two tokens, counted by index in their code: in the
 # sub pass their layers get the bias of the kept tokens' own positions (DeBERTa-v2 and v3's disentangled attention
@@ -196,6 +196,8 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
         )
     if classifier and kind in DROP_POSITION_ENCODERS:
         _check_xlm(model)
+    if classifier and kind == "big_bird":
+        check_full_attention(model)
     if classifier and kind in DROP_DECODERS + DROP_ID_ENCODERS:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
@@ -207,6 +209,20 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
             "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
+
+
+def check_full_attention(model: nn.Module) -> None:
+    """An error for a BigBird classifier in block-sparse attention, whose blocks, sliding windows and random keys
+    count by index (dropping tokens would change which tokens meet); its full attention takes kept tokens."""
+    kind = model.base_model.attention_type
+    if kind != "original_full":
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its attention is {kind!r}, whose blocks, windows and random "
+            "keys count tokens by index, so dropping some would change which tokens meet; mode='drop' takes BigBird "
+            "in full attention: model.base_model.set_attention_type('original_full') (what BigBird itself switches "
+            f"to for sequences of at most {(5 + 2 * model.config.num_random_blocks) * model.config.block_size} "
+            "tokens), or use mode='attention'"
+        )
 
 
 def _check_xlm(model: nn.Module) -> None:
@@ -473,6 +489,8 @@ class TokenMaskAdapter(MaskAdapter):
             finally:
                 self._positions = self._valid = self._blocks = self._window_cache = None
         else:
+            if model.config.model_type == "big_bird":  # set back to block-sparse attention since wrapping?
+                check_full_attention(model)
             self._keep, self._full_mask = keep, attention_mask.masked_fill(mask, 0)
             try:
                 output = self.run_with_hooks_active(model, *args, **kwargs)
