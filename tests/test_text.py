@@ -400,7 +400,7 @@ RELATIVE_CASES = {  # case: model type and configuration, of the classifiers who
 
 DROP_FAMILIES = ["bert", "roberta", "distilbert", "electra", "albert", "data2vec-text", "ernie"]
 DROP_FAMILIES += ["roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert"]
-DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", "big_bird", *RELATIVE_CASES]
+DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", "big_bird", "ibert", *RELATIVE_CASES]
 
 
 def _extra_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -432,7 +432,7 @@ def test_drop_mode_computes_what_attention_mode_does_on_the_kept_tokens_only(fam
     batch = {**inputs(text_batch(batch=6, length=24)), **_extra_inputs(family, 6, 24)}
     lengths = []
     # registered after the adapter's hook: sees the sequence the encoder gets
-    model.base_model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    model.base_model.embeddings.register_forward_hook(record_length(lengths))
     torch.manual_seed(5)
     expected = hidden(**batch, sub=True).logits
     torch.manual_seed(5)
@@ -660,11 +660,17 @@ def _decoder_batch(left: bool, batch: int = 6, length: int = 20) -> dict[str, to
     return {"input_ids": ids, "attention_mask": attention}
 
 
+def record_length(lengths: list):
+    """A forward hook appending the sequence length of a module's output (of its first part where it gives a tuple:
+    I-BERT's embeddings give their quantization scale beside them)."""
+    return lambda m, a, out: lengths.append((out[0] if isinstance(out, tuple) else out).shape[1])
+
+
 def dropped_and_hidden(wrapped, model, batch):
     """Under one seed: the drop mode's sub-pass logits, the model's logits with the same tokens hidden by the
     attention mask, that mask, and the sequence lengths the model's input embeddings saw (sub pass, then the other)."""
     lengths = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+    handle = model.get_input_embeddings().register_forward_hook(record_length(lengths))
     with torch.no_grad():
         torch.manual_seed(5)
         got = wrapped(**batch, sub=True).logits
@@ -746,7 +752,7 @@ def test_drop_mode_on_a_token_classifier_predicts_each_kept_token_as_hiding_the_
     length = batch["input_ids"].shape[1]
     lengths = []  # the sequence the transformer's layers get
     if family in DROP_FAMILIES:  # the BERT family drops after its embeddings (this hook runs after the adapter's)
-        model.base_model.embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
+        model.base_model.embeddings.register_forward_hook(record_length(lengths))
     got, expected, mask, input_lengths = dropped_and_hidden(wrapped, model, batch)
     lengths = lengths or input_lengths
     real, words = batch["attention_mask"].bool(), ~torch.isin(batch["input_ids"], torch.tensor(SPECIAL))
@@ -807,6 +813,16 @@ def test_drop_mode_refuses_a_causal_xlm_and_a_summary_over_other_tokens():
             wrap_text(model, mode="drop")
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     wrap_text(_xlm("xlm", "token", summary_type="mean"), mode="drop").unwrap()  # a token head reads every token
+
+
+def test_drop_mode_refuses_a_quantized_ibert():
+    """I-BERT's integer-only mode takes its activation ranges over the whole sequence in training: refused by name."""
+    model = _drop_family("ibert")
+    model.config.quant_mode = True
+    model = type(model)(model.config)
+    with pytest.raises(ValueError, match="IBertForSequenceClassification: its configuration sets quant_mode"):
+        wrap_text(model, mode="drop")
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 def test_drop_mode_takes_bigbird_in_full_attention_only():

@@ -56,7 +56,7 @@ MODES = ("token", "attention", "drop")
 DROP_MODELS = (
     *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
     *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
-    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet", "roformer", "big_bird"),
+    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet", "roformer", "big_bird", "ibert"),
 )
 # of those, the ones whose attention adds a bias by the distance of two tokens, counted by index in their code: in the
 # sub pass their layers get the bias of the kept tokens' own positions (DeBERTa-v2 and v3's disentangled attention
@@ -198,6 +198,12 @@ def _drop_embeddings(model: nn.Module) -> nn.Module | None:
         _check_xlm(model)
     if classifier and kind == "big_bird":
         check_full_attention(model)
+    if classifier and kind == "ibert" and model.config.quant_mode:
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its configuration sets quant_mode, whose activation ranges are "
+            "taken over the whole sequence in training (hidden tokens count there, dropped ones would not), so its "
+            "sub pass would compute other logits than hiding the tokens; use mode='attention', or quant_mode=False"
+        )
     if classifier and kind in DROP_DECODERS + DROP_ID_ENCODERS:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
@@ -589,6 +595,8 @@ class TokenMaskAdapter(MaskAdapter):
     def _drop_hook(self, module: nn.Module, args: tuple, output: torch.Tensor):
         if not self._active:
             return None
+        if isinstance(output, tuple):  # I-BERT's: the embeddings and their quantization scale (one per tensor)
+            return (gather_tokens(output[0], self._keep), *output[1:])
         return gather_tokens(output, self._keep)
 
     def remove(self) -> None:
