@@ -376,6 +376,8 @@ def _drop_family(family: str) -> torch.nn.Module:
         config.embedding_size = SMALL["hidden_size"]
     if family == "xmod":  # two languages, each with its adapters
         config.languages = ["en_XX", "de_DE"]
+    if family == "luke":  # a small entity vocabulary (its default has 500,000)
+        config.update(dict(entity_vocab_size=16, entity_emb_size=16))
     if family == "big_bird":  # full attention (block-sparse is refused)
         config.attention_type = "original_full"
     if family == "rembert":  # its input embeddings, mapped to the width in the encoder
@@ -400,13 +402,14 @@ RELATIVE_CASES = {  # case: model type and configuration, of the classifiers who
 
 DROP_FAMILIES = ["bert", "roberta", "distilbert", "electra", "albert", "data2vec-text", "ernie"]
 DROP_FAMILIES += ["roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert"]
-DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", "big_bird", "ibert", *RELATIVE_CASES]
+DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", "big_bird", "ibert", "luke", *RELATIVE_CASES]
 
 
 def _extra_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
     """The inputs a family takes besides the ids: per token, embedded before the drop (each kept token keeps its
     own), LayoutLM's word boxes, MarkupLM's XPath tags and subscripts, RoCBERT's glyph and pronunciation ids; per
-    sample, X-MOD's language (its layers' adapters)."""
+    sample, X-MOD's language (its layers' adapters) and LUKE's entities (attending to and from the kept words; their
+    position embeddings are those of the words they span, dropped or not)."""
     g = torch.Generator().manual_seed(4)
     if family == "xmod":
         return {"lang_ids": torch.arange(batch) % 2}
@@ -416,6 +419,10 @@ def _extra_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tenso
     if family == "markuplm":
         xpath = torch.randint(0, 50, (batch, length, 50, 2), generator=g)
         return {"xpath_tags_seq": xpath[..., 0], "xpath_subs_seq": xpath[..., 1]}
+    if family == "luke":  # two entities a sample, each over a span of words (its word positions, -1 to pad)
+        spans = torch.full((batch, 2, 3), -1)
+        spans[:, 0, :2], spans[:, 1, :3] = torch.tensor([1, 2]), torch.tensor([5, 6, 7])
+        return {"entity_ids": torch.randint(2, 10, (batch, 2), generator=g), "entity_position_ids": spans}
     if family == "roc_bert":
         shapes, sounds = torch.randint(0, 64, (2, batch, length), generator=g)
         return {"input_shape_ids": shapes, "input_pronunciation_ids": sounds}
