@@ -402,7 +402,7 @@ RELATIVE_CASES = {  # case: model type and configuration, of the classifiers who
 
 DROP_FAMILIES = ["bert", "roberta", "distilbert", "electra", "albert", "data2vec-text", "ernie"]
 DROP_FAMILIES += ["roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert"]
-DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", "big_bird", "ibert", "luke", *RELATIVE_CASES]
+DROP_FAMILIES += ["layoutlm", "markuplm", "roc_bert", "xmod", "big_bird", "ibert", "luke", "tapas", *RELATIVE_CASES]
 
 
 def _extra_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tensor]:
@@ -423,6 +423,14 @@ def _extra_inputs(family: str, batch: int, length: int) -> dict[str, torch.Tenso
         spans = torch.full((batch, 2, 3), -1)
         spans[:, 0, :2], spans[:, 1, :3] = torch.tensor([1, 2]), torch.tensor([5, 6, 7])
         return {"entity_ids": torch.randint(2, 10, (batch, 2), generator=g), "entity_position_ids": spans}
+    if family == "tapas":  # a question of 8 tokens, then a table: rows of 2 cells, 2 tokens each
+        cell = (torch.arange(length) - 8).clamp(min=0) // 2
+        table = (
+            torch.stack([torch.ones_like(cell), cell % 2 + 1, cell // 2 + 1], -1) * (torch.arange(length) >= 8)[:, None]
+        )
+        types = torch.zeros(batch, length, 7, dtype=torch.long)  # segment, column, row; then ranks and labels: 0
+        types[..., :3] = table
+        return {"token_type_ids": types}
     if family == "roc_bert":
         shapes, sounds = torch.randint(0, 64, (2, batch, length), generator=g)
         return {"input_shape_ids": shapes, "input_pronunciation_ids": sounds}
@@ -743,7 +751,8 @@ def _with_token_classifier(kinds: tuple[str, ...]) -> list[str]:
     return [k for k in kinds if k in transformers.CONFIG_MAPPING and transformers.CONFIG_MAPPING[k] in have]
 
 
-TOKEN_DROP_CASES = [*DROP_FAMILIES, "modernbert", *dict(ROPE_ENCODER_CASES)]  # the multimodal and XLM: below
+TOKEN_DROP_CASES = [f for f in DROP_FAMILIES if _with_token_classifier(RELATIVE_CASES.get(f, (f,))[:1])]  # not TAPAS
+TOKEN_DROP_CASES += ["modernbert", *dict(ROPE_ENCODER_CASES)]  # the multimodal and XLM: below
 TOKEN_DROP_CASES += _with_token_classifier(masksub.adapters.text.DROP_DECODERS)
 
 

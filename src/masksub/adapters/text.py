@@ -56,7 +56,7 @@ MODES = ("token", "attention", "drop")
 DROP_MODELS = (
     *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
     *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
-    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet", "roformer", "big_bird", "ibert", "luke"),
+    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet", "roformer", "big_bird", "ibert", "luke", "tapas"),
 )
 # of those, the ones whose attention adds a bias by the distance of two tokens, counted by index in their code: in the
 # sub pass their layers get the bias of the kept tokens' own positions (DeBERTa-v2 and v3's disentangled attention
