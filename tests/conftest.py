@@ -243,7 +243,7 @@ def text_batch(batch: int = 6, length: int = 20, seed: int = 1) -> dict[str, tor
 
 def _transformers_5() -> bool:
     try:
-        from masksub.adapters.text import transformers_version
+        from masksub.adapters.text_families import transformers_version
 
         return transformers_version() >= (5,)
     except ImportError:  # no transformers: the tests that need it skip on their own
@@ -263,7 +263,7 @@ if not _transformers_5():
 
 
 def wrap_text(model, **kw):
-    from masksub.adapters.text import transformers_version
+    from masksub.adapters.text_families import transformers_version
 
     if kw.get("mode") == "drop" and transformers_version() < (5,):
         pytest.skip("mode='drop' needs transformers >= 5")  # refused there (tested in test_text.py)

@@ -10,7 +10,7 @@ from test_hf_vision import TINY_VIT
 
 import masksub
 from masksub.adapters.hf_relpos import BIASES
-from masksub.adapters.text import transformers_version
+from masksub.adapters.text_families import transformers_version
 from masksub.masking import num_keep
 
 TINY = dict(

@@ -12,7 +12,7 @@ from test_hf_vision import _tiny_hf_vit
 from timm.optim import create_optimizer_v2
 
 import masksub
-from masksub.adapters.text import transformers_version
+from masksub.adapters.text_families import transformers_version
 from masksub.hf import MaskSubTrainer
 from masksub.masking import num_keep
 

@@ -697,7 +697,7 @@ def dropped_and_hidden(wrapped, model, batch):
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
-@pytest.mark.parametrize("kind", masksub.adapters.text.DROP_DECODERS)
+@pytest.mark.parametrize("kind", masksub.adapters.text_families.DROP_DECODERS)
 def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(kind, left):
     """The decoder gets each sample's kept token ids with their own position ids: its logits are those of the whole
     sequence with the same tokens hidden by the attention mask. The token it reads (the last that is not padding, a
@@ -734,11 +734,11 @@ def _as_token_classifier(model: torch.nn.Module) -> torch.nn.Module:
 def _token_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A tiny token classifier of ``family`` (a case of the BERT family's, RoPE encoders' or decoders' sequence
     classifier tests) and a batch for it: the decoders' without special tokens, padded on the right."""
-    if family in masksub.adapters.text.DROP_DECODERS:
+    if family in masksub.adapters.text_families.DROP_DECODERS:
         return _as_token_classifier(_decoder(family)), _decoder_batch(left=False)
     if family == "modernbert":
         return _as_token_classifier(_modernbert()), inputs(text_batch(batch=6, length=24))
-    if family in masksub.adapters.text.DROP_ROPE_ENCODERS:
+    if family in masksub.adapters.text_families.DROP_ROPE_ENCODERS:
         return _as_token_classifier(_rope_encoder(family)), inputs(text_batch(batch=6, length=24))
     return _as_token_classifier(_drop_family(family)), {**inputs(text_batch(6, 24)), **_extra_inputs(family, 6, 24)}
 
@@ -753,7 +753,7 @@ def _with_token_classifier(kinds: tuple[str, ...]) -> list[str]:
 
 TOKEN_DROP_CASES = [f for f in DROP_FAMILIES if _with_token_classifier(RELATIVE_CASES.get(f, (f,))[:1])]  # not TAPAS
 TOKEN_DROP_CASES += ["modernbert", *dict(ROPE_ENCODER_CASES)]  # the multimodal and XLM: below
-TOKEN_DROP_CASES += _with_token_classifier(masksub.adapters.text.DROP_DECODERS)
+TOKEN_DROP_CASES += _with_token_classifier(masksub.adapters.text_families.DROP_DECODERS)
 
 
 @pytest.mark.parametrize("family", TOKEN_DROP_CASES)
@@ -896,12 +896,12 @@ def test_drop_mode_on_an_image_and_text_encoder_keeps_its_image_tokens(kind, hea
 
 def test_drop_mode_is_refused_before_transformers_5(monkeypatch):
     for model in (_decoder("llama"), _rope_encoder("modernbert"), tiny_text_model("bert")):
-        monkeypatch.setattr(masksub.adapters.text, "transformers_version", lambda: (4, 48))
+        monkeypatch.setattr(masksub.adapters.text_families, "transformers_version", lambda: (4, 48))
         with pytest.raises(ValueError, match=r"mode='drop' on \w+ needs transformers >= 5, .* this is 4.48: upgrade"):
             masksub.wrap(model, mode="drop", mask_token_id=MASK, special_ids=SPECIAL)
         masksub.wrap(model, mode="attention", mask_token_id=MASK, special_ids=SPECIAL).unwrap()  # what it names
         monkeypatch.undo()
-        if masksub.adapters.text.transformers_version() >= (5,):
+        if masksub.adapters.text_families.transformers_version() >= (5,):
             masksub.wrap(model, mode="drop", mask_token_id=MASK, special_ids=SPECIAL).unwrap()
 
 

@@ -1,0 +1,186 @@
+"""Which Hugging Face text classifiers the text adapter's ``mode="drop"`` takes, and where their parts are.
+
+``mode="drop"`` runs a model on the kept tokens only, which computes what hiding the masked tokens computes only
+where nothing in the model counts tokens by index in a way the drop would change. The tables below name the model
+types where that holds, each with the way the adapter reaches it (``text.py``); the checks refuse the
+configurations of those types where it does not (a causal XLM, BigBird's block-sparse attention, I-BERT's
+integer-only mode...), naming why and what to use instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+# model types whose encoder takes any length after its embeddings (absolute positions added there, masks made from
+# the embeddings' output) and whose sequence classifier reads the first token: they can drop masked tokens
+DROP_MODELS = (
+    *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
+    *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
+    *("markuplm", "roc_bert", "xmod", "deberta-v2", "mpnet", "roformer", "big_bird", "ibert", "luke", "tapas"),
+)
+# of those, the ones whose attention adds a bias by the distance of two tokens, counted by index in their code: in the
+# sub pass their layers get the bias of the kept tokens' own positions (DeBERTa-v2 and v3's disentangled attention
+# by a relative position per query and key, MPNet's bias by bucket)
+RELATIVE_MODELS = ("deberta-v2", "mpnet", "roformer")
+# decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
+# whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
+DROP_DECODERS = (
+    *("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"),
+    *("phi", "phi3", "phimoe", "olmo", "olmo2", "olmo3", "glm", "glm4", "gpt2", "gpt_neox", "gpt_oss", "starcoder2"),
+    *("stablelm", "smollm3", "exaone4", "helium", "arcee", "seed_oss", "gptj", "opt", "bloom", "falcon"),
+    *("ministral", "ministral3", "nemotron", "persimmon", "diffllama", "jetmoe", "hunyuan_v1_dense", "hunyuan_v1_moe"),
+    *("deepseek_v2", "deepseek_v3", "minicpm3", "mistral4", "modernbert-decoder", "gpt_neo", "gpt_bigcode"),
+    *("biogpt", "ctrl", "openai-gpt", "gpt-sw3", "gemma3", "axk1", "axk2"),
+)
+# decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
+# hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
+MASK_POSITION_DECODERS = ("opt", "bloom")
+# encoder sequence classifiers that rotate by position ids and read the first token or a mean over the attention
+# mask: they get the kept token ids with their position ids, their sliding-window layers a mask by those positions
+DROP_ROPE_ENCODERS = ("modernbert", "eurobert", "ultrabert", "nomic_bert", "gte", "jina_embeddings_v3", "esmc")
+DROP_ROPE_ENCODERS += ("modernvbert", "ultravbert")  # ModernBERT's and Ultrabert's classifiers of images and text
+# encoder classifiers that embed absolute positions by position ids and read the first token (XLM's and FlauBERT's
+# sequence summary "first"): the kept token ids with their position ids and language ids
+DROP_POSITION_ENCODERS = ("xlm", "flaubert")
+DROP_ID_ENCODERS = DROP_ROPE_ENCODERS + DROP_POSITION_ENCODERS  # bidirectional: no token is held back
+MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
+# the heads mode "drop" takes: one prediction per sequence (from the token a classifier reads), or one per token (the
+# kept tokens' predictions go back to their places, and the loss leaves the dropped ones out: ``kept``)
+DROP_HEADS = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def layer_types(config) -> list[str] | None:
+    """Each layer's attention kind where the config names them (GPT-Neo's ``attention_layers``: local ones slide)."""
+    if config.model_type == "gpt_neo":
+        return ["sliding_attention" if kind == "local" else "full_attention" for kind in config.attention_layers]
+    return getattr(config, "layer_types", None)
+
+
+def sliding_window(config) -> int | None:
+    """The window of a model's sliding-window attention layers (all of them, or those its layer types name), or
+    None where it has none."""
+    window = config.window_size if config.model_type == "gpt_neo" else getattr(config, "sliding_window", None)
+    types = layer_types(config)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face classifier inside ``model`` (wrapped by PEFT or not)."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+
+
+def text_model(model: nn.Module, config) -> nn.Module:
+    """The transformer of ``model`` (wrapped by PEFT or not) that runs on ``config``, its text config: the
+    classifier's own base model, or the language model inside a multimodal classifier (Gemma 3's)."""
+    from transformers import PreTrainedModel
+
+    found = (m for m in model.modules() if isinstance(m, PreTrainedModel) and m.config is config)
+    return next(found, classifier_of(model)).base_model
+
+
+def sliding_layers(model: nn.Module, config) -> list[nn.Module]:
+    """The layers of ``model`` that attend within a sliding window: those its layer types name so, or all of a
+    model with a window and no layer types (Mistral's, Phi-3's). An error where its layers are not found."""
+    if sliding_window(config) is None:
+        return []
+    layers = getattr(text_model(model, config), "h" if config.model_type == "gpt_neo" else "layers", None)
+    types = layer_types(config)
+    if not isinstance(layers, nn.ModuleList) or (types is not None and len(types) < len(layers)):
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its sliding-window attention must keep its window by position, "
+            "and its layers are not where they are looked for (its transformer's layers, one per layer type); use "
+            "mode='attention' (the same masking at the main pass's cost)"
+        )
+    return [
+        layer
+        for layer, kind in zip(layers, types or ["sliding_attention"] * len(layers))
+        if kind == "sliding_attention"
+    ]
+
+
+def position_ids_target(model: nn.Module) -> nn.Module | None:
+    """The transformer to hand position ids to where the sequence classifier inside ``model`` (wrapped by PEFT or
+    not) takes none and runs its transformer without (Falcon's): position ids given to it would be dropped."""
+    classifier = classifier_of(model)
+    return None if "position_ids" in inspect.signature(classifier.forward).parameters else classifier.base_model
+
+
+def transformers_version() -> tuple[int, ...]:
+    import transformers
+
+    return tuple(int(n) for n in transformers.__version__.split(".")[:2])
+
+
+def drop_embeddings(model: nn.Module) -> nn.Module | None:
+    """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder or ModernBERT
+    classifier it takes, or an error naming the ones it does."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    classifier = type(model).__name__.endswith(DROP_HEADS)
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    by_ids, bert = kind in DROP_DECODERS + DROP_ID_ENCODERS, kind in DROP_MODELS and embeddings is not None
+    takes = classifier and (by_ids or bert)
+    if takes and (version := transformers_version()) < (5,):
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__} needs transformers >= 5, where it computes what hiding the tokens "
+            "computes (tested; under 4.48.3 decoders and RoPE encoders compute other logits and the BERT family "
+            f"fails), and this is {'.'.join(map(str, version))}: upgrade transformers, or use mode='attention' (the "
+            "same masking, at the main pass's cost)"
+        )
+    if classifier and kind in DROP_POSITION_ENCODERS:
+        check_xlm(model)
+    if classifier and kind == "big_bird":
+        check_full_attention(model)
+    if classifier and kind == "ibert" and model.config.quant_mode:
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its configuration sets quant_mode, whose activation ranges are "
+            "taken over the whole sequence in training (hidden tokens count there, dropped ones would not), so its "
+            "sub pass would compute other logits than hiding the tokens; use mode='attention', or quant_mode=False"
+        )
+    if classifier and kind in DROP_DECODERS + DROP_ID_ENCODERS:
+        return None
+    if not classifier or kind not in DROP_MODELS or embeddings is None:
+        raise ValueError(
+            f"mode='drop' shortens the sequence, which needs a sequence or token classifier of "
+            f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
+            f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE) or of "
+            f"{', '.join(DROP_DECODERS)} (causal attention over position ids); {type(model).__name__} is not one: "
+            "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
+        )
+    return embeddings
+
+
+def check_full_attention(model: nn.Module) -> None:
+    """An error for a BigBird classifier in block-sparse attention, whose blocks, sliding windows and random keys
+    count by index (dropping tokens would change which tokens meet); its full attention takes kept tokens."""
+    kind = model.base_model.attention_type
+    if kind != "original_full":
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its attention is {kind!r}, whose blocks, windows and random "
+            "keys count tokens by index, so dropping some would change which tokens meet; mode='drop' takes BigBird "
+            "in full attention: model.base_model.set_attention_type('original_full') (what BigBird itself switches "
+            f"to for sequences of at most {(5 + 2 * model.config.num_random_blocks) * model.config.block_size} "
+            "tokens), or use mode='attention'"
+        )
+
+
+def check_xlm(model: nn.Module) -> None:
+    """An error for an XLM or FlauBERT classifier on which dropping tokens would not compute what hiding them does:
+    a causal one (its attention masks by index, not by the attention mask) or a sequence summary read elsewhere
+    than from the first token (the last token, a mean over the padded length or attention over it)."""
+    config = model.config
+    summary = None if type(model).__name__.endswith("ForTokenClassification") else config.summary_type
+    if config.causal or summary not in (None, "first"):
+        what = f"reads its sequence summary by summary_type={summary!r} (over positions the drop changes)"
+        if config.causal:
+            what = "is causal (its attention does not hide masked tokens)"
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its configuration {what}; mode='drop' takes XLM and FlauBERT "
+            "classifiers that are not causal and read the first token (summary_type='first', the default): use "
+            "mode='attention' or mode='token'"
+        )
