@@ -14,7 +14,8 @@ import inspect
 from torch import nn
 
 # model types whose encoder takes any length after its embeddings (absolute positions added there, masks made from
-# the embeddings' output) and whose sequence classifier reads the first token: they can drop masked tokens
+# the embeddings' output) and whose sequence classifier reads the first token: they can drop masked tokens (BigBird in
+# full attention, I-BERT outside its integer-only mode: ``drop_embeddings`` refuses the others)
 DROP_MODELS = (
     *("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "data2vec-text", "ernie"),
     *("roberta-prelayernorm", "xlm-roberta-xl", "megatron-bert", "mobilebert", "rembert", "squeezebert", "layoutlm"),
@@ -22,7 +23,7 @@ DROP_MODELS = (
 )
 # of those, the ones whose attention adds a bias by the distance of two tokens, counted by index in their code: in the
 # sub pass their layers get the bias of the kept tokens' own positions (DeBERTa-v2 and v3's disentangled attention
-# by a relative position per query and key, MPNet's bias by bucket)
+# by a relative position per query and key, MPNet's bias by bucket, RoFormer's rotary sines and cosines)
 RELATIVE_MODELS = ("deberta-v2", "mpnet", "roformer")
 # decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
 # whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
