@@ -157,7 +157,7 @@ def test_custom_4d_attention_mask_is_refused_by_name(mode):
     ids, attention = batch["input_ids"], batch["attention_mask"]
     length = ids.shape[1]
     square = attention[:, None, None, :].expand(-1, 1, length, -1).bool()
-    with pytest.raises(ValueError, match=r"\(batch, length\) attention_mask .* got shape \(6, 1, 20, 20\)"):
+    with pytest.raises(ValueError, match=r"attention_mask of input_ids. shape \(6, 20\), got shape \(6, 1, 20, 20\)"):
         wrapped(input_ids=ids, attention_mask=square, sub=True)
 
 
@@ -617,7 +617,7 @@ def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in deberta.modules())
     config = transformers.BertConfig(**SMALL, max_position_embeddings=64)
     for head in (transformers.BertForQuestionAnswering, transformers.BertForMaskedLM):  # spans; every token's word
-        with pytest.raises(ValueError, match=f"needs a sequence or token classifier .* {head.__name__} is not one"):
+        with pytest.raises(ValueError, match=f"needs a sequence, multiple-choice or .* {head.__name__} is not one"):
             wrap_text(head(config), mode="drop")
     for family in ("bert", "deberta-v3", "mpnet", "roformer"):
         plain = wrap_text(_drop_family(family), mode="drop").unwrap()
@@ -743,11 +743,12 @@ def _token_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return _as_token_classifier(_drop_family(family)), {**inputs(text_batch(6, 24)), **_extra_inputs(family, 6, 24)}
 
 
-def _with_token_classifier(kinds: tuple[str, ...]) -> list[str]:
-    """The model types among ``kinds`` that the installed transformers has a token classifier for."""
+def _with_token_classifier(kinds: tuple[str, ...], auto: str = "AutoModelForTokenClassification") -> list[str]:
+    """The model types among ``kinds`` that the installed transformers has a token classifier (or ``auto``'s head)
+    for."""
     import transformers
 
-    have = set(transformers.AutoModelForTokenClassification._model_mapping)  # configuration classes
+    have = set(getattr(transformers, auto)._model_mapping)  # configuration classes
     return [k for k in kinds if k in transformers.CONFIG_MAPPING and transformers.CONFIG_MAPPING[k] in have]
 
 
@@ -786,12 +787,12 @@ def test_drop_mode_on_a_token_classifier_predicts_each_kept_token_as_hiding_the_
 
 
 def _from_config(config, head: str) -> torch.nn.Module:
-    """The sequence or token classifier (``head``) of ``config``, drawn under seed 0, in eval mode."""
+    """The sequence, token or multiple-choice classifier (``head``) of ``config``, drawn under seed 0, in eval mode."""
     import transformers
 
-    auto = transformers.AutoModelForTokenClassification if head == "token" else None
+    auto = {"token": "AutoModelForTokenClassification", "choice": "AutoModelForMultipleChoice"}.get(head)
     torch.manual_seed(0)
-    return (auto or transformers.AutoModelForSequenceClassification).from_config(config).eval()
+    return getattr(transformers, auto or "AutoModelForSequenceClassification").from_config(config).eval()
 
 
 def _xlm(kind: str, head: str, **overrides) -> torch.nn.Module:
@@ -829,6 +830,72 @@ def test_drop_mode_refuses_a_causal_xlm_and_a_summary_over_other_tokens():
             wrap_text(model, mode="drop")
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
     wrap_text(_xlm("xlm", "token", summary_type="mean"), mode="drop").unwrap()  # a token head reads every token
+    roformer = _from_config(_drop_family("roformer").config, "choice")  # its summary: by default the last position
+    with pytest.raises(ValueError, match="RoFormerForMultipleChoice: .* summary_type='last'"):
+        wrap_text(roformer, mode="drop")
+
+
+def _multiple_choice(family: str) -> torch.nn.Module:
+    """A tiny multiple-choice classifier of ``family`` (a case of the BERT family's tests, ModernBERT, XLM or
+    FlauBERT), without dropout, in eval mode."""
+    builders = {"modernbert": _modernbert, "xlm": lambda: _xlm("xlm", "sequence")}
+    builders["flaubert"] = lambda: _xlm("flaubert", "sequence")
+    config = builders.get(family, lambda: _drop_family(family))().config
+    if family.startswith("roformer"):  # its head's summary from the first token (by default the last position's)
+        config.summary_type = "first"
+    model = _from_config(config, "choice")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+CHOICE_CASES = [
+    f for f in DROP_FAMILIES if _with_token_classifier(RELATIVE_CASES.get(f, (f,))[:1], "AutoModelForMultipleChoice")
+]
+CHOICE_CASES += ["modernbert", "xlm", "flaubert"]
+
+
+@pytest.mark.parametrize("family", CHOICE_CASES)
+def test_a_multiple_choice_head_masks_each_choice_as_a_sequence(family):
+    """A multiple-choice head's input_ids (batch, choices, length): each choice masks num_masked of its own words,
+    the mask token in its place (``"token"``), hidden (``"attention"``) or dropped (``"drop"``: the logits of
+    hiding them, the model running on the longest kept count); the logits (batch, choices) of the model given those
+    inputs."""
+    model = _multiple_choice(family)
+    flat = {**inputs(text_batch(batch=6, length=24)), **_extra_inputs(family, 6, 24)}
+    flat.pop("lang_ids", None)  # X-MOD: its default language for every choice
+    if family == "xmod":
+        model.set_default_language("en_XX")
+    batch = {k: v.view(3, 2, *v.shape[1:]) for k, v in flat.items()}
+    modes = ("token", "attention", "drop")
+    wrapped = {mode: wrap_text(model if mode == "drop" else copy.deepcopy(model), mode=mode) for mode in modes}
+    lengths = []
+    model.get_input_embeddings().register_forward_hook(record_length(lengths))  # (batch * choices, length)
+    if family in DROP_FAMILIES:  # dropped after the embeddings: what the layers get
+        model.base_model.embeddings.register_forward_hook(record_length(lengths))
+    got = {}
+    with torch.no_grad():
+        for mode in modes:
+            torch.manual_seed(5)
+            got[mode] = wrapped[mode](**batch, sub=True).logits
+        sub_lengths, lengths[:] = lengths[-1], []
+        torch.manual_seed(5)
+        mask = wrapped["drop"].branch.token_mask(flat["input_ids"], flat["attention_mask"])
+        ids = flat["input_ids"].masked_fill(mask, MASK).view(3, 2, 24)
+        hidden = flat["attention_mask"].masked_fill(mask, 0).view(3, 2, 24)
+        with_tokens = model(**{**batch, "input_ids": ids}).logits
+        hiding = model(**{**batch, "attention_mask": hidden}).logits
+        plain = model(**batch).logits
+    real, words = flat["attention_mask"].bool(), ~torch.isin(flat["input_ids"], torch.tensor(SPECIAL))
+    assert mask.sum(1).tolist() == masked_counts((real & words).sum(1), 0.5).tolist()  # per choice
+    assert got["drop"].shape == plain.shape == (3, 2)
+    assert torch.equal(got["token"], with_tokens)
+    assert torch.equal(got["attention"], hiding)
+    torch.testing.assert_close(got["drop"], hiding, rtol=1e-5, atol=1e-5)
+    assert sub_lengths == 24 - int(mask.sum(1).min()) < 24
+    assert (hiding - plain).abs().max() > 1e-3, "hiding the tokens moves the logits"
+    assert torch.equal(wrapped["drop"](**batch).logits, plain), "the main pass is the plain model's"
 
 
 def test_drop_mode_refuses_a_quantized_ibert():

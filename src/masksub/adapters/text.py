@@ -80,6 +80,12 @@ def config_token_ids(model: nn.Module) -> set[int]:
     return found
 
 
+def rows(values: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """``values`` (given per token of input_ids of ``shape``, or broadcast to it: one row of position ids, one
+    language per sample) as (N, L), a row per sequence: per sample, or per choice of a multiple-choice head's."""
+    return None if values is None else values.expand(shape).reshape(-1, shape[-1])
+
+
 def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
     """Boolean (B, L) mask, True on ``num_masked(n_i, ratio)`` random maskable tokens of each row."""
     check_ratio(ratio)
@@ -217,30 +223,32 @@ class TokenMaskAdapter(MaskAdapter):
         if len(args) > 1:
             raise TypeError("the text mask adapter takes input_ids positionally and everything else by keyword")
         input_ids = args[0] if args else kwargs.get("input_ids")
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim not in (2, 3) or input_ids.is_floating_point():
             got = f"shape {tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else None
             raise ValueError(
-                f"the text mask adapter masks input_ids, a (batch, length) integer tensor; got {got} "
-                "(inputs_embeds are not supported: pass input_ids)"
+                f"the text mask adapter masks input_ids, a (batch, length) integer tensor (or (batch, choices, length) "
+                f"for a multiple-choice head); got {got} (inputs_embeds are not supported: pass input_ids)"
             )
+        shape = input_ids.shape  # each row of the last dimension is a sequence: a sample's, or one of its choices
         attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        if attention_mask is not None and attention_mask.shape != shape:
             raise ValueError(
-                f"the text mask adapter reads a (batch, length) attention_mask like input_ids "
-                f"{tuple(input_ids.shape)}, got shape {tuple(attention_mask.shape)}: custom 3-D or 4-D attention "
-                "masks (packed sequences) are not supported; pass the 2-D padding mask, or use sub='dropout'"
+                f"the text mask adapter reads an attention_mask of input_ids' shape {tuple(shape)}, got shape "
+                f"{tuple(attention_mask.shape)}: custom attention masks of more dimensions (packed sequences) are not "
+                "supported; pass the padding mask, or use sub='dropout'"
             )
         self.kept = None
-        mask = self.token_mask(input_ids, attention_mask, kwargs.get("token_type_ids"))
-        if self.mode == "drop" and not (self._ids and self._beyond_window(model, input_ids.shape[1])):
-            return self._run_kept(model, args, kwargs, input_ids, attention_mask, mask)
+        ids, attention_mask = rows(input_ids, shape), rows(attention_mask, shape)
+        mask = self.token_mask(ids, attention_mask, rows(kwargs.get("token_type_ids"), shape))
+        if self.mode == "drop" and not (self._ids and self._beyond_window(model, shape[-1])):
+            return self._run_kept(model, args, kwargs, shape, ids, attention_mask, mask)
         if self.mode == "token":
-            input_ids = input_ids.masked_fill(mask, self.mask_token_id)
+            input_ids = ids.masked_fill(mask, self.mask_token_id).view(shape)
             args, kwargs = ((input_ids,), kwargs) if args else ((), {**kwargs, "input_ids": input_ids})
         else:
             if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            kwargs = {**kwargs, "attention_mask": attention_mask.masked_fill(mask, 0)}
+                attention_mask = torch.ones_like(ids)
+            kwargs = {**kwargs, "attention_mask": attention_mask.masked_fill(mask, 0).view(shape)}
         return model(*args, **kwargs)
 
     def _beyond_window(self, model: nn.Module, length: int) -> bool:
@@ -295,11 +303,12 @@ class TokenMaskAdapter(MaskAdapter):
             mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
         return mask
 
-    def _run_kept(self, model, args, kwargs, input_ids, attention_mask, mask):
-        """The model on the kept tokens only: each sample's kept tokens in their order, then (where samples keep
+    def _run_kept(self, model, args, kwargs, shape, input_ids, attention_mask, mask):
+        """The model on the kept tokens only: each sequence's kept tokens in their order, then (where sequences keep
         different counts) masked ones hidden by the attention mask to fill the length. A BERT-family model drops
         them after its embeddings; a decoder gets the kept token ids with their own position ids, the fillers as
-        padding (which it never reads)."""
+        padding (which it never reads). ``input_ids``, ``attention_mask`` and ``mask`` are (N, L), one row a
+        sequence; what the model gets is in the input's ``shape`` (a multiple-choice head's (B, C, .))."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         length = input_ids.shape[1]
@@ -307,14 +316,16 @@ class TokenMaskAdapter(MaskAdapter):
         order = (mask.long() * length + position).argsort(dim=1)  # kept tokens first, each group in its order
         keep = order[:, : int(length - mask.sum(dim=1).min())]  # one sync: the batch's longest kept count
         valid = (attention_mask.bool() & ~mask).gather(1, keep)
-        kwargs = {**kwargs, "attention_mask": valid.to(attention_mask.dtype)}
+        lead = shape[:-1]
+        kwargs = {**kwargs, "attention_mask": valid.to(attention_mask.dtype).view(*lead, -1)}
         if self._ids:
             if kwargs.get("langs") is not None:  # XLM's and FlauBERT's language of each token
-                kwargs["langs"] = kwargs["langs"].expand_as(input_ids).gather(1, keep)
+                kwargs["langs"] = rows(kwargs["langs"], shape).gather(1, keep).view(*lead, -1)
             if kwargs.get("lengths") is not None:  # XLM's and FlauBERT's real lengths, which the mask says
-                kwargs["lengths"] = valid.sum(1)
+                kwargs["lengths"] = valid.sum(1).view(lead)
             if kwargs.get("token_type_ids") is not None:  # GPT-2's segments, Gemma 3's images: each keeps its own
-                kwargs["token_type_ids"] = types = kwargs["token_type_ids"].expand_as(input_ids).gather(1, keep)
+                types = rows(kwargs["token_type_ids"], shape).gather(1, keep)
+                kwargs["token_type_ids"] = types.view(*lead, -1)
                 if self._image_blocks:  # numbered as the model numbers them: images do not meet, the mask saw to it
                     image = types == 1
                     start = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
@@ -322,13 +333,14 @@ class TokenMaskAdapter(MaskAdapter):
             ids = input_ids.gather(1, keep)
             if self.pad_token_id is not None:
                 ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
+            ids = ids.view(*lead, -1)
             positions = kwargs.get("position_ids")
             if self._position_handle is not None:  # a classifier dropping position ids runs on the indices
                 positions = None
             if positions is not None or not self._by_mask:
-                positions = (position if positions is None else positions).expand_as(input_ids).gather(1, keep)
+                positions = rows(position if positions is None else positions, shape).gather(1, keep)
                 if self._position_handle is None:
-                    kwargs["position_ids"] = positions
+                    kwargs["position_ids"] = positions.view(*lead, -1)
             self._positions, self._valid = positions, valid
             try:
                 output = model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})

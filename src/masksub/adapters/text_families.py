@@ -47,9 +47,10 @@ DROP_ROPE_ENCODERS += ("modernvbert", "ultravbert")  # ModernBERT's and Ultraber
 DROP_POSITION_ENCODERS = ("xlm", "flaubert")
 DROP_ID_ENCODERS = DROP_ROPE_ENCODERS + DROP_POSITION_ENCODERS  # bidirectional: no token is held back
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
-# the heads mode "drop" takes: one prediction per sequence (from the token a classifier reads), or one per token (the
-# kept tokens' predictions go back to their places, and the loss leaves the dropped ones out: ``kept``)
-DROP_HEADS = ("ForSequenceClassification", "ForTokenClassification")
+# the heads mode "drop" takes: one prediction per sequence (from the token a classifier reads; a multiple-choice head's
+# per choice, each choice a sequence), or one per token (the kept tokens' predictions go back to their places, and the
+# loss leaves the dropped ones out: ``kept``)
+DROP_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForTokenClassification")
 
 
 def layer_types(config) -> list[str] | None:
@@ -134,7 +135,9 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
             "same masking, at the main pass's cost)"
         )
     if classifier and kind in DROP_POSITION_ENCODERS:
-        check_xlm(model)
+        check_summary(model)
+    if classifier and kind == "roformer" and type(model).__name__.endswith("ForMultipleChoice"):
+        check_summary(model)
     if classifier and kind == "big_bird":
         check_full_attention(model)
     if classifier and kind == "ibert" and model.config.quant_mode:
@@ -147,7 +150,7 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
-            f"mode='drop' shortens the sequence, which needs a sequence or token classifier of "
+            f"mode='drop' shortens the sequence, which needs a sequence, multiple-choice or token classifier of "
             f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
             f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE) or of "
             f"{', '.join(DROP_DECODERS)} (causal attention over position ids); {type(model).__name__} is not one: "
@@ -170,18 +173,20 @@ def check_full_attention(model: nn.Module) -> None:
         )
 
 
-def check_xlm(model: nn.Module) -> None:
-    """An error for an XLM or FlauBERT classifier on which dropping tokens would not compute what hiding them does:
-    a causal one (its attention masks by index, not by the attention mask) or a sequence summary read elsewhere
-    than from the first token (the last token, a mean over the padded length or attention over it)."""
+def check_summary(model: nn.Module) -> None:
+    """An error for a classifier that reads a sequence summary (XLM's and FlauBERT's heads, RoFormer's
+    multiple-choice head) on which dropping tokens would not compute what hiding them does: a summary read elsewhere
+    than from the first token (the last position, a mean over the padded length or attention over it), or a causal
+    XLM (its attention masks by index, not by the attention mask)."""
     config = model.config
-    summary = None if type(model).__name__.endswith("ForTokenClassification") else config.summary_type
-    if config.causal or summary not in (None, "first"):
+    token = type(model).__name__.endswith("ForTokenClassification")
+    summary = None if token else getattr(config, "summary_type", "last")  # RoFormer's head reads "last" unless set
+    if getattr(config, "causal", False) or summary not in (None, "first"):
         what = f"reads its sequence summary by summary_type={summary!r} (over positions the drop changes)"
-        if config.causal:
+        if getattr(config, "causal", False):
             what = "is causal (its attention does not hide masked tokens)"
         raise ValueError(
-            f"mode='drop' on {type(model).__name__}: its configuration {what}; mode='drop' takes XLM and FlauBERT "
-            "classifiers that are not causal and read the first token (summary_type='first', the default): use "
+            f"mode='drop' on {type(model).__name__}: its configuration {what}; mode='drop' takes a head that reads "
+            "the first token (summary_type='first', XLM's and FlauBERT's default) of a model that is not causal: use "
             "mode='attention' or mode='token'"
         )
