@@ -554,14 +554,19 @@ def test_summed_loss_refuses_dropsub_under_gradient_checkpointing(tmp_path):
 
 
 @needs_transformers_5
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "bert-choice"])
 def test_trainer_drops_the_masked_tokens_with_mode_drop(tmp_path, family):
     """mask_options={'mode': 'drop'}: each step's sub pass runs the model on the kept tokens only (a decoder gets
-    the kept ids with their position ids)."""
+    the kept ids with their position ids; a multiple-choice head each choice's)."""
     if family == "llama":
         from test_text import _decoder, _decoder_batch
 
         model, data = _decoder("llama").train(), {**_decoder_batch(left=False, batch=4), "labels": torch.arange(4) % 3}
+    elif family == "bert-choice":  # (batch, choices, length), as DataCollatorForMultipleChoice gives
+        from test_text import _multiple_choice
+
+        model, flat = _multiple_choice("bert").train(), text_batch(batch=4)
+        data = {**{k: v.view(2, 2, 20) for k, v in flat.items() if k != "labels"}, "labels": torch.tensor([0, 1])}
     else:
         model, data = tiny_text_model(**NO_DROPOUT), text_batch(batch=4)
     lengths = []
