@@ -4,12 +4,17 @@
     python examples/text_classification.py ... --sub none           # the plain Trainer, same settings
     python examples/text_classification.py --task token --model bert-base-cased \
         --train train.conll --valid valid.conll                      # tagging (NER, POS...), one tag per word
+    python examples/text_classification.py --task choice --model roberta-base \
+        --train train.csv --valid valid.csv                          # multiple choice (SWAG, RACE...)
 
 ``--task sequence`` (default): each CSV file has a header with the columns ``text`` and ``label``
 (any label strings). ``--task token``: CoNLL-style files, one word per line with its tag in the
 last column, a blank line between sentences (``-DOCSTART-`` lines are skipped); the first piece of
 each word carries its tag, the other pieces and the special tokens are labelled -100, and the
-accuracy is over words (for entity-level F1 use ``seqeval`` on the predictions). ``--model`` is a
+accuracy is over words (for entity-level F1 use ``seqeval`` on the predictions). ``--task choice``:
+CSV files with the columns ``text`` (the context or question), ``choice0``, ``choice1``... (two or
+more: the answers, each read after the text) and ``label`` (the index of the right one); each choice
+is masked as a sentence of its own. ``--model`` is a
 model name on the Hugging Face hub or a local folder written by ``save_pretrained``. With ``--sub
 mask`` each training batch also runs a sub branch that sees ``--ratio`` of every sentence's words
 replaced by the mask token (``--mode token``), hidden by the attention mask (``--mode attention``,
@@ -34,9 +39,11 @@ import torch
 import transformers
 from fashion_mnist import check_args  # the argument checks of the image examples
 from transformers import (
+    AutoModelForMultipleChoice,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
+    DataCollatorForMultipleChoice,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
 )
@@ -46,7 +53,12 @@ from masksub.hf import MaskSubTrainer
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="sequence", choices=["sequence", "token"], help="a label per text or per word")
+    p.add_argument(
+        "--task",
+        default="sequence",
+        choices=["sequence", "token", "choice"],
+        help="a label per text or per word, or the index of a text's right choice",
+    )
     p.add_argument("--model", required=True, help="hub name or local folder of a pretrained model")
     p.add_argument("--train", required=True, type=Path, help="CSV with columns text,label; CoNLL for --task token")
     p.add_argument("--valid", required=True, type=Path, help="CSV with columns text,label; CoNLL for --task token")
@@ -82,6 +94,32 @@ def read_csv(path: Path) -> tuple[list[str], list[str]]:
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
+def read_choices(path: Path) -> tuple[list[tuple[str, list[str]]], list[int]]:
+    """Each row's text with its choices (columns choice0, choice1...), and the index of its right choice."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; pass a CSV with a header row and the columns text,choice0,...,label")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        count = next(i for i in range(len(header) + 1) if f"choice{i}" not in header)
+        if not {"text", "label"} <= set(header) or count < 2:
+            raise SystemExit(
+                f"{path}: the header must name the columns text, choice0, choice1 (and more choices if any) and "
+                f"label, got {header}"
+            )
+        rows = list(reader)
+    if not rows:
+        raise SystemExit(f"{path}: no rows below the header")
+    labels = []
+    for n, row in enumerate(rows, start=2):
+        if not row["label"].strip().isdigit() or int(row["label"]) >= count:
+            raise SystemExit(
+                f"{path}:{n}: label must be the index of the right choice, 0 to {count - 1}, got {row['label']!r}"
+            )
+        labels.append(int(row["label"]))
+    return [(r["text"], [r[f"choice{i}"] for i in range(count)]) for r in rows], labels
+
+
 def read_conll(path: Path) -> tuple[list[list[str]], list[list[str]]]:
     """Sentences as word lists and their tags: one ``word ... tag`` line per word, blank lines between."""
     if not path.is_file():
@@ -107,7 +145,13 @@ class Encoded(torch.utils.data.Dataset):
     """Tokenized texts and their label ids (one per text, or one per token); padding is left to the collator."""
 
     def __init__(self, tokenizer, texts: list, labels: list, max_length: int, words: bool = False):
-        self.enc = tokenizer(texts, truncation=True, max_length=max_length, is_split_into_words=words)
+        if texts and isinstance(texts[0], tuple):  # multiple choice: a (text, choice) pair per choice, then per row
+            pairs = [(text, choice) for text, choices in texts for choice in choices]
+            flat = tokenizer(*map(list, zip(*pairs)), truncation=True, max_length=max_length)
+            count = len(texts[0][1])
+            self.enc = {k: [v[i : i + count] for i in range(0, len(v), count)] for k, v in flat.items()}
+        else:
+            self.enc = tokenizer(texts, truncation=True, max_length=max_length, is_split_into_words=words)
         self.labels = [self.align(i, tags) for i, tags in enumerate(labels)] if words else labels
 
     def align(self, i: int, tags: list[int]) -> list[int]:
@@ -126,29 +170,33 @@ class Encoded(torch.utils.data.Dataset):
 
 
 def accuracy(pred) -> dict:
-    """Accuracy over texts, or over the tagged words (positions labelled -100 are left out)."""
+    """Accuracy over texts (of their label or their right choice), or over the tagged words (positions labelled -100
+    are left out)."""
     labels = pred.label_ids
     kept = labels != -100
     return {"accuracy": float((np.argmax(pred.predictions, axis=-1)[kept] == labels[kept]).mean())}
 
 
 def read(args, path: Path) -> tuple[list, list]:
-    """Texts and label strings: one label per text, or per word with --task token."""
-    return read_conll(path) if args.task == "token" else read_csv(path)
+    """Texts and label strings: one label per text, or per word with --task token; with --task choice, texts with
+    their choices and the index of the right one."""
+    return {"token": read_conll, "choice": read_choices}.get(args.task, read_csv)(path)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     train_texts, train_labels = read(args, args.train)
     valid_texts, valid_labels = read(args, args.valid)
-    token = args.task == "token"
+    token, choice = args.task == "token", args.task == "choice"
     flat = (lambda rows: [y for row in rows for y in row]) if token else (lambda rows: rows)
     names = sorted(set(flat(train_labels)))
     unknown = sorted(set(flat(valid_labels)) - set(names))
-    if unknown:
+    if unknown and not choice:
         raise SystemExit(f"{args.valid}: labels {unknown} do not occur in {args.train}")
     ids = {name: i for i, name in enumerate(names)}
     to_ids = (lambda rows: [[ids[y] for y in row] for row in rows]) if token else (lambda rows: [ids[y] for y in rows])
+    if choice:  # the label is the right choice's index already
+        to_ids = list
     transformers.set_seed(args.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -162,6 +210,8 @@ def main(argv=None) -> dict:
         )
     auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
     labels = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id=ids)
+    if choice:  # one score per choice
+        auto, labels = AutoModelForMultipleChoice, {}
     # a head trained for other labels is replaced by a new one of the right size (transformers warns)
     model = auto.from_pretrained(args.model, **labels, ignore_mismatched_sizes=True)
     if model.config.get_text_config().pad_token_id is None:  # a decoder classifier reads the last non-padding token
@@ -180,13 +230,16 @@ def main(argv=None) -> dict:
         report_to=[],
         seed=args.seed,
     )
+    collator = {"token": DataCollatorForTokenClassification, "choice": DataCollatorForMultipleChoice}.get(
+        args.task, DataCollatorWithPadding
+    )
     common = dict(
         model=model,
         args=training,
         train_dataset=train,
         eval_dataset=valid,
         processing_class=tokenizer,
-        data_collator=DataCollatorForTokenClassification(tokenizer) if token else DataCollatorWithPadding(tokenizer),
+        data_collator=collator(tokenizer),
         compute_metrics=accuracy,
     )
     if args.sub == "none":

@@ -395,6 +395,59 @@ def test_token_example_names_a_bad_line(local_model_and_csvs):
         _load_example().main(argv)
 
 
+def _write_choices(path, n: int, seed: int = 0) -> None:
+    """A CSV of ``n`` questions with three answers each, the right one (an opinion of the film's kind) at random."""
+    g = torch.Generator().manual_seed(seed)
+    rows = ["text,choice0,choice1,choice2,label"]
+    for i in range(n):
+        answers, right = (
+            ["the plot was poor", "the film was awful", "the plot was bad"],
+            int(torch.randint(0, 3, (1,), generator=g)),
+        )
+        answers[right] = ("the film was good", "the film was great")[i % 2]
+        rows.append(f"the film was fine,{','.join(answers)},{right}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize(
+    "sub,mode", [("mask", "token"), pytest.param("mask", "drop", marks=needs_transformers_5), ("none", None)]
+)
+def test_multiple_choice_example_runs(local_model_and_csvs, sub, mode):
+    """--task choice: a text and its choices a row, each choice read after the text; the model's multiple-choice
+    head scores them, with each choice masked as a sentence of its own."""
+    d = local_model_and_csvs
+    _write_choices(d / "train_choices.csv", 12)
+    _write_choices(d / "valid_choices.csv", 6, seed=1)
+    argv = ["--task", "choice", "--model", str(d / "model"), "--train", str(d / "train_choices.csv")]
+    argv += ["--valid", str(d / "valid_choices.csv"), "--sub", sub, "--max-steps", "3", "--batch-size", "4"]
+    argv += ["--mode", mode] if mode else []
+    summary = _load_example().main([*argv, "--lr", "1e-3", "--out", str(d / f"choice-{sub}-{mode}")])
+    assert summary["task"] == "choice" and summary["mode"] == mode
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    saved = transformers.AutoModelForMultipleChoice.from_pretrained(d / f"choice-{sub}-{mode}" / "model")
+    assert saved.classifier.out_features == 1  # a score per choice
+
+
+def test_multiple_choice_example_pairs_each_choice_with_its_text_and_names_a_bad_label(local_model_and_csvs):
+    d = local_model_and_csvs
+    example = _load_example()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
+    encoded = example.Encoded(tokenizer, [("the film", ["was good", "was bad"])], [1], max_length=16)
+    rows = [tokenizer.convert_ids_to_tokens(ids) for ids in encoded[0]["input_ids"]]
+    assert rows == [
+        ["[CLS]", "the", "film", "[SEP]", "was", "good", "[SEP]"],
+        ["[CLS]", "the", "film", "[SEP]", "was", "bad", "[SEP]"],
+    ]
+    assert encoded[0]["labels"] == 1
+    (d / "bad.csv").write_text("text,choice0,choice1,label\nthe film,was good,was bad,2\n")
+    argv = ["--task", "choice", "--model", str(d / "model"), "--train", str(d / "bad.csv"), "--valid", "x"]
+    with pytest.raises(SystemExit, match=r"bad.csv:2: label must be the index of the right choice, 0 to 1, got '2'"):
+        example.main(argv)
+    (d / "bad.csv").write_text("text,choice0,label\nthe film,was good,0\n")
+    with pytest.raises(SystemExit, match="must name the columns text, choice0, choice1"):
+        example.main(argv)
+
+
 def test_text_classification_example_names_bad_csv(local_model_and_csvs):
     d = local_model_and_csvs
     (d / "bad.csv").write_text("sentence,label\nthe film,pos\n")
