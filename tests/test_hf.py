@@ -33,7 +33,7 @@ class Rows(torch.utils.data.Dataset):
         self.batch = batch
 
     def __len__(self):
-        return len(self.batch["labels"])
+        return len(next(iter(self.batch.values())))
 
     def __getitem__(self, i):
         return {k: v[i] for k, v in self.batch.items()}
@@ -184,6 +184,46 @@ def test_trainer_on_a_token_classifier_equals_the_per_token_loss_by_hand(tmp_pat
     per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
     main_loss = F.cross_entropy(main[labelled], labels[labelled], label_smoothing=0.1)
     (0.5 * main_loss + 0.5 * per_token[distilled].mean()).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_trainer_on_a_question_answering_model_equals_the_loss_by_hand(tmp_path):
+    """Extractive question answering (a batch of start_positions and end_positions, no labels): the main loss is the
+    model's own (the mean of the start's and the end's cross-entropy over the positions, one past the sequence left
+    out), and the sub branch learns the main branch's start and end distributions over the positions."""
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering(
+        transformers.BertConfig(**SMALL, max_position_embeddings=64, **NO_DROPOUT)
+    )
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    capture = GradsBeforeStep(model)
+    data = {k: v for k, v in text_batch(batch=4).items() if k != "labels"}
+    start = torch.randint(1, 8, (4,), generator=torch.Generator().manual_seed(1))
+    data["start_positions"], data["end_positions"] = start, start + 2
+    data["end_positions"][1] = 99  # past the sequence: no end loss for it, as in the model's own loss
+    trainer = _trainer(tmp_path, model, data)
+    trainer.add_callback(capture)
+    trainer.train()
+    model.zero_grad()
+    ids, sub_ids = seen
+    assert not torch.equal(ids, sub_ids)
+    order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in ids]  # the sampler's
+    starts, ends, attention = (
+        data["start_positions"][order],
+        data["end_positions"][order],
+        data["attention_mask"][order],
+    )
+    main = model(input_ids=ids, attention_mask=attention, start_positions=starts, end_positions=ends)
+    sub = model(input_ids=sub_ids, attention_mask=attention)
+    main_logits = torch.stack([main.start_logits, main.end_logits], 1).detach()
+    sub_logits = torch.stack([sub.start_logits, sub.end_logits], 1)
+    per_row = -(F.softmax(main_logits, -1) * F.log_softmax(sub_logits, -1)).sum(-1)  # (batch, start and end)
+    answered = torch.stack([starts, ends], 1) < 20
+    assert not answered.all()
+    (0.5 * main.loss + 0.5 * per_row[answered].mean()).backward()
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)

@@ -821,3 +821,27 @@ def test_a_distilled_deit_in_distilled_training_gets_the_fix_named():
         step(x, y)
     net.set_distilled_training(False)
     assert step(x, y)["updated"]
+
+
+def test_a_question_answering_model_trains_on_its_answer_positions():
+    """An extractive question-answering model's start and end logits are two predictions over the positions
+    (``logits_of``: (batch, 2, length)), and labels (batch, 2) give the answer's start and end: the main loss is the
+    model's own, and the sub branch learns both distributions."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import SMALL, text_batch, wrap_text
+
+    torch.manual_seed(0)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForQuestionAnswering(
+        transformers.BertConfig(**SMALL, max_position_embeddings=64, **no_dropout)
+    )
+    wrapped = wrap_text(model)
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())
+    batch = {k: v for k, v in text_batch(batch=4).items() if k != "labels"}
+    positions = torch.tensor([[1, 3], [2, 2], [5, 9], [4, 6]])
+    out = step({**batch, "labels": positions})
+    assert out["logits"].shape == (4, 2, 20)
+    own = model(**batch, start_positions=positions[:, 0], end_positions=positions[:, 1])
+    torch.testing.assert_close(out["loss_main"], own.loss.detach())
+    torch.testing.assert_close(out["logits"], torch.stack([own.start_logits, own.end_logits], 1).detach())
+    assert out["loss_sub"] > 0

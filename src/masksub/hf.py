@@ -11,7 +11,9 @@ about the plain Trainer's. Everything else is the Trainer's own: gradient accumu
 precision, DDP/FSDP through accelerate, logging (plus ``loss_main`` and ``loss_sub``), checkpoints.
 Where a second backward cannot work (DeepSpeed steps inside its backward; LOMO updates there; DDP's
 static graph) it returns the summed loss for one backward instead: same gradients, both graphs alive together.
-Evaluation and prediction use the plain model and its own loss. Nothing is added to the model, except
+An extractive question-answering batch (``start_positions`` and ``end_positions``, no ``labels``) trains on the
+model's own loss, its start and end logits each distilled over the positions. Evaluation and prediction use the
+plain model and its own loss. Nothing is added to the model, except
 for Swin, SwinV2 and FocalNet classifiers with ``sub="mask"``: a mask token in
 the slot their embeddings have for one (``swin.embeddings.mask_token``), which the Trainer's optimizer,
 DDP and checkpoints then hold; ``from_pretrained`` of the classifier leaves it out of the saved
@@ -40,8 +42,18 @@ from .loss import IGNORE_INDEX, SubBranchLoss, as_rows, distill
 from .step import logits_of
 from .wrapper import SubPassHold, check_one_backward, wrap
 
+# the labels of an extractive question-answering batch: its answer's first and last token
+ANSWER_POSITIONS = ("start_positions", "end_positions")
 # beside a PEFT checkpoint: the mask token the sub branch put into the base model, which PEFT does not save
 ADDED_PARAMETERS_NAME = "masksub_added_parameters.safetensors"
+
+
+def answer_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """An extractive question-answering model's own loss: the mean of the start's and the end's cross-entropy over
+    the positions, ``logits`` (B, 2, L) and ``positions`` (B, 2) (IGNORE_INDEX where past the sequence); no label
+    smoothing, as the plain Trainer smooths ``labels`` only."""
+    start, end = (F.cross_entropy(logits[:, i].float(), positions[:, i], ignore_index=IGNORE_INDEX) for i in (0, 1))
+    return (start + end) / 2
 
 
 def _saved_tensor_files(folder: str) -> dict[str, str] | None:
@@ -326,15 +338,18 @@ class MaskSubTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation and prediction: the plain model
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if "labels" not in inputs:
+        answers = "labels" not in inputs and set(ANSWER_POSITIONS) <= set(inputs)  # extractive question answering
+        if "labels" not in inputs and not answers:
             raise ValueError(
-                f"MaskSubTrainer trains on a batch with 'labels', and this one has {sorted(inputs)}: name the label "
-                "column 'labels' (or 'label', which the default collator renames)"
+                f"MaskSubTrainer trains on a batch with 'labels' (or a question-answering batch's 'start_positions' "
+                f"and 'end_positions'), and this one has {sorted(inputs)}: name the label column 'labels' (or "
+                "'label', which the default collator renames)"
             )
         self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
         branch = self._branch_on_current_model()
-        labels = inputs["labels"]
-        features = {k: v for k, v in inputs.items() if k != "labels"}
+        names = ANSWER_POSITIONS if answers else ("labels",)
+        labels = torch.stack([inputs[n] for n in ANSWER_POSITIONS], dim=1) if answers else inputs["labels"]
+        features = {k: v for k, v in inputs.items() if k not in names}
         two_backwards = self.memory_saving and torch.is_grad_enabled()
         # Unsynced main pass. In the summed order this matters too: DDP broadcasts buffers before each
         # synced forward, which would overwrite in place buffers the main graph saved.
@@ -347,9 +362,12 @@ class MaskSubTrainer(transformers.Trainer):
                     f"logits (batch, length, classes) with labels (batch, length); got logits {tuple(main.shape)} "
                     f"and labels {tuple(labels.shape)}"
                 )
-            multi_label = self._multi_label(labels)
+            if answers:  # positions past the sequence count for neither loss, as in the model's own
+                labels = labels.clamp(0, main.shape[-1])
+                labels = labels.masked_fill(labels == main.shape[-1], IGNORE_INDEX)
+            multi_label = not answers and self._multi_label(labels)
             weights = self.masksub_losses[multi_label]
-            loss_main = self._main_loss(main, labels, multi_label)
+            loss_main = answer_loss(main, labels) if answers else self._main_loss(main, labels, multi_label)
             if two_backwards:  # scaled as the Trainer scales the loss it back-propagates
                 self.accelerator.backward(weights.main_weight * loss_main / self._accumulation_steps())
                 loss_main = loss_main.detach()  # its graph is freed: the value is only reported

@@ -36,12 +36,16 @@ CLIP_MODES = ("norm", "value", "agc")
 
 
 def logits_of(output):
-    """The logits in a model's output: the tensor itself, a Hugging Face output's ``logits``, or a torchvision
-    segmentation model's ``out`` (dense logits)."""
+    """The logits in a model's output: the tensor itself, a Hugging Face output's ``logits``, an extractive
+    question-answering output's ``start_logits`` and ``end_logits`` as ``(batch, 2, length)`` (two predictions over
+    the positions, whose targets are ``(batch, 2)``: the answer's start and end), or a torchvision segmentation
+    model's ``out`` (dense logits)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping) and "logits" in output:
         return output["logits"]
+    if isinstance(output, Mapping) and output.get("start_logits") is not None and output.get("end_logits") is not None:
+        return torch.stack([output["start_logits"], output["end_logits"]], dim=1)
     hint = ""
     if isinstance(output, Mapping) and "out" in output and set(output) <= {"out", "aux"}:  # FCN, DeepLabV3, LRASPP
         if "aux" not in output:
