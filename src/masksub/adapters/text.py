@@ -239,7 +239,8 @@ class TokenMaskAdapter(MaskAdapter):
             )
         self.kept = None
         ids, attention_mask = rows(input_ids, shape), rows(attention_mask, shape)
-        mask = self.token_mask(ids, attention_mask, rows(kwargs.get("token_type_ids"), shape))
+        images = rows(kwargs.get("token_type_ids"), shape) if self._image_blocks else None  # (TAPAS's are 3-D)
+        mask = self.token_mask(ids, attention_mask, images)
         if self.mode == "drop" and not (self._ids and self._beyond_window(model, shape[-1])):
             return self._run_kept(model, args, kwargs, shape, ids, attention_mask, mask)
         if self.mode == "token":
