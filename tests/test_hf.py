@@ -395,6 +395,18 @@ def _write_conll(path, sentences):
     path.write_text("-DOCSTART- O\n\n" + "\n\n".join("\n".join(f"{w} {t}" for w, t in s) for s in sentences) + "\n")
 
 
+def _run_task(d, task: str, train: str, valid: str, sub: str, mode: str | None, batch_size: int):
+    """The example's ``task`` on the files ``train`` and ``valid`` in ``d`` for 3 steps, its summary checked; the
+    folder it saved the model to."""
+    argv = ["--task", task, "--model", str(d / "model"), "--train", str(d / train), "--valid", str(d / valid)]
+    argv += ["--sub", sub, "--max-steps", "3", "--batch-size", str(batch_size), *(["--mode", mode] if mode else [])]
+    out = d / f"{task}-{sub}-{mode}"
+    summary = _load_example().main([*argv, "--lr", "1e-3", "--out", str(out)])
+    assert summary["task"] == task and summary["mode"] == mode
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    return out / "model"
+
+
 @pytest.mark.parametrize(
     "sub,mode", [("mask", "token"), pytest.param("mask", "drop", marks=needs_transformers_5), ("none", None)]
 )
@@ -408,13 +420,8 @@ def test_token_classification_example_runs(local_model_and_csvs, sub, mode):
         sentences[0][0] = "good"  # every tag occurs in both splits
         sentences[0][1], sentences[0][2] = "bad", "the"
         _write_conll(d / f"{split}.conll", [[(w, tag.get(w, "O")) for w in s] for s in sentences])
-    argv = ["--task", "token", "--model", str(d / "model"), "--train", str(d / "train.conll")]
-    argv += ["--valid", str(d / "valid.conll"), "--sub", sub, "--max-steps", "3", "--batch-size", "8"]
-    argv += ["--mode", mode] if mode else []
-    summary = _load_example().main([*argv, "--lr", "1e-3", "--out", str(d / f"tok-{sub}-{mode}")])
-    assert summary["task"] == "token" and summary["mode"] == mode
-    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
-    saved = transformers.AutoModelForTokenClassification.from_pretrained(d / f"tok-{sub}-{mode}" / "model")
+    saved = _run_task(d, "token", "train.conll", "valid.conll", sub, mode, batch_size=8)
+    saved = transformers.AutoModelForTokenClassification.from_pretrained(saved)
     assert saved.config.id2label == {0: "B-NEG", 1: "B-POS", 2: "O"}
 
 
@@ -458,13 +465,8 @@ def test_multiple_choice_example_runs(local_model_and_csvs, sub, mode):
     d = local_model_and_csvs
     _write_choices(d / "train_choices.csv", 12)
     _write_choices(d / "valid_choices.csv", 6, seed=1)
-    argv = ["--task", "choice", "--model", str(d / "model"), "--train", str(d / "train_choices.csv")]
-    argv += ["--valid", str(d / "valid_choices.csv"), "--sub", sub, "--max-steps", "3", "--batch-size", "4"]
-    argv += ["--mode", mode] if mode else []
-    summary = _load_example().main([*argv, "--lr", "1e-3", "--out", str(d / f"choice-{sub}-{mode}")])
-    assert summary["task"] == "choice" and summary["mode"] == mode
-    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
-    saved = transformers.AutoModelForMultipleChoice.from_pretrained(d / f"choice-{sub}-{mode}" / "model")
+    saved = _run_task(d, "choice", "train_choices.csv", "valid_choices.csv", sub, mode, batch_size=4)
+    saved = transformers.AutoModelForMultipleChoice.from_pretrained(saved)
     assert saved.classifier.out_features == 1  # a score per choice
 
 
