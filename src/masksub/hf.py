@@ -348,7 +348,7 @@ class MaskSubTrainer(transformers.Trainer):
         self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
         branch = self._branch_on_current_model()
         names = ANSWER_POSITIONS if answers else ("labels",)
-        labels = torch.stack([inputs[n] for n in ANSWER_POSITIONS], dim=1) if answers else inputs["labels"]
+        labels = torch.stack([inputs[n].flatten() for n in ANSWER_POSITIONS], 1) if answers else inputs["labels"]
         features = {k: v for k, v in inputs.items() if k not in names}
         two_backwards = self.memory_saving and torch.is_grad_enabled()
         # Unsynced main pass. In the summed order this matters too: DDP broadcasts buffers before each
