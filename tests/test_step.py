@@ -845,3 +845,6 @@ def test_a_question_answering_model_trains_on_its_answer_positions():
     torch.testing.assert_close(out["loss_main"], own.loss.detach())
     torch.testing.assert_close(out["logits"], torch.stack([own.start_logits, own.end_logits], 1).detach())
     assert out["loss_sub"] > 0
+    torch.manual_seed(0)  # a question-answering batch as it comes: the positions are the target, kept from the model
+    again = step({**batch, "start_positions": positions[:, 0], "end_positions": positions[:, 1:]})
+    torch.testing.assert_close(again["loss_main"], out["loss_main"])

@@ -39,11 +39,9 @@ import transformers
 
 from .adapters import resolve_adapter
 from .loss import IGNORE_INDEX, SubBranchLoss, as_rows, distill
-from .step import logits_of
+from .step import ANSWER_POSITIONS, logits_of
 from .wrapper import SubPassHold, check_one_backward, wrap
 
-# the labels of an extractive question-answering batch: its answer's first and last token
-ANSWER_POSITIONS = ("start_positions", "end_positions")
 # beside a PEFT checkpoint: the mask token the sub branch put into the base model, which PEFT does not save
 ADDED_PARAMETERS_NAME = "masksub_added_parameters.safetensors"
 

@@ -68,12 +68,19 @@ def logits_of(output):
     )
 
 
+ANSWER_POSITIONS = ("start_positions", "end_positions")  # an extractive question-answering batch's labels
+
+
 def split_labels(x, target: torch.Tensor | None = None):
-    """``(inputs, target)``: a mapping's ``labels`` are the target when ``target`` is None, and never reach the
-    model (a Hugging Face model then computes no loss of its own)."""
+    """``(inputs, target)``: a mapping's ``labels`` (or, without them, an extractive question-answering batch's
+    ``start_positions`` and ``end_positions``, as ``(batch, 2)``) are the target when ``target`` is None, and never
+    reach the model (a Hugging Face model then computes no loss of its own)."""
     if isinstance(x, Mapping) and "labels" in x:
         target = x["labels"] if target is None else target
         x = {k: v for k, v in x.items() if k != "labels"}
+    elif isinstance(x, Mapping) and set(ANSWER_POSITIONS) <= set(x):
+        target = torch.stack([x[n].flatten() for n in ANSWER_POSITIONS], 1) if target is None else target
+        x = {k: v for k, v in x.items() if k not in ANSWER_POSITIONS}
     return x, target
 
 
