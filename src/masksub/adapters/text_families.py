@@ -134,18 +134,8 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
             f"fails), and this is {'.'.join(map(str, version))}: upgrade transformers, or use mode='attention' (the "
             "same masking, at the main pass's cost)"
         )
-    if classifier and kind in DROP_POSITION_ENCODERS:
-        check_summary(model)
-    if classifier and kind == "roformer" and type(model).__name__.endswith("ForMultipleChoice"):
-        check_summary(model)
-    if classifier and kind == "big_bird":
-        check_full_attention(model)
-    if classifier and kind == "ibert" and model.config.quant_mode:
-        raise ValueError(
-            f"mode='drop' on {type(model).__name__}: its configuration sets quant_mode, whose activation ranges are "
-            "taken over the whole sequence in training (hidden tokens count there, dropped ones would not), so its "
-            "sub pass would compute other logits than hiding the tokens; use mode='attention', or quant_mode=False"
-        )
+    if classifier and kind in CONFIGURATION_CHECKS:
+        CONFIGURATION_CHECKS[kind](model)
     if classifier and kind in DROP_DECODERS + DROP_ID_ENCODERS:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
@@ -157,6 +147,23 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
             "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
+
+
+def check_integer_only(model: nn.Module) -> None:
+    """An error for an I-BERT classifier in its integer-only mode, whose activation ranges are taken over the whole
+    sequence in training: hidden tokens count there, dropped ones would not."""
+    if model.config.quant_mode:
+        raise ValueError(
+            f"mode='drop' on {type(model).__name__}: its configuration sets quant_mode, whose activation ranges are "
+            "taken over the whole sequence in training (hidden tokens count there, dropped ones would not), so its "
+            "sub pass would compute other logits than hiding the tokens; use mode='attention', or quant_mode=False"
+        )
+
+
+def check_roformer_head(model: nn.Module) -> None:
+    """RoFormer's multiple-choice head reads a sequence summary (its other heads the first token or every token)."""
+    if type(model).__name__.endswith("ForMultipleChoice"):
+        check_summary(model)
 
 
 def check_full_attention(model: nn.Module) -> None:
@@ -190,3 +197,13 @@ def check_summary(model: nn.Module) -> None:
             "the first token (summary_type='first', XLM's and FlauBERT's default) of a model that is not causal: use "
             "mode='attention' or mode='token'"
         )
+
+
+# model types of which mode="drop" takes some configurations only: the check that refuses the others, naming why
+CONFIGURATION_CHECKS = {
+    "xlm": check_summary,
+    "flaubert": check_summary,
+    "roformer": check_roformer_head,
+    "big_bird": check_full_attention,
+    "ibert": check_integer_only,
+}
