@@ -6,6 +6,8 @@
         --train train.conll --valid valid.conll                      # tagging (NER, POS...), one tag per word
     python examples/text_classification.py --task choice --model roberta-base \
         --train train.csv --valid valid.csv                          # multiple choice (SWAG, RACE...)
+    python examples/text_classification.py --task qa --model bert-base-uncased \
+        --train train.csv --valid valid.csv                          # extractive question answering (SQuAD)
 
 ``--task sequence`` (default): each CSV file has a header with the columns ``text`` and ``label``
 (any label strings). ``--task token``: CoNLL-style files, one word per line with its tag in the
@@ -14,7 +16,10 @@ each word carries its tag, the other pieces and the special tokens are labelled 
 accuracy is over words (for entity-level F1 use ``seqeval`` on the predictions). ``--task choice``:
 CSV files with the columns ``text`` (the context or question), ``choice0``, ``choice1``... (two or
 more: the answers, each read after the text) and ``label`` (the index of the right one); each choice
-is masked as a sentence of its own. ``--model`` is a
+is masked as a sentence of its own. ``--task qa``: CSV files with the columns ``question``,
+``context`` and ``answer`` (a span of the context, its first occurrence); the model predicts the
+answer's first and last token in the context (the [CLS] token where truncation cut the answer off),
+and the accuracy counts answers whose both ends it finds. ``--model`` is a
 model name on the Hugging Face hub or a local folder written by ``save_pretrained``. With ``--sub
 mask`` each training batch also runs a sub branch that sees ``--ratio`` of every sentence's words
 replaced by the mask token (``--mode token``), hidden by the attention mask (``--mode attention``,
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -40,6 +46,7 @@ import transformers
 from fashion_mnist import check_args  # the argument checks of the image examples
 from transformers import (
     AutoModelForMultipleChoice,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -56,8 +63,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--task",
         default="sequence",
-        choices=["sequence", "token", "choice"],
-        help="a label per text or per word, or the index of a text's right choice",
+        choices=["sequence", "token", "choice", "qa"],
+        help="a label per text or per word, the index of a text's right choice, or an answer's span in a context",
     )
     p.add_argument("--model", required=True, help="hub name or local folder of a pretrained model")
     p.add_argument("--train", required=True, type=Path, help="CSV with columns text,label; CoNLL for --task token")
@@ -120,6 +127,28 @@ def read_choices(path: Path) -> tuple[list[tuple[str, list[str]]], list[int]]:
     return [(r["text"], [r[f"choice{i}"] for i in range(count)]) for r in rows], labels
 
 
+def read_answers(path: Path) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
+    """Each row's question and context, and its answer's span in the context in characters (first occurrence)."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; pass a CSV with a header row and the columns question,context,answer")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"question", "context", "answer"} <= set(reader.fieldnames):
+            raise SystemExit(
+                f"{path}: the header must name the columns question, context and answer, got {reader.fieldnames}"
+            )
+        rows = list(reader)
+    if not rows:
+        raise SystemExit(f"{path}: no rows below the header")
+    spans = []
+    for n, row in enumerate(rows, start=2):
+        start = row["context"].find(row["answer"]) if row["answer"] else -1
+        if start < 0:
+            raise SystemExit(f"{path}:{n}: the answer {row['answer']!r} is not a span of the context")
+        spans.append((start, start + len(row["answer"])))
+    return [(r["question"], r["context"]) for r in rows], spans
+
+
 def read_conll(path: Path) -> tuple[list[list[str]], list[list[str]]]:
     """Sentences as word lists and their tags: one ``word ... tag`` line per word, blank lines between."""
     if not path.is_file():
@@ -169,6 +198,41 @@ class Encoded(torch.utils.data.Dataset):
         return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
 
 
+class Answers(torch.utils.data.Dataset):
+    """Tokenized (question, context) pairs, the context truncated, with their answer's first and last token (0, the
+    [CLS] token, for both where truncation cut the answer off)."""
+
+    def __init__(self, tokenizer, pairs: list[tuple[str, str]], spans: list[tuple[int, int]], max_length: int):
+        questions, contexts = map(list, zip(*pairs))
+        enc = tokenizer(
+            questions, contexts, truncation="only_second", max_length=max_length, return_offsets_mapping=True
+        )
+        offsets = enc.pop("offset_mapping")
+        self.positions = [self.tokens(enc.sequence_ids(i), offsets[i], span) for i, span in enumerate(spans)]
+        self.enc = enc
+
+    @staticmethod
+    def tokens(sequence: list, offsets: list, span: tuple[int, int]) -> tuple[int, int]:
+        """The first and last context token of the character span ``span``, or (0, 0) where it is not all there."""
+        inside = [i for i, (a, b) in enumerate(offsets) if sequence[i] == 1 and a < span[1] and b > span[0]]
+        whole = inside and offsets[inside[0]][0] <= span[0] and offsets[inside[-1]][1] >= span[1]
+        return (inside[0], inside[-1]) if whole else (0, 0)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict:
+        start, end = self.positions[i]
+        return {**{k: v[i] for k, v in self.enc.items()}, "start_positions": start, "end_positions": end}
+
+
+def span_accuracy(pred) -> dict:
+    """The share of answers whose first and last token the model scores highest."""
+    (start, end), (true_start, true_end) = pred.predictions, pred.label_ids
+    hit = (start.argmax(-1) == true_start) & (end.argmax(-1) == true_end)
+    return {"accuracy": float(hit.mean())}
+
+
 def accuracy(pred) -> dict:
     """Accuracy over texts (of their label or their right choice), or over the tagged words (positions labelled -100
     are left out)."""
@@ -180,22 +244,22 @@ def accuracy(pred) -> dict:
 def read(args, path: Path) -> tuple[list, list]:
     """Texts and label strings: one label per text, or per word with --task token; with --task choice, texts with
     their choices and the index of the right one."""
-    return {"token": read_conll, "choice": read_choices}.get(args.task, read_csv)(path)
+    return {"token": read_conll, "choice": read_choices, "qa": read_answers}.get(args.task, read_csv)(path)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     train_texts, train_labels = read(args, args.train)
     valid_texts, valid_labels = read(args, args.valid)
-    token, choice = args.task == "token", args.task == "choice"
+    token, indexed = args.task == "token", args.task in ("choice", "qa")  # choice: indices, qa: spans
     flat = (lambda rows: [y for row in rows for y in row]) if token else (lambda rows: rows)
     names = sorted(set(flat(train_labels)))
     unknown = sorted(set(flat(valid_labels)) - set(names))
-    if unknown and not choice:
+    if unknown and not indexed:
         raise SystemExit(f"{args.valid}: labels {unknown} do not occur in {args.train}")
     ids = {name: i for i, name in enumerate(names)}
     to_ids = (lambda rows: [[ids[y] for y in row] for row in rows]) if token else (lambda rows: [ids[y] for y in rows])
-    if choice:  # the label is the right choice's index already
+    if indexed:  # the right choice's index, or the answer's span
         to_ids = list
     transformers.set_seed(args.seed)
     try:
@@ -204,20 +268,21 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: cannot load the tokenizer of --model {args.model}: {e}") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoders (Llama, Qwen...): batches pad with the end token
-    if token and not tokenizer.is_fast:
+    if args.task in ("token", "qa") and not tokenizer.is_fast:
         raise SystemExit(
-            f"--task token aligns tags to word pieces, which needs a fast tokenizer; {args.model} has none"
+            f"--task {args.task} aligns its labels to word pieces, which needs a fast tokenizer; {args.model} has none"
         )
     auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
     labels = dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id=ids)
-    if choice:  # one score per choice
-        auto, labels = AutoModelForMultipleChoice, {}
+    if indexed:  # one score per choice, or per position for the answer's start and end
+        auto, labels = AutoModelForMultipleChoice if args.task == "choice" else AutoModelForQuestionAnswering, {}
     # a head trained for other labels is replaced by a new one of the right size (transformers warns)
     model = auto.from_pretrained(args.model, **labels, ignore_mismatched_sizes=True)
     if model.config.get_text_config().pad_token_id is None:  # a decoder classifier reads the last non-padding token
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    train = Encoded(tokenizer, train_texts, to_ids(train_labels), args.max_length, words=token)
-    valid = Encoded(tokenizer, valid_texts, to_ids(valid_labels), args.max_length, words=token)
+    dataset = Answers if args.task == "qa" else functools.partial(Encoded, words=token)
+    train = dataset(tokenizer, train_texts, to_ids(train_labels), args.max_length)
+    valid = dataset(tokenizer, valid_texts, to_ids(valid_labels), args.max_length)
     training = transformers.TrainingArguments(
         output_dir=args.out,
         num_train_epochs=args.epochs,
@@ -240,7 +305,7 @@ def main(argv=None) -> dict:
         eval_dataset=valid,
         processing_class=tokenizer,
         data_collator=collator(tokenizer),
-        compute_metrics=accuracy,
+        compute_metrics=span_accuracy if args.task == "qa" else accuracy,
     )
     if args.sub == "none":
         trainer = transformers.Trainer(**common)

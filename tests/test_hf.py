@@ -23,6 +23,7 @@ from conftest import (
     token_labels,
 )
 
+from masksub.adapters.text_families import transformers_version
 from masksub.hf import MaskSubTrainer
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -488,6 +489,52 @@ def test_multiple_choice_example_pairs_each_choice_with_its_text_and_names_a_bad
     (d / "bad.csv").write_text("text,choice0,label\nthe film,was good,0\n")
     with pytest.raises(SystemExit, match="must name the columns text, choice0, choice1"):
         example.main(argv)
+
+
+def _write_answers(path, n: int, seed: int = 0) -> None:
+    """A CSV of ``n`` questions on a context of words, each answered by the one opinion word in its context."""
+    g = torch.Generator().manual_seed(seed)
+    rows = ["question,context,answer"]
+    for i in range(n):
+        opinion = ("good", "great", "bad", "awful")[i % 4]
+        words = ["the", "film", "was", "plot", "fine"]
+        words.insert(int(torch.randint(0, 6, (1,), generator=g)), opinion)
+        rows.append(f"the film was,{' '.join(words)},{opinion}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize("sub,mode", [("mask", "token"), ("mask", "attention"), ("none", None)])
+def test_question_answering_example_runs(local_model_and_csvs, sub, mode):
+    """--task qa: a question and its context a row, the answer a span of the context; the model's start and end
+    logits over the positions train on its first and last token, the sub branch's on the same masked words."""
+    d = local_model_and_csvs
+    _write_answers(d / "train_qa.csv", 12)
+    _write_answers(d / "valid_qa.csv", 6, seed=1)
+    saved = _run_task(d, "qa", "train_qa.csv", "valid_qa.csv", sub, mode, batch_size=4)
+    assert transformers.AutoModelForQuestionAnswering.from_pretrained(saved).qa_outputs.out_features == 2
+
+
+def test_question_answering_example_finds_each_answers_tokens_and_names_bad_input(local_model_and_csvs):
+    d = local_model_and_csvs
+    example = _load_example()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
+    pairs, spans = [("the film", "the plot was good")] * 2, [(13, 17), (4, 12)]  # "good"; "plot was"
+    answers = example.Answers(tokenizer, pairs, spans, max_length=16)
+    assert tokenizer.convert_ids_to_tokens(answers[0]["input_ids"]) == [
+        *("[CLS]", "the", "film", "[SEP]", "the", "plot", "was", "good", "[SEP]")
+    ]
+    assert [(a["start_positions"], a["end_positions"]) for a in answers] == [(7, 7), (5, 6)]
+    cut = example.Answers(tokenizer, pairs, spans, max_length=7)  # the context cut after "plot"
+    assert [(a["start_positions"], a["end_positions"]) for a in cut] == [(0, 0), (0, 0)]
+    (d / "bad.csv").write_text("question,context,answer\nthe film,the plot was good,great\n")
+    argv = ["--task", "qa", "--model", str(d / "model"), "--train", str(d / "bad.csv"), "--valid", "x"]
+    with pytest.raises(SystemExit, match=r"bad.csv:2: the answer 'great' is not a span of the context"):
+        example.main(argv)
+    _write_answers(d / "qa.csv", 4)
+    argv = ["--task", "qa", "--model", str(d / "model"), "--train", str(d / "qa.csv"), "--valid", str(d / "qa.csv")]
+    if transformers_version() >= (5,):
+        with pytest.raises(ValueError, match="BertForQuestionAnswering is not one"):  # drop mode would move the answer
+            example.main([*argv, "--mode", "drop", "--out", str(d / "qa-drop")])
 
 
 def test_text_classification_example_names_bad_csv(local_model_and_csvs):
