@@ -1,4 +1,4 @@
-"""Fine-tune a Hugging Face text classifier or tagger with MaskSub in the Trainer, and print its accuracy.
+"""Fine-tune a Hugging Face text classifier, tagger, multiple-choice or question-answering model with MaskSub.
 
     python examples/text_classification.py --model bert-base-uncased --train train.csv --valid valid.csv
     python examples/text_classification.py ... --sub none           # the plain Trainer, same settings
