@@ -38,6 +38,7 @@ import argparse
 import csv
 import functools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
-    DataCollatorForMultipleChoice,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
 )
@@ -247,6 +247,18 @@ def read(args, path: Path) -> tuple[list, list]:
     return {"token": read_conll, "choice": read_choices, "qa": read_answers}.get(args.task, read_csv)(path)
 
 
+def choice_collator():
+    """transformers' collator of multiple-choice batches, (batch, choices, length), where it has one."""
+    try:
+        from transformers import DataCollatorForMultipleChoice
+    except ImportError:  # transformers 4.48 has none
+        return lambda tokenizer: sys.exit(
+            f"--task choice pads batches with transformers' DataCollatorForMultipleChoice, which transformers "
+            f"{transformers.__version__} lacks: upgrade transformers"
+        )
+    return DataCollatorForMultipleChoice
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     train_texts, train_labels = read(args, args.train)
@@ -295,7 +307,7 @@ def main(argv=None) -> dict:
         report_to=[],
         seed=args.seed,
     )
-    collator = {"token": DataCollatorForTokenClassification, "choice": DataCollatorForMultipleChoice}.get(
+    collator = {"token": DataCollatorForTokenClassification, "choice": choice_collator()}.get(
         args.task, DataCollatorWithPadding
     )
     common = dict(
