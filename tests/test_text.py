@@ -853,7 +853,7 @@ def _multiple_choice(family: str) -> torch.nn.Module:
 CHOICE_CASES = [
     f for f in DROP_FAMILIES if _with_token_classifier(RELATIVE_CASES.get(f, (f,))[:1], "AutoModelForMultipleChoice")
 ]
-CHOICE_CASES += ["modernbert", "xlm", "flaubert"]
+CHOICE_CASES += _with_token_classifier(("modernbert", "xlm", "flaubert"), "AutoModelForMultipleChoice")
 
 
 @pytest.mark.parametrize("family", CHOICE_CASES)
