@@ -88,35 +88,32 @@ def parse_args(argv=None):
     return check_args(p, p.parse_args(argv), ("batch_size", "max_length"))
 
 
-def read_csv(path: Path) -> tuple[list[str], list[str]]:
+def csv_rows(path: Path, *columns: str) -> tuple[list[dict], list[str]]:
+    """The rows of the CSV file at ``path`` and its header, which must name ``columns``; else an exit naming what
+    is wrong."""
+    names = f"{', '.join(columns[:-1])} and {columns[-1]}"
     if not path.is_file():
-        raise SystemExit(f"{path}: no such file; pass a CSV with a header row and the columns text,label")
+        raise SystemExit(f"{path}: no such file; pass a CSV with a header row and the columns {names}")
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-            raise SystemExit(f"{path}: the header must name the columns text and label, got {reader.fieldnames}")
+        header = reader.fieldnames or []
+        if not set(columns) <= set(header):
+            raise SystemExit(f"{path}: the header must name the columns {names}, got {header}")
         rows = list(reader)
     if not rows:
         raise SystemExit(f"{path}: no rows below the header")
+    return rows, header
+
+
+def read_csv(path: Path) -> tuple[list[str], list[str]]:
+    rows, _ = csv_rows(path, "text", "label")
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
 def read_choices(path: Path) -> tuple[list[tuple[str, list[str]]], list[int]]:
-    """Each row's text with its choices (columns choice0, choice1...), and the index of its right choice."""
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such file; pass a CSV with a header row and the columns text,choice0,...,label")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        count = next(i for i in range(len(header) + 1) if f"choice{i}" not in header)
-        if not {"text", "label"} <= set(header) or count < 2:
-            raise SystemExit(
-                f"{path}: the header must name the columns text, choice0, choice1 (and more choices if any) and "
-                f"label, got {header}"
-            )
-        rows = list(reader)
-    if not rows:
-        raise SystemExit(f"{path}: no rows below the header")
+    """Each row's text with its choices (columns choice0, choice1... two or more), and the index of its right one."""
+    rows, header = csv_rows(path, "text", "choice0", "choice1", "label")
+    count = next(i for i in range(len(header) + 1) if f"choice{i}" not in header)
     labels = []
     for n, row in enumerate(rows, start=2):
         if not row["label"].strip().isdigit() or int(row["label"]) >= count:
@@ -129,17 +126,7 @@ def read_choices(path: Path) -> tuple[list[tuple[str, list[str]]], list[int]]:
 
 def read_answers(path: Path) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
     """Each row's question and context, and its answer's span in the context in characters (first occurrence)."""
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such file; pass a CSV with a header row and the columns question,context,answer")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"question", "context", "answer"} <= set(reader.fieldnames):
-            raise SystemExit(
-                f"{path}: the header must name the columns question, context and answer, got {reader.fieldnames}"
-            )
-        rows = list(reader)
-    if not rows:
-        raise SystemExit(f"{path}: no rows below the header")
+    rows, _ = csv_rows(path, "question", "context", "answer")
     spans = []
     for n, row in enumerate(rows, start=2):
         start = row["context"].find(row["answer"]) if row["answer"] else -1
