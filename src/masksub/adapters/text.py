@@ -49,11 +49,11 @@ from torch import nn
 from ..masking import check_ratio, gather_tokens, masked_counts
 from .registry import MaskAdapter, register_adapter
 from .text_families import (
+    CONFIGURATION_CHECKS,
     DROP_ID_ENCODERS,
     MASK_POSITION_DECODERS,
     MASKED_KERNELS,
     RELATIVE_MODELS,
-    check_full_attention,
     classifier_of,
     drop_embeddings,
     position_ids_target,
@@ -310,6 +310,9 @@ class TokenMaskAdapter(MaskAdapter):
         them after its embeddings; a decoder gets the kept token ids with their own position ids, the fillers as
         padding (which it never reads). ``input_ids``, ``attention_mask`` and ``mask`` are (N, L), one row a
         sequence; what the model gets is in the input's ``shape`` (a multiple-choice head's (B, C, .))."""
+        check = CONFIGURATION_CHECKS.get(model.config.model_type)
+        if check is not None:  # a setting changed since wrapping? (BigBird's set_attention_type)
+            check(model)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         length = input_ids.shape[1]
@@ -348,8 +351,6 @@ class TokenMaskAdapter(MaskAdapter):
             finally:
                 self._positions = self._valid = self._blocks = self._window_cache = None
         else:
-            if model.config.model_type == "big_bird":  # set back to block-sparse attention since wrapping?
-                check_full_attention(model)
             self._keep, self._full_mask = keep, attention_mask.masked_fill(mask, 0)
             try:
                 output = self.run_with_hooks_active(model, *args, **kwargs)
