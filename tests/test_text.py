@@ -743,18 +743,18 @@ def _token_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     return _as_token_classifier(_drop_family(family)), {**inputs(text_batch(6, 24)), **_extra_inputs(family, 6, 24)}
 
 
-def _with_token_classifier(kinds: tuple[str, ...], auto: str = "AutoModelForTokenClassification") -> list[str]:
-    """The model types among ``kinds`` that the installed transformers has a token classifier (or ``auto``'s head)
-    for."""
+def _with_head(kinds: tuple[str, ...], auto: str = "AutoModelForTokenClassification") -> list[str]:
+    """The model types among ``kinds`` that the installed transformers has ``auto``'s head for (a token classifier
+    by default)."""
     import transformers
 
     have = set(getattr(transformers, auto)._model_mapping)  # configuration classes
     return [k for k in kinds if k in transformers.CONFIG_MAPPING and transformers.CONFIG_MAPPING[k] in have]
 
 
-TOKEN_DROP_CASES = [f for f in DROP_FAMILIES if _with_token_classifier(RELATIVE_CASES.get(f, (f,))[:1])]  # not TAPAS
+TOKEN_DROP_CASES = [f for f in DROP_FAMILIES if _with_head(RELATIVE_CASES.get(f, (f,))[:1])]  # not TAPAS
 TOKEN_DROP_CASES += ["modernbert", *dict(ROPE_ENCODER_CASES)]  # the multimodal and XLM: below
-TOKEN_DROP_CASES += _with_token_classifier(masksub.adapters.text_families.DROP_DECODERS)
+TOKEN_DROP_CASES += _with_head(masksub.adapters.text_families.DROP_DECODERS)
 
 
 @pytest.mark.parametrize("family", TOKEN_DROP_CASES)
@@ -850,10 +850,8 @@ def _multiple_choice(family: str) -> torch.nn.Module:
     return model
 
 
-CHOICE_CASES = [
-    f for f in DROP_FAMILIES if _with_token_classifier(RELATIVE_CASES.get(f, (f,))[:1], "AutoModelForMultipleChoice")
-]
-CHOICE_CASES += _with_token_classifier(("modernbert", "xlm", "flaubert"), "AutoModelForMultipleChoice")
+CHOICE_CASES = [f for f in DROP_FAMILIES if _with_head(RELATIVE_CASES.get(f, (f,))[:1], "AutoModelForMultipleChoice")]
+CHOICE_CASES += _with_head(("modernbert", "xlm", "flaubert"), "AutoModelForMultipleChoice")
 
 
 @pytest.mark.parametrize("family", CHOICE_CASES)
