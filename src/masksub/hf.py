@@ -39,7 +39,7 @@ import transformers
 
 from .adapters import resolve_adapter
 from .loss import IGNORE_INDEX, SubBranchLoss, as_rows, distill
-from .step import ANSWER_POSITIONS, logits_of
+from .step import ANSWER_POSITIONS, logits_of, split_labels
 from .wrapper import SubPassHold, check_one_backward, wrap
 
 # beside a PEFT checkpoint: the mask token the sub branch put into the base model, which PEFT does not save
@@ -345,9 +345,7 @@ class MaskSubTrainer(transformers.Trainer):
             )
         self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
         branch = self._branch_on_current_model()
-        names = ANSWER_POSITIONS if answers else ("labels",)
-        labels = torch.stack([inputs[n].flatten() for n in ANSWER_POSITIONS], 1) if answers else inputs["labels"]
-        features = {k: v for k, v in inputs.items() if k not in names}
+        features, labels = split_labels(inputs)  # labels, or the answer positions as (batch, 2)
         two_backwards = self.memory_saving and torch.is_grad_enabled()
         # Unsynced main pass. In the summed order this matters too: DDP broadcasts buffers before each
         # synced forward, which would overwrite in place buffers the main graph saved.
