@@ -221,6 +221,39 @@ def tiny_token_model(seed: int = 0, **overrides) -> torch.nn.Module:
     return transformers.BertForTokenClassification(config)
 
 
+LANGUAGE_MODELS = {  # kind: the auto class and a tiny configuration (padding PAD, start CLS, end SEP)
+    "llama": ("AutoModelForCausalLM", dict(SMALL, num_key_value_heads=2)),
+    "gpt2": ("AutoModelForCausalLM", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64)),
+    "bert": ("AutoModelForCausalLM", dict(SMALL, is_decoder=True, max_position_embeddings=64)),  # BertLMHeadModel
+    "xlm": ("AutoModelForCausalLM", dict(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2)),  # scored unshifted
+    "t5": ("AutoModelForSeq2SeqLM", dict(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)),
+    "bart": (
+        "AutoModelForSeq2SeqLM",
+        dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2)
+        | dict(decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
+    ),
+}
+
+
+def tiny_language_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny Hugging Face language model of ``LANGUAGE_MODELS``: causal, or an encoder-decoder."""
+    import transformers
+
+    auto, sizes = LANGUAGE_MODELS[kind]
+    ids = dict(pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, decoder_start_token_id=PAD)
+    config = transformers.AutoConfig.for_model(kind, **{**sizes, **ids, **overrides})
+    torch.manual_seed(seed)
+    return getattr(transformers, auto).from_config(config)
+
+
+def lm_labels(batch: dict[str, torch.Tensor], prompt: int = 4) -> dict[str, torch.Tensor]:
+    """``batch`` with a causal language model's labels: its input ids, -100 (no loss) on the first ``prompt``
+    positions (a prompt, in supervised fine-tuning) and on the padding."""
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, :prompt] = -100
+    return {**batch, "labels": labels}
+
+
 def token_labels(batch: dict[str, torch.Tensor], seed: int = 2) -> dict[str, torch.Tensor]:
     """``batch`` with a label per word and -100 (no label) at [CLS], [SEP] and padding, and at every third
     word (a continued sub-word, as word-level tagging labels only the first piece)."""

@@ -14,10 +14,12 @@ from conftest import (
     MASK,
     SMALL,
     SPECIAL,
+    lm_labels,
     needs_transformers_5,
     peak_bytes,
     run_worker,
     text_batch,
+    tiny_language_model,
     tiny_text_model,
     tiny_token_model,
     token_labels,
@@ -225,6 +227,37 @@ def test_trainer_on_a_question_answering_model_equals_the_loss_by_hand(tmp_path)
     answered = torch.stack([starts, ends[:, 0]], 1) < 20
     assert not answered.all()
     (0.5 * main.loss + 0.5 * per_row[answered].mean()).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_trainer_on_a_language_model_equals_the_loss_by_hand(tmp_path, kind):
+    """Supervised fine-tuning of a causal language model (labels: the input ids, none on the prompt), or an
+    encoder-decoder (labels: the target): the main loss is the model's own, the sub branch (its source's words
+    masked) learns the main branch's distribution of each labelled token; the configuration is left alone."""
+    model = tiny_language_model(kind, dropout_rate=0.0) if kind == "t5" else tiny_language_model(kind)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    capture = GradsBeforeStep(model)
+    data = lm_labels(text_batch(batch=4, length=16))
+    if kind == "t5":  # a target of its own
+        data["labels"] = text_batch(batch=4, length=10, seed=5)["input_ids"]
+    trainer = _trainer(tmp_path, model, data)
+    trainer.add_callback(capture)
+    trainer.train()
+    assert model.config.problem_type is None
+    model.zero_grad()
+    ids, sub_ids = seen
+    assert not torch.equal(ids, sub_ids)
+    order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in ids]  # the sampler's
+    labels, attention = data["labels"][order], data["attention_mask"][order]
+    main = model(input_ids=ids, attention_mask=attention, labels=labels)
+    sub = model(input_ids=sub_ids, attention_mask=attention, labels=labels).logits
+    target = labels if kind == "t5" else F.pad(labels[:, 1:], (0, 1), value=-100)
+    per_token = -(F.softmax(main.logits.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    (0.5 * main.loss + 0.5 * per_token[target != -100].mean()).backward()
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)

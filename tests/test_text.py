@@ -786,6 +786,34 @@ def test_drop_mode_on_a_token_classifier_predicts_each_kept_token_as_hiding_the_
     assert (expected[kept] - plain[kept]).abs().max() > 1e-3, "hiding the tokens moves the kept ones' logits"
 
 
+CAUSAL_LM_DROP_CASES = _with_head(masksub.adapters.text_families.DROP_DECODERS, "AutoModelForCausalLM")
+
+
+@pytest.mark.parametrize("kind", CAUSAL_LM_DROP_CASES)
+def test_drop_mode_on_a_causal_language_model_predicts_each_kept_tokens_next_as_hiding_the_others_does(kind):
+    """A decoder's causal language model (supervised fine-tuning) runs on the kept tokens only, and their next-token
+    logits go back to their places: there, those of the whole sequence with the same tokens hidden by the attention
+    mask; 0 elsewhere, which ``sub_kept`` leaves out. Every word may be masked (none is held back for a head)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_decoder(kind).config).eval()
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    assert wrapped.branch.per_token and not wrapped.branch.reads_last
+    batch = _decoder_batch(left=False)
+    got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
+    real = batch["attention_mask"].bool()
+    assert mask.sum(1).tolist() == masked_counts(real.sum(1), 0.5).tolist()
+    kept = wrapped.sub_kept
+    assert torch.equal(kept, real & ~mask)
+    assert lengths == [20 - int(mask.sum(1).min()), 20] and lengths[0] < 20
+    assert got.shape == expected.shape == (6, 20, model.config.get_text_config().vocab_size)
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)
+    assert not got[~kept].any()
+    with torch.no_grad():
+        assert torch.equal(wrapped(**batch).logits, model(**batch).logits), "the main pass is the plain model's"
+
+
 def _from_config(config, head: str) -> torch.nn.Module:
     """The sequence, token or multiple-choice classifier (``head``) of ``config``, drawn under seed 0, in eval mode."""
     import transformers

@@ -12,7 +12,9 @@ precision, DDP/FSDP through accelerate, logging (plus ``loss_main`` and ``loss_s
 Where a second backward cannot work (DeepSpeed steps inside its backward; LOMO updates there; DDP's
 static graph) it returns the summed loss for one backward instead: same gradients, both graphs alive together.
 An extractive question-answering batch (``start_positions`` and ``end_positions``, no ``labels``) trains on the
-model's own loss, its start and end logits each distilled over the positions. Evaluation and prediction use the
+model's own loss, its start and end logits each distilled over the positions. A causal language model (supervised
+fine-tuning) or an encoder-decoder (translation, summarization) trains on its labels as its own loss reads them
+(``masksub.language``): each predicted token is distilled over the vocabulary. Evaluation and prediction use the
 plain model and its own loss. Nothing is added to the model, except
 for Swin, SwinV2 and FocalNet classifiers with ``sub="mask"``: a mask token in
 the slot their embeddings have for one (``swin.embeddings.mask_token``), which the Trainer's optimizer,
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 import transformers
 
 from .adapters import resolve_adapter
+from .language import align, language_model
 from .loss import IGNORE_INDEX, SubBranchLoss, as_rows, distill
 from .step import ANSWER_POSITIONS, logits_of, split_labels
 from .wrapper import SubPassHold, check_one_backward, wrap
@@ -130,7 +133,10 @@ class MaskSubTrainer(transformers.Trainer):
     cross-entropy when ``config.problem_type`` is ``"multi_label_classification"`` (or, unset, when the
     labels are floats, as the model's own loss decides); the sub branch
     learns the main branch's softmax (sigmoid) prediction. Token classifiers are distilled per token,
-    except tokens labelled -100 (special tokens, padding, continued words), which no loss sees.
+    except tokens labelled -100 (special tokens, padding, continued words), which no loss sees; language
+    models per predicted token (a causal one's labels shifted, as its own loss shifts them), except those
+    labelled -100 (a prompt, padding). Its loss is a mean over each micro-batch's tokens: with gradient
+    accumulation, micro-batches of fewer labelled tokens weigh as much as the others.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps.
@@ -156,6 +162,7 @@ class MaskSubTrainer(transformers.Trainer):
                 "would only change the evaluation loss; remove it, or use masksub.Step with your criterion"
             )
         self.model_accepts_loss_kwargs = False  # transformers < 5 reads this instead of loss_is_scaled_for_ga
+        language_model(self.model)  # an error for a text generator whose labels it cannot read
         config = getattr(self.model, "config", None)
         if getattr(config, "problem_type", None) == "regression" or getattr(config, "num_labels", 2) == 1:
             raise ValueError("MaskSub distills class probabilities, and a regression head (num_labels=1) has none")
@@ -345,7 +352,8 @@ class MaskSubTrainer(transformers.Trainer):
             )
         self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
         branch = self._branch_on_current_model()
-        features, labels = split_labels(inputs)  # labels, or the answer positions as (batch, 2)
+        language = language_model(model)  # a language model's labels: shifted, or the decoder's targets
+        features, labels = align(*language, *split_labels(inputs))  # labels, or the answer positions as (batch, 2)
         two_backwards = self.memory_saving and torch.is_grad_enabled()
         # Unsynced main pass. In the summed order this matters too: DDP broadcasts buffers before each
         # synced forward, which would overwrite in place buffers the main graph saved.
@@ -361,7 +369,7 @@ class MaskSubTrainer(transformers.Trainer):
             if answers:  # positions past the sequence count for neither loss, as in the model's own
                 labels = labels.clamp(0, main.shape[-1])
                 labels = labels.masked_fill(labels == main.shape[-1], IGNORE_INDEX)
-            multi_label = not answers and self._multi_label(labels)
+            multi_label = not answers and language[0] is None and self._multi_label(labels)
             weights = self.masksub_losses[multi_label]
             loss_main = answer_loss(main, labels) if answers else self._main_loss(main, labels, multi_label)
             if two_backwards:  # scaled as the Trainer scales the loss it back-propagates

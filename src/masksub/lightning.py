@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .language import align, language_model
 from .loss import SubBranchLoss, distill
 from .step import forward, logits_of, split_labels
 from .wrapper import SubBranchModel, SubPassHold, check_one_backward
@@ -60,7 +61,8 @@ class TrainingStep(nn.Module):
         log: log the unweighted ``loss_main`` and ``loss_sub`` with ``LightningModule.log``.
 
     ``forward(module, x, target=None)`` takes the LightningModule and the batch's input (a tensor, or a
-    mapping of keyword inputs whose ``labels`` are the target) and returns a dict: ``loss`` (for
+    mapping of keyword inputs whose ``labels`` are the target, read as a language model's own loss reads them:
+    ``masksub.language``) and returns a dict: ``loss`` (for
     Lightning), and the detached ``loss_main``, ``loss_sub`` and main-branch ``logits``. Without
     gradients (``validation_step``, ``test_step``) it returns the same dict from the two forwards
     and does nothing else: no backward, no gradient zeroing, no logging.
@@ -96,7 +98,7 @@ class TrainingStep(nn.Module):
         two_backwards = training and self._two_backwards(trainer)
         if training:
             self._zero_grad_at_window_start(module, trainer)
-        x, target = split_labels(x, target)
+        x, target = align(*language_model(model), *split_labels(x, target))
         main = logits_of(forward(runner, x))
         loss_main = self.loss.main_loss(main, target)
         if two_backwards:

@@ -26,6 +26,7 @@ from timm.utils import dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .language import align, language_model
 from .loss import SubBranchLoss, distill
 from .parallel import all_processes, clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
 from .prepared import inner_optimizer, sub_branch_model, wrapper_scaler
@@ -192,6 +193,7 @@ class Step:
         sharded = fsdp1 is not None and isinstance(sync, fsdp1)
         wrapped = self._sub_model = sub_branch_model(model)
         self.has_sub = wrapped is not None
+        self._language = language_model(model)  # how a language model's labels meet its logits
         if not self.has_sub and (found := wrapped_inside(model)) is not None:
             name, kind = found
             raise ValueError(
@@ -327,7 +329,9 @@ class Step:
     def __call__(self, x, target: torch.Tensor | None = None, *, last: bool = False) -> dict:
         """``x``: an input batch, or a mapping of keyword inputs (a text batch: ``input_ids``,
         ``attention_mask``...); a mapping's ``labels`` are the target when ``target`` is None and
-        never reach the model, so a Hugging Face model does not compute its own loss twice.
+        never reach the model, so a Hugging Face model does not compute its own loss twice. A language
+        model's target is read as its own loss reads its labels (``masksub.language``): a causal language
+        model's shifted one token left, an encoder-decoder's decoder inputs made from them.
 
         ``last=True`` ends the accumulation window with this micro-batch (the last batch of an epoch
         whose batch count ``accum_steps`` does not divide): the optimizer steps on the micro-batches
@@ -357,7 +361,7 @@ class Step:
             getattr(self.scaler, "_per_optimizer_states", {}).clear()
 
     def _micro_batch(self, x, target: torch.Tensor | None, last: bool = False) -> dict:
-        x, target = split_labels(x, target)
+        x, target = align(*self._language, *split_labels(x, target))
         if self.has_sub and not self._warned_eval and not self._sub_model.training:
             self._warned_eval = True
             warnings.warn(_EVAL_MODE[self._sub_model.sub_kind != "mask"], stacklevel=3)

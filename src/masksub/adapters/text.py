@@ -57,6 +57,7 @@ from .text_families import (
     classifier_of,
     drop_embeddings,
     position_ids_target,
+    predicts_per_token,
     sliding_layers,
     sliding_window,
 )
@@ -162,7 +163,7 @@ class TokenMaskAdapter(MaskAdapter):
         self._image_blocks = False  # a multimodal classifier whose token_type_ids mark images attending both ways
         if mode == "drop":
             embeddings = drop_embeddings(model)
-            self.per_token = type(model).__name__.endswith("ForTokenClassification")
+            self.per_token = predicts_per_token(model)
             if embeddings is None:
                 self._ids = True
                 self._text_config = model.config.get_text_config()  # its padding id, read at each pass

@@ -13,6 +13,8 @@ import inspect
 
 from torch import nn
 
+from ..language import is_causal_lm
+
 # model types whose encoder takes any length after its embeddings (absolute positions added there, masks made from
 # the embeddings' output) and whose sequence classifier reads the first token: they can drop masked tokens (BigBird in
 # full attention, I-BERT outside its integer-only mode: ``drop_embeddings`` refuses the others)
@@ -49,8 +51,14 @@ DROP_ID_ENCODERS = DROP_ROPE_ENCODERS + DROP_POSITION_ENCODERS  # bidirectional:
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
 # the heads mode "drop" takes: one prediction per sequence (from the token a classifier reads; a multiple-choice head's
 # per choice, each choice a sequence), or one per token (the kept tokens' predictions go back to their places, and the
-# loss leaves the dropped ones out: ``kept``)
+# loss leaves the dropped ones out: ``kept``): a token classifier's, or a decoder's next-token prediction
 DROP_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForTokenClassification")
+
+
+def predicts_per_token(model: nn.Module) -> bool:
+    """Whether ``model`` (wrapped by PEFT or not) predicts per token: a token classifier, or a causal language model
+    (the next token)."""
+    return type(model).__name__.endswith("ForTokenClassification") or is_causal_lm(classifier_of(model))
 
 
 def layer_types(config) -> list[str] | None:
@@ -123,7 +131,8 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
     """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder or ModernBERT
     classifier it takes, or an error naming the ones it does."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    classifier = type(model).__name__.endswith(DROP_HEADS)
+    causal_lm = is_causal_lm(classifier_of(model)) and kind in DROP_DECODERS  # a decoder's, not BERT's as a decoder
+    classifier = type(model).__name__.endswith(DROP_HEADS) or causal_lm
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
     by_ids, bert = kind in DROP_DECODERS + DROP_ID_ENCODERS, kind in DROP_MODELS and embeddings is not None
     takes = classifier and (by_ids or bert)
@@ -142,7 +151,7 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
         raise ValueError(
             f"mode='drop' shortens the sequence, which needs a sequence, multiple-choice or token classifier of "
             f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
-            f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE) or of "
+            f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE), or one of these or a causal language model (ForCausalLM) of "
             f"{', '.join(DROP_DECODERS)} (causal attention over position ids); {type(model).__name__} is not one: "
             "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )

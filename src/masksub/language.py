@@ -1,0 +1,99 @@
+"""Language models' labels: the target their logits are scored against, as each model's own loss reads its labels.
+
+A Hugging Face batch's ``labels`` mean different things by head, and ``Step``, Lightning's ``TrainingStep`` and
+``MaskSubTrainer`` take them off the batch (so the model computes no loss of its own):
+
+- a causal language model (``AutoModelForCausalLM``: Llama, GPT-2, Qwen, Gemma...) takes the input ids as labels
+  (-100 where no loss counts: a prompt, padding), and its logits at position ``i`` predict token ``i + 1``: the
+  target is the labels shifted one to the left, -100 at the end, as its own loss shifts them. A batch's
+  ``shift_labels`` (already shifted, as transformers' context parallelism gives them) are the target as they are.
+  XLM's and XLNet's language-model heads score each position against its own label, and are left as they are;
+- an encoder-decoder (T5, BART, Marian, Pegasus...) takes the decoder's targets as labels, and makes the decoder's
+  inputs from them (shifted right, after its start token) where the batch has none: so does this, with the model's
+  own ``prepare_decoder_input_ids_from_labels``. The text adapter masks the encoder's input only;
+- every other head (sequence and token classifiers, masked language models...) scores each prediction against its
+  own label, as before.
+
+Other models that generate text (vision-language models: LLaVA, Qwen2-VL, BLIP-2...) lay out their labels each its
+own way, and are refused rather than trained on a target their own loss would not read.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .loss import IGNORE_INDEX
+
+CAUSAL, SEQ2SEQ = "causal", "seq2seq"
+# causal language-model heads whose own loss reads the label of each position unshifted
+UNSHIFTED = ("XLMWithLMHeadModel", "XLNetLMHeadModel")
+
+
+def hugging_face_model(model: nn.Module) -> nn.Module | None:
+    """The outermost Hugging Face model inside ``model`` (wrapped by masksub, PEFT, DDP, FSDP, ``torch.compile``,
+    Accelerate or Fabric), or None."""
+    if "transformers" not in sys.modules:  # never imported: no model of its can be here
+        return None
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def _causal_heads() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return {n for name in names for n in ((name,) if isinstance(name, str) else name)} - set(UNSHIFTED)
+
+
+def is_causal_lm(hf: nn.Module) -> bool:
+    """Whether the Hugging Face model ``hf`` is a causal language model whose own loss shifts its labels."""
+    classes = {c.__name__ for c in type(hf).__mro__ if c.__module__.startswith("transformers.")}
+    return bool(classes & _causal_heads())
+
+
+def language_model(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    """``(kind, hf)``: ``"causal"`` or ``"seq2seq"`` for a language model whose labels are laid out so (see the module
+    doc), None for a model whose predictions each meet their own label; ``hf`` the Hugging Face model. An error for a
+    model that generates text by another layout."""
+    hf = hugging_face_model(model)
+    if hf is None:
+        return None, None
+    if getattr(hf.config, "is_encoder_decoder", False):
+        return SEQ2SEQ, hf
+    if is_causal_lm(hf):
+        return CAUSAL, hf
+    if hf.can_generate() and not type(hf).__name__.endswith(UNSHIFTED):
+        raise ValueError(
+            f"{type(hf).__name__} generates text, and is neither a causal language model (AutoModelForCausalLM, whose "
+            "labels masksub shifts as the model's own loss does) nor an encoder-decoder: how its labels meet its "
+            "logits is its own (a vision-language model's image tokens, say), so masksub cannot score them as its "
+            "loss would. Train its language model (AutoModelForCausalLM) with masksub, or compute the loss yourself"
+        )
+    return None, hf
+
+
+def align(kind: str | None, hf: nn.Module | None, x, target: torch.Tensor | None):
+    """``(inputs, target)`` for a batch whose labels ``split_labels`` took off: a causal language model's target
+    shifted left (or its ``shift_labels``), an encoder-decoder's decoder inputs made from the labels where the batch
+    has none; other models' unchanged."""
+    if kind == CAUSAL:
+        if isinstance(x, Mapping) and "shift_labels" in x:
+            return {k: v for k, v in x.items() if k != "shift_labels"}, x["shift_labels"]
+        return x, None if target is None else F.pad(target[..., 1:], (0, 1), value=IGNORE_INDEX)
+    if kind == SEQ2SEQ and target is not None and isinstance(x, Mapping):
+        if "decoder_input_ids" in x or "decoder_inputs_embeds" in x:
+            return x, target
+        prepare = getattr(hf, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            raise ValueError(
+                f"{type(hf).__name__} is an encoder-decoder without prepare_decoder_input_ids_from_labels, and the "
+                "batch has no decoder_input_ids: add them (the labels shifted right, after the decoder's start token)"
+            )
+        return {**x, "decoder_input_ids": prepare(labels=target)}, target
+    return x, target

@@ -1,0 +1,157 @@
+"""Language models: Step scores a causal language model's and an encoder-decoder's labels as their own loss does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import LANGUAGE_MODELS, MASK, PAD, SPECIAL, lm_labels, text_batch, tiny_language_model, wrap_text
+
+import masksub
+from masksub.language import CAUSAL, SEQ2SEQ, language_model
+from masksub.masking import masked_counts
+
+pytest.importorskip("transformers")
+
+CAUSAL_KINDS = [k for k, (auto, _) in LANGUAGE_MODELS.items() if auto == "AutoModelForCausalLM"]
+
+
+def _batch(kind: str) -> dict[str, torch.Tensor]:
+    """A causal model's batch: its labels the input ids, none on the prompt and padding. An encoder-decoder's: a
+    source, and a target of another length whose padding has no label."""
+    batch = text_batch(batch=4, length=16)
+    if LANGUAGE_MODELS[kind][0] == "AutoModelForCausalLM":
+        return lm_labels(batch)
+    target = text_batch(batch=4, length=10, seed=5)
+    return {**batch, "labels": target["input_ids"].masked_fill(target["attention_mask"] == 0, -100)}
+
+
+def _step(model) -> masksub.Step:
+    return masksub.Step(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "wrapped"])
+@pytest.mark.parametrize("kind", list(LANGUAGE_MODELS))
+def test_step_scores_a_language_model_as_its_own_loss_does(kind, wrapped):
+    """The main loss is the model's own loss given the labels (under the same dropout draws): a causal model's
+    labels shifted one left, XLM's language-model head's each at its own position, an encoder-decoder's decoder run
+    on its labels shifted right."""
+    model = tiny_language_model(kind).train()
+    batch = _batch(kind)
+    torch.manual_seed(0)
+    own = model(**batch)
+    step = _step(wrap_text(model, sub="mask", ratio=0.5, mode="attention") if wrapped else model)
+    torch.manual_seed(0)
+    out = step(batch)
+    torch.testing.assert_close(out["loss_main"], own.loss.detach(), rtol=1e-6, atol=1e-6)
+    # the test can tell: scored the other way, the loss is another
+    labels, logits = batch["labels"], own.logits.detach().flatten(0, 1)
+    other = labels if kind in ("llama", "gpt2", "bert") else F.pad(labels[:, 1:], (0, 1), value=-100)
+    assert not torch.isclose(F.cross_entropy(logits, other.flatten()), own.loss)
+    expected = {"xlm": None, "t5": SEQ2SEQ, "bart": SEQ2SEQ}.get(kind, CAUSAL)
+    assert language_model(step.model)[0] == expected
+
+
+@pytest.mark.parametrize("mode", ["token", "attention", "drop"])
+def test_step_on_a_causal_lm_equals_the_next_token_loss_by_hand(mode):
+    """Both losses by hand: the main branch's cross-entropy of each labelled next token, the sub branch's
+    distillation of the main branch's next-token distribution at the same positions, where the sub pass predicted
+    (with mode='drop' the dropped tokens' positions have no prediction, and count for neither)."""
+    model = tiny_language_model("llama").train()
+    wrapped = wrap_text(model, sub="mask", ratio=0.5, mode=mode)
+    batch = _batch("llama")
+    torch.manual_seed(3)
+    _step(wrapped)(batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    features = {k: v for k, v in batch.items() if k != "labels"}
+    target = torch.cat([batch["labels"][:, 1:], torch.full((4, 1), -100)], 1)
+    torch.manual_seed(3)
+    main = model(**features).logits
+    sub = wrapped(**features, sub=True).logits
+    counted = target != -100
+    if mode == "drop":
+        assert (counted & ~wrapped.sub_kept).any(), "some labelled positions were dropped"
+        counted &= wrapped.sub_kept
+    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[counted].mean()
+    loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("mode", ["token", "attention"])
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_an_encoder_decoder_masks_its_source_only_and_distills_each_target_token(kind, mode):
+    """The sub branch masks num_masked of each source's words and runs the decoder on the same inputs as the main
+    branch (the labels shifted right); its loss is the main branch's distribution distilled at each labelled
+    target token."""
+    no_dropout = dict(dropout_rate=0.0) if kind == "t5" else dict(dropout=0.0, attention_dropout=0.0)
+    model = tiny_language_model(kind, **no_dropout, activation_dropout=0.0).train()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    batch = _batch(kind)
+    torch.manual_seed(0)
+    out = _step(wrap_text(model, sub="mask", ratio=0.5, mode=mode))(batch)
+    main, sub = seen
+    decoder = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    assert torch.equal(main["decoder_input_ids"], decoder) and torch.equal(sub["decoder_input_ids"], decoder)
+    assert "labels" not in main and "labels" not in sub
+    if mode == "token":
+        masked = sub["input_ids"] != batch["input_ids"]
+        assert (sub["input_ids"][masked] == MASK).all()
+    else:
+        masked = sub["attention_mask"] != batch["attention_mask"]
+        assert torch.equal(sub["input_ids"], batch["input_ids"])
+    words = (batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], torch.tensor(SPECIAL))).sum(1)
+    assert masked.sum(1).tolist() == masked_counts(words, 0.5).tolist()
+    with torch.no_grad():
+        teacher = model(**main).logits
+        student = model(**sub).logits
+    counted = batch["labels"] != -100
+    per_token = -(F.softmax(teacher, -1) * F.log_softmax(student, -1)).sum(-1)
+    torch.testing.assert_close(out["loss_sub"], per_token[counted].mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_batchs_shift_labels_are_the_target_as_they_are():
+    """transformers' context parallelism gives a causal model's labels already shifted, as ``shift_labels``: they
+    are the target as they are, and never reach the model."""
+    model = tiny_language_model("llama").train()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(set(kw)), with_kwargs=True)
+    batch = _batch("llama")
+    shifted = {k: v for k, v in batch.items() if k != "labels"}
+    shifted["shift_labels"] = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    step = _step(wrap_text(model, sub="mask", ratio=0.5, mode="attention"))
+    torch.manual_seed(0)
+    by_labels = step(batch)
+    torch.manual_seed(0)
+    by_shift = step(shifted)
+    assert not any("shift_labels" in keys or "labels" in keys for keys in seen)
+    torch.testing.assert_close(by_shift["loss_main"], by_labels["loss_main"], rtol=0, atol=0)
+    torch.testing.assert_close(by_shift["loss_sub"], by_labels["loss_sub"], rtol=0, atol=0)
+
+
+def test_a_text_generator_whose_labels_are_laid_out_otherwise_is_refused():
+    """A model that generates text and is neither a causal language model nor an encoder-decoder (GPT-2's double
+    heads here; vision-language models) lays out its labels its own way: refused by name, not scored wrongly."""
+    import transformers
+
+    from masksub.hf import MaskSubTrainer
+
+    config = transformers.GPT2Config(**LANGUAGE_MODELS["gpt2"][1], pad_token_id=PAD)
+    model = transformers.GPT2DoubleHeadsModel(config)
+    with pytest.raises(ValueError, match="GPT2DoubleHeadsModel generates text, and is neither a causal"):
+        _step(model)
+    args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="GPT2DoubleHeadsModel generates text"):
+        MaskSubTrainer(model=model, args=args, mask_options={"mask_token_id": MASK, "special_ids": SPECIAL})
+
+
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_drop_mode_refuses_language_models_it_cannot_shorten(kind):
+    """mode='drop' takes the causal language models of the decoders (tested in test_text.py); BERT as a decoder
+    and the encoder-decoders are refused, naming what to use."""
+    model = tiny_language_model(kind)
+    with pytest.raises(ValueError, match=f"{type(model).__name__} is not one: use mode='attention'"):
+        wrap_text(model, sub="mask", ratio=0.5, mode="drop")
