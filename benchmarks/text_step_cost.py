@@ -14,7 +14,9 @@ dataset gives them. Variants, timed in alternating rounds in one process (``benc
 
 ``--task token`` times token classifiers of the same configurations instead (a label per token, padding
 labelled -100): there the drop mode's sub pass predicts the kept tokens only, and the distillation leaves the
-dropped ones out.
+dropped ones out. ``--task lm`` times the decoders' causal language models (supervised fine-tuning: the labels
+are the input ids, -100 on a prompt of the first quarter of the padded length and on the padding; each labelled
+next token distilled over the vocabulary).
 
 Also the FLOP-ideal cost of each MaskSub mode, (main + sub FLOPs) / main FLOPs, forward and backward, from
 ``torch.utils.flop_counter``. Writes ``text_step_cost_<scale>.json`` and ``.md`` with the command, versions and
@@ -22,6 +24,7 @@ hardware.
 
     python benchmarks/text_step_cost.py --scale cpu --out benchmarks/results
     python benchmarks/text_step_cost.py --scale cpu --task token --out benchmarks/results  # text_step_cost_cpu_token
+    python benchmarks/text_step_cost.py --scale cpu --task lm --out benchmarks/results  # text_step_cost_cpu_lm
 """
 
 from __future__ import annotations
@@ -113,7 +116,9 @@ MODES = ("attention", "drop")
 HEADS = {
     "sequence": transformers.AutoModelForSequenceClassification,
     "token": transformers.AutoModelForTokenClassification,
+    "lm": transformers.AutoModelForCausalLM,  # the decoders only
 }
+HEAD_NAMES = {"sequence": "sequence classifiers", "token": "token classifiers", "lm": "causal language models"}
 
 
 def make_model(name: str, device: torch.device, task: str = "sequence") -> torch.nn.Module:
@@ -124,19 +129,20 @@ def make_model(name: str, device: torch.device, task: str = "sequence") -> torch
 
 
 def make_batch(batch: int, length: int, vocab: int, device: torch.device, task: str = "sequence") -> dict:
-    """Random words, lengths from ``length // 2`` to ``length`` (right padding), and labels: one per text, or one
-    per token (padding labelled -100)."""
+    """Random words, lengths from ``length // 2`` to ``length`` (right padding), and labels: one per text, one per
+    token (padding labelled -100), or a language model's (the input ids; -100 on the padding and a prompt of
+    ``length // 4`` tokens)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(len(SPECIAL), vocab, (batch, length), generator=g)
     lengths = torch.linspace(length // 2, length, batch).long()
     real = torch.arange(length) < lengths.unsqueeze(1)
     ids = ids.masked_fill(~real, PAD)
     labels = torch.randint(0, 2, (batch, length) if task == "token" else (batch,), generator=g)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": real.long().to(device),
-        "labels": (labels.masked_fill(~real, -100) if task == "token" else labels).to(device),
-    }
+    if task == "token":
+        labels = labels.masked_fill(~real, -100)
+    elif task == "lm":
+        labels = ids.masked_fill(~real | (torch.arange(length) < length // 4), -100)
+    return {"input_ids": ids.to(device), "attention_mask": real.long().to(device), "labels": labels.to(device)}
 
 
 def flop_ideal(model: torch.nn.Module, batch: dict, mode: str) -> float:
@@ -193,7 +199,7 @@ def markdown(data: dict) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Heads: {meta.get('task', 'sequence')} classifiers.",
+        f"Heads: {HEAD_NAMES[meta.get('task', 'sequence')]}.",
         "",
         "Peak memory: tensor memory (parameters, optimizer state, gradients, activations) at its peak over a step"
         " (a CPU: the profiler's allocation and free events; a GPU: the CUDA allocator's peak).",
@@ -222,10 +228,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="padded length")
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"))
-    p.add_argument("--task", default="sequence", choices=tuple(HEADS), help="a label per text or per token")
+    p.add_argument("--task", default="sequence", choices=tuple(HEADS), help="a label per text or token, or next tokens")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     names, *_, device = SCALES[args.scale]
+    if args.task == "lm" and not args.models:  # the decoders have causal language models
+        names = tuple(n for n in names if CONFIGS[n][0] in masksub.adapters.text_families.DROP_DECODERS)
     names = args.models.split(",") if args.models else names
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -235,7 +243,7 @@ def main() -> None:
     device = torch.device(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"text_step_cost_{args.scale}{'_token' if args.task == 'token' else ''}.json"
+    path = out / f"text_step_cost_{args.scale}{'' if args.task == 'sequence' else '_' + args.task}.json"
     data = {
         "meta": {
             "torch": torch.__version__,

@@ -148,6 +148,19 @@ def test_text_step_cost_tiny_token_classifiers(tmp_path):
     assert not (tmp_path / "text_step_cost_tiny.json").exists()
 
 
+@needs_transformers_5
+def test_text_step_cost_tiny_causal_language_models(tmp_path):
+    """--task lm: the decoders' causal language models alone (not BERT's, DeBERTa's), in a file of their own;
+    dropping tokens saves their share of the sub pass there too."""
+    _run("text_step_cost.py", "--scale", "tiny", "--task", "lm", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "text_step_cost_tiny_lm.json").read_text())
+    assert data["meta"]["task"] == "lm" and set(data["models"]) == {"tiny-llama"}
+    row = data["models"]["tiny-llama"]
+    assert all(row[v]["s_per_step"] > 0 for v in ("plain", "masksub:attention", "masksub:drop"))
+    assert row["flop_ideal"]["attention"] == pytest.approx(2.0, rel=0.01) and 1.5 < row["flop_ideal"]["drop"] < 1.9
+    assert "Heads: causal language models." in (tmp_path / "text_step_cost_tiny_lm.md").read_text()
+
+
 def test_step_cost_times_masksub_through_another_adapter_in_the_same_rounds(tmp_path):
     """``--also-adapter pixels`` on the tiny ViT: a fifth step, MaskSub masking pixels, beside the one dropping
     tokens, with its own FLOP-ideal ratio (the main pass's cost again: 2x) and a row in its own table."""
