@@ -19,7 +19,8 @@
 #   bash benchmarks/run_gpu.sh pretrain [DEST]  # DMJD vs single view on Fashion-MNIST, ViT 6x192: 3 pretraining
 #                                               # runs at once, then their 7 probes and finetunes at once
 #   bash benchmarks/run_gpu.sh text [DEST]      # text classifiers (BERT-base, SmolLM2-135M, Qwen2.5-0.5B configs):
-#                                               # plain vs MaskSub with the attention and the drop mode
+#                                               # plain vs MaskSub with the attention and the drop mode; then the
+#                                               # decoders' causal language models (batch 16 of 512 tokens)
 #
 # Results are written to benchmarks/results/. With DEST, the result files (not the run folders) go
 # to DEST as well: the step-cost parts and the test log write there as they go, starting from the
@@ -47,7 +48,7 @@ case $part in
   accuracy_peers) files="accuracy_gpu_peers.json accuracy_gpu_peers.md accuracy_gpu_peers.png" ;;
   accuracy_swin) files="accuracy_gpu_swin.json accuracy_gpu_swin.md accuracy_gpu_swin.png" ;;
   pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
-  text) files="text_step_cost_gpu.json text_step_cost_gpu.md" ;;
+  text) files="text_step_cost_gpu.json text_step_cost_gpu.md text_step_cost_gpu_lm.json text_step_cost_gpu_lm.md" ;;
   *)
     echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text" >&2
     exit 2 ;;
@@ -79,7 +80,10 @@ case $part in
   accuracy_peers) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --subs none,mask,rdrop,cosub --tag peers --reuse ;;
   accuracy_swin) $PY benchmarks/accuracy.py --scale gpu --jobs 15 --model swin --subs none,mask,mask_drop --reuse ;;
   pretrain) $PY benchmarks/pretrain.py --scale gpu --jobs 7 --reuse ;;
-  text) $PY benchmarks/text_step_cost.py --scale gpu --out "$out" ;;
+  text)
+    $PY benchmarks/text_step_cost.py --scale gpu --out "$out"
+    $PY benchmarks/text_step_cost.py --scale gpu --task lm --batch 16 --out "$out"
+    ;;
 esac
 
 # one copy of each result file in each place

@@ -3,6 +3,7 @@ accumulation included; the memory-saving order back-propagates the main pass bef
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -423,6 +424,67 @@ def test_text_classification_example_tunes_a_decoder_whose_tokenizer_has_no_padd
     assert summary["mode"] == "drop" and 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
     saved = transformers.AutoModelForSequenceClassification.from_pretrained(d / "llama-run" / "model")
     assert saved.config.pad_token_id == vocab["</s>"]
+
+
+@pytest.fixture
+def local_causal_lm(tmp_path):
+    """A tiny Llama language model whose tokenizer has neither padding nor mask token (as decoders' have), saved
+    with save_pretrained, and train/valid CSVs of prompts and responses."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["review", ":", "the", "film", "was", "good", "fine", "bad", "awful", "verdict", "pos", "neg"]
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    small = dict(SMALL, vocab_size=len(vocab), num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, pad_token_id=None)).save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 16), ("valid", 6)):
+        rows = ["prompt,response"]
+        for i in range(n):
+            opinion = ["good", "fine"] if i % 2 else ["bad", "awful"]
+            picks = " ".join(opinion[j] for j in torch.randint(0, 2, (2,), generator=g).tolist())
+            rows.append(f"review : the film was {picks} verdict :,{'pos' if i % 2 else 'neg'}")
+        (tmp_path / f"{split}_lm.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "sub,mode", [("mask", "attention"), pytest.param("mask", "drop", marks=needs_transformers_5), ("none", None)]
+)
+def test_language_model_example_runs(local_causal_lm, sub, mode):
+    """Supervised fine-tuning of a tiny Llama on prompts and responses: it pads with the end token, and reports the
+    model's own validation loss, its perplexity and the next-token accuracy over the responses."""
+    d = local_causal_lm
+    argv = ["--model", str(d / "lm"), "--train", str(d / "train_lm.csv"), "--valid", str(d / "valid_lm.csv")]
+    argv += ["--sub", sub, "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3", "--out", str(d / f"run-{sub}")]
+    summary = _load_example("language_model").main([*argv, *(["--mode", mode] if mode else [])])
+    assert summary["mode"] == mode and 0.0 <= summary["eval_accuracy"] <= 1.0
+    assert summary["eval_perplexity"] == pytest.approx(math.exp(summary["eval_loss"]))
+    saved = transformers.AutoModelForCausalLM.from_pretrained(d / f"run-{sub}" / "model")
+    assert saved.config.pad_token_id == 1  # the end token
+
+
+def test_language_model_example_labels_the_response_only(local_causal_lm):
+    """The prompt's tokens are labelled -100, the response's and the end token by themselves; --max-length cuts
+    both, and a file whose responses it cuts off entirely, or without a response column, is named."""
+    example = _load_example("language_model")
+    d = local_causal_lm
+    tokenizer = transformers.AutoTokenizer.from_pretrained(d / "lm")
+    (d / "one.csv").write_text("prompt,response\nthe film was,good fine\n")
+    row = example.Pairs(tokenizer, d / "one.csv", max_length=16)[0]
+    the, film, was, good, fine = tokenizer.convert_tokens_to_ids(["the", "film", "was", "good", "fine"])
+    assert row["input_ids"] == [the, film, was, good, fine, 1] and row["attention_mask"] == [1] * 6
+    assert row["labels"] == [-100, -100, -100, good, fine, 1]
+    assert example.Pairs(tokenizer, d / "one.csv", max_length=4)[0]["labels"] == [-100, -100, -100, good]
+    with pytest.raises(SystemExit, match="no response token is left within --max-length 3"):
+        example.Pairs(tokenizer, d / "one.csv", max_length=3)
+    (d / "bad.csv").write_text("prompt,answer\nthe film,good\n")
+    with pytest.raises(SystemExit, match="must name the columns prompt and response"):
+        example.Pairs(tokenizer, d / "bad.csv", max_length=16)
 
 
 def _write_conll(path, sentences):

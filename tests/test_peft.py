@@ -220,3 +220,28 @@ def test_drop_mode_on_a_lora_token_classifier_tags_the_kept_tokens(family):
     kept = wrapped.sub_kept
     assert torch.equal(kept, batch["attention_mask"].bool() & ~mask) and not got[~kept].any()
     torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)
+
+
+def test_a_lora_causal_language_model_is_scored_as_its_own_loss_and_drops_tokens():
+    """LoRA on a causal language model (CAUSAL_LM), as supervised fine-tuning is commonly run: ``Step`` finds the
+    language model inside the PEFT wrapper and shifts its labels (its main loss is the model's own); the drop mode's
+    next-token logits at the kept tokens are those of the same tokens hidden by the attention mask."""
+    from conftest import lm_labels, text_batch, tiny_language_model, wrap_text
+    from test_text import dropped_and_hidden
+
+    from masksub.language import CAUSAL, language_model
+
+    peft = _lora(tiny_language_model("llama"), ["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    wrapped = wrap_text(peft, mode="drop", ratio=0.5)
+    assert language_model(wrapped)[0] == CAUSAL and wrapped.branch.per_token
+    batch = lm_labels(text_batch(batch=4, length=16))
+    features = {k: v for k, v in batch.items() if k != "labels"}
+    got, expected, mask, _ = dropped_and_hidden(wrapped, peft, features)
+    kept = wrapped.sub_kept
+    assert torch.equal(kept, batch["attention_mask"].bool() & ~mask) and not got[~kept].any()
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())
+    with torch.no_grad():
+        own = peft(**batch).loss
+    torch.testing.assert_close(step(batch)["loss_main"], own, rtol=1e-6, atol=1e-6)
+    assert all(p.grad is None or "lora_" in n for n, p in peft.named_parameters())
