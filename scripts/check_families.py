@@ -71,6 +71,18 @@ def text_families() -> dict[str, list[str]]:
     return {t: [name] for t, name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.items()}
 
 
+def lm_families() -> dict[str, list[str]]:
+    """Language models: the causal ones (``AutoModelForCausalLM``) and the encoder-decoders (``AutoModelForSeq2SeqLM``),
+    by model type (a type with both: its causal one)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    both = {**MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, **MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
+    return {t: [name] for t, name in both.items()}
+
+
 def torchvision_families() -> dict[str, list[str]]:
     import torchvision
     from torchvision.models import get_model_builder, list_models
@@ -167,9 +179,25 @@ def shrunk_config(model_type: str, only_transformers: bool = False, parts: bool 
     return config
 
 
-def build_text(model_type: str):
-    """A random-init 5-class sequence classifier of ``model_type``, shrunk; its inputs, other inputs and
-    wrap options."""
+def build_lm(model_type: str):
+    """A random-init language model of ``model_type`` (causal, else an encoder-decoder), shrunk; its inputs, other
+    inputs (with labels: the input ids, -100 on the first quarter, or an encoder-decoder's target) and wrap options."""
+    import transformers
+
+    causal = transformers.AutoModelForCausalLM
+    names = lm_families()[model_type]
+    auto = causal if names[0] in causal._model_mapping._model_mapping.values() else transformers.AutoModelForSeq2SeqLM
+    model, inputs, other, options = build_text(model_type, auto)
+    labels = inputs["input_ids"].clone()
+    if getattr(model.config, "is_encoder_decoder", False):
+        labels = labels[:, 2:12].flip(1)  # a target of its own length
+    labels[:, :4] = -100
+    return model, {**inputs, "labels": labels}, {**other, "labels": labels}, options
+
+
+def build_text(model_type: str, auto=None):
+    """A random-init 5-class sequence classifier of ``model_type`` (or ``auto``'s model), shrunk; its inputs, other
+    inputs and wrap options."""
     import torch
     import transformers
 
@@ -180,7 +208,7 @@ def build_text(model_type: str):
             part.pad_token_id = 0  # decoder classifiers find each sequence's last token through it
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = config.pad_token_id
-    model = transformers.AutoModelForSequenceClassification.from_config(config)
+    model = (auto or transformers.AutoModelForSequenceClassification).from_config(config)
     if hasattr(model, "set_default_language"):  # X-MOD: the language adapters of its first language
         model.set_default_language(config.languages[0])
     special = {v for k in SPECIAL_KEYS for v in [getattr(config, k, None)] if isinstance(v, int)}
@@ -346,17 +374,55 @@ def check_text_drop(model, x: dict, options: dict) -> str:
         with torch.no_grad():
             torch.manual_seed(0)
             got = logits_of(wrapped(**x, sub=True))
+            kept = wrapped.sub_kept  # a per-token head's (a causal language model's): the places it predicted
             torch.manual_seed(0)
             mask = wrapped.branch.token_mask(x["input_ids"], x["attention_mask"], x.get("token_type_ids"))
             hidden = logits_of(model(**{**x, "attention_mask": x["attention_mask"].masked_fill(mask, 0)}))
-            moved = (hidden - logits_of(model(**x))).abs().max().item()
+            plain = logits_of(model(**x))
     finally:
         wrapped.unwrap()
+    if kept is not None:  # compared where the sub pass predicted
+        got, hidden, plain = got[kept], hidden[kept], plain[kept]
+    moved = (hidden - plain).abs().max().item()
     off = (got - hidden).abs().max().item()
     kept = int(x["input_ids"].shape[1] - mask.sum(1).min())
     equal = off <= 1e-6 * hidden.abs().max().item() + 1e-3 * moved + 1e-9
     verdict = "ok: equal to hiding" if equal else "DIFFERS from hiding"
     return f"{verdict} ({off:.0e} off, hiding moved them {moved:.0e}; {kept} of {x['input_ids'].shape[1]} tokens run)"
+
+
+def check_lm_labels(model, x: dict) -> str:
+    """``masksub.Step``'s main loss (cross-entropy) on a batch with labels, against the model's own loss given them:
+    equal where masksub reads the labels as the model does (a causal model's shifted, an encoder-decoder's as the
+    decoder's targets, its inputs made from them), or refused by name."""
+    import warnings
+
+    import torch
+
+    import masksub
+    from masksub.language import language_model
+
+    try:
+        kind = language_model(model)[0]
+    except ValueError as e:
+        return f"refused: {reason(e).partition(': ')[2][:90]}"
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = model(**x).loss
+    except Exception as e:  # the model itself, without masksub
+        return f"not compared: the model's own loss fails on this batch ({reason(e)})"
+    if own is None:
+        return "the model computes no loss of its own"
+    step = masksub.Step(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eval mode: no dropout draw to match
+        got = step(x)["loss_main"]
+    model.zero_grad(set_to_none=True)
+    how = {"causal": "labels shifted", "seq2seq": "decoder inputs from the labels", None: "per position"}[kind]
+    if torch.allclose(got, own.float(), rtol=1e-5, atol=1e-6):
+        return f"ok: the model's own loss ({how})"
+    return f"DIFFERS from the model's own loss ({got.item():.6f} vs {own.item():.6f}; {how})"
 
 
 def check_hf_family(model_type: str, names: list[str], build) -> dict:
@@ -371,17 +437,28 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
         return {**row, "error": f"not built: {reason(e)}"}
     first = next(iter(x.values()))
     row["input"] = list(first.shape[2:]) if first.ndim == 4 else [first.shape[1]]
+    labelled = x
+    if build is build_lm:  # the language model's labels: checked against its own loss, then inputs alone
+        x, other = ({k: v for k, v in batch.items() if k != "labels"} for batch in (x, other))
+        if getattr(model.config, "is_encoder_decoder", False):  # the same decoder inputs in each pass
+            decoder = {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labelled["labels"])}
+            x, other = {**x, **decoder}, {**other, **decoder}
     try:
         with torch.no_grad():
             sensitive = not torch.allclose(model.eval()(**x).logits, model(**other).logits)
     except Exception as e:  # the plain model, without masksub: the shrunk configuration does not run
         return {**row, "error": f"plain model failed: {reason(e)}"}
+    if build is build_lm:
+        try:
+            row["labels"] = check_lm_labels(model, labelled)
+        except Exception as e:  # reported per row: this is the result being collected
+            row["labels"] = reason(e)
     for kind in KINDS:
         try:
             row[kind] = check_kind(model, x, kind, sensitive, options)
         except Exception as e:  # reported per row: this is the result being collected
             row[kind] = reason(e)
-    if build is build_text and "mask" in row and row["mask"].startswith("ok"):
+    if build in (build_text, build_lm) and "mask" in row and row["mask"].startswith("ok"):
         try:
             row["drop"] = check_text_drop(model, x, options)
         except Exception as e:  # reported per row: this is the result being collected
@@ -481,7 +558,9 @@ def _short(text: str, limit: int = 160) -> str:
 
 def markdown(rows: list[dict], versions: str, command: str, earlier: str = "") -> str:
     """The table; ``earlier``: the commands of the table this run updates (its ``Command:`` line), kept before it."""
-    kinds = [*KINDS, *(["drop"] if any("drop" in r for r in rows) else [])]  # text: the adapter's mode="drop"
+    # text: the adapter's mode="drop"; language models: their labels against their own loss
+    kinds = [*(["labels"] if any("labels" in r for r in rows) else []), *KINDS]
+    kinds += ["drop"] if any("drop" in r for r in rows) else []
     head = "| family | model | input | " + " | ".join(kinds) + " |"
     lines = [
         f"Checked with {versions} on {os.cpu_count()} CPU cores ({platform.platform()}).",
@@ -510,6 +589,7 @@ def main() -> None:
     )
     hf = p.add_mutually_exclusive_group()
     hf.add_argument("--text", action="store_true", help="Hugging Face text classifiers instead of timm models")
+    hf.add_argument("--lm", action="store_true", help="Hugging Face language models (causal, encoder-decoder)")
     hf.add_argument("--vision", action="store_true", help="Hugging Face image classifiers instead of timm models")
     hf.add_argument("--torchvision", action="store_true", help="torchvision classifiers instead of timm models")
     p.add_argument("--out", type=Path, default=Path("families"), help="writes OUT.json and OUT.md")
@@ -522,7 +602,8 @@ def main() -> None:
     )
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
-    mode = "text" if args.text else "vision" if args.vision else "torchvision" if args.torchvision else None
+    mode = "text" if args.text else "lm" if args.lm else "vision" if args.vision else None
+    mode = "torchvision" if args.torchvision else mode
     if args.one:
         import torch
 
@@ -532,13 +613,18 @@ def main() -> None:
         elif mode == "torchvision":
             print(json.dumps(check_torchvision_family(args.one, torchvision_families()[args.one])))
         else:
-            found, build = (text_families(), build_text) if mode == "text" else (vision_families(), build_vision)
-            print(json.dumps(check_hf_family(args.one, found[args.one], build)))
+            found, build = {
+                "text": (text_families, build_text),
+                "lm": (lm_families, build_lm),
+                "vision": (vision_families, build_vision),
+            }[mode]
+            print(json.dumps(check_hf_family(args.one, found()[args.one], build)))
         return
     import timm
     import torch
 
-    found = {None: families, "text": text_families, "vision": vision_families, "torchvision": torchvision_families}
+    found = {None: families, "text": text_families, "lm": lm_families, "vision": vision_families}
+    found["torchvision"] = torchvision_families
     found = found[mode]()
     chosen = args.families or sorted(found)
     unknown = [f for f in chosen if f not in found]

@@ -132,9 +132,43 @@ def test_a_batchs_shift_labels_are_the_target_as_they_are():
     torch.testing.assert_close(by_shift["loss_sub"], by_labels["loss_sub"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["bart", "marian", "encoder-decoder"])
+def test_decoders_of_encoder_decoders_are_scored_as_their_own_loss_scores_them(kind):
+    """BART's and Marian's causal language models (the decoders of encoder-decoders) score each position against its
+    own label, unshifted, as their own loss does; transformers' generic EncoderDecoderModel also hides its decoder's
+    padding when it makes the decoder's inputs from the labels. ``Step``'s main loss is the model's own."""
+    import transformers
+
+    sizes = LANGUAGE_MODELS["bart"][1]
+    ids = dict(pad_token_id=PAD, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    if kind == "encoder-decoder":
+        small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        encoder, decoder = transformers.BertConfig(**small), transformers.BertConfig(**small, is_decoder=True)
+        decoder.add_cross_attention = True
+        config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+        config.update(ids)
+        torch.manual_seed(0)
+        model, expected = transformers.EncoderDecoderModel(config), SEQ2SEQ
+    else:
+        config = transformers.AutoConfig.for_model(kind, **sizes, **ids)
+        torch.manual_seed(0)
+        model, expected = transformers.AutoModelForCausalLM.from_config(config), None
+    model.eval()
+    batch = lm_labels(text_batch(batch=4, length=16))
+    if kind == "encoder-decoder":  # a target of its own whose first tokens carry no loss: its decoder reads padding
+        batch["labels"] = text_batch(batch=4, length=10, seed=5)["input_ids"]
+        batch["labels"][:, :3] = -100
+    with torch.no_grad():
+        own = model(**batch).loss
+    assert language_model(model)[0] == expected
+    out = _step(model)(batch)  # plain, in eval mode: no dropout draw to match
+    torch.testing.assert_close(out["loss_main"], own, rtol=1e-6, atol=1e-6)
+
+
 def test_a_text_generator_whose_labels_are_laid_out_otherwise_is_refused():
     """A model that generates text and is neither a causal language model nor an encoder-decoder (GPT-2's double
-    heads here; vision-language models) lays out its labels its own way: refused by name, not scored wrongly."""
+    heads here; vision-language models), or a causal one whose logits begin with image tokens (GIT), lays out its
+    labels its own way: refused by name, not scored wrongly."""
     import transformers
 
     from masksub.hf import MaskSubTrainer
@@ -146,6 +180,11 @@ def test_a_text_generator_whose_labels_are_laid_out_otherwise_is_refused():
     args = transformers.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="GPT2DoubleHeadsModel generates text"):
         MaskSubTrainer(model=model, args=args, mask_options={"mask_token_id": MASK, "special_ids": SPECIAL})
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16)
+    config = transformers.GitConfig(vision_config=dict(vision, patch_size=8), **LANGUAGE_MODELS["llama"][1])
+    git = transformers.GitForCausalLM(config)  # a causal language model whose logits begin with its image tokens
+    with pytest.raises(ValueError, match="GitForCausalLM's logits hold more positions than its labels"):
+        _step(git)
 
 
 @pytest.mark.parametrize("kind", ["bert", "t5"])

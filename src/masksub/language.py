@@ -7,15 +7,17 @@ A Hugging Face batch's ``labels`` mean different things by head, and ``Step``, L
   (-100 where no loss counts: a prompt, padding), and its logits at position ``i`` predict token ``i + 1``: the
   target is the labels shifted one to the left, -100 at the end, as its own loss shifts them. A batch's
   ``shift_labels`` (already shifted, as transformers' context parallelism gives them) are the target as they are.
-  XLM's and XLNet's language-model heads score each position against its own label, and are left as they are;
+  The heads whose own loss scores each position against its own label (``UNSHIFTED``: XLM's, XLNet's, and the
+  decoders of encoder-decoders, BART's, Marian's, Whisper's...) are left as they are;
 - an encoder-decoder (T5, BART, Marian, Pegasus...) takes the decoder's targets as labels, and makes the decoder's
   inputs from them (shifted right, after its start token) where the batch has none: so does this, with the model's
   own ``prepare_decoder_input_ids_from_labels``. The text adapter masks the encoder's input only;
 - every other head (sequence and token classifiers, masked language models...) scores each prediction against its
   own label, as before.
 
-Other models that generate text (vision-language models: LLaVA, Qwen2-VL, BLIP-2...) lay out their labels each its
-own way, and are refused rather than trained on a target their own loss would not read.
+Other models that generate text (vision-language models: LLaVA, Qwen2-VL, BLIP-2...; speech ones; GIT, whose logits
+begin with its image tokens) lay out their labels each its own way, and are refused rather than trained on a target
+their own loss would not read.
 """
 
 from __future__ import annotations
@@ -30,8 +32,16 @@ from torch import nn
 from .loss import IGNORE_INDEX
 
 CAUSAL, SEQ2SEQ = "causal", "seq2seq"
-# causal language-model heads whose own loss reads the label of each position unshifted
-UNSHIFTED = ("XLMWithLMHeadModel", "XLNetLMHeadModel")
+# causal language-model heads whose own loss reads the label of each position unshifted: XLM's and XLNet's, and the
+# decoders of encoder-decoders (given inputs already shifted, as their encoder-decoder gives them); found by
+# ``scripts/check_families.py --lm``, which checks every language model against its own loss
+UNSHIFTED = ("XLMWithLMHeadModel", "XLNetLMHeadModel", "CpmAntForCausalLM", "TrOCRForCausalLM", "WhisperForCausalLM")
+UNSHIFTED += ("BartForCausalLM", "MBartForCausalLM", "MvpForCausalLM", "PLBartForCausalLM", "BigBirdPegasusForCausalLM")
+UNSHIFTED += ("BlenderbotForCausalLM", "BlenderbotSmallForCausalLM", "MarianForCausalLM", "PegasusForCausalLM")
+# causal language models whose logits hold more than the labels' positions (GIT's: its image tokens first)
+OWN_LAYOUT = ("GitForCausalLM",)
+# encoder-decoders whose forward, given labels, also hides the decoder's padding
+DECODER_PADDING_MASKED = ("EncoderDecoderModel",)
 
 
 def hugging_face_model(model: nn.Module) -> nn.Module | None:
@@ -66,6 +76,11 @@ def language_model(model: nn.Module) -> tuple[str | None, nn.Module | None]:
         return None, None
     if getattr(hf.config, "is_encoder_decoder", False):
         return SEQ2SEQ, hf
+    if type(hf).__name__.endswith(OWN_LAYOUT):
+        raise ValueError(
+            f"{type(hf).__name__}'s logits hold more positions than its labels (its image tokens first), laid out its "
+            "own way, so masksub cannot score them as its loss would: compute the loss yourself"
+        )
     if is_causal_lm(hf):
         return CAUSAL, hf
     if hf.can_generate() and not type(hf).__name__.endswith(UNSHIFTED):
@@ -95,5 +110,8 @@ def align(kind: str | None, hf: nn.Module | None, x, target: torch.Tensor | None
                 f"{type(hf).__name__} is an encoder-decoder without prepare_decoder_input_ids_from_labels, and the "
                 "batch has no decoder_input_ids: add them (the labels shifted right, after the decoder's start token)"
             )
-        return {**x, "decoder_input_ids": prepare(labels=target)}, target
+        decoder = prepare(labels=target)
+        if type(hf).__name__.endswith(DECODER_PADDING_MASKED) and "decoder_attention_mask" not in x:
+            x = {**x, "decoder_attention_mask": (decoder != hf.config.pad_token_id).to(decoder.dtype)}
+        return {**x, "decoder_input_ids": decoder}, target
     return x, target
