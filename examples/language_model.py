@@ -26,10 +26,8 @@ from pathlib import Path
 import torch
 import transformers
 from fashion_mnist import check_args  # the argument checks of the image examples
-from text_classification import csv_rows
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
-
-from masksub.hf import MaskSubTrainer
+from text_classification import add_run_args, csv_rows, load_tokenizer, make_trainer
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 
 def parse_args(argv=None):
@@ -37,22 +35,11 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="hub name or local folder of a pretrained causal language model")
     p.add_argument("--train", required=True, type=Path, help="CSV with columns prompt,response")
     p.add_argument("--valid", required=True, type=Path, help="CSV with columns prompt,response")
-    p.add_argument("--sub", default="mask", choices=["mask", "dropout", "none"])
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument(
-        "--mode",
-        default="attention",
-        choices=["token", "attention", "drop"],
-        help="--sub mask: masked words are hidden by the attention mask, leave the sequence (the sub pass costs "
-        "about 1 - ratio of the main pass), or become the mask token (a tokenizer that has one)",
+    mode = (
+        "--sub mask: masked words are hidden by the attention mask, leave the sequence (the sub pass costs about "
+        "1 - ratio of the main pass), or become the mask token (a tokenizer that has one)"
     )
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/language_model")
+    add_run_args(p, mode=("attention", mode), batch_size=8, max_length=256, out="runs/language_model")
     return check_args(p, p.parse_args(argv), ("batch_size", "max_length"))
 
 
@@ -93,34 +80,17 @@ def next_token_accuracy(pred) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     transformers.set_seed(args.seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as e:  # not on the hub, not reachable, or no tokenizer there
-        raise SystemExit(f"error: cannot load the tokenizer of --model {args.model}: {e}") from None
+    tokenizer = load_tokenizer(args.model)  # pads with the end token where it has no padding token
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"--model {args.model}: its tokenizer has no end token, which ends each response")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # decoders (Llama, Qwen...): batches pad with the end token
     train = Pairs(tokenizer, args.train, args.max_length)
     valid = Pairs(tokenizer, args.valid, args.max_length)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    training = transformers.TrainingArguments(
-        output_dir=args.out,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        eval_strategy="epoch",
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-    )
-    common = dict(
+    trainer = make_trainer(
+        args,
         model=model,
-        args=training,
         train_dataset=train,
         eval_dataset=valid,
         processing_class=tokenizer,
@@ -128,11 +98,6 @@ def main(argv=None) -> dict:
         compute_metrics=next_token_accuracy,
         preprocess_logits_for_metrics=top_tokens,
     )
-    if args.sub == "none":
-        trainer = transformers.Trainer(**common)
-    else:
-        options = {"mask_options": {"mode": args.mode}} if args.sub == "mask" else {}
-        trainer = MaskSubTrainer(**common, sub=args.sub, ratio=args.ratio, **options)
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(str(Path(args.out) / "model"))

@@ -69,23 +69,59 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="hub name or local folder of a pretrained model")
     p.add_argument("--train", required=True, type=Path, help="CSV with columns text,label; CoNLL for --task token")
     p.add_argument("--valid", required=True, type=Path, help="CSV with columns text,label; CoNLL for --task token")
+    mode = (
+        "--sub mask: masked words become the mask token, are hidden by the attention mask, or leave the sequence "
+        "(sequence classifiers it takes: the sub pass costs about 1 - ratio of the main pass)"
+    )
+    add_run_args(p, mode=("token", mode), batch_size=32, max_length=128, out="runs/text_classification")
+    return check_args(p, p.parse_args(argv), ("batch_size", "max_length"))
+
+
+def add_run_args(p, mode: tuple[str, str], batch_size: int, max_length: int, out: str) -> None:
+    """The sub branch's and the Trainer's arguments, shared with ``language_model.py``; ``mode``: the default of
+    ``--mode`` and its help."""
     p.add_argument("--sub", default="mask", choices=["mask", "dropout", "none"])
     p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument(
-        "--mode",
-        default="token",
-        choices=["token", "attention", "drop"],
-        help="--sub mask: masked words become the mask token, are hidden by the attention mask, or leave the "
-        "sequence (sequence classifiers it takes: the sub pass costs about 1 - ratio of the main pass)",
-    )
+    p.add_argument("--mode", default=mode[0], choices=["token", "attention", "drop"], help=mode[1])
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=max_length)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/text_classification")
-    return check_args(p, p.parse_args(argv), ("batch_size", "max_length"))
+    p.add_argument("--out", default=out)
+
+
+def load_tokenizer(name: str):
+    """``name``'s tokenizer; one without a padding token pads with its end token (decoders': Llama, Qwen...)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:  # not on the hub, not reachable, or no tokenizer there
+        raise SystemExit(f"error: cannot load the tokenizer of --model {name}: {e}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def make_trainer(args, **common) -> transformers.Trainer:
+    """The Trainer of ``args`` (``--sub none``: the plain one, else ``MaskSubTrainer``) with ``common``'s model,
+    data, collator and metrics."""
+    training = transformers.TrainingArguments(
+        output_dir=args.out,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        eval_strategy="epoch",
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+    )
+    if args.sub == "none":
+        return transformers.Trainer(args=training, **common)
+    options = {"mask_options": {"mode": args.mode}} if args.sub == "mask" else {}
+    return MaskSubTrainer(args=training, **common, sub=args.sub, ratio=args.ratio, **options)
 
 
 def csv_rows(path: Path, *columns: str) -> tuple[list[dict], list[str]]:
@@ -261,12 +297,7 @@ def main(argv=None) -> dict:
     if indexed:  # the right choice's index, or the answer's span
         to_ids = list
     transformers.set_seed(args.seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as e:  # not on the hub, not reachable, or no tokenizer there
-        raise SystemExit(f"error: cannot load the tokenizer of --model {args.model}: {e}") from None
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # decoders (Llama, Qwen...): batches pad with the end token
+    tokenizer = load_tokenizer(args.model)
     if args.task in ("token", "qa") and not tokenizer.is_fast:
         raise SystemExit(
             f"--task {args.task} aligns its labels to word pieces, which needs a fast tokenizer; {args.model} has none"
@@ -282,35 +313,18 @@ def main(argv=None) -> dict:
     dataset = Answers if args.task == "qa" else functools.partial(Encoded, words=token)
     train = dataset(tokenizer, train_texts, to_ids(train_labels), args.max_length)
     valid = dataset(tokenizer, valid_texts, to_ids(valid_labels), args.max_length)
-    training = transformers.TrainingArguments(
-        output_dir=args.out,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        eval_strategy="epoch",
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-    )
     collator = {"token": DataCollatorForTokenClassification, "choice": choice_collator()}.get(
         args.task, DataCollatorWithPadding
     )
-    common = dict(
+    trainer = make_trainer(
+        args,
         model=model,
-        args=training,
         train_dataset=train,
         eval_dataset=valid,
         processing_class=tokenizer,
         data_collator=collator(tokenizer),
         compute_metrics=span_accuracy if args.task == "qa" else accuracy,
     )
-    if args.sub == "none":
-        trainer = transformers.Trainer(**common)
-    else:
-        options = {"mask_options": {"mode": args.mode}} if args.sub == "mask" else {}
-        trainer = MaskSubTrainer(**common, sub=args.sub, ratio=args.ratio, **options)
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(str(Path(args.out) / "model"))

@@ -21,7 +21,11 @@ With ``--text`` each architecture is built at random init from its default confi
 to 2 layers of width 32 (a multimodal one's text and vision parts too), and fed random token ids
 after a start token; the mask adapter gets the configuration's special ids (pad, bos, eos, ...).
 A last column checks the text adapter's ``mode="drop"``: refused, or its sub pass on the kept
-tokens against the model with the same tokens hidden by the attention mask. With ``--vision`` the
+tokens against the model with the same tokens hidden by the attention mask. ``--lm`` does the same for every
+language model (the causal ones, ``AutoModelForCausalLM``, and the encoder-decoders, ``AutoModelForSeq2SeqLM``; for
+a causal one, the drop check compares the positions the sub pass predicted), with its labels (the input ids, -100 on
+the first four; an encoder-decoder's, a target of their own), and a column more: ``masksub.Step``'s main loss
+against the model's own loss given the labels (or the refusal ``masksub.language`` gives). With ``--vision`` the
 same shrinking applies to transformer configurations (CNN configurations, with lists of stage
 widths, keep their defaults), zero-init parameters are redrawn as for timm models, and the input
 is random pixels at the configuration's image size. With ``--torchvision`` each family
@@ -35,6 +39,7 @@ or hangs costs only its row. Writes a JSON and a markdown table.
     python scripts/check_families.py                       # all families: ~40 min on 2 CPU cores
     python scripts/check_families.py --families vision_transformer resnet swin_transformer
     python scripts/check_families.py --text --out text_families
+    python scripts/check_families.py --lm --out lm_families
     python scripts/check_families.py --vision --out vision_families
     python scripts/check_families.py --torchvision --out torchvision_families
     python scripts/check_families.py --vision --families siglip2 --out vision_families --update  # one row again
