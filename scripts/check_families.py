@@ -446,7 +446,9 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
     if build is build_lm:  # the language model's labels: checked against its own loss, then inputs alone
         x, other = ({k: v for k, v in batch.items() if k != "labels"} for batch in (x, other))
         if getattr(model.config, "is_encoder_decoder", False):  # the same decoder inputs in each pass
-            decoder = {"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labelled["labels"])}
+            from masksub.language import SEQ2SEQ, align
+
+            decoder = {k: v for k, v in align(SEQ2SEQ, model, {}, labelled["labels"])[0].items()}
             x, other = {**x, **decoder}, {**other, **decoder}
     try:
         with torch.no_grad():

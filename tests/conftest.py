@@ -233,6 +233,7 @@ LANGUAGE_MODELS = {  # kind: the auto class and a tiny configuration (padding PA
         | dict(decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
     ),
 }
+LANGUAGE_MODELS["m2m_100"] = LANGUAGE_MODELS["bart"]  # NLLB's kin: no prepare_decoder_input_ids_from_labels
 
 
 def tiny_language_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:

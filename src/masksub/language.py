@@ -93,6 +93,22 @@ def language_model(model: nn.Module) -> tuple[str | None, nn.Module | None]:
     return None, hf
 
 
+def shift_right(hf: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder's inputs from ``labels`` for an encoder-decoder without ``prepare_decoder_input_ids_from_labels``
+    (M2M100, NLLB, SeamlessM4T...), as their forwards make them: the decoder's start token, then the labels but the
+    last, -100 read as padding."""
+    config = hf.config
+    start, pad = getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)
+    if start is None or pad is None:
+        raise ValueError(
+            f"{type(hf).__name__} is an encoder-decoder whose configuration names no decoder_start_token_id or "
+            "pad_token_id, and the batch has no decoder_input_ids: add them (the labels shifted right, after the "
+            "decoder's start token)"
+        )
+    shifted = torch.cat([labels.new_full((*labels.shape[:-1], 1), start), labels[..., :-1]], dim=-1)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad)
+
+
 def align(kind: str | None, hf: nn.Module | None, x, target: torch.Tensor | None):
     """``(inputs, target)`` for a batch whose labels ``split_labels`` took off: a causal language model's target
     shifted left (or its ``shift_labels``), an encoder-decoder's decoder inputs made from the labels where the batch
@@ -105,12 +121,7 @@ def align(kind: str | None, hf: nn.Module | None, x, target: torch.Tensor | None
         if "decoder_input_ids" in x or "decoder_inputs_embeds" in x:
             return x, target
         prepare = getattr(hf, "prepare_decoder_input_ids_from_labels", None)
-        if prepare is None:
-            raise ValueError(
-                f"{type(hf).__name__} is an encoder-decoder without prepare_decoder_input_ids_from_labels, and the "
-                "batch has no decoder_input_ids: add them (the labels shifted right, after the decoder's start token)"
-            )
-        decoder = prepare(labels=target)
+        decoder = shift_right(hf, target) if prepare is None else prepare(labels=target)
         if type(hf).__name__.endswith(DECODER_PADDING_MASKED) and "decoder_attention_mask" not in x:
             x = {**x, "decoder_attention_mask": (decoder != hf.config.pad_token_id).to(decoder.dtype)}
         return {**x, "decoder_input_ids": decoder}, target
