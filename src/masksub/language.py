@@ -22,6 +22,7 @@ their own loss would not read.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping
 
@@ -54,17 +55,22 @@ def hugging_face_model(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
 
 
-def _causal_heads() -> set[str]:
+@functools.cache
+def _causal_heads() -> frozenset[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-    return {n for name in names for n in ((name,) if isinstance(name, str) else name)} - set(UNSHIFTED)
+    return frozenset(n for name in names for n in ((name,) if isinstance(name, str) else name)) - set(UNSHIFTED)
+
+
+def _classes(hf: nn.Module) -> set[str]:
+    """The names of the transformers classes ``hf`` is an instance of (a subclass of your own is its base's kind)."""
+    return {c.__name__ for c in type(hf).__mro__ if c.__module__.startswith("transformers.")}
 
 
 def is_causal_lm(hf: nn.Module) -> bool:
     """Whether the Hugging Face model ``hf`` is a causal language model whose own loss shifts its labels."""
-    classes = {c.__name__ for c in type(hf).__mro__ if c.__module__.startswith("transformers.")}
-    return bool(classes & _causal_heads())
+    return bool(_classes(hf) & _causal_heads())
 
 
 def language_model(model: nn.Module) -> tuple[str | None, nn.Module | None]:
@@ -76,14 +82,15 @@ def language_model(model: nn.Module) -> tuple[str | None, nn.Module | None]:
         return None, None
     if getattr(hf.config, "is_encoder_decoder", False):
         return SEQ2SEQ, hf
-    if type(hf).__name__.endswith(OWN_LAYOUT):
+    classes = _classes(hf)
+    if classes & set(OWN_LAYOUT):
         raise ValueError(
             f"{type(hf).__name__}'s logits hold more positions than its labels (its image tokens first), laid out its "
             "own way, so masksub cannot score them as its loss would: compute the loss yourself"
         )
     if is_causal_lm(hf):
         return CAUSAL, hf
-    if hf.can_generate() and not type(hf).__name__.endswith(UNSHIFTED):
+    if hf.can_generate() and not classes & set(UNSHIFTED):
         raise ValueError(
             f"{type(hf).__name__} generates text, and is neither a causal language model (AutoModelForCausalLM, whose "
             "labels masksub shifts as the model's own loss does) nor an encoder-decoder: how its labels meet its "
@@ -122,7 +129,7 @@ def align(kind: str | None, hf: nn.Module | None, x, target: torch.Tensor | None
             return x, target
         prepare = getattr(hf, "prepare_decoder_input_ids_from_labels", None)
         decoder = shift_right(hf, target) if prepare is None else prepare(labels=target)
-        if type(hf).__name__.endswith(DECODER_PADDING_MASKED) and "decoder_attention_mask" not in x:
+        if _classes(hf) & set(DECODER_PADDING_MASKED) and "decoder_attention_mask" not in x:
             x = {**x, "decoder_attention_mask": (decoder != hf.config.pad_token_id).to(decoder.dtype)}
         return {**x, "decoder_input_ids": decoder}, target
     return x, target
