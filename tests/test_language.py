@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LANGUAGE_MODELS, MASK, PAD, SPECIAL, lm_labels, text_batch, tiny_language_model, wrap_text
+from conftest import (
+    LANGUAGE_MODELS,
+    MASK,
+    PAD,
+    SPECIAL,
+    lm_labels,
+    needs_transformers_5,
+    text_batch,
+    tiny_language_model,
+    wrap_text,
+)
 
 import masksub
 from masksub.language import CAUSAL, SEQ2SEQ, language_model
@@ -194,3 +204,34 @@ def test_drop_mode_refuses_language_models_it_cannot_shorten(kind):
     model = tiny_language_model(kind)
     with pytest.raises(ValueError, match=f"{type(model).__name__} is not one: use mode='attention'"):
         wrap_text(model, sub="mask", ratio=0.5, mode="drop")
+
+
+@needs_transformers_5
+def test_readme_language_model_example_runs(monkeypatch):
+    """The README's language-model example as written, with its two downloads replaced by a tiny Llama and a
+    tokenizer without padding or mask token (as decoders' are)."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    words = ["question", ":", "what", "is", "two", "and", "?", "answer", "four"]
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer, backend.normalizer = pre_tokenizers.Whitespace(), normalizers.Lowercase()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    model = tiny_language_model("llama", vocab_size=len(vocab))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name: tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda name, **kw: model)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("- **Language models**", 1)[1]
+    code = textwrap.dedent(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    scope: dict = {"torch": torch, "masksub": masksub, "AutoTokenizer": transformers.AutoTokenizer}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["metrics"]["updated"] and torch.isfinite(scope["metrics"]["loss"])
+    batch = scope["batch"]
+    assert batch["input_ids"][0, -1] == 1 and (batch["labels"][0, :10] == -100).all()  # the prompt's 10 tokens
+    assert batch["labels"][0, 10:].tolist() == [vocab["four"], 1] and not (batch["input_ids"] == 0).any()
+    assert scope["step"].model.branch.mode == "drop" and scope["step"]._language[0] == CAUSAL
