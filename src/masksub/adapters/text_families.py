@@ -51,7 +51,8 @@ DROP_ID_ENCODERS = DROP_ROPE_ENCODERS + DROP_POSITION_ENCODERS  # bidirectional:
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
 # the heads mode "drop" takes: one prediction per sequence (from the token a classifier reads; a multiple-choice head's
 # per choice, each choice a sequence), or one per token (the kept tokens' predictions go back to their places, and the
-# loss leaves the dropped ones out: ``kept``): a token classifier's, or a decoder's next-token prediction
+# loss leaves the dropped ones out: ``kept``): a token classifier's. A decoder's causal language model (its next-token
+# prediction per token) is taken too, judged by its transformers classes (``is_causal_lm``): GPT-2's is an LMHeadModel
 DROP_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForTokenClassification")
 
 
