@@ -448,7 +448,7 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
         if getattr(model.config, "is_encoder_decoder", False):  # the same decoder inputs in each pass
             from masksub.language import SEQ2SEQ, align
 
-            decoder = {k: v for k, v in align(SEQ2SEQ, model, {}, labelled["labels"])[0].items()}
+            decoder = align(SEQ2SEQ, model, {}, labelled["labels"])[0]  # the decoder inputs alone
             x, other = {**x, **decoder}, {**other, **decoder}
     try:
         with torch.no_grad():
