@@ -264,6 +264,82 @@ def test_trainer_on_a_language_model_equals_the_loss_by_hand(tmp_path, kind):
             torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
 
 
+def _language_data(kind: str, batch: int = 4) -> dict[str, torch.Tensor]:
+    """A batch whose samples hold different numbers of labelled tokens: a causal model's responses (its prompt and
+    padding unlabelled) or an encoder-decoder's targets, padded with -100."""
+    data = lm_labels(text_batch(batch=batch, length=16))
+    data["labels"][0, 7:] = -100  # a response cut short: no two samples of 4 hold as many tokens as the other two
+    if kind == "t5":
+        target = text_batch(batch=batch, length=10, seed=5)["input_ids"]
+        data["labels"] = target.masked_fill(torch.arange(10) >= 10 - 2 * torch.arange(batch)[:, None], -100)
+    return data
+
+
+def _language_model(kind: str):
+    return tiny_language_model(kind, dropout_rate=0.0) if kind == "t5" else tiny_language_model(kind)
+
+
+@pytest.mark.parametrize("memory_saving", [True, False])
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_accumulated_language_model_steps_weigh_each_labelled_token_alike(tmp_path, kind, memory_saving):
+    """Two micro-batches of different numbers of labelled tokens: each micro-batch's losses (means over its tokens)
+    weigh by its share of the step's labelled tokens, as the model's own loss given num_items_in_batch does,
+    not by half each."""
+    model = _language_model(kind)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    capture = GradsBeforeStep(model)
+    data = _language_data(kind)
+    trainer = _trainer(
+        tmp_path, model, data, memory_saving, per_device_train_batch_size=2, gradient_accumulation_steps=2
+    )
+    trainer.add_callback(capture)
+    trainer.train()
+    model.zero_grad()
+    targets, terms = [], []
+    for ids, sub_ids in zip(seen[0::2], seen[1::2]):
+        order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in ids]
+        labels, attention = data["labels"][order], data["attention_mask"][order]
+        main = model(input_ids=ids, attention_mask=attention, labels=labels).logits
+        sub = model(input_ids=sub_ids, attention_mask=attention, labels=labels).logits
+        target = labels if kind == "t5" else F.pad(labels[:, 1:], (0, 1), value=-100)
+        labelled = target != -100
+        per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+        ce = F.cross_entropy(main.transpose(1, 2), target, reduction="sum")
+        targets.append(int(labelled.sum()))
+        terms.append((ce, per_token[labelled].mean() * labelled.sum()))
+    assert targets[0] != targets[1]  # a mean per micro-batch would weigh the tokens of the smaller one more
+    (sum(0.5 * ce + 0.5 * distilled for ce, distilled in terms) / sum(targets)).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_accumulation_gives_a_language_model_the_gradient_of_one_batch_its_size(tmp_path, kind):
+    """With the main loss alone (main_weight=1, sub_weight=0), 2 micro-batches of 2 accumulated give the gradient of
+    the model's own loss over the 4 samples at once, as one batch of 4 does."""
+    grads = []
+    for batch, accum in ((4, 1), (2, 2)):
+        model = _language_model(kind)
+        capture = GradsBeforeStep(model)
+        args = _args(tmp_path / str(accum), per_device_train_batch_size=batch, gradient_accumulation_steps=accum)
+        options = {"mask_token_id": MASK, "special_ids": SPECIAL}
+        data = Rows(_language_data(kind))
+        trainer = MaskSubTrainer(
+            model=model, args=args, train_dataset=data, mask_options=options, main_weight=1.0, sub_weight=0.0
+        )
+        trainer.add_callback(capture)
+        trainer.train()
+        grads.append(capture.grads[0])
+    model.zero_grad()
+    model(**_language_data(kind)).loss.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            for got in grads:
+                torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_logits_of_another_shape_are_refused(tmp_path):
     data = {**text_batch(batch=4), "labels": torch.zeros(4, 20, 2, dtype=torch.long)}  # labels of the wrong rank
     trainer = _trainer(tmp_path, tiny_token_model(), data)
@@ -348,6 +424,34 @@ def test_trainer_under_ddp_all_reduces_once_per_step(tmp_path, memory_saving, fi
         "ddp_trainer_worker.py", tmp_path, memory_saving, find_unused, model, *[static] * bool(static)
     ):
         assert rank["result"] == {"world": 2, "rounds": 3, "steps": 3}
+
+
+@pytest.mark.parametrize("across", [True, False], ids=["average-tokens-across-devices", "per-process"])
+def test_language_model_tokens_weigh_alike_across_processes_as_average_tokens_across_devices_says(tmp_path, across):
+    """torchrun, 2 CPU processes, 2 micro-batches of 1 each: with average_tokens_across_devices every labelled token
+    of the 4 samples weighs the same (the gradient of the model's own loss over all 4 at once); without it, each
+    process's tokens weigh alike, and DDP averages the processes' gradients."""
+    ranks = run_worker("ddp_language_worker.py", tmp_path, "across" if across else "per-process")
+    data = _language_data("llama")
+    model = _language_model("llama")
+
+    def own_loss_gradient(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in rows]
+        model.zero_grad()
+        model(**{k: v[order] for k, v in data.items()}).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    inputs = [rank["result"]["inputs"] for rank in ranks]
+    assert sorted(r.tolist() for r in torch.cat(inputs)) == sorted(data["input_ids"].tolist())  # 4 samples, once
+    if across:
+        expected = own_loss_gradient(torch.cat(inputs))
+    else:
+        per_process = [own_loss_gradient(rows) for rows in inputs]
+        expected = {n: (per_process[0][n] + per_process[1][n]) / 2 for n in per_process[0]}
+    for rank in ranks:
+        assert rank["result"]["grads"].keys() == expected.keys()
+        for n, g in expected.items():
+            torch.testing.assert_close(rank["result"]["grads"][n], g, rtol=1e-4, atol=1e-7, msg=n)
 
 
 def _load_example(name: str = "text_classification"):

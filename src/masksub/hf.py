@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import transformers
 
 from .adapters import resolve_adapter
-from .language import align, language_model
+from .language import align, labelled_tokens, language_model
 from .loss import IGNORE_INDEX, SubBranchLoss, as_rows, distill
 from .step import ANSWER_POSITIONS, logits_of, split_labels
 from .wrapper import SubPassHold, check_one_backward, wrap
@@ -135,11 +135,14 @@ class MaskSubTrainer(transformers.Trainer):
     learns the main branch's softmax (sigmoid) prediction. Token classifiers are distilled per token,
     except tokens labelled -100 (special tokens, padding, continued words), which no loss sees; language
     models per predicted token (a causal one's labels shifted, as its own loss shifts them), except those
-    labelled -100 (a prompt, padding). Its loss is a mean over each micro-batch's tokens: with gradient
-    accumulation, micro-batches of fewer labelled tokens weigh as much as the others.
+    labelled -100 (a prompt, padding). A language model's labelled tokens each weigh the same in an optimizer step,
+    across its accumulated micro-batches (and its processes, with ``average_tokens_across_devices``), as the
+    model's own loss weighs them given ``num_items_in_batch``: k micro-batches accumulated give the gradient of one
+    batch k times their size. Other models' losses are means over each micro-batch, as their own losses are.
     """
 
-    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps.
+    # compute_loss's loss is divided by the accumulation steps in every transformers release: a language model's
+    # is weighed by its share of the step's labelled tokens (times the steps) first.
     loss_is_scaled_for_ga = False
 
     def __init__(
@@ -192,6 +195,7 @@ class MaskSubTrainer(transformers.Trainer):
             )
         self.memory_saving = blocker is None if memory_saving is None else bool(memory_saving)
         self._loss_sums, self._loss_count = None, 0
+        self._step_tokens = None  # a language model's labelled tokens in the optimizer step: (count, all processes)
 
     def _wrap(self, model, ratio: float) -> None:
         sub, options = self._wrap_args
@@ -312,6 +316,32 @@ class MaskSubTrainer(transformers.Trainer):
         # of the current step (fewer at the end of an epoch), earlier versions use the argument.
         return getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
 
+    def get_batch_samples(self, *args, **kwargs):
+        """The Trainer's micro-batches of one optimizer step; for a language model, their labelled tokens are
+        counted (over all processes with ``average_tokens_across_devices``), which weigh each micro-batch's loss."""
+        batches, num_items = super().get_batch_samples(*args, **kwargs)
+        kind, _ = language_model(self.model)
+        counts = [labelled_tokens(kind, batch) for batch in batches]
+        self._step_tokens = None
+        if kind is not None and batches and all(c is not None for c in counts):
+            tokens = sum(counts).to(self.args.device)
+            across = getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1
+            if across:
+                tokens = self.accelerator.gather(tokens[None]).sum()
+            self._step_tokens = (tokens, across)
+        return batches, num_items
+
+    def _token_share(self, target: torch.Tensor) -> torch.Tensor | float:
+        """What a language model's micro-batch loss (a mean over its labelled tokens) is multiplied by before the
+        Trainer divides it by the accumulation steps: its tokens' share of the step's, times the steps (and the
+        processes, whose gradients DDP averages, when the step's tokens are counted over all of them); 1 where the
+        step's tokens were not counted (``compute_loss`` called outside the Trainer's loop)."""
+        if self._step_tokens is None:
+            return 1.0
+        tokens, across = self._step_tokens
+        scale = self._accumulation_steps() * (self.accelerator.num_processes if across else 1)
+        return target.ne(IGNORE_INDEX).sum() * scale / tokens.clamp(min=1)
+
     def _main_pass_context(self, model):
         # A micro-batch that does not sync already runs inside the Trainer's no_sync. Entering it again would
         # turn FSDP2's gradient sync back on at the inner exit: its switch is a flag, not a stack.
@@ -336,9 +366,10 @@ class MaskSubTrainer(transformers.Trainer):
         if multi_label:
             return F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.dtype).float())
         rows, targets = as_rows(logits.float(), labels)  # token classification: one row per token
-        return F.cross_entropy(
-            rows, targets, ignore_index=IGNORE_INDEX, label_smoothing=self.args.label_smoothing_factor
-        )
+        total = F.cross_entropy(
+            rows, targets, ignore_index=IGNORE_INDEX, label_smoothing=self.args.label_smoothing_factor, reduction="sum"
+        )  # the mean over the labelled tokens, 0 where none is (a micro-batch whose responses were cut off)
+        return total / targets.ne(IGNORE_INDEX).sum().clamp(min=1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation and prediction: the plain model
@@ -372,8 +403,9 @@ class MaskSubTrainer(transformers.Trainer):
             multi_label = not answers and language[0] is None and self._multi_label(labels)
             weights = self.masksub_losses[multi_label]
             loss_main = answer_loss(main, labels) if answers else self._main_loss(main, labels, multi_label)
+            share = self._token_share(labels) if language[0] is not None else 1.0
             if two_backwards:  # scaled as the Trainer scales the loss it back-propagates
-                self.accelerator.backward(weights.main_weight * loss_main / self._accumulation_steps())
+                self.accelerator.backward(weights.main_weight * loss_main * share / self._accumulation_steps())
                 loss_main = loss_main.detach()  # its graph is freed: the value is only reported
         if two_backwards:  # the drop rates (DropSub, PathSub) stay until the Trainer's backward recomputed
             self._sub_hold.enter(branch)
@@ -383,7 +415,7 @@ class MaskSubTrainer(transformers.Trainer):
         loss_sub = distill(weights, sub, main, labels, self._wrapped.sub_kept)
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
-        loss = weights.main_weight * loss_main + weights.sub_weight * loss_sub
+        loss = (weights.main_weight * loss_main + weights.sub_weight * loss_sub) * share
         if two_backwards:
             self._sub_hold.release_after_backward(loss)
         return (loss, outputs) if return_outputs else loss

@@ -116,6 +116,17 @@ def shift_right(hf: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     return shifted.masked_fill(shifted == IGNORE_INDEX, pad)
 
 
+def labelled_tokens(kind: str | None, batch: Mapping) -> torch.Tensor | None:
+    """How many of a batch's predictions a language model's own loss scores (labels other than -100, a causal
+    model's first one left out as its shift leaves it), or None for a batch without labels."""
+    if kind == CAUSAL and "shift_labels" in batch:
+        return batch["shift_labels"].ne(IGNORE_INDEX).sum()
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        return None
+    return (labels[..., 1:] if kind == CAUSAL else labels).ne(IGNORE_INDEX).sum()
+
+
 def align(kind: str | None, hf: nn.Module | None, x, target: torch.Tensor | None):
     """``(inputs, target)`` for a batch whose labels ``split_labels`` took off: a causal language model's target
     shifted left (or its ``shift_labels``), an encoder-decoder's decoder inputs made from the labels where the batch
