@@ -20,7 +20,8 @@
 #                                               # runs at once, then their 7 probes and finetunes at once
 #   bash benchmarks/run_gpu.sh text [DEST]      # text classifiers (BERT-base, SmolLM2-135M, Qwen2.5-0.5B configs):
 #                                               # plain vs MaskSub with the attention and the drop mode; then the
-#                                               # decoders' causal language models (batch 16 of 512 tokens)
+#                                               # decoders' causal language models (batch 16 of 512 tokens), and
+#                                               # the distillation over Qwen2.5's vocabulary (distill_cost.py)
 #
 # Results are written to benchmarks/results/. With DEST, the result files (not the run folders) go
 # to DEST as well: the step-cost parts and the test log write there as they go, starting from the
@@ -48,7 +49,7 @@ case $part in
   accuracy_peers) files="accuracy_gpu_peers.json accuracy_gpu_peers.md accuracy_gpu_peers.png" ;;
   accuracy_swin) files="accuracy_gpu_swin.json accuracy_gpu_swin.md accuracy_gpu_swin.png" ;;
   pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
-  text) files="text_step_cost_gpu.json text_step_cost_gpu.md text_step_cost_gpu_lm.json text_step_cost_gpu_lm.md" ;;
+  text) files="text_step_cost_gpu.json text_step_cost_gpu.md text_step_cost_gpu_lm.json text_step_cost_gpu_lm.md distill_cost_gpu.json distill_cost_gpu.md" ;;
   *)
     echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text" >&2
     exit 2 ;;
@@ -83,6 +84,7 @@ case $part in
   text)
     $PY benchmarks/text_step_cost.py --scale gpu --out "$out"
     $PY benchmarks/text_step_cost.py --scale gpu --task lm --batch 16 --out "$out"
+    $PY benchmarks/distill_cost.py --scale gpu --out "$out"
     ;;
 esac
 

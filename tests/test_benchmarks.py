@@ -161,6 +161,17 @@ def test_text_step_cost_tiny_causal_language_models(tmp_path):
     assert "Heads: causal language models." in (tmp_path / "text_step_cost_tiny_lm.md").read_text()
 
 
+def test_distill_cost_tiny(tmp_path):
+    """Both losses in both precisions, timed and their peaks read; they compute the same loss."""
+    _run("distill_cost.py", "--scale", "tiny", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "distill_cost_tiny.json").read_text())
+    assert (data["meta"]["rows"], data["meta"]["classes"]) == (64, 1000) and set(data["results"]) == {"bf16", "fp32"}
+    for result in data["results"].values():
+        assert all(result[v]["s"] > 0 and result[v]["peak_gib"] > 0 for v in ("masksub", "whole arrays"))
+        assert result["loss_difference"] < 1e-4
+    assert "| bf16 |" in (tmp_path / "distill_cost_tiny.md").read_text()
+
+
 def test_step_cost_times_masksub_through_another_adapter_in_the_same_rounds(tmp_path):
     """``--also-adapter pixels`` on the tiny ViT: a fifth step, MaskSub masking pixels, beside the one dropping
     tokens, with its own FLOP-ideal ratio (the main pass's cost again: 2x) and a row in its own table."""
