@@ -72,3 +72,14 @@ def test_the_distillation_keeps_nothing_of_the_logits_size_but_the_logits():
     labelled = target != -100
     want = by_formula(sub.detach()[labelled], main[labelled], 1.0).mean()
     torch.testing.assert_close(distilled.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_traces_it_whole_to_the_same_value_and_gradient():
+    loss = SubBranchLoss(torch.nn.CrossEntropyLoss(), temperature=2.0)
+    sub = torch.randn(2, 5, 300, requires_grad=True)
+    main = torch.randn(2, 5, 300)
+    target = torch.randint(0, 300, (2, 5)).index_fill(1, torch.tensor([0, 1]), -100)
+    want = loss.sub_loss(sub, main, target)
+    compiled = torch.compile(loss.sub_loss, fullgraph=True)(sub, main, target)  # fullgraph: no break at the Function
+    torch.testing.assert_close(compiled, want)
+    torch.testing.assert_close(torch.autograd.grad(compiled, sub)[0], torch.autograd.grad(want, sub)[0])
