@@ -28,6 +28,7 @@ CASES = [("vit", 1, "masksub"), ("vit", 2, "masksub"), ("swin", 1, "masksub"), (
 CASES += [("vit", 1, "research"), ("vit", 2, "summed"), ("bert", 1, "masksub"), ("bert", 1, "summed")]
 CASES += [("vit", 2, "every")]  # masksub with sync_every_backward: every backward reduces
 CASES += [("vit", 2, "short")]  # accum_steps=3, each window ended by last=True after 2 micro-batches
+CASES += [("vit", 2, "items")]  # num_items_in_batch: the step's samples on both processes; DDP averages its 2
 CASES += [("vit", 2, "compiled")]  # torch.compile(DDP(wrapped)), the order PyTorch documents: was 2 per micro-batch
 try:  # timm's own task (two forwards, one backward), where timm's task API is new enough
     from masksub.task import MaskSubTask
@@ -133,7 +134,8 @@ def _train(name, accum, kind, rank=0, world=1, parallel="ddp", static_graph=Fals
             count.rounds += reductions.rounds
             updated = out["updated"]
         else:
-            out = step(x, y, last=kind == "short" and i % accum == accum - 1)
+            items = BATCH * accum if kind == "items" else None  # every sample of the step, on all processes
+            out = step(x, y, last=kind == "short" and i % accum == accum - 1, num_items_in_batch=items)
             updated = out["updated"]
         if fsdp and updated:
             assert type(out["grad_norm"]) is torch.Tensor, "a norm of the whole model, not of a shard"

@@ -90,6 +90,85 @@ def test_step_on_a_causal_lm_equals_the_next_token_loss_by_hand(mode):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def _uneven_parts() -> tuple[dict, list[dict], list[int]]:
+    """A causal model's batch of 4, its micro-batches of 1 and 3 rows, and their labelled next tokens (uneven: the
+    first row's response is cut short)."""
+    batch = _batch("llama")
+    batch["labels"][0, 7:] = -100
+    parts = [{k: v[rows] for k, v in batch.items()} for rows in (slice(0, 1), slice(1, 4))]
+    return batch, parts, [int((p["labels"][:, 1:] != -100).sum()) for p in parts]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["full-window", "window-ended-by-last"])
+def test_num_items_in_batch_gives_the_gradient_of_the_whole_batch(last):
+    """A plain causal LM (the criterion alone), 2 micro-batches of 1 and 3 rows given the step's labelled tokens:
+    the gradient of the model's own loss on the 4 rows at once, also in a window that last=True ends early."""
+    model = tiny_language_model("llama").train()
+    batch, parts, counts = _uneven_parts()
+    step = masksub.Step(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(), accum_steps=3 if last else 2
+    )
+    outs = [step(part, num_items_in_batch=sum(counts), last=last and i == 1) for i, part in enumerate(parts)]
+    assert [o["updated"] for o in outs] == [False, True]
+    grads = _grads(model)
+    model.zero_grad()
+    model(**batch).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("memory_saving", [True, False])
+def test_num_items_in_batch_weighs_each_micro_batch_by_its_labelled_tokens(memory_saving):
+    """MaskSub in attention mode: the window's gradient is the micro-batches' own gradients (each alone, the same
+    masks) weighed by their share of the labelled tokens, not by half each."""
+    model = tiny_language_model("llama").train()
+    wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="attention")
+    _, parts, counts = _uneven_parts()
+
+    def step(accum: int) -> masksub.Step:
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        return masksub.Step(wrapped, opt, torch.nn.CrossEntropyLoss(), accum_steps=accum, memory_saving=memory_saving)
+
+    alone = []
+    for i, part in enumerate(parts):
+        torch.manual_seed(10 + i)
+        step(1)(part)
+        alone.append(_grads(model))
+    window = step(2)
+    for i, part in enumerate(parts):
+        torch.manual_seed(10 + i)
+        window(part, num_items_in_batch=torch.tensor(sum(counts)))
+    grads = _grads(model)
+    assert counts[0] * 2 < counts[1]
+    for n, g in grads.items():
+        want = sum(c / sum(counts) * a[n] for c, a in zip(counts, alone))
+        torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7, msg=n)
+    halves = {n: (alone[0][n] + alone[1][n]) / 2 for n in grads}
+    assert any(not torch.allclose(grads[n], halves[n], rtol=1e-3, atol=1e-6) for n in grads)  # the test can tell
+
+
+def test_num_items_in_batch_is_refused_where_it_cannot_weigh():
+    model = tiny_language_model("llama").train()
+    _, parts, counts = _uneven_parts()
+    step = masksub.Step(model, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(), accum_steps=2)
+    step(parts[0], num_items_in_batch=sum(counts))
+    with pytest.raises(ValueError, match="given to some micro-batches of this optimizer step and not to others"):
+        step(parts[1])
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="num_items_in_batch must be"):
+            step(parts[0], num_items_in_batch=bad)
+    images = torch.randn(2, 8)
+    classifier = masksub.Step(
+        torch.nn.Linear(8, 3), torch.optim.SGD([torch.zeros(1)], lr=0.0), torch.nn.CrossEntropyLoss()
+    )
+    with pytest.raises(ValueError, match="no class-index target"):
+        classifier(images, torch.softmax(torch.randn(2, 3), -1), num_items_in_batch=2)
+
+
 @pytest.mark.parametrize("mode", ["token", "attention"])
 @pytest.mark.parametrize("kind", ["t5", "bart"])
 def test_an_encoder_decoder_masks_its_source_only_and_distills_each_target_token(kind, mode):

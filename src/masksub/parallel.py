@@ -82,18 +82,30 @@ def no_sync(model: nn.Module):
     return nullcontext()
 
 
-def all_processes(flag: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """``flag`` (a boolean tensor) and-ed over the processes the model reduces gradients across: one scalar
-    all-reduce under DDP (its process group) or FSDP (the default group, as FSDP's sharded grad scaler
-    reduces its overflow check); the flag itself for a model that reduces nothing."""
+def _reducing_group(model: nn.Module) -> tuple[bool, object]:
+    """``(reduces, group)``: whether the model reduces gradients across processes, and over which group (DDP's
+    own; None, the default group, for FSDP, as its sharded grad scaler reduces its overflow check)."""
     fsdp1, model = fsdp1_class(), engine(model)
     if isinstance(model, DistributedDataParallel):
-        group = model.process_group
-    elif (fsdp1 is not None and isinstance(model, fsdp1)) or callable(
+        return True, model.process_group
+    sharded = (fsdp1 is not None and isinstance(model, fsdp1)) or callable(
         getattr(model, "set_requires_gradient_sync", None)
-    ):
-        group = None
-    else:
+    )
+    return sharded, None
+
+
+def processes(model: nn.Module) -> int:
+    """How many processes' gradients the model averages: its group's size under DDP or FSDP, else 1."""
+    reduces, group = _reducing_group(model)
+    return torch.distributed.get_world_size(group) if reduces else 1
+
+
+def all_processes(flag: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``flag`` (a boolean tensor) and-ed over the processes the model reduces gradients across: one scalar
+    all-reduce under DDP (its process group) or FSDP (the default group); the flag itself for a model that
+    reduces nothing."""
+    reduces, group = _reducing_group(model)
+    if not reduces:
         return flag
     agreed = flag.to(torch.uint8)
     torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=group)

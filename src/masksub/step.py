@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .language import align, language_model
-from .loss import SubBranchLoss, distill
-from .parallel import all_processes, clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync
+from .loss import SubBranchLoss, distill, ignore_index_of
+from .parallel import all_processes, clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync, processes
 from .prepared import inner_optimizer, sub_branch_model, wrapper_scaler
 from .wrapper import check_one_backward, wrapped_inside
 
@@ -259,6 +259,7 @@ class Step:
                 scaler = torch.amp.GradScaler(self.device_type)
         self.scaler = scaler
         self._micro = 0  # micro-batches seen since the last optimizer step
+        self._weighting = None  # the window's: "mean" (1 / accum_steps) or "tokens" (num_items_in_batch)
         self._warned_eval = False
 
     def _own_scaler(self) -> torch.amp.GradScaler | None:
@@ -288,7 +289,7 @@ class Step:
             )
         if scaler is not None:
             scaler.load_state_dict(saved)
-        self._micro, self._finite = 0, True
+        self._micro, self._finite, self._weighting = 0, True, None
 
     @property
     def device_type(self) -> str:
@@ -326,7 +327,14 @@ class Step:
                 "or Fabric, or pass sub= through your forward"
             ) from e
 
-    def __call__(self, x, target: torch.Tensor | None = None, *, last: bool = False) -> dict:
+    def __call__(
+        self,
+        x,
+        target: torch.Tensor | None = None,
+        *,
+        last: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> dict:
         """``x``: an input batch, or a mapping of keyword inputs (a text batch: ``input_ids``,
         ``attention_mask``...); a mapping's ``labels`` are the target when ``target`` is None and
         never reach the model, so a Hugging Face model does not compute its own loss twice. A language
@@ -337,6 +345,14 @@ class Step:
         whose batch count ``accum_steps`` does not divide): the optimizer steps on the micro-batches
         of the window so far, with the gradient of their mean loss, as a full window has it.
 
+        ``num_items_in_batch``: the labelled targets (class indices other than the criterion's ``ignore_index``:
+        a language model's predicted tokens, a tagger's tagged words) of the whole optimizer step, all its
+        micro-batches on all processes (under DDP or FSDP, the sum of each process's count). Each micro-batch's
+        losses, means over its own targets, then weigh by its share of them instead of ``1 / accum_steps``:
+        every target of the step weighs the same, as transformers' own loss weighs them given this count, and k
+        micro-batches give the gradient of one batch of them all. Give it to every micro-batch of a window or
+        to none.
+
         A call that raises (a bad batch; an out-of-memory error a loop catches to skip the batch) may
         have reached the gradients in part: the gradients accumulated since the last optimizer step are
         dropped, and the next call starts a new one."""
@@ -346,7 +362,7 @@ class Step:
                 "an evaluation's context, say): call it outside that block"
             )
         try:
-            return self._micro_batch(x, target, last)
+            return self._micro_batch(x, target, last, num_items_in_batch)
         except BaseException:
             self._drop_window()
             raise
@@ -354,13 +370,37 @@ class Step:
     def _drop_window(self) -> None:
         """Forget the micro-batches since the last optimizer step (a call raised): without this, the count
         ran past ``accum_steps`` and no later call ever stepped the optimizer."""
-        self._micro, self._finite = 0, True
+        self._micro, self._finite, self._weighting = 0, True, None
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None and self._steps_scaler is None:
             # an unscale_ of the dropped window is forgotten, as update() forgets it
             getattr(self.scaler, "_per_optimizer_states", {}).clear()
 
-    def _micro_batch(self, x, target: torch.Tensor | None, last: bool = False) -> dict:
+    def _scale(self, target: torch.Tensor | None, num_items) -> float | torch.Tensor:
+        """What this micro-batch's losses are multiplied by: ``1 / accum_steps``, or its share of the step's
+        ``num_items_in_batch`` (times the processes whose gradients DDP or FSDP average)."""
+        weighting = "mean" if num_items is None else "tokens"
+        if self._weighting not in (None, weighting):
+            raise ValueError(
+                "num_items_in_batch was given to some micro-batches of this optimizer step and not to others: give "
+                "it to every micro-batch of a window (the same count), or to none"
+            )
+        self._weighting = weighting
+        if num_items is None:
+            return 1 / self.accum_steps
+        if self.loss is None or target is None or target.is_floating_point():
+            raise ValueError(
+                "num_items_in_batch weighs each micro-batch by its labelled targets, class indices of the criterion; "
+                f"this step has {'no criterion' if self.loss is None else 'no class-index target'}: leave it out"
+            )
+        if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral | torch.Tensor):
+            raise ValueError(f"num_items_in_batch must be a count of labelled targets, got {num_items!r}")
+        if not isinstance(num_items, torch.Tensor) and num_items < 1:  # a tensor is not read: no host sync
+            raise ValueError(f"num_items_in_batch must be at least 1, got {num_items}")
+        labelled = (target != ignore_index_of(self.loss.criterion)).sum()
+        return labelled * processes(self.model) / num_items
+
+    def _micro_batch(self, x, target: torch.Tensor | None, last: bool = False, num_items=None) -> dict:
         x, target = align(*self._language, *split_labels(x, target))
         if self.has_sub and not self._warned_eval and not self._sub_model.training:
             self._warned_eval = True
@@ -368,6 +408,7 @@ class Step:
         if self._micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self._micro += 1
+        scale = self._scale(target, num_items)
         update = last or self._micro == self.accum_steps
 
         # Only the last backward of the last micro-batch reduces gradients across processes. The contexts
@@ -378,9 +419,9 @@ class Step:
                 main = self._forward(x)
                 loss_main = main["loss"] if self.loss is None else self.loss.main_loss(logits_of(main), target)
             with synced():
-                self._backward(loss_main / self.accum_steps)
+                self._backward(loss_main * scale)
         elif self.memory_saving:
-            w_main = self.loss.main_weight / self.accum_steps
+            w_main = self.loss.main_weight * scale
             with self._no_sync():
                 with self._autocast():
                     main = logits_of(self._forward(x))
@@ -390,10 +431,10 @@ class Step:
                 with self._autocast():
                     sub = logits_of(self._forward(x, sub=True))
                     loss_sub = distill(self.loss, sub, main, target, self._sub_model.sub_kept)
-                self._backward(self.loss.sub_weight / self.accum_steps * loss_sub)
+                self._backward(self.loss.sub_weight * scale * loss_sub)
         else:
             check_one_backward(self._sub_model.branch, self._sub_model.model, "Step(memory_saving=False)")
-            w_main, w_sub = self.loss.main_weight / self.accum_steps, self.loss.sub_weight / self.accum_steps
+            w_main, w_sub = self.loss.main_weight * scale, self.loss.sub_weight * scale
             with self._autocast():
                 # Unsynced main forward: DDP then broadcasts buffers before it and not again before the
                 # sub forward, which would overwrite in place buffers the main graph saved (BERT's ids).
@@ -420,14 +461,14 @@ class Step:
         if update:
             micro, self._micro = self._micro, 0
             out.update(self._update(micro))
-            self._finite = True
+            self._finite, self._weighting = True, None
         out["updated"] = update
         return out
 
     def _update(self, micro: int) -> dict:
         out = {}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if micro < self.accum_steps:  # a short window (last=True): each loss was divided by accum_steps
+        if micro < self.accum_steps and self._weighting == "mean":  # a short window: each loss was / accum_steps
             for p in params:  # once per short window; in place, also on FSDP's sharded gradients
                 if p.grad is not None:
                     p.grad.mul_(self.accum_steps / micro)
