@@ -530,32 +530,6 @@ def test_text_classification_example_tunes_a_decoder_whose_tokenizer_has_no_padd
     assert saved.config.pad_token_id == vocab["</s>"]
 
 
-@pytest.fixture
-def local_causal_lm(tmp_path):
-    """A tiny Llama language model whose tokenizer has neither padding nor mask token (as decoders' have), saved
-    with save_pretrained, and train/valid CSVs of prompts and responses."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["review", ":", "the", "film", "was", "good", "fine", "bad", "awful", "verdict", "pos", "neg"]
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
-    small = dict(SMALL, vocab_size=len(vocab), num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, pad_token_id=None)).save_pretrained(tmp_path / "lm")
-    tokenizer.save_pretrained(tmp_path / "lm")
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 16), ("valid", 6)):
-        rows = ["prompt,response"]
-        for i in range(n):
-            opinion = ["good", "fine"] if i % 2 else ["bad", "awful"]
-            picks = " ".join(opinion[j] for j in torch.randint(0, 2, (2,), generator=g).tolist())
-            rows.append(f"review : the film was {picks} verdict :,{'pos' if i % 2 else 'neg'}")
-        (tmp_path / f"{split}_lm.csv").write_text("\n".join(rows) + "\n")
-    return tmp_path
-
-
 @pytest.mark.parametrize(
     "sub,mode", [("mask", "attention"), pytest.param("mask", "drop", marks=needs_transformers_5), ("none", None)]
 )

@@ -1130,3 +1130,21 @@ def test_drop_mode_window_masks_survive_a_deep_copy_and_pickling():
         got, expected, _, lengths = dropped_and_hidden(other, other.model, batch)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         assert lengths[0] < 24
+
+
+def test_packed_rows_are_refused_and_padded_ones_with_position_ids_are_not():
+    """Padding-free batches (several sequences in a row) are refused by name, with flash attention's boundaries or
+    with position ids that start again; rows of one sequence each, with or without a padding mask, are masked."""
+    from conftest import tiny_language_model
+
+    model = wrap_text(tiny_language_model("llama"), sub="mask", ratio=0.5, mode="attention").train()
+    ids = text_batch(batch=1, length=16)["input_ids"][:, :-2]
+    restart = torch.cat([torch.arange(7), torch.arange(7)])[None]
+    for packed in ({"position_ids": restart}, {"position_ids": torch.arange(14)[None], "seq_idx": restart * 0}):
+        with pytest.raises(ValueError, match="packs several sequences into each row"):
+            model(input_ids=ids, sub=True, **packed)
+    for one in (
+        {"position_ids": torch.arange(14)[None]},
+        {"position_ids": torch.arange(14)[None], "attention_mask": torch.ones_like(ids)},
+    ):
+        assert model(input_ids=ids, sub=True, **one).logits.shape == (1, 14, 64)

@@ -95,6 +95,21 @@ def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
     return rank < masked_counts(maskable.sum(dim=1), ratio).unsqueeze(1)
 
 
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")  # transformers' and TRL's padding-free batches
+
+
+def packed(kwargs: dict) -> bool:
+    """Whether a batch's keyword inputs pack several sequences into a row: flash attention's sequence boundaries,
+    or, without a padding mask, position ids that start again within a row (read on the host: only such batches
+    pay for it)."""
+    if any(key in kwargs for key in PACKED_KEYS):
+        return True
+    positions = kwargs.get("position_ids")
+    if kwargs.get("attention_mask") is not None or not isinstance(positions, torch.Tensor) or positions.ndim != 2:
+        return False
+    return bool((positions[:, 1:] <= positions[:, :-1]).any())
+
+
 @register_adapter("text", priority=25, description="Hugging Face text models (main input input_ids): mask tokens")
 class TokenMaskAdapter(MaskAdapter):
     """Masks a random ``ratio`` of each sample's non-special tokens (mask token or attention mask).
@@ -237,6 +252,14 @@ class TokenMaskAdapter(MaskAdapter):
                 f"the text mask adapter reads an attention_mask of input_ids' shape {tuple(shape)}, got shape "
                 f"{tuple(attention_mask.shape)}: custom attention masks of more dimensions (packed sequences) are not "
                 "supported; pass the padding mask, or use sub='dropout'"
+            )
+        if packed(kwargs):
+            raise ValueError(
+                "this batch packs several sequences into each row (padding-free: cu_seq_lens_q, seq_idx, or "
+                "position_ids that start again within a row), and the text mask adapter masks a ratio of each row's "
+                "words and hides them through a padding mask, which packed rows do not have: pad the batch instead "
+                "(TRL's SFTConfig(padding_free=False, packing=False); transformers' DataCollatorWithPadding), or use "
+                "sub='dropout'"
             )
         self.kept = None
         ids, attention_mask = rows(input_ids, shape), rows(attention_mask, shape)

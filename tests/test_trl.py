@@ -1,0 +1,112 @@
+"""MaskSubSFTTrainer: TRL's supervised fine-tuning data and evaluation, MaskSubTrainer's step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("trl", minversion="1.0")
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from test_hf import GradsBeforeStep  # noqa: E402
+
+from masksub.trl import MaskSubSFTTrainer  # noqa: E402
+
+
+def _pairs(folder, split: str = "train") -> Dataset:
+    """The fixture's CSV rows as TRL's prompt-completion pairs."""
+    lines = (folder / f"{split}_lm.csv").read_text().splitlines()[1:]
+    return Dataset.from_list([{"prompt": p, "completion": " " + c} for p, c in (line.split(",") for line in lines)])
+
+
+def _config(folder, **kw) -> trl.SFTConfig:
+    base = dict(
+        output_dir=str(folder / "run"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        learning_rate=0.0,  # the captured gradient is at the initial weights
+        max_grad_norm=0.0,
+        max_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return trl.SFTConfig(**{**base, **kw})
+
+
+def _trainer(folder, mode: str = "attention", **kw) -> MaskSubSFTTrainer:
+    config = _config(folder, **kw.pop("config", {}))
+    return MaskSubSFTTrainer(
+        model=str(folder / "lm"),  # a folder (or hub) name: SFTTrainer loads it, the sub branch wraps it
+        args=config,
+        train_dataset=_pairs(folder),
+        eval_dataset=_pairs(folder, "valid"),
+        mask_options={"mode": mode},
+        **kw,
+    )
+
+
+def test_sft_trainer_gradient_equals_the_completion_loss_by_hand(local_causal_lm):
+    """TRL labels the completion and its end token only; the main loss is each labelled next token's cross-entropy,
+    the sub branch (its words hidden) learns the main branch's next-token distribution at the same positions."""
+    trainer = _trainer(local_causal_lm)
+    model, seen, batches = trainer.model, [], []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    trainer.add_callback(capture := GradsBeforeStep(model))
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        batches.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
+    trainer.train()
+    (batch,) = batches
+    labels, ids, attention = batch["labels"], batch["input_ids"], batch["attention_mask"]
+    labelled = [row[row != -100].tolist() for row in labels]  # " pos" or " neg", then the end token
+    assert all(len(r) == 2 and r[1] == trainer.processing_class.eos_token_id for r in labelled)
+    main_kw, sub_kw = seen
+    assert torch.equal(sub_kw["input_ids"], ids) and (sub_kw["attention_mask"] < attention).any()
+    model.zero_grad()
+    main = model(input_ids=ids, attention_mask=attention).logits
+    sub = model(input_ids=ids, attention_mask=sub_kw["attention_mask"]).logits
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)
+    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[target != -100].mean()
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_sft_trainer_trains_logs_both_losses_and_evaluates_with_trl_metrics(local_causal_lm):
+    trainer = _trainer(local_causal_lm, config=dict(max_steps=2, learning_rate=1e-3, logging_steps=1))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all({"loss_main", "loss_sub"} <= h.keys() for h in logged)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_mean_token_accuracy", "eval_entropy"} <= metrics.keys()
+    assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0
+
+
+def test_padding_free_batches_are_refused_by_name(local_causal_lm):
+    trainer = _trainer(local_causal_lm, config=dict(padding_free=True, max_length=None))
+    with pytest.raises(ValueError, match="packs several sequences into each row"):
+        trainer.train()
+
+
+def test_a_peft_config_trains_the_adapter_with_the_sub_branch(local_causal_lm):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = _trainer(local_causal_lm, peft_config=config, config=dict(learning_rate=1e-2))
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    trainer.train()
+    assert any(not torch.equal(p, lora[n]) for n, p in trainer.model.named_parameters() if n in lora)
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)
+    assert trainer.sub_branch is not None and trainer._wrapped.model is trainer.model
