@@ -144,9 +144,10 @@ CHUNK_ELEMENTS = {"cpu": 2**18}
 CHUNK_ELEMENTS_ELSEWHERE = 2**24
 
 
-def _exact(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or in its own dtype where that is wider (float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def _exact(x: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+    """``x / t`` in float32, or in its own dtype where that is wider (float64); ``x`` itself where that is all."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if t == 1.0 else x / t
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
@@ -160,7 +161,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
         rows = max(1, CHUNK_ELEMENTS.get(student.device.type, CHUNK_ELEMENTS_ELSEWHERE) // max(student.shape[1], 1))
         out = student.new_empty(student.shape[0], dtype=_exact(student[:0]).dtype)
         for i in range(0, student.shape[0], rows):
-            s, m = _exact(student[i : i + rows]) / t, _exact(teacher[i : i + rows]) / t
+            s, m = _exact(student[i : i + rows], t), _exact(teacher[i : i + rows], t)
             out[i : i + rows] = torch.logsumexp(s, -1) - (m.softmax(-1) * s).sum(-1)
         ctx.save_for_backward(student, teacher)
         ctx.t, ctx.rows = t, rows
@@ -172,7 +173,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
         t, rows = ctx.t, ctx.rows
         out = torch.empty_like(student)
         for i in range(0, student.shape[0], rows):
-            s, m = _exact(student[i : i + rows]) / t, _exact(teacher[i : i + rows]) / t
+            s, m = _exact(student[i : i + rows], t), _exact(teacher[i : i + rows], t)
             out[i : i + rows] = s.softmax(-1).sub_(m.softmax(-1)).mul_(grad[i : i + rows, None] / t)
         return out, None, None
 
