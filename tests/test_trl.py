@@ -38,12 +38,13 @@ def _config(folder, **kw) -> trl.SFTConfig:
 
 def _trainer(folder, mode: str = "attention", **kw) -> MaskSubSFTTrainer:
     config = _config(folder, **kw.pop("config", {}))
+    options = {"mask_options": {"mode": mode}} if kw.get("sub", "mask") == "mask" else {}
     return MaskSubSFTTrainer(
         model=str(folder / "lm"),  # a folder (or hub) name: SFTTrainer loads it, the sub branch wraps it
         args=config,
         train_dataset=_pairs(folder),
         eval_dataset=_pairs(folder, "valid"),
-        mask_options={"mode": mode},
+        **options,
         **kw,
     )
 
@@ -93,10 +94,15 @@ def test_sft_trainer_trains_logs_both_losses_and_evaluates_with_trl_metrics(loca
     assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0
 
 
-def test_padding_free_batches_are_refused_by_name(local_causal_lm):
-    trainer = _trainer(local_causal_lm, config=dict(padding_free=True, max_length=None))
-    with pytest.raises(ValueError, match="packs several sequences into each row"):
-        trainer.train()
+@pytest.mark.parametrize("packing", [dict(padding_free=True, max_length=None), dict(packing=True)])
+def test_packed_batches_are_refused_for_masking_and_train_with_dropsub(local_causal_lm, packing):
+    """Several sequences packed into a row cannot be masked per sequence: refused by name before training;
+    DropSub, which masks nothing, trains on them."""
+    with pytest.raises(ValueError, match="pack several sequences into each row"):
+        _trainer(local_causal_lm, config=packing)
+    trainer = _trainer(local_causal_lm, sub="dropout", ratio=0.1, config=packing)
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.sub_branch.name == "dropout"
 
 
 def test_a_peft_config_trains_the_adapter_with_the_sub_branch(local_causal_lm):
