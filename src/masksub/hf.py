@@ -321,9 +321,9 @@ class MaskSubTrainer(transformers.Trainer):
         counted (over all processes with ``average_tokens_across_devices``), which weigh each micro-batch's loss."""
         batches, num_items = super().get_batch_samples(*args, **kwargs)
         kind, _ = language_model(self.model)
-        counts = [labelled_tokens(kind, batch) for batch in batches]
+        counts = [labelled_tokens(kind, batch) for batch in batches] if kind is not None else []
         self._step_tokens = None
-        if kind is not None and batches and all(c is not None for c in counts):
+        if counts and all(c is not None for c in counts):
             tokens = sum(counts).to(self.args.device)
             across = getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1
             if across:
