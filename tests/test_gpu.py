@@ -263,3 +263,32 @@ def test_text_drop_mode_window_masks_on_cuda_in_bf16(kind):
     step = masksub.Step(wrapped.train(), opt, torch.nn.CrossEntropyLoss(), amp="bf16")
     out = step({**batch, "labels": torch.arange(4, device="cuda") % 3})
     assert out["updated"] and torch.isfinite(out["loss"]).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_distillation_on_cuda_equals_the_formula_and_peaks_at_its_gradient(dtype):
+    """``soft_cross_entropy`` with CUDA's chunk size (several chunks, the last ragged): value and gradient of the
+    formula in float64, and the memory it allocates over its inputs about its gradient's, not float32 copies."""
+    from test_loss import by_formula
+
+    from masksub.loss import CHUNK_ELEMENTS_ELSEWHERE, soft_cross_entropy
+
+    classes = 32768
+    rows = 2 * CHUNK_ELEMENTS_ELSEWHERE // classes + 3
+    g = torch.Generator("cuda").manual_seed(0)
+    student = (3 * torch.randn(rows, classes, generator=g, device="cuda")).to(dtype).requires_grad_()
+    teacher = (3 * torch.randn(rows, classes, generator=g, device="cuda")).to(dtype)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = soft_cross_entropy(student, teacher).mean()
+    (grad,) = torch.autograd.grad(loss, student)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - held
+    assert peak < 1.5 * grad.numel() * grad.element_size() + 4 * CHUNK_ELEMENTS_ELSEWHERE * 4  # a few fp32 chunks
+    exact = student.detach().double().requires_grad_()
+    want = by_formula(exact, teacher, 1.0).mean()
+    (want_grad,) = torch.autograd.grad(want, exact)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol * want_grad.abs().max().item())
