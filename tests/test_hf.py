@@ -898,3 +898,35 @@ def test_trainer_drops_the_masked_tokens_with_mode_drop(tmp_path, family):
     embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
     trainer.train()
     assert lengths[0] == 20 and 10 < lengths[1] < 20, "the main pass keeps all 20 tokens, the sub pass fewer"
+
+
+def test_seq2seq_trainer_trains_with_the_sub_branch_and_evaluates_by_generating(tmp_path):
+    from masksub.hf import MaskSubSeq2SeqTrainer
+
+    model = tiny_language_model("t5", dropout_rate=0.0)
+    data = text_batch(batch=8, length=12)
+    data["labels"] = text_batch(batch=8, length=6, seed=5)["input_ids"]
+    args = transformers.Seq2SeqTrainingArguments(
+        str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        max_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        predict_with_generate=True,
+        generation_max_length=6,
+        disable_tqdm=True,
+    )
+    options = {"mask_token_id": MASK, "special_ids": SPECIAL}
+    trainer = MaskSubSeq2SeqTrainer(
+        model=model, args=args, train_dataset=Rows(data), eval_dataset=Rows(data), mask_options=options
+    )
+    trainer.train()
+    assert all({"loss_main", "loss_sub"} <= h.keys() for h in trainer.state.log_history if "loss" in h)
+    predicted = trainer.predict(Rows(data))
+    assert predicted.predictions.ndim == 2 and len(predicted.predictions) == 8  # generated token ids, not logits
+    model.eval()
+    with torch.no_grad():
+        own = model(**{k: v for k, v in data.items()}).loss
+    torch.testing.assert_close(torch.tensor(predicted.metrics["test_loss"]), own, rtol=1e-4, atol=1e-5)

@@ -435,3 +435,10 @@ class MaskSubTrainer(transformers.Trainer):
             logs = {**logs, "loss_main": loss_main, "loss_sub": loss_sub}
             self._loss_sums, self._loss_count = None, 0
         super().log(logs, *args, **kwargs)
+
+
+class MaskSubSeq2SeqTrainer(MaskSubTrainer, transformers.Seq2SeqTrainer):
+    """``transformers.Seq2SeqTrainer`` plus a sub branch: an encoder-decoder (translation, summarization) trains as
+    in ``MaskSubTrainer`` (the source masked in the sub branch, each target token distilled), and evaluates and
+    predicts as ``Seq2SeqTrainer`` does, generating with ``predict_with_generate=True``. Takes both trainers'
+    arguments."""
