@@ -159,7 +159,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
         rows = max(1, CHUNK_ELEMENTS.get(student.device.type, CHUNK_ELEMENTS_ELSEWHERE) // max(student.shape[1], 1))
-        out = student.new_empty(student.shape[0], dtype=_exact(student[:0]).dtype)
+        out = student.new_empty(student.shape[0], dtype=torch.promote_types(student.dtype, torch.float32))
         for i in range(0, student.shape[0], rows):
             s, m = _exact(student[i : i + rows], t), _exact(teacher[i : i + rows], t)
             out[i : i + rows] = torch.logsumexp(s, -1) - (m.softmax(-1) * s).sum(-1)
