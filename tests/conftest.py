@@ -234,6 +234,22 @@ LANGUAGE_MODELS = {  # kind: the auto class and a tiny configuration (padding PA
     ),
 }
 LANGUAGE_MODELS["m2m_100"] = LANGUAGE_MODELS["bart"]  # NLLB's kin: no prepare_decoder_input_ids_from_labels
+# mixtures of experts whose own loss adds their load-balancing losses, weighed unlike 1
+MOE = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+LANGUAGE_MODELS |= {
+    "mixtral": ("AutoModelForCausalLM", dict(SMALL, num_key_value_heads=2, num_local_experts=4) | MOE),
+    "qwen2_moe": (  # a shared expert beside the routed ones
+        "AutoModelForCausalLM",
+        dict(SMALL, num_key_value_heads=2, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+        | MOE,
+    ),
+    "jetmoe": (  # its weight named aux_loss_coef
+        "AutoModelForCausalLM",
+        dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8)
+        | dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+        | dict(aux_loss_coef=0.5),
+    ),
+}
 
 
 def tiny_language_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:

@@ -340,6 +340,44 @@ def test_accumulation_gives_a_language_model_the_gradient_of_one_batch_its_size(
                 torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("memory_saving", [True, False])
+def test_a_mixture_of_experts_trains_its_routers_as_its_own_loss_does(tmp_path, memory_saving):
+    """Mixtral, its load-balancing loss on (output_router_logits): the main loss is the model's own, cross-entropy
+    plus the router loss by its weight. 2 micro-batches accumulated: the cross-entropy over the step's labelled
+    tokens, plus the mean of the micro-batches' router losses (each a mean over its micro-batch, as TRL weighs it)."""
+    model = tiny_language_model("mixtral")
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    capture = GradsBeforeStep(model)
+    data = _language_data("llama")
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    options = {"mask_token_id": MASK, "special_ids": SPECIAL}
+    trainer = MaskSubTrainer(
+        model=model,
+        args=args,
+        train_dataset=Rows(data),
+        mask_options=options,
+        main_weight=1.0,
+        sub_weight=0.0,
+        memory_saving=memory_saving,
+    )
+    trainer.add_callback(capture)
+    trainer.train()
+    model.zero_grad()
+    ce, router, counts = [], [], []
+    for ids in seen[0::2]:
+        order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in ids]
+        own = model(**{k: v[order] for k, v in data.items()})
+        target = data["labels"][order][:, 1:].flatten()
+        counts.append((target != -100).sum())
+        ce.append(F.cross_entropy(own.logits[:, :-1].flatten(0, 1), target, reduction="sum"))
+        router.append(own.loss - ce[-1] / counts[-1])
+    assert counts[0] != counts[1] and all(r.item() > 0.1 for r in router)
+    (sum(ce) / sum(counts) + sum(router) / 2).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_logits_of_another_shape_are_refused(tmp_path):
     data = {**text_batch(batch=4), "labels": torch.zeros(4, 20, 2, dtype=torch.long)}  # labels of the wrong rank
     trainer = _trainer(tmp_path, tiny_token_model(), data)

@@ -308,15 +308,16 @@ def test_text_batches_with_labels_in_the_mapping():
     assert len(module.losses) == 2 and all(torch.isfinite(v) for v in module.losses)
 
 
-@pytest.mark.parametrize("head", ["token", "causal_lm"])
+@pytest.mark.parametrize("head", ["token", "causal_lm", "mixture_of_experts"])
 def test_a_per_token_head_dropping_tokens_trains_with_steps_gradients(head):
-    """mode='drop' on a token classifier, or a causal language model (its labels shifted as in Step): the
-    distillation leaves out the tokens the sub pass dropped, as in Step."""
+    """mode='drop' on a token classifier, or a causal language model (its labels shifted as in Step; a mixture of
+    experts' router losses in its main loss): the distillation leaves out the tokens the sub pass dropped, as in
+    Step."""
     from conftest import lm_labels, tiny_language_model, tiny_token_model, token_labels
 
     def build():
-        if head == "causal_lm":
-            return wrap_text(tiny_language_model("llama"), mode="drop").train()
+        if head != "token":
+            return wrap_text(tiny_language_model("llama" if head == "causal_lm" else "mixtral"), mode="drop").train()
         model = tiny_token_model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         return wrap_text(model, mode="drop").train()
 
@@ -337,7 +338,7 @@ def test_a_per_token_head_dropping_tokens_trains_with_steps_gradients(head):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    data = lm_labels(text_batch(batch=4)) if head == "causal_lm" else token_labels(text_batch(batch=4))
+    data = token_labels(text_batch(batch=4)) if head == "token" else lm_labels(text_batch(batch=4))
     module = Tagger()
     rows = [{k: v[i] for k, v in data.items()} for i in range(4)]
     _trainer().fit(module, torch.utils.data.DataLoader(rows, batch_size=4))

@@ -11,6 +11,7 @@ import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from test_hf import GradsBeforeStep  # noqa: E402
 
+import masksub.loss  # noqa: E402
 from masksub.trl import MaskSubSFTTrainer  # noqa: E402
 
 
@@ -92,6 +93,66 @@ def test_sft_trainer_trains_logs_both_losses_and_evaluates_with_trl_metrics(loca
     metrics = trainer.evaluate()
     assert {"eval_loss", "eval_mean_token_accuracy", "eval_entropy"} <= metrics.keys()
     assert 0.0 <= metrics["eval_mean_token_accuracy"] <= 1.0
+
+
+def _first_log(trainer) -> dict:
+    trainer.train()
+    return next(h for h in trainer.state.log_history if "loss" in h)
+
+
+@pytest.mark.parametrize("chunk", [None, 14 * 20], ids=["one-chunk", "ragged-chunks"])
+def test_training_logs_trl_metrics_of_the_main_pass_as_sft_trainer_does(local_causal_lm, monkeypatch, chunk):
+    """The first step's entropy, token accuracy and token count, logged by MaskSubSFTTrainer from its main pass, are
+    SFTTrainer's on the same batch (the fixture's model has no dropout), also a chunk of 20 rows at a time (of
+    about 50 rows, the last chunk short)."""
+    if chunk is not None:
+        monkeypatch.setitem(masksub.loss.CHUNK_ELEMENTS, "cpu", chunk)
+    config = dict(logging_steps=1)
+    ours = _first_log(_trainer(local_causal_lm, config=config))
+    theirs = _first_log(
+        trl.SFTTrainer(
+            model=str(local_causal_lm / "lm"),
+            args=_config(local_causal_lm, **config),
+            train_dataset=_pairs(local_causal_lm),
+        )
+    )
+    assert ours["num_tokens"] == theirs["num_tokens"] > 0
+    assert ours["mean_token_accuracy"] == pytest.approx(theirs["mean_token_accuracy"], abs=1e-6)
+    assert ours["entropy"] == pytest.approx(theirs["entropy"], rel=1e-5)
+    assert ours["entropy"] > 0.1  # not a zero that would match anything
+    assert ours["loss_main"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
+def test_a_mixture_of_experts_adds_the_load_balancing_loss_trl_weighs(local_causal_lm):
+    """Mixtral under SFTConfig(router_aux_loss_coef=0.2): the main loss is SFTTrainer's loss (cross-entropy plus
+    0.2 times the load-balancing loss), and the logs hold its aux_loss."""
+    import transformers
+    from conftest import SMALL
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(local_causal_lm / "lm")
+    sizes = dict(SMALL, vocab_size=len(tokenizer), num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(**sizes)).save_pretrained(local_causal_lm / "moe")
+    tokenizer.save_pretrained(local_causal_lm / "moe")
+    config = _config(local_causal_lm, logging_steps=1, router_aux_loss_coef=0.2)
+    ours = _first_log(
+        MaskSubSFTTrainer(
+            model=str(local_causal_lm / "moe"),
+            args=config,
+            train_dataset=_pairs(local_causal_lm),
+            mask_options={"mode": "attention"},
+        )
+    )
+    theirs = _first_log(
+        trl.SFTTrainer(model=str(local_causal_lm / "moe"), args=config, train_dataset=_pairs(local_causal_lm))
+    )
+    assert ours["aux_loss"] == pytest.approx(theirs["aux_loss"], rel=1e-5) and ours["aux_loss"] > 1.0
+    assert ours["loss_main"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
+def test_a_loss_type_other_than_the_cross_entropy_is_refused(local_causal_lm):
+    with pytest.raises(ValueError, match="loss_type='dft'.*set loss_type='nll'"):
+        _trainer(local_causal_lm, config=dict(loss_type="dft"))
 
 
 @pytest.mark.parametrize("packing", [dict(padding_free=True, max_length=None), dict(packing=True)])

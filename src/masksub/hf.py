@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import transformers
 
 from .adapters import resolve_adapter
-from .language import align, labelled_tokens, language_model
+from .language import align, labelled_tokens, language_model, router_loss
 from .loss import IGNORE_INDEX, SubBranchLoss, as_rows, distill
 from .step import ANSWER_POSITIONS, logits_of, split_labels
 from .wrapper import SubPassHold, check_one_backward, wrap
@@ -404,9 +404,15 @@ class MaskSubTrainer(transformers.Trainer):
             weights = self.masksub_losses[multi_label]
             loss_main = answer_loss(main, labels) if answers else self._main_loss(main, labels, multi_label)
             share = self._token_share(labels) if language[0] is not None else 1.0
+            # what the main weight multiplies: the criterion by its share, a mixture of experts' router losses (a
+            # mean per micro-batch) as they are; reported, their sum is the model's own loss
+            main_term, router = loss_main * share, router_loss(model, outputs)
+            if router is not None:
+                main_term, loss_main = main_term + router, loss_main + router
+            self._observe(outputs, main, labels, features)
             if two_backwards:  # scaled as the Trainer scales the loss it back-propagates
-                self.accelerator.backward(weights.main_weight * loss_main * share / self._accumulation_steps())
-                loss_main = loss_main.detach()  # its graph is freed: the value is only reported
+                self.accelerator.backward(weights.main_weight * main_term / self._accumulation_steps())
+                loss_main, main_term = loss_main.detach(), main_term.detach()  # graph freed: values only reported
         if two_backwards:  # the drop rates (DropSub, PathSub) stay until the Trainer's backward recomputed
             self._sub_hold.enter(branch)
         elif torch.is_grad_enabled():
@@ -415,10 +421,14 @@ class MaskSubTrainer(transformers.Trainer):
         loss_sub = distill(weights, sub, main, labels, self._wrapped.sub_kept)
         self._record(loss_main, loss_sub)
         # With two backwards only the sub term still has a graph; the value is the whole loss either way.
-        loss = (weights.main_weight * loss_main + weights.sub_weight * loss_sub) * share
+        loss = weights.main_weight * main_term + weights.sub_weight * loss_sub * share
         if two_backwards:
             self._sub_hold.release_after_backward(loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _observe(self, outputs, logits: torch.Tensor, labels: torch.Tensor, inputs: dict) -> None:
+        """Called with each training micro-batch's main outputs, their logits and the labels these are scored against
+        (a causal model's shifted), and the inputs: for subclasses' training metrics."""
 
     def _record(self, loss_main: torch.Tensor, loss_sub: torch.Tensor) -> None:
         pair = torch.stack([loss_main.detach().float(), loss_sub.detach().float()])

@@ -144,3 +144,48 @@ def align(kind: str | None, hf: nn.Module | None, x, target: torch.Tensor | None
             x = {**x, "decoder_attention_mask": (decoder != hf.config.pad_token_id).to(decoder.dtype)}
         return {**x, "decoder_input_ids": decoder}, target
     return x, target
+
+
+# a mixture-of-experts output's router losses, each with the names of the weight its model multiplies it by (looked
+# up on its configuration, which TRL's router_aux_loss_coef sets, then on the model): load balancing (Mixtral, Qwen
+# MoE, OLMoE, JetMoE's own name for it...; an encoder-decoder's, NLLB-MoE's and Switch Transformers', per stack) and
+# router z-losses (Switch Transformers')
+ROUTER_LOSSES = {
+    "aux_loss": ("router_aux_loss_coef", "aux_loss_coef"),
+    "encoder_aux_loss": ("router_aux_loss_coef",),
+    "decoder_aux_loss": ("router_aux_loss_coef",),
+    "encoder_z_loss": ("router_z_loss_coef",),
+    "decoder_z_loss": ("router_z_loss_coef",),
+}
+
+
+def _router_weight(hf: nn.Module, names: tuple[str, ...], field: str) -> float:
+    config = hf.config
+    for source in (config, config.get_text_config(), hf):
+        for name in names:
+            if getattr(source, name, None) is not None:
+                return float(getattr(source, name))
+    raise ValueError(
+        f"{type(hf).__name__}'s output holds a router loss ({field}) that its own loss adds to the cross-entropy, but "
+        f"masksub finds no weight for it ({' or '.join(names)}) on the model or its configuration: turn the router "
+        "losses off (config.output_router_logits=False), or compute the loss yourself"
+    )
+
+
+def router_loss(model: nn.Module, output) -> torch.Tensor | None:
+    """The router losses a Hugging Face mixture-of-experts model's own loss adds to its cross-entropy (load
+    balancing, router z-losses), read from its ``output`` and weighed as it weighs them; None where the output holds
+    none (not a mixture of experts, or ``output_router_logits`` off). ``Step``, ``TrainingStep`` and
+    ``MaskSubTrainer`` add it to the main branch's loss, which is then the model's own loss: they score the logits
+    themselves, and would otherwise leave the experts' balance untrained. A per-batch mean, as the model computes it:
+    it weighs each accumulated micro-batch alike, also where its cross-entropy is weighed by labelled tokens."""
+    if not isinstance(output, Mapping):
+        return None
+    terms = [(field, output.get(field)) for field in ROUTER_LOSSES]
+    terms = [(field, value) for field, value in terms if isinstance(value, torch.Tensor)]
+    if not terms:
+        return None
+    hf = hugging_face_model(model)
+    if hf is None:
+        return None
+    return sum(_router_weight(hf, ROUTER_LOSSES[field], field) * value.float() for field, value in terms)

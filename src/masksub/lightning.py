@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .language import align, language_model
+from .language import align, language_model, router_loss
 from .loss import SubBranchLoss, distill
 from .step import forward, logits_of, split_labels
 from .wrapper import SubBranchModel, SubPassHold, check_one_backward
@@ -99,8 +99,12 @@ class TrainingStep(nn.Module):
         if training:
             self._zero_grad_at_window_start(module, trainer)
         x, target = align(*language_model(model), *split_labels(x, target))
-        main = logits_of(forward(runner, x))
+        output = forward(runner, x)
+        main, router = logits_of(output), router_loss(model, output)
         loss_main = self.loss.main_loss(main, target)
+        if router is not None:  # a mixture of experts' router losses, which its own loss adds
+            loss_main = loss_main + router
+        del output
         if two_backwards:
             # Scaled as Lightning scales the loss it back-propagates; backward outside autocast, as Lightning's.
             weighted = self.loss.main_weight * loss_main / trainer.accumulate_grad_batches

@@ -144,6 +144,11 @@ CHUNK_ELEMENTS = {"cpu": 2**18}
 CHUNK_ELEMENTS_ELSEWHERE = 2**24
 
 
+def rows_per_chunk(logits: torch.Tensor) -> int:
+    """How many rows of ``logits`` (rows, classes) a chunk of ``CHUNK_ELEMENTS`` holds on their device."""
+    return max(1, CHUNK_ELEMENTS.get(logits.device.type, CHUNK_ELEMENTS_ELSEWHERE) // max(logits.shape[1], 1))
+
+
 def _exact(x: torch.Tensor, t: float = 1.0) -> torch.Tensor:
     """``x / t`` in float32, or in its own dtype where that is wider (float64); ``x`` itself where that is all."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -158,7 +163,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
-        rows = max(1, CHUNK_ELEMENTS.get(student.device.type, CHUNK_ELEMENTS_ELSEWHERE) // max(student.shape[1], 1))
+        rows = rows_per_chunk(student)
         out = student.new_empty(student.shape[0], dtype=torch.promote_types(student.dtype, torch.float32))
         for i in range(0, student.shape[0], rows):
             s, m = _exact(student[i : i + rows], t), _exact(teacher[i : i + rows], t)

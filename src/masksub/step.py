@@ -26,7 +26,7 @@ from timm.utils import dispatch_clip_grad
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .language import align, language_model
+from .language import align, language_model, router_loss
 from .loss import SubBranchLoss, distill, ignore_index_of
 from .parallel import all_processes, clip_grad_norm, engine, fsdp1_class, grad_norm, no_sync, processes
 from .prepared import inner_optimizer, sub_branch_model, wrapper_scaler
@@ -400,6 +400,16 @@ class Step:
         labelled = (target != ignore_index_of(self.loss.criterion)).sum()
         return labelled * processes(self.model) / num_items
 
+    def _main_loss(self, output, target: torch.Tensor | None, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main branch's loss (the criterion on ``output``'s logits, plus the router losses a mixture of experts'
+        own loss adds: ``router_loss``), and what its gradient is taken of: the criterion times ``scale``, the router
+        losses (a mean per micro-batch) times ``1 / accum_steps``."""
+        loss = self.loss.main_loss(logits_of(output), target)
+        router = router_loss(self.model, output)
+        if router is None:
+            return loss, loss * scale
+        return loss + router, loss * scale + router / self.accum_steps
+
     def _micro_batch(self, x, target: torch.Tensor | None, last: bool = False, num_items=None) -> dict:
         x, target = align(*self._language, *split_labels(x, target))
         if self.has_sub and not self._warned_eval and not self._sub_model.training:
@@ -417,16 +427,21 @@ class Step:
         if not self.has_sub:
             with synced(), self._autocast():
                 main = self._forward(x)
-                loss_main = main["loss"] if self.loss is None else self.loss.main_loss(logits_of(main), target)
+                if self.loss is None:  # the model's own loss
+                    loss_main = main["loss"]
+                    scaled = loss_main * scale
+                else:
+                    loss_main, scaled = self._main_loss(main, target, scale)
             with synced():
-                self._backward(loss_main * scale)
+                self._backward(scaled)
         elif self.memory_saving:
-            w_main = self.loss.main_weight * scale
             with self._no_sync():
                 with self._autocast():
-                    main = logits_of(self._forward(x))
-                    loss_main = self.loss.main_loss(main, target)
-                self._backward(w_main * loss_main)  # frees the main graph
+                    output = self._forward(x)
+                    main = logits_of(output)
+                    loss_main, scaled = self._main_loss(output, target, scale)
+                    del output  # the logits alone are kept (a cache it returned is not)
+                self._backward(self.loss.main_weight * scaled)  # frees the main graph
             with synced(), self._sub_model.sub_pass():  # drop rates held for checkpointed recomputation
                 with self._autocast():
                     sub = logits_of(self._forward(x, sub=True))
@@ -434,18 +449,18 @@ class Step:
                 self._backward(self.loss.sub_weight * scale * loss_sub)
         else:
             check_one_backward(self._sub_model.branch, self._sub_model.model, "Step(memory_saving=False)")
-            w_main, w_sub = self.loss.main_weight * scale, self.loss.sub_weight * scale
             with self._autocast():
                 # Unsynced main forward: DDP then broadcasts buffers before it and not again before the
                 # sub forward, which would overwrite in place buffers the main graph saved (BERT's ids).
                 with no_sync(self.model):  # no backward here: also with sync_every_backward
-                    main = logits_of(self._forward(x))
-                loss_main = self.loss.main_loss(main, target)
+                    output = self._forward(x)
+                main = logits_of(output)
+                loss_main, scaled = self._main_loss(output, target, scale)
                 with synced():  # DDP decides at the forward whether the backward all-reduces
                     sub = logits_of(self._forward(x, sub=True))
                 loss_sub = distill(self.loss, sub, main, target, self._sub_model.sub_kept)
             with synced():
-                self._backward(w_main * loss_main + w_sub * loss_sub)
+                self._backward(self.loss.main_weight * scaled + self.loss.sub_weight * scale * loss_sub)
 
         if self.loss is None:  # self-supervised: every reported loss
             out = {k: v.detach() for k, v in main.items()}

@@ -9,9 +9,11 @@
 ``assistant_only_loss`` labels), the model (a hub name, ``peft_config``) and the evaluation (its loss, entropy and
 token accuracy); ``MaskSubTrainer`` trains on each batch's labels as the model's own loss reads them (a causal
 model's shifted one token left), plus the sub branch's distillation of every labelled next token, with each
-labelled token of an optimizer step weighing the same across accumulated micro-batches and processes. Training logs
-hold ``loss``, ``loss_main`` and ``loss_sub``; TRL's own training metrics (entropy, token accuracy) come from its
-fused loss, which the MaskSub step does not run, so they appear for evaluation only.
+labelled token of an optimizer step weighing the same across accumulated micro-batches and processes (a mixture of
+experts' load-balancing loss added by TRL's ``router_aux_loss_coef``). Training logs hold ``loss``, ``loss_main`` and
+``loss_sub``, and TRL's own metrics of the main pass: the mean ``entropy`` of its prediction of each labelled token,
+``mean_token_accuracy`` (how often its top prediction is the label), ``num_tokens`` (the tokens trained on so far),
+``aux_loss``. The main loss is the cross-entropy: ``loss_type="dft"`` is refused.
 
 Padding-free batches (``padding_free=True``, ``packing=True``) pack several sequences into a row, which
 ``sub="mask"`` refuses with an error: keep TRL's padded batches (its default), or use ``sub="dropout"``.
@@ -21,9 +23,11 @@ Needs ``trl`` (``pip install 'masksub[trl]'``).
 
 from __future__ import annotations
 
+import torch
 from trl import SFTTrainer
 
 from .hf import MaskSubTrainer
+from .loss import IGNORE_INDEX, as_rows, rows_per_chunk
 
 
 class MaskSubSFTTrainer(MaskSubTrainer, SFTTrainer):
@@ -40,4 +44,37 @@ class MaskSubSFTTrainer(MaskSubTrainer, SFTTrainer):
                 "masks a ratio of each row's words and hides them through a padding mask, which packed rows do not "
                 "have: set padding_free=False and packing=False (TRL's padded batches), or use sub='dropout'"
             )
+        if getattr(config, "loss_type", "nll") != "nll":
+            raise ValueError(
+                f"SFTConfig(loss_type={config.loss_type!r}): MaskSubSFTTrainer trains the main branch with the "
+                "cross-entropy of each labelled token (loss_type='nll'), and the sub branch to learn its prediction; "
+                "set loss_type='nll', or train with SFTTrainer"
+            )
         super().__init__(*args, sub=sub, **kwargs)
+
+    def _observe(self, outputs, logits: torch.Tensor, labels: torch.Tensor, inputs: dict) -> None:
+        """TRL's training metrics, of the main pass, as ``SFTTrainer`` computes them: the mean entropy of the
+        prediction of each labelled token and the share of them predicted first (a chunk of rows at a time: no
+        float32 copy of the logits), the tokens trained on (all processes'), a mixture of experts' load-balancing
+        loss."""
+        with torch.no_grad():
+            rows, targets = as_rows(logits.detach(), labels)
+            sums = rows.new_zeros(3, dtype=torch.float32)  # entropy, correct, labelled
+            step = rows_per_chunk(rows)
+            for i in range(0, len(rows), step):
+                x, target = rows[i : i + step].float(), targets[i : i + step]
+                labelled = target != IGNORE_INDEX  # by weights, not by indexing: no host sync
+                entropy = (x.logsumexp(-1) - (x.softmax(-1) * x).sum(-1)) * labelled
+                correct = (x.argmax(-1) == target) & labelled
+                sums += torch.stack([entropy.sum(), correct.sum().float(), labelled.sum().float()])
+            entropy, correct, count = self.accelerator.gather_for_metrics(sums[None]).sum(0).tolist()
+        metrics = self._metrics["train"]
+        metrics["entropy"].append(entropy / count if count else 0.0)
+        metrics["mean_token_accuracy"].append(correct / count if count else 0.0)
+        mask = inputs.get("attention_mask")
+        tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=labels.device)
+        self._total_train_tokens += int(self.accelerator.gather_for_metrics(tokens[None]).sum()) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        aux = getattr(outputs, "aux_loss", None) if self.aux_loss_enabled else None
+        if aux is not None:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()[None]).mean().item())
