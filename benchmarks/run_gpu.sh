@@ -22,18 +22,21 @@
 #                                               # plain vs MaskSub with the attention and the drop mode; then the
 #                                               # decoders' causal language models (batch 16 of 512 tokens), and
 #                                               # the distillation over Qwen2.5's vocabulary (distill_cost.py)
+#   bash benchmarks/run_gpu.sh text_accuracy [DEST]  # WordNet gloss classification, a BERT 4x256 from scratch:
+#                                               # plain vs MaskSub (token, drop) vs DropSub, 3 seeds: 12 runs at once
 #
 # Results are written to benchmarks/results/. With DEST, the result files (not the run folders) go
 # to DEST as well: the step-cost parts and the test log write there as they go, starting from the
 # committed files so that parts merge, so a part cut off by a time limit leaves what it measured in
 # DEST; the others copy their files there at the end. Python: $PYTHON (default python, else
-# python3). Fashion-MNIST is read from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST.
+# python3). Fashion-MNIST is read from /usr/share/datasets/fashion-mnist or $MASKSUB_FASHION_MNIST, WordNet from
+# /usr/share/wordnet (Debian's wordnet-base) or $MASKSUB_WORDNET.
 # The checkpointing and peers parts time the eager steps again (their ratios are within one run's
 # rounds); a table whose rows came from different runs is left out, so run peers after checkpointing.
 # The training parts pass --reuse: run again on the same machine after a time limit cut one off, a
 # part reads its finished runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
-part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain or text"}
+part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text or text_accuracy"}
 dest=${2:+$(realpath -m "$2")}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}  # some images have only python3
@@ -49,9 +52,10 @@ case $part in
   accuracy_peers) files="accuracy_gpu_peers.json accuracy_gpu_peers.md accuracy_gpu_peers.png" ;;
   accuracy_swin) files="accuracy_gpu_swin.json accuracy_gpu_swin.md accuracy_gpu_swin.png" ;;
   pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
+  text_accuracy) files="text_accuracy_gpu.json text_accuracy_gpu.md text_accuracy_gpu.png" ;;
   text) files="text_step_cost_gpu.json text_step_cost_gpu.md text_step_cost_gpu_lm.json text_step_cost_gpu_lm.md distill_cost_gpu.json distill_cost_gpu.md" ;;
   *)
-    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text" >&2
+    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy" >&2
     exit 2 ;;
 esac
 
@@ -86,6 +90,7 @@ case $part in
     $PY benchmarks/text_step_cost.py --scale gpu --task lm --batch 16 --out "$out"
     $PY benchmarks/distill_cost.py --scale gpu --out "$out"
     ;;
+  text_accuracy) $PY benchmarks/text_accuracy.py --scale gpu --jobs 12 --wordnet "${MASKSUB_WORDNET:-/usr/share/wordnet}" ;;
 esac
 
 # one copy of each result file in each place

@@ -325,7 +325,12 @@ def main(argv=None) -> dict:
         data_collator=collator(tokenizer),
         compute_metrics=span_accuracy if args.task == "qa" else accuracy,
     )
-    trainer.train()
+    trained = trainer.train()
+    history = [  # each epoch's evaluation
+        {"epoch": round(h["epoch"], 4), "eval_accuracy": h["eval_accuracy"], "eval_loss": h["eval_loss"]}
+        for h in trainer.state.log_history
+        if "eval_accuracy" in h
+    ]
     metrics = trainer.evaluate()
     trainer.save_model(str(Path(args.out) / "model"))
     summary = {
@@ -335,6 +340,7 @@ def main(argv=None) -> dict:
         "mode": args.mode if args.sub == "mask" else None,
     }
     summary.update({k: metrics[k] for k in ("eval_accuracy", "eval_loss")})
+    summary.update(train_seconds=trained.metrics["train_runtime"], history=history)
     print(json.dumps(summary))
     return summary
 

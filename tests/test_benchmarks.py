@@ -439,3 +439,81 @@ def test_data_sources_tiny(tmp_path):
     assert all(r["images_per_s"] > 0 and len(r["read_s"]) == 1 for r in data["results"].values())
     md = (tmp_path / "data_sources_tiny.md").read_text()
     assert md.startswith("Command: `python benchmarks/data_sources.py --scale tiny --out ") and "| tar | " in md
+
+
+def _wordnet(folder: Path, per_class: int = 10) -> Path:
+    """WordNet's data files in their format (a license header, then synset lines: offset, lexicographer file, part,
+    words, pointers | gloss), with made-up glosses: ``per_class`` synsets of each of the 45 lexicographer files."""
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(200)]
+    folder.mkdir()
+    lines = {
+        part: ["  1 This software and database is being provided to you...\n"]
+        for part in ("noun", "verb", "adj", "adv")
+    }
+    for label in range(45):
+        part = "adj" if label in (0, 1, 44) else "adv" if label == 2 else "noun" if label < 29 else "verb"
+        for i in range(per_class):
+            gloss = " ".join([f"cue{label}", *rng.sample(words, 6)]) + f'; "an example {i}"'
+            lines[part].append(f"{label:08d}{i:02d} {label:02d} {part[0]} 01 word{i} 0 000 | {gloss}  \n")
+    for part, text in lines.items():
+        (folder / f"data.{part}").write_text("".join(text))
+    return folder
+
+
+def test_text_accuracy_tiny(tmp_path):
+    wordnet = _wordnet(tmp_path / "wordnet")
+    _run(
+        "text_accuracy.py",
+        "--scale",
+        "tiny",
+        "--seeds",
+        "0",
+        "--subs",
+        "none,mask,mask_drop",
+        "--wordnet",
+        str(wordnet),
+        "--out",
+        str(tmp_path / "results"),
+    )
+    data = json.loads((tmp_path / "results" / "text_accuracy_tiny.json").read_text())
+    assert data["data"]["train"] == 256 and 0 < data["data"]["test"] <= 128 and data["data"]["classes"] == 45
+    assert [row["name"] for row in data["table"]] == ["none", "mask", "mask_drop", "none_equal_time"]
+    assert [r["mode"] for r in data["runs"]] == [None, "token", "drop", None]
+    equal = data["table"][-1]["epochs"]
+    assert equal == round(data["cost_vs_plain"]["mask"], 2)  # one epoch, scaled by the measured cost
+    for run in data["runs"]:
+        assert 0.0 <= run["eval_accuracy"] <= 1.0 and run["history"] and run["train_seconds"] > 0
+    md = (tmp_path / "results" / "text_accuracy_tiny.md").read_text()
+    assert "| mask_drop | 1 |" in md and "45 supersenses" in md
+    assert (tmp_path / "results" / "text_accuracy_tiny.png").stat().st_size > 1000
+
+
+def test_text_accuracy_names_missing_and_damaged_wordnet_files(tmp_path):
+    def run(wordnet: Path) -> str:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(BENCH / "text_accuracy.py"),
+                "--scale",
+                "tiny",
+                "--wordnet",
+                str(wordnet),
+                "--out",
+                str(tmp_path / "results"),
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=300,
+        )
+        assert proc.returncode != 0
+        return proc.stderr
+
+    assert "install Debian's wordnet-base" in run(tmp_path / "nowhere")
+    wordnet = _wordnet(tmp_path / "wordnet", per_class=1)
+    with (wordnet / "data.verb").open("a") as f:
+        f.write("00000099 77 v 01 word 0 000 | a lexicographer file past the 45\n")
+    assert "data.verb:" in run(wordnet) and "not a WordNet synset line" in run(wordnet)

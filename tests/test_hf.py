@@ -537,6 +537,8 @@ def test_text_classification_example_runs(local_model_and_csvs, sub, mode):
     summary = _load_example().main([*argv, *(["--mode", mode] if mode else [])])
     assert summary["sub"] == sub and summary["mode"] == mode
     assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["eval_loss"] > 0
+    assert summary["train_seconds"] > 0 and len(summary["history"]) == 1  # the 3 steps are within epoch 1
+    assert summary["history"][-1]["eval_accuracy"] == summary["eval_accuracy"]  # the trained model, evaluated again
     saved = transformers.AutoModelForSequenceClassification.from_pretrained(d / f"run-{sub}" / "model")
     assert saved.config.id2label == {0: "neg", 1: "pos"}
 
