@@ -23,7 +23,8 @@
 #                                               # decoders' causal language models (batch 16 of 512 tokens), and
 #                                               # the distillation over Qwen2.5's vocabulary (distill_cost.py)
 #   bash benchmarks/run_gpu.sh text_accuracy [DEST]  # WordNet gloss classification, a BERT 4x256 from scratch:
-#                                               # plain vs MaskSub (token, drop) vs DropSub, 3 seeds: 12 runs at once
+#                                               # plain vs MaskSub (token, drop) vs DropSub, 3 seeds: 12 runs at
+#                                               # once, then the 3 plain runs at MaskSub's compute
 #
 # Results are written to benchmarks/results/. With DEST, the result files (not the run folders) go
 # to DEST as well: the step-cost parts and the test log write there as they go, starting from the

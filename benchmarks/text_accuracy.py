@@ -207,7 +207,9 @@ def main() -> None:
     p.add_argument("--subs", default=",".join(SUBS), help=f"of {', '.join(SUBS)}")
     p.add_argument("--jobs", type=int, default=1, help="concurrent training processes")
     p.add_argument("--wordnet", type=Path, default=WORDNET, help="the folder of WordNet's data.noun, data.verb...")
-    p.add_argument("--work", type=Path, default=None, help="data, models and runs (default: results/text_<scale>)")
+    p.add_argument(
+        "--work", type=Path, default=None, help="data, models and runs (default: results/text_accuracy_<scale>_runs)"
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args()
     scale, seeds, subs = SCALES[args.scale], [int(s) for s in args.seeds.split(",")], args.subs.split(",")
@@ -215,7 +217,7 @@ def main() -> None:
     if unknown or "none" not in subs:
         raise SystemExit(f"--subs: {unknown or 'none'} {'unknown' if unknown else 'missing'}; of {', '.join(SUBS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.work or args.out / f"text_{args.scale}"
+    work = args.work or args.out / f"text_accuracy_{args.scale}_runs"
     work.mkdir(parents=True, exist_ok=True)
     sizes = write_split(read_glosses(args.wordnet), scale["train"], scale["test"], work)
     tokenizer = build_tokenizer(work, scale["vocab"])

@@ -1132,19 +1132,77 @@ def test_drop_mode_window_masks_survive_a_deep_copy_and_pickling():
         assert lengths[0] < 24
 
 
-def test_packed_rows_are_refused_and_padded_ones_with_position_ids_are_not():
-    """Padding-free batches (several sequences in a row) are refused by name, with flash attention's boundaries or
-    with position ids that start again; rows of one sequence each, with or without a padding mask, are masked."""
+def _packed_and_padded(lengths=(5, 9, 3), seed: int = 1):
+    """Sequences of ``lengths`` (words between [CLS] and [SEP]) packed into one row, as TRL's padding-free collator
+    packs them (position ids, flash attention's cumulative lengths and sequence index), and right-padded, one a row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [
+        torch.cat([torch.tensor([CLS]), torch.randint(4, 64, (n - 2,), generator=g), torch.tensor([SEP])])
+        for n in lengths
+    ]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    packed = {
+        "input_ids": torch.cat(rows)[None],
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+        "seq_idx": torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None],
+    }
+    ids = torch.full((len(lengths), max(lengths)), PAD)
+    attention = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], attention[i, : len(row)] = row, 1
+    return packed, {"input_ids": ids, "attention_mask": attention}
+
+
+@pytest.mark.parametrize("boundaries", ["flash", "positions"])
+@pytest.mark.parametrize("mode", ["token", "attention", pytest.param("drop", marks=needs_transformers_5)])
+def test_packed_rows_are_masked_per_sequence_as_the_padded_batch_is(mode, boundaries):
+    """Padding-free rows (TRL's, DataCollatorWithFlattening's): the sub pass runs on the sequences unpacked into a
+    padded batch, so at each packed token its logits (and which tokens a dropping pass predicted) are those of the
+    right-padded batch of the same sequences, under the same mask draw; the packed main pass is the padded one's."""
     from conftest import tiny_language_model
 
-    model = wrap_text(tiny_language_model("llama"), sub="mask", ratio=0.5, mode="attention").train()
+    # no cache: transformers finds packed sequences by their position ids only without one (as the Trainer runs)
+    model = wrap_text(tiny_language_model("llama", use_cache=False), sub="mask", ratio=0.5, mode=mode).train()
+    packed, padded = _packed_and_padded()
+    if boundaries == "positions":  # DataCollatorWithFlattening's default: position ids alone
+        packed = {k: packed[k] for k in ("input_ids", "position_ids")}
+    real = padded["attention_mask"].bool()
+    if masksub.adapters.text_families.transformers_version() >= (5,):  # transformers 4: SDPA sees across them
+        torch.testing.assert_close(model(**packed).logits[0], model(**padded).logits[real], rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    got = model(**packed, sub=True).logits
+    got_kept = model.sub_kept
+    torch.manual_seed(0)
+    expected = model(**padded, sub=True).logits
+    assert got.shape == (1, 17, 64)
+    if mode == "drop":
+        assert torch.equal(got_kept[0], model.sub_kept[real]) and not got_kept.all()
+        real = real & model.sub_kept
+        got = got[:, got_kept[0]]
+    torch.testing.assert_close(got[0], expected[real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], model(**packed).logits[0][got_kept[0] if mode == "drop" else slice(None)])
+
+
+def test_packed_rows_of_a_sequence_classifier_are_refused():
+    model = wrap_text(tiny_text_model("bert"), sub="mask", ratio=0.5)
+    packed, _ = _packed_and_padded()
+    with pytest.raises(ValueError, match="one prediction per token.*pad the batch"):
+        model(**{k: packed[k] for k in ("input_ids", "position_ids")}, sub=True)
+
+
+def test_padded_rows_with_position_ids_are_not_packed():
+    """Rows of one sequence each, with position ids, with or without a padding mask, are masked as they are."""
+    from masksub.adapters.packed import is_packed
+
     ids = text_batch(batch=1, length=16)["input_ids"][:, :-2]
-    restart = torch.cat([torch.arange(7), torch.arange(7)])[None]
-    for packed in ({"position_ids": restart}, {"position_ids": torch.arange(14)[None], "seq_idx": restart * 0}):
-        with pytest.raises(ValueError, match="packs several sequences into each row"):
-            model(input_ids=ids, sub=True, **packed)
     for one in (
         {"position_ids": torch.arange(14)[None]},
         {"position_ids": torch.arange(14)[None], "attention_mask": torch.ones_like(ids)},
     ):
-        assert model(input_ids=ids, sub=True, **one).logits.shape == (1, 14, 64)
+        assert not is_packed(one)
+    assert is_packed({"position_ids": torch.cat([torch.arange(7), torch.arange(7)])[None]})
+    assert is_packed({"seq_idx": torch.zeros(1, 14)})

@@ -40,10 +40,10 @@ def _config(folder, **kw) -> trl.SFTConfig:
 def _trainer(folder, mode: str = "attention", **kw) -> MaskSubSFTTrainer:
     config = _config(folder, **kw.pop("config", {}))
     options = {"mask_options": {"mode": mode}} if kw.get("sub", "mask") == "mask" else {}
+    kw.setdefault("train_dataset", _pairs(folder))
     return MaskSubSFTTrainer(
         model=str(folder / "lm"),  # a folder (or hub) name: SFTTrainer loads it, the sub branch wraps it
         args=config,
-        train_dataset=_pairs(folder),
         eval_dataset=_pairs(folder, "valid"),
         **options,
         **kw,
@@ -155,15 +155,35 @@ def test_a_loss_type_other_than_the_cross_entropy_is_refused(local_causal_lm):
         _trainer(local_causal_lm, config=dict(loss_type="dft"))
 
 
-@pytest.mark.parametrize("packing", [dict(padding_free=True, max_length=None), dict(packing=True)])
-def test_packed_batches_are_refused_for_masking_and_train_with_dropsub(local_causal_lm, packing):
-    """Several sequences packed into a row cannot be masked per sequence: refused by name before training;
-    DropSub, which masks nothing, trains on them."""
-    with pytest.raises(ValueError, match="pack several sequences into each row"):
-        _trainer(local_causal_lm, config=packing)
-    trainer = _trainer(local_causal_lm, sub="dropout", ratio=0.1, config=packing)
+@pytest.mark.parametrize("mode", ["attention", "drop"])
+def test_padding_free_batches_give_the_gradient_of_padded_ones(local_causal_lm, mode):
+    """padding_free=True packs the batch's sequences into one row: the main pass runs on it packed, the sub pass on
+    the sequences unpacked into a padded batch (the same mask draw as TRL's padded batch of them): the gradient is
+    the padded batches'."""
+    pairs = _pairs(local_causal_lm)  # prompts of uneven lengths: padding in the padded batches
+    pairs = pairs.map(lambda row, i: {"prompt": row["prompt"].replace("the ", "", i % 2)}, with_indices=True)
+    grads = []
+    for padding_free in (False, True):
+        # float32 (TRL's default is bf16 autocast, whose rounding differs between packed and padded shapes)
+        config = dict(padding_free=padding_free, max_length=None, bf16=False)
+        trainer = _trainer(local_causal_lm, mode, config=config, train_dataset=pairs)
+        trainer.add_callback(capture := GradsBeforeStep(trainer.model))
+        seen = []
+        trainer.model.register_forward_pre_hook(lambda m, a, kw, seen=seen: seen.append(dict(kw)), with_kwargs=True)
+        trainer.train()
+        grads.append(capture.grads[0])
+        main = seen[0]
+        assert ("cu_seq_lens_q" in main) == padding_free and (padding_free or (main["attention_mask"] == 0).any())
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("sub", ["mask", "dropout"])
+def test_packed_batches_train(local_causal_lm, sub):
+    trainer = _trainer(local_causal_lm, sub=sub, ratio=0.5 if sub == "mask" else 0.1, config=dict(packing=True))
     trainer.train()
-    assert trainer.state.global_step == 1 and trainer.sub_branch.name == "dropout"
+    assert trainer.state.global_step == 1 and trainer.sub_branch.name == {"mask": "text"}.get(sub, sub)
 
 
 def test_a_peft_config_trains_the_adapter_with_the_sub_branch(local_causal_lm):

@@ -15,8 +15,9 @@ experts' load-balancing loss added by TRL's ``router_aux_loss_coef``). Training 
 ``mean_token_accuracy`` (how often its top prediction is the label), ``num_tokens`` (the tokens trained on so far),
 ``aux_loss``. The main loss is the cross-entropy: ``loss_type="dft"`` is refused.
 
-Padding-free batches (``padding_free=True``, ``packing=True``) pack several sequences into a row, which
-``sub="mask"`` refuses with an error: keep TRL's padded batches (its default), or use ``sub="dropout"``.
+Padding-free batches (``padding_free=True``, ``packing=True``) pack several sequences into a row: the main pass
+runs on them as TRL gives them, and ``sub="mask"``'s pass on the sequences unpacked into a padded batch, each masked
+as a sequence of its own (``masksub.adapters.packed``).
 
 Needs ``trl`` (``pip install 'masksub[trl]'``).
 """
@@ -38,12 +39,6 @@ class MaskSubSFTTrainer(MaskSubTrainer, SFTTrainer):
 
     def __init__(self, *args, sub: str = "mask", **kwargs):
         config = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if sub == "mask" and (getattr(config, "padding_free", False) or getattr(config, "packing", False)):
-            raise ValueError(
-                "SFTConfig(padding_free=True) and packing=True pack several sequences into each row, and sub='mask' "
-                "masks a ratio of each row's words and hides them through a padding mask, which packed rows do not "
-                "have: set padding_free=False and packing=False (TRL's padded batches), or use sub='dropout'"
-            )
         if getattr(config, "loss_type", "nll") != "nll":
             raise ValueError(
                 f"SFTConfig(loss_type={config.loss_type!r}): MaskSubSFTTrainer trains the main branch with the "
@@ -73,8 +68,9 @@ class MaskSubSFTTrainer(MaskSubTrainer, SFTTrainer):
         metrics["mean_token_accuracy"].append(correct / count if count else 0.0)
         mask = inputs.get("attention_mask")
         tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=labels.device)
-        self._total_train_tokens += int(self.accelerator.gather_for_metrics(tokens[None]).sum()) // self._tp_size
+        gathered = int(self.accelerator.gather_for_metrics(tokens[None]).sum())
+        self._total_train_tokens += gathered // getattr(self, "_tp_size", 1)  # tensor-parallel ranks repeat a batch
         metrics["num_tokens"] = [self._total_train_tokens]
-        aux = getattr(outputs, "aux_loss", None) if self.aux_loss_enabled else None
+        aux = getattr(outputs, "aux_loss", None) if getattr(self, "aux_loss_enabled", False) else None
         if aux is not None:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux.detach()[None]).mean().item())

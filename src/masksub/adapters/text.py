@@ -35,6 +35,10 @@ tokens, chosen at random.
   alone the distillation reads. Other heads are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
+
+Padding-free rows (several sequences packed into a row: TRL's ``padding_free``, transformers'
+``DataCollatorWithFlattening``) are masked per sequence: the sub pass runs on them unpacked into a padded batch,
+and their logits go back to the packed places (``packed.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch
 from torch import nn
 
 from ..masking import check_ratio, gather_tokens, masked_counts
+from .packed import is_packed, repack, unpack
 from .registry import MaskAdapter, register_adapter
 from .text_families import (
     CONFIGURATION_CHECKS,
@@ -93,21 +98,6 @@ def random_token_mask(maskable: torch.Tensor, ratio: float) -> torch.Tensor:
     noise = torch.rand(maskable.shape, device=maskable.device).masked_fill(~maskable, 2.0)
     rank = noise.argsort(dim=1).argsort(dim=1)  # (B, L): 0 for the lowest noise; maskable tokens rank first
     return rank < masked_counts(maskable.sum(dim=1), ratio).unsqueeze(1)
-
-
-PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")  # transformers' and TRL's padding-free batches
-
-
-def packed(kwargs: dict) -> bool:
-    """Whether a batch's keyword inputs pack several sequences into a row: flash attention's sequence boundaries,
-    or, without a padding mask, position ids that start again within a row (read on the host: only such batches
-    pay for it)."""
-    if any(key in kwargs for key in PACKED_KEYS):
-        return True
-    positions = kwargs.get("position_ids")
-    if kwargs.get("attention_mask") is not None or not isinstance(positions, torch.Tensor) or positions.ndim != 2:
-        return False
-    return bool((positions[:, 1:] <= positions[:, :-1]).any())
 
 
 @register_adapter("text", priority=25, description="Hugging Face text models (main input input_ids): mask tokens")
@@ -253,14 +243,14 @@ class TokenMaskAdapter(MaskAdapter):
                 f"{tuple(attention_mask.shape)}: custom attention masks of more dimensions (packed sequences) are not "
                 "supported; pass the padding mask, or use sub='dropout'"
             )
-        if packed(kwargs):
-            raise ValueError(
-                "this batch packs several sequences into each row (padding-free: cu_seq_lens_q, seq_idx, or "
-                "position_ids that start again within a row), and the text mask adapter masks a ratio of each row's "
-                "words and hides them through a padding mask, which packed rows do not have: pad the batch instead "
-                "(TRL's SFTConfig(padding_free=False, packing=False); transformers' DataCollatorWithPadding), or use "
-                "sub='dropout'"
-            )
+        if is_packed(kwargs):  # the sequences unpacked into a padded batch, the logits back in place (packed.py)
+            if input_ids.ndim != 2:
+                raise ValueError("packed rows (several sequences in a row) are (batch, length) input_ids")
+            filler = int(self.special_ids[0]) if len(self.special_ids) else 0  # at the padding, hidden
+            ids, padded, unpacked = unpack(input_ids, {k: v for k, v in kwargs.items() if k != "input_ids"}, filler)
+            output = self.forward(model, input_ids=ids, **padded)
+            output, self.kept = repack(output, self.kept, unpacked)
+            return output
         self.kept = None
         ids, attention_mask = rows(input_ids, shape), rows(attention_mask, shape)
         images = rows(kwargs.get("token_type_ids"), shape) if self._image_blocks else None  # (TAPAS's are 3-D)
