@@ -403,7 +403,8 @@ class Step:
     def _main_loss(self, output, target: torch.Tensor | None, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """The main branch's loss (the criterion on ``output``'s logits, plus the router losses a mixture of experts'
         own loss adds: ``router_loss``), and what its gradient is taken of: the criterion times ``scale``, the router
-        losses (a mean per micro-batch) times ``1 / accum_steps``."""
+        losses (a mean per micro-batch) times ``1 / accum_steps`` (also in a window of ``num_items_in_batch`` that
+        ``last=True`` ends early, which is not rescaled: there they weigh a little less than its mean)."""
         loss = self.loss.main_loss(logits_of(output), target)
         router = router_loss(self.model, output)
         if router is None:
