@@ -183,6 +183,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(dict.fromkeys(r["name"] for r in runs))}
+    first = min(r["seed"] for r in runs)  # its lines name the run in the legend
     for r in runs:
         epochs = [h["epoch"] for h in r["history"]]
         ax.plot(
@@ -191,7 +192,7 @@ def plot(runs: list[dict], path: Path) -> None:
             marker=".",
             color=colours[r["name"]],
             linestyle=("-", "--", ":", "-.")[r["seed"] % 4],
-            label=r["name"] if r["seed"] == min(x["seed"] for x in runs) else "_nolegend_",
+            label=r["name"] if r["seed"] == first else "_nolegend_",
         )
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="WordNet supersense of each gloss")
     ax.grid(alpha=0.3)
@@ -243,9 +244,10 @@ def main() -> None:
     stem = args.out / f"text_accuracy_{args.scale}"
     versions = {m: __import__(m).__version__ for m in ("torch", "transformers", "tokenizers")}
     command = "python benchmarks/text_accuracy.py " + " ".join(sys.argv[1:])
+    machine = hardware()
     result = {
         "command": command,
-        "hardware": hardware(),
+        "hardware": machine,
         "versions": versions,
         "data": {"source": str(args.wordnet), **sizes, "classes": len(SUPERSENSES)},
         "scale": scale,
@@ -255,7 +257,7 @@ def main() -> None:
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [
-        f"`{command}` on {hardware()}; {', '.join(f'{k} {v}' for k, v in versions.items())}",
+        f"`{command}` on {machine}; {', '.join(f'{k} {v}' for k, v in versions.items())}",
         "",
         f"WordNet glosses, {sizes['train']:,} to train and {sizes['test']:,} to test, 45 supersenses; BERT "
         f"{scale['layers']}x{scale['width']} from random weights, batch {scale['batch']}, AdamW lr {scale['lr']}.",
