@@ -605,6 +605,76 @@ def test_language_model_example_labels_the_response_only(local_causal_lm):
         example.Pairs(tokenizer, d / "bad.csv", max_length=16)
 
 
+def _text_lines(d):
+    """The texts of ``d``'s train and valid CSVs as text files of one text per line (blank lines between)."""
+    for split in ("train", "valid"):
+        texts = [row.split(",")[0] for row in (d / f"{split}.csv").read_text().splitlines()[1:]]
+        (d / f"{split}.txt").write_text("\n\n".join(texts) + "\n")
+
+
+@pytest.mark.parametrize(
+    "sub,mode", [("mask", "token"), pytest.param("mask", "drop", marks=needs_transformers_5), ("none", None)]
+)
+def test_masked_language_model_example_pretrains_a_model_the_classification_example_tunes(
+    local_model_and_csvs, sub, mode
+):
+    d = local_model_and_csvs
+    _text_lines(d)
+    argv = ["--model", str(d / "model"), "--train", str(d / "train.txt"), "--valid", str(d / "valid.txt")]
+    argv += ["--sub", sub, "--max-steps", "3", "--batch-size", "8", "--lr", "1e-3", "--mlm-probability", "0.3"]
+    argv += ["--out", str(d / f"mlm-{sub}"), *(["--mode", mode] if mode else [])]
+    summary = _load_example("masked_language_model").main(argv)
+    assert summary["sub"] == sub and summary["mode"] == mode and 0.0 <= summary["eval_accuracy"] <= 1.0
+    assert summary["eval_perplexity"] == pytest.approx(math.exp(summary["eval_loss"]))
+    assert summary["train_seconds"] > 0 and summary["history"][-1]["eval_loss"] == summary["eval_loss"]
+    assert type(transformers.AutoModelForMaskedLM.from_pretrained(d / f"mlm-{sub}" / "model")).__name__ == (
+        "BertForMaskedLM"
+    )
+    argv = ["--model", str(d / f"mlm-{sub}" / "model"), "--train", str(d / "train.csv"), "--valid"]
+    argv += [str(d / "valid.csv"), "--max-steps", "2", "--batch-size", "8", "--out", str(d / f"tuned-{sub}")]
+    assert 0.0 <= _load_example().main(argv)["eval_accuracy"] <= 1.0
+
+
+def test_masked_language_model_example_scores_every_run_on_the_same_targets(local_model_and_csvs):
+    """The validation texts are masked once under seed 0 (BERT's 80-10-10 rule, the labels the original ids),
+    the same in every call and without moving the global random state; bad files and settings are named."""
+    example = _load_example("masked_language_model")
+    d = local_model_and_csvs
+    _text_lines(d)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
+    texts = example.read_lines(d / "valid.txt")
+    assert len(texts) == 8 and all(texts)
+    dataset = example.Texts(tokenizer, texts, max_length=16)
+    masking = example.Masking(tokenizer, 0.5)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    fixed = masking.fixed(dataset)
+    assert torch.equal(torch.get_rng_state(), state) and fixed == masking.fixed(dataset)
+    assert fixed != masking.fixed(dataset, seed=1)
+    targets = 0
+    for row, original in zip(fixed, dataset.rows):
+        assert len(row["input_ids"]) == len(original["input_ids"]) == len(row["labels"])
+        for token, label, before, special in zip(
+            row["input_ids"], row["labels"], original["input_ids"], original["special_tokens_mask"]
+        ):
+            assert label in (-100, before) and (label == -100 or not special)
+            assert token == before or label != -100, "only targets change"
+            targets += label != -100
+    assert targets > 0
+    padded = masking(fixed[:3])  # rows with targets are padded, not masked again
+    assert (
+        padded["labels"].shape == padded["input_ids"].shape
+        and (padded["labels"][0, : len(fixed[0]["labels"])] == torch.tensor(fixed[0]["labels"])).all()
+    )
+    (d / "blank.txt").write_text("\n  \n")
+    with pytest.raises(SystemExit, match="blank.txt holds no text"):
+        example.read_lines(d / "blank.txt")
+    with pytest.raises(SystemExit, match="cannot read"):
+        example.read_lines(d / "missing.txt")
+    with pytest.raises(SystemExit):
+        example.parse_args(["--model", "m", "--train", "t", "--valid", "v", "--mlm-probability", "1.5"])
+
+
 def _write_conll(path, sentences):
     path.write_text("-DOCSTART- O\n\n" + "\n\n".join("\n".join(f"{w} {t}" for w, t in s) for s in sentences) + "\n")
 

@@ -233,6 +233,63 @@ def test_step_on_a_token_classifier_equals_the_per_token_loss_by_hand(memory_sav
             torch.testing.assert_close(dict(wrapped.named_parameters())[n].grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def _bert_tokenizer(tmp_path):
+    """A WordPiece tokenizer of BERT's kind over conftest's ids: [PAD] [CLS] [SEP] [MASK], [UNK], then words."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]", *(f"w{i}" for i in range(5, 64))]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(str(tmp_path / "vocab.txt"))
+    assert [tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id] == SPECIAL
+    return tokenizer
+
+
+@pytest.mark.parametrize("mode", ["token", "attention", "drop"])
+def test_step_on_a_masked_language_model_equals_its_pretraining_loss_by_hand(tmp_path, mode):
+    """BERT's pretraining objective with transformers' own collator (15%... here 30% of the words become targets,
+    most of them the mask token): the main loss is the model's own masked-LM loss; the sub branch masks half of
+    the other words (never a target's mask token) and learns the main branch's distribution at each target it
+    predicts: in drop mode every target shown as the mask token, which is never dropped."""
+    import transformers
+
+    tokenizer = _bert_tokenizer(tmp_path)
+    config = transformers.BertConfig(**SMALL, max_position_embeddings=64, hidden_dropout_prob=0.0)
+    config.attention_probs_dropout_prob = 0.0
+
+    def model():
+        torch.manual_seed(0)
+        return wrap_text(transformers.BertForMaskedLM(config), mode=mode, tokenizer=tokenizer).train()
+
+    texts = [" ".join(f"w{(7 * i + 3 * j) % 59 + 5}" for j in range(6 + 3 * i)) for i in range(4)]
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3)
+    torch.manual_seed(1)
+    batch = collator([tokenizer(t) for t in texts])
+    labels, labelled = batch["labels"], batch["labels"] != -100
+    shown_as_mask = labelled & (batch["input_ids"] == MASK)
+    assert shown_as_mask.sum() > 4 and (labelled & ~shown_as_mask).any(), "the collator's 80-10-10 split"
+    wrapped = model()
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())
+    torch.manual_seed(10)
+    out = step(dict(batch))
+    with torch.no_grad():
+        own = wrapped.unwrap()(**batch).loss
+    torch.testing.assert_close(out["loss_main"], own, rtol=1e-6, atol=1e-6)
+    ref = model()
+    torch.manual_seed(10)
+    main = ref(**inputs(batch)).logits
+    sub = ref(**inputs(batch), sub=True).logits
+    distilled = labelled if mode != "drop" else labelled & ref.sub_kept
+    if mode == "drop":
+        assert ref.sub_kept[shown_as_mask].all() and distilled.sum() < labelled.sum()
+    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    torch.testing.assert_close(out["loss_sub"], per_token[distilled].mean().detach(), rtol=1e-5, atol=1e-6)
+    loss = 0.5 * F.cross_entropy(main[labelled], labels[labelled]) + 0.5 * per_token[distilled].mean()
+    loss.backward()
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(dict(wrapped.named_parameters())[n].grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.skipif(torch.__version__ < (2, 6), reason="dynamo before torch 2.6 breaks graphs at transformers' outputs")
 @pytest.mark.parametrize("mode", ["token", "attention"])
 def test_torch_compile_two_graphs_no_breaks_and_the_sub_pass_stays_masked(mode):
@@ -616,7 +673,7 @@ def test_drop_mode_is_refused_where_the_sequence_must_stay_whole():
             wrap_text(deberta, mode="drop")
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in deberta.modules())
     config = transformers.BertConfig(**SMALL, max_position_embeddings=64)
-    for head in (transformers.BertForQuestionAnswering, transformers.BertForMaskedLM):  # spans; every token's word
+    for head in (transformers.BertForQuestionAnswering, transformers.BertForPreTraining):  # spans; two heads
         with pytest.raises(ValueError, match=f"needs a sequence, multiple-choice or .* {head.__name__} is not one"):
             wrap_text(head(config), mode="drop")
     for family in ("bert", "deberta-v3", "mpnet", "roformer"):
@@ -716,31 +773,35 @@ def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(
         assert torch.equal(wrapped(**batch).logits, model(**batch).logits), "the main pass is the plain model's"
 
 
-def _as_token_classifier(model: torch.nn.Module) -> torch.nn.Module:
-    """The token classifier of ``model``'s configuration (3 labels per token), without dropout, in ``model``'s
-    mode; the test skips where transformers has none for that model type."""
+def _as_token_classifier(model: torch.nn.Module, auto: str = "AutoModelForTokenClassification") -> torch.nn.Module:
+    """The token classifier (3 labels per token; or another head: ``auto``) of ``model``'s configuration, without
+    dropout, in ``model``'s mode; the test skips where transformers has none for that model type."""
     import transformers
 
-    if type(model.config) not in transformers.AutoModelForTokenClassification._model_mapping:
-        pytest.skip(f"transformers {transformers.__version__} has no {model.config.model_type} token classifier")
+    if type(model.config) not in getattr(transformers, auto)._model_mapping:
+        pytest.skip(f"transformers {transformers.__version__} has no {model.config.model_type} head of {auto}")
     torch.manual_seed(0)
-    token = transformers.AutoModelForTokenClassification.from_config(model.config)
+    token = getattr(transformers, auto).from_config(model.config)
     for m in token.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     return token.train(model.training)
 
 
-def _token_case(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A tiny token classifier of ``family`` (a case of the BERT family's, RoPE encoders' or decoders' sequence
-    classifier tests) and a batch for it: the decoders' without special tokens, padded on the right."""
+def _token_case(
+    family: str, auto: str = "AutoModelForTokenClassification"
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A tiny token classifier (or another head: ``auto``) of ``family`` (a case of the BERT family's, RoPE
+    encoders' or decoders' sequence classifier tests) and a batch for it: the decoders' without special tokens,
+    padded on the right."""
     if family in masksub.adapters.text_families.DROP_DECODERS:
-        return _as_token_classifier(_decoder(family)), _decoder_batch(left=False)
+        return _as_token_classifier(_decoder(family), auto), _decoder_batch(left=False)
     if family == "modernbert":
-        return _as_token_classifier(_modernbert()), inputs(text_batch(batch=6, length=24))
+        return _as_token_classifier(_modernbert(), auto), inputs(text_batch(batch=6, length=24))
     if family in masksub.adapters.text_families.DROP_ROPE_ENCODERS:
-        return _as_token_classifier(_rope_encoder(family)), inputs(text_batch(batch=6, length=24))
-    return _as_token_classifier(_drop_family(family)), {**inputs(text_batch(6, 24)), **_extra_inputs(family, 6, 24)}
+        return _as_token_classifier(_rope_encoder(family), auto), inputs(text_batch(batch=6, length=24))
+    batch = {**inputs(text_batch(6, 24)), **_extra_inputs(family, 6, 24)}
+    return _as_token_classifier(_drop_family(family), auto), batch
 
 
 def _with_head(kinds: tuple[str, ...], auto: str = "AutoModelForTokenClassification") -> list[str]:
@@ -784,6 +845,41 @@ def test_drop_mode_on_a_token_classifier_predicts_each_kept_token_as_hiding_the_
         plain = model(**batch).logits
         assert torch.equal(wrapped(**batch).logits, plain), "the main pass is the plain model's"
     assert (expected[kept] - plain[kept]).abs().max() > 1e-3, "hiding the tokens moves the kept ones' logits"
+
+
+MASKED_LM_DROP_CASES = [
+    f for f in TOKEN_DROP_CASES if _with_head(RELATIVE_CASES.get(f, (f,))[:1], "AutoModelForMaskedLM")
+]
+
+
+@pytest.mark.parametrize("family", MASKED_LM_DROP_CASES)
+def test_drop_mode_on_a_masked_language_model_keeps_every_mask_token_and_predicts_as_hiding_the_others_does(family):
+    """A masked language model (BERT's pretraining head) runs on the kept tokens only: the mask tokens its collator
+    put in, its targets, are special tokens and always kept; of the other words ``num_masked`` leave the sequence.
+    At the kept places the logits are those of the whole sequence with the same words hidden by the attention mask."""
+    model, batch = _token_case(family, "AutoModelForMaskedLM")
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    assert wrapped.branch.per_token and not wrapped.branch.reads_last
+    ids, real, special = batch["input_ids"], batch["attention_mask"].bool(), wrapped.branch.special_ids
+    targets = real & ~torch.isin(ids, special) & (torch.arange(24) % 4 == 1)  # as a collator masks
+    batch["input_ids"] = ids.masked_fill(targets, MASK)
+    lengths = []  # the sequence the transformer's layers get
+    if family in DROP_FAMILIES:  # the BERT family drops after its embeddings (this hook runs after the adapter's)
+        model.base_model.embeddings.register_forward_hook(record_length(lengths))
+    got, expected, mask, input_lengths = dropped_and_hidden(wrapped, model, batch)
+    lengths = lengths or input_lengths
+    words = real & ~torch.isin(batch["input_ids"], special)  # also a token id its config names (ESM C's mask)
+    assert mask.sum(1).tolist() == masked_counts(words.sum(1), 0.5).tolist()
+    kept = wrapped.sub_kept
+    assert torch.equal(kept, real & ~mask) and kept[targets].all(), "every mask token is predicted"
+    assert got.shape == expected.shape == (6, 24, model.config.vocab_size)
+    assert lengths[0] == 24 - int(mask.sum(1).min()) < 24
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)
+    assert not got[~kept].any()
+    with torch.no_grad():
+        plain = model(**batch).logits
+        assert torch.equal(wrapped(**batch).logits, plain), "the main pass is the plain model's"
+    assert (expected[targets] - plain[targets]).abs().max() > 1e-3, "hiding the words moves the targets' logits"
 
 
 CAUSAL_LM_DROP_CASES = _with_head(masksub.adapters.text_families.DROP_DECODERS, "AutoModelForCausalLM")

@@ -51,15 +51,18 @@ DROP_ID_ENCODERS = DROP_ROPE_ENCODERS + DROP_POSITION_ENCODERS  # bidirectional:
 MASKED_KERNELS = ("sdpa", "eager")  # the attention implementations that read the mask a layer is given
 # the heads mode "drop" takes: one prediction per sequence (from the token a classifier reads; a multiple-choice head's
 # per choice, each choice a sequence), or one per token (the kept tokens' predictions go back to their places, and the
-# loss leaves the dropped ones out: ``kept``): a token classifier's. A decoder's causal language model (its next-token
-# prediction per token) is taken too, judged by its transformers classes (``is_causal_lm``): GPT-2's is an LMHeadModel
-DROP_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForTokenClassification")
+# loss leaves the dropped ones out: ``kept``): a token classifier's, and a masked language model's (whose targets, the
+# mask tokens its collator put in, are special tokens: never dropped). A decoder's causal language model (its
+# next-token prediction per token) is taken too, judged by its transformers classes (``is_causal_lm``): GPT-2's is an
+# LMHeadModel
+PER_TOKEN_HEADS = ("ForTokenClassification", "ForMaskedLM")
+DROP_HEADS = ("ForSequenceClassification", "ForMultipleChoice", *PER_TOKEN_HEADS)
 
 
 def predicts_per_token(model: nn.Module) -> bool:
-    """Whether ``model`` (wrapped by PEFT or not) predicts per token: a token classifier, or a causal language model
-    (the next token)."""
-    return type(model).__name__.endswith("ForTokenClassification") or is_causal_lm(classifier_of(model))
+    """Whether ``model`` (wrapped by PEFT or not) predicts per token: a token classifier, a masked language model, or
+    a causal language model (the next token)."""
+    return type(model).__name__.endswith(PER_TOKEN_HEADS) or is_causal_lm(classifier_of(model))
 
 
 def layer_types(config) -> list[str] | None:
@@ -150,7 +153,8 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
-            f"mode='drop' shortens the sequence, which needs a sequence, multiple-choice or token classifier of "
+            f"mode='drop' shortens the sequence, which needs a sequence, multiple-choice or token classifier or a "
+            f"masked language model of "
             f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
             f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE), or one of these or a causal language model (ForCausalLM) of "
             f"{', '.join(DROP_DECODERS)} (causal attention over position ids); {type(model).__name__} is not one: "
@@ -196,7 +200,7 @@ def check_summary(model: nn.Module) -> None:
     than from the first token (the last position, a mean over the padded length or attention over it), or a causal
     XLM (its attention masks by index, not by the attention mask)."""
     config = model.config
-    token = type(model).__name__.endswith("ForTokenClassification")
+    token = type(model).__name__.endswith(PER_TOKEN_HEADS)
     summary = None if token else getattr(config, "summary_type", "last")  # RoFormer's head reads "last" unless set
     if getattr(config, "causal", False) or summary not in (None, "first"):
         what = f"reads its sequence summary by summary_type={summary!r} (over positions the drop changes)"
