@@ -121,8 +121,9 @@ def build_tokenizer(folder: Path, vocab: int):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=learned._tokenizer, **special)
 
 
-def build_model(folder: Path, tokenizer, scale: dict, seed: int) -> None:
-    """A BERT sequence classifier of random weights (seeded), saved with the tokenizer into ``folder``."""
+def build_model(folder: Path, tokenizer, scale: dict, seed: int, head: str = "BertForSequenceClassification") -> None:
+    """A BERT sequence classifier (or another ``head``) of random weights (seeded), saved with the tokenizer into
+    ``folder``."""
     import torch
     import transformers
 
@@ -137,23 +138,31 @@ def build_model(folder: Path, tokenizer, scale: dict, seed: int) -> None:
         num_labels=len(SUPERSENSES),
     )
     torch.manual_seed(seed)
-    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    getattr(transformers, head)(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
 def train(work: Path, name: str, seed: int, sub: str, epochs: float, scale: dict) -> dict:
     """One run of the example; its summary (accuracy, per-epoch history, training seconds) and wall time."""
-    out = work / "runs" / f"{name}-s{seed}"
-    cmd = [sys.executable, str(EXAMPLE), "--model", str(work / f"model-s{seed}"), "--train", str(work / "train.csv")]
-    cmd += ["--valid", str(work / "test.csv"), *SUBS[sub], "--epochs", str(epochs), "--seed", str(seed)]
-    cmd += ["--batch-size", str(scale["batch"]), "--lr", str(scale["lr"]), "--max-length", str(MAX_LENGTH)]
-    cmd += ["--out", str(out)]
+    argv = ["--model", str(work / f"model-s{seed}"), "--train", str(work / "train.csv"), "--valid"]
+    argv += [str(work / "test.csv"), *SUBS[sub], "--epochs", str(epochs), "--seed", str(seed)]
+    argv += ["--batch-size", str(scale["batch"]), "--lr", str(scale["lr"]), "--max-length", str(MAX_LENGTH)]
+    return {
+        "name": name,
+        "seed": seed,
+        "epochs": epochs,
+        **run_example(EXAMPLE, argv, work / "runs" / f"{name}-s{seed}"),
+    }
+
+
+def run_example(example: Path, argv: list[str], out: Path) -> dict:
+    """``example`` run with ``argv`` into ``out``: the JSON summary it prints last, and its wall time."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(example), *argv, "--out", str(out)], capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"{name} (seed {seed}) failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{example.name} {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"name": name, "seed": seed, "epochs": epochs, "wall_s": time.perf_counter() - start, **summary}
+    return {"wall_s": time.perf_counter() - start, **summary}
 
 
 def table(runs: list[dict], names: list[str]) -> list[dict]:
@@ -182,24 +191,31 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    curves(ax, runs, "eval_accuracy", "test accuracy (%)", 100)
+    ax.set_title("WordNet supersense of each gloss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves(ax, runs: list[dict], key: str, ylabel: str, factor: float = 1.0) -> None:
+    """Each run's ``key`` per epoch (its history) on ``ax``: a colour per run name, a line style per seed."""
+    import matplotlib.pyplot as plt
+
     colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(dict.fromkeys(r["name"] for r in runs))}
     first = min(r["seed"] for r in runs)  # its lines name the run in the legend
     for r in runs:
-        epochs = [h["epoch"] for h in r["history"]]
         ax.plot(
-            epochs,
-            [100 * h["eval_accuracy"] for h in r["history"]],
+            [h["epoch"] for h in r["history"]],
+            [factor * h[key] for h in r["history"]],
             marker=".",
             color=colours[r["name"]],
             linestyle=("-", "--", ":", "-.")[r["seed"] % 4],
             label=r["name"] if r["seed"] == first else "_nolegend_",
         )
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="WordNet supersense of each gloss")
+    ax.set(xlabel="epoch", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -517,3 +517,36 @@ def test_text_accuracy_names_missing_and_damaged_wordnet_files(tmp_path):
     with (wordnet / "data.verb").open("a") as f:
         f.write("00000099 77 v 01 word 0 000 | a lexicographer file past the 45\n")
     assert "data.verb:" in run(wordnet) and "not a WordNet synset line" in run(wordnet)
+
+
+def test_text_pretrain_tiny(tmp_path):
+    """Masked-LM pretraining plain and with MaskSub (token, drop), plain at the token mode's compute, then each
+    model and one not pretrained fine-tuned plain: every run scored, the tables and the plot written."""
+    _run(
+        "text_pretrain.py",
+        "--scale",
+        "tiny",
+        "--seeds",
+        "0",
+        "--wordnet",
+        str(_wordnet(tmp_path / "wordnet")),
+        "--out",
+        str(tmp_path / "results"),
+    )
+    data = json.loads((tmp_path / "results" / "text_pretrain_tiny.json").read_text())
+    assert data["data"]["train"] == 256 and data["data"]["tune"] == 128 and data["mlm_probability"] == 0.15
+    names = ["no_pretraining", "none", "mask", "mask_drop", "none_equal_time"]
+    assert [row["name"] for row in data["table"]] == names
+    assert [r["mode"] for r in data["pretrained"]] == [None, "token", "drop", None]
+    assert data["table"][-1]["pretrain_epochs"] == round(data["cost_vs_plain"]["mask"], 2)
+    assert [r["name"] for r in data["tuned"]] == names and all(r["sub"] == "none" for r in data["tuned"])
+    for run in data["pretrained"] + data["tuned"]:
+        assert 0.0 <= run["eval_accuracy"] <= 1.0 and run["history"] and run["train_seconds"] > 0
+    held_out = {r["eval_loss"] for r in data["pretrained"]}
+    assert len(held_out) == 4, "each pretraining scored on the same targets, to its own loss"
+    work = tmp_path / "results" / "text_pretrain_tiny_runs"
+    assert (work / "train.txt").read_text().count("\n") == 256
+    assert (work / "tune.csv").read_text().count("\n") == 129  # the header and 128 glosses
+    md = (tmp_path / "results" / "text_pretrain_tiny.md").read_text()
+    assert "| no_pretraining | 0 | - | - | - |" in md and "| mask_drop | 1 |" in md
+    assert (tmp_path / "results" / "text_pretrain_tiny.png").stat().st_size > 1000
