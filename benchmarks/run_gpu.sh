@@ -25,6 +25,9 @@
 #   bash benchmarks/run_gpu.sh text_accuracy [DEST]  # WordNet gloss classification, a BERT 4x256 from scratch:
 #                                               # plain vs MaskSub (token, drop) vs DropSub, 3 seeds: 12 runs at
 #                                               # once, then the 3 plain runs at MaskSub's compute
+#   bash benchmarks/run_gpu.sh text_pretrain [DEST]  # BERT's objective on WordNet's glosses, a BERT 4x256: plain vs
+#                                               # MaskSub (token, drop), 3 seeds at once, the plain one at
+#                                               # MaskSub's compute, then 15 plain fine-tunings on supersenses
 #
 # Results are written to benchmarks/results/. With DEST, the result files (not the run folders) go
 # to DEST as well: the step-cost parts and the test log write there as they go, starting from the
@@ -37,7 +40,7 @@
 # The training parts pass --reuse: run again on the same machine after a time limit cut one off, a
 # part reads its finished runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
-part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text or text_accuracy"}
+part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy or text_pretrain"}
 dest=${2:+$(realpath -m "$2")}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}  # some images have only python3
@@ -54,9 +57,10 @@ case $part in
   accuracy_swin) files="accuracy_gpu_swin.json accuracy_gpu_swin.md accuracy_gpu_swin.png" ;;
   pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
   text_accuracy) files="text_accuracy_gpu.json text_accuracy_gpu.md text_accuracy_gpu.png" ;;
+  text_pretrain) files="text_pretrain_gpu.json text_pretrain_gpu.md text_pretrain_gpu.png" ;;
   text) files="text_step_cost_gpu.json text_step_cost_gpu.md text_step_cost_gpu_lm.json text_step_cost_gpu_lm.md distill_cost_gpu.json distill_cost_gpu.md" ;;
   *)
-    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy" >&2
+    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy, text_pretrain" >&2
     exit 2 ;;
 esac
 
@@ -92,6 +96,7 @@ case $part in
     $PY benchmarks/distill_cost.py --scale gpu --out "$out"
     ;;
   text_accuracy) $PY benchmarks/text_accuracy.py --scale gpu --jobs 12 --wordnet "${MASKSUB_WORDNET:-/usr/share/wordnet}" ;;
+  text_pretrain) $PY benchmarks/text_pretrain.py --scale gpu --jobs 15 --wordnet "${MASKSUB_WORDNET:-/usr/share/wordnet}" ;;
 esac
 
 # one copy of each result file in each place

@@ -44,7 +44,7 @@ from text_accuracy import (
 PRETRAIN_EXAMPLE = EXAMPLE.parent / "masked_language_model.py"
 SCALES = {
     "tiny": dict(train=256, tune=128, test=128, epochs=1, tune_epochs=1, layers=1, width=32, heads=2, vocab=600),
-    "cpu": dict(train=16000, tune=4000, test=5000, epochs=2, tune_epochs=3, layers=2, width=128, heads=2, vocab=8000),
+    "cpu": dict(train=16000, tune=4000, test=5000, epochs=1, tune_epochs=3, layers=2, width=128, heads=2, vocab=8000),
     "gpu": dict(train=None, tune=16000, test=5000, epochs=10, tune_epochs=5, layers=4, width=256, heads=4, vocab=16000),
 }
 SETTINGS = {"tiny": dict(batch=32, lr=1e-3), "cpu": dict(batch=64, lr=1e-3), "gpu": dict(batch=128, lr=5e-4)}

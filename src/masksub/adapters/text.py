@@ -29,10 +29,11 @@ tokens, chosen at random.
   window counts tokens, and with tokens dropped a window of tokens spans more positions: its sliding-window layers
   get a window mask built from the kept tokens' positions (SDPA and eager attention read it; under a kernel that
   takes none, flash attention, a batch longer than the window hides its masked tokens instead, at the main pass's
-  cost, warned once). Their token classifiers (``DROP_HEADS``), and the decoders' causal language models, run on
-  the kept tokens the same way, no token being held back for a head to read: the kept tokens' logits go back to
-  their places, (B, L, C), 0 at the others, and ``kept`` (the wrapper's ``sub_kept``) marks those places, which
-  alone the distillation reads. Other heads are refused.
+  cost, warned once). Their token classifiers and masked language models (``DROP_HEADS``; the targets of a masked
+  language model, shown as the mask token, are special tokens: always kept), and the decoders' causal language
+  models, run on the kept tokens the same way, no token being held back for a head to read: the kept tokens'
+  logits go back to their places, (B, L, C), 0 at the others, and ``kept`` (the wrapper's ``sub_kept``) marks
+  those places, which alone the distillation reads. Other heads are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 
