@@ -16,7 +16,9 @@ dataset gives them. Variants, timed in alternating rounds in one process (``benc
 labelled -100): there the drop mode's sub pass predicts the kept tokens only, and the distillation leaves the
 dropped ones out. ``--task lm`` times the decoders' causal language models (supervised fine-tuning: the labels
 are the input ids, -100 on a prompt of the first quarter of the padded length and on the padding; each labelled
-next token distilled over the vocabulary).
+next token distilled over the vocabulary). ``--task mlm`` times the encoders' masked language models (BERT's
+pretraining: 15% of the words become targets, shown as the mask token, a special token the sub branch never masks
+again; each target distilled over the vocabulary; the drop mode keeps every target).
 
 Also the FLOP-ideal cost of each MaskSub mode, (main + sub FLOPs) / main FLOPs, forward and backward, from
 ``torch.utils.flop_counter``. Writes ``text_step_cost_<scale>.json`` and ``.md`` with the command, versions and
@@ -25,6 +27,7 @@ hardware.
     python benchmarks/text_step_cost.py --scale cpu --out benchmarks/results
     python benchmarks/text_step_cost.py --scale cpu --task token --out benchmarks/results  # text_step_cost_cpu_token
     python benchmarks/text_step_cost.py --scale cpu --task lm --out benchmarks/results  # text_step_cost_cpu_lm
+    python benchmarks/text_step_cost.py --scale cpu --task mlm --out benchmarks/results  # text_step_cost_cpu_mlm
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ SCALES = {
     "tiny": (("tiny-bert", "tiny-deberta", "tiny-llama"), 4, 16, 1, 2, 1, "cpu"),
 }
 PAD, SPECIAL = 0, (0, 1, 2)  # padding and two more special ids, never masked
+MASK = 3  # --task mlm: the mask token, special there (its batches' words start after it)
+MLM_PROBABILITY = 0.15  # BERT's
 MODES = ("attention", "drop")
 
 
@@ -117,8 +122,14 @@ HEADS = {
     "sequence": transformers.AutoModelForSequenceClassification,
     "token": transformers.AutoModelForTokenClassification,
     "lm": transformers.AutoModelForCausalLM,  # the decoders only
+    "mlm": transformers.AutoModelForMaskedLM,  # the encoders only
 }
 HEAD_NAMES = {"sequence": "sequence classifiers", "token": "token classifiers", "lm": "causal language models"}
+HEAD_NAMES["mlm"] = "masked language models"
+
+
+def special_ids(task: str) -> tuple[int, ...]:
+    return (*SPECIAL, MASK) if task == "mlm" else SPECIAL
 
 
 def make_model(name: str, device: torch.device, task: str = "sequence") -> torch.nn.Module:
@@ -130,10 +141,11 @@ def make_model(name: str, device: torch.device, task: str = "sequence") -> torch
 
 def make_batch(batch: int, length: int, vocab: int, device: torch.device, task: str = "sequence") -> dict:
     """Random words, lengths from ``length // 2`` to ``length`` (right padding), and labels: one per text, one per
-    token (padding labelled -100), or a language model's (the input ids; -100 on the padding and a prompt of
-    ``length // 4`` tokens)."""
+    token (padding labelled -100), a language model's (the input ids; -100 on the padding and a prompt of
+    ``length // 4`` tokens), or a masked language model's (``MLM_PROBABILITY`` of the words become targets, shown as
+    the mask token; -100 elsewhere)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(len(SPECIAL), vocab, (batch, length), generator=g)
+    ids = torch.randint(len(special_ids(task)), vocab, (batch, length), generator=g)
     lengths = torch.linspace(length // 2, length, batch).long()
     real = torch.arange(length) < lengths.unsqueeze(1)
     ids = ids.masked_fill(~real, PAD)
@@ -142,12 +154,15 @@ def make_batch(batch: int, length: int, vocab: int, device: torch.device, task: 
         labels = labels.masked_fill(~real, -100)
     elif task == "lm":
         labels = ids.masked_fill(~real | (torch.arange(length) < length // 4), -100)
+    elif task == "mlm":
+        targets = real & (torch.rand(ids.shape, generator=g) < MLM_PROBABILITY)
+        labels, ids = ids.masked_fill(~targets, -100), ids.masked_fill(targets, MASK)
     return {"input_ids": ids.to(device), "attention_mask": real.long().to(device), "labels": labels.to(device)}
 
 
-def flop_ideal(model: torch.nn.Module, batch: dict, mode: str) -> float:
+def flop_ideal(model: torch.nn.Module, batch: dict, mode: str, task: str) -> float:
     """(main + sub) / main forward+backward FLOPs of MaskSub with ``mode``."""
-    wrapped = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=SPECIAL)
+    wrapped = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=special_ids(task))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     flops = []
     for sub in (False, True):
@@ -165,12 +180,14 @@ def bench(name: str, args, device: torch.device) -> dict:
     model = make_model(name, device, args.task)
     batch = make_batch(batch_size, length, model.config.vocab_size, device, args.task)
     row = {"batch": batch_size, "length": length, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-    row["flop_ideal"] = {mode: flop_ideal(make_model(name, device, args.task), batch, mode) for mode in MODES}
+    row["flop_ideal"] = {
+        mode: flop_ideal(make_model(name, device, args.task), batch, mode, args.task) for mode in MODES
+    }
     steps, peaks = {}, {}
     for variant in ("plain", *(f"masksub:{mode}" for mode in MODES)):
         model = make_model(name, device, args.task)
         mode = variant.partition(":")[2]
-        net = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=SPECIAL) if mode else model
+        net = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=special_ids(args.task)) if mode else model
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
         step = masksub.Step(net, opt, torch.nn.CrossEntropyLoss(), amp=None if args.amp == "none" else "bf16")
         steps[variant] = lambda step=step: step(batch)
@@ -228,12 +245,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--length", type=int, default=None, help="padded length")
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"))
-    p.add_argument("--task", default="sequence", choices=tuple(HEADS), help="a label per text or token, or next tokens")
+    p.add_argument(
+        "--task", default="sequence", choices=tuple(HEADS), help="a label per text or token, next tokens, or targets"
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     names, *_, device = SCALES[args.scale]
+    decoders = masksub.adapters.text_families.DROP_DECODERS
     if args.task == "lm" and not args.models:  # the decoders have causal language models
-        names = tuple(n for n in names if CONFIGS[n][0] in masksub.adapters.text_families.DROP_DECODERS)
+        names = tuple(n for n in names if CONFIGS[n][0] in decoders)
+    if args.task == "mlm" and not args.models:  # the encoders masked language models
+        names = tuple(n for n in names if CONFIGS[n][0] not in decoders)
     names = args.models.split(",") if args.models else names
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:

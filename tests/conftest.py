@@ -312,6 +312,12 @@ if not _transformers_5():
         import transformers.models.modernbert.modeling_modernbert  # noqa: F401
 
 
+def kept_length(attention_mask: torch.Tensor, mask: torch.Tensor) -> int:
+    """The length a text sub pass in mode "drop" runs on: the batch's longest count of kept tokens (the masked
+    tokens and the padding both leave the sequence)."""
+    return int((attention_mask.bool() & ~mask).sum(-1).max())
+
+
 def wrap_text(model, **kw):
     from masksub.adapters.text_families import transformers_version
 

@@ -1007,7 +1007,7 @@ def test_trainer_drops_the_masked_tokens_with_mode_drop(tmp_path, family):
     embeddings = model.get_input_embeddings() if family == "llama" else model.bert.embeddings
     embeddings.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
     trainer.train()
-    assert lengths[0] == 20 and 10 < lengths[1] < 20, "the main pass keeps all 20 tokens, the sub pass fewer"
+    assert lengths[0] == 20 and 8 <= lengths[1] < 20, "the main pass keeps all 20 tokens, the sub pass about half"
 
 
 def test_seq2seq_trainer_trains_with_the_sub_branch_and_evaluates_by_generating(tmp_path):

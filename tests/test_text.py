@@ -16,6 +16,7 @@ from conftest import (
     SEP,
     SMALL,
     SPECIAL,
+    kept_length,
     needs_transformers_5,
     text_batch,
     tiny_text_model,
@@ -511,7 +512,7 @@ def test_drop_mode_computes_what_attention_mode_does_on_the_kept_tokens_only(fam
     got = dropped(**batch, sub=True).logits
     torch.manual_seed(5)
     mask = dropped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
-    assert lengths[-1] == 24 - int(mask.sum(1).min()) < 24
+    assert lengths[-1] == kept_length(batch["attention_mask"], mask) < 24
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     torch.manual_seed(5)
     main = dropped(**batch).logits
@@ -551,7 +552,7 @@ def test_drop_mode_on_modernbert_keeps_its_local_windows_by_position(attn, pooli
     dropped = wrap_text(model, mode="drop")
     batch = inputs(text_batch(batch=6, length=24))
     got, expected, mask, lengths = dropped_and_hidden(dropped, model, batch)
-    assert lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
+    assert lengths == [kept_length(batch["attention_mask"], mask), 24] and lengths[0] < 24
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert torch.equal(dropped(**batch).logits, plain(**batch).logits), "the main pass is the plain model's"
@@ -613,7 +614,7 @@ def test_drop_mode_on_a_rope_encoder_computes_what_hiding_the_tokens_does(kind, 
     if "token_type_ids" in inspect.signature(model.forward).parameters and model.config.type_vocab_size > 1:
         batch["token_type_ids"] = (torch.arange(24) >= 9).long().repeat(6, 1)  # a second segment
     got, expected, mask, lengths = dropped_and_hidden(dropped, model, batch)
-    assert lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
+    assert lengths == [kept_length(batch["attention_mask"], mask), 24] and lengths[0] < 24
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -767,7 +768,7 @@ def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(
     assert not mask.gather(1, read.argmax(-1, keepdim=True)).any(), "the token the classifier reads stays"
     words = batch["attention_mask"].sum(1)
     assert mask.sum(1).tolist() == masked_counts(words - 1, 0.5).tolist()
-    assert lengths == [20 - int(mask.sum(1).min()), 20] and lengths[0] < 20
+    assert lengths == [kept_length(batch["attention_mask"], mask), 20] and lengths[0] < 20
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert torch.equal(wrapped(**batch).logits, model(**batch).logits), "the main pass is the plain model's"
@@ -837,7 +838,7 @@ def test_drop_mode_on_a_token_classifier_predicts_each_kept_token_as_hiding_the_
     assert mask.sum(1).tolist() == masked_counts((real & words).sum(1), 0.5).tolist()
     kept = wrapped.sub_kept
     assert torch.equal(kept, real & ~mask)
-    assert lengths[0] == length - int(mask.sum(1).min()) < length
+    assert lengths[0] == kept_length(batch["attention_mask"], mask) < length
     assert got.shape == expected.shape == (6, length, model.config.num_labels)
     torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)  # float32, 200 tokens
     assert not got[~kept].any()
@@ -873,7 +874,7 @@ def test_drop_mode_on_a_masked_language_model_keeps_every_mask_token_and_predict
     kept = wrapped.sub_kept
     assert torch.equal(kept, real & ~mask) and kept[targets].all(), "every mask token is predicted"
     assert got.shape == expected.shape == (6, 24, model.config.vocab_size)
-    assert lengths[0] == 24 - int(mask.sum(1).min()) < 24
+    assert lengths[0] == kept_length(batch["attention_mask"], mask) < 24
     torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)
     assert not got[~kept].any()
     with torch.no_grad():
@@ -902,7 +903,7 @@ def test_drop_mode_on_a_causal_language_model_predicts_each_kept_tokens_next_as_
     assert mask.sum(1).tolist() == masked_counts(real.sum(1), 0.5).tolist()
     kept = wrapped.sub_kept
     assert torch.equal(kept, real & ~mask)
-    assert lengths == [20 - int(mask.sum(1).min()), 20] and lengths[0] < 20
+    assert lengths == [kept_length(batch["attention_mask"], mask), 20] and lengths[0] < 20
     assert got.shape == expected.shape == (6, 20, model.config.get_text_config().vocab_size)
     torch.testing.assert_close(got[kept], expected[kept], rtol=1e-4, atol=1e-5)
     assert not got[~kept].any()
@@ -938,7 +939,7 @@ def test_drop_mode_on_xlm_keeps_each_tokens_position_and_language(kind, head):
     batch["langs"] = (torch.arange(24) >= 12).long().repeat(6, 1)  # two languages in each sample
     batch["lengths"] = batch["attention_mask"].sum(1)
     got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
-    assert lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
+    assert lengths == [kept_length(batch["attention_mask"], mask), 24] and lengths[0] < 24
     kept = wrapped.sub_kept if head == "token" else torch.ones(6, dtype=torch.bool)
     torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-5)
     with torch.no_grad():
@@ -1015,7 +1016,7 @@ def test_a_multiple_choice_head_masks_each_choice_as_a_sequence(family):
     assert torch.equal(got["token"], with_tokens)
     assert torch.equal(got["attention"], hiding)
     torch.testing.assert_close(got["drop"], hiding, rtol=1e-5, atol=1e-5)
-    assert sub_lengths == 24 - int(mask.sum(1).min()) < 24
+    assert sub_lengths == kept_length(flat["attention_mask"], mask) < 24
     assert (hiding - plain).abs().max() > 1e-3, "hiding the tokens moves the logits"
     assert torch.equal(wrapped["drop"](**batch).logits, plain), "the main pass is the plain model's"
 
@@ -1075,7 +1076,7 @@ def test_drop_mode_on_an_image_and_text_encoder_keeps_its_image_tokens(kind, hea
     batch["input_ids"][:, 3:7] = 60  # the image's 4 tokens
     batch["pixel_values"] = torch.randn(4, 1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     got, expected, mask, lengths = dropped_and_hidden(wrapped, model, batch)
-    assert not mask[:, 3:7].any() and lengths == [24 - int(mask.sum(1).min()), 24] and lengths[0] < 24
+    assert not mask[:, 3:7].any() and lengths == [kept_length(batch["attention_mask"], mask), 24] and lengths[0] < 24
     kept = wrapped.sub_kept if head == "token" else torch.ones(4, dtype=torch.bool)
     torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-5)
     with torch.no_grad():

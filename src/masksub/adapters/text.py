@@ -332,9 +332,12 @@ class TokenMaskAdapter(MaskAdapter):
             attention_mask = torch.ones_like(input_ids)
         length = input_ids.shape[1]
         position = torch.arange(length, device=input_ids.device)
-        order = (mask.long() * length + position).argsort(dim=1)  # kept tokens first, each group in its order
-        keep = order[:, : int(length - mask.sum(dim=1).min())]  # one sync: the batch's longest kept count
-        valid = (attention_mask.bool() & ~mask).gather(1, keep)
+        # what no layer reads: the masked tokens and the padding (which would otherwise fill every shorter
+        # sequence's slots up to the full length: a batch of ragged lengths would hardly shorten)
+        dropped = mask | ~attention_mask.bool()
+        order = (dropped.long() * length + position).argsort(dim=1)  # kept tokens first, each group in its order
+        keep = order[:, : max(1, int(length - dropped.sum(dim=1).min()))]  # one sync: the longest kept count
+        valid = (~dropped).gather(1, keep)
         lead = shape[:-1]
         kwargs = {**kwargs, "attention_mask": valid.to(attention_mask.dtype).view(*lead, -1)}
         if self._ids:
@@ -350,8 +353,8 @@ class TokenMaskAdapter(MaskAdapter):
                     start = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
                     self._blocks = torch.where(image, start.long().cumsum(1) - 1, -1)
             ids = input_ids.gather(1, keep)
-            if self.pad_token_id is not None:
-                ids = ids.masked_fill(mask.gather(1, keep), self.pad_token_id)
+            if self.pad_token_id is not None:  # the fillers: a classifier reads the last token that is not padding
+                ids = ids.masked_fill(~valid, self.pad_token_id)
             ids = ids.view(*lead, -1)
             positions = kwargs.get("position_ids")
             if self._position_handle is not None:  # a classifier dropping position ids runs on the indices
