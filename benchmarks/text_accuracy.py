@@ -198,11 +198,13 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def curves(ax, runs: list[dict], key: str, ylabel: str, factor: float = 1.0) -> None:
-    """Each run's ``key`` per epoch (its history) on ``ax``: a colour per run name, a line style per seed."""
+def curves(ax, runs: list[dict], key: str, ylabel: str, factor: float = 1.0, names: list[str] | None = None) -> None:
+    """Each run's ``key`` per epoch (its history) on ``ax``: a colour per run name (by its place in ``names``, so
+    that panels agree; by first appearance without), a line style per seed."""
     import matplotlib.pyplot as plt
 
-    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(dict.fromkeys(r["name"] for r in runs))}
+    names = names or list(dict.fromkeys(r["name"] for r in runs))
+    colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}
     first = min(r["seed"] for r in runs)  # its lines name the run in the legend
     for r in runs:
         ax.plot(

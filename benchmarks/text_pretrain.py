@@ -1,6 +1,6 @@
 """BERT training: masked-language-model pretraining, plain vs MaskSub, each then fine-tuned the same way.
 
-    python benchmarks/text_pretrain.py --scale cpu            # BERT 2x128, 16,000 glosses, 3 seeds: ~40 min
+    python benchmarks/text_pretrain.py --scale cpu            # BERT 2x128, 16,000 glosses, 3 seeds: ~53 min
     python benchmarks/text_pretrain.py --scale gpu --jobs 6   # BERT 4x256, all 112,659 training glosses
     python benchmarks/text_pretrain.py --scale tiny           # seconds; the test suite
 
@@ -122,10 +122,11 @@ def plot(pretrained: list[dict], tuned: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(dict.fromkeys(r["name"] for r in tuned))  # one colour per pretraining in both panels
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    curves(left, pretrained, "eval_loss", "held-out masked-LM loss")
+    curves(left, pretrained, "eval_loss", "held-out masked-LM loss", names=names)
     left.set_title("pretraining (BERT's objective)")
-    curves(right, tuned, "eval_accuracy", "test accuracy (%)", 100)
+    curves(right, tuned, "eval_accuracy", "test accuracy (%)", 100, names=names)
     right.set_title("plain fine-tuning on supersenses")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
