@@ -30,7 +30,7 @@ import torch
 import transformers
 from fashion_mnist import check_args  # the argument checks of the image examples
 from language_model import top_tokens
-from text_classification import add_run_args, load_tokenizer, make_trainer
+from text_classification import add_run_args, load_tokenizer, make_trainer, train_and_evaluate
 from transformers import AutoConfig, AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
 
@@ -135,18 +135,11 @@ def main(argv=None) -> dict:
         compute_metrics=target_accuracy,
         preprocess_logits_for_metrics=top_tokens,
     )
-    trained = trainer.train()
-    history = [  # each epoch's evaluation
-        {"epoch": round(h["epoch"], 4), "eval_accuracy": h["eval_accuracy"], "eval_loss": h["eval_loss"]}
-        for h in trainer.state.log_history
-        if "eval_accuracy" in h
-    ]
-    metrics = trainer.evaluate()
-    trainer.save_model(str(Path(args.out) / "model"))
+    metrics = train_and_evaluate(trainer, args.out)
     summary = {"sub": args.sub, "ratio": args.ratio, "mode": args.mode if args.sub == "mask" else None}
     summary.update({k: metrics[k] for k in ("eval_accuracy", "eval_loss")})
     summary["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
-    summary.update(train_seconds=trained.metrics["train_runtime"], history=history)
+    summary.update({k: metrics[k] for k in ("train_seconds", "history")})
     print(json.dumps(summary))
     return summary
 

@@ -325,6 +325,21 @@ def main(argv=None) -> dict:
         data_collator=collator(tokenizer),
         compute_metrics=span_accuracy if args.task == "qa" else accuracy,
     )
+    metrics = train_and_evaluate(trainer, args.out)
+    summary = {
+        "task": args.task,
+        "sub": args.sub,
+        "ratio": args.ratio,
+        "mode": args.mode if args.sub == "mask" else None,
+    }
+    summary.update({k: metrics[k] for k in ("eval_accuracy", "eval_loss", "train_seconds", "history")})
+    print(json.dumps(summary))
+    return summary
+
+
+def train_and_evaluate(trainer: transformers.Trainer, out: str) -> dict:
+    """Trains, evaluates and saves the model (and tokenizer) into ``out``/model: the final evaluation's metrics, with
+    the training seconds and each epoch's evaluation (``history``)."""
     trained = trainer.train()
     history = [  # each epoch's evaluation
         {"epoch": round(h["epoch"], 4), "eval_accuracy": h["eval_accuracy"], "eval_loss": h["eval_loss"]}
@@ -332,17 +347,8 @@ def main(argv=None) -> dict:
         if "eval_accuracy" in h
     ]
     metrics = trainer.evaluate()
-    trainer.save_model(str(Path(args.out) / "model"))
-    summary = {
-        "task": args.task,
-        "sub": args.sub,
-        "ratio": args.ratio,
-        "mode": args.mode if args.sub == "mask" else None,
-    }
-    summary.update({k: metrics[k] for k in ("eval_accuracy", "eval_loss")})
-    summary.update(train_seconds=trained.metrics["train_runtime"], history=history)
-    print(json.dumps(summary))
-    return summary
+    trainer.save_model(str(Path(out) / "model"))
+    return {**metrics, "train_seconds": trained.metrics["train_runtime"], "history": history}
 
 
 if __name__ == "__main__":
