@@ -321,10 +321,11 @@ class TokenMaskAdapter(MaskAdapter):
 
     def _run_kept(self, model, args, kwargs, shape, input_ids, attention_mask, mask):
         """The model on the kept tokens only: each sequence's kept tokens in their order, then (where sequences keep
-        different counts) masked ones hidden by the attention mask to fill the length. A BERT-family model drops
-        them after its embeddings; a decoder gets the kept token ids with their own position ids, the fillers as
-        padding (which it never reads). ``input_ids``, ``attention_mask`` and ``mask`` are (N, L), one row a
-        sequence; what the model gets is in the input's ``shape`` (a multiple-choice head's (B, C, .))."""
+        different counts) masked tokens or padding, hidden by the attention mask, to fill the batch's longest kept
+        count. A BERT-family model drops them after its embeddings; a decoder gets the kept token ids with their own
+        position ids, the fillers as padding (which it never reads). ``input_ids``, ``attention_mask`` and ``mask``
+        are (N, L), one row a sequence; what the model gets is in the input's ``shape`` (a multiple-choice head's
+        (B, C, .))."""
         check = CONFIGURATION_CHECKS.get(model.config.model_type)
         if check is not None:  # a setting changed since wrapping? (BigBird's set_attention_type)
             check(model)
