@@ -9,6 +9,7 @@ from conftest import (
     LANGUAGE_MODELS,
     MASK,
     PAD,
+    SMALL,
     SPECIAL,
     lm_labels,
     needs_transformers_5,
@@ -331,6 +332,18 @@ def test_a_text_generator_whose_labels_are_laid_out_otherwise_is_refused():
     git = transformers.GitForCausalLM(config)  # a causal language model whose logits begin with its image tokens
     with pytest.raises(ValueError, match="GitForCausalLM's logits hold more positions than its labels"):
         _step(git)
+
+
+def test_a_masked_language_model_scores_each_position_against_its_own_label_though_it_says_it_can_generate(
+    monkeypatch,
+):
+    """transformers 4 says masked language models can generate (they have ``prepare_inputs_for_generation``): they
+    are still not refused as generators of another layout, and their labels are not shifted."""
+    import transformers
+
+    model = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL, max_position_embeddings=64))
+    monkeypatch.setattr(type(model), "can_generate", classmethod(lambda cls: True))
+    assert model.can_generate() and language_model(model) == (None, model)
 
 
 @pytest.mark.parametrize("kind", ["bert", "t5"])

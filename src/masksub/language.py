@@ -63,6 +63,16 @@ def _causal_heads() -> frozenset[str]:
     return frozenset(n for name in names for n in ((name,) if isinstance(name, str) else name)) - set(UNSHIFTED)
 
 
+@functools.cache
+def _masked_heads() -> frozenset[str]:
+    """Masked language models' classes (BERT's pretraining head...): each position scored against its own label.
+    transformers 4 says they can generate (they have ``prepare_inputs_for_generation``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    names = MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()
+    return frozenset(n for name in names for n in ((name,) if isinstance(name, str) else name))
+
+
 def _classes(hf: nn.Module) -> set[str]:
     """The names of the transformers classes ``hf`` is an instance of (a subclass of your own is its base's kind)."""
     return {c.__name__ for c in type(hf).__mro__ if c.__module__.startswith("transformers.")}
@@ -90,7 +100,7 @@ def language_model(model: nn.Module) -> tuple[str | None, nn.Module | None]:
         )
     if is_causal_lm(hf):
         return CAUSAL, hf
-    if hf.can_generate() and not classes & set(UNSHIFTED):
+    if hf.can_generate() and not classes & (set(UNSHIFTED) | _masked_heads()):
         raise ValueError(
             f"{type(hf).__name__} generates text, and is neither a causal language model (AutoModelForCausalLM, whose "
             "labels masksub shifts as the model's own loss does) nor an encoder-decoder: how its labels meet its "
