@@ -478,6 +478,7 @@ def _wordnet(folder: Path, per_class: int = 10) -> Path:
     return folder
 
 
+@needs_transformers_5  # the mask_drop runs
 def test_text_accuracy_tiny(tmp_path):
     wordnet = _wordnet(tmp_path / "wordnet")
     _run(
@@ -534,6 +535,7 @@ def test_text_accuracy_names_missing_and_damaged_wordnet_files(tmp_path):
     assert "data.verb:" in run(wordnet) and "not a WordNet synset line" in run(wordnet)
 
 
+@needs_transformers_5  # the mask_drop runs
 def test_text_pretrain_tiny(tmp_path):
     """Masked-LM pretraining plain and with MaskSub (token, drop), plain at the token mode's compute, then each
     model and one not pretrained fine-tuned plain: every run scored, the tables and the plot written."""
