@@ -357,7 +357,7 @@ def test_drop_mode_refuses_language_models_it_cannot_shorten(kind):
 
 @needs_transformers_5
 def test_readme_language_model_example_runs(monkeypatch):
-    """The README's language-model example as written, with its two downloads replaced by a tiny Llama and a
+    """docs/transformers.md's language-model example as written, with its two downloads replaced by a tiny Llama and a
     tokenizer without padding or mask token (as decoders' are)."""
     import re
     import textwrap
@@ -374,11 +374,11 @@ def test_readme_language_model_example_runs(monkeypatch):
     model = tiny_language_model("llama", vocab_size=len(vocab))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name: tokenizer)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda name, **kw: model)
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "transformers.md").read_text()
     section = text.split("- **Language models**", 1)[1]
     code = textwrap.dedent(re.search(r"```python\n(.*?)```", section, re.S).group(1))
     scope: dict = {"torch": torch, "masksub": masksub, "AutoTokenizer": transformers.AutoTokenizer}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/transformers.md", "exec"), scope)
     assert scope["metrics"]["updated"] and torch.isfinite(scope["metrics"]["loss"])
     batch = scope["batch"]
     assert batch["input_ids"][0, -1] == 1 and (batch["labels"][0, :10] == -100).all()  # the prompt's 10 tokens

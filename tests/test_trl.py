@@ -200,13 +200,13 @@ def test_a_peft_config_trains_the_adapter_with_the_sub_branch(local_causal_lm):
 
 
 def test_readme_sft_example_runs(local_causal_lm, monkeypatch):
-    """The README's TRL example as written, its hub model replaced by the fixture's folder and ``data`` given; on
-    this machine without a GPU, TRL's bf16 default needs use_cpu=True, and 2 steps do."""
+    """docs/transformers.md's TRL example as written, its hub model replaced by the fixture's folder and ``data``
+    given; on this machine without a GPU, TRL's bf16 default needs use_cpu=True, and 2 steps do."""
     import re
     import textwrap
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "transformers.md").read_text()
     section = text.split("- TRL's supervised fine-tuning", 1)[1]
     code = textwrap.dedent(re.search(r"```python\n(.*?)```", section, re.S).group(1))
     assert '"Qwen/Qwen2.5-0.5B"' in code and 'output_dir="out"' in code
@@ -216,6 +216,6 @@ def test_readme_sft_example_runs(local_causal_lm, monkeypatch):
     )
     monkeypatch.chdir(local_causal_lm)
     scope = {"data": _pairs(local_causal_lm)}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/transformers.md", "exec"), scope)
     trainer = scope["trainer"]
     assert trainer.state.global_step == 2 and trainer.sub_branch.name == "text"
