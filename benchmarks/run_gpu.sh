@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The GPU scale of the benchmarks on one GPU, in parts that each take a few minutes:
 #
+#   bash benchmarks/run_gpu.sh essentials [DEST]  # for a short lease (one call of under 10 minutes): the GPU
+#                                               # tests, the eager step cost of the 4 models, then the compiled
+#                                               # one of the ViTs, each stage cut off at its share of 9 minutes
+#                                               # (tests 2, eager 4, compiled 3) and keeping what it measured
 #   bash benchmarks/run_gpu.sh eager [DEST]     # tests/test_gpu.py, step cost of the 4 models (eager; the ViTs
 #                                               # also with timm's PatchDropout step as the speed reference),
 #                                               # DMJD vs single-view step throughput, ViT-B/16 and ConViT-B
@@ -40,7 +44,7 @@
 # The training parts pass --reuse: run again on the same machine after a time limit cut one off, a
 # part reads its finished runs and continues the unfinished ones from their last checkpoint.
 set -euo pipefail
-part=${1:?"name a part: eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy or text_pretrain"}
+part=${1:?"name a part: essentials, eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy or text_pretrain"}
 dest=${2:+$(realpath -m "$2")}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}  # some images have only python3
@@ -50,6 +54,7 @@ mkdir -p "$RES"
 
 case $part in
   eager) files="gpu_tests.log step_cost.json step_cost.md pretrain_throughput.json pretrain_throughput.md" ;;
+  essentials) files="gpu_tests.log step_cost.json step_cost.md" ;;
   compiled | checkpointing | swin_drop | peers) files="step_cost.json step_cost.md" ;;
   accuracy) files="accuracy_gpu.json accuracy_gpu.md accuracy_gpu.png" ;;
   accuracy_resnet) files="accuracy_gpu_resnet.json accuracy_gpu_resnet.md accuracy_gpu_resnet.png" ;;
@@ -60,7 +65,7 @@ case $part in
   text_pretrain) files="text_pretrain_gpu.json text_pretrain_gpu.md text_pretrain_gpu.png" ;;
   text) files="text_step_cost_gpu.json text_step_cost_gpu.md text_step_cost_gpu_lm.json text_step_cost_gpu_lm.md distill_cost_gpu.json distill_cost_gpu.md" ;;
   *)
-    echo "unknown part '$part': name one of eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy, text_pretrain" >&2
+    echo "unknown part '$part': name one of essentials, eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy, text_pretrain" >&2
     exit 2 ;;
 esac
 
@@ -80,6 +85,17 @@ case $part in
       echo "tests/test_gpu.py FAILED (see gpu_tests.log); the benchmarks go on" | tee -a "$out/gpu_tests.log"
     $PY benchmarks/step_cost.py --compile off --patch-dropout --out "$out"
     $PY benchmarks/pretrain.py --throughput-only --out "$out" ;;
+  essentials)
+    # each stage's files are written as it goes: a stage cut off by its timeout keeps the models it finished
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_tests.log"
+    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$out/gpu_tests.log" ||
+      echo "tests/test_gpu.py FAILED or cut off at 120 s (see gpu_tests.log); the benchmarks go on" |
+      tee -a "$out/gpu_tests.log"
+    timeout 240 $PY benchmarks/step_cost.py --compile off --warmup 5 --repeats 4 --out "$out" ||
+      echo "eager step cost cut off at 240 s: the models it finished are in step_cost.json"
+    timeout 180 $PY benchmarks/step_cost.py --compile on --warmup 5 --repeats 4 \
+      --models deit3_small_patch16_224,deit3_base_patch16_224 --out "$out" ||
+      echo "compiled step cost cut off at 180 s: the models it finished are in step_cost.json" ;;
   compiled) $PY benchmarks/step_cost.py --compile on --out "$out" ;;
   checkpointing) $PY benchmarks/step_cost.py --compile off --grad-checkpointing --patch-dropout --out "$out" ;;
   peers) $PY benchmarks/step_cost.py --compile off --peers --patch-dropout --out "$out" ;;

@@ -447,6 +447,51 @@ def test_run_gpu_writes_step_cost_into_dest_as_it_goes(tmp_path, cut_off):
     assert committed == ("eager," if cut_off else "eager,on,")  # copied back only by a part that finished
 
 
+FAKE_ESSENTIALS = """#!/usr/bin/env bash
+# stands in for python: logs its arguments; step_cost.py appends its compile mode to <--out>/step_cost.json and
+# exits with $FAKE_RC (a stage cut off by its timeout exits 124); the GPU tests exit with $FAKE_TEST_RC
+echo "$*" >> "$FAKE_LOG"
+case "$*" in
+  *"-m pytest"*) exit ${FAKE_TEST_RC:-0} ;;
+  *"--compile off"*) echo -n "off," >> "${@: -1}/step_cost.json" ;;
+  *"--compile on"*) echo -n "on," >> "${@: -1}/step_cost.json" ;;
+esac
+exit ${FAKE_RC:-0}
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_run_gpu_essentials_runs_every_stage(tmp_path, fail):
+    """The short-lease part runs the GPU tests, the eager step cost of the 4 models and the compiled one of the ViTs,
+    in that order, each under a timeout; a stage that fails or is cut off leaves the next ones to run, and what
+    each measured lands in DEST and in the results."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "run_gpu.sh").write_text((BENCH / "run_gpu.sh").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python", FAKE_ESSENTIALS), ("nvidia-smi", "#!/usr/bin/env bash\necho 'name\nH100'\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    dest, log = tmp_path / "dest", tmp_path / "calls.log"
+    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "PYTHON": str(bin_dir / "python"), "FAKE_LOG": str(log)}
+    if fail:  # the tests fail, every step-cost stage is cut off by its timeout after it measured
+        env.update(FAKE_RC="124", FAKE_TEST_RC="1")
+    proc = subprocess.run(
+        ["bash", "benchmarks/run_gpu.sh", "essentials", str(dest)], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 3 and calls[0].startswith("-m pytest -q -p no:cacheprovider tests/test_gpu.py")
+    assert calls[1].startswith("benchmarks/step_cost.py --compile off") and "--models" not in calls[1]
+    assert calls[2].startswith("benchmarks/step_cost.py --compile on")
+    assert "--models deit3_small_patch16_224,deit3_base_patch16_224" in calls[2]
+    assert (dest / "step_cost.json").read_text() == "off,on,"
+    assert (repo / "benchmarks" / "results" / "step_cost.json").read_text() == "off,on,"
+    tests_log = (dest / "gpu_tests.log").read_text()
+    assert tests_log.startswith("name\nH100") and ("FAILED or cut off" in tests_log) == fail
+
+
 def test_data_sources_tiny(tmp_path):
     _run("data_sources.py", "--scale", "tiny", "--out", str(tmp_path))
     data = json.loads((tmp_path / "data_sources_tiny.json").read_text())
