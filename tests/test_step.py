@@ -692,7 +692,7 @@ def test_a_torchvision_segmentation_model_trains_on_its_out_logits():
     assert out["logits"].shape == (2, 4, 64, 64) and out["loss_sub"] > 0
     torch.testing.assert_close(out["loss_main"], expected.detach())
     with pytest.raises(TypeError, match="'aux' logits .* build it with aux_loss=False"):
-        masksub.step.logits_of({"out": out["logits"], "aux": out["logits"]})
+        masksub.outputs.logits_of({"out": out["logits"], "aux": out["logits"]})
 
 
 def test_the_plain_model_of_a_wrapper_is_refused_until_unwrapped():

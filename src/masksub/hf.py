@@ -42,7 +42,7 @@ import transformers
 from .adapters import resolve_adapter
 from .language import align, labelled_tokens, language_model, router_loss
 from .loss import IGNORE_INDEX, SubBranchLoss, as_rows, distill
-from .step import ANSWER_POSITIONS, logits_of, split_labels
+from .outputs import ANSWER_POSITIONS, logits_of, split_labels
 from .wrapper import SubPassHold, check_one_backward, wrap
 
 # beside a PEFT checkpoint: the mask token the sub branch put into the base model, which PEFT does not save

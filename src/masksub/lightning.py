@@ -39,7 +39,7 @@ from torch import nn
 
 from .language import align, language_model, router_loss
 from .loss import SubBranchLoss, distill
-from .step import forward, logits_of, split_labels
+from .outputs import forward, logits_of, split_labels
 from .wrapper import SubBranchModel, SubPassHold, check_one_backward
 
 # Strategies (by exact class name: DeepSpeed and XLA subclass DDPStrategy) under which a backward inside
