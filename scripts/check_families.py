@@ -25,7 +25,9 @@ tokens against the model with the same tokens hidden by the attention mask. ``--
 language model (the causal ones, ``AutoModelForCausalLM``, and the encoder-decoders, ``AutoModelForSeq2SeqLM``; for
 a causal one, the drop check compares the positions the sub pass predicted), with its labels (the input ids, -100 on
 the first four; an encoder-decoder's, a target of their own), and a column more: ``masksub.Step``'s main loss
-against the model's own loss given the labels (or the refusal ``masksub.language`` gives). With ``--vision`` the
+against the model's own loss given the labels (or the refusal ``masksub.language`` gives, and whether the model's own
+loss is its labels shifted, as a causal model's). ``--vlm`` does the same for the vision-language models
+(``AutoModelForImageTextToText``) on text alone, their image placeholders unused. With ``--vision`` the
 same shrinking applies to transformer configurations (CNN configurations, with lists of stage
 widths, keep their defaults), zero-init parameters are redrawn as for timm models, and the input
 is random pixels at the configuration's image size. With ``--torchvision`` each family
@@ -40,6 +42,7 @@ or hangs costs only its row. Writes a JSON and a markdown table.
     python scripts/check_families.py --families vision_transformer resnet swin_transformer
     python scripts/check_families.py --text --out text_families
     python scripts/check_families.py --lm --out lm_families
+    python scripts/check_families.py --vlm --out vlm_families
     python scripts/check_families.py --vision --out vision_families
     python scripts/check_families.py --torchvision --out torchvision_families
     python scripts/check_families.py --vision --families siglip2 --out vision_families --update  # one row again
@@ -86,6 +89,15 @@ def lm_families() -> dict[str, list[str]]:
 
     both = {**MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, **MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
     return {t: [name] for t, name in both.items()}
+
+
+def vlm_families() -> dict[str, list[str]]:
+    """Vision-language models that generate text (``AutoModelForImageTextToText``), but those of ``lm_families``
+    (Gemma 3's, GIT's: causal language models too), by model type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    language_models = lm_families()
+    return {t: [name] for t, name in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items() if t not in language_models}
 
 
 def torchvision_families() -> dict[str, list[str]]:
@@ -192,7 +204,20 @@ def build_lm(model_type: str):
     causal = transformers.AutoModelForCausalLM
     names = lm_families()[model_type]
     auto = causal if names[0] in causal._model_mapping._model_mapping.values() else transformers.AutoModelForSeq2SeqLM
-    model, inputs, other, options = build_text(model_type, auto)
+    return _labelled(*build_text(model_type, auto))
+
+
+def build_vlm(model_type: str):
+    """A random-init vision-language model of ``model_type``, shrunk (its text and vision parts), with a language
+    model's inputs and labels as ``build_lm`` gives them: text alone, its image placeholders unused."""
+    import transformers
+
+    return _labelled(*build_text(model_type, transformers.AutoModelForImageTextToText))
+
+
+def _labelled(model, inputs: dict, other: dict, options: dict):
+    """The labels of a language model's batch: the input ids, -100 on the first four (an encoder-decoder's, a target
+    of its own length)."""
     labels = inputs["input_ids"].clone()
     if getattr(model.config, "is_encoder_decoder", False):
         labels = labels[:, 2:12].flip(1)  # a target of its own length
@@ -312,7 +337,7 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
 
     import masksub
     from masksub.drops import values_of
-    from masksub.step import logits_of
+    from masksub.outputs import logits_of
 
     def run(m, **kw):
         return logits_of(m(**x, **kw) if isinstance(x, dict) else m(x, **kw))
@@ -368,7 +393,7 @@ def check_text_drop(model, x: dict, options: dict) -> str:
     import torch
 
     import masksub
-    from masksub.step import logits_of
+    from masksub.outputs import logits_of
 
     try:
         wrapped = masksub.wrap(model, sub="mask", ratio=0.5, mode="drop", **options)
@@ -407,11 +432,11 @@ def check_lm_labels(model, x: dict) -> str:
     import masksub
     from masksub.language import language_model
 
+    model.eval()
     try:
         kind = language_model(model)[0]
     except ValueError as e:
-        return f"refused: {reason(e).partition(': ')[2][:90]}"
-    model.eval()
+        return f"refused: {reason(e).partition(': ')[2][:90]}{_shifted(model, x)}"
     try:
         with torch.no_grad():
             own = model(**x).loss
@@ -430,6 +455,25 @@ def check_lm_labels(model, x: dict) -> str:
     return f"DIFFERS from the model's own loss ({got.item():.6f} vs {own.item():.6f}; {how})"
 
 
+def _shifted(model, x: dict) -> str:
+    """For a refused model: whether its own loss is the cross-entropy of its labels shifted one left, as a causal
+    language model's (what would let masksub take it as one)."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        with torch.no_grad():
+            out = model(**x)
+    except Exception as e:  # the model itself, without masksub
+        return f"; its own loss fails on this batch ({reason(e)[:60]})"
+    labels = x["labels"]
+    if out.get("loss") is None or out.logits.shape[:2] != labels.shape:
+        return "; its own loss is not the labels shifted"
+    shifted = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+    same = torch.allclose(shifted, out.loss.float(), rtol=1e-5, atol=1e-6)
+    return f"; its own loss {'IS' if same else 'is not'} the labels shifted"
+
+
 def check_hf_family(model_type: str, names: list[str], build) -> dict:
     """One transformers architecture, built by ``build`` (``build_text`` or ``build_vision``)."""
     import torch
@@ -443,7 +487,7 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
     first = next(iter(x.values()))
     row["input"] = list(first.shape[2:]) if first.ndim == 4 else [first.shape[1]]
     labelled = x
-    if build is build_lm:  # the language model's labels: checked against its own loss, then inputs alone
+    if build in (build_lm, build_vlm):  # the language model's labels: checked against its own loss, then inputs alone
         x, other = ({k: v for k, v in batch.items() if k != "labels"} for batch in (x, other))
         if getattr(model.config, "is_encoder_decoder", False):  # the same decoder inputs in each pass
             from masksub.language import SEQ2SEQ, align
@@ -455,7 +499,7 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
             sensitive = not torch.allclose(model.eval()(**x).logits, model(**other).logits)
     except Exception as e:  # the plain model, without masksub: the shrunk configuration does not run
         return {**row, "error": f"plain model failed: {reason(e)}"}
-    if build is build_lm:
+    if build in (build_lm, build_vlm):
         try:
             row["labels"] = check_lm_labels(model, labelled)
         except Exception as e:  # reported per row: this is the result being collected
@@ -465,7 +509,7 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
             row[kind] = check_kind(model, x, kind, sensitive, options)
         except Exception as e:  # reported per row: this is the result being collected
             row[kind] = reason(e)
-    if build in (build_text, build_lm) and "mask" in row and row["mask"].startswith("ok"):
+    if build in (build_text, build_lm, build_vlm) and "mask" in row and row["mask"].startswith("ok"):
         try:
             row["drop"] = check_text_drop(model, x, options)
         except Exception as e:  # reported per row: this is the result being collected
@@ -597,6 +641,7 @@ def main() -> None:
     hf = p.add_mutually_exclusive_group()
     hf.add_argument("--text", action="store_true", help="Hugging Face text classifiers instead of timm models")
     hf.add_argument("--lm", action="store_true", help="Hugging Face language models (causal, encoder-decoder)")
+    hf.add_argument("--vlm", action="store_true", help="Hugging Face vision-language models, on text alone")
     hf.add_argument("--vision", action="store_true", help="Hugging Face image classifiers instead of timm models")
     hf.add_argument("--torchvision", action="store_true", help="torchvision classifiers instead of timm models")
     p.add_argument("--out", type=Path, default=Path("families"), help="writes OUT.json and OUT.md")
@@ -609,7 +654,7 @@ def main() -> None:
     )
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
-    mode = "text" if args.text else "lm" if args.lm else "vision" if args.vision else None
+    mode = "text" if args.text else "lm" if args.lm else "vlm" if args.vlm else "vision" if args.vision else None
     mode = "torchvision" if args.torchvision else mode
     if args.one:
         import torch
@@ -623,6 +668,7 @@ def main() -> None:
             found, build = {
                 "text": (text_families, build_text),
                 "lm": (lm_families, build_lm),
+                "vlm": (vlm_families, build_vlm),
                 "vision": (vision_families, build_vision),
             }[mode]
             print(json.dumps(check_hf_family(args.one, found()[args.one], build)))
@@ -630,7 +676,7 @@ def main() -> None:
     import timm
     import torch
 
-    found = {None: families, "text": text_families, "lm": lm_families, "vision": vision_families}
+    found = {None: families, "text": text_families, "lm": lm_families, "vlm": vlm_families, "vision": vision_families}
     found["torchvision"] = torchvision_families
     found = found[mode]()
     chosen = args.families or sorted(found)

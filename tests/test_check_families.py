@@ -51,6 +51,20 @@ def test_text_architectures_pass_mask_and_dropout_and_drop_tokens(tmp_path):
     assert "transformers" in table.splitlines()[0] and "| droppath | drop |" in table
 
 
+@needs_transformers_5
+def test_vision_language_models_are_scored_as_their_own_loss_scores_them(tmp_path):
+    """LLaVA's labels are read as a causal model's, Florence-2's (an encoder-decoder whose decoder ids sit in its text
+    configuration; before they were read there, its decoder inputs were made with other ids) as an encoder-decoder's:
+    equal to each one's own loss."""
+    proc = _run("--vlm", "--families", "llava", "florence2", "--out", str(tmp_path / "vlm"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["family"]: r for r in json.loads((tmp_path / "vlm.json").read_text())["rows"]}
+    assert rows["llava"]["labels"] == "ok: the model's own loss (labels shifted)", rows["llava"]
+    assert rows["florence2"]["labels"] == "ok: the model's own loss (decoder inputs from the labels)", rows["florence2"]
+    for row in rows.values():
+        assert row["mask"] == "ok (text)" and row["drop"].startswith("refused"), row
+
+
 @needs_transformers_5  # the drop mode is refused before
 def test_the_drop_check_sees_an_error_small_beside_the_logits_at_init(monkeypatch):
     """DeBERTa v2 is built with its checkpoints' relative attention, and the check fails the drop mode without the

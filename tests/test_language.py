@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    CLS,
     LANGUAGE_MODELS,
     MASK,
     PAD,
+    SEP,
     SMALL,
     SPECIAL,
     lm_labels,
@@ -384,3 +386,139 @@ def test_readme_language_model_example_runs(monkeypatch):
     assert batch["input_ids"][0, -1] == 1 and (batch["labels"][0, :10] == -100).all()  # the prompt's 10 tokens
     assert batch["labels"][0, 10:].tolist() == [vocab["four"], 1] and not (batch["input_ids"] == 0).any()
     assert scope["step"].model.branch.mode == "drop" and scope["step"]._language[0] == CAUSAL
+
+
+IMAGE = 63  # a vision-language model's image placeholder: a token id its configuration names, never masked
+PATCHES = 4  # placeholders an image: LLaVA's 16-pixel image of 8-pixel patches (class token left out), Qwen2-VL's
+# 8-pixel image of 2-pixel patches merged 2 x 2
+
+
+def _llava():
+    """A tiny LLaVA: a CLIP vision tower, a projector, a Llama; an image fills the 4 placeholders of its sample."""
+    import transformers
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    text = transformers.LlamaConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**vision, image_size=16, patch_size=8),
+        text_config=text,
+        image_token_id=IMAGE,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration(config)
+
+
+def _qwen2_vl():
+    """A tiny Qwen2-VL: its vision tower (patches of 2 x 2 pixels x 2 frames, merged 2 x 2), a Qwen2 with 3-D RoPE
+    (time, height, width) over the image's placeholders; vision start and end tokens around them."""
+    import transformers
+
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = dict(LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, rope_parameters=rope)
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2, spatial_merge_size=2)
+    config = transformers.Qwen2VLConfig(
+        text_config=text,
+        vision_config=dict(vision, temporal_patch_size=2, in_channels=3),
+        image_token_id=IMAGE,
+        video_token_id=IMAGE - 1,
+        vision_start_token_id=IMAGE - 2,
+        vision_end_token_id=IMAGE - 3,
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen2VLForConditionalGeneration(config)
+
+
+def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
+    """A supervised fine-tuning batch of 4: [CLS], an image's placeholders (Qwen2-VL's between its vision start and
+    end tokens), then words; no label on the prompt (the image's tokens among it) or the padding; the images as the
+    model's processor gives them."""
+    batch = text_batch(batch=4, length=16)
+    ids = batch["input_ids"]
+    ids[ids >= IMAGE - 3] = 4  # words' ids: none of the image's
+    if kind == "qwen2_vl":
+        ids[:, 1], ids[:, 2 + PATCHES] = IMAGE - 2, IMAGE - 3
+    ids[:, 2 - (kind == "llava") : 2 - (kind == "llava") + PATCHES] = IMAGE
+    batch = lm_labels(batch, prompt=PATCHES + 3)
+    g = torch.Generator().manual_seed(7)
+    if kind == "llava":
+        return {**batch, "pixel_values": torch.randn(4, 3, 16, 16, generator=g)}
+    pixels = torch.randn(4 * 16, 3 * 2 * 2 * 2, generator=g)  # 16 patches an image, each 3 channels x 2 frames x 2x2
+    grid = torch.tensor([[1, 4, 4]] * 4)  # frames, patch rows, patch columns
+    return {**batch, "pixel_values": pixels, "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE).long()}
+
+
+VLMS = {"llava": _llava, "qwen2_vl": _qwen2_vl}
+
+
+@pytest.mark.parametrize("mode", ["token", "attention"])
+@pytest.mark.parametrize("kind", VLMS)
+def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode):
+    """LLaVA's and Qwen2-VL's logits hold a prediction per input token, the image's placeholders included, and their
+    own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is the next-token loss
+    and its distillation worked out by hand. The sub pass masks words, never an image's token (a placeholder masked
+    would leave an image without its tokens: the model fails then)."""
+    model = VLMS[kind]().train()
+    batch = _vlm_batch(kind)
+    assert language_model(model)[0] == CAUSAL
+    wrapped = wrap_text(model, sub="mask", ratio=0.9, mode=mode)
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    torch.manual_seed(3)
+    out = _step(wrapped)(batch)
+    handle.remove()
+    own = model.eval()(**batch).loss  # eval: no dropout draws to match
+    torch.testing.assert_close(out["loss_main"], own.detach(), rtol=1e-6, atol=1e-6)
+    main_ids, sub_ids = seen
+    image = torch.tensor([IMAGE, IMAGE - 2, IMAGE - 3])  # placeholders, vision start and end
+    kept = torch.isin(main_ids, torch.tensor([PAD, CLS, SEP, *image]))
+    assert (main_ids == IMAGE).sum() == 4 * PATCHES and torch.equal(main_ids[kept], sub_ids[kept])
+    if mode == "token":
+        words = (batch["attention_mask"] == 1) & ~torch.isin(batch["input_ids"], torch.tensor([*SPECIAL, *image]))
+        hidden = sub_ids == MASK
+        assert hidden.sum(1).tolist() == masked_counts(words.sum(1), 0.9).tolist() and not (hidden & ~words).any()
+
+    model.train().zero_grad()
+    torch.manual_seed(3)
+    _step(wrapped)(batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    features = {k: v for k, v in batch.items() if k != "labels"}
+    target = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    torch.manual_seed(3)
+    main = model(**features).logits
+    sub = wrapped(**features, sub=True).logits
+    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[target != -100].mean()
+    loss.backward()
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert any(n.startswith(("model.vision_tower", "model.visual")) for n in grads)  # the images' gradient
+
+
+def test_drop_mode_refuses_a_vision_language_model_by_name():
+    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*LlavaForConditionalGeneration is not one"):
+        wrap_text(_llava(), sub="mask", ratio=0.5, mode="drop")
+
+
+def test_a_multimodal_processor_gives_its_tokenizers_mask_token_and_special_tokens():
+    """A vision-language model's processor (what MaskSubTrainer's processing_class, and TRL, hold for it) stands for
+    its tokenizer: wrap(model, tokenizer=processor) masks with the tokenizer's mask token and never its special
+    tokens, the image placeholder among them."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<mask>", "<image>", *(f"w{i}" for i in range(40))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", mask_token="<mask>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = transformers.LlavaProcessor(image_processor=transformers.CLIPImageProcessor(), tokenizer=tokenizer)
+    assert not hasattr(processor, "all_special_ids")
+    wrapped = masksub.wrap(_llava(), sub="mask", ratio=0.5, tokenizer=processor)
+    assert wrapped.branch.mask_token_id == 3 and {0, 1, 2, 3, 4} <= set(wrapped.branch.special_ids.tolist())

@@ -15,9 +15,11 @@ A Hugging Face batch's ``labels`` mean different things by head, and ``Step``, L
 - every other head (sequence and token classifiers, masked language models...) scores each prediction against its
   own label, as before.
 
-Other models that generate text (vision-language models: LLaVA, Qwen2-VL, BLIP-2...; speech ones; GIT, whose logits
-begin with its image tokens) lay out their labels each its own way, and are refused rather than trained on a target
-their own loss would not read.
+Vision-language models whose logits hold one prediction per input token, the image's placeholder tokens among them
+(``CAUSAL_VLMS``: LLaVA, Qwen2-VL, Idefics 3...), have their labels read as a causal language model's. Other models
+that generate text (BLIP-2, whose logits begin with its query tokens; GIT, with its image tokens; speech models on a
+decoder...) lay out their labels each its own way, and are refused rather than trained on a target their own loss
+would not read.
 """
 
 from __future__ import annotations
@@ -39,6 +41,64 @@ CAUSAL, SEQ2SEQ = "causal", "seq2seq"
 UNSHIFTED = ("XLMWithLMHeadModel", "XLNetLMHeadModel", "CpmAntForCausalLM", "TrOCRForCausalLM", "WhisperForCausalLM")
 UNSHIFTED += ("BartForCausalLM", "MBartForCausalLM", "MvpForCausalLM", "PLBartForCausalLM", "BigBirdPegasusForCausalLM")
 UNSHIFTED += ("BlenderbotForCausalLM", "BlenderbotSmallForCausalLM", "MarianForCausalLM", "PegasusForCausalLM")
+# vision-language models (AutoModelForImageTextToText) whose logits hold one prediction per input token (an image's
+# placeholders included) and whose own loss shifts the labels as a causal language model's does: found by
+# ``scripts/check_families.py --vlm`` on text alone (transformers 5.25.0); LLaVA's and Qwen2-VL's tested with images
+CAUSAL_VLMS = (
+    "Apertus1p5ForConditionalGeneration",
+    "AriaForConditionalGeneration",
+    "AyaVisionForConditionalGeneration",
+    "Cohere2VisionForConditionalGeneration",
+    "Cosmos3EdgeForConditionalGeneration",
+    "Cosmos3OmniForConditionalGeneration",
+    "DeepseekVLForConditionalGeneration",
+    "DeepseekVLHybridForConditionalGeneration",
+    "Exaone4_5_ForConditionalGeneration",
+    "FastVlmForConditionalGeneration",
+    "Glm5NextForConditionalGeneration",
+    "GraniteDoclingForConditionalGeneration",
+    "HYV4VLForConditionalGeneration",
+    "HyperCLOVAXVisionV2ForConditionalGeneration",
+    "Idefics2ForConditionalGeneration",
+    "Idefics3ForConditionalGeneration",
+    "Inkling2ForConditionalGeneration",
+    "Inkling2LoopForConditionalGeneration",
+    "InternVLForConditionalGeneration",
+    "JanusForConditionalGeneration",
+    "Kimi_K25ForConditionalGeneration",
+    "Kosmos2_5ForConditionalGeneration",
+    "Lfm2VlForConditionalGeneration",
+    "Lfm3VlForConditionalGeneration",
+    "LightOnOcrForConditionalGeneration",
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaNextVideoForConditionalGeneration",
+    "LlavaOnevision15ForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "MiniCPMOcrForConditionalGeneration",
+    "MiniCPMV4_6ForConditionalGeneration",
+    "MiniCPMV4_7ForConditionalGeneration",
+    "MiniMaxM3SparseForConditionalGeneration",
+    "Mistral3ForConditionalGeneration",
+    "Mistral4ForCausalLM",
+    "MistralLarge4ForConditionalGeneration",
+    "Molmo2ForConditionalGeneration",
+    "MuseGlimmerForConditionalGeneration",
+    "MuseSparkForConditionalGeneration",
+    "NemotronH_Omni_Reasoning_V3",
+    "Ovis2ForConditionalGeneration",
+    "Ovis2_5ForConditionalGeneration",
+    "PaliGemmaForConditionalGeneration",
+    "QianfanOCRForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "UnlimitedOcrForConditionalGeneration",
+    "VideoLlama3ForConditionalGeneration",
+    "VideoLlavaForConditionalGeneration",
+    "VipLlavaForConditionalGeneration",
+)
 # causal language models whose logits hold more than the labels' positions (GIT's: its image tokens first)
 OWN_LAYOUT = ("GitForCausalLM",)
 # encoder-decoders whose forward, given labels, also hides the decoder's padding
@@ -60,7 +120,8 @@ def _causal_heads() -> frozenset[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-    return frozenset(n for name in names for n in ((name,) if isinstance(name, str) else name)) - set(UNSHIFTED)
+    causal = {n for name in names for n in ((name,) if isinstance(name, str) else name)}
+    return frozenset((causal | set(CAUSAL_VLMS)) - set(UNSHIFTED))
 
 
 @functools.cache
@@ -102,20 +163,25 @@ def language_model(model: nn.Module) -> tuple[str | None, nn.Module | None]:
         return CAUSAL, hf
     if hf.can_generate() and not classes & (set(UNSHIFTED) | _masked_heads()):
         raise ValueError(
-            f"{type(hf).__name__} generates text, and is neither a causal language model (AutoModelForCausalLM, whose "
-            "labels masksub shifts as the model's own loss does) nor an encoder-decoder: how its labels meet its "
-            "logits is its own (a vision-language model's image tokens, say), so masksub cannot score them as its "
-            "loss would. Train its language model (AutoModelForCausalLM) with masksub, or compute the loss yourself"
+            f"{type(hf).__name__} generates text, and is neither a causal language model (AutoModelForCausalLM, or a "
+            "vision-language model of masksub.language.CAUSAL_VLMS, whose labels masksub shifts as the model's own "
+            "loss does) nor an encoder-decoder: how its labels meet its logits is its own (a vision-language model's "
+            "image or query tokens, say), so masksub cannot score them as its loss would. Train its language model "
+            "(AutoModelForCausalLM) with masksub, or compute the loss yourself"
         )
     return None, hf
 
 
 def shift_right(hf: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """The decoder's inputs from ``labels`` for an encoder-decoder without ``prepare_decoder_input_ids_from_labels``
-    (M2M100, NLLB, SeamlessM4T...), as their forwards make them: the decoder's start token, then the labels but the
-    last, -100 read as padding."""
+    (M2M100, NLLB, SeamlessM4T, Florence-2...), as their forwards make them: the decoder's start token (the decoder's
+    configuration's, where it has one), then the labels but the last, -100 read as padding."""
     config = hf.config
-    start, pad = getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)
+    decoder = config.get_text_config(decoder=True)  # Florence-2's: its ids are there, not on the whole configuration
+    start, pad = (
+        next((v for v in (getattr(c, name, None) for c in (decoder, config)) if v is not None), None)
+        for name in ("decoder_start_token_id", "pad_token_id")
+    )
     if start is None or pad is None:
         raise ValueError(
             f"{type(hf).__name__} is an encoder-decoder whose configuration names no decoder_start_token_id or "

@@ -106,7 +106,8 @@ class TokenMaskAdapter(MaskAdapter):
     """Masks a random ``ratio`` of each sample's non-special tokens (mask token or attention mask).
 
     Options (``masksub.wrap(model, ..., **options)``):
-        tokenizer: a Hugging Face tokenizer; its ``mask_token_id`` and ``all_special_ids`` are used.
+        tokenizer: a Hugging Face tokenizer (or a multimodal processor holding one); its ``mask_token_id`` and
+            ``all_special_ids`` are used.
         mask_token_id, special_ids: the same, given directly (they override the tokenizer's).
         mode: ``"token"`` (replace by the mask token), ``"attention"`` (hide via the attention mask) or
             ``"drop"`` (leave the sequence; BERT-family and decoder sequence classifiers).
@@ -130,6 +131,8 @@ class TokenMaskAdapter(MaskAdapter):
         super().__init__(model, ratio, unit)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if tokenizer is not None and not hasattr(tokenizer, "all_special_ids") and hasattr(tokenizer, "tokenizer"):
+            tokenizer = tokenizer.tokenizer  # a multimodal model's processor: its text tokenizer
         if tokenizer is not None:
             mask_token_id = getattr(tokenizer, "mask_token_id", None) if mask_token_id is None else mask_token_id
             special_ids = tokenizer.all_special_ids if special_ids is None else special_ids
