@@ -177,11 +177,14 @@ def shift_right(hf: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     (M2M100, NLLB, SeamlessM4T, Florence-2...), as their forwards make them: the decoder's start token (the decoder's
     configuration's, where it has one), then the labels but the last, -100 read as padding."""
     config = hf.config
-    decoder = config.get_text_config(decoder=True)  # Florence-2's: its ids are there, not on the whole configuration
-    start, pad = (
-        next((v for v in (getattr(c, name, None) for c in (decoder, config)) if v is not None), None)
-        for name in ("decoder_start_token_id", "pad_token_id")
-    )
+    # a composite configuration's decoder ids sit in its text part (Florence-2's); another's view of its "text
+    # configuration" may hold defaults the model does not read (M2M100's), so only a real part is asked first
+    decoder = config.get_text_config(decoder=True) if getattr(config, "sub_configs", None) else config
+
+    def first(name: str) -> int | None:  # the decoder configuration's id, else the whole configuration's
+        return next((getattr(c, name) for c in (decoder, config) if getattr(c, name, None) is not None), None)
+
+    start, pad = first("decoder_start_token_id"), first("pad_token_id")
     if start is None or pad is None:
         raise ValueError(
             f"{type(hf).__name__} is an encoder-decoder whose configuration names no decoder_start_token_id or "
