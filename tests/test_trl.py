@@ -12,6 +12,7 @@ from datasets import Dataset  # noqa: E402
 from test_hf import GradsBeforeStep  # noqa: E402
 
 import masksub.loss  # noqa: E402
+from masksub.masking import masked_counts  # noqa: E402
 from masksub.trl import MaskSubSFTTrainer  # noqa: E402
 
 
@@ -219,3 +220,93 @@ def test_readme_sft_example_runs(local_causal_lm, monkeypatch):
     exec(compile(code, "docs/transformers.md", "exec"), scope)
     trainer = scope["trainer"]
     assert trainer.state.global_step == 2 and trainer.sub_branch.name == "text"
+
+
+def _vlm_sft():
+    """A tiny LLaVA (CLIP tower, Llama) and its processor, whose ``<image>`` becomes the 4 placeholders of a
+    16-pixel image of 8-pixel patches; prompt-completion pairs, each with an image, as TRL takes them."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<image>", "review", ":", "the", "film", "was", "good", "bad", "verdict"]
+    words += ["pos", "neg"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    pixels = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = transformers.LlavaProcessor(
+        image_processor=pixels,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, which "default" leaves out
+    )
+    text = transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=3, vision_feature_select_strategy="default"
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        opinion = " ".join(["good", "bad"][i % 2] for _ in range(i % 3 + 1))  # prompts of uneven lengths
+        image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        prompt = f"<image> review : the film was {opinion} verdict :"
+        rows.append({"images": [image], "prompt": prompt, "completion": " " + ["pos", "neg"][i % 2]})
+    return model, processor, Dataset.from_list(rows)
+
+
+def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path):
+    """TRL's vision-language collator (images, prompt-completion pairs) and a LLaVA: the images reach both passes,
+    the sub pass hides half of each prompt's words and never an image's placeholder, and the gradient (the vision
+    tower's included) is the completion's next-token loss and its distillation worked out by hand."""
+    model, processor, data = _vlm_sft()
+    config = _config(tmp_path, bf16=False, max_length=None)
+    trainer = MaskSubSFTTrainer(
+        model=model, args=config, train_dataset=data, processing_class=processor, mask_options={"mode": "attention"}
+    )
+    seen, batches = [], []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    trainer.add_callback(capture := GradsBeforeStep(model))
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        batches.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
+    trainer.train()
+    (batch,) = batches
+    ids, attention, labels, pixels = (batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values"))
+    main_kw, sub_kw = seen
+    assert torch.equal(main_kw["pixel_values"], pixels) and torch.equal(sub_kw["pixel_values"], pixels)
+    assert pixels.shape == (4, 3, 16, 16) and (ids == 3).sum(1).tolist() == [4] * 4  # 4 placeholders a sample
+    words = (attention == 1) & (ids > 3)
+    hidden = words & (sub_kw["attention_mask"] == 0)
+    assert hidden.sum(1).tolist() == masked_counts(words.sum(1), 0.5).tolist()
+    assert torch.equal(sub_kw["attention_mask"][~words], attention[~words])  # placeholders and padding as given
+    model.zero_grad()
+    main = model(input_ids=ids, attention_mask=attention, pixel_values=pixels).logits
+    sub = model(input_ids=ids, attention_mask=sub_kw["attention_mask"], pixel_values=pixels).logits
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)
+    assert (target != -100).sum() == 4  # the verdict alone is labelled
+    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[target != -100].mean()
+    loss.backward()
+    assert capture.grads[0].keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.startswith("model.vision_tower") for n in capture.grads[0])
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
