@@ -18,6 +18,21 @@ from torch.profiler import ProfilerActivity, profile
 
 import masksub
 
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject's addopts): a worker per core, 4 at most: each holds torch, timm and transformers,
+    and some tests start two processes of their own. ``-n 0`` runs the tests in this process."""
+    return min(4, _cores())
+
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # the workers share the cores: no thread waits for a busy one
+    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 VIT = dict(img_size=32, patch_size=4, depth=2, embed_dim=32, num_heads=2, num_classes=5)
 SWIN = dict(
     img_size=64, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4, num_classes=5, drop_path_rate=0.0

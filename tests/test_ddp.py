@@ -20,6 +20,8 @@ import masksub
 from masksub.parallel import clip_grad_norm, engine, grad_norm
 from masksub.train.distributed import AllReduceCount, ReduceScatterCount, count_allreduces, exit_without_teardown
 
+pytestmark = pytest.mark.xdist_group("ddp")  # one worker: the module's fixtures are made once
+
 WORLD, BATCH, STEPS = 2, 8, 3
 MASK_UNITS = {"vit": 64, "swin": 16}  # random numbers each sample's mask draws (tokens or units)
 # (model, accum_steps, step kind); "research" is the unoptimized two-backward step, for contrast

@@ -18,7 +18,10 @@ from fsdp_trainer_worker import PRETRAIN
 from masksub.train import checkpoint, sharding
 from masksub.train.evaluate import evaluate_checkpoint
 
-pytestmark = pytest.mark.skipif(not sharding.available(), reason="FSDP's fully_shard needs torch >= 2.6")
+pytestmark = [
+    pytest.mark.skipif(not sharding.available(), reason="FSDP's fully_shard needs torch >= 2.6"),
+    pytest.mark.xdist_group("fsdp_trainer"),  # one worker runs the module's launch once
+]
 
 
 @pytest.fixture(scope="module")
