@@ -351,6 +351,22 @@ def peak_bytes(run: Callable, *args) -> int:
     return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """The folder ``make(folder)`` filled, made once for all of a run's pytest-xdist workers (one makes it, under
+    a lock, while the others wait for it): for module fixtures that launch processes."""
+    from filelock import FileLock  # a dependency of torch
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root  # the workers' common folder
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 def run_worker(worker: str, out: Path, *args: str, world: int = 2) -> list[dict]:
     """Run ``tests/<worker> out *args`` under torchrun with ``world`` CPU processes (tests/ importable), fail with
     its stderr, and return what each process saved as ``out/rank<r>.pt``, after checking that the processes

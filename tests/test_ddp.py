@@ -13,14 +13,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import TINY, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
+from conftest import TINY, made_once, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import masksub
 from masksub.parallel import clip_grad_norm, engine, grad_norm
 from masksub.train.distributed import AllReduceCount, ReduceScatterCount, count_allreduces, exit_without_teardown
-
-pytestmark = pytest.mark.xdist_group("ddp")  # one worker: the module's fixtures are made once
 
 WORLD, BATCH, STEPS = 2, 8, 3
 MASK_UNITS = {"vit": 64, "swin": 16}  # random numbers each sample's mask draws (tokens or units)
@@ -231,8 +229,10 @@ def _worker(rank, init_file, results):
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "result")), nprocs=WORLD, join=True)
+    def launch(tmp):
+        mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "result")), nprocs=WORLD, join=True)
+
+    tmp = made_once(tmp_path_factory, "ddp", launch)
     return [torch.load(tmp / f"result.{r}", weights_only=True) for r in range(WORLD)]
 
 

@@ -29,8 +29,6 @@ from masksub.train.export import _architecture, data_config, fold_probe_head
 from masksub.train.onnx_export import MIN_TIMM
 from masksub.train.transforms import build_transforms
 
-pytestmark = pytest.mark.xdist_group("export")  # one worker: the module's fixtures are made once
-
 
 def _train(tmp_path, name, **more) -> tuple:
     settings = {"train.output": str(tmp_path), "train.name": name, "sched.epochs": 1, **more}

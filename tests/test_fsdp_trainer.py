@@ -12,22 +12,19 @@ import json
 import pytest
 import timm
 import torch
-from conftest import run_worker
+from conftest import made_once, run_worker
 from fsdp_trainer_worker import PRETRAIN
 
 from masksub.train import checkpoint, sharding
 from masksub.train.evaluate import evaluate_checkpoint
 
-pytestmark = [
-    pytest.mark.skipif(not sharding.available(), reason="FSDP's fully_shard needs torch >= 2.6"),
-    pytest.mark.xdist_group("fsdp_trainer"),  # one worker runs the module's launch once
-]
+pytestmark = pytest.mark.skipif(not sharding.available(), reason="FSDP's fully_shard needs torch >= 2.6")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    ranks = run_worker("fsdp_trainer_worker.py", out)
+    out = made_once(tmp_path_factory, "fsdp", lambda out: run_worker("fsdp_trainer_worker.py", out))
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for rank in ranks:
         assert rank["codes"] == dict.fromkeys(
             ["ddp", "fsdp", "part", "fsdp_every", "swin_ddp", "swin", "swin_drop_ddp", "swin_drop", "pretrain"]

@@ -25,8 +25,6 @@ from masksub.train.build import build_model
 from masksub.train.evaluate import evaluate_checkpoint, load_run, trained_model
 from masksub.train.predict import predict
 
-pytestmark = pytest.mark.xdist_group("hub")  # one worker: the module's fixtures are made once
-
 REPO = "someone/fashion-mnist-vit"
 
 

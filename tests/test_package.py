@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("package")  # one worker: the module's fixtures are made once
-
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 

@@ -15,8 +15,6 @@ from masksub.cli import main
 from masksub.data import CLASSES, load_fashion_mnist
 from masksub.train.accuracy import per_class_text
 
-pytestmark = pytest.mark.xdist_group("predict")  # one worker: the module's fixtures are made once
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -27,8 +27,6 @@ from masksub.train.images import CorruptImageError
 from masksub.train.sources import HfDataset, TarImages, TorchVision, source
 from masksub.train.transforms import mean_std
 
-pytestmark = pytest.mark.xdist_group("sources")  # one worker: the module's fixtures are made once
-
 
 def _features(label=None):
     label = label or datasets.ClassLabel(names=list(CLASSES))

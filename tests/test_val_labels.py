@@ -15,8 +15,6 @@ from masksub.data import load_fashion_mnist
 from masksub.train.config import ConfigError, load_config
 from masksub.train.data import build_datasets
 
-pytestmark = pytest.mark.xdist_group("val_labels")  # one worker: the module's fixtures are made once
-
 N = 60
 
 
