@@ -1233,6 +1233,7 @@ def _recipe_overrides(recipe: str, tmp_path: Path) -> dict:
         out.update({"data.img_size": 64, "sub.unit": 16})
     elif recipe.startswith("rsb"):  # 32-pixel images: the recipes' 32-pixel unit would be one block, none masked
         out["sub.unit"] = 8
+        out["model.kwargs"] = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}  # bottlenecks
     return out
 
 
