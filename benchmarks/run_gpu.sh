@@ -78,17 +78,19 @@ if [ -n "$dest" ]; then
   out=$dest
 fi
 
+# The GPU tests run in this one process (-o addopts="": no pytest-xdist workers, which the packages carried to a
+# device machine may lack, each holding a CUDA context of its own).
 case $part in
   eager)
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_tests.log"
-    $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$out/gpu_tests.log" ||
+    $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee -a "$out/gpu_tests.log" ||
       echo "tests/test_gpu.py FAILED (see gpu_tests.log); the benchmarks go on" | tee -a "$out/gpu_tests.log"
     $PY benchmarks/step_cost.py --compile off --patch-dropout --out "$out"
     $PY benchmarks/pretrain.py --throughput-only --out "$out" ;;
   essentials)
     # each stage's files are written as it goes: a stage cut off by its timeout keeps the models it finished
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu_tests.log"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$out/gpu_tests.log" ||
+    timeout 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee -a "$out/gpu_tests.log" ||
       echo "tests/test_gpu.py FAILED or cut off at 120 s (see gpu_tests.log); the benchmarks go on" |
       tee -a "$out/gpu_tests.log"
     timeout 240 $PY benchmarks/step_cost.py --compile off --warmup 5 --repeats 4 --out "$out" ||

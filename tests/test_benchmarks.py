@@ -483,7 +483,7 @@ def test_run_gpu_essentials_runs_every_stage(tmp_path, fail):
     )
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
-    assert len(calls) == 3 and calls[0].startswith("-m pytest -q -p no:cacheprovider tests/test_gpu.py")
+    assert len(calls) == 3 and calls[0].startswith("-m pytest -q -p no:cacheprovider -o addopts= tests/test_gpu.py")
     assert calls[1].startswith("benchmarks/step_cost.py --compile off") and "--models" not in calls[1]
     assert calls[2].startswith("benchmarks/step_cost.py --compile on")
     assert "--models deit3_small_patch16_224,deit3_base_patch16_224" in calls[2]
