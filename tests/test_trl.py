@@ -51,13 +51,12 @@ def _trainer(folder, mode: str = "attention", **kw) -> MaskSubSFTTrainer:
     )
 
 
-def test_sft_trainer_gradient_equals_the_completion_loss_by_hand(local_causal_lm):
-    """TRL labels the completion and its end token only; the main loss is each labelled next token's cross-entropy,
-    the sub branch (its words hidden) learns the main branch's next-token distribution at the same positions."""
-    trainer = _trainer(local_causal_lm)
-    model, seen, batches = trainer.model, [], []
-    model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
-    trainer.add_callback(capture := GradsBeforeStep(model))
+def _train_one_step(trainer) -> tuple[dict, list[dict], GradsBeforeStep]:
+    """Train one step; return its batch as the trainer got it, the keyword inputs of each model call (the main
+    pass, the sub pass) and the gradient before the optimizer step."""
+    seen, batches = [], []
+    trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    trainer.add_callback(capture := GradsBeforeStep(trainer.model))
     compute_loss = trainer.compute_loss
 
     def recording(model, inputs, *args, **kwargs):
@@ -67,6 +66,15 @@ def test_sft_trainer_gradient_equals_the_completion_loss_by_hand(local_causal_lm
     trainer.compute_loss = recording
     trainer.train()
     (batch,) = batches
+    return batch, seen, capture
+
+
+def test_sft_trainer_gradient_equals_the_completion_loss_by_hand(local_causal_lm):
+    """TRL labels the completion and its end token only; the main loss is each labelled next token's cross-entropy,
+    the sub branch (its words hidden) learns the main branch's next-token distribution at the same positions."""
+    trainer = _trainer(local_causal_lm)
+    model = trainer.model
+    batch, seen, capture = _train_one_step(trainer)
     labels, ids, attention = batch["labels"], batch["input_ids"], batch["attention_mask"]
     labelled = [row[row != -100].tolist() for row in labels]  # " pos" or " neg", then the end token
     assert all(len(r) == 2 and r[1] == trainer.processing_class.eos_token_id for r in labelled)
@@ -277,18 +285,7 @@ def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path):
     trainer = MaskSubSFTTrainer(
         model=model, args=config, train_dataset=data, processing_class=processor, mask_options={"mode": "attention"}
     )
-    seen, batches = [], []
-    model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
-    trainer.add_callback(capture := GradsBeforeStep(model))
-    compute_loss = trainer.compute_loss
-
-    def recording(model, inputs, *args, **kwargs):
-        batches.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = recording
-    trainer.train()
-    (batch,) = batches
+    batch, seen, capture = _train_one_step(trainer)
     ids, attention, labels, pixels = (batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values"))
     main_kw, sub_kw = seen
     assert torch.equal(main_kw["pixel_values"], pixels) and torch.equal(sub_kw["pixel_values"], pixels)
