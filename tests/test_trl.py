@@ -230,9 +230,10 @@ def test_readme_sft_example_runs(local_causal_lm, monkeypatch):
     assert trainer.state.global_step == 2 and trainer.sub_branch.name == "text"
 
 
-def _vlm_sft():
+def _vlm_sft(chat: bool):
     """A tiny LLaVA (CLIP tower, Llama) and its processor, whose ``<image>`` becomes the 4 placeholders of a
-    16-pixel image of 8-pixel patches; prompt-completion pairs, each with an image, as TRL takes them."""
+    16-pixel image of 8-pixel patches; prompt-completion pairs, each with an image, as TRL takes them: as text, or
+    (``chat``) as a user's and an assistant's messages that the processor's chat template writes out."""
     import numpy as np
     import transformers
     from PIL import Image
@@ -271,16 +272,26 @@ def _vlm_sft():
     for i in range(8):
         opinion = " ".join(["good", "bad"][i % 2] for _ in range(i % 3 + 1))  # prompts of uneven lengths
         image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
-        prompt = f"<image> review : the film was {opinion} verdict :"
-        rows.append({"images": [image], "prompt": prompt, "completion": " " + ["pos", "neg"][i % 2]})
+        prompt, completion = f"review : the film was {opinion} verdict :", ["pos", "neg"][i % 2]
+        if chat:  # TRL puts the image first in the user's message: the template writes it as <image>
+            prompt, completion = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}]
+        else:
+            prompt, completion = f"<image> {prompt}", f" {completion}"
+        rows.append({"images": [image], "prompt": prompt, "completion": completion})
+    processor.chat_template = (
+        "{% for m in messages %}{% for c in m['content'] %}{{ '<image> ' if c['type'] == 'image' else c['text'] }}"
+        "{% endfor %}{{ '' if loop.last else ' ' }}{% endfor %}"
+    )
     return model, processor, Dataset.from_list(rows)
 
 
-def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path):
-    """TRL's vision-language collator (images, prompt-completion pairs) and a LLaVA: the images reach both passes,
-    the sub pass hides half of each prompt's words and never an image's placeholder, and the gradient (the vision
-    tower's included) is the completion's next-token loss and its distillation worked out by hand."""
-    model, processor, data = _vlm_sft()
+@pytest.mark.parametrize("chat", [False, True], ids=["text", "chat"])
+def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path, chat):
+    """TRL's vision-language collator (images, prompt-completion pairs, as text or as messages) and a LLaVA: the
+    images reach both passes, the sub pass hides half of each prompt's words and never an image's placeholder,
+    and the gradient (the vision tower's included) is the completion's next-token loss and its distillation worked
+    out by hand."""
+    model, processor, data = _vlm_sft(chat)
     config = _config(tmp_path, bf16=False, max_length=None)
     trainer = MaskSubSFTTrainer(
         model=model, args=config, train_dataset=data, processing_class=processor, mask_options={"mode": "attention"}
