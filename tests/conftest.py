@@ -23,6 +23,7 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it (-p no:xdist) nothing calls it
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto`` (pyproject's addopts): a worker per core, 4 at most: each holds torch, timm and transformers,
     and some tests start two processes of their own. ``-n 0`` runs the tests in this process."""

@@ -493,6 +493,14 @@ def test_run_gpu_essentials_runs_every_stage(tmp_path, fail):
     assert tests_log.startswith("name\nH100") and ("FAILED or cut off" in tests_log) == fail
 
 
+def test_the_gpu_tests_collect_without_pytest_xdist():
+    """run_gpu.sh's pytest command where pytest-xdist is not installed (a device machine's carried packages):
+    the suite's xdist settings stay out of its way."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts="]
+    proc = subprocess.run([*cmd, "--collect-only", "tests/test_gpu.py"], cwd=BENCH.parent, env=ENV, capture_output=True)
+    assert proc.returncode == 0, proc.stdout.decode()[-2000:] + proc.stderr.decode()[-2000:]
+
+
 def test_data_sources_tiny(tmp_path):
     _run("data_sources.py", "--scale", "tiny", "--out", str(tmp_path))
     data = json.loads((tmp_path / "data_sources_tiny.json").read_text())
