@@ -230,10 +230,12 @@ def test_readme_sft_example_runs(local_causal_lm, monkeypatch):
     assert trainer.state.global_step == 2 and trainer.sub_branch.name == "text"
 
 
-def _vlm_sft(chat: bool):
+def _vlm_sft(data: str):
     """A tiny LLaVA (CLIP tower, Llama) and its processor, whose ``<image>`` becomes the 4 placeholders of a
-    16-pixel image of 8-pixel patches; prompt-completion pairs, each with an image, as TRL takes them: as text, or
-    (``chat``) as a user's and an assistant's messages that the processor's chat template writes out."""
+    16-pixel image of 8-pixel patches; reviews, each with an image, in the four forms TRL takes them: prompt-completion
+    pairs as text (``text``) or as a user's and an assistant's messages (``chat``), and whole conversations
+    (``messages``) to model as a language, every token labelled. The processor's chat template writes the messages
+    out."""
     import numpy as np
     import transformers
     from PIL import Image
@@ -273,28 +275,34 @@ def _vlm_sft(chat: bool):
         opinion = " ".join(["good", "bad"][i % 2] for _ in range(i % 3 + 1))  # prompts of uneven lengths
         image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
         prompt, completion = f"review : the film was {opinion} verdict :", ["pos", "neg"][i % 2]
-        if chat:  # TRL puts the image first in the user's message: the template writes it as <image>
-            prompt, completion = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}]
-        else:
-            prompt, completion = f"<image> {prompt}", f" {completion}"
-        rows.append({"images": [image], "prompt": prompt, "completion": completion})
-    processor.chat_template = (
-        "{% for m in messages %}{% for c in m['content'] %}{{ '<image> ' if c['type'] == 'image' else c['text'] }}"
-        "{% endfor %}{{ '' if loop.last else ' ' }}{% endfor %}"
+        # TRL puts the image first in the user's message: the template writes it as <image>
+        messages = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}]
+        rows.append({"images": [image]})
+        if data == "chat":
+            rows[-1].update(prompt=messages[0], completion=messages[1])
+        elif data == "text":
+            rows[-1].update(prompt=f"<image> {prompt}", completion=f" {completion}")
+        else:  # messages, or assistant: the same conversations, the assistant's words alone labelled
+            rows[-1].update(messages=messages[0] + messages[1])
+    processor.chat_template = (  # the assistant's words marked, as TRL's assistant_only_loss needs them
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'][0]['text'] }}"
+        "{% endgeneration %}{% else %}{% for c in m['content'] %}{{ '<image> ' if c['type'] == 'image' else "
+        "c['text'] }}{% endfor %}{% endif %}{{ '' if loop.last else ' ' }}{% endfor %}"
     )
     return model, processor, Dataset.from_list(rows)
 
 
-@pytest.mark.parametrize("chat", [False, True], ids=["text", "chat"])
-def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path, chat):
-    """TRL's vision-language collator (images, prompt-completion pairs, as text or as messages) and a LLaVA: the
-    images reach both passes, the sub pass hides half of each prompt's words and never an image's placeholder,
-    and the gradient (the vision tower's included) is the completion's next-token loss and its distillation worked
-    out by hand."""
-    model, processor, data = _vlm_sft(chat)
-    config = _config(tmp_path, bf16=False, max_length=None)
+@pytest.mark.parametrize("data", ["text", "chat", "messages", "assistant"])
+def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path, data):
+    """TRL's vision-language collator (images; prompt-completion pairs, as text or as messages, or whole
+    conversations) and a LLaVA: the images reach both passes, the sub pass hides half of each sample's words and
+    never an image's placeholder, and the gradient (the vision tower's included) is the labelled next tokens' loss
+    (the completion's; every token's, as TRL labels language-modelling data) and its distillation worked out by
+    hand."""
+    model, processor, data_set = _vlm_sft(data)
+    config = _config(tmp_path, bf16=False, max_length=None, assistant_only_loss=data == "assistant")
     trainer = MaskSubSFTTrainer(
-        model=model, args=config, train_dataset=data, processing_class=processor, mask_options={"mode": "attention"}
+        model=model, args=config, train_dataset=data_set, processing_class=processor, mask_options={"mode": "attention"}
     )
     batch, seen, capture = _train_one_step(trainer)
     ids, attention, labels, pixels = (batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values"))
@@ -309,7 +317,10 @@ def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path, c
     main = model(input_ids=ids, attention_mask=attention, pixel_values=pixels).logits
     sub = model(input_ids=ids, attention_mask=sub_kw["attention_mask"], pixel_values=pixels).logits
     target = F.pad(labels[:, 1:], (0, 1), value=-100)
-    assert (target != -100).sum() == 4  # the verdict alone is labelled
+    if data == "messages":  # every token predicts its next one, the placeholders included
+        assert torch.equal((target != -100).sum(1), attention.sum(1) - 1)
+    else:
+        assert (target != -100).sum() == 4  # the verdict alone is labelled
     per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
     loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[target != -100].mean()
     loss.backward()
