@@ -466,6 +466,51 @@ def test_a_step_on_a_model_left_in_eval_mode_is_warned_once(sub, recwarn):
     assert not [w for w in recwarn if "eval mode" in str(w.message)], "once per Step"
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16", None])
+@pytest.mark.parametrize("slow", [True, False])
+def test_autocast_on_a_cpu_without_its_fast_kernels_is_warned_once(monkeypatch, recwarn, amp, slow):
+    """On a CPU whose oneDNN kernels lack the autocast type (an AVX2 CPU's bf16), autocast is many times slower
+    than float32: the first step says so and names the fix; a CPU with them, or no autocast, says nothing."""
+    asked = []
+    monkeypatch.setattr(masksub.step, "slow_cpu_autocast", lambda dtype: asked.append(dtype) or slow)
+    wrapped = masksub.wrap(tiny_model("vit"))
+    step = masksub.Step(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1), torch.nn.CrossEntropyLoss(), amp=amp)
+    x, y = tiny_images("vit", batch=4), torch.arange(4)
+    step(x, y)
+    step(x, y)
+    said = [str(w.message) for w in recwarn if "Train in float32" in str(w.message)]
+    assert asked == ([] if amp is None else [masksub.step.AMP_DTYPES[amp]]), "checked once per Step"
+    assert len(said) == (slow and amp is not None)
+    if said:
+        assert f"amp={amp!r}" in said[0] and "amp=None" in said[0] and "--train.amp none" in said[0]
+        assert "avx512_bf16" in said[0] if amp == "bf16" else "avx512_fp16" in said[0]
+
+
+@pytest.mark.parametrize(
+    "capabilities, slow",
+    [
+        ({"avx2": True, "avx512_bf16": False, "amx_bf16": False, "avx512_fp16": False}, (True, True)),  # AVX2
+        ({"avx512_f": True, "avx512_bf16": True, "avx512_fp16": False}, (False, True)),  # bf16 only
+        ({"amx_bf16": True, "amx_fp16": True}, (False, False)),
+        ({"avx_ne_convert": True, "avx512_bf16": False}, (False, False)),
+        ({"neon": True, "bf16": False, "fp16_arith": True}, (True, False)),  # an Arm CPU without bf16
+        ({"architecture": "riscv64"}, None),  # no instructions listed: PyTorch's oneDNN check answers
+    ],
+)
+def test_the_cpu_autocast_check_reads_the_cpus_instructions(monkeypatch, capabilities, slow):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    kernels = {"_is_mkldnn_bf16_supported": lambda: False, "_is_mkldnn_fp16_supported": lambda: True}
+    monkeypatch.setattr(torch.ops, "mkldnn", type("Ops", (), {k: staticmethod(v) for k, v in kernels.items()}))
+    if slow is None:
+        slow = (True, False)  # oneDNN's answer
+    assert (masksub.step.slow_cpu_autocast(torch.bfloat16), masksub.step.slow_cpu_autocast(torch.float16)) == slow
+    assert masksub.step.slow_cpu_autocast(torch.float32) is False
+    monkeypatch.delattr(torch.cpu, "get_capabilities")  # an older torch: oneDNN's check answers
+    assert masksub.step.slow_cpu_autocast(torch.bfloat16) and not masksub.step.slow_cpu_autocast(torch.float16)
+    monkeypatch.setattr(torch.ops, "mkldnn", object())  # nor that: nothing is said
+    assert not masksub.step.slow_cpu_autocast(torch.bfloat16)
+
+
 @pytest.mark.parametrize("memory_saving", [True, False])
 def test_a_criterion_that_does_not_reduce_is_named(memory_saving):
     wrapped = masksub.wrap(tiny_model("vit"))
