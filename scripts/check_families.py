@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -180,6 +181,32 @@ def _shrink(config, only_transformers: bool) -> None:
             config.layer_types = [types[0], last][: getattr(config, "num_hidden_layers", 2)]
 
 
+def _fit_rope_sections(config) -> None:
+    """A vision-language model's 3-D RoPE (Qwen2-VL, GLM-4V...) with its time, height and width sections (2:3:3 in
+    every default) over the shrunk heads' rotary half: the modeling code's default is sized for the released heads."""
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and getattr(config, "num_attention_heads", None) and _rope_sections(config):
+        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+        rope["mrope_section"] = _split(rope.get("mrope_section") or [2, 3, 3], int(head * factor) // 2)
+
+
+def _rope_sections(config) -> bool:
+    """Whether ``config``'s modeling code splits its rotary embedding into sections (``mrope_section``)."""
+    module = type(config).__module__
+    if ".configuration_" not in module:
+        return False
+    spec = importlib.util.find_spec(module.replace(".configuration_", ".modeling_"))
+    return spec is not None and spec.origin is not None and "mrope_section" in Path(spec.origin).read_text()
+
+
+def _split(sections: list[int], total: int) -> list[int]:
+    """``sections`` scaled to sum to ``total``, each at least 1 where ``total`` allows, in proportion."""
+    scaled = [max(1, section * total // sum(sections)) for section in sections]
+    scaled[-1] += total - sum(scaled)
+    return scaled
+
+
 def shrunk_config(model_type: str, only_transformers: bool = False, parts: bool = False):
     """``model_type``'s default configuration with 5 labels, 2 layers of width 32 where it has those keys
     (with ``only_transformers``, only where it has a single hidden size: not CNN stage lists); with ``parts``, its
@@ -212,7 +239,7 @@ def build_vlm(model_type: str):
     model's inputs and labels as ``build_lm`` gives them: text alone, its image placeholders unused."""
     import transformers
 
-    return _labelled(*build_text(model_type, transformers.AutoModelForImageTextToText))
+    return _labelled(*build_text(model_type, transformers.AutoModelForImageTextToText, rope_sections=True))
 
 
 def _labelled(model, inputs: dict, other: dict, options: dict):
@@ -225,13 +252,15 @@ def _labelled(model, inputs: dict, other: dict, options: dict):
     return model, {**inputs, "labels": labels}, {**other, "labels": labels}, options
 
 
-def build_text(model_type: str, auto=None):
-    """A random-init 5-class sequence classifier of ``model_type`` (or ``auto``'s model), shrunk; its inputs, other
-    inputs and wrap options."""
+def build_text(model_type: str, auto=None, rope_sections: bool = False):
+    """A random-init 5-class sequence classifier of ``model_type`` (or ``auto``'s model), shrunk (``rope_sections``:
+    a 3-D RoPE's sections fitted to the shrunk heads); its inputs, other inputs and wrap options."""
     import torch
     import transformers
 
     config = shrunk_config(model_type, parts=True)
+    if rope_sections:
+        _fit_rope_sections(config.get_text_config())
     config.update(RELEASED.get(model_type, {}))
     for part in {id(c): c for c in (config, config.get_text_config())}.values():
         if getattr(part, "pad_token_id", None) is None:

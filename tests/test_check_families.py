@@ -53,16 +53,34 @@ def test_text_architectures_pass_mask_and_dropout_and_drop_tokens(tmp_path):
 
 @needs_transformers_5
 def test_vision_language_models_are_scored_as_their_own_loss_scores_them(tmp_path):
-    """LLaVA's labels are read as a causal model's, Florence-2's (an encoder-decoder whose decoder ids sit in its text
-    configuration; before they were read there, its decoder inputs were made with other ids) as an encoder-decoder's:
-    equal to each one's own loss."""
-    proc = _run("--vlm", "--families", "llava", "florence2", "--out", str(tmp_path / "vlm"))
+    """LLaVA's and Qwen2.5-VL's labels (its 3-D RoPE's sections fitted to the shrunk heads) are read as a causal
+    model's, Florence-2's (an encoder-decoder whose decoder ids sit in its text configuration; before they were read
+    there, its decoder inputs were made with other ids) as an encoder-decoder's: equal to each one's own loss."""
+    proc = _run("--vlm", "--families", "llava", "qwen2_5_vl", "florence2", "--out", str(tmp_path / "vlm"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["family"]: r for r in json.loads((tmp_path / "vlm.json").read_text())["rows"]}
-    assert rows["llava"]["labels"] == "ok: the model's own loss (labels shifted)", rows["llava"]
+    for family in ("llava", "qwen2_5_vl"):
+        assert rows[family]["labels"] == "ok: the model's own loss (labels shifted)", rows[family]
     assert rows["florence2"]["labels"] == "ok: the model's own loss (decoder inputs from the labels)", rows["florence2"]
     for row in rows.values():
         assert row["mask"] == "ok (text)" and row["drop"].startswith("refused"), row
+
+
+@needs_transformers_5  # rope_parameters
+def test_a_3d_ropes_sections_are_fitted_to_the_shrunk_heads_rotary_half():
+    """Qwen2.5-VL's and GLM-4V-MoE's modeling code splits the rotary half of each head into time, height and width
+    sections whose default is sized for the released heads: the check fits them to the shrunk heads (GLM-4V-MoE
+    rotates half of each), in their 2:3:3 proportion; a model without sections gets none."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import check_families
+
+    for family, rotary in (("qwen2_5_vl", 16), ("glm4v_moe", 8), ("llava", None)):
+        config = check_families.shrunk_config(family, parts=True).get_text_config()
+        check_families._fit_rope_sections(config)
+        assert config.rope_parameters.get("mrope_section") == (rotary and check_families._split([2, 3, 3], rotary // 2))
+        if rotary:
+            assert config.hidden_size // config.num_attention_heads == 16
+    assert check_families._split([16, 24, 24], 8) == [2, 3, 3] and check_families._split([8, 12, 12], 4) == [1, 1, 2]
 
 
 @needs_transformers_5  # the drop mode is refused before

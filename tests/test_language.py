@@ -430,6 +430,27 @@ def _qwen2_vl():
     return transformers.Qwen2VLForConditionalGeneration(config)
 
 
+def _qwen2_5_vl():
+    """A tiny Qwen2.5-VL: Qwen2-VL's layout, its vision tower a block of windowed attention (4-pixel windows: each
+    merged 2 x 2 patches, 4 an image) and one of full attention, and an MLP projector."""
+    import transformers
+
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = dict(LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, rope_parameters=rope)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2)
+    vision.update(window_size=4, fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(vision, temporal_patch_size=2, in_channels=3),
+        image_token_id=IMAGE,
+        video_token_id=IMAGE - 1,
+        vision_start_token_id=IMAGE - 2,
+        vision_end_token_id=IMAGE - 3,
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config)
+
+
 def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
     """A supervised fine-tuning batch of 4: [CLS], an image's placeholders (Qwen2-VL's between its vision start and
     end tokens), then words; no label on the prompt (the image's tokens among it) or the padding; the images as the
@@ -437,7 +458,7 @@ def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
     batch = text_batch(batch=4, length=16)
     ids = batch["input_ids"]
     ids[ids >= IMAGE - 3] = 4  # words' ids: none of the image's
-    if kind == "qwen2_vl":
+    if kind != "llava":
         ids[:, 1], ids[:, 2 + PATCHES] = IMAGE - 2, IMAGE - 3
     ids[:, 2 - (kind == "llava") : 2 - (kind == "llava") + PATCHES] = IMAGE
     batch = lm_labels(batch, prompt=PATCHES + 3)
@@ -449,16 +470,16 @@ def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
     return {**batch, "pixel_values": pixels, "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE).long()}
 
 
-VLMS = {"llava": _llava, "qwen2_vl": _qwen2_vl}
+VLMS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
 
 
 @pytest.mark.parametrize("mode", ["token", "attention"])
 @pytest.mark.parametrize("kind", VLMS)
 def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode):
-    """LLaVA's and Qwen2-VL's logits hold a prediction per input token, the image's placeholders included, and their
-    own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is the next-token loss
-    and its distillation worked out by hand. The sub pass masks words, never an image's token (a placeholder masked
-    would leave an image without its tokens: the model fails then)."""
+    """LLaVA's, Qwen2-VL's and Qwen2.5-VL's logits hold a prediction per input token, the image's placeholders
+    included, and their own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is
+    the next-token loss and its distillation worked out by hand. The sub pass masks words, never an image's token (a
+    placeholder masked would leave an image without its tokens: the model fails then)."""
     model = VLMS[kind]().train()
     batch = _vlm_batch(kind)
     assert language_model(model)[0] == CAUSAL

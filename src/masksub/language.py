@@ -43,7 +43,8 @@ UNSHIFTED += ("BartForCausalLM", "MBartForCausalLM", "MvpForCausalLM", "PLBartFo
 UNSHIFTED += ("BlenderbotForCausalLM", "BlenderbotSmallForCausalLM", "MarianForCausalLM", "PegasusForCausalLM")
 # vision-language models (AutoModelForImageTextToText) whose logits hold one prediction per input token (an image's
 # placeholders included) and whose own loss shifts the labels as a causal language model's does: found by
-# ``scripts/check_families.py --vlm`` on text alone (transformers 5.25.0); LLaVA's and Qwen2-VL's tested with images
+# ``scripts/check_families.py --vlm`` on text alone (transformers 5.25.0); LLaVA's, Qwen2-VL's and Qwen2.5-VL's
+# tested with images
 CAUSAL_VLMS = (
     "Apertus1p5ForConditionalGeneration",
     "AriaForConditionalGeneration",
@@ -55,9 +56,14 @@ CAUSAL_VLMS = (
     "DeepseekVLHybridForConditionalGeneration",
     "Exaone4_5_ForConditionalGeneration",
     "FastVlmForConditionalGeneration",
+    "Glm46VForConditionalGeneration",
+    "Glm4vForConditionalGeneration",
+    "Glm4vMoeForConditionalGeneration",
     "Glm5NextForConditionalGeneration",
+    "GlmOcrForConditionalGeneration",
     "GraniteDoclingForConditionalGeneration",
     "HYV4VLForConditionalGeneration",
+    "HunYuanVLForConditionalGeneration",
     "HyperCLOVAXVisionV2ForConditionalGeneration",
     "Idefics2ForConditionalGeneration",
     "Idefics3ForConditionalGeneration",
@@ -88,9 +94,11 @@ CAUSAL_VLMS = (
     "NemotronH_Omni_Reasoning_V3",
     "Ovis2ForConditionalGeneration",
     "Ovis2_5ForConditionalGeneration",
+    "PaddleOCRVLForConditionalGeneration",
     "PaliGemmaForConditionalGeneration",
     "QianfanOCRForConditionalGeneration",
     "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
     "Qwen3VLMoeForConditionalGeneration",
     "SmolVLMForConditionalGeneration",
