@@ -473,13 +473,16 @@ def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
 VLMS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
 
 
-@pytest.mark.parametrize("mode", ["token", "attention"])
-@pytest.mark.parametrize("kind", VLMS)
+VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention")] + [("llava", "drop")]
+
+
+@pytest.mark.parametrize("kind, mode", VLM_MODES)
 def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode):
     """LLaVA's, Qwen2-VL's and Qwen2.5-VL's logits hold a prediction per input token, the image's placeholders
     included, and their own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is
     the next-token loss and its distillation worked out by hand. The sub pass masks words, never an image's token (a
-    placeholder masked would leave an image without its tokens: the model fails then)."""
+    placeholder masked would leave an image without its tokens: the model fails then). LLaVA's sub pass drops them
+    too (``mode="drop"``: the distillation leaves the dropped positions out)."""
     model = VLMS[kind]().train()
     batch = _vlm_batch(kind)
     assert language_model(model)[0] == CAUSAL
@@ -494,7 +497,11 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     main_ids, sub_ids = seen
     image = torch.tensor([IMAGE, IMAGE - 2, IMAGE - 3])  # placeholders, vision start and end
     kept = torch.isin(main_ids, torch.tensor([PAD, CLS, SEP, *image]))
-    assert (main_ids == IMAGE).sum() == 4 * PATCHES and torch.equal(main_ids[kept], sub_ids[kept])
+    assert (main_ids == IMAGE).sum() == (sub_ids == IMAGE).sum() == 4 * PATCHES
+    if mode == "drop":  # the kept words and every placeholder, shorter
+        assert sub_ids.shape[1] < main_ids.shape[1]
+    else:
+        assert torch.equal(main_ids[kept], sub_ids[kept])
     if mode == "token":
         words = (batch["attention_mask"] == 1) & ~torch.isin(batch["input_ids"], torch.tensor([*SPECIAL, *image]))
         hidden = sub_ids == MASK
@@ -510,8 +517,10 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     torch.manual_seed(3)
     main = model(**features).logits
     sub = wrapped(**features, sub=True).logits
+    distilled = (target != -100) & (wrapped.sub_kept if mode == "drop" else True)
+    assert (distilled.sum() < (target != -100).sum()) == (mode == "drop")  # a masked word predicts nothing there
     per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
-    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[target != -100].mean()
+    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[distilled].mean()
     loss.backward()
     assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, p in model.named_parameters():
@@ -520,9 +529,48 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     assert any(n.startswith(("model.vision_tower", "model.visual")) for n in grads)  # the images' gradient
 
 
-def test_drop_mode_refuses_a_vision_language_model_by_name():
-    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*LlavaForConditionalGeneration is not one"):
-        wrap_text(_llava(), sub="mask", ratio=0.5, mode="drop")
+@needs_transformers_5
+def test_drop_mode_on_llava_runs_its_images_and_kept_words_as_hiding_the_masked_words_does():
+    """LLaVA's sub pass runs on the kept words and every image placeholder (special: never masked), each with its
+    position id, the images' features placed at their placeholders as in the main pass: each kept token's next-token
+    logits are those of the whole sequence with the masked words hidden by the attention mask, and the images reach
+    them."""
+    model = _llava().eval()
+    wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
+    batch = {k: v for k, v in _vlm_batch("llava").items() if k != "labels"}
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    lengths = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: lengths.append(out.shape[1]))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = wrapped(**batch, sub=True).logits
+        kept = wrapped.sub_kept
+        torch.manual_seed(5)
+        mask = wrapped.branch.token_mask(ids, batch["attention_mask"])
+        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
+        torch.manual_seed(5)
+        other_images = wrapped(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}, sub=True).logits
+    handle.remove()
+    words = real & ~torch.isin(ids, torch.tensor([*SPECIAL, IMAGE]))
+    assert mask.sum(1).tolist() == masked_counts(words.sum(1), 0.5).tolist() and not (mask & ~words).any()
+    assert torch.equal(kept, real & ~mask) and kept[ids == IMAGE].all()
+    assert lengths[0] == int(kept.sum(1).max()) < ids.shape[1] and lengths[1] == ids.shape[1]
+    torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-6)
+    assert not got[~kept].any()
+    assert (other_images[kept] - got[kept]).abs().max() > 1e-3, "the images reach the sub pass"
+
+
+def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
+    """Qwen2-VL's 3-D positions are made from the whole sequence; a LLaVA on a language model the drop mode does not
+    know is refused as that language model is."""
+    import transformers
+
+    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*Qwen2VLForConditionalGeneration is not"):
+        wrap_text(_qwen2_vl(), sub="mask", ratio=0.5, mode="drop")
+    llava = _llava().config
+    llava.text_config = transformers.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="or of llava on one of those decoders .* LlavaForConditionalGeneration is"):
+        wrap_text(transformers.LlavaForConditionalGeneration(llava), sub="mask", ratio=0.5, mode="drop")
 
 
 def test_a_multimodal_processor_gives_its_tokenizers_mask_token_and_special_tokens():

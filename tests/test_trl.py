@@ -292,37 +292,47 @@ def _vlm_sft(data: str):
     return model, processor, Dataset.from_list(rows)
 
 
-@pytest.mark.parametrize("data", ["text", "chat", "messages", "assistant"])
-def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path, data):
+VLM_CASES = [(data, "attention") for data in ("text", "chat", "messages", "assistant")]
+VLM_CASES += [(data, "drop") for data in ("chat", "messages")]
+
+
+@pytest.mark.parametrize("data, mode", VLM_CASES)
+def test_sft_trainer_on_a_vision_language_model_trains_on_its_images(tmp_path, data, mode):
     """TRL's vision-language collator (images; prompt-completion pairs, as text or as messages, or whole
-    conversations) and a LLaVA: the images reach both passes, the sub pass hides half of each sample's words and
-    never an image's placeholder, and the gradient (the vision tower's included) is the labelled next tokens' loss
-    (the completion's; every token's, as TRL labels language-modelling data) and its distillation worked out by
-    hand."""
+    conversations) and a LLaVA: the images reach both passes, the sub pass hides (or drops) half of each sample's
+    words and never an image's placeholder, and the gradient (the vision tower's included) is the labelled next
+    tokens' loss (the completion's; every token's, as TRL labels language-modelling data) and its distillation
+    worked out by hand (at the kept tokens, where the sub pass drops the others)."""
     model, processor, data_set = _vlm_sft(data)
     config = _config(tmp_path, bf16=False, max_length=None, assistant_only_loss=data == "assistant")
     trainer = MaskSubSFTTrainer(
-        model=model, args=config, train_dataset=data_set, processing_class=processor, mask_options={"mode": "attention"}
+        model=model, args=config, train_dataset=data_set, processing_class=processor, mask_options={"mode": mode}
     )
     batch, seen, capture = _train_one_step(trainer)
     ids, attention, labels, pixels = (batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values"))
     main_kw, sub_kw = seen
     assert torch.equal(main_kw["pixel_values"], pixels) and torch.equal(sub_kw["pixel_values"], pixels)
     assert pixels.shape == (4, 3, 16, 16) and (ids == 3).sum(1).tolist() == [4] * 4  # 4 placeholders a sample
+    sub_attention, kept = sub_kw["attention_mask"], attention.bool()
+    if mode == "drop":  # the kept tokens at their positions, shorter, every placeholder among them
+        assert sub_kw["input_ids"].shape[1] < ids.shape[1] and (sub_kw["input_ids"] == 3).sum(1).tolist() == [4] * 4
+        kept = torch.zeros_like(kept).scatter(1, sub_kw["position_ids"], sub_attention.bool())
+        sub_attention = attention * kept
     words = (attention == 1) & (ids > 3)
-    hidden = words & (sub_kw["attention_mask"] == 0)
+    hidden = words & (sub_attention == 0)
     assert hidden.sum(1).tolist() == masked_counts(words.sum(1), 0.5).tolist()
-    assert torch.equal(sub_kw["attention_mask"][~words], attention[~words])  # placeholders and padding as given
+    assert torch.equal(sub_attention[~words], attention[~words])  # placeholders and padding as given
     model.zero_grad()
     main = model(input_ids=ids, attention_mask=attention, pixel_values=pixels).logits
-    sub = model(input_ids=ids, attention_mask=sub_kw["attention_mask"], pixel_values=pixels).logits
+    sub = model(input_ids=ids, attention_mask=sub_attention, pixel_values=pixels).logits
     target = F.pad(labels[:, 1:], (0, 1), value=-100)
     if data == "messages":  # every token predicts its next one, the placeholders included
         assert torch.equal((target != -100).sum(1), attention.sum(1) - 1)
     else:
         assert (target != -100).sum() == 4  # the verdict alone is labelled
+    distilled = (target != -100) & kept  # a dropped word predicts nothing in the sub pass
     per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
-    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[target != -100].mean()
+    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[distilled].mean()
     loss.backward()
     assert capture.grads[0].keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     assert any(n.startswith("model.vision_tower") for n in capture.grads[0])

@@ -31,9 +31,10 @@ tokens, chosen at random.
   takes none, flash attention, a batch longer than the window hides its masked tokens instead, at the main pass's
   cost, warned once). Their token classifiers and masked language models (``DROP_HEADS``; the targets of a masked
   language model, shown as the mask token, are special tokens: always kept), and the decoders' causal language
-  models, run on the kept tokens the same way, no token being held back for a head to read: the kept tokens'
-  logits go back to their places, (B, L, C), 0 at the others, and ``kept`` (the wrapper's ``sub_kept``) marks
-  those places, which alone the distillation reads. Other heads are refused.
+  models (and LLaVA's on one of those decoders, ``DROP_VLMS``: its image placeholders are special tokens, kept with
+  their images' features), run on the kept tokens the same way, no token being held back for a head to read: the
+  kept tokens' logits go back to their places, (B, L, C), 0 at the others, and ``kept`` (the wrapper's
+  ``sub_kept``) marks those places, which alone the distillation reads. Other heads are refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 
@@ -57,6 +58,7 @@ from .registry import MaskAdapter, register_adapter
 from .text_families import (
     CONFIGURATION_CHECKS,
     DROP_ID_ENCODERS,
+    DROP_VLMS,
     MASK_POSITION_DECODERS,
     MASKED_KERNELS,
     RELATIVE_MODELS,
@@ -179,8 +181,9 @@ class TokenMaskAdapter(MaskAdapter):
                 self._causal = model.config.model_type not in DROP_ID_ENCODERS
                 self.reads_last = self._causal and not self.per_token
                 self._by_mask = self._text_config.model_type in MASK_POSITION_DECODERS
-                # a decoder's images, attending each other both ways (Gemma 3's); an encoder's do anyway
-                self._image_blocks = self._causal and self._text_config is not classifier_of(model).config
+                # a decoder's images, attending each other both ways (Gemma 3's); an encoder's do anyway, LLaVA's not
+                multimodal = self._text_config is not classifier_of(model).config
+                self._image_blocks = self._causal and multimodal and model.config.model_type not in DROP_VLMS
                 target = None if self._by_mask else position_ids_target(model)
                 if target is not None:  # the kept tokens' position ids reach its transformer by a hook
                     self._position_handle = target.register_forward_pre_hook(self._position_ids, with_kwargs=True)

@@ -37,6 +37,10 @@ DROP_DECODERS = (
     *("deepseek_v2", "deepseek_v3", "minicpm3", "mistral4", "modernbert-decoder", "gpt_neo", "gpt_bigcode"),
     *("biogpt", "ctrl", "openai-gpt", "gpt-sw3", "gemma3", "axk1", "axk2"),
 )
+# vision-language models whose language model is one of those decoders, given the position ids as it is, and whose
+# images reach it as features at their placeholder tokens (which are special: always kept), attending causally as
+# words do: their causal language model drops masked words as the decoder's does (tested with images)
+DROP_VLMS = ("llava",)
 # decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
 # hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
 MASK_POSITION_DECODERS = ("opt", "bloom")
@@ -135,6 +139,9 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
     """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder or ModernBERT
     classifier it takes, or an error naming the ones it does."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in DROP_VLMS:  # by its language model's type
+        text = model.config.get_text_config().model_type
+        kind = text if text in DROP_DECODERS and is_causal_lm(classifier_of(model)) else kind
     causal_lm = is_causal_lm(classifier_of(model)) and kind in DROP_DECODERS  # a decoder's, not BERT's as a decoder
     classifier = type(model).__name__.endswith(DROP_HEADS) or causal_lm
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
@@ -157,7 +164,8 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
             f"masked language model of "
             f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
             f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE), or one of these or a causal language model (ForCausalLM) of "
-            f"{', '.join(DROP_DECODERS)} (causal attention over position ids); {type(model).__name__} is not one: "
+            f"{', '.join(DROP_DECODERS)} (causal attention over position ids), or of {', '.join(DROP_VLMS)} on one "
+            f"of those decoders (its images kept); {type(model).__name__} is not one: "
             "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
