@@ -473,7 +473,7 @@ def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
 VLMS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
 
 
-VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention")] + [("llava", "drop")]
+VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention", "drop")]
 
 
 @pytest.mark.parametrize("kind, mode", VLM_MODES)
@@ -481,8 +481,8 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     """LLaVA's, Qwen2-VL's and Qwen2.5-VL's logits hold a prediction per input token, the image's placeholders
     included, and their own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is
     the next-token loss and its distillation worked out by hand. The sub pass masks words, never an image's token (a
-    placeholder masked would leave an image without its tokens: the model fails then). LLaVA's sub pass drops them
-    too (``mode="drop"``: the distillation leaves the dropped positions out)."""
+    placeholder masked would leave an image without its tokens: the model fails then), or drops them
+    (``mode="drop"``: the distillation leaves the dropped positions out)."""
     model = VLMS[kind]().train()
     batch = _vlm_batch(kind)
     assert language_model(model)[0] == CAUSAL
@@ -529,15 +529,28 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     assert any(n.startswith(("model.vision_tower", "model.visual")) for n in grads)  # the images' gradient
 
 
+VLM_DROP_CASES = [("llava", "images"), ("qwen2_vl", "images"), ("qwen2_5_vl", "images"), ("qwen2_5_vl", "text")]
+VLM_DROP_CASES += [("qwen2_5_vl", "positions")]
+
+
 @needs_transformers_5
-def test_drop_mode_on_llava_runs_its_images_and_kept_words_as_hiding_the_masked_words_does():
-    """LLaVA's sub pass runs on the kept words and every image placeholder (special: never masked), each with its
-    position id, the images' features placed at their placeholders as in the main pass: each kept token's next-token
-    logits are those of the whole sequence with the masked words hidden by the attention mask, and the images reach
-    them."""
-    model = _llava().eval()
+@pytest.mark.parametrize("kind, given", VLM_DROP_CASES)
+def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_hiding_the_others_does(kind, given):
+    """The sub pass runs on the kept words and every image token (placeholders, Qwen2-VL's vision start and end:
+    special, never masked), the images' features placed at their placeholders as in the main pass, each token at the
+    position hiding the masked words gives it (LLaVA's by index; Qwen2-VL's and Qwen2.5-VL's 3-D positions, which
+    their forward makes from the attention mask's tokens given the images' grids, by index without images, and as
+    given where the batch gives them): each kept token's next-token logits are those of the whole sequence with the
+    masked words hidden, and the images reach them."""
+    model = VLMS[kind]().eval()
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
-    batch = {k: v for k, v in _vlm_batch("llava").items() if k != "labels"}
+    batch = {k: v for k, v in _vlm_batch(kind).items() if k != "labels"}
+    images = given != "text"
+    if not images:
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    if given == "positions":  # (3, B, L): time, height and width, as the model makes them from the whole sequence
+        grids = {k: batch[k] for k in ("image_grid_thw", "mm_token_type_ids", "attention_mask")}
+        batch["position_ids"] = model.model.get_rope_index(batch["input_ids"], **grids)[0]
     ids, real = batch["input_ids"], batch["attention_mask"].bool()
     lengths = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: lengths.append(out.shape[1]))
@@ -548,28 +561,33 @@ def test_drop_mode_on_llava_runs_its_images_and_kept_words_as_hiding_the_masked_
         torch.manual_seed(5)
         mask = wrapped.branch.token_mask(ids, batch["attention_mask"])
         expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
-        torch.manual_seed(5)
-        other_images = wrapped(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}, sub=True).logits
+        if images:
+            torch.manual_seed(5)
+            other_images = wrapped(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}, sub=True).logits
+            assert (other_images[kept] - got[kept]).abs().max() > 1e-3, "the images reach the sub pass"
     handle.remove()
-    words = real & ~torch.isin(ids, torch.tensor([*SPECIAL, IMAGE]))
+    words = real & ~torch.isin(ids, torch.tensor([*SPECIAL, IMAGE, IMAGE - 2, IMAGE - 3]))
     assert mask.sum(1).tolist() == masked_counts(words.sum(1), 0.5).tolist() and not (mask & ~words).any()
     assert torch.equal(kept, real & ~mask) and kept[ids == IMAGE].all()
     assert lengths[0] == int(kept.sum(1).max()) < ids.shape[1] and lengths[1] == ids.shape[1]
     torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-6)
     assert not got[~kept].any()
-    assert (other_images[kept] - got[kept]).abs().max() > 1e-3, "the images reach the sub pass"
+    assert (expected[kept] - model(**batch).logits[kept]).abs().max() > 1e-3, "hiding moved the logits"
 
 
 def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
-    """Qwen2-VL's 3-D positions are made from the whole sequence; a LLaVA on a language model the drop mode does not
-    know is refused as that language model is."""
+    """LLaVA-NeXT is not known to the drop mode; a LLaVA on a language model it does not know is refused as that
+    language model is."""
     import transformers
 
-    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*Qwen2VLForConditionalGeneration is not"):
-        wrap_text(_qwen2_vl(), sub="mask", ratio=0.5, mode="drop")
     llava = _llava().config
+    next_config = transformers.LlavaNextConfig(
+        vision_config=llava.vision_config, text_config=llava.text_config, image_token_id=IMAGE
+    )
+    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*LlavaNextForConditionalGeneration is"):
+        wrap_text(transformers.LlavaNextForConditionalGeneration(next_config), sub="mask", ratio=0.5, mode="drop")
     llava.text_config = transformers.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
-    with pytest.raises(ValueError, match="or of llava on one of those decoders .* LlavaForConditionalGeneration is"):
+    with pytest.raises(ValueError, match="of llava on one of those decoders .* LlavaForConditionalGeneration is"):
         wrap_text(transformers.LlavaForConditionalGeneration(llava), sub="mask", ratio=0.5, mode="drop")
 
 

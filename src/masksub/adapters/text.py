@@ -31,8 +31,9 @@ tokens, chosen at random.
   takes none, flash attention, a batch longer than the window hides its masked tokens instead, at the main pass's
   cost, warned once). Their token classifiers and masked language models (``DROP_HEADS``; the targets of a masked
   language model, shown as the mask token, are special tokens: always kept), and the decoders' causal language
-  models (and LLaVA's on one of those decoders, ``DROP_VLMS``: its image placeholders are special tokens, kept with
-  their images' features), run on the kept tokens the same way, no token being held back for a head to read: the
+  models (and LLaVA's on one of those decoders, ``DROP_VLMS``, and Qwen2-VL's, ``MROPE_VLMS``, whose 3-D positions
+  its forward makes from the kept tokens as from the hidden ones: their image tokens are special, kept with their
+  images' features), run on the kept tokens the same way, no token being held back for a head to read: the
   kept tokens' logits go back to their places, (B, L, C), 0 at the others, and ``kept`` (the wrapper's
   ``sub_kept``) marks those places, which alone the distillation reads. Other heads are refused.
 
@@ -61,6 +62,7 @@ from .text_families import (
     DROP_VLMS,
     MASK_POSITION_DECODERS,
     MASKED_KERNELS,
+    MROPE_VLMS,
     RELATIVE_MODELS,
     classifier_of,
     drop_embeddings,
@@ -160,6 +162,7 @@ class TokenMaskAdapter(MaskAdapter):
         self._bias: torch.Tensor | None = None
         self._position_handle = None  # the hook giving position ids to a transformer its classifier gives none
         self._by_mask = False  # a decoder whose positions count the attention mask's real tokens
+        self._mrope = False  # a VLM whose 3-D positions count them too, given its images' grids (Qwen2-VL)
         self.reads_last = False  # mode "drop" on a decoder classifier: the last token that is not padding stays
         self._causal = True  # mode "drop": a decoder's window looks back, a RoPE encoder's (ModernBERT's) both ways
         self.per_token = False  # mode "drop" on a token classifier: its logits go back to their tokens' places
@@ -181,9 +184,11 @@ class TokenMaskAdapter(MaskAdapter):
                 self._causal = model.config.model_type not in DROP_ID_ENCODERS
                 self.reads_last = self._causal and not self.per_token
                 self._by_mask = self._text_config.model_type in MASK_POSITION_DECODERS
-                # a decoder's images, attending each other both ways (Gemma 3's); an encoder's do anyway, LLaVA's not
-                multimodal = self._text_config is not classifier_of(model).config
-                self._image_blocks = self._causal and multimodal and model.config.model_type not in DROP_VLMS
+                self._mrope = model.config.model_type in MROPE_VLMS
+                # a decoder's images, attending each other both ways (Gemma 3's); an encoder's do anyway, LLaVA's and
+                # Qwen2-VL's not
+                vlm = model.config.model_type in DROP_VLMS + MROPE_VLMS
+                self._image_blocks = self._causal and self._text_config is not classifier_of(model).config and not vlm
                 target = None if self._by_mask else position_ids_target(model)
                 if target is not None:  # the kept tokens' position ids reach its transformer by a hook
                     self._position_handle = target.register_forward_pre_hook(self._position_ids, with_kwargs=True)
@@ -350,6 +355,8 @@ class TokenMaskAdapter(MaskAdapter):
         if self._ids:
             if kwargs.get("langs") is not None:  # XLM's and FlauBERT's language of each token
                 kwargs["langs"] = rows(kwargs["langs"], shape).gather(1, keep).view(*lead, -1)
+            if kwargs.get("mm_token_type_ids") is not None:  # Qwen2-VL's: each token an image's, a video's or a word
+                kwargs["mm_token_type_ids"] = rows(kwargs["mm_token_type_ids"], shape).gather(1, keep).view(*lead, -1)
             if kwargs.get("lengths") is not None:  # XLM's and FlauBERT's real lengths, which the mask says
                 kwargs["lengths"] = valid.sum(1).view(lead)
             if kwargs.get("token_type_ids") is not None:  # GPT-2's segments, Gemma 3's images: each keeps its own
@@ -366,7 +373,12 @@ class TokenMaskAdapter(MaskAdapter):
             positions = kwargs.get("position_ids")
             if self._position_handle is not None:  # a classifier dropping position ids runs on the indices
                 positions = None
-            if positions is not None or not self._by_mask:
+            grids = kwargs.get("image_grid_thw") is not None or kwargs.get("video_grid_thw") is not None
+            by_mask = self._by_mask or (self._mrope and grids and kwargs.get("mm_token_type_ids") is not None)
+            if positions is not None and positions.ndim == 3:  # 3-D RoPE's rows (time, height, width...)
+                kwargs["position_ids"] = positions.gather(2, keep.expand(len(positions), -1, -1))
+                positions = kwargs["position_ids"][-1]
+            elif positions is not None or not by_mask:
                 positions = rows(position if positions is None else positions, shape).gather(1, keep)
                 if self._position_handle is None:
                     kwargs["position_ids"] = positions.view(*lead, -1)

@@ -41,6 +41,10 @@ DROP_DECODERS = (
 # images reach it as features at their placeholder tokens (which are special: always kept), attending causally as
 # words do: their causal language model drops masked words as the decoder's does (tested with images)
 DROP_VLMS = ("llava",)
+# vision-language models whose own forward makes their 3-D positions (time, height, width) from the attention mask's
+# tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
+# kept tokens alone, it makes the positions hiding the others gives (tested with images)
+MROPE_VLMS = ("qwen2_vl", "qwen2_5_vl")
 # decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
 # hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
 MASK_POSITION_DECODERS = ("opt", "bloom")
@@ -142,10 +146,11 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
     if kind in DROP_VLMS:  # by its language model's type
         text = model.config.get_text_config().model_type
         kind = text if text in DROP_DECODERS and is_causal_lm(classifier_of(model)) else kind
-    causal_lm = is_causal_lm(classifier_of(model)) and kind in DROP_DECODERS  # a decoder's, not BERT's as a decoder
+    decoder = kind in DROP_DECODERS + MROPE_VLMS
+    causal_lm = is_causal_lm(classifier_of(model)) and decoder  # a decoder's, not BERT's as a decoder
     classifier = type(model).__name__.endswith(DROP_HEADS) or causal_lm
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
-    by_ids, bert = kind in DROP_DECODERS + DROP_ID_ENCODERS, kind in DROP_MODELS and embeddings is not None
+    by_ids, bert = decoder or kind in DROP_ID_ENCODERS, kind in DROP_MODELS and embeddings is not None
     takes = classifier and (by_ids or bert)
     if takes and (version := transformers_version()) < (5,):
         raise ValueError(
@@ -156,7 +161,7 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
         )
     if classifier and kind in CONFIGURATION_CHECKS:
         CONFIGURATION_CHECKS[kind](model)
-    if classifier and kind in DROP_DECODERS + DROP_ID_ENCODERS:
+    if classifier and by_ids:
         return None
     if not classifier or kind not in DROP_MODELS or embeddings is None:
         raise ValueError(
@@ -164,8 +169,8 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
             f"masked language model of "
             f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
             f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE), or one of these or a causal language model (ForCausalLM) of "
-            f"{', '.join(DROP_DECODERS)} (causal attention over position ids), or of {', '.join(DROP_VLMS)} on one "
-            f"of those decoders (its images kept); {type(model).__name__} is not one: "
+            f"{', '.join(DROP_DECODERS)} (causal attention over position ids), of {', '.join(DROP_VLMS)} on one "
+            f"of those decoders or of {', '.join(MROPE_VLMS)} (their images kept); {type(model).__name__} is not one: "
             "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
