@@ -55,15 +55,17 @@ def test_text_architectures_pass_mask_and_dropout_and_drop_tokens(tmp_path):
 def test_vision_language_models_are_scored_as_their_own_loss_scores_them(tmp_path):
     """LLaVA's and Qwen2.5-VL's labels (its 3-D RoPE's sections fitted to the shrunk heads) are read as a causal
     model's, Florence-2's (an encoder-decoder whose decoder ids sit in its text configuration; before they were read
-    there, its decoder inputs were made with other ids) as an encoder-decoder's: equal to each one's own loss."""
+    there, its decoder inputs were made with other ids) as an encoder-decoder's: equal to each one's own loss. The drop
+    mode takes LLaVA's and Qwen2.5-VL's, equal to hiding the tokens, and refuses Florence-2."""
     proc = _run("--vlm", "--families", "llava", "qwen2_5_vl", "florence2", "--out", str(tmp_path / "vlm"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["family"]: r for r in json.loads((tmp_path / "vlm.json").read_text())["rows"]}
     for family in ("llava", "qwen2_5_vl"):
         assert rows[family]["labels"] == "ok: the model's own loss (labels shifted)", rows[family]
     assert rows["florence2"]["labels"] == "ok: the model's own loss (decoder inputs from the labels)", rows["florence2"]
-    for row in rows.values():
-        assert row["mask"] == "ok (text)" and row["drop"].startswith("refused"), row
+    for family, row in rows.items():
+        drop = "refused" if family == "florence2" else "ok: equal to hiding"
+        assert row["mask"] == "ok (text)" and row["drop"].startswith(drop), row
 
 
 @needs_transformers_5  # rope_parameters
