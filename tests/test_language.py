@@ -410,45 +410,40 @@ def _llava():
     return transformers.LlavaForConditionalGeneration(config)
 
 
-def _qwen2_vl():
-    """A tiny Qwen2-VL: its vision tower (patches of 2 x 2 pixels x 2 frames, merged 2 x 2), a Qwen2 with 3-D RoPE
-    (time, height, width) over the image's placeholders; vision start and end tokens around them."""
-    import transformers
-
+def _qwen_vl(config_class, model_class, **vision):
+    """A tiny Qwen2-VL-style model: its vision tower (patches of 2 x 2 pixels x 2 frames, merged 2 x 2, and
+    ``vision``), a Qwen2 with 3-D RoPE (time, height, width) over the image's placeholders; vision start and end
+    tokens around them."""
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
     text = dict(LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, rope_parameters=rope)
-    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2, spatial_merge_size=2)
-    config = transformers.Qwen2VLConfig(
+    config = config_class(
         text_config=text,
-        vision_config=dict(vision, temporal_patch_size=2, in_channels=3),
+        vision_config=dict(
+            vision, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2
+        ),
         image_token_id=IMAGE,
         video_token_id=IMAGE - 1,
         vision_start_token_id=IMAGE - 2,
         vision_end_token_id=IMAGE - 3,
     )
     torch.manual_seed(0)
-    return transformers.Qwen2VLForConditionalGeneration(config)
+    return model_class(config)
+
+
+def _qwen2_vl():
+    import transformers
+
+    vision = dict(depth=1, embed_dim=32, mlp_ratio=2)
+    return _qwen_vl(transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, **vision)
 
 
 def _qwen2_5_vl():
-    """A tiny Qwen2.5-VL: Qwen2-VL's layout, its vision tower a block of windowed attention (4-pixel windows: each
-    merged 2 x 2 patches, 4 an image) and one of full attention, and an MLP projector."""
+    """Qwen2.5-VL's vision tower: a block of windowed attention (4-pixel windows: each merged 2 x 2 patches, 4 an
+    image) and one of full attention, and an MLP projector."""
     import transformers
 
-    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    text = dict(LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, rope_parameters=rope)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, spatial_merge_size=2)
-    vision.update(window_size=4, fullatt_block_indexes=[1], out_hidden_size=text["hidden_size"])
-    config = transformers.Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=dict(vision, temporal_patch_size=2, in_channels=3),
-        image_token_id=IMAGE,
-        video_token_id=IMAGE - 1,
-        vision_start_token_id=IMAGE - 2,
-        vision_end_token_id=IMAGE - 3,
-    )
-    torch.manual_seed(0)
-    return transformers.Qwen2_5_VLForConditionalGeneration(config)
+    vision = dict(depth=2, intermediate_size=64, window_size=4, fullatt_block_indexes=[1], out_hidden_size=32)
+    return _qwen_vl(transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, **vision)
 
 
 def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
