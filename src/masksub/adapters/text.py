@@ -375,9 +375,9 @@ class TokenMaskAdapter(MaskAdapter):
                 positions = None
             grids = kwargs.get("image_grid_thw") is not None or kwargs.get("video_grid_thw") is not None
             by_mask = self._by_mask or (self._mrope and grids and kwargs.get("mm_token_type_ids") is not None)
-            if positions is not None and positions.ndim == 3:  # 3-D RoPE's rows (time, height, width...)
+            if positions is not None and positions.ndim == 3:  # 3-D RoPE's rows (text where there are 4, time...)
                 kwargs["position_ids"] = positions.gather(2, keep.expand(len(positions), -1, -1))
-                positions = kwargs["position_ids"][-1]
+                positions = kwargs["position_ids"][0]  # sliding windows read the text row (a word's rows are equal)
             elif positions is not None or not by_mask:
                 positions = rows(position if positions is None else positions, shape).gather(1, keep)
                 if self._position_handle is None:
