@@ -446,6 +446,22 @@ def _qwen2_5_vl():
     return _qwen_vl(transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, **vision)
 
 
+def _glm4v():
+    """A tiny GLM-4V: Qwen2-VL's layout of patches and 3-D RoPE, its own vision tower and image start and end tokens."""
+    import transformers
+
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = dict(LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, rope_parameters=rope)
+    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+    vision.update(out_hidden_size=32, intermediate_size=64, image_size=8)
+    ids = dict(image_token_id=IMAGE, video_token_id=IMAGE - 1, image_start_token_id=IMAGE - 2)
+    ids.update(image_end_token_id=IMAGE - 3, video_start_token_id=IMAGE - 4, video_end_token_id=IMAGE - 5)
+    torch.manual_seed(0)
+    return transformers.Glm4vForConditionalGeneration(
+        transformers.Glm4vConfig(text_config=text, vision_config=vision, **ids)
+    )
+
+
 def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
     """A supervised fine-tuning batch of 4: [CLS], an image's placeholders (Qwen2-VL's between its vision start and
     end tokens), then words; no label on the prompt (the image's tokens among it) or the padding; the images as the
@@ -465,7 +481,7 @@ def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
     return {**batch, "pixel_values": pixels, "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE).long()}
 
 
-VLMS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
+VLMS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v}
 
 
 VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention", "drop")]
@@ -473,7 +489,7 @@ VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention", "d
 
 @pytest.mark.parametrize("kind, mode", VLM_MODES)
 def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode):
-    """LLaVA's, Qwen2-VL's and Qwen2.5-VL's logits hold a prediction per input token, the image's placeholders
+    """LLaVA's, Qwen2-VL's, Qwen2.5-VL's and GLM-4V's logits hold a prediction per input token, the image's placeholders
     included, and their own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is
     the next-token loss and its distillation worked out by hand. The sub pass masks words, never an image's token (a
     placeholder masked would leave an image without its tokens: the model fails then), or drops them
@@ -525,7 +541,7 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
 
 
 VLM_DROP_CASES = [("llava", "images"), ("qwen2_vl", "images"), ("qwen2_5_vl", "images"), ("qwen2_5_vl", "text")]
-VLM_DROP_CASES += [("qwen2_5_vl", "positions")]
+VLM_DROP_CASES += [("qwen2_5_vl", "positions"), ("glm4v", "images")]
 
 
 @needs_transformers_5
@@ -533,10 +549,10 @@ VLM_DROP_CASES += [("qwen2_5_vl", "positions")]
 def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_hiding_the_others_does(kind, given):
     """The sub pass runs on the kept words and every image token (placeholders, Qwen2-VL's vision start and end:
     special, never masked), the images' features placed at their placeholders as in the main pass, each token at the
-    position hiding the masked words gives it (LLaVA's by index; Qwen2-VL's and Qwen2.5-VL's 3-D positions, which
-    their forward makes from the attention mask's tokens given the images' grids, by index without images, and as
-    given where the batch gives them): each kept token's next-token logits are those of the whole sequence with the
-    masked words hidden, and the images reach them."""
+    position hiding the masked words gives it (LLaVA's by index; the 3-D positions of Qwen2-VL, Qwen2.5-VL and
+    GLM-4V, which their forward makes from the attention mask's tokens given the images' grids, by index without
+    images, and as given where the batch gives them): each kept token's next-token logits are those of the whole
+    sequence with the masked words hidden, and the images reach them."""
     model = VLMS[kind]().eval()
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
     batch = {k: v for k, v in _vlm_batch(kind).items() if k != "labels"}

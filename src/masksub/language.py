@@ -43,8 +43,8 @@ UNSHIFTED += ("BartForCausalLM", "MBartForCausalLM", "MvpForCausalLM", "PLBartFo
 UNSHIFTED += ("BlenderbotForCausalLM", "BlenderbotSmallForCausalLM", "MarianForCausalLM", "PegasusForCausalLM")
 # vision-language models (AutoModelForImageTextToText) whose logits hold one prediction per input token (an image's
 # placeholders included) and whose own loss shifts the labels as a causal language model's does: found by
-# ``scripts/check_families.py --vlm`` on text alone (transformers 5.25.0); LLaVA's, Qwen2-VL's and Qwen2.5-VL's
-# tested with images
+# ``scripts/check_families.py --vlm`` on text alone (transformers 5.25.0); LLaVA's, Qwen2-VL's, Qwen2.5-VL's and
+# GLM-4V's tested with images
 CAUSAL_VLMS = (
     "Apertus1p5ForConditionalGeneration",
     "AriaForConditionalGeneration",

@@ -44,7 +44,7 @@ DROP_VLMS = ("llava",)
 # vision-language models whose own forward makes their 3-D positions (time, height, width) from the attention mask's
 # tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
 # kept tokens alone, it makes the positions hiding the others gives (tested with images)
-MROPE_VLMS = ("qwen2_vl", "qwen2_5_vl")
+MROPE_VLMS = ("qwen2_vl", "qwen2_5_vl", "glm4v")
 # decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
 # hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
 MASK_POSITION_DECODERS = ("opt", "bloom")
