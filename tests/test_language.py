@@ -390,24 +390,79 @@ def test_readme_language_model_example_runs(monkeypatch):
 
 IMAGE = 63  # a vision-language model's image placeholder: a token id its configuration names, never masked
 PATCHES = 4  # placeholders an image: LLaVA's 16-pixel image of 8-pixel patches (class token left out), Qwen2-VL's
-# 8-pixel image of 2-pixel patches merged 2 x 2
+# 8-pixel image of 2-pixel patches merged 2 x 2, and the others' 16-pixel image of 4-pixel patches merged 2 x 2
+# LLaVA-NeXT's and LLaVA-OneVision's: the whole image's 4 features, its one tile's 4, a newline after each tile row
+PLACEHOLDERS = {"llava_next": 10, "llava_onevision": 10}
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16)
+
+
+def _llava_kin(config_class, model_class, text_class, vision, **config):
+    """A tiny vision-language model of LLaVA's layout: a vision tower (``vision``: 16-pixel images), a projector, a
+    decoder of ``text_class``; an image fills its placeholders in its sample."""
+    text = text_class(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS)
+    torch.manual_seed(0)
+    return model_class(config_class(vision_config=vision, text_config=text, **config))
 
 
 def _llava():
     """A tiny LLaVA: a CLIP vision tower, a projector, a Llama; an image fills the 4 placeholders of its sample."""
-    import transformers
+    import transformers as tf
 
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    text = transformers.LlamaConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS)
-    config = transformers.LlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**vision, image_size=16, patch_size=8),
-        text_config=text,
-        image_token_id=IMAGE,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+    vision = tf.CLIPVisionConfig(**VISION, patch_size=8)
+    select = dict(image_token_id=IMAGE, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    return _llava_kin(tf.LlavaConfig, tf.LlavaForConditionalGeneration, tf.LlamaConfig, vision, **select)
+
+
+def _llava_next():
+    """LLaVA-NeXT: an image seen whole and in tiles (here one tile of 16 pixels), on a Llama."""
+    import transformers as tf
+
+    vision = tf.CLIPVisionConfig(**VISION, patch_size=8)
+    tiles = dict(image_token_id=IMAGE, image_grid_pinpoints=[[16, 16]], vision_feature_layer=-1)
+    return _llava_kin(tf.LlavaNextConfig, tf.LlavaNextForConditionalGeneration, tf.LlamaConfig, vision, **tiles)
+
+
+def _llava_onevision():
+    """LLaVA-OneVision: LLaVA-NeXT's tiles, a SigLIP vision tower, a Qwen2."""
+    import transformers as tf
+
+    vision = tf.SiglipVisionConfig(**VISION, patch_size=8)
+    tiles = dict(image_token_id=IMAGE, video_token_id=IMAGE - 1, image_grid_pinpoints=[[16, 16]])
+    model_class = tf.LlavaOnevisionForConditionalGeneration
+    return _llava_kin(tf.LlavaOnevisionConfig, model_class, tf.Qwen2Config, vision, **tiles, vision_feature_layer=-1)
+
+
+def _mistral3():
+    """Mistral 3: a Pixtral vision tower (4-pixel patches, rotary over rows and columns), its patches merged 2 x 2,
+    on a Mistral."""
+    import transformers as tf
+
+    vision = tf.PixtralVisionConfig(**VISION, patch_size=4, head_dim=16)
+    merge = dict(image_token_index=IMAGE, spatial_merge_size=2, vision_feature_layer=-1)
+    return _llava_kin(tf.Mistral3Config, tf.Mistral3ForConditionalGeneration, tf.MistralConfig, vision, **merge)
+
+
+def _internvl():
+    """InternVL: its vision tower (4-pixel patches), pixels shuffled into 2 x 2 fewer tokens, on a Qwen2."""
+    import transformers as tf
+
+    vision = dict(VISION, image_size=[16, 16], patch_size=[4, 4])
+    shuffle = dict(image_token_id=IMAGE, downsample_ratio=0.5, vision_feature_layer=-1)
+    return _llava_kin(tf.InternVLConfig, tf.InternVLForConditionalGeneration, tf.Qwen2Config, vision, **shuffle)
+
+
+def _idefics3(smolvlm: bool = False):
+    """Idefics3 (or SmolVLM, its successor): a SigLIP-style vision tower (4-pixel patches), pixels shuffled into
+    2 x 2 fewer tokens, on a Llama."""
+    import transformers as tf
+
+    config_class, model_class = (
+        (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration)
+        if smolvlm
+        else (tf.Idefics3Config, tf.Idefics3ForConditionalGeneration)
     )
-    torch.manual_seed(0)
-    return transformers.LlavaForConditionalGeneration(config)
+    vision = dict(VISION, patch_size=4)
+    return _llava_kin(config_class, model_class, tf.LlamaConfig, vision, image_token_id=IMAGE, scale_factor=2)
 
 
 def _qwen_vl(config_class, model_class, **vision):
@@ -466,22 +521,31 @@ def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
     """A supervised fine-tuning batch of 4: [CLS], an image's placeholders (Qwen2-VL's between its vision start and
     end tokens), then words; no label on the prompt (the image's tokens among it) or the padding; the images as the
     model's processor gives them."""
-    batch = text_batch(batch=4, length=16)
+    n, qwen = PLACEHOLDERS.get(kind, PATCHES), kind in QWEN_LAYOUT
+    batch = text_batch(batch=4, length=16 + n - PATCHES)
     ids = batch["input_ids"]
     ids[ids >= IMAGE - 3] = 4  # words' ids: none of the image's
-    if kind != "llava":
-        ids[:, 1], ids[:, 2 + PATCHES] = IMAGE - 2, IMAGE - 3
-    ids[:, 2 - (kind == "llava") : 2 - (kind == "llava") + PATCHES] = IMAGE
-    batch = lm_labels(batch, prompt=PATCHES + 3)
+    if qwen:
+        ids[:, 1], ids[:, 2 + n] = IMAGE - 2, IMAGE - 3
+    ids[:, 1 + qwen : 1 + qwen + n] = IMAGE
+    batch = lm_labels(batch, prompt=n + 3)
     g = torch.Generator().manual_seed(7)
-    if kind == "llava":
-        return {**batch, "pixel_values": torch.randn(4, 3, 16, 16, generator=g)}
-    pixels = torch.randn(4 * 16, 3 * 2 * 2 * 2, generator=g)  # 16 patches an image, each 3 channels x 2 frames x 2x2
-    grid = torch.tensor([[1, 4, 4]] * 4)  # frames, patch rows, patch columns
-    return {**batch, "pixel_values": pixels, "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE).long()}
+    if qwen:
+        pixels = torch.randn(4 * 16, 3 * 2 * 2 * 2, generator=g)  # 16 patches an image: 3 channels x 2 frames x 2x2
+        grid = torch.tensor([[1, 4, 4]] * 4)  # frames, patch rows, patch columns
+        return {**batch, "pixel_values": pixels, "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE).long()}
+    tiles = kind in PLACEHOLDERS  # the whole image and its one tile
+    shape = (4, 2, 3, 16, 16) if tiles else (4, 1, 3, 16, 16) if kind in ("idefics3", "smolvlm") else (4, 3, 16, 16)
+    images = {"pixel_values": torch.randn(shape, generator=g)}
+    if tiles or kind == "mistral3":
+        images["image_sizes"] = torch.tensor([[16, 16]] * 4)
+    return {**batch, **images}
 
 
-VLMS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v}
+QWEN_LAYOUT = ("qwen2_vl", "qwen2_5_vl", "glm4v")  # vision start and end tokens, 3-D RoPE, flattened patches
+VLMS = {"llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision, "mistral3": _mistral3}
+VLMS |= {"internvl": _internvl, "idefics3": _idefics3, "smolvlm": lambda: _idefics3(smolvlm=True)}
+VLMS |= {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v}
 
 
 VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention", "drop")]
@@ -489,11 +553,12 @@ VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention", "d
 
 @pytest.mark.parametrize("kind, mode", VLM_MODES)
 def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode):
-    """LLaVA's, Qwen2-VL's, Qwen2.5-VL's and GLM-4V's logits hold a prediction per input token, the image's placeholders
-    included, and their own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is
-    the next-token loss and its distillation worked out by hand. The sub pass masks words, never an image's token (a
-    placeholder masked would leave an image without its tokens: the model fails then), or drops them
-    (``mode="drop"``: the distillation leaves the dropped positions out)."""
+    """The logits of LLaVA and its kin (LLaVA-NeXT, LLaVA-OneVision, Mistral 3, InternVL, Idefics3, SmolVLM), of
+    Qwen2-VL, Qwen2.5-VL and GLM-4V hold a prediction per input token, the image's placeholders included, and their
+    own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is the next-token loss
+    and its distillation worked out by hand. The sub pass masks words, never an image's token (a placeholder masked
+    would leave an image without its tokens: the model fails then), or drops them (``mode="drop"``: the
+    distillation leaves the dropped positions out)."""
     model = VLMS[kind]().train()
     batch = _vlm_batch(kind)
     assert language_model(model)[0] == CAUSAL
@@ -508,7 +573,7 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     main_ids, sub_ids = seen
     image = torch.tensor([IMAGE, IMAGE - 2, IMAGE - 3])  # placeholders, vision start and end
     kept = torch.isin(main_ids, torch.tensor([PAD, CLS, SEP, *image]))
-    assert (main_ids == IMAGE).sum() == (sub_ids == IMAGE).sum() == 4 * PATCHES
+    assert (main_ids == IMAGE).sum() == (sub_ids == IMAGE).sum() == 4 * PLACEHOLDERS.get(kind, PATCHES)
     if mode == "drop":  # the kept words and every placeholder, shorter
         assert sub_ids.shape[1] < main_ids.shape[1]
     else:
@@ -537,11 +602,10 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
-    assert any(n.startswith(("model.vision_tower", "model.visual")) for n in grads)  # the images' gradient
+    assert any(n.startswith(("model.vision_tower", "model.visual", "model.vision_model")) for n in grads)  # images'
 
 
-VLM_DROP_CASES = [("llava", "images"), ("qwen2_vl", "images"), ("qwen2_5_vl", "images"), ("qwen2_5_vl", "text")]
-VLM_DROP_CASES += [("qwen2_5_vl", "positions"), ("glm4v", "images")]
+VLM_DROP_CASES = [(kind, "images") for kind in VLMS] + [("qwen2_5_vl", "text"), ("qwen2_5_vl", "positions")]
 
 
 @needs_transformers_5
@@ -549,10 +613,10 @@ VLM_DROP_CASES += [("qwen2_5_vl", "positions"), ("glm4v", "images")]
 def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_hiding_the_others_does(kind, given):
     """The sub pass runs on the kept words and every image token (placeholders, Qwen2-VL's vision start and end:
     special, never masked), the images' features placed at their placeholders as in the main pass, each token at the
-    position hiding the masked words gives it (LLaVA's by index; the 3-D positions of Qwen2-VL, Qwen2.5-VL and
-    GLM-4V, which their forward makes from the attention mask's tokens given the images' grids, by index without
-    images, and as given where the batch gives them): each kept token's next-token logits are those of the whole
-    sequence with the masked words hidden, and the images reach them."""
+    position hiding the masked words gives it (by index for LLaVA and its kin; the 3-D positions of Qwen2-VL,
+    Qwen2.5-VL and GLM-4V, which their forward makes from the attention mask's tokens given the images' grids, by
+    index without images, and as given where the batch gives them): each kept token's next-token logits are those
+    of the whole sequence with the masked words hidden, and the images reach them."""
     model = VLMS[kind]().eval()
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
     batch = {k: v for k, v in _vlm_batch(kind).items() if k != "labels"}
@@ -587,19 +651,18 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
 
 
 def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
-    """LLaVA-NeXT is not known to the drop mode; a LLaVA on a language model it does not know is refused as that
-    language model is."""
-    import transformers
+    """PaliGemma (its image and prompt attend both ways) is not known to the drop mode; a LLaVA on a language model it
+    does not know is refused as that language model is."""
+    import transformers as tf
 
+    text = tf.GemmaConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
+    paligemma = tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**VISION), text_config=text)
+    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*PaliGemmaForConditionalGeneration is"):
+        wrap_text(tf.PaliGemmaForConditionalGeneration(paligemma), sub="mask", ratio=0.5, mode="drop")
     llava = _llava().config
-    next_config = transformers.LlavaNextConfig(
-        vision_config=llava.vision_config, text_config=llava.text_config, image_token_id=IMAGE
-    )
-    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*LlavaNextForConditionalGeneration is"):
-        wrap_text(transformers.LlavaNextForConditionalGeneration(next_config), sub="mask", ratio=0.5, mode="drop")
-    llava.text_config = transformers.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
-    with pytest.raises(ValueError, match="of llava on one of those decoders .* LlavaForConditionalGeneration is"):
-        wrap_text(transformers.LlavaForConditionalGeneration(llava), sub="mask", ratio=0.5, mode="drop")
+    llava.text_config = tf.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="of llava, .*, smolvlm on one of those decoders .* LlavaForConditionalGenera"):
+        wrap_text(tf.LlavaForConditionalGeneration(llava), sub="mask", ratio=0.5, mode="drop")
 
 
 def test_a_multimodal_processor_gives_its_tokenizers_mask_token_and_special_tokens():

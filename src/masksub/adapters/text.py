@@ -31,11 +31,12 @@ tokens, chosen at random.
   takes none, flash attention, a batch longer than the window hides its masked tokens instead, at the main pass's
   cost, warned once). Their token classifiers and masked language models (``DROP_HEADS``; the targets of a masked
   language model, shown as the mask token, are special tokens: always kept), and the decoders' causal language
-  models (and LLaVA's on one of those decoders, ``DROP_VLMS``, and Qwen2-VL's, ``MROPE_VLMS``, whose 3-D positions
-  its forward makes from the kept tokens as from the hidden ones: their image tokens are special, kept with their
-  images' features), run on the kept tokens the same way, no token being held back for a head to read: the
-  kept tokens' logits go back to their places, (B, L, C), 0 at the others, and ``kept`` (the wrapper's
-  ``sub_kept``) marks those places, which alone the distillation reads. Other heads are refused.
+  models (and those of LLaVA and its kin on one of those decoders, ``DROP_VLMS``, and Qwen2-VL's,
+  ``MROPE_VLMS``, whose 3-D positions its forward makes from the kept tokens as from the hidden ones: their image
+  tokens are special, kept with their images' features), run on the kept tokens the same way, no token being held
+  back for a head to read: the kept tokens' logits go back to their places, (B, L, C), 0 at the others, and
+  ``kept`` (the wrapper's ``sub_kept``) marks those places, which alone the distillation reads. Other heads are
+  refused.
 
 ``"token"`` and ``"attention"`` keep the sequence, so their sub pass costs what the main pass costs.
 

@@ -38,9 +38,9 @@ DROP_DECODERS = (
     *("biogpt", "ctrl", "openai-gpt", "gpt-sw3", "gemma3", "axk1", "axk2"),
 )
 # vision-language models whose language model is one of those decoders, given the position ids as it is, and whose
-# images reach it as features at their placeholder tokens (which are special: always kept), attending causally as
-# words do: their causal language model drops masked words as the decoder's does (tested with images)
-DROP_VLMS = ("llava",)
+# images reach it as features scattered onto their placeholder tokens (which are special: always kept), attending
+# causally as words do: their causal language model drops masked words as the decoder's does (each tested with images)
+DROP_VLMS = ("llava", "llava_next", "llava_onevision", "mistral3", "internvl", "idefics3", "smolvlm")
 # vision-language models whose own forward makes their 3-D positions (time, height, width) from the attention mask's
 # tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
 # kept tokens alone, it makes the positions hiding the others gives (tested with images)
