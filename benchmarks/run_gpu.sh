@@ -63,7 +63,7 @@ case $part in
   pretrain) files="pretrain_gpu.json pretrain_gpu.md" ;;
   text_accuracy) files="text_accuracy_gpu.json text_accuracy_gpu.md text_accuracy_gpu.png" ;;
   text_pretrain) files="text_pretrain_gpu.json text_pretrain_gpu.md text_pretrain_gpu.png" ;;
-  text) files="text_step_cost_gpu.json text_step_cost_gpu.md text_step_cost_gpu_lm.json text_step_cost_gpu_lm.md distill_cost_gpu.json distill_cost_gpu.md" ;;
+  text) files="text_step_cost_gpu.json text_step_cost_gpu.md text_step_cost_gpu_lm.json text_step_cost_gpu_lm.md text_step_cost_gpu_vlm.json text_step_cost_gpu_vlm.md distill_cost_gpu.json distill_cost_gpu.md" ;;
   *)
     echo "unknown part '$part': name one of essentials, eager, compiled, checkpointing, swin_drop, peers, accuracy, accuracy_resnet, accuracy_peers, accuracy_swin, pretrain, text, text_accuracy, text_pretrain" >&2
     exit 2 ;;
@@ -111,6 +111,7 @@ case $part in
   text)
     $PY benchmarks/text_step_cost.py --scale gpu --out "$out"
     $PY benchmarks/text_step_cost.py --scale gpu --task lm --batch 16 --out "$out"
+    $PY benchmarks/text_step_cost.py --scale gpu --task vlm --out "$out"
     $PY benchmarks/distill_cost.py --scale gpu --out "$out"
     ;;
   text_accuracy) $PY benchmarks/text_accuracy.py --scale gpu --jobs 12 --wordnet "${MASKSUB_WORDNET:-/usr/share/wordnet}" ;;

@@ -18,7 +18,10 @@ dropped ones out. ``--task lm`` times the decoders' causal language models (supe
 are the input ids, -100 on a prompt of the first quarter of the padded length and on the padding; each labelled
 next token distilled over the vocabulary). ``--task mlm`` times the encoders' masked language models (BERT's
 pretraining: 15% of the words become targets, shown as the mask token, a special token the sub branch never masks
-again; each target distilled over the vocabulary; the drop mode keeps every target).
+again; each target distilled over the vocabulary; the drop mode keeps every target). ``--task vlm`` times a
+vision-language model's supervised fine-tuning, SmolVLM-256M's configuration (a 512-pixel image a sample, its 64
+tokens before the words; everything trained): the image's tokens stay in the drop mode's sub pass, and its vision
+tower runs in both branches.
 
 Also the FLOP-ideal cost of each MaskSub mode, (main + sub FLOPs) / main FLOPs, forward and backward, from
 ``torch.utils.flop_counter``. Writes ``text_step_cost_<scale>.json`` and ``.md`` with the command, versions and
@@ -28,6 +31,7 @@ hardware.
     python benchmarks/text_step_cost.py --scale cpu --task token --out benchmarks/results  # text_step_cost_cpu_token
     python benchmarks/text_step_cost.py --scale cpu --task lm --out benchmarks/results  # text_step_cost_cpu_lm
     python benchmarks/text_step_cost.py --scale cpu --task mlm --out benchmarks/results  # text_step_cost_cpu_mlm
+    python benchmarks/text_step_cost.py --scale cpu --task vlm --out benchmarks/results  # text_step_cost_cpu_vlm
 """
 
 from __future__ import annotations
@@ -96,22 +100,55 @@ CONFIGS = {
         ),
     ),  # fmt: skip
     "ModernBERT-base": ("modernbert", {}),  # its configuration's defaults: 22 layers, local windows of 128 tokens
+    # a vision-language model (--task vlm): a SigLIP-B/16 tower at 512 pixels, its 1,024 patches shuffled into 64
+    # tokens (scale factor 4), on SmolLM2-135M
+    "SmolVLM-256M": (
+        "smolvlm",
+        dict(
+            vision_config=dict(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                image_size=512,
+                patch_size=16,
+            ),
+            scale_factor=4,
+            image_token_id=49190,
+            text_config=None,  # SmolLM2-135M's, with a vocabulary of 49,280: made in make_model
+        ),
+    ),  # fmt: skip
     "tiny-bert": ("bert", TINY),
     "tiny-deberta": ("deberta-v2", dict(DEBERTA_V3, **TINY, intermediate_size=64, position_buckets=8)),
     "tiny-llama": (
         "llama",
         dict(TINY, intermediate_size=64),
     ),
+    "tiny-smolvlm": (  # 16-pixel images of 4-pixel patches, shuffled into 4 tokens
+        "smolvlm",
+        dict(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+            | dict(image_size=16, patch_size=4),
+            scale_factor=2,
+            image_token_id=63,
+            text_config=dict(TINY, intermediate_size=64, model_type="llama"),
+        ),
+    ),
 }
+VLM_TEXT = {"SmolVLM-256M": dict(CONFIGS["SmolLM2-135M"][1], vocab_size=49280, model_type="llama")}
 # scale -> (models, batch, padded length, warm-up steps, rounds, steps per round, device)
 SCALES = {
     "gpu": (
-        ("bert-base-uncased", "deberta-v3-base", "ModernBERT-base", "SmolLM2-135M", "Qwen2.5-0.5B"),
+        ("bert-base-uncased", "deberta-v3-base", "ModernBERT-base", "SmolLM2-135M", "Qwen2.5-0.5B", "SmolVLM-256M"),
         *(32, 512, 5, 5, 5, "cuda"),
     ),
-    "cpu": (("bert-base-uncased", "deberta-v3-base", "ModernBERT-base", "SmolLM2-135M"), 8, 128, 1, 4, 2, "cpu"),
-    "tiny": (("tiny-bert", "tiny-deberta", "tiny-llama"), 4, 16, 1, 2, 1, "cpu"),
+    "cpu": (
+        ("bert-base-uncased", "deberta-v3-base", "ModernBERT-base", "SmolLM2-135M", "SmolVLM-256M"),
+        *(8, 128, 1, 4, 2, "cpu"),
+    ),
+    "tiny": (("tiny-bert", "tiny-deberta", "tiny-llama", "tiny-smolvlm"), 4, 16, 1, 2, 1, "cpu"),
 }
+VLM_BATCH = {"gpu": 16, "cpu": 4, "tiny": 4}  # --task vlm: a 512-pixel image a sample costs more than its words
 PAD, SPECIAL = 0, (0, 1, 2)  # padding and two more special ids, never masked
 MASK = 3  # --task mlm: the mask token, special there (its batches' words start after it)
 MLM_PROBABILITY = 0.15  # BERT's
@@ -123,18 +160,27 @@ HEADS = {
     "token": transformers.AutoModelForTokenClassification,
     "lm": transformers.AutoModelForCausalLM,  # the decoders only
     "mlm": transformers.AutoModelForMaskedLM,  # the encoders only
+    "vlm": transformers.AutoModelForImageTextToText,  # the vision-language models only
 }
 HEAD_NAMES = {"sequence": "sequence classifiers", "token": "token classifiers", "lm": "causal language models"}
-HEAD_NAMES["mlm"] = "masked language models"
+HEAD_NAMES |= {"mlm": "masked language models", "vlm": "a vision-language model's causal language model"}
 
 
 def special_ids(task: str) -> tuple[int, ...]:
     return (*SPECIAL, MASK) if task == "mlm" else SPECIAL
 
 
+def is_vlm(name: str) -> bool:
+    return CONFIGS[name][0] == "smolvlm"
+
+
 def make_model(name: str, device: torch.device, task: str = "sequence") -> torch.nn.Module:
     kind, overrides = CONFIGS[name]
-    config = transformers.AutoConfig.for_model(kind, **overrides, num_labels=2, pad_token_id=PAD)
+    if is_vlm(name):  # the padding id is the language model's
+        text = dict(overrides["text_config"] or VLM_TEXT[name], pad_token_id=PAD)
+        config = transformers.AutoConfig.for_model(kind, **{**overrides, "text_config": text})
+    else:
+        config = transformers.AutoConfig.for_model(kind, **overrides, num_labels=2, pad_token_id=PAD)
     torch.manual_seed(0)
     return HEADS[task].from_config(config).to(device).train()
 
@@ -160,6 +206,23 @@ def make_batch(batch: int, length: int, vocab: int, device: torch.device, task: 
     return {"input_ids": ids.to(device), "attention_mask": real.long().to(device), "labels": labels.to(device)}
 
 
+def make_vlm_batch(batch: int, words: int, config, device: torch.device) -> dict:
+    """Supervised fine-tuning of a vision-language model on one image a sample: the image's placeholder tokens
+    first, then ``words // 2`` to ``words`` random words (right padding); the labels are the input ids, -100 on the
+    image, on a prompt of ``words // 4`` words and on the padding; random pixels."""
+    image = config.image_token_id
+    vision = config.vision_config
+    placeholders = (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
+    g = torch.Generator().manual_seed(0)
+    text = make_batch(batch, words, image, device="cpu", task="lm")  # words below the image's id
+    ids = torch.cat([torch.full((batch, placeholders), image), text["input_ids"]], 1)
+    real = torch.cat([torch.ones(batch, placeholders, dtype=torch.long), text["attention_mask"]], 1)
+    labels = torch.cat([torch.full((batch, placeholders), -100), text["labels"]], 1)
+    pixels = torch.randn(batch, 1, 3, vision.image_size, vision.image_size, generator=g)
+    batch = {"input_ids": ids, "attention_mask": real, "labels": labels, "pixel_values": pixels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def flop_ideal(model: torch.nn.Module, batch: dict, mode: str, task: str) -> float:
     """(main + sub) / main forward+backward FLOPs of MaskSub with ``mode``."""
     wrapped = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=special_ids(task))
@@ -178,7 +241,12 @@ def bench(name: str, args, device: torch.device) -> dict:
     _, batch_size, length, warmup, rounds, calls, _ = SCALES[args.scale]
     batch_size, length = args.batch or batch_size, args.length or length
     model = make_model(name, device, args.task)
-    batch = make_batch(batch_size, length, model.config.vocab_size, device, args.task)
+    if args.task == "vlm":
+        batch_size = args.batch or VLM_BATCH[args.scale]
+        batch = make_vlm_batch(batch_size, length, model.config, device)
+        length = batch["input_ids"].shape[1]  # the image's tokens and the words
+    else:
+        batch = make_batch(batch_size, length, model.config.vocab_size, device, args.task)
     row = {"batch": batch_size, "length": length, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     row["flop_ideal"] = {
         mode: flop_ideal(make_model(name, device, args.task), batch, mode, args.task) for mode in MODES
@@ -243,7 +311,7 @@ def main() -> None:
     p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
     p.add_argument("--models", default=None, help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--length", type=int, default=None, help="padded length")
+    p.add_argument("--length", type=int, default=None, help="padded length (--task vlm: of the words)")
     p.add_argument("--amp", default="bf16", choices=("bf16", "none"))
     p.add_argument(
         "--task", default="sequence", choices=tuple(HEADS), help="a label per text or token, next tokens, or targets"
@@ -256,10 +324,16 @@ def main() -> None:
         names = tuple(n for n in names if CONFIGS[n][0] in decoders)
     if args.task == "mlm" and not args.models:  # the encoders masked language models
         names = tuple(n for n in names if CONFIGS[n][0] not in decoders)
+    if not args.models:  # --task vlm: the vision-language models alone; the other tasks: none of them
+        names = tuple(n for n in names if is_vlm(n) == (args.task == "vlm"))
     names = args.models.split(",") if args.models else names
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         sys.exit(f"unknown model {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    other = [n for n in names if is_vlm(n) != (args.task == "vlm")]
+    if other:
+        vlms = ", ".join(n for n in CONFIGS if is_vlm(n))
+        sys.exit(f"--task {args.task} does not take {', '.join(other)}: --task vlm takes {vlms}, the others the rest")
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--scale gpu needs CUDA; on this machine use --scale cpu (or --scale tiny)")
     device = torch.device(device)

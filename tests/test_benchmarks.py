@@ -176,6 +176,28 @@ def test_text_step_cost_tiny_masked_language_models(tmp_path):
     assert "Heads: masked language models." in (tmp_path / "text_step_cost_tiny_mlm.md").read_text()
 
 
+@needs_transformers_5
+def test_text_step_cost_tiny_vision_language_model(tmp_path):
+    """--task vlm: a SmolVLM alone (the text models' tasks leave it out), on images and words; its vision tower
+    runs in both branches, so dropping words saves less than half of the sub pass. A text model is refused there."""
+    _run("text_step_cost.py", "--scale", "tiny", "--task", "vlm", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "text_step_cost_tiny_vlm.json").read_text())
+    assert data["meta"]["task"] == "vlm" and set(data["models"]) == {"tiny-smolvlm"}
+    row = data["models"]["tiny-smolvlm"]
+    assert all(row[v]["s_per_step"] > 0 for v in ("plain", "masksub:attention", "masksub:drop"))
+    assert row["length"] == 4 + 16  # an image's 4 tokens and up to 16 words
+    assert row["flop_ideal"]["attention"] == pytest.approx(2.0, rel=0.01) and 1.5 < row["flop_ideal"]["drop"] < 1.9
+    assert "Heads: a vision-language model's" in (tmp_path / "text_step_cost_tiny_vlm.md").read_text()
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "text_step_cost.py"), "--scale", "tiny", "--task", "vlm", "--models", "tiny-bert"]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert proc.returncode != 0 and "--task vlm does not take tiny-bert" in proc.stderr
+
+
 def test_distill_cost_tiny(tmp_path):
     """Both losses in both precisions, timed and their peaks read; they compute the same loss."""
     _run("distill_cost.py", "--scale", "tiny", "--out", str(tmp_path))
