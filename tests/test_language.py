@@ -517,6 +517,22 @@ def _glm4v():
     )
 
 
+def _paligemma(version: int = 1):
+    """PaliGemma: a SigLIP vision tower (8-pixel patches), image and prompt attending each other both ways, on a
+    Gemma; PaliGemma 2's Gemma 2 with a sliding window of 4 tokens (shorter than the prefix, which sees all of
+    itself)."""
+    import functools
+
+    import transformers as tf
+
+    text_class = functools.partial(tf.GemmaConfig, head_dim=16)
+    if version == 2:
+        text_class = functools.partial(tf.Gemma2Config, head_dim=16, sliding_window=4)
+    vision = tf.SiglipVisionConfig(**VISION, patch_size=8)
+    model_class, ids = tf.PaliGemmaForConditionalGeneration, dict(image_token_id=IMAGE, projection_dim=32)
+    return _llava_kin(tf.PaliGemmaConfig, model_class, text_class, vision, **ids)
+
+
 def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
     """A supervised fine-tuning batch of 4: [CLS], an image's placeholders (Qwen2-VL's between its vision start and
     end tokens), then words; no label on the prompt (the image's tokens among it) or the padding; the images as the
@@ -539,12 +555,15 @@ def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
     images = {"pixel_values": torch.randn(shape, generator=g)}
     if tiles or kind == "mistral3":
         images["image_sizes"] = torch.tensor([[16, 16]] * 4)
+    if kind.startswith("paligemma"):  # 0 on the prefix (the image and the prompt), 1 on the rest
+        images["token_type_ids"] = (batch["labels"] != -100).long()
     return {**batch, **images}
 
 
 QWEN_LAYOUT = ("qwen2_vl", "qwen2_5_vl", "glm4v")  # vision start and end tokens, 3-D RoPE, flattened patches
 VLMS = {"llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision, "mistral3": _mistral3}
 VLMS |= {"internvl": _internvl, "idefics3": _idefics3, "smolvlm": lambda: _idefics3(smolvlm=True)}
+VLMS |= {"paligemma": _paligemma, "paligemma2": lambda: _paligemma(version=2)}
 VLMS |= {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v}
 
 
@@ -651,17 +670,16 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
 
 
 def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
-    """PaliGemma (its image and prompt attend both ways) is not known to the drop mode; a LLaVA on a language model it
+    """LLaVA-NeXT-Video (its videos' tokens untested) is not known to the drop mode; a LLaVA on a language model it
     does not know is refused as that language model is."""
     import transformers as tf
 
-    text = tf.GemmaConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
-    paligemma = tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**VISION), text_config=text)
-    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*PaliGemmaForConditionalGeneration is"):
-        wrap_text(tf.PaliGemmaForConditionalGeneration(paligemma), sub="mask", ratio=0.5, mode="drop")
     llava = _llava().config
+    video = tf.LlavaNextVideoConfig(vision_config=llava.vision_config, text_config=llava.text_config)
+    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*LlavaNextVideoForConditionalGeneration"):
+        wrap_text(tf.LlavaNextVideoForConditionalGeneration(video), sub="mask", ratio=0.5, mode="drop")
     llava.text_config = tf.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
-    with pytest.raises(ValueError, match="of llava, .*, smolvlm on one of those decoders .* LlavaForConditionalGenera"):
+    with pytest.raises(ValueError, match="of llava, .*, paligemma on one of those decoders .* LlavaForConditionalGen"):
         wrap_text(tf.LlavaForConditionalGeneration(llava), sub="mask", ratio=0.5, mode="drop")
 
 

@@ -64,6 +64,7 @@ from .text_families import (
     MASK_POSITION_DECODERS,
     MASKED_KERNELS,
     MROPE_VLMS,
+    PREFIX_VLMS,
     RELATIVE_MODELS,
     classifier_of,
     drop_embeddings,
@@ -176,6 +177,7 @@ class TokenMaskAdapter(MaskAdapter):
         self._window_cache: tuple | None = None  # (the model's mask dtype, the window mask) of the running pass
         self._warned = False
         self._image_blocks = False  # a multimodal classifier whose token_type_ids mark images attending both ways
+        self._prefix = False  # a VLM whose token_type_ids 0 mark a prefix attending both ways (PaliGemma's)
         if mode == "drop":
             embeddings = drop_embeddings(model)
             self.per_token = predicts_per_token(model)
@@ -188,7 +190,8 @@ class TokenMaskAdapter(MaskAdapter):
                 self._mrope = model.config.model_type in MROPE_VLMS
                 # a decoder's images, attending each other both ways (Gemma 3's); an encoder's do anyway, LLaVA's and
                 # Qwen2-VL's not
-                vlm = model.config.model_type in DROP_VLMS + MROPE_VLMS
+                self._prefix = model.config.model_type in PREFIX_VLMS
+                vlm = model.config.model_type in DROP_VLMS + MROPE_VLMS + PREFIX_VLMS
                 self._image_blocks = self._causal and self._text_config is not classifier_of(model).config and not vlm
                 target = None if self._by_mask else position_ids_target(model)
                 if target is not None:  # the kept tokens' position ids reach its transformer by a hook
@@ -317,10 +320,13 @@ class TokenMaskAdapter(MaskAdapter):
             near = distance.abs() <= window
         elif self._blocks is None:
             near = (distance >= 0) & (distance < window)
-        else:  # Gemma 3: an image's tokens also see those after them in the image, within the window
+        else:
             blocks = self._blocks
             same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-            near = ((distance >= 0) | same) & (distance < window)
+            if self._prefix:  # PaliGemma 2: the prefix sees all of itself, beyond the window too
+                near = ((distance >= 0) & (distance < window)) | same
+            else:  # Gemma 3: an image's tokens also see those after them in the image, within the window
+                near = ((distance >= 0) | same) & (distance < window)
         allowed = (near & self._valid[:, None, :]).unsqueeze(1)  # (B, 1, K, K)
         boolean = self._text_config._attn_implementation == "sdpa" if given is None else given.dtype == torch.bool
         if boolean:
@@ -367,6 +373,8 @@ class TokenMaskAdapter(MaskAdapter):
                     image = types == 1
                     start = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
                     self._blocks = torch.where(image, start.long().cumsum(1) - 1, -1)
+                elif self._prefix:  # one block: the image and the prompt
+                    self._blocks = torch.where(types == 0, 0, -1)
             ids = input_ids.gather(1, keep)
             if self.pad_token_id is not None:  # the fillers: a classifier reads the last token that is not padding
                 ids = ids.masked_fill(~valid, self.pad_token_id)

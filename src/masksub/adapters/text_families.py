@@ -45,6 +45,10 @@ DROP_VLMS = ("llava", "llava_next", "llava_onevision", "mistral3", "internvl", "
 # tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
 # kept tokens alone, it makes the positions hiding the others gives (tested with images)
 MROPE_VLMS = ("qwen2_vl", "qwen2_5_vl", "glm4v")
+# vision-language models whose image and prompt (``token_type_ids`` 0) attend each other both ways, the rest causally,
+# on one of those decoders (PaliGemma's prefix): the token types are gathered with the kept tokens, and the masks of
+# their sliding-window layers keep the prefix's two ways (tested with images)
+PREFIX_VLMS = ("paligemma",)
 # decoders whose positions count the real tokens of the attention mask (OPT's learned positions, BLOOM's ALiBi), so
 # hidden tokens do not count in mode "attention" either: they get no position ids unless the batch gives them
 MASK_POSITION_DECODERS = ("opt", "bloom")
@@ -143,7 +147,7 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
     """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder or ModernBERT
     classifier it takes, or an error naming the ones it does."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind in DROP_VLMS:  # by its language model's type
+    if kind in DROP_VLMS + PREFIX_VLMS:  # by its language model's type
         text = model.config.get_text_config().model_type
         kind = text if text in DROP_DECODERS and is_causal_lm(classifier_of(model)) else kind
     decoder = kind in DROP_DECODERS + MROPE_VLMS
@@ -169,8 +173,9 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
             f"masked language model of "
             f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
             f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE), or one of these or a causal language model (ForCausalLM) of "
-            f"{', '.join(DROP_DECODERS)} (causal attention over position ids), of {', '.join(DROP_VLMS)} on one "
-            f"of those decoders or of {', '.join(MROPE_VLMS)} (their images kept); {type(model).__name__} is not one: "
+            f"{', '.join(DROP_DECODERS)} (causal attention over position ids), of "
+            f"{', '.join(DROP_VLMS + PREFIX_VLMS)} on one of those decoders or of {', '.join(MROPE_VLMS)} (their "
+            f"images kept); {type(model).__name__} is not one: "
             "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
