@@ -625,6 +625,7 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
 
 
 VLM_DROP_CASES = [(kind, "images") for kind in VLMS] + [("qwen2_5_vl", "text"), ("qwen2_5_vl", "positions")]
+VLM_DROP_CASES += [("paligemma", "text")]  # no token types: causal where words are hidden
 
 
 @needs_transformers_5
@@ -640,8 +641,9 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
     batch = {k: v for k, v in _vlm_batch(kind).items() if k != "labels"}
     images = given != "text"
-    if not images:
-        batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    if not images:  # and no padding: every sequence keeps as many words (a model may skip an all-ones mask)
+        ids = batch["input_ids"].masked_fill(batch["input_ids"] == PAD, 4)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if given == "positions":  # (3, B, L): time, height and width, as the model makes them from the whole sequence
         grids = {k: batch[k] for k in ("image_grid_thw", "mm_token_type_ids", "attention_mask")}
         batch["position_ids"] = model.model.get_rope_index(batch["input_ids"], **grids)[0]

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ..masking import check_ratio, gather_tokens, masked_counts
+from .frozen_encoder import FrozenEncoderCache
 from .packed import is_packed, repack, unpack
 from .registry import MaskAdapter, register_adapter
 from .text_families import (
@@ -204,6 +205,8 @@ class TokenMaskAdapter(MaskAdapter):
                 if model.config.model_type in RELATIVE_MODELS:  # first: it may refuse the model
                     self._relative_handles = self._relative_hooks(model)
                 self._handle = embeddings.register_forward_hook(self._drop_hook)
+        # a vision-language model's frozen image encoder: its main-pass output is given back to the sub pass
+        self._images = FrozenEncoderCache.of(model)
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         special = sorted({int(i) for i in special_ids} | config_token_ids(model))
         param = next(model.parameters(), None)  # made where the model is: no copy to its device at each pass
@@ -242,6 +245,11 @@ class TokenMaskAdapter(MaskAdapter):
         return (position * (input_ids != self.pad_token_id)).argmax(-1)
 
     def forward(self, model: nn.Module, *args, **kwargs):
+        if self._images is None:
+            return self._forward(model, *args, **kwargs)
+        return self._images.run_reusing(self._forward, model, *args, **kwargs)
+
+    def _forward(self, model: nn.Module, *args, **kwargs):
         if len(args) > 1:
             raise TypeError("the text mask adapter takes input_ids positionally and everything else by keyword")
         input_ids = args[0] if args else kwargs.get("input_ids")
@@ -264,7 +272,7 @@ class TokenMaskAdapter(MaskAdapter):
                 raise ValueError("packed rows (several sequences in a row) are (batch, length) input_ids")
             filler = int(self.special_ids[0]) if len(self.special_ids) else 0  # at the padding, hidden
             ids, padded, unpacked = unpack(input_ids, {k: v for k, v in kwargs.items() if k != "input_ids"}, filler)
-            output = self.forward(model, input_ids=ids, **padded)
+            output = self._forward(model, input_ids=ids, **padded)
             output, self.kept = repack(output, self.kept, unpacked)
             return output
         self.kept = None
@@ -366,6 +374,9 @@ class TokenMaskAdapter(MaskAdapter):
                 kwargs["mm_token_type_ids"] = rows(kwargs["mm_token_type_ids"], shape).gather(1, keep).view(*lead, -1)
             if kwargs.get("lengths") is not None:  # XLM's and FlauBERT's real lengths, which the mask says
                 kwargs["lengths"] = valid.sum(1).view(lead)
+            if self._prefix and kwargs.get("token_type_ids") is None:  # PaliGemma without them: all causal, as
+                # hiding makes it (an all-ones mask, which the kept tokens may have, would attend both ways)
+                kwargs["token_type_ids"] = torch.ones_like(input_ids).view(shape)
             if kwargs.get("token_type_ids") is not None:  # GPT-2's segments, Gemma 3's images: each keeps its own
                 types = rows(kwargs["token_type_ids"], shape).gather(1, keep)
                 kwargs["token_type_ids"] = types.view(*lead, -1)
@@ -503,6 +514,8 @@ class TokenMaskAdapter(MaskAdapter):
         for handle in [self._handle, self._position_handle, *self._window_handles, *self._relative_handles]:
             if handle is not None:
                 handle.remove()
+        if self._images is not None:
+            self._images.remove()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, mask_token_id={self.mask_token_id}"

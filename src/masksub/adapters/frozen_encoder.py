@@ -1,0 +1,128 @@
+"""A vision-language model's frozen image encoder runs once a step: the sub pass reuses the main pass's output.
+
+The text adapter masks words; a vision-language model's images reach both branches as they are. Where its image
+encoder (``get_encoder(modality="image")``: the vision tower) has no trainable parameter and draws nothing at
+random (in eval mode, or with no dropout or drop-path rate above 0), the sub pass would compute the main pass's
+output again, with no gradient to give either way, as in fine-tuning with the vision tower frozen (LLaVA's second
+stage, most LoRA recipes). So the main pass's calls of the encoder keep their outputs, with the tensors they were
+called on (their memory is not reused while held); in the sub pass a call on the same tensors, unchanged since
+(their version counters say so), gets the output back without running the encoder, and any other call runs it. The
+outputs go once the sub pass is done, and only the last ``KEEP`` calls are held (a model calls its encoder once for
+its images and once for its videos); passes without gradients (evaluation) keep nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+KEEP = 4
+RATES = ("dropout", "dropout_prob", "dropout_rate", "drop_path_rate")  # the config keys that name a random draw
+
+
+def image_encoder(model: nn.Module) -> nn.Module | None:
+    """The image encoder of a Hugging Face vision-language model (wrapped by PEFT or not), None for other models."""
+    from .text_families import classifier_of
+
+    model = classifier_of(model)
+    find = getattr(model, "get_encoder", None)
+    if find is None:
+        return None
+    try:
+        encoder = find(modality="image")
+    except (TypeError, ValueError, AttributeError):  # an older transformers, or no such encoder
+        return None
+    return encoder if encoder is not model and encoder is not getattr(model, "base_model", None) else None
+
+
+def draws_at_random(module: nn.Module) -> bool:
+    """Whether ``module`` in its present mode may compute another output for the same input: dropout or drop path
+    in training mode, by its modules or its configuration's rates."""
+    if not module.training:
+        return False
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()):
+        return True
+    config = getattr(module, "config", None)
+    values = config.to_dict().items() if hasattr(config, "to_dict") else ()
+    return any(k.endswith(RATES) and isinstance(v, int | float) and v > 0 for k, v in values)
+
+
+def _copy(output):
+    """A model output whose fields the caller may set (a model's ``get_image_features`` sets the encoder output's
+    ``pooler_output`` to its projected features) without changing the one held."""
+    return type(output)(**output) if isinstance(output, Mapping) and hasattr(output, "to_tuple") else output
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        # a held tensor's memory is its own: the same pointer, layout and version is the same values
+        return (a.data_ptr(), a.shape, a.stride(), a.dtype, a.device, a._version) == (
+            b.data_ptr(), b.shape, b.stride(), b.dtype, b.device, b._version,
+        )  # fmt: skip
+    try:
+        return bool(a == b)
+    except Exception:  # values that do not compare: not the same call
+        return False
+
+
+class FrozenEncoderCache:
+    """Holds a frozen image encoder's main-pass outputs for the sub pass (see the module's docstring)."""
+
+    def __init__(self, encoder: nn.Module):
+        self.encoder = encoder
+        self._held: list[tuple[list, object, object]] = []  # (input leaves, their structure, the output)
+        self._reusing = False
+        self._handle = encoder.register_forward_hook(self._hold, with_kwargs=True)
+        self.reused = 0  # calls the sub pass did not run (read by the tests)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FrozenEncoderCache | None:
+        encoder = image_encoder(model)
+        return None if encoder is None else cls(encoder)
+
+    def frozen(self) -> bool:
+        return not draws_at_random(self.encoder) and not any(p.requires_grad for p in self.encoder.parameters())
+
+    def _hold(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if self._reusing or not torch.is_grad_enabled() or not self.frozen():
+            return
+        leaves, spec = tree_flatten((args, kwargs))
+        self._held = [*self._held[-(KEEP - 1) :], (leaves, spec, _copy(output))]
+
+    def _forward(self, original):
+        def forward(*args, **kwargs):
+            leaves, spec = tree_flatten((args, kwargs))
+            for held, held_spec, output in self._held:
+                if held_spec == spec and all(_same(a, b) for a, b in zip(held, leaves, strict=True)):
+                    self.reused += 1
+                    return _copy(output)
+            return original(*args, **kwargs)
+
+        return forward
+
+    def run_reusing(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` (the sub pass) with the encoder's held outputs given back, then let go."""
+        if not self._held or not self.frozen():
+            self._held = []
+            return fn(*args, **kwargs)
+        patched = self.encoder.__dict__.get("forward")  # a forward set on the instance (accelerate's hooks)
+        original = patched if patched is not None else self.encoder.forward
+        self.encoder.forward = self._forward(original)
+        self._reusing = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._reusing, self._held = False, []
+            if patched is None:
+                del self.encoder.forward
+            else:
+                self.encoder.forward = patched
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._held = []
