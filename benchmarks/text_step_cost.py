@@ -174,7 +174,9 @@ def is_vlm(name: str) -> bool:
     return CONFIGS[name][0] == "smolvlm"
 
 
-def make_model(name: str, device: torch.device, task: str = "sequence") -> torch.nn.Module:
+def make_model(name: str, device: torch.device, task: str = "sequence", frozen: bool = False) -> torch.nn.Module:
+    """A random-init model of the configuration ``name`` with the head of ``task``, in training mode (``frozen``:
+    a vision-language model's vision tower frozen)."""
     kind, overrides = CONFIGS[name]
     if is_vlm(name):  # the padding id is the language model's
         text = dict(overrides["text_config"] or VLM_TEXT[name], pad_token_id=PAD)
@@ -182,7 +184,10 @@ def make_model(name: str, device: torch.device, task: str = "sequence") -> torch
     else:
         config = transformers.AutoConfig.for_model(kind, **overrides, num_labels=2, pad_token_id=PAD)
     torch.manual_seed(0)
-    return HEADS[task].from_config(config).to(device).train()
+    model = HEADS[task].from_config(config).to(device).train()
+    if frozen:
+        model.get_encoder(modality="image").requires_grad_(False)
+    return model
 
 
 def make_batch(batch: int, length: int, vocab: int, device: torch.device, task: str = "sequence") -> dict:
@@ -240,7 +245,7 @@ def flop_ideal(model: torch.nn.Module, batch: dict, mode: str, task: str) -> flo
 def bench(name: str, args, device: torch.device) -> dict:
     _, batch_size, length, warmup, rounds, calls, _ = SCALES[args.scale]
     batch_size, length = args.batch or batch_size, args.length or length
-    model = make_model(name, device, args.task)
+    model = make_model(name, device, args.task, args.frozen_vision)
     if args.task == "vlm":
         batch_size = args.batch or VLM_BATCH[args.scale]
         batch = make_vlm_batch(batch_size, length, model.config, device)
@@ -249,11 +254,12 @@ def bench(name: str, args, device: torch.device) -> dict:
         batch = make_batch(batch_size, length, model.config.vocab_size, device, args.task)
     row = {"batch": batch_size, "length": length, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     row["flop_ideal"] = {
-        mode: flop_ideal(make_model(name, device, args.task), batch, mode, args.task) for mode in MODES
+        mode: flop_ideal(make_model(name, device, args.task, args.frozen_vision), batch, mode, args.task)
+        for mode in MODES
     }
     steps, peaks = {}, {}
     for variant in ("plain", *(f"masksub:{mode}" for mode in MODES)):
-        model = make_model(name, device, args.task)
+        model = make_model(name, device, args.task, args.frozen_vision)
         mode = variant.partition(":")[2]
         net = masksub.wrap(model, ratio=0.5, mode=mode, special_ids=special_ids(args.task)) if mode else model
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
@@ -278,13 +284,14 @@ def bench(name: str, args, device: torch.device) -> dict:
 
 def markdown(data: dict) -> str:
     meta = data["meta"]
+    frozen = " (its vision tower frozen)" if meta.get("frozen_vision") else ""
     lines = [
         f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['precision']}; {meta['hardware']}, "
         f"{meta['date']}.",
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Heads: {HEAD_NAMES[meta.get('task', 'sequence')]}.",
+        f"Heads: {HEAD_NAMES[meta.get('task', 'sequence')]}{frozen}.",
         "",
         "Peak memory: tensor memory (parameters, optimizer state, gradients, activations) at its peak over a step"
         " (a CPU: the profiler's allocation and free events; a GPU: the CUDA allocator's peak).",
@@ -316,6 +323,9 @@ def main() -> None:
     p.add_argument(
         "--task", default="sequence", choices=tuple(HEADS), help="a label per text or token, next tokens, or targets"
     )
+    p.add_argument(
+        "--frozen-vision", action="store_true", help="--task vlm: the vision tower frozen (no gradient, computed once)"
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     names, *_, device = SCALES[args.scale]
@@ -339,7 +349,10 @@ def main() -> None:
     device = torch.device(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"text_step_cost_{args.scale}{'' if args.task == 'sequence' else '_' + args.task}.json"
+    if args.frozen_vision and args.task != "vlm":
+        sys.exit("--frozen-vision freezes a vision-language model's vision tower: it goes with --task vlm")
+    task = "" if args.task == "sequence" else "_" + args.task + ("_frozen" if args.frozen_vision else "")
+    path = out / f"text_step_cost_{args.scale}{task}.json"
     data = {
         "meta": {
             "torch": torch.__version__,
@@ -349,6 +362,7 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python " + " ".join(sys.argv),
             "task": args.task,
+            "frozen_vision": args.frozen_vision,
         },
         "models": {},
     }

@@ -188,6 +188,14 @@ def test_text_step_cost_tiny_vision_language_model(tmp_path):
     assert row["length"] == 4 + 16  # an image's 4 tokens and up to 16 words
     assert row["flop_ideal"]["attention"] == pytest.approx(2.0, rel=0.01) and 1.5 < row["flop_ideal"]["drop"] < 1.9
     assert "Heads: a vision-language model's" in (tmp_path / "text_step_cost_tiny_vlm.md").read_text()
+    _run("text_step_cost.py", "--scale", "tiny", "--task", "vlm", "--frozen-vision", "--out", str(tmp_path))
+    frozen = json.loads((tmp_path / "text_step_cost_tiny_vlm_frozen.json").read_text())
+    assert (
+        frozen["meta"]["frozen_vision"]
+        and "tower frozen" in (tmp_path / "text_step_cost_tiny_vlm_frozen.md").read_text()
+    )
+    ideal = frozen["models"]["tiny-smolvlm"]["flop_ideal"]  # the sub pass reuses the frozen tower's output
+    assert ideal["attention"] < 1.99 and ideal["drop"] < row["flop_ideal"]["drop"]
     proc = subprocess.run(
         [sys.executable, str(BENCH / "text_step_cost.py"), "--scale", "tiny", "--task", "vlm", "--models", "tiny-bert"]
         + ["--out", str(tmp_path)],

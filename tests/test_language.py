@@ -671,6 +671,89 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
     assert (expected[kept] - model(**batch).logits[kept]).abs().max() > 1e-3, "hiding moved the logits"
 
 
+def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch) -> tuple[dict, int]:
+    """One MaskSub step of ``kind`` in training mode with its vision tower frozen: the gradients, and how many
+    times the tower ran. ``cache=False``: the frozen encoder's cache turned off, both passes running the tower."""
+    from masksub.adapters import frozen_encoder
+
+    model = VLMS[kind]().train()
+    tower = frozen_encoder.image_encoder(model)
+    tower.requires_grad_(False)
+    calls = []  # the tower's computation (its hooks run at each call, its forward given back or not)
+    next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
+    with monkeypatch.context() as patch:
+        if not cache:
+            patch.setattr(frozen_encoder.FrozenEncoderCache, "frozen", lambda self: False)
+        wrapped = wrap_text(model, sub="mask", ratio=0.5, mode=mode)
+        torch.manual_seed(3)
+        _step(wrapped)(_vlm_batch(kind))
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+
+FROZEN_CASES = [(kind, "drop") for kind in VLMS] + [("llava", "token"), ("qwen2_vl", "attention")]
+
+
+@needs_transformers_5
+@pytest.mark.parametrize("kind, mode", FROZEN_CASES)
+def test_a_frozen_vision_tower_runs_once_a_step_with_the_same_gradients(kind, mode, monkeypatch):
+    """A vision tower with no trainable parameter and nothing random computes the same in both branches: the sub
+    pass gets the main pass's output back (the tower computes once a step, not twice) and the gradients are those
+    of running it twice."""
+    cached, once = _frozen_tower_step(kind, mode, cache=True, monkeypatch=monkeypatch)
+    again, twice = _frozen_tower_step(kind, mode, cache=False, monkeypatch=monkeypatch)
+    assert (once, twice) == (1, 2)
+    assert cached.keys() == again.keys() and not any(n.startswith(("model.vision_", "model.visual.")) for n in cached)
+    for n in cached:
+        torch.testing.assert_close(cached[n], again[n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_the_vision_tower_runs_again_where_it_is_trained_random_or_given_other_images():
+    """The sub pass reuses nothing from a tower that trains (a parameter requiring a gradient) or draws at random
+    (dropout in training mode), nor where its images are others or were changed in place since the main pass;
+    passes without gradients (evaluation) hold nothing."""
+    from masksub.adapters import frozen_encoder
+
+    model = _llava().train()
+    tower = frozen_encoder.image_encoder(model)
+    calls = []
+    next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
+    wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="attention")
+    batch = {k: v for k, v in _vlm_batch("llava").items() if k != "labels"}
+    cache = wrapped.branch._images
+
+    def passes(sub_batch=None, change=None) -> int:
+        calls.clear()
+        wrapped(**batch)
+        if change is not None:
+            change()
+        wrapped(**(sub_batch or batch), sub=True)
+        return len(calls)
+
+    assert passes() == 2  # trained
+    tower.requires_grad_(False)
+    assert passes() == 1 and cache.reused == 1 and not cache._held
+    tower.config.attention_dropout = 0.1
+    assert passes() == 2  # random in training mode, not in evaluation
+    tower.eval()
+    assert passes() == 1
+    torch.manual_seed(1)
+    other = {**batch, "pixel_values": torch.randn_like(batch["pixel_values"])}
+    assert passes(other) == 2
+    assert passes(change=lambda: batch["pixel_values"].mul_(2)) == 2
+    with torch.no_grad():
+        wrapped(**batch)
+    assert not cache._held
+    with torch.no_grad():  # the sub pass's images are its own: the same output as the tower computes for them
+        torch.manual_seed(4)
+        wrapped(**batch)
+        got = wrapped(**other, sub=True).logits
+        torch.manual_seed(4)
+        expected = wrapped(**other, sub=True).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    wrapped.unwrap()
+    assert not tower._forward_hooks and "forward" not in tower.__dict__
+
+
 def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
     """LLaVA-NeXT-Video (its videos' tokens untested) is not known to the drop mode; a LLaVA on a language model it
     does not know is refused as that language model is."""

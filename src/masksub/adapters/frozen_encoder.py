@@ -4,11 +4,13 @@ The text adapter masks words; a vision-language model's images reach both branch
 encoder (``get_encoder(modality="image")``: the vision tower) has no trainable parameter and draws nothing at
 random (in eval mode, or with no dropout or drop-path rate above 0), the sub pass would compute the main pass's
 output again, with no gradient to give either way, as in fine-tuning with the vision tower frozen (LLaVA's second
-stage, most LoRA recipes). So the main pass's calls of the encoder keep their outputs, with the tensors they were
-called on (their memory is not reused while held); in the sub pass a call on the same tensors, unchanged since
-(their version counters say so), gets the output back without running the encoder, and any other call runs it. The
-outputs go once the sub pass is done, and only the last ``KEEP`` calls are held (a model calls its encoder once for
-its images and once for its videos); passes without gradients (evaluation) keep nothing.
+stage, most LoRA recipes). So the main pass's calls of the encoder keep their outputs (the tower's output, all its
+layers' hidden states where the model asks for them: memory held from the main pass to the sub pass), with the
+tensors they were called on; in the sub pass a call on the same tensors, unchanged since (their version counters
+say so), or on tensors equal to them in value (a model may make its encoder's input anew at each pass; one host
+sync), gets the output back without running the encoder, and any other call runs it. The outputs go once the sub
+pass is done, and only the last ``KEEP`` calls are held (a model calls its encoder once for its images and once for
+its videos); passes without gradients (evaluation) keep nothing.
 """
 
 from __future__ import annotations
@@ -56,16 +58,25 @@ def _copy(output):
     return type(output)(**output) if isinstance(output, Mapping) and hasattr(output, "to_tuple") else output
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return False
-        # a held tensor's memory is its own: the same pointer, layout and version is the same values
-        return (a.data_ptr(), a.shape, a.stride(), a.dtype, a.device, a._version) == (
-            b.data_ptr(), b.shape, b.stride(), b.dtype, b.device, b._version,
-        )  # fmt: skip
+def _version(leaf) -> int | None:
+    return leaf._version if isinstance(leaf, torch.Tensor) else None
+
+
+def _same(held, version: int | None, given) -> bool:
+    """Whether ``given`` is what ``held`` was when the main pass called the encoder with it (``version``: its version
+    counter then): a tensor unchanged since and the same view, or equal in value (a model may make its encoder's
+    input anew at each pass: one host sync), or another value that compares equal."""
+    if isinstance(held, torch.Tensor) or isinstance(given, torch.Tensor):
+        if not (isinstance(held, torch.Tensor) and isinstance(given, torch.Tensor)) or held._version != version:
+            return False  # changed in place since: its values then are not known
+        layout = (held.shape, held.stride(), held.dtype, held.device)
+        if (held.data_ptr(), *layout) == (given.data_ptr(), given.shape, given.stride(), given.dtype, given.device):
+            return given._version == version
+        return (held.shape, held.dtype, held.device) == (given.shape, given.dtype, given.device) and bool(
+            torch.equal(held, given)
+        )
     try:
-        return bool(a == b)
+        return bool(held == given)
     except Exception:  # values that do not compare: not the same call
         return False
 
@@ -75,7 +86,7 @@ class FrozenEncoderCache:
 
     def __init__(self, encoder: nn.Module):
         self.encoder = encoder
-        self._held: list[tuple[list, object, object]] = []  # (input leaves, their structure, the output)
+        self._held: list[tuple[list, list, object, object]] = []  # (input leaves, versions, structure, output)
         self._reusing = False
         self._handle = encoder.register_forward_hook(self._hold, with_kwargs=True)
         self.reused = 0  # calls the sub pass did not run (read by the tests)
@@ -92,13 +103,13 @@ class FrozenEncoderCache:
         if self._reusing or not torch.is_grad_enabled() or not self.frozen():
             return
         leaves, spec = tree_flatten((args, kwargs))
-        self._held = [*self._held[-(KEEP - 1) :], (leaves, spec, _copy(output))]
+        self._held = [*self._held[-(KEEP - 1) :], (leaves, [_version(v) for v in leaves], spec, _copy(output))]
 
     def _forward(self, original):
         def forward(*args, **kwargs):
             leaves, spec = tree_flatten((args, kwargs))
-            for held, held_spec, output in self._held:
-                if held_spec == spec and all(_same(a, b) for a, b in zip(held, leaves, strict=True)):
+            for held, versions, held_spec, output in self._held:
+                if held_spec == spec and all(map(_same, held, versions, leaves)):
                     self.reused += 1
                     return _copy(output)
             return original(*args, **kwargs)
