@@ -285,6 +285,7 @@ def bench(name: str, args, device: torch.device) -> dict:
 def markdown(data: dict) -> str:
     meta = data["meta"]
     frozen = " (its vision tower frozen)" if meta.get("frozen_vision") else ""
+    frozen = frozen.replace(")", ", run again in the sub pass)") if not meta.get("encoder_reuse", True) else frozen
     lines = [
         f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['precision']}; {meta['hardware']}, "
         f"{meta['date']}.",
@@ -326,6 +327,11 @@ def main() -> None:
     p.add_argument(
         "--frozen-vision", action="store_true", help="--task vlm: the vision tower frozen (no gradient, computed once)"
     )
+    p.add_argument(
+        "--no-encoder-reuse",
+        action="store_true",
+        help="with --frozen-vision: the sub pass runs the frozen tower again (what reusing its output saves)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     names, *_, device = SCALES[args.scale]
@@ -351,7 +357,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.frozen_vision and args.task != "vlm":
         sys.exit("--frozen-vision freezes a vision-language model's vision tower: it goes with --task vlm")
-    task = "" if args.task == "sequence" else "_" + args.task + ("_frozen" if args.frozen_vision else "")
+    if args.no_encoder_reuse and not args.frozen_vision:
+        sys.exit("--no-encoder-reuse runs a frozen vision tower again in the sub pass: it goes with --frozen-vision")
+    if args.no_encoder_reuse:
+        masksub.adapters.frozen_encoder.FrozenEncoderCache.frozen = lambda self: False
+    frozen = ("_frozen" if args.frozen_vision else "") + ("_rerun" if args.no_encoder_reuse else "")
+    task = "" if args.task == "sequence" else "_" + args.task + frozen
     path = out / f"text_step_cost_{args.scale}{task}.json"
     data = {
         "meta": {
@@ -363,6 +374,7 @@ def main() -> None:
             "command": "python " + " ".join(sys.argv),
             "task": args.task,
             "frozen_vision": args.frozen_vision,
+            "encoder_reuse": not args.no_encoder_reuse,
         },
         "models": {},
     }

@@ -196,6 +196,19 @@ def test_text_step_cost_tiny_vision_language_model(tmp_path):
     )
     ideal = frozen["models"]["tiny-smolvlm"]["flop_ideal"]  # the sub pass reuses the frozen tower's output
     assert ideal["attention"] < 1.99 and ideal["drop"] < row["flop_ideal"]["drop"]
+    _run(
+        "text_step_cost.py",
+        "--scale",
+        "tiny",
+        "--task",
+        "vlm",
+        "--frozen-vision",
+        "--no-encoder-reuse",
+        "--out",
+        str(tmp_path),
+    )
+    rerun = json.loads((tmp_path / "text_step_cost_tiny_vlm_frozen_rerun.json").read_text())["models"]["tiny-smolvlm"]
+    assert rerun["flop_ideal"]["attention"] == pytest.approx(2.0, rel=0.01)  # the tower in both passes again
     proc = subprocess.run(
         [sys.executable, str(BENCH / "text_step_cost.py"), "--scale", "tiny", "--task", "vlm", "--models", "tiny-bert"]
         + ["--out", str(tmp_path)],
