@@ -71,7 +71,7 @@ def _same(held, version: int | None, given) -> bool:
             return False  # changed in place since: its values then are not known
         layout = (held.shape, held.stride(), held.dtype, held.device)
         if (held.data_ptr(), *layout) == (given.data_ptr(), given.shape, given.stride(), given.dtype, given.device):
-            return given._version == version
+            return True  # the same view of the same memory (held, so not another tensor's since), unchanged
         return (held.shape, held.dtype, held.device) == (given.shape, given.dtype, given.device) and bool(
             torch.equal(held, given)
         )
@@ -97,7 +97,7 @@ class FrozenEncoderCache:
         return None if encoder is None else cls(encoder)
 
     def frozen(self) -> bool:
-        return not draws_at_random(self.encoder) and not any(p.requires_grad for p in self.encoder.parameters())
+        return not any(p.requires_grad for p in self.encoder.parameters()) and not draws_at_random(self.encoder)
 
     def _hold(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if self._reusing or not torch.is_grad_enabled() or not self.frozen():
