@@ -186,7 +186,7 @@ def make_model(name: str, device: torch.device, task: str = "sequence", frozen: 
     torch.manual_seed(0)
     model = HEADS[task].from_config(config).to(device).train()
     if frozen:
-        model.get_encoder(modality="image").requires_grad_(False)
+        masksub.adapters.frozen_encoder.image_encoder(model).requires_grad_(False)
     return model
 
 
@@ -284,8 +284,10 @@ def bench(name: str, args, device: torch.device) -> dict:
 
 def markdown(data: dict) -> str:
     meta = data["meta"]
-    frozen = " (its vision tower frozen)" if meta.get("frozen_vision") else ""
-    frozen = frozen.replace(")", ", run again in the sub pass)") if not meta.get("encoder_reuse", True) else frozen
+    frozen = ""
+    if meta.get("frozen_vision"):
+        again = "" if meta.get("encoder_reuse", True) else ", run again in the sub pass"
+        frozen = f" (its vision tower frozen{again})"
     lines = [
         f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['precision']}; {meta['hardware']}, "
         f"{meta['date']}.",

@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .text_families import classifier_of
+
 KEEP = 4
 RATES = ("dropout", "dropout_prob", "dropout_rate", "drop_path_rate")  # the config keys that name a random draw
 
 
 def image_encoder(model: nn.Module) -> nn.Module | None:
     """The image encoder of a Hugging Face vision-language model (wrapped by PEFT or not), None for other models."""
-    from .text_families import classifier_of
-
     model = classifier_of(model)
     find = getattr(model, "get_encoder", None)
     if find is None:
