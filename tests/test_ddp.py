@@ -2,7 +2,7 @@
 
 The same under FSDP (``fully_shard``, and ``FullyShardedDataParallel``; each block and the root sharded):
 one gradient reduce-scatter per sharded module and optimizer step, as many as the plain step makes,
-and the result of one process."""
+and the result of one process. A vision-language model's frozen vision tower runs once a step under each."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import TINY, made_once, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
+from conftest import TINY, _transformers_5, made_once, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
 from torch.nn.parallel import DistributedDataParallel as DDP
+from vlms import VLMS, vlm_batch
 
 import masksub
 from masksub.parallel import clip_grad_norm, engine, grad_norm
@@ -214,6 +215,49 @@ def _static_graph(rank):
     return refused, _train("vit", 1, "summed", rank=rank, world=WORLD, static_graph=True)
 
 
+# a LLaVA's vision tower frozen or trained, under DDP or FSDP, its frozen output reused by the sub pass or not
+VLM_CASES = [(p, frozen, True) for p in ("ddp", "fsdp1", "fsdp2") if p == "ddp" or FSDP_CASES for frozen in (1, 0)]
+VLM_CASES = [*VLM_CASES, *((p, 1, False) for p, frozen, _ in VLM_CASES if frozen)] if _transformers_5() else []
+
+
+def _vlm_train(parallel, frozen, reuse, rank):
+    """STEPS MaskSub steps (drop mode) of a tiny LLaVA, each process on its half of the batch: the vision tower's
+    computations a step, DDP's gradient all-reduces a step, and the weights."""
+    from masksub.adapters.frozen_encoder import image_encoder
+
+    model = VLMS["llava"]().train()
+    tower = image_encoder(model)
+    tower.requires_grad_(not frozen)
+    calls = []
+    next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
+    wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
+    if not reuse:
+        wrapped.branch._images = None
+    count = AllReduceCount()
+    if parallel == "ddp":
+        sharded = DDP(wrapped, find_unused_parameters=not frozen)  # LLaVA leaves the tower's last norm unused
+        count = count_allreduces(sharded)
+    elif parallel == "fsdp1":  # frozen, the tower a unit of its own (a flat parameter trains whole or not at all);
+        # trained, its parameters flattened into the root's, which hides them from the tower
+        policy = ModuleWrapPolicy({type(tower)}) if frozen else None
+        sharded = FullyShardedDataParallel(wrapped, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    else:  # the tower's blocks (fully_shard on the tower itself leaves LLaVA without the hidden states it reads)
+        for block in tower.encoder.layers:
+            fully_shard(block)
+        sharded = fully_shard(wrapped)
+    opt = torch.optim.SGD([p for p in sharded.parameters() if p.requires_grad], lr=0.1)
+    step = masksub.Step(sharded, opt, torch.nn.CrossEntropyLoss())
+    batch = _rows(vlm_batch("llava"), 2 * rank, 2 * rank + 2)
+    per_step, start = [], 0
+    for i in range(STEPS):
+        calls.clear()
+        torch.manual_seed(100 * rank + i)
+        assert step(batch)["updated"]
+        per_step.append((len(calls), count.rounds - start))
+        start = count.rounds
+    return per_step, _full_state(sharded if parallel == "fsdp1" else wrapped)
+
+
 def _worker(rank, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -223,6 +267,7 @@ def _worker(rank, init_file, results):
         out["fsdp settings"] = _fsdp_settings()
     out.update({("nonfinite", *case): _nonfinite_steps(*case, rank) for case in NONFINITE})
     out["static graph"] = _static_graph(rank)
+    out.update({("vlm", *case): _vlm_train(*case, rank) for case in VLM_CASES})
     torch.save(out, f"{results}.{rank}")
     exit_without_teardown()
 
@@ -341,3 +386,22 @@ def test_a_loss_not_finite_on_one_process_skips_the_step_on_every_process(ddp_re
     assert skipped0 == skipped1 == [False, True, False], f"steps reported skipped: {skipped0} and {skipped1}"
     for k in state0:
         assert torch.equal(state0[k], state1[k]), f"processes disagree on {k}"
+
+
+@pytest.mark.parametrize("case", [c for c in VLM_CASES if c[2]], ids=lambda c: "-".join(map(str, c)))
+def test_a_frozen_vision_tower_runs_once_a_step_under_ddp_and_fsdp_with_the_same_weights(ddp_results, case):
+    """A frozen vision tower computes once a step on each process (twice where it trains: FSDP1 hides its
+    parameters from it, so the tower's output requiring a gradient says it trains), DDP all-reduces once a step,
+    and the weights are those of the sub pass running the tower again."""
+    parallel, frozen, _ = case
+    (steps0, state0), (steps1, state1) = (r[("vlm", *case)] for r in ddp_results)
+    reductions = 1 if parallel == "ddp" else 0
+    assert steps0 == steps1 == [(1 if frozen else 2, reductions)] * STEPS, "tower computations, all-reduces a step"
+    for k in state0:
+        assert torch.equal(state0[k], state1[k]), f"processes disagree on {k}"
+    if frozen:
+        again_steps, again = ddp_results[0][("vlm", parallel, frozen, False)]
+        assert again_steps == [(2, reductions)] * STEPS
+        assert state0.keys() == again.keys()
+        for k in again:
+            torch.testing.assert_close(state0[k], again[k], rtol=1e-6, atol=1e-8, msg=k)

@@ -267,14 +267,14 @@ def test_trainer_on_a_language_model_equals_the_loss_by_hand(tmp_path, kind):
 def test_trainer_on_a_vision_language_model_equals_the_loss_by_hand(tmp_path):
     """LLaVA in the Trainer, its images in the batch: the main loss is its own (labels shifted), the sub branch's
     words masked around the image's placeholders, each labelled next token distilled."""
-    from test_language import IMAGE, _llava, _vlm_batch
+    from vlms import IMAGE, llava, vlm_batch
 
-    model = _llava()
+    model = llava()
     seen = []
     record = lambda m, a, kw: seen.append((kw["input_ids"].clone(), kw["pixel_values"].clone()))  # noqa: E731
     model.register_forward_pre_hook(record, with_kwargs=True)
     capture = GradsBeforeStep(model)
-    data = _vlm_batch("llava")
+    data = vlm_batch("llava")
     trainer = _trainer(tmp_path, model, data)
     trainer.add_callback(capture)
     trainer.train()

@@ -19,6 +19,7 @@ from conftest import (
     tiny_language_model,
     wrap_text,
 )
+from vlms import IMAGE, PATCHES, PLACEHOLDERS, VLMS, llava, vlm_batch
 
 import masksub
 from masksub.language import CAUSAL, ROUTER_LOSSES, SEQ2SEQ, language_model
@@ -388,185 +389,6 @@ def test_readme_language_model_example_runs(monkeypatch):
     assert scope["step"].model.branch.mode == "drop" and scope["step"]._language[0] == CAUSAL
 
 
-IMAGE = 63  # a vision-language model's image placeholder: a token id its configuration names, never masked
-PATCHES = 4  # placeholders an image: LLaVA's 16-pixel image of 8-pixel patches (class token left out), Qwen2-VL's
-# 8-pixel image of 2-pixel patches merged 2 x 2, and the others' 16-pixel image of 4-pixel patches merged 2 x 2
-# LLaVA-NeXT's and LLaVA-OneVision's: the whole image's 4 features, its one tile's 4, a newline after each tile row
-PLACEHOLDERS = {"llava_next": 10, "llava_onevision": 10}
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16)
-
-
-def _llava_kin(config_class, model_class, text_class, vision, **config):
-    """A tiny vision-language model of LLaVA's layout: a vision tower (``vision``: 16-pixel images), a projector, a
-    decoder of ``text_class``; an image fills its placeholders in its sample."""
-    text = text_class(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS)
-    torch.manual_seed(0)
-    return model_class(config_class(vision_config=vision, text_config=text, **config))
-
-
-def _llava():
-    """A tiny LLaVA: a CLIP vision tower, a projector, a Llama; an image fills the 4 placeholders of its sample."""
-    import transformers as tf
-
-    vision = tf.CLIPVisionConfig(**VISION, patch_size=8)
-    select = dict(image_token_id=IMAGE, vision_feature_select_strategy="default", vision_feature_layer=-1)
-    return _llava_kin(tf.LlavaConfig, tf.LlavaForConditionalGeneration, tf.LlamaConfig, vision, **select)
-
-
-def _llava_next():
-    """LLaVA-NeXT: an image seen whole and in tiles (here one tile of 16 pixels), on a Llama."""
-    import transformers as tf
-
-    vision = tf.CLIPVisionConfig(**VISION, patch_size=8)
-    tiles = dict(image_token_id=IMAGE, image_grid_pinpoints=[[16, 16]], vision_feature_layer=-1)
-    return _llava_kin(tf.LlavaNextConfig, tf.LlavaNextForConditionalGeneration, tf.LlamaConfig, vision, **tiles)
-
-
-def _llava_onevision():
-    """LLaVA-OneVision: LLaVA-NeXT's tiles, a SigLIP vision tower, a Qwen2."""
-    import transformers as tf
-
-    vision = tf.SiglipVisionConfig(**VISION, patch_size=8)
-    tiles = dict(image_token_id=IMAGE, video_token_id=IMAGE - 1, image_grid_pinpoints=[[16, 16]])
-    model_class = tf.LlavaOnevisionForConditionalGeneration
-    return _llava_kin(tf.LlavaOnevisionConfig, model_class, tf.Qwen2Config, vision, **tiles, vision_feature_layer=-1)
-
-
-def _mistral3():
-    """Mistral 3: a Pixtral vision tower (4-pixel patches, rotary over rows and columns), its patches merged 2 x 2,
-    on a Mistral."""
-    import transformers as tf
-
-    vision = tf.PixtralVisionConfig(**VISION, patch_size=4, head_dim=16)
-    merge = dict(image_token_index=IMAGE, spatial_merge_size=2, vision_feature_layer=-1)
-    return _llava_kin(tf.Mistral3Config, tf.Mistral3ForConditionalGeneration, tf.MistralConfig, vision, **merge)
-
-
-def _internvl():
-    """InternVL: its vision tower (4-pixel patches), pixels shuffled into 2 x 2 fewer tokens, on a Qwen2."""
-    import transformers as tf
-
-    vision = dict(VISION, image_size=[16, 16], patch_size=[4, 4])
-    shuffle = dict(image_token_id=IMAGE, downsample_ratio=0.5, vision_feature_layer=-1)
-    return _llava_kin(tf.InternVLConfig, tf.InternVLForConditionalGeneration, tf.Qwen2Config, vision, **shuffle)
-
-
-def _idefics3(smolvlm: bool = False):
-    """Idefics3 (or SmolVLM, its successor): a SigLIP-style vision tower (4-pixel patches), pixels shuffled into
-    2 x 2 fewer tokens, on a Llama."""
-    import transformers as tf
-
-    config_class, model_class = (
-        (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration)
-        if smolvlm
-        else (tf.Idefics3Config, tf.Idefics3ForConditionalGeneration)
-    )
-    vision = dict(VISION, patch_size=4)
-    return _llava_kin(config_class, model_class, tf.LlamaConfig, vision, image_token_id=IMAGE, scale_factor=2)
-
-
-def _qwen_vl(config_class, model_class, **vision):
-    """A tiny Qwen2-VL-style model: its vision tower (patches of 2 x 2 pixels x 2 frames, merged 2 x 2, and
-    ``vision``), a Qwen2 with 3-D RoPE (time, height, width) over the image's placeholders; vision start and end
-    tokens around them."""
-    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    text = dict(LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, rope_parameters=rope)
-    config = config_class(
-        text_config=text,
-        vision_config=dict(
-            vision, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2
-        ),
-        image_token_id=IMAGE,
-        video_token_id=IMAGE - 1,
-        vision_start_token_id=IMAGE - 2,
-        vision_end_token_id=IMAGE - 3,
-    )
-    torch.manual_seed(0)
-    return model_class(config)
-
-
-def _qwen2_vl():
-    import transformers
-
-    vision = dict(depth=1, embed_dim=32, mlp_ratio=2)
-    return _qwen_vl(transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, **vision)
-
-
-def _qwen2_5_vl():
-    """Qwen2.5-VL's vision tower: a block of windowed attention (4-pixel windows: each merged 2 x 2 patches, 4 an
-    image) and one of full attention, and an MLP projector."""
-    import transformers
-
-    vision = dict(depth=2, intermediate_size=64, window_size=4, fullatt_block_indexes=[1], out_hidden_size=32)
-    return _qwen_vl(transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration, **vision)
-
-
-def _glm4v():
-    """A tiny GLM-4V: Qwen2-VL's layout of patches and 3-D RoPE, its own vision tower and image start and end tokens."""
-    import transformers
-
-    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    text = dict(LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, rope_parameters=rope)
-    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
-    vision.update(out_hidden_size=32, intermediate_size=64, image_size=8)
-    ids = dict(image_token_id=IMAGE, video_token_id=IMAGE - 1, image_start_token_id=IMAGE - 2)
-    ids.update(image_end_token_id=IMAGE - 3, video_start_token_id=IMAGE - 4, video_end_token_id=IMAGE - 5)
-    torch.manual_seed(0)
-    return transformers.Glm4vForConditionalGeneration(
-        transformers.Glm4vConfig(text_config=text, vision_config=vision, **ids)
-    )
-
-
-def _paligemma(version: int = 1):
-    """PaliGemma: a SigLIP vision tower (8-pixel patches), image and prompt attending each other both ways, on a
-    Gemma; PaliGemma 2's Gemma 2 with a sliding window of 4 tokens (shorter than the prefix, which sees all of
-    itself)."""
-    import functools
-
-    import transformers as tf
-
-    text_class = functools.partial(tf.GemmaConfig, head_dim=16)
-    if version == 2:
-        text_class = functools.partial(tf.Gemma2Config, head_dim=16, sliding_window=4)
-    vision = tf.SiglipVisionConfig(**VISION, patch_size=8)
-    model_class, ids = tf.PaliGemmaForConditionalGeneration, dict(image_token_id=IMAGE, projection_dim=32)
-    return _llava_kin(tf.PaliGemmaConfig, model_class, text_class, vision, **ids)
-
-
-def _vlm_batch(kind: str) -> dict[str, torch.Tensor]:
-    """A supervised fine-tuning batch of 4: [CLS], an image's placeholders (Qwen2-VL's between its vision start and
-    end tokens), then words; no label on the prompt (the image's tokens among it) or the padding; the images as the
-    model's processor gives them."""
-    n, qwen = PLACEHOLDERS.get(kind, PATCHES), kind in QWEN_LAYOUT
-    batch = text_batch(batch=4, length=16 + n - PATCHES)
-    ids = batch["input_ids"]
-    ids[ids >= IMAGE - 3] = 4  # words' ids: none of the image's
-    if qwen:
-        ids[:, 1], ids[:, 2 + n] = IMAGE - 2, IMAGE - 3
-    ids[:, 1 + qwen : 1 + qwen + n] = IMAGE
-    batch = lm_labels(batch, prompt=n + 3)
-    g = torch.Generator().manual_seed(7)
-    if qwen:
-        pixels = torch.randn(4 * 16, 3 * 2 * 2 * 2, generator=g)  # 16 patches an image: 3 channels x 2 frames x 2x2
-        grid = torch.tensor([[1, 4, 4]] * 4)  # frames, patch rows, patch columns
-        return {**batch, "pixel_values": pixels, "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE).long()}
-    tiles = kind in PLACEHOLDERS  # the whole image and its one tile
-    shape = (4, 2, 3, 16, 16) if tiles else (4, 1, 3, 16, 16) if kind in ("idefics3", "smolvlm") else (4, 3, 16, 16)
-    images = {"pixel_values": torch.randn(shape, generator=g)}
-    if tiles or kind == "mistral3":
-        images["image_sizes"] = torch.tensor([[16, 16]] * 4)
-    if kind.startswith("paligemma"):  # 0 on the prefix (the image and the prompt), 1 on the rest
-        images["token_type_ids"] = (batch["labels"] != -100).long()
-    return {**batch, **images}
-
-
-QWEN_LAYOUT = ("qwen2_vl", "qwen2_5_vl", "glm4v")  # vision start and end tokens, 3-D RoPE, flattened patches
-VLMS = {"llava": _llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision, "mistral3": _mistral3}
-VLMS |= {"internvl": _internvl, "idefics3": _idefics3, "smolvlm": lambda: _idefics3(smolvlm=True)}
-VLMS |= {"paligemma": _paligemma, "paligemma2": lambda: _paligemma(version=2)}
-VLMS |= {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v}
-
-
 VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention", "drop")]
 
 
@@ -579,7 +401,7 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     would leave an image without its tokens: the model fails then), or drops them (``mode="drop"``: the
     distillation leaves the dropped positions out)."""
     model = VLMS[kind]().train()
-    batch = _vlm_batch(kind)
+    batch = vlm_batch(kind)
     assert language_model(model)[0] == CAUSAL
     wrapped = wrap_text(model, sub="mask", ratio=0.9, mode=mode)
     seen = []
@@ -639,7 +461,7 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
     of the whole sequence with the masked words hidden, and the images reach them."""
     model = VLMS[kind]().eval()
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
-    batch = {k: v for k, v in _vlm_batch(kind).items() if k != "labels"}
+    batch = {k: v for k, v in vlm_batch(kind).items() if k != "labels"}
     images = given != "text"
     if not images:  # and no padding: every sequence keeps as many words (a model may skip an all-ones mask)
         ids = batch["input_ids"].masked_fill(batch["input_ids"] == PAD, 4)
@@ -671,9 +493,11 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
     assert (expected[kept] - model(**batch).logits[kept]).abs().max() > 1e-3, "hiding moved the logits"
 
 
-def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch) -> tuple[dict, int]:
-    """One MaskSub step of ``kind`` in training mode with its vision tower frozen: the gradients, and how many
-    times the tower ran. ``cache=False``: the frozen encoder's cache turned off, both passes running the tower."""
+def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch, compiled=False, images_grad=False):
+    """One MaskSub step of ``kind`` in training mode with its vision tower frozen: the gradients (the images'
+    too, as ``"pixel_values"``, where ``images_grad``), and how many times the tower ran. ``cache=False``: the
+    frozen encoder's cache turned off, both passes running the tower. ``compiled``: the wrapper compiled (dynamo's
+    front end), the step taken twice, the tower counted in the second."""
     from masksub.adapters import frozen_encoder
 
     model = VLMS[kind]().train()
@@ -681,13 +505,24 @@ def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch) -> tuple[
     tower.requires_grad_(False)
     calls = []  # the tower's computation (its hooks run at each call, its forward given back or not)
     next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
+    batch = vlm_batch(kind)
+    batch["pixel_values"].requires_grad_(images_grad)
     with monkeypatch.context() as patch:
         if not cache:
             patch.setattr(frozen_encoder.FrozenEncoderCache, "frozen", lambda self: False)
         wrapped = wrap_text(model, sub="mask", ratio=0.5, mode=mode)
-        torch.manual_seed(3)
-        _step(wrapped)(_vlm_batch(kind))
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+        if compiled:
+            torch._dynamo.reset()
+            wrapped.compile(backend="eager")
+        step = _step(wrapped)
+        for _ in range(1 + compiled):
+            calls.clear()
+            model.zero_grad()
+            batch["pixel_values"].grad = None
+            torch.manual_seed(3)
+            step(batch)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return grads | ({"pixel_values": batch["pixel_values"].grad} if images_grad else {}), len(calls)
 
 
 FROZEN_CASES = [(kind, "drop") for kind in VLMS] + [("llava", "token"), ("qwen2_vl", "attention")]
@@ -707,18 +542,44 @@ def test_a_frozen_vision_tower_runs_once_a_step_with_the_same_gradients(kind, mo
         torch.testing.assert_close(cached[n], again[n], rtol=1e-6, atol=1e-8, msg=n)
 
 
+@needs_transformers_5
+def test_a_compiled_wrapper_runs_a_frozen_vision_tower_once_a_step_with_the_same_gradients(monkeypatch):
+    """Under torch.compile (LLaVA's own checks break its graph; the cache's bookkeeping runs eagerly, outside the
+    graphs), the sub pass still gets the main pass's output back, with eager's gradients."""
+    eager, once = _frozen_tower_step("llava", "drop", cache=True, monkeypatch=monkeypatch)
+    compiled, calls = _frozen_tower_step("llava", "drop", cache=True, monkeypatch=monkeypatch, compiled=True)
+    torch._dynamo.reset()
+    assert once == calls == 1
+    assert compiled.keys() == eager.keys()
+    for n in eager:
+        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+@needs_transformers_5
+def test_images_that_require_a_gradient_run_a_frozen_tower_again(monkeypatch):
+    """A frozen tower given images that require a gradient (a saliency map, an adversarial example) gives the sub
+    pass a gradient of its own to them: the tower's output requires a gradient, so the sub pass runs it again (as
+    where FSDP1's flat parameters hide a trained tower's parameters from it), and the images' gradient is that of
+    both passes."""
+    cached, calls = _frozen_tower_step("llava", "drop", cache=True, monkeypatch=monkeypatch, images_grad=True)
+    again, _ = _frozen_tower_step("llava", "drop", cache=False, monkeypatch=monkeypatch, images_grad=True)
+    assert calls == 2 and cached.keys() == again.keys() and "pixel_values" in cached
+    for n in again:
+        torch.testing.assert_close(cached[n], again[n], rtol=1e-6, atol=1e-8, msg=n)
+
+
 def test_the_vision_tower_runs_again_where_it_is_trained_random_or_given_other_images():
     """The sub pass reuses nothing from a tower that trains (a parameter requiring a gradient) or draws at random
     (dropout in training mode), nor where its images are others or were changed in place since the main pass;
     passes without gradients (evaluation) hold nothing."""
     from masksub.adapters import frozen_encoder
 
-    model = _llava().train()
+    model = llava().train()
     tower = frozen_encoder.image_encoder(model)
     calls = []
     next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="attention")
-    batch = {k: v for k, v in _vlm_batch("llava").items() if k != "labels"}
+    batch = {k: v for k, v in vlm_batch("llava").items() if k != "labels"}
     cache = wrapped.branch._images
 
     def passes(sub_batch=None, change=None) -> int:
@@ -759,13 +620,13 @@ def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
     does not know is refused as that language model is."""
     import transformers as tf
 
-    llava = _llava().config
-    video = tf.LlavaNextVideoConfig(vision_config=llava.vision_config, text_config=llava.text_config)
+    config = llava().config
+    video = tf.LlavaNextVideoConfig(vision_config=config.vision_config, text_config=config.text_config)
     with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*LlavaNextVideoForConditionalGeneration"):
         wrap_text(tf.LlavaNextVideoForConditionalGeneration(video), sub="mask", ratio=0.5, mode="drop")
-    llava.text_config = tf.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
+    config.text_config = tf.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
     with pytest.raises(ValueError, match="of llava, .*, paligemma on one of those decoders .* LlavaForConditionalGen"):
-        wrap_text(tf.LlavaForConditionalGeneration(llava), sub="mask", ratio=0.5, mode="drop")
+        wrap_text(tf.LlavaForConditionalGeneration(config), sub="mask", ratio=0.5, mode="drop")
 
 
 def test_a_multimodal_processor_gives_its_tokenizers_mask_token_and_special_tokens():
@@ -784,5 +645,5 @@ def test_a_multimodal_processor_gives_its_tokenizers_mask_token_and_special_toke
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     processor = transformers.LlavaProcessor(image_processor=transformers.CLIPImageProcessor(), tokenizer=tokenizer)
     assert not hasattr(processor, "all_special_ids")
-    wrapped = masksub.wrap(_llava(), sub="mask", ratio=0.5, tokenizer=processor)
+    wrapped = masksub.wrap(llava(), sub="mask", ratio=0.5, tokenizer=processor)
     assert wrapped.branch.mask_token_id == 3 and {0, 1, 2, 3, 4} <= set(wrapped.branch.special_ids.tolist())

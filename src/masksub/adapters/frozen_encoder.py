@@ -10,7 +10,9 @@ tensors they were called on; in the sub pass a call on the same tensors, unchang
 say so), or on tensors equal to them in value (a model may make its encoder's input anew at each pass; one host
 sync), gets the output back without running the encoder, and any other call runs it. The outputs go once the sub
 pass is done, and only the last ``KEEP`` calls are held (a model calls its encoder once for its images and once for
-its videos); passes without gradients (evaluation) keep nothing.
+its videos); passes without gradients (evaluation) keep nothing. An output that requires a gradient is never held:
+its images require one, or the tower's parameters do where a wrapper hides them from it (FSDP1's flat parameters).
+Under ``torch.compile`` the bookkeeping runs eagerly, between the graphs.
 """
 
 from __future__ import annotations
@@ -99,20 +101,28 @@ class FrozenEncoderCache:
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.encoder.parameters()) and not draws_at_random(self.encoder)
 
+    @torch.compiler.disable  # Python bookkeeping: version counters, a host sync; eager under torch.compile
     def _hold(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if self._reusing or not torch.is_grad_enabled() or not self.frozen():
             return
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
+            return  # a gradient flows through it (a parameter hidden from parameters(), as FSDP1 flattens them)
         leaves, spec = tree_flatten((args, kwargs))
         self._held = [*self._held[-(KEEP - 1) :], (leaves, [_version(v) for v in leaves], spec, _copy(output))]
 
+    @torch.compiler.disable
+    def _find(self, args: tuple, kwargs: dict):
+        leaves, spec = tree_flatten((args, kwargs))
+        for held, versions, held_spec, output in self._held:
+            if held_spec == spec and all(map(_same, held, versions, leaves)):
+                self.reused += 1
+                return _copy(output)
+        return None
+
     def _forward(self, original):
         def forward(*args, **kwargs):
-            leaves, spec = tree_flatten((args, kwargs))
-            for held, versions, held_spec, output in self._held:
-                if held_spec == spec and all(map(_same, held, versions, leaves)):
-                    self.reused += 1
-                    return _copy(output)
-            return original(*args, **kwargs)
+            output = self._find(args, kwargs)
+            return original(*args, **kwargs) if output is None else output
 
         return forward
 
