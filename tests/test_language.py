@@ -19,7 +19,7 @@ from conftest import (
     tiny_language_model,
     wrap_text,
 )
-from vlms import IMAGE, PATCHES, PLACEHOLDERS, VLMS, llava, vlm_batch
+from vlms import IMAGE, PATCHES, PLACEHOLDERS, VIDEO, VIDEO_PLACEHOLDERS, VLMS, llava, vlm_batch
 
 import masksub
 from masksub.language import CAUSAL, ROUTER_LOSSES, SEQ2SEQ, language_model
@@ -389,19 +389,21 @@ def test_readme_language_model_example_runs(monkeypatch):
     assert scope["step"].model.branch.mode == "drop" and scope["step"]._language[0] == CAUSAL
 
 
-VLM_MODES = [(kind, mode) for kind in VLMS for mode in ("token", "attention", "drop")]
+VLM_MODES = [(kind, mode, False) for kind in VLMS for mode in ("token", "attention", "drop")]
+VLM_MODES += [(kind, "drop", True) for kind in VIDEO_PLACEHOLDERS]  # a video a sample in place of the image
 
 
-@pytest.mark.parametrize("kind, mode", VLM_MODES)
-def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode):
+@pytest.mark.parametrize("kind, mode, videos", VLM_MODES)
+def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode, videos):
     """The logits of LLaVA and its kin (LLaVA-NeXT, LLaVA-OneVision, Mistral 3, InternVL, Idefics3, SmolVLM), of
     Qwen2-VL, Qwen2.5-VL and GLM-4V hold a prediction per input token, the image's placeholders included, and their
     own loss shifts the labels: Step's main loss equals it, with the images, and the gradient is the next-token loss
     and its distillation worked out by hand. The sub pass masks words, never an image's token (a placeholder masked
     would leave an image without its tokens: the model fails then), or drops them (``mode="drop"``: the
-    distillation leaves the dropped positions out)."""
+    distillation leaves the dropped positions out). The same with videos."""
     model = VLMS[kind]().train()
-    batch = vlm_batch(kind)
+    batch = vlm_batch(kind, videos=videos)
+    placeholder, count = (VIDEO, VIDEO_PLACEHOLDERS[kind]) if videos else (IMAGE, PLACEHOLDERS.get(kind, PATCHES))
     assert language_model(model)[0] == CAUSAL
     wrapped = wrap_text(model, sub="mask", ratio=0.9, mode=mode)
     seen = []
@@ -412,9 +414,9 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
     own = model.eval()(**batch).loss  # eval: no dropout draws to match
     torch.testing.assert_close(out["loss_main"], own.detach(), rtol=1e-6, atol=1e-6)
     main_ids, sub_ids = seen
-    image = torch.tensor([IMAGE, IMAGE - 2, IMAGE - 3])  # placeholders, vision start and end
+    image = torch.tensor([placeholder, IMAGE - 2, IMAGE - 3])  # placeholders, vision start and end
     kept = torch.isin(main_ids, torch.tensor([PAD, CLS, SEP, *image]))
-    assert (main_ids == IMAGE).sum() == (sub_ids == IMAGE).sum() == 4 * PLACEHOLDERS.get(kind, PATCHES)
+    assert (main_ids == placeholder).sum() == (sub_ids == placeholder).sum() == 4 * count
     if mode == "drop":  # the kept words and every placeholder, shorter
         assert sub_ids.shape[1] < main_ids.shape[1]
     else:
@@ -448,6 +450,7 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode)
 
 VLM_DROP_CASES = [(kind, "images") for kind in VLMS] + [("qwen2_5_vl", "text"), ("qwen2_5_vl", "positions")]
 VLM_DROP_CASES += [("paligemma", "text")]  # no token types: causal where words are hidden
+VLM_DROP_CASES += [(kind, "videos") for kind in VIDEO_PLACEHOLDERS]
 
 
 @needs_transformers_5
@@ -458,11 +461,13 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
     position hiding the masked words gives it (by index for LLaVA and its kin; the 3-D positions of Qwen2-VL,
     Qwen2.5-VL and GLM-4V, which their forward makes from the attention mask's tokens given the images' grids, by
     index without images, and as given where the batch gives them): each kept token's next-token logits are those
-    of the whole sequence with the masked words hidden, and the images reach them."""
+    of the whole sequence with the masked words hidden, and the images reach them. The same with a video a sample
+    in place of the image (LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2-VL)."""
     model = VLMS[kind]().eval()
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
-    batch = {k: v for k, v in vlm_batch(kind).items() if k != "labels"}
-    images = given != "text"
+    batch = {k: v for k, v in vlm_batch(kind, videos=given == "videos").items() if k != "labels"}
+    images, placeholder = given != "text", VIDEO if given == "videos" else IMAGE
+    pixels = "pixel_values_videos" if given == "videos" else "pixel_values"
     if not images:  # and no padding: every sequence keeps as many words (a model may skip an all-ones mask)
         ids = batch["input_ids"].masked_fill(batch["input_ids"] == PAD, 4)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -481,12 +486,12 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
         expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
         if images:
             torch.manual_seed(5)
-            other_images = wrapped(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}, sub=True).logits
+            other_images = wrapped(**{**batch, pixels: batch[pixels].flip(0)}, sub=True).logits
             assert (other_images[kept] - got[kept]).abs().max() > 1e-3, "the images reach the sub pass"
     handle.remove()
-    words = real & ~torch.isin(ids, torch.tensor([*SPECIAL, IMAGE, IMAGE - 2, IMAGE - 3]))
+    words = real & ~torch.isin(ids, torch.tensor([*SPECIAL, placeholder, IMAGE - 2, IMAGE - 3]))
     assert mask.sum(1).tolist() == masked_counts(words.sum(1), 0.5).tolist() and not (mask & ~words).any()
-    assert torch.equal(kept, real & ~mask) and kept[ids == IMAGE].all()
+    assert torch.equal(kept, real & ~mask) and kept[ids == placeholder].all()
     assert lengths[0] == int(kept.sum(1).max()) < ids.shape[1] and lengths[1] == ids.shape[1]
     torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-6)
     assert not got[~kept].any()
@@ -497,16 +502,18 @@ def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch, compiled=
     """One MaskSub step of ``kind`` in training mode with its vision tower frozen: the gradients (the images'
     too, as ``"pixel_values"``, where ``images_grad``), and how many times the tower ran. ``cache=False``: the
     frozen encoder's cache turned off, both passes running the tower. ``compiled``: the wrapper compiled (dynamo's
-    front end), the step taken twice, the tower counted in the second."""
+    front end), the step taken twice, the tower counted in the second. ``kind`` ending in " videos": a video a
+    sample in place of the image."""
     from masksub.adapters import frozen_encoder
 
+    kind, _, videos = kind.partition(" ")
     model = VLMS[kind]().train()
     tower = frozen_encoder.image_encoder(model)
     tower.requires_grad_(False)
     calls = []  # the tower's computation (its hooks run at each call, its forward given back or not)
     next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
-    batch = vlm_batch(kind)
-    batch["pixel_values"].requires_grad_(images_grad)
+    batch = vlm_batch(kind, videos=bool(videos))
+    pixels = batch["pixel_values_videos" if videos else "pixel_values"].requires_grad_(images_grad)
     with monkeypatch.context() as patch:
         if not cache:
             patch.setattr(frozen_encoder.FrozenEncoderCache, "frozen", lambda self: False)
@@ -518,14 +525,15 @@ def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch, compiled=
         for _ in range(1 + compiled):
             calls.clear()
             model.zero_grad()
-            batch["pixel_values"].grad = None
+            pixels.grad = None
             torch.manual_seed(3)
             step(batch)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return grads | ({"pixel_values": batch["pixel_values"].grad} if images_grad else {}), len(calls)
+    return grads | ({"pixel_values": pixels.grad} if images_grad else {}), len(calls)
 
 
 FROZEN_CASES = [(kind, "drop") for kind in VLMS] + [("llava", "token"), ("qwen2_vl", "attention")]
+FROZEN_CASES += [(f"{kind} videos", "drop") for kind in VIDEO_PLACEHOLDERS]
 
 
 @needs_transformers_5
@@ -616,14 +624,14 @@ def test_the_vision_tower_runs_again_where_it_is_trained_random_or_given_other_i
 
 
 def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
-    """LLaVA-NeXT-Video (its videos' tokens untested) is not known to the drop mode; a LLaVA on a language model it
-    does not know is refused as that language model is."""
+    """Video-LLaVA (untested) is not known to the drop mode; a LLaVA on a language model it does not know is refused
+    as that language model is."""
     import transformers as tf
 
     config = llava().config
-    video = tf.LlavaNextVideoConfig(vision_config=config.vision_config, text_config=config.text_config)
-    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*LlavaNextVideoForConditionalGeneration"):
-        wrap_text(tf.LlavaNextVideoForConditionalGeneration(video), sub="mask", ratio=0.5, mode="drop")
+    video = tf.VideoLlavaConfig(vision_config=config.vision_config, text_config=config.text_config)
+    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*VideoLlavaForConditionalGeneration"):
+        wrap_text(tf.VideoLlavaForConditionalGeneration(video), sub="mask", ratio=0.5, mode="drop")
     config.text_config = tf.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
     with pytest.raises(ValueError, match="of llava, .*, paligemma on one of those decoders .* LlavaForConditionalGen"):
         wrap_text(tf.LlavaForConditionalGeneration(config), sub="mask", ratio=0.5, mode="drop")

@@ -10,7 +10,11 @@ IMAGE = 63  # a vision-language model's image placeholder: a token id its config
 PATCHES = 4  # placeholders an image: LLaVA's 16-pixel image of 8-pixel patches (class token left out), Qwen2-VL's
 # 8-pixel image of 2-pixel patches merged 2 x 2, and the others' 16-pixel image of 4-pixel patches merged 2 x 2
 # LLaVA-NeXT's and LLaVA-OneVision's: the whole image's 4 features, its one tile's 4, a newline after each tile row
-PLACEHOLDERS = {"llava_next": 10, "llava_onevision": 10}
+PLACEHOLDERS = {"llava_next": 10, "llava_next_video": 10, "llava_onevision": 10}
+VIDEO = IMAGE - 1  # a video's placeholder
+# a video's placeholders: 4 frames of 16 pixels, LLaVA-NeXT-Video's each pooled to 1 feature, LLaVA-OneVision's to 1
+# and a newline after the video; Qwen2-VL's 2 by 2 frames (its temporal patch) of 4 x 4 patches merged 2 x 2
+VIDEO_PLACEHOLDERS = {"llava_next_video": 4, "llava_onevision": 5, "qwen2_vl": 8}
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16)
 
 
@@ -31,12 +35,16 @@ def llava():
     return llava_kin(tf.LlavaConfig, tf.LlavaForConditionalGeneration, tf.LlamaConfig, vision, **select)
 
 
-def _llava_next():
-    """LLaVA-NeXT: an image seen whole and in tiles (here one tile of 16 pixels), on a Llama."""
+def _llava_next(video: bool = False):
+    """LLaVA-NeXT: an image seen whole and in tiles (here one tile of 16 pixels), on a Llama; LLaVA-NeXT-Video's
+    videos too, each frame's features pooled 2 x 2 (to one here)."""
     import transformers as tf
 
     vision = tf.CLIPVisionConfig(**VISION, patch_size=8)
     tiles = dict(image_token_id=IMAGE, image_grid_pinpoints=[[16, 16]], vision_feature_layer=-1)
+    if video:
+        model_class = tf.LlavaNextVideoForConditionalGeneration
+        return llava_kin(tf.LlavaNextVideoConfig, model_class, tf.LlamaConfig, vision, **tiles, video_token_id=VIDEO)
     return llava_kin(tf.LlavaNextConfig, tf.LlavaNextForConditionalGeneration, tf.LlamaConfig, vision, **tiles)
 
 
@@ -45,7 +53,7 @@ def _llava_onevision():
     import transformers as tf
 
     vision = tf.SiglipVisionConfig(**VISION, patch_size=8)
-    tiles = dict(image_token_id=IMAGE, video_token_id=IMAGE - 1, image_grid_pinpoints=[[16, 16]])
+    tiles = dict(image_token_id=IMAGE, video_token_id=VIDEO, image_grid_pinpoints=[[16, 16]])
     model_class = tf.LlavaOnevisionForConditionalGeneration
     return llava_kin(tf.LlavaOnevisionConfig, model_class, tf.Qwen2Config, vision, **tiles, vision_feature_layer=-1)
 
@@ -95,7 +103,7 @@ def _qwen_vl(config_class, model_class, **vision):
             vision, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2
         ),
         image_token_id=IMAGE,
-        video_token_id=IMAGE - 1,
+        video_token_id=VIDEO,
         vision_start_token_id=IMAGE - 2,
         vision_end_token_id=IMAGE - 3,
     )
@@ -127,7 +135,7 @@ def _glm4v():
     text = dict(LANGUAGE_MODELS["llama"][1], pad_token_id=PAD, bos_token_id=CLS, eos_token_id=SEP, rope_parameters=rope)
     vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
     vision.update(out_hidden_size=32, intermediate_size=64, image_size=8)
-    ids = dict(image_token_id=IMAGE, video_token_id=IMAGE - 1, image_start_token_id=IMAGE - 2)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, image_start_token_id=IMAGE - 2)
     ids.update(image_end_token_id=IMAGE - 3, video_start_token_id=IMAGE - 4, video_end_token_id=IMAGE - 5)
     torch.manual_seed(0)
     return transformers.Glm4vForConditionalGeneration(
@@ -151,23 +159,28 @@ def _paligemma(version: int = 1):
     return llava_kin(tf.PaliGemmaConfig, model_class, text_class, vision, **ids)
 
 
-def vlm_batch(kind: str) -> dict[str, torch.Tensor]:
+def vlm_batch(kind: str, videos: bool = False) -> dict[str, torch.Tensor]:
     """A supervised fine-tuning batch of 4: [CLS], an image's placeholders (Qwen2-VL's between its vision start and
     end tokens), then words; no label on the prompt (the image's tokens among it) or the padding; the images as the
-    model's processor gives them."""
-    n, qwen = PLACEHOLDERS.get(kind, PATCHES), kind in QWEN_LAYOUT
+    model's processor gives them. ``videos``: a video of 4 frames a sample in place of the image."""
+    n = (VIDEO_PLACEHOLDERS if videos else PLACEHOLDERS).get(kind, PATCHES)
+    qwen, placeholder = kind in QWEN_LAYOUT, VIDEO if videos else IMAGE
     batch = text_batch(batch=4, length=16 + n - PATCHES)
     ids = batch["input_ids"]
     ids[ids >= IMAGE - 3] = 4  # words' ids: none of the image's
     if qwen:
         ids[:, 1], ids[:, 2 + n] = IMAGE - 2, IMAGE - 3
-    ids[:, 1 + qwen : 1 + qwen + n] = IMAGE
+    ids[:, 1 + qwen : 1 + qwen + n] = placeholder
     batch = lm_labels(batch, prompt=n + 3)
     g = torch.Generator().manual_seed(7)
-    if qwen:
-        pixels = torch.randn(4 * 16, 3 * 2 * 2 * 2, generator=g)  # 16 patches an image: 3 channels x 2 frames x 2x2
-        grid = torch.tensor([[1, 4, 4]] * 4)  # frames, patch rows, patch columns
-        return {**batch, "pixel_values": pixels, "image_grid_thw": grid, "mm_token_type_ids": (ids == IMAGE).long()}
+    if qwen:  # 16 patches an image of 2 frames: 3 channels x 2 frames x 2x2 pixels; a video's 4 frames, twice that
+        pixels = torch.randn(4 * 16 * (1 + videos), 3 * 2 * 2 * 2, generator=g)
+        grid = torch.tensor([[1 + videos, 4, 4]] * 4)  # frames (by 2), patch rows, patch columns
+        media = ("pixel_values_videos", "video_grid_thw") if videos else ("pixel_values", "image_grid_thw")
+        types = (ids == placeholder).long() * (1 + videos)  # 1 on an image's placeholders, 2 on a video's
+        return {**batch, media[0]: pixels, media[1]: grid, "mm_token_type_ids": types}
+    if videos:
+        return {**batch, "pixel_values_videos": torch.randn(4, 4, 3, 16, 16, generator=g)}
     tiles = kind in PLACEHOLDERS  # the whole image and its one tile
     shape = (4, 2, 3, 16, 16) if tiles else (4, 1, 3, 16, 16) if kind in ("idefics3", "smolvlm") else (4, 3, 16, 16)
     images = {"pixel_values": torch.randn(shape, generator=g)}
@@ -179,7 +192,8 @@ def vlm_batch(kind: str) -> dict[str, torch.Tensor]:
 
 
 QWEN_LAYOUT = ("qwen2_vl", "qwen2_5_vl", "glm4v")  # vision start and end tokens, 3-D RoPE, flattened patches
-VLMS = {"llava": llava, "llava_next": _llava_next, "llava_onevision": _llava_onevision, "mistral3": _mistral3}
+VLMS = {"llava": llava, "llava_next": _llava_next, "llava_next_video": lambda: _llava_next(video=True)}
+VLMS |= {"llava_onevision": _llava_onevision, "mistral3": _mistral3}
 VLMS |= {"internvl": _internvl, "idefics3": _idefics3, "smolvlm": lambda: _idefics3(smolvlm=True)}
 VLMS |= {"paligemma": _paligemma, "paligemma2": lambda: _paligemma(version=2)}
 VLMS |= {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v}

@@ -38,12 +38,14 @@ DROP_DECODERS = (
     *("biogpt", "ctrl", "openai-gpt", "gpt-sw3", "gemma3", "axk1", "axk2"),
 )
 # vision-language models whose language model is one of those decoders, given the position ids as it is, and whose
-# images reach it as features scattered onto their placeholder tokens (which are special: always kept), attending
-# causally as words do: their causal language model drops masked words as the decoder's does (each tested with images)
-DROP_VLMS = ("llava", "llava_next", "llava_onevision", "mistral3", "internvl", "idefics3", "smolvlm")
+# images (and videos) reach it as features scattered onto their placeholder tokens (which are special: always kept),
+# attending causally as words do: their causal language model drops masked words as the decoder's does (each tested
+# with images; LLaVA-NeXT-Video and LLaVA-OneVision with videos too)
+DROP_VLMS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "internvl", "idefics3")
+DROP_VLMS += ("smolvlm",)
 # vision-language models whose own forward makes their 3-D positions (time, height, width) from the attention mask's
 # tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
-# kept tokens alone, it makes the positions hiding the others gives (tested with images)
+# kept tokens alone, it makes the positions hiding the others gives (tested with images; Qwen2-VL with videos too)
 MROPE_VLMS = ("qwen2_vl", "qwen2_5_vl", "glm4v")
 # vision-language models whose image and prompt (``token_type_ids`` 0) attend each other both ways, the rest causally,
 # on one of those decoders (PaliGemma's prefix): the token types are gathered with the kept tokens, and the masks of
