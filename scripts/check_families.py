@@ -46,6 +46,7 @@ or hangs costs only its row. Writes a JSON and a markdown table.
     python scripts/check_families.py --vision --out vision_families
     python scripts/check_families.py --torchvision --out torchvision_families
     python scripts/check_families.py --vision --families siglip2 --out vision_families --update  # one row again
+    python scripts/check_families.py --lm --window 4 --families mistral gemma2 --out lm_families_window4
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 KINDS = ("mask", "dropout", "droppath")
+WINDOW: int | None = None  # --window: the sliding window a language model that has one is given (tokens)
 # A model whose default input side is above MAX_SIDE, and that takes other sizes, is checked at SMALL_SIDE
 # (a multiple of 14 and 16 pixels, the patch sizes of the VLM towers this is for).
 MAX_SIDE, SMALL_SIDE = 512, 224
@@ -262,6 +264,11 @@ def build_text(model_type: str, auto=None, rope_sections: bool = False):
     if rope_sections:
         _fit_rope_sections(config.get_text_config())
     config.update(RELEASED.get(model_type, {}))
+    if WINDOW is not None:  # a sliding window shorter than the input, where the language model has one
+        text = config.get_text_config()
+        key = "window_size" if text.model_type == "gpt_neo" else "sliding_window"  # GPT-Neo's local attention
+        if isinstance(getattr(text, key, None), int):
+            setattr(text, key, WINDOW)
     for part in {id(c): c for c in (config, config.get_text_config())}.values():
         if getattr(part, "pad_token_id", None) is None:
             part.pad_token_id = 0  # decoder classifiers find each sequence's last token through it
@@ -515,6 +522,10 @@ def check_hf_family(model_type: str, names: list[str], build) -> dict:
         return {**row, "error": f"not built: {reason(e)}"}
     first = next(iter(x.values()))
     row["input"] = list(first.shape[2:]) if first.ndim == 4 else [first.shape[1]]
+    if WINDOW is not None:
+        from masksub.adapters.text_families import sliding_window
+
+        row["window"] = sliding_window(model.config.get_text_config())
     labelled = x
     if build in (build_lm, build_vlm):  # the language model's labels: checked against its own loss, then inputs alone
         x, other = ({k: v for k, v in batch.items() if k != "labels"} for batch in (x, other))
@@ -619,6 +630,7 @@ def check_torchvision_family(family: str, names: list[str]) -> dict:
 
 def run_one(family: str, timeout: float, hf: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--one", family, *([f"--{hf}"] if hf else [])]
+    cmd += ["--window", str(WINDOW)] if WINDOW is not None else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -657,6 +669,8 @@ def markdown(rows: list[dict], versions: str, command: str, earlier: str = "") -
         size = "x".join(map(str, r["input"][-2:])) if len(r["input"]) > 1 else f"{r['input'][0]} tokens"
         if "default_input" in r:
             size += " (default {}x{})".format(*r["default_input"][-2:])
+        if r.get("window"):
+            size += f", a window of {r['window']}"
         cells = [_short(r.get(k, "")) for k in kinds]
         lines.append(f"| {r['family']} | {r['model']} | {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -681,8 +695,16 @@ def main() -> None:
         action="store_true",
         help="replace the checked families' rows in OUT's existing table and keep the others (same versions only)",
     )
+    p.add_argument(
+        "--window",
+        type=int,
+        help="with --text, --lm or --vlm: the sliding window of a language model that has one set to WINDOW tokens "
+        "(shorter than the 16-token input, so that the drop check sees it)",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global WINDOW
+    WINDOW = args.window
     mode = "text" if args.text else "lm" if args.lm else "vlm" if args.vlm else "vision" if args.vision else None
     mode = "torchvision" if args.torchvision else mode
     if args.one:

@@ -105,6 +105,34 @@ def test_the_drop_check_sees_an_error_small_beside_the_logits_at_init(monkeypatc
     assert check_families.check_text_drop(model, x, options).startswith("DIFFERS from hiding")
 
 
+@needs_transformers_5
+def test_window_gives_a_sliding_window_shorter_than_the_input_which_the_drop_check_sees(tmp_path, monkeypatch):
+    """``--window 4``: Mistral's sliding window (4096 tokens by default, longer than the 16-token input, where
+    dropping tokens changes nothing a window sees) is 4 tokens, said in the table; Llama has none. The drop mode
+    keeps Mistral's window by position, and the check fails it without the window masks."""
+    import torch
+
+    proc = _run("--lm", "--window", "4", "--families", "mistral", "llama", "--out", str(tmp_path / "lm"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["family"]: r for r in json.loads((tmp_path / "lm.json").read_text())["rows"]}
+    assert (rows["mistral"]["window"], rows["llama"]["window"]) == (4, None)
+    assert all(row["drop"].startswith("ok: equal to hiding") for row in rows.values()), rows
+    assert "| mistral | MistralForCausalLM | 16 tokens, a window of 4 |" in (tmp_path / "lm.md").read_text()
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import check_families
+
+    from masksub.adapters import text
+
+    monkeypatch.setattr(check_families, "WINDOW", 4)
+    torch.manual_seed(0)
+    model, x, _, options = check_families.build_lm("mistral")
+    x = {k: v for k, v in x.items() if k != "labels"}
+    assert check_families.check_text_drop(model, x, options).startswith("ok: equal to hiding")
+    monkeypatch.setattr(text, "sliding_layers", lambda *args: [])  # no window masks in the sub pass
+    assert check_families.check_text_drop(model, x, options).startswith("DIFFERS from hiding")
+
+
 def test_vision_architectures_drop_tokens_or_get_a_mask_token(tmp_path):
     proc = _run("--vision", "--families", "dinov2", "swin", "--out", str(tmp_path / "vision"))
     assert proc.returncode == 0, proc.stderr[-3000:]

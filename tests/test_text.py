@@ -687,6 +687,15 @@ def _decoder(kind: str, **overrides) -> torch.nn.Module:
     in eval mode: the modes' outputs compare without dropout draws."""
     import transformers
 
+    top = _decoder_config(kind, **overrides)
+    torch.manual_seed(0)
+    if type(top) not in transformers.AutoModelForSequenceClassification._model_mapping:
+        pytest.skip(f"transformers {transformers.__version__} has no {kind} sequence classifier")
+    return transformers.AutoModelForSequenceClassification.from_config(top).eval()
+
+
+def _decoder_config(kind: str, **overrides):
+    """The configuration of a tiny decoder of model type ``kind``: 3 labels, padding id PAD, config ``overrides``."""
     top = _for_model(kind)
     config = top.get_text_config()  # the config itself, or a multimodal classifier's language model's (Gemma 3's)
     if top is not config:  # its vision tower: 4 patches pooled to 4 image tokens
@@ -716,10 +725,7 @@ def _decoder(kind: str, **overrides) -> torch.nn.Module:
     top.num_labels = 3
     for key, value in overrides.items():
         setattr(config, key, value)
-    torch.manual_seed(0)
-    if type(top) not in transformers.AutoModelForSequenceClassification._model_mapping:
-        pytest.skip(f"transformers {transformers.__version__} has no {kind} sequence classifier")
-    return transformers.AutoModelForSequenceClassification.from_config(top).eval()
+    return top
 
 
 def _decoder_batch(left: bool, batch: int = 6, length: int = 20) -> dict[str, torch.Tensor]:
@@ -754,8 +760,19 @@ def dropped_and_hidden(wrapped, model, batch):
     return got, expected, mask, lengths
 
 
+def _with_head(kinds: tuple[str, ...], auto: str = "AutoModelForTokenClassification") -> list[str]:
+    """The model types among ``kinds`` that the installed transformers has ``auto``'s head for (a token classifier
+    by default)."""
+    import transformers
+
+    have = set(getattr(transformers, auto)._model_mapping)  # configuration classes
+    return [k for k in kinds if k in transformers.CONFIG_MAPPING and transformers.CONFIG_MAPPING[k] in have]
+
+
 @pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
-@pytest.mark.parametrize("kind", masksub.adapters.text_families.DROP_DECODERS)
+@pytest.mark.parametrize(
+    "kind", _with_head(masksub.adapters.text_families.DROP_DECODERS, "AutoModelForSequenceClassification")
+)
 def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(kind, left):
     """The decoder gets each sample's kept token ids with their own position ids: its logits are those of the whole
     sequence with the same tokens hidden by the attention mask. The token it reads (the last that is not padding, a
@@ -803,15 +820,6 @@ def _token_case(
         return _as_token_classifier(_rope_encoder(family), auto), inputs(text_batch(batch=6, length=24))
     batch = {**inputs(text_batch(6, 24)), **_extra_inputs(family, 6, 24)}
     return _as_token_classifier(_drop_family(family), auto), batch
-
-
-def _with_head(kinds: tuple[str, ...], auto: str = "AutoModelForTokenClassification") -> list[str]:
-    """The model types among ``kinds`` that the installed transformers has ``auto``'s head for (a token classifier
-    by default)."""
-    import transformers
-
-    have = set(getattr(transformers, auto)._model_mapping)  # configuration classes
-    return [k for k in kinds if k in transformers.CONFIG_MAPPING and transformers.CONFIG_MAPPING[k] in have]
 
 
 TOKEN_DROP_CASES = [f for f in DROP_FAMILIES if _with_head(RELATIVE_CASES.get(f, (f,))[:1])]  # not TAPAS
@@ -894,7 +902,7 @@ def test_drop_mode_on_a_causal_language_model_predicts_each_kept_tokens_next_as_
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_decoder(kind).config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(_decoder_config(kind)).eval()
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
     assert wrapped.branch.per_token and not wrapped.branch.reads_last
     batch = _decoder_batch(left=False)
@@ -1107,21 +1115,33 @@ def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "kind", ["mistral", "ministral", "gemma3_text", "gemma3", "gpt_oss", "modernbert-decoder", "gpt_neo", "qwen2"]
-)
+SLIDING_DECODERS = ["mistral", "ministral", "gemma3_text", "gemma3", "gpt_oss", "modernbert-decoder", "gpt_neo"]
+SLIDING_DECODERS += ["qwen2"]
+SLIDING_DECODERS += ["cohere2", "cohere2_moe", "exaone_moe", "afmoe"]  # no sequence classifier
+
+
+@pytest.mark.parametrize("kind", SLIDING_DECODERS)
 def test_drop_mode_on_a_sliding_window_decoder_keeps_its_window_by_position(kind):
     """A sliding window counts tokens, and with tokens dropped a window of tokens spans more positions: the layers
     that slide (Mistral's and Ministral's all, Gemma 3's, GPT-OSS's and ModernBERT-decoder's by layer type, GPT-Neo's
     local ones, none of Qwen2's here) get a window mask by position. Dropping then computes what hiding does, with a
-    window shorter than the batch, and the same when it spans the batch."""
+    window shorter than the batch, and the same when it spans the batch. Cohere 2's, EXAONE-MoE's and AFMoE's causal
+    language models (they have no sequence classifier) at each kept token."""
+    import transformers
+
     key = "window_size" if kind == "gpt_neo" else "sliding_window"  # GPT-Neo builds its window into its layers
+    classifier = bool(_with_head((kind,), "AutoModelForSequenceClassification"))
     for window in (8, 20):
-        model = _decoder(kind, **{key: window})
+        if classifier:
+            model = _decoder(kind, **{key: window})
+        else:
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(_decoder_config(kind, **{key: window})).eval()
         wrapped = wrap_text(model, mode="drop", ratio=0.5)
         assert bool(wrapped.branch._window_handles) is (kind != "qwen2")
         got, expected, _, lengths = dropped_and_hidden(wrapped, model, _decoder_batch(left=False))
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        kept = ... if classifier else wrapped.sub_kept
+        torch.testing.assert_close(got[kept], expected[kept], rtol=1e-5, atol=1e-6)
         assert lengths[0] < 20
 
 

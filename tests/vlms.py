@@ -77,6 +77,25 @@ def _internvl():
     return llava_kin(tf.InternVLConfig, tf.InternVLForConditionalGeneration, tf.Qwen2Config, vision, **shuffle)
 
 
+def _aya_vision(cohere2_vision: bool = False):
+    """Aya Vision (or Command A Vision, ``cohere2_vision``): a SigLIP vision tower (4-pixel patches), pixels shuffled
+    into 2 x 2 fewer tokens, on a Cohere 2 (a sliding window of 4 tokens in its first layer, shorter than the
+    batch)."""
+    import functools
+
+    import transformers as tf
+
+    text_class = functools.partial(
+        tf.Cohere2Config, sliding_window=4, layer_types=["sliding_attention", "full_attention"]
+    )
+    vision = tf.SiglipVisionConfig(**VISION, patch_size=4)
+    if cohere2_vision:
+        model_class, ids = tf.Cohere2VisionForConditionalGeneration, dict(image_token_id=IMAGE, downsample_factor=2)
+        return llava_kin(tf.Cohere2VisionConfig, model_class, text_class, vision, alignment_intermediate_size=64, **ids)
+    model_class, ids = tf.AyaVisionForConditionalGeneration, dict(image_token_index=IMAGE, downsample_factor=2)
+    return llava_kin(tf.AyaVisionConfig, model_class, text_class, vision, **ids)
+
+
 def _idefics3(smolvlm: bool = False):
     """Idefics3 (or SmolVLM, its successor): a SigLIP-style vision tower (4-pixel patches), pixels shuffled into
     2 x 2 fewer tokens, on a Llama."""
@@ -196,4 +215,5 @@ VLMS = {"llava": llava, "llava_next": _llava_next, "llava_next_video": lambda: _
 VLMS |= {"llava_onevision": _llava_onevision, "mistral3": _mistral3}
 VLMS |= {"internvl": _internvl, "idefics3": _idefics3, "smolvlm": lambda: _idefics3(smolvlm=True)}
 VLMS |= {"paligemma": _paligemma, "paligemma2": lambda: _paligemma(version=2)}
+VLMS |= {"aya_vision": _aya_vision, "cohere2_vision": lambda: _aya_vision(cohere2_vision=True)}
 VLMS |= {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v}

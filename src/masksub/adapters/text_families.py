@@ -28,7 +28,8 @@ DROP_MODELS = (
 # by a relative position per query and key, MPNet's bias by bucket, RoFormer's rotary sines and cosines)
 RELATIVE_MODELS = ("deberta-v2", "mpnet", "roformer")
 # decoder model types whose sequence classifier reads the last token that is not padding (found from input_ids) and
-# whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids
+# whose attention is causal over position ids (RoPE or learned): they can drop masked tokens from the input ids (the
+# last rows: decoders with no sequence classifier in transformers 5.25, whose causal language model drops them)
 DROP_DECODERS = (
     *("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"),
     *("phi", "phi3", "phimoe", "olmo", "olmo2", "olmo3", "glm", "glm4", "gpt2", "gpt_neox", "gpt_oss", "starcoder2"),
@@ -36,13 +37,16 @@ DROP_DECODERS = (
     *("ministral", "ministral3", "nemotron", "persimmon", "diffllama", "jetmoe", "hunyuan_v1_dense", "hunyuan_v1_moe"),
     *("deepseek_v2", "deepseek_v3", "minicpm3", "mistral4", "modernbert-decoder", "gpt_neo", "gpt_bigcode"),
     *("biogpt", "ctrl", "openai-gpt", "gpt-sw3", "gemma3", "axk1", "axk2"),
+    *("cohere", "cohere2", "cohere2_moe", "exaone", "exaone_moe", "ernie4_5", "ernie4_5_moe", "glm4_moe"),
+    *("glm4_moe_lite", "apertus", "bitnet", "codegen", "flex_olmo", "aria_text", "cwm", "afmoe", "gpt_neox_japanese"),
+    *("deepseek_v32", "glm_moe_dsa"),
 )
 # vision-language models whose language model is one of those decoders, given the position ids as it is, and whose
 # images (and videos) reach it as features scattered onto their placeholder tokens (which are special: always kept),
 # attending causally as words do: their causal language model drops masked words as the decoder's does (each tested
 # with images; LLaVA-NeXT-Video and LLaVA-OneVision with videos too)
 DROP_VLMS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "internvl", "idefics3")
-DROP_VLMS += ("smolvlm",)
+DROP_VLMS += ("smolvlm", "aya_vision", "cohere2_vision")
 # vision-language models whose own forward makes their 3-D positions (time, height, width) from the attention mask's
 # tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
 # kept tokens alone, it makes the positions hiding the others gives (tested with images; Qwen2-VL with videos too)
