@@ -632,7 +632,7 @@ def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
     video = tf.VideoLlavaConfig(vision_config=config.vision_config, text_config=config.text_config)
     with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*VideoLlavaForConditionalGeneration"):
         wrap_text(tf.VideoLlavaForConditionalGeneration(video), sub="mask", ratio=0.5, mode="drop")
-    config.text_config = tf.GraniteConfig(**LANGUAGE_MODELS["llama"][1], pad_token_id=PAD)
+    config.text_config = tf.MptConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=64, pad_token_id=PAD)
     with pytest.raises(ValueError, match="of llava, .*, paligemma on one of those decoders .* LlavaForConditionalGen"):
         wrap_text(tf.LlavaForConditionalGeneration(config), sub="mask", ratio=0.5, mode="drop")
 

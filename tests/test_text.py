@@ -791,19 +791,21 @@ def test_drop_mode_on_a_decoder_classifier_computes_what_hiding_the_tokens_does(
         assert torch.equal(wrapped(**batch).logits, model(**batch).logits), "the main pass is the plain model's"
 
 
-def _as_token_classifier(model: torch.nn.Module, auto: str = "AutoModelForTokenClassification") -> torch.nn.Module:
-    """The token classifier (3 labels per token; or another head: ``auto``) of ``model``'s configuration, without
-    dropout, in ``model``'s mode; the test skips where transformers has none for that model type."""
+def _as_token_classifier(model, auto: str = "AutoModelForTokenClassification") -> torch.nn.Module:
+    """The token classifier (3 labels per token; or another head: ``auto``) of ``model``'s configuration (or of the
+    configuration given, in eval mode), without dropout, in ``model``'s mode; the test skips where transformers has
+    none for that model type."""
     import transformers
 
-    if type(model.config) not in getattr(transformers, auto)._model_mapping:
-        pytest.skip(f"transformers {transformers.__version__} has no {model.config.model_type} head of {auto}")
+    config = getattr(model, "config", model)
+    if type(config) not in getattr(transformers, auto)._model_mapping:
+        pytest.skip(f"transformers {transformers.__version__} has no {config.model_type} head of {auto}")
     torch.manual_seed(0)
-    token = getattr(transformers, auto).from_config(model.config)
+    token = getattr(transformers, auto).from_config(config)
     for m in token.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    return token.train(model.training)
+    return token.train(getattr(model, "training", False))
 
 
 def _token_case(
@@ -813,7 +815,7 @@ def _token_case(
     encoders' or decoders' sequence classifier tests) and a batch for it: the decoders' without special tokens,
     padded on the right."""
     if family in masksub.adapters.text_families.DROP_DECODERS:
-        return _as_token_classifier(_decoder(family), auto), _decoder_batch(left=False)
+        return _as_token_classifier(_decoder_config(family), auto), _decoder_batch(left=False)
     if family == "modernbert":
         return _as_token_classifier(_modernbert(), auto), inputs(text_batch(batch=6, length=24))
     if family in masksub.adapters.text_families.DROP_ROPE_ENCODERS:
@@ -1117,7 +1119,7 @@ def test_drop_mode_on_a_decoder_follows_given_position_ids_and_a_padding_id_set_
 
 SLIDING_DECODERS = ["mistral", "ministral", "gemma3_text", "gemma3", "gpt_oss", "modernbert-decoder", "gpt_neo"]
 SLIDING_DECODERS += ["qwen2"]
-SLIDING_DECODERS += ["cohere2", "cohere2_moe", "exaone_moe", "afmoe"]  # no sequence classifier
+SLIDING_DECODERS += ["cohere2", "cohere2_moe", "exaone_moe", "afmoe", "kolibri1", "vaultgemma", "cwm"]  # no classifier
 
 
 @pytest.mark.parametrize("kind", SLIDING_DECODERS)
@@ -1125,8 +1127,8 @@ def test_drop_mode_on_a_sliding_window_decoder_keeps_its_window_by_position(kind
     """A sliding window counts tokens, and with tokens dropped a window of tokens spans more positions: the layers
     that slide (Mistral's and Ministral's all, Gemma 3's, GPT-OSS's and ModernBERT-decoder's by layer type, GPT-Neo's
     local ones, none of Qwen2's here) get a window mask by position. Dropping then computes what hiding does, with a
-    window shorter than the batch, and the same when it spans the batch. Cohere 2's, EXAONE-MoE's and AFMoE's causal
-    language models (they have no sequence classifier) at each kept token."""
+    window shorter than the batch, and the same when it spans the batch. Cohere 2's, EXAONE-MoE's, AFMoE's, Kolibri's,
+    VaultGemma's and CWM's causal language models (they have no sequence classifier) at each kept token."""
     import transformers
 
     key = "window_size" if kind == "gpt_neo" else "sliding_window"  # GPT-Neo builds its window into its layers

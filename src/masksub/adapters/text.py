@@ -19,7 +19,7 @@ tokens, chosen at random.
   sequence classifiers (``DROP_DECODERS``: Llama, Mistral, Mixtral, Qwen 2 and 3 (MoE too), Gemma 1 to 3, Phi 1 to 3
   (MoE too), OLMo 1 to 3, GLM, DeepSeek V2 and V3, Falcon, GPT-2, GPT-Neo, GPT-J, GPT-NeoX, GPT-OSS, Gemma 3's
   multimodal classifier...; causal attention, pooled from the last token that is not padding; and the causal language
-  models of those and of Cohere 1 and 2, EXAONE, ERNIE 4.5, GLM-4.5...) get the kept token
+  models of those and of Cohere 1 and 2, Granite 3, OLMoE, EXAONE, ERNIE 4.5, GLM-4.5...) get the kept token
   ids with their own position ids and segment ids (Falcon's transformer by a hook: its classifier does not pass
   them on; OPT and BLOOM, whose positions count the attention mask's tokens, the kept attention mask alone), and
   the token they read (the last one that is not padding) is never masked; in Gemma 3's batches with images (whose

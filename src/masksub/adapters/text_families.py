@@ -39,7 +39,9 @@ DROP_DECODERS = (
     *("biogpt", "ctrl", "openai-gpt", "gpt-sw3", "gemma3", "axk1", "axk2"),
     *("cohere", "cohere2", "cohere2_moe", "exaone", "exaone_moe", "ernie4_5", "ernie4_5_moe", "glm4_moe"),
     *("glm4_moe_lite", "apertus", "bitnet", "codegen", "flex_olmo", "aria_text", "cwm", "afmoe", "gpt_neox_japanese"),
-    *("deepseek_v32", "glm_moe_dsa"),
+    *("deepseek_v32", "glm_moe_dsa", "granite", "granitemoe", "granitemoeshared", "olmoe", "internlm3"),
+    *("minimax_m2", "jais2", "hyperclovax", "nanochat", "iquestcoder", "minicpm5_moe", "hy_v3", "param2moe"),
+    *("mellum", "kolibri1", "sarvam_mla", "sarvam_moe", "solar_open", "vaultgemma", "xglm", "youtu"),
 )
 # vision-language models whose language model is one of those decoders, given the position ids as it is, and whose
 # images (and videos) reach it as features scattered onto their placeholder tokens (which are special: always kept),
