@@ -694,6 +694,14 @@ def _decoder(kind: str, **overrides) -> torch.nn.Module:
     return transformers.AutoModelForSequenceClassification.from_config(top).eval()
 
 
+def _decoder_lm(kind: str, **overrides) -> torch.nn.Module:
+    """The causal language model of ``_decoder_config(kind, **overrides)``, drawn under seed 0, in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(_decoder_config(kind, **overrides)).eval()
+
+
 def _decoder_config(kind: str, **overrides):
     """The configuration of a tiny decoder of model type ``kind``: 3 labels, padding id PAD, config ``overrides``."""
     top = _for_model(kind)
@@ -901,10 +909,8 @@ def test_drop_mode_on_a_causal_language_model_predicts_each_kept_tokens_next_as_
     """A decoder's causal language model (supervised fine-tuning) runs on the kept tokens only, and their next-token
     logits go back to their places: there, those of the whole sequence with the same tokens hidden by the attention
     mask; 0 elsewhere, which ``sub_kept`` leaves out. Every word may be masked (none is held back for a head)."""
-    import transformers
 
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_decoder_config(kind)).eval()
+    model = _decoder_lm(kind)
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
     assert wrapped.branch.per_token and not wrapped.branch.reads_last
     batch = _decoder_batch(left=False)
@@ -1129,16 +1135,11 @@ def test_drop_mode_on_a_sliding_window_decoder_keeps_its_window_by_position(kind
     local ones, none of Qwen2's here) get a window mask by position. Dropping then computes what hiding does, with a
     window shorter than the batch, and the same when it spans the batch. Cohere 2's, EXAONE-MoE's, AFMoE's, Kolibri's,
     VaultGemma's and CWM's causal language models (they have no sequence classifier) at each kept token."""
-    import transformers
 
     key = "window_size" if kind == "gpt_neo" else "sliding_window"  # GPT-Neo builds its window into its layers
     classifier = bool(_with_head((kind,), "AutoModelForSequenceClassification"))
     for window in (8, 20):
-        if classifier:
-            model = _decoder(kind, **{key: window})
-        else:
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(_decoder_config(kind, **{key: window})).eval()
+        model = (_decoder if classifier else _decoder_lm)(kind, **{key: window})
         wrapped = wrap_text(model, mode="drop", ratio=0.5)
         assert bool(wrapped.branch._window_handles) is (kind != "qwen2")
         got, expected, _, lengths = dropped_and_hidden(wrapped, model, _decoder_batch(left=False))
