@@ -419,3 +419,24 @@ def local_causal_lm(tmp_path):
             rows.append(f"review : the film was {picks} verdict :,{'pos' if i % 2 else 'neg'}")
         (tmp_path / f"{split}_lm.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
+
+
+def assert_causal_step_gradients(model, wrapped, batch: dict, mode: str, grads: dict[str, torch.Tensor]) -> None:
+    """``grads`` (a MaskSub ``Step`` of ``wrapped`` on ``batch`` under seed 3, a causal language model's labels in it)
+    equal the next-token loss and its distillation worked out by hand: the labels shifted one left, the distillation
+    over the labelled positions the sub pass predicted (all but the dropped ones in ``mode="drop"``)."""
+    model.zero_grad()
+    features = {k: v for k, v in batch.items() if k != "labels"}
+    target = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    torch.manual_seed(3)
+    main = model(**features).logits
+    sub = wrapped(**features, sub=True).logits
+    distilled = (target != -100) & (wrapped.sub_kept if mode == "drop" else True)
+    assert (distilled.sum() < (target != -100).sum()) == (mode == "drop")  # a masked word predicts nothing there
+    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
+    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[distilled].mean()
+    loss.backward()
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)

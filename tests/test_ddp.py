@@ -232,7 +232,7 @@ def _vlm_train(parallel, frozen, reuse, rank):
     next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
     if not reuse:
-        wrapped.branch._images = None
+        wrapped.branch._encoders = []
     count = AllReduceCount()
     if parallel == "ddp":
         sharded = DDP(wrapped, find_unused_parameters=not frozen)  # LLaVA leaves the tower's last norm unused

@@ -13,6 +13,7 @@ from conftest import (
     SEP,
     SMALL,
     SPECIAL,
+    assert_causal_step_gradients,
     lm_labels,
     needs_transformers_5,
     text_batch,
@@ -430,21 +431,7 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode,
     torch.manual_seed(3)
     _step(wrapped)(batch)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    features = {k: v for k, v in batch.items() if k != "labels"}
-    target = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    torch.manual_seed(3)
-    main = model(**features).logits
-    sub = wrapped(**features, sub=True).logits
-    distilled = (target != -100) & (wrapped.sub_kept if mode == "drop" else True)
-    assert (distilled.sum() < (target != -100).sum()) == (mode == "drop")  # a masked word predicts nothing there
-    per_token = -(F.softmax(main.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
-    loss = 0.5 * F.cross_entropy(main.flatten(0, 1), target.flatten()) + 0.5 * per_token[distilled].mean()
-    loss.backward()
-    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    assert_causal_step_gradients(model, wrapped, batch, mode, grads)
     assert any(n.startswith(("model.vision_tower", "model.visual", "model.vision_model")) for n in grads)  # images'
 
 
@@ -588,7 +575,7 @@ def test_the_vision_tower_runs_again_where_it_is_trained_random_or_given_other_i
     next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="attention")
     batch = {k: v for k, v in vlm_batch("llava").items() if k != "labels"}
-    cache = wrapped.branch._images
+    (cache,) = wrapped.branch._encoders
 
     def passes(sub_batch=None, change=None) -> int:
         calls.clear()
@@ -633,7 +620,8 @@ def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
     with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*VideoLlavaForConditionalGeneration"):
         wrap_text(tf.VideoLlavaForConditionalGeneration(video), sub="mask", ratio=0.5, mode="drop")
     config.text_config = tf.MptConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=64, pad_token_id=PAD)
-    with pytest.raises(ValueError, match="of llava, .*, paligemma on one of those decoders .* LlavaForConditionalGen"):
+    known = r"of llava, .*, paligemma \(vision-language\) or qwen2_audio, .* on one of those decoders .* LlavaFor"
+    with pytest.raises(ValueError, match=known):
         wrap_text(tf.LlavaForConditionalGeneration(config), sub="mask", ratio=0.5, mode="drop")
 
 

@@ -16,9 +16,10 @@ A Hugging Face batch's ``labels`` mean different things by head, and ``Step``, L
   own label, as before.
 
 Vision-language models whose logits hold one prediction per input token, the image's placeholder tokens among them
-(``CAUSAL_VLMS``: LLaVA, Qwen2-VL, Idefics 3...), have their labels read as a causal language model's. Other models
-that generate text (BLIP-2, whose logits begin with its query tokens; GIT, with its image tokens; speech models on a
-decoder...) lay out their labels each its own way, and are refused rather than trained on a target their own loss
+(``CAUSAL_VLMS``: LLaVA, Qwen2-VL, Idefics 3...), and speech models whose audio fills placeholder tokens so
+(``CAUSAL_AUDIO_LMS``: Qwen2-Audio, Voxtral...) have their labels read as a causal language model's. Other models
+that generate text (BLIP-2, whose logits begin with its query tokens; GIT, with its image tokens; streaming speech
+models...) lay out their labels each its own way, and are refused rather than trained on a target their own loss
 would not read.
 """
 
@@ -107,6 +108,12 @@ CAUSAL_VLMS = (
     "VideoLlavaForConditionalGeneration",
     "VipLlavaForConditionalGeneration",
 )
+# speech models whose audio encoder's features fill the audio's placeholder tokens among the words, whose logits hold
+# one prediction per input token and whose own loss shifts the labels as a causal language model's does (each tested
+# with audio: tests/test_audio.py)
+CAUSAL_AUDIO_LMS = ("AudioFlamingo3ForConditionalGeneration", "GlmAsrForConditionalGeneration")
+CAUSAL_AUDIO_LMS += ("GraniteSpeechForConditionalGeneration", "Qwen2AudioForConditionalGeneration")
+CAUSAL_AUDIO_LMS += ("VoxtralForConditionalGeneration",)
 # causal language models whose logits hold more than the labels' positions (GIT's: its image tokens first)
 OWN_LAYOUT = ("GitForCausalLM",)
 # encoder-decoders whose forward, given labels, also hides the decoder's padding
@@ -129,7 +136,7 @@ def _causal_heads() -> frozenset[str]:
 
     names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
     causal = {n for name in names for n in ((name,) if isinstance(name, str) else name)}
-    return frozenset((causal | set(CAUSAL_VLMS)) - set(UNSHIFTED))
+    return frozenset((causal | set(CAUSAL_VLMS) | set(CAUSAL_AUDIO_LMS)) - set(UNSHIFTED))
 
 
 @functools.cache
@@ -172,10 +179,11 @@ def language_model(model: nn.Module) -> tuple[str | None, nn.Module | None]:
     if hf.can_generate() and not classes & (set(UNSHIFTED) | _masked_heads()):
         raise ValueError(
             f"{type(hf).__name__} generates text, and is neither a causal language model (AutoModelForCausalLM, or a "
-            "vision-language model of masksub.language.CAUSAL_VLMS, whose labels masksub shifts as the model's own "
-            "loss does) nor an encoder-decoder: how its labels meet its logits is its own (a vision-language model's "
-            "image or query tokens, say), so masksub cannot score them as its loss would. Train its language model "
-            "(AutoModelForCausalLM) with masksub, or compute the loss yourself"
+            "vision-language or speech model of masksub.language.CAUSAL_VLMS or CAUSAL_AUDIO_LMS, whose labels masksub "
+            "shifts as the model's own loss does) nor an encoder-decoder: how its labels meet its logits is its own (a "
+            "vision-language model's image or query tokens, a streaming speech model's delays, say), so masksub cannot "
+            "score them as its loss would. Train its language model (AutoModelForCausalLM) with masksub, or compute "
+            "the loss yourself"
         )
     return None, hf
 

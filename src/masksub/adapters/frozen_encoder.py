@@ -1,10 +1,11 @@
-"""A vision-language model's frozen image encoder runs once a step: the sub pass reuses the main pass's output.
+"""A multimodal language model's frozen image or audio encoder runs once a step: the sub pass reuses its output.
 
-The text adapter masks words; a vision-language model's images reach both branches as they are. Where its image
-encoder (``get_encoder(modality="image")``: the vision tower) has no trainable parameter and draws nothing at
-random (in eval mode, or with no dropout or drop-path rate above 0), the sub pass would compute the main pass's
-output again, with no gradient to give either way, as in fine-tuning with the vision tower frozen (LLaVA's second
-stage, most LoRA recipes). So the main pass's calls of the encoder keep their outputs (the tower's output, all its
+The text adapter masks words; a vision-language model's images (a speech model's audio) reach both branches as they
+are. Where its image encoder (``get_encoder(modality="image")``: the vision tower) or audio encoder (the audio tower)
+has no trainable parameter and draws nothing at random (in eval mode, or with no dropout, drop-path or layer-drop
+rate above 0), the sub pass would compute the main pass's output again, with no gradient to give either way, as in
+fine-tuning with the tower frozen (LLaVA's second stage, most LoRA recipes, a speech model's Whisper encoder). So
+the main pass's calls of each such encoder keep their outputs (the tower's output, all its
 layers' hidden states where the model asks for them: memory held from the main pass to the sub pass), with the
 tensors they were called on; in the sub pass a call on the same tensors, unchanged since (their version counters
 say so), or on tensors equal to them in value (a model may make its encoder's input anew at each pass; one host
@@ -26,20 +27,33 @@ from torch.utils._pytree import tree_flatten
 from .text_families import classifier_of
 
 KEEP = 4
-RATES = ("dropout", "dropout_prob", "dropout_rate", "drop_path_rate")  # the config keys that name a random draw
+# the config keys that name a random draw: dropout, drop path, and the layers Whisper's kin skip at random in training
+RATES = ("dropout", "dropout_prob", "dropout_rate", "drop_path_rate", "layerdrop")
+# speech models whose audio encoder is not where ``get_encoder(modality="audio")`` looks: its name in the base model
+AUDIO_ENCODERS = {"granite_speech": "encoder"}
 
 
-def image_encoder(model: nn.Module) -> nn.Module | None:
-    """The image encoder of a Hugging Face vision-language model (wrapped by PEFT or not), None for other models."""
+def image_encoder(model: nn.Module, modality: str = "image") -> nn.Module | None:
+    """The image encoder of a Hugging Face vision-language model (wrapped by PEFT or not), or with ``modality="audio"``
+    the audio encoder of a speech model; None for other models."""
     model = classifier_of(model)
     find = getattr(model, "get_encoder", None)
     if find is None:
         return None
     try:
-        encoder = find(modality="image")
+        encoder = find(modality=modality)
     except (TypeError, ValueError, AttributeError):  # an older transformers, or no such encoder
         return None
-    return encoder if encoder is not model and encoder is not getattr(model, "base_model", None) else None
+    base = getattr(model, "base_model", None)
+    name = AUDIO_ENCODERS.get(getattr(model.config, "model_type", None)) if modality == "audio" else None
+    if name is not None and encoder in (model, base):
+        encoder = getattr(base, name, encoder)
+    return encoder if encoder is not model and encoder is not base else None
+
+
+def audio_encoder(model: nn.Module) -> nn.Module | None:
+    """The audio encoder of a Hugging Face speech model (Qwen2-Audio's, Voxtral's audio tower...), None for others."""
+    return image_encoder(model, modality="audio")
 
 
 def draws_at_random(module: nn.Module) -> bool:
@@ -94,9 +108,10 @@ class FrozenEncoderCache:
         self.reused = 0  # calls the sub pass did not run (read by the tests)
 
     @classmethod
-    def of(cls, model: nn.Module) -> FrozenEncoderCache | None:
-        encoder = image_encoder(model)
-        return None if encoder is None else cls(encoder)
+    def of(cls, model: nn.Module) -> list[FrozenEncoderCache]:
+        """A cache for each encoder of ``model``: its image encoder, its audio encoder (none for other models)."""
+        found = (image_encoder(model), audio_encoder(model))
+        return [cls(encoder) for encoder in {id(e): e for e in found if e is not None}.values()]
 
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.encoder.parameters()) and not draws_at_random(self.encoder)
@@ -147,3 +162,11 @@ class FrozenEncoderCache:
     def remove(self) -> None:
         self._handle.remove()
         self._held = []
+
+
+def run_reusing(caches: list[FrozenEncoderCache], fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (the sub pass) with each cache's held outputs given back."""
+    if not caches:
+        return fn(*args, **kwargs)
+    first, *rest = caches
+    return first.run_reusing(run_reusing, rest, fn, *args, **kwargs)

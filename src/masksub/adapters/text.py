@@ -56,11 +56,12 @@ import torch
 from torch import nn
 
 from ..masking import check_ratio, gather_tokens, masked_counts
-from .frozen_encoder import FrozenEncoderCache
+from .frozen_encoder import FrozenEncoderCache, run_reusing
 from .packed import is_packed, repack, unpack
 from .registry import MaskAdapter, register_adapter
 from .text_families import (
     CONFIGURATION_CHECKS,
+    DROP_AUDIO_LMS,
     DROP_ID_ENCODERS,
     DROP_VLMS,
     MASK_POSITION_DECODERS,
@@ -193,7 +194,7 @@ class TokenMaskAdapter(MaskAdapter):
                 # a decoder's images, attending each other both ways (Gemma 3's); an encoder's do anyway, LLaVA's and
                 # Qwen2-VL's not
                 self._prefix = model.config.model_type in PREFIX_VLMS
-                vlm = model.config.model_type in DROP_VLMS + MROPE_VLMS + PREFIX_VLMS
+                vlm = model.config.model_type in DROP_VLMS + DROP_AUDIO_LMS + MROPE_VLMS + PREFIX_VLMS
                 self._image_blocks = self._causal and self._text_config is not classifier_of(model).config and not vlm
                 target = None if self._by_mask else position_ids_target(model)
                 if target is not None:  # the kept tokens' position ids reach its transformer by a hook
@@ -206,8 +207,8 @@ class TokenMaskAdapter(MaskAdapter):
                 if model.config.model_type in RELATIVE_MODELS:  # first: it may refuse the model
                     self._relative_handles = self._relative_hooks(model)
                 self._handle = embeddings.register_forward_hook(self._drop_hook)
-        # a vision-language model's frozen image encoder: its main-pass output is given back to the sub pass
-        self._images = FrozenEncoderCache.of(model)
+        # a multimodal model's frozen image and audio encoders: their main-pass outputs are given back to the sub pass
+        self._encoders = FrozenEncoderCache.of(model)
         self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         special = sorted({int(i) for i in special_ids} | config_token_ids(model))
         param = next(model.parameters(), None)  # made where the model is: no copy to its device at each pass
@@ -246,9 +247,7 @@ class TokenMaskAdapter(MaskAdapter):
         return (position * (input_ids != self.pad_token_id)).argmax(-1)
 
     def forward(self, model: nn.Module, *args, **kwargs):
-        if self._images is None:
-            return self._forward(model, *args, **kwargs)
-        return self._images.run_reusing(self._forward, model, *args, **kwargs)
+        return run_reusing(self._encoders, self._forward, model, *args, **kwargs)
 
     def _forward(self, model: nn.Module, *args, **kwargs):
         if len(args) > 1:
@@ -515,8 +514,8 @@ class TokenMaskAdapter(MaskAdapter):
         for handle in [self._handle, self._position_handle, *self._window_handles, *self._relative_handles]:
             if handle is not None:
                 handle.remove()
-        if self._images is not None:
-            self._images.remove()
+        for cache in self._encoders:
+            cache.remove()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, mask_token_id={self.mask_token_id}"

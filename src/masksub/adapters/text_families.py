@@ -49,6 +49,10 @@ DROP_DECODERS = (
 # with images; LLaVA-NeXT-Video and LLaVA-OneVision with videos too)
 DROP_VLMS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "internvl", "idefics3")
 DROP_VLMS += ("smolvlm", "aya_vision", "cohere2_vision")
+# speech models whose language model is one of those decoders, given the position ids as it is, and whose audio
+# reaches it as an audio encoder's features scattered onto their placeholder tokens (special: always kept), attending
+# causally as words do: their causal language model drops masked words as the decoder's does (each tested with audio)
+DROP_AUDIO_LMS = ("qwen2_audio", "voxtral", "audioflamingo3", "glmasr", "granite_speech")
 # vision-language models whose own forward makes their 3-D positions (time, height, width) from the attention mask's
 # tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
 # kept tokens alone, it makes the positions hiding the others gives (tested with images; Qwen2-VL with videos too)
@@ -155,7 +159,7 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
     """The embeddings module of a BERT-family classifier that ``mode="drop"`` takes, None for a decoder or ModernBERT
     classifier it takes, or an error naming the ones it does."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind in DROP_VLMS + PREFIX_VLMS:  # by its language model's type
+    if kind in DROP_VLMS + DROP_AUDIO_LMS + PREFIX_VLMS:  # by its language model's type
         text = model.config.get_text_config().model_type
         kind = text if text in DROP_DECODERS and is_causal_lm(classifier_of(model)) else kind
     decoder = kind in DROP_DECODERS + MROPE_VLMS
@@ -182,8 +186,9 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
             f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
             f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE), or one of these or a causal language model (ForCausalLM) of "
             f"{', '.join(DROP_DECODERS)} (causal attention over position ids), of "
-            f"{', '.join(DROP_VLMS + PREFIX_VLMS)} on one of those decoders or of {', '.join(MROPE_VLMS)} (their "
-            f"images kept); {type(model).__name__} is not one: "
+            f"{', '.join(DROP_VLMS + PREFIX_VLMS)} (vision-language) or {', '.join(DROP_AUDIO_LMS)} (speech) on one "
+            f"of those decoders or of {', '.join(MROPE_VLMS)} (their images or audio kept); {type(model).__name__} is "
+            "not one: "
             "use mode='attention' (the same masking, at the main pass's cost) or mode='token'"
         )
     return embeddings
