@@ -264,28 +264,33 @@ def test_trainer_on_a_language_model_equals_the_loss_by_hand(tmp_path, kind):
             torch.testing.assert_close(capture.grads[0][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
 
 
-def test_trainer_on_a_vision_language_model_equals_the_loss_by_hand(tmp_path):
-    """LLaVA in the Trainer, its images in the batch: the main loss is its own (labels shifted), the sub branch's
-    words masked around the image's placeholders, each labelled next token distilled."""
+@pytest.mark.parametrize("kind", ["llava", "voxtral"])
+def test_trainer_on_a_vision_language_or_speech_model_equals_the_loss_by_hand(tmp_path, kind):
+    """LLaVA in the Trainer, its images in the batch (Voxtral, its audio): the main loss is its own (labels shifted),
+    the sub branch's words masked around the placeholders of the image (the audio), each labelled next token
+    distilled."""
+    from speech import AUDIO, SPEECH_MODELS, speech_batch
     from vlms import IMAGE, llava, vlm_batch
 
-    model = llava()
+    if kind == "llava":
+        model, data, placeholder, media = llava(), vlm_batch("llava"), IMAGE, "pixel_values"
+    else:
+        model, data, placeholder, media = SPEECH_MODELS[kind](), speech_batch(kind), AUDIO, "input_features"
     seen = []
-    record = lambda m, a, kw: seen.append((kw["input_ids"].clone(), kw["pixel_values"].clone()))  # noqa: E731
+    record = lambda m, a, kw: seen.append((kw["input_ids"].clone(), kw[media].clone()))  # noqa: E731
     model.register_forward_pre_hook(record, with_kwargs=True)
     capture = GradsBeforeStep(model)
-    data = vlm_batch("llava")
     trainer = _trainer(tmp_path, model, data)
     trainer.add_callback(capture)
     trainer.train()
     model.zero_grad()
     (ids, pixels), (sub_ids, sub_pixels) = seen
     assert not torch.equal(ids, sub_ids) and torch.equal(pixels, sub_pixels)
-    assert torch.equal(ids == IMAGE, sub_ids == IMAGE)  # the placeholders stay where they are
+    assert torch.equal(ids == placeholder, sub_ids == placeholder)  # the placeholders stay where they are
     order = [next(j for j in range(4) if torch.equal(data["input_ids"][j], row)) for row in ids]  # the sampler's
     labels, attention = data["labels"][order], data["attention_mask"][order]
-    main = model(input_ids=ids, attention_mask=attention, pixel_values=pixels, labels=labels)
-    sub = model(input_ids=sub_ids, attention_mask=attention, pixel_values=pixels).logits
+    main = model(input_ids=ids, attention_mask=attention, labels=labels, **{media: pixels})
+    sub = model(input_ids=sub_ids, attention_mask=attention, **{media: pixels}).logits
     target = F.pad(labels[:, 1:], (0, 1), value=-100)
     per_token = -(F.softmax(main.logits.detach(), -1) * F.log_softmax(sub, -1)).sum(-1)
     (0.5 * main.loss + 0.5 * per_token[target != -100].mean()).backward()
