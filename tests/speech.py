@@ -71,7 +71,8 @@ SPEECH_MODELS = {
 def speech_batch(kind: str) -> dict[str, torch.Tensor]:
     """A supervised fine-tuning batch of 4 (a transcription, say): [CLS], an audio's placeholders, then words; no label
     on the prompt (the audio's tokens among it) or the padding; the audio as the model's feature extractor gives it
-    (Granite Speech's frames first), with the mask of its frames where the model takes one."""
+    (Granite Speech's frames first), with the mask of its frames where the model takes one (Qwen2-Audio's, Audio
+    Flamingo 3's and GLM-ASR's last audio is half as long, its frames padded, and has half the placeholders)."""
     n = PLACEHOLDERS[kind]
     batch = text_batch(batch=4, length=12 + n)
     ids = batch["input_ids"]
@@ -82,9 +83,11 @@ def speech_batch(kind: str) -> dict[str, torch.Tensor]:
     if kind == "granite_speech":
         return {**batch, "input_features": torch.randn(4, FRAMES, MELS, generator=g)}
     audio = {"input_features": torch.randn(4, MELS, FRAMES, generator=g)}
-    frames = torch.ones(4, FRAMES, dtype=torch.long)
-    if kind == "qwen2_audio":
-        audio["feature_attention_mask"] = frames
-    elif kind in ("audioflamingo3", "glmasr"):
-        audio["input_features_mask"] = frames
+    key = {"qwen2_audio": "feature_attention_mask", "audioflamingo3": "input_features_mask"}
+    key["glmasr"] = "input_features_mask"
+    if kind in key:  # the last audio half as long, its second half padding: half the placeholders
+        frames = torch.ones(4, FRAMES, dtype=torch.long)
+        frames[-1, FRAMES // 2 :] = 0
+        audio[key[kind]] = frames
+        ids[-1, 1 + n // 2 : 1 + n] = 4  # words in the other placeholders' place (in the prompt)
     return {**batch, **audio}
