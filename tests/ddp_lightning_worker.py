@@ -3,6 +3,7 @@ gradient all-reduces and keeping what the first optimizer step's gradient must b
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -20,7 +21,51 @@ class Counting(Classifier):
         self.count = count_allreduces(self.trainer.strategy.model)  # before the first backward
 
 
+def token_weighed(out: str) -> None:
+    """A causal language model, 2 accumulated micro-batches of one row a process (4 rows of unlike labelled tokens),
+    given the step's labelled tokens over both processes, the sub branch weighed 0: the synced gradient is that of
+    the model's own loss on the 4 rows."""
+    import lightning as L
+    from conftest import lm_labels, text_batch, tiny_language_model, wrap_text
+
+    from masksub.lightning import TrainingStep
+
+    data = lm_labels(text_batch(batch=4, length=16))
+    data["labels"][0, 7:] = -100
+    total = int((data["labels"][:, 1:] != -100).sum())
+    rank = int(os.environ["RANK"])
+
+    class LanguageModel(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = wrap_text(tiny_language_model("llama"), mode="attention")
+            self.masksub = TrainingStep(torch.nn.CrossEntropyLoss(), main_weight=1.0, sub_weight=0.0, log=False)
+
+        def training_step(self, batch, batch_idx):
+            return self.masksub(self, batch, num_items_in_batch=total)
+
+        def on_before_optimizer_step(self, optimizer):
+            self.grads = {
+                n.removeprefix("model."): p.grad.clone() for n, p in self.named_parameters() if p.grad is not None
+            }
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = LanguageModel()
+    rows = [{k: v[i] for k, v in data.items()} for i in (2 * rank, 2 * rank + 1)]
+    trainer = _trainer(
+        devices=2, strategy=DDPStrategy(process_group_backend="gloo"), accumulate_grad_batches=2,
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=1))
+    torch.save({"state": module.state_dict(), "synced": module.grads}, f"{out}/rank{rank}.pt")
+    exit_without_teardown()
+
+
 if __name__ == "__main__":
+    if sys.argv[2] == "tokens":
+        token_weighed(sys.argv[1])
     out, memory_saving = sys.argv[1], sys.argv[2] == "1"
     module = Counting(memory_saving=memory_saving, lr=0.1)
     initial = Classifier()

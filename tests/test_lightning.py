@@ -352,6 +352,69 @@ def test_a_per_token_head_dropping_tokens_trains_with_steps_gradients(head):
             torch.testing.assert_close(module.grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("memory_saving", [True, False])
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_num_items_in_batch_weighs_accumulated_micro_batches_by_their_labelled_tokens(kind, memory_saving):
+    """Two accumulated micro-batches of 1 and 3 rows, given the step's labelled tokens: each micro-batch's losses
+    weigh by its share of them, not by half each (Lightning's division by the accumulation), with Step's gradient
+    given the same count (a mixture of experts' router losses still a mean per micro-batch); the returned loss keeps
+    its value. Without the count, the gradient differs."""
+    from conftest import lm_labels, tiny_language_model
+
+    data = lm_labels(text_batch(batch=4, length=16))
+    data["labels"][0, 7:] = -100  # the first row's response cut short: the two micro-batches hold unlike counts
+    parts = [{k: v[rows] for k, v in data.items()} for rows in (slice(0, 1), slice(1, 4))]
+    total = sum(int((p["labels"][:, 1:] != -100).sum()) for p in parts)
+
+    def build():
+        return wrap_text(tiny_language_model(kind), mode="attention").train()
+
+    class LanguageModel(L.LightningModule):
+        def __init__(self, num_items):
+            super().__init__()
+            self.model, self.num_items, self.losses = build(), num_items, []
+            self.masksub = TrainingStep(torch.nn.CrossEntropyLoss(), memory_saving=memory_saving, log=False)
+
+        def training_step(self, batch, batch_idx):
+            torch.manual_seed(7 + batch_idx)  # the sub pass's mask
+            out = self.masksub(self, batch, num_items_in_batch=self.num_items)
+            self.losses.append(out["loss"].detach())
+            return out
+
+        def on_before_optimizer_step(self, optimizer):
+            self.grads = {
+                n.removeprefix("model."): p.grad.clone() for n, p in self.named_parameters() if p.grad is not None
+            }
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def fit(num_items):
+        module = LanguageModel(num_items)
+        rows = [{k: v[i] for k, v in data.items()} for i in range(4)]
+        loader = torch.utils.data.DataLoader(rows, batch_sampler=[[0], [1, 2, 3]])
+        _trainer(accumulate_grad_batches=2).fit(module, loader)
+        return module
+
+    module = fit(total)
+    reference = build()
+    step = masksub.Step(
+        reference, torch.optim.SGD(reference.parameters(), lr=0.0), torch.nn.CrossEntropyLoss(), accum_steps=2,
+        memory_saving=memory_saving,
+    )  # fmt: skip
+    outs = []
+    for i, part in enumerate(parts):
+        torch.manual_seed(7 + i)
+        outs.append(step(part, num_items_in_batch=total))
+    assert outs[-1]["updated"] and [float(v) for v in module.losses] == [float(o["loss"]) for o in outs]
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert module.grads.keys() == grads.keys()
+    for n in grads:
+        torch.testing.assert_close(module.grads[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    halves = fit(None).grads  # Lightning's own weighing: each micro-batch's mean / 2
+    assert max((halves[n] - grads[n]).abs().max() for n in grads) > 1e-4
+
+
 def test_misuse_gets_errors_that_say_what_to_do():
     step = TrainingStep(torch.nn.CrossEntropyLoss())
     with pytest.raises(RuntimeError, match="training_step of a LightningModule that a lightning Trainer"):
@@ -420,6 +483,24 @@ def test_ddp_all_reduces_once_per_step_with_the_gradient_of_the_summed_loss(tmp_
         assert rank["synced"].keys() == ranks[0]["local"].keys()
         for n, g in rank["synced"].items():  # the first step's synced gradient: the mean of both ranks' by hand
             torch.testing.assert_close(g, (ranks[0]["local"][n] + ranks[1]["local"][n]) / 2, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_ddp_num_items_in_batch_gives_the_gradient_of_the_whole_batch(tmp_path):
+    """torchrun, 2 CPU processes of 2 accumulated one-row micro-batches each, given the step's labelled tokens over
+    both: DDP's mean of the processes' gradients is that of the model's own loss on the 4 rows (each process's
+    share counted times the 2 processes the mean divides by; the sub branch weighed 0 here)."""
+    from conftest import lm_labels, tiny_language_model
+
+    ranks = run_worker("ddp_lightning_worker.py", tmp_path, "tokens")
+    model = tiny_language_model("llama")
+    data = lm_labels(text_batch(batch=4, length=16))
+    data["labels"][0, 7:] = -100
+    model(**data).loss.backward()
+    for rank in ranks:  # named in the wrapped model: model.<name>
+        assert rank["synced"].keys() == {f"model.{n}" for n, p in model.named_parameters() if p.grad is not None}
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(rank["synced"][f"model.{n}"], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def _gradient_with(sub, checkpointing, memory_saving=None):

@@ -40,7 +40,17 @@ from torch import nn
 from .language import align, language_model, router_loss
 from .loss import SubBranchLoss, distill
 from .outputs import forward, logits_of, split_labels
+from .step import token_share
 from .wrapper import SubBranchModel, SubPassHold, check_one_backward
+
+
+def scale_gradient(loss: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """``loss`` itself in value, its gradient times ``factor`` (None: ``loss``)."""
+    if factor is None:
+        return loss
+    extra = loss * (factor - 1)
+    return loss + (extra - extra.detach())
+
 
 # Strategies (by exact class name: DeepSpeed and XLA subclass DDPStrategy) under which a backward inside
 # training_step is the same as Lightning's own.
@@ -60,12 +70,19 @@ class TrainingStep(nn.Module):
             False: one backward of the summed loss.
         log: log the unweighted ``loss_main`` and ``loss_sub`` with ``LightningModule.log``.
 
-    ``forward(module, x, target=None)`` takes the LightningModule and the batch's input (a tensor, or a
-    mapping of keyword inputs whose ``labels`` are the target, read as a language model's own loss reads them:
-    ``masksub.language``) and returns a dict: ``loss`` (for
+    ``forward(module, x, target=None, num_items_in_batch=None)`` takes the LightningModule and the batch's input (a
+    tensor, or a mapping of keyword inputs whose ``labels`` are the target, read as a language model's own loss reads
+    them: ``masksub.language``) and returns a dict: ``loss`` (for
     Lightning), and the detached ``loss_main``, ``loss_sub`` and main-branch ``logits``. Without
     gradients (``validation_step``, ``test_step``) it returns the same dict from the two forwards
     and does nothing else: no backward, no gradient zeroing, no logging.
+
+    ``num_items_in_batch``: for token-level targets (a language model's), the labelled targets of the whole optimizer
+    step (all its accumulated micro-batches, on all processes: all-reduce each process's count). Lightning divides
+    each micro-batch's loss by ``accumulate_grad_batches``, so micro-batches of few labelled tokens weigh as much as
+    long ones; given the count, each micro-batch's losses weigh by its share of it instead (as ``Step`` and the
+    Trainer weigh them given it), so that every token of the step weighs the same. The returned ``loss`` keeps its
+    value; its gradient is scaled. Give it to every micro-batch of a window or to none.
     """
 
     def __init__(
@@ -90,7 +107,7 @@ class TrainingStep(nn.Module):
         self._zeroed_at = None  # (trainer, optimizer step) when the gradients were last zeroed
         self._sub_hold = SubPassHold()
 
-    def forward(self, module: nn.Module, x, target: torch.Tensor | None = None) -> dict:
+    def forward(self, module: nn.Module, x, target: torch.Tensor | None = None, num_items_in_batch=None) -> dict:
         trainer = self._trainer(module)
         runner, model = self._model(module)
         self._sub_hold.close()  # rates a loss left without its backward still holds (an OOM in the backward)
@@ -99,10 +116,14 @@ class TrainingStep(nn.Module):
         if training:
             self._zero_grad_at_window_start(module, trainer)
         x, target = align(*language_model(model), *split_labels(x, target))
+        factor = None  # the gradients' weight, as Lightning divides them by the accumulation; else by the tokens
+        if training and num_items_in_batch is not None:
+            share = token_share(self.loss, target, num_items_in_batch, trainer.world_size)
+            factor = share * trainer.accumulate_grad_batches
         output = forward(runner, x)
         main, router = logits_of(output), router_loss(model, output)
-        loss_main = self.loss.main_loss(main, target)
-        if router is not None:  # a mixture of experts' router losses, which its own loss adds
+        loss_main = scale_gradient(self.loss.main_loss(main, target), factor)
+        if router is not None:  # a mixture of experts' router losses, which its own loss adds (a per-batch mean)
             loss_main = loss_main + router
         del output
         if two_backwards:
@@ -116,6 +137,7 @@ class TrainingStep(nn.Module):
         elif training:
             check_one_backward(model.branch, model.model, "TrainingStep's summed loss (memory_saving=False)")
         loss_sub = distill(self.loss, logits_of(forward(runner, x, sub=True)), main, target, model.sub_kept)
+        loss_sub = scale_gradient(loss_sub, factor)
         out = {
             "loss": self.loss.main_weight * loss_main + self.loss.sub_weight * loss_sub,
             "loss_main": loss_main.detach(),

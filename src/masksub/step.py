@@ -70,6 +70,24 @@ def slow_cpu_autocast(dtype: torch.dtype) -> bool:
         return False
 
 
+
+def token_share(loss: SubBranchLoss | None, target: torch.Tensor | None, num_items, processes: int) -> torch.Tensor:
+    """What a micro-batch's losses (means over its labelled targets) are multiplied by so that every labelled target
+    of the optimizer step weighs the same: its labelled targets' share of ``num_items`` (the step's, over all its
+    micro-batches and processes), times the ``processes`` whose gradients DDP or FSDP average. An error naming the
+    fix where ``num_items`` is no count, or the loss has no class-index target to count."""
+    if loss is None or target is None or target.is_floating_point():
+        raise ValueError(
+            "num_items_in_batch weighs each micro-batch by its labelled targets, class indices of the criterion; "
+            f"this step has {'no criterion' if loss is None else 'no class-index target'}: leave it out"
+        )
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral | torch.Tensor):
+        raise ValueError(f"num_items_in_batch must be a count of labelled targets, got {num_items!r}")
+    if not isinstance(num_items, torch.Tensor) and num_items < 1:  # a tensor is not read: no host sync
+        raise ValueError(f"num_items_in_batch must be at least 1, got {num_items}")
+    labelled = (target != ignore_index_of(loss.criterion)).sum()
+    return labelled * processes / num_items
+
 class Step:
     """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
 
@@ -366,17 +384,7 @@ class Step:
         self._weighting = weighting
         if num_items is None:
             return 1 / self.accum_steps
-        if self.loss is None or target is None or target.is_floating_point():
-            raise ValueError(
-                "num_items_in_batch weighs each micro-batch by its labelled targets, class indices of the criterion; "
-                f"this step has {'no criterion' if self.loss is None else 'no class-index target'}: leave it out"
-            )
-        if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral | torch.Tensor):
-            raise ValueError(f"num_items_in_batch must be a count of labelled targets, got {num_items!r}")
-        if not isinstance(num_items, torch.Tensor) and num_items < 1:  # a tensor is not read: no host sync
-            raise ValueError(f"num_items_in_batch must be at least 1, got {num_items}")
-        labelled = (target != ignore_index_of(self.loss.criterion)).sum()
-        return labelled * processes(self.model) / num_items
+        return token_share(self.loss, target, num_items, processes(self.model))
 
     def _main_loss(self, output, target: torch.Tensor | None, scale) -> tuple[torch.Tensor, torch.Tensor]:
         """The main branch's loss (the criterion on ``output``'s logits, plus the router losses a mixture of experts'
