@@ -70,7 +70,6 @@ def slow_cpu_autocast(dtype: torch.dtype) -> bool:
         return False
 
 
-
 def token_share(loss: SubBranchLoss | None, target: torch.Tensor | None, num_items, processes: int) -> torch.Tensor:
     """What a micro-batch's losses (means over its labelled targets) are multiplied by so that every labelled target
     of the optimizer step weighs the same: its labelled targets' share of ``num_items`` (the step's, over all its
@@ -87,6 +86,7 @@ def token_share(loss: SubBranchLoss | None, target: torch.Tensor | None, num_ite
         raise ValueError(f"num_items_in_batch must be at least 1, got {num_items}")
     labelled = (target != ignore_index_of(loss.criterion)).sum()
     return labelled * processes / num_items
+
 
 class Step:
     """One call = one micro-batch; the optimizer steps every ``accum_steps`` calls.
