@@ -1148,6 +1148,46 @@ def test_drop_mode_on_a_sliding_window_decoder_keeps_its_window_by_position(kind
         assert lengths[0] < 20
 
 
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_drop_mode_on_llama4_keeps_its_attention_chunks_by_index(left, monkeypatch):
+    """Llama 4's chunked layers (3 of its 4 here; the fourth, without RoPE, attends to all) see the tokens of their
+    own chunk, counted by index from the first token that is not padding: with tokens dropped, their masks are made
+    from the kept tokens' indices, and dropping computes what hiding does with chunks of 8 and 20 over batches of
+    20, padded on either side. Without those masks it does not."""
+    for chunk in (8, 20):
+        model = _decoder_lm("llama4_text", attention_chunk_size=chunk, num_hidden_layers=4)
+        assert model.config.layer_types[:4] == ["chunked_attention"] * 3 + ["full_attention"]
+        wrapped = wrap_text(model, mode="drop", ratio=0.5)
+        assert len(wrapped.branch._window_handles) == 3
+        got, expected, _, lengths = dropped_and_hidden(wrapped, model, _decoder_batch(left=left))
+        torch.testing.assert_close(got[wrapped.sub_kept], expected[wrapped.sub_kept], rtol=1e-5, atol=1e-6)
+        assert lengths[0] < 20
+    monkeypatch.setattr(masksub.adapters.text, "sliding_layers", lambda *args: [])  # no chunk masks in the sub pass
+    model = _decoder_lm("llama4_text", attention_chunk_size=8, num_hidden_layers=4)
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    got, expected, _, _ = dropped_and_hidden(wrapped, model, _decoder_batch(left=left))
+    assert (got[wrapped.sub_kept] - expected[wrapped.sub_kept]).abs().max() > 1e-3
+
+
+def test_drop_mode_on_llama4_hides_batches_whose_no_rope_layers_scale_queries_by_index():
+    """Llama 4's layers without RoPE scale each query by its index beyond ``floor_scale`` (8,192 tokens; 8 here):
+    dropping would change that index, so a longer batch hides its masked tokens instead (the same logits at the full
+    length), warned once; a batch within it drops."""
+    model = _decoder_lm("llama4_text", num_hidden_layers=4, floor_scale=8)
+    wrapped = wrap_text(model, mode="drop", ratio=0.5)
+    batch = _decoder_batch(left=False)
+    with pytest.warns(UserWarning, match="scale each query by its index .* a batch of 20 is longer"):
+        got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
+    assert lengths == [20, 20]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for within in (dict(floor_scale=32), dict(floor_scale=8, attn_temperature_tuning=False)):  # or no scaling
+        model = _decoder_lm("llama4_text", num_hidden_layers=4, **within)
+        wrapped = wrap_text(model, mode="drop", ratio=0.5)
+        got, expected, _, lengths = dropped_and_hidden(wrapped, model, batch)
+        assert lengths[0] < 20
+        torch.testing.assert_close(got[wrapped.sub_kept], expected[wrapped.sub_kept], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "ctrl"])
 def test_drop_mode_keeps_each_kept_tokens_own_segment_id(kind):
     """GPT-2's and CTRL's classifiers embed ``token_type_ids`` per token: the kept tokens keep their own."""

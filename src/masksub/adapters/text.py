@@ -30,7 +30,8 @@ tokens, chosen at random.
   window counts tokens, and with tokens dropped a window of tokens spans more positions: its sliding-window layers
   get a window mask built from the kept tokens' positions (SDPA and eager attention read it; under a kernel that
   takes none, flash attention, a batch longer than the window hides its masked tokens instead, at the main pass's
-  cost, warned once). Their token classifiers and masked language models (``DROP_HEADS``; the targets of a masked
+  cost, warned once); Llama 4's chunked layers a mask of each kept token's chunk, by its index. Their token
+  classifiers and masked language models (``DROP_HEADS``; the targets of a masked
   language model, shown as the mask token, are special tokens: always kept), and the decoders' causal language
   models (and those of LLaVA and its kin on one of those decoders, ``DROP_VLMS``, and Qwen2-VL's,
   ``MROPE_VLMS``, whose 3-D positions its forward makes from the kept tokens as from the hidden ones: their image
@@ -69,6 +70,7 @@ from .text_families import (
     MROPE_VLMS,
     PREFIX_VLMS,
     RELATIVE_MODELS,
+    chunk_size,
     classifier_of,
     drop_embeddings,
     position_ids_target,
@@ -176,6 +178,7 @@ class TokenMaskAdapter(MaskAdapter):
         self._positions: torch.Tensor | None = None  # (B, K) and (B, K) bool: the kept tokens' positions and which
         self._valid: torch.Tensor | None = None  # of them are not fillers, for the sliding windows' masks
         self._blocks: torch.Tensor | None = None  # (B, K): each kept token's image block (-1: text), Gemma 3's
+        self._chunks: tuple | None = None  # (B, K) and (B, K): each kept token's attention chunk and index, Llama 4's
         self._window_handles = []
         self._window_cache: tuple | None = None  # (the model's mask dtype, the window mask) of the running pass
         self._warned = False
@@ -291,18 +294,31 @@ class TokenMaskAdapter(MaskAdapter):
         return model(*args, **kwargs)
 
     def _beyond_window(self, model: nn.Module, length: int) -> bool:
-        """Whether dropping would change what a sliding window sees: a batch longer than the window, under an
-        attention kernel that takes no mask (flash attention keeps its window by index, and with tokens dropped a
-        window of tokens spans more positions). The batch's masked tokens are hidden instead (warned once)."""
-        window, kernel = sliding_window(self._text_config), self._text_config._attn_implementation
-        if not self._window_handles or length <= window or kernel in MASKED_KERNELS:
+        """Whether dropping would change what a sliding window or a chunk sees: a batch longer than the window,
+        under an attention kernel that takes no mask (flash attention keeps its window by index, and with tokens
+        dropped a window of tokens spans more positions); or what Llama 4's layers without RoPE scale their queries
+        by, each token's index, which the drop changes beyond its ``floor_scale`` (8,192 tokens). The batch's masked
+        tokens are hidden instead (warned once)."""
+        config = self._text_config
+        window, kernel = sliding_window(config) or chunk_size(config), config._attn_implementation
+        by_index = getattr(config, "attn_temperature_tuning", False) and 0 in (config.no_rope_layers or [])
+        if by_index and length > config.floor_scale - 1:
+            why = (
+                f"its layers without RoPE scale each query by its index (attn_temperature_tuning), which dropping "
+                f"tokens changes from index {config.floor_scale - 1} on (floor_scale), and a batch of {length} is "
+                "longer"
+            )
+        elif self._window_handles and length > window and kernel not in MASKED_KERNELS:
+            why = (
+                f"its sliding-window or chunked attention runs on {kernel!r}, which takes no mask to keep the window "
+                f"({window} tokens) by position ({' or '.join(MASKED_KERNELS)} do), and a batch of {length} is longer"
+            )
+        else:
             return False
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"mode='drop' on {type(model).__name__}: its sliding-window attention runs on {kernel!r}, which "
-                f"takes no mask to keep the window ({window} tokens) by position ({' or '.join(MASKED_KERNELS)} "
-                f"do), and a batch of {length} is longer; such batches hide their masked tokens instead "
+                f"mode='drop' on {type(model).__name__}: {why}; such batches hide their masked tokens instead "
                 "(mode='attention', at the main pass's cost)",
                 stacklevel=3,
             )
@@ -324,7 +340,10 @@ class TokenMaskAdapter(MaskAdapter):
     def _build_window_mask(self, given: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         positions, window = self._positions, sliding_window(self._text_config)
         distance = positions[:, :, None] - positions[:, None, :]  # (B, K, K): query's position minus key's
-        if not self._causal:  # ModernBERT's window: either side
+        if self._chunks is not None:  # Llama 4's chunks: by index from the first token that is not padding
+            chunks, index = self._chunks
+            near = (chunks[:, :, None] == chunks[:, None, :]) & (index[:, :, None] >= index[:, None, :])
+        elif not self._causal:  # ModernBERT's window: either side
             near = distance.abs() <= window
         elif self._blocks is None:
             near = (distance >= 0) & (distance < window)
@@ -403,10 +422,13 @@ class TokenMaskAdapter(MaskAdapter):
                 if self._position_handle is None:
                     kwargs["position_ids"] = positions.view(*lead, -1)
             self._positions, self._valid = positions, valid
+            if (chunk := chunk_size(self._text_config)) is not None:  # counted as the model counts them on hiding
+                left = (attention_mask.masked_fill(mask, 0).cumsum(1) == 0).sum(1, keepdim=True)  # left padding
+                self._chunks = torch.div(keep - left, chunk, rounding_mode="floor"), keep
             try:
                 output = model(ids, **kwargs) if args else model(**{**kwargs, "input_ids": ids})
             finally:
-                self._positions = self._valid = self._blocks = self._window_cache = None
+                self._positions = self._valid = self._blocks = self._window_cache = self._chunks = None
         else:
             self._keep, self._full_mask = keep, attention_mask.masked_fill(mask, 0)
             try:

@@ -42,6 +42,7 @@ DROP_DECODERS = (
     *("deepseek_v32", "glm_moe_dsa", "granite", "granitemoe", "granitemoeshared", "olmoe", "internlm3"),
     *("minimax_m2", "jais2", "hyperclovax", "nanochat", "iquestcoder", "minicpm5_moe", "hy_v3", "param2moe"),
     *("mellum", "kolibri1", "sarvam_mla", "sarvam_moe", "solar_open", "vaultgemma", "xglm", "youtu"),
+    "llama4_text",  # chunked attention, its masks made by position; its no-RoPE layers' temperature by index
 )
 # vision-language models whose language model is one of those decoders, given the position ids as it is, and whose
 # images (and videos) reach it as features scattered onto their placeholder tokens (which are special: always kept),
@@ -106,6 +107,13 @@ def sliding_window(config) -> int | None:
     return int(window)
 
 
+def chunk_size(config) -> int | None:
+    """The chunk of a model's chunked attention layers (Llama 4's: a token sees those of its own chunk up to it, the
+    chunks counted from the first token that is not padding), or None where it has none."""
+    chunk, types = getattr(config, "attention_chunk_size", None), layer_types(config)
+    return None if chunk is None or types is None or "chunked_attention" not in types else int(chunk)
+
+
 def classifier_of(model: nn.Module) -> nn.Module:
     """The Hugging Face classifier inside ``model`` (wrapped by PEFT or not)."""
     from transformers import PreTrainedModel
@@ -123,11 +131,13 @@ def text_model(model: nn.Module, config) -> nn.Module:
 
 
 def sliding_layers(model: nn.Module, config) -> list[nn.Module]:
-    """The layers of ``model`` that attend within a sliding window: those its layer types name so, or all of a
-    model with a window and no layer types (Mistral's, Phi-3's). An error where its layers are not found."""
-    if sliding_window(config) is None:
+    """The layers of ``model`` that attend within a sliding window or a chunk: those its layer types name so, or all
+    of a model with a window and no layer types (Mistral's, Phi-3's). An error where its layers are not found."""
+    chunked = chunk_size(config) is not None
+    if sliding_window(config) is None and not chunked:
         return []
-    layers = getattr(text_model(model, config), "h" if config.model_type == "gpt_neo" else "layers", None)
+    name, base = "h" if config.model_type == "gpt_neo" else "layers", text_model(model, config)
+    layers = getattr(base, name, getattr(getattr(base, "model", None), name, None))  # Llama 4's: under its model
     types = layer_types(config)
     if not isinstance(layers, nn.ModuleList) or (types is not None and len(types) < len(layers)):
         raise ValueError(
@@ -138,7 +148,7 @@ def sliding_layers(model: nn.Module, config) -> list[nn.Module]:
     return [
         layer
         for layer, kind in zip(layers, types or ["sliding_attention"] * len(layers))
-        if kind == "sliding_attention"
+        if kind == ("chunked_attention" if chunked else "sliding_attention")
     ]
 
 
