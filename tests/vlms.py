@@ -178,6 +178,22 @@ def _paligemma(version: int = 1):
     return llava_kin(tf.PaliGemmaConfig, model_class, text_class, vision, **ids)
 
 
+def _llama4():
+    """A tiny Llama 4: its vision tower (4-pixel patches, pixels shuffled into 2 x 2 fewer tokens), on its text model
+    of 4 layers, the first three attending within chunks of 8 tokens (shorter than the batch), the fourth to all
+    without RoPE, each a mixture of 2 experts."""
+    import transformers as tf
+
+    text = dict(LANGUAGE_MODELS["llama"][1], num_hidden_layers=4, pad_token_id=PAD, bos_token_id=CLS)
+    text.update(head_dim=16, intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=8)
+    text.update(layer_types=["chunked_attention"] * 3 + ["full_attention"], no_rope_layers=[1, 1, 1, 0])
+    vision = dict(VISION, intermediate_size=128, patch_size=4, projector_input_dim=32, projector_output_dim=32)
+    ids = dict(image_token_index=IMAGE, boi_token_index=IMAGE - 2, eoi_token_index=IMAGE - 3)
+    torch.manual_seed(0)
+    config = tf.Llama4Config(vision_config=dict(vision, vision_output_dim=32), text_config=text, **ids)
+    return tf.Llama4ForConditionalGeneration(config)
+
+
 def vlm_batch(kind: str, videos: bool = False) -> dict[str, torch.Tensor]:
     """A supervised fine-tuning batch of 4: [CLS], an image's placeholders (Qwen2-VL's between its vision start and
     end tokens), then words; no label on the prompt (the image's tokens among it) or the padding; the images as the
@@ -216,4 +232,4 @@ VLMS |= {"llava_onevision": _llava_onevision, "mistral3": _mistral3}
 VLMS |= {"internvl": _internvl, "idefics3": _idefics3, "smolvlm": lambda: _idefics3(smolvlm=True)}
 VLMS |= {"paligemma": _paligemma, "paligemma2": lambda: _paligemma(version=2)}
 VLMS |= {"aya_vision": _aya_vision, "cohere2_vision": lambda: _aya_vision(cohere2_vision=True)}
-VLMS |= {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v}
+VLMS |= {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v, "llama4": _llama4}

@@ -77,6 +77,7 @@ CAUSAL_VLMS = (
     "Lfm2VlForConditionalGeneration",
     "Lfm3VlForConditionalGeneration",
     "LightOnOcrForConditionalGeneration",
+    "Llama4ForConditionalGeneration",
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
     "LlavaNextVideoForConditionalGeneration",

@@ -49,7 +49,7 @@ DROP_DECODERS = (
 # attending causally as words do: their causal language model drops masked words as the decoder's does (each tested
 # with images; LLaVA-NeXT-Video and LLaVA-OneVision with videos too)
 DROP_VLMS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "internvl", "idefics3")
-DROP_VLMS += ("smolvlm", "aya_vision", "cohere2_vision")
+DROP_VLMS += ("smolvlm", "aya_vision", "cohere2_vision", "llama4")
 # speech models whose language model is one of those decoders, given the position ids as it is, and whose audio
 # reaches it as an audio encoder's features scattered onto their placeholder tokens (special: always kept), attending
 # causally as words do: their causal language model drops masked words as the decoder's does (each tested with audio)
