@@ -10,8 +10,9 @@ AUDIO = 63  # a speech model's audio placeholder: a token id its configuration n
 FRAMES, MELS = 16, 16  # an audio's log-mel features: 16 frames of 16 bins
 # placeholders an audio: Whisper's kin halve the frames by a strided convolution and Qwen2-Audio's and Audio Flamingo
 # 3's by a pool (4), Voxtral's projector takes 2 frames a token (4), GLM-ASR's 4 (2); Granite Speech's Q-Former
-# gives a query per 2 frames (8)
+# (and Granite Speech Plus's) gives a query per 2 frames (8)
 PLACEHOLDERS = {"qwen2_audio": 4, "voxtral": 4, "audioflamingo3": 4, "glmasr": 2, "granite_speech": 8}
+PLACEHOLDERS["granite_speech_plus"] = 8
 WHISPER = dict(num_mel_bins=MELS, max_source_positions=FRAMES // 2, dropout=0.0, attention_dropout=0.0)
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 
@@ -51,21 +52,36 @@ SPEECH_MODELS = {
             model_type="glmasr_encoder", **TINY, num_key_value_heads=2, num_mel_bins=MELS, max_position_embeddings=64
         ),
     ),
-    "granite_speech": lambda: _speech_model(
-        "granite_speech",
-        "granite",
-        encoder_config=dict(
-            input_dim=MELS, num_layers=1, hidden_dim=32, feedforward_mult=2, num_heads=2, dim_head=16, output_dim=8,
-            context_size=8, max_pos_emb=16, conv_kernel_size=3, dropout=0.0,
-        ),
-        projector_config=dict(
-            model_type="blip_2_qformer", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=64, encoder_hidden_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        ),
-        window_size=4,
-        downsample_rate=2,
-    ),
 }  # fmt: skip
+GRANITE = dict(
+    encoder_config=dict(
+        input_dim=MELS,
+        num_layers=1,
+        hidden_dim=32,
+        feedforward_mult=2,
+        num_heads=2,
+        dim_head=16,
+        output_dim=8,
+        context_size=8,
+        max_pos_emb=16,
+        conv_kernel_size=3,
+        dropout=0.0,
+    ),
+    projector_config=dict(
+        model_type="blip_2_qformer",
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        encoder_hidden_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ),
+    window_size=4,
+    downsample_rate=2,
+)  # a conformer encoder of the frames (its batch norms read the batch in training), a Q-Former projector
+SPEECH_MODELS["granite_speech"] = lambda: _speech_model("granite_speech", "granite", **GRANITE)
+SPEECH_MODELS["granite_speech_plus"] = lambda: _speech_model("granite_speech_plus", "granite", **GRANITE)
 
 
 def speech_batch(kind: str) -> dict[str, torch.Tensor]:
@@ -80,7 +96,7 @@ def speech_batch(kind: str) -> dict[str, torch.Tensor]:
     ids[:, 1 : 1 + n] = AUDIO
     batch = lm_labels(batch, prompt=n + 2)
     g = torch.Generator().manual_seed(7)
-    if kind == "granite_speech":
+    if kind.startswith("granite_speech"):
         return {**batch, "input_features": torch.randn(4, FRAMES, MELS, generator=g)}
     audio = {"input_features": torch.randn(4, MELS, FRAMES, generator=g)}
     key = {"qwen2_audio": "feature_attention_mask", "audioflamingo3": "input_features_mask"}

@@ -432,7 +432,7 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode,
     _step(wrapped)(batch)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert_causal_step_gradients(model, wrapped, batch, mode, grads)
-    assert grads.keys() & _tower_names(model)  # the images' tower trains from both passes
+    assert grads.keys() & _tower_names(model, videos)  # the images' tower trains from both passes
 
 
 VLM_DROP_CASES = [(kind, "images") for kind in VLMS] + [("qwen2_5_vl", "text"), ("qwen2_5_vl", "positions")]
@@ -485,11 +485,16 @@ def test_drop_mode_on_a_vision_language_model_runs_its_images_and_kept_words_as_
     assert (expected[kept] - model(**batch).logits[kept]).abs().max() > 1e-3, "hiding moved the logits"
 
 
-def _tower_names(model) -> set[str]:
-    """The names of the parameters of ``model``'s vision tower."""
-    from masksub.adapters.frozen_encoder import image_encoder
+def _tower(model, videos: bool = False) -> torch.nn.Module:
+    """``model``'s vision tower: its images', or with ``videos`` its videos' (Video-LLaVA's own, else the same)."""
+    from masksub.adapters import frozen_encoder
 
-    tower = {id(p) for p in image_encoder(model).parameters()}
+    return (videos and frozen_encoder.video_encoder(model)) or frozen_encoder.image_encoder(model)
+
+
+def _tower_names(model, videos: bool = False) -> set[str]:
+    """The names of the parameters of ``model``'s vision tower (its videos' with ``videos``)."""
+    tower = {id(p) for p in _tower(model, videos).parameters()}
     return {n for n, p in model.named_parameters() if id(p) in tower}
 
 
@@ -503,7 +508,7 @@ def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch, compiled=
 
     kind, _, videos = kind.partition(" ")
     model = VLMS[kind]().train()
-    tower = frozen_encoder.image_encoder(model)
+    tower = _tower(model, bool(videos))
     tower.requires_grad_(False)
     calls = []  # the tower's computation (its hooks run at each call, its forward given back or not)
     next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
@@ -540,7 +545,8 @@ def test_a_frozen_vision_tower_runs_once_a_step_with_the_same_gradients(kind, mo
     cached, once = _frozen_tower_step(kind, mode, cache=True, monkeypatch=monkeypatch)
     again, twice = _frozen_tower_step(kind, mode, cache=False, monkeypatch=monkeypatch)
     assert (once, twice) == (1, 2)
-    assert cached.keys() == again.keys() and not cached.keys() & _tower_names(VLMS[kind.partition(" ")[0]]())
+    name, _, videos = kind.partition(" ")
+    assert cached.keys() == again.keys() and not cached.keys() & _tower_names(VLMS[name](), bool(videos))
     for n in cached:
         torch.testing.assert_close(cached[n], again[n], rtol=1e-6, atol=1e-8, msg=n)
 
@@ -619,14 +625,14 @@ def test_the_vision_tower_runs_again_where_it_is_trained_random_or_given_other_i
 
 
 def test_drop_mode_refuses_a_vision_language_model_it_does_not_know_by_name():
-    """Video-LLaVA (untested) is not known to the drop mode; a LLaVA on a language model it does not know is refused
+    """VipLLaVA (untested) is not known to the drop mode; a LLaVA on a language model it does not know is refused
     as that language model is."""
     import transformers as tf
 
     config = llava().config
-    video = tf.VideoLlavaConfig(vision_config=config.vision_config, text_config=config.text_config)
-    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*VideoLlavaForConditionalGeneration"):
-        wrap_text(tf.VideoLlavaForConditionalGeneration(video), sub="mask", ratio=0.5, mode="drop")
+    vip = tf.VipLlavaConfig(vision_config=config.vision_config, text_config=config.text_config)
+    with pytest.raises(ValueError, match="mode='drop' shortens the sequence.*VipLlavaForConditionalGeneration"):
+        wrap_text(tf.VipLlavaForConditionalGeneration(vip), sub="mask", ratio=0.5, mode="drop")
     config.text_config = tf.MptConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=64, pad_token_id=PAD)
     known = r"of llava, .*, paligemma \(vision-language\) or qwen2_audio, .* on one of those decoders .* LlavaFor"
     with pytest.raises(ValueError, match=known):

@@ -13,8 +13,9 @@ PATCHES = 4  # placeholders an image: LLaVA's 16-pixel image of 8-pixel patches 
 PLACEHOLDERS = {"llava_next": 10, "llava_next_video": 10, "llava_onevision": 10}
 VIDEO = IMAGE - 1  # a video's placeholder
 # a video's placeholders: 4 frames of 16 pixels, LLaVA-NeXT-Video's each pooled to 1 feature, LLaVA-OneVision's to 1
-# and a newline after the video; Qwen2-VL's 2 by 2 frames (its temporal patch) of 4 x 4 patches merged 2 x 2
-VIDEO_PLACEHOLDERS = {"llava_next_video": 4, "llava_onevision": 5, "qwen2_vl": 8}
+# and a newline after the video; Qwen2-VL's 2 by 2 frames (its temporal patch) of 4 x 4 patches merged 2 x 2;
+# Video-LLaVA's each its 4 patches and class token
+VIDEO_PLACEHOLDERS = {"llava_next_video": 4, "llava_onevision": 5, "qwen2_vl": 8, "video_llava": 20}
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16)
 
 
@@ -178,6 +179,17 @@ def _paligemma(version: int = 1):
     return llava_kin(tf.PaliGemmaConfig, model_class, text_class, vision, **ids)
 
 
+def _video_llava():
+    """Video-LLaVA: a CLIP tower for images (class token left out) and another for videos (each frame's 4 patches and
+    its class token), on a Llama."""
+    import transformers as tf
+
+    vision = tf.CLIPVisionConfig(**VISION, patch_size=8)
+    select = dict(image_token_index=IMAGE, video_token_index=VIDEO, vision_feature_layer=-1)
+    model_class = tf.VideoLlavaForConditionalGeneration
+    return llava_kin(tf.VideoLlavaConfig, model_class, tf.LlamaConfig, vision, **select)
+
+
 def _llama4():
     """A tiny Llama 4: its vision tower (4-pixel patches, pixels shuffled into 2 x 2 fewer tokens), on its text model
     of 4 layers, the first three attending within chunks of 8 tokens (shorter than the batch), the fourth to all
@@ -233,3 +245,4 @@ VLMS |= {"internvl": _internvl, "idefics3": _idefics3, "smolvlm": lambda: _idefi
 VLMS |= {"paligemma": _paligemma, "paligemma2": lambda: _paligemma(version=2)}
 VLMS |= {"aya_vision": _aya_vision, "cohere2_vision": lambda: _aya_vision(cohere2_vision=True)}
 VLMS |= {"qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "glm4v": _glm4v, "llama4": _llama4}
+VLMS |= {"video_llava": _video_llava}

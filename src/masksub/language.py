@@ -113,8 +113,8 @@ CAUSAL_VLMS = (
 # one prediction per input token and whose own loss shifts the labels as a causal language model's does (each tested
 # with audio: tests/test_audio.py)
 CAUSAL_AUDIO_LMS = ("AudioFlamingo3ForConditionalGeneration", "GlmAsrForConditionalGeneration")
-CAUSAL_AUDIO_LMS += ("GraniteSpeechForConditionalGeneration", "Qwen2AudioForConditionalGeneration")
-CAUSAL_AUDIO_LMS += ("VoxtralForConditionalGeneration",)
+CAUSAL_AUDIO_LMS += ("GraniteSpeechForConditionalGeneration", "GraniteSpeechPlusForConditionalGeneration")
+CAUSAL_AUDIO_LMS += ("Qwen2AudioForConditionalGeneration", "VoxtralForConditionalGeneration")
 # causal language models whose logits hold more than the labels' positions (GIT's: its image tokens first)
 OWN_LAYOUT = ("GitForCausalLM",)
 # encoder-decoders whose forward, given labels, also hides the decoder's padding

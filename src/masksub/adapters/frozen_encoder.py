@@ -30,7 +30,7 @@ KEEP = 4
 # the config keys that name a random draw: dropout, drop path, and the layers Whisper's kin skip at random in training
 RATES = ("dropout", "dropout_prob", "dropout_rate", "drop_path_rate", "layerdrop")
 # speech models whose audio encoder is not where ``get_encoder(modality="audio")`` looks: its name in the base model
-AUDIO_ENCODERS = {"granite_speech": "encoder"}
+AUDIO_ENCODERS = {"granite_speech": "encoder", "granite_speech_plus": "encoder"}
 
 
 def image_encoder(model: nn.Module, modality: str = "image") -> nn.Module | None:
@@ -49,6 +49,12 @@ def image_encoder(model: nn.Module, modality: str = "image") -> nn.Module | None
     if name is not None and encoder in (model, base):
         encoder = getattr(base, name, encoder)
     return encoder if encoder is not model and encoder is not base else None
+
+
+def video_encoder(model: nn.Module) -> nn.Module | None:
+    """The video encoder of a vision-language model with one of its own beside its image encoder (Video-LLaVA's
+    ``video_tower``), None for others (a video then goes through the image encoder)."""
+    return getattr(classifier_of(model).base_model, "video_tower", None)
 
 
 def audio_encoder(model: nn.Module) -> nn.Module | None:
@@ -109,8 +115,9 @@ class FrozenEncoderCache:
 
     @classmethod
     def of(cls, model: nn.Module) -> list[FrozenEncoderCache]:
-        """A cache for each encoder of ``model``: its image encoder, its audio encoder (none for other models)."""
-        found = (image_encoder(model), audio_encoder(model))
+        """A cache for each encoder of ``model``: its image encoder, a video encoder of its own, its audio encoder
+        (none for other models)."""
+        found = (image_encoder(model), video_encoder(model), audio_encoder(model))
         return [cls(encoder) for encoder in {id(e): e for e in found if e is not None}.values()]
 
     def frozen(self) -> bool:

@@ -49,11 +49,11 @@ DROP_DECODERS = (
 # attending causally as words do: their causal language model drops masked words as the decoder's does (each tested
 # with images; LLaVA-NeXT-Video and LLaVA-OneVision with videos too)
 DROP_VLMS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "internvl", "idefics3")
-DROP_VLMS += ("smolvlm", "aya_vision", "cohere2_vision", "llama4")
+DROP_VLMS += ("smolvlm", "aya_vision", "cohere2_vision", "llama4", "video_llava")
 # speech models whose language model is one of those decoders, given the position ids as it is, and whose audio
 # reaches it as an audio encoder's features scattered onto their placeholder tokens (special: always kept), attending
 # causally as words do: their causal language model drops masked words as the decoder's does (each tested with audio)
-DROP_AUDIO_LMS = ("qwen2_audio", "voxtral", "audioflamingo3", "glmasr", "granite_speech")
+DROP_AUDIO_LMS = ("qwen2_audio", "voxtral", "audioflamingo3", "glmasr", "granite_speech", "granite_speech_plus")
 # vision-language models whose own forward makes their 3-D positions (time, height, width) from the attention mask's
 # tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
 # kept tokens alone, it makes the positions hiding the others gives (tested with images; Qwen2-VL with videos too)
