@@ -421,10 +421,15 @@ def local_causal_lm(tmp_path):
     return tmp_path
 
 
-def assert_causal_step_gradients(model, wrapped, batch: dict, mode: str, grads: dict[str, torch.Tensor]) -> None:
-    """``grads`` (a MaskSub ``Step`` of ``wrapped`` on ``batch`` under seed 3, a causal language model's labels in it)
-    equal the next-token loss and its distillation worked out by hand: the labels shifted one left, the distillation
-    over the labelled positions the sub pass predicted (all but the dropped ones in ``mode="drop"``)."""
+def assert_causal_step_gradients(model, wrapped, batch: dict, mode: str) -> dict[str, torch.Tensor]:
+    """The gradients of a MaskSub ``Step`` of ``wrapped`` (``model`` wrapped) on ``batch`` (a causal language model's
+    labels in it) in training mode under seed 3, checked to equal the next-token loss and its distillation worked out
+    by hand: the labels shifted one left, the distillation over the labelled positions the sub pass predicted (all
+    but the dropped ones in ``mode="drop"``)."""
+    model.train().zero_grad()
+    torch.manual_seed(3)
+    masksub.Step(wrapped, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())(batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     features = {k: v for k, v in batch.items() if k != "labels"}
     target = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
@@ -440,3 +445,4 @@ def assert_causal_step_gradients(model, wrapped, batch: dict, mode: str, grads: 
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    return grads
