@@ -446,3 +446,36 @@ def assert_causal_step_gradients(model, wrapped, batch: dict, mode: str) -> dict
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
     return grads
+
+
+def step_seeing_ids(model, batch: dict, mode: str) -> tuple:
+    """``model`` wrapped by the text adapter in ``mode`` (ratio 0.9) and one ``Step`` on ``batch`` under seed 3: the
+    wrapped model, the step's output, and the input ids each call of the model's input embeddings saw."""
+    wrapped = wrap_text(model, sub="mask", ratio=0.9, mode=mode)
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    torch.manual_seed(3)
+    out = masksub.Step(wrapped, torch.optim.SGD(model.parameters(), lr=0.0), torch.nn.CrossEntropyLoss())(batch)
+    handle.remove()
+    return wrapped, out, seen
+
+
+def record_length(lengths: list):
+    """A forward hook appending the sequence length of a module's output (of its first part where it gives a tuple:
+    I-BERT's embeddings give their quantization scale beside them)."""
+    return lambda m, a, out: lengths.append((out[0] if isinstance(out, tuple) else out).shape[1])
+
+
+def dropped_and_hidden(wrapped, model, batch):
+    """Under one seed: the drop mode's sub-pass logits, the model's logits with the same tokens hidden by the
+    attention mask, that mask, and the sequence lengths the model's input embeddings saw (sub pass, then the other)."""
+    lengths = []
+    handle = model.get_input_embeddings().register_forward_hook(record_length(lengths))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        got = wrapped(**batch, sub=True).logits
+        torch.manual_seed(5)
+        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
+    handle.remove()
+    return got, expected, mask, lengths

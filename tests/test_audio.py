@@ -6,7 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLS, MASK, PAD, SEP, SPECIAL, assert_causal_step_gradients, needs_transformers_5, wrap_text
+from conftest import (
+    CLS,
+    MASK,
+    PAD,
+    SEP,
+    SPECIAL,
+    assert_causal_step_gradients,
+    dropped_and_hidden,
+    needs_transformers_5,
+    step_seeing_ids,
+    wrap_text,
+)
 from speech import AUDIO, SPEECH_MODELS, speech_batch
 
 import masksub
@@ -40,12 +51,7 @@ def test_a_speech_model_is_scored_as_its_own_loss_scores_it(kind, mode):
     model = SPEECH_MODELS[kind]().train()
     batch = speech_batch(kind)
     assert language_model(model)[0] == CAUSAL
-    wrapped = wrap_text(model, sub="mask", ratio=0.9, mode=mode)
-    seen = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
-    torch.manual_seed(3)
-    out = _step(wrapped)(batch)
-    handle.remove()
+    wrapped, out, seen = step_seeing_ids(model, batch, mode)
     with torch.no_grad():  # in training mode (nothing random; Granite Speech's batch norms read the batch)
         own = model(**batch).loss
     torch.testing.assert_close(out["loss_main"], own.detach(), rtol=1e-6, atol=1e-6)
@@ -75,13 +81,9 @@ def test_drop_mode_on_a_speech_model_runs_its_audio_and_kept_words_as_hiding_the
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="drop")
     batch = {k: v for k, v in speech_batch(kind).items() if k != "labels"}
     ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    got, expected, mask, _ = dropped_and_hidden(wrapped, model, batch)
+    kept = wrapped.sub_kept
     with torch.no_grad():
-        torch.manual_seed(5)
-        got = wrapped(**batch, sub=True).logits
-        kept = wrapped.sub_kept
-        torch.manual_seed(5)
-        mask = wrapped.branch.token_mask(ids, batch["attention_mask"])
-        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
         torch.manual_seed(5)
         other_audio = wrapped(**{**batch, FEATURES: batch[FEATURES].flip(0)}, sub=True).logits
     assert (other_audio[kept] - got[kept]).abs().max() > 1e-3, "the audio reaches the sub pass"

@@ -247,8 +247,8 @@ def test_text_drop_mode_window_masks_on_cuda_in_bf16(kind):
     """Text ``mode="drop"`` on CUDA with SDPA: the sliding layers' window masks by position (ModernBERT's local
     layers, Mistral's with a window shorter than the batch) give, in bf16 autocast, the logits of hiding the same
     tokens, and a step trains."""
-    from conftest import text_batch, wrap_text
-    from test_text import _decoder, _decoder_batch, _modernbert, dropped_and_hidden, inputs
+    from conftest import dropped_and_hidden, text_batch, wrap_text
+    from test_text import _decoder, _decoder_batch, _modernbert, inputs
 
     model = (_modernbert() if kind == "modernbert" else _decoder("mistral")).cuda()
     model.config.sliding_window = 4 if kind == "modernbert" else 8

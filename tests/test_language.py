@@ -16,6 +16,7 @@ from conftest import (
     assert_causal_step_gradients,
     lm_labels,
     needs_transformers_5,
+    step_seeing_ids,
     text_batch,
     tiny_language_model,
     wrap_text,
@@ -406,12 +407,7 @@ def test_a_vision_language_model_is_scored_as_its_own_loss_scores_it(kind, mode,
     batch = vlm_batch(kind, videos=videos)
     placeholder, count = (VIDEO, VIDEO_PLACEHOLDERS[kind]) if videos else (IMAGE, PLACEHOLDERS.get(kind, PATCHES))
     assert language_model(model)[0] == CAUSAL
-    wrapped = wrap_text(model, sub="mask", ratio=0.9, mode=mode)
-    seen = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
-    torch.manual_seed(3)
-    out = _step(wrapped)(batch)
-    handle.remove()
+    wrapped, out, seen = step_seeing_ids(model, batch, mode)
     own = model.eval()(**batch).loss  # eval: no dropout draws to match
     torch.testing.assert_close(out["loss_main"], own.detach(), rtol=1e-6, atol=1e-6)
     main_ids, sub_ids = seen

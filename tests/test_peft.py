@@ -163,8 +163,8 @@ def test_drop_mode_on_a_lora_decoder_classifier_runs_the_base_model_on_the_kept_
     position ids through (Falcon's transformer gets them by a hook; Mistral's sliding layers and those of Gemma 3's
     multimodal classifier's language model, a window shorter than the batch, their window masks), and the logits are
     those of the same tokens hidden by the attention mask."""
-    from conftest import wrap_text
-    from test_text import _decoder, _decoder_batch, dropped_and_hidden
+    from conftest import dropped_and_hidden, wrap_text
+    from test_text import _decoder, _decoder_batch
 
     targets = ["query_key_value"] if kind == "falcon" else ["q_proj", "v_proj"]
     sliding = kind in ("mistral", "gemma3")
@@ -206,8 +206,8 @@ def test_drop_mode_on_a_lora_encoder_classifier_drops_after_the_base_models_embe
 def test_drop_mode_on_a_lora_token_classifier_tags_the_kept_tokens(family):
     """LoRA on a token classifier (TOKEN_CLS): the PEFT wrapper is a token classifier too, so the kept tokens' logits
     go back to their places, those of the same tokens hidden by the attention mask, and the sub_kept mask marks them."""
-    from conftest import text_batch, wrap_text
-    from test_text import _as_token_classifier, _decoder, _decoder_batch, _drop_family, dropped_and_hidden
+    from conftest import dropped_and_hidden, text_batch, wrap_text
+    from test_text import _as_token_classifier, _decoder, _decoder_batch, _drop_family
 
     if family == "llama":
         model, batch, targets = _as_token_classifier(_decoder("llama")), _decoder_batch(left=True), ["q_proj", "v_proj"]
@@ -227,8 +227,7 @@ def test_a_lora_causal_language_model_is_scored_as_its_own_loss_and_drops_tokens
     """LoRA on a causal language model (CAUSAL_LM), as supervised fine-tuning is commonly run: ``Step`` finds the
     language model inside the PEFT wrapper and shifts its labels (its main loss is the model's own); the drop mode's
     next-token logits at the kept tokens are those of the same tokens hidden by the attention mask."""
-    from conftest import lm_labels, text_batch, tiny_language_model, wrap_text
-    from test_text import dropped_and_hidden
+    from conftest import dropped_and_hidden, lm_labels, text_batch, tiny_language_model, wrap_text
 
     from masksub.language import CAUSAL, language_model
 

@@ -16,8 +16,10 @@ from conftest import (
     SEP,
     SMALL,
     SPECIAL,
+    dropped_and_hidden,
     kept_length,
     needs_transformers_5,
+    record_length,
     text_batch,
     tiny_text_model,
     tiny_token_model,
@@ -745,27 +747,6 @@ def _decoder_batch(left: bool, batch: int = 6, length: int = 20) -> dict[str, to
         pad = slice(0, 2 * i) if left else slice(length - 2 * i, length)
         ids[i, pad], attention[i, pad] = PAD, 0
     return {"input_ids": ids, "attention_mask": attention}
-
-
-def record_length(lengths: list):
-    """A forward hook appending the sequence length of a module's output (of its first part where it gives a tuple:
-    I-BERT's embeddings give their quantization scale beside them)."""
-    return lambda m, a, out: lengths.append((out[0] if isinstance(out, tuple) else out).shape[1])
-
-
-def dropped_and_hidden(wrapped, model, batch):
-    """Under one seed: the drop mode's sub-pass logits, the model's logits with the same tokens hidden by the
-    attention mask, that mask, and the sequence lengths the model's input embeddings saw (sub pass, then the other)."""
-    lengths = []
-    handle = model.get_input_embeddings().register_forward_hook(record_length(lengths))
-    with torch.no_grad():
-        torch.manual_seed(5)
-        got = wrapped(**batch, sub=True).logits
-        torch.manual_seed(5)
-        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        expected = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
-    handle.remove()
-    return got, expected, mask, lengths
 
 
 def _with_head(kinds: tuple[str, ...], auto: str = "AutoModelForTokenClassification") -> list[str]:
