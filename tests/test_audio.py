@@ -95,6 +95,13 @@ def test_drop_mode_on_a_speech_model_runs_its_audio_and_kept_words_as_hiding_the
     assert (expected[kept] - model(**batch).logits[kept]).abs().max() > 1e-3, "hiding moved the logits"
 
 
+def _first_layer(tower: torch.nn.Module) -> torch.nn.Module:
+    """The first part of ``tower`` that it calls, one with weights (not a list of layers, nor a position table, which
+    Whisper reads): its hooks run where the tower computes, not where its held output is given back."""
+    lists = torch.nn.ModuleList, torch.nn.Embedding
+    return next(m for m in tower.children() if not isinstance(m, lists) and any(True for _ in m.parameters()))
+
+
 def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch) -> tuple[dict, int]:
     """One MaskSub step of ``kind`` in training mode with its audio tower frozen: the gradients and how many times
     the tower ran (``cache=False``: the frozen encoders' cache off, both passes running it)."""
@@ -104,7 +111,7 @@ def _frozen_tower_step(kind: str, mode: str, cache: bool, monkeypatch) -> tuple[
     tower = _tower(model)
     tower.requires_grad_(False)
     calls = []  # the tower's computation (its hooks run at each call, its forward given back or not)
-    next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
+    _first_layer(tower).register_forward_hook(lambda *a: calls.append(1))
     with monkeypatch.context() as patch:
         if not cache:
             patch.setattr(frozen_encoder.FrozenEncoderCache, "frozen", lambda self: False)
@@ -136,7 +143,7 @@ def test_an_audio_tower_that_skips_layers_at_random_runs_again():
     tower = _tower(model)
     tower.requires_grad_(False)
     calls = []
-    next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
+    _first_layer(tower).register_forward_hook(lambda *a: calls.append(1))
     wrapped = wrap_text(model, sub="mask", ratio=0.5, mode="attention")
     batch = {k: v for k, v in speech_batch("qwen2_audio").items() if k != "labels"}
 

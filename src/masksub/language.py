@@ -114,7 +114,8 @@ CAUSAL_VLMS = (
 # with audio: tests/test_audio.py)
 CAUSAL_AUDIO_LMS = ("AudioFlamingo3ForConditionalGeneration", "GlmAsrForConditionalGeneration")
 CAUSAL_AUDIO_LMS += ("GraniteSpeechForConditionalGeneration", "GraniteSpeechPlusForConditionalGeneration")
-CAUSAL_AUDIO_LMS += ("Qwen2AudioForConditionalGeneration", "VoxtralForConditionalGeneration")
+CAUSAL_AUDIO_LMS += ("Qwen2AudioForConditionalGeneration", "Qwen3ASRForConditionalGeneration")
+CAUSAL_AUDIO_LMS += ("VoxtralForConditionalGeneration",)
 # causal language models whose logits hold more than the labels' positions (GIT's: its image tokens first)
 OWN_LAYOUT = ("GitForCausalLM",)
 # encoder-decoders whose forward, given labels, also hides the decoder's padding

@@ -54,6 +54,7 @@ DROP_VLMS += ("smolvlm", "aya_vision", "cohere2_vision", "llama4", "video_llava"
 # reaches it as an audio encoder's features scattered onto their placeholder tokens (special: always kept), attending
 # causally as words do: their causal language model drops masked words as the decoder's does (each tested with audio)
 DROP_AUDIO_LMS = ("qwen2_audio", "voxtral", "audioflamingo3", "glmasr", "granite_speech", "granite_speech_plus")
+DROP_AUDIO_LMS += ("qwen3_asr",)
 # vision-language models whose own forward makes their 3-D positions (time, height, width) from the attention mask's
 # tokens, given ``mm_token_type_ids`` and the images' grids (else positions by index, as a decoder's): given the
 # kept tokens alone, it makes the positions hiding the others gives (tested with images; Qwen2-VL with videos too)
