@@ -54,7 +54,7 @@ def image_encoder(model: nn.Module, modality: str = "image") -> nn.Module | None
 def video_encoder(model: nn.Module) -> nn.Module | None:
     """The video encoder of a vision-language model with one of its own beside its image encoder (Video-LLaVA's
     ``video_tower``), None for others (a video then goes through the image encoder)."""
-    return getattr(classifier_of(model).base_model, "video_tower", None)
+    return getattr(getattr(classifier_of(model), "base_model", None), "video_tower", None)
 
 
 def audio_encoder(model: nn.Module) -> nn.Module | None:

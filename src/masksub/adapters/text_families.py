@@ -42,12 +42,12 @@ DROP_DECODERS = (
     *("deepseek_v32", "glm_moe_dsa", "granite", "granitemoe", "granitemoeshared", "olmoe", "internlm3"),
     *("minimax_m2", "jais2", "hyperclovax", "nanochat", "iquestcoder", "minicpm5_moe", "hy_v3", "param2moe"),
     *("mellum", "kolibri1", "sarvam_mla", "sarvam_moe", "solar_open", "vaultgemma", "xglm", "youtu"),
-    "llama4_text",  # chunked attention, its masks made by position; its no-RoPE layers' temperature by index
+    "llama4_text",  # chunked attention, its masks made from the kept tokens' indices; no-RoPE layers' scale by index
 )
 # vision-language models whose language model is one of those decoders, given the position ids as it is, and whose
 # images (and videos) reach it as features scattered onto their placeholder tokens (which are special: always kept),
 # attending causally as words do: their causal language model drops masked words as the decoder's does (each tested
-# with images; LLaVA-NeXT-Video and LLaVA-OneVision with videos too)
+# with images; LLaVA-NeXT-Video, LLaVA-OneVision and Video-LLaVA with videos too)
 DROP_VLMS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "mistral3", "internvl", "idefics3")
 DROP_VLMS += ("smolvlm", "aya_vision", "cohere2_vision", "llama4", "video_llava")
 # speech models whose language model is one of those decoders, given the position ids as it is, and whose audio
