@@ -1,6 +1,6 @@
-"""Speech models (an audio encoder's features on placeholder tokens among the words, a decoder: Qwen2-Audio, Voxtral,
-Audio Flamingo 3, GLM-ASR, Granite Speech): scored as their own loss scores them, masked words dropped as hiding them
-computes, a frozen audio encoder run once a step."""
+"""Speech models (an audio encoder's features on placeholder tokens among the words, a decoder: Qwen2-Audio, Qwen3-ASR,
+Voxtral, Audio Flamingo 3, GLM-ASR, Granite Speech and Plus): scored as their own loss scores them, masked words dropped
+as hiding them computes, a frozen audio encoder run once a step."""
 
 from __future__ import annotations
 
