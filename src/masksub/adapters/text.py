@@ -301,7 +301,8 @@ class TokenMaskAdapter(MaskAdapter):
         tokens are hidden instead (warned once)."""
         config = self._text_config
         window, kernel = sliding_window(config) or chunk_size(config), config._attn_implementation
-        by_index = getattr(config, "attn_temperature_tuning", False) and 0 in (config.no_rope_layers or [])
+        no_rope = 0 in (getattr(config, "no_rope_layers", None) or [])  # Llama 4's layers without RoPE (0 in the list)
+        by_index = getattr(config, "attn_temperature_tuning", False) and no_rope
         if by_index and length > config.floor_scale - 1:
             why = (
                 f"its layers without RoPE scale each query by its index (attn_temperature_tuning), which dropping "
