@@ -423,12 +423,14 @@ def check_kind(model, x, kind: str, sensitive: bool, options: dict | None = None
 
 def check_text_drop(model, x: dict, options: dict) -> str:
     """``mode="drop"`` of the text adapter: refused, or its sub pass on the kept tokens equal to hiding the same
-    tokens by the attention mask (the same draw), as it is for every architecture it takes. Equal within float32's
+    tokens by the attention mask (the same draw), as it is for every architecture it takes but the decoders with
+    recurrent layers, whose sub pass must equal each sequence's kept tokens run alone. Equal within float32's
     rounding and a thousandth of what hiding the tokens moved the logits (at init they are small: a fixed
     tolerance would miss an error as large as a few percent of the masking's effect)."""
     import torch
 
     import masksub
+    from masksub.adapters.text_families import RECURRENT_DECODERS
     from masksub.outputs import logits_of
 
     try:
@@ -447,14 +449,43 @@ def check_text_drop(model, x: dict, options: dict) -> str:
             plain = logits_of(model(**x))
     finally:
         wrapped.unwrap()
+    # a decoder with recurrent layers, where hiding leaves the masked tokens' places in the recurrence: the kept
+    # tokens run alone
+    recurrent = model.config.get_text_config().model_type in RECURRENT_DECODERS
+    reference = _kept_alone(model, x, mask, got) if recurrent else hidden
     if kept is not None:  # compared where the sub pass predicted
-        got, hidden, plain = got[kept], hidden[kept], plain[kept]
+        got, hidden, plain, reference = got[kept], hidden[kept], plain[kept], reference[kept]
     moved = (hidden - plain).abs().max().item()
-    off = (got - hidden).abs().max().item()
+    off = (got - reference).abs().max().item()
     kept = int(x["input_ids"].shape[1] - mask.sum(1).min())
-    equal = off <= 1e-6 * hidden.abs().max().item() + 1e-3 * moved + 1e-9
+    equal = off <= 1e-6 * reference.abs().max().item() + 1e-3 * moved + 1e-9
+    run = f"{kept} of {x['input_ids'].shape[1]} tokens run"
+    if recurrent:
+        apart = (got - hidden).abs().max().item()
+        verdict = "ok: equal to the kept tokens alone" if equal else "DIFFERS from the kept tokens alone"
+        return f"{verdict} ({off:.0e} off; hiding {apart:.0e} apart, it moved them {moved:.0e}; {run})"
     verdict = "ok: equal to hiding" if equal else "DIFFERS from hiding"
-    return f"{verdict} ({off:.0e} off, hiding moved them {moved:.0e}; {kept} of {x['input_ids'].shape[1]} tokens run)"
+    return f"{verdict} ({off:.0e} off, hiding moved them {moved:.0e}; {run})"
+
+
+def _kept_alone(model, x: dict, mask, like):
+    """The logits of each sequence's kept tokens (not masked, not padding) run by themselves at their own positions:
+    a sequence classifier's (``like``: (B, C)), or per token at the kept tokens' places, 0 elsewhere (B, L, C)."""
+    import torch
+
+    from masksub.outputs import logits_of
+
+    alone = torch.zeros_like(like)
+    with torch.no_grad():
+        for row in range(len(mask)):
+            keep = (x["attention_mask"][row].bool() & ~mask[row]).nonzero().squeeze(1)
+            ids = x["input_ids"][row, keep][None]
+            out = logits_of(model(input_ids=ids, position_ids=keep[None]))[0]
+            if like.ndim == 2:
+                alone[row] = out
+            else:
+                alone[row, keep] = out
+    return alone
 
 
 def check_lm_labels(model, x: dict) -> str:

@@ -202,3 +202,23 @@ def test_update_replaces_the_checked_rows_and_keeps_the_others(tmp_path):
     out.with_suffix(".json").write_text(json.dumps({"versions": "timm 0.0.1", "rows": [other]}))
     proc = _run("--families", "cait", "--out", str(out), "--update")
     assert proc.returncode == 2 and "was checked with timm 0.0.1" in proc.stderr
+
+
+@needs_transformers_5
+def test_the_drop_check_compares_a_hybrid_with_its_kept_tokens_run_alone(monkeypatch):
+    """Qwen3.5's gated delta nets: the check compares the drop mode's sub pass with each sequence's kept tokens run
+    alone (hiding computes something else there), and fails a sub pass that gives them no position ids (their
+    attention layers' rotations would count the kept tokens from 0)."""
+    import torch
+
+    from masksub.adapters import text
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import check_families
+
+    torch.manual_seed(0)
+    model, x, _, options = check_families.build_lm("qwen3_5")
+    x = {k: v for k, v in x.items() if k != "labels"}
+    assert check_families.check_text_drop(model, x, options).startswith("ok: equal to the kept tokens alone")
+    monkeypatch.setattr(text, "MASK_POSITION_DECODERS", ("qwen3_5_text",))  # positions left to the model
+    assert check_families.check_text_drop(model, x, options).startswith("DIFFERS from the kept tokens alone")

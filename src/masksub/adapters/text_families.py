@@ -44,6 +44,15 @@ DROP_DECODERS = (
     *("mellum", "kolibri1", "sarvam_mla", "sarvam_moe", "solar_open", "vaultgemma", "xglm", "youtu"),
     "llama4_text",  # chunked attention, its masks made from the kept tokens' indices; no-RoPE layers' scale by index
 )
+# decoders with recurrent layers beside (or instead of some of) their causal attention: gated delta nets (Qwen3.5,
+# Qwen3-Next, OLMo hybrid), Kimi's delta attention, Mamba 1 and 2 (Falcon-H1, Nemotron-H, Granite 4 hybrids, Bamba,
+# Jamba, Zamba 2), MiniMax's lightning attention, LFM2's short convolutions. Hiding a token by the attention mask
+# cannot take it out of their recurrence (its input there is zeroed, but the layer's decay and convolution still span
+# its place), so on these mode "drop" does not compute what hiding computes: it runs each sequence's kept tokens
+# alone, at their own positions, as if the masked ones were not in the text (tested equal to each sequence's kept
+# tokens run by themselves, and different from hiding); their heads read as DROP_DECODERS' do
+RECURRENT_DECODERS = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "olmo_hybrid", "kimi_linear", "falcon_h1")
+RECURRENT_DECODERS += ("nemotron_h", "granitemoehybrid", "bamba", "jamba", "zamba2", "minimax", "lfm2", "lfm2_moe")
 # vision-language models whose language model is one of those decoders, given the position ids as it is, and whose
 # images (and videos) reach it as features scattered onto their placeholder tokens (which are special: always kept),
 # attending causally as words do: their causal language model drops masked words as the decoder's does (each tested
@@ -173,7 +182,7 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
     if kind in DROP_VLMS + DROP_AUDIO_LMS + PREFIX_VLMS:  # by its language model's type
         text = model.config.get_text_config().model_type
         kind = text if text in DROP_DECODERS and is_causal_lm(classifier_of(model)) else kind
-    decoder = kind in DROP_DECODERS + MROPE_VLMS
+    decoder = kind in DROP_DECODERS + RECURRENT_DECODERS + MROPE_VLMS
     causal_lm = is_causal_lm(classifier_of(model)) and decoder  # a decoder's, not BERT's as a decoder
     classifier = type(model).__name__.endswith(DROP_HEADS) or causal_lm
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
@@ -196,7 +205,8 @@ def drop_embeddings(model: nn.Module) -> nn.Module | None:
             f"masked language model of "
             f"{', '.join(DROP_MODELS + DROP_POSITION_ENCODERS)} (absolute positions), of "
             f"{', '.join(DROP_ROPE_ENCODERS)} (RoPE), or one of these or a causal language model (ForCausalLM) of "
-            f"{', '.join(DROP_DECODERS)} (causal attention over position ids), of "
+            f"{', '.join(DROP_DECODERS)} (causal attention over position ids) or {', '.join(RECURRENT_DECODERS)} "
+            "(recurrent layers: the kept tokens run alone), of "
             f"{', '.join(DROP_VLMS + PREFIX_VLMS)} (vision-language) or {', '.join(DROP_AUDIO_LMS)} (speech) on one "
             f"of those decoders or of {', '.join(MROPE_VLMS)} (their images or audio kept); {type(model).__name__} is "
             "not one: "
