@@ -87,6 +87,25 @@ CONFIGS = {
             tie_word_embeddings=True,
         ),
     ),  # fmt: skip
+    # not a released checkpoint: SmolLM2-135M's sizes (28 layers of 576, its vocabulary) in Qwen3.5's layout, 3 gated
+    # delta nets to each attention layer (heads of 64), the decoders with recurrent layers' case (--task lm)
+    "hybrid-135M": (
+        "qwen3_5_text",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            linear_num_key_heads=9,
+            linear_num_value_heads=9,
+            linear_key_head_dim=64,
+            linear_value_head_dim=64,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        ),
+    ),  # fmt: skip
     "deberta-v3-base": (  # the configuration's defaults are v2-xlarge's: base's sizes given
         "deberta-v2",
         dict(

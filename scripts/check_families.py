@@ -156,6 +156,19 @@ RELEASED = {
         share_att_key=True, norm_rel_ebd="layer_norm",
     ),
 }  # fmt: skip
+# hybrids whose 2 shrunk layers would hold no recurrent layer or no attention layer (their default is all attention,
+# all Mamba, or starts with attention; or their layout is set by other keys than layer types): a recurrent layer, then
+# an attention layer, as the released models mix them. Set when the configuration is made (some derive their layout)
+MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8)  # heads across twice the width
+HYBRID_LAYOUTS = {
+    "lfm2": dict(layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "minimax": dict(layer_types=["linear_attention", "full_attention"]),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"], **MAMBA2),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "bamba": dict(attn_layer_indices=[1], **MAMBA2),
+}
 # Latent attention (DeepSeek V2/V3, MiniCPM3, Mistral 4...): its ranks and head parts within the small width.
 LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 
@@ -217,6 +230,9 @@ def shrunk_config(model_type: str, only_transformers: bool = False, parts: bool 
 
     config = transformers.AutoConfig.for_model(model_type)
     _shrink(config, only_transformers)
+    if model_type in HYBRID_LAYOUTS:  # made again with the shrunk sizes: their validation reads the layout with them
+        shrunk = {k: getattr(config, k) for k in SHRINK if isinstance(getattr(config, k, None), int)}
+        config = transformers.AutoConfig.for_model(model_type, **shrunk, **HYBRID_LAYOUTS[model_type])
     for name in getattr(config, "sub_configs", {}) if parts else ():
         part = getattr(config, name, None)
         if isinstance(part, transformers.PretrainedConfig):

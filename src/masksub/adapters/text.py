@@ -30,7 +30,10 @@ tokens, chosen at random.
   window counts tokens, and with tokens dropped a window of tokens spans more positions: its sliding-window layers
   get a window mask built from the kept tokens' positions (SDPA and eager attention read it; under a kernel that
   takes none, flash attention, a batch longer than the window hides its masked tokens instead, at the main pass's
-  cost, warned once); Llama 4's chunked layers a mask of each kept token's chunk, by its index. Their token
+  cost, warned once); Llama 4's chunked layers a mask of each kept token's chunk, by its index. Decoders with
+  recurrent layers (``RECURRENT_DECODERS``: gated delta nets, Mamba, lightning attention, short convolutions; Qwen3.5,
+  Qwen3-Next, Falcon-H1, Jamba...) get the kept token ids the same way, and there the sub pass is not what hiding
+  computes (hiding leaves a token's place in the recurrence) but each sequence's kept tokens run alone. Their token
   classifiers and masked language models (``DROP_HEADS``; the targets of a masked
   language model, shown as the mask token, are special tokens: always kept), and the decoders' causal language
   models (and those of LLaVA and its kin on one of those decoders, ``DROP_VLMS``, and Qwen2-VL's,
