@@ -2,7 +2,8 @@
 
 The same under FSDP (``fully_shard``, and ``FullyShardedDataParallel``; each block and the root sharded):
 one gradient reduce-scatter per sharded module and optimizer step, as many as the plain step makes,
-and the result of one process. A vision-language model's frozen vision tower runs once a step under each."""
+and the result of one process. A vision-language model's frozen vision tower (a speech model's audio tower) runs
+once a step under each."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import TINY, _transformers_5, made_once, text_batch, tiny_images, tiny_model, tiny_text_model, wrap_text
+from speech import SPEECH_MODELS, speech_batch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from vlms import VLMS, vlm_batch
 
@@ -215,18 +217,24 @@ def _static_graph(rank):
     return refused, _train("vit", 1, "summed", rank=rank, world=WORLD, static_graph=True)
 
 
-# a LLaVA's vision tower frozen or trained, under DDP or FSDP, its frozen output reused by the sub pass or not
-VLM_CASES = [(p, frozen, True) for p in ("ddp", "fsdp1", "fsdp2") if p == "ddp" or FSDP_CASES for frozen in (1, 0)]
-VLM_CASES = [*VLM_CASES, *((p, 1, False) for p, frozen, _ in VLM_CASES if frozen)] if _transformers_5() else []
+# a LLaVA's vision tower frozen or trained, under DDP or FSDP, its frozen output reused by the sub pass or not; and a
+# Voxtral's frozen audio tower under DDP and FSDP2
+VLM_CASES = [
+    (p, frozen, True, "llava") for p in ("ddp", "fsdp1", "fsdp2") if p == "ddp" or FSDP_CASES for frozen in (1, 0)
+]
+VLM_CASES += [(p, 1, True, "voxtral") for p in ("ddp", "fsdp2") if p == "ddp" or FSDP_CASES]
+VLM_CASES = [*VLM_CASES, *((p, 1, False, name) for p, frozen, _, name in VLM_CASES if frozen)]
+VLM_CASES = VLM_CASES if _transformers_5() else []
 
 
-def _vlm_train(parallel, frozen, reuse, rank):
-    """STEPS MaskSub steps (drop mode) of a tiny LLaVA, each process on its half of the batch: the vision tower's
-    computations a step, DDP's gradient all-reduces a step, and the weights."""
-    from masksub.adapters.frozen_encoder import image_encoder
+def _vlm_train(parallel, frozen, reuse, name, rank):
+    """STEPS MaskSub steps (drop mode) of a tiny LLaVA (or speech model: ``name``), each process on its half of the
+    batch: the vision (audio) tower's computations a step, DDP's gradient all-reduces a step, and the weights."""
+    from masksub.adapters.frozen_encoder import audio_encoder, image_encoder
 
-    model = VLMS["llava"]().train()
-    tower = image_encoder(model)
+    speech = name in SPEECH_MODELS
+    model = (SPEECH_MODELS if speech else VLMS)[name]().train()
+    tower = audio_encoder(model) if speech else image_encoder(model)
     tower.requires_grad_(not frozen)
     calls = []
     next(tower.children()).register_forward_hook(lambda *a: calls.append(1))
@@ -242,12 +250,12 @@ def _vlm_train(parallel, frozen, reuse, rank):
         policy = ModuleWrapPolicy({type(tower)}) if frozen else None
         sharded = FullyShardedDataParallel(wrapped, auto_wrap_policy=policy, device_id=torch.device("cpu"))
     else:  # the tower's blocks (fully_shard on the tower itself leaves LLaVA without the hidden states it reads)
-        for block in tower.encoder.layers:
+        for block in tower.layers if speech else tower.encoder.layers:
             fully_shard(block)
         sharded = fully_shard(wrapped)
     opt = torch.optim.SGD([p for p in sharded.parameters() if p.requires_grad], lr=0.1)
     step = masksub.Step(sharded, opt, torch.nn.CrossEntropyLoss())
-    batch = _rows(vlm_batch("llava"), 2 * rank, 2 * rank + 2)
+    batch = _rows(speech_batch(name) if speech else vlm_batch(name), 2 * rank, 2 * rank + 2)
     per_step, start = [], 0
     for i in range(STEPS):
         calls.clear()
@@ -390,17 +398,17 @@ def test_a_loss_not_finite_on_one_process_skips_the_step_on_every_process(ddp_re
 
 @pytest.mark.parametrize("case", [c for c in VLM_CASES if c[2]], ids=lambda c: "-".join(map(str, c)))
 def test_a_frozen_vision_tower_runs_once_a_step_under_ddp_and_fsdp_with_the_same_weights(ddp_results, case):
-    """A frozen vision tower computes once a step on each process (twice where it trains: FSDP1 hides its
-    parameters from it, so the tower's output requiring a gradient says it trains), DDP all-reduces once a step,
+    """A frozen vision (or audio) tower computes once a step on each process (twice where it trains: FSDP1 hides
+    its parameters from it, so the tower's output requiring a gradient says it trains), DDP all-reduces once a step,
     and the weights are those of the sub pass running the tower again."""
-    parallel, frozen, _ = case
+    parallel, frozen, _, name = case
     (steps0, state0), (steps1, state1) = (r[("vlm", *case)] for r in ddp_results)
     reductions = 1 if parallel == "ddp" else 0
     assert steps0 == steps1 == [(1 if frozen else 2, reductions)] * STEPS, "tower computations, all-reduces a step"
     for k in state0:
         assert torch.equal(state0[k], state1[k]), f"processes disagree on {k}"
     if frozen:
-        again_steps, again = ddp_results[0][("vlm", parallel, frozen, False)]
+        again_steps, again = ddp_results[0][("vlm", parallel, frozen, False, name)]
         assert again_steps == [(2, reductions)] * STEPS
         assert state0.keys() == again.keys()
         for k in again:
