@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLS, PAD, SEP, kept_length, wrap_text
+from conftest import CLS, PAD, SEP, dropped_and_hidden, kept_length, wrap_text
+from test_text import _decoder_batch
 
 from masksub.adapters.text_families import RECURRENT_DECODERS
 from masksub.masking import masked_counts
@@ -72,31 +73,6 @@ def _model(kind: str, auto: str = "AutoModelForCausalLM", **overrides) -> torch.
     return getattr(transformers, auto).from_config(config).eval()
 
 
-def _batch(left: bool, batch: int = 6, length: int = 20) -> dict[str, torch.Tensor]:
-    """Words only, sample i with ``length - 2 * i`` of them, padded on the left or the right."""
-    ids = torch.randint(4, 64, (batch, length), generator=torch.Generator().manual_seed(1))
-    attention = torch.ones(batch, length, dtype=torch.long)
-    for i in range(batch):
-        pad = slice(0, 2 * i) if left else slice(length - 2 * i, length)
-        ids[i, pad], attention[i, pad] = PAD, 0
-    return {"input_ids": ids, "attention_mask": attention}
-
-
-def _sub_pass(wrapped, model, batch):
-    """Under one seed: the drop mode's sub-pass logits, its mask, the lengths the input embeddings saw, and the
-    model's logits with the same tokens hidden by the attention mask."""
-    lengths = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: lengths.append(out.shape[1]))
-    with torch.no_grad():
-        torch.manual_seed(5)
-        got = wrapped(**batch, sub=True).logits
-        torch.manual_seed(5)
-        mask = wrapped.branch.token_mask(batch["input_ids"], batch["attention_mask"])
-        hidden = model(**{**batch, "attention_mask": batch["attention_mask"].masked_fill(mask, 0)}).logits
-    handle.remove()
-    return got, mask, lengths, hidden
-
-
 def _alone(model, batch, mask, row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``row``'s kept tokens (neither masked nor padding) and the model's logits given them alone, unpadded,
     at their own positions."""
@@ -118,8 +94,8 @@ def test_drop_mode_on_a_hybrid_language_model_runs_each_sequences_kept_tokens_al
     elsewhere, which ``sub_kept`` leaves out. Hiding the tokens by the attention mask computes something else."""
     model = _model(kind, **overrides)
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
-    batch = _batch(left)
-    got, mask, lengths, hidden = _sub_pass(wrapped, model, batch)
+    batch = _decoder_batch(left)
+    got, hidden, mask, lengths = dropped_and_hidden(wrapped, model, batch)
     real = batch["attention_mask"].bool()
     assert mask.sum(1).tolist() == masked_counts(real.sum(1), 0.5).tolist()
     kept = wrapped.sub_kept
@@ -154,8 +130,8 @@ def test_drop_mode_on_a_hybrid_classifier_reads_the_kept_tokens_run_alone(kind, 
     kept tokens run alone. A token classifier's logits go back to the kept tokens' places."""
     model = _model(kind, HEADS[head])
     wrapped = wrap_text(model, mode="drop", ratio=0.5)
-    batch = _batch(left=False)
-    got, mask, lengths, _ = _sub_pass(wrapped, model, batch)
+    batch = _decoder_batch(left=False)
+    got, _, mask, lengths = dropped_and_hidden(wrapped, model, batch)
     words = batch["attention_mask"].sum(1)
     assert lengths[0] < 20
     for row in range(len(mask)):
@@ -176,7 +152,7 @@ def test_step_gradients_on_a_hybrid_in_drop_mode_are_the_summed_losses(kind):
     from conftest import assert_causal_step_gradients, lm_labels
 
     model = _model(kind)
-    batch = lm_labels(_batch(left=False))
+    batch = lm_labels(_decoder_batch(left=False))
     grads = assert_causal_step_gradients(model, wrap_text(model, mode="drop", ratio=0.5), batch, "drop")
     recurrent = [n for n in grads if any(k in n for k in ("linear_attn", "mixer", "conv"))]
     assert recurrent and all(grads[n].abs().sum() > 0 for n in recurrent), "the recurrent layers learn"
