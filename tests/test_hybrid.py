@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLS, PAD, SEP, dropped_and_hidden, kept_length, wrap_text
+from conftest import CLS, PAD, SEP, assert_causal_step_gradients, dropped_and_hidden, kept_length, lm_labels, wrap_text
 from test_text import _decoder_batch
 
 from masksub.adapters.text_families import RECURRENT_DECODERS
@@ -149,8 +149,6 @@ def test_drop_mode_on_a_hybrid_classifier_reads_the_kept_tokens_run_alone(kind, 
 def test_step_gradients_on_a_hybrid_in_drop_mode_are_the_summed_losses(kind):
     """``Step``'s gradients on a gated delta net, Mamba 2 or short-convolution hybrid in drop mode equal the
     next-token loss and its distillation worked out by hand over the kept tokens."""
-    from conftest import assert_causal_step_gradients, lm_labels
-
     model = _model(kind)
     batch = lm_labels(_decoder_batch(left=False))
     grads = assert_causal_step_gradients(model, wrap_text(model, mode="drop", ratio=0.5), batch, "drop")
